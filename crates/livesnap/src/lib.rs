@@ -1,0 +1,1 @@
+//! Placeholder; the crate lands in a later commit.

@@ -1,0 +1,192 @@
+//! Command line: parsing and validation into a machine configuration.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+
+/// snapvmm: a KVM micro-VMM with live snapshots.
+#[derive(Parser, Debug)]
+#[command(name = "snapvmm", version, about, propagate_version = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Boot a VM (the built-in reference guest unless --kernel is given).
+    Run(RunArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct RunArgs {
+    /// Guest RAM, e.g. 512M, 1G (a plain number means MiB, as in QEMU).
+    #[arg(long, default_value = "512M")]
+    pub mem: String,
+    /// Number of vCPUs.
+    #[arg(long, default_value = "1")]
+    pub cpus: String,
+    /// Kernel to boot: a PVH ELF, a Linux vmlinux or a Linux bzImage. Default: the built-in reference guest.
+    #[arg(long)]
+    pub kernel: Option<PathBuf>,
+    /// Initial ramdisk for the kernel.
+    #[arg(long, requires = "kernel")]
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line. Default for the reference guest: "workload=memwrite".
+    #[arg(long)]
+    pub cmdline: Option<String>,
+    /// Where the guest's serial port goes: stdio, file:PATH or none.
+    #[arg(long, default_value = "stdio")]
+    pub serial: String,
+}
+
+/// Where serial output goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SerialTarget {
+    Stdio,
+    File(PathBuf),
+    None,
+}
+
+/// A validated `run` configuration.
+#[derive(Debug)]
+pub struct RunConfig {
+    pub mem_bytes: u64,
+    pub cpus: u8,
+    pub kernel: Vec<u8>,
+    pub initrd: Option<Vec<u8>>,
+    pub cmdline: String,
+    pub serial: SerialTarget,
+}
+
+impl RunArgs {
+    /// Validates every argument; errors are one clear line each.
+    pub fn validate(&self) -> Result<RunConfig> {
+        let mem_bytes = parse_mem(&self.mem)?;
+        if mem_bytes < vmm::machine::MIN_MEM {
+            bail!(
+                "--mem {} is too small: snapvmm needs at least {} MiB",
+                self.mem,
+                vmm::machine::MIN_MEM >> 20
+            );
+        }
+        if let Some(host) = host_mem_bytes() {
+            if mem_bytes > host {
+                bail!(
+                    "--mem {} is more than this host can give ({} MiB of RAM in all)",
+                    self.mem,
+                    host >> 20
+                );
+            }
+        }
+        let cpus: u32 = self.cpus.parse().map_err(|_| {
+            anyhow::anyhow!(
+                "invalid --cpus '{}': expected a number from 1 to {}",
+                self.cpus,
+                vmm::machine::MAX_CPUS
+            )
+        })?;
+        if cpus == 0 || cpus > u32::from(vmm::machine::MAX_CPUS) {
+            bail!(
+                "--cpus {} is out of range: snapvmm supports 1 to {} vCPUs",
+                cpus,
+                vmm::machine::MAX_CPUS
+            );
+        }
+        let kernel = match &self.kernel {
+            Some(p) => {
+                let k = read_file(p, "kernel")?;
+                if !k.starts_with(b"\x7fELF") && !vmm::boot::linux::is_bzimage(&k) {
+                    bail!("kernel {} is not a kernel snapvmm can boot (expected an ELF64 with a PVH note, a vmlinux or a bzImage)", p.display());
+                }
+                k
+            }
+            None => refguest::ELF.to_vec(),
+        };
+        let initrd = self
+            .initrd
+            .as_ref()
+            .map(|p| read_file(p, "initrd"))
+            .transpose()?;
+        let cmdline = match (&self.cmdline, &self.kernel) {
+            (Some(c), _) => c.clone(),
+            (None, None) => "workload=memwrite".to_string(),
+            (None, Some(_)) => "console=ttyS0".to_string(),
+        };
+        let serial = match self.serial.as_str() {
+            "stdio" => SerialTarget::Stdio,
+            "none" => SerialTarget::None,
+            s => match s.strip_prefix("file:") {
+                Some(p) if !p.is_empty() => SerialTarget::File(PathBuf::from(p)),
+                _ => bail!("invalid --serial '{s}': expected stdio, file:PATH or none"),
+            },
+        };
+        Ok(RunConfig {
+            mem_bytes,
+            cpus: cpus as u8,
+            kernel,
+            initrd,
+            cmdline,
+            serial,
+        })
+    }
+}
+
+fn read_file(p: &PathBuf, what: &str) -> Result<Vec<u8>> {
+    let data = std::fs::read(p).with_context(|| format!("cannot read {what} {}", p.display()))?;
+    if data.is_empty() {
+        bail!("{what} {} is empty", p.display());
+    }
+    Ok(data)
+}
+
+/// Parses a size: a number with an optional K/M/G/T suffix (binary units);
+/// a plain number means MiB, as QEMU's `-m` does.
+pub fn parse_mem(s: &str) -> Result<u64> {
+    let bad = || anyhow::anyhow!("invalid --mem '{s}': expected a size like 512M or 2G");
+    let t = s.trim();
+    let t = t
+        .strip_suffix("iB")
+        .or_else(|| t.strip_suffix('B'))
+        .unwrap_or(t);
+    let (num, shift) = match t.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let shift = match c.to_ascii_uppercase() {
+                'K' => 10,
+                'M' => 20,
+                'G' => 30,
+                'T' => 40,
+                _ => return Err(bad()),
+            };
+            (&t[..i], shift)
+        }
+        _ => (t, 20),
+    };
+    let n: u64 = num.parse().map_err(|_| bad())?;
+    n.checked_mul(1 << shift).filter(|b| *b > 0).ok_or_else(bad)
+}
+
+fn host_mem_bytes() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_mem("512M").unwrap(), 512 << 20);
+        assert_eq!(parse_mem("1G").unwrap(), 1 << 30);
+        assert_eq!(parse_mem("2GiB").unwrap(), 2 << 30);
+        assert_eq!(parse_mem("256").unwrap(), 256 << 20);
+        assert_eq!(parse_mem("4096k").unwrap(), 4 << 20);
+        for bad in ["", "M", "1X", "-1G", "0", "99999999999999T", "1.5G"] {
+            assert!(parse_mem(bad).is_err(), "{bad}");
+        }
+    }
+}

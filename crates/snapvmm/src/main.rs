@@ -1,0 +1,34 @@
+//! The snapvmm binary: parses the command line, builds the machine and runs
+//! the controller loop. `anyhow` lives only here.
+
+mod cli;
+mod controller;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+fn main() -> ExitCode {
+    let cli = cli::Cli::parse();
+    init_tracing();
+    let result = match cli.command {
+        cli::Command::Run(args) => args.validate().and_then(controller::run),
+    };
+    match result {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("snapvmm: error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// Logs go to stderr, off by default; `SNAPVMM_LOG=debug` shows e.g. pause latencies.
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SNAPVMM_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("off"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}

@@ -1,0 +1,62 @@
+//! Port-I/O devices and the bus that routes guest `in`/`out` to them.
+//!
+//! The irqchip (PIC, IOAPIC) and the PIT are KVM's in-kernel ones; the legacy
+//! devices here are small register state machines (vm-superio) whose saved
+//! state is plain data (see each device's `State`).
+
+pub mod debug_exit;
+pub mod i8042;
+pub mod serial;
+
+use std::sync::Mutex;
+
+/// Something a device asks of the machine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceRequest {
+    /// Power off with this process exit status (debug-exit port).
+    PowerOff(i32),
+    /// CPU reset requested by the guest (i8042 command 0xfe).
+    Reset,
+}
+
+/// Where devices send their requests.
+pub type RequestSink = Box<dyn Fn(DeviceRequest) + Send + Sync>;
+
+/// The port-I/O bus: serial (0x3f8–0x3ff), i8042 (0x60, 0x64), debug-exit (0xf4–0xf7).
+pub struct PioBus {
+    pub serial: Mutex<serial::Serial>,
+    pub i8042: Mutex<i8042::I8042>,
+    pub debug_exit: debug_exit::DebugExit,
+}
+
+impl PioBus {
+    /// Handles a guest `in`; unclaimed ports read as all ones, like an empty ISA bus.
+    pub fn read(&self, port: u16, data: &mut [u8]) {
+        data.fill(0xff);
+        match port {
+            serial::BASE..=serial::LAST => {
+                data[0] = lock(&self.serial).read((port - serial::BASE) as u8);
+            }
+            i8042::DATA | i8042::COMMAND => data[0] = lock(&self.i8042).read(port),
+            _ => {}
+        }
+    }
+
+    /// Handles a guest `out`; writes to unclaimed ports are ignored.
+    pub fn write(&self, port: u16, data: &[u8]) {
+        match port {
+            serial::BASE..=serial::LAST => {
+                lock(&self.serial).write((port - serial::BASE) as u8, data[0])
+            }
+            i8042::DATA | i8042::COMMAND => lock(&self.i8042).write(port, data[0]),
+            debug_exit::BASE..=debug_exit::LAST => self.debug_exit.write(data),
+            _ => {}
+        }
+    }
+}
+
+/// Locks a device; a poisoned lock (a panic while holding it) still yields the device,
+/// whose register state is always consistent between two accesses.
+pub fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}

@@ -1,0 +1,115 @@
+//! The KVM VM: memory slots, in-kernel irqchip and PIT, irqfds.
+
+use std::path::Path;
+
+use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Cap, Kvm, VmFd};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::{ioctl, KvmError};
+use crate::memory::GuestRam;
+
+/// Default KVM device.
+pub const KVM_DEVICE: &str = "/dev/kvm";
+const TSS_ADDR: usize = 0xfffb_d000;
+const IDENTITY_MAP_ADDR: u64 = 0xfffb_c000;
+
+/// An open KVM system handle and one VM.
+pub struct KvmVm {
+    pub kvm: Kvm,
+    pub fd: VmFd,
+}
+
+impl KvmVm {
+    /// Opens `path` (normally `/dev/kvm`) and creates a VM with an in-kernel
+    /// irqchip and PIT.
+    pub fn new(path: &Path) -> Result<Self, KvmError> {
+        let kvm = open(path)?;
+        for (cap, name) in [
+            (Cap::Irqchip, "IRQCHIP"),
+            (Cap::Pit2, "PIT2"),
+            (Cap::ImmediateExit, "IMMEDIATE_EXIT"),
+            (Cap::UserMemory, "USER_MEMORY"),
+        ] {
+            if !kvm.check_extension(cap) {
+                return Err(KvmError::MissingCap(name));
+            }
+        }
+        let fd = kvm.create_vm().map_err(ioctl("KVM_CREATE_VM"))?;
+        fd.set_tss_address(TSS_ADDR)
+            .map_err(ioctl("KVM_SET_TSS_ADDR"))?;
+        fd.set_identity_map_address(IDENTITY_MAP_ADDR)
+            .map_err(ioctl("KVM_SET_IDENTITY_MAP_ADDR"))?;
+        fd.create_irq_chip().map_err(ioctl("KVM_CREATE_IRQCHIP"))?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        fd.create_pit2(pit).map_err(ioctl("KVM_CREATE_PIT2"))?;
+        Ok(KvmVm { kvm, fd })
+    }
+
+    /// Registers every RAM region as a memory slot.
+    pub fn map_ram(&self, ram: &GuestRam) -> Result<(), KvmError> {
+        for (slot, r) in ram.regions().iter().enumerate() {
+            let region = kvm_userspace_memory_region {
+                slot: slot as u32,
+                flags: 0,
+                guest_phys_addr: r.gpa,
+                memory_size: r.len,
+                userspace_addr: r.host as u64,
+            };
+            // SAFETY: the region's host range is a live mapping owned by `ram`, and the
+            // machine keeps `ram` alive for as long as this VM exists.
+            unsafe { self.fd.set_user_memory_region(region) }
+                .map_err(ioctl("KVM_SET_USER_MEMORY_REGION"))?;
+        }
+        Ok(())
+    }
+
+    /// Connects an eventfd to a GSI.
+    pub fn irqfd(&self, evt: &EventFd, gsi: u32) -> Result<(), KvmError> {
+        self.fd.register_irqfd(evt, gsi).map_err(ioctl("KVM_IRQFD"))
+    }
+
+    /// Largest number of vCPUs this KVM supports.
+    pub fn max_vcpus(&self) -> usize {
+        self.kvm.get_max_vcpus()
+    }
+}
+
+fn open(path: &Path) -> Result<Kvm, KvmError> {
+    let owned = path.to_path_buf();
+    match std::fs::metadata(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(KvmError::DeviceMissing { path: owned })
+        }
+        _ => {}
+    }
+    let cpath = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).map_err(|_| {
+        KvmError::NotKvm {
+            path: owned.clone(),
+            what: "path contains NUL".into(),
+        }
+    })?;
+    let kvm = Kvm::new_with_path(&cpath).map_err(|e| match e.errno() {
+        libc::ENOENT => KvmError::DeviceMissing {
+            path: owned.clone(),
+        },
+        libc::EACCES | libc::EPERM => KvmError::DeviceAccess {
+            path: owned.clone(),
+        },
+        _ => KvmError::DeviceOpen {
+            path: owned.clone(),
+            source: std::io::Error::from_raw_os_error(e.errno()),
+        },
+    })?;
+    let api = kvm.get_api_version();
+    if api != 12 {
+        return Err(KvmError::NotKvm {
+            path: owned,
+            what: format!("KVM_GET_API_VERSION returned {api}, expected 12"),
+        });
+    }
+    Ok(kvm)
+}

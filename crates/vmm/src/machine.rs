@@ -1,0 +1,214 @@
+//! The machine: guest RAM, the KVM VM, devices and vCPU threads, and the
+//! lifecycle operations on them (boot, pause, resume). The event loop that
+//! decides *when* to do these lives in the binary, which also speaks QMP.
+
+use std::path::PathBuf;
+use std::sync::mpsc::{self, Receiver};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::boot::{self, BootSpec};
+use crate::devices::{debug_exit::DebugExit, i8042::I8042, serial, DeviceRequest, PioBus};
+use crate::kvm::vcpu::{self, Vcpu};
+use crate::kvm::vm::KvmVm;
+use crate::kvm::{cpuid, ioctl};
+use crate::memory::GuestRam;
+use crate::vcpu_thread::{self, VcpuHandle};
+use crate::VmmError;
+
+/// Smallest RAM snapvmm boots (the reference guest needs room above 4 MiB).
+pub const MIN_MEM: u64 = 32 << 20;
+/// Largest number of vCPUs (bounded by the MP table and the reference guest).
+pub const MAX_CPUS: u8 = boot::mptable::MAX_CPUS;
+
+/// Something that happened in the machine, delivered to the controller.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MachineEvent {
+    /// The guest wrote its exit status to the debug-exit port.
+    PowerOff(i32),
+    /// The guest asked for a reset (i8042 command 0xfe).
+    GuestReset,
+    /// A vCPU triple-faulted or reported a system event.
+    GuestShutdown(u8),
+    /// KVM failed on a vCPU; it is stopped.
+    VcpuFailed(u8, String),
+}
+
+/// Where machine events go (called from vCPU threads).
+pub type EventSink = Arc<dyn Fn(MachineEvent) + Send + Sync>;
+
+/// What to build.
+pub struct MachineConfig {
+    pub mem_bytes: u64,
+    pub cpus: u8,
+    pub kernel: Vec<u8>,
+    pub initrd: Option<Vec<u8>>,
+    pub cmdline: String,
+    pub serial: serial::Output,
+    pub kvm_path: PathBuf,
+}
+
+/// A booted machine whose vCPUs start paused; call [`Machine::resume`] to run.
+pub struct Machine {
+    // Field order is drop order: vCPU threads stop before the VM and RAM go away.
+    vcpus: Vec<VcpuHandle>,
+    acks: Receiver<u8>,
+    bus: Arc<PioBus>,
+    vm: KvmVm,
+    ram: GuestRam,
+    cpus: u8,
+    running: bool,
+}
+
+impl Machine {
+    /// Creates the VM, loads the kernel and starts one (paused) thread per vCPU.
+    pub fn create(cfg: MachineConfig, events: EventSink) -> Result<Self, VmmError> {
+        if cfg.mem_bytes < MIN_MEM {
+            return Err(VmmError::Config(format!(
+                "--mem must be at least {} MiB",
+                MIN_MEM >> 20
+            )));
+        }
+        if cfg.cpus == 0 || cfg.cpus > MAX_CPUS {
+            return Err(VmmError::Config(format!(
+                "--cpus must be between 1 and {MAX_CPUS}"
+            )));
+        }
+        let vm = KvmVm::new(&cfg.kvm_path)?;
+        if usize::from(cfg.cpus) > vm.max_vcpus() {
+            return Err(VmmError::Config(format!(
+                "this host's KVM supports at most {} vCPUs",
+                vm.max_vcpus()
+            )));
+        }
+        let ram = GuestRam::anonymous(cfg.mem_bytes)?;
+        vm.map_ram(&ram)?;
+        let spec = BootSpec {
+            kernel: &cfg.kernel,
+            initrd: cfg.initrd.as_deref(),
+            cmdline: &cfg.cmdline,
+            cpus: cfg.cpus,
+        };
+        let entry = boot::load_kernel(ram.memory(), cfg.mem_bytes, &spec)?;
+
+        let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmmError::Io)?;
+        vm.irqfd(&serial_irq, serial::IRQ)?;
+        let sink = |events: &EventSink| {
+            let ev = events.clone();
+            Box::new(move |r: DeviceRequest| {
+                ev(match r {
+                    DeviceRequest::PowerOff(code) => MachineEvent::PowerOff(code),
+                    DeviceRequest::Reset => MachineEvent::GuestReset,
+                })
+            })
+        };
+        let bus = Arc::new(PioBus {
+            serial: Mutex::new(serial::Serial::new(serial_irq, cfg.serial)),
+            i8042: Mutex::new(I8042::new(sink(&events))),
+            debug_exit: DebugExit::new(sink(&events)),
+        });
+
+        let base_cpuid = vm
+            .kvm
+            .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+            .map_err(ioctl("KVM_GET_SUPPORTED_CPUID"))?;
+        let mut fds = Vec::new();
+        for id in 0..cfg.cpus {
+            let fd = vm
+                .fd
+                .create_vcpu(u64::from(id))
+                .map_err(ioctl("KVM_CREATE_VCPU"))?;
+            fds.push(Vcpu { id, fd });
+        }
+        let tsc_khz = fds[0].fd.get_tsc_khz().unwrap_or(0);
+        for v in &fds {
+            let mut c = base_cpuid.clone();
+            cpuid::patch(&mut c, v.id, cfg.cpus, tsc_khz).map_err(VmmError::Config)?;
+            v.configure(&c, (v.id == 0).then_some(entry))?;
+        }
+        let msrs: Arc<[u32]> = vcpu::probe_msrs(&fds[0].fd, vcpu::SAVED_MSRS).into();
+
+        vcpu_thread::install_kick_handler().map_err(VmmError::Io)?;
+        let (ack_tx, acks) = mpsc::channel();
+        let mut vcpus = Vec::new();
+        for v in fds {
+            vcpus.push(
+                VcpuHandle::spawn(
+                    v,
+                    bus.clone(),
+                    ack_tx.clone(),
+                    events.clone(),
+                    msrs.clone(),
+                    true,
+                )
+                .map_err(VmmError::Io)?,
+            );
+        }
+        // Threads acknowledge their initial paused state.
+        for _ in 0..cfg.cpus {
+            acks.recv_timeout(Duration::from_secs(10))
+                .map_err(|_| VmmError::Config("a vCPU thread did not start".into()))?;
+        }
+        Ok(Machine {
+            vcpus,
+            acks,
+            bus,
+            vm,
+            ram,
+            cpus: cfg.cpus,
+            running: false,
+        })
+    }
+
+    /// Lets every vCPU run.
+    pub fn resume(&mut self) {
+        vcpu_thread::resume_all(&self.vcpus);
+        self.running = true;
+    }
+
+    /// Stops every vCPU outside `KVM_RUN`; returns how long that took.
+    pub fn pause(&mut self) -> Result<Duration, VmmError> {
+        let took = vcpu_thread::pause_all(&self.vcpus, &self.acks).ok_or_else(|| {
+            VmmError::Config("a vCPU thread did not acknowledge the pause".into())
+        })?;
+        self.running = false;
+        Ok(took)
+    }
+
+    /// True while the vCPUs run.
+    pub fn is_running(&self) -> bool {
+        self.running
+    }
+
+    /// Number of vCPUs.
+    pub fn cpus(&self) -> u8 {
+        self.cpus
+    }
+
+    /// Guest RAM.
+    pub fn ram(&self) -> &GuestRam {
+        &self.ram
+    }
+
+    /// vCPU handles (for saving their state while paused).
+    pub fn vcpus(&self) -> &[VcpuHandle] {
+        &self.vcpus
+    }
+
+    /// The KVM VM.
+    pub fn vm(&self) -> &KvmVm {
+        &self.vm
+    }
+
+    /// Port-I/O devices.
+    pub fn bus(&self) -> &PioBus {
+        &self.bus
+    }
+
+    /// Flushes serial output (before the process exits).
+    pub fn flush_serial(&self) {
+        crate::devices::lock(&self.bus.serial).flush();
+    }
+}

@@ -1,0 +1,225 @@
+//! Guest RAM: the one module that owns mmap/munmap of guest memory.
+//!
+//! RAM is anonymous private memory with `MADV_HUGEPAGE` and deliberately
+//! without `MADV_DONTFORK`: the live snapshot forks the process, and the child
+//! must see a copy-on-write image of guest RAM. Regions are 2 MiB aligned so
+//! transparent huge pages can back them from the first touch.
+
+use std::os::fd::{AsRawFd, BorrowedFd};
+use std::ptr::NonNull;
+
+use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
+
+use crate::layout;
+
+const HUGE_PAGE: usize = 2 << 20;
+
+/// Errors from setting up guest RAM.
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    #[error("cannot map {size} bytes of guest RAM: {source}")]
+    Mmap { size: u64, source: std::io::Error },
+    #[error("guest memory layout rejected: {0}")]
+    Layout(String),
+}
+
+/// One contiguous range of guest RAM and where it lives in this process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RamRegion {
+    /// Guest-physical start address.
+    pub gpa: u64,
+    /// Length in bytes.
+    pub len: u64,
+    /// Host virtual address of the first byte.
+    pub host: *mut u8,
+}
+
+// SAFETY: a RamRegion is a plain description of a mapping owned by GuestRam;
+// dereferencing `host` is the holder's job and always goes through unsafe code
+// that names the GuestRam keeping the mapping alive.
+unsafe impl Send for RamRegion {}
+// SAFETY: as above; the struct itself has no interior mutability.
+unsafe impl Sync for RamRegion {}
+
+/// A file (and offset) to map a RAM region from, privately (copy-on-write).
+#[derive(Debug, Clone, Copy)]
+pub struct FileBacking<'a> {
+    pub fd: BorrowedFd<'a>,
+    pub offset: u64,
+}
+
+/// Guest RAM of one VM: owns its mappings and unmaps them on drop.
+#[derive(Debug)]
+pub struct GuestRam {
+    regions: Vec<RamRegion>,
+    /// (mapping start, mapping length) to munmap, including alignment slack.
+    maps: Vec<(NonNull<u8>, usize)>,
+    mem: GuestMemoryMmap,
+}
+
+// SAFETY: the mappings are plain memory; concurrent access from vCPU threads is
+// the normal way guest RAM is used, and GuestMemoryMmap is itself Send + Sync.
+unsafe impl Send for GuestRam {}
+// SAFETY: see above.
+unsafe impl Sync for GuestRam {}
+
+impl GuestRam {
+    /// Maps `size` bytes of anonymous guest RAM laid out by [`layout::ram_ranges`].
+    pub fn anonymous(size: u64) -> Result<Self, MemoryError> {
+        Self::build(size, |_| None)
+    }
+
+    /// Maps guest RAM privately from a file: region `i` from `backing(i)`.
+    /// Pages are read lazily by the kernel on first touch; writes stay private.
+    pub fn from_file<'a>(
+        size: u64,
+        backing: impl Fn(usize) -> Option<FileBacking<'a>>,
+    ) -> Result<Self, MemoryError> {
+        Self::build(size, backing)
+    }
+
+    fn build<'a>(
+        size: u64,
+        backing: impl Fn(usize) -> Option<FileBacking<'a>>,
+    ) -> Result<Self, MemoryError> {
+        let mut ram = GuestRam {
+            regions: Vec::new(),
+            maps: Vec::new(),
+            mem: GuestMemoryMmap::new(),
+        };
+        let mut vm_regions = Vec::new();
+        for (i, (gpa, len)) in layout::ram_ranges(size).into_iter().enumerate() {
+            let host = ram.map_region(len, backing(i))?;
+            ram.regions.push(RamRegion { gpa, len, host });
+            // SAFETY: `host` points to `len` bytes mapped read/write just above and owned by
+            // `ram`, which outlives the GuestMemoryMmap it holds (both are dropped together,
+            // the mappings last, in Drop).
+            let region = unsafe {
+                MmapRegion::build_raw(
+                    host,
+                    len as usize,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                )
+            }
+            .map_err(|e| MemoryError::Layout(e.to_string()))?;
+            let region = GuestRegionMmap::new(region, GuestAddress(gpa))
+                .ok_or_else(|| MemoryError::Layout(format!("region at {gpa:#x} overflows")))?;
+            vm_regions.push(region);
+        }
+        ram.mem = GuestMemoryMmap::from_regions(vm_regions)
+            .map_err(|e| MemoryError::Layout(e.to_string()))?;
+        Ok(ram)
+    }
+
+    fn map_region(
+        &mut self,
+        len: u64,
+        file: Option<FileBacking<'_>>,
+    ) -> Result<*mut u8, MemoryError> {
+        let len_us = len as usize;
+        let err = |source| MemoryError::Mmap { size: len, source };
+        // Reserve len + 2 MiB, then place the region at a 2 MiB boundary inside it.
+        let reserve = len_us
+            .checked_add(HUGE_PAGE)
+            .ok_or_else(|| err(std::io::Error::from_raw_os_error(libc::ENOMEM)))?;
+        // SAFETY: a fresh PROT_NONE anonymous reservation; touches no existing mapping.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                reserve,
+                libc::PROT_NONE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return Err(err(std::io::Error::last_os_error()));
+        }
+        let base = base as *mut u8;
+        self.maps
+            .push((NonNull::new(base).expect("mmap returned null"), reserve));
+        let aligned = ((base as usize + HUGE_PAGE - 1) & !(HUGE_PAGE - 1)) as *mut u8;
+        let (flags, fd, off) = match file {
+            Some(f) => (
+                libc::MAP_PRIVATE | libc::MAP_FIXED | libc::MAP_NORESERVE,
+                f.fd.as_raw_fd(),
+                f.offset,
+            ),
+            None => (
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED | libc::MAP_NORESERVE,
+                -1,
+                0,
+            ),
+        };
+        // SAFETY: MAP_FIXED replaces only pages of the reservation made above
+        // (aligned + len <= base + reserve), which nothing else references yet.
+        let p = unsafe {
+            libc::mmap(
+                aligned as *mut _,
+                len_us,
+                libc::PROT_READ | libc::PROT_WRITE,
+                flags,
+                fd,
+                off as libc::off_t,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(err(std::io::Error::last_os_error()));
+        }
+        // SAFETY: advice on our own fresh mapping; failure only means no THP.
+        unsafe { libc::madvise(p, len_us, libc::MADV_HUGEPAGE) };
+        Ok(p as *mut u8)
+    }
+
+    /// The vm-memory view of guest RAM, for loaders and devices.
+    pub fn memory(&self) -> &GuestMemoryMmap {
+        &self.mem
+    }
+
+    /// Every RAM region with its host address.
+    pub fn regions(&self) -> &[RamRegion] {
+        &self.regions
+    }
+
+    /// Total RAM in bytes.
+    pub fn size(&self) -> u64 {
+        self.regions.iter().map(|r| r.len).sum()
+    }
+}
+
+impl Drop for GuestRam {
+    fn drop(&mut self) {
+        // Drop vm-memory's view first; it does not own the mappings.
+        self.mem = GuestMemoryMmap::new();
+        for (p, len) in self.maps.drain(..) {
+            // SAFETY: (p, len) is a reservation made by map_region and not yet unmapped;
+            // no RamRegion or GuestMemoryMmap referring to it survives this drop.
+            unsafe { libc::munmap(p.as_ptr() as *mut _, len) };
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::Bytes;
+
+    #[test]
+    fn regions_are_huge_page_aligned_and_writable() {
+        let ram = GuestRam::anonymous(64 << 20).unwrap();
+        assert_eq!(ram.size(), 64 << 20);
+        for r in ram.regions() {
+            assert_eq!(r.host as usize % HUGE_PAGE, 0);
+        }
+        ram.memory()
+            .write_obj(0xdead_beef_u32, GuestAddress(0x1000))
+            .unwrap();
+        let v: u32 = ram.memory().read_obj(GuestAddress(0x1000)).unwrap();
+        assert_eq!(v, 0xdead_beef);
+        // SAFETY: 0x1000 lies inside the first region of `ram`, which is alive.
+        let direct = unsafe { *(ram.regions()[0].host.add(0x1000) as *const u32) };
+        assert_eq!(direct, 0xdead_beef);
+    }
+}
