@@ -159,6 +159,10 @@ void trap(struct trap_frame *f)
         case SYS_START_APS:
             start_aps();
             return;
+        case SYS_RESET:
+            outb(PORT_I8042_CMD, 0xfe);
+            for (;;)
+                __asm__ volatile("cli; hlt");
         default:
             f->rax = (u64)-1;
             return;

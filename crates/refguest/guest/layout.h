@@ -34,5 +34,7 @@
 #define SYS_EXIT        2           /* rdi = exit code */
 #define SYS_HALT        3           /* halt this CPU forever */
 #define SYS_START_APS   4           /* INIT-SIPI-SIPI to all other CPUs */
+#define SYS_RESET       5           /* pulse reset through the i8042 */
+#define PORT_I8042_CMD  0x64
 
 #endif

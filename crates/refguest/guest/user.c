@@ -16,7 +16,7 @@
 #define MAX_RANGES 16
 #define MAX_CORRUPT_LINES 8
 
-enum workload { WL_MEMWRITE, WL_IDLE, WL_EXIT };
+enum workload { WL_MEMWRITE, WL_IDLE, WL_EXIT, WL_RESET };
 
 static struct {
     enum workload workload;
@@ -167,6 +167,8 @@ static void parse_cmdline(const char *s)
                 cfg.workload = WL_IDLE;
             else if (word_is(v, vn, "exit"))
                 cfg.workload = WL_EXIT;
+            else if (word_is(v, vn, "reset"))
+                cfg.workload = WL_RESET;
             else
                 cfg.workload = WL_MEMWRITE;
         } else if (word_is(k, kn, "region")) {
@@ -373,7 +375,7 @@ static void bsp_main(void)
         total_pages = 0;
 
     struct buf b = { .n = 0 };
-    static const char *const names[] = { "memwrite", "idle", "exit" };
+    static const char *const names[] = { "memwrite", "idle", "exit", "reset" };
     put_kv(&b, "refguest: ready cpus=", ncpus);
     put_kv(&b, " ram_mib=", ram_bytes >> 20);
     put_str(&b, " workload=");
@@ -389,6 +391,10 @@ static void bsp_main(void)
         sys_exit(cfg.exit_code);
     if (cfg.workload == WL_IDLE)
         sys_halt();
+    if (cfg.workload == WL_RESET) {
+        syscall2(SYS_RESET, 0, 0);
+        sys_halt();
+    }
     if (total_pages == 0) {
         struct buf e = { .n = 0 };
         put_str(&e, "refguest: no RAM for the region");

@@ -2,7 +2,7 @@
 //!
 //! A freestanding PVH ELF (see `guest/`): minimal ring-0 setup, then all work at
 //! ring 3. It boots on snapvmm and on `qemu-system-x86_64 -kernel`. Parameters
-//! come from the boot command line: `workload=memwrite|idle|exit`,
+//! come from the boot command line: `workload=memwrite|idle|exit|reset`,
 //! `region=SIZE`, `passes=N`, `rate=PAGES_PER_SECOND`, `exit=CODE`, `tsc_khz=N`.
 
 /// The guest image, an ELF64 with a `XEN_ELFNOTE_PHYS32_ENTRY` note.

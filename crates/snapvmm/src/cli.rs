@@ -17,6 +17,11 @@ pub struct Cli {
 pub enum Command {
     /// Boot a VM (the built-in reference guest unless --kernel is given).
     Run(RunArgs),
+    /// Write the built-in reference guest (a PVH ELF) to a file, e.g. to boot it under QEMU.
+    ExportGuest {
+        /// Where to write the ELF.
+        path: PathBuf,
+    },
 }
 
 #[derive(Args, Debug, Clone)]

@@ -56,17 +56,17 @@ pub fn run(cfg: RunConfig) -> Result<u8> {
     spawn_signal_thread(tx.clone())?;
     machine.resume();
 
-    let code = loop {
-        let Ok(ev) = rx.recv() else { break 1 };
-        match ev {
-            AppEvent::Machine(MachineEvent::PowerOff(code)) => break code as u8,
-            AppEvent::Machine(MachineEvent::GuestReset)
-            | AppEvent::Machine(MachineEvent::GuestShutdown(_)) => break 0,
-            AppEvent::Machine(MachineEvent::VcpuFailed(id, why)) => {
-                machine.flush_serial();
-                anyhow::bail!("vCPU {id} failed: {why}");
-            }
-            AppEvent::Signal(_) => break 0,
+    let code = match rx.recv() {
+        Err(_) => 1,
+        Ok(AppEvent::Machine(MachineEvent::PowerOff(code))) => code as u8,
+        Ok(AppEvent::Machine(MachineEvent::GuestReset | MachineEvent::GuestShutdown(_))) => 0,
+        Ok(AppEvent::Machine(MachineEvent::VcpuFailed(id, why))) => {
+            machine.flush_serial();
+            anyhow::bail!("vCPU {id} failed: {why}");
+        }
+        Ok(AppEvent::Signal(sig)) => {
+            tracing::info!(signal = sig, "shutting down on signal");
+            0
         }
     };
     let _ = machine.pause();

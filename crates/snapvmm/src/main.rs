@@ -13,6 +13,9 @@ fn main() -> ExitCode {
     init_tracing();
     let result = match cli.command {
         cli::Command::Run(args) => args.validate().and_then(controller::run),
+        cli::Command::ExportGuest { path } => std::fs::write(&path, refguest::ELF)
+            .map(|_| 0)
+            .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display())),
     };
     match result {
         Ok(code) => ExitCode::from(code),

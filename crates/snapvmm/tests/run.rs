@@ -1,0 +1,295 @@
+//! `snapvmm run` end to end: the built-in guest, its workloads, external
+//! kernels, serial targets, signals, and every bad input's message.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+const T: Duration = Duration::from_secs(60);
+
+#[test]
+fn builtin_guest_boots_and_exits_zero() {
+    let o = run_with_timeout(snapvmm(&["run", "--cmdline", "workload=exit"]), T);
+    assert_eq!(o.status.code(), Some(0), "stderr: {}", stderr(&o));
+    assert!(
+        stdout(&o).contains("refguest: ready cpus=1 ram_mib=511 workload=exit"),
+        "{}",
+        stdout(&o)
+    );
+}
+
+#[test]
+fn guest_exit_code_becomes_the_process_status() {
+    let o = run_with_timeout(
+        snapvmm(&["run", "--mem", "64M", "--cmdline", "workload=exit exit=7"]),
+        T,
+    );
+    assert_eq!(o.status.code(), Some(7));
+}
+
+#[test]
+fn i8042_reset_ends_the_vm() {
+    let o = run_with_timeout(
+        snapvmm(&["run", "--mem", "64M", "--cmdline", "workload=reset"]),
+        T,
+    );
+    assert_eq!(o.status.code(), Some(0), "stderr: {}", stderr(&o));
+    assert!(stdout(&o).contains("workload=reset"));
+}
+
+fn memwrite(cpus: &str) {
+    let o = run_with_timeout(
+        snapvmm(&[
+            "run",
+            "--mem",
+            "1G",
+            "--cpus",
+            cpus,
+            "--cmdline",
+            "workload=memwrite region=768M passes=3 exit=5",
+        ]),
+        T,
+    );
+    let out = stdout(&o);
+    assert_eq!(
+        o.status.code(),
+        Some(5),
+        "the exit= status after finite passes; stdout: {out}"
+    );
+    assert!(
+        out.contains(&format!("refguest: ready cpus={cpus} ")),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!("refguest: done cpus={cpus} passes=3 corrupt=0")),
+        "{out}"
+    );
+    assert!(!out.contains("CORRUPT"), "{out}");
+}
+
+#[test]
+fn memwrite_one_vcpu_completes_its_passes() {
+    memwrite("1");
+}
+
+#[test]
+fn memwrite_four_vcpus_completes_its_passes() {
+    memwrite("4");
+}
+
+#[test]
+fn memwrite_reports_once_a_second_until_ctrl_c() {
+    let mut r = Running::spawn(snapvmm(&[
+        "run",
+        "--mem",
+        "256M",
+        "--cmdline",
+        "workload=memwrite region=64M",
+    ]));
+    r.wait_line("refguest: ready cpus=1", T);
+    let line = r.wait_line("refguest: cpu=0 t=", T);
+    for key in ["pages=", "maxgap_us=", "passes="] {
+        assert!(line.contains(key), "{line}");
+    }
+    r.signal("INT");
+    let st = r.wait(Duration::from_secs(10));
+    assert_eq!(st.code(), Some(0));
+}
+
+#[test]
+fn sigterm_shuts_down_cleanly() {
+    let mut r = Running::spawn(snapvmm(&[
+        "run",
+        "--mem",
+        "128M",
+        "--cmdline",
+        "workload=idle",
+    ]));
+    r.wait_line("refguest: ready", T);
+    r.signal("TERM");
+    assert_eq!(r.wait(Duration::from_secs(10)).code(), Some(0));
+}
+
+#[test]
+fn external_pvh_elf_boots() {
+    let d = TempDir::new("pvh");
+    let k = d.path("refguest.elf");
+    std::fs::write(&k, refguest::ELF).unwrap();
+    let o = run_with_timeout(
+        snapvmm(&[
+            "run",
+            "--mem",
+            "128M",
+            "--kernel",
+            k.to_str().unwrap(),
+            "--cmdline",
+            "workload=exit exit=9",
+        ]),
+        T,
+    );
+    assert_eq!(o.status.code(), Some(9), "stderr: {}", stderr(&o));
+    assert!(stdout(&o).contains("refguest: ready"));
+}
+
+#[test]
+fn serial_to_file_and_none() {
+    let d = TempDir::new("serial");
+    let f = d.path("console.log");
+    let target = format!("file:{}", f.display());
+    let o = run_with_timeout(
+        snapvmm(&[
+            "run",
+            "--mem",
+            "64M",
+            "--serial",
+            &target,
+            "--cmdline",
+            "workload=exit",
+        ]),
+        T,
+    );
+    assert_eq!(o.status.code(), Some(0));
+    assert!(stdout(&o).is_empty());
+    assert!(std::fs::read_to_string(&f)
+        .unwrap()
+        .contains("refguest: ready"));
+    let o = run_with_timeout(
+        snapvmm(&[
+            "run",
+            "--mem",
+            "64M",
+            "--serial",
+            "none",
+            "--cmdline",
+            "workload=exit",
+        ]),
+        T,
+    );
+    assert_eq!(o.status.code(), Some(0));
+    assert!(stdout(&o).is_empty());
+}
+
+/// Runs with bad input: exit status 1, exactly one line on stderr containing `needle`, no panic.
+fn refused(args: &[&str], env: Option<(&str, &str)>, needle: &str) {
+    let mut c = snapvmm(args);
+    if let Some((k, v)) = env {
+        c.env(k, v);
+    }
+    let o = run_with_timeout(c, T);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "args {args:?}: stderr {err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "one line: {err}");
+    assert!(err.starts_with("snapvmm: error: "), "{err}");
+    assert!(err.contains(needle), "expected {needle:?} in {err}");
+    assert!(
+        !err.contains("panicked") && !err.contains("RUST_BACKTRACE"),
+        "{err}"
+    );
+}
+
+#[test]
+fn missing_kernel_file() {
+    refused(
+        &["run", "--kernel", "/nonexistent/vmlinux"],
+        None,
+        "cannot read kernel /nonexistent/vmlinux",
+    );
+}
+
+#[test]
+fn malformed_kernel_file() {
+    let d = TempDir::new("badkernel");
+    let k = d.path("junk");
+    std::fs::write(&k, vec![0x42u8; 8192]).unwrap();
+    refused(
+        &["run", "--kernel", k.to_str().unwrap()],
+        None,
+        "is not a kernel snapvmm can boot",
+    );
+    // An ELF header that lies about its program headers.
+    let mut elf = refguest::ELF[..64].to_vec();
+    elf[32..40].copy_from_slice(&0xffff_ffffu64.to_le_bytes()); // e_phoff far past the end
+    std::fs::write(&k, &elf).unwrap();
+    refused(
+        &["run", "--kernel", k.to_str().unwrap()],
+        None,
+        "cannot load the kernel",
+    );
+    std::fs::write(&k, b"").unwrap();
+    refused(&["run", "--kernel", k.to_str().unwrap()], None, "is empty");
+}
+
+#[test]
+fn bad_mem_values() {
+    refused(&["run", "--mem", "1M"], None, "too small");
+    refused(&["run", "--mem", "lots"], None, "invalid --mem 'lots'");
+    refused(
+        &["run", "--mem", "64T"],
+        None,
+        "more than this host can give",
+    );
+}
+
+#[test]
+fn bad_cpu_counts() {
+    refused(&["run", "--cpus", "0"], None, "--cpus 0 is out of range");
+    refused(&["run", "--cpus", "33"], None, "--cpus 33 is out of range");
+    refused(&["run", "--cpus", "two"], None, "invalid --cpus 'two'");
+}
+
+#[test]
+fn kvm_device_missing_or_not_kvm() {
+    refused(
+        &["run"],
+        Some(("SNAPVMM_KVM_DEVICE", "/nonexistent/kvm")),
+        "does not exist: this host has no KVM",
+    );
+    refused(
+        &["run"],
+        Some(("SNAPVMM_KVM_DEVICE", "/dev/null")),
+        "is not a usable KVM device",
+    );
+}
+
+#[test]
+fn kvm_device_permission_denied_names_the_fix() {
+    // Root bypasses file permissions, so drop to an unprivileged user if we are root.
+    let is_root = std::fs::metadata("/proc/self")
+        .map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0)
+        .unwrap_or(false);
+    if !is_root {
+        eprintln!("skipped: needs root to run snapvmm as an unprivileged user");
+        return;
+    }
+    let o = run_with_timeout(
+        {
+            let mut c = std::process::Command::new("setpriv");
+            c.args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+                .arg(bin())
+                .args(["run"]);
+            c.env("SNAPVMM_KVM_DEVICE", "/dev/kvm");
+            c
+        },
+        T,
+    );
+    let err = stderr(&o);
+    if err.contains("setpriv") {
+        eprintln!("skipped: setpriv unavailable: {err}");
+        return;
+    }
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("permission denied opening /dev/kvm"), "{err}");
+    assert!(err.contains("usermod -aG kvm"), "{err}");
+}
+
+#[test]
+fn cmdline_too_long_is_refused() {
+    let long = "x".repeat(4096);
+    refused(
+        &["run", "--cmdline", &long],
+        None,
+        "command line is too long",
+    );
+}
