@@ -111,6 +111,7 @@ mod tests {
         img[0x202..0x206].copy_from_slice(&HDRS_MAGIC.to_le_bytes());
         img[0x206..0x208].copy_from_slice(&0x020fu16.to_le_bytes()); // protocol 2.15
         img[0x211] = 0x01; // LOADED_HIGH
+        img[0x214..0x218].copy_from_slice(&0x10_0000u32.to_le_bytes()); // code32_start
         img
     }
 
