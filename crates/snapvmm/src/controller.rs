@@ -45,9 +45,11 @@ pub fn run(cfg: RunConfig) -> Result<u8> {
         MachineConfig {
             mem_bytes: cfg.mem_bytes,
             cpus: cfg.cpus,
-            kernel: cfg.kernel,
-            initrd: cfg.initrd,
-            cmdline: cfg.cmdline,
+            start: vmm::Start::Kernel {
+                kernel: cfg.kernel,
+                initrd: cfg.initrd,
+                cmdline: cfg.cmdline,
+            },
             serial,
             kvm_path,
         },

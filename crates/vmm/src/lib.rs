@@ -8,9 +8,11 @@ pub mod kvm;
 pub mod layout;
 pub mod machine;
 pub mod memory;
+pub mod snapshot;
 pub mod vcpu_thread;
 
-pub use machine::{EventSink, Machine, MachineConfig, MachineEvent};
+pub use machine::{EventSink, Machine, MachineConfig, MachineEvent, Start};
+pub use snapshot::MachineState;
 
 /// Errors from building or operating the machine.
 #[derive(Debug, thiserror::Error)]
@@ -25,4 +27,6 @@ pub enum VmmError {
     Config(String),
     #[error("{0}")]
     Io(std::io::Error),
+    #[error(transparent)]
+    State(#[from] snapshot::StateError),
 }

@@ -15,6 +15,7 @@ use crate::kvm::vcpu::{self, Vcpu};
 use crate::kvm::vm::KvmVm;
 use crate::kvm::{cpuid, ioctl};
 use crate::memory::GuestRam;
+use crate::snapshot::MachineState;
 use crate::vcpu_thread::{self, VcpuHandle};
 use crate::VmmError;
 
@@ -39,13 +40,26 @@ pub enum MachineEvent {
 /// Where machine events go (called from vCPU threads).
 pub type EventSink = Arc<dyn Fn(MachineEvent) + Send + Sync>;
 
-/// What to build.
+/// How the machine starts.
+pub enum Start {
+    /// Load a kernel and boot it.
+    Kernel {
+        kernel: Vec<u8>,
+        initrd: Option<Vec<u8>>,
+        cmdline: String,
+    },
+    /// Continue from saved state, with guest RAM already filled or mapped from the image.
+    Snapshot {
+        ram: GuestRam,
+        state: Box<MachineState>,
+    },
+}
+
+/// What to build. For [`Start::Snapshot`], `mem_bytes` and `cpus` must match the state.
 pub struct MachineConfig {
     pub mem_bytes: u64,
     pub cpus: u8,
-    pub kernel: Vec<u8>,
-    pub initrd: Option<Vec<u8>>,
-    pub cmdline: String,
+    pub start: Start,
     pub serial: serial::Output,
     pub kvm_path: PathBuf,
 }
@@ -83,15 +97,38 @@ impl Machine {
                 vm.max_vcpus()
             )));
         }
-        let ram = GuestRam::anonymous(cfg.mem_bytes)?;
-        vm.map_ram(&ram)?;
-        let spec = BootSpec {
-            kernel: &cfg.kernel,
-            initrd: cfg.initrd.as_deref(),
-            cmdline: &cfg.cmdline,
-            cpus: cfg.cpus,
+        let (ram, entry, state) = match cfg.start {
+            Start::Kernel {
+                kernel,
+                initrd,
+                cmdline,
+            } => {
+                let ram = GuestRam::anonymous(cfg.mem_bytes)?;
+                let spec = BootSpec {
+                    kernel: &kernel,
+                    initrd: initrd.as_deref(),
+                    cmdline: &cmdline,
+                    cpus: cfg.cpus,
+                };
+                let entry = boot::load_kernel(ram.memory(), cfg.mem_bytes, &spec)?;
+                (ram, Some(entry), None)
+            }
+            Start::Snapshot { ram, state } => {
+                if ram.size() != state.mem_bytes
+                    || state.cpus != cfg.cpus
+                    || state.mem_bytes != cfg.mem_bytes
+                {
+                    return Err(VmmError::Config(format!(
+                        "snapshot is of a {}-vCPU, {} MiB machine, RAM given is {} MiB",
+                        state.cpus,
+                        state.mem_bytes >> 20,
+                        ram.size() >> 20
+                    )));
+                }
+                (ram, None, Some(state))
+            }
         };
-        let entry = boot::load_kernel(ram.memory(), cfg.mem_bytes, &spec)?;
+        vm.map_ram(&ram)?;
 
         let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmmError::Io)?;
         vm.irqfd(&serial_irq, serial::IRQ)?;
@@ -105,7 +142,11 @@ impl Machine {
             })
         };
         let bus = Arc::new(PioBus {
-            serial: Mutex::new(serial::Serial::new(serial_irq, cfg.serial)),
+            serial: Mutex::new(match &state {
+                Some(st) => serial::Serial::restore(serial_irq, cfg.serial, &st.serial)
+                    .map_err(VmmError::Io)?,
+                None => serial::Serial::new(serial_irq, cfg.serial),
+            }),
             i8042: Mutex::new(I8042::new(sink(&events))),
             debug_exit: DebugExit::new(sink(&events)),
         });
@@ -122,11 +163,21 @@ impl Machine {
                 .map_err(ioctl("KVM_CREATE_VCPU"))?;
             fds.push(Vcpu { id, fd });
         }
-        let tsc_khz = fds[0].fd.get_tsc_khz().unwrap_or(0);
-        for v in &fds {
-            let mut c = base_cpuid.clone();
-            cpuid::patch(&mut c, v.id, cfg.cpus, tsc_khz).map_err(VmmError::Config)?;
-            v.configure(&c, (v.id == 0).then_some(entry))?;
+        match &state {
+            None => {
+                let tsc_khz = fds[0].fd.get_tsc_khz().unwrap_or(0);
+                for v in &fds {
+                    let mut c = base_cpuid.clone();
+                    cpuid::patch(&mut c, v.id, cfg.cpus, tsc_khz).map_err(VmmError::Config)?;
+                    v.configure(&c, if v.id == 0 { entry } else { None })?;
+                }
+            }
+            Some(st) => {
+                for (v, s) in fds.iter().zip(&st.vcpus) {
+                    v.restore(s)?;
+                }
+                st.vm.restore(&vm)?;
+            }
         }
         let msrs: Arc<[u32]> = vcpu::probe_msrs(&fds[0].fd, vcpu::SAVED_MSRS).into();
 

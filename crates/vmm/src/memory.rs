@@ -183,6 +183,15 @@ impl GuestRam {
         &self.regions
     }
 
+    /// Region `i` as a mutable byte slice, e.g. to copy a saved image in before
+    /// any vCPU runs. Exclusive access to `self` means no vCPU can be using it.
+    pub fn region_bytes_mut(&mut self, i: usize) -> &mut [u8] {
+        let r = self.regions[i];
+        // SAFETY: the region is a live read/write mapping of r.len bytes owned by self;
+        // `&mut self` guarantees no other reference derived from this GuestRam exists.
+        unsafe { std::slice::from_raw_parts_mut(r.host, r.len as usize) }
+    }
+
     /// Total RAM in bytes.
     pub fn size(&self) -> u64 {
         self.regions.iter().map(|r| r.len).sum()
