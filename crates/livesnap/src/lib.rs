@@ -1,1 +1,59 @@
-//! Placeholder; the crate lands in a later commit.
+//! `livesnap`: the snapshot engine of snapvmm.
+//!
+//! It sees guest RAM only as host `(ptr, len)` ranges with their
+//! guest-physical address, and device state only as opaque bytes; it knows
+//! nothing of KVM.
+//!
+//! * [`start_fork_capture`]: live capture. The caller pauses the vCPUs and
+//!   serializes device state, calls this, and resumes the vCPUs as soon as it
+//!   returns: the function only creates the file and a pipe and `fork()`s. The
+//!   child streams its copy-on-write view of RAM into the pipe with
+//!   `vmsplice(2)`; a background thread `splice(2)`s it into the file.
+//! * [`capture_stopped`]: stop-and-copy baseline, VM paused throughout.
+//! * [`Image`]: validating reader of the image format (see `FORMAT.md`).
+
+mod capture;
+mod error;
+mod fork;
+mod image;
+mod pages;
+
+pub use capture::{
+    capture_stopped, start_fork_capture, Capture, CaptureStats, CaptureStatus, DoneCallback,
+    ForkOptions, Progress,
+};
+pub use error::{Result, SnapError};
+pub use image::{
+    Image, ImageRange, FORMAT_VERSION, HEADER_SIZE, HUGE_ALIGN, MAGIC, MAX_DEVICE_STATE,
+    MAX_RANGES, PAGE_SIZE,
+};
+
+/// A range of guest RAM as the engine sees it: host memory plus its
+/// guest-physical address.
+///
+/// `host` must be page-aligned, `gpa` and `len` multiples of [`PAGE_SIZE`],
+/// and the memory must stay mapped and readable for the life of the process
+/// (guest RAM of a VMM is).
+///
+/// For [`start_fork_capture`] the mapping must be **private** (`MAP_PRIVATE`,
+/// anonymous or file-backed) and must not carry `MADV_DONTFORK`: only private
+/// memory is copy-on-write across `fork()`. With `MAP_SHARED` memory (e.g. a
+/// memfd shared with vhost-user) the child would see the guest's writes made
+/// after resume and the image would not be a consistent snapshot; with
+/// `MADV_DONTFORK` the child faults and the capture fails.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RamRange {
+    /// Guest-physical address of the first byte.
+    pub gpa: u64,
+    /// Host address of the first byte.
+    pub host: *const u8,
+    /// Length in bytes.
+    pub len: u64,
+}
+
+// SAFETY: a RamRange is only an address and a length; the memory it names is
+// required (documented contract) to stay mapped for the process lifetime, and
+// the engine only reads it, so moving the descriptor between threads is sound.
+unsafe impl Send for RamRange {}
+// SAFETY: as for Send: shared references only expose the plain fields.
+unsafe impl Sync for RamRange {}

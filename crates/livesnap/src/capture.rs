@@ -1,0 +1,620 @@
+//! Capture drivers: live capture by fork and the stop-and-copy baseline,
+//! plus the temp-file / atomic-rename finishing they share.
+
+use std::fmt;
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crate::error::{Result, SnapError};
+use crate::fork::{self, END_MARK, MAX_CHILD_RUN};
+use crate::image::{Header, HEADER_SIZE, PAGE_SIZE};
+use crate::pages::{for_each_run, ScanRange};
+use crate::RamRange;
+
+/// Callback run on the writer thread when a fork capture ends (any outcome),
+/// after the status has been updated and the files cleaned up.
+pub type DoneCallback = Box<dyn FnOnce(&Result<CaptureStats>) + Send + 'static>;
+
+/// Options of [`start_fork_capture`].
+pub struct ForkOptions {
+    /// Called once when the capture ends, e.g. to emit a VMM event.
+    pub on_done: Option<DoneCallback>,
+    /// Pipe capacity requested with `F_SETPIPE_SZ` (default 1 MiB; kept as
+    /// is when the system refuses).
+    pub pipe_size: usize,
+}
+
+impl Default for ForkOptions {
+    fn default() -> Self {
+        ForkOptions {
+            on_done: None,
+            pipe_size: 1 << 20,
+        }
+    }
+}
+
+impl fmt::Debug for ForkOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ForkOptions")
+            .field("on_done", &self.on_done.is_some())
+            .field("pipe_size", &self.pipe_size)
+            .finish()
+    }
+}
+
+/// State of a fork capture.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CaptureStatus {
+    /// Still streaming or finishing.
+    Active,
+    /// The complete image is under its final name.
+    Completed,
+    /// Failed; nothing was left under the final name or as a temp file.
+    Failed(String),
+    /// Cancelled; nothing was left under the final name or as a temp file.
+    Cancelled,
+}
+
+/// Live progress of a capture (readable while it runs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Progress {
+    /// RAM bytes to capture (sum of all ranges).
+    pub total_bytes: u64,
+    /// RAM bytes processed so far: written plus skipped zero pages; equals
+    /// `total_bytes` once the RAM is done.
+    pub transferred_bytes: u64,
+    /// RAM bytes written to the file so far.
+    pub bytes_written: u64,
+    /// Zero pages skipped so far (updated per record).
+    pub zero_pages: u64,
+    /// Non-zero pages written so far.
+    pub normal_pages: u64,
+    /// Page size.
+    pub page_size: u64,
+    /// Time since the capture started.
+    pub elapsed: Duration,
+}
+
+/// Statistics of a finished capture.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CaptureStats {
+    /// From the call to the image being durable under its final name.
+    pub total_time: Duration,
+    /// Time spent inside the capturing call, i.e. the guest pause this engine
+    /// causes (fork path: file + pipe setup, fork, thread spawn, measured when
+    /// the writer thread starts; [`Capture::pause_time`] is the exact value.
+    /// Stop-and-copy: everything).
+    pub pause_time: Duration,
+    /// The `fork()` call alone (zero for stop-and-copy).
+    pub fork_time: Duration,
+    /// From the start until the last RAM byte reached the file.
+    pub ram_time: Duration,
+    /// CPU time (user + system) of the capture child (zero for stop-and-copy).
+    pub child_cpu_time: Duration,
+    /// Sum of the RAM range lengths.
+    pub ram_bytes: u64,
+    /// RAM bytes written (non-zero pages).
+    pub bytes_written: u64,
+    /// Zero pages, left as holes.
+    pub zero_pages: u64,
+    /// Non-zero pages written.
+    pub normal_pages: u64,
+    /// Device-state bytes written.
+    pub device_state_bytes: u64,
+    /// Final (apparent) file size.
+    pub file_len: u64,
+    /// Guest RAM captured per second over `total_time`, in MB/s (10^6 bytes).
+    pub throughput_mb_s: f64,
+}
+
+/// Validates the caller's ranges and computes the image layout.
+fn prepare(ranges: &[RamRange], dev_len: usize) -> Result<(Header, Vec<ScanRange>)> {
+    for (i, r) in ranges.iter().enumerate() {
+        if r.host.is_null() || (r.host as usize) % PAGE_SIZE as usize != 0 {
+            return Err(SnapError::InvalidInput(format!(
+                "RAM range {i}: host address {:p} is not page-aligned",
+                r.host
+            )));
+        }
+        if r.len > isize::MAX as u64 {
+            return Err(SnapError::InvalidInput(format!("RAM range {i}: too long")));
+        }
+    }
+    let pairs: Vec<(u64, u64)> = ranges.iter().map(|r| (r.gpa, r.len)).collect();
+    let header = Header::layout(&pairs, dev_len as u64)?;
+    let scan = ranges
+        .iter()
+        .zip(&header.ranges)
+        .map(|(r, ir)| ScanRange {
+            host: r.host,
+            len: r.len,
+            file_offset: ir.file_offset,
+        })
+        .collect();
+    Ok((header, scan))
+}
+
+static TMP_SEQ: AtomicU32 = AtomicU32::new(0);
+
+/// The temp file next to the destination; removed on drop unless renamed.
+struct TempImage {
+    file: File,
+    tmp: PathBuf,
+    dest: PathBuf,
+    dir: PathBuf,
+    renamed: bool,
+}
+
+impl TempImage {
+    /// Creates `<dest>.tmp-<pid>[-n]` and sizes it to `len` (sparse).
+    fn create(dest: &Path, len: u64) -> Result<TempImage> {
+        let name = dest.file_name().ok_or_else(|| {
+            SnapError::InvalidInput(format!("destination {} has no file name", dest.display()))
+        })?;
+        if dest.is_dir() {
+            return Err(SnapError::InvalidInput(format!(
+                "destination {} is a directory",
+                dest.display()
+            )));
+        }
+        let dir = match dest.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        let pid = std::process::id();
+        let mut attempt = 0;
+        let (file, tmp) = loop {
+            let seq = TMP_SEQ.fetch_add(1, Ordering::Relaxed);
+            let mut tmp_name = name.to_os_string();
+            tmp_name.push(format!(".tmp-{pid}-{seq}"));
+            let tmp = dir.join(tmp_name);
+            match OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o644)
+                .custom_flags(libc::O_CLOEXEC)
+                .open(&tmp)
+            {
+                Ok(f) => break (f, tmp),
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists && attempt < 100 => {
+                    attempt += 1;
+                }
+                Err(source) => return Err(SnapError::DestDir { dir, source }),
+            }
+        };
+        let t = TempImage {
+            file,
+            tmp,
+            dest: dest.to_path_buf(),
+            dir,
+            renamed: false,
+        };
+        t.file
+            .set_len(len)
+            .map_err(|e| SnapError::io(format!("ftruncate {}", t.tmp.display()), e))?;
+        Ok(t)
+    }
+
+    /// Writes device state and header, syncs, and renames over `dest`.
+    fn finish(mut self, header: &Header, dev: &[u8], cancelled: impl Fn() -> bool) -> Result<()> {
+        self.file
+            .write_all_at(dev, header.dev_offset)
+            .map_err(|e| SnapError::io("write device state", e))?;
+        self.file
+            .write_all_at(&header.encode(), 0)
+            .map_err(|e| SnapError::io("write snapshot header", e))?;
+        self.file
+            .sync_data()
+            .map_err(|e| SnapError::io("fdatasync snapshot", e))?;
+        if cancelled() {
+            return Err(SnapError::Cancelled);
+        }
+        std::fs::rename(&self.tmp, &self.dest).map_err(|e| {
+            SnapError::io(
+                format!("rename {} to {}", self.tmp.display(), self.dest.display()),
+                e,
+            )
+        })?;
+        self.renamed = true;
+        if let Err(e) = File::open(&self.dir).and_then(|d| d.sync_all()) {
+            tracing::warn!("fsync of directory {} failed: {e}", self.dir.display());
+        }
+        Ok(())
+    }
+}
+
+impl Drop for TempImage {
+    fn drop(&mut self) {
+        if !self.renamed {
+            if let Err(e) = std::fs::remove_file(&self.tmp) {
+                tracing::warn!("cannot remove {}: {e}", self.tmp.display());
+            }
+        }
+    }
+}
+
+fn stats(
+    start: Instant,
+    header: &Header,
+    written: u64,
+    zero_pages: u64,
+    times: (Duration, Duration, Duration, Duration),
+) -> CaptureStats {
+    let total_time = start.elapsed();
+    let (pause_time, fork_time, ram_time, child_cpu_time) = times;
+    let secs = total_time.as_secs_f64().max(1e-9);
+    CaptureStats {
+        total_time,
+        pause_time,
+        fork_time,
+        ram_time,
+        child_cpu_time,
+        ram_bytes: header.ram_bytes(),
+        bytes_written: written,
+        zero_pages,
+        normal_pages: written / PAGE_SIZE,
+        device_state_bytes: header.dev_len,
+        file_len: header.file_len,
+        throughput_mb_s: header.ram_bytes() as f64 / 1e6 / secs,
+    }
+}
+
+/// Stop-and-copy capture: the caller keeps the VM paused throughout. Writes
+/// the non-zero pages with `pwrite` (runs of up to 1 MiB), then the device
+/// state and header, `fdatasync`s and renames the temp file over `dest`.
+///
+/// The memory named by `ranges` must not be written during the call.
+pub fn capture_stopped(
+    ranges: &[RamRange],
+    device_state: &[u8],
+    dest: &Path,
+) -> Result<CaptureStats> {
+    let start = Instant::now();
+    let (mut header, scan) = prepare(ranges, device_state.len())?;
+    let tmp = TempImage::create(dest, header.file_len)?;
+    let (mut zero, mut written) = (0u64, 0u64);
+    for r in &scan {
+        let write_run = |fo: u64, p: *const u8, len: u64, _z: u64| -> Result<()> {
+            // SAFETY: p..p+len lies inside a validated range (for_each_run's
+            // guarantee), mapped for the process lifetime and not written
+            // while the VM is paused (caller contract).
+            let s = unsafe { std::slice::from_raw_parts(p, len as usize) };
+            tmp.file
+                .write_all_at(s, fo)
+                .map_err(|e| SnapError::io("write snapshot RAM", e))?;
+            written += len;
+            Ok(())
+        };
+        // SAFETY: prepare() checked page alignment and lengths; the memory is
+        // mapped for the process lifetime and, the VM being paused, unchanging.
+        unsafe { for_each_run(r, 1 << 20, &mut zero, write_run) }?;
+    }
+    let ram_time = start.elapsed();
+    header.dev_crc = crc32fast::hash(device_state);
+    tmp.finish(&header, device_state, || false)?;
+    let mut s = stats(
+        start,
+        &header,
+        written,
+        zero,
+        (Duration::ZERO, Duration::ZERO, ram_time, Duration::ZERO),
+    );
+    s.pause_time = s.total_time;
+    tracing::info!(dest = %dest.display(), ?s, "stop-and-copy capture done");
+    Ok(s)
+}
+
+/// State shared between a [`Capture`] handle and its writer thread.
+struct Shared {
+    start: Instant,
+    total_bytes: u64,
+    written: AtomicU64,
+    zero_pages: AtomicU64,
+    cancelled: AtomicBool,
+    /// The child's pid until it is reaped (kill only while `Some`).
+    child: Mutex<Option<libc::pid_t>>,
+    status: Mutex<CaptureStatus>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Shared {
+    fn cancelled(&self) -> bool {
+        self.cancelled.load(Ordering::SeqCst)
+    }
+
+    /// Reaps the child if not yet reaped (optionally SIGKILLing it first).
+    fn reap_child(&self, kill_first: bool) -> Option<io::Result<fork::ChildExit>> {
+        let pid = lock(&self.child).take()?;
+        if kill_first {
+            fork::kill(pid);
+        }
+        Some(fork::reap(pid))
+    }
+
+    /// Error for a pipe that ended early: reap and describe the child.
+    fn child_died(&self) -> SnapError {
+        match self.reap_child(false) {
+            Some(Ok(exit)) => SnapError::ChildFailed(exit.describe()),
+            Some(Err(e)) => SnapError::io("waitpid capture child", e),
+            None => SnapError::ChildFailed("pipe closed early".into()),
+        }
+    }
+}
+
+/// Handle of a running fork capture. Dropping it detaches: the capture
+/// goes on in the background (the `on_done` callback still runs).
+pub struct Capture {
+    shared: Arc<Shared>,
+    thread: Option<JoinHandle<Result<CaptureStats>>>,
+    pid: libc::pid_t,
+    pause_time: Duration,
+}
+
+impl fmt::Debug for Capture {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Capture")
+            .field("pid", &self.pid)
+            .field("status", &self.status())
+            .finish()
+    }
+}
+
+impl Capture {
+    /// Pid of the capture child.
+    pub fn child_pid(&self) -> i32 {
+        self.pid
+    }
+
+    /// Time `start_fork_capture` took (the pause it imposed on the guest).
+    pub fn pause_time(&self) -> Duration {
+        self.pause_time
+    }
+
+    /// Current status.
+    pub fn status(&self) -> CaptureStatus {
+        lock(&self.shared.status).clone()
+    }
+
+    /// Whether the capture has ended (any outcome).
+    pub fn is_finished(&self) -> bool {
+        self.status() != CaptureStatus::Active
+    }
+
+    /// Live progress.
+    pub fn progress(&self) -> Progress {
+        let sh = &self.shared;
+        let written = sh.written.load(Ordering::Relaxed);
+        let zero = sh.zero_pages.load(Ordering::Relaxed);
+        Progress {
+            total_bytes: sh.total_bytes,
+            transferred_bytes: written + zero * PAGE_SIZE,
+            bytes_written: written,
+            zero_pages: zero,
+            normal_pages: written / PAGE_SIZE,
+            page_size: PAGE_SIZE,
+            elapsed: sh.start.elapsed(),
+        }
+    }
+
+    /// Requests cancellation: kills the child; the writer thread then
+    /// removes the temp file and ends with [`CaptureStatus::Cancelled`].
+    /// No effect once the image has been renamed into place.
+    pub fn cancel(&self) {
+        self.shared.cancelled.store(true, Ordering::SeqCst);
+        if let Some(pid) = *lock(&self.shared.child) {
+            fork::kill(pid);
+        }
+    }
+
+    /// Blocks until the capture ends and returns its outcome.
+    pub fn wait(mut self) -> Result<CaptureStats> {
+        match self.thread.take().map(|t| t.join()) {
+            Some(Ok(r)) => r,
+            Some(Err(_)) => Err(SnapError::ChildFailed("writer thread panicked".into())),
+            None => Err(SnapError::ChildFailed("capture already waited for".into())),
+        }
+    }
+}
+
+/// Starts a live capture of `ranges` into `dest` and returns as soon as the
+/// child is forked: the caller may resume the vCPUs right away.
+///
+/// Before forking it validates the ranges, creates `<dest>.tmp-<pid>-<n>`
+/// (so an unusable destination directory fails here), sizes it, and creates
+/// the pipe. The returned [`Capture`] tracks the background writer.
+pub fn start_fork_capture(
+    ranges: &[RamRange],
+    device_state: Vec<u8>,
+    dest: &Path,
+    opts: ForkOptions,
+) -> Result<Capture> {
+    let start = Instant::now();
+    let (header, scan) = prepare(ranges, device_state.len())?;
+    let tmp = TempImage::create(dest, header.file_len)?;
+    let (pipe_r, pipe_w) =
+        fork::make_pipe(opts.pipe_size).map_err(|e| SnapError::io("create pipe", e))?;
+    let shared = Arc::new(Shared {
+        start,
+        total_bytes: header.ram_bytes(),
+        written: AtomicU64::new(0),
+        zero_pages: AtomicU64::new(0),
+        cancelled: AtomicBool::new(false),
+        child: Mutex::new(None),
+        status: Mutex::new(CaptureStatus::Active),
+    });
+    let t_fork = Instant::now();
+    // SAFETY: prepare() validated every range (page-aligned host address,
+    // page-multiple length); RamRange's contract keeps the memory mapped for
+    // the process lifetime; the fds are the two ends of the fresh pipe.
+    let pid = unsafe { fork::fork_child(&scan, pipe_r.as_raw_fd(), pipe_w.as_raw_fd()) }
+        .map_err(|e| SnapError::io("fork capture child", e))?;
+    let fork_time = t_fork.elapsed();
+    drop(pipe_w);
+    *lock(&shared.child) = Some(pid);
+    let sh = Arc::clone(&shared);
+    let dest_path = dest.to_path_buf();
+    let on_done = opts.on_done;
+    let spawned = std::thread::Builder::new()
+        .name("livesnap-writer".into())
+        .spawn(move || {
+            let pause = start.elapsed();
+            writer_thread(
+                sh,
+                pipe_r,
+                tmp,
+                header,
+                device_state,
+                on_done,
+                fork_time,
+                pause,
+                dest_path,
+            )
+        });
+    let thread = match spawned {
+        Ok(t) => t,
+        Err(e) => {
+            // The closure (and with it the temp file) was dropped: reap the child.
+            let _ = shared.reap_child(true);
+            return Err(SnapError::io("spawn writer thread", e));
+        }
+    };
+    Ok(Capture {
+        shared,
+        thread: Some(thread),
+        pid,
+        pause_time: start.elapsed(),
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn writer_thread(
+    sh: Arc<Shared>,
+    mut pipe: File,
+    tmp: TempImage,
+    mut header: Header,
+    dev: Vec<u8>,
+    on_done: Option<DoneCallback>,
+    fork_time: Duration,
+    pause_time: Duration,
+    dest: PathBuf,
+) -> Result<CaptureStats> {
+    let res = stream(
+        &sh,
+        &mut pipe,
+        tmp,
+        &mut header,
+        &dev,
+        fork_time,
+        pause_time,
+    );
+    drop(pipe);
+    let res = match res {
+        Ok(s) => Ok(s),
+        Err(e) => {
+            if let Some(Err(we)) = sh.reap_child(true) {
+                tracing::warn!("reaping capture child failed: {we}");
+            }
+            if sh.cancelled() {
+                Err(SnapError::Cancelled)
+            } else {
+                Err(e)
+            }
+        }
+    };
+    *lock(&sh.status) = match &res {
+        Ok(s) => {
+            tracing::info!(dest = %dest.display(), ?s, "fork capture done");
+            CaptureStatus::Completed
+        }
+        Err(SnapError::Cancelled) => {
+            tracing::info!(dest = %dest.display(), "fork capture cancelled");
+            CaptureStatus::Cancelled
+        }
+        Err(e) => {
+            tracing::warn!(dest = %dest.display(), "fork capture failed: {e}");
+            CaptureStatus::Failed(e.to_string())
+        }
+    };
+    if let Some(cb) = on_done {
+        if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| cb(&res))).is_err() {
+            tracing::error!("capture on_done callback panicked");
+        }
+    }
+    res
+}
+
+/// Receives the records, splices them into the temp file, then finishes it.
+/// Dropping `tmp` on any error removes the temp file.
+fn stream(
+    sh: &Shared,
+    pipe: &mut File,
+    tmp: TempImage,
+    header: &mut Header,
+    dev: &[u8],
+    fork_time: Duration,
+    pause_time: Duration,
+) -> Result<CaptureStats> {
+    let ram_end = header.dev_offset;
+    let zero_total = loop {
+        let rec = match fork::read_record(pipe) {
+            Ok(r) => r,
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Err(sh.child_died()),
+            Err(e) => return Err(SnapError::io("read capture pipe", e)),
+        };
+        if sh.cancelled() {
+            return Err(SnapError::Cancelled);
+        }
+        if rec.file_offset == END_MARK {
+            break rec.zero_pages;
+        }
+        let end = rec.file_offset.checked_add(rec.len);
+        if rec.len == 0
+            || rec.len % PAGE_SIZE != 0
+            || rec.len > MAX_CHILD_RUN
+            || rec.file_offset < HEADER_SIZE
+            || end.map_or(true, |e| e > ram_end)
+        {
+            return Err(SnapError::ChildFailed(format!(
+                "protocol violation: {rec:?}"
+            )));
+        }
+        fork::splice_into(pipe, &tmp.file, rec.file_offset, rec.len, &sh.written).map_err(|e| {
+            match e.kind() {
+                io::ErrorKind::UnexpectedEof => sh.child_died(),
+                _ => SnapError::io("write snapshot RAM", e),
+            }
+        })?;
+        sh.zero_pages.store(rec.zero_pages, Ordering::Relaxed);
+    };
+    sh.zero_pages.store(zero_total, Ordering::Relaxed);
+    let written = sh.written.load(Ordering::Relaxed);
+    if written + zero_total * PAGE_SIZE != header.ram_bytes() {
+        return Err(SnapError::ChildFailed(format!(
+            "child accounted for {written} written + {zero_total} zero pages, RAM is {} bytes",
+            header.ram_bytes()
+        )));
+    }
+    let ram_time = sh.start.elapsed();
+    let exit = match sh.reap_child(false) {
+        Some(Ok(x)) => x,
+        Some(Err(e)) => return Err(SnapError::io("waitpid capture child", e)),
+        None => return Err(SnapError::Cancelled),
+    };
+    if !exit.success() {
+        return Err(SnapError::ChildFailed(exit.describe()));
+    }
+    header.dev_crc = crc32fast::hash(dev);
+    tmp.finish(header, dev, || sh.cancelled())?;
+    let times = (pause_time, fork_time, ram_time, exit.cpu_time);
+    Ok(stats(sh.start, header, written, zero_total, times))
+}

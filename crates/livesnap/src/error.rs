@@ -1,0 +1,120 @@
+//! Typed errors of the snapshot engine.
+
+use std::io;
+use std::path::PathBuf;
+
+/// Every failure the snapshot engine reports.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapError {
+    /// An I/O operation failed; `context` says which one.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// The underlying OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// The destination directory does not exist or a file cannot be created in it.
+    #[error("cannot create snapshot file in {dir}: {source}")]
+    DestDir {
+        /// The directory that was tried.
+        dir: PathBuf,
+        /// The underlying OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// The caller passed unusable RAM ranges or paths.
+    #[error("invalid capture input: {0}")]
+    InvalidInput(String),
+    /// The file is shorter than its header says (or shorter than a header).
+    #[error("snapshot image is truncated: expected {expected} bytes, file has {actual}")]
+    Truncated {
+        /// Size the header (or the format) requires.
+        expected: u64,
+        /// Real size of the file.
+        actual: u64,
+    },
+    /// The file is longer than its header says.
+    #[error("snapshot image has trailing data: expected {expected} bytes, file has {actual}")]
+    TrailingData {
+        /// Size the header requires.
+        expected: u64,
+        /// Real size of the file.
+        actual: u64,
+    },
+    /// The file does not start with the snapvmm magic: not a snapshot image.
+    #[error("not a snapvmm snapshot image (bad magic)")]
+    BadMagic,
+    /// The image was written by an incompatible format version.
+    #[error("unsupported snapshot format version {found} (supported: {supported})")]
+    UnsupportedVersion {
+        /// Version stored in the file.
+        found: u32,
+        /// Version this build reads.
+        supported: u32,
+    },
+    /// The image uses a page size this build does not handle.
+    #[error("unsupported page size {0}")]
+    UnsupportedPageSize(u32),
+    /// The header checksum does not match: the header is corrupted.
+    #[error(
+        "snapshot header checksum mismatch (stored {stored:#010x}, computed {computed:#010x})"
+    )]
+    HeaderChecksum {
+        /// Checksum stored in the file.
+        stored: u32,
+        /// Checksum of the bytes read.
+        computed: u32,
+    },
+    /// The device-state checksum does not match: the device state is corrupted.
+    #[error(
+        "snapshot device-state checksum mismatch (stored {stored:#010x}, computed {computed:#010x})"
+    )]
+    DeviceStateChecksum {
+        /// Checksum stored in the header.
+        stored: u32,
+        /// Checksum of the bytes read.
+        computed: u32,
+    },
+    /// The device-state section is larger than the engine accepts.
+    #[error("device state of {len} bytes exceeds the limit of {max} bytes")]
+    DeviceStateTooLarge {
+        /// Length stored in the header (or passed by the caller).
+        len: u64,
+        /// The cap ([`crate::MAX_DEVICE_STATE`]).
+        max: u64,
+    },
+    /// The header is well-formed but describes an impossible layout.
+    #[error("invalid snapshot layout: {0}")]
+    InvalidLayout(String),
+    /// The capture child process failed (exited non-zero, was killed, or broke the protocol).
+    #[error("capture child failed: {0}")]
+    ChildFailed(String),
+    /// The capture was cancelled by the caller.
+    #[error("capture cancelled")]
+    Cancelled,
+}
+
+impl SnapError {
+    /// Wrap an [`io::Error`] with a context message.
+    pub(crate) fn io(context: impl Into<String>, source: io::Error) -> Self {
+        SnapError::Io {
+            context: context.into(),
+            source,
+        }
+    }
+
+    /// The raw OS error number, if this error carries one.
+    pub fn raw_os_error(&self) -> Option<i32> {
+        match self {
+            SnapError::Io { source, .. } | SnapError::DestDir { source, .. } => {
+                source.raw_os_error()
+            }
+            _ => None,
+        }
+    }
+}
+
+/// Result alias of the crate.
+pub type Result<T, E = SnapError> = std::result::Result<T, E>;

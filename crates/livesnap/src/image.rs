@@ -1,0 +1,534 @@
+//! The on-disk snapshot image format (version 1) and its validating reader.
+//!
+//! See `FORMAT.md` next to `Cargo.toml` for the byte-by-byte description.
+//! Summary: a 4 KiB header at offset 0, then the RAM of each range at a
+//! page-aligned (2 MiB-aligned for ranges of 2 MiB or more) file offset,
+//! zero pages left as holes, then the device-state blob.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+use crate::error::{Result, SnapError};
+
+/// Magic bytes at offset 0 of every image.
+pub const MAGIC: [u8; 8] = *b"SNAPVMM\x00";
+/// The format version this build writes and reads.
+pub const FORMAT_VERSION: u32 = 1;
+/// Page size of the format (zero-page granularity and alignment unit).
+pub const PAGE_SIZE: u64 = 4096;
+/// Size of the header at offset 0.
+pub const HEADER_SIZE: u64 = 4096;
+/// Alignment of the file offset of ranges of at least this size (huge pages).
+pub const HUGE_ALIGN: u64 = 2 << 20;
+/// Maximum number of RAM ranges in one image.
+pub const MAX_RANGES: usize = 128;
+/// Maximum size of the device-state section (checked before allocating).
+pub const MAX_DEVICE_STATE: u64 = 64 << 20;
+
+const OFF_VERSION: usize = 8;
+const OFF_PAGE_SIZE: usize = 12;
+const OFF_HEADER_SIZE: usize = 16;
+const OFF_RANGE_COUNT: usize = 20;
+const OFF_FILE_LEN: usize = 24;
+const OFF_DEV_OFFSET: usize = 32;
+const OFF_DEV_LEN: usize = 40;
+const OFF_DEV_CRC: usize = 48;
+const OFF_FLAGS: usize = 52;
+const OFF_RAM_BYTES: usize = 56;
+const OFF_RANGES: usize = 64;
+const RANGE_ENTRY: usize = 24;
+const OFF_HEADER_CRC: usize = HEADER_SIZE as usize - 4;
+
+/// One RAM range as stored in an image.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ImageRange {
+    /// Guest-physical address of the first byte.
+    pub gpa: u64,
+    /// Length in bytes (multiple of [`PAGE_SIZE`]).
+    pub len: u64,
+    /// Offset in the image file of the first byte (multiple of [`PAGE_SIZE`]).
+    pub file_offset: u64,
+}
+
+/// Decoded header (everything except the checksum).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Header {
+    pub ranges: Vec<ImageRange>,
+    pub file_len: u64,
+    pub dev_offset: u64,
+    pub dev_len: u64,
+    pub dev_crc: u32,
+}
+
+fn align_up(v: u64, a: u64) -> Option<u64> {
+    v.checked_add(a - 1).map(|x| x & !(a - 1))
+}
+
+impl Header {
+    /// Computes the layout for the given `(gpa, len)` ranges and device-state length,
+    /// validating it as the reader would. The device-state checksum is left 0.
+    pub(crate) fn layout(ranges: &[(u64, u64)], dev_len: u64) -> Result<Header> {
+        if dev_len > MAX_DEVICE_STATE {
+            return Err(SnapError::DeviceStateTooLarge {
+                len: dev_len,
+                max: MAX_DEVICE_STATE,
+            });
+        }
+        let overflow = || SnapError::InvalidInput("RAM ranges too large".into());
+        let mut pos = HEADER_SIZE;
+        let mut out = Vec::with_capacity(ranges.len());
+        for &(gpa, len) in ranges {
+            let align = if len >= HUGE_ALIGN {
+                HUGE_ALIGN
+            } else {
+                PAGE_SIZE
+            };
+            let file_offset = align_up(pos, align).ok_or_else(overflow)?;
+            pos = file_offset.checked_add(len).ok_or_else(overflow)?;
+            out.push(ImageRange {
+                gpa,
+                len,
+                file_offset,
+            });
+        }
+        let dev_offset = align_up(pos, PAGE_SIZE).ok_or_else(overflow)?;
+        let file_len = dev_offset.checked_add(dev_len).ok_or_else(overflow)?;
+        let h = Header {
+            ranges: out,
+            file_len,
+            dev_offset,
+            dev_len,
+            dev_crc: 0,
+        };
+        h.validate()
+            .map_err(|e| SnapError::InvalidInput(e.to_string()))?;
+        Ok(h)
+    }
+
+    /// Total RAM bytes described.
+    pub(crate) fn ram_bytes(&self) -> u64 {
+        self.ranges.iter().map(|r| r.len).sum()
+    }
+
+    /// Encodes the header into its 4 KiB on-disk form, checksum included.
+    pub(crate) fn encode(&self) -> Vec<u8> {
+        let mut b = vec![0u8; HEADER_SIZE as usize];
+        b[..8].copy_from_slice(&MAGIC);
+        put32(&mut b, OFF_VERSION, FORMAT_VERSION);
+        put32(&mut b, OFF_PAGE_SIZE, PAGE_SIZE as u32);
+        put32(&mut b, OFF_HEADER_SIZE, HEADER_SIZE as u32);
+        put32(&mut b, OFF_RANGE_COUNT, self.ranges.len() as u32);
+        put64(&mut b, OFF_FILE_LEN, self.file_len);
+        put64(&mut b, OFF_DEV_OFFSET, self.dev_offset);
+        put64(&mut b, OFF_DEV_LEN, self.dev_len);
+        put32(&mut b, OFF_DEV_CRC, self.dev_crc);
+        put32(&mut b, OFF_FLAGS, 0);
+        put64(&mut b, OFF_RAM_BYTES, self.ram_bytes());
+        for (i, r) in self.ranges.iter().enumerate() {
+            let o = OFF_RANGES + i * RANGE_ENTRY;
+            put64(&mut b, o, r.gpa);
+            put64(&mut b, o + 8, r.len);
+            put64(&mut b, o + 16, r.file_offset);
+        }
+        let crc = crc32fast::hash(&b[..OFF_HEADER_CRC]);
+        put32(&mut b, OFF_HEADER_CRC, crc);
+        b
+    }
+
+    /// Decodes and validates a 4 KiB header (not the file size).
+    pub(crate) fn decode(b: &[u8]) -> Result<Header> {
+        if b.len() < HEADER_SIZE as usize {
+            return Err(SnapError::Truncated {
+                expected: HEADER_SIZE,
+                actual: b.len() as u64,
+            });
+        }
+        if b[..8] != MAGIC {
+            return Err(SnapError::BadMagic);
+        }
+        let version = get32(b, OFF_VERSION);
+        if version != FORMAT_VERSION {
+            return Err(SnapError::UnsupportedVersion {
+                found: version,
+                supported: FORMAT_VERSION,
+            });
+        }
+        let stored = get32(b, OFF_HEADER_CRC);
+        let computed = crc32fast::hash(&b[..OFF_HEADER_CRC]);
+        if stored != computed {
+            return Err(SnapError::HeaderChecksum { stored, computed });
+        }
+        let page_size = get32(b, OFF_PAGE_SIZE);
+        if u64::from(page_size) != PAGE_SIZE {
+            return Err(SnapError::UnsupportedPageSize(page_size));
+        }
+        let header_size = get32(b, OFF_HEADER_SIZE);
+        if u64::from(header_size) != HEADER_SIZE {
+            return Err(SnapError::InvalidLayout(format!(
+                "header size {header_size}, expected {HEADER_SIZE}"
+            )));
+        }
+        let flags = get32(b, OFF_FLAGS);
+        if flags != 0 {
+            return Err(SnapError::InvalidLayout(format!(
+                "unknown flags {flags:#x}"
+            )));
+        }
+        let dev_len = get64(b, OFF_DEV_LEN);
+        if dev_len > MAX_DEVICE_STATE {
+            return Err(SnapError::DeviceStateTooLarge {
+                len: dev_len,
+                max: MAX_DEVICE_STATE,
+            });
+        }
+        let count = get32(b, OFF_RANGE_COUNT) as usize;
+        if count > MAX_RANGES {
+            return Err(SnapError::InvalidLayout(format!(
+                "{count} RAM ranges, at most {MAX_RANGES} allowed"
+            )));
+        }
+        let ranges = (0..count)
+            .map(|i| {
+                let o = OFF_RANGES + i * RANGE_ENTRY;
+                ImageRange {
+                    gpa: get64(b, o),
+                    len: get64(b, o + 8),
+                    file_offset: get64(b, o + 16),
+                }
+            })
+            .collect();
+        let h = Header {
+            ranges,
+            file_len: get64(b, OFF_FILE_LEN),
+            dev_offset: get64(b, OFF_DEV_OFFSET),
+            dev_len,
+            dev_crc: get32(b, OFF_DEV_CRC),
+        };
+        h.validate()?;
+        let ram_bytes = get64(b, OFF_RAM_BYTES);
+        if ram_bytes != h.ram_bytes() {
+            return Err(SnapError::InvalidLayout(format!(
+                "RAM byte count {ram_bytes} does not match the ranges ({})",
+                h.ram_bytes()
+            )));
+        }
+        Ok(h)
+    }
+
+    /// Checks range sanity and section placement.
+    fn validate(&self) -> Result<()> {
+        let bad = |i: usize, why: &str| SnapError::InvalidLayout(format!("RAM range {i}: {why}"));
+        if self.ranges.is_empty() {
+            return Err(SnapError::InvalidLayout("no RAM ranges".into()));
+        }
+        if self.ranges.len() > MAX_RANGES {
+            return Err(SnapError::InvalidLayout(format!(
+                "{} RAM ranges, at most {MAX_RANGES} allowed",
+                self.ranges.len()
+            )));
+        }
+        let mut file_pos = HEADER_SIZE;
+        for (i, r) in self.ranges.iter().enumerate() {
+            if r.len == 0 {
+                return Err(bad(i, "empty"));
+            }
+            if r.gpa % PAGE_SIZE != 0 || r.len % PAGE_SIZE != 0 || r.file_offset % PAGE_SIZE != 0 {
+                return Err(bad(i, "not page-aligned"));
+            }
+            if r.gpa.checked_add(r.len).is_none() {
+                return Err(bad(i, "guest address overflow"));
+            }
+            if r.file_offset < file_pos {
+                return Err(bad(
+                    i,
+                    "file offset overlaps the header or a previous range",
+                ));
+            }
+            file_pos = r
+                .file_offset
+                .checked_add(r.len)
+                .ok_or_else(|| bad(i, "file offset overflow"))?;
+        }
+        let mut by_gpa: Vec<&ImageRange> = self.ranges.iter().collect();
+        by_gpa.sort_by_key(|r| r.gpa);
+        for w in by_gpa.windows(2) {
+            if w[0].gpa + w[0].len > w[1].gpa {
+                return Err(SnapError::InvalidLayout(format!(
+                    "RAM ranges at gpa {:#x} and {:#x} overlap",
+                    w[0].gpa, w[1].gpa
+                )));
+            }
+        }
+        if self.dev_offset % PAGE_SIZE != 0 || self.dev_offset < file_pos {
+            return Err(SnapError::InvalidLayout(format!(
+                "device state offset {:#x} is unaligned or overlaps RAM (RAM ends at {file_pos:#x})",
+                self.dev_offset
+            )));
+        }
+        if self.dev_offset.checked_add(self.dev_len) != Some(self.file_len) {
+            return Err(SnapError::InvalidLayout(format!(
+                "file length {} does not end at the device state ({} + {})",
+                self.file_len, self.dev_offset, self.dev_len
+            )));
+        }
+        Ok(())
+    }
+}
+
+fn put32(b: &mut [u8], o: usize, v: u32) {
+    b[o..o + 4].copy_from_slice(&v.to_le_bytes());
+}
+fn put64(b: &mut [u8], o: usize, v: u64) {
+    b[o..o + 8].copy_from_slice(&v.to_le_bytes());
+}
+fn get32(b: &[u8], o: usize) -> u32 {
+    let mut a = [0u8; 4];
+    a.copy_from_slice(&b[o..o + 4]);
+    u32::from_le_bytes(a)
+}
+fn get64(b: &[u8], o: usize) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[o..o + 8]);
+    u64::from_le_bytes(a)
+}
+
+/// A validated snapshot image opened for restore.
+///
+/// `open` checks magic, version, page size, header checksum, range sanity,
+/// section placement against the real file length, the device-state size
+/// cap and the device-state checksum. RAM is not checksummed (see FORMAT.md).
+#[derive(Debug)]
+pub struct Image {
+    file: File,
+    header: Header,
+}
+
+impl Image {
+    /// Opens and validates the image at `path`.
+    pub fn open(path: impl AsRef<Path>) -> Result<Image> {
+        let path = path.as_ref();
+        let file =
+            File::open(path).map_err(|e| SnapError::io(format!("open {}", path.display()), e))?;
+        Self::from_file(file)
+    }
+
+    /// Validates an already opened image file.
+    pub fn from_file(file: File) -> Result<Image> {
+        let actual = file
+            .metadata()
+            .map_err(|e| SnapError::io("stat snapshot image", e))?
+            .len();
+        let mut buf = vec![0u8; HEADER_SIZE as usize];
+        let n = read_at_most(&file, &mut buf, 0)?;
+        if n >= MAGIC.len() && buf[..MAGIC.len()] != MAGIC {
+            return Err(SnapError::BadMagic);
+        }
+        if n < buf.len() {
+            return Err(SnapError::Truncated {
+                expected: HEADER_SIZE,
+                actual,
+            });
+        }
+        let header = Header::decode(&buf)?;
+        if actual < header.file_len {
+            return Err(SnapError::Truncated {
+                expected: header.file_len,
+                actual,
+            });
+        }
+        if actual > header.file_len {
+            return Err(SnapError::TrailingData {
+                expected: header.file_len,
+                actual,
+            });
+        }
+        let img = Image { file, header };
+        img.check_device_state_crc()?;
+        Ok(img)
+    }
+
+    /// Format version of the image.
+    pub fn version(&self) -> u32 {
+        FORMAT_VERSION
+    }
+
+    /// Page size of the image (zero pages are holes of this granularity).
+    pub fn page_size(&self) -> u64 {
+        PAGE_SIZE
+    }
+
+    /// RAM ranges in file order.
+    pub fn ranges(&self) -> &[ImageRange] {
+        &self.header.ranges
+    }
+
+    /// Sum of the lengths of all RAM ranges.
+    pub fn ram_bytes(&self) -> u64 {
+        self.header.ram_bytes()
+    }
+
+    /// Total file length.
+    pub fn file_len(&self) -> u64 {
+        self.header.file_len
+    }
+
+    /// Length of the device-state section.
+    pub fn device_state_len(&self) -> u64 {
+        self.header.dev_len
+    }
+
+    /// The open image file: map range `i` with
+    /// `mmap(.., MAP_PRIVATE, fd, ranges()[i].file_offset)`.
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    /// Gives back the file (e.g. to keep it open while the RAM stays mapped).
+    pub fn into_file(self) -> File {
+        self.file
+    }
+
+    /// Reads and checksum-verifies the device-state section.
+    pub fn device_state(&self) -> Result<Vec<u8>> {
+        let mut v = vec![0u8; self.header.dev_len as usize];
+        self.file
+            .read_exact_at(&mut v, self.header.dev_offset)
+            .map_err(|e| SnapError::io("read device state", e))?;
+        let computed = crc32fast::hash(&v);
+        if computed != self.header.dev_crc {
+            return Err(SnapError::DeviceStateChecksum {
+                stored: self.header.dev_crc,
+                computed,
+            });
+        }
+        Ok(v)
+    }
+
+    fn check_device_state_crc(&self) -> Result<()> {
+        let mut h = crc32fast::Hasher::new();
+        let mut buf = vec![0u8; 64 << 10];
+        let (mut off, end) = (self.header.dev_offset, self.header.file_len);
+        while off < end {
+            let n = (end - off).min(buf.len() as u64) as usize;
+            self.file
+                .read_exact_at(&mut buf[..n], off)
+                .map_err(|e| SnapError::io("read device state", e))?;
+            h.update(&buf[..n]);
+            off += n as u64;
+        }
+        let computed = h.finalize();
+        if computed != self.header.dev_crc {
+            return Err(SnapError::DeviceStateChecksum {
+                stored: self.header.dev_crc,
+                computed,
+            });
+        }
+        Ok(())
+    }
+
+    /// Copies RAM range `index` into `dst` (eager "copy" restore).
+    /// `dst.len()` must equal the range length. Holes are filled with zeros
+    /// without reading them.
+    pub fn read_ram_into(&self, index: usize, dst: &mut [u8]) -> Result<()> {
+        let r = *self.header.ranges.get(index).ok_or_else(|| {
+            SnapError::InvalidInput(format!(
+                "range index {index} out of {}",
+                self.header.ranges.len()
+            ))
+        })?;
+        if dst.len() as u64 != r.len {
+            return Err(SnapError::InvalidInput(format!(
+                "destination is {} bytes, range {index} is {}",
+                dst.len(),
+                r.len
+            )));
+        }
+        let (start, end) = (r.file_offset, r.file_offset + r.len);
+        let mut pos = start;
+        while pos < end {
+            let data = seek(&self.file, pos, libc::SEEK_DATA)
+                .unwrap_or(end)
+                .clamp(pos, end);
+            dst[(pos - start) as usize..(data - start) as usize].fill(0);
+            if data >= end {
+                break;
+            }
+            let hole = seek(&self.file, data, libc::SEEK_HOLE)
+                .unwrap_or(end)
+                .clamp(data + 1, end);
+            self.file
+                .read_exact_at(
+                    &mut dst[(data - start) as usize..(hole - start) as usize],
+                    data,
+                )
+                .map_err(|e| SnapError::io(format!("read RAM range {index}"), e))?;
+            pos = hole;
+        }
+        Ok(())
+    }
+}
+
+/// `lseek(SEEK_DATA/SEEK_HOLE)`; `None` means "no more data" (ENXIO) or unsupported.
+fn seek(file: &File, off: u64, whence: libc::c_int) -> Option<u64> {
+    // SAFETY: lseek on a valid open fd owned by `file`; only moves the file
+    // position, which this crate never relies on (all I/O is positional).
+    let r = unsafe { libc::lseek(file.as_raw_fd(), off as libc::off_t, whence) };
+    if r < 0 {
+        if whence == libc::SEEK_DATA
+            && io::Error::last_os_error().raw_os_error() != Some(libc::ENXIO)
+        {
+            // SEEK_DATA unsupported: treat everything as data.
+            return Some(off);
+        }
+        return None;
+    }
+    Some(r as u64)
+}
+
+fn read_at_most(file: &File, buf: &mut [u8], off: u64) -> Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match file.read_at(&mut buf[n..], off + n as u64) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(SnapError::io("read snapshot header", e)),
+        }
+    }
+    Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layout_alignment_and_roundtrip() {
+        let h = Header::layout(
+            &[(0, 8 << 20), (1 << 32, 16 << 10), (0x1000_0000, 4 << 20)],
+            100,
+        )
+        .unwrap();
+        assert_eq!(h.ranges[0].file_offset, HUGE_ALIGN);
+        assert_eq!(h.ranges[1].file_offset, HUGE_ALIGN + (8 << 20));
+        assert_eq!(h.ranges[2].file_offset % HUGE_ALIGN, 0);
+        assert_eq!(h.dev_offset % PAGE_SIZE, 0);
+        assert_eq!(h.file_len, h.dev_offset + 100);
+        let enc = h.encode();
+        assert_eq!(enc.len() as u64, HEADER_SIZE);
+        assert_eq!(Header::decode(&enc).unwrap(), h);
+    }
+
+    #[test]
+    fn layout_rejects_bad_input() {
+        assert!(Header::layout(&[], 0).is_err());
+        assert!(Header::layout(&[(0, 100)], 0).is_err());
+        assert!(Header::layout(&[(0x800, 4096)], 0).is_err());
+        assert!(Header::layout(&[(0, 8192), (4096, 4096)], 0).is_err());
+        assert!(Header::layout(&[(0, 4096)], MAX_DEVICE_STATE + 1).is_err());
+        assert!(Header::layout(&[(u64::MAX - 4095, 8192)], 0).is_err());
+    }
+}

@@ -1,0 +1,115 @@
+//! Shared helpers of the integration tests.
+#![allow(dead_code)]
+
+use std::path::Path;
+
+use livesnap::RamRange;
+
+/// Anonymous private mapping standing in for guest RAM.
+pub struct Mem {
+    ptr: *mut u8,
+    len: usize,
+}
+
+impl Mem {
+    pub fn new(len: usize) -> Mem {
+        // SAFETY: anonymous private mapping with no address hint; the result
+        // is checked against MAP_FAILED.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(ptr, libc::MAP_FAILED, "mmap failed");
+        // SAFETY: ptr..ptr+len is the mapping just created; the advice is a hint.
+        unsafe { libc::madvise(ptr, len, libc::MADV_HUGEPAGE) };
+        Mem {
+            ptr: ptr.cast(),
+            len,
+        }
+    }
+
+    pub fn bytes(&self) -> &[u8] {
+        // SAFETY: the mapping is live, readable and len bytes long.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+
+    pub fn bytes_mut(&mut self) -> &mut [u8] {
+        // SAFETY: the mapping is live, writable, len bytes long, and uniquely borrowed.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
+    }
+
+    pub fn words_mut(&mut self) -> &mut [u64] {
+        // SAFETY: mmap returns page-aligned memory, len is a multiple of 8.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.cast(), self.len / 8) }
+    }
+
+    /// A RamRange over `[off, off + len)` of this mapping at guest address `gpa`.
+    pub fn range(&self, off: usize, len: usize, gpa: u64) -> RamRange {
+        assert!(off + len <= self.len);
+        RamRange {
+            gpa,
+            // SAFETY: off + len <= self.len, so the pointer stays in the mapping.
+            host: unsafe { self.ptr.add(off) },
+            len: len as u64,
+        }
+    }
+}
+
+impl Drop for Mem {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the mapping created in new().
+        unsafe { libc::munmap(self.ptr.cast(), self.len) };
+    }
+}
+
+/// Fills every word with a value derived from `seed` and its index (never zero).
+pub fn fill_dense(words: &mut [u64], seed: u64) {
+    for (i, w) in words.iter_mut().enumerate() {
+        *w = (i as u64 ^ seed).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    }
+}
+
+/// Mostly-zero pattern: one page in `every` is non-zero (in varying places,
+/// some only in their last byte).
+pub fn fill_sparse(bytes: &mut [u8], every: usize, seed: u8) {
+    bytes.fill(0);
+    for (i, page) in bytes.chunks_mut(4096).enumerate() {
+        if i % every == 0 {
+            match i % 3 {
+                0 => page
+                    .iter_mut()
+                    .enumerate()
+                    .for_each(|(j, b)| *b = (j as u8) ^ seed),
+                1 => page[4095] = seed | 1,
+                _ => page[i % 4096] = 0x80 | seed,
+            }
+        }
+    }
+}
+
+/// Names in `dir` (to check that no temp file is left behind).
+pub fn dir_names(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+/// Reads a whole image's RAM, range by range.
+pub fn image_ram(img: &livesnap::Image) -> Vec<Vec<u8>> {
+    (0..img.ranges().len())
+        .map(|i| {
+            let mut v = vec![0xAAu8; img.ranges()[i].len as usize];
+            img.read_ram_into(i, &mut v).unwrap();
+            v
+        })
+        .collect()
+}
