@@ -1,0 +1,160 @@
+//! The interface between the QMP server and the VMM: the [`Machine`] trait.
+
+use std::fmt;
+
+use serde::Serialize;
+
+use crate::error::CommandError;
+
+/// QEMU's `RunState` enumeration (qapi/run-state.json), serialised in
+/// QEMU's kebab-case spelling.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RunState {
+    /// QEMU is running on a debugger.
+    Debug,
+    /// Guest is paused waiting for an incoming migration.
+    Inmigrate,
+    /// An internal error occurred; a restart is required.
+    InternalError,
+    /// The last I/O operation failed and the VM was stopped.
+    IoError,
+    /// Guest has been paused by the user.
+    Paused,
+    /// Guest is paused following a successful migrate.
+    Postmigrate,
+    /// QEMU was started with `-S` and the guest has not started.
+    Prelaunch,
+    /// Guest is paused to finish the migration process.
+    FinishMigrate,
+    /// Guest is paused to restore the VM state.
+    RestoreVm,
+    /// Guest is actively running.
+    Running,
+    /// Guest is paused to save the VM state.
+    SaveVm,
+    /// Guest is shut down (and `-no-shutdown` is in use).
+    Shutdown,
+    /// Guest is suspended (ACPI S3).
+    Suspended,
+    /// The watchdog action is configured to pause and has been triggered.
+    Watchdog,
+    /// Guest has panicked as a result of guest OS panic.
+    GuestPanicked,
+    /// Guest is paused to save/restore VM state under COLO.
+    Colo,
+}
+
+impl RunState {
+    /// QEMU's wire name, e.g. `"finish-migrate"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunState::Debug => "debug",
+            RunState::Inmigrate => "inmigrate",
+            RunState::InternalError => "internal-error",
+            RunState::IoError => "io-error",
+            RunState::Paused => "paused",
+            RunState::Postmigrate => "postmigrate",
+            RunState::Prelaunch => "prelaunch",
+            RunState::FinishMigrate => "finish-migrate",
+            RunState::RestoreVm => "restore-vm",
+            RunState::Running => "running",
+            RunState::SaveVm => "save-vm",
+            RunState::Shutdown => "shutdown",
+            RunState::Suspended => "suspended",
+            RunState::Watchdog => "watchdog",
+            RunState::GuestPanicked => "guest-panicked",
+            RunState::Colo => "colo",
+        }
+    }
+
+    /// Whether QEMU reports `"running": true` for this state.
+    pub fn is_running(self) -> bool {
+        self == RunState::Running
+    }
+}
+
+impl fmt::Display for RunState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Topology properties of a vCPU (QEMU's `CpuInstanceProperties`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct CpuProps {
+    /// NUMA node, if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node_id: Option<i64>,
+    /// Socket number.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub socket_id: Option<i64>,
+    /// Die number.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub die_id: Option<i64>,
+    /// Core number.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub core_id: Option<i64>,
+    /// Thread number within the core.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub thread_id: Option<i64>,
+}
+
+/// One vCPU as reported by `query-cpus-fast` (QEMU's `CpuInfoFast`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct CpuInfo {
+    /// Index of the vCPU.
+    pub cpu_index: i64,
+    /// QOM path, e.g. `/machine/unattached/device[0]`.
+    pub qom_path: String,
+    /// Host thread id (TID) of the vCPU thread.
+    pub thread_id: i64,
+    /// Topology properties.
+    pub props: CpuProps,
+    /// QEMU target name, e.g. `x86_64`.
+    pub target: String,
+}
+
+impl CpuInfo {
+    /// An x86_64 vCPU with QEMU's default QOM path layout
+    /// (`/machine/unattached/device[N]`) and a flat topology
+    /// (one socket, one core per vCPU, one thread per core).
+    pub fn x86_64(cpu_index: i64, host_thread_id: i64) -> Self {
+        CpuInfo {
+            cpu_index,
+            qom_path: format!("/machine/unattached/device[{cpu_index}]"),
+            thread_id: host_thread_id,
+            props: CpuProps {
+                socket_id: Some(0),
+                core_id: Some(cpu_index),
+                thread_id: Some(0),
+                ..CpuProps::default()
+            },
+            target: "x86_64".to_string(),
+        }
+    }
+}
+
+/// What the VMM exposes to QMP. Every method is called from a QMP client
+/// thread; implementations must not block for long.
+pub trait Machine: Send + Sync + 'static {
+    /// Current run state (`query-status`, `info status`).
+    fn status(&self) -> RunState;
+    /// Pause all vCPUs (`stop`). Pausing a paused VM is not an error.
+    fn stop(&self) -> Result<(), CommandError>;
+    /// Resume all vCPUs (`cont`).
+    fn cont(&self) -> Result<(), CommandError>;
+    /// Hard reset (`system_reset`).
+    fn system_reset(&self) -> Result<(), CommandError>;
+    /// Ask the guest to power down, ACPI style (`system_powerdown`).
+    fn system_powerdown(&self) -> Result<(), CommandError>;
+    /// Terminate the VMM (`quit`). Called after the `{"return": {}}`
+    /// reply has been written to the client (or a short timeout expired).
+    fn quit(&self);
+    /// The VM name given by the user (`query-name`), if any.
+    fn name(&self) -> Option<String>;
+    /// The vCPUs (`query-cpus-fast`).
+    fn cpus(&self) -> Vec<CpuInfo>;
+}

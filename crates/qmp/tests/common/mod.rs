@@ -1,0 +1,210 @@
+//! Shared helpers for the integration tests: a mock machine and a raw
+//! byte-level QMP client.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use qmp::{CommandError, CpuInfo, ListenAddr, Machine, RunState, Server};
+use serde_json::Value;
+
+/// Records every call; state is settable by the test.
+pub struct Mock {
+    pub calls: Mutex<Vec<String>>,
+    pub state: Mutex<RunState>,
+    pub name: Option<String>,
+    pub quits: AtomicUsize,
+}
+
+impl Mock {
+    pub fn new() -> Arc<Mock> {
+        Arc::new(Mock {
+            calls: Mutex::new(Vec::new()),
+            state: Mutex::new(RunState::Running),
+            name: Some("vm0".into()),
+            quits: AtomicUsize::new(0),
+        })
+    }
+
+    pub fn calls(&self) -> Vec<String> {
+        self.calls.lock().unwrap().clone()
+    }
+
+    pub fn set_state(&self, s: RunState) {
+        *self.state.lock().unwrap() = s;
+    }
+
+    fn record(&self, what: &str) {
+        self.calls.lock().unwrap().push(what.to_string());
+    }
+}
+
+impl Machine for Mock {
+    fn status(&self) -> RunState {
+        *self.state.lock().unwrap()
+    }
+    fn stop(&self) -> Result<(), CommandError> {
+        self.record("stop");
+        self.set_state(RunState::Paused);
+        Ok(())
+    }
+    fn cont(&self) -> Result<(), CommandError> {
+        self.record("cont");
+        if self.status() == RunState::Inmigrate {
+            return Err(CommandError::generic("Migration is not finished yet"));
+        }
+        self.set_state(RunState::Running);
+        Ok(())
+    }
+    fn system_reset(&self) -> Result<(), CommandError> {
+        self.record("system_reset");
+        Ok(())
+    }
+    fn system_powerdown(&self) -> Result<(), CommandError> {
+        self.record("system_powerdown");
+        Ok(())
+    }
+    fn quit(&self) {
+        self.record("quit");
+        self.quits.fetch_add(1, Ordering::SeqCst);
+    }
+    fn name(&self) -> Option<String> {
+        self.name.clone()
+    }
+    fn cpus(&self) -> Vec<CpuInfo> {
+        vec![CpuInfo::x86_64(0, 1000), CpuInfo::x86_64(1, 1001)]
+    }
+}
+
+/// A temporary directory removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new() -> TempDir {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let p = std::env::temp_dir().join(format!(
+            "qmp-test-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::SeqCst)
+        ));
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+pub trait Stream: Read + Write + Send {}
+impl<T: Read + Write + Send> Stream for T {}
+
+/// Raw QMP client: writes bytes, reads `\r\n`-terminated lines.
+pub struct Client {
+    reader: BufReader<Box<dyn Stream>>,
+    writer: Box<dyn Stream>,
+}
+
+impl Client {
+    pub fn unix(path: &Path) -> Client {
+        let s = UnixStream::connect(path).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        Client {
+            writer: Box::new(s.try_clone().unwrap()),
+            reader: BufReader::new(Box::new(s)),
+        }
+    }
+
+    pub fn tcp(addr: &str) -> Client {
+        let s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        Client {
+            writer: Box::new(s.try_clone().unwrap()),
+            reader: BufReader::new(Box::new(s)),
+        }
+    }
+
+    /// Connects to a server's `local_addr()`.
+    pub fn connect(server: &Server) -> Client {
+        match ListenAddr::parse(&server.local_addr()).unwrap() {
+            ListenAddr::Unix(p) => Client::unix(&p),
+            ListenAddr::Tcp { host, port } => Client::tcp(&format!("{host}:{port}")),
+        }
+    }
+
+    pub fn send(&mut self, bytes: &[u8]) {
+        self.writer.write_all(bytes).unwrap();
+    }
+
+    /// Reads one raw line, checking the `\r\n` terminator.
+    pub fn line(&mut self) -> String {
+        let mut line = String::new();
+        let n = self.reader.read_line(&mut line).unwrap();
+        assert!(n > 0, "unexpected EOF");
+        assert!(line.ends_with("\r\n"), "line not CRLF-terminated: {line:?}");
+        line
+    }
+
+    pub fn json(&mut self) -> Value {
+        let line = self.line();
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("bad JSON {line:?}: {e}"))
+    }
+
+    /// Sends one message, returns the next reply.
+    pub fn cmd(&mut self, msg: &str) -> Value {
+        self.send(msg.as_bytes());
+        self.send(b"\n");
+        self.json()
+    }
+
+    /// Reads the greeting and negotiates capabilities.
+    pub fn negotiate(mut self) -> Client {
+        let g = self.json();
+        assert!(g.get("QMP").is_some(), "{g}");
+        assert_eq!(
+            self.cmd(r#"{"execute":"qmp_capabilities"}"#),
+            serde_json::json!({"return": {}})
+        );
+        self
+    }
+
+    /// True if the peer closed the connection (EOF or reset).
+    pub fn at_eof(&mut self) -> bool {
+        let mut buf = [0u8; 1];
+        matches!(self.reader.read(&mut buf), Ok(0) | Err(_))
+    }
+}
+
+/// A server on a fresh unix socket.
+pub fn unix_server(machine: Arc<Mock>) -> (Server, TempDir) {
+    let dir = TempDir::new();
+    let addr = ListenAddr::Unix(dir.path("qmp.sock"));
+    (Server::start(&addr, machine).unwrap(), dir)
+}
+
+/// A server on 127.0.0.1 with an ephemeral port.
+pub fn tcp_server(machine: Arc<Mock>) -> Server {
+    Server::start(&ListenAddr::parse("tcp:127.0.0.1:0").unwrap(), machine).unwrap()
+}
+
+/// Polls `f` until true or 5 s pass.
+pub fn wait_for(mut f: impl FnMut() -> bool) -> bool {
+    for _ in 0..500 {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    false
+}
