@@ -23,6 +23,8 @@ pub(crate) enum ParamType {
     Bool,
     /// A list of an enumeration's values.
     EnumList(&'static [&'static str]),
+    /// A list of objects; the command checks their members itself.
+    ObjectList,
 }
 
 /// One parameter of a command.
@@ -44,6 +46,13 @@ fn check_value(name: &str, ty: ParamType, value: &Value) -> Result<(), CommandEr
         ParamType::Str if !value.is_string() => Err(invalid_type(name, "string")),
         ParamType::Int if !value.is_i64() => Err(invalid_type(name, "integer")),
         ParamType::Bool if !value.is_boolean() => Err(invalid_type(name, "boolean")),
+        ParamType::ObjectList
+            if !value
+                .as_array()
+                .is_some_and(|v| v.iter().all(Value::is_object)) =>
+        {
+            Err(invalid_type(name, "array"))
+        }
         ParamType::EnumList(allowed) => {
             let items = value
                 .as_array()

@@ -157,4 +157,43 @@ pub trait Machine: Send + Sync + 'static {
     fn name(&self) -> Option<String>;
     /// The vCPUs (`query-cpus-fast`).
     fn cpus(&self) -> Vec<CpuInfo>;
+
+    /// `migrate {"uri"}`: start a snapshot/migration to `uri`.
+    fn migrate(&self, uri: &str) -> Result<(), CommandError> {
+        Err(unsupported("migrate", uri))
+    }
+    /// `migrate_cancel`.
+    fn migrate_cancel(&self) -> Result<(), CommandError> {
+        Err(unsupported("migrate_cancel", ""))
+    }
+    /// `query-migrate`: a MigrationInfo object.
+    fn query_migrate(&self) -> Result<serde_json::Value, CommandError> {
+        Err(unsupported("query-migrate", ""))
+    }
+    /// `migrate-set-capabilities`: (capability, state) pairs, applied all or nothing.
+    fn migrate_set_capabilities(&self, caps: Vec<(String, bool)>) -> Result<(), CommandError> {
+        let _ = caps;
+        Err(unsupported("migrate-set-capabilities", ""))
+    }
+    /// `query-migrate-capabilities`: a list of {"capability", "state"}.
+    fn query_migrate_capabilities(&self) -> Result<serde_json::Value, CommandError> {
+        Err(unsupported("query-migrate-capabilities", ""))
+    }
+    /// `migrate-set-parameters`: the parameters given (an object).
+    fn migrate_set_parameters(
+        &self,
+        params: serde_json::Map<String, serde_json::Value>,
+    ) -> Result<(), CommandError> {
+        let _ = params;
+        Err(unsupported("migrate-set-parameters", ""))
+    }
+    /// `query-migrate-parameters`.
+    fn query_migrate_parameters(&self) -> Result<serde_json::Value, CommandError> {
+        Err(unsupported("query-migrate-parameters", ""))
+    }
+}
+
+/// The error of a command this machine does not implement: loud, never a silent success.
+fn unsupported(cmd: &str, _arg: &str) -> CommandError {
+    CommandError::generic(format!("{cmd} is not supported by this machine"))
 }

@@ -16,7 +16,7 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Boot a VM (the built-in reference guest unless --kernel is given).
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Write the built-in reference guest (a PVH ELF) to a file, e.g. to boot it under QEMU.
     ExportGuest {
         /// Where to write the ELF.
@@ -44,6 +44,25 @@ pub struct RunArgs {
     /// Where the guest's serial port goes: stdio, file:PATH or none.
     #[arg(long, default_value = "stdio")]
     pub serial: String,
+    /// QMP server: unix:PATH[,server=on,wait=off] or tcp:[HOST]:PORT (HOST defaults to 127.0.0.1).
+    #[arg(long)]
+    pub qmp: Option<String>,
+    /// VM name reported by query-name.
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Start with the vCPUs paused (resume with QMP `cont`).
+    #[arg(long, short = 'S')]
+    pub paused: bool,
+    /// When the guest powers off, keep the VM in the shutdown state instead of exiting.
+    #[arg(long)]
+    pub no_shutdown: bool,
+    /// Restore from a snapshot image: file:PATH (RAM size and vCPUs come from the image).
+    #[arg(long)]
+    pub incoming: Option<String>,
+    /// How a restore loads RAM: lazy (map the image copy-on-write; pages load on first
+    /// touch) or copy (read it all before the guest runs).
+    #[arg(long, default_value = "lazy", value_parser = ["lazy", "copy"])]
+    pub restore_mode: String,
 }
 
 /// Where serial output goes.
@@ -63,6 +82,12 @@ pub struct RunConfig {
     pub initrd: Option<Vec<u8>>,
     pub cmdline: String,
     pub serial: SerialTarget,
+    pub qmp: Option<qmp::ListenAddr>,
+    pub name: Option<String>,
+    pub start_paused: bool,
+    pub no_shutdown: bool,
+    pub incoming: Option<PathBuf>,
+    pub restore_copy: bool,
 }
 
 impl RunArgs {
@@ -127,6 +152,13 @@ impl RunArgs {
                 _ => bail!("invalid --serial '{s}': expected stdio, file:PATH or none"),
             },
         };
+        let qmp = self
+            .qmp
+            .as_deref()
+            .map(|a| {
+                qmp::ListenAddr::parse(a).map_err(|e| anyhow::anyhow!("invalid --qmp '{a}': {e}"))
+            })
+            .transpose()?;
         Ok(RunConfig {
             mem_bytes,
             cpus: cpus as u8,
@@ -134,7 +166,20 @@ impl RunArgs {
             initrd,
             cmdline,
             serial,
+            qmp,
+            name: self.name.clone(),
+            start_paused: self.paused,
+            no_shutdown: self.no_shutdown,
+            incoming: self.incoming.as_deref().map(parse_incoming).transpose()?,
+            restore_copy: self.restore_mode == "copy",
         })
+    }
+}
+
+fn parse_incoming(s: &str) -> Result<PathBuf> {
+    match s.strip_prefix("file:") {
+        Some(p) if !p.is_empty() => Ok(PathBuf::from(p)),
+        _ => bail!("invalid --incoming '{s}': expected file:PATH"),
     }
 }
 

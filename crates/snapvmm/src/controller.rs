@@ -1,23 +1,33 @@
 //! The controller: one thread that owns the machine and reacts, in order, to
 //! everything that can change its state — guest power-off or reset, vCPU
-//! failures, and signals.
+//! failures, signals and QMP commands — and emits QMP events for each change.
 
 use std::io::{LineWriter, Write};
 use std::path::PathBuf;
 use std::sync::mpsc;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
+use qmp::{CommandError, CpuInfo, EventBus, RunState};
+use serde_json::{json, Value};
 use signal_hook::consts::{SIGINT, SIGTERM};
 use vmm::{Machine, MachineConfig, MachineEvent};
 
+use crate::bridge::{self, Bridge, Reply, Shared};
 use crate::cli::{RunConfig, SerialTarget};
+use crate::migration::{self, Migration};
 
 /// Everything the controller reacts to.
 #[derive(Debug)]
 pub enum AppEvent {
     Machine(MachineEvent),
     Signal(i32),
+    Qmp(bridge::Request, Reply),
+    /// A fork capture ended (any outcome).
+    CaptureDone,
+    /// A stop-and-copy capture ended.
+    StopCopyDone(Result<livesnap::CaptureStats, String>),
 }
 
 /// Environment variable naming the KVM device (tests point it elsewhere).
@@ -26,11 +36,70 @@ const KVM_PATH_ENV: &str = "SNAPVMM_KVM_DEVICE";
 /// Boots the machine and runs it until it powers off; returns the exit status.
 pub fn run(cfg: RunConfig) -> Result<u8> {
     let (tx, rx) = mpsc::channel::<AppEvent>();
+    let status = if cfg.incoming.is_some() {
+        RunState::Inmigrate
+    } else {
+        RunState::Prelaunch
+    };
+    let shared = Arc::new(Mutex::new(Shared {
+        status,
+        cpus: Vec::new(),
+    }));
+    let qmp_server = match &cfg.qmp {
+        Some(addr) => {
+            let bridge = Bridge {
+                tx: Mutex::new(tx.clone()),
+                shared: shared.clone(),
+                name: cfg.name.clone(),
+            };
+            Some(
+                qmp::Server::start(addr, Arc::new(bridge))
+                    .context("cannot start the QMP server")?,
+            )
+        }
+        None => None,
+    };
+    let events = qmp_server.as_ref().map(|s| s.events());
+    let machine = build_machine(&cfg, &tx)?;
+    spawn_signal_thread(tx.clone())?;
+    let mut c = Controller {
+        cfg,
+        tx,
+        machine,
+        shared,
+        events,
+        migration: Migration::default(),
+        exit: None,
+    };
+    c.publish_cpus();
+    if c.cfg.start_paused {
+        c.set_status(RunState::Paused);
+    } else {
+        c.machine.resume();
+        c.set_status(RunState::Running);
+    }
+    while c.exit.is_none() {
+        let Ok(ev) = rx.recv() else { break };
+        c.handle(ev)?;
+    }
+    let _ = c.machine.pause();
+    c.machine.flush_serial();
+    if let Some(ev) = &c.events {
+        ev.flush(Duration::from_millis(500));
+    }
+    drop(qmp_server);
+    Ok(c.exit.unwrap_or(1))
+}
+
+fn build_machine(cfg: &RunConfig, tx: &mpsc::Sender<AppEvent>) -> Result<Machine> {
     let serial: Box<dyn Write + Send> = match &cfg.serial {
         SerialTarget::Stdio => Box::new(LineWriter::new(std::io::stdout())),
         SerialTarget::File(p) => Box::new(LineWriter::new(
-            std::fs::File::create(p)
-                .with_context(|| format!("cannot create serial output file {}", p.display()))?,
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .with_context(|| format!("cannot open serial output file {}", p.display()))?,
         )),
         SerialTarget::None => Box::new(std::io::sink()),
     };
@@ -41,39 +110,427 @@ pub fn run(cfg: RunConfig) -> Result<u8> {
     let sink: vmm::EventSink = Arc::new(move |e| {
         let _ = events_tx.send(AppEvent::Machine(e));
     });
-    let mut machine = Machine::create(
-        MachineConfig {
-            mem_bytes: cfg.mem_bytes,
-            cpus: cfg.cpus,
-            start: vmm::Start::Kernel {
-                kernel: cfg.kernel,
-                initrd: cfg.initrd,
-                cmdline: cfg.cmdline,
-            },
-            serial,
-            kvm_path,
-        },
-        sink,
-    )?;
-    spawn_signal_thread(tx.clone())?;
-    machine.resume();
-
-    let code = match rx.recv() {
-        Err(_) => 1,
-        Ok(AppEvent::Machine(MachineEvent::PowerOff(code))) => code as u8,
-        Ok(AppEvent::Machine(MachineEvent::GuestReset | MachineEvent::GuestShutdown(_))) => 0,
-        Ok(AppEvent::Machine(MachineEvent::VcpuFailed(id, why))) => {
-            machine.flush_serial();
-            anyhow::bail!("vCPU {id} failed: {why}");
+    let (start, mem_bytes, cpus) = match &cfg.incoming {
+        None => {
+            let start = vmm::Start::Kernel {
+                kernel: cfg.kernel.clone(),
+                initrd: cfg.initrd.clone(),
+                cmdline: cfg.cmdline.clone(),
+            };
+            (start, cfg.mem_bytes, cfg.cpus)
         }
-        Ok(AppEvent::Signal(sig)) => {
-            tracing::info!(signal = sig, "shutting down on signal");
-            0
+        Some(path) => {
+            let (ram, state) = open_snapshot(path, cfg.restore_copy)?;
+            let (mem, cpus) = (state.mem_bytes, state.cpus);
+            (
+                vmm::Start::Snapshot {
+                    ram,
+                    state: Box::new(state),
+                },
+                mem,
+                cpus,
+            )
         }
     };
-    let _ = machine.pause();
-    machine.flush_serial();
-    Ok(code)
+    let mc = MachineConfig {
+        mem_bytes,
+        cpus,
+        start,
+        serial,
+        kvm_path,
+    };
+    Ok(Machine::create(mc, sink)?)
+}
+
+/// Opens a snapshot image: validates it, decodes the machine state and maps
+/// (lazy) or reads (copy) guest RAM from it.
+fn open_snapshot(
+    path: &std::path::Path,
+    copy: bool,
+) -> Result<(vmm::memory::GuestRam, vmm::MachineState)> {
+    let t0 = Instant::now();
+    let image = livesnap::Image::open(path)
+        .with_context(|| format!("cannot restore from {}", path.display()))?;
+    let bytes = image
+        .device_state()
+        .with_context(|| format!("cannot restore from {}", path.display()))?;
+    let state = vmm::MachineState::from_bytes(&bytes)
+        .with_context(|| format!("cannot restore from {}", path.display()))?;
+    let layout = vmm::layout::ram_ranges(state.mem_bytes);
+    let ranges = image.ranges();
+    let matches = layout.len() == ranges.len()
+        && layout
+            .iter()
+            .zip(ranges)
+            .all(|(l, r)| l.0 == r.gpa && l.1 == r.len);
+    if !matches {
+        anyhow::bail!(
+            "cannot restore from {}: its RAM layout does not match a {} MiB machine",
+            path.display(),
+            state.mem_bytes >> 20
+        );
+    }
+    let ram = if copy {
+        let mut ram = vmm::memory::GuestRam::anonymous(state.mem_bytes)?;
+        for i in 0..ranges.len() {
+            image
+                .read_ram_into(i, ram.region_bytes_mut(i))
+                .with_context(|| format!("cannot read RAM from {}", path.display()))?;
+        }
+        ram
+    } else {
+        use std::os::fd::AsFd;
+        let fd = image.file().as_fd();
+        vmm::memory::GuestRam::from_file(state.mem_bytes, |i| {
+            Some(vmm::memory::FileBacking {
+                fd,
+                offset: ranges[i].file_offset,
+            })
+        })?
+    };
+    tracing::info!(
+        ms = t0.elapsed().as_secs_f64() * 1e3,
+        copy,
+        "snapshot opened"
+    );
+    Ok((ram, state))
+}
+
+struct Controller {
+    cfg: RunConfig,
+    tx: mpsc::Sender<AppEvent>,
+    machine: Machine,
+    shared: Arc<Mutex<Shared>>,
+    events: Option<EventBus>,
+    migration: Migration,
+    exit: Option<u8>,
+}
+
+impl Controller {
+    fn handle(&mut self, ev: AppEvent) -> Result<()> {
+        match ev {
+            AppEvent::Machine(MachineEvent::PowerOff(code)) => {
+                self.guest_shutdown(code as u8, "guest-shutdown")
+            }
+            AppEvent::Machine(MachineEvent::GuestReset | MachineEvent::GuestShutdown(_)) => {
+                self.guest_shutdown(0, "guest-reset")
+            }
+            AppEvent::Machine(MachineEvent::VcpuFailed(id, why)) => {
+                self.machine.flush_serial();
+                self.set_status(RunState::InternalError);
+                anyhow::bail!("vCPU {id} failed: {why}");
+            }
+            AppEvent::Signal(sig) => {
+                tracing::info!(signal = sig, "shutting down on signal");
+                self.emit(
+                    "SHUTDOWN",
+                    Some(json!({"guest": false, "reason": "host-signal"})),
+                );
+                self.exit = Some(0);
+            }
+            AppEvent::Qmp(req, reply) => {
+                let r = self.qmp(req);
+                let _ = reply.send(r);
+            }
+            AppEvent::CaptureDone => self.capture_done(),
+            AppEvent::StopCopyDone(r) => self.stop_copy_done(r),
+        }
+        Ok(())
+    }
+
+    /// `migrate file:PATH`: see migration.rs for the two methods.
+    fn migrate(&mut self, uri: &str) -> Result<(), CommandError> {
+        let dest = migration::parse_uri(uri)?;
+        if self.migration.active() {
+            return Err(CommandError::generic(
+                "There's a migration process in progress",
+            ));
+        }
+        if !matches!(
+            self.status(),
+            RunState::Running | RunState::Paused | RunState::Postmigrate
+        ) {
+            return Err(CommandError::generic(format!(
+                "cannot snapshot a VM in state '{}'",
+                self.status()
+            )));
+        }
+        let t0 = Instant::now();
+        let was_running = self.machine.is_running();
+        self.migration.new_job(self.machine.ram().size());
+        self.migration_event("setup");
+        let vcpu_pause = if was_running {
+            self.pause()?
+        } else {
+            Duration::ZERO
+        };
+        let state = match self.machine.save_state() {
+            Ok(s) => s.to_bytes(),
+            Err(e) => {
+                if was_running {
+                    self.machine.resume();
+                }
+                return Err(self.fail_migration(format!("cannot save machine state: {e}")));
+            }
+        };
+        let method = self.migration.effective_method();
+        let job = self.migration.job.as_mut().expect("job just created");
+        job.vcpu_pause = vcpu_pause;
+        job.setup_time = t0.elapsed();
+        match method {
+            migration::Method::Fork => {
+                let started = migration::start_fork(&self.machine, state, &dest, &self.tx);
+                if was_running {
+                    self.machine.resume();
+                }
+                let downtime = t0.elapsed();
+                let job = self.migration.job.as_mut().expect("job");
+                job.downtime = downtime;
+                match started {
+                    Ok(c) => {
+                        job.fork_time = c.pause_time();
+                        job.capture = Some(c);
+                        job.status = migration::Status::Active;
+                        tracing::debug!(
+                            downtime_us = downtime.as_micros() as u64,
+                            "live snapshot started"
+                        );
+                        self.migration_event("active");
+                    }
+                    Err(e) => return Err(self.fail_migration(e.to_string())),
+                }
+            }
+            migration::Method::Stop => {
+                job.resume_after = job.resume_after && was_running;
+                job.status = migration::Status::Active;
+                if was_running {
+                    self.set_status(RunState::Paused);
+                    self.emit("STOP", None);
+                }
+                self.migration_event("active");
+                migration::start_stop_copy(&self.machine, state, dest, &self.tx);
+            }
+        }
+        Ok(())
+    }
+
+    fn fail_migration(&mut self, why: String) -> CommandError {
+        if let Some(j) = self.migration.job.as_mut() {
+            j.status = migration::Status::Failed;
+            j.error = Some(why.clone());
+        }
+        self.migration_event("failed");
+        CommandError::generic(why)
+    }
+
+    fn capture_done(&mut self) {
+        let Some(job) = self.migration.job.as_mut() else {
+            return;
+        };
+        let Some(capture) = job.capture.take() else {
+            return;
+        };
+        let status = capture.status();
+        let result = capture.wait();
+        job.total_time = Some(job.started_elapsed());
+        let name = match (status, result) {
+            (_, Ok(stats)) => {
+                job.stats = Some(stats);
+                job.status = migration::Status::Completed;
+                "completed"
+            }
+            (livesnap::CaptureStatus::Cancelled, _) => {
+                job.status = migration::Status::Cancelled;
+                "cancelled"
+            }
+            (_, Err(e)) => {
+                job.status = migration::Status::Failed;
+                job.error = Some(e.to_string());
+                "failed"
+            }
+        };
+        self.migration_event(name);
+    }
+
+    fn stop_copy_done(&mut self, r: Result<livesnap::CaptureStats, String>) {
+        let Some(job) = self.migration.job.as_mut() else {
+            return;
+        };
+        let total = job.started_elapsed();
+        job.total_time = Some(total);
+        let resume = job.resume_after;
+        let name = match r {
+            Ok(stats) => {
+                job.stats = Some(stats);
+                job.status = migration::Status::Completed;
+                "completed"
+            }
+            Err(e) => {
+                job.status = migration::Status::Failed;
+                job.error = Some(e);
+                "failed"
+            }
+        };
+        if resume {
+            job.downtime = total;
+            self.machine.resume();
+            self.set_status(RunState::Running);
+            self.emit("RESUME", None);
+        } else if name == "completed" {
+            job.downtime = total;
+            self.set_status(RunState::Postmigrate);
+        } else {
+            // A failed stop-and-copy leaves the VM as it was before: paused.
+            job.downtime = total;
+        }
+        self.migration_event(name);
+    }
+
+    fn migration_event(&self, status: &str) {
+        if self.migration.events {
+            self.emit("MIGRATION", Some(json!({"status": status})));
+        }
+    }
+
+    fn qmp(&mut self, req: bridge::Request) -> Result<Value, CommandError> {
+        use bridge::Request::*;
+        match req {
+            Stop => {
+                if self.machine.is_running() {
+                    self.pause()?;
+                    self.set_status(RunState::Paused);
+                    self.emit("STOP", None);
+                }
+            }
+            Cont => {
+                if self.migration.active() && !self.machine.is_running() {
+                    return Err(CommandError::generic(
+                        "There's a migration process in progress",
+                    ));
+                }
+                if self.status() == RunState::Shutdown {
+                    return Err(CommandError::generic(
+                        "Resetting the Virtual Machine is required",
+                    ));
+                }
+                if !self.machine.is_running() {
+                    self.machine.resume();
+                    self.set_status(RunState::Running);
+                    self.emit("RESUME", None);
+                }
+            }
+            SystemReset if self.migration.active() => {
+                return Err(CommandError::generic(
+                    "There's a migration process in progress",
+                ))
+            }
+            SystemReset => self
+                .reset(false, "host-qmp-system-reset")
+                .map_err(|e| CommandError::generic(format!("{e:#}")))?,
+            SystemPowerdown => {
+                // snapvmm has no ACPI, so no guest can handle the power button: the VMM
+                // honours the request itself after announcing it.
+                self.emit("POWERDOWN", None);
+                self.emit(
+                    "SHUTDOWN",
+                    Some(json!({"guest": false, "reason": "host-qmp-quit"})),
+                );
+                self.exit = Some(0);
+            }
+            Migrate(uri) => self.migrate(&uri)?,
+            MigrateCancel => {
+                if let Some(c) = self.migration.job.as_ref().and_then(|j| j.capture.as_ref()) {
+                    c.cancel();
+                    if let Some(j) = self.migration.job.as_mut() {
+                        j.status = migration::Status::Cancelling;
+                    }
+                    self.migration_event("cancelling");
+                }
+            }
+            QueryMigrate => return Ok(self.migration.query()),
+            SetCapabilities(caps) => self.migration.set_capabilities(&caps)?,
+            QueryCapabilities => return Ok(self.migration.query_capabilities()),
+            SetMethod(m) => {
+                if self.migration.active() {
+                    return Err(CommandError::generic(
+                        "There's a migration process in progress",
+                    ));
+                }
+                self.migration.set_method(&m)?
+            }
+            QueryParameters => return Ok(self.migration.query_parameters()),
+            Quit => {
+                self.emit(
+                    "SHUTDOWN",
+                    Some(json!({"guest": false, "reason": "host-qmp-quit"})),
+                );
+                self.exit = Some(0);
+            }
+        }
+        Ok(json!({}))
+    }
+
+    fn pause(&mut self) -> Result<Duration, CommandError> {
+        self.machine
+            .pause()
+            .map_err(|e| CommandError::generic(e.to_string()))
+    }
+
+    /// The guest powered off or reset itself: the VM ends (as QEMU's -no-reboot),
+    /// or with --no-shutdown stays in the shutdown state until `quit`.
+    fn guest_shutdown(&mut self, code: u8, reason: &str) {
+        let _ = self.machine.pause();
+        self.machine.flush_serial();
+        self.set_status(RunState::Shutdown);
+        self.emit("SHUTDOWN", Some(json!({"guest": true, "reason": reason})));
+        if !self.cfg.no_shutdown {
+            self.exit = Some(code);
+        } else if self.events.is_some() {
+            self.emit("STOP", None);
+        }
+    }
+
+    /// A reset rebuilds the machine from its configuration: fresh RAM, the kernel
+    /// loaded again, every vCPU at its boot state.
+    fn reset(&mut self, guest: bool, reason: &str) -> Result<()> {
+        let was_running = self.machine.is_running() || self.status() == RunState::Shutdown;
+        let _ = self.machine.pause();
+        self.machine.flush_serial();
+        self.machine = build_machine(&self.cfg, &self.tx)?;
+        self.publish_cpus();
+        self.emit("RESET", Some(json!({"guest": guest, "reason": reason})));
+        if was_running {
+            self.machine.resume();
+            self.set_status(RunState::Running);
+        } else {
+            self.set_status(RunState::Paused);
+        }
+        Ok(())
+    }
+
+    fn status(&self) -> RunState {
+        self.shared.lock().unwrap_or_else(|e| e.into_inner()).status
+    }
+
+    fn set_status(&self, s: RunState) {
+        self.shared.lock().unwrap_or_else(|e| e.into_inner()).status = s;
+    }
+
+    fn publish_cpus(&self) {
+        let cpus = self
+            .machine
+            .vcpus()
+            .iter()
+            .map(|v| CpuInfo::x86_64(i64::from(v.id), i64::from(v.tid)))
+            .collect();
+        self.shared.lock().unwrap_or_else(|e| e.into_inner()).cpus = cpus;
+    }
+
+    fn emit(&self, name: &str, data: Option<Value>) {
+        if let Some(ev) = &self.events {
+            ev.emit(name, data);
+        }
+    }
 }
 
 fn spawn_signal_thread(tx: mpsc::Sender<AppEvent>) -> Result<()> {

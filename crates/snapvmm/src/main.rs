@@ -1,8 +1,10 @@
 //! The snapvmm binary: parses the command line, builds the machine and runs
 //! the controller loop. `anyhow` lives only here.
 
+mod bridge;
 mod cli;
 mod controller;
+mod migration;
 
 use std::process::ExitCode;
 

@@ -14,10 +14,17 @@ use crate::machine::Machine;
 
 pub(crate) mod cont;
 pub(crate) mod human_monitor_command;
+pub(crate) mod migrate;
+pub(crate) mod migrate_cancel;
+pub(crate) mod migrate_set_capabilities;
+pub(crate) mod migrate_set_parameters;
 pub(crate) mod qmp_capabilities;
 pub(crate) mod query_commands;
 pub(crate) mod query_cpus_fast;
 pub(crate) mod query_kvm;
+pub(crate) mod query_migrate;
+pub(crate) mod query_migrate_capabilities;
+pub(crate) mod query_migrate_parameters;
 pub(crate) mod query_name;
 pub(crate) mod query_status;
 pub(crate) mod query_version;
@@ -51,6 +58,13 @@ pub(crate) const COMMANDS: &[CommandSpec] = &[
     system_powerdown::SPEC,
     quit::SPEC,
     human_monitor_command::SPEC,
+    migrate::SPEC,
+    migrate_cancel::SPEC,
+    query_migrate::SPEC,
+    migrate_set_capabilities::SPEC,
+    query_migrate_capabilities::SPEC,
+    migrate_set_parameters::SPEC,
+    query_migrate_parameters::SPEC,
 ];
 
 /// Per-connection state a command may read or change.
@@ -80,6 +94,13 @@ pub(crate) enum Command {
     SystemPowerdown,
     Quit,
     HumanMonitorCommand(human_monitor_command::Args),
+    Migrate(String),
+    MigrateCancel,
+    QueryMigrate,
+    MigrateSetCapabilities(Vec<(String, bool)>),
+    QueryMigrateCapabilities,
+    MigrateSetParameters(Map<String, Value>),
+    QueryMigrateParameters,
 }
 
 impl Command {
@@ -109,6 +130,13 @@ impl Command {
             Command::SystemPowerdown => system_powerdown::execute(ctx),
             Command::Quit => quit::execute(ctx),
             Command::HumanMonitorCommand(a) => human_monitor_command::execute(a, ctx),
+            Command::Migrate(uri) => migrate::execute(uri, ctx),
+            Command::MigrateCancel => migrate_cancel::execute(ctx),
+            Command::QueryMigrate => query_migrate::execute(ctx),
+            Command::MigrateSetCapabilities(c) => migrate_set_capabilities::execute(c, ctx),
+            Command::QueryMigrateCapabilities => query_migrate_capabilities::execute(ctx),
+            Command::MigrateSetParameters(p) => migrate_set_parameters::execute(p, ctx),
+            Command::QueryMigrateParameters => query_migrate_parameters::execute(ctx),
         }
     }
 }
@@ -146,9 +174,10 @@ mod tests {
                 spec.name
             );
             let r = Command::parse(spec.name, Map::new());
-            // Only human-monitor-command has a mandatory argument.
-            if spec.name == "human-monitor-command" {
-                assert_eq!(r.unwrap_err().desc, "Parameter 'command-line' is missing");
+            // Commands with a mandatory argument refuse an empty argument object.
+            let required = spec.params.iter().find(|p| !p.optional);
+            if let Some(p) = required {
+                assert_eq!(r.unwrap_err().desc, format!("Parameter '{}' is missing", p.name));
             } else {
                 assert!(r.is_ok(), "{}", spec.name);
             }

@@ -143,3 +143,91 @@ fn rand_suffix() -> u64 {
     h.write_u64(Instant::now().elapsed().as_nanos() as u64);
     h.finish()
 }
+
+/// A minimal QMP client for tests: raw JSON lines over a unix socket.
+pub struct Qmp {
+    reader: BufReader<std::os::unix::net::UnixStream>,
+    writer: std::os::unix::net::UnixStream,
+    pub events: Vec<serde_json::Value>,
+}
+
+impl Qmp {
+    /// Connects (retrying until the socket exists) and negotiates capabilities.
+    pub fn connect(path: &std::path::Path) -> Qmp {
+        let end = Instant::now() + Duration::from_secs(30);
+        let s = loop {
+            match std::os::unix::net::UnixStream::connect(path) {
+                Ok(s) => break s,
+                Err(e) if Instant::now() > end => {
+                    panic!("cannot connect to {}: {e}", path.display())
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        };
+        s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+        let mut q = Qmp {
+            reader: BufReader::new(s.try_clone().unwrap()),
+            writer: s,
+            events: Vec::new(),
+        };
+        let greeting = q.read();
+        assert!(greeting.get("QMP").is_some(), "{greeting}");
+        let r = q.cmd("qmp_capabilities", serde_json::json!({}));
+        assert_eq!(r, serde_json::json!({"return": {}}));
+        q
+    }
+
+    fn read(&mut self) -> serde_json::Value {
+        let mut line = String::new();
+        let n = self.reader.read_line(&mut line).expect("read from QMP");
+        assert!(n > 0, "QMP connection closed");
+        serde_json::from_str(&line).expect("QMP sent JSON")
+    }
+
+    /// Sends a command; returns the whole response object (events are kept aside).
+    pub fn cmd(&mut self, name: &str, args: serde_json::Value) -> serde_json::Value {
+        use std::io::Write;
+        let msg = serde_json::json!({"execute": name, "arguments": args});
+        self.writer
+            .write_all(format!("{msg}\n").as_bytes())
+            .unwrap();
+        loop {
+            let v = self.read();
+            if v.get("event").is_some() {
+                self.events.push(v);
+            } else {
+                return v;
+            }
+        }
+    }
+
+    /// Sends a command that must succeed; returns its `return` value.
+    pub fn ok(&mut self, name: &str, args: serde_json::Value) -> serde_json::Value {
+        let r = self.cmd(name, args.clone());
+        match r.get("return") {
+            Some(v) => v.clone(),
+            None => panic!("{name} {args} failed: {r}"),
+        }
+    }
+
+    /// Polls query-migrate until the status is final; returns the last answer.
+    pub fn wait_migration(&mut self, limit: Duration) -> serde_json::Value {
+        let end = Instant::now() + limit;
+        loop {
+            let m = self.ok("query-migrate", serde_json::json!({}));
+            let s = m["status"].as_str().unwrap_or("").to_string();
+            if ["completed", "failed", "cancelled"].contains(&s.as_str()) {
+                return m;
+            }
+            assert!(Instant::now() < end, "migration still {s} after {limit:?}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn event_names(&self) -> Vec<String> {
+        self.events
+            .iter()
+            .map(|e| e["event"].as_str().unwrap_or("").to_string())
+            .collect()
+    }
+}

@@ -1,0 +1,41 @@
+//! `migrate {"uri"}`: start saving the VM to `uri` (snapvmm: `file:PATH`). Returns `{}` at once; progress via `query-migrate` and `MIGRATION` events.
+
+use serde_json::Value;
+
+use super::{empty, Command, CommandSpec, Context};
+use crate::args::{Param, ParamType};
+use crate::error::CommandError;
+
+pub(crate) const SPEC: CommandSpec = CommandSpec {
+    name: "migrate",
+    params: &[
+        Param {
+            name: "uri",
+            ty: ParamType::Str,
+            optional: false,
+        },
+        Param {
+            name: "detach",
+            ty: ParamType::Bool,
+            optional: true,
+        },
+        Param {
+            name: "resume",
+            ty: ParamType::Bool,
+            optional: true,
+        },
+    ],
+    build: |a| {
+        Ok(Command::Migrate(
+            a.get("uri")
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_string(),
+        ))
+    },
+};
+
+pub(crate) fn execute(uri: String, ctx: &mut Context<'_>) -> Result<Value, CommandError> {
+    ctx.machine.migrate(&uri)?;
+    Ok(empty())
+}

@@ -1,0 +1,123 @@
+//! The QMP side of the controller: implements `qmp::Machine` by sending each
+//! request to the controller thread and waiting for its answer, so every
+//! lifecycle change is made by the one thread that owns the machine.
+
+use std::sync::mpsc::{self, Sender};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use qmp::{CommandError, CpuInfo, RunState};
+use serde_json::Value;
+
+use crate::controller::AppEvent;
+
+/// A QMP request the controller executes.
+#[derive(Debug)]
+pub enum Request {
+    Stop,
+    Cont,
+    SystemReset,
+    SystemPowerdown,
+    Quit,
+    Migrate(String),
+    MigrateCancel,
+    QueryMigrate,
+    SetCapabilities(Vec<(String, bool)>),
+    QueryCapabilities,
+    SetMethod(String),
+    QueryParameters,
+}
+
+/// Reply channel for one request.
+pub type Reply = mpsc::SyncSender<Result<Value, CommandError>>;
+
+/// What QMP reads without asking the controller.
+#[derive(Debug, Clone)]
+pub struct Shared {
+    pub status: RunState,
+    pub cpus: Vec<CpuInfo>,
+}
+
+/// `qmp::Machine` for snapvmm.
+pub struct Bridge {
+    pub tx: Mutex<Sender<AppEvent>>,
+    pub shared: Arc<Mutex<Shared>>,
+    pub name: Option<String>,
+}
+
+impl Bridge {
+    fn call(&self, req: Request) -> Result<Value, CommandError> {
+        let (tx, rx) = mpsc::sync_channel(1);
+        let sent = self
+            .tx
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .send(AppEvent::Qmp(req, tx));
+        if sent.is_err() {
+            return Err(CommandError::generic("the VM is shutting down"));
+        }
+        rx.recv_timeout(Duration::from_secs(120))
+            .unwrap_or_else(|_| Err(CommandError::generic("the VM is shutting down")))
+    }
+
+    fn shared(&self) -> Shared {
+        self.shared
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}
+
+impl qmp::Machine for Bridge {
+    fn status(&self) -> RunState {
+        self.shared().status
+    }
+    fn stop(&self) -> Result<(), CommandError> {
+        self.call(Request::Stop).map(drop)
+    }
+    fn cont(&self) -> Result<(), CommandError> {
+        self.call(Request::Cont).map(drop)
+    }
+    fn system_reset(&self) -> Result<(), CommandError> {
+        self.call(Request::SystemReset).map(drop)
+    }
+    fn system_powerdown(&self) -> Result<(), CommandError> {
+        self.call(Request::SystemPowerdown).map(drop)
+    }
+    fn quit(&self) {
+        let _ = self.call(Request::Quit);
+    }
+    fn name(&self) -> Option<String> {
+        self.name.clone()
+    }
+    fn cpus(&self) -> Vec<CpuInfo> {
+        self.shared().cpus
+    }
+    fn migrate(&self, uri: &str) -> Result<(), CommandError> {
+        self.call(Request::Migrate(uri.to_string())).map(drop)
+    }
+    fn migrate_cancel(&self) -> Result<(), CommandError> {
+        self.call(Request::MigrateCancel).map(drop)
+    }
+    fn query_migrate(&self) -> Result<Value, CommandError> {
+        self.call(Request::QueryMigrate)
+    }
+    fn migrate_set_capabilities(&self, caps: Vec<(String, bool)>) -> Result<(), CommandError> {
+        self.call(Request::SetCapabilities(caps)).map(drop)
+    }
+    fn query_migrate_capabilities(&self) -> Result<Value, CommandError> {
+        self.call(Request::QueryCapabilities)
+    }
+    fn migrate_set_parameters(
+        &self,
+        params: serde_json::Map<String, Value>,
+    ) -> Result<(), CommandError> {
+        match params.get("x-snapshot-method").and_then(Value::as_str) {
+            Some(m) => self.call(Request::SetMethod(m.to_string())).map(drop),
+            None => Ok(()),
+        }
+    }
+    fn query_migrate_parameters(&self) -> Result<Value, CommandError> {
+        self.call(Request::QueryParameters)
+    }
+}

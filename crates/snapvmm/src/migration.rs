@@ -1,0 +1,343 @@
+//! Live snapshots to a file, spoken as QEMU's migration API, and restore.
+//!
+//! `migrate file:PATH` with the `background-snapshot` capability (method
+//! `fork`, the default): pause the vCPUs, save non-RAM state in memory, fork a
+//! child that holds a copy-on-write image of RAM, resume. The pause contains
+//! no RAM I/O. The livesnap writer thread streams the child's RAM into the
+//! image and calls back when done. Without the capability (or with
+//! `x-snapshot-method: stop`) the VM stays stopped while RAM is written —
+//! QEMU's behaviour, and our baseline — and ends in `postmigrate` (or resumes,
+//! for `background-snapshot` with the `stop` method).
+
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::Sender;
+use std::time::{Duration, Instant};
+
+use livesnap::{Capture, CaptureStats, ForkOptions, RamRange};
+use qmp::CommandError;
+use serde_json::{json, Value};
+
+use crate::controller::AppEvent;
+
+/// How RAM is captured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Method {
+    Fork,
+    Stop,
+}
+
+impl Method {
+    pub fn name(self) -> &'static str {
+        match self {
+            Method::Fork => "fork",
+            Method::Stop => "stop",
+        }
+    }
+}
+
+/// QEMU's MigrationStatus values we use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    Setup,
+    Active,
+    Completed,
+    Failed,
+    Cancelling,
+    Cancelled,
+}
+
+impl Status {
+    pub fn name(self) -> &'static str {
+        match self {
+            Status::Setup => "setup",
+            Status::Active => "active",
+            Status::Completed => "completed",
+            Status::Failed => "failed",
+            Status::Cancelling => "cancelling",
+            Status::Cancelled => "cancelled",
+        }
+    }
+}
+
+/// One outgoing snapshot, active or finished.
+pub struct Job {
+    pub status: Status,
+    pub method: Method,
+    /// The VM resumes after a stop-and-copy (background-snapshot with method stop).
+    pub resume_after: bool,
+    started: Instant,
+    pub setup_time: Duration,
+    /// The guest pause caused by the snapshot (vCPUs paused → resumed).
+    pub downtime: Duration,
+    /// The `fork()` alone.
+    pub fork_time: Duration,
+    /// Pausing the vCPUs alone.
+    pub vcpu_pause: Duration,
+    pub total_time: Option<Duration>,
+    pub ram_total: u64,
+    pub capture: Option<Capture>,
+    pub stats: Option<CaptureStats>,
+    pub error: Option<String>,
+}
+
+/// Migration settings and the latest job.
+pub struct Migration {
+    pub background_snapshot: bool,
+    pub events: bool,
+    pub method: Method,
+    pub job: Option<Job>,
+}
+
+impl Default for Migration {
+    fn default() -> Self {
+        Migration {
+            background_snapshot: false,
+            events: false,
+            method: Method::Fork,
+            job: None,
+        }
+    }
+}
+
+/// Parses `file:PATH` (the only transport snapvmm speaks).
+pub fn parse_uri(uri: &str) -> Result<PathBuf, CommandError> {
+    match uri.strip_prefix("file:") {
+        Some(p) if !p.is_empty() => Ok(PathBuf::from(p.split(',').next().unwrap_or(p))),
+        _ => Err(CommandError::generic(format!(
+            "Invalid migration URI '{uri}': snapvmm supports only 'file:PATH'"
+        ))),
+    }
+}
+
+impl Job {
+    pub fn started_elapsed(&self) -> Duration {
+        self.started.elapsed()
+    }
+}
+
+impl Migration {
+    pub fn active(&self) -> bool {
+        self.job.as_ref().is_some_and(|j| {
+            matches!(
+                j.status,
+                Status::Setup | Status::Active | Status::Cancelling
+            )
+        })
+    }
+
+    /// The method a new `migrate` uses.
+    pub fn effective_method(&self) -> Method {
+        if self.background_snapshot {
+            self.method
+        } else {
+            Method::Stop
+        }
+    }
+
+    pub fn new_job(&mut self, ram_total: u64) -> &mut Job {
+        let method = self.effective_method();
+        self.job = Some(Job {
+            status: Status::Setup,
+            method,
+            resume_after: self.background_snapshot,
+            started: Instant::now(),
+            setup_time: Duration::ZERO,
+            downtime: Duration::ZERO,
+            fork_time: Duration::ZERO,
+            vcpu_pause: Duration::ZERO,
+            total_time: None,
+            ram_total,
+            capture: None,
+            stats: None,
+            error: None,
+        });
+        self.job.as_mut().unwrap()
+    }
+
+    /// `query-migrate`.
+    pub fn query(&self) -> Value {
+        let Some(j) = &self.job else { return json!({}) };
+        let page = livesnap::PAGE_SIZE;
+        let (transferred, normal, zero, elapsed) = match (&j.stats, &j.capture) {
+            (Some(s), _) => (s.ram_bytes, s.normal_pages, s.zero_pages, s.total_time),
+            (None, Some(c)) => {
+                let p = c.progress();
+                (p.transferred_bytes, p.normal_pages, p.zero_pages, p.elapsed)
+            }
+            (None, None) => (0, 0, 0, j.started.elapsed()),
+        };
+        let total_time = j.total_time.unwrap_or_else(|| j.started.elapsed());
+        let secs = elapsed.as_secs_f64().max(1e-6);
+        let mut v = json!({
+            "status": j.status.name(),
+            "total-time": total_time.as_millis() as u64,
+            "setup-time": j.setup_time.as_millis() as u64,
+            "ram": {
+                "total": j.ram_total,
+                "transferred": normal * page,
+                "remaining": j.ram_total.saturating_sub(transferred),
+                "mbps": (normal * page) as f64 * 8.0 / 1e6 / secs,
+                "normal": normal,
+                "normal-bytes": normal * page,
+                "duplicate": zero,
+                "page-size": page,
+                "skipped": 0,
+                "dirty-sync-count": 1,
+                "postcopy-requests": 0,
+                "multifd-bytes": 0,
+                "pages-per-second": ((normal + zero) as f64 / secs) as u64,
+                "precopy-bytes": normal * page,
+                "downtime-bytes": 0,
+                "postcopy-bytes": 0,
+                "dirty-pages-rate": 0
+            },
+            "x-snapshot-method": j.method.name(),
+            "x-downtime-us": j.downtime.as_micros() as u64,
+            "x-vcpu-pause-us": j.vcpu_pause.as_micros() as u64,
+            "x-fork-us": j.fork_time.as_micros() as u64,
+        });
+        if matches!(j.status, Status::Completed) || j.method == Method::Stop {
+            v["downtime"] = json!(j.downtime.as_millis() as u64);
+        } else {
+            v["expected-downtime"] = json!(0);
+            v["downtime"] = json!(j.downtime.as_millis() as u64);
+        }
+        if let Some(e) = &j.error {
+            v["error-desc"] = json!(e);
+        }
+        v
+    }
+
+    pub fn query_capabilities(&self) -> Value {
+        let mut caps: Vec<Value> = QEMU_CAPABILITIES
+            .iter()
+            .map(|c| json!({"capability": c, "state": false}))
+            .collect();
+        for c in caps.iter_mut() {
+            match c["capability"].as_str() {
+                Some("background-snapshot") => c["state"] = json!(self.background_snapshot),
+                Some("events") => c["state"] = json!(self.events),
+                _ => {}
+            }
+        }
+        Value::Array(caps)
+    }
+
+    pub fn set_capabilities(&mut self, caps: &[(String, bool)]) -> Result<(), CommandError> {
+        if self.active() {
+            return Err(CommandError::generic(
+                "There's a migration process in progress",
+            ));
+        }
+        for (name, state) in caps {
+            match name.as_str() {
+                "background-snapshot" => {}
+                "events" => {}
+                n if QEMU_CAPABILITIES.contains(&n) => {
+                    if *state {
+                        return Err(CommandError::generic(format!(
+                            "Migration capability '{n}' is not supported by snapvmm"
+                        )));
+                    }
+                }
+                n => {
+                    return Err(CommandError::generic(format!(
+                        "Parameter 'capability' does not accept value '{n}'"
+                    )))
+                }
+            }
+        }
+        for (name, state) in caps {
+            match name.as_str() {
+                "background-snapshot" => self.background_snapshot = *state,
+                "events" => self.events = *state,
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    pub fn query_parameters(&self) -> Value {
+        json!({"x-snapshot-method": self.method.name()})
+    }
+
+    pub fn set_method(&mut self, m: &str) -> Result<(), CommandError> {
+        self.method = match m {
+            "fork" => Method::Fork,
+            "stop" => Method::Stop,
+            other => {
+                return Err(CommandError::generic(format!(
+                    "Parameter 'x-snapshot-method' does not accept value '{other}' (expected 'fork' or 'stop')"
+                )))
+            }
+        };
+        Ok(())
+    }
+}
+
+/// QEMU's migration capabilities (all listed by query-migrate-capabilities).
+const QEMU_CAPABILITIES: &[&str] = &[
+    "xbzrle",
+    "rdma-pin-all",
+    "auto-converge",
+    "zero-blocks",
+    "events",
+    "postcopy-ram",
+    "x-colo",
+    "release-ram",
+    "return-path",
+    "pause-before-switchover",
+    "multifd",
+    "dirty-bitmaps",
+    "postcopy-blocktime",
+    "late-block-activate",
+    "x-ignore-shared",
+    "validate-uuid",
+    "background-snapshot",
+    "zero-copy-send",
+    "postcopy-preempt",
+    "switchover-ack",
+    "dirty-limit",
+    "mapped-ram",
+];
+
+/// Guest RAM as the snapshot engine sees it.
+pub fn ram_ranges(m: &vmm::Machine) -> Vec<RamRange> {
+    m.ram()
+        .regions()
+        .iter()
+        .map(|r| RamRange {
+            gpa: r.gpa,
+            host: r.host,
+            len: r.len,
+        })
+        .collect()
+}
+
+/// Starts a fork capture; completion arrives as [`AppEvent::CaptureDone`].
+pub fn start_fork(
+    m: &vmm::Machine,
+    state: Vec<u8>,
+    dest: &Path,
+    tx: &Sender<AppEvent>,
+) -> Result<Capture, livesnap::SnapError> {
+    let tx = tx.clone();
+    let opts = ForkOptions {
+        on_done: Some(Box::new(move |_| {
+            let _ = tx.send(AppEvent::CaptureDone);
+        })),
+        ..ForkOptions::default()
+    };
+    livesnap::start_fork_capture(&ram_ranges(m), state, dest, opts)
+}
+
+/// Runs a stop-and-copy capture on a worker thread; its result arrives as
+/// [`AppEvent::StopCopyDone`]. The caller keeps the VM paused until then.
+pub fn start_stop_copy(m: &vmm::Machine, state: Vec<u8>, dest: PathBuf, tx: &Sender<AppEvent>) {
+    let ranges = ram_ranges(m);
+    let tx = tx.clone();
+    std::thread::spawn(move || {
+        let r = livesnap::capture_stopped(&ranges, &state, &dest).map_err(|e| e.to_string());
+        let _ = tx.send(AppEvent::StopCopyDone(r));
+    });
+}
