@@ -66,6 +66,8 @@ pub fn install_kick_handler() -> std::io::Result<()> {
 /// The controller's handle on one vCPU thread.
 pub struct VcpuHandle {
     pub id: u8,
+    /// Host thread id of the vCPU thread (what `query-cpus-fast` reports).
+    pub tid: i32,
     tx: Sender<Request>,
     thread: Option<JoinHandle<()>>,
 }
@@ -81,22 +83,27 @@ impl VcpuHandle {
         start_paused: bool,
     ) -> std::io::Result<Self> {
         let (tx, rx) = mpsc::channel();
+        let (tid_tx, tid_rx) = mpsc::sync_channel(1);
         let id = vcpu.id;
         let thread = std::thread::Builder::new()
             .name(format!("vcpu{id}"))
             .spawn(move || {
-                VcpuLoop {
+                // SAFETY: gettid has no preconditions.
+                let _ = tid_tx.send(unsafe { libc::gettid() });
+                let l = VcpuLoop {
                     vcpu,
                     bus,
                     rx,
                     acks,
                     events,
                     msrs,
-                }
-                .run(start_paused)
+                };
+                l.run(start_paused)
             })?;
+        let tid = tid_rx.recv().unwrap_or(0);
         Ok(VcpuHandle {
             id,
+            tid,
             tx,
             thread: Some(thread),
         })

@@ -177,7 +177,10 @@ mod tests {
             // Commands with a mandatory argument refuse an empty argument object.
             let required = spec.params.iter().find(|p| !p.optional);
             if let Some(p) = required {
-                assert_eq!(r.unwrap_err().desc, format!("Parameter '{}' is missing", p.name));
+                assert_eq!(
+                    r.unwrap_err().desc,
+                    format!("Parameter '{}' is missing", p.name)
+                );
             } else {
                 assert!(r.is_ok(), "{}", spec.name);
             }
