@@ -122,3 +122,65 @@ fn live_snapshot_one_vcpu_restores_without_corruption() {
 fn live_snapshot_two_vcpus_restores_without_corruption() {
     snapshot_and_restore("2");
 }
+
+#[test]
+fn unusable_destination_fails_and_the_vm_keeps_running() {
+    let d = TempDir::new("baddest");
+    let (_a, mut q) = start_vm(
+        &d,
+        "a",
+        "1",
+        &["--mem", "128M", "--cmdline", "workload=memwrite region=32M"],
+    );
+    assert_eq!(wait_settled(&mut q), "running");
+    q.ok(
+        "migrate-set-capabilities",
+        json!({"capabilities": [{"capability": "background-snapshot", "state": true}]}),
+    );
+    let r = q.cmd("migrate", json!({"uri": "file:/nonexistent-dir/vm.snap"}));
+    assert_eq!(r["error"]["class"], "GenericError", "{r}");
+    let m = q.ok("query-migrate", json!({}));
+    assert_eq!(m["status"], "failed", "{m}");
+    assert_eq!(q.ok("query-status", json!({}))["status"], "running");
+    assert!(!std::path::Path::new("/nonexistent-dir").exists());
+    let r = q.cmd("migrate", json!({"uri": "tcp:127.0.0.1:4444"}));
+    assert_eq!(r["error"]["class"], "GenericError", "only file: URIs: {r}");
+    q.ok("quit", json!({}));
+}
+
+#[test]
+fn ten_snapshots_in_a_row_then_restore_the_last() {
+    let d = TempDir::new("ten");
+    let image = d.path("vm.snap");
+    let (a, mut q) = start_vm(
+        &d,
+        "a",
+        "1",
+        &["--mem", "128M", "--cmdline", "workload=memwrite region=32M"],
+    );
+    a.wait_line("refguest: cpu=0 t=", T);
+    for i in 0..10 {
+        let m = live_snapshot(&mut q, &image);
+        assert_eq!(m["status"], "completed", "snapshot {i}: {m}");
+    }
+    assert_eq!(q.ok("query-status", json!({}))["status"], "running");
+    let leftovers: Vec<_> = std::fs::read_dir(&d.0)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().contains(".tmp"))
+        .collect();
+    assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
+    q.ok("quit", json!({}));
+    let (b, mut qb) = start_vm(
+        &d,
+        "b",
+        "1",
+        &["--incoming", &format!("file:{}", image.display())],
+    );
+    assert_eq!(wait_settled(&mut qb), "running");
+    for _ in 0..2 {
+        let l = b.wait_line(" t=", T);
+        assert!(!l.contains("CORRUPT"), "{l}");
+    }
+    qb.ok("quit", json!({}));
+}
