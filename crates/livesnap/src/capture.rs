@@ -153,8 +153,8 @@ struct TempImage {
 }
 
 impl TempImage {
-    /// Creates `<dest>.tmp-<pid>[-n]` and sizes it to `len` (sparse).
-    fn create(dest: &Path, len: u64) -> Result<TempImage> {
+    /// Creates `<dest>.tmp-<pid>[-n]` (empty; [`TempImage::size`] sizes it).
+    fn create(dest: &Path) -> Result<TempImage> {
         let name = dest.file_name().ok_or_else(|| {
             SnapError::InvalidInput(format!("destination {} has no file name", dest.display()))
         })?;
@@ -189,17 +189,20 @@ impl TempImage {
                 Err(source) => return Err(SnapError::DestDir { dir, source }),
             }
         };
-        let t = TempImage {
+        Ok(TempImage {
             file,
             tmp,
             dest: dest.to_path_buf(),
             dir,
             renamed: false,
-        };
-        t.file
+        })
+    }
+
+    /// Sizes the file to `len` (sparse).
+    fn size(&self, len: u64) -> Result<()> {
+        self.file
             .set_len(len)
-            .map_err(|e| SnapError::io(format!("ftruncate {}", t.tmp.display()), e))?;
-        Ok(t)
+            .map_err(|e| SnapError::io(format!("ftruncate {}", self.tmp.display()), e))
     }
 
     /// Writes device state and header, syncs, and renames over `dest`.
@@ -278,7 +281,8 @@ pub fn capture_stopped(
 ) -> Result<CaptureStats> {
     let start = Instant::now();
     let (mut header, scan) = prepare(ranges, device_state.len())?;
-    let tmp = TempImage::create(dest, header.file_len)?;
+    let tmp = TempImage::create(dest)?;
+    tmp.size(header.file_len)?;
     let (mut zero, mut written) = (0u64, 0u64);
     for r in &scan {
         let write_run = |fo: u64, p: *const u8, len: u64, _z: u64| -> Result<()> {
@@ -426,74 +430,124 @@ impl Capture {
     }
 }
 
-/// Starts a live capture of `ranges` into `dest` and returns as soon as the
-/// child is forked: the caller may resume the vCPUs right away.
-///
-/// Before forking it validates the ranges, creates `<dest>.tmp-<pid>-<n>`
-/// (so an unusable destination directory fails here), sizes it, and creates
-/// the pipe. The returned [`Capture`] tracks the background writer.
+/// A live capture made ready before the pause: ranges validated, the temp
+/// file created next to `dest` (so an unusable destination fails here, with
+/// the guest still running), the pipe open. [`PreparedCapture::start`] is the
+/// only part that belongs inside the pause.
+pub struct PreparedCapture {
+    ranges: Vec<(u64, u64)>,
+    scan: Vec<ScanRange>,
+    tmp: TempImage,
+    pipe_r: File,
+    pipe_w: std::os::fd::OwnedFd,
+    dest: PathBuf,
+    opts: ForkOptions,
+}
+
+impl fmt::Debug for PreparedCapture {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PreparedCapture")
+            .field("ranges", &self.ranges)
+            .field("dest", &self.dest)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Prepares a live capture of `ranges` into `dest`; see [`PreparedCapture`].
+pub fn prepare_fork_capture(
+    ranges: &[RamRange],
+    dest: &Path,
+    opts: ForkOptions,
+) -> Result<PreparedCapture> {
+    let (_, scan) = prepare(ranges, 0)?;
+    let tmp = TempImage::create(dest)?;
+    let (pipe_r, pipe_w) =
+        fork::make_pipe(opts.pipe_size).map_err(|e| SnapError::io("create pipe", e))?;
+    Ok(PreparedCapture {
+        ranges: ranges.iter().map(|r| (r.gpa, r.len)).collect(),
+        scan,
+        tmp,
+        pipe_r,
+        pipe_w,
+        dest: dest.to_path_buf(),
+        opts,
+    })
+}
+
+impl PreparedCapture {
+    /// Forks the capture child and returns at once: the caller may resume the
+    /// vCPUs right away. The child holds a copy-on-write image of RAM as of
+    /// this call; `device_state` must have been saved at the same instant.
+    pub fn start(self, device_state: Vec<u8>) -> Result<Capture> {
+        let start = Instant::now();
+        let header = Header::layout(&self.ranges, device_state.len() as u64)?;
+        let shared = Arc::new(Shared {
+            start,
+            total_bytes: header.ram_bytes(),
+            written: AtomicU64::new(0),
+            zero_pages: AtomicU64::new(0),
+            cancelled: AtomicBool::new(false),
+            child: Mutex::new(None),
+            status: Mutex::new(CaptureStatus::Active),
+        });
+        let (scan, tmp, pipe_r, pipe_w) = (self.scan, self.tmp, self.pipe_r, self.pipe_w);
+        let t_fork = Instant::now();
+        // SAFETY: prepare() validated every range (page-aligned host address,
+        // page-multiple length) and the layout is the same with any device
+        // state length (it only follows RAM); RamRange's contract keeps the
+        // memory mapped for the process lifetime; the fds are the two ends of
+        // the fresh pipe.
+        let pid = unsafe { fork::fork_child(&scan, pipe_r.as_raw_fd(), pipe_w.as_raw_fd()) }
+            .map_err(|e| SnapError::io("fork capture child", e))?;
+        let fork_time = t_fork.elapsed();
+        drop(pipe_w);
+        *lock(&shared.child) = Some(pid);
+        let sh = Arc::clone(&shared);
+        let dest_path = self.dest;
+        let on_done = self.opts.on_done;
+        let spawned = std::thread::Builder::new()
+            .name("livesnap-writer".into())
+            .spawn(move || {
+                let pause = start.elapsed();
+                writer_thread(
+                    sh,
+                    pipe_r,
+                    tmp,
+                    header,
+                    device_state,
+                    on_done,
+                    fork_time,
+                    pause,
+                    dest_path,
+                )
+            });
+        let thread = match spawned {
+            Ok(t) => t,
+            Err(e) => {
+                // The closure (and with it the temp file) was dropped: reap the child.
+                let _ = shared.reap_child(true);
+                return Err(SnapError::io("spawn writer thread", e));
+            }
+        };
+        Ok(Capture {
+            shared,
+            thread: Some(thread),
+            pid,
+            pause_time: start.elapsed(),
+        })
+    }
+}
+
+/// Prepares and starts a live capture in one call (see
+/// [`prepare_fork_capture`] and [`PreparedCapture::start`]); a VMM should
+/// prepare before it pauses the guest.
 pub fn start_fork_capture(
     ranges: &[RamRange],
     device_state: Vec<u8>,
     dest: &Path,
     opts: ForkOptions,
 ) -> Result<Capture> {
-    let start = Instant::now();
-    let (header, scan) = prepare(ranges, device_state.len())?;
-    let tmp = TempImage::create(dest, header.file_len)?;
-    let (pipe_r, pipe_w) =
-        fork::make_pipe(opts.pipe_size).map_err(|e| SnapError::io("create pipe", e))?;
-    let shared = Arc::new(Shared {
-        start,
-        total_bytes: header.ram_bytes(),
-        written: AtomicU64::new(0),
-        zero_pages: AtomicU64::new(0),
-        cancelled: AtomicBool::new(false),
-        child: Mutex::new(None),
-        status: Mutex::new(CaptureStatus::Active),
-    });
-    let t_fork = Instant::now();
-    // SAFETY: prepare() validated every range (page-aligned host address,
-    // page-multiple length); RamRange's contract keeps the memory mapped for
-    // the process lifetime; the fds are the two ends of the fresh pipe.
-    let pid = unsafe { fork::fork_child(&scan, pipe_r.as_raw_fd(), pipe_w.as_raw_fd()) }
-        .map_err(|e| SnapError::io("fork capture child", e))?;
-    let fork_time = t_fork.elapsed();
-    drop(pipe_w);
-    *lock(&shared.child) = Some(pid);
-    let sh = Arc::clone(&shared);
-    let dest_path = dest.to_path_buf();
-    let on_done = opts.on_done;
-    let spawned = std::thread::Builder::new()
-        .name("livesnap-writer".into())
-        .spawn(move || {
-            let pause = start.elapsed();
-            writer_thread(
-                sh,
-                pipe_r,
-                tmp,
-                header,
-                device_state,
-                on_done,
-                fork_time,
-                pause,
-                dest_path,
-            )
-        });
-    let thread = match spawned {
-        Ok(t) => t,
-        Err(e) => {
-            // The closure (and with it the temp file) was dropped: reap the child.
-            let _ = shared.reap_child(true);
-            return Err(SnapError::io("spawn writer thread", e));
-        }
-    };
-    Ok(Capture {
-        shared,
-        thread: Some(thread),
-        pid,
-        pause_time: start.elapsed(),
-    })
+    prepare_fork_capture(ranges, dest, opts)?.start(device_state)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -564,6 +618,7 @@ fn stream(
     fork_time: Duration,
     pause_time: Duration,
 ) -> Result<CaptureStats> {
+    tmp.size(header.file_len)?;
     let ram_end = header.dev_offset;
     let zero_total = loop {
         let rec = match fork::read_record(pipe) {

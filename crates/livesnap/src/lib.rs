@@ -4,9 +4,10 @@
 //! guest-physical address, and device state only as opaque bytes; it knows
 //! nothing of KVM.
 //!
-//! * [`start_fork_capture`]: live capture. The caller pauses the vCPUs and
-//!   serializes device state, calls this, and resumes the vCPUs as soon as it
-//!   returns: the function only creates the file and a pipe and `fork()`s. The
+//! * [`prepare_fork_capture`] then [`PreparedCapture::start`]: live capture.
+//!   The caller prepares (temp file, pipe) while the guest runs, pauses the
+//!   vCPUs, serializes device state, calls `start`, and resumes the vCPUs as
+//!   soon as it returns: `start` only `fork()`s and spawns the writer. The
 //!   child streams its copy-on-write view of RAM into the pipe with
 //!   `vmsplice(2)`; a background thread `splice(2)`s it into the file.
 //! * [`capture_stopped`]: stop-and-copy baseline, VM paused throughout.
@@ -19,8 +20,8 @@ mod image;
 mod pages;
 
 pub use capture::{
-    capture_stopped, start_fork_capture, Capture, CaptureStats, CaptureStatus, DoneCallback,
-    ForkOptions, Progress,
+    capture_stopped, prepare_fork_capture, start_fork_capture, Capture, CaptureStats,
+    CaptureStatus, DoneCallback, ForkOptions, PreparedCapture, Progress,
 };
 pub use error::{Result, SnapError};
 pub use image::{

@@ -15,6 +15,9 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
+    /// The live-snapshot story in under a minute on the built-in guest: boot it writing
+    /// memory, snapshot it live, restore the image in a second VM, check and print the figures.
+    Demo(crate::demo::DemoArgs),
     /// Boot a VM (the built-in reference guest unless --kernel is given).
     Run(Box<RunArgs>),
     /// Write the built-in reference guest (a PVH ELF) to a file, e.g. to boot it under QEMU.

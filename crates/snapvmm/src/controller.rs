@@ -259,11 +259,24 @@ impl Controller {
         let was_running = self.machine.is_running();
         self.migration.new_job(self.machine.ram().size());
         self.migration_event("setup");
+        // Everything that can be done with the guest running is done here:
+        // an unusable destination fails now, without pausing the guest.
+        let prepared = match self.migration.effective_method() {
+            migration::Method::Fork => {
+                match migration::prepare_fork(&self.machine, &dest, &self.tx) {
+                    Ok(p) => Some(p),
+                    Err(e) => return Err(self.fail_migration(e.to_string())),
+                }
+            }
+            migration::Method::Stop => None,
+        };
+        let t_pause = Instant::now();
         let vcpu_pause = if was_running {
             self.pause()?
         } else {
             Duration::ZERO
         };
+        let t_state = Instant::now();
         let state = match self.machine.save_state() {
             Ok(s) => s.to_bytes(),
             Err(e) => {
@@ -276,14 +289,24 @@ impl Controller {
         let method = self.migration.effective_method();
         let job = self.migration.job.as_mut().expect("job just created");
         job.vcpu_pause = vcpu_pause;
+        job.state_time = t_state.elapsed();
         job.setup_time = t0.elapsed();
         match method {
             migration::Method::Fork => {
-                let started = migration::start_fork(&self.machine, state, &dest, &self.tx);
+                let prepared = prepared.expect("prepared for the fork method");
+                let t_start = Instant::now();
+                let started = prepared.start(state);
+                let t_resume = Instant::now();
                 if was_running {
                     self.machine.resume();
                 }
-                let downtime = t0.elapsed();
+                let downtime = t_pause.elapsed();
+                tracing::debug!(
+                    to_start_us = (t_start - t_pause).as_micros() as u64,
+                    start_us = (t_resume - t_start).as_micros() as u64,
+                    resume_us = t_resume.elapsed().as_micros() as u64,
+                    "pause window"
+                );
                 let job = self.migration.job.as_mut().expect("job");
                 job.downtime = downtime;
                 match started {

@@ -4,7 +4,9 @@
 mod bridge;
 mod cli;
 mod controller;
+mod demo;
 mod migration;
+mod qmp_client;
 
 use std::process::ExitCode;
 
@@ -14,6 +16,7 @@ fn main() -> ExitCode {
     let cli = cli::Cli::parse();
     init_tracing();
     let result = match cli.command {
+        cli::Command::Demo(args) => demo::run(args),
         cli::Command::Run(args) => args.validate().and_then(controller::run),
         cli::Command::ExportGuest { path } => std::fs::write(&path, refguest::ELF)
             .map(|_| 0)

@@ -73,6 +73,8 @@ pub struct Job {
     pub fork_time: Duration,
     /// Pausing the vCPUs alone.
     pub vcpu_pause: Duration,
+    /// Saving and serializing the non-RAM state (inside the pause).
+    pub state_time: Duration,
     pub total_time: Option<Duration>,
     pub ram_total: u64,
     pub capture: Option<Capture>,
@@ -145,6 +147,7 @@ impl Migration {
             downtime: Duration::ZERO,
             fork_time: Duration::ZERO,
             vcpu_pause: Duration::ZERO,
+            state_time: Duration::ZERO,
             total_time: None,
             ram_total,
             capture: None,
@@ -195,6 +198,7 @@ impl Migration {
             "x-downtime-us": j.downtime.as_micros() as u64,
             "x-vcpu-pause-us": j.vcpu_pause.as_micros() as u64,
             "x-fork-us": j.fork_time.as_micros() as u64,
+            "x-state-save-us": j.state_time.as_micros() as u64,
         });
         if matches!(j.status, Status::Completed) || j.method == Method::Stop {
             v["downtime"] = json!(j.downtime.as_millis() as u64);
@@ -314,13 +318,13 @@ pub fn ram_ranges(m: &vmm::Machine) -> Vec<RamRange> {
         .collect()
 }
 
-/// Starts a fork capture; completion arrives as [`AppEvent::CaptureDone`].
-pub fn start_fork(
+/// Prepares a fork capture (before the pause); once started, completion
+/// arrives as [`AppEvent::CaptureDone`].
+pub fn prepare_fork(
     m: &vmm::Machine,
-    state: Vec<u8>,
     dest: &Path,
     tx: &Sender<AppEvent>,
-) -> Result<Capture, livesnap::SnapError> {
+) -> Result<livesnap::PreparedCapture, livesnap::SnapError> {
     let tx = tx.clone();
     let opts = ForkOptions {
         on_done: Some(Box::new(move |_| {
@@ -328,7 +332,7 @@ pub fn start_fork(
         })),
         ..ForkOptions::default()
     };
-    livesnap::start_fork_capture(&ram_ranges(m), state, dest, opts)
+    livesnap::prepare_fork_capture(&ram_ranges(m), dest, opts)
 }
 
 /// Runs a stop-and-copy capture on a worker thread; its result arrives as

@@ -142,10 +142,12 @@ impl Machine {
                 "machine state can only be saved while paused".into(),
             ));
         }
-        let mut vcpus = Vec::with_capacity(self.vcpus().len());
-        for v in self.vcpus() {
-            vcpus.push(v.save()?);
-        }
+        // Every vCPU thread saves its own state at the same time.
+        let pending: Vec<_> = self.vcpus().iter().map(|v| v.begin_save()).collect();
+        let vcpus = pending
+            .into_iter()
+            .map(|p| p.wait())
+            .collect::<Result<Vec<_>, _>>()?;
         let vm = VmState::save(self.vm())?;
         Ok(MachineState {
             version: STATE_VERSION,

@@ -121,9 +121,15 @@ impl VcpuHandle {
 
     /// Saves this (paused) vCPU's state.
     pub fn save(&self) -> Result<VcpuState, KvmError> {
+        self.begin_save().wait()
+    }
+
+    /// Asks this (paused) vCPU's thread to save its state; [`PendingSave::wait`]
+    /// collects it. Asking every vCPU first lets them save in parallel.
+    pub fn begin_save(&self) -> PendingSave {
         let (tx, rx) = mpsc::sync_channel(1);
         self.send(Request::Save(tx));
-        rx.recv().unwrap_or_else(|_| Err(thread_gone()))
+        PendingSave(rx)
     }
 
     /// Restores this (paused) vCPU's state.
@@ -131,6 +137,15 @@ impl VcpuHandle {
         let (tx, rx) = mpsc::sync_channel(1);
         self.send(Request::Restore(Box::new(state), tx));
         rx.recv().unwrap_or_else(|_| Err(thread_gone()))
+    }
+}
+
+/// A vCPU state save in progress on its thread.
+pub struct PendingSave(mpsc::Receiver<Result<VcpuState, KvmError>>);
+
+impl PendingSave {
+    pub fn wait(self) -> Result<VcpuState, KvmError> {
+        self.0.recv().unwrap_or_else(|_| Err(thread_gone()))
     }
 }
 
