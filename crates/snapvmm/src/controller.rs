@@ -426,7 +426,8 @@ impl Controller {
                 }
             }
             Cont => {
-                if self.migration.active() && !self.machine.is_running() {
+                // A fork capture does not need the guest stopped; a stop-and-copy does.
+                if self.migration.active_stop_copy() {
                     return Err(CommandError::generic(
                         "There's a migration process in progress",
                     ));

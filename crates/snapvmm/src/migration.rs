@@ -127,6 +127,11 @@ impl Migration {
         })
     }
 
+    /// True while a stop-and-copy runs (the guest must stay stopped).
+    pub fn active_stop_copy(&self) -> bool {
+        self.active() && self.job.as_ref().is_some_and(|j| j.method == Method::Stop)
+    }
+
     /// The method a new `migrate` uses.
     pub fn effective_method(&self) -> Method {
         if self.background_snapshot {

@@ -9,45 +9,6 @@ use std::time::Duration;
 use common::*;
 use serde_json::json;
 
-const T: Duration = Duration::from_secs(60);
-
-fn start_vm(dir: &TempDir, name: &str, cpus: &str, extra: &[&str]) -> (Running, Qmp) {
-    let sock = dir.path(&format!("{name}.sock"));
-    let qmp = format!("unix:{}", sock.display());
-    let mut args = vec!["run", "--qmp", &qmp, "--cpus", cpus];
-    args.extend_from_slice(extra);
-    let r = Running::spawn(snapvmm(&args));
-    let q = Qmp::connect(&sock);
-    (r, q)
-}
-
-/// Polls query-status while the VM is still being set up (prelaunch/inmigrate).
-fn wait_settled(q: &mut Qmp) -> String {
-    let end = std::time::Instant::now() + T;
-    loop {
-        let s = q.ok("query-status", json!({}))["status"]
-            .as_str()
-            .unwrap()
-            .to_string();
-        if (s != "inmigrate" && s != "prelaunch") || std::time::Instant::now() > end {
-            return s;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
-fn live_snapshot(q: &mut Qmp, path: &std::path::Path) -> serde_json::Value {
-    q.ok(
-        "migrate-set-capabilities",
-        json!({"capabilities": [{"capability": "background-snapshot", "state": true}, {"capability": "events", "state": true}]}),
-    );
-    q.ok(
-        "migrate",
-        json!({"uri": format!("file:{}", path.display())}),
-    );
-    q.wait_migration(T)
-}
-
 fn snapshot_and_restore(cpus: &str) {
     let d = TempDir::new("live");
     let image = d.path("vm.snap");
