@@ -162,6 +162,10 @@ pub trait Machine: Send + Sync + 'static {
     fn migrate(&self, uri: &str) -> Result<(), CommandError> {
         Err(unsupported("migrate", uri))
     }
+    /// `migrate-incoming {"uri"}`: load the VM from `uri` (started with `-incoming defer`).
+    fn migrate_incoming(&self, uri: &str) -> Result<(), CommandError> {
+        Err(unsupported("migrate-incoming", uri))
+    }
     /// `migrate_cancel`.
     fn migrate_cancel(&self) -> Result<(), CommandError> {
         Err(unsupported("migrate_cancel", ""))

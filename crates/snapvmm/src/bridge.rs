@@ -21,6 +21,7 @@ pub enum Request {
     Quit,
     Migrate(String),
     MigrateCancel,
+    MigrateIncoming(String),
     QueryMigrate,
     SetCapabilities(Vec<(String, bool)>),
     QueryCapabilities,
@@ -95,6 +96,10 @@ impl qmp::Machine for Bridge {
     }
     fn migrate(&self, uri: &str) -> Result<(), CommandError> {
         self.call(Request::Migrate(uri.to_string())).map(drop)
+    }
+    fn migrate_incoming(&self, uri: &str) -> Result<(), CommandError> {
+        self.call(Request::MigrateIncoming(uri.to_string()))
+            .map(drop)
     }
     fn migrate_cancel(&self) -> Result<(), CommandError> {
         self.call(Request::MigrateCancel).map(drop)

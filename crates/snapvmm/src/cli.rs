@@ -59,7 +59,8 @@ pub struct RunArgs {
     /// When the guest powers off, keep the VM in the shutdown state instead of exiting.
     #[arg(long)]
     pub no_shutdown: bool,
-    /// Restore from a snapshot image: file:PATH (RAM size and vCPUs come from the image).
+    /// Restore from a snapshot image: file:PATH (RAM size and vCPUs come from the image),
+    /// or defer: wait for QMP `migrate-incoming {"uri": "file:PATH"}`.
     #[arg(long)]
     pub incoming: Option<String>,
     /// How a restore loads RAM: lazy (map the image copy-on-write; pages load on first
@@ -90,6 +91,8 @@ pub struct RunConfig {
     pub start_paused: bool,
     pub no_shutdown: bool,
     pub incoming: Option<PathBuf>,
+    /// `--incoming defer`: no machine until QMP `migrate-incoming`.
+    pub defer_incoming: bool,
     pub restore_copy: bool,
 }
 
@@ -162,6 +165,9 @@ impl RunArgs {
                 qmp::ListenAddr::parse(a).map_err(|e| anyhow::anyhow!("invalid --qmp '{a}': {e}"))
             })
             .transpose()?;
+        if self.incoming.as_deref() == Some("defer") && qmp.is_none() {
+            bail!("--incoming defer waits for QMP migrate-incoming: it needs --qmp");
+        }
         Ok(RunConfig {
             mem_bytes,
             cpus: cpus as u8,
@@ -173,16 +179,21 @@ impl RunArgs {
             name: self.name.clone(),
             start_paused: self.paused,
             no_shutdown: self.no_shutdown,
-            incoming: self.incoming.as_deref().map(parse_incoming).transpose()?,
+            incoming: match self.incoming.as_deref() {
+                None | Some("defer") => None,
+                Some(s) => Some(parse_incoming(s)?),
+            },
+            defer_incoming: self.incoming.as_deref() == Some("defer"),
             restore_copy: self.restore_mode == "copy",
         })
     }
 }
 
-fn parse_incoming(s: &str) -> Result<PathBuf> {
+/// Parses a `file:PATH` migration URI (`--incoming`, `migrate-incoming`).
+pub fn parse_incoming(s: &str) -> Result<PathBuf> {
     match s.strip_prefix("file:") {
         Some(p) if !p.is_empty() => Ok(PathBuf::from(p)),
-        _ => bail!("invalid --incoming '{s}': expected file:PATH"),
+        _ => bail!("invalid --incoming '{s}': expected file:PATH or defer"),
     }
 }
 

@@ -34,9 +34,9 @@ pub enum AppEvent {
 const KVM_PATH_ENV: &str = "SNAPVMM_KVM_DEVICE";
 
 /// Boots the machine and runs it until it powers off; returns the exit status.
-pub fn run(cfg: RunConfig) -> Result<u8> {
+pub fn run(mut cfg: RunConfig) -> Result<u8> {
     let (tx, rx) = mpsc::channel::<AppEvent>();
-    let status = if cfg.incoming.is_some() {
+    let status = if cfg.incoming.is_some() || cfg.defer_incoming {
         RunState::Inmigrate
     } else {
         RunState::Prelaunch
@@ -60,15 +60,31 @@ pub fn run(cfg: RunConfig) -> Result<u8> {
         None => None,
     };
     let events = qmp_server.as_ref().map(|s| s.events());
-    let machine = build_machine(&cfg, &tx)?;
     spawn_signal_thread(tx.clone())?;
+    let mut migration = Migration::default();
+    let machine = if cfg.defer_incoming {
+        match wait_incoming(&mut cfg, &tx, &rx, &mut migration, events.as_ref())? {
+            Some(m) => m,
+            None => {
+                drop(qmp_server);
+                return Ok(0);
+            }
+        }
+    } else {
+        build_machine(&cfg, &tx)?
+    };
+    // A reset of a restored VM boots the kernel afresh (as QEMU reboots the firmware).
+    if let Some(m) = cfg.incoming.take().map(|_| &machine) {
+        cfg.mem_bytes = m.ram().size();
+        cfg.cpus = m.cpus();
+    }
     let mut c = Controller {
         cfg,
         tx,
         machine,
         shared,
         events,
-        migration: Migration::default(),
+        migration,
         exit: None,
     };
     c.publish_cpus();
@@ -89,6 +105,69 @@ pub fn run(cfg: RunConfig) -> Result<u8> {
     }
     drop(qmp_server);
     Ok(c.exit.unwrap_or(1))
+}
+
+/// `--incoming defer`: answers QMP until `migrate-incoming` names an image
+/// that loads; returns the machine, or None when asked to quit first.
+fn wait_incoming(
+    cfg: &mut RunConfig,
+    tx: &mpsc::Sender<AppEvent>,
+    rx: &mpsc::Receiver<AppEvent>,
+    migration: &mut Migration,
+    events: Option<&EventBus>,
+) -> Result<Option<Machine>> {
+    use bridge::Request::*;
+    let quit = |reason: &str| {
+        if let Some(ev) = events {
+            ev.emit("SHUTDOWN", Some(json!({"guest": false, "reason": reason})));
+            ev.flush(Duration::from_millis(500));
+        }
+    };
+    loop {
+        let Ok(ev) = rx.recv() else { return Ok(None) };
+        let (req, reply) = match ev {
+            AppEvent::Qmp(req, reply) => (req, reply),
+            AppEvent::Signal(_) => {
+                quit("host-signal");
+                return Ok(None);
+            }
+            _ => continue,
+        };
+        let r: Result<Value, CommandError> = match req {
+            MigrateIncoming(uri) => {
+                match crate::cli::parse_incoming(&uri).map_err(|e| format!("{e:#}")) {
+                    Err(e) => Err(CommandError::generic(e)),
+                    Ok(path) => {
+                        cfg.incoming = Some(path);
+                        match build_machine(cfg, tx) {
+                            Ok(m) => {
+                                let _ = reply.send(Ok(json!({})));
+                                return Ok(Some(m));
+                            }
+                            Err(e) => {
+                                cfg.incoming = None;
+                                Err(CommandError::generic(format!("{e:#}")))
+                            }
+                        }
+                    }
+                }
+            }
+            Quit | SystemPowerdown => {
+                let _ = reply.send(Ok(json!({})));
+                quit("host-qmp-quit");
+                return Ok(None);
+            }
+            QueryMigrate => Ok(migration.query()),
+            SetCapabilities(caps) => migration.set_capabilities(&caps).map(|_| json!({})),
+            QueryCapabilities => Ok(migration.query_capabilities()),
+            SetMethod(m) => migration.set_method(&m).map(|_| json!({})),
+            QueryParameters => Ok(migration.query_parameters()),
+            Stop | Cont | SystemReset | Migrate(_) | MigrateCancel => Err(CommandError::generic(
+                "The VM is waiting for an incoming migration: load it with migrate-incoming first",
+            )),
+        };
+        let _ = reply.send(r);
+    }
 }
 
 fn build_machine(cfg: &RunConfig, tx: &mpsc::Sender<AppEvent>) -> Result<Machine> {
@@ -462,6 +541,11 @@ impl Controller {
                 self.exit = Some(0);
             }
             Migrate(uri) => self.migrate(&uri)?,
+            MigrateIncoming(_) => {
+                return Err(CommandError::generic(
+                    "migrate-incoming needs snapvmm to be started with --incoming defer",
+                ))
+            }
             MigrateCancel => {
                 if let Some(c) = self.migration.job.as_ref().and_then(|j| j.capture.as_ref()) {
                     c.cancel();

@@ -293,3 +293,18 @@ fn cmdline_too_long_is_refused() {
         "command line is too long",
     );
 }
+
+#[test]
+fn bad_incoming_values() {
+    refused(&["run", "--incoming", "defer"], None, "needs --qmp");
+    refused(
+        &["run", "--incoming", "tcp:0:4444"],
+        None,
+        "expected file:PATH or defer",
+    );
+    refused(
+        &["run", "--incoming", "file:"],
+        None,
+        "expected file:PATH or defer",
+    );
+}

@@ -445,3 +445,79 @@ fn damaged_or_foreign_images_are_refused_with_a_clear_error() {
     assert_guest_runs(&b);
     qb.ok("quit", json!({}));
 }
+
+#[test]
+fn incoming_defer_waits_for_migrate_incoming() {
+    let d = TempDir::new("defer");
+    let image = d.path("vm.snap");
+    let (a, mut qa) = start_vm(
+        &d,
+        "a",
+        "2",
+        &["--mem", "128M", "--cmdline", "workload=memwrite region=32M"],
+    );
+    a.wait_line("refguest: cpu=1 t=", T);
+    assert_eq!(live_snapshot(&mut qa, &image)["status"], "completed");
+    let r = qa.cmd("migrate-incoming", file_uri(&image));
+    assert!(
+        r["error"]["desc"]
+            .as_str()
+            .unwrap()
+            .contains("--incoming defer"),
+        "a running VM refuses migrate-incoming: {r}"
+    );
+    qa.ok("quit", json!({}));
+
+    let (b, mut qb) = start_vm(&d, "b", "1", &["--incoming", "defer"]);
+    assert_eq!(qb.ok("query-status", json!({}))["status"], "inmigrate");
+    let r = qb.cmd("cont", json!({}));
+    assert!(
+        r["error"]["desc"]
+            .as_str()
+            .unwrap()
+            .contains("migrate-incoming"),
+        "{r}"
+    );
+    // Settings made while waiting stay for later snapshots.
+    enable_background(&mut qb);
+    let r = qb.cmd("migrate-incoming", json!({"uri": "tcp:localhost:4444"}));
+    assert_eq!(r["error"]["class"], "GenericError", "{r}");
+    let missing = d.path("missing.snap");
+    let r = qb.cmd("migrate-incoming", file_uri(&missing));
+    let why = r["error"]["desc"].as_str().unwrap();
+    assert!(why.contains("cannot restore from"), "{r}");
+    assert_eq!(qb.ok("query-status", json!({}))["status"], "inmigrate");
+    qb.ok("migrate-incoming", file_uri(&image));
+    assert_eq!(qb.ok("query-status", json!({}))["status"], "running");
+    // Two vCPUs came from the image, not from the command line.
+    assert_eq!(
+        qb.ok("query-cpus-fast", json!({}))
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
+    assert_guest_runs(&b);
+    let caps = qb.ok("query-migrate-capabilities", json!({}));
+    assert!(caps
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|c| c["capability"] == "background-snapshot" && c["state"] == true));
+    let r = qb.cmd("migrate-incoming", file_uri(&image));
+    assert!(r.get("error").is_some(), "only once: {r}");
+    qb.ok("quit", json!({}));
+
+    // Paused (-S) with defer: loaded, then waits for cont.
+    let (c, mut qc) = start_vm(&d, "c", "1", &["--incoming", "defer", "-S"]);
+    qc.ok("migrate-incoming", file_uri(&image));
+    assert_eq!(qc.ok("query-status", json!({}))["status"], "paused");
+    qc.ok("cont", json!({}));
+    assert_guest_runs(&c);
+    qc.ok("quit", json!({}));
+
+    // Quit while waiting.
+    let (mut e, mut qe) = start_vm(&d, "e", "1", &["--incoming", "defer"]);
+    qe.ok("quit", json!({}));
+    assert!(e.wait(T).success());
+}

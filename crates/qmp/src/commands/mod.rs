@@ -16,6 +16,7 @@ pub(crate) mod cont;
 pub(crate) mod human_monitor_command;
 pub(crate) mod migrate;
 pub(crate) mod migrate_cancel;
+pub(crate) mod migrate_incoming;
 pub(crate) mod migrate_set_capabilities;
 pub(crate) mod migrate_set_parameters;
 pub(crate) mod qmp_capabilities;
@@ -60,6 +61,7 @@ pub(crate) const COMMANDS: &[CommandSpec] = &[
     human_monitor_command::SPEC,
     migrate::SPEC,
     migrate_cancel::SPEC,
+    migrate_incoming::SPEC,
     query_migrate::SPEC,
     migrate_set_capabilities::SPEC,
     query_migrate_capabilities::SPEC,
@@ -96,6 +98,7 @@ pub(crate) enum Command {
     HumanMonitorCommand(human_monitor_command::Args),
     Migrate(String),
     MigrateCancel,
+    MigrateIncoming(String),
     QueryMigrate,
     MigrateSetCapabilities(Vec<(String, bool)>),
     QueryMigrateCapabilities,
@@ -132,6 +135,7 @@ impl Command {
             Command::HumanMonitorCommand(a) => human_monitor_command::execute(a, ctx),
             Command::Migrate(uri) => migrate::execute(uri, ctx),
             Command::MigrateCancel => migrate_cancel::execute(ctx),
+            Command::MigrateIncoming(uri) => migrate_incoming::execute(uri, ctx),
             Command::QueryMigrate => query_migrate::execute(ctx),
             Command::MigrateSetCapabilities(c) => migrate_set_capabilities::execute(c, ctx),
             Command::QueryMigrateCapabilities => query_migrate_capabilities::execute(ctx),
