@@ -25,7 +25,7 @@ pub enum Request {
     QueryMigrate,
     SetCapabilities(Vec<(String, bool)>),
     QueryCapabilities,
-    SetMethod(String),
+    SetParameters(serde_json::Map<String, Value>),
     QueryParameters,
 }
 
@@ -117,10 +117,7 @@ impl qmp::Machine for Bridge {
         &self,
         params: serde_json::Map<String, Value>,
     ) -> Result<(), CommandError> {
-        match params.get("x-snapshot-method").and_then(Value::as_str) {
-            Some(m) => self.call(Request::SetMethod(m.to_string())).map(drop),
-            None => Ok(()),
-        }
+        self.call(Request::SetParameters(params)).map(drop)
     }
     fn query_migrate_parameters(&self) -> Result<Value, CommandError> {
         self.call(Request::QueryParameters)

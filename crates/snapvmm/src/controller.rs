@@ -4,6 +4,7 @@
 
 use std::io::{LineWriter, Write};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -28,6 +29,14 @@ pub enum AppEvent {
     CaptureDone,
     /// A stop-and-copy capture ended.
     StopCopyDone(Result<livesnap::CaptureStats, String>),
+    /// The huge-page rebuild after a fork capture ended.
+    CollapseDone(vmm::memory::CollapseStats, Duration),
+}
+
+/// The background huge-page rebuild (see `vmm::memory::collapse_huge_pages`).
+struct Collapse {
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<()>,
 }
 
 /// Environment variable naming the KVM device (tests point it elsewhere).
@@ -85,6 +94,7 @@ pub fn run(mut cfg: RunConfig) -> Result<u8> {
         shared,
         events,
         migration,
+        collapse: None,
         exit: None,
     };
     c.publish_cpus();
@@ -98,6 +108,7 @@ pub fn run(mut cfg: RunConfig) -> Result<u8> {
         let Ok(ev) = rx.recv() else { break };
         c.handle(ev)?;
     }
+    c.stop_collapse();
     let _ = c.machine.pause();
     c.machine.flush_serial();
     if let Some(ev) = &c.events {
@@ -160,7 +171,7 @@ fn wait_incoming(
             QueryMigrate => Ok(migration.query()),
             SetCapabilities(caps) => migration.set_capabilities(&caps).map(|_| json!({})),
             QueryCapabilities => Ok(migration.query_capabilities()),
-            SetMethod(m) => migration.set_method(&m).map(|_| json!({})),
+            SetParameters(p) => migration.set_parameters(&p).map(|_| json!({})),
             QueryParameters => Ok(migration.query_parameters()),
             Stop | Cont | SystemReset | Migrate(_) | MigrateCancel => Err(CommandError::generic(
                 "The VM is waiting for an incoming migration: load it with migrate-incoming first",
@@ -282,6 +293,7 @@ struct Controller {
     shared: Arc<Mutex<Shared>>,
     events: Option<EventBus>,
     migration: Migration,
+    collapse: Option<Collapse>,
     exit: Option<u8>,
 }
 
@@ -313,6 +325,23 @@ impl Controller {
             }
             AppEvent::CaptureDone => self.capture_done(),
             AppEvent::StopCopyDone(r) => self.stop_copy_done(r),
+            AppEvent::CollapseDone(st, took) => {
+                tracing::info!(
+                    collapsed = st.collapsed,
+                    skipped = st.skipped,
+                    ms = took.as_millis() as u64,
+                    "huge pages rebuilt"
+                );
+                self.migration.last_collapse = Some((st, took));
+                // Reap the thread if this message is its own (a stopped one was joined already).
+                if self
+                    .collapse
+                    .as_ref()
+                    .is_some_and(|c| c.thread.is_finished())
+                {
+                    self.stop_collapse();
+                }
+            }
         }
         Ok(())
     }
@@ -334,6 +363,8 @@ impl Controller {
                 self.status()
             )));
         }
+        // A huge-page rebuild still running would only slow the fork: end it.
+        self.stop_collapse();
         let t0 = Instant::now();
         let was_running = self.machine.is_running();
         self.migration.new_job(self.machine.ram().size());
@@ -357,7 +388,17 @@ impl Controller {
         };
         let t_state = Instant::now();
         let state = match self.machine.save_state() {
-            Ok(s) => s.to_bytes(),
+            Ok(s) => {
+                let saved = t_state.elapsed();
+                let b = s.to_bytes();
+                tracing::debug!(
+                    save_us = saved.as_micros() as u64,
+                    encode_us = (t_state.elapsed() - saved).as_micros() as u64,
+                    bytes = b.len(),
+                    "machine state"
+                );
+                b
+            }
             Err(e) => {
                 if was_running {
                     self.machine.resume();
@@ -452,6 +493,37 @@ impl Controller {
             }
         };
         self.migration_event(name);
+        if self.migration.collapse {
+            self.start_collapse();
+        }
+    }
+
+    /// Rebuilds the huge pages the capture's copy-on-write faults split, in the
+    /// background, so the next fork is as cheap as the first.
+    fn start_collapse(&mut self) {
+        self.stop_collapse();
+        let spans = self.machine.ram().spans();
+        let stop = Arc::new(AtomicBool::new(false));
+        let (flag, tx) = (stop.clone(), self.tx.clone());
+        let spawned = std::thread::Builder::new()
+            .name("thp-collapse".into())
+            .spawn(move || {
+                let t0 = Instant::now();
+                let st = vmm::memory::collapse_huge_pages(&spans, &flag);
+                let _ = tx.send(AppEvent::CollapseDone(st, t0.elapsed()));
+            });
+        match spawned {
+            Ok(thread) => self.collapse = Some(Collapse { stop, thread }),
+            Err(e) => tracing::warn!("cannot start the huge-page rebuild: {e}"),
+        }
+    }
+
+    /// Ends a running huge-page rebuild (before a fork, a reset or exit).
+    fn stop_collapse(&mut self) {
+        if let Some(c) = self.collapse.take() {
+            c.stop.store(true, Ordering::Relaxed);
+            let _ = c.thread.join();
+        }
     }
 
     fn stop_copy_done(&mut self, r: Result<livesnap::CaptureStats, String>) {
@@ -558,14 +630,7 @@ impl Controller {
             QueryMigrate => return Ok(self.migration.query()),
             SetCapabilities(caps) => self.migration.set_capabilities(&caps)?,
             QueryCapabilities => return Ok(self.migration.query_capabilities()),
-            SetMethod(m) => {
-                if self.migration.active() {
-                    return Err(CommandError::generic(
-                        "There's a migration process in progress",
-                    ));
-                }
-                self.migration.set_method(&m)?
-            }
+            SetParameters(p) => self.migration.set_parameters(&p)?,
             QueryParameters => return Ok(self.migration.query_parameters()),
             Quit => {
                 self.emit(
@@ -602,6 +667,7 @@ impl Controller {
     /// loaded again, every vCPU at its boot state.
     fn reset(&mut self, guest: bool, reason: &str) -> Result<()> {
         let was_running = self.machine.is_running() || self.status() == RunState::Shutdown;
+        self.stop_collapse();
         let _ = self.machine.pause();
         self.machine.flush_serial();
         self.machine = build_machine(&self.cfg, &self.tx)?;

@@ -87,7 +87,11 @@ pub struct Migration {
     pub background_snapshot: bool,
     pub events: bool,
     pub method: Method,
+    /// Rebuild transparent huge pages after a fork capture (`x-collapse-huge-pages`).
+    pub collapse: bool,
     pub job: Option<Job>,
+    /// The latest huge-page rebuild: pages collapsed and time taken.
+    pub last_collapse: Option<(vmm::memory::CollapseStats, Duration)>,
 }
 
 impl Default for Migration {
@@ -96,7 +100,9 @@ impl Default for Migration {
             background_snapshot: false,
             events: false,
             method: Method::Fork,
+            collapse: true,
             job: None,
+            last_collapse: None,
         }
     }
 }
@@ -205,6 +211,13 @@ impl Migration {
             "x-fork-us": j.fork_time.as_micros() as u64,
             "x-state-save-us": j.state_time.as_micros() as u64,
         });
+        if let Some((st, took)) = &self.last_collapse {
+            v["x-huge-pages-rebuilt"] = json!({
+                "collapsed-2m": st.collapsed,
+                "skipped-2m": st.skipped,
+                "ms": took.as_millis() as u64,
+            });
+        }
         if matches!(j.status, Status::Completed) || j.method == Method::Stop {
             v["downtime"] = json!(j.downtime.as_millis() as u64);
         } else {
@@ -267,11 +280,35 @@ impl Migration {
     }
 
     pub fn query_parameters(&self) -> Value {
-        json!({"x-snapshot-method": self.method.name()})
+        json!({
+            "x-snapshot-method": self.method.name(),
+            "x-collapse-huge-pages": self.collapse,
+        })
     }
 
-    pub fn set_method(&mut self, m: &str) -> Result<(), CommandError> {
-        self.method = match m {
+    /// `migrate-set-parameters` (the schema was checked by the QMP layer); all or nothing.
+    pub fn set_parameters(
+        &mut self,
+        p: &serde_json::Map<String, Value>,
+    ) -> Result<(), CommandError> {
+        if self.active() {
+            return Err(CommandError::generic(
+                "There's a migration process in progress",
+            ));
+        }
+        let method = match p.get("x-snapshot-method").and_then(Value::as_str) {
+            Some(m) => Self::parse_method(m)?,
+            None => self.method,
+        };
+        self.method = method;
+        if let Some(c) = p.get("x-collapse-huge-pages").and_then(Value::as_bool) {
+            self.collapse = c;
+        }
+        Ok(())
+    }
+
+    fn parse_method(m: &str) -> Result<Method, CommandError> {
+        Ok(match m {
             "fork" => Method::Fork,
             "stop" => Method::Stop,
             other => {
@@ -279,8 +316,7 @@ impl Migration {
                     "Parameter 'x-snapshot-method' does not accept value '{other}' (expected 'fork' or 'stop')"
                 )))
             }
-        };
-        Ok(())
+        })
     }
 }
 

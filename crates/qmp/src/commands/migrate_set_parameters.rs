@@ -1,4 +1,5 @@
-//! `migrate-set-parameters`: snapvmm's `x-snapshot-method` (`fork` | `stop`). Returns `{}`.
+//! `migrate-set-parameters`: snapvmm's `x-snapshot-method` (`fork` | `stop`) and
+//! `x-collapse-huge-pages` (bool). Returns `{}`.
 
 use serde_json::Value;
 
@@ -8,11 +9,18 @@ use crate::error::CommandError;
 
 pub(crate) const SPEC: CommandSpec = CommandSpec {
     name: "migrate-set-parameters",
-    params: &[Param {
-        name: "x-snapshot-method",
-        ty: ParamType::Str,
-        optional: true,
-    }],
+    params: &[
+        Param {
+            name: "x-snapshot-method",
+            ty: ParamType::Str,
+            optional: true,
+        },
+        Param {
+            name: "x-collapse-huge-pages",
+            ty: ParamType::Bool,
+            optional: true,
+        },
+    ],
     build: |a| Ok(Command::MigrateSetParameters(a)),
 };
 
