@@ -1,0 +1,185 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code)]
+
+use std::path::Path;
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+
+use qcow2::Backend;
+
+pub fn have(tool: &str) -> bool {
+    Command::new(tool)
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+#[macro_export]
+macro_rules! require_qemu_img {
+    () => {
+        if !common::have("qemu-img") {
+            eprintln!("skipped: qemu-img not found");
+            return;
+        }
+    };
+}
+
+/// Run a command, panic on spawn failure, return (exit code, stdout+stderr).
+pub fn run(cmd: &str, args: &[&str]) -> (i32, String) {
+    let o = Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd}: {e}"));
+    let mut s = String::from_utf8_lossy(&o.stdout).into_owned();
+    s.push_str(&String::from_utf8_lossy(&o.stderr));
+    (o.status.code().unwrap_or(-1), s)
+}
+
+pub fn run_ok(cmd: &str, args: &[&str]) -> String {
+    let (c, out) = run(cmd, args);
+    assert_eq!(c, 0, "{cmd} {args:?} failed:\n{out}");
+    out
+}
+
+pub fn check(path: &Path) -> (i32, String) {
+    run(
+        "qemu-img",
+        &["check", "-f", "qcow2", path.to_str().unwrap()],
+    )
+}
+
+/// `qemu-img check` must report no errors and no leaks.
+pub fn assert_clean(path: &Path) {
+    let (c, out) = check(path);
+    assert_eq!(c, 0, "qemu-img check failed:\n{out}");
+    assert!(
+        !out.contains("leaked") && !out.contains("ERROR"),
+        "qemu-img check not clean:\n{out}"
+    );
+}
+
+/// Content of the image (or of one of its snapshots) as raw bytes, via qemu-img.
+pub fn to_raw(path: &Path, snapshot: Option<&str>) -> Vec<u8> {
+    let out = path.with_extension(format!("raw-{}", std::process::id()));
+    let p = path.to_str().unwrap();
+    let o = out.to_str().unwrap();
+    let l;
+    let mut args = vec!["convert", "-f", "qcow2", "-O", "raw"];
+    if let Some(s) = snapshot {
+        l = format!("snapshot.name={s}");
+        args.push("-l");
+        args.push(&l);
+    }
+    args.push(p);
+    args.push(o);
+    run_ok("qemu-img", &args);
+    let d = std::fs::read(&out).unwrap();
+    std::fs::remove_file(&out).unwrap();
+    d
+}
+
+pub fn info(path: &Path) -> serde_json::Value {
+    let out = run_ok(
+        "qemu-img",
+        &["info", "-U", "--output=json", path.to_str().unwrap()],
+    );
+    serde_json::from_str(&out).unwrap()
+}
+
+/// Deterministic pseudo-random bytes.
+pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+/// Simple xorshift RNG.
+pub struct Rng(pub u64);
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.0 = x;
+        x
+    }
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+}
+
+/// In-memory backend shared with the test, which "crashes" (fails every
+/// write) once its write budget is used up.
+#[derive(Clone)]
+pub struct CrashBackend {
+    pub data: Arc<Mutex<Vec<u8>>>,
+    pub budget: Arc<Mutex<Option<u64>>>,
+    pub writes: Arc<Mutex<u64>>,
+}
+
+impl CrashBackend {
+    pub fn new(data: Vec<u8>, budget: Option<u64>) -> Self {
+        Self {
+            data: Arc::new(Mutex::new(data)),
+            budget: Arc::new(Mutex::new(budget)),
+            writes: Arc::new(Mutex::new(0)),
+        }
+    }
+    pub fn bytes(&self) -> Vec<u8> {
+        self.data.lock().unwrap().clone()
+    }
+}
+
+impl Backend for CrashBackend {
+    fn read_at(&mut self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        let d = self.data.lock().unwrap();
+        buf.fill(0);
+        let s = offset as usize;
+        if s < d.len() {
+            let e = (s + buf.len()).min(d.len());
+            buf[..e - s].copy_from_slice(&d[s..e]);
+        }
+        Ok(())
+    }
+    fn write_at(&mut self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        let mut b = self.budget.lock().unwrap();
+        if let Some(n) = b.as_mut() {
+            if *n == 0 {
+                return Err(std::io::Error::other("simulated crash"));
+            }
+            *n -= 1;
+        }
+        *self.writes.lock().unwrap() += 1;
+        let mut d = self.data.lock().unwrap();
+        let s = offset as usize;
+        if d.len() < s + buf.len() {
+            d.resize(s + buf.len(), 0);
+        }
+        d[s..s + buf.len()].copy_from_slice(buf);
+        Ok(())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn len(&mut self) -> std::io::Result<u64> {
+        Ok(self.data.lock().unwrap().len() as u64)
+    }
+    fn set_len(&mut self, len: u64) -> std::io::Result<()> {
+        let mut b = self.budget.lock().unwrap();
+        if let Some(n) = b.as_mut() {
+            if *n == 0 {
+                return Err(std::io::Error::other("simulated crash"));
+            }
+            *n -= 1;
+        }
+        self.data.lock().unwrap().resize(len as usize, 0);
+        Ok(())
+    }
+}
