@@ -7,8 +7,14 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-const SOURCES: &[&str] = &["entry.S", "kernel.c", "user.c"];
-const HEADERS: &[&str] = &["guest.h", "layout.h", "link.ld"];
+const SOURCES: &[&str] = &[
+    "entry.S",
+    "kernel.c",
+    "user.c",
+    "diskwrite.c",
+    "virtio_blk.c",
+];
+const HEADERS: &[&str] = &["guest.h", "layout.h", "link.ld", "virtio_blk.h"];
 
 fn main() {
     let dir = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").unwrap()).join("guest");

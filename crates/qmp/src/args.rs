@@ -21,6 +21,8 @@ pub(crate) enum ParamType {
     /// `bool` (no current command takes one; kept for upcoming ones)
     #[allow(dead_code)]
     Bool,
+    /// A list of strings (`['str']`).
+    StrList,
     /// A list of an enumeration's values.
     EnumList(&'static [&'static str]),
     /// A list of objects; the command checks their members itself.
@@ -52,6 +54,15 @@ fn check_value(name: &str, ty: ParamType, value: &Value) -> Result<(), CommandEr
                 .is_some_and(|v| v.iter().all(Value::is_object)) =>
         {
             Err(invalid_type(name, "array"))
+        }
+        ParamType::StrList => {
+            let items = value
+                .as_array()
+                .ok_or_else(|| invalid_type(name, "array"))?;
+            match items.iter().position(|v| !v.is_string()) {
+                Some(i) => Err(invalid_type(&format!("{name}[{i}]"), "string")),
+                None => Ok(()),
+            }
         }
         ParamType::EnumList(allowed) => {
             let items = value
@@ -124,6 +135,11 @@ mod tests {
             ty: ParamType::EnumList(&["oob"]),
             optional: true,
         },
+        Param {
+            name: "d",
+            ty: ParamType::StrList,
+            optional: true,
+        },
     ];
 
     fn err(v: Value) -> String {
@@ -155,7 +171,15 @@ mod tests {
             err(json!({"s": "", "l": ["oob", "x"]})),
             "Parameter 'l[1]' does not accept value 'x'"
         );
-        let Value::Object(ok) = json!({"s": "", "i": 3, "l": ["oob"]}) else {
+        assert_eq!(
+            err(json!({"s": "", "d": "x"})),
+            "Invalid parameter type for 'd', expected: array"
+        );
+        assert_eq!(
+            err(json!({"s": "", "d": ["a", 2]})),
+            "Invalid parameter type for 'd[1]', expected: string"
+        );
+        let Value::Object(ok) = json!({"s": "", "i": 3, "l": ["oob"], "d": []}) else {
             unreachable!()
         };
         assert!(check(&ok, P).is_ok());

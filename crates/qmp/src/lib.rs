@@ -85,17 +85,25 @@
 //! | `stop`, `cont`, `system_reset`, `system_powerdown` | | `{}` |
 //! | `quit` | | `{}`, written before [`Machine::quit`] is called |
 //! | `human-monitor-command` | `command-line`: str, `cpu-index`?: int | str |
+//! | `snapshot-save`, `snapshot-load` | `job-id`, `tag`, `vmstate`: str, `devices`: [str] (all mandatory) | `{}` at once |
+//! | `snapshot-delete` | `job-id`, `tag`: str, `devices`: [str] | `{}` at once |
+//! | `query-jobs` | | `[{"id", "type", "status", "current-progress", "total-progress", "error"?}]` |
+//! | `job-dismiss`, `job-cancel`, `job-finalize` | `id`: str | `{}` |
 //!
 //! `human-monitor-command` understands `help`/`?` (with an optional command name), `info`
-//! (`status`, `version`, `name`, `kvm`, `cpus`), `stop`/`s`, `cont`/`c`,
-//! `system_reset`, `system_powerdown` and `quit`/`q`, printing exactly
+//! (`status`, `version`, `name`, `kvm`, `cpus`, `snapshots`), `stop`/`s`, `cont`/`c`,
+//! `system_reset`, `system_powerdown`, `quit`/`q`, `savevm [tag]`, `loadvm tag`
+//! and `delvm tag`, printing exactly
 //! what QEMU's HMP prints: lines end in `\r\n`; `info status` gives
 //! `VM status: running`, `VM status: paused` or `VM status: paused
 //! (postmigrate)` (the run state in parentheses unless it is `paused`);
 //! `info version` gives `10.0.0snapvmm-VERSION` (QEMU concatenates version
 //! and package); an unknown command prints `unknown command: 'foo'` (a
 //! string result, not an error); a failing command prints `Error: DESC`;
-//! an empty line returns `""`. A `cpu-index` that names no vCPU is refused
+//! an empty line returns `""`; bad arguments print QEMU's parser
+//! messages, e.g. `stop|s: extraneous characters at the end of line` or
+//! `loadvm: string expected`, followed by `Try "help stop" for more
+//! information`. A `cpu-index` that names no vCPU is refused
 //! with "Parameter 'cpu-index' expects a CPU number".
 //!
 //! ## Events
@@ -104,7 +112,9 @@
 //! "data": {...}}` (wall clock; `data` omitted when `None`), sent to every
 //! negotiated client by [`EventBus::emit`], which never blocks. The VMM
 //! emits `STOP`, `RESUME`, `RESET` `{"guest": bool, "reason": str}`,
-//! `POWERDOWN` and `SHUTDOWN` `{"guest": bool, "reason": str}`; the crate
+//! `POWERDOWN`, `SHUTDOWN` `{"guest": bool, "reason": str}` and
+//! `JOB_STATUS_CHANGE` `{"id", "status"}` (`created` → `running` → `waiting` →
+//! `pending` → `concluded`, `null` after `job-dismiss`); the crate
 //! does not check names or payloads. [`EventBus::flush`] waits (bounded)
 //! until queued messages are written, e.g. so a final `SHUTDOWN` reaches
 //! the clients before the process exits.
@@ -135,6 +145,8 @@
 //!   errors after "JSON parse error, " differ.
 //! * `wait=on` and `server=off` are refused.
 //! * Only the commands above exist; `query-qmp-schema` is not implemented.
+//!   `info snapshots` lists only the snapshots present on all disks (no
+//!   "partial" lists).
 #![warn(missing_docs)]
 
 mod addr;
@@ -155,7 +167,7 @@ mod stream;
 pub use addr::ListenAddr;
 pub use error::{CommandError, ErrorClass, QmpError};
 pub use events::{EventBus, CLIENT_QUEUE_CAPACITY};
-pub use machine::{CpuInfo, CpuProps, Machine, RunState};
+pub use machine::{CpuInfo, CpuProps, Machine, RunState, SnapshotEntry, SnapshotJob};
 pub use protocol::{package, QEMU_VERSION};
 pub use server::{Server, MAX_CLIENTS};
 pub use stream::{MAX_MESSAGE_SIZE, MAX_NESTING};

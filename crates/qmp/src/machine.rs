@@ -137,6 +137,42 @@ impl CpuInfo {
     }
 }
 
+/// The arguments of `snapshot-save`, `snapshot-load` and `snapshot-delete`
+/// (qapi/migration.json, QEMU 6.0): start a background job named `job_id`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotJob {
+    /// `job-id`: identifier of the new job (`query-jobs`, `JOB_STATUS_CHANGE`).
+    pub job_id: String,
+    /// `tag`: name of the snapshot.
+    pub tag: String,
+    /// `vmstate`: block node that stores (or holds) the VM state; `None`
+    /// for `snapshot-delete`, which has no such argument.
+    pub vmstate: Option<String>,
+    /// `devices`: block node names to snapshot, load or delete from.
+    pub devices: Vec<String>,
+}
+
+/// One internal snapshot present on every snapshot-capable disk, as
+/// listed by HMP `info snapshots` (QEMU's `QEMUSnapshotInfo`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SnapshotEntry {
+    /// Snapshot id (QEMU prints `--` for snapshots present on all disks,
+    /// since ids may differ between images; kept for completeness).
+    pub id: String,
+    /// Tag (name) of the snapshot.
+    pub name: String,
+    /// Size of the saved VM state in bytes.
+    pub vm_state_size: u64,
+    /// Creation time, seconds since the Unix epoch.
+    pub date_sec: u64,
+    /// Creation time, nanoseconds part.
+    pub date_nsec: u32,
+    /// Guest clock (`QEMU_CLOCK_VIRTUAL`) at save time, in nanoseconds.
+    pub vm_clock_nsec: u64,
+    /// Instruction count (record/replay only); `None` prints `--`.
+    pub icount: Option<u64>,
+}
+
 /// What the VMM exposes to QMP. Every method is called from a QMP client
 /// thread; implementations must not block for long.
 pub trait Machine: Send + Sync + 'static {
@@ -194,6 +230,61 @@ pub trait Machine: Send + Sync + 'static {
     /// `query-migrate-parameters`.
     fn query_migrate_parameters(&self) -> Result<serde_json::Value, CommandError> {
         Err(unsupported("query-migrate-parameters", ""))
+    }
+
+    /// `snapshot-save`: start a job that saves an internal snapshot. Return
+    /// once the job exists (QEMU returns `{}` at once); report progress via
+    /// `query-jobs` and `JOB_STATUS_CHANGE` events.
+    fn snapshot_save(&self, job: SnapshotJob) -> Result<(), CommandError> {
+        let _ = job;
+        Err(unsupported("snapshot-save", ""))
+    }
+    /// `snapshot-load`: start a job that loads an internal snapshot.
+    fn snapshot_load(&self, job: SnapshotJob) -> Result<(), CommandError> {
+        let _ = job;
+        Err(unsupported("snapshot-load", ""))
+    }
+    /// `snapshot-delete`: start a job that deletes an internal snapshot
+    /// (`job.vmstate` is always `None`).
+    fn snapshot_delete(&self, job: SnapshotJob) -> Result<(), CommandError> {
+        let _ = job;
+        Err(unsupported("snapshot-delete", ""))
+    }
+    /// `query-jobs`: a list of JobInfo objects, `[{"id", "type", "status",
+    /// "current-progress", "total-progress", "error"?}]`.
+    fn query_jobs(&self) -> Result<serde_json::Value, CommandError> {
+        Err(unsupported("query-jobs", ""))
+    }
+    /// `job-dismiss {"id"}`: remove a concluded job.
+    fn job_dismiss(&self, id: &str) -> Result<(), CommandError> {
+        Err(unsupported("job-dismiss", id))
+    }
+    /// `job-cancel {"id"}`: cancel a job.
+    fn job_cancel(&self, id: &str) -> Result<(), CommandError> {
+        Err(unsupported("job-cancel", id))
+    }
+    /// `job-finalize {"id"}`: finalize a pending job.
+    fn job_finalize(&self, id: &str) -> Result<(), CommandError> {
+        Err(unsupported("job-finalize", id))
+    }
+    /// HMP `savevm TAG`: save an internal snapshot, returning when done.
+    /// A bare `savevm` passes a generated tag, `vm-YYYYMMDDhhmmss` (local time).
+    fn savevm(&self, tag: &str) -> Result<(), CommandError> {
+        Err(unsupported("savevm", tag))
+    }
+    /// HMP `loadvm TAG`: load an internal snapshot, returning when done.
+    fn loadvm(&self, tag: &str) -> Result<(), CommandError> {
+        Err(unsupported("loadvm", tag))
+    }
+    /// HMP `delvm TAG`: delete an internal snapshot from every disk.
+    fn delvm(&self, tag: &str) -> Result<(), CommandError> {
+        Err(unsupported("delvm", tag))
+    }
+    /// HMP `info snapshots`: the snapshots present on all snapshot-capable
+    /// disks. With no such disk, QEMU fails with "no block device can
+    /// store vmstate for snapshot".
+    fn list_snapshots(&self) -> Result<Vec<SnapshotEntry>, CommandError> {
+        Err(unsupported("info snapshots", ""))
     }
 }
 

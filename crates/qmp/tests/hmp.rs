@@ -95,9 +95,16 @@ fn control_commands() {
         mock.calls(),
         vec!["stop", "cont", "system_reset", "system_powerdown"]
     );
+    // monitor/hmp.c prints the command's table name, then a hint.
     assert_eq!(
         hmp(&mut c, "stop now"),
-        "stop: extraneous characters at the end of line\r\n"
+        "stop|s: extraneous characters at the end of line\r\n\
+         Try \"help stop\" for more information\r\n"
+    );
+    assert_eq!(
+        hmp(&mut c, "info status x"),
+        "status: extraneous characters at the end of line\r\n\
+         Try \"help info status\" for more information\r\n"
     );
     mock.set_state(RunState::Inmigrate);
     assert_eq!(

@@ -9,14 +9,17 @@
  * Once a second each CPU reports the pages it wrote and the longest gap
  * between two consecutive page writes (the pause the guest felt); the time
  * spent printing is left out of the gaps.
+ *
+ * diskwrite: CPU 0 runs the disk loop of diskwrite.c, every other CPU runs
+ * memwrite; with a single CPU, CPU 0 alternates between one disk block and a
+ * slice of memwrite pages.
  */
 #include "guest.h"
 
-#define PAGE 4096ULL
 #define MAX_RANGES 16
-#define MAX_CORRUPT_LINES 8
+#define INTERLEAVE_PAGES 256    /* memwrite pages per disk block on one CPU */
 
-enum workload { WL_MEMWRITE, WL_IDLE, WL_EXIT, WL_RESET };
+enum workload { WL_MEMWRITE, WL_IDLE, WL_EXIT, WL_RESET, WL_DISKWRITE };
 
 static struct {
     enum workload workload;
@@ -25,7 +28,10 @@ static struct {
     u64 rate;       /* pages per second per CPU; 0 = unlimited */
     u32 exit_code;
     u64 tsc_khz;
+    u64 disk_region; /* bytes; 0 = default */
 } cfg;
+
+u64 tsc_khz;
 
 static struct range {
     u64 base;
@@ -52,7 +58,7 @@ static u64 syscall2(u64 nr, u64 a, u64 b)
 }
 
 static void sys_write(const char *s, u64 n) { syscall2(SYS_WRITE, (u64)s, n); }
-static void __attribute__((noreturn)) sys_exit(u32 code)
+void sys_exit(u32 code)
 {
     syscall2(SYS_EXIT, code, 0);
     for (;;)
@@ -65,13 +71,6 @@ static void __attribute__((noreturn)) sys_halt(void)
         ;
 }
 
-static inline u64 rdtsc(void)
-{
-    u32 lo, hi;
-    __asm__ volatile("rdtsc" : "=a"(lo), "=d"(hi));
-    return ((u64)hi << 32) | lo;
-}
-
 static inline void cpuid(u32 leaf, u32 *a, u32 *b, u32 *c, u32 *d)
 {
     __asm__ volatile("cpuid" : "=a"(*a), "=b"(*b), "=c"(*c), "=d"(*d) : "a"(leaf), "c"(0));
@@ -79,18 +78,13 @@ static inline void cpuid(u32 leaf, u32 *a, u32 *b, u32 *c, u32 *d)
 
 /* ---- formatting ----------------------------------------------------- */
 
-struct buf {
-    char s[160];
-    u32 n;
-};
-
-static void put_str(struct buf *b, const char *s)
+void put_str(struct buf *b, const char *s)
 {
     while (*s && b->n < sizeof(b->s))
         b->s[b->n++] = *s++;
 }
 
-static void put_u64(struct buf *b, u64 v)
+void put_u64(struct buf *b, u64 v)
 {
     char tmp[20];
     int i = 0;
@@ -102,13 +96,34 @@ static void put_u64(struct buf *b, u64 v)
         b->s[b->n++] = tmp[--i];
 }
 
-static void put_kv(struct buf *b, const char *k, u64 v)
+void put_hexnum(struct buf *b, u64 v)
+{
+    int shift = 60;
+    put_str(b, "0x");
+    while (shift > 0 && !(v >> shift))
+        shift -= 4;
+    for (; shift >= 0 && b->n < sizeof(b->s); shift -= 4)
+        b->s[b->n++] = "0123456789abcdef"[(v >> shift) & 0xf];
+}
+
+void put_kv(struct buf *b, const char *k, u64 v)
 {
     put_str(b, k);
     put_u64(b, v);
 }
 
-static void emit(struct buf *b)
+/* " t=S.mmm" for a TSC interval. */
+void put_time(struct buf *b, u64 ticks)
+{
+    u64 ms = ticks / tsc_khz;
+    put_kv(b, " t=", ms / 1000);
+    put_str(b, ".");
+    put_u64(b, ms / 100 % 10);
+    put_u64(b, ms / 10 % 10);
+    put_u64(b, ms % 10);
+}
+
+void emit(struct buf *b)
 {
     if (b->n < sizeof(b->s))
         b->s[b->n++] = '\n';
@@ -129,21 +144,39 @@ static int word_is(const char *w, u32 n, const char *lit)
     return i == n && !lit[i];
 }
 
-static u64 parse_size(const char *v, u32 n)
+/* A number: decimal, or hex with 0x, optionally followed by K, M or G.
+ * *used (if given) receives the characters consumed. */
+u64 parse_num(const char *v, u32 n, u32 *used)
 {
     u64 x = 0;
     u32 i = 0;
-    for (; i < n && v[i] >= '0' && v[i] <= '9'; i++)
-        x = x * 10 + (v[i] - '0');
+    if (n >= 2 && v[0] == '0' && (v[1] | 0x20) == 'x') {
+        for (i = 2; i < n; i++) {
+            char c = v[i] | 0x20;
+            if (v[i] >= '0' && v[i] <= '9')
+                x = x * 16 + (v[i] - '0');
+            else if (c >= 'a' && c <= 'f')
+                x = x * 16 + (c - 'a' + 10);
+            else
+                break;
+        }
+    } else {
+        for (; i < n && v[i] >= '0' && v[i] <= '9'; i++)
+            x = x * 10 + (v[i] - '0');
+    }
     if (i < n) {
         switch (v[i] | 0x20) {
-        case 'k': x <<= 10; break;
-        case 'm': x <<= 20; break;
-        case 'g': x <<= 30; break;
+        case 'k': x <<= 10; i++; break;
+        case 'm': x <<= 20; i++; break;
+        case 'g': x <<= 30; i++; break;
         }
     }
+    if (used)
+        *used = i;
     return x;
 }
+
+static u64 parse_size(const char *v, u32 n) { return parse_num(v, n, 0); }
 
 static void parse_cmdline(const char *s)
 {
@@ -169,6 +202,8 @@ static void parse_cmdline(const char *s)
                 cfg.workload = WL_EXIT;
             else if (word_is(v, vn, "reset"))
                 cfg.workload = WL_RESET;
+            else if (word_is(v, vn, "diskwrite"))
+                cfg.workload = WL_DISKWRITE;
             else
                 cfg.workload = WL_MEMWRITE;
         } else if (word_is(k, kn, "region")) {
@@ -181,6 +216,8 @@ static void parse_cmdline(const char *s)
             cfg.exit_code = (u32)parse_size(v, vn);
         } else if (word_is(k, kn, "tsc_khz")) {
             cfg.tsc_khz = parse_size(v, vn);
+        } else if (word_is(k, kn, "disk_region")) {
+            cfg.disk_region = parse_size(v, vn);
         }
     }
 }
@@ -247,15 +284,10 @@ static struct cursor cursor_at(u64 page)
 static void report(u32 cpu, u64 now, u64 t0, u64 pages, u64 maxgap, u64 passes)
 {
     struct buf b = { .n = 0 };
-    u64 ms = (now - t0) / cfg.tsc_khz;
     put_kv(&b, "refguest: cpu=", cpu);
-    put_kv(&b, " t=", ms / 1000);
-    put_str(&b, ".");
-    put_u64(&b, ms / 100 % 10);
-    put_u64(&b, ms / 10 % 10);
-    put_u64(&b, ms % 10);
+    put_time(&b, now - t0);
     put_kv(&b, " pages=", pages);
-    put_kv(&b, " maxgap_us=", maxgap * 1000 / cfg.tsc_khz);
+    put_kv(&b, " maxgap_us=", maxgap * 1000 / tsc_khz);
     put_kv(&b, " passes=", passes);
     emit(&b);
 }
@@ -270,53 +302,144 @@ static void report_corrupt(u32 cpu, u64 page, u64 expected, u64 found)
     emit(&b);
 }
 
-static void memwrite(u32 cpu)
+/* One CPU's memwrite, as a resumable loop so that a single CPU can interleave
+ * it with the disk loop. */
+struct memwrite {
+    u32 cpu;
+    u64 first, n;           /* slice: pages [first, first + n) of the region */
+    u64 pass, j;            /* next page to write: page j of pass `pass` */
+    struct cursor c;
+    u64 t0, last, next_report, maxgap, written, corrupt;
+    u64 reports;            /* report lines printed */
+    int rate_hold;          /* rate reached: report due at next_report */
+    u64 hold_passes;
+};
+
+static void mw_init(struct memwrite *m, u32 cpu, u32 slice, u32 nslices)
 {
-    u64 first = total_pages * cpu / ncpus;
-    u64 n = total_pages * (cpu + 1) / ncpus - first;
-    const u64 second = cfg.tsc_khz * 1000;
-    u64 t0 = rdtsc(), last = t0, next_report = t0 + second;
-    u64 maxgap = 0, written = 0, corrupt = 0;
+    memset(m, 0, sizeof(*m));
+    m->cpu = cpu;
+    m->first = total_pages * slice / nslices;
+    m->n = total_pages * (slice + 1) / nslices - m->first;
+    m->pass = 1;
+    m->t0 = rdtsc();
+    m->last = m->t0;
+    m->next_report = m->t0 + tsc_khz * 1000;
+}
 
-    for (u64 pass = 1; cfg.passes == 0 || pass <= cfg.passes; pass++) {
-        struct cursor c = cursor_at(first);
-        for (u64 j = 0; j < n; j++) {
-            if (c.off == ranges[c.r].pages) {
-                c.r++;
-                c.off = 0;
-            }
-            volatile u64 *word = (volatile u64 *)(ranges[c.r].base + c.off * PAGE);
-            c.off++;
-            u64 value = (pass - 1) * n + j + 1;
-            if (pass > 1) {
-                u64 found = *word;
-                if (found != value - n) {
-                    if (corrupt++ < MAX_CORRUPT_LINES)
-                        report_corrupt(cpu, first + j, value - n, found);
-                    last = rdtsc();
-                }
-            }
-            *word = value;
-            written++;
+static void mw_report(struct memwrite *m, u64 now, u64 passes)
+{
+    report(m->cpu, now, m->t0, m->written, m->maxgap, passes);
+    m->written = 0;
+    m->maxgap = 0;
+    m->next_report = now + tsc_khz * 1000;
+    m->reports++;
+    m->last = rdtsc();
+}
 
-            u64 now = rdtsc();
-            if (now - last > maxgap)
-                maxgap = now - last;
-            last = now;
-            if (now >= next_report || (cfg.rate && written >= cfg.rate)) {
-                if (cfg.rate && written >= cfg.rate)
-                    while ((now = rdtsc()) < next_report)
-                        __asm__ volatile("pause");
-                report(cpu, now, t0, written, maxgap, pass - 1);
-                written = 0;
-                maxgap = 0;
-                next_report = now + second;
-                last = rdtsc();
+static int mw_more(const struct memwrite *m)
+{
+    return cfg.passes == 0 || m->pass <= cfg.passes;
+}
+
+/* Writes up to `budget` pages. When the rate limit is reached it spins until
+ * the next second if may_wait, else returns and holds off until then.
+ * Returns 0 once all passes are done. */
+static int mw_step(struct memwrite *m, u64 budget, int may_wait)
+{
+    if (m->rate_hold) {
+        u64 now = rdtsc();
+        if (now < m->next_report)
+            return 1;
+        m->rate_hold = 0;
+        mw_report(m, now, m->hold_passes);
+    }
+    for (; budget && mw_more(m); budget--) {
+        if (m->j == 0)
+            m->c = cursor_at(m->first);
+        if (m->c.off == ranges[m->c.r].pages) {
+            m->c.r++;
+            m->c.off = 0;
+        }
+        volatile u64 *word = (volatile u64 *)(ranges[m->c.r].base + m->c.off * PAGE);
+        m->c.off++;
+        u64 value = (m->pass - 1) * m->n + m->j + 1;
+        if (m->pass > 1) {
+            u64 found = *word;
+            if (found != value - m->n) {
+                if (m->corrupt++ < MAX_CORRUPT_LINES)
+                    report_corrupt(m->cpu, m->first + m->j, value - m->n, found);
+                m->last = rdtsc();
             }
         }
+        *word = value;
+        m->written++;
+        u64 passes_done = m->pass - 1;
+        if (++m->j == m->n) {
+            m->j = 0;
+            m->pass++;
+        }
+
+        u64 now = rdtsc();
+        if (now - m->last > m->maxgap)
+            m->maxgap = now - m->last;
+        m->last = now;
+        if (now >= m->next_report || (cfg.rate && m->written >= cfg.rate)) {
+            if (cfg.rate && m->written >= cfg.rate) {
+                if (!may_wait && rdtsc() < m->next_report) {
+                    m->rate_hold = 1;
+                    m->hold_passes = passes_done;
+                    return 1;
+                }
+                while ((now = rdtsc()) < m->next_report)
+                    __asm__ volatile("pause");
+            }
+            mw_report(m, now, passes_done);
+        }
     }
-    if (corrupt)
-        __atomic_fetch_add(&corrupt_total, corrupt, __ATOMIC_RELAXED);
+    return mw_more(m) || m->rate_hold;
+}
+
+static void memwrite(u32 cpu, u32 slice, u32 nslices)
+{
+    struct memwrite m;
+    mw_init(&m, cpu, slice, nslices);
+    while (mw_step(&m, ~0ULL, 1))
+        ;
+    if (m.corrupt)
+        __atomic_fetch_add(&corrupt_total, m.corrupt, __ATOMIC_RELAXED);
+    __atomic_fetch_add(&finished, 1, __ATOMIC_RELEASE);
+}
+
+/* ---- diskwrite ------------------------------------------------------ */
+
+/* CPU 0 of workload=diskwrite: the disk loop alone, or (on a single CPU)
+ * alternately one disk block and INTERLEAVE_PAGES memwrite pages. Each side
+ * leaves the other's report lines out of its own gaps. */
+static void diskwrite_cpu0(void)
+{
+    struct memwrite m;
+    int disk_left = 1, mem_left = ncpus == 1;
+    memset(&m, 0, sizeof(m));
+    if (mem_left)
+        mw_init(&m, 0, 0, 1);
+    while (disk_left || mem_left) {
+        if (disk_left) {
+            u64 r = disk_reports();
+            disk_left = disk_step();
+            if (mem_left && disk_reports() != r)
+                m.last = rdtsc();
+        }
+        if (mem_left) {
+            u64 r = m.reports;
+            mem_left = mw_step(&m, INTERLEAVE_PAGES, !disk_left);
+            if (disk_left && m.reports != r)
+                disk_resync();
+        }
+    }
+    u64 bad = disk_corrupt() + (ncpus == 1 ? m.corrupt : 0);
+    if (bad)
+        __atomic_fetch_add(&corrupt_total, bad, __ATOMIC_RELAXED);
     __atomic_fetch_add(&finished, 1, __ATOMIC_RELEASE);
 }
 
@@ -340,9 +463,28 @@ static void wait_for_aps(void)
     if (want <= 1)
         return;
     syscall2(SYS_START_APS, 0, 0);
-    u64 deadline = rdtsc() + cfg.tsc_khz * 500; /* 0.5 s */
+    u64 deadline = rdtsc() + tsc_khz * 500; /* 0.5 s */
     while (checked_in + 1 < want && rdtsc() < deadline)
         __asm__ volatile("pause");
+}
+
+/* Reserves expected[] for the disk loop at the bottom of the workload RAM,
+ * rounded up to 2 MiB; memwrite's region starts above it. */
+static u64 reserve_expected(u64 blocks)
+{
+    const u64 align = 2ULL << 20;
+    u64 bytes = (blocks * sizeof(u64) + align - 1) & ~(align - 1);
+    if (!nranges || ranges[0].pages * PAGE <= bytes) {
+        struct buf b = { .n = 0 };
+        put_str(&b, "refguest: no RAM for the disk's expected[]");
+        emit(&b);
+        sys_exit(4);
+    }
+    u64 addr = ranges[0].base;
+    ranges[0].base += bytes;
+    ranges[0].pages -= bytes / PAGE;
+    total_pages -= bytes / PAGE;
+    return addr;
 }
 
 static void bsp_main(void)
@@ -354,12 +496,23 @@ static void bsp_main(void)
         emit(&b);
         sys_exit(4);
     }
-    if (si->cmdline_paddr)
-        parse_cmdline((const char *)si->cmdline_paddr);
+    const char *cmdline = (const char *)si->cmdline_paddr;
+    if (cmdline)
+        parse_cmdline(cmdline);
     u64 khz = detect_tsc_khz();
     if (!cfg.tsc_khz)
         cfg.tsc_khz = khz ? khz : 2000000;
+    tsc_khz = cfg.tsc_khz;
     collect_ranges(si);
+
+    const int disk = cfg.workload == WL_DISKWRITE;
+    struct disk_setup ds;
+    u64 expected_addr = 0;
+    if (disk) {
+        disk_setup(cmdline, cfg.disk_region ? cfg.disk_region : 64ULL << 20, cfg.passes, &ds);
+        expected_addr = reserve_expected(ds.blocks);
+        disk_place_expected(expected_addr);
+    }
     if (cfg.region) {
         u64 want = cfg.region / PAGE;
         if (want < total_pages)
@@ -368,14 +521,16 @@ static void bsp_main(void)
         total_pages = (256ULL << 20) / PAGE;
     }
 
-    if (cfg.workload == WL_MEMWRITE)
+    if (cfg.workload == WL_MEMWRITE || disk)
         wait_for_aps();
     ncpus = 1 + checked_in;
-    if (total_pages < ncpus)
+    /* memwrite slices: one per CPU, but CPU 0 only joins in on its own. */
+    u32 slices = disk && ncpus > 1 ? ncpus - 1 : ncpus;
+    if (total_pages < slices)
         total_pages = 0;
 
     struct buf b = { .n = 0 };
-    static const char *const names[] = { "memwrite", "idle", "exit", "reset" };
+    static const char *const names[] = { "memwrite", "idle", "exit", "reset", "diskwrite" };
     put_kv(&b, "refguest: ready cpus=", ncpus);
     put_kv(&b, " ram_mib=", ram_bytes >> 20);
     put_str(&b, " workload=");
@@ -385,6 +540,16 @@ static void bsp_main(void)
     put_kv(&b, " tsc_khz=", cfg.tsc_khz);
     if (!khz)
         put_str(&b, " (tsc_khz guessed)");
+    if (disk) {
+        put_kv(&b, " disk_mib=", ds.blocks * PAGE >> 20);
+        put_kv(&b, " disk_capacity_sectors=", ds.capacity);
+        put_str(&b, " disk_mmio=");
+        put_hexnum(&b, ds.mmio_base);
+        put_str(&b, " disk_expected=");
+        put_hexnum(&b, expected_addr);
+        if (ds.clamped)
+            put_str(&b, " (disk_region clamped to the device)");
+    }
     emit(&b);
 
     if (cfg.workload == WL_EXIT)
@@ -402,13 +567,18 @@ static void bsp_main(void)
         sys_exit(4);
     }
     __atomic_store_n(&go, 1, __ATOMIC_RELEASE);
-    memwrite(0);
+    if (disk)
+        diskwrite_cpu0();
+    else
+        memwrite(0, 0, ncpus);
     while (finished < ncpus)
         __asm__ volatile("pause");
     struct buf d = { .n = 0 };
     put_kv(&d, "refguest: done cpus=", ncpus);
     put_kv(&d, " passes=", cfg.passes);
     put_kv(&d, " corrupt=", corrupt_total);
+    if (disk)
+        put_kv(&d, " disk_passes=", disk_passes());
     emit(&d);
     sys_exit(corrupt_total ? 2 : cfg.exit_code);
 }
@@ -420,8 +590,12 @@ void user_main(u64 cpu)
     __atomic_fetch_add(&checked_in, 1, __ATOMIC_RELEASE);
     while (!__atomic_load_n(&go, __ATOMIC_ACQUIRE))
         __asm__ volatile("pause");
-    if (cpu < ncpus)
-        memwrite((u32)cpu);
+    if (cpu < ncpus) {
+        if (cfg.workload == WL_DISKWRITE)
+            memwrite((u32)cpu, (u32)cpu - 1, ncpus - 1);
+        else
+            memwrite((u32)cpu, (u32)cpu, ncpus);
+    }
     for (;;)
         __asm__ volatile("pause");
 }

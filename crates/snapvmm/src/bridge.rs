@@ -27,6 +27,16 @@ pub enum Request {
     QueryCapabilities,
     SetParameters(serde_json::Map<String, Value>),
     QueryParameters,
+    SnapshotSave(qmp::SnapshotJob),
+    SnapshotLoad(qmp::SnapshotJob),
+    SnapshotDelete(qmp::SnapshotJob),
+    QueryJobs,
+    JobDismiss(String),
+    JobCancel(String),
+    SaveVm(String),
+    LoadVm(String),
+    DelVm(String),
+    ListSnapshots,
 }
 
 /// Reply channel for one request.
@@ -48,6 +58,10 @@ pub struct Bridge {
 
 impl Bridge {
     fn call(&self, req: Request) -> Result<Value, CommandError> {
+        self.call_for(req, Duration::from_secs(120))
+    }
+
+    fn call_for(&self, req: Request, limit: Duration) -> Result<Value, CommandError> {
         let (tx, rx) = mpsc::sync_channel(1);
         let sent = self
             .tx
@@ -57,7 +71,7 @@ impl Bridge {
         if sent.is_err() {
             return Err(CommandError::generic("the VM is shutting down"));
         }
-        rx.recv_timeout(Duration::from_secs(120))
+        rx.recv_timeout(limit)
             .unwrap_or_else(|_| Err(CommandError::generic("the VM is shutting down")))
     }
 
@@ -122,4 +136,65 @@ impl qmp::Machine for Bridge {
     fn query_migrate_parameters(&self) -> Result<Value, CommandError> {
         self.call(Request::QueryParameters)
     }
+    fn snapshot_save(&self, job: qmp::SnapshotJob) -> Result<(), CommandError> {
+        self.call(Request::SnapshotSave(job)).map(drop)
+    }
+    fn snapshot_load(&self, job: qmp::SnapshotJob) -> Result<(), CommandError> {
+        self.call(Request::SnapshotLoad(job)).map(drop)
+    }
+    fn snapshot_delete(&self, job: qmp::SnapshotJob) -> Result<(), CommandError> {
+        self.call(Request::SnapshotDelete(job)).map(drop)
+    }
+    fn query_jobs(&self) -> Result<Value, CommandError> {
+        self.call(Request::QueryJobs)
+    }
+    fn job_dismiss(&self, id: &str) -> Result<(), CommandError> {
+        self.call(Request::JobDismiss(id.to_string())).map(drop)
+    }
+    fn job_cancel(&self, id: &str) -> Result<(), CommandError> {
+        self.call(Request::JobCancel(id.to_string())).map(drop)
+    }
+    fn savevm(&self, tag: &str) -> Result<(), CommandError> {
+        // HMP savevm returns when the save is complete, however long that takes.
+        self.call_for(
+            Request::SaveVm(tag.to_string()),
+            Duration::from_secs(24 * 3600),
+        )
+        .map(drop)
+    }
+    fn loadvm(&self, tag: &str) -> Result<(), CommandError> {
+        self.call_for(Request::LoadVm(tag.to_string()), Duration::from_secs(3600))
+            .map(drop)
+    }
+    fn delvm(&self, tag: &str) -> Result<(), CommandError> {
+        self.call(Request::DelVm(tag.to_string())).map(drop)
+    }
+    fn list_snapshots(&self) -> Result<Vec<qmp::SnapshotEntry>, CommandError> {
+        let v = self.call(Request::ListSnapshots)?;
+        Ok(serde_json::from_value::<Vec<EntryWire>>(v)
+            .map_err(|e| CommandError::generic(e.to_string()))?
+            .into_iter()
+            .map(|e| qmp::SnapshotEntry {
+                id: e.id,
+                name: e.name,
+                vm_state_size: e.vm_state_size,
+                date_sec: e.date_sec,
+                date_nsec: e.date_nsec,
+                vm_clock_nsec: e.vm_clock_nsec,
+                icount: e.icount,
+            })
+            .collect())
+    }
+}
+
+/// `SnapshotEntry` as it travels from the controller (replies are JSON values).
+#[derive(serde::Serialize, serde::Deserialize)]
+pub struct EntryWire {
+    pub id: String,
+    pub name: String,
+    pub vm_state_size: u64,
+    pub date_sec: u64,
+    pub date_nsec: u32,
+    pub vm_clock_nsec: u64,
+    pub icount: Option<u64>,
 }

@@ -63,6 +63,14 @@ pub struct RunArgs {
     /// or defer: wait for QMP `migrate-incoming {"uri": "file:PATH"}`.
     #[arg(long)]
     pub incoming: Option<String>,
+    /// A virtio-blk disk: PATH[,format=qcow2|raw][,id=NAME][,readonly=on] (repeatable;
+    /// ids default to disk0, disk1, ...; the format is probed when not given).
+    #[arg(long = "disk", value_name = "PATH[,OPTS]")]
+    pub disks: Vec<String>,
+    /// Start from the internal snapshot TAG of the qcow2 disks (disks reverted, RAM and
+    /// devices loaded from the first disk's VM state), like QEMU's -loadvm.
+    #[arg(long, value_name = "TAG")]
+    pub loadvm: Option<String>,
     /// How a restore loads RAM: lazy (map the image copy-on-write; pages load on first
     /// touch) or copy (read it all before the guest runs).
     #[arg(long, default_value = "lazy", value_parser = ["lazy", "copy"])]
@@ -94,6 +102,8 @@ pub struct RunConfig {
     /// `--incoming defer`: no machine until QMP `migrate-incoming`.
     pub defer_incoming: bool,
     pub restore_copy: bool,
+    pub disks: Vec<crate::disk::DiskSpec>,
+    pub loadvm: Option<String>,
 }
 
 impl RunArgs {
@@ -165,6 +175,12 @@ impl RunArgs {
                 qmp::ListenAddr::parse(a).map_err(|e| anyhow::anyhow!("invalid --qmp '{a}': {e}"))
             })
             .transpose()?;
+        if self.loadvm.is_some() && self.incoming.is_some() {
+            bail!("--loadvm and --incoming cannot be used together");
+        }
+        if self.loadvm.is_some() && self.disks.is_empty() {
+            bail!("--loadvm needs the qcow2 --disk that holds the snapshot");
+        }
         if self.incoming.as_deref() == Some("defer") && qmp.is_none() {
             bail!("--incoming defer waits for QMP migrate-incoming: it needs --qmp");
         }
@@ -185,6 +201,8 @@ impl RunArgs {
             },
             defer_incoming: self.incoming.as_deref() == Some("defer"),
             restore_copy: self.restore_mode == "copy",
+            disks: crate::disk::parse_disks(&self.disks)?,
+            loadvm: self.loadvm.clone(),
         })
     }
 }

@@ -29,6 +29,8 @@ pub enum AppEvent {
     CaptureDone,
     /// A stop-and-copy capture ended.
     StopCopyDone(Result<livesnap::CaptureStats, String>),
+    /// A live savevm's capture ended (any outcome).
+    SaveVmDone,
     /// The huge-page rebuild after a fork capture ended.
     CollapseDone(vmm::memory::CollapseStats, Duration),
 }
@@ -80,12 +82,13 @@ pub fn run(mut cfg: RunConfig) -> Result<u8> {
             }
         }
     } else {
-        build_machine(&cfg, &tx)?
+        build_machine(&cfg, &tx, None)?
     };
     // A reset of a restored VM boots the kernel afresh (as QEMU reboots the firmware).
-    if let Some(m) = cfg.incoming.take().map(|_| &machine) {
-        cfg.mem_bytes = m.ram().size();
-        cfg.cpus = m.cpus();
+    let restored = cfg.incoming.take().is_some() | cfg.loadvm.take().is_some();
+    if restored {
+        cfg.mem_bytes = machine.ram().size();
+        cfg.cpus = machine.cpus();
     }
     let mut c = Controller {
         cfg,
@@ -96,6 +99,9 @@ pub fn run(mut cfg: RunConfig) -> Result<u8> {
         migration,
         collapse: None,
         exit: None,
+        jobs: crate::jobs::Jobs::default(),
+        pending_save: None,
+        vm_started: Instant::now(),
     };
     c.publish_cpus();
     if c.cfg.start_paused {
@@ -150,7 +156,7 @@ fn wait_incoming(
                     Err(e) => Err(CommandError::generic(e)),
                     Ok(path) => {
                         cfg.incoming = Some(path);
-                        match build_machine(cfg, tx) {
+                        match build_machine(cfg, tx, None) {
                             Ok(m) => {
                                 let _ = reply.send(Ok(json!({})));
                                 return Ok(Some(m));
@@ -173,7 +179,10 @@ fn wait_incoming(
             QueryCapabilities => Ok(migration.query_capabilities()),
             SetParameters(p) => migration.set_parameters(&p).map(|_| json!({})),
             QueryParameters => Ok(migration.query_parameters()),
-            Stop | Cont | SystemReset | Migrate(_) | MigrateCancel => Err(CommandError::generic(
+            QueryJobs => Ok(json!([])),
+            Stop | Cont | SystemReset | Migrate(_) | MigrateCancel | SnapshotSave(_)
+            | SnapshotLoad(_) | SnapshotDelete(_) | JobDismiss(_) | JobCancel(_) | SaveVm(_)
+            | LoadVm(_) | DelVm(_) | ListSnapshots => Err(CommandError::generic(
                 "The VM is waiting for an incoming migration: load it with migrate-incoming first",
             )),
         };
@@ -181,7 +190,62 @@ fn wait_incoming(
     }
 }
 
-fn build_machine(cfg: &RunConfig, tx: &mpsc::Sender<AppEvent>) -> Result<Machine> {
+/// Builds the machine from the configuration; `disks` are the already-open
+/// disks of a previous machine (a reset), or None to open them from `cfg`.
+fn build_machine(
+    cfg: &RunConfig,
+    tx: &mpsc::Sender<AppEvent>,
+    disks: Option<Vec<vmm::DiskConfig>>,
+) -> Result<Machine> {
+    let mut disks = match disks {
+        Some(d) => d,
+        None => cfg
+            .disks
+            .iter()
+            .map(crate::disk::open)
+            .collect::<Result<Vec<_>>>()?,
+    };
+    if let Some(path) = &cfg.incoming {
+        let (ram, state) = open_snapshot(path, cfg.restore_copy)?;
+        return build_from_state(cfg, tx, ram, state, disks);
+    }
+    if let Some(tag) = &cfg.loadvm {
+        let (ram, state) = crate::savevm::load_from_disks(&mut disks, tag)
+            .map_err(|e| anyhow::anyhow!("cannot load snapshot '{tag}': {e}"))?;
+        return build_from_state(cfg, tx, ram, state, disks);
+    }
+    let start = vmm::Start::Kernel {
+        kernel: cfg.kernel.clone(),
+        initrd: cfg.initrd.clone(),
+        cmdline: cfg.cmdline.clone(),
+    };
+    create(cfg, tx, start, cfg.mem_bytes, cfg.cpus, disks)
+}
+
+/// Builds a machine that continues from saved state.
+pub(crate) fn build_from_state(
+    cfg: &RunConfig,
+    tx: &mpsc::Sender<AppEvent>,
+    ram: vmm::memory::GuestRam,
+    state: vmm::MachineState,
+    disks: Vec<vmm::DiskConfig>,
+) -> Result<Machine> {
+    let (mem, cpus) = (state.mem_bytes, state.cpus);
+    let start = vmm::Start::Snapshot {
+        ram,
+        state: Box::new(state),
+    };
+    create(cfg, tx, start, mem, cpus, disks)
+}
+
+fn create(
+    cfg: &RunConfig,
+    tx: &mpsc::Sender<AppEvent>,
+    start: vmm::Start,
+    mem_bytes: u64,
+    cpus: u8,
+    disks: Vec<vmm::DiskConfig>,
+) -> Result<Machine> {
     let serial: Box<dyn Write + Send> = match &cfg.serial {
         SerialTarget::Stdio => Box::new(LineWriter::new(std::io::stdout())),
         SerialTarget::File(p) => Box::new(LineWriter::new(
@@ -200,34 +264,13 @@ fn build_machine(cfg: &RunConfig, tx: &mpsc::Sender<AppEvent>) -> Result<Machine
     let sink: vmm::EventSink = Arc::new(move |e| {
         let _ = events_tx.send(AppEvent::Machine(e));
     });
-    let (start, mem_bytes, cpus) = match &cfg.incoming {
-        None => {
-            let start = vmm::Start::Kernel {
-                kernel: cfg.kernel.clone(),
-                initrd: cfg.initrd.clone(),
-                cmdline: cfg.cmdline.clone(),
-            };
-            (start, cfg.mem_bytes, cfg.cpus)
-        }
-        Some(path) => {
-            let (ram, state) = open_snapshot(path, cfg.restore_copy)?;
-            let (mem, cpus) = (state.mem_bytes, state.cpus);
-            (
-                vmm::Start::Snapshot {
-                    ram,
-                    state: Box::new(state),
-                },
-                mem,
-                cpus,
-            )
-        }
-    };
     let mc = MachineConfig {
         mem_bytes,
         cpus,
         start,
         serial,
         kvm_path,
+        disks,
     };
     Ok(Machine::create(mc, sink)?)
 }
@@ -286,15 +329,20 @@ fn open_snapshot(
     Ok((ram, state))
 }
 
-struct Controller {
-    cfg: RunConfig,
-    tx: mpsc::Sender<AppEvent>,
-    machine: Machine,
+pub(crate) struct Controller {
+    pub(crate) cfg: RunConfig,
+    pub(crate) tx: mpsc::Sender<AppEvent>,
+    pub(crate) machine: Machine,
     shared: Arc<Mutex<Shared>>,
     events: Option<EventBus>,
-    migration: Migration,
+    pub(crate) migration: Migration,
     collapse: Option<Collapse>,
     exit: Option<u8>,
+    /// Internal-snapshot jobs (snapjobs.rs).
+    pub(crate) jobs: crate::jobs::Jobs,
+    pub(crate) pending_save: Option<crate::snapjobs::PendingSave>,
+    /// When the current machine started (its virtual clock for snapshots).
+    pub(crate) vm_started: Instant,
 }
 
 impl Controller {
@@ -319,12 +367,39 @@ impl Controller {
                 );
                 self.exit = Some(0);
             }
+            AppEvent::Qmp(bridge::Request::SaveVm(tag), reply) => {
+                // Replies when the save ends (see save_done).
+                self.hmp_savevm(&tag, reply);
+            }
             AppEvent::Qmp(req, reply) => {
-                let r = self.qmp(req);
+                use bridge::Request::*;
+                let r = match req {
+                    LoadVm(tag) => self.hmp_loadvm(&tag).map(|_| json!({})),
+                    DelVm(tag) => self.hmp_delvm(&tag).map(|_| json!({})),
+                    ListSnapshots => self.list_snapshots().map(|l| {
+                        json!(l
+                            .into_iter()
+                            .map(|e| bridge::EntryWire {
+                                id: e.id,
+                                name: e.name,
+                                vm_state_size: e.vm_state_size,
+                                date_sec: e.date_sec,
+                                date_nsec: e.date_nsec,
+                                vm_clock_nsec: e.vm_clock_nsec,
+                                icount: e.icount,
+                            })
+                            .collect::<Vec<_>>())
+                    }),
+                    req => self.qmp(req),
+                };
                 let _ = reply.send(r);
             }
             AppEvent::CaptureDone => self.capture_done(),
             AppEvent::StopCopyDone(r) => self.stop_copy_done(r),
+            AppEvent::SaveVmDone => {
+                self.save_done();
+                self.dismiss_hmp_jobs();
+            }
             AppEvent::CollapseDone(st, took) => {
                 tracing::info!(
                     collapsed = st.collapsed,
@@ -500,7 +575,7 @@ impl Controller {
 
     /// Rebuilds the huge pages the capture's copy-on-write faults split, in the
     /// background, so the next fork is as cheap as the first.
-    fn start_collapse(&mut self) {
+    pub(crate) fn start_collapse(&mut self) {
         self.stop_collapse();
         let spans = self.machine.ram().spans();
         let stop = Arc::new(AtomicBool::new(false));
@@ -519,7 +594,7 @@ impl Controller {
     }
 
     /// Ends a running huge-page rebuild (before a fork, a reset or exit).
-    fn stop_collapse(&mut self) {
+    pub(crate) fn stop_collapse(&mut self) {
         if let Some(c) = self.collapse.take() {
             c.stop.store(true, Ordering::Relaxed);
             let _ = c.thread.join();
@@ -612,7 +687,24 @@ impl Controller {
                 );
                 self.exit = Some(0);
             }
-            Migrate(uri) => self.migrate(&uri)?,
+            Migrate(uri) => {
+                if self.pending_save.is_some() {
+                    return Err(crate::savevm::busy());
+                }
+                self.migrate(&uri)?
+            }
+            SnapshotSave(job) => self.snapshot_save(job, None)?,
+            SnapshotLoad(job) => self.snapshot_load(job)?,
+            SnapshotDelete(job) => self.snapshot_delete(job)?,
+            QueryJobs => return Ok(self.jobs.query()),
+            JobDismiss(id) => {
+                let ev = self.jobs.dismiss(&id)?;
+                self.emit("JOB_STATUS_CHANGE", Some(ev));
+            }
+            JobCancel(id) => self.job_cancel(&id)?,
+            SaveVm(_) | LoadVm(_) | DelVm(_) | ListSnapshots => {
+                unreachable!("handled in handle()")
+            }
             MigrateIncoming(_) => {
                 return Err(CommandError::generic(
                     "migrate-incoming needs snapvmm to be started with --incoming defer",
@@ -670,7 +762,9 @@ impl Controller {
         self.stop_collapse();
         let _ = self.machine.pause();
         self.machine.flush_serial();
-        self.machine = build_machine(&self.cfg, &self.tx)?;
+        // The disks move to the new machine.
+        let disks = self.machine.take_disks();
+        self.machine = build_machine(&self.cfg, &self.tx, Some(disks))?;
         self.publish_cpus();
         self.emit("RESET", Some(json!({"guest": guest, "reason": reason})));
         if was_running {
@@ -682,15 +776,15 @@ impl Controller {
         Ok(())
     }
 
-    fn status(&self) -> RunState {
+    pub(crate) fn status(&self) -> RunState {
         self.shared.lock().unwrap_or_else(|e| e.into_inner()).status
     }
 
-    fn set_status(&self, s: RunState) {
+    pub(crate) fn set_status(&self, s: RunState) {
         self.shared.lock().unwrap_or_else(|e| e.into_inner()).status = s;
     }
 
-    fn publish_cpus(&self) {
+    pub(crate) fn publish_cpus(&self) {
         let cpus = self
             .machine
             .vcpus()
@@ -700,7 +794,7 @@ impl Controller {
         self.shared.lock().unwrap_or_else(|e| e.into_inner()).cpus = cpus;
     }
 
-    fn emit(&self, name: &str, data: Option<Value>) {
+    pub(crate) fn emit(&self, name: &str, data: Option<Value>) {
         if let Some(ev) = &self.events {
             ev.emit(name, data);
         }

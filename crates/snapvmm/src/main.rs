@@ -5,8 +5,12 @@ mod bridge;
 mod cli;
 mod controller;
 mod demo;
+mod disk;
+mod jobs;
 mod migration;
 mod qmp_client;
+mod savevm;
+mod snapjobs;
 
 use std::process::ExitCode;
 

@@ -11,7 +11,7 @@ pub mod memory;
 pub mod snapshot;
 pub mod vcpu_thread;
 
-pub use machine::{EventSink, Machine, MachineConfig, MachineEvent, Start};
+pub use machine::{DiskConfig, EventSink, Machine, MachineConfig, MachineEvent, Start};
 pub use snapshot::MachineState;
 
 /// Errors from building or operating the machine.

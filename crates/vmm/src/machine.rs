@@ -10,6 +10,7 @@ use std::time::Duration;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::boot::{self, BootSpec};
+use crate::devices::virtio::{self, BlockBackend, VirtioBlk};
 use crate::devices::{debug_exit::DebugExit, i8042::I8042, serial, DeviceRequest, PioBus};
 use crate::kvm::vcpu::{self, Vcpu};
 use crate::kvm::vm::KvmVm;
@@ -55,6 +56,14 @@ pub enum Start {
     },
 }
 
+/// A disk for a virtio-blk device.
+pub struct DiskConfig {
+    /// Name (QMP node name; also the virtio-blk serial the guest reads).
+    pub id: String,
+    pub backend: Box<dyn BlockBackend>,
+    pub readonly: bool,
+}
+
 /// What to build. For [`Start::Snapshot`], `mem_bytes` and `cpus` must match the state.
 pub struct MachineConfig {
     pub mem_bytes: u64,
@@ -62,6 +71,8 @@ pub struct MachineConfig {
     pub start: Start,
     pub serial: serial::Output,
     pub kvm_path: PathBuf,
+    /// virtio-blk disks, in device order (a snapshot restores onto the same list).
+    pub disks: Vec<DiskConfig>,
 }
 
 /// A booted machine whose vCPUs start paused; call [`Machine::resume`] to run.
@@ -97,6 +108,12 @@ impl Machine {
                 vm.max_vcpus()
             )));
         }
+        if cfg.disks.len() > virtio::MAX_DEVICES {
+            return Err(VmmError::Config(format!(
+                "at most {} disks",
+                virtio::MAX_DEVICES
+            )));
+        }
         let (ram, entry, state) = match cfg.start {
             Start::Kernel {
                 kernel,
@@ -104,6 +121,12 @@ impl Machine {
                 cmdline,
             } => {
                 let ram = GuestRam::anonymous(cfg.mem_bytes)?;
+                // Guests find the virtio-mmio devices on the command line, as Linux does.
+                let mut cmdline = cmdline;
+                for i in 0..cfg.disks.len() {
+                    cmdline.push(' ');
+                    cmdline.push_str(&virtio::cmdline_entry(i));
+                }
                 let spec = BootSpec {
                     kernel: &kernel,
                     initrd: initrd.as_deref(),
@@ -125,6 +148,13 @@ impl Machine {
                         ram.size() >> 20
                     )));
                 }
+                if state.virtio.len() != cfg.disks.len() {
+                    return Err(VmmError::Config(format!(
+                        "the snapshot has {} disk(s), {} given",
+                        state.virtio.len(),
+                        cfg.disks.len()
+                    )));
+                }
                 (ram, None, Some(state))
             }
         };
@@ -141,7 +171,20 @@ impl Machine {
                 })
             })
         };
+        let mut virtio_devs = Vec::new();
+        for (i, d) in cfg.disks.into_iter().enumerate() {
+            let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmmError::Io)?;
+            vm.irqfd(&irq, virtio::irq(i))?;
+            let dev = match &state {
+                Some(st) => VirtioBlk::restore(d.id, d.backend, d.readonly, irq, &st.virtio[i])
+                    .map_err(VmmError::Config)?,
+                None => VirtioBlk::new(d.id, d.backend, d.readonly, irq),
+            };
+            virtio_devs.push(Mutex::new(dev));
+        }
         let bus = Arc::new(PioBus {
+            virtio: virtio_devs,
+            mem: ram.memory().clone(),
             serial: Mutex::new(match &state {
                 Some(st) => serial::Serial::restore(serial_irq, cfg.serial, &st.serial)
                     .map_err(VmmError::Io)?,
@@ -256,6 +299,37 @@ impl Machine {
     /// Port-I/O devices.
     pub fn bus(&self) -> &PioBus {
         &self.bus
+    }
+
+    /// The device buses, shared (e.g. with a snapshot writer thread).
+    pub fn bus_arc(&self) -> Arc<PioBus> {
+        self.bus.clone()
+    }
+
+    /// Stops the vCPUs for good and hands the disks back, e.g. to build the
+    /// next machine on a reset without opening the images twice. The machine
+    /// is unusable afterwards: drop it.
+    pub fn take_disks(&mut self) -> Vec<DiskConfig> {
+        let _ = self.pause();
+        // Joining the vCPU threads drops their references to the bus.
+        self.vcpus.clear();
+        let Some(bus) = Arc::get_mut(&mut self.bus) else {
+            return Vec::new();
+        };
+        std::mem::take(&mut bus.virtio)
+            .into_iter()
+            .map(|d| {
+                let (id, backend, readonly) = d
+                    .into_inner()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .into_parts();
+                DiskConfig {
+                    id,
+                    backend,
+                    readonly,
+                }
+            })
+            .collect()
     }
 
     /// Flushes serial output (before the process exits).

@@ -291,11 +291,15 @@ impl VcpuLoop {
                     self.bus.read(port, data);
                     State::Running
                 }
-                VcpuExit::MmioRead(_, data) => {
-                    data.fill(0xff);
+                VcpuExit::MmioRead(addr, data) => {
+                    self.bus.mmio_read(addr, data);
                     State::Running
                 }
-                VcpuExit::MmioWrite(..) | VcpuExit::Intr | VcpuExit::Hlt => State::Running,
+                VcpuExit::MmioWrite(addr, data) => {
+                    self.bus.mmio_write(addr, data);
+                    State::Running
+                }
+                VcpuExit::Intr | VcpuExit::Hlt => State::Running,
                 VcpuExit::Shutdown | VcpuExit::SystemEvent(..) => {
                     (self.events)(MachineEvent::GuestShutdown(id));
                     State::Paused

@@ -8,6 +8,7 @@
 use serde::Deserialize;
 use serde_json::Value;
 
+use super::hmp_snapshots::{self, get_str, is_space};
 use super::{Command, CommandSpec, Context};
 use crate::args::{from_map, Param, ParamType};
 use crate::error::CommandError;
@@ -41,16 +42,23 @@ pub(crate) const SPEC: CommandSpec = CommandSpec {
 /// One HMP command: (names separated by `|`, parameter summary, help).
 type HelpEntry = (&'static str, &'static str, &'static str);
 
-/// Top-level HMP commands we implement, in `help` order.
+/// Top-level HMP commands we implement, in `help` order (QEMU sorts by name).
 pub(crate) const HMP_COMMANDS: &[HelpEntry] = &[
     ("cont|c", "", "resume emulation"),
+    ("delvm", "tag", "delete a VM snapshot from its tag"),
     ("help|?", "[cmd]", "show the help"),
     (
         "info",
         "[subcommand]",
         "show various information about the system state",
     ),
+    ("loadvm", "tag", "restore a VM snapshot from its tag"),
     ("quit|q", "", "quit the emulator"),
+    (
+        "savevm",
+        "tag",
+        "save a VM snapshot. If no tag is provided, a new snapshot is created",
+    ),
     ("stop|s", "", "stop emulation"),
     ("system_powerdown", "", "send system power down event"),
     ("system_reset", "", "reset the system"),
@@ -61,6 +69,7 @@ pub(crate) const HMP_INFO_COMMANDS: &[HelpEntry] = &[
     ("cpus", "", "show infos for each CPU"),
     ("kvm", "", "show KVM information"),
     ("name", "", "show the current VM name"),
+    ("snapshots", "", "show the currently saved VM snapshots"),
     ("status", "", "show the current VM status (running|paused)"),
     ("version", "", "show the version of QEMU"),
 ];
@@ -93,44 +102,89 @@ pub(crate) fn execute(args: Args, ctx: &mut Context<'_>) -> Result<Value, Comman
     )))
 }
 
+/// Splits the command name (up to white space) off `line`, after
+/// leading white space: (name, rest).
+fn command_name(line: &str) -> (&str, &str) {
+    let p = line.trim_start_matches(is_space);
+    let end = p.find(is_space).unwrap_or(p.len());
+    (&p[..end], &p[end..])
+}
+
+/// What QEMU's `monitor_parse_arguments()` failures print: the message
+/// (naming the command as in its table, e.g. `stop|s`), then a hint
+/// repeating the line as typed up to the end of the command name.
+fn parse_error(msg: &str, typed: &str) -> String {
+    format!("{msg}\r\nTry \"help {typed}\" for more information\r\n")
+}
+
+fn extraneous(table_name: &str, typed: &str) -> String {
+    parse_error(
+        &format!("{table_name}: extraneous characters at the end of line"),
+        typed,
+    )
+}
+
 /// Runs one HMP line and returns what QEMU's HMP would print.
 pub(crate) fn run_line(line: &str, ctx: &mut Context<'_>, cpu: Option<i64>) -> String {
-    let mut words = line.split_ascii_whitespace();
-    let Some(cmd) = words.next() else {
+    let (cmd, rest) = command_name(line);
+    if cmd.is_empty() {
         return String::new();
-    };
-    let rest: Vec<&str> = words.collect();
+    }
+    let typed = &line[..line.len() - rest.len()];
     let mut out = String::new();
     let Some(entry) = HMP_COMMANDS.iter().find(|e| matches(e, cmd)) else {
         return format!("unknown command: '{cmd}'\r\n");
     };
     let name = entry.0.split('|').next().unwrap_or_default();
-    let takes_args = matches!(name, "help" | "info");
-    if (!takes_args && !rest.is_empty()) || rest.len() > 1 {
-        return format!("{name}: extraneous characters at the end of line\r\n");
-    }
-    let arg = rest.first().copied();
+    let words: Vec<&str> = rest.split(is_space).filter(|w| !w.is_empty()).collect();
     let result = match name {
         "help" => {
-            match arg {
+            if words.len() > 1 {
+                return extraneous(entry.0, typed);
+            }
+            match words.first().copied() {
                 Some("info") => help_lines(&mut out, "info ", HMP_INFO_COMMANDS, None),
                 Some(a) => help_lines(&mut out, "", HMP_COMMANDS, Some(a)),
                 None => help_lines(&mut out, "", HMP_COMMANDS, None),
             }
             Ok(())
         }
-        "info" => match arg {
-            None => {
+        "info" => {
+            let (item, sub_rest) = command_name(rest);
+            if item.is_empty() {
                 help_lines(&mut out, "info ", HMP_INFO_COMMANDS, None);
-                Ok(())
+                return out;
             }
-            Some(item) => {
-                if !info(item, ctx, cpu, &mut out) {
-                    return format!("unknown command: 'info {item}'\r\n");
+            let Some(sub) = HMP_INFO_COMMANDS.iter().find(|e| matches(e, item)) else {
+                return format!("unknown command: 'info {item}'\r\n");
+            };
+            if !sub_rest.trim_start_matches(is_space).is_empty() {
+                return extraneous(sub.0, &line[..line.len() - sub_rest.len()]);
+            }
+            info(item, ctx, cpu, &mut out)
+        }
+        "savevm" | "loadvm" | "delvm" => {
+            // args_type "name:s?" (savevm) or "name:s".
+            let tag = if name == "savevm" && rest.trim_start_matches(is_space).is_empty() {
+                None
+            } else {
+                match get_str(rest) {
+                    Some((tag, after)) => {
+                        if !after.trim_start_matches(is_space).is_empty() {
+                            return extraneous(entry.0, typed);
+                        }
+                        Some(tag)
+                    }
+                    None => return parse_error(&format!("{name}: string expected"), typed),
                 }
-                Ok(())
+            };
+            match name {
+                "savevm" => hmp_snapshots::savevm(ctx.machine, tag.as_deref()),
+                "loadvm" => ctx.machine.loadvm(tag.as_deref().unwrap_or_default()),
+                _ => ctx.machine.delvm(tag.as_deref().unwrap_or_default()),
             }
-        },
+        }
+        _ if !words.is_empty() => return extraneous(entry.0, typed),
         "stop" => ctx.machine.stop(),
         "cont" => ctx.machine.cont(),
         "system_reset" => ctx.machine.system_reset(),
@@ -147,8 +201,13 @@ pub(crate) fn run_line(line: &str, ctx: &mut Context<'_>, cpu: Option<i64>) -> S
     out
 }
 
-/// `info ITEM`; false if ITEM is unknown.
-fn info(item: &str, ctx: &mut Context<'_>, cpu: Option<i64>, out: &mut String) -> bool {
+/// `info ITEM` (ITEM is known).
+fn info(
+    item: &str,
+    ctx: &mut Context<'_>,
+    cpu: Option<i64>,
+    out: &mut String,
+) -> Result<(), CommandError> {
     match item {
         "status" => {
             let state = ctx.machine.status();
@@ -180,7 +239,8 @@ fn info(item: &str, ctx: &mut Context<'_>, cpu: Option<i64>, out: &mut String) -
                 ));
             }
         }
-        _ => return false,
+        "snapshots" => out.push_str(&hmp_snapshots::info_snapshots(ctx.machine)?),
+        _ => {}
     }
-    true
+    Ok(())
 }

@@ -10,10 +10,14 @@ use serde_json::{Map, Value};
 
 use crate::args::{self, Param};
 use crate::error::CommandError;
-use crate::machine::Machine;
+use crate::machine::{Machine, SnapshotJob};
 
 pub(crate) mod cont;
+pub(crate) mod hmp_snapshots;
 pub(crate) mod human_monitor_command;
+pub(crate) mod job_cancel;
+pub(crate) mod job_dismiss;
+pub(crate) mod job_finalize;
 pub(crate) mod migrate;
 pub(crate) mod migrate_cancel;
 pub(crate) mod migrate_incoming;
@@ -22,6 +26,7 @@ pub(crate) mod migrate_set_parameters;
 pub(crate) mod qmp_capabilities;
 pub(crate) mod query_commands;
 pub(crate) mod query_cpus_fast;
+pub(crate) mod query_jobs;
 pub(crate) mod query_kvm;
 pub(crate) mod query_migrate;
 pub(crate) mod query_migrate_capabilities;
@@ -30,6 +35,9 @@ pub(crate) mod query_name;
 pub(crate) mod query_status;
 pub(crate) mod query_version;
 pub(crate) mod quit;
+pub(crate) mod snapshot_delete;
+pub(crate) mod snapshot_load;
+pub(crate) mod snapshot_save;
 pub(crate) mod stop;
 pub(crate) mod system_powerdown;
 pub(crate) mod system_reset;
@@ -67,6 +75,13 @@ pub(crate) const COMMANDS: &[CommandSpec] = &[
     query_migrate_capabilities::SPEC,
     migrate_set_parameters::SPEC,
     query_migrate_parameters::SPEC,
+    snapshot_save::SPEC,
+    snapshot_load::SPEC,
+    snapshot_delete::SPEC,
+    query_jobs::SPEC,
+    job_cancel::SPEC,
+    job_dismiss::SPEC,
+    job_finalize::SPEC,
 ];
 
 /// Per-connection state a command may read or change.
@@ -104,6 +119,13 @@ pub(crate) enum Command {
     QueryMigrateCapabilities,
     MigrateSetParameters(Map<String, Value>),
     QueryMigrateParameters,
+    SnapshotSave(SnapshotJob),
+    SnapshotLoad(SnapshotJob),
+    SnapshotDelete(SnapshotJob),
+    QueryJobs,
+    JobCancel(String),
+    JobDismiss(String),
+    JobFinalize(String),
 }
 
 impl Command {
@@ -141,6 +163,13 @@ impl Command {
             Command::QueryMigrateCapabilities => query_migrate_capabilities::execute(ctx),
             Command::MigrateSetParameters(p) => migrate_set_parameters::execute(p, ctx),
             Command::QueryMigrateParameters => query_migrate_parameters::execute(ctx),
+            Command::SnapshotSave(j) => snapshot_save::execute(j, ctx),
+            Command::SnapshotLoad(j) => snapshot_load::execute(j, ctx),
+            Command::SnapshotDelete(j) => snapshot_delete::execute(j, ctx),
+            Command::QueryJobs => query_jobs::execute(ctx),
+            Command::JobCancel(id) => job_cancel::execute(id, ctx),
+            Command::JobDismiss(id) => job_dismiss::execute(id, ctx),
+            Command::JobFinalize(id) => job_finalize::execute(id, ctx),
         }
     }
 }

@@ -10,7 +10,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use qmp::{CommandError, CpuInfo, ListenAddr, Machine, RunState, Server};
+use qmp::{
+    CommandError, CpuInfo, ListenAddr, Machine, RunState, Server, SnapshotEntry, SnapshotJob,
+};
 use serde_json::Value;
 
 /// Records every call; state is settable by the test.
@@ -207,4 +209,136 @@ pub fn wait_for(mut f: impl FnMut() -> bool) -> bool {
         std::thread::sleep(Duration::from_millis(10));
     }
     false
+}
+
+/// A call to one of the snapshot/job methods of [`JobMock`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Call {
+    /// `snapshot_save`, `snapshot_load` or `snapshot_delete`.
+    Job(&'static str, SnapshotJob),
+    /// `job_*`, `savevm`, `loadvm`, `delvm` with their argument.
+    Arg(&'static str, String),
+    /// `query_jobs` or `list_snapshots`.
+    Query(&'static str),
+}
+
+/// A machine implementing the snapshot and job methods: records calls
+/// with their exact arguments, fails with `fail` when set.
+pub struct JobMock {
+    pub base: Arc<Mock>,
+    pub calls: Mutex<Vec<Call>>,
+    pub fail: Mutex<Option<String>>,
+    pub snapshots: Mutex<Vec<SnapshotEntry>>,
+}
+
+impl JobMock {
+    pub fn new() -> Arc<JobMock> {
+        Arc::new(JobMock {
+            base: Mock::new(),
+            calls: Mutex::new(Vec::new()),
+            fail: Mutex::new(None),
+            snapshots: Mutex::new(Vec::new()),
+        })
+    }
+
+    pub fn calls(&self) -> Vec<Call> {
+        self.calls.lock().unwrap().clone()
+    }
+
+    pub fn fail_with(&self, desc: Option<&str>) {
+        *self.fail.lock().unwrap() = desc.map(str::to_string);
+    }
+
+    fn result(&self, call: Call) -> Result<(), CommandError> {
+        self.calls.lock().unwrap().push(call);
+        match self.fail.lock().unwrap().clone() {
+            Some(desc) => Err(CommandError::generic(desc)),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Machine for JobMock {
+    fn status(&self) -> RunState {
+        self.base.status()
+    }
+    fn stop(&self) -> Result<(), CommandError> {
+        self.base.stop()
+    }
+    fn cont(&self) -> Result<(), CommandError> {
+        self.base.cont()
+    }
+    fn system_reset(&self) -> Result<(), CommandError> {
+        self.base.system_reset()
+    }
+    fn system_powerdown(&self) -> Result<(), CommandError> {
+        self.base.system_powerdown()
+    }
+    fn quit(&self) {
+        self.base.quit()
+    }
+    fn name(&self) -> Option<String> {
+        self.base.name()
+    }
+    fn cpus(&self) -> Vec<CpuInfo> {
+        self.base.cpus()
+    }
+    fn snapshot_save(&self, job: SnapshotJob) -> Result<(), CommandError> {
+        self.result(Call::Job("snapshot_save", job))
+    }
+    fn snapshot_load(&self, job: SnapshotJob) -> Result<(), CommandError> {
+        self.result(Call::Job("snapshot_load", job))
+    }
+    fn snapshot_delete(&self, job: SnapshotJob) -> Result<(), CommandError> {
+        self.result(Call::Job("snapshot_delete", job))
+    }
+    fn query_jobs(&self) -> Result<Value, CommandError> {
+        self.result(Call::Query("query_jobs"))?;
+        Ok(
+            serde_json::json!([{"id": "snapsave0", "type": "snapshot-save",
+            "status": "concluded", "current-progress": 1, "total-progress": 1}]),
+        )
+    }
+    fn job_dismiss(&self, id: &str) -> Result<(), CommandError> {
+        self.result(Call::Arg("job_dismiss", id.to_string()))
+    }
+    fn job_cancel(&self, id: &str) -> Result<(), CommandError> {
+        self.result(Call::Arg("job_cancel", id.to_string()))
+    }
+    fn job_finalize(&self, id: &str) -> Result<(), CommandError> {
+        self.result(Call::Arg("job_finalize", id.to_string()))
+    }
+    fn savevm(&self, tag: &str) -> Result<(), CommandError> {
+        self.result(Call::Arg("savevm", tag.to_string()))
+    }
+    fn loadvm(&self, tag: &str) -> Result<(), CommandError> {
+        self.result(Call::Arg("loadvm", tag.to_string()))
+    }
+    fn delvm(&self, tag: &str) -> Result<(), CommandError> {
+        self.result(Call::Arg("delvm", tag.to_string()))
+    }
+    fn list_snapshots(&self) -> Result<Vec<SnapshotEntry>, CommandError> {
+        self.result(Call::Query("list_snapshots"))?;
+        Ok(self.snapshots.lock().unwrap().clone())
+    }
+}
+
+/// A server for any machine on a fresh unix socket.
+pub fn unix_server_for(machine: Arc<dyn Machine>) -> (Server, TempDir) {
+    let dir = TempDir::new();
+    let addr = ListenAddr::Unix(dir.path("qmp.sock"));
+    (Server::start(&addr, machine).unwrap(), dir)
+}
+
+/// Runs one HMP line, returns its output string.
+pub fn hmp(c: &mut Client, line: &str) -> String {
+    let r = c.cmd(
+        &serde_json::json!({"execute": "human-monitor-command",
+            "arguments": {"command-line": line}})
+        .to_string(),
+    );
+    r["return"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{r}"))
+        .to_string()
 }

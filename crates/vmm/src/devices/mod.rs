@@ -7,6 +7,7 @@
 pub mod debug_exit;
 pub mod i8042;
 pub mod serial;
+pub mod virtio;
 
 use std::sync::Mutex;
 
@@ -22,14 +23,40 @@ pub enum DeviceRequest {
 /// Where devices send their requests.
 pub type RequestSink = Box<dyn Fn(DeviceRequest) + Send + Sync>;
 
-/// The port-I/O bus: serial (0x3f8–0x3ff), i8042 (0x60, 0x64), debug-exit (0xf4–0xf7).
+/// The device buses: port I/O — serial (0x3f8–0x3ff), i8042 (0x60, 0x64),
+/// debug-exit (0xf4–0xf7) — and MMIO — virtio devices from
+/// [`virtio::MMIO_BASE`], one 4 KiB window each.
 pub struct PioBus {
     pub serial: Mutex<serial::Serial>,
     pub i8042: Mutex<i8042::I8042>,
     pub debug_exit: debug_exit::DebugExit,
+    pub virtio: Vec<Mutex<virtio::VirtioBlk>>,
+    /// Guest memory, for devices that read their rings and buffers.
+    pub mem: vm_memory::GuestMemoryMmap,
 }
 
 impl PioBus {
+    fn virtio_at(&self, addr: u64) -> Option<(&Mutex<virtio::VirtioBlk>, u64)> {
+        let off = addr.checked_sub(virtio::MMIO_BASE)?;
+        let i = (off / virtio::MMIO_SIZE) as usize;
+        self.virtio.get(i).map(|d| (d, off % virtio::MMIO_SIZE))
+    }
+
+    /// Handles a guest MMIO read; unclaimed addresses read as all ones.
+    pub fn mmio_read(&self, addr: u64, data: &mut [u8]) {
+        match self.virtio_at(addr) {
+            Some((d, off)) => lock(d).read(off, data),
+            None => data.fill(0xff),
+        }
+    }
+
+    /// Handles a guest MMIO write; writes to unclaimed addresses are ignored.
+    pub fn mmio_write(&self, addr: u64, data: &[u8]) {
+        if let Some((d, off)) = self.virtio_at(addr) {
+            lock(d).write(off, data, &self.mem);
+        }
+    }
+
     /// Handles a guest `in`; unclaimed ports read as all ones, like an empty ISA bus.
     pub fn read(&self, port: u16, data: &mut [u8]) {
         data.fill(0xff);

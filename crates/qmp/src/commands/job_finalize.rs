@@ -1,0 +1,29 @@
+//! `job-finalize {"id"}`: finalize a job in the `pending` state. Returns `{}`.
+
+use serde_json::Value;
+
+use super::{empty, Command, CommandSpec, Context};
+use crate::args::{Param, ParamType};
+use crate::error::CommandError;
+
+pub(crate) const SPEC: CommandSpec = CommandSpec {
+    name: "job-finalize",
+    params: &[Param {
+        name: "id",
+        ty: ParamType::Str,
+        optional: false,
+    }],
+    build: |a| {
+        Ok(Command::JobFinalize(
+            a.get("id")
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_string(),
+        ))
+    },
+};
+
+pub(crate) fn execute(id: String, ctx: &mut Context<'_>) -> Result<Value, CommandError> {
+    ctx.machine.job_finalize(&id)?;
+    Ok(empty())
+}

@@ -1,0 +1,210 @@
+//! Disks: `--disk` parsing and the block backends the virtio-blk device uses
+//! (a raw file, or a qcow2 image through the qcow2 crate).
+
+use std::any::Any;
+use std::fs::OpenOptions;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use vmm::devices::virtio::{BlockBackend, RawFile};
+
+/// Image format of a disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Raw,
+    Qcow2,
+}
+
+impl Format {
+    pub fn name(self) -> &'static str {
+        match self {
+            Format::Raw => "raw",
+            Format::Qcow2 => "qcow2",
+        }
+    }
+}
+
+/// One `--disk PATH[,format=qcow2|raw][,id=NAME][,readonly=on]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskSpec {
+    pub path: PathBuf,
+    /// None: probed from the file's magic.
+    pub format: Option<Format>,
+    pub id: String,
+    pub readonly: bool,
+}
+
+/// Parses `--disk` values; ids default to disk0, disk1, ... and must be unique.
+pub fn parse_disks(values: &[String]) -> Result<Vec<DiskSpec>> {
+    let mut out: Vec<DiskSpec> = Vec::new();
+    for (i, v) in values.iter().enumerate() {
+        let mut parts = v.split(',');
+        let path = parts.next().unwrap_or_default();
+        if path.is_empty() {
+            bail!("invalid --disk '{v}': expected PATH[,format=qcow2|raw][,id=NAME][,readonly=on]");
+        }
+        let mut spec = DiskSpec {
+            path: PathBuf::from(path),
+            format: None,
+            id: format!("disk{i}"),
+            readonly: false,
+        };
+        for opt in parts {
+            match opt.split_once('=') {
+                Some(("format", "qcow2")) => spec.format = Some(Format::Qcow2),
+                Some(("format", "raw")) => spec.format = Some(Format::Raw),
+                Some(("id", id)) if valid_id(id) => spec.id = id.to_string(),
+                Some(("readonly", "on" | "true" | "yes")) => spec.readonly = true,
+                Some(("readonly", "off" | "false" | "no")) => spec.readonly = false,
+                _ => bail!(
+                    "invalid --disk option '{opt}' in '{v}': expected format=qcow2|raw, id=NAME (letters, digits, -_.) or readonly=on|off"
+                ),
+            }
+        }
+        if out.iter().any(|d| d.id == spec.id) {
+            bail!("--disk id '{}' is used twice", spec.id);
+        }
+        out.push(spec);
+    }
+    if out.len() > vmm::devices::virtio::MAX_DEVICES {
+        bail!("at most {} disks", vmm::devices::virtio::MAX_DEVICES);
+    }
+    Ok(out)
+}
+
+fn valid_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 32
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+}
+
+/// The format of an existing file, from its first bytes.
+pub fn probe(path: &Path) -> Result<Format> {
+    use std::io::Read;
+    let mut magic = [0u8; 4];
+    let mut f = std::fs::File::open(path)
+        .with_context(|| format!("cannot open disk {}", path.display()))?;
+    let n = f.read(&mut magic).unwrap_or(0);
+    Ok(if n == 4 && &magic == b"QFI\xfb" {
+        Format::Qcow2
+    } else {
+        Format::Raw
+    })
+}
+
+/// A qcow2 image as a block device.
+pub struct Qcow2Disk {
+    pub image: qcow2::Qcow2,
+    /// Held for the image's lifetime: another snapvmm cannot open it for writing.
+    _lock: std::fs::File,
+}
+
+fn io_err(e: qcow2::Error) -> io::Error {
+    io::Error::other(e.to_string())
+}
+
+impl BlockBackend for Qcow2Disk {
+    fn size(&self) -> u64 {
+        self.image.size()
+    }
+    fn read_at(&mut self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.image.read_at(buf, offset).map_err(io_err)
+    }
+    fn write_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.image.write_at(buf, offset).map_err(io_err)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.image.flush().map_err(io_err)
+    }
+    fn as_any_mut(&mut self) -> &mut dyn Any {
+        self
+    }
+}
+
+/// Takes an advisory lock so two VMMs never write one image.
+fn lock(path: &Path, readonly: bool) -> Result<std::fs::File> {
+    let f = std::fs::File::open(path)
+        .with_context(|| format!("cannot open disk {}", path.display()))?;
+    let op = if readonly {
+        libc::LOCK_SH
+    } else {
+        libc::LOCK_EX
+    };
+    // SAFETY: flock on a file descriptor we own; no memory is involved.
+    if unsafe { libc::flock(f.as_raw_fd(), op | libc::LOCK_NB) } != 0 {
+        bail!(
+            "disk {} is in use by another process (it holds a lock on it)",
+            path.display()
+        );
+    }
+    Ok(f)
+}
+
+/// Opens a disk for the VMM.
+pub fn open(spec: &DiskSpec) -> Result<vmm::DiskConfig> {
+    let format = match spec.format {
+        Some(f) => f,
+        None => probe(&spec.path)?,
+    };
+    let p = &spec.path;
+    let lock = lock(p, spec.readonly)?;
+    let backend: Box<dyn BlockBackend> = match format {
+        Format::Raw => {
+            let f = OpenOptions::new()
+                .read(true)
+                .write(!spec.readonly)
+                .open(p)
+                .with_context(|| format!("cannot open disk {}", p.display()))?;
+            let raw =
+                RawFile::new(f).with_context(|| format!("cannot open disk {}", p.display()))?;
+            if raw.size() == 0 {
+                bail!("disk {} is empty", p.display());
+            }
+            drop(lock);
+            Box::new(raw)
+        }
+        Format::Qcow2 => {
+            let image = qcow2::Qcow2::open(p, !spec.readonly)
+                .with_context(|| format!("cannot open qcow2 disk {}", p.display()))?;
+            Box::new(Qcow2Disk { image, _lock: lock })
+        }
+    };
+    Ok(vmm::DiskConfig {
+        id: spec.id.clone(),
+        backend,
+        readonly: spec.readonly,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn disk_options() {
+        let d = parse_disks(&[
+            "a.qcow2".into(),
+            "b.img,format=raw,id=data,readonly=on".into(),
+        ])
+        .unwrap();
+        assert_eq!(d[0].id, "disk0");
+        assert_eq!(d[0].format, None);
+        assert_eq!(d[1].id, "data");
+        assert_eq!(d[1].format, Some(Format::Raw));
+        assert!(d[1].readonly);
+        for bad in [
+            vec![",format=raw".to_string()],
+            vec!["a,format=vmdk".into()],
+            vec!["a,id=".into()],
+            vec!["a,id=x y".into()],
+            vec!["a,bogus=1".into()],
+            vec!["a,id=x".into(), "b,id=x".into()],
+        ] {
+            assert!(parse_disks(&bad).is_err(), "{bad:?}");
+        }
+    }
+}

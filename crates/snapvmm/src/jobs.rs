@@ -1,0 +1,264 @@
+//! QEMU-style jobs (qapi/job.json) for the internal-snapshot commands:
+//! their state machine, `query-jobs`, `job-dismiss`, `job-cancel`, and the
+//! `JOB_STATUS_CHANGE` events — in QEMU's order: created → running →
+//! waiting → pending → concluded, then null once dismissed (a failed or
+//! cancelled job goes running → aborting → concluded with `error` set).
+
+use qmp::CommandError;
+use serde_json::{json, Value};
+
+/// What a job does (`type` in query-jobs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    SnapshotSave,
+    SnapshotLoad,
+    SnapshotDelete,
+}
+
+impl Kind {
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::SnapshotSave => "snapshot-save",
+            Kind::SnapshotLoad => "snapshot-load",
+            Kind::SnapshotDelete => "snapshot-delete",
+        }
+    }
+}
+
+/// QEMU's JobStatus values we go through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    Created,
+    Running,
+    Waiting,
+    Pending,
+    Aborting,
+    Concluded,
+    Null,
+}
+
+impl Status {
+    pub fn name(self) -> &'static str {
+        match self {
+            Status::Created => "created",
+            Status::Running => "running",
+            Status::Waiting => "waiting",
+            Status::Pending => "pending",
+            Status::Aborting => "aborting",
+            Status::Concluded => "concluded",
+            Status::Null => "null",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Job {
+    pub id: String,
+    pub kind: Kind,
+    pub status: Status,
+    pub progress: u64,
+    pub total: u64,
+    pub error: Option<String>,
+    /// snapvmm's own figures (`x-` keys), merged into query-jobs.
+    pub extra: Option<Value>,
+}
+
+/// The job list. Status changes are returned as events for the caller to emit.
+#[derive(Debug, Default)]
+pub struct Jobs {
+    jobs: Vec<Job>,
+}
+
+/// A `JOB_STATUS_CHANGE` event's data.
+pub fn event(id: &str, status: Status) -> Value {
+    json!({"id": id, "status": status.name()})
+}
+
+impl Jobs {
+    /// Registers a new job; its id must be unused.
+    pub fn create(&mut self, id: &str, kind: Kind) -> Result<Value, CommandError> {
+        if id.is_empty() {
+            return Err(CommandError::generic("Invalid job ID ''"));
+        }
+        if self.jobs.iter().any(|j| j.id == id) {
+            return Err(CommandError::generic(format!(
+                "Job ID '{id}' already in use"
+            )));
+        }
+        self.jobs.push(Job {
+            id: id.to_string(),
+            kind,
+            status: Status::Created,
+            progress: 0,
+            total: 1,
+            error: None,
+            extra: None,
+        });
+        Ok(event(id, Status::Created))
+    }
+
+    pub fn get(&self, id: &str) -> Option<&Job> {
+        self.jobs.iter().find(|j| j.id == id)
+    }
+
+    fn get_mut(&mut self, id: &str) -> Option<&mut Job> {
+        self.jobs.iter_mut().find(|j| j.id == id)
+    }
+
+    /// Moves a job to `status`; returns the event to emit.
+    pub fn set(&mut self, id: &str, status: Status) -> Option<Value> {
+        let j = self.get_mut(id)?;
+        j.status = status;
+        Some(event(id, status))
+    }
+
+    pub fn set_extra(&mut self, id: &str, extra: Value) {
+        if let Some(j) = self.get_mut(id) {
+            j.extra = Some(extra);
+        }
+    }
+
+    pub fn set_progress(&mut self, id: &str, progress: u64, total: u64) {
+        if let Some(j) = self.get_mut(id) {
+            j.progress = progress;
+            j.total = total.max(1);
+        }
+    }
+
+    /// A successful end: waiting → pending → concluded (events in order).
+    pub fn succeed(&mut self, id: &str) -> Vec<Value> {
+        if let Some(j) = self.get_mut(id) {
+            j.progress = j.total;
+        }
+        [Status::Waiting, Status::Pending, Status::Concluded]
+            .into_iter()
+            .filter_map(|s| self.set(id, s))
+            .collect()
+    }
+
+    /// A failed end: aborting → concluded with `error`.
+    pub fn fail(&mut self, id: &str, error: String) -> Vec<Value> {
+        if let Some(j) = self.get_mut(id) {
+            j.error = Some(error);
+        }
+        [Status::Aborting, Status::Concluded]
+            .into_iter()
+            .filter_map(|s| self.set(id, s))
+            .collect()
+    }
+
+    /// Whether a job is still doing work (not yet concluded).
+    pub fn busy(&self) -> Option<&Job> {
+        self.jobs
+            .iter()
+            .find(|j| !matches!(j.status, Status::Concluded | Status::Null))
+    }
+
+    /// `job-dismiss`: only a concluded job can go; returns the `null` event.
+    pub fn dismiss(&mut self, id: &str) -> Result<Value, CommandError> {
+        let j = self
+            .get(id)
+            .ok_or_else(|| CommandError::generic(format!("Job not found: '{id}'")))?;
+        if j.status != Status::Concluded {
+            return Err(CommandError::generic(format!(
+                "Job '{id}' in state '{}' cannot accept command verb 'dismiss'",
+                j.status.name()
+            )));
+        }
+        self.jobs.retain(|j| j.id != id);
+        Ok(event(id, Status::Null))
+    }
+
+    /// Checks that `job-cancel` applies to `id` (a running job).
+    pub fn check_cancel(&self, id: &str) -> Result<&Job, CommandError> {
+        let j = self
+            .get(id)
+            .ok_or_else(|| CommandError::generic(format!("Job not found: '{id}'")))?;
+        if !matches!(j.status, Status::Created | Status::Running) {
+            return Err(CommandError::generic(format!(
+                "Job '{id}' in state '{}' cannot accept command verb 'cancel'",
+                j.status.name()
+            )));
+        }
+        Ok(j)
+    }
+
+    /// `query-jobs`.
+    pub fn query(&self) -> Value {
+        Value::Array(
+            self.jobs
+                .iter()
+                .map(|j| {
+                    let mut v = json!({
+                        "id": j.id,
+                        "type": j.kind.name(),
+                        "status": j.status.name(),
+                        "current-progress": j.progress,
+                        "total-progress": j.total,
+                    });
+                    if let Some(e) = &j.error {
+                        v["error"] = json!(e);
+                    }
+                    if let Some(Value::Object(x)) = &j.extra {
+                        for (k, val) in x {
+                            v[k] = val.clone();
+                        }
+                    }
+                    v
+                })
+                .collect(),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lifecycle_and_events_in_qemus_order() {
+        let mut jobs = Jobs::default();
+        let mut evs = vec![jobs.create("s1", Kind::SnapshotSave).unwrap()];
+        assert!(
+            jobs.create("s1", Kind::SnapshotLoad).is_err(),
+            "ids are unique"
+        );
+        evs.extend(jobs.set("s1", Status::Running));
+        assert!(
+            jobs.dismiss("s1").is_err(),
+            "a running job cannot be dismissed"
+        );
+        assert!(jobs.check_cancel("s1").is_ok());
+        evs.extend(jobs.succeed("s1"));
+        let names: Vec<_> = evs.iter().map(|e| e["status"].clone()).collect();
+        assert_eq!(
+            names,
+            vec![
+                json!("created"),
+                json!("running"),
+                json!("waiting"),
+                json!("pending"),
+                json!("concluded")
+            ]
+        );
+        let q = jobs.query();
+        assert_eq!(q[0]["type"], "snapshot-save");
+        assert_eq!(q[0]["current-progress"], q[0]["total-progress"]);
+        assert!(q[0].get("error").is_none());
+        assert!(jobs.check_cancel("s1").is_err());
+        assert_eq!(jobs.dismiss("s1").unwrap()["status"], "null");
+        assert_eq!(jobs.query(), json!([]));
+        assert!(jobs.dismiss("s1").is_err());
+    }
+
+    #[test]
+    fn failures_conclude_with_an_error() {
+        let mut jobs = Jobs::default();
+        jobs.create("x", Kind::SnapshotDelete).unwrap();
+        jobs.set("x", Status::Running);
+        let evs = jobs.fail("x", "Snapshot 'a' not found".into());
+        assert_eq!(evs.last().unwrap()["status"], "concluded");
+        assert_eq!(jobs.query()[0]["error"], "Snapshot 'a' not found");
+        assert!(jobs.busy().is_none());
+    }
+}

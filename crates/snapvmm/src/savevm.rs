@@ -1,0 +1,227 @@
+//! Internal snapshots in qcow2 disks (QEMU's `savevm`), live.
+//!
+//! The cut: pause the vCPUs, save the machine state, freeze every disk of
+//! the snapshot (qcow2 metadata only: later guest writes copy-on-write), fork
+//! the RAM capture child, resume. Then the capture streams the image (the
+//! livesnap format: RAM + machine state) into the vmstate area of the
+//! vmstate disk while the guest runs and keeps writing to its disks; when
+//! it is complete every disk commits the snapshot under the tag. Nothing is
+//! visible before the commit; a failure aborts the frozen state.
+
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use qmp::CommandError;
+use vmm::devices::virtio::VirtioBlk;
+use vmm::devices::PioBus;
+
+use crate::disk::Qcow2Disk;
+
+/// Runs `f` on the qcow2 image behind device `dev`; None for a raw disk.
+pub fn with_qcow2<R>(d: &Mutex<VirtioBlk>, f: impl FnOnce(&mut qcow2::Qcow2) -> R) -> Option<R> {
+    let mut dev = vmm::devices::lock(d);
+    dev.backend_mut()
+        .as_any_mut()
+        .downcast_mut::<Qcow2Disk>()
+        .map(|q| f(&mut q.image))
+}
+
+/// The qcow2 image of an open (not yet attached) disk.
+pub fn disk_qcow2(d: &mut vmm::DiskConfig) -> Option<&mut qcow2::Qcow2> {
+    d.backend
+        .as_any_mut()
+        .downcast_mut::<Qcow2Disk>()
+        .map(|q| &mut q.image)
+}
+
+/// Resolves the `devices` and `vmstate` of a snapshot command to device
+/// indexes, with QEMU's errors. An empty `devices` means every disk.
+pub fn resolve(
+    ids: &[String],
+    devices: &[String],
+    vmstate: Option<&str>,
+    is_qcow2: impl Fn(usize) -> bool,
+) -> Result<(Vec<usize>, Option<usize>), String> {
+    let mut out = Vec::new();
+    let wanted: Vec<&str> = if devices.is_empty() {
+        ids.iter().map(String::as_str).collect()
+    } else {
+        devices.iter().map(String::as_str).collect()
+    };
+    for name in wanted {
+        let i = ids
+            .iter()
+            .position(|d| d == name)
+            .ok_or_else(|| format!("No block device node '{name}'"))?;
+        if !is_qcow2(i) {
+            return Err(format!(
+                "Device '{name}' is writable but does not support snapshots"
+            ));
+        }
+        if !out.contains(&i) {
+            out.push(i);
+        }
+    }
+    if out.is_empty() {
+        return Err("No block device can accept snapshots".into());
+    }
+    let vm = match vmstate {
+        None => None,
+        Some(v) => {
+            let i = ids
+                .iter()
+                .position(|d| d == v)
+                .ok_or_else(|| format!("No block device node '{v}'"))?;
+            if !out.contains(&i) {
+                return Err(format!(
+                    "vmstate block device '{v}' does not exist in the list of devices"
+                ));
+            }
+            Some(i)
+        }
+    };
+    Ok((out, vm))
+}
+
+/// The capture's destination: the frozen vmstate of one qcow2 disk.
+pub struct VmStateSink {
+    pub bus: Arc<PioBus>,
+    pub dev: usize,
+    pub frozen: Arc<Mutex<Option<qcow2::Frozen>>>,
+    /// Length of the complete image (set by `finish`).
+    pub image_len: Arc<AtomicU64>,
+}
+
+impl livesnap::Sink for VmStateSink {
+    fn write_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()> {
+        let frozen = self.frozen.lock().unwrap_or_else(|e| e.into_inner());
+        let f = frozen
+            .as_ref()
+            .ok_or_else(|| io::Error::other("snapshot no longer pending"))?;
+        with_qcow2(&self.bus.virtio[self.dev], |q| {
+            q.write_frozen_vmstate(f, offset, buf)
+        })
+        .ok_or_else(|| io::Error::other("vmstate disk is not qcow2"))?
+        .map_err(|e| io::Error::other(e.to_string()))
+    }
+
+    fn finish(&mut self, summary: &livesnap::ImageSummary) -> io::Result<()> {
+        self.image_len.store(summary.image_len, Ordering::SeqCst);
+        Ok(())
+    }
+
+    fn abort(&mut self) {}
+}
+
+/// Reads a snapshot's vmstate (the livesnap image) out of a qcow2 image.
+pub fn read_vmstate(q: &mut qcow2::Qcow2, tag: &str) -> Result<Vec<u8>, String> {
+    let info = q
+        .snapshots()
+        .iter()
+        .find(|s| s.name == tag)
+        .cloned()
+        .ok_or_else(|| format!("Snapshot '{tag}' does not exist"))?;
+    if info.vm_state_size == 0 {
+        return Err(format!("Snapshot '{tag}' has no VM state"));
+    }
+    // The same cap livesnap applies to what it reads: RAM + state of the largest machine.
+    if info.vm_state_size > (1u64 << 40) {
+        return Err(format!(
+            "Snapshot '{tag}' claims {} bytes of VM state",
+            info.vm_state_size
+        ));
+    }
+    let mut v = vec![0u8; info.vm_state_size as usize];
+    q.read_vmstate(tag, 0, &mut v)
+        .map_err(|e| format!("cannot read the VM state of '{tag}': {e}"))?;
+    Ok(v)
+}
+
+/// A vmstate held in memory, as a livesnap source.
+pub struct BytesSource(pub Vec<u8>);
+
+impl livesnap::Source for BytesSource {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let start = usize::try_from(offset).map_err(|_| io::ErrorKind::UnexpectedEof)?;
+        let end = start
+            .checked_add(buf.len())
+            .filter(|e| *e <= self.0.len())
+            .ok_or(io::ErrorKind::UnexpectedEof)?;
+        buf.copy_from_slice(&self.0[start..end]);
+        Ok(())
+    }
+    fn len(&self) -> u64 {
+        self.0.len() as u64
+    }
+}
+
+/// Decodes a vmstate into guest RAM and machine state (RAM copied in).
+pub fn decode_vmstate(
+    bytes: Vec<u8>,
+) -> Result<(vmm::memory::GuestRam, vmm::MachineState), String> {
+    let image = livesnap::Image::from_source(Box::new(BytesSource(bytes)))
+        .map_err(|e| format!("the VM state is not usable: {e}"))?;
+    let dev = image
+        .device_state()
+        .map_err(|e| format!("the VM state is not usable: {e}"))?;
+    let state = vmm::MachineState::from_bytes(&dev)
+        .map_err(|e| format!("the VM state is not usable: {e}"))?;
+    let layout = vmm::layout::ram_ranges(state.mem_bytes);
+    let ranges = image.ranges();
+    if layout.len() != ranges.len()
+        || layout
+            .iter()
+            .zip(ranges)
+            .any(|(l, r)| l.0 != r.gpa || l.1 != r.len)
+    {
+        return Err("the VM state's RAM layout does not match its machine".into());
+    }
+    let mut ram = vmm::memory::GuestRam::anonymous(state.mem_bytes).map_err(|e| e.to_string())?;
+    for i in 0..ranges.len() {
+        image
+            .read_ram_into(i, ram.region_bytes_mut(i))
+            .map_err(|e| format!("cannot read RAM from the VM state: {e}"))?;
+    }
+    Ok((ram, state))
+}
+
+/// Maps a qcow2 error to a job error text.
+pub fn qerr(dev: &str, e: qcow2::Error) -> String {
+    format!("Device '{dev}': {e}")
+}
+
+/// Errors of a command that cannot even start a job.
+pub fn busy() -> CommandError {
+    CommandError::generic("There's a migration process in progress")
+}
+
+/// `--loadvm TAG`: reverts every qcow2 disk holding TAG and decodes the VM
+/// state from the first of them that has one.
+pub fn load_from_disks(
+    disks: &mut [vmm::DiskConfig],
+    tag: &str,
+) -> Result<(vmm::memory::GuestRam, vmm::MachineState), String> {
+    let mut vmstate = None;
+    let mut holders = Vec::new();
+    for (i, d) in disks.iter_mut().enumerate() {
+        let Some(q) = disk_qcow2(d) else { continue };
+        if let Some(s) = q.snapshots().iter().find(|s| s.name == tag) {
+            if vmstate.is_none() && s.vm_state_size > 0 {
+                vmstate = Some(i);
+            }
+            holders.push(i);
+        }
+    }
+    let vm = vmstate.ok_or_else(|| format!("no disk holds a snapshot '{tag}' with VM state"))?;
+    let q = disk_qcow2(&mut disks[vm]).expect("qcow2");
+    let bytes = read_vmstate(q, tag)?;
+    let (ram, state) = decode_vmstate(bytes)?;
+    for i in holders {
+        let id = disks[i].id.clone();
+        if let Some(q) = disk_qcow2(&mut disks[i]) {
+            q.apply_snapshot(tag).map_err(|e| qerr(&id, e))?;
+        }
+    }
+    Ok((ram, state))
+}

@@ -1,0 +1,557 @@
+//! The controller's internal-snapshot jobs: `snapshot-save` (live),
+//! `snapshot-load`, `snapshot-delete`, their HMP forms (`savevm`, `loadvm`,
+//! `delvm`, `info snapshots`) and `--loadvm`. See savevm.rs for the pipeline.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use qmp::{CommandError, RunState, SnapshotEntry, SnapshotJob};
+use serde_json::{json, Value};
+
+use crate::bridge::Reply;
+use crate::controller::{AppEvent, Controller};
+use crate::jobs::{Kind, Status};
+use crate::savevm::{self, with_qcow2};
+
+/// A live save between the cut and the commit.
+pub struct PendingSave {
+    pub job_id: String,
+    pub tag: String,
+    pub devices: Vec<usize>,
+    pub vmstate: usize,
+    /// Frozen disks other than the vmstate disk.
+    pub frozen: Vec<(usize, qcow2::Frozen)>,
+    /// The vmstate disk's frozen state, shared with the capture's sink.
+    pub vm_frozen: Arc<Mutex<Option<qcow2::Frozen>>>,
+    pub image_len: Arc<AtomicU64>,
+    pub capture: Option<livesnap::Capture>,
+    pub vm_clock_ns: u64,
+    pub pause: Duration,
+    pub started: Instant,
+    /// HMP `savevm` waits for the end.
+    pub waiter: Option<Reply>,
+}
+
+/// Figures of the latest save (query via `x-` fields of query-jobs).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SaveFigures {
+    pub pause: Duration,
+    pub total: Duration,
+}
+
+impl Controller {
+    fn disk_ids(&self) -> Vec<String> {
+        self.machine
+            .bus()
+            .virtio
+            .iter()
+            .map(|d| vmm::devices::lock(d).id().to_string())
+            .collect()
+    }
+
+    fn is_qcow2(&self, i: usize) -> bool {
+        with_qcow2(&self.machine.bus().virtio[i], |_| ()).is_some()
+    }
+
+    fn job_event(&self, data: Value) {
+        self.emit("JOB_STATUS_CHANGE", Some(data));
+    }
+
+    fn job_events(&self, evs: Vec<Value>) {
+        for e in evs {
+            self.job_event(e);
+        }
+    }
+
+    fn fail_job(&mut self, id: &str, why: String, waiter: Option<Reply>) {
+        tracing::warn!(job = id, "snapshot job failed: {why}");
+        let evs = self.jobs.fail(id, why.clone());
+        self.job_events(evs);
+        if let Some(w) = waiter {
+            let _ = w.send(Err(CommandError::generic(why)));
+        }
+    }
+
+    /// Creates the job (created → running); an id in use is a command error.
+    fn start_job(&mut self, id: &str, kind: Kind) -> Result<(), CommandError> {
+        let ev = self.jobs.create(id, kind)?;
+        self.job_event(ev);
+        if let Some(ev) = self.jobs.set(id, Status::Running) {
+            self.job_event(ev);
+        }
+        Ok(())
+    }
+
+    fn snapshot_busy(&self) -> Option<String> {
+        if self.migration.active() || self.pending_save.is_some() {
+            return Some("There's a migration process in progress".into());
+        }
+        None
+    }
+
+    /// `snapshot-save`: the cut happens here; the commit in [`Self::save_done`].
+    pub fn snapshot_save(
+        &mut self,
+        job: SnapshotJob,
+        waiter: Option<Reply>,
+    ) -> Result<(), CommandError> {
+        self.start_job(&job.job_id, Kind::SnapshotSave)?;
+        if let Err(why) = self.begin_save(&job, waiter.is_some()) {
+            self.fail_job(&job.job_id, why, waiter);
+            return Ok(());
+        }
+        if let Some(p) = self.pending_save.as_mut() {
+            p.waiter = waiter;
+        }
+        Ok(())
+    }
+
+    fn begin_save(&mut self, job: &SnapshotJob, _hmp: bool) -> Result<(), String> {
+        if let Some(why) = self.snapshot_busy() {
+            return Err(why);
+        }
+        if !matches!(
+            self.status(),
+            RunState::Running | RunState::Paused | RunState::Postmigrate
+        ) {
+            return Err(format!("cannot save a VM in state '{}'", self.status()));
+        }
+        let ids = self.disk_ids();
+        let vmstate = job
+            .vmstate
+            .as_deref()
+            .ok_or_else(|| "Parameter 'vmstate' is missing".to_string())?;
+        let (devices, vm) =
+            savevm::resolve(&ids, &job.devices, Some(vmstate), |i| self.is_qcow2(i))?;
+        let vm = vm.expect("vmstate resolved");
+        for &i in &devices {
+            let exists = with_qcow2(&self.machine.bus().virtio[i], |q| {
+                q.snapshots().iter().any(|s| s.name == job.tag)
+            });
+            if exists == Some(true) {
+                return Err(format!(
+                    "Snapshot '{}' already exists in one or more devices",
+                    job.tag
+                ));
+            }
+        }
+        self.stop_collapse();
+        // Prepared with the guest running: the capture's pipe and its sink.
+        let vm_frozen = Arc::new(Mutex::new(None));
+        let image_len = Arc::new(AtomicU64::new(0));
+        let sink = savevm::VmStateSink {
+            bus: self.machine.bus_arc(),
+            dev: vm,
+            frozen: vm_frozen.clone(),
+            image_len: image_len.clone(),
+        };
+        let tx = self.tx.clone();
+        let opts = livesnap::ForkOptions {
+            on_done: Some(Box::new(move |_| {
+                let _ = tx.send(AppEvent::SaveVmDone);
+            })),
+            ..livesnap::ForkOptions::default()
+        };
+        let prepared = livesnap::prepare_fork_capture_to(
+            &crate::migration::ram_ranges(&self.machine),
+            Box::new(sink),
+            opts,
+        )
+        .map_err(|e| e.to_string())?;
+
+        // The cut.
+        let t_pause = Instant::now();
+        let was_running = self.machine.is_running();
+        if was_running {
+            self.machine.pause().map_err(|e| e.to_string())?;
+        }
+        let resume = |c: &mut Controller| {
+            if was_running {
+                c.machine.resume();
+            }
+        };
+        let state = match self.machine.save_state() {
+            Ok(s) => s.to_bytes(),
+            Err(e) => {
+                resume(self);
+                return Err(format!("cannot save machine state: {e}"));
+            }
+        };
+        let mut frozen = Vec::new();
+        let mut failed = None;
+        for &i in &devices {
+            let r = with_qcow2(&self.machine.bus().virtio[i], |q| q.freeze(&job.tag))
+                .expect("checked qcow2");
+            match r {
+                Ok(f) if i == vm => {
+                    *vm_frozen.lock().unwrap_or_else(|e| e.into_inner()) = Some(f);
+                }
+                Ok(f) => frozen.push((i, f)),
+                Err(e) => {
+                    failed = Some(savevm::qerr(&ids[i], e));
+                    break;
+                }
+            }
+        }
+        let started = match failed {
+            Some(why) => Err(why),
+            None => prepared.start(state).map_err(|e| e.to_string()),
+        };
+        resume(self);
+        let pause = t_pause.elapsed();
+        let capture = match started {
+            Ok(c) => c,
+            Err(why) => {
+                self.abort_frozen(frozen, &vm_frozen, vm);
+                return Err(why);
+            }
+        };
+        tracing::debug!(pause_us = pause.as_micros() as u64, "savevm cut");
+        self.jobs
+            .set_progress(&job.job_id, 0, self.machine.ram().size());
+        self.pending_save = Some(PendingSave {
+            job_id: job.job_id.clone(),
+            tag: job.tag.clone(),
+            devices,
+            vmstate: vm,
+            frozen,
+            vm_frozen,
+            image_len,
+            capture: Some(capture),
+            vm_clock_ns: self.vm_clock_ns(),
+            pause,
+            started: t_pause,
+            waiter: None,
+        });
+        Ok(())
+    }
+
+    fn abort_frozen(
+        &mut self,
+        frozen: Vec<(usize, qcow2::Frozen)>,
+        vm_frozen: &Mutex<Option<qcow2::Frozen>>,
+        vm: usize,
+    ) {
+        let bus = self.machine.bus();
+        for (i, f) in frozen {
+            let _ = with_qcow2(&bus.virtio[i], |q| q.abort_frozen(f));
+        }
+        if let Some(f) = vm_frozen.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            let _ = with_qcow2(&bus.virtio[vm], |q| q.abort_frozen(f));
+        }
+    }
+
+    /// The vmstate is written (or the capture failed): commit or abort.
+    pub fn save_done(&mut self) {
+        let Some(mut p) = self.pending_save.take() else {
+            return;
+        };
+        let result = p
+            .capture
+            .take()
+            .map(|c| c.wait())
+            .unwrap_or_else(|| Err(livesnap::SnapError::Cancelled));
+        let ids = self.disk_ids();
+        if let Err(e) = result {
+            self.abort_frozen(std::mem::take(&mut p.frozen), &p.vm_frozen, p.vmstate);
+            let why = match e {
+                livesnap::SnapError::Cancelled => "Operation canceled".to_string(),
+                e => e.to_string(),
+            };
+            self.fail_job(&p.job_id, why, p.waiter.take());
+            return;
+        }
+        let len = p.image_len.load(Ordering::SeqCst);
+        let bus = self.machine.bus_arc();
+        let mut error = None;
+        let vm_f = p.vm_frozen.lock().unwrap_or_else(|e| e.into_inner()).take();
+        // The vmstate disk first: once it commits, the snapshot is loadable.
+        if let Some(f) = vm_f {
+            let r = with_qcow2(&bus.virtio[p.vmstate], |q| {
+                q.commit_frozen(f, p.vm_clock_ns, len)
+            });
+            if let Some(Err(e)) = r {
+                error = Some(savevm::qerr(&ids[p.vmstate], e));
+            }
+        }
+        for (i, f) in std::mem::take(&mut p.frozen) {
+            let r = with_qcow2(&bus.virtio[i], |q| {
+                if error.is_some() {
+                    q.abort_frozen(f).map(|_| ())
+                } else {
+                    q.commit_frozen(f, p.vm_clock_ns, 0).map(|_| ())
+                }
+            });
+            if let Some(Err(e)) = r {
+                error.get_or_insert(savevm::qerr(&ids[i], e));
+            }
+        }
+        let fig = savevm_figures(&p);
+        self.jobs.set_extra(
+            &p.job_id,
+            json!({
+                "x-pause-us": fig.pause.as_micros() as u64,
+                "x-total-ms": fig.total.as_millis() as u64,
+                "x-vmstate-bytes": len,
+            }),
+        );
+        match error {
+            Some(why) => self.fail_job(&p.job_id, why, p.waiter.take()),
+            None => {
+                let evs = self.jobs.succeed(&p.job_id);
+                self.job_events(evs);
+                if let Some(w) = p.waiter.take() {
+                    let _ = w.send(Ok(json!({})));
+                }
+            }
+        }
+        if self.migration.collapse {
+            self.start_collapse();
+        }
+    }
+
+    /// `snapshot-load`: the VM continues from the snapshot (disks reverted,
+    /// RAM and devices loaded); it runs afterwards if it ran before.
+    pub fn snapshot_load(&mut self, job: SnapshotJob) -> Result<(), CommandError> {
+        self.start_job(&job.job_id, Kind::SnapshotLoad)?;
+        match self.load(&job) {
+            Ok(()) => {
+                let evs = self.jobs.succeed(&job.job_id);
+                self.job_events(evs);
+            }
+            Err(why) => self.fail_job(&job.job_id, why, None),
+        }
+        Ok(())
+    }
+
+    fn load(&mut self, job: &SnapshotJob) -> Result<(), String> {
+        if let Some(why) = self.snapshot_busy() {
+            return Err(why);
+        }
+        let ids = self.disk_ids();
+        let vmstate = job
+            .vmstate
+            .as_deref()
+            .ok_or_else(|| "Parameter 'vmstate' is missing".to_string())?;
+        let (devices, vm) =
+            savevm::resolve(&ids, &job.devices, Some(vmstate), |i| self.is_qcow2(i))?;
+        let vm = vm.expect("vmstate resolved");
+        for &i in &devices {
+            let has = with_qcow2(&self.machine.bus().virtio[i], |q| {
+                q.snapshots().iter().any(|s| s.name == job.tag)
+            });
+            if has != Some(true) {
+                return Err(format!(
+                    "Snapshot '{}' does not exist in one or more devices",
+                    job.tag
+                ));
+            }
+        }
+        // Everything that can fail is checked before the running VM is touched.
+        let bytes = with_qcow2(&self.machine.bus().virtio[vm], |q| {
+            savevm::read_vmstate(q, &job.tag)
+        })
+        .expect("checked qcow2")?;
+        let (ram, state) = savevm::decode_vmstate(bytes)?;
+        if state.virtio.len() != ids.len() {
+            return Err(format!(
+                "the snapshot was taken with {} disk(s), this VM has {}",
+                state.virtio.len(),
+                ids.len()
+            ));
+        }
+        let was_running = self.machine.is_running();
+        self.stop_collapse();
+        let _ = self.machine.pause();
+        self.set_status(RunState::RestoreVm);
+        self.machine.flush_serial();
+        let mut disks = self.machine.take_disks();
+        for &i in &devices {
+            if let Some(q) = savevm::disk_qcow2(&mut disks[i]) {
+                q.apply_snapshot(&job.tag)
+                    .map_err(|e| savevm::qerr(&ids[i], e))?;
+            }
+        }
+        self.machine = crate::controller::build_from_state(&self.cfg, &self.tx, ram, state, disks)
+            .map_err(|e| format!("{e:#}"))?;
+        self.vm_started = Instant::now();
+        self.publish_cpus();
+        if was_running {
+            self.machine.resume();
+            self.set_status(RunState::Running);
+        } else {
+            self.set_status(RunState::Paused);
+        }
+        Ok(())
+    }
+
+    /// `snapshot-delete`: removes the tag from every listed disk that has it.
+    pub fn snapshot_delete(&mut self, job: SnapshotJob) -> Result<(), CommandError> {
+        self.start_job(&job.job_id, Kind::SnapshotDelete)?;
+        let r = self.delete(&job.tag, &job.devices);
+        match r {
+            Ok(()) => {
+                let evs = self.jobs.succeed(&job.job_id);
+                self.job_events(evs);
+            }
+            Err(why) => self.fail_job(&job.job_id, why, None),
+        }
+        Ok(())
+    }
+
+    fn delete(&mut self, tag: &str, devices: &[String]) -> Result<(), String> {
+        if self.pending_save.is_some() {
+            return Err("There's a migration process in progress".into());
+        }
+        let ids = self.disk_ids();
+        let (devices, _) = savevm::resolve(&ids, devices, None, |i| self.is_qcow2(i))?;
+        let mut found = false;
+        for &i in &devices {
+            let r = with_qcow2(&self.machine.bus().virtio[i], |q| {
+                if q.snapshots().iter().any(|s| s.name == tag) {
+                    q.delete_snapshot(tag).map(|_| true)
+                } else {
+                    Ok(false)
+                }
+            })
+            .expect("checked qcow2");
+            found |= r.map_err(|e| savevm::qerr(&ids[i], e))?;
+        }
+        if !found {
+            return Err(format!("Snapshot '{tag}' not found"));
+        }
+        Ok(())
+    }
+
+    /// Devices for the HMP forms: every qcow2 disk; the vmstate goes to the first.
+    fn hmp_job(&self, tag: &str) -> Result<SnapshotJob, CommandError> {
+        let ids = self.disk_ids();
+        if let Some(i) = (0..ids.len()).find(|&i| !self.is_qcow2(i)) {
+            return Err(CommandError::generic(format!(
+                "Device '{}' is writable but does not support snapshots",
+                ids[i]
+            )));
+        }
+        let first = ids
+            .first()
+            .ok_or_else(|| CommandError::generic("No block device can accept snapshots"))?;
+        Ok(SnapshotJob {
+            job_id: format!("hmp-{tag}"),
+            tag: tag.to_string(),
+            vmstate: Some(first.clone()),
+            devices: ids,
+        })
+    }
+
+    /// HMP `savevm TAG`: replies when the save ends.
+    pub fn hmp_savevm(&mut self, tag: &str, reply: Reply) {
+        let job = match self.hmp_job(tag) {
+            Ok(j) => j,
+            Err(e) => {
+                let _ = reply.send(Err(e));
+                return;
+            }
+        };
+        let id = job.job_id.clone();
+        if let Err(e) = self.snapshot_save(job, Some(reply)) {
+            tracing::warn!("savevm: {}", e.desc);
+        }
+        // HMP jobs dismiss themselves once concluded.
+        if self.pending_save.as_ref().map(|p| p.job_id.as_str()) != Some(id.as_str()) {
+            let _ = self.jobs.dismiss(&id);
+        }
+    }
+
+    /// Dismisses concluded HMP jobs (they are internal).
+    pub fn dismiss_hmp_jobs(&mut self) {
+        let ids: Vec<String> = self
+            .jobs
+            .query()
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|j| j["status"] == "concluded")
+            .filter_map(|j| j["id"].as_str().map(str::to_string))
+            .filter(|id| id.starts_with("hmp-"))
+            .collect();
+        for id in ids {
+            let _ = self.jobs.dismiss(&id);
+        }
+    }
+
+    pub fn hmp_loadvm(&mut self, tag: &str) -> Result<(), CommandError> {
+        let job = self.hmp_job(tag)?;
+        let id = job.job_id.clone();
+        self.start_job(&id, Kind::SnapshotLoad)?;
+        let r = self.load(&job);
+        let _ = match &r {
+            Ok(()) => self.jobs.succeed(&id),
+            Err(e) => self.jobs.fail(&id, e.clone()),
+        };
+        let _ = self.jobs.dismiss(&id);
+        r.map_err(CommandError::generic)
+    }
+
+    pub fn hmp_delvm(&mut self, tag: &str) -> Result<(), CommandError> {
+        self.delete(tag, &[]).map_err(CommandError::generic)
+    }
+
+    /// `info snapshots`: snapshots present on every qcow2 disk (by tag).
+    pub fn list_snapshots(&self) -> Result<Vec<SnapshotEntry>, CommandError> {
+        let bus = self.machine.bus();
+        let mut lists = Vec::new();
+        for d in &bus.virtio {
+            if let Some(l) = with_qcow2(d, |q| q.snapshots().to_vec()) {
+                lists.push(l);
+            }
+        }
+        let Some(first) = lists.first() else {
+            return Err(CommandError::generic(
+                "no block device can store vmstate for snapshot",
+            ));
+        };
+        Ok(first
+            .iter()
+            .filter(|s| lists.iter().all(|l| l.iter().any(|t| t.name == s.name)))
+            .map(|s| SnapshotEntry {
+                id: s.id.clone(),
+                name: s.name.clone(),
+                vm_state_size: s.vm_state_size,
+                date_sec: u64::from(s.date_sec),
+                date_nsec: s.date_nsec,
+                vm_clock_nsec: s.vm_clock_nsec,
+                icount: s.icount,
+            })
+            .collect())
+    }
+
+    /// `job-cancel`: only a save in progress can be cancelled.
+    pub fn job_cancel(&mut self, id: &str) -> Result<(), CommandError> {
+        self.jobs.check_cancel(id)?;
+        match &self.pending_save {
+            Some(p) if p.job_id == id => {
+                if let Some(c) = &p.capture {
+                    c.cancel();
+                }
+                Ok(())
+            }
+            _ => Err(CommandError::generic(format!(
+                "Job '{id}' cannot be cancelled now"
+            ))),
+        }
+    }
+
+    /// Guest-visible virtual clock: time the VM has existed (as QEMU's vm clock
+    /// roughly is), in nanoseconds.
+    pub fn vm_clock_ns(&self) -> u64 {
+        self.vm_started.elapsed().as_nanos() as u64
+    }
+}
+
+fn savevm_figures(p: &PendingSave) -> SaveFigures {
+    SaveFigures {
+        pause: p.pause,
+        total: p.started.elapsed(),
+    }
+}

@@ -1,0 +1,658 @@
+//! virtio-blk over the virtio-mmio transport (version 2, "modern").
+//!
+//! Requests are executed synchronously when the driver notifies the queue,
+//! on the vCPU thread that took the MMIO exit. So when every vCPU is paused
+//! no request is in flight: a snapshot's device state is just the registers
+//! and ring positions below, and the disk is consistent with them.
+
+use serde::{Deserialize, Serialize};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::queue::{Desc, Queue, QueueError, QUEUE_MAX};
+use super::BlockBackend;
+
+const MAGIC: u32 = 0x7472_6976; // "virt"
+const VERSION: u32 = 2;
+const DEVICE_ID_BLOCK: u32 = 2;
+const VENDOR_ID: u32 = 0x534e_4150; // "SNAP"
+
+const F_RO: u64 = 1 << 5;
+const F_FLUSH: u64 = 1 << 9;
+const F_VERSION_1: u64 = 1 << 32;
+
+const STATUS_FEATURES_OK: u32 = 8;
+const STATUS_NEEDS_RESET: u32 = 64;
+
+const T_IN: u32 = 0;
+const T_OUT: u32 = 1;
+const T_FLUSH: u32 = 4;
+const T_GET_ID: u32 = 8;
+const S_OK: u8 = 0;
+const S_IOERR: u8 = 1;
+const S_UNSUPP: u8 = 2;
+
+const SECTOR: u64 = 512;
+/// Largest data transfer of one request (a guest cannot make us allocate more).
+const MAX_REQUEST: u64 = 4 << 20;
+
+/// The device's registers: everything a snapshot needs besides the disk.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VirtioBlkState {
+    pub status: u32,
+    pub device_features_sel: u32,
+    pub driver_features_sel: u32,
+    pub driver_features: u64,
+    pub queue_sel: u32,
+    pub queue: Queue,
+    pub interrupt_status: u32,
+    pub config_generation: u32,
+    /// The disk's size when saved (a restore with a different disk is refused).
+    pub capacity_bytes: u64,
+}
+
+/// Counters for tests and figures.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BlockStats {
+    pub reads: u64,
+    pub writes: u64,
+    pub flushes: u64,
+    pub errors: u64,
+}
+
+pub struct VirtioBlk {
+    id: String,
+    backend: Box<dyn BlockBackend>,
+    readonly: bool,
+    irq: EventFd,
+    st: VirtioBlkState,
+    pub stats: BlockStats,
+}
+
+impl std::fmt::Debug for VirtioBlk {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VirtioBlk")
+            .field("id", &self.id)
+            .field("readonly", &self.readonly)
+            .field("state", &self.st)
+            .finish_non_exhaustive()
+    }
+}
+
+impl VirtioBlk {
+    pub fn new(id: String, backend: Box<dyn BlockBackend>, readonly: bool, irq: EventFd) -> Self {
+        let capacity_bytes = backend.size();
+        VirtioBlk {
+            id,
+            backend,
+            readonly,
+            irq,
+            st: VirtioBlkState {
+                queue: Queue::new(),
+                capacity_bytes,
+                ..VirtioBlkState::default()
+            },
+            stats: BlockStats::default(),
+        }
+    }
+
+    /// Rebuilds the device from saved state over the same disk.
+    pub fn restore(
+        id: String,
+        backend: Box<dyn BlockBackend>,
+        readonly: bool,
+        irq: EventFd,
+        st: &VirtioBlkState,
+    ) -> Result<Self, String> {
+        if backend.size() != st.capacity_bytes {
+            return Err(format!(
+                "disk '{id}' has {} bytes, the snapshot's had {}",
+                backend.size(),
+                st.capacity_bytes
+            ));
+        }
+        let mut d = VirtioBlk::new(id, backend, readonly, irq);
+        d.st = st.clone();
+        Ok(d)
+    }
+
+    pub fn save(&self) -> VirtioBlkState {
+        self.st.clone()
+    }
+
+    /// Gives the disk back.
+    pub fn into_parts(self) -> (String, Box<dyn BlockBackend>, bool) {
+        (self.id, self.backend, self.readonly)
+    }
+
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The disk behind the device (e.g. to take a disk snapshot while paused).
+    pub fn backend_mut(&mut self) -> &mut dyn BlockBackend {
+        self.backend.as_mut()
+    }
+
+    fn device_features(&self) -> u64 {
+        F_VERSION_1 | F_FLUSH | if self.readonly { F_RO } else { 0 }
+    }
+
+    fn reset(&mut self) {
+        let capacity_bytes = self.backend.size();
+        self.st = VirtioBlkState {
+            queue: Queue::new(),
+            capacity_bytes,
+            config_generation: self.st.config_generation,
+            ..VirtioBlkState::default()
+        };
+    }
+
+    /// A guest read of the register window.
+    pub fn read(&self, offset: u64, data: &mut [u8]) {
+        if offset >= 0x100 {
+            let cfg = self.st.capacity_bytes / SECTOR;
+            let bytes = cfg.to_le_bytes();
+            for (i, b) in data.iter_mut().enumerate() {
+                let at = (offset - 0x100) as usize + i;
+                *b = bytes.get(at).copied().unwrap_or(0);
+            }
+            return;
+        }
+        let q = &self.st.queue;
+        let v: u32 = match offset {
+            0x000 => MAGIC,
+            0x004 => VERSION,
+            0x008 => DEVICE_ID_BLOCK,
+            0x00c => VENDOR_ID,
+            0x010 => match self.st.device_features_sel {
+                0 => self.device_features() as u32,
+                1 => (self.device_features() >> 32) as u32,
+                _ => 0,
+            },
+            0x034 if self.st.queue_sel == 0 => u32::from(QUEUE_MAX),
+            0x044 if self.st.queue_sel == 0 => u32::from(q.ready),
+            0x060 => self.st.interrupt_status,
+            0x070 => self.st.status,
+            0x0fc => self.st.config_generation,
+            _ => 0,
+        };
+        let bytes = v.to_le_bytes();
+        let n = data.len().min(4);
+        data[..n].copy_from_slice(&bytes[..n]);
+    }
+
+    /// A guest write to the register window.
+    pub fn write(&mut self, offset: u64, data: &[u8], mem: &GuestMemoryMmap) {
+        if data.len() != 4 {
+            return; // registers are 32-bit; config space is read-only
+        }
+        let v = u32::from_le_bytes([data[0], data[1], data[2], data[3]]);
+        let lo = |old: u64| (old & !0xffff_ffff) | u64::from(v);
+        let hi = |old: u64| (old & 0xffff_ffff) | (u64::from(v) << 32);
+        let q0 = self.st.queue_sel == 0;
+        let live = self.st.status & STATUS_FEATURES_OK != 0 && !self.st.queue.ready;
+        match offset {
+            0x014 => self.st.device_features_sel = v,
+            0x020 => match self.st.driver_features_sel {
+                0 => self.st.driver_features = lo(self.st.driver_features),
+                1 => self.st.driver_features = hi(self.st.driver_features),
+                _ => {}
+            },
+            0x024 => self.st.driver_features_sel = v,
+            0x030 => self.st.queue_sel = v,
+            0x038 if q0 => self.st.queue.size = v.min(u32::from(QUEUE_MAX)) as u16,
+            0x044 if q0 => self.st.queue.ready = v == 1,
+            0x050 => {
+                if v == 0 {
+                    self.process(mem)
+                }
+            }
+            0x064 => self.st.interrupt_status &= !v,
+            0x070 => {
+                if v == 0 {
+                    self.reset();
+                } else {
+                    let mut v = v;
+                    // FEATURES_OK sticks only for a feature set we offered, with VERSION_1.
+                    if v & STATUS_FEATURES_OK != 0
+                        && (self.st.driver_features & !self.device_features() != 0
+                            || self.st.driver_features & F_VERSION_1 == 0)
+                    {
+                        v &= !STATUS_FEATURES_OK;
+                    }
+                    self.st.status = v;
+                }
+            }
+            0x080 if q0 && live => self.st.queue.desc = lo(self.st.queue.desc),
+            0x084 if q0 && live => self.st.queue.desc = hi(self.st.queue.desc),
+            0x090 if q0 && live => self.st.queue.avail = lo(self.st.queue.avail),
+            0x094 if q0 && live => self.st.queue.avail = hi(self.st.queue.avail),
+            0x0a0 if q0 && live => self.st.queue.used = lo(self.st.queue.used),
+            0x0a4 if q0 && live => self.st.queue.used = hi(self.st.queue.used),
+            _ => {}
+        }
+    }
+
+    /// Executes every request the driver made available.
+    fn process(&mut self, mem: &GuestMemoryMmap) {
+        let mut notify = false;
+        loop {
+            let head = match self.st.queue.pop(mem) {
+                Ok(Some(h)) => h,
+                Ok(None) => break,
+                Err(e) => {
+                    self.broken(e);
+                    break;
+                }
+            };
+            let written = match self.st.queue.chain(mem, head) {
+                Ok(chain) => self.request(mem, &chain),
+                Err(e) => {
+                    tracing::warn!(disk = %self.id, "malformed request: {e}");
+                    self.stats.errors += 1;
+                    0
+                }
+            };
+            match self.st.queue.push_used(mem, head, written) {
+                Ok(n) => notify |= n,
+                Err(e) => {
+                    self.broken(e);
+                    break;
+                }
+            }
+        }
+        if notify {
+            self.st.interrupt_status |= 1;
+            let _ = self.irq.write(1);
+        }
+    }
+
+    /// The rings themselves are unusable: the device needs a reset (virtio 2.1.2).
+    fn broken(&mut self, e: QueueError) {
+        tracing::warn!(disk = %self.id, "virtqueue unusable: {e}");
+        self.stats.errors += 1;
+        self.st.status |= STATUS_NEEDS_RESET;
+        self.st.interrupt_status |= 2;
+        let _ = self.irq.write(1);
+    }
+
+    /// Executes one request; returns the bytes written into guest memory.
+    fn request(&mut self, mem: &GuestMemoryMmap, chain: &[Desc]) -> u32 {
+        // The status byte is the last byte of the last (device-writable) descriptor.
+        let Some(last) = chain.last().filter(|d| d.write && d.len > 0) else {
+            self.stats.errors += 1;
+            return 0;
+        };
+        let status_at = GuestAddress(last.addr + u64::from(last.len) - 1);
+        let (status, data_len) = match self.execute(mem, chain) {
+            Ok(n) => (S_OK, n),
+            Err(s) => {
+                self.stats.errors += 1;
+                (s, 0)
+            }
+        };
+        if mem.write_obj(status, status_at).is_err() {
+            return 0;
+        }
+        data_len + 1
+    }
+
+    fn execute(&mut self, mem: &GuestMemoryMmap, chain: &[Desc]) -> Result<u32, u8> {
+        let head = chain
+            .first()
+            .filter(|d| !d.write && d.len >= 16)
+            .ok_or(S_IOERR)?;
+        let hdr: [u8; 16] = mem.read_obj(GuestAddress(head.addr)).map_err(|_| S_IOERR)?;
+        let kind = u32::from_le_bytes([hdr[0], hdr[1], hdr[2], hdr[3]]);
+        let sector = u64::from_le_bytes(hdr[8..16].try_into().map_err(|_| S_IOERR)?);
+        // Data: whatever lies between the header and the status byte.
+        let mut data: Vec<Desc> = chain[1..].to_vec();
+        if let Some(l) = data.last_mut() {
+            l.len -= 1; // the status byte
+        }
+        if head.len > 16 {
+            data.insert(
+                0,
+                Desc {
+                    addr: head.addr + 16,
+                    len: head.len - 16,
+                    write: false,
+                },
+            );
+        }
+        data.retain(|d| d.len > 0);
+        let total: u64 = data.iter().map(|d| u64::from(d.len)).sum();
+        match kind {
+            T_IN | T_OUT => {
+                let write = kind == T_OUT;
+                if total % SECTOR != 0 || total > MAX_REQUEST {
+                    return Err(S_IOERR);
+                }
+                if data.iter().any(|d| d.write == write) {
+                    return Err(S_IOERR); // wrong direction for this request
+                }
+                if write && self.readonly {
+                    return Err(S_IOERR);
+                }
+                let start = sector.checked_mul(SECTOR).ok_or(S_IOERR)?;
+                let end = start.checked_add(total).ok_or(S_IOERR)?;
+                if end > self.st.capacity_bytes {
+                    return Err(S_IOERR);
+                }
+                let mut buf = vec![0u8; total as usize];
+                let mut off = 0usize;
+                if write {
+                    for d in &data {
+                        let n = d.len as usize;
+                        mem.read_slice(&mut buf[off..off + n], GuestAddress(d.addr))
+                            .map_err(|_| S_IOERR)?;
+                        off += n;
+                    }
+                    self.backend.write_at(&buf, start).map_err(|e| {
+                        tracing::warn!(disk = %self.id, "write at {start}: {e}");
+                        S_IOERR
+                    })?;
+                    self.stats.writes += 1;
+                    Ok(0)
+                } else {
+                    self.backend.read_at(&mut buf, start).map_err(|e| {
+                        tracing::warn!(disk = %self.id, "read at {start}: {e}");
+                        S_IOERR
+                    })?;
+                    for d in &data {
+                        let n = d.len as usize;
+                        mem.write_slice(&buf[off..off + n], GuestAddress(d.addr))
+                            .map_err(|_| S_IOERR)?;
+                        off += n;
+                    }
+                    self.stats.reads += 1;
+                    Ok(total as u32)
+                }
+            }
+            T_FLUSH => {
+                self.backend.flush().map_err(|_| S_IOERR)?;
+                self.stats.flushes += 1;
+                Ok(0)
+            }
+            T_GET_ID => {
+                let d = data.first().filter(|d| d.write).ok_or(S_IOERR)?;
+                let mut id = [0u8; 20];
+                let n = self.id.len().min(20);
+                id[..n].copy_from_slice(&self.id.as_bytes()[..n]);
+                let n = (d.len as usize).min(20);
+                mem.write_slice(&id[..n], GuestAddress(d.addr))
+                    .map_err(|_| S_IOERR)?;
+                Ok(n as u32)
+            }
+            _ => Err(S_UNSUPP),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::GuestMemoryMmap;
+
+    /// A disk in memory.
+    struct MemDisk(Vec<u8>);
+
+    impl BlockBackend for MemDisk {
+        fn size(&self) -> u64 {
+            self.0.len() as u64
+        }
+        fn read_at(&mut self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+            let o = offset as usize;
+            buf.copy_from_slice(&self.0[o..o + buf.len()]);
+            Ok(())
+        }
+        fn write_at(&mut self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+            let o = offset as usize;
+            self.0[o..o + buf.len()].copy_from_slice(buf);
+            Ok(())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
+            self
+        }
+    }
+
+    const DESC: u64 = 0x1000;
+    const AVAIL: u64 = 0x2000;
+    const USED: u64 = 0x3000;
+    const QSIZE: u16 = 8;
+
+    struct Rig {
+        mem: GuestMemoryMmap,
+        dev: VirtioBlk,
+        irq: EventFd,
+        next_avail: u16,
+    }
+
+    fn w32(dev: &mut VirtioBlk, mem: &GuestMemoryMmap, off: u64, v: u32) {
+        dev.write(off, &v.to_le_bytes(), mem);
+    }
+
+    fn r32(dev: &VirtioBlk, off: u64) -> u32 {
+        let mut b = [0u8; 4];
+        dev.read(off, &mut b);
+        u32::from_le_bytes(b)
+    }
+
+    fn rig(disk_len: usize, readonly: bool) -> Rig {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let disk = MemDisk((0..disk_len).map(|i| (i / 512) as u8).collect());
+        let mut dev = VirtioBlk::new(
+            "disk0".into(),
+            Box::new(disk),
+            readonly,
+            irq.try_clone().unwrap(),
+        );
+        assert_eq!(r32(&dev, 0x000), MAGIC);
+        assert_eq!(r32(&dev, 0x004), 2);
+        assert_eq!(r32(&dev, 0x008), 2);
+        w32(&mut dev, &mem, 0x070, 1 | 2);
+        w32(&mut dev, &mem, 0x014, 1);
+        assert_eq!(r32(&dev, 0x010) & 1, 1, "VERSION_1 offered");
+        w32(&mut dev, &mem, 0x024, 1);
+        w32(&mut dev, &mem, 0x020, 1);
+        w32(&mut dev, &mem, 0x070, 1 | 2 | 8);
+        assert_eq!(r32(&dev, 0x070) & 8, 8, "FEATURES_OK accepted");
+        w32(&mut dev, &mem, 0x030, 0);
+        assert_eq!(r32(&dev, 0x034), u32::from(QUEUE_MAX));
+        w32(&mut dev, &mem, 0x038, u32::from(QSIZE));
+        w32(&mut dev, &mem, 0x080, DESC as u32);
+        w32(&mut dev, &mem, 0x090, AVAIL as u32);
+        w32(&mut dev, &mem, 0x0a0, USED as u32);
+        w32(&mut dev, &mem, 0x044, 1);
+        w32(&mut dev, &mem, 0x070, 1 | 2 | 8 | 4);
+        Rig {
+            mem,
+            dev,
+            irq,
+            next_avail: 0,
+        }
+    }
+
+    impl Rig {
+        fn desc(&self, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
+            let at = GuestAddress(DESC + 16 * u64::from(i));
+            let mut d = [0u8; 16];
+            d[..8].copy_from_slice(&addr.to_le_bytes());
+            d[8..12].copy_from_slice(&len.to_le_bytes());
+            d[12..14].copy_from_slice(&flags.to_le_bytes());
+            d[14..].copy_from_slice(&next.to_le_bytes());
+            self.mem.write_obj(d, at).unwrap();
+        }
+
+        /// Publishes head 0 and notifies; returns (used len, status byte at 0x9000).
+        fn submit(&mut self) -> (u32, u8) {
+            let slot = u64::from(self.next_avail % QSIZE);
+            self.mem
+                .write_obj(0u16, GuestAddress(AVAIL + 4 + 2 * slot))
+                .unwrap();
+            self.next_avail = self.next_avail.wrapping_add(1);
+            self.mem
+                .write_obj(self.next_avail, GuestAddress(AVAIL + 2))
+                .unwrap();
+            self.mem.write_obj(0xffu8, GuestAddress(0x9000)).unwrap();
+            w32(&mut self.dev, &self.mem, 0x050, 0);
+            let used_idx: u16 = self.mem.read_obj(GuestAddress(USED + 2)).unwrap();
+            assert_eq!(used_idx, self.next_avail, "request completed");
+            let slot = u64::from((used_idx - 1) % QSIZE);
+            let len: u32 = self
+                .mem
+                .read_obj(GuestAddress(USED + 4 + 8 * slot + 4))
+                .unwrap();
+            (len, self.mem.read_obj(GuestAddress(0x9000)).unwrap())
+        }
+
+        fn header(&self, kind: u32, sector: u64) {
+            let mut h = [0u8; 16];
+            h[..4].copy_from_slice(&kind.to_le_bytes());
+            h[8..].copy_from_slice(&sector.to_le_bytes());
+            self.mem.write_obj(h, GuestAddress(0x8000)).unwrap();
+        }
+
+        /// header → data (len, writable) → status.
+        fn three(&self, kind: u32, sector: u64, data_len: u32, data_write: bool) {
+            self.header(kind, sector);
+            self.desc(0, 0x8000, 16, 1, 1);
+            self.desc(1, 0xa000, data_len, 1 | if data_write { 2 } else { 0 }, 2);
+            self.desc(2, 0x9000, 1, 2, 0);
+        }
+    }
+
+    #[test]
+    fn reads_writes_and_flushes() {
+        let mut r = rig(1 << 20, false);
+        r.three(T_IN, 3, 1024, true);
+        assert_eq!(r.submit(), (1025, S_OK));
+        let mut got = [0u8; 1024];
+        r.mem.read_slice(&mut got, GuestAddress(0xa000)).unwrap();
+        assert!(got[..512].iter().all(|b| *b == 3) && got[512..].iter().all(|b| *b == 4));
+        assert_eq!(r.irq.read().unwrap(), 1, "interrupt raised");
+        assert_eq!(r32(&r.dev, 0x060), 1);
+        w32(&mut r.dev, &r.mem, 0x064, 1);
+        assert_eq!(r32(&r.dev, 0x060), 0, "acknowledged");
+
+        r.mem
+            .write_slice(&[0xabu8; 512], GuestAddress(0xa000))
+            .unwrap();
+        r.three(T_OUT, 7, 512, false);
+        assert_eq!(r.submit(), (1, S_OK));
+        r.three(T_IN, 7, 512, true);
+        r.mem
+            .write_slice(&[0u8; 512], GuestAddress(0xa000))
+            .unwrap();
+        assert_eq!(r.submit().1, S_OK);
+        let mut got = [0u8; 512];
+        r.mem.read_slice(&mut got, GuestAddress(0xa000)).unwrap();
+        assert_eq!(got, [0xab; 512]);
+
+        r.header(T_FLUSH, 0);
+        r.desc(0, 0x8000, 16, 1, 1);
+        r.desc(1, 0x9000, 1, 2, 0);
+        assert_eq!(r.submit(), (1, S_OK));
+        assert_eq!(r.dev.stats.flushes, 1);
+        // Capacity in sectors at config offset 0.
+        let mut cap = [0u8; 8];
+        r.dev.read(0x100, &mut cap);
+        assert_eq!(u64::from_le_bytes(cap), (1 << 20) / 512);
+    }
+
+    #[test]
+    fn bad_requests_get_an_error_status_not_a_crash() {
+        let mut r = rig(64 << 10, false);
+        // Past the end of the disk.
+        r.three(T_IN, 128, 512, true);
+        assert_eq!(r.submit().1, S_IOERR);
+        // Wrong direction: a read into a device-readable buffer.
+        r.three(T_IN, 0, 512, false);
+        assert_eq!(r.submit().1, S_IOERR);
+        // Not a multiple of the sector size.
+        r.three(T_OUT, 0, 100, false);
+        assert_eq!(r.submit().1, S_IOERR);
+        // Data buffer outside guest memory.
+        r.header(T_IN, 0);
+        r.desc(0, 0x8000, 16, 1, 1);
+        r.desc(1, (1 << 20) - 256, 512, 1 | 2, 2);
+        r.desc(2, 0x9000, 1, 2, 0);
+        assert_eq!(
+            r.submit().0,
+            0,
+            "malformed chain completed with nothing written"
+        );
+        // A loop in the chain.
+        r.desc(0, 0x8000, 16, 1, 1);
+        r.desc(1, 0xa000, 512, 1 | 2, 0);
+        assert_eq!(r.submit().0, 0);
+        // Next index out of range.
+        r.desc(0, 0x8000, 16, 1, 200);
+        assert_eq!(r.submit().0, 0);
+        // Unknown request type.
+        r.three(99, 0, 512, true);
+        assert_eq!(r.submit().1, S_UNSUPP);
+        // Huge length: refused before any allocation.
+        r.three(T_IN, 0, u32::MAX - 511, true);
+        assert_eq!(r.submit().0, 0);
+        // The device still works afterwards.
+        r.three(T_IN, 0, 512, true);
+        assert_eq!(r.submit().1, S_OK);
+        assert!(r.dev.stats.errors >= 7);
+    }
+
+    #[test]
+    fn read_only_disks_refuse_writes() {
+        let mut r = rig(64 << 10, true);
+        r.three(T_OUT, 0, 512, false);
+        assert_eq!(r.submit().1, S_IOERR);
+        r.dev.write(0x014, &0u32.to_le_bytes(), &r.mem);
+        assert_ne!(r32(&r.dev, 0x010) & (F_RO as u32), 0);
+    }
+
+    #[test]
+    fn rings_outside_memory_mark_the_device_broken() {
+        let mut r = rig(64 << 10, false);
+        r.dev.st.queue.used = u64::MAX - 16;
+        r.mem.write_obj(1u16, GuestAddress(AVAIL + 2)).unwrap();
+        w32(&mut r.dev, &r.mem, 0x050, 0);
+        assert_ne!(r32(&r.dev, 0x070) & STATUS_NEEDS_RESET, 0);
+        // Reset brings it back to a clean state.
+        w32(&mut r.dev, &r.mem, 0x070, 0);
+        assert_eq!(r32(&r.dev, 0x070), 0);
+    }
+
+    #[test]
+    fn state_round_trips_and_a_different_disk_is_refused() {
+        let mut r = rig(64 << 10, false);
+        r.three(T_IN, 0, 512, true);
+        r.submit();
+        let st = r.dev.save();
+        let json = serde_json::to_string(&st).unwrap();
+        let back: VirtioBlkState = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, st);
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let d = VirtioBlk::restore(
+            "disk0".into(),
+            Box::new(MemDisk(vec![0; 64 << 10])),
+            false,
+            irq.try_clone().unwrap(),
+            &back,
+        )
+        .unwrap();
+        assert_eq!(d.save(), st);
+        assert!(VirtioBlk::restore(
+            "disk0".into(),
+            Box::new(MemDisk(vec![0; 32 << 10])),
+            false,
+            irq,
+            &back
+        )
+        .is_err());
+    }
+}

@@ -1,0 +1,80 @@
+//! virtio devices on the virtio-mmio transport: a block device for now.
+//!
+//! Each device gets a 4 KiB register window at [`mmio_base`]`(i)` and an
+//! IOAPIC line [`irq`]`(i)`; guests find them through the Linux command-line
+//! syntax `virtio_mmio.device=4K@BASE:IRQ` ([`cmdline_entry`]).
+
+pub mod block;
+pub mod queue;
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+
+pub use block::{BlockStats, VirtioBlk, VirtioBlkState};
+
+/// First virtio-mmio window, inside the MMIO gap below 4 GiB.
+pub const MMIO_BASE: u64 = 0xd000_0000;
+/// Size of each device's window.
+pub const MMIO_SIZE: u64 = 0x1000;
+/// Most virtio-mmio devices a machine gets.
+pub const MAX_DEVICES: usize = 8;
+/// IOAPIC lines for the devices (free ISA lines; 0, 1, 4, 8 and 12 are taken or reserved).
+const IRQS: [u32; MAX_DEVICES] = [5, 6, 7, 9, 10, 11, 14, 15];
+
+/// Register window of device `i`.
+pub fn mmio_base(i: usize) -> u64 {
+    MMIO_BASE + MMIO_SIZE * i as u64
+}
+
+/// Interrupt line of device `i`.
+pub fn irq(i: usize) -> u32 {
+    IRQS[i]
+}
+
+/// `virtio_mmio.device=4K@0x...:N` for device `i`.
+pub fn cmdline_entry(i: usize) -> String {
+    format!("virtio_mmio.device=4K@{:#x}:{}", mmio_base(i), irq(i))
+}
+
+/// A disk image as the block device sees it: byte-addressed, fixed size.
+pub trait BlockBackend: Send {
+    /// Size in bytes.
+    fn size(&self) -> u64;
+    fn read_at(&mut self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+    fn write_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()>;
+    fn flush(&mut self) -> io::Result<()>;
+    /// Downcasting hook for backends with extra abilities (e.g. qcow2 snapshots).
+    fn as_any_mut(&mut self) -> &mut dyn std::any::Any;
+}
+
+/// A raw image file.
+pub struct RawFile {
+    file: File,
+    size: u64,
+}
+
+impl RawFile {
+    pub fn new(file: File) -> io::Result<RawFile> {
+        let size = file.metadata()?.len();
+        Ok(RawFile { file, size })
+    }
+}
+
+impl BlockBackend for RawFile {
+    fn size(&self) -> u64 {
+        self.size
+    }
+    fn read_at(&mut self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.file.read_exact_at(buf, offset)
+    }
+    fn write_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.file.write_all_at(buf, offset)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+    fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
+        self
+    }
+}
