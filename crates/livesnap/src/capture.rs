@@ -1,5 +1,7 @@
 //! Capture drivers: live capture by fork and the stop-and-copy baseline,
-//! plus the temp-file / atomic-rename finishing they share.
+//! plus the temp-file / atomic-rename finishing they share. Captures into a
+//! [`Sink`] share the fork machinery here; their sink-specific parts live in
+//! `sink.rs`.
 
 use std::fmt;
 use std::fs::{File, OpenOptions};
@@ -16,10 +18,12 @@ use crate::error::{Result, SnapError};
 use crate::fork::{self, END_MARK, MAX_CHILD_RUN};
 use crate::image::{Header, HEADER_SIZE, PAGE_SIZE};
 use crate::pages::{for_each_run, ScanRange};
+use crate::sink::{Sink, SinkGuard};
 use crate::RamRange;
 
 /// Callback run on the writer thread when a fork capture ends (any outcome),
-/// after the status has been updated and the files cleaned up.
+/// after the status has been updated and the files cleaned up (for a
+/// [`Sink`]: after [`Sink::finish`] succeeded or [`Sink::abort`] returned).
 pub type DoneCallback = Box<dyn FnOnce(&Result<CaptureStats>) + Send + 'static>;
 
 /// Options of [`start_fork_capture`].
@@ -54,11 +58,14 @@ impl fmt::Debug for ForkOptions {
 pub enum CaptureStatus {
     /// Still streaming or finishing.
     Active,
-    /// The complete image is under its final name.
+    /// The complete image is under its final name (for a [`Sink`]: its
+    /// [`Sink::finish`] succeeded).
     Completed,
-    /// Failed; nothing was left under the final name or as a temp file.
+    /// Failed; nothing was left under the final name or as a temp file (for
+    /// a [`Sink`]: [`Sink::abort`] has been called).
     Failed(String),
-    /// Cancelled; nothing was left under the final name or as a temp file.
+    /// Cancelled; nothing was left under the final name or as a temp file
+    /// (for a [`Sink`]: [`Sink::abort`] has been called).
     Cancelled,
 }
 
@@ -70,7 +77,7 @@ pub struct Progress {
     /// RAM bytes processed so far: written plus skipped zero pages; equals
     /// `total_bytes` once the RAM is done.
     pub transferred_bytes: u64,
-    /// RAM bytes written to the file so far.
+    /// RAM bytes written to the file (or sink) so far.
     pub bytes_written: u64,
     /// Zero pages skipped so far (updated per record).
     pub zero_pages: u64,
@@ -108,14 +115,14 @@ pub struct CaptureStats {
     pub normal_pages: u64,
     /// Device-state bytes written.
     pub device_state_bytes: u64,
-    /// Final (apparent) file size.
+    /// Final (apparent) file size; for a [`Sink`], the image length.
     pub file_len: u64,
     /// Guest RAM captured per second over `total_time`, in MB/s (10^6 bytes).
     pub throughput_mb_s: f64,
 }
 
 /// Validates the caller's ranges and computes the image layout.
-fn prepare(ranges: &[RamRange], dev_len: usize) -> Result<(Header, Vec<ScanRange>)> {
+pub(crate) fn prepare(ranges: &[RamRange], dev_len: usize) -> Result<(Header, Vec<ScanRange>)> {
     for (i, r) in ranges.iter().enumerate() {
         if r.host.is_null() || (r.host as usize) % PAGE_SIZE as usize != 0 {
             return Err(SnapError::InvalidInput(format!(
@@ -243,7 +250,27 @@ impl Drop for TempImage {
     }
 }
 
-fn stats(
+/// Where a fork capture writes: a temp file renamed into place, or a sink.
+/// Dropping it before completion removes the temp file / aborts the sink.
+enum Dest {
+    File(TempImage),
+    Sink {
+        sink: SinkGuard<Box<dyn Sink>>,
+        /// Receives one record at a time (at most `MAX_CHILD_RUN` bytes).
+        buf: Vec<u8>,
+    },
+}
+
+impl fmt::Debug for Dest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Dest::File(t) => write!(f, "{}", t.dest.display()),
+            Dest::Sink { .. } => f.write_str("<sink>"),
+        }
+    }
+}
+
+pub(crate) fn stats(
     start: Instant,
     header: &Header,
     written: u64,
@@ -411,8 +438,9 @@ impl Capture {
     }
 
     /// Requests cancellation: kills the child; the writer thread then
-    /// removes the temp file and ends with [`CaptureStatus::Cancelled`].
-    /// No effect once the image has been renamed into place.
+    /// removes the temp file (or aborts the sink) and ends with
+    /// [`CaptureStatus::Cancelled`]. No effect once the image has been
+    /// renamed into place (or the sink's `finish` has been called).
     pub fn cancel(&self) {
         self.shared.cancelled.store(true, Ordering::SeqCst);
         if let Some(pid) = *lock(&self.shared.child) {
@@ -437,10 +465,9 @@ impl Capture {
 pub struct PreparedCapture {
     ranges: Vec<(u64, u64)>,
     scan: Vec<ScanRange>,
-    tmp: TempImage,
+    dest: Dest,
     pipe_r: File,
     pipe_w: std::os::fd::OwnedFd,
-    dest: PathBuf,
     opts: ForkOptions,
 }
 
@@ -461,15 +488,44 @@ pub fn prepare_fork_capture(
 ) -> Result<PreparedCapture> {
     let (_, scan) = prepare(ranges, 0)?;
     let tmp = TempImage::create(dest)?;
+    prepare_with(ranges, scan, Dest::File(tmp), opts)
+}
+
+/// Prepares a live capture of `ranges` into `sink` (the same image bytes
+/// [`prepare_fork_capture`] would put in a file); see [`PreparedCapture`],
+/// and [`Sink`] for the calls the sink receives.
+///
+/// The child is the same; the writer thread `read(2)`s each record (at most
+/// 256 KiB) into a buffer allocated here and passes it to
+/// [`Sink::write_at`]. The sink ends with exactly one call: [`Sink::finish`]
+/// when the capture completes, [`Sink::abort`] otherwise — failure (also of
+/// this function), [`Capture::cancel`], death of the child, or the
+/// [`PreparedCapture`] being dropped without being started.
+pub fn prepare_fork_capture_to(
+    ranges: &[RamRange],
+    sink: Box<dyn Sink>,
+    opts: ForkOptions,
+) -> Result<PreparedCapture> {
+    let sink = SinkGuard::new(sink);
+    let (_, scan) = prepare(ranges, 0)?;
+    let buf = vec![0u8; MAX_CHILD_RUN as usize];
+    prepare_with(ranges, scan, Dest::Sink { sink, buf }, opts)
+}
+
+fn prepare_with(
+    ranges: &[RamRange],
+    scan: Vec<ScanRange>,
+    dest: Dest,
+    opts: ForkOptions,
+) -> Result<PreparedCapture> {
     let (pipe_r, pipe_w) =
         fork::make_pipe(opts.pipe_size).map_err(|e| SnapError::io("create pipe", e))?;
     Ok(PreparedCapture {
         ranges: ranges.iter().map(|r| (r.gpa, r.len)).collect(),
         scan,
-        tmp,
+        dest,
         pipe_r,
         pipe_w,
-        dest: dest.to_path_buf(),
         opts,
     })
 }
@@ -490,7 +546,7 @@ impl PreparedCapture {
             child: Mutex::new(None),
             status: Mutex::new(CaptureStatus::Active),
         });
-        let (scan, tmp, pipe_r, pipe_w) = (self.scan, self.tmp, self.pipe_r, self.pipe_w);
+        let (scan, dest, pipe_r, pipe_w) = (self.scan, self.dest, self.pipe_r, self.pipe_w);
         let t_fork = Instant::now();
         // SAFETY: prepare() validated every range (page-aligned host address,
         // page-multiple length) and the layout is the same with any device
@@ -503,7 +559,6 @@ impl PreparedCapture {
         drop(pipe_w);
         *lock(&shared.child) = Some(pid);
         let sh = Arc::clone(&shared);
-        let dest_path = self.dest;
         let on_done = self.opts.on_done;
         let spawned = std::thread::Builder::new()
             .name("livesnap-writer".into())
@@ -512,19 +567,19 @@ impl PreparedCapture {
                 writer_thread(
                     sh,
                     pipe_r,
-                    tmp,
+                    dest,
                     header,
                     device_state,
                     on_done,
                     fork_time,
                     pause,
-                    dest_path,
                 )
             });
         let thread = match spawned {
             Ok(t) => t,
             Err(e) => {
-                // The closure (and with it the temp file) was dropped: reap the child.
+                // The closure (and with it the temp file or sink) was
+                // dropped, which removed / aborted it: reap the child.
                 let _ = shared.reap_child(true);
                 return Err(SnapError::io("spawn writer thread", e));
             }
@@ -554,24 +609,34 @@ pub fn start_fork_capture(
 fn writer_thread(
     sh: Arc<Shared>,
     mut pipe: File,
-    tmp: TempImage,
+    dest: Dest,
     mut header: Header,
     dev: Vec<u8>,
     on_done: Option<DoneCallback>,
     fork_time: Duration,
     pause_time: Duration,
-    dest: PathBuf,
 ) -> Result<CaptureStats> {
-    let res = stream(
-        &sh,
-        &mut pipe,
-        tmp,
-        &mut header,
-        &dev,
-        fork_time,
-        pause_time,
-    );
+    let label = format!("{dest:?}");
+    // A panicking sink must still end the capture (status, child, abort).
+    let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        stream(
+            &sh,
+            &mut pipe,
+            dest,
+            &mut header,
+            &dev,
+            fork_time,
+            pause_time,
+        )
+    }))
+    .unwrap_or_else(|_| {
+        Err(SnapError::io(
+            "capture writer",
+            io::Error::other("writer thread panicked"),
+        ))
+    });
     drop(pipe);
+    let dest = label;
     let res = match res {
         Ok(s) => Ok(s),
         Err(e) => {
@@ -587,15 +652,15 @@ fn writer_thread(
     };
     *lock(&sh.status) = match &res {
         Ok(s) => {
-            tracing::info!(dest = %dest.display(), ?s, "fork capture done");
+            tracing::info!(%dest, ?s, "fork capture done");
             CaptureStatus::Completed
         }
         Err(SnapError::Cancelled) => {
-            tracing::info!(dest = %dest.display(), "fork capture cancelled");
+            tracing::info!(%dest, "fork capture cancelled");
             CaptureStatus::Cancelled
         }
         Err(e) => {
-            tracing::warn!(dest = %dest.display(), "fork capture failed: {e}");
+            tracing::warn!(%dest, "fork capture failed: {e}");
             CaptureStatus::Failed(e.to_string())
         }
     };
@@ -607,18 +672,22 @@ fn writer_thread(
     res
 }
 
-/// Receives the records, splices them into the temp file, then finishes it.
-/// Dropping `tmp` on any error removes the temp file.
+/// Receives the records, splices them into the temp file (or copies them
+/// into the sink), then finishes it. Dropping `dest` on any error removes
+/// the temp file (or aborts the sink).
 fn stream(
     sh: &Shared,
     pipe: &mut File,
-    tmp: TempImage,
+    mut dest: Dest,
     header: &mut Header,
     dev: &[u8],
     fork_time: Duration,
     pause_time: Duration,
 ) -> Result<CaptureStats> {
-    tmp.size(header.file_len)?;
+    match &mut dest {
+        Dest::File(tmp) => tmp.size(header.file_len)?,
+        Dest::Sink { sink, .. } => sink.begin(header.file_len)?,
+    }
     let ram_end = header.dev_offset;
     let zero_total = loop {
         let rec = match fork::read_record(pipe) {
@@ -643,12 +712,23 @@ fn stream(
                 "protocol violation: {rec:?}"
             )));
         }
-        fork::splice_into(pipe, &tmp.file, rec.file_offset, rec.len, &sh.written).map_err(|e| {
-            match e.kind() {
-                io::ErrorKind::UnexpectedEof => sh.child_died(),
-                _ => SnapError::io("write snapshot RAM", e),
+        match &mut dest {
+            Dest::File(tmp) => {
+                fork::splice_into(pipe, &tmp.file, rec.file_offset, rec.len, &sh.written).map_err(
+                    |e| match e.kind() {
+                        io::ErrorKind::UnexpectedEof => sh.child_died(),
+                        _ => SnapError::io("write snapshot RAM", e),
+                    },
+                )?
             }
-        })?;
+            Dest::Sink { sink, buf } => {
+                crate::sink::copy_record(pipe, buf, sink, rec.file_offset, rec.len, &sh.written)
+                    .map_err(|e| match e {
+                        crate::sink::CopyError::PipeEof => sh.child_died(),
+                        crate::sink::CopyError::Snap(e) => e,
+                    })?
+            }
+        }
         sh.zero_pages.store(rec.zero_pages, Ordering::Relaxed);
     };
     sh.zero_pages.store(zero_total, Ordering::Relaxed);
@@ -669,7 +749,13 @@ fn stream(
         return Err(SnapError::ChildFailed(exit.describe()));
     }
     header.dev_crc = crc32fast::hash(dev);
-    tmp.finish(header, dev, || sh.cancelled())?;
     let times = (pause_time, fork_time, ram_time, exit.cpu_time);
+    match dest {
+        Dest::File(tmp) => tmp.finish(header, dev, || sh.cancelled())?,
+        Dest::Sink { sink, .. } => {
+            let summary = crate::sink::summary(header, written, zero_total, times);
+            sink.commit(header, dev, &summary, || sh.cancelled())?
+        }
+    }
     Ok(stats(sh.start, header, written, zero_total, times))
 }

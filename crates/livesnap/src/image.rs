@@ -5,13 +5,12 @@
 //! page-aligned (2 MiB-aligned for ranges of 2 MiB or more) file offset,
 //! zero pages left as holes, then the device-state blob.
 
+use std::fmt;
 use std::fs::File;
-use std::io;
-use std::os::fd::AsRawFd;
-use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use crate::error::{Result, SnapError};
+use crate::source::{ImageBacking, Source};
 
 /// Magic bytes at offset 0 of every image.
 pub const MAGIC: [u8; 8] = *b"SNAPVMM\x00";
@@ -297,16 +296,32 @@ fn get64(b: &[u8], o: usize) -> u64 {
 
 /// A validated snapshot image opened for restore.
 ///
-/// `open` checks magic, version, page size, header checksum, range sanity,
-/// section placement against the real file length, the device-state size
-/// cap and the device-state checksum. RAM is not checksummed (see FORMAT.md).
-#[derive(Debug)]
-pub struct Image {
-    file: File,
+/// Opening checks magic, version, page size, header checksum, range sanity,
+/// section placement against the real length of the store, the
+/// device-state size cap and the device-state checksum. RAM is not
+/// checksummed (see FORMAT.md).
+///
+/// `B` is where the bytes come from: a [`File`] ([`Image::open`],
+/// [`Image::from_file`]; the default, which alone offers [`Image::file`] for
+/// mapping RAM straight from the image) or a `Box<dyn Source>`
+/// ([`Image::from_source`], see [`SourceImage`]).
+pub struct Image<B = File> {
+    backing: B,
     header: Header,
 }
 
-impl Image {
+/// An image read through a [`Source`] (see [`Image::from_source`]).
+pub type SourceImage = Image<Box<dyn Source>>;
+
+impl<B> fmt::Debug for Image<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Image")
+            .field("header", &self.header)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Image<File> {
     /// Opens and validates the image at `path`.
     pub fn open(path: impl AsRef<Path>) -> Result<Image> {
         let path = path.as_ref();
@@ -317,12 +332,43 @@ impl Image {
 
     /// Validates an already opened image file.
     pub fn from_file(file: File) -> Result<Image> {
-        let actual = file
-            .metadata()
-            .map_err(|e| SnapError::io("stat snapshot image", e))?
-            .len();
+        Self::validate(file)
+    }
+
+    /// The open image file: map range `i` with
+    /// `mmap(.., MAP_PRIVATE, fd, ranges()[i].file_offset)`.
+    pub fn file(&self) -> &File {
+        &self.backing
+    }
+
+    /// Gives back the file (e.g. to keep it open while the RAM stays mapped).
+    pub fn into_file(self) -> File {
+        self.backing
+    }
+}
+
+impl Image<Box<dyn Source>> {
+    /// Validates an image stored in `source`, with exactly the checks of
+    /// [`Image::open`] (the source's [`Source::len`] plays the part of the
+    /// file length). Nothing is allocated from header values before they
+    /// have been checked against the format's caps.
+    pub fn from_source(source: Box<dyn Source>) -> Result<SourceImage> {
+        Self::validate(source)
+    }
+
+    /// Gives back the source.
+    pub fn into_source(self) -> Box<dyn Source> {
+        self.backing
+    }
+}
+
+impl<B: ImageBacking> Image<B> {
+    fn validate(backing: B) -> Result<Image<B>> {
+        let actual = backing.byte_len()?;
         let mut buf = vec![0u8; HEADER_SIZE as usize];
-        let n = read_at_most(&file, &mut buf, 0)?;
+        let n = backing
+            .fetch_prefix(&mut buf, 0)
+            .map_err(|e| SnapError::io("read snapshot header", e))?;
         if n >= MAGIC.len() && buf[..MAGIC.len()] != MAGIC {
             return Err(SnapError::BadMagic);
         }
@@ -345,7 +391,7 @@ impl Image {
                 actual,
             });
         }
-        let img = Image { file, header };
+        let img = Image { backing, header };
         img.check_device_state_crc()?;
         Ok(img)
     }
@@ -370,7 +416,7 @@ impl Image {
         self.header.ram_bytes()
     }
 
-    /// Total file length.
+    /// Total image length.
     pub fn file_len(&self) -> u64 {
         self.header.file_len
     }
@@ -380,22 +426,12 @@ impl Image {
         self.header.dev_len
     }
 
-    /// The open image file: map range `i` with
-    /// `mmap(.., MAP_PRIVATE, fd, ranges()[i].file_offset)`.
-    pub fn file(&self) -> &File {
-        &self.file
-    }
-
-    /// Gives back the file (e.g. to keep it open while the RAM stays mapped).
-    pub fn into_file(self) -> File {
-        self.file
-    }
-
     /// Reads and checksum-verifies the device-state section.
     pub fn device_state(&self) -> Result<Vec<u8>> {
+        // dev_len <= MAX_DEVICE_STATE: checked by Header::decode.
         let mut v = vec![0u8; self.header.dev_len as usize];
-        self.file
-            .read_exact_at(&mut v, self.header.dev_offset)
+        self.backing
+            .fetch_exact(&mut v, self.header.dev_offset)
             .map_err(|e| SnapError::io("read device state", e))?;
         let computed = crc32fast::hash(&v);
         if computed != self.header.dev_crc {
@@ -413,8 +449,8 @@ impl Image {
         let (mut off, end) = (self.header.dev_offset, self.header.file_len);
         while off < end {
             let n = (end - off).min(buf.len() as u64) as usize;
-            self.file
-                .read_exact_at(&mut buf[..n], off)
+            self.backing
+                .fetch_exact(&mut buf[..n], off)
                 .map_err(|e| SnapError::io("read device state", e))?;
             h.update(&buf[..n]);
             off += n as u64;
@@ -430,8 +466,8 @@ impl Image {
     }
 
     /// Copies RAM range `index` into `dst` (eager "copy" restore).
-    /// `dst.len()` must equal the range length. Holes are filled with zeros
-    /// without reading them.
+    /// `dst.len()` must equal the range length. Holes of a file are filled
+    /// with zeros without reading them.
     pub fn read_ram_into(&self, index: usize, dst: &mut [u8]) -> Result<()> {
         let r = *self.header.ranges.get(index).ok_or_else(|| {
             SnapError::InvalidInput(format!(
@@ -449,18 +485,13 @@ impl Image {
         let (start, end) = (r.file_offset, r.file_offset + r.len);
         let mut pos = start;
         while pos < end {
-            let data = seek(&self.file, pos, libc::SEEK_DATA)
-                .unwrap_or(end)
-                .clamp(pos, end);
-            dst[(pos - start) as usize..(data - start) as usize].fill(0);
-            if data >= end {
+            let Some((data, hole)) = self.backing.data_extent(pos, end) else {
+                dst[(pos - start) as usize..].fill(0);
                 break;
-            }
-            let hole = seek(&self.file, data, libc::SEEK_HOLE)
-                .unwrap_or(end)
-                .clamp(data + 1, end);
-            self.file
-                .read_exact_at(
+            };
+            dst[(pos - start) as usize..(data - start) as usize].fill(0);
+            self.backing
+                .fetch_exact(
                     &mut dst[(data - start) as usize..(hole - start) as usize],
                     data,
                 )
@@ -469,36 +500,6 @@ impl Image {
         }
         Ok(())
     }
-}
-
-/// `lseek(SEEK_DATA/SEEK_HOLE)`; `None` means "no more data" (ENXIO) or unsupported.
-fn seek(file: &File, off: u64, whence: libc::c_int) -> Option<u64> {
-    // SAFETY: lseek on a valid open fd owned by `file`; only moves the file
-    // position, which this crate never relies on (all I/O is positional).
-    let r = unsafe { libc::lseek(file.as_raw_fd(), off as libc::off_t, whence) };
-    if r < 0 {
-        if whence == libc::SEEK_DATA
-            && io::Error::last_os_error().raw_os_error() != Some(libc::ENXIO)
-        {
-            // SEEK_DATA unsupported: treat everything as data.
-            return Some(off);
-        }
-        return None;
-    }
-    Some(r as u64)
-}
-
-fn read_at_most(file: &File, buf: &mut [u8], off: u64) -> Result<usize> {
-    let mut n = 0;
-    while n < buf.len() {
-        match file.read_at(&mut buf[n..], off + n as u64) {
-            Ok(0) => break,
-            Ok(k) => n += k,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(SnapError::io("read snapshot header", e)),
-        }
-    }
-    Ok(n)
 }
 
 #[cfg(test)]

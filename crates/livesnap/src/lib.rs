@@ -11,23 +11,31 @@
 //!   child streams its copy-on-write view of RAM into the pipe with
 //!   `vmsplice(2)`; a background thread `splice(2)`s it into the file.
 //! * [`capture_stopped`]: stop-and-copy baseline, VM paused throughout.
-//! * [`Image`]: validating reader of the image format (see `FORMAT.md`).
+//! * [`prepare_fork_capture_to`] / [`capture_stopped_to`]: the same two
+//!   captures writing the very same image bytes through a [`Sink`] (e.g. the
+//!   vmstate area of a qcow2 disk) instead of into a file.
+//! * [`Image`]: validating reader of the image format (see `FORMAT.md`),
+//!   from a file ([`Image::open`]) or any [`Source`] ([`Image::from_source`]).
 
 mod capture;
 mod error;
 mod fork;
 mod image;
 mod pages;
+mod sink;
+mod source;
 
 pub use capture::{
-    capture_stopped, prepare_fork_capture, start_fork_capture, Capture, CaptureStats,
-    CaptureStatus, DoneCallback, ForkOptions, PreparedCapture, Progress,
+    capture_stopped, prepare_fork_capture, prepare_fork_capture_to, start_fork_capture, Capture,
+    CaptureStats, CaptureStatus, DoneCallback, ForkOptions, PreparedCapture, Progress,
 };
 pub use error::{Result, SnapError};
 pub use image::{
-    Image, ImageRange, FORMAT_VERSION, HEADER_SIZE, HUGE_ALIGN, MAGIC, MAX_DEVICE_STATE,
-    MAX_RANGES, PAGE_SIZE,
+    Image, ImageRange, SourceImage, FORMAT_VERSION, HEADER_SIZE, HUGE_ALIGN, MAGIC,
+    MAX_DEVICE_STATE, MAX_RANGES, PAGE_SIZE,
 };
+pub use sink::{capture_stopped_to, ImageSummary, Sink};
+pub use source::{ImageBacking, Source};
 
 /// A range of guest RAM as the engine sees it: host memory plus its
 /// guest-physical address.

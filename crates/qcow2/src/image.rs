@@ -56,6 +56,8 @@ pub struct Qcow2 {
     pub(crate) snap_table_len: u64,
     pub(crate) backing: Option<Backing>,
     pub(crate) poisoned: bool,
+    /// Pending two-phase snapshot, see [`Qcow2::freeze`].
+    pub(crate) frozen: Option<crate::frozen::FrozenState>,
 }
 
 impl std::fmt::Debug for Qcow2 {
@@ -72,14 +74,14 @@ impl std::fmt::Debug for Qcow2 {
 
 /// Which bytes of a cluster a write covers and what the rest must contain.
 #[derive(Debug, Clone, Copy)]
-enum OldSrc {
+pub(crate) enum OldSrc {
     Zeros,
     Host(u64),
     Backing,
 }
 
 #[derive(Debug, Clone, Copy)]
-enum Act {
+pub(crate) enum Act {
     Keep,
     InPlace(u64),
     New(OldSrc),
@@ -179,6 +181,7 @@ impl Qcow2 {
             snap_table_len,
             backing,
             poisoned: false,
+            frozen: None,
             hdr,
         };
         if writable && img.hdr.version >= 3 && img.hdr.autoclear != 0 {
@@ -706,7 +709,7 @@ impl Qcow2 {
     }
 
     /// Write freshly allocated clusters for guest clusters `gc0..` (`acts` are all `New`).
-    fn write_new_run(
+    pub(crate) fn write_new_run(
         &mut self,
         acts: &[Act],
         gc0: u64,

@@ -11,6 +11,10 @@
 //!   metadata (L1, L2 copies, snapshot table, refcount blocks and table) to
 //!   unreferenced clusters and switch to it with a single header write — a
 //!   crash leaves either the old or the new image, never a mix;
+//! * live snapshots ([`Qcow2::freeze`], [`Qcow2::write_frozen_vmstate`],
+//!   [`Qcow2::commit_frozen`] / [`Qcow2::abort_frozen`]) keep everything the
+//!   pending snapshot holds counted but unreferenced (leaks at worst) until
+//!   one header write publishes it;
 //! * every on-disk field is validated before use; hostile images produce an
 //!   [`Error`], never a panic or an unbounded allocation.
 //!
@@ -29,6 +33,7 @@ mod backend;
 mod backing;
 mod check;
 mod error;
+mod frozen;
 mod header;
 mod image;
 mod refcount;
@@ -40,6 +45,7 @@ pub use backend::{Backend, FileBackend, MemBackend};
 pub use backing::BackingFormat;
 pub use check::CheckReport;
 pub use error::{Error, Result};
+pub use frozen::Frozen;
 pub use image::{CreateOptions, Qcow2};
 pub use snapops::VmStateWriter;
 pub use snapshot::SnapshotInfo;

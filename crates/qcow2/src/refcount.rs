@@ -56,6 +56,10 @@ pub(crate) struct Txn {
     table: Option<(u64, u32)>,
     old_table_released: bool,
     min_freed: u64,
+    /// With `Some`, the structures this transaction replaces (old refcount
+    /// blocks and table) are not released but collected here (cluster
+    /// indices), so that the new state frees nothing the old header reaches.
+    deferred: Option<Vec<u64>>,
 }
 
 impl Default for Txn {
@@ -66,7 +70,35 @@ impl Default for Txn {
             table: None,
             old_table_released: false,
             min_freed: u64::MAX,
+            deferred: None,
         }
+    }
+}
+
+impl Txn {
+    /// A transaction that frees nothing reachable from the current header:
+    /// replaced refcount blocks/table are collected (see `Txn::take_deferred`)
+    /// instead of released. Every cluster that is free in the new state is
+    /// then free in the old one too, so the header switch needs no `fdatasync`
+    /// of its own before the clusters are reused.
+    pub(crate) fn deferring() -> Self {
+        Self {
+            deferred: Some(Vec::new()),
+            ..Self::default()
+        }
+    }
+
+    /// Record a cluster to be released later (only for deferring transactions).
+    pub(crate) fn defer(&mut self, cluster: u64) {
+        self.deferred
+            .as_mut()
+            .expect("deferring transaction")
+            .push(cluster);
+    }
+
+    /// Clusters whose release was deferred.
+    pub(crate) fn take_deferred(&mut self) -> Vec<u64> {
+        self.deferred.take().unwrap_or_default()
     }
 }
 
@@ -377,11 +409,27 @@ impl Refcounts {
         Ok(())
     }
 
+    /// Release a cluster of the old state, or defer that (see [`Txn::deferring`]).
+    fn txn_release(&mut self, io: &mut dyn Backend, txn: &mut Txn, cluster: u64) -> Result<()> {
+        match &mut txn.deferred {
+            Some(d) => {
+                d.push(cluster);
+                Ok(())
+            }
+            None => self.txn_delta(io, txn, cluster, -1),
+        }
+    }
+
     /// Allocate `n` clusters inside a transaction (free in both views).
     pub(crate) fn txn_alloc(&mut self, io: &mut dyn Backend, txn: &mut Txn, n: u64) -> Result<u64> {
         let start = self.find_free_run(io, n, Some(txn))?;
         for c in start..start + n {
             self.txn_delta(io, txn, c, 1)?;
+        }
+        if n == 1 {
+            // Every cluster below is used in the current or the new view; those
+            // the transaction frees are covered by `min_freed` when it is applied.
+            self.free_hint = start + 1;
         }
         Ok(start << self.cluster_bits)
     }
@@ -405,7 +453,7 @@ impl Refcounts {
                     let off = self.txn_alloc(io, txn, 1)?;
                     txn.new_loc.insert(r, off);
                     if let Some(old) = self.block_offset(r) {
-                        self.txn_delta(io, txn, old >> cb, -1)?;
+                        self.txn_release(io, txn, old >> cb)?;
                     }
                 }
                 continue;
@@ -433,7 +481,7 @@ impl Refcounts {
             }
             if !txn.old_table_released {
                 for k in 0..u64::from(self.table_clusters) {
-                    self.txn_delta(io, txn, (self.table_offset >> cb) + k, -1)?;
+                    self.txn_release(io, txn, (self.table_offset >> cb) + k)?;
                 }
                 txn.old_table_released = true;
             }

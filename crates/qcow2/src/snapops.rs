@@ -25,8 +25,18 @@ impl Qcow2 {
         &self.infos
     }
 
+    /// A snapshot by name (preferred) or id.
+    pub fn find_snapshot(&self, name_or_id: &str) -> Option<&SnapshotInfo> {
+        self.snap_index(name_or_id).ok().map(|i| &self.infos[i])
+    }
+
+    /// Guest clock (`vm_clock_nsec`) recorded in a snapshot, by name or id.
+    pub fn snapshot_vm_clock(&self, name_or_id: &str) -> Option<u64> {
+        self.find_snapshot(name_or_id).map(|s| s.vm_clock_nsec)
+    }
+
     /// Index of a snapshot by name (preferred) or id.
-    fn find_snapshot(&self, name_or_id: &str) -> Result<usize> {
+    pub(crate) fn snap_index(&self, name_or_id: &str) -> Result<usize> {
         self.snaps
             .iter()
             .position(|s| s.info.name == name_or_id)
@@ -156,17 +166,19 @@ impl Qcow2 {
         self.create_snapshot(name, vm_clock_nsec, off)
     }
 
-    fn check_new_name(&self, name: &str) -> Result<()> {
+    pub(crate) fn check_new_name(&self, name: &str) -> Result<()> {
         if name.is_empty() || name.len() > 1024 {
             return Err(Error::InvalidArgument(format!(
                 "snapshot name length {} not in 1..=1024",
                 name.len()
             )));
         }
-        if self.snaps.iter().any(|s| s.info.name == name) {
+        if self.snaps.iter().any(|s| s.info.name == name)
+            || self.frozen.as_ref().is_some_and(|f| f.name == name)
+        {
             return Err(Error::TagExists(name.to_string()));
         }
-        if self.snaps.len() >= MAX_SNAPSHOTS as usize {
+        if self.snaps.len() + usize::from(self.frozen.is_some()) >= MAX_SNAPSHOTS as usize {
             return Err(Error::InvalidArgument(format!(
                 "too many snapshots ({})",
                 self.snaps.len()
@@ -241,12 +253,17 @@ impl Qcow2 {
         let entry = SnapEntry::new(l1_off, l1_len as u32, info.clone());
         let mut snaps = self.snaps.clone();
         snaps.push(entry);
-        self.commit(txn, new_l1, new_l1_off, snaps)?;
+        self.commit(txn, new_l1, new_l1_off, Some(snaps), true)?;
         Ok(info)
     }
 
     /// Read an L2 table and add `delta` to the refcount of every host cluster it maps.
-    fn l2_snapshot_copy(&mut self, t: u64, txn: &mut Txn, delta: i64) -> Result<Vec<u64>> {
+    pub(crate) fn l2_snapshot_copy(
+        &mut self,
+        t: u64,
+        txn: &mut Txn,
+        delta: i64,
+    ) -> Result<Vec<u64>> {
         let cb = self.cb;
         let table = self.l2.take(&mut *self.io, t, cb)?;
         let copy = table.clone();
@@ -260,7 +277,7 @@ impl Qcow2 {
     }
 
     /// Allocate and write a new L1 table inside a transaction.
-    fn write_l1_txn(&mut self, txn: &mut Txn, l1: &[u64]) -> Result<u64> {
+    pub(crate) fn write_l1_txn(&mut self, txn: &mut Txn, l1: &[u64]) -> Result<u64> {
         if l1.is_empty() {
             return Ok(0);
         }
@@ -282,18 +299,27 @@ impl Qcow2 {
         Ok(())
     }
 
-    /// Write the new snapshot table, release the old one, flush, switch the
-    /// header and adopt the new state in memory.
-    fn commit(
+    /// Write the new snapshot table (`None`: keep the current one), release
+    /// the old one, flush, switch the header and adopt the new state in
+    /// memory. With `sync_after`, the header write is flushed too (needed
+    /// whenever the transaction frees clusters the old header reaches, as
+    /// they may be reused right away). Returns the clusters whose release a
+    /// deferring transaction postponed.
+    pub(crate) fn commit(
         &mut self,
         mut txn: Txn,
         new_l1: Vec<u64>,
         new_l1_off: u64,
-        snaps: Vec<SnapEntry>,
-    ) -> Result<()> {
+        snaps: Option<Vec<SnapEntry>>,
+        sync_after: bool,
+    ) -> Result<Vec<u64>> {
         let cb = self.cb;
         let cs = 1u64 << cb;
-        if self.hdr.nb_snapshots > 0 {
+        let keep_table = snaps.is_none();
+        let snaps = snaps.unwrap_or_else(|| self.snaps.clone());
+        if keep_table {
+            // Unchanged snapshot table: nothing to write or release.
+        } else if self.hdr.nb_snapshots > 0 {
             for k in 0..self.snap_table_len.div_ceil(cs) {
                 self.rc.txn_delta(
                     &mut *self.io,
@@ -309,7 +335,9 @@ impl Qcow2 {
                 "snapshot table would become too large".into(),
             ));
         }
-        let snap_off = if snaps.is_empty() {
+        let snap_off = if keep_table {
+            self.hdr.snapshots_offset
+        } else if snaps.is_empty() {
             0
         } else {
             let clusters = (raw.len() as u64).div_ceil(cs);
@@ -329,7 +357,10 @@ impl Qcow2 {
         h[24..28].copy_from_slice(&(snaps.len() as u32).to_be_bytes());
         h[28..36].copy_from_slice(&snap_off.to_be_bytes());
         self.io.write_at(&h, OFF_L1_SIZE)?;
-        self.io.flush()?;
+        if sync_after {
+            self.io.flush()?;
+        }
+        let deferred = txn.take_deferred();
         self.rc.txn_apply(txn, rt_off, rt_clusters);
         self.hdr.l1_size = new_l1.len() as u32;
         self.hdr.l1_table_offset = new_l1_off;
@@ -342,13 +373,13 @@ impl Qcow2 {
         self.infos = snaps.iter().map(|s| s.info.clone()).collect();
         self.snaps = snaps;
         self.l2.clear();
-        Ok(())
+        Ok(deferred)
     }
 
     /// Revert the active disk to a snapshot. The VM state of the snapshot is
     /// not mapped into the active image; read it with [`Qcow2::read_vmstate`].
     pub fn apply_snapshot(&mut self, name_or_id: &str) -> Result<()> {
-        let idx = self.find_snapshot(name_or_id)?;
+        let idx = self.snap_index(name_or_id)?;
         let ds = self.snaps[idx].info.disk_size;
         if ds != self.hdr.size {
             return Err(Error::Unsupported(format!(
@@ -392,19 +423,18 @@ impl Qcow2 {
             self.release_l1_txn(&mut txn, old_off, old_len)?;
         }
         let new_l1_off = self.write_l1_txn(&mut txn, &new_l1)?;
-        let snaps = self.snaps.clone();
-        self.commit(txn, new_l1, new_l1_off, snaps)
+        self.commit(txn, new_l1, new_l1_off, None, true)?;
+        Ok(())
     }
 
     /// Delete a snapshot, releasing the clusters only it referenced.
     pub fn delete_snapshot(&mut self, name_or_id: &str) -> Result<()> {
-        let idx = self.find_snapshot(name_or_id)?;
+        let idx = self.snap_index(name_or_id)?;
         self.mutate(|s| s.delete_inner(idx))
     }
 
     fn delete_inner(&mut self, idx: usize) -> Result<()> {
         let cb = self.cb;
-        let cs = 1u64 << cb;
         let snap_l1 = self.load_snap_l1(idx)?;
         let mut txn = Txn::default();
         let (sn_off, sn_len) = (
@@ -421,9 +451,20 @@ impl Qcow2 {
                 self.rc.txn_delta(&mut *self.io, &mut txn, t >> cb, -1)?;
             }
         }
-        // Refcounts of clusters still used by the active image may drop to one:
-        // their COPIED flags must be set in the same atomic switch, so affected
-        // active tables are rewritten to new clusters.
+        let (new_l1, new_l1_off) = self.fix_active_copied(&mut txn)?;
+        let mut snaps = self.snaps.clone();
+        snaps.remove(idx);
+        self.commit(txn, new_l1, new_l1_off, Some(snaps), true)?;
+        Ok(())
+    }
+
+    /// After `txn` dropped references: refcounts of clusters still used by
+    /// the active image may have dropped to one, so their COPIED flags must
+    /// be set in the same atomic switch. Affected active tables are rewritten
+    /// to new clusters; returns the active L1 (and its offset) to switch to.
+    pub(crate) fn fix_active_copied(&mut self, txn: &mut Txn) -> Result<(Vec<u64>, u64)> {
+        let cb = self.cb;
+        let cs = 1u64 << cb;
         let mut new_l1 = self.l1.clone();
         let mut l1_changed = false;
         for (i, &e) in self.l1.clone().iter().enumerate() {
@@ -431,14 +472,14 @@ impl Qcow2 {
             if t == 0 {
                 continue;
             }
-            if self.rc.txn_get(&mut *self.io, &txn, t >> cb)? == 1 {
+            if self.rc.txn_get(&mut *self.io, txn, t >> cb)? == 1 {
                 let table = self.l2.take(&mut *self.io, t, cb)?;
                 let mut fixed = table.clone();
                 self.l2.put(t, table);
                 let mut changed = false;
                 for fe in &mut fixed {
                     if let Some(h) = decode_l2(*fe, cb)?.host() {
-                        let want = self.rc.txn_get(&mut *self.io, &txn, h >> cb)? == 1;
+                        let want = self.rc.txn_get(&mut *self.io, txn, h >> cb)? == 1;
                         if want != (*fe & COPIED != 0) {
                             *fe ^= COPIED;
                             changed = true;
@@ -446,9 +487,9 @@ impl Qcow2 {
                     }
                 }
                 if changed {
-                    let nt = self.rc.txn_alloc(&mut *self.io, &mut txn, 1)?;
+                    let nt = self.rc.txn_alloc(&mut *self.io, txn, 1)?;
                     self.io.write_at(&encode_table(&fixed, cs as usize), nt)?;
-                    self.rc.txn_delta(&mut *self.io, &mut txn, t >> cb, -1)?;
+                    self.rc.txn_delta(&mut *self.io, txn, t >> cb, -1)?;
                     new_l1[i] = nt | COPIED;
                     l1_changed = true;
                 } else if e & COPIED == 0 {
@@ -462,19 +503,17 @@ impl Qcow2 {
         }
         let new_l1_off = if l1_changed {
             let (old_off, old_len) = (self.hdr.l1_table_offset, self.l1.len() as u64);
-            self.release_l1_txn(&mut txn, old_off, old_len)?;
-            self.write_l1_txn(&mut txn, &new_l1)?
+            self.release_l1_txn(txn, old_off, old_len)?;
+            self.write_l1_txn(txn, &new_l1)?
         } else {
             self.hdr.l1_table_offset
         };
-        let mut snaps = self.snaps.clone();
-        snaps.remove(idx);
-        self.commit(txn, new_l1, new_l1_off, snaps)
+        Ok((new_l1, new_l1_off))
     }
 
     /// Read `buf.len()` bytes of a snapshot's VM state starting at `offset`.
     pub fn read_vmstate(&mut self, name_or_id: &str, offset: u64, buf: &mut [u8]) -> Result<()> {
-        let idx = self.find_snapshot(name_or_id)?;
+        let idx = self.snap_index(name_or_id)?;
         let info = &self.snaps[idx].info;
         let size = info.vm_state_size;
         if offset
@@ -502,7 +541,7 @@ impl Qcow2 {
         buf: &mut [u8],
         offset: u64,
     ) -> Result<()> {
-        let idx = self.find_snapshot(name_or_id)?;
+        let idx = self.snap_index(name_or_id)?;
         let size = self.snaps[idx].info.disk_size.min(self.hdr.size);
         if offset
             .checked_add(buf.len() as u64)

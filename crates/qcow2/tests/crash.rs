@@ -60,6 +60,34 @@ fn read_snap(img: &mut Qcow2, name: &str) -> Vec<u8> {
     b
 }
 
+/// Check one crash image: `qemu-img check` (if available) must exit 0 or 3
+/// (0 if `done`), and `verify` must accept it. Returns whether it leaked.
+fn check_image(
+    what: &str,
+    path: &std::path::Path,
+    bytes: Vec<u8>,
+    done: bool,
+    verify: &dyn Fn(&mut Qcow2, bool),
+) -> bool {
+    let mut leaked = false;
+    if common::have("qemu-img") {
+        std::fs::write(path, &bytes).unwrap();
+        let (c, out) = common::check(path);
+        assert!(
+            c == 0 || c == 3,
+            "{what}: corrupted the image (exit {c}):\n{out}"
+        );
+        leaked = c == 3;
+        if done {
+            assert_eq!(c, 0, "{what}: completed operation left leaks:\n{out}");
+        }
+    }
+    let mut img = Qcow2::open_with(Box::new(MemBackend::new(bytes)), false, None)
+        .unwrap_or_else(|e| panic!("{what}: reopen failed: {e}"));
+    verify(&mut img, done);
+    leaked
+}
+
 /// Run `op` with every possible write budget; call `verify` on each result.
 fn crash_loop(
     what: &str,
@@ -67,42 +95,55 @@ fn crash_loop(
     op: &dyn Fn(&mut Qcow2) -> qcow2::Result<()>,
     verify: &dyn Fn(&mut Qcow2, bool),
 ) {
-    let have_qemu = common::have("qemu-img");
-    if !have_qemu {
+    crash_loop_ex(what, base, false, op, verify)
+}
+
+/// Like [`crash_loop`]; with `lossy`, every crash image is also checked in
+/// variants where some of the writes issued since the last flush are lost
+/// (all of them, every other one, only the first one): a disk cache may
+/// persist unflushed writes in any order.
+fn crash_loop_ex(
+    what: &str,
+    base: &[u8],
+    lossy: bool,
+    op: &dyn Fn(&mut Qcow2) -> qcow2::Result<()>,
+    verify: &dyn Fn(&mut Qcow2, bool),
+) {
+    if !common::have("qemu-img") {
         eprintln!("note: qemu-img not found; crash images are only checked by this library");
     }
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("crash.qcow2");
-    let mut leaks = 0;
+    let (mut leaks, mut variants) = (0, 0);
     for n in 0u64.. {
         let be = CrashBackend::new(base.to_vec(), Some(n));
         let res =
             Qcow2::open_with(Box::new(be.clone()), true, None).and_then(|mut img| op(&mut img));
-        let bytes = be.bytes();
-        if have_qemu {
-            std::fs::write(&path, &bytes).unwrap();
-            let (c, out) = common::check(&path);
-            assert!(
-                c == 0 || c == 3,
-                "{what}: crash after {n} writes corrupted the image (exit {c}):\n{out}"
-            );
-            if c == 3 {
-                leaks += 1;
-            }
-            if res.is_ok() {
-                assert_eq!(c, 0, "{what}: completed operation left leaks:\n{out}");
-            }
-        }
-        let mut img = Qcow2::open_with(Box::new(MemBackend::new(bytes)), false, None)
-            .unwrap_or_else(|e| panic!("{what}: reopen after crash at {n} failed: {e}"));
-        verify(&mut img, res.is_ok());
+        let done = res.is_ok();
         if let Err(e) = &res {
             assert!(
                 e.to_string().contains("simulated crash"),
                 "{what}: unexpected error {e}"
             );
-        } else {
-            eprintln!("{what}: {n} crash points checked ({leaks} with leaked clusters only)");
+        }
+        let w = format!("{what}: crash after {n} writes");
+        if check_image(&w, &path, be.bytes(), done, verify) {
+            leaks += 1;
+        }
+        if lossy && !done && be.unflushed() > 0 {
+            let keeps: [&dyn Fn(usize) -> bool; 4] =
+                [&|_| false, &|k| k % 2 == 0, &|k| k % 2 == 1, &|k| k != 0];
+            for (v, keep) in keeps.iter().enumerate() {
+                let w = format!("{w} (lossy variant {v}, {} unflushed)", be.unflushed());
+                check_image(&w, &path, be.bytes_lossy(keep), false, verify);
+                variants += 1;
+            }
+        }
+        if done {
+            eprintln!(
+                "{what}: {n} crash points checked ({leaks} with leaked clusters only, \
+                 {variants} lossy variants)"
+            );
             assert!(n > 3);
             return;
         }
@@ -230,6 +271,169 @@ fn crash_during_refcount_growth() {
             assert!(cur[..1 << 20] == model[..1 << 20]);
             if done {
                 assert!(cur == new_model);
+            }
+        },
+    );
+}
+
+/// Guest writes issued while a snapshot is frozen: (offset, length, seed).
+/// They overwrite clusters shared with "old" and the frozen view, allocate
+/// new clusters, overwrite clusters shared with the frozen view only, and
+/// finally rewrite (in place) clusters allocated after the freeze. The first
+/// two need single clusters, which could land in structures a careless
+/// freeze would free (old refcount blocks) before its header write is durable.
+const LIVE_WRITES: [(u64, usize, u64); 6] = [
+    (1_500_000, 300, 29),
+    (200_000, 100, 30),
+    (90_000, 200_000, 31),
+    (2 << 20, 150_000, 32),
+    ((3 << 20) + 1000, 100_000, 33),
+    ((2 << 20) + 5000, 20_000, 34),
+];
+
+/// VM state with a zero range that is never written.
+fn live_vmstate() -> Vec<u8> {
+    let mut vm = pattern(400_000, 41);
+    vm[150_000..260_000].fill(0);
+    vm
+}
+
+/// freeze → vmstate (second part first) → guest writes interleaved with the
+/// remaining vmstate → commit (or abort).
+fn live_op(img: &mut Qcow2, vm: &[u8], commit: bool) -> qcow2::Result<()> {
+    let f = img.freeze("new")?;
+    for (i, &(off, len, seed)) in LIVE_WRITES.iter().enumerate() {
+        img.write_at(&pattern(len, seed), off)?;
+        if i == 1 {
+            img.write_frozen_vmstate(&f, 260_000, &vm[260_000..])?;
+        }
+        if i == 3 {
+            img.write_frozen_vmstate(&f, 0, &vm[..100_000])?;
+        }
+    }
+    // Zero range skipped; the rest of the first part, with an overlap.
+    img.write_frozen_vmstate(&f, 90_000, &vm[90_000..150_000])?;
+    if commit {
+        img.commit_frozen(f, 5, vm.len() as u64)?;
+    } else {
+        img.abort_frozen(f)?;
+    }
+    Ok(())
+}
+
+/// Disk models after each live write (index 0 = at the freeze).
+fn live_models(model: &[u8]) -> Vec<Vec<u8>> {
+    let mut ms = vec![model.to_vec()];
+    for &(off, len, seed) in &LIVE_WRITES {
+        let mut m = ms.last().unwrap().clone();
+        m[off as usize..off as usize + len].copy_from_slice(&pattern(len, seed));
+        ms.push(m);
+    }
+    ms
+}
+
+/// Every byte of the active disk must come from one of the stages.
+fn check_active_live(img: &mut Qcow2, ms: &[Vec<u8>], done: bool) {
+    let cur = read_all(img);
+    if done {
+        assert!(cur == *ms.last().unwrap());
+        return;
+    }
+    let mut touched = vec![false; cur.len()];
+    for &(off, len, _) in &LIVE_WRITES {
+        touched[off as usize..off as usize + len].fill(true);
+    }
+    for (j, &c) in cur.iter().enumerate() {
+        if touched[j] {
+            assert!(ms.iter().any(|m| m[j] == c), "byte {j}");
+        } else {
+            assert!(c == ms[0][j], "untouched byte {j} changed");
+        }
+    }
+}
+
+#[test]
+fn crash_during_live_snapshot_commit() {
+    for cb in [16, 12] {
+        let b = base(cb);
+        let vm = live_vmstate();
+        let ms = live_models(&b.model);
+        let snap_model = b.snap_model.clone();
+        crash_loop_ex(
+            &format!("live snapshot commit (cluster_bits {cb})"),
+            &b.bytes,
+            true,
+            &|img| live_op(img, &vm, true),
+            &|img, done| {
+                assert!(read_snap(img, "old") == snap_model);
+                let names: Vec<_> = img.snapshots().iter().map(|s| s.name.clone()).collect();
+                assert!(names == ["old"] || names == ["old", "new"], "{names:?}");
+                if done {
+                    assert_eq!(names.len(), 2);
+                }
+                if names.len() == 2 {
+                    // Complete: disk at the freeze, full VM state, metadata.
+                    assert!(read_snap(img, "new") == ms[0]);
+                    let info = img.find_snapshot("new").unwrap().clone();
+                    assert_eq!(info.vm_state_size, vm.len() as u64);
+                    assert_eq!(img.snapshot_vm_clock("new"), Some(5));
+                    let mut v = vec![0u8; vm.len()];
+                    img.read_vmstate("new", 0, &mut v).unwrap();
+                    assert!(v == vm);
+                }
+                check_active_live(img, &ms, done);
+            },
+        );
+    }
+}
+
+#[test]
+fn crash_during_live_snapshot_abort() {
+    let b = base(12);
+    let vm = live_vmstate();
+    let ms = live_models(&b.model);
+    let snap_model = b.snap_model.clone();
+    crash_loop_ex(
+        "live snapshot abort",
+        &b.bytes,
+        true,
+        &|img| live_op(img, &vm, false),
+        &|img, done| {
+            assert!(read_snap(img, "old") == snap_model);
+            assert_eq!(img.snapshots().len(), 1);
+            check_active_live(img, &ms, done);
+        },
+    );
+}
+
+#[test]
+fn crash_during_freeze_with_refcount_growth() {
+    // 512-byte clusters: freeze and the VM state need new refcount blocks.
+    let b = base(9);
+    let vm = pattern(100_000, 5);
+    let model = b.model.clone();
+    crash_loop_ex(
+        "freeze (cluster_bits 9)",
+        &b.bytes,
+        true,
+        &|img| {
+            let f = img.freeze("new")?;
+            img.write_frozen_vmstate(&f, 0, &vm)?;
+            img.write_at(&[7u8; 3000], 100_000)?;
+            img.commit_frozen(f, 1, vm.len() as u64)?;
+            Ok(())
+        },
+        &|img, done| {
+            let n = img.snapshots().len();
+            assert!(n == 1 || n == 2);
+            if done {
+                assert_eq!(n, 2);
+            }
+            if n == 2 {
+                assert!(read_snap(img, "new") == model);
+                let mut v = vec![0u8; vm.len()];
+                img.read_vmstate("new", 0, &mut v).unwrap();
+                assert!(v == vm);
             }
         },
     );

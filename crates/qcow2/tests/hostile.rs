@@ -80,6 +80,20 @@ fn exercise(bytes: Vec<u8>, rng: &mut Rng) {
             let _ = img.apply_snapshot(&s.id);
             let _ = img.delete_snapshot(&s.id);
         }
+        // Two-phase snapshot: commit one, abort another.
+        for commit in [true, false] {
+            if let Ok(f) = img.freeze(if commit { "live" } else { "gone" }) {
+                let _ = img.write_frozen_vmstate(&f, 100, &[3u8; 2000]);
+                if size > 0 {
+                    let _ = img.write_at(&[0x6b; 700][..size.min(700) as usize], 0);
+                }
+                let _ = if commit {
+                    img.commit_frozen(f, 0, 2100).map(|_| ())
+                } else {
+                    img.abort_frozen(f)
+                };
+            }
+        }
         let _ = img.check();
     }
 }

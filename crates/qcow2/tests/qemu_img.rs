@@ -456,3 +456,184 @@ fn large_vmstate_is_fast() {
         total
     );
 }
+
+/// Write VM state for a pending snapshot in shuffled 300 kB pieces, leaving
+/// all-zero pieces out, interleaved with `guest` writes (called between pieces).
+fn write_vmstate_live(
+    img: &mut Qcow2,
+    f: &qcow2::Frozen,
+    vm: &[u8],
+    mut guest: impl FnMut(&mut Qcow2, usize),
+) {
+    let pieces: Vec<(usize, &[u8])> = vm.chunks(300_000).enumerate().collect();
+    let mut order: Vec<usize> = (0..pieces.len()).collect();
+    let mut rng = Rng(5);
+    for i in (1..order.len()).rev() {
+        order.swap(i, rng.below(i as u64 + 1) as usize);
+    }
+    for (step, &k) in order.iter().enumerate() {
+        let (i, piece) = pieces[k];
+        if piece.iter().any(|&b| b != 0) {
+            img.write_frozen_vmstate(f, i as u64 * 300_000, piece)
+                .unwrap();
+        }
+        guest(img, step);
+    }
+}
+
+#[test]
+fn live_snapshot_interop() {
+    require_qemu_img!();
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("live.qcow2");
+    let size = 32u64 << 20;
+    let mut img = Qcow2::create(&p, size, CreateOptions::default()).unwrap();
+    let mut model = vec![0u8; size as usize];
+    standard_writes(&mut img, &mut model, 1);
+    // An older snapshot, then data written after it.
+    let old_vm = pattern(1 << 20, 3);
+    img.write_vmstate(0, &old_vm).unwrap();
+    img.create_snapshot("s0", 1, old_vm.len() as u64).unwrap();
+    let s0_model = model.clone();
+    write_both(&mut img, &mut model, 8 << 20, &pattern(2 << 20, 4));
+    // Stale VM state in the active image must not leak into the new snapshot.
+    img.write_vmstate(0, &pattern(6 << 20, 6)).unwrap();
+
+    assert!(matches!(img.freeze("s0"), Err(qcow2::Error::TagExists(_))));
+    let f = img.freeze("live").unwrap();
+    assert_eq!(f.name(), "live");
+    assert!(img.is_frozen());
+    assert!(img.freeze("other").is_err(), "only one freeze at a time");
+    assert!(matches!(
+        img.create_snapshot("live", 0, 0),
+        Err(qcow2::Error::TagExists(_))
+    ));
+    let frozen_model = model.clone();
+
+    let mut vm = pattern(5 << 20, 77);
+    vm[1 << 20..(2 << 20) + 100_000].fill(0);
+    let cs = img.cluster_size();
+    write_vmstate_live(&mut img, &f, &vm, |img, step| {
+        let (off, len) = match step % 6 {
+            0 => (cs * 2 + 17, 3 * cs as usize), // shared with s0 and the cut
+            1 => ((8 << 20) + 1000, 200_000),    // written after s0: shared with the cut only
+            2 => ((20 << 20) + step as u64 * cs, 70_000), // new clusters
+            3 => (size - 5000, 5000),            // end of the disk
+            4 => ((8 << 20) + 1000, 100),        // in place (copied earlier)
+            _ => (cs - 3, 6),                    // across a cluster boundary
+        };
+        write_both(img, &mut model, off, &pattern(len, 1000 + step as u64));
+    });
+    let mut fr = vec![0u8; size as usize];
+    img.read_frozen_at(&f, &mut fr, 0).unwrap();
+    assert!(fr == frozen_model, "frozen view changed by guest writes");
+    check_content(&mut img, &model);
+
+    let info_live = img.commit_frozen(f, 777, vm.len() as u64).unwrap();
+    assert!(!img.is_frozen());
+    assert_eq!(info_live.name, "live");
+    assert_eq!(info_live.vm_state_size, vm.len() as u64);
+    assert_eq!(img.find_snapshot("live"), Some(&info_live));
+    assert_eq!(img.find_snapshot(&info_live.id), Some(&info_live));
+    assert_eq!(img.snapshot_vm_clock("live"), Some(777));
+    assert_eq!(img.find_snapshot("nope"), None);
+    img.flush().unwrap();
+    assert_clean(&p);
+
+    let j = info(&p);
+    let snaps = j["snapshots"].as_array().expect("snapshots listed");
+    assert_eq!(snaps.len(), 2);
+    assert_eq!(snaps[1]["name"], "live");
+    assert_eq!(snaps[1]["vm-state-size"].as_u64().unwrap(), vm.len() as u64);
+    assert_eq!(snaps[1]["vm-clock-nsec"].as_u64().unwrap(), 777);
+    let list = run_ok("qemu-img", &["snapshot", "-l", p.to_str().unwrap()]);
+    assert!(list.contains("live"), "{list}");
+
+    let mut back = vec![0u8; vm.len()];
+    img.read_vmstate("live", 0, &mut back).unwrap();
+    assert!(back == vm, "VM state differs");
+    assert!(
+        to_raw(&p, Some("live")) == frozen_model,
+        "convert -l differs"
+    );
+    assert!(to_raw(&p, Some("s0")) == s0_model);
+    assert!(to_raw(&p, None) == model);
+
+    let copy = dir.path().join("copy.qcow2");
+    std::fs::copy(&p, &copy).unwrap();
+    run_ok(
+        "qemu-img",
+        &["snapshot", "-a", "live", copy.to_str().unwrap()],
+    );
+    assert_clean(&copy);
+    assert!(
+        to_raw(&copy, None) == frozen_model,
+        "qemu-img snapshot -a restored wrong content"
+    );
+
+    // Our own apply, then the VM state is still readable; delete keeps it clean.
+    img.apply_snapshot("live").unwrap();
+    check_content(&mut img, &frozen_model);
+    img.read_vmstate("live", 0, &mut back).unwrap();
+    assert!(back == vm);
+    img.flush().unwrap();
+    assert_clean(&p);
+    img.delete_snapshot("s0").unwrap();
+    assert_clean(&p);
+    drop(img);
+    let mut img = Qcow2::open(&p, true).unwrap();
+    img.read_vmstate("live", 0, &mut back).unwrap();
+    assert!(back == vm);
+    img.delete_snapshot("live").unwrap();
+    assert_clean(&p);
+    check_content(&mut img, &frozen_model);
+}
+
+#[test]
+fn live_snapshot_abort_and_retry() {
+    require_qemu_img!();
+    let dir = tempfile::tempdir().unwrap();
+    for cb in [16u32, 12] {
+        let p = dir.path().join(format!("abort{cb}.qcow2"));
+        let size = 16u64 << 20;
+        let mut img = Qcow2::create(&p, size, opts(cb)).unwrap();
+        // Empty disk: nothing to copy at the freeze.
+        let f = img.freeze("empty").unwrap();
+        img.write_frozen_vmstate(&f, 0, &pattern(100_000, 1))
+            .unwrap();
+        img.commit_frozen(f, 1, 100_000).unwrap();
+        assert_clean(&p);
+        assert!(to_raw(&p, Some("empty")) == vec![0u8; size as usize]);
+        img.delete_snapshot("empty").unwrap();
+
+        let mut model = vec![0u8; size as usize];
+        standard_writes(&mut img, &mut model, 9);
+        write_both(&mut img, &mut model, 0, &pattern(3 << 20, 2));
+        img.flush().unwrap();
+        assert_clean(&p);
+        let f = img.freeze("a").unwrap();
+        let vm = pattern(2 << 20, 8);
+        write_vmstate_live(&mut img, &f, &vm, |img, step| {
+            let off = (step as u64 * 400_000) % (size - 100_000);
+            write_both(img, &mut model, off, &pattern(50_000, step as u64));
+        });
+        img.abort_frozen(f).unwrap();
+        assert!(img.snapshots().is_empty());
+        img.flush().unwrap();
+        assert_clean(&p);
+        check_content(&mut img, &model);
+        assert!(to_raw(&p, None) == model);
+        // The tag is free again, and a new freeze works.
+        let f = img.freeze("a").unwrap();
+        let at_cut = model.clone();
+        write_both(&mut img, &mut model, 100, b"after the cut");
+        img.write_frozen_vmstate(&f, 0, &vm).unwrap();
+        img.commit_frozen(f, 2, vm.len() as u64).unwrap();
+        assert_clean(&p);
+        assert!(to_raw(&p, Some("a")) == at_cut);
+        assert!(to_raw(&p, None) == model);
+        let mut back = vec![0u8; vm.len()];
+        img.read_vmstate("a", 0, &mut back).unwrap();
+        assert!(back == vm);
+    }
+}

@@ -102,6 +102,7 @@ pub fn run(mut cfg: RunConfig) -> Result<u8> {
         jobs: crate::jobs::Jobs::default(),
         pending_save: None,
         vm_started: Instant::now(),
+        vm_clock_base: 0,
     };
     c.publish_cpus();
     if c.cfg.start_paused {
@@ -343,6 +344,8 @@ pub(crate) struct Controller {
     pub(crate) pending_save: Option<crate::snapjobs::PendingSave>,
     /// When the current machine started (its virtual clock for snapshots).
     pub(crate) vm_started: Instant,
+    /// The virtual clock when the current machine started (a loaded snapshot's).
+    pub(crate) vm_clock_base: u64,
 }
 
 impl Controller {

@@ -17,15 +17,6 @@ pub enum Format {
     Qcow2,
 }
 
-impl Format {
-    pub fn name(self) -> &'static str {
-        match self {
-            Format::Raw => "raw",
-            Format::Qcow2 => "qcow2",
-        }
-    }
-}
-
 /// One `--disk PATH[,format=qcow2|raw][,id=NAME][,readonly=on]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DiskSpec {

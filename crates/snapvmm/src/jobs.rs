@@ -10,17 +10,17 @@ use serde_json::{json, Value};
 /// What a job does (`type` in query-jobs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
-    SnapshotSave,
-    SnapshotLoad,
-    SnapshotDelete,
+    Save,
+    Load,
+    Delete,
 }
 
 impl Kind {
     pub fn name(self) -> &'static str {
         match self {
-            Kind::SnapshotSave => "snapshot-save",
-            Kind::SnapshotLoad => "snapshot-load",
-            Kind::SnapshotDelete => "snapshot-delete",
+            Kind::Save => "snapshot-save",
+            Kind::Load => "snapshot-load",
+            Kind::Delete => "snapshot-delete",
         }
     }
 }
@@ -69,16 +69,31 @@ pub struct Jobs {
     jobs: Vec<Job>,
 }
 
+/// Prefix of internal job ids (not a character QEMU allows in ids).
+pub const INTERNAL: &str = "#";
+
+/// Whether an event (or job) is the VMM's own.
+pub fn is_internal(ev: &Value) -> bool {
+    ev["id"].as_str().is_some_and(|i| i.starts_with(INTERNAL))
+}
+
 /// A `JOB_STATUS_CHANGE` event's data.
 pub fn event(id: &str, status: Status) -> Value {
     json!({"id": id, "status": status.name()})
 }
 
 impl Jobs {
-    /// Registers a new job; its id must be unused.
+    /// Registers a new job; its id must be unused and well formed (QEMU's
+    /// rule: a letter, then letters, digits, `-`, `.` or `_`). Ids starting
+    /// with [`INTERNAL`] are the VMM's own (HMP) jobs: not listed, no events.
     pub fn create(&mut self, id: &str, kind: Kind) -> Result<Value, CommandError> {
-        if id.is_empty() {
-            return Err(CommandError::generic("Invalid job ID ''"));
+        let body = id.strip_prefix(INTERNAL).unwrap_or(id);
+        let well_formed = body.starts_with(|c: char| c.is_ascii_alphabetic())
+            && body
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-._".contains(c));
+        if !well_formed {
+            return Err(CommandError::generic(format!("Invalid job ID '{id}'")));
         }
         if self.jobs.iter().any(|j| j.id == id) {
             return Err(CommandError::generic(format!(
@@ -147,11 +162,10 @@ impl Jobs {
             .collect()
     }
 
-    /// Whether a job is still doing work (not yet concluded).
-    pub fn busy(&self) -> Option<&Job> {
+    /// Drops the VMM's own concluded jobs.
+    pub fn dismiss_internal(&mut self) {
         self.jobs
-            .iter()
-            .find(|j| !matches!(j.status, Status::Concluded | Status::Null))
+            .retain(|j| !(j.id.starts_with(INTERNAL) && j.status == Status::Concluded));
     }
 
     /// `job-dismiss`: only a concluded job can go; returns the `null` event.
@@ -188,6 +202,7 @@ impl Jobs {
         Value::Array(
             self.jobs
                 .iter()
+                .filter(|j| !j.id.starts_with(INTERNAL))
                 .map(|j| {
                     let mut v = json!({
                         "id": j.id,
@@ -218,9 +233,9 @@ mod tests {
     #[test]
     fn lifecycle_and_events_in_qemus_order() {
         let mut jobs = Jobs::default();
-        let mut evs = vec![jobs.create("s1", Kind::SnapshotSave).unwrap()];
+        let mut evs = vec![jobs.create("s1", Kind::Save).unwrap()];
         assert!(
-            jobs.create("s1", Kind::SnapshotLoad).is_err(),
+            jobs.create("s1", Kind::Load).is_err(),
             "ids are unique"
         );
         evs.extend(jobs.set("s1", Status::Running));
@@ -252,13 +267,26 @@ mod tests {
     }
 
     #[test]
+    fn ids_are_checked_and_internal_jobs_hidden() {
+        let mut jobs = Jobs::default();
+        for bad in ["", "1abc", "a b", "a#b", "#"] {
+            assert!(jobs.create(bad, Kind::Save).is_err(), "{bad:?}");
+        }
+        let ev = jobs.create("#hmp-x", Kind::Save).unwrap();
+        assert!(is_internal(&ev));
+        assert_eq!(jobs.query(), json!([]));
+        assert!(!is_internal(
+            &jobs.create("snap-1.a_b", Kind::Save).unwrap()
+        ));
+    }
+
+    #[test]
     fn failures_conclude_with_an_error() {
         let mut jobs = Jobs::default();
-        jobs.create("x", Kind::SnapshotDelete).unwrap();
+        jobs.create("x", Kind::Delete).unwrap();
         jobs.set("x", Status::Running);
         let evs = jobs.fail("x", "Snapshot 'a' not found".into());
         assert_eq!(evs.last().unwrap()["status"], "concluded");
         assert_eq!(jobs.query()[0]["error"], "Snapshot 'a' not found");
-        assert!(jobs.busy().is_none());
     }
 }

@@ -17,8 +17,6 @@ use crate::savevm::{self, with_qcow2};
 /// A live save between the cut and the commit.
 pub struct PendingSave {
     pub job_id: String,
-    pub tag: String,
-    pub devices: Vec<usize>,
     pub vmstate: usize,
     /// Frozen disks other than the vmstate disk.
     pub frozen: Vec<(usize, qcow2::Frozen)>,
@@ -55,7 +53,9 @@ impl Controller {
     }
 
     fn job_event(&self, data: Value) {
-        self.emit("JOB_STATUS_CHANGE", Some(data));
+        if !crate::jobs::is_internal(&data) {
+            self.emit("JOB_STATUS_CHANGE", Some(data));
+        }
     }
 
     fn job_events(&self, evs: Vec<Value>) {
@@ -96,7 +96,7 @@ impl Controller {
         job: SnapshotJob,
         waiter: Option<Reply>,
     ) -> Result<(), CommandError> {
-        self.start_job(&job.job_id, Kind::SnapshotSave)?;
+        self.start_job(&job.job_id, Kind::Save)?;
         if let Err(why) = self.begin_save(&job, waiter.is_some()) {
             self.fail_job(&job.job_id, why, waiter);
             return Ok(());
@@ -212,8 +212,6 @@ impl Controller {
             .set_progress(&job.job_id, 0, self.machine.ram().size());
         self.pending_save = Some(PendingSave {
             job_id: job.job_id.clone(),
-            tag: job.tag.clone(),
-            devices,
             vmstate: vm,
             frozen,
             vm_frozen,
@@ -314,7 +312,7 @@ impl Controller {
     /// `snapshot-load`: the VM continues from the snapshot (disks reverted,
     /// RAM and devices loaded); it runs afterwards if it ran before.
     pub fn snapshot_load(&mut self, job: SnapshotJob) -> Result<(), CommandError> {
-        self.start_job(&job.job_id, Kind::SnapshotLoad)?;
+        self.start_job(&job.job_id, Kind::Load)?;
         match self.load(&job) {
             Ok(()) => {
                 let evs = self.jobs.succeed(&job.job_id);
@@ -354,6 +352,13 @@ impl Controller {
         })
         .expect("checked qcow2")?;
         let (ram, state) = savevm::decode_vmstate(bytes)?;
+        let loaded_clock = with_qcow2(&self.machine.bus().virtio[vm], |q| {
+            q.snapshots()
+                .iter()
+                .find(|s| s.name == job.tag)
+                .map_or(0, |s| s.vm_clock_nsec)
+        })
+        .unwrap_or(0);
         if state.virtio.len() != ids.len() {
             return Err(format!(
                 "the snapshot was taken with {} disk(s), this VM has {}",
@@ -376,6 +381,7 @@ impl Controller {
         self.machine = crate::controller::build_from_state(&self.cfg, &self.tx, ram, state, disks)
             .map_err(|e| format!("{e:#}"))?;
         self.vm_started = Instant::now();
+        self.vm_clock_base = loaded_clock;
         self.publish_cpus();
         if was_running {
             self.machine.resume();
@@ -388,7 +394,7 @@ impl Controller {
 
     /// `snapshot-delete`: removes the tag from every listed disk that has it.
     pub fn snapshot_delete(&mut self, job: SnapshotJob) -> Result<(), CommandError> {
-        self.start_job(&job.job_id, Kind::SnapshotDelete)?;
+        self.start_job(&job.job_id, Kind::Delete)?;
         let r = self.delete(&job.tag, &job.devices);
         match r {
             Ok(()) => {
@@ -437,7 +443,7 @@ impl Controller {
             .first()
             .ok_or_else(|| CommandError::generic("No block device can accept snapshots"))?;
         Ok(SnapshotJob {
-            job_id: format!("hmp-{tag}"),
+            job_id: format!("{}hmp-savevm", crate::jobs::INTERNAL),
             tag: tag.to_string(),
             vmstate: Some(first.clone()),
             devices: ids,
@@ -465,25 +471,14 @@ impl Controller {
 
     /// Dismisses concluded HMP jobs (they are internal).
     pub fn dismiss_hmp_jobs(&mut self) {
-        let ids: Vec<String> = self
-            .jobs
-            .query()
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter(|j| j["status"] == "concluded")
-            .filter_map(|j| j["id"].as_str().map(str::to_string))
-            .filter(|id| id.starts_with("hmp-"))
-            .collect();
-        for id in ids {
-            let _ = self.jobs.dismiss(&id);
-        }
+        self.jobs.dismiss_internal();
     }
 
     pub fn hmp_loadvm(&mut self, tag: &str) -> Result<(), CommandError> {
-        let job = self.hmp_job(tag)?;
+        let mut job = self.hmp_job(tag)?;
+        job.job_id = format!("{}hmp-loadvm", crate::jobs::INTERNAL);
         let id = job.job_id.clone();
-        self.start_job(&id, Kind::SnapshotLoad)?;
+        self.start_job(&id, Kind::Load)?;
         let r = self.load(&job);
         let _ = match &r {
             Ok(()) => self.jobs.succeed(&id),
@@ -545,7 +540,7 @@ impl Controller {
     /// Guest-visible virtual clock: time the VM has existed (as QEMU's vm clock
     /// roughly is), in nanoseconds.
     pub fn vm_clock_ns(&self) -> u64 {
-        self.vm_started.elapsed().as_nanos() as u64
+        self.vm_clock_base + self.vm_started.elapsed().as_nanos() as u64
     }
 }
 

@@ -115,13 +115,23 @@ impl Rng {
     }
 }
 
+/// A write issued since the last flush: (offset, bytes overwritten, bytes written).
+pub type Unflushed = (usize, Vec<u8>, Vec<u8>);
+
 /// In-memory backend shared with the test, which "crashes" (fails every
 /// write) once its write budget is used up.
+///
+/// It also keeps a journal of the writes issued since the last flush, so
+/// that tests can build images in which an arbitrary subset of them never
+/// reached the disk (a write cache may persist unflushed writes in any order).
 #[derive(Clone)]
 pub struct CrashBackend {
     pub data: Arc<Mutex<Vec<u8>>>,
     pub budget: Arc<Mutex<Option<u64>>>,
     pub writes: Arc<Mutex<u64>>,
+    /// Unflushed writes.
+    pub journal: Arc<Mutex<Vec<Unflushed>>>,
+    pub flushes: Arc<Mutex<u64>>,
 }
 
 impl CrashBackend {
@@ -130,10 +140,31 @@ impl CrashBackend {
             data: Arc::new(Mutex::new(data)),
             budget: Arc::new(Mutex::new(budget)),
             writes: Arc::new(Mutex::new(0)),
+            journal: Arc::new(Mutex::new(Vec::new())),
+            flushes: Arc::new(Mutex::new(0)),
         }
     }
     pub fn bytes(&self) -> Vec<u8> {
         self.data.lock().unwrap().clone()
+    }
+    /// Number of unflushed writes.
+    pub fn unflushed(&self) -> usize {
+        self.journal.lock().unwrap().len()
+    }
+    /// The image as it would be if only the unflushed writes `k` with
+    /// `keep(k)` had reached the disk (in issue order).
+    pub fn bytes_lossy(&self, keep: &dyn Fn(usize) -> bool) -> Vec<u8> {
+        let mut d = self.bytes();
+        let j = self.journal.lock().unwrap();
+        for (off, old, _) in j.iter().rev() {
+            d[*off..*off + old.len()].copy_from_slice(old);
+        }
+        for (k, (off, _, new)) in j.iter().enumerate() {
+            if keep(k) {
+                d[*off..*off + new.len()].copy_from_slice(new);
+            }
+        }
+        d
     }
 }
 
@@ -162,10 +193,19 @@ impl Backend for CrashBackend {
         if d.len() < s + buf.len() {
             d.resize(s + buf.len(), 0);
         }
+        let old = d[s..s + buf.len()].to_vec();
         d[s..s + buf.len()].copy_from_slice(buf);
+        self.journal.lock().unwrap().push((s, old, buf.to_vec()));
         Ok(())
     }
     fn flush(&mut self) -> std::io::Result<()> {
+        // Once the budget is used up the flush fails too, so that a crash
+        // image holds every write issued since the previous flush.
+        if *self.budget.lock().unwrap() == Some(0) {
+            return Err(std::io::Error::other("simulated crash"));
+        }
+        self.journal.lock().unwrap().clear();
+        *self.flushes.lock().unwrap() += 1;
         Ok(())
     }
     fn len(&mut self) -> std::io::Result<u64> {

@@ -203,11 +203,7 @@ impl VirtioBlk {
             0x030 => self.st.queue_sel = v,
             0x038 if q0 => self.st.queue.size = v.min(u32::from(QUEUE_MAX)) as u16,
             0x044 if q0 => self.st.queue.ready = v == 1,
-            0x050 => {
-                if v == 0 {
-                    self.process(mem)
-                }
-            }
+            0x050 if v == 0 => self.process(mem),
             0x064 => self.st.interrupt_status &= !v,
             0x070 => {
                 if v == 0 {
@@ -326,7 +322,7 @@ impl VirtioBlk {
         match kind {
             T_IN | T_OUT => {
                 let write = kind == T_OUT;
-                if total % SECTOR != 0 || total > MAX_REQUEST {
+                if !total.is_multiple_of(SECTOR) || total > MAX_REQUEST {
                     return Err(S_IOERR);
                 }
                 if data.iter().any(|d| d.write == write) {

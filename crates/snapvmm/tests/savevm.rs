@@ -1,0 +1,325 @@
+//! savevm into qcow2 disks, end to end: the reference guest writes its disk
+//! (diskwrite: every block carries a sequence number the guest also keeps in
+//! RAM) and its memory (memwrite) while snapshot-save runs; snapshot-load and
+//! --loadvm must bring back RAM and disk of the same instant, or the guest
+//! prints CORRUPT. `qemu-img` checks every image we write.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::{json, Value};
+
+fn have_qemu_img() -> bool {
+    Command::new("qemu-img")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+fn qcow2(d: &TempDir, name: &str, size: &str) -> PathBuf {
+    let p = d.path(name);
+    let st = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&p)
+        .arg(size)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    p
+}
+
+/// `qemu-img check`: 0 clean, 3 leaks only (never 2: corruption).
+fn check(p: &Path) -> i32 {
+    let o = Command::new("qemu-img")
+        .arg("check")
+        .arg(p)
+        .output()
+        .unwrap();
+    let code = o.status.code().unwrap();
+    assert!(
+        code == 0 || code == 3,
+        "qemu-img check {}: {}",
+        p.display(),
+        String::from_utf8_lossy(&o.stdout)
+    );
+    code
+}
+
+fn qemu_img_snapshots(p: &Path) -> Vec<(String, u64)> {
+    let o = Command::new("qemu-img")
+        .args(["info", "--force-share", "--output=json"])
+        .arg(p)
+        .output()
+        .unwrap();
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    v["snapshots"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|s| {
+                    (
+                        s["name"].as_str().unwrap().to_string(),
+                        s["vm-state-size"].as_u64().unwrap(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+const GUEST: &str = "workload=diskwrite disk_region=8M region=32M";
+
+fn start(d: &TempDir, name: &str, disk: &Path, extra: &[&str]) -> (Running, Qmp) {
+    let disk_arg = disk.display().to_string();
+    let mut args = vec!["--mem", "128M", "--disk", &disk_arg, "--cmdline", GUEST];
+    args.extend_from_slice(extra);
+    start_vm(d, name, "2", &args)
+}
+
+/// Runs a job to its end; returns its query-jobs entry (dismissed afterwards).
+fn run_job(q: &mut Qmp, cmd: &str, args: Value) -> Value {
+    let id = args["job-id"].as_str().unwrap().to_string();
+    q.ok(cmd, args);
+    let end = Instant::now() + T;
+    loop {
+        let jobs = q.ok("query-jobs", json!({}));
+        let j = jobs
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|j| j["id"] == id.as_str())
+            .cloned()
+            .expect("job listed");
+        if j["status"] == "concluded" {
+            assert_eq!(q.ok("job-dismiss", json!({"id": id})), json!({}));
+            return j;
+        }
+        assert!(Instant::now() < end, "job {id} stuck: {j}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn job_statuses(q: &Qmp, id: &str) -> Vec<String> {
+    q.events
+        .iter()
+        .filter(|e| e["event"] == "JOB_STATUS_CHANGE" && e["data"]["id"] == id)
+        .map(|e| e["data"]["status"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// The guest reports a few times with no CORRUPT, on the disk and in memory.
+fn guest_consistent(r: &Running, reports: usize) {
+    let mut disk = 0;
+    let mut mem = 0;
+    let end = Instant::now() + T;
+    while disk < reports || mem < reports {
+        let l = r.wait_line("refguest:", T);
+        assert!(
+            !l.contains("CORRUPT") && !l.contains("FAULT") && !l.contains("DISKERROR"),
+            "{l}"
+        );
+        disk += usize::from(l.contains(" disk t="));
+        mem += usize::from(l.contains(" cpu=1 t="));
+        assert!(Instant::now() < end);
+    }
+}
+
+fn save(q: &mut Qmp, id: &str, tag: &str) -> Value {
+    run_job(
+        q,
+        "snapshot-save",
+        json!({"job-id": id, "tag": tag, "vmstate": "disk0", "devices": ["disk0"]}),
+    )
+}
+
+#[test]
+fn snapshot_save_is_live_and_load_brings_back_ram_and_disk_together() {
+    if !have_qemu_img() {
+        eprintln!("skipped: qemu-img not found");
+        return;
+    }
+    let d = TempDir::new("savevm");
+    let disk = qcow2(&d, "disk.qcow2", "64M");
+    let (a, mut q) = start(&d, "a", &disk, &[]);
+    a.wait_line(" disk t=", T);
+    // A random moment.
+    std::thread::sleep(Duration::from_millis(u64::from(std::process::id()) % 700));
+    let j = save(&mut q, "save1", "first");
+    assert!(j.get("error").is_none(), "{j}");
+    assert_eq!(j["type"], "snapshot-save");
+    assert_eq!(
+        job_statuses(&q, "save1"),
+        [
+            "created",
+            "running",
+            "waiting",
+            "pending",
+            "concluded",
+            "null"
+        ]
+    );
+    assert!(j["x-pause-us"].as_u64().unwrap() > 0);
+    // Live: the VM never stopped.
+    assert!(!q.event_names().iter().any(|e| e == "STOP"));
+    assert_eq!(q.ok("query-status", json!({}))["status"], "running");
+    let snaps = qemu_img_snapshots(&disk);
+    assert_eq!(snaps.len(), 1);
+    assert_eq!(snaps[0].0, "first");
+    assert_eq!(snaps[0].1, j["x-vmstate-bytes"].as_u64().unwrap());
+    assert!(snaps[0].1 > 32 << 20, "the VM state holds the guest's RAM");
+    // The guest goes on writing (its disk now copies-on-write), then goes back.
+    guest_consistent(&a, 2);
+    let j = run_job(
+        &mut q,
+        "snapshot-load",
+        json!({"job-id": "load1", "tag": "first", "vmstate": "disk0", "devices": ["disk0"]}),
+    );
+    assert!(j.get("error").is_none(), "{j}");
+    assert_eq!(q.ok("query-status", json!({}))["status"], "running");
+    guest_consistent(&a, 3);
+    // HMP forms.
+    let hmp = |q: &mut Qmp, line: &str| -> String {
+        q.ok("human-monitor-command", json!({"command-line": line}))
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    assert_eq!(hmp(&mut q, "savevm second"), "");
+    let list = hmp(&mut q, "info snapshots");
+    assert!(list.contains("first") && list.contains("second"), "{list}");
+    guest_consistent(&a, 1);
+    assert_eq!(hmp(&mut q, "loadvm second"), "");
+    guest_consistent(&a, 2);
+    assert_eq!(hmp(&mut q, "delvm second"), "");
+    assert!(hmp(&mut q, "loadvm second").starts_with("Error: "));
+    q.ok("quit", json!({}));
+    drop(a);
+    assert_eq!(check(&disk), 0, "no leaks after a clean run");
+    assert_eq!(qemu_img_snapshots(&disk).len(), 1);
+
+    // A new process starts from the snapshot.
+    let (b, mut qb) = start(&d, "b", &disk, &["--loadvm", "first"]);
+    assert_eq!(wait_settled(&mut qb), "running");
+    guest_consistent(&b, 3);
+    qb.ok("quit", json!({}));
+    drop(b);
+    check(&disk);
+}
+
+#[test]
+fn bad_snapshot_requests_fail_the_job_and_change_nothing() {
+    if !have_qemu_img() {
+        eprintln!("skipped: qemu-img not found");
+        return;
+    }
+    let d = TempDir::new("savevm-bad");
+    let disk = qcow2(&d, "disk.qcow2", "32M");
+    let raw = d.path("raw.img");
+    std::fs::write(&raw, vec![0u8; 4 << 20]).unwrap();
+    let raw_arg = format!("{},id=scratch", raw.display());
+    let (a, mut q) = start(&d, "a", &disk, &["--disk", &raw_arg]);
+    a.wait_line(" disk t=", T);
+    assert_eq!(save(&mut q, "ok", "t1").get("error"), None);
+    let cases = [
+        (
+            json!({"job-id": "j1", "tag": "t2", "vmstate": "disk0", "devices": ["nope"]}),
+            "No block device node 'nope'",
+        ),
+        (
+            json!({"job-id": "j2", "tag": "t2", "vmstate": "disk0", "devices": ["disk0", "scratch"]}),
+            "does not support snapshots",
+        ),
+        (
+            json!({"job-id": "j3", "tag": "t2", "vmstate": "scratch", "devices": ["disk0"]}),
+            "vmstate block device 'scratch'",
+        ),
+        (
+            json!({"job-id": "j4", "tag": "t1", "vmstate": "disk0", "devices": ["disk0"]}),
+            "already exists",
+        ),
+    ];
+    for (args, why) in cases {
+        let j = run_job(&mut q, "snapshot-save", args.clone());
+        let err = j["error"].as_str().unwrap_or_default();
+        assert!(err.contains(why), "{args}: {j}");
+    }
+    let j = run_job(
+        &mut q,
+        "snapshot-load",
+        json!({"job-id": "l", "tag": "missing", "vmstate": "disk0", "devices": ["disk0"]}),
+    );
+    assert!(
+        j["error"].as_str().unwrap().contains("does not exist"),
+        "{j}"
+    );
+    let j = run_job(
+        &mut q,
+        "snapshot-delete",
+        json!({"job-id": "x", "tag": "missing", "devices": ["disk0"]}),
+    );
+    assert!(j.get("error").is_some(), "{j}");
+    // Job ids: reused, malformed; unknown jobs.
+    let r = q.cmd("job-dismiss", json!({"id": "nope"}));
+    assert!(r.get("error").is_some(), "{r}");
+    let r = q.cmd(
+        "snapshot-save",
+        json!({"job-id": "1bad", "tag": "t", "vmstate": "disk0", "devices": ["disk0"]}),
+    );
+    assert!(r["error"]["desc"]
+        .as_str()
+        .unwrap()
+        .contains("Invalid job ID"));
+    // Nothing changed, the VM runs.
+    let snaps = qemu_img_snapshots(&disk);
+    assert_eq!(snaps.len(), 1, "{snaps:?}");
+    assert_eq!(q.ok("query-status", json!({}))["status"], "running");
+    guest_consistent(&a, 1);
+    q.ok("quit", json!({}));
+    drop(a);
+    assert_eq!(check(&disk), 0);
+}
+
+#[test]
+fn killed_in_the_middle_of_a_save_the_image_stays_usable() {
+    if !have_qemu_img() {
+        eprintln!("skipped: qemu-img not found");
+        return;
+    }
+    let d = TempDir::new("savevm-kill");
+    let disk = qcow2(&d, "disk.qcow2", "64M");
+    let (a, mut q) = start_vm(
+        &d,
+        "a",
+        "2",
+        &[
+            "--mem",
+            "1G",
+            "--disk",
+            &disk.display().to_string(),
+            "--cmdline",
+            "workload=diskwrite disk_region=8M region=768M",
+        ],
+    );
+    a.wait_line(" cpu=1 t=", T);
+    assert_eq!(save(&mut q, "s1", "good").get("error"), None);
+    // Start a second save and kill snapvmm while it streams its VM state.
+    q.ok(
+        "snapshot-save",
+        json!({"job-id": "s2", "tag": "doomed", "vmstate": "disk0", "devices": ["disk0"]}),
+    );
+    std::thread::sleep(Duration::from_millis(150));
+    a.signal("KILL");
+    drop(a);
+    check(&disk);
+    let names: Vec<_> = qemu_img_snapshots(&disk).into_iter().map(|s| s.0).collect();
+    assert!(names.contains(&"good".to_string()), "{names:?}");
+    // The completed snapshot still loads.
+    let (b, mut qb) = start(&d, "b", &disk, &["--loadvm", "good"]);
+    assert_eq!(wait_settled(&mut qb), "running");
+    guest_consistent(&b, 2);
+    qb.ok("quit", json!({}));
+}
