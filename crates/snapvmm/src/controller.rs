@@ -73,9 +73,13 @@ pub fn run(mut cfg: RunConfig) -> Result<u8> {
     let events = qmp_server.as_ref().map(|s| s.events());
     spawn_signal_thread(tx.clone())?;
     let mut migration = Migration::default();
+    let mut incoming_reply = None;
     let machine = if cfg.defer_incoming {
         match wait_incoming(&mut cfg, &tx, &rx, &mut migration, events.as_ref())? {
-            Some(m) => m,
+            Some((m, reply)) => {
+                incoming_reply = Some(reply);
+                m
+            }
             None => {
                 drop(qmp_server);
                 return Ok(0);
@@ -111,6 +115,10 @@ pub fn run(mut cfg: RunConfig) -> Result<u8> {
         c.machine.resume();
         c.set_status(RunState::Running);
     }
+    // migrate-incoming returns once the VM is in its new state.
+    if let Some(reply) = incoming_reply {
+        let _ = reply.send(Ok(json!({})));
+    }
     while c.exit.is_none() {
         let Ok(ev) = rx.recv() else { break };
         c.handle(ev)?;
@@ -126,14 +134,15 @@ pub fn run(mut cfg: RunConfig) -> Result<u8> {
 }
 
 /// `--incoming defer`: answers QMP until `migrate-incoming` names an image
-/// that loads; returns the machine, or None when asked to quit first.
+/// that loads; returns the machine and the command's pending reply, or None
+/// when asked to quit first.
 fn wait_incoming(
     cfg: &mut RunConfig,
     tx: &mpsc::Sender<AppEvent>,
     rx: &mpsc::Receiver<AppEvent>,
     migration: &mut Migration,
     events: Option<&EventBus>,
-) -> Result<Option<Machine>> {
+) -> Result<Option<(Machine, Reply)>> {
     use bridge::Request::*;
     let quit = |reason: &str| {
         if let Some(ev) = events {
@@ -158,10 +167,7 @@ fn wait_incoming(
                     Ok(path) => {
                         cfg.incoming = Some(path);
                         match build_machine(cfg, tx, None) {
-                            Ok(m) => {
-                                let _ = reply.send(Ok(json!({})));
-                                return Ok(Some(m));
-                            }
+                            Ok(m) => return Ok(Some((m, reply))),
                             Err(e) => {
                                 cfg.incoming = None;
                                 Err(CommandError::generic(format!("{e:#}")))

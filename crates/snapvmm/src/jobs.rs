@@ -234,10 +234,7 @@ mod tests {
     fn lifecycle_and_events_in_qemus_order() {
         let mut jobs = Jobs::default();
         let mut evs = vec![jobs.create("s1", Kind::Save).unwrap()];
-        assert!(
-            jobs.create("s1", Kind::Load).is_err(),
-            "ids are unique"
-        );
+        assert!(jobs.create("s1", Kind::Load).is_err(), "ids are unique");
         evs.extend(jobs.set("s1", Status::Running));
         assert!(
             jobs.dismiss("s1").is_err(),
