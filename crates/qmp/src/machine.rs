@@ -2,7 +2,7 @@
 
 use std::fmt;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::error::CommandError;
 
@@ -154,7 +154,7 @@ pub struct SnapshotJob {
 
 /// One internal snapshot present on every snapshot-capable disk, as
 /// listed by HMP `info snapshots` (QEMU's `QEMUSnapshotInfo`).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SnapshotEntry {
     /// Snapshot id (QEMU prints `--` for snapshots present on all disks,
     /// since ids may differ between images; kept for completeness).

@@ -171,30 +171,6 @@ impl qmp::Machine for Bridge {
     }
     fn list_snapshots(&self) -> Result<Vec<qmp::SnapshotEntry>, CommandError> {
         let v = self.call(Request::ListSnapshots)?;
-        Ok(serde_json::from_value::<Vec<EntryWire>>(v)
-            .map_err(|e| CommandError::generic(e.to_string()))?
-            .into_iter()
-            .map(|e| qmp::SnapshotEntry {
-                id: e.id,
-                name: e.name,
-                vm_state_size: e.vm_state_size,
-                date_sec: e.date_sec,
-                date_nsec: e.date_nsec,
-                vm_clock_nsec: e.vm_clock_nsec,
-                icount: e.icount,
-            })
-            .collect())
+        serde_json::from_value(v).map_err(|e| CommandError::generic(e.to_string()))
     }
-}
-
-/// `SnapshotEntry` as it travels from the controller (replies are JSON values).
-#[derive(serde::Serialize, serde::Deserialize)]
-pub struct EntryWire {
-    pub id: String,
-    pub name: String,
-    pub vm_state_size: u64,
-    pub date_sec: u64,
-    pub date_nsec: u32,
-    pub vm_clock_nsec: u64,
-    pub icount: Option<u64>,
 }

@@ -385,20 +385,7 @@ impl Controller {
                 let r = match req {
                     LoadVm(tag) => self.hmp_loadvm(&tag).map(|_| json!({})),
                     DelVm(tag) => self.hmp_delvm(&tag).map(|_| json!({})),
-                    ListSnapshots => self.list_snapshots().map(|l| {
-                        json!(l
-                            .into_iter()
-                            .map(|e| bridge::EntryWire {
-                                id: e.id,
-                                name: e.name,
-                                vm_state_size: e.vm_state_size,
-                                date_sec: e.date_sec,
-                                date_nsec: e.date_nsec,
-                                vm_clock_nsec: e.vm_clock_nsec,
-                                icount: e.icount,
-                            })
-                            .collect::<Vec<_>>())
-                    }),
+                    ListSnapshots => self.list_snapshots().map(|l| json!(l)),
                     req => self.qmp(req),
                 };
                 let _ = reply.send(r);

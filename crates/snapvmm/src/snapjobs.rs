@@ -83,6 +83,26 @@ impl Controller {
         Ok(())
     }
 
+    /// The job's disks and vmstate disk, and how many of the disks hold its tag.
+    fn resolve_job(&self, job: &SnapshotJob) -> Result<(Vec<usize>, usize, usize), String> {
+        let ids = self.disk_ids();
+        let vmstate = job
+            .vmstate
+            .as_deref()
+            .ok_or_else(|| "Parameter 'vmstate' is missing".to_string())?;
+        let (devices, vm) =
+            savevm::resolve(&ids, &job.devices, Some(vmstate), |i| self.is_qcow2(i))?;
+        let holders = devices
+            .iter()
+            .filter(|&&i| {
+                with_qcow2(&self.machine.bus().virtio[i], |q| {
+                    q.snapshots().iter().any(|s| s.name == job.tag)
+                }) == Some(true)
+            })
+            .count();
+        Ok((devices, vm.expect("vmstate resolved"), holders))
+    }
+
     fn snapshot_busy(&self) -> Option<String> {
         if self.migration.active() || self.pending_save.is_some() {
             return Some("There's a migration process in progress".into());
@@ -118,23 +138,12 @@ impl Controller {
             return Err(format!("cannot save a VM in state '{}'", self.status()));
         }
         let ids = self.disk_ids();
-        let vmstate = job
-            .vmstate
-            .as_deref()
-            .ok_or_else(|| "Parameter 'vmstate' is missing".to_string())?;
-        let (devices, vm) =
-            savevm::resolve(&ids, &job.devices, Some(vmstate), |i| self.is_qcow2(i))?;
-        let vm = vm.expect("vmstate resolved");
-        for &i in &devices {
-            let exists = with_qcow2(&self.machine.bus().virtio[i], |q| {
-                q.snapshots().iter().any(|s| s.name == job.tag)
-            });
-            if exists == Some(true) {
-                return Err(format!(
-                    "Snapshot '{}' already exists in one or more devices",
-                    job.tag
-                ));
-            }
+        let (devices, vm, holders) = self.resolve_job(job)?;
+        if holders > 0 {
+            return Err(format!(
+                "Snapshot '{}' already exists in one or more devices",
+                job.tag
+            ));
         }
         self.stop_collapse();
         // Prepared with the guest running: the capture's pipe and its sink.
@@ -328,23 +337,12 @@ impl Controller {
             return Err(why);
         }
         let ids = self.disk_ids();
-        let vmstate = job
-            .vmstate
-            .as_deref()
-            .ok_or_else(|| "Parameter 'vmstate' is missing".to_string())?;
-        let (devices, vm) =
-            savevm::resolve(&ids, &job.devices, Some(vmstate), |i| self.is_qcow2(i))?;
-        let vm = vm.expect("vmstate resolved");
-        for &i in &devices {
-            let has = with_qcow2(&self.machine.bus().virtio[i], |q| {
-                q.snapshots().iter().any(|s| s.name == job.tag)
-            });
-            if has != Some(true) {
-                return Err(format!(
-                    "Snapshot '{}' does not exist in one or more devices",
-                    job.tag
-                ));
-            }
+        let (devices, vm, holders) = self.resolve_job(job)?;
+        if holders != devices.len() {
+            return Err(format!(
+                "Snapshot '{}' does not exist in one or more devices",
+                job.tag
+            ));
         }
         // Everything that can fail is checked before the running VM is touched.
         let bytes = with_qcow2(&self.machine.bus().virtio[vm], |q| {

@@ -323,3 +323,63 @@ fn killed_in_the_middle_of_a_save_the_image_stays_usable() {
     guest_consistent(&b, 2);
     qb.ok("quit", json!({}));
 }
+
+#[test]
+fn no_space_for_the_vm_state_fails_the_job_and_keeps_everything() {
+    if !have_qemu_img() {
+        eprintln!("skipped: qemu-img not found");
+        return;
+    }
+    let d = TempDir::new("savevm-full");
+    let mnt = d.path("small");
+    std::fs::create_dir_all(&mnt).unwrap();
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=72m", "tmpfs"])
+        .arg(&mnt)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !mounted {
+        eprintln!("skipped: cannot mount a tmpfs here");
+        return;
+    }
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _u = Unmount(mnt.clone());
+    let disk = mnt.join("disk.qcow2");
+    assert!(Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&disk)
+        .arg("32M")
+        .status()
+        .unwrap()
+        .success());
+    // 256 MiB of RAM, most of it written: the VM state cannot fit in 72 MiB.
+    let (a, mut q) = start_vm(
+        &d,
+        "a",
+        "2",
+        &[
+            "--mem",
+            "256M",
+            "--disk",
+            &disk.display().to_string(),
+            "--cmdline",
+            "workload=diskwrite disk_region=8M region=200M",
+        ],
+    );
+    a.wait_line(" cpu=1 t=", T);
+    let j = save(&mut q, "big", "big");
+    let err = j["error"].as_str().unwrap_or_default().to_string();
+    assert!(err.contains("No space left"), "{j}");
+    assert!(qemu_img_snapshots(&disk).is_empty(), "nothing visible");
+    assert_eq!(q.ok("query-status", json!({}))["status"], "running");
+    guest_consistent(&a, 2);
+    q.ok("quit", json!({}));
+    drop(a);
+    check(&disk);
+}
