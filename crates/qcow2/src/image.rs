@@ -345,6 +345,64 @@ impl Qcow2 {
         }
     }
 
+    /// After a failed update poisoned the handle: reloads every piece of
+    /// metadata from the file, which the update order keeps consistent at all
+    /// times (at worst with leaked clusters — the same state a crash at that
+    /// point would leave). A pending [`Qcow2::freeze`] is dropped (its
+    /// clusters leak). The backing file is kept. On error the handle stays
+    /// poisoned.
+    pub fn recover(&mut self) -> Result<()> {
+        if !self.poisoned {
+            return Ok(());
+        }
+        let mut first = [0u8; 512];
+        self.io.read_at(&mut first, 0)?;
+        let cb = u32::from_be_bytes([first[20], first[21], first[22], first[23]]);
+        if cb != self.cb {
+            return Err(corrupt("cluster size changed under the handle"));
+        }
+        let mut c0 = vec![0u8; 1usize << cb];
+        self.io.read_at(&mut c0, 0)?;
+        let hdr = Header::parse(&c0)?;
+        let l1 = if hdr.l1_size > 0 {
+            read_table(&mut *self.io, hdr.l1_table_offset, hdr.l1_size as usize)?
+        } else {
+            Vec::new()
+        };
+        for &e in &l1 {
+            l1_l2_offset(e, cb)?;
+        }
+        let rc = Refcounts::load(
+            &mut *self.io,
+            cb,
+            hdr.refcount_order,
+            hdr.refcount_table_offset,
+            hdr.refcount_table_clusters,
+        )?;
+        let (snaps, snap_table_len) = snapshot::read_table(
+            &mut *self.io,
+            hdr.snapshots_offset,
+            hdr.nb_snapshots,
+            cb,
+            hdr.size,
+        )?;
+        self.infos = snaps.iter().map(|s| s.info.clone()).collect();
+        self.snaps = snaps;
+        self.snap_table_len = snap_table_len;
+        self.l1 = l1;
+        self.l2 = L2Cache::new(cb);
+        self.rc = rc;
+        self.hdr = hdr;
+        self.frozen = None;
+        self.poisoned = false;
+        Ok(())
+    }
+
+    /// Whether a failed update left the handle unusable until [`Qcow2::recover`].
+    pub fn is_poisoned(&self) -> bool {
+        self.poisoned
+    }
+
     /// Run a mutating operation; any failure poisons the handle because the
     /// in-memory metadata may no longer match the file.
     pub(crate) fn mutate<T>(&mut self, f: impl FnOnce(&mut Self) -> Result<T>) -> Result<T> {

@@ -98,6 +98,18 @@ fn io_err(e: qcow2::Error) -> io::Error {
     io::Error::other(e.to_string())
 }
 
+/// After a failed update (e.g. the host file system is full) the image's
+/// metadata is reloaded from the file, so later requests work again: the
+/// failed request gets its I/O error and nothing more is lost.
+pub fn heal(q: &mut qcow2::Qcow2) {
+    if q.is_poisoned() {
+        match q.recover() {
+            Ok(()) => tracing::warn!("qcow2 image recovered after a failed update"),
+            Err(e) => tracing::error!("qcow2 image cannot recover: {e}"),
+        }
+    }
+}
+
 impl BlockBackend for Qcow2Disk {
     fn size(&self) -> u64 {
         self.image.size()
@@ -106,10 +118,16 @@ impl BlockBackend for Qcow2Disk {
         self.image.read_at(buf, offset).map_err(io_err)
     }
     fn write_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()> {
-        self.image.write_at(buf, offset).map_err(io_err)
+        self.image.write_at(buf, offset).map_err(|e| {
+            heal(&mut self.image);
+            io_err(e)
+        })
     }
     fn flush(&mut self) -> io::Result<()> {
-        self.image.flush().map_err(io_err)
+        self.image.flush().map_err(|e| {
+            heal(&mut self.image);
+            io_err(e)
+        })
     }
     fn as_any_mut(&mut self) -> &mut dyn Any {
         self

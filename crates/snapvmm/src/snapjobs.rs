@@ -247,6 +247,11 @@ impl Controller {
         if let Some(f) = vm_frozen.lock().unwrap_or_else(|e| e.into_inner()).take() {
             let _ = with_qcow2(&bus.virtio[vm], |q| q.abort_frozen(f));
         }
+        // A failed update (no space, I/O error) leaves a handle that must
+        // reload its metadata before the guest's disk works again.
+        for d in &bus.virtio {
+            with_qcow2(d, crate::disk::heal);
+        }
     }
 
     /// The vmstate is written (or the capture failed): commit or abort.
@@ -273,6 +278,7 @@ impl Controller {
         let bus = self.machine.bus_arc();
         let mut error = None;
         let vm_f = p.vm_frozen.lock().unwrap_or_else(|e| e.into_inner()).take();
+        // (after the commits below, any handle a failure poisoned is healed)
         // The vmstate disk first: once it commits, the snapshot is loadable.
         if let Some(f) = vm_f {
             let r = with_qcow2(&bus.virtio[p.vmstate], |q| {
@@ -293,6 +299,9 @@ impl Controller {
             if let Some(Err(e)) = r {
                 error.get_or_insert(savevm::qerr(&ids[i], e));
             }
+        }
+        for d in &bus.virtio {
+            with_qcow2(d, crate::disk::heal);
         }
         let fig = savevm_figures(&p);
         self.jobs.set_extra(

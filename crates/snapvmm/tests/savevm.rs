@@ -144,7 +144,7 @@ fn snapshot_save_is_live_and_load_brings_back_ram_and_disk_together() {
     }
     let d = TempDir::new("savevm");
     let disk = qcow2(&d, "disk.qcow2", "64M");
-    let (a, mut q) = start(&d, "a", &disk, &[]);
+    let (mut a, mut q) = start(&d, "a", &disk, &[]);
     a.wait_line(" disk t=", T);
     // A random moment.
     std::thread::sleep(Duration::from_millis(u64::from(std::process::id()) % 700));
@@ -197,6 +197,8 @@ fn snapshot_save_is_live_and_load_brings_back_ram_and_disk_together() {
     assert_eq!(hmp(&mut q, "delvm second"), "");
     assert!(hmp(&mut q, "loadvm second").starts_with("Error: "));
     q.ok("quit", json!({}));
+    // Let it exit by itself (dropping `a` would SIGKILL it, which may leak clusters).
+    assert!(a.wait(T).success());
     drop(a);
     assert_eq!(check(&disk), 0, "no leaks after a clean run");
     assert_eq!(qemu_img_snapshots(&disk).len(), 1);
@@ -221,7 +223,7 @@ fn bad_snapshot_requests_fail_the_job_and_change_nothing() {
     let raw = d.path("raw.img");
     std::fs::write(&raw, vec![0u8; 4 << 20]).unwrap();
     let raw_arg = format!("{},id=scratch", raw.display());
-    let (a, mut q) = start(&d, "a", &disk, &["--disk", &raw_arg]);
+    let (mut a, mut q) = start(&d, "a", &disk, &["--disk", &raw_arg]);
     a.wait_line(" disk t=", T);
     assert_eq!(save(&mut q, "ok", "t1").get("error"), None);
     let cases = [
@@ -279,6 +281,8 @@ fn bad_snapshot_requests_fail_the_job_and_change_nothing() {
     assert_eq!(q.ok("query-status", json!({}))["status"], "running");
     guest_consistent(&a, 1);
     q.ok("quit", json!({}));
+    // Let it exit by itself (dropping `a` would SIGKILL it, which may leak clusters).
+    assert!(a.wait(T).success());
     drop(a);
     assert_eq!(check(&disk), 0);
 }
@@ -358,8 +362,10 @@ fn no_space_for_the_vm_state_fails_the_job_and_keeps_everything() {
         .status()
         .unwrap()
         .success());
-    // 256 MiB of RAM, most of it written: the VM state cannot fit in 72 MiB.
-    let (a, mut q) = start_vm(
+    // 256 MiB of RAM, most of it written: the VM state cannot fit in 72 MiB. (The
+    // guest does not write its disk here: during a live save its writes need
+    // space too, and on a full file system they would fail like any write.)
+    let (mut a, mut q) = start_vm(
         &d,
         "a",
         "2",
@@ -369,7 +375,7 @@ fn no_space_for_the_vm_state_fails_the_job_and_keeps_everything() {
             "--disk",
             &disk.display().to_string(),
             "--cmdline",
-            "workload=diskwrite disk_region=8M region=200M",
+            "workload=memwrite region=200M",
         ],
     );
     a.wait_line(" cpu=1 t=", T);
@@ -378,8 +384,15 @@ fn no_space_for_the_vm_state_fails_the_job_and_keeps_everything() {
     assert!(err.contains("No space left"), "{j}");
     assert!(qemu_img_snapshots(&disk).is_empty(), "nothing visible");
     assert_eq!(q.ok("query-status", json!({}))["status"], "running");
-    guest_consistent(&a, 2);
+    for _ in 0..4 {
+        let l = a.wait_line(" t=", T);
+        assert!(!l.contains("CORRUPT"), "{l}");
+    }
+    // The space came back: a smaller save (after a reset to a fresh guest) fits.
     q.ok("quit", json!({}));
+    // Let it exit by itself (dropping `a` would SIGKILL it, which may leak clusters).
+    assert!(a.wait(T).success());
     drop(a);
-    check(&disk);
+    assert_eq!(check(&disk), 0, "the aborted save left nothing behind");
+    assert!(qemu_img_snapshots(&disk).is_empty());
 }
