@@ -24,6 +24,12 @@ pub trait Backend: Send {
     }
     /// Truncate or extend to `len` bytes.
     fn set_len(&mut self, len: u64) -> io::Result<()>;
+    /// The bytes `offset..offset + len` are no longer needed: storage may
+    /// release them (they then read as zeros). Default: keep them.
+    fn discard(&mut self, offset: u64, len: u64) -> io::Result<()> {
+        let _ = (offset, len);
+        Ok(())
+    }
 }
 
 /// [`Backend`] over a regular file (`pread`/`pwrite`/`fdatasync`).
@@ -61,6 +67,26 @@ impl Backend for FileBackend {
 
     fn write_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()> {
         self.file.write_all_at(buf, offset)
+    }
+
+    fn discard(&mut self, offset: u64, len: u64) -> io::Result<()> {
+        use nix::fcntl::{fallocate, FallocateFlags};
+        let (off, n) = match (i64::try_from(offset), i64::try_from(len)) {
+            (Ok(o), Ok(n)) => (o, n),
+            _ => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "range too large",
+                ))
+            }
+        };
+        let flags = FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE;
+        match fallocate(std::os::fd::AsRawFd::as_raw_fd(&self.file), flags, off, n) {
+            Ok(()) => Ok(()),
+            // File systems without hole punching keep the bytes: still correct.
+            Err(nix::errno::Errno::EOPNOTSUPP) => Ok(()),
+            Err(e) => Err(io::Error::from(e)),
+        }
     }
 
     fn flush(&mut self) -> io::Result<()> {

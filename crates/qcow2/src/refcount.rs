@@ -231,6 +231,53 @@ impl Refcounts {
         })
     }
 
+    /// Clusters at index `from` or above with a nonzero refcount (leaked by
+    /// allocations whose data never reached the end of the file). Only
+    /// existing refcount blocks are read, at most `max_blocks` of them, and
+    /// at most `max_clusters` clusters are returned; beyond either limit the
+    /// refcounts are treated as corrupt.
+    pub(crate) fn used_from(
+        &mut self,
+        io: &mut dyn Backend,
+        from: u64,
+        max_blocks: u64,
+        max_clusters: usize,
+    ) -> Result<Vec<u64>> {
+        let eb = self.epb_bits();
+        let order = self.order;
+        let too_many = || {
+            corrupt(format!(
+                "refcounts claim too many clusters beyond cluster {from} (the end of the file)"
+            ))
+        };
+        let mut out = Vec::new();
+        let mut read = 0u64;
+        for r in (from >> eb)..self.table.len() as u64 {
+            if self.block_offset(r).is_none() {
+                continue;
+            }
+            read += 1;
+            if read > max_blocks {
+                return Err(too_many());
+            }
+            let b = self.block(io, r)?.expect("block exists");
+            let first = if r == from >> eb {
+                (from & ((1u64 << eb) - 1)) as usize
+            } else {
+                0
+            };
+            for i in first..1usize << eb {
+                if get_entry(b, i, order) != 0 {
+                    if out.len() >= max_clusters {
+                        return Err(too_many());
+                    }
+                    out.push((r << eb) + i as u64);
+                }
+            }
+        }
+        Ok(out)
+    }
+
     /// Refcount as it will be once `txn` is committed.
     pub(crate) fn txn_get(&mut self, io: &mut dyn Backend, txn: &Txn, cluster: u64) -> Result<u64> {
         let eb = self.epb_bits();

@@ -102,11 +102,17 @@ fn io_err(e: qcow2::Error) -> io::Error {
 /// metadata is reloaded from the file, so later requests work again: the
 /// failed request gets its I/O error and nothing more is lost.
 pub fn heal(q: &mut qcow2::Qcow2) {
-    if q.is_poisoned() {
-        match q.recover() {
-            Ok(()) => tracing::warn!("qcow2 image recovered after a failed update"),
-            Err(e) => tracing::error!("qcow2 image cannot recover: {e}"),
-        }
+    if !q.is_poisoned() {
+        return;
+    }
+    if let Err(e) = q.recover() {
+        tracing::error!("qcow2 image cannot recover: {e}");
+        return;
+    }
+    // The failed update may have left clusters allocated but unused: give them back.
+    match q.repair_leaks() {
+        Ok(n) => tracing::warn!(leaked = n, "qcow2 image recovered after a failed update"),
+        Err(e) => tracing::warn!("qcow2 image recovered; its leaks stay: {e}"),
     }
 }
 
