@@ -72,6 +72,56 @@ impl std::fmt::Debug for Qcow2 {
     }
 }
 
+/// The metadata read from an image file: what opening and recovering share.
+struct Meta {
+    hdr: Header,
+    l1: Vec<u64>,
+    rc: Refcounts,
+    snaps: Vec<SnapEntry>,
+    snap_table_len: u64,
+}
+
+impl Meta {
+    /// Reads and validates header, active L1, refcount table and snapshot table.
+    fn load(io: &mut dyn Backend) -> Result<Meta> {
+        let mut first = [0u8; 512];
+        io.read_at(&mut first, 0)?;
+        let cb = u32::from_be_bytes([first[20], first[21], first[22], first[23]]);
+        let hdr = if (MIN_CLUSTER_BITS..=MAX_CLUSTER_BITS).contains(&cb) {
+            let mut c0 = vec![0u8; 1usize << cb];
+            io.read_at(&mut c0, 0)?;
+            Header::parse(&c0)?
+        } else {
+            Header::parse(&first)?
+        };
+        let cb = hdr.cluster_bits;
+        let l1 = if hdr.l1_size > 0 {
+            read_table(io, hdr.l1_table_offset, hdr.l1_size as usize)?
+        } else {
+            Vec::new()
+        };
+        for &e in &l1 {
+            l1_l2_offset(e, cb)?;
+        }
+        let rc = Refcounts::load(
+            io,
+            cb,
+            hdr.refcount_order,
+            hdr.refcount_table_offset,
+            hdr.refcount_table_clusters,
+        )?;
+        let (snaps, snap_table_len) =
+            snapshot::read_table(io, hdr.snapshots_offset, hdr.nb_snapshots, cb, hdr.size)?;
+        Ok(Meta {
+            hdr,
+            l1,
+            rc,
+            snaps,
+            snap_table_len,
+        })
+    }
+}
+
 /// Which bytes of a cluster a write covers and what the rest must contain.
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum OldSrc {
@@ -121,44 +171,19 @@ impl Qcow2 {
         dir: Option<&Path>,
         depth: u32,
     ) -> Result<Self> {
-        let mut first = [0u8; 512];
-        io.read_at(&mut first, 0)?;
-        let cb = u32::from_be_bytes([first[20], first[21], first[22], first[23]]);
-        let hdr = if (MIN_CLUSTER_BITS..=MAX_CLUSTER_BITS).contains(&cb) {
-            let mut c0 = vec![0u8; 1usize << cb];
-            io.read_at(&mut c0, 0)?;
-            Header::parse(&c0)?
-        } else {
-            Header::parse(&first)?
-        };
+        let Meta {
+            hdr,
+            l1,
+            rc,
+            snaps,
+            snap_table_len,
+        } = Meta::load(&mut *io)?;
         let cb = hdr.cluster_bits;
         if writable && hdr.incompatible & INCOMPAT_CORRUPT != 0 {
             return Err(corrupt(
                 "image is marked corrupt; it can only be opened read-only",
             ));
         }
-        let l1 = if hdr.l1_size > 0 {
-            read_table(&mut *io, hdr.l1_table_offset, hdr.l1_size as usize)?
-        } else {
-            Vec::new()
-        };
-        for &e in &l1 {
-            l1_l2_offset(e, cb)?;
-        }
-        let rc = Refcounts::load(
-            &mut *io,
-            cb,
-            hdr.refcount_order,
-            hdr.refcount_table_offset,
-            hdr.refcount_table_clusters,
-        )?;
-        let (snaps, snap_table_len) = snapshot::read_table(
-            &mut *io,
-            hdr.snapshots_offset,
-            hdr.nb_snapshots,
-            cb,
-            hdr.size,
-        )?;
         let infos = snaps.iter().map(|s| s.info.clone()).collect();
         let backing = match &hdr.backing_file {
             Some(name) => Some(backing::open(
@@ -355,37 +380,17 @@ impl Qcow2 {
         if !self.poisoned {
             return Ok(());
         }
-        let mut first = [0u8; 512];
-        self.io.read_at(&mut first, 0)?;
-        let cb = u32::from_be_bytes([first[20], first[21], first[22], first[23]]);
+        let Meta {
+            hdr,
+            l1,
+            rc,
+            snaps,
+            snap_table_len,
+        } = Meta::load(&mut *self.io)?;
+        let cb = hdr.cluster_bits;
         if cb != self.cb {
             return Err(corrupt("cluster size changed under the handle"));
         }
-        let mut c0 = vec![0u8; 1usize << cb];
-        self.io.read_at(&mut c0, 0)?;
-        let hdr = Header::parse(&c0)?;
-        let l1 = if hdr.l1_size > 0 {
-            read_table(&mut *self.io, hdr.l1_table_offset, hdr.l1_size as usize)?
-        } else {
-            Vec::new()
-        };
-        for &e in &l1 {
-            l1_l2_offset(e, cb)?;
-        }
-        let rc = Refcounts::load(
-            &mut *self.io,
-            cb,
-            hdr.refcount_order,
-            hdr.refcount_table_offset,
-            hdr.refcount_table_clusters,
-        )?;
-        let (snaps, snap_table_len) = snapshot::read_table(
-            &mut *self.io,
-            hdr.snapshots_offset,
-            hdr.nb_snapshots,
-            cb,
-            hdr.size,
-        )?;
         self.infos = snaps.iter().map(|s| s.info.clone()).collect();
         self.snaps = snaps;
         self.snap_table_len = snap_table_len;

@@ -223,3 +223,58 @@ impl Backend for CrashBackend {
         Ok(())
     }
 }
+
+// The base image of the crash and repair tests.
+use qcow2::{CreateOptions, Qcow2};
+
+pub const SIZE: u64 = 4 << 20;
+
+pub struct Base {
+    pub bytes: Vec<u8>,
+    pub model: Vec<u8>,
+    pub snap_model: Vec<u8>,
+}
+
+/// Image with data, one snapshot "old" (with VM state) and more data after it.
+pub fn base(cluster_bits: u32) -> Base {
+    let be = CrashBackend::new(Vec::new(), None);
+    let mut img = Qcow2::create_with(
+        Box::new(be.clone()),
+        SIZE,
+        CreateOptions {
+            cluster_bits,
+            ..Default::default()
+        },
+        None,
+    )
+    .unwrap();
+    let mut model = vec![0u8; SIZE as usize];
+    let d = pattern(1 << 20, 1);
+    img.write_at(&d, 100_000).unwrap();
+    model[100_000..100_000 + d.len()].copy_from_slice(&d);
+    img.write_vmstate(0, &pattern(200_000, 2)).unwrap();
+    img.create_snapshot("old", 1, 200_000).unwrap();
+    let snap_model = model.clone();
+    let d = pattern(300_000, 3);
+    img.write_at(&d, 3 << 20).unwrap();
+    model[3 << 20..(3 << 20) + d.len()].copy_from_slice(&d);
+    img.flush().unwrap();
+    drop(img);
+    Base {
+        bytes: be.bytes(),
+        model,
+        snap_model,
+    }
+}
+
+pub fn read_all(img: &mut Qcow2) -> Vec<u8> {
+    let mut b = vec![0u8; img.size() as usize];
+    img.read_at(&mut b, 0).unwrap();
+    b
+}
+
+pub fn read_snap(img: &mut Qcow2, name: &str) -> Vec<u8> {
+    let mut b = vec![0u8; img.size() as usize];
+    img.read_snapshot_at(name, &mut b, 0).unwrap();
+    b
+}
