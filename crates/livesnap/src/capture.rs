@@ -480,6 +480,49 @@ impl fmt::Debug for PreparedCapture {
     }
 }
 
+/// The device state of a capture: given at `start`, or sent later.
+enum DevSource {
+    Ready(Vec<u8>),
+    Later(std::sync::mpsc::Receiver<std::result::Result<Vec<u8>, String>>),
+}
+
+/// How long the writer waits for a deferred device state.
+const STATE_WAIT: Duration = Duration::from_secs(60);
+
+impl DevSource {
+    fn wait(self) -> Result<Vec<u8>> {
+        match self {
+            DevSource::Ready(v) => Ok(v),
+            DevSource::Later(rx) => match rx.recv_timeout(STATE_WAIT) {
+                Ok(Ok(v)) => Ok(v),
+                Ok(Err(why)) => Err(SnapError::InvalidInput(format!(
+                    "device state not saved: {why}"
+                ))),
+                Err(_) => Err(SnapError::InvalidInput(
+                    "device state was never provided".into(),
+                )),
+            },
+        }
+    }
+}
+
+/// Delivers the device state of a capture started with
+/// [`PreparedCapture::start_deferred`].
+#[derive(Debug)]
+pub struct StateSender(std::sync::mpsc::SyncSender<std::result::Result<Vec<u8>, String>>);
+
+impl StateSender {
+    /// The state, saved at the instant of the fork.
+    pub fn send(self, state: Vec<u8>) {
+        let _ = self.0.send(Ok(state));
+    }
+
+    /// The state could not be saved: the capture fails with `why`.
+    pub fn fail(self, why: String) {
+        let _ = self.0.send(Err(why));
+    }
+}
+
 /// Prepares a live capture of `ranges` into `dest`; see [`PreparedCapture`].
 pub fn prepare_fork_capture(
     ranges: &[RamRange],
@@ -535,8 +578,27 @@ impl PreparedCapture {
     /// vCPUs right away. The child holds a copy-on-write image of RAM as of
     /// this call; `device_state` must have been saved at the same instant.
     pub fn start(self, device_state: Vec<u8>) -> Result<Capture> {
+        // Checked now, so an oversized state fails before anything is forked.
+        Header::layout(&self.ranges, device_state.len() as u64)?;
+        self.launch(DevSource::Ready(device_state))
+    }
+
+    /// Like [`PreparedCapture::start`], but the device state comes later,
+    /// through the returned [`StateSender`] — so a VMM can fork while its
+    /// vCPU threads are still saving their registers, and serialize the
+    /// state after it resumes the guest. The state must describe the same
+    /// paused instant as the fork. If the sender is dropped or fails, the
+    /// capture fails.
+    pub fn start_deferred(self) -> Result<(Capture, StateSender)> {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let c = self.launch(DevSource::Later(rx))?;
+        Ok((c, StateSender(tx)))
+    }
+
+    fn launch(self, device_state: DevSource) -> Result<Capture> {
         let start = Instant::now();
-        let header = Header::layout(&self.ranges, device_state.len() as u64)?;
+        let header = Header::layout(&self.ranges, 0)?;
+        let ranges = self.ranges.clone();
         let shared = Arc::new(Shared {
             start,
             total_bytes: header.ram_bytes(),
@@ -568,7 +630,7 @@ impl PreparedCapture {
                     sh,
                     pipe_r,
                     dest,
-                    header,
+                    (header, ranges),
                     device_state,
                     on_done,
                     fork_time,
@@ -610,8 +672,8 @@ fn writer_thread(
     sh: Arc<Shared>,
     mut pipe: File,
     dest: Dest,
-    mut header: Header,
-    dev: Vec<u8>,
+    (mut header, ranges): (Header, Vec<(u64, u64)>),
+    dev: DevSource,
     on_done: Option<DoneCallback>,
     fork_time: Duration,
     pause_time: Duration,
@@ -619,6 +681,10 @@ fn writer_thread(
     let label = format!("{dest:?}");
     // A panicking sink must still end the capture (status, child, abort).
     let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let dev = dev.wait()?;
+        // The layout of RAM does not depend on the state's length; the
+        // header (state offset, file length) does.
+        header = Header::layout(&ranges, dev.len() as u64)?;
         stream(
             &sh,
             &mut pipe,

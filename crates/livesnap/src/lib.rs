@@ -27,7 +27,7 @@ mod source;
 
 pub use capture::{
     capture_stopped, prepare_fork_capture, prepare_fork_capture_to, start_fork_capture, Capture,
-    CaptureStats, CaptureStatus, DoneCallback, ForkOptions, PreparedCapture, Progress,
+    CaptureStats, CaptureStatus, DoneCallback, ForkOptions, PreparedCapture, Progress, StateSender,
 };
 pub use error::{Result, SnapError};
 pub use image::{

@@ -375,3 +375,65 @@ fn invalid_input_is_refused() {
     assert!(matches!(e, SnapError::DeviceStateTooLarge { .. }), "{e:?}");
     assert!(dir_names(dir.path()).is_empty());
 }
+
+/// The device state may arrive after the fork (the VMM forks while its vCPU
+/// threads still save registers); the image is the same as with `start`.
+#[test]
+fn deferred_device_state_makes_the_same_image() {
+    let mut mem = Mem::new(4 * MIB);
+    fill_sparse(mem.bytes_mut(), 11, 0x33);
+    let ranges = [mem.range(0, 4 * MIB, 0)];
+    let dev: Vec<u8> = (0..5000u32).map(|i| (i * 3) as u8).collect();
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir.path().join("a.img"), dir.path().join("b.img"));
+    fork_capture(&ranges, &dev, &a).wait().unwrap();
+    let (cap, state) = livesnap::prepare_fork_capture(&ranges, &b, ForkOptions::default())
+        .unwrap()
+        .start_deferred()
+        .unwrap();
+    // Memory changes after the fork do not reach the image.
+    let snapshot = mem.bytes_mut().to_vec();
+    mem.bytes_mut().fill(0x77);
+    std::thread::sleep(Duration::from_millis(20));
+    state.send(dev.clone());
+    let stats = cap.wait().unwrap();
+    assert_eq!(stats.device_state_bytes, dev.len() as u64);
+    assert_eq!(std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap());
+    let img = Image::open(&b).unwrap();
+    assert_eq!(img.device_state().unwrap(), dev);
+    assert_eq!(image_ram(&img), vec![snapshot]);
+}
+
+#[test]
+fn deferred_device_state_that_never_comes_fails_the_capture() {
+    let mut mem = Mem::new(2 * MIB);
+    fill_dense(mem.words_mut(), 5);
+    let ranges = [mem.range(0, 2 * MIB, 0)];
+    let dir = tempfile::tempdir().unwrap();
+    for give_up in [true, false] {
+        let dest = dir.path().join("x.img");
+        let (cap, state) = livesnap::prepare_fork_capture(&ranges, &dest, ForkOptions::default())
+            .unwrap()
+            .start_deferred()
+            .unwrap();
+        let pid = cap.child_pid();
+        if give_up {
+            state.fail("KVM_GET_REGS: EIO".into());
+        } else {
+            drop(state);
+        }
+        let err = cap.wait().unwrap_err().to_string();
+        let want = if give_up {
+            "KVM_GET_REGS: EIO"
+        } else {
+            "never provided"
+        };
+        assert!(err.contains(want), "{err}");
+        assert!(process_gone(pid), "child reaped");
+        assert!(
+            dir_names(dir.path()).is_empty(),
+            "{:?}",
+            dir_names(dir.path())
+        );
+    }
+}

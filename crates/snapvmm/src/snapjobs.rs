@@ -180,8 +180,10 @@ impl Controller {
                 c.machine.resume();
             }
         };
-        let state = match self.machine.save_state() {
-            Ok(s) => s.to_bytes(),
+        // The vCPU threads save their registers while this thread freezes the
+        // disks (no memory-map lock involved); the fork comes after both.
+        let pending = match self.machine.begin_save_state() {
+            Ok(p) => p,
             Err(e) => {
                 resume(self);
                 return Err(format!("cannot save machine state: {e}"));
@@ -203,15 +205,25 @@ impl Controller {
                 }
             }
         }
+        let state = self.machine.finish_save_state(pending);
         let started = match failed {
             Some(why) => Err(why),
-            None => prepared.start(state).map_err(|e| e.to_string()),
+            None => prepared.start_deferred().map_err(|e| e.to_string()),
         };
         resume(self);
         let pause = t_pause.elapsed();
-        let capture = match started {
-            Ok(c) => c,
-            Err(why) => {
+        let capture = match (started, state) {
+            (Ok((c, sender)), Ok(state)) => {
+                // Serialized with the guest running again.
+                sender.send(state.to_bytes());
+                c
+            }
+            (Ok((c, sender)), Err(e)) => {
+                // The capture ends failed; save_done aborts the frozen disks.
+                sender.fail(format!("cannot save machine state: {e}"));
+                c
+            }
+            (Err(why), _) => {
                 self.abort_frozen(frozen, &vm_frozen, vm);
                 return Err(why);
             }

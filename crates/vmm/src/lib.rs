@@ -12,7 +12,7 @@ pub mod snapshot;
 pub mod vcpu_thread;
 
 pub use machine::{DiskConfig, EventSink, Machine, MachineConfig, MachineEvent, Start};
-pub use snapshot::MachineState;
+pub use snapshot::{MachineState, PendingState};
 
 /// Errors from building or operating the machine.
 #[derive(Debug, thiserror::Error)]

@@ -140,14 +140,30 @@ impl VmState {
 impl Machine {
     /// Reads all non-RAM state. The machine must be paused.
     pub fn save_state(&self) -> Result<MachineState, VmmError> {
+        let pending = self.begin_save_state()?;
+        self.finish_save_state(pending)
+    }
+
+    /// Starts saving the state of a paused machine: every vCPU thread saves
+    /// its own registers, in parallel, while the caller does something else
+    /// that needs the machine paused (e.g. fork the RAM capture).
+    /// [`Machine::finish_save_state`] collects the result.
+    pub fn begin_save_state(&self) -> Result<PendingState, VmmError> {
         if self.is_running() {
             return Err(VmmError::Config(
                 "machine state can only be saved while paused".into(),
             ));
         }
-        // Every vCPU thread saves its own state at the same time.
-        let pending: Vec<_> = self.vcpus().iter().map(|v| v.begin_save()).collect();
+        Ok(PendingState(
+            self.vcpus().iter().map(|v| v.begin_save()).collect(),
+        ))
+    }
+
+    /// Completes [`Machine::begin_save_state`]: the vCPUs' registers, then the
+    /// VM (irqchip, PIT, clock) and the devices. The machine must still be paused.
+    pub fn finish_save_state(&self, pending: PendingState) -> Result<MachineState, VmmError> {
         let vcpus = pending
+            .0
             .into_iter()
             .map(|p| p.wait())
             .collect::<Result<Vec<_>, _>>()?;
@@ -164,6 +180,9 @@ impl Machine {
         })
     }
 }
+
+/// A machine-state save in progress (see [`Machine::begin_save_state`]).
+pub struct PendingState(Vec<crate::vcpu_thread::PendingSave>);
 
 #[cfg(test)]
 mod tests {
