@@ -124,6 +124,7 @@ pub fn run(mut cfg: RunConfig) -> Result<u8> {
         c.handle(ev)?;
     }
     c.stop_collapse();
+    c.end_captures();
     let _ = c.machine.pause();
     c.machine.flush_serial();
     if let Some(ev) = &c.events {
@@ -586,6 +587,21 @@ impl Controller {
         }
     }
 
+    /// Exit with a capture still running: cancel it, so that no temp file
+    /// stays behind and a pending savevm leaves its disks as they were.
+    fn end_captures(&mut self) {
+        if let Some(c) = self.migration.job.as_mut().and_then(|j| j.capture.take()) {
+            c.cancel();
+            let _ = c.wait();
+        }
+        if let Some(p) = self.pending_save.as_mut() {
+            if let Some(c) = &p.capture {
+                c.cancel();
+            }
+            self.save_done();
+        }
+    }
+
     /// Ends a running huge-page rebuild (before a fork, a reset or exit).
     pub(crate) fn stop_collapse(&mut self) {
         if let Some(c) = self.collapse.take() {
@@ -662,7 +678,7 @@ impl Controller {
                     self.emit("RESUME", None);
                 }
             }
-            SystemReset if self.migration.active() => {
+            SystemReset if self.migration.active() || self.pending_save.is_some() => {
                 return Err(CommandError::generic(
                     "There's a migration process in progress",
                 ))

@@ -396,3 +396,42 @@ fn no_space_for_the_vm_state_fails_the_job_and_keeps_everything() {
     assert_eq!(check(&disk), 0, "the aborted save left nothing behind");
     assert!(qemu_img_snapshots(&disk).is_empty());
 }
+
+#[test]
+fn quit_during_a_save_leaves_the_disk_as_it_was() {
+    if !have_qemu_img() {
+        eprintln!("skipped: qemu-img not found");
+        return;
+    }
+    let d = TempDir::new("savevm-quit");
+    let disk = qcow2(&d, "disk.qcow2", "64M");
+    let (mut a, mut q) = start_vm(
+        &d,
+        "a",
+        "2",
+        &[
+            "--mem",
+            "1G",
+            "--disk",
+            &disk.display().to_string(),
+            "--cmdline",
+            "workload=diskwrite disk_region=8M region=768M",
+        ],
+    );
+    a.wait_line(" cpu=1 t=", T);
+    q.ok(
+        "snapshot-save",
+        json!({"job-id": "s", "tag": "cut-short", "vmstate": "disk0", "devices": ["disk0"]}),
+    );
+    q.ok("quit", json!({}));
+    assert!(a.wait(T).success());
+    drop(a);
+    let snaps = qemu_img_snapshots(&disk);
+    if snaps.is_empty() {
+        assert_eq!(check(&disk), 0, "the cancelled save left no leaks");
+    } else {
+        // The save won the race: it is complete.
+        assert_eq!(snaps[0].0, "cut-short");
+        assert_eq!(check(&disk), 0);
+    }
+}

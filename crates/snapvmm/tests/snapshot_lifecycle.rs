@@ -521,3 +521,22 @@ fn incoming_defer_waits_for_migrate_incoming() {
     qe.ok("quit", json!({}));
     assert!(e.wait(T).success());
 }
+
+#[test]
+fn quit_during_a_capture_leaves_no_partial_file() {
+    let d = TempDir::new("quitcap");
+    let (mut a, mut q) = big_vm(&d, "a");
+    enable_background(&mut q);
+    q.ok("migrate", file_uri(&d.path("vm.snap")));
+    q.ok("quit", json!({}));
+    assert!(a.wait(T).success());
+    let left: Vec<_> = entries(&d.0)
+        .into_iter()
+        .filter(|n| n.contains("vm.snap"))
+        .collect();
+    // Either the capture finished first (a complete image) or nothing is left.
+    if !left.is_empty() {
+        assert_eq!(left, ["vm.snap"], "no temp file");
+        livesnap::Image::open(d.path("vm.snap")).expect("a complete image");
+    }
+}
