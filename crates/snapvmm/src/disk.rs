@@ -140,10 +140,9 @@ impl BlockBackend for Qcow2Disk {
     }
 }
 
-/// Takes an advisory lock so two VMMs never write one image.
-fn lock(path: &Path, readonly: bool) -> Result<std::fs::File> {
-    let f = std::fs::File::open(path)
-        .with_context(|| format!("cannot open disk {}", path.display()))?;
+/// Takes an advisory lock on `f` (held while it stays open) so two VMMs
+/// never write one image: shared for read-only use, exclusive otherwise.
+fn lock(f: &std::fs::File, path: &Path, readonly: bool) -> Result<()> {
     let op = if readonly {
         libc::LOCK_SH
     } else {
@@ -156,7 +155,7 @@ fn lock(path: &Path, readonly: bool) -> Result<std::fs::File> {
             path.display()
         );
     }
-    Ok(f)
+    Ok(())
 }
 
 /// Opens a disk for the VMM.
@@ -166,26 +165,25 @@ pub fn open(spec: &DiskSpec) -> Result<vmm::DiskConfig> {
         None => probe(&spec.path)?,
     };
     let p = &spec.path;
-    let lock = lock(p, spec.readonly)?;
+    let file = OpenOptions::new()
+        .read(true)
+        .write(!spec.readonly)
+        .open(p)
+        .with_context(|| format!("cannot open disk {}", p.display()))?;
+    lock(&file, p, spec.readonly)?;
     let backend: Box<dyn BlockBackend> = match format {
         Format::Raw => {
-            let f = OpenOptions::new()
-                .read(true)
-                .write(!spec.readonly)
-                .open(p)
-                .with_context(|| format!("cannot open disk {}", p.display()))?;
             let raw =
-                RawFile::new(f).with_context(|| format!("cannot open disk {}", p.display()))?;
+                RawFile::new(file).with_context(|| format!("cannot open disk {}", p.display()))?;
             if raw.size() == 0 {
                 bail!("disk {} is empty", p.display());
             }
-            drop(lock);
             Box::new(raw)
         }
         Format::Qcow2 => {
             let image = qcow2::Qcow2::open(p, !spec.readonly)
                 .with_context(|| format!("cannot open qcow2 disk {}", p.display()))?;
-            Box::new(Qcow2Disk { image, _lock: lock })
+            Box::new(Qcow2Disk { image, _lock: file })
         }
     };
     Ok(vmm::DiskConfig {

@@ -308,3 +308,53 @@ fn bad_incoming_values() {
         "expected file:PATH or defer",
     );
 }
+
+#[test]
+fn bad_disks_are_refused_with_one_line() {
+    let d = TempDir::new("baddisk");
+    refused(
+        &["run", "--disk", "/nonexistent/disk.qcow2"],
+        None,
+        "cannot open disk /nonexistent/disk.qcow2",
+    );
+    refused(
+        &["run", "--disk", "x.img,format=vmdk"],
+        None,
+        "invalid --disk option",
+    );
+    let fake = d.path("fake.qcow2");
+    let mut bytes = b"QFI\xfb".to_vec();
+    bytes.extend_from_slice(&[0xff; 4092]);
+    std::fs::write(&fake, &bytes).unwrap();
+    refused(
+        &["run", "--disk", fake.to_str().unwrap()],
+        None,
+        "cannot open qcow2 disk",
+    );
+    let empty = d.path("empty.img");
+    std::fs::write(&empty, b"").unwrap();
+    refused(
+        &["run", "--disk", empty.to_str().unwrap()],
+        None,
+        "is empty",
+    );
+    refused(&["run", "--loadvm", "x"], None, "--loadvm needs");
+}
+
+#[test]
+fn a_disk_in_use_by_another_snapvmm_is_refused() {
+    let d = TempDir::new("lockdisk");
+    let disk = d.path("disk.raw");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    let arg = format!("{},format=raw", disk.display());
+    let first = Running::spawn(snapvmm(&[
+        "run",
+        "--disk",
+        &arg,
+        "--cmdline",
+        "workload=idle",
+    ]));
+    first.wait_line("refguest: ready", T);
+    refused(&["run", "--disk", &arg], None, "in use by another process");
+    drop(first);
+}
