@@ -185,10 +185,11 @@ pub fn pause_all(vcpus: &[VcpuHandle], acks: &Receiver<u8>) -> Option<Duration> 
     Some(took)
 }
 
-/// Resumes every vCPU.
+/// Resumes every vCPU. A paused thread waits on its channel, so no kick is
+/// sent: a stray kick would only make its first `KVM_RUN` return at once.
 pub fn resume_all(vcpus: &[VcpuHandle]) {
     for v in vcpus {
-        v.send(Request::Resume);
+        let _ = v.tx.send(Request::Resume);
     }
 }
 
