@@ -435,3 +435,62 @@ fn quit_during_a_save_leaves_the_disk_as_it_was() {
         assert_eq!(check(&disk), 0);
     }
 }
+
+#[test]
+fn job_cancel_stops_a_save_and_nothing_becomes_visible() {
+    if !have_qemu_img() {
+        eprintln!("skipped: qemu-img not found");
+        return;
+    }
+    let d = TempDir::new("savevm-cancel");
+    let disk = qcow2(&d, "disk.qcow2", "64M");
+    let (mut a, mut q) = start_vm(
+        &d,
+        "a",
+        "2",
+        &[
+            "--mem",
+            "1G",
+            "--disk",
+            &disk.display().to_string(),
+            "--cmdline",
+            "workload=diskwrite disk_region=8M region=768M",
+        ],
+    );
+    a.wait_line(" cpu=1 t=", T);
+    q.ok(
+        "snapshot-save",
+        json!({"job-id": "s", "tag": "cancelled", "vmstate": "disk0", "devices": ["disk0"]}),
+    );
+    let r = q.cmd("job-cancel", json!({"id": "s"}));
+    let end = Instant::now() + T;
+    let job = loop {
+        let jobs = q.ok("query-jobs", json!({}));
+        let j = jobs[0].clone();
+        if j["status"] == "concluded" {
+            break j;
+        }
+        assert!(Instant::now() < end, "{j}");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    q.ok("job-dismiss", json!({"id": "s"}));
+    let r2 = q.cmd("job-cancel", json!({"id": "s"}));
+    assert!(r2.get("error").is_some(), "no such job any more: {r2}");
+    if r.get("error").is_none() && job.get("error").is_some() {
+        assert!(job["error"].as_str().unwrap().contains("canceled"), "{job}");
+        assert!(qemu_img_snapshots(&disk).is_empty(), "nothing visible");
+        assert!(
+            job_statuses(&q, "s").contains(&"aborting".to_string()),
+            "{:?}",
+            job_statuses(&q, "s")
+        );
+    } else {
+        eprintln!("the save finished before the cancel: {r} {job}");
+    }
+    assert_eq!(q.ok("query-status", json!({}))["status"], "running");
+    guest_consistent(&a, 2);
+    q.ok("quit", json!({}));
+    assert!(a.wait(T).success());
+    drop(a);
+    assert_eq!(check(&disk), 0);
+}
