@@ -107,6 +107,7 @@ pub fn run(mut cfg: RunConfig) -> Result<u8> {
         pending_save: None,
         vm_started: Instant::now(),
         vm_clock_base: 0,
+        fatal: None,
     };
     c.publish_cpus();
     if c.cfg.start_paused {
@@ -131,6 +132,9 @@ pub fn run(mut cfg: RunConfig) -> Result<u8> {
         ev.flush(Duration::from_millis(500));
     }
     drop(qmp_server);
+    if let Some(why) = c.fatal.take() {
+        anyhow::bail!(why);
+    }
     Ok(c.exit.unwrap_or(1))
 }
 
@@ -353,6 +357,8 @@ pub(crate) struct Controller {
     pub(crate) vm_started: Instant,
     /// The virtual clock when the current machine started (a loaded snapshot's).
     pub(crate) vm_clock_base: u64,
+    /// Why the VM ended abnormally (reported once everything is cleaned up).
+    fatal: Option<String>,
 }
 
 impl Controller {
@@ -365,9 +371,11 @@ impl Controller {
                 self.guest_shutdown(0, "guest-reset")
             }
             AppEvent::Machine(MachineEvent::VcpuFailed(id, why)) => {
+                // End through the normal exit path, which also ends captures.
                 self.machine.flush_serial();
                 self.set_status(RunState::InternalError);
-                anyhow::bail!("vCPU {id} failed: {why}");
+                self.fatal = Some(format!("vCPU {id} failed: {why}"));
+                self.exit = Some(1);
             }
             AppEvent::Signal(sig) => {
                 tracing::info!(signal = sig, "shutting down on signal");
@@ -454,7 +462,14 @@ impl Controller {
         };
         let t_pause = Instant::now();
         let vcpu_pause = if was_running {
-            self.pause()?
+            match self.pause() {
+                Ok(d) => d,
+                Err(e) => {
+                    // Some vCPU did not stop in time: let the others run again.
+                    self.machine.resume();
+                    return Err(self.fail_migration(e.desc));
+                }
+            }
         } else {
             Duration::ZERO
         };
@@ -773,7 +788,16 @@ impl Controller {
         self.machine.flush_serial();
         // The disks move to the new machine.
         let disks = self.machine.take_disks();
-        self.machine = build_machine(&self.cfg, &self.tx, Some(disks))?;
+        self.machine = match build_machine(&self.cfg, &self.tx, Some(disks)) {
+            Ok(m) => m,
+            Err(e) => {
+                // The old machine is gone: end the VM rather than pretend it runs.
+                self.set_status(RunState::InternalError);
+                self.fatal = Some(format!("reset failed: {e:#}"));
+                self.exit = Some(1);
+                return Err(e);
+            }
+        };
         self.publish_cpus();
         self.emit("RESET", Some(json!({"guest": guest, "reason": reason})));
         if was_running {

@@ -124,12 +124,16 @@ impl BlockBackend for Qcow2Disk {
         self.image.read_at(buf, offset).map_err(io_err)
     }
     fn write_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()> {
+        // A handle an earlier failure left unusable (e.g. a failed save) first
+        // reloads its metadata: the guest's write should not inherit that error.
+        heal(&mut self.image);
         self.image.write_at(buf, offset).map_err(|e| {
             heal(&mut self.image);
             io_err(e)
         })
     }
     fn flush(&mut self) -> io::Result<()> {
+        heal(&mut self.image);
         self.image.flush().map_err(|e| {
             heal(&mut self.image);
             io_err(e)

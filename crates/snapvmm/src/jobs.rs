@@ -87,7 +87,20 @@ impl Jobs {
     /// rule: a letter, then letters, digits, `-`, `.` or `_`). Ids starting
     /// with [`INTERNAL`] are the VMM's own (HMP) jobs: not listed, no events.
     pub fn create(&mut self, id: &str, kind: Kind) -> Result<Value, CommandError> {
-        let body = id.strip_prefix(INTERNAL).unwrap_or(id);
+        self.create_as(id, kind, false)
+    }
+
+    /// Registers one of the VMM's own jobs (`INTERNAL` + `name`).
+    pub fn create_internal(&mut self, name: &str, kind: Kind) -> Result<Value, CommandError> {
+        self.create_as(&format!("{INTERNAL}{name}"), kind, true)
+    }
+
+    fn create_as(&mut self, id: &str, kind: Kind, internal: bool) -> Result<Value, CommandError> {
+        let body = if internal {
+            id.strip_prefix(INTERNAL).unwrap_or(id)
+        } else {
+            id
+        };
         let well_formed = body.starts_with(|c: char| c.is_ascii_alphabetic())
             && body
                 .chars()
@@ -269,7 +282,8 @@ mod tests {
         for bad in ["", "1abc", "a b", "a#b", "#"] {
             assert!(jobs.create(bad, Kind::Save).is_err(), "{bad:?}");
         }
-        let ev = jobs.create("#hmp-x", Kind::Save).unwrap();
+        assert!(jobs.create("#hmp-x", Kind::Save).is_err(), "QMP cannot make hidden jobs");
+        let ev = jobs.create_internal("hmp-x", Kind::Save).unwrap();
         assert!(is_internal(&ev));
         assert_eq!(jobs.query(), json!([]));
         assert!(!is_internal(

@@ -132,7 +132,14 @@ pub fn read_vmstate(q: &mut qcow2::Qcow2, tag: &str) -> Result<Vec<u8>, String> 
             info.vm_state_size
         ));
     }
-    let mut v = vec![0u8; info.vm_state_size as usize];
+    let mut v = Vec::new();
+    v.try_reserve_exact(info.vm_state_size as usize).map_err(|_| {
+        format!(
+            "not enough memory to load the {} bytes of VM state of '{tag}'",
+            info.vm_state_size
+        )
+    })?;
+    v.resize(info.vm_state_size as usize, 0);
     q.read_vmstate(tag, 0, &mut v)
         .map_err(|e| format!("cannot read the VM state of '{tag}': {e}"))?;
     Ok(v)

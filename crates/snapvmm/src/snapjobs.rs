@@ -75,7 +75,10 @@ impl Controller {
 
     /// Creates the job (created → running); an id in use is a command error.
     fn start_job(&mut self, id: &str, kind: Kind) -> Result<(), CommandError> {
-        let ev = self.jobs.create(id, kind)?;
+        let ev = match id.strip_prefix(crate::jobs::INTERNAL) {
+            Some(name) => self.jobs.create_internal(name, kind)?,
+            None => self.jobs.create(id, kind)?,
+        };
         self.job_event(ev);
         if let Some(ev) = self.jobs.set(id, Status::Running) {
             self.job_event(ev);
@@ -173,7 +176,11 @@ impl Controller {
         let t_pause = Instant::now();
         let was_running = self.machine.is_running();
         if was_running {
-            self.machine.pause().map_err(|e| e.to_string())?;
+            if let Err(e) = self.machine.pause() {
+                // Some vCPU did not stop in time: let the others run again.
+                self.machine.resume();
+                return Err(e.to_string());
+            }
         }
         let resume = |c: &mut Controller| {
             if was_running {
@@ -451,11 +458,18 @@ impl Controller {
 
     /// Devices for the HMP forms: every qcow2 disk; the vmstate goes to the first.
     fn hmp_job(&self, tag: &str) -> Result<SnapshotJob, CommandError> {
-        let ids = self.disk_ids();
-        if let Some(i) = (0..ids.len()).find(|&i| !self.is_qcow2(i)) {
+        // As QEMU: read-only disks are not part of a VM snapshot.
+        let ids: Vec<String> = self
+            .disk_ids()
+            .into_iter()
+            .enumerate()
+            .filter(|(i, _)| !vmm::devices::lock(&self.machine.bus().virtio[*i]).is_readonly())
+            .map(|(_, id)| id)
+            .collect();
+        let index = |id: &str| self.disk_ids().iter().position(|d| d == id).unwrap_or(0);
+        if let Some(id) = ids.iter().find(|id| !self.is_qcow2(index(id))) {
             return Err(CommandError::generic(format!(
-                "Device '{}' is writable but does not support snapshots",
-                ids[i]
+                "Device '{id}' is writable but does not support snapshots"
             )));
         }
         let first = ids

@@ -17,6 +17,8 @@ const VERSION: u32 = 2;
 const DEVICE_ID_BLOCK: u32 = 2;
 const VENDOR_ID: u32 = 0x534e_4150; // "SNAP"
 
+const F_SIZE_MAX: u64 = 1 << 1;
+const F_SEG_MAX: u64 = 1 << 2;
 const F_RO: u64 = 1 << 5;
 const F_FLUSH: u64 = 1 << 9;
 const F_VERSION_1: u64 = 1 << 32;
@@ -33,8 +35,11 @@ const S_IOERR: u8 = 1;
 const S_UNSUPP: u8 = 2;
 
 const SECTOR: u64 = 512;
-/// Largest data transfer of one request (a guest cannot make us allocate more).
+/// Largest data transfer of one request (a guest cannot make us allocate more);
+/// advertised as `size_max` × `seg_max`.
 const MAX_REQUEST: u64 = 4 << 20;
+const SIZE_MAX: u32 = 1 << 20;
+const SEG_MAX: u32 = (MAX_REQUEST / SIZE_MAX as u64) as u32;
 
 /// The device's registers: everything a snapshot needs besides the disk.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -125,6 +130,10 @@ impl VirtioBlk {
         (self.id, self.backend, self.readonly)
     }
 
+    pub fn is_readonly(&self) -> bool {
+        self.readonly
+    }
+
     pub fn id(&self) -> &str {
         &self.id
     }
@@ -135,7 +144,7 @@ impl VirtioBlk {
     }
 
     fn device_features(&self) -> u64 {
-        F_VERSION_1 | F_FLUSH | if self.readonly { F_RO } else { 0 }
+        F_VERSION_1 | F_FLUSH | F_SIZE_MAX | F_SEG_MAX | if self.readonly { F_RO } else { 0 }
     }
 
     fn reset(&mut self) {
@@ -151,8 +160,11 @@ impl VirtioBlk {
     /// A guest read of the register window.
     pub fn read(&self, offset: u64, data: &mut [u8]) {
         if offset >= 0x100 {
-            let cfg = self.st.capacity_bytes / SECTOR;
-            let bytes = cfg.to_le_bytes();
+            // virtio_blk_config: capacity (sectors), size_max, seg_max.
+            let mut bytes = [0u8; 16];
+            bytes[..8].copy_from_slice(&(self.st.capacity_bytes / SECTOR).to_le_bytes());
+            bytes[8..12].copy_from_slice(&SIZE_MAX.to_le_bytes());
+            bytes[12..].copy_from_slice(&SEG_MAX.to_le_bytes());
             for (i, b) in data.iter_mut().enumerate() {
                 let at = (offset - 0x100) as usize + i;
                 *b = bytes.get(at).copied().unwrap_or(0);
@@ -555,10 +567,11 @@ mod tests {
         r.desc(1, 0x9000, 1, 2, 0);
         assert_eq!(r.submit(), (1, S_OK));
         assert_eq!(r.dev.stats.flushes, 1);
-        // Capacity in sectors at config offset 0.
+        // Capacity in sectors at config offset 0, then size_max × seg_max = 4 MiB.
         let mut cap = [0u8; 8];
         r.dev.read(0x100, &mut cap);
         assert_eq!(u64::from_le_bytes(cap), (1 << 20) / 512);
+        assert_eq!(u64::from(r32(&r.dev, 0x108)) * u64::from(r32(&r.dev, 0x10c)), MAX_REQUEST);
     }
 
     #[test]
@@ -609,6 +622,17 @@ mod tests {
         assert_eq!(r.submit().1, S_IOERR);
         r.dev.write(0x014, &0u32.to_le_bytes(), &r.mem);
         assert_ne!(r32(&r.dev, 0x010) & (F_RO as u32), 0);
+    }
+
+    #[test]
+    fn an_avail_index_more_than_a_ring_ahead_breaks_the_device() {
+        let mut r = rig(64 << 10, false);
+        r.mem
+            .write_obj(QSIZE + 1, GuestAddress(AVAIL + 2))
+            .unwrap();
+        w32(&mut r.dev, &r.mem, 0x050, 0);
+        assert_ne!(r32(&r.dev, 0x070) & STATUS_NEEDS_RESET, 0);
+        assert_eq!(r.dev.stats.reads + r.dev.stats.writes, 0, "nothing executed");
     }
 
     #[test]

@@ -30,6 +30,8 @@ pub enum QueueError {
     ChainTooLong,
     #[error("indirect descriptors were not negotiated")]
     Indirect,
+    #[error("avail index {0} is more than a ring ahead of {1}")]
+    AvailOverrun(u16, u16),
 }
 
 /// One descriptor of a chain.
@@ -101,6 +103,10 @@ impl Queue {
         let idx = Self::read_u16(mem, self.avail + 2)?;
         if idx == self.next_avail {
             return Ok(None);
+        }
+        // More entries than the ring holds: the driver broke the ring.
+        if idx.wrapping_sub(self.next_avail) > self.size {
+            return Err(QueueError::AvailOverrun(idx, self.next_avail));
         }
         // Read the ring entry only after seeing the index (pairs with the driver's write barrier).
         std::sync::atomic::fence(std::sync::atomic::Ordering::Acquire);
