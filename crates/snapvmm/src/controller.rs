@@ -508,7 +508,10 @@ impl Controller {
                 self.emit("STOP", None);
             }
             self.migration_event("active");
-            migration::start_stop_copy(&self.machine, state, dest, &self.tx);
+            let t = migration::start_stop_copy(&self.machine, state, dest, &self.tx);
+            if let Some(j) = self.migration.job.as_mut() {
+                j.stop_thread = Some(t);
+            }
             return Ok(());
         };
         // Registers first, then the fork: the two in parallel were slower
@@ -602,12 +605,30 @@ impl Controller {
         }
     }
 
+    /// The machine cannot go on (its replacement failed): end the process
+    /// through the normal exit path, reporting `why`.
+    pub(crate) fn fail_fatally(&mut self, why: String) {
+        tracing::error!("{why}");
+        self.set_status(RunState::InternalError);
+        self.fatal = Some(why);
+        self.exit = Some(1);
+    }
+
     /// Exit with a capture still running: cancel it, so that no temp file
     /// stays behind and a pending savevm leaves its disks as they were.
     fn end_captures(&mut self) {
         if let Some(c) = self.migration.job.as_mut().and_then(|j| j.capture.take()) {
             c.cancel();
             let _ = c.wait();
+        }
+        // A stop-and-copy reads guest RAM directly: let it finish first.
+        if let Some(t) = self
+            .migration
+            .job
+            .as_mut()
+            .and_then(|j| j.stop_thread.take())
+        {
+            let _ = t.join();
         }
         if let Some(p) = self.pending_save.as_mut() {
             if let Some(c) = &p.capture {
@@ -629,6 +650,9 @@ impl Controller {
         let Some(job) = self.migration.job.as_mut() else {
             return;
         };
+        if let Some(t) = job.stop_thread.take() {
+            let _ = t.join();
+        }
         let total = job.started_elapsed();
         job.total_time = Some(total);
         let resume = job.resume_after;
@@ -792,9 +816,7 @@ impl Controller {
             Ok(m) => m,
             Err(e) => {
                 // The old machine is gone: end the VM rather than pretend it runs.
-                self.set_status(RunState::InternalError);
-                self.fatal = Some(format!("reset failed: {e:#}"));
-                self.exit = Some(1);
+                self.fail_fatally(format!("reset failed: {e:#}"));
                 return Err(e);
             }
         };

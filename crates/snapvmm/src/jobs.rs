@@ -282,7 +282,10 @@ mod tests {
         for bad in ["", "1abc", "a b", "a#b", "#"] {
             assert!(jobs.create(bad, Kind::Save).is_err(), "{bad:?}");
         }
-        assert!(jobs.create("#hmp-x", Kind::Save).is_err(), "QMP cannot make hidden jobs");
+        assert!(
+            jobs.create("#hmp-x", Kind::Save).is_err(),
+            "QMP cannot make hidden jobs"
+        );
         let ev = jobs.create_internal("hmp-x", Kind::Save).unwrap();
         assert!(is_internal(&ev));
         assert_eq!(jobs.query(), json!([]));

@@ -78,6 +78,8 @@ pub struct Job {
     pub total_time: Option<Duration>,
     pub ram_total: u64,
     pub capture: Option<Capture>,
+    /// A stop-and-copy's thread (it reads guest RAM: joined before RAM goes away).
+    pub stop_thread: Option<std::thread::JoinHandle<()>>,
     pub stats: Option<CaptureStats>,
     pub error: Option<String>,
 }
@@ -162,6 +164,7 @@ impl Migration {
             total_time: None,
             ram_total,
             capture: None,
+            stop_thread: None,
             stats: None,
             error: None,
         });
@@ -378,11 +381,16 @@ pub fn prepare_fork(
 
 /// Runs a stop-and-copy capture on a worker thread; its result arrives as
 /// [`AppEvent::StopCopyDone`]. The caller keeps the VM paused until then.
-pub fn start_stop_copy(m: &vmm::Machine, state: Vec<u8>, dest: PathBuf, tx: &Sender<AppEvent>) {
+pub fn start_stop_copy(
+    m: &vmm::Machine,
+    state: Vec<u8>,
+    dest: PathBuf,
+    tx: &Sender<AppEvent>,
+) -> std::thread::JoinHandle<()> {
     let ranges = ram_ranges(m);
     let tx = tx.clone();
     std::thread::spawn(move || {
         let r = livesnap::capture_stopped(&ranges, &state, &dest).map_err(|e| e.to_string());
         let _ = tx.send(AppEvent::StopCopyDone(r));
-    });
+    })
 }

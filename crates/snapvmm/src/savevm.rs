@@ -133,12 +133,13 @@ pub fn read_vmstate(q: &mut qcow2::Qcow2, tag: &str) -> Result<Vec<u8>, String> 
         ));
     }
     let mut v = Vec::new();
-    v.try_reserve_exact(info.vm_state_size as usize).map_err(|_| {
-        format!(
-            "not enough memory to load the {} bytes of VM state of '{tag}'",
-            info.vm_state_size
-        )
-    })?;
+    v.try_reserve_exact(info.vm_state_size as usize)
+        .map_err(|_| {
+            format!(
+                "not enough memory to load the {} bytes of VM state of '{tag}'",
+                info.vm_state_size
+            )
+        })?;
     v.resize(info.vm_state_size as usize, 0);
     q.read_vmstate(tag, 0, &mut v)
         .map_err(|e| format!("cannot read the VM state of '{tag}': {e}"))?;
@@ -212,13 +213,25 @@ pub fn load_from_disks(
     let mut vmstate = None;
     let mut holders = Vec::new();
     for (i, d) in disks.iter_mut().enumerate() {
-        let Some(q) = disk_qcow2(d) else { continue };
-        if let Some(s) = q.snapshots().iter().find(|s| s.name == tag) {
-            if vmstate.is_none() && s.vm_state_size > 0 {
-                vmstate = Some(i);
-            }
-            holders.push(i);
+        if d.readonly {
+            continue; // not part of VM snapshots, as in QEMU
         }
+        let id = d.id.clone();
+        let Some(q) = disk_qcow2(d) else {
+            return Err(format!(
+                "Device '{id}' is writable but does not support snapshots"
+            ));
+        };
+        // Every writable disk must hold the snapshot: RAM and disks of one instant.
+        let s = q
+            .snapshots()
+            .iter()
+            .find(|s| s.name == tag)
+            .ok_or_else(|| format!("Snapshot '{tag}' does not exist in one or more devices"))?;
+        if vmstate.is_none() && s.vm_state_size > 0 {
+            vmstate = Some(i);
+        }
+        holders.push(i);
     }
     let vm = vmstate.ok_or_else(|| format!("no disk holds a snapshot '{tag}' with VM state"))?;
     let q = disk_qcow2(&mut disks[vm]).expect("qcow2");

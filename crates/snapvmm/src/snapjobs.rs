@@ -17,6 +17,7 @@ use crate::savevm::{self, with_qcow2};
 /// A live save between the cut and the commit.
 pub struct PendingSave {
     pub job_id: String,
+    pub tag: String,
     pub vmstate: usize,
     /// Frozen disks other than the vmstate disk.
     pub frozen: Vec<(usize, qcow2::Frozen)>,
@@ -240,6 +241,7 @@ impl Controller {
             .set_progress(&job.job_id, 0, self.machine.ram().size());
         self.pending_save = Some(PendingSave {
             job_id: job.job_id.clone(),
+            tag: job.tag.clone(),
             vmstate: vm,
             frozen,
             vm_frozen,
@@ -297,26 +299,55 @@ impl Controller {
         let bus = self.machine.bus_arc();
         let mut error = None;
         let vm_f = p.vm_frozen.lock().unwrap_or_else(|e| e.into_inner()).take();
-        // (after the commits below, any handle a failure poisoned is healed)
-        // The vmstate disk first: once it commits, the snapshot is loadable.
-        if let Some(f) = vm_f {
-            let r = with_qcow2(&bus.virtio[p.vmstate], |q| {
-                q.commit_frozen(f, p.vm_clock_ns, len)
-            });
-            if let Some(Err(e)) = r {
-                error = Some(savevm::qerr(&ids[p.vmstate], e));
-            }
+        // A disk whose handle failed meanwhile (and was recovered) lost its
+        // frozen state: then the snapshot cannot be complete on every disk.
+        let lost = p
+            .frozen
+            .iter()
+            .map(|(i, _)| *i)
+            .chain(std::iter::once(p.vmstate))
+            .find(|&i| with_qcow2(&bus.virtio[i], |q| !q.is_frozen()).unwrap_or(true));
+        if let Some(i) = lost {
+            error = Some(format!(
+                "Device '{}' failed during the save; the snapshot was not taken",
+                ids[i]
+            ));
         }
+        // Every other disk first, the vmstate disk last (only then is the
+        // snapshot loadable); on a failure, the disks that already committed
+        // drop the tag again, so no disk keeps a partial snapshot.
+        let mut committed = Vec::new();
         for (i, f) in std::mem::take(&mut p.frozen) {
             let r = with_qcow2(&bus.virtio[i], |q| {
                 if error.is_some() {
+                    q.abort_frozen(f).map(|_| false)
+                } else {
+                    q.commit_frozen(f, p.vm_clock_ns, 0).map(|_| true)
+                }
+            });
+            match r {
+                Some(Ok(true)) => committed.push(i),
+                Some(Err(e)) => {
+                    error.get_or_insert(savevm::qerr(&ids[i], e));
+                }
+                _ => {}
+            }
+        }
+        if let Some(f) = vm_f {
+            let r = with_qcow2(&bus.virtio[p.vmstate], |q| {
+                if error.is_some() {
                     q.abort_frozen(f).map(|_| ())
                 } else {
-                    q.commit_frozen(f, p.vm_clock_ns, 0).map(|_| ())
+                    q.commit_frozen(f, p.vm_clock_ns, len).map(|_| ())
                 }
             });
             if let Some(Err(e)) = r {
-                error.get_or_insert(savevm::qerr(&ids[i], e));
+                error.get_or_insert(savevm::qerr(&ids[p.vmstate], e));
+            }
+        }
+        if error.is_some() {
+            for i in committed {
+                let _ = with_qcow2(&bus.virtio[i], |q| q.delete_snapshot(&p.tag));
             }
         }
         for d in &bus.virtio {
@@ -392,20 +423,61 @@ impl Controller {
                 ids.len()
             ));
         }
+        for (i, dev) in self.machine.bus().virtio.iter().enumerate() {
+            let mut d = vmm::devices::lock(dev);
+            let size = d.backend_mut().size();
+            if state.virtio[i].capacity_bytes != size {
+                return Err(format!(
+                    "Device '{}' has {size} bytes, the snapshot's disk had {}",
+                    ids[i], state.virtio[i].capacity_bytes
+                ));
+            }
+            if devices.contains(&i) && d.is_readonly() {
+                return Err(format!(
+                    "Device '{}' is read-only: its snapshot cannot be applied",
+                    ids[i]
+                ));
+            }
+        }
+        for &i in &devices {
+            let fits = with_qcow2(&self.machine.bus().virtio[i], |q| {
+                q.find_snapshot(&job.tag)
+                    .is_some_and(|s| s.disk_size == q.size())
+            });
+            if fits != Some(true) {
+                return Err(format!(
+                    "Device '{}': snapshot '{}' is of a disk of another size",
+                    ids[i], job.tag
+                ));
+            }
+        }
         let was_running = self.machine.is_running();
         self.stop_collapse();
         let _ = self.machine.pause();
         self.set_status(RunState::RestoreVm);
         self.machine.flush_serial();
         let mut disks = self.machine.take_disks();
-        for &i in &devices {
-            if let Some(q) = savevm::disk_qcow2(&mut disks[i]) {
-                q.apply_snapshot(&job.tag)
-                    .map_err(|e| savevm::qerr(&ids[i], e))?;
+        // Past this point the old machine is gone; a failure (an I/O error
+        // reverting a disk) ends the VM loudly instead of leaving it dead.
+        let applied = devices
+            .iter()
+            .try_for_each(|&i| match savevm::disk_qcow2(&mut disks[i]) {
+                Some(q) => q
+                    .apply_snapshot(&job.tag)
+                    .map_err(|e| savevm::qerr(&ids[i], e)),
+                None => Ok(()),
+            });
+        let built = applied.and_then(|()| {
+            crate::controller::build_from_state(&self.cfg, &self.tx, ram, state, disks)
+                .map_err(|e| format!("{e:#}"))
+        });
+        self.machine = match built {
+            Ok(m) => m,
+            Err(why) => {
+                self.fail_fatally(format!("loading snapshot '{}' failed: {why}", job.tag));
+                return Err(why);
             }
-        }
-        self.machine = crate::controller::build_from_state(&self.cfg, &self.tx, ram, state, disks)
-            .map_err(|e| format!("{e:#}"))?;
+        };
         self.vm_started = Instant::now();
         self.vm_clock_base = loaded_clock;
         self.publish_cpus();

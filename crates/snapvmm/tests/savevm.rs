@@ -494,3 +494,56 @@ fn job_cancel_stops_a_save_and_nothing_becomes_visible() {
     drop(a);
     assert_eq!(check(&disk), 0);
 }
+
+#[test]
+fn a_load_that_cannot_apply_is_refused_and_the_vm_keeps_running() {
+    if !have_qemu_img() {
+        eprintln!("skipped: qemu-img not found");
+        return;
+    }
+    let d = TempDir::new("savevm-ro");
+    let disk = qcow2(&d, "disk.qcow2", "32M");
+    let (mut a, mut q) = start(&d, "a", &disk, &[]);
+    a.wait_line(" disk t=", T);
+    assert_eq!(save(&mut q, "s", "t").get("error"), None);
+    q.ok("quit", json!({}));
+    assert!(a.wait(T).success());
+    drop(a);
+    // The same image attached read-only: its snapshot cannot be applied.
+    let ro = format!("{},readonly=on", disk.display());
+    let (b, mut qb) = start_vm(
+        &d,
+        "b",
+        "1",
+        &[
+            "--mem",
+            "128M",
+            "--disk",
+            &ro,
+            "--cmdline",
+            "workload=memwrite region=32M",
+        ],
+    );
+    b.wait_line(" t=", T);
+    let j = run_job(
+        &mut qb,
+        "snapshot-load",
+        json!({"job-id": "l", "tag": "t", "vmstate": "disk0", "devices": ["disk0"]}),
+    );
+    assert!(
+        j["error"].as_str().unwrap_or("").contains("read-only"),
+        "{j}"
+    );
+    let hmp = qb
+        .ok("human-monitor-command", json!({"command-line": "loadvm t"}))
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(hmp.starts_with("Error: "), "{hmp}");
+    assert_eq!(qb.ok("query-status", json!({}))["status"], "running");
+    for _ in 0..2 {
+        let l = b.wait_line(" t=", T);
+        assert!(!l.contains("CORRUPT"), "{l}");
+    }
+    qb.ok("quit", json!({}));
+}

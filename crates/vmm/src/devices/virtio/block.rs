@@ -571,7 +571,10 @@ mod tests {
         let mut cap = [0u8; 8];
         r.dev.read(0x100, &mut cap);
         assert_eq!(u64::from_le_bytes(cap), (1 << 20) / 512);
-        assert_eq!(u64::from(r32(&r.dev, 0x108)) * u64::from(r32(&r.dev, 0x10c)), MAX_REQUEST);
+        assert_eq!(
+            u64::from(r32(&r.dev, 0x108)) * u64::from(r32(&r.dev, 0x10c)),
+            MAX_REQUEST
+        );
     }
 
     #[test]
@@ -627,12 +630,14 @@ mod tests {
     #[test]
     fn an_avail_index_more_than_a_ring_ahead_breaks_the_device() {
         let mut r = rig(64 << 10, false);
-        r.mem
-            .write_obj(QSIZE + 1, GuestAddress(AVAIL + 2))
-            .unwrap();
+        r.mem.write_obj(QSIZE + 1, GuestAddress(AVAIL + 2)).unwrap();
         w32(&mut r.dev, &r.mem, 0x050, 0);
         assert_ne!(r32(&r.dev, 0x070) & STATUS_NEEDS_RESET, 0);
-        assert_eq!(r.dev.stats.reads + r.dev.stats.writes, 0, "nothing executed");
+        assert_eq!(
+            r.dev.stats.reads + r.dev.stats.writes,
+            0,
+            "nothing executed"
+        );
     }
 
     #[test]
