@@ -175,6 +175,24 @@ impl RunArgs {
                 qmp::ListenAddr::parse(a).map_err(|e| anyhow::anyhow!("invalid --qmp '{a}': {e}"))
             })
             .transpose()?;
+        let disks = crate::disk::parse_disks(&self.disks)?;
+        // The disks' virtio_mmio.device= entries are appended to the command
+        // line; check the total now (a restored VM only boots its kernel on reset).
+        let total = cmdline.len()
+            + (0..disks.len())
+                .map(|i| vmm::devices::virtio::cmdline_entry(i).len() + 1)
+                .sum::<usize>();
+        if total >= vmm::layout::CMDLINE_MAX {
+            let with = if disks.is_empty() {
+                ""
+            } else {
+                " (with the disks' virtio_mmio.device= entries)"
+            };
+            bail!(
+                "the kernel command line is too long{with}: {total} bytes, at most {}",
+                vmm::layout::CMDLINE_MAX - 1
+            );
+        }
         if self.loadvm.is_some() && self.incoming.is_some() {
             bail!("--loadvm and --incoming cannot be used together");
         }
@@ -201,7 +219,7 @@ impl RunArgs {
             },
             defer_incoming: self.incoming.as_deref() == Some("defer"),
             restore_copy: self.restore_mode == "copy",
-            disks: crate::disk::parse_disks(&self.disks)?,
+            disks,
             loadvm: self.loadvm.clone(),
         })
     }
