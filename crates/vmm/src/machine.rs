@@ -79,7 +79,7 @@ pub struct MachineConfig {
 pub struct Machine {
     // Field order is drop order: vCPU threads stop before the VM and RAM go away.
     vcpus: Vec<VcpuHandle>,
-    acks: Receiver<u8>,
+    acks: Receiver<(u8, u64)>,
     bus: Arc<PioBus>,
     vm: KvmVm,
     ram: GuestRam,

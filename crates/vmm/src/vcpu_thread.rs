@@ -31,7 +31,8 @@ use crate::machine::{EventSink, MachineEvent};
 
 /// A request to a vCPU thread.
 pub enum Request {
-    Pause,
+    /// Pause; the acknowledgement carries this number back.
+    Pause(u64),
     Resume,
     Save(SyncSender<Result<VcpuState, KvmError>>),
     Restore(Box<VcpuState>, SyncSender<Result<(), KvmError>>),
@@ -77,7 +78,7 @@ impl VcpuHandle {
     pub fn spawn(
         vcpu: Vcpu,
         bus: Arc<PioBus>,
-        acks: Sender<u8>,
+        acks: Sender<(u8, u64)>,
         events: EventSink,
         msrs: Arc<[u32]>,
         start_paused: bool,
@@ -167,14 +168,22 @@ impl Drop for VcpuHandle {
 
 /// Pauses every vCPU; returns how long it took until the last one acknowledged,
 /// or `None` if some vCPU thread did not answer within 10 s.
-pub fn pause_all(vcpus: &[VcpuHandle], acks: &Receiver<u8>) -> Option<Duration> {
+pub fn pause_all(vcpus: &[VcpuHandle], acks: &Receiver<(u8, u64)>) -> Option<Duration> {
     let t0 = Instant::now();
+    // Each pause has its own number, so a late acknowledgement of an earlier
+    // pause that timed out cannot count for this one.
+    static EPOCH: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    let epoch = EPOCH.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     while acks.try_recv().is_ok() {}
     for v in vcpus {
-        v.send(Request::Pause);
+        v.send(Request::Pause(epoch));
     }
-    for _ in vcpus {
-        acks.recv_timeout(Duration::from_secs(10)).ok()?;
+    let deadline = t0 + Duration::from_secs(10);
+    let mut acked = 0;
+    while acked < vcpus.len() {
+        let left = deadline.checked_duration_since(Instant::now())?;
+        let (_, e) = acks.recv_timeout(left).ok()?;
+        acked += usize::from(e == epoch);
     }
     let took = t0.elapsed();
     tracing::debug!(
@@ -204,7 +213,7 @@ struct VcpuLoop {
     vcpu: Vcpu,
     bus: Arc<PioBus>,
     rx: Receiver<Request>,
-    acks: Sender<u8>,
+    acks: Sender<(u8, u64)>,
     events: EventSink,
     msrs: Arc<[u32]>,
 }
@@ -219,7 +228,7 @@ impl VcpuLoop {
             State::Running
         };
         if start_paused {
-            let _ = self.acks.send(self.vcpu.id);
+            let _ = self.acks.send((self.vcpu.id, 0));
         }
         while state != State::Stopped {
             state = match state {
@@ -246,14 +255,14 @@ impl VcpuLoop {
 
     fn handle(&mut self, req: Request, state: State) -> State {
         match req {
-            Request::Pause => {
+            Request::Pause(epoch) => {
                 if state == State::Running {
                     // Complete any pending I/O so the saved state is consistent.
                     self.vcpu.fd.set_kvm_immediate_exit(1);
                     let _ = self.vcpu.fd.run();
                 }
                 self.vcpu.fd.set_kvm_immediate_exit(0);
-                let _ = self.acks.send(self.vcpu.id);
+                let _ = self.acks.send((self.vcpu.id, epoch));
                 State::Paused
             }
             Request::Resume => {
