@@ -822,13 +822,18 @@ impl Controller {
         };
         self.publish_cpus();
         self.emit("RESET", Some(json!({"guest": guest, "reason": reason})));
-        if was_running {
+        self.run_or_pause(was_running);
+        Ok(())
+    }
+
+    /// After the machine was rebuilt: running again if it ran before.
+    pub(crate) fn run_or_pause(&mut self, running: bool) {
+        if running {
             self.machine.resume();
             self.set_status(RunState::Running);
         } else {
             self.set_status(RunState::Paused);
         }
-        Ok(())
     }
 
     pub(crate) fn status(&self) -> RunState {

@@ -481,12 +481,7 @@ impl Controller {
         self.vm_started = Instant::now();
         self.vm_clock_base = loaded_clock;
         self.publish_cpus();
-        if was_running {
-            self.machine.resume();
-            self.set_status(RunState::Running);
-        } else {
-            self.set_status(RunState::Paused);
-        }
+        self.run_or_pause(was_running);
         Ok(())
     }
 
