@@ -148,6 +148,15 @@ async def savevm(binary, workdir):
         assert hmp == "", repr(hmp)
         info = await qmp.execute("human-monitor-command", {"command-line": "info snapshots"})
         assert "t0" in info and "t1" in info, info
+        hmp = await qmp.execute("human-monitor-command", {"command-line": "loadvm t1"})
+        assert hmp == "", repr(hmp)
+        assert (await qmp.execute("query-status"))["status"] == "running"
+        hmp = await qmp.execute("human-monitor-command", {"command-line": "delvm t0"})
+        assert hmp == "", repr(hmp)
+        hmp = await qmp.execute("human-monitor-command", {"command-line": "loadvm t0"})
+        assert hmp.startswith("Error: "), repr(hmp)
+        hmp = await qmp.execute("human-monitor-command", {"command-line": "savevm t0"})
+        assert hmp == "", repr(hmp)
         with qmp.listener() as listener:
             await qmp.execute("snapshot-delete", {"job-id": "del0", "tag": "t1", "devices": ["disk0"]})
             await wait_job(qmp, listener, "del0")
