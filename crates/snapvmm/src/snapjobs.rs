@@ -515,7 +515,13 @@ impl Controller {
                 }
             })
             .expect("checked qcow2");
-            found |= r.map_err(|e| savevm::qerr(&ids[i], e))?;
+            match r {
+                Ok(f) => found |= f,
+                Err(e) => {
+                    with_qcow2(&self.machine.bus().virtio[i], crate::disk::heal);
+                    return Err(savevm::qerr(&ids[i], e));
+                }
+            }
         }
         if !found {
             return Err(format!("Snapshot '{tag}' not found"));
