@@ -132,17 +132,10 @@ impl Qcow2 {
         let mut frozen_l1 = vec![0u64; vi];
         let mut copied = 0;
         for i in 0..disk_entries {
-            let t = l1_l2_offset(self.l1[i], cb)?;
-            if t == 0 {
+            let Some(entry) = self.shared_l2_copy(self.l1[i], &mut txn)? else {
                 continue;
-            }
-            let mut copy = self.l2_snapshot_copy(t, &mut txn, 1)?;
-            for e in &mut copy {
-                *e &= !COPIED;
-            }
-            let nt = self.rc.txn_alloc(&mut *self.io, &mut txn, 1)?;
-            self.io.write_at(&encode_table(&copy, cs as usize), nt)?;
-            new_l1[i] = nt | COPIED;
+            };
+            new_l1[i] = entry;
             frozen_l1[i] = self.l1[i];
             copied += 1;
         }
@@ -223,16 +216,12 @@ impl Qcow2 {
         let l1_shift = 2 * self.cb - 3;
         let end = voff + data.len() as u64;
         self.frozen_grow(((end - 1) >> l1_shift) + 1)?;
-        let mut pos = voff;
-        while pos < end {
-            let l1_idx = pos >> l1_shift;
-            let chunk_end = end.min((l1_idx + 1) << l1_shift);
+        for (l1_idx, pos, chunk_end) in crate::image::l2_spans(voff, end, l1_shift) {
             self.frozen_write_chunk(
-                l1_idx as usize,
+                l1_idx,
                 pos,
                 &data[(pos - voff) as usize..(chunk_end - voff) as usize],
             )?;
-            pos = chunk_end;
         }
         Ok(())
     }

@@ -72,6 +72,26 @@ impl std::fmt::Debug for Qcow2 {
     }
 }
 
+/// Splits the guest range `start..end` at L2-table boundaries (`1 << l1_shift`
+/// bytes each): `(l1 index, span start, span end)`.
+pub(crate) fn l2_spans(
+    start: u64,
+    end: u64,
+    l1_shift: u32,
+) -> impl Iterator<Item = (usize, u64, u64)> {
+    let mut pos = start;
+    std::iter::from_fn(move || {
+        if pos >= end {
+            return None;
+        }
+        let l1_idx = pos >> l1_shift;
+        let span_end = end.min((l1_idx + 1) << l1_shift);
+        let span = (l1_idx as usize, pos, span_end);
+        pos = span_end;
+        Some(span)
+    })
+}
+
 /// The metadata read from an image file: what opening and recovering share.
 struct Meta {
     hdr: Header,
@@ -544,16 +564,12 @@ impl Qcow2 {
         if end > voff {
             self.grow_l1((end - 1) >> l1_shift)?;
         }
-        let mut pos = voff;
-        while pos < end {
-            let l1_idx = pos >> l1_shift;
-            let chunk_end = end.min((l1_idx + 1) << l1_shift);
+        for (l1_idx, pos, chunk_end) in l2_spans(voff, end, l1_shift) {
             self.write_chunk(
-                l1_idx as usize,
+                l1_idx,
                 pos,
                 &data[(pos - voff) as usize..(chunk_end - voff) as usize],
             )?;
-            pos = chunk_end;
         }
         Ok(())
     }

@@ -20,6 +20,25 @@ use crate::table::{decode_l2, encode_table, l1_l2_offset, read_table, COPIED};
 const VMSTATE_CHUNK: usize = 32 << 20;
 
 impl Qcow2 {
+    /// A fresh copy of the L2 table behind `l1_entry` for the active image,
+    /// its entries' COPIED flags cleared (their clusters are now shared, the
+    /// copy's refcounts raised in `txn`). Returns the new L1 entry, or None
+    /// for an unallocated one.
+    pub(crate) fn shared_l2_copy(&mut self, l1_entry: u64, txn: &mut Txn) -> Result<Option<u64>> {
+        let cb = self.cb;
+        let t = l1_l2_offset(l1_entry, cb)?;
+        if t == 0 {
+            return Ok(None);
+        }
+        let mut copy = self.l2_snapshot_copy(t, txn, 1)?;
+        for e in &mut copy {
+            *e &= !COPIED;
+        }
+        let nt = self.rc.txn_alloc(&mut *self.io, txn, 1)?;
+        self.io.write_at(&encode_table(&copy, 1usize << cb), nt)?;
+        Ok(Some(nt | COPIED))
+    }
+
     /// Internal snapshots, in table order.
     pub fn snapshots(&self) -> &[SnapshotInfo] {
         &self.infos
@@ -217,8 +236,6 @@ impl Qcow2 {
     }
 
     fn create_snapshot_inner(&mut self, info: SnapshotInfo) -> Result<SnapshotInfo> {
-        let cb = self.cb;
-        let cs = 1u64 << cb;
         let vi = self.vm_index();
         if info.vm_state_size > 0 {
             let last = vi
@@ -232,17 +249,10 @@ impl Qcow2 {
         // the active image gets fresh copies of the disk part, without VM state.
         let mut new_l1 = vec![0u64; l1_len];
         for (i, slot) in new_l1.iter_mut().enumerate().take(vi as usize) {
-            let t = l1_l2_offset(self.l1[i], cb)?;
-            if t == 0 {
+            let Some(entry) = self.shared_l2_copy(self.l1[i], &mut txn)? else {
                 continue;
-            }
-            let mut copy = self.l2_snapshot_copy(t, &mut txn, 1)?;
-            for e in &mut copy {
-                *e &= !COPIED;
-            }
-            let nt = self.rc.txn_alloc(&mut *self.io, &mut txn, 1)?;
-            self.io.write_at(&encode_table(&copy, cs as usize), nt)?;
-            *slot = nt | COPIED;
+            };
+            *slot = entry;
         }
         let new_l1_off = self.write_l1_txn(&mut txn, &new_l1)?;
         let l1_off = if l1_len > 0 {
@@ -392,24 +402,16 @@ impl Qcow2 {
 
     fn apply_inner(&mut self, idx: usize) -> Result<()> {
         let cb = self.cb;
-        let cs = 1u64 << cb;
         let snap_l1 = self.load_snap_l1(idx)?;
         let vi = self.vm_index() as usize;
         let l1_len = self.l1.len().max(vi);
         let mut txn = Txn::default();
         let mut new_l1 = vec![0u64; l1_len];
         for i in 0..vi.min(snap_l1.len()) {
-            let t = l1_l2_offset(snap_l1[i], cb)?;
-            if t == 0 {
+            let Some(entry) = self.shared_l2_copy(snap_l1[i], &mut txn)? else {
                 continue;
-            }
-            let mut copy = self.l2_snapshot_copy(t, &mut txn, 1)?;
-            for e in &mut copy {
-                *e &= !COPIED;
-            }
-            let nt = self.rc.txn_alloc(&mut *self.io, &mut txn, 1)?;
-            self.io.write_at(&encode_table(&copy, cs as usize), nt)?;
-            new_l1[i] = nt | COPIED;
+            };
+            new_l1[i] = entry;
         }
         for i in 0..self.l1.len() {
             let t = l1_l2_offset(self.l1[i], cb)?;
