@@ -128,6 +128,25 @@ fn guest_consistent(r: &Running, reports: usize) {
     }
 }
 
+/// 1 GiB guest, most of it written, plus its disk: a save takes a moment.
+fn big_vm(d: &TempDir, disk: &Path) -> (Running, Qmp) {
+    let (a, q) = start_vm(
+        d,
+        "a",
+        "2",
+        &[
+            "--mem",
+            "1G",
+            "--disk",
+            &disk.display().to_string(),
+            "--cmdline",
+            "workload=diskwrite disk_region=8M region=768M",
+        ],
+    );
+    a.wait_line(" cpu=1 t=", T);
+    (a, q)
+}
+
 fn save(q: &mut Qmp, id: &str, tag: &str) -> Value {
     run_job(
         q,
@@ -295,20 +314,7 @@ fn killed_in_the_middle_of_a_save_the_image_stays_usable() {
     }
     let d = TempDir::new("savevm-kill");
     let disk = qcow2(&d, "disk.qcow2", "64M");
-    let (a, mut q) = start_vm(
-        &d,
-        "a",
-        "2",
-        &[
-            "--mem",
-            "1G",
-            "--disk",
-            &disk.display().to_string(),
-            "--cmdline",
-            "workload=diskwrite disk_region=8M region=768M",
-        ],
-    );
-    a.wait_line(" cpu=1 t=", T);
+    let (a, mut q) = big_vm(&d, &disk);
     assert_eq!(save(&mut q, "s1", "good").get("error"), None);
     // Start a second save and kill snapvmm while it streams its VM state.
     q.ok(
@@ -405,20 +411,7 @@ fn quit_during_a_save_leaves_the_disk_as_it_was() {
     }
     let d = TempDir::new("savevm-quit");
     let disk = qcow2(&d, "disk.qcow2", "64M");
-    let (mut a, mut q) = start_vm(
-        &d,
-        "a",
-        "2",
-        &[
-            "--mem",
-            "1G",
-            "--disk",
-            &disk.display().to_string(),
-            "--cmdline",
-            "workload=diskwrite disk_region=8M region=768M",
-        ],
-    );
-    a.wait_line(" cpu=1 t=", T);
+    let (mut a, mut q) = big_vm(&d, &disk);
     q.ok(
         "snapshot-save",
         json!({"job-id": "s", "tag": "cut-short", "vmstate": "disk0", "devices": ["disk0"]}),
@@ -444,20 +437,7 @@ fn job_cancel_stops_a_save_and_nothing_becomes_visible() {
     }
     let d = TempDir::new("savevm-cancel");
     let disk = qcow2(&d, "disk.qcow2", "64M");
-    let (mut a, mut q) = start_vm(
-        &d,
-        "a",
-        "2",
-        &[
-            "--mem",
-            "1G",
-            "--disk",
-            &disk.display().to_string(),
-            "--cmdline",
-            "workload=diskwrite disk_region=8M region=768M",
-        ],
-    );
-    a.wait_line(" cpu=1 t=", T);
+    let (mut a, mut q) = big_vm(&d, &disk);
     q.ok(
         "snapshot-save",
         json!({"job-id": "s", "tag": "cancelled", "vmstate": "disk0", "devices": ["disk0"]}),
