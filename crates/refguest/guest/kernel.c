@@ -88,9 +88,24 @@ static void load_idt(void)
     __asm__ volatile("lidt %0" ::"m"(ptr));
 }
 
+/* The hypervisor's TSC frequency (KVM/VMware timing leaf), read here at ring 0:
+ * on PVM hosts a ring-3 CPUID runs natively and sees the host's leaves, not the VM's. */
+volatile u64 hv_tsc_khz;
+
+static u64 timing_leaf_khz(void)
+{
+    u32 a, b, c, d;
+    __asm__ volatile("cpuid" : "=a"(a), "=b"(b), "=c"(c), "=d"(d) : "a"(0x40000000), "c"(0));
+    if (a < 0x40000010 || a >= 0x40010000)
+        return 0;
+    __asm__ volatile("cpuid" : "=a"(a), "=b"(b), "=c"(c), "=d"(d) : "a"(0x40000010), "c"(0));
+    return a;
+}
+
 void kmain(u32 cpu)
 {
     if (cpu == 0) {
+        hv_tsc_khz = timing_leaf_khz();
         build_idt();
         __atomic_store_n(&idt_ready, 1, __ATOMIC_RELEASE);
     } else {

@@ -222,18 +222,12 @@ static void parse_cmdline(const char *s)
     }
 }
 
-/* TSC frequency: the KVM/VMware timing leaf (snapvmm sets it; QEMU with
- * -cpu host,vmware-cpuid-freq=on,+invtsc too), or tsc_khz= on the command line. */
+/* TSC frequency: the KVM/VMware timing leaf, read by the ring-0 part (snapvmm
+ * sets it; QEMU with -cpu host,vmware-cpuid-freq=on,+invtsc too), or tsc_khz=
+ * on the command line. */
 static u64 detect_tsc_khz(void)
 {
-    u32 a, b, c, d;
-    cpuid(0x40000000, &a, &b, &c, &d);
-    if (a >= 0x40000010 && a < 0x40010000) {
-        cpuid(0x40000010, &a, &b, &c, &d);
-        if (a)
-            return a;
-    }
-    return 0;
+    return hv_tsc_khz;
 }
 
 /* Usable RAM for the workload: e820 RAM above the guest image, inside the identity map. */

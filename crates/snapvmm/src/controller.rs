@@ -33,6 +33,9 @@ pub enum AppEvent {
     SaveVmDone,
     /// The huge-page rebuild after a fork capture ended.
     CollapseDone(vmm::memory::CollapseStats, Duration),
+    /// Bytes typed on stdin for the serial console; the reply says how many the
+    /// UART took (the console thread retries the rest).
+    ConsoleInput(Vec<u8>, mpsc::Sender<usize>),
 }
 
 /// The background huge-page rebuild (see `vmm::memory::collapse_huge_pages`).
@@ -72,6 +75,9 @@ pub fn run(mut cfg: RunConfig) -> Result<u8> {
     };
     let events = qmp_server.as_ref().map(|s| s.events());
     spawn_signal_thread(tx.clone())?;
+    if matches!(cfg.serial, SerialTarget::Stdio) {
+        spawn_console_thread(tx.clone())?;
+    }
     let mut migration = Migration::default();
     let mut incoming_reply = None;
     let machine = if cfg.defer_incoming {
@@ -162,6 +168,11 @@ fn wait_incoming(
             AppEvent::Signal(_) => {
                 quit("host-signal");
                 return Ok(None);
+            }
+            // No guest yet: typed input is dropped (the console thread goes on).
+            AppEvent::ConsoleInput(bytes, took) => {
+                let _ = took.send(bytes.len());
+                continue;
             }
             _ => continue,
         };
@@ -398,6 +409,9 @@ impl Controller {
                     req => self.qmp(req),
                 };
                 let _ = reply.send(r);
+            }
+            AppEvent::ConsoleInput(bytes, took) => {
+                let _ = took.send(self.machine.serial_input(&bytes));
             }
             AppEvent::CaptureDone => self.capture_done(),
             AppEvent::StopCopyDone(r) => self.stop_copy_done(r),
@@ -726,14 +740,12 @@ impl Controller {
                 .reset(false, "host-qmp-system-reset")
                 .map_err(|e| CommandError::generic(format!("{e:#}")))?,
             SystemPowerdown => {
-                // snapvmm has no ACPI, so no guest can handle the power button: the VMM
-                // honours the request itself after announcing it.
+                // The ACPI power button: a guest with ACPI shuts down (S5 through the
+                // sleep control register ends the VM); one without ignores it, as in QEMU.
+                self.machine
+                    .press_power_button()
+                    .map_err(|e| CommandError::generic(e.to_string()))?;
                 self.emit("POWERDOWN", None);
-                self.emit(
-                    "SHUTDOWN",
-                    Some(json!({"guest": false, "reason": "host-qmp-quit"})),
-                );
-                self.exit = Some(0);
             }
             Migrate(uri) => {
                 if self.pending_save.is_some() {
@@ -859,6 +871,41 @@ impl Controller {
             ev.emit(name, data);
         }
     }
+}
+
+/// With `--serial stdio`, what is typed on stdin goes to the guest's console
+/// (line by line when stdin is a terminal: it is not put in raw mode). The UART
+/// holds 64 bytes; the rest waits here until the guest has read them.
+fn spawn_console_thread(tx: mpsc::Sender<AppEvent>) -> Result<()> {
+    std::thread::Builder::new()
+        .name("console".into())
+        .spawn(move || {
+            use std::io::Read;
+            let mut buf = [0u8; 256];
+            let mut stdin = std::io::stdin().lock();
+            loop {
+                let n = match stdin.read(&mut buf) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => n,
+                };
+                let mut off = 0;
+                while off < n {
+                    let (took_tx, took_rx) = mpsc::channel();
+                    if tx
+                        .send(AppEvent::ConsoleInput(buf[off..n].to_vec(), took_tx))
+                        .is_err()
+                    {
+                        return;
+                    }
+                    let Ok(took) = took_rx.recv() else { return };
+                    off += took;
+                    if took == 0 {
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                }
+            }
+        })?;
+    Ok(())
 }
 
 fn spawn_signal_thread(tx: mpsc::Sender<AppEvent>) -> Result<()> {

@@ -21,6 +21,51 @@ fn builtin_guest_boots_and_exits_zero() {
 }
 
 #[test]
+fn guest_reads_the_tsc_frequency_from_the_hypervisor_leaf() {
+    let o = run_with_timeout(
+        snapvmm(&["run", "--mem", "64M", "--cmdline", "workload=exit"]),
+        T,
+    );
+    let out = stdout(&o);
+    let ready = out
+        .lines()
+        .find(|l| l.starts_with("refguest: ready"))
+        .unwrap_or_else(|| panic!("no ready line: {out}"));
+    assert!(!ready.contains("guessed"), "{ready}");
+    // This host's TSC frequency, as KVM reports it (sysfs has no such file on
+    // every host; the guest's figure must at least be a plausible CPU clock).
+    let khz: u64 = ready
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("tsc_khz="))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no tsc_khz in {ready}"));
+    assert!((500_000..10_000_000).contains(&khz), "{ready}");
+}
+
+#[test]
+fn system_powerdown_is_ignored_by_a_guest_without_acpi() {
+    let dir = TempDir::new("powerdown-noacpi");
+    let (mut vm, mut q) = start_vm(&dir, "vm", "1", &[]);
+    q.ok("system_powerdown", serde_json::json!({}));
+    // The reference guest has no ACPI: like QEMU, nothing happens, it keeps running.
+    let t0 = std::time::Instant::now();
+    let before = vm.wait_line("refguest: cpu=0 t=", T);
+    let after = loop {
+        let l = vm.wait_line("refguest: cpu=0 t=", T);
+        if l != before {
+            break l;
+        }
+        assert!(t0.elapsed() < T, "the guest stopped reporting");
+    };
+    assert_ne!(before, after);
+    assert!(q.event_names().contains(&"POWERDOWN".to_string()));
+    let st = q.ok("query-status", serde_json::json!({}));
+    assert_eq!(st["status"], "running", "{st}");
+    q.ok("quit", serde_json::json!({}));
+    vm.wait(T);
+}
+
+#[test]
 fn guest_exit_code_becomes_the_process_status() {
     let o = run_with_timeout(
         snapvmm(&["run", "--mem", "64M", "--cmdline", "workload=exit exit=7"]),

@@ -7,6 +7,7 @@
 //! 0x0000_9000  identity page tables for the Linux boot protocol (PML4, PDPT, PD)
 //! 0x0002_0000  kernel command line (up to CMDLINE_MAX bytes)
 //! 0x0009_fc00  MP table (end of base memory, reserved in e820)
+//! 0x000e_0000  ACPI tables from the RSDP (reserved in e820, with the BIOS area)
 //! 0x0010_0000  kernel load address (1 MiB)
 //! RAM up to MMIO_GAP_START, then the MMIO gap (LAPIC, IOAPIC, virtio-mmio), then RAM above 4 GiB.
 //! ```
@@ -27,8 +28,13 @@ pub const CMDLINE: u64 = 0x20000;
 pub const CMDLINE_MAX: usize = 2048;
 /// End of conventional memory; the MP table lives just below it.
 pub const EBDA_START: u64 = 0x9fc00;
-/// Start of the BIOS area reserved in the e820 map.
-pub const BIOS_START: u64 = 0xf0000;
+/// Start of the BIOS area reserved in the e820 map (the ACPI tables are in it).
+pub const BIOS_START: u64 = 0xe0000;
+/// The RSDP, then the other ACPI tables, up to [`ACPI_END`]; Linux also scans
+/// 0xe0000-0xfffff for the RSDP.
+pub const ACPI_START: u64 = 0xe0000;
+/// End of the ACPI tables' area.
+pub const ACPI_END: u64 = 0xf0000;
 /// Where kernels are loaded.
 pub const HIMEM_START: u64 = 0x10_0000;
 /// Start of the MMIO gap below 4 GiB.

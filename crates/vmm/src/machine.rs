@@ -11,7 +11,9 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::boot::{self, BootSpec};
 use crate::devices::virtio::{self, BlockBackend, VirtioBlk};
-use crate::devices::{debug_exit::DebugExit, i8042::I8042, serial, DeviceRequest, PioBus};
+use crate::devices::{
+    acpi::AcpiPm, debug_exit::DebugExit, i8042::I8042, serial, DeviceRequest, PioBus,
+};
 use crate::kvm::vcpu::{self, Vcpu};
 use crate::kvm::vm::KvmVm;
 use crate::kvm::{cpuid, ioctl};
@@ -121,7 +123,15 @@ impl Machine {
                 cmdline,
             } => {
                 let ram = GuestRam::anonymous(cfg.mem_bytes)?;
-                // Guests find the virtio-mmio devices on the command line, as Linux does.
+                // Guests find the virtio-mmio devices in the ACPI DSDT (stock kernels)
+                // or on the command line (the reference guest, kernels without ACPI).
+                let mmio: Vec<_> = (0..cfg.disks.len())
+                    .map(|i| boot::acpi::MmioDevice {
+                        base: virtio::mmio_base(i),
+                        size: virtio::MMIO_SIZE,
+                        irq: virtio::irq(i),
+                    })
+                    .collect();
                 let mut cmdline = cmdline;
                 for i in 0..cfg.disks.len() {
                     cmdline.push(' ');
@@ -132,6 +142,7 @@ impl Machine {
                     initrd: initrd.as_deref(),
                     cmdline: &cmdline,
                     cpus: cfg.cpus,
+                    virtio: &mmio,
                 };
                 let entry = boot::load_kernel(ram.memory(), cfg.mem_bytes, &spec)?;
                 (ram, Some(entry), None)
@@ -162,6 +173,8 @@ impl Machine {
 
         let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmmError::Io)?;
         vm.irqfd(&serial_irq, serial::IRQ)?;
+        let ged_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmmError::Io)?;
+        vm.irqfd(&ged_irq, crate::devices::acpi::GED_IRQ)?;
         let sink = |events: &EventSink| {
             let ev = events.clone();
             Box::new(move |r: DeviceRequest| {
@@ -192,6 +205,11 @@ impl Machine {
             }),
             i8042: Mutex::new(I8042::new(sink(&events))),
             debug_exit: DebugExit::new(sink(&events)),
+            acpi: AcpiPm::new(
+                ged_irq,
+                sink(&events),
+                &state.as_ref().map(|s| s.acpi.clone()).unwrap_or_default(),
+            ),
         });
 
         let base_cpuid = vm
@@ -330,6 +348,17 @@ impl Machine {
                 }
             })
             .collect()
+    }
+
+    /// Presses the ACPI power button (`system_powerdown`); what happens next is
+    /// up to the guest (one without ACPI ignores it).
+    pub fn press_power_button(&self) -> Result<(), VmmError> {
+        self.bus.acpi.press_power_button().map_err(VmmError::Io)
+    }
+
+    /// Console input for the guest's serial port; returns how many bytes it took.
+    pub fn serial_input(&self, bytes: &[u8]) -> usize {
+        crate::devices::lock(&self.bus.serial).input(bytes)
     }
 
     /// Flushes serial output (before the process exits).

@@ -45,6 +45,9 @@ pub struct MachineState {
     pub vm: VmState,
     pub serial: SerialState,
     pub i8042: I8042State,
+    /// ACPI power management (absent in images from before ACPI).
+    #[serde(default)]
+    pub acpi: crate::devices::acpi::AcpiPmState,
     /// virtio-blk devices, in device order (absent in images without disks).
     #[serde(default)]
     pub virtio: Vec<crate::devices::virtio::VirtioBlkState>,
@@ -176,6 +179,7 @@ impl Machine {
             vm,
             serial: lock(&self.bus().serial).save(),
             i8042: lock(&self.bus().i8042).save(),
+            acpi: self.bus().acpi.save(),
             virtio: self.bus().virtio.iter().map(|d| lock(d).save()).collect(),
         })
     }

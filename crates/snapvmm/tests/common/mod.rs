@@ -7,8 +7,12 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+/// The snapvmm binary under test (`SNAPVMM_BIN` overrides it: the Linux tests
+/// run this test binary inside a VM, where the build's path does not exist).
 pub fn bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_snapvmm"))
+    std::env::var_os("SNAPVMM_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_snapvmm")))
 }
 
 pub fn snapvmm(args: &[&str]) -> Command {

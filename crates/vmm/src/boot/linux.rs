@@ -30,14 +30,16 @@ pub fn is_bzimage(image: &[u8]) -> bool {
 }
 
 /// Builds `boot_params`: the setup header from the image (if any), the command
-/// line at [`layout::CMDLINE`], the initrd and the e820 map.
+/// line at [`layout::CMDLINE`], the initrd, the e820 map and the ACPI RSDP.
 pub fn boot_params(
     header: Option<setup_header>,
     cmdline_len: usize,
     initrd: Option<(u64, u64)>,
     e820: &[E820Entry],
+    rsdp: u64,
 ) -> boot_params {
     let mut p = boot_params::default();
+    p.acpi_rsdp_addr = rsdp;
     if let Some(h) = header {
         p.hdr = h;
     } else {
@@ -124,8 +126,15 @@ mod tests {
     #[test]
     fn boot_params_follow_the_protocol() {
         let map = e820::map(1 << 30);
-        let p = boot_params(None, 20, Some((0x3000_0000, 0x1234)), &map);
+        let p = boot_params(
+            None,
+            20,
+            Some((0x3000_0000, 0x1234)),
+            &map,
+            layout::ACPI_START,
+        );
         assert_eq!({ p.hdr.header }, HDRS_MAGIC);
+        assert_eq!({ p.acpi_rsdp_addr }, layout::ACPI_START);
         assert_eq!({ p.hdr.boot_flag }, 0xaa55);
         assert_eq!({ p.hdr.type_of_loader }, 0xff);
         assert_ne!(p.hdr.loadflags & CAN_USE_HEAP, 0);
@@ -154,6 +163,7 @@ mod tests {
             initrd: Some(b"initrd!"),
             cmdline: "console=ttyS0",
             cpus: 2,
+            virtio: &[],
         };
         let entry = crate::boot::load_kernel(ram.memory(), 256 << 20, &spec).unwrap();
         assert_eq!(

@@ -6,6 +6,7 @@
 //! long mode with `%rsi` = `boot_params`). Both get the same e820 map and an
 //! MP table describing the vCPUs.
 
+pub mod acpi;
 pub mod e820;
 pub mod linux;
 pub mod mptable;
@@ -35,6 +36,8 @@ pub enum BootError {
     GuestMemory(String),
     #[error("MP table: {0}")]
     MpTable(String),
+    #[error("ACPI tables: {0}")]
+    Acpi(String),
 }
 
 /// How the boot vCPU must be set up to enter the loaded kernel.
@@ -53,6 +56,8 @@ pub struct BootSpec<'a> {
     pub initrd: Option<&'a [u8]>,
     pub cmdline: &'a str,
     pub cpus: u8,
+    /// virtio-mmio devices, described to the guest in the ACPI DSDT.
+    pub virtio: &'a [acpi::MmioDevice],
 }
 
 /// Loads the kernel (and initrd) into guest memory and writes the boot
@@ -64,6 +69,7 @@ pub fn load_kernel(
 ) -> Result<BootEntry, BootError> {
     let cmdline = check_cmdline(spec.cmdline)?;
     mptable::write(mem, spec.cpus)?;
+    let rsdp = acpi::write(mem, spec.cpus, spec.virtio)?;
     let e820 = e820::map(ram_size);
     let mut image = Cursor::new(spec.kernel);
     if spec.kernel.starts_with(b"\x7fELF") {
@@ -78,7 +84,7 @@ pub fn load_kernel(
         match res.pvh_boot_cap {
             loader::PvhBootCapability::PvhEntryPresent(entry) => {
                 let initrd = load_initrd(mem, ram_size, spec.initrd, res.kernel_end)?;
-                pvh::write_start_info(mem, &e820, initrd)?;
+                pvh::write_start_info(mem, &e820, initrd, rsdp)?;
                 Ok(BootEntry::Pvh {
                     entry: entry.0,
                     start_info: layout::PVH_START_INFO,
@@ -87,7 +93,7 @@ pub fn load_kernel(
             _ => {
                 // A vmlinux without PVH note: 64-bit boot protocol at e_entry.
                 let initrd = load_initrd(mem, ram_size, spec.initrd, res.kernel_end)?;
-                let params = linux::boot_params(None, cmdline.len(), initrd, &e820);
+                let params = linux::boot_params(None, cmdline.len(), initrd, &e820, rsdp);
                 linux::write_boot_data(mem, &params)?;
                 let entry = elf_entry(spec.kernel).ok_or(BootError::UnknownFormat)?;
                 Ok(BootEntry::Linux64 {
@@ -106,7 +112,7 @@ pub fn load_kernel(
         .map_err(BootError::Load)?;
         write_cmdline(mem, &cmdline)?;
         let initrd = load_initrd(mem, ram_size, spec.initrd, res.kernel_end)?;
-        let params = linux::boot_params(res.setup_header, cmdline.len(), initrd, &e820);
+        let params = linux::boot_params(res.setup_header, cmdline.len(), initrd, &e820, rsdp);
         linux::write_boot_data(mem, &params)?;
         Ok(BootEntry::Linux64 {
             entry: res.kernel_load.0 + 0x200,
@@ -192,6 +198,7 @@ mod tests {
             initrd: None,
             cmdline: "",
             cpus: 1,
+            virtio: &[],
         };
         assert!(matches!(
             load_kernel(ram.memory(), 64 << 20, &spec),

@@ -15,10 +15,11 @@ use crate::layout;
 pub const XEN_HVM_START_MAGIC: u32 = 0x336e_c578;
 
 /// Builds the start info (version 1, with memory map) pointing at the command
-/// line at [`layout::CMDLINE`] and, if given, one module (the initrd).
+/// line at [`layout::CMDLINE`], the ACPI RSDP and, if given, one module (the initrd).
 pub fn start_info(
     e820: &[E820Entry],
     initrd: Option<(u64, u64)>,
+    rsdp: u64,
 ) -> (hvm_start_info, Vec<hvm_memmap_table_entry>) {
     let memmap: Vec<_> = e820
         .iter()
@@ -33,6 +34,7 @@ pub fn start_info(
         magic: XEN_HVM_START_MAGIC,
         version: 1,
         cmdline_paddr: layout::CMDLINE,
+        rsdp_paddr: rsdp,
         memmap_paddr: layout::PVH_MEMMAP,
         memmap_entries: memmap.len() as u32,
         nr_modules: u32::from(initrd.is_some()),
@@ -55,8 +57,9 @@ pub fn write_start_info(
     mem: &GuestMemoryMmap,
     e820: &[E820Entry],
     initrd: Option<(u64, u64)>,
+    rsdp: u64,
 ) -> Result<(), BootError> {
-    let (info, memmap) = start_info(e820, initrd);
+    let (info, memmap) = start_info(e820, initrd, rsdp);
     let mut params = BootParams::new(&info, GuestAddress(layout::PVH_START_INFO));
     params.set_sections(&memmap, GuestAddress(layout::PVH_MEMMAP));
     if let Some((addr, size)) = initrd {
@@ -81,7 +84,13 @@ mod tests {
     fn start_info_is_written_where_the_guest_looks() {
         let ram = crate::memory::GuestRam::anonymous(128 << 20).unwrap();
         let map = e820::map(128 << 20);
-        write_start_info(ram.memory(), &map, Some((0x400_0000, 0x1000))).unwrap();
+        write_start_info(
+            ram.memory(),
+            &map,
+            Some((0x400_0000, 0x1000)),
+            layout::ACPI_START,
+        )
+        .unwrap();
         let info: hvm_start_info = ram
             .memory()
             .read_obj(GuestAddress(layout::PVH_START_INFO))
@@ -89,6 +98,7 @@ mod tests {
         assert_eq!(info.magic, XEN_HVM_START_MAGIC);
         assert_eq!(info.version, 1);
         assert_eq!(info.cmdline_paddr, layout::CMDLINE);
+        assert_eq!(info.rsdp_paddr, layout::ACPI_START);
         assert_eq!(info.memmap_entries as usize, map.len());
         for (i, e) in map.iter().enumerate() {
             let got: hvm_memmap_table_entry = ram

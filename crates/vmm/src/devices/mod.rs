@@ -4,6 +4,7 @@
 //! devices here are small register state machines (vm-superio) whose saved
 //! state is plain data (see each device's `State`).
 
+pub mod acpi;
 pub mod debug_exit;
 pub mod i8042;
 pub mod serial;
@@ -24,12 +25,13 @@ pub enum DeviceRequest {
 pub type RequestSink = Box<dyn Fn(DeviceRequest) + Send + Sync>;
 
 /// The device buses: port I/O — serial (0x3f8–0x3ff), i8042 (0x60, 0x64),
-/// debug-exit (0xf4–0xf7) — and MMIO — virtio devices from
+/// debug-exit (0xf4–0xf7), ACPI power management (0x600–0x603) — and MMIO — virtio devices from
 /// [`virtio::MMIO_BASE`], one 4 KiB window each.
 pub struct PioBus {
     pub serial: Mutex<serial::Serial>,
     pub i8042: Mutex<i8042::I8042>,
     pub debug_exit: debug_exit::DebugExit,
+    pub acpi: acpi::AcpiPm,
     pub virtio: Vec<Mutex<virtio::VirtioBlk>>,
     /// Guest memory, for devices that read their rings and buffers.
     pub mem: vm_memory::GuestMemoryMmap,
@@ -65,6 +67,7 @@ impl PioBus {
                 data[0] = lock(&self.serial).read((port - serial::BASE) as u8);
             }
             i8042::DATA | i8042::COMMAND => data[0] = lock(&self.i8042).read(port),
+            acpi::BASE..=acpi::LAST => data[0] = self.acpi.read(port),
             _ => {}
         }
     }
@@ -77,6 +80,7 @@ impl PioBus {
             }
             i8042::DATA | i8042::COMMAND => lock(&self.i8042).write(port, data[0]),
             debug_exit::BASE..=debug_exit::LAST => self.debug_exit.write(data),
+            acpi::BASE..=acpi::LAST => self.acpi.write(port, data[0]),
             _ => {}
         }
     }

@@ -102,6 +102,12 @@ impl Serial {
         }
     }
 
+    /// Queues console input for the guest; returns how many bytes fit in the
+    /// receive FIFO (0 when it is full: try again once the guest has read).
+    pub fn input(&mut self, bytes: &[u8]) -> usize {
+        self.dev.enqueue_raw_bytes(bytes).unwrap_or(0)
+    }
+
     /// Flushes buffered output.
     pub fn flush(&mut self) {
         let _ = self.dev.writer_mut().flush();
@@ -140,5 +146,21 @@ mod tests {
             Serial::restore(EventFd::new(0).unwrap(), Box::new(Sink::default()), &st).unwrap();
         assert_eq!(r.save(), st);
         assert_eq!(r.read(7), 0x5a);
+    }
+
+    #[test]
+    fn input_fills_the_fifo_and_the_guest_reads_it() {
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mut s = Serial::new(irq.try_clone().unwrap(), Box::new(Sink::default()));
+        s.write(1, 0x01); // IER: received-data interrupt on
+        assert_eq!(s.input(b"ls\n"), 3);
+        assert!(irq.read().unwrap() >= 1, "interrupt raised");
+        assert_ne!(s.read(5) & 1, 0, "LSR: data ready");
+        assert_eq!([s.read(0), s.read(0), s.read(0)], *b"ls\n");
+        assert_eq!(s.read(5) & 1, 0, "FIFO drained");
+        let big = [b'x'; 200];
+        let n = s.input(&big);
+        assert!(n > 0 && n < big.len(), "the FIFO takes part: {n}");
+        assert_eq!(s.input(&big), 0, "full");
     }
 }

@@ -1,0 +1,51 @@
+#!/bin/busybox sh
+# /init of the Linux guest in tests/linux_guests.rs (busybox, Debian's stock
+# kernel and modules). The scenario comes from the kernel command line:
+# snaptest=boot|reboot|powerdown|disk|mem|files.
+/bin/busybox --install -s /bin
+mkdir -p /proc /sys /dev /mnt
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+mode=$(sed -n 's/.*snaptest=\([a-z]*\).*/\1/p' /proc/cmdline)
+load() { for m in "$@"; do insmod /modules/$m.ko || echo "GUEST-ERROR insmod $m"; done; }
+echo "GUEST-UP mode=$mode nproc=$(nproc) uptime=$(cut -d' ' -f1 /proc/uptime)"
+grep -q LNRO0005 /sys/bus/acpi/devices/*/hid 2>/dev/null && echo "GUEST-ACPI virtio-mmio devices: $(cat /sys/bus/acpi/devices/*/hid | grep -c LNRO0005)"
+off() { sync; echo "GUEST-POWEROFF"; poweroff -f; sleep 30; echo "GUEST-ERROR still running after poweroff"; }
+case "$mode" in
+boot)
+    echo "GUEST-CPUS online=$(cat /sys/devices/system/cpu/online)"
+    echo "GUEST-CLOCK $(cat /sys/devices/system/clocksource/clocksource0/current_clocksource)"
+    # The console: the host types a line, the shell runs it.
+    echo "GUEST-SHELL"
+    setsid cttyhack sh
+    off ;;
+reboot)
+    echo "GUEST-REBOOT"
+    reboot -f ;;
+powerdown)
+    load button
+    /stress powerkey && off
+    echo "GUEST-ERROR no power button event" ;;
+disk|files)
+    load virtio virtio_ring virtio_mmio virtio_blk crc16 mbcache jbd2 crc32c_generic ext4
+    for i in 1 2 3 4 5 6 7 8 9 10; do [ -b /dev/vda ] && break; sleep 0.2; done
+    ls /dev/vd* 2>/dev/null | sed 's/^/GUEST-DISK /'
+    if [ "$mode" = disk ]; then
+        for d in vda vdb; do
+            mke2fs -q /dev/$d && mount -t ext2 /dev/$d /mnt || { echo "GUEST-ERROR cannot use /dev/$d"; continue; }
+            for i in 0 1 2 3; do /stress content $i > /mnt/f$i; done
+            sync; umount /mnt
+            mount -t ext2 -o ro /dev/$d /mnt && (cd /mnt && sha256sum f0 f1 f2 f3 | sed "s/^/GUEST-SUM $d /") && umount /mnt
+        done
+    else
+        # Formatted only once: a restored guest finds the filesystem it made.
+        [ -e /formatted ] || { mke2fs -q /dev/vda && touch /formatted; }
+        mount -t ext2 /dev/vda /mnt && /stress files /mnt 30 && umount /mnt && echo "GUEST-UMOUNTED"
+    fi
+    off ;;
+mem)
+    /stress mem 64 ;;
+*)
+    echo "GUEST-ERROR unknown mode '$mode'" ;;
+esac

@@ -1,0 +1,136 @@
+//! Linux guests (Debian's stock kernel, its own drivers) under snapvmm: see
+//! `tests/linux_guests.rs` for what runs and `docs/LINUX.md` for how to run it by hand.
+
+pub mod inputs;
+pub mod outer;
+pub mod scenarios;
+pub mod vm;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+/// The scenarios' results, wherever they ran.
+pub struct Report {
+    pub results: BTreeMap<String, Result<(), String>>,
+    /// Console output of failed scenarios.
+    pub logs: BTreeMap<String, String>,
+    /// Disk images for the host-side checks (`None`: checked where they ran).
+    pub export: Option<PathBuf>,
+    /// What to show when a scenario has no result at all (the end of the console).
+    pub missing_hint: String,
+}
+
+/// True where `/dev/kvm` can run Linux: the CPU has hardware virtualization.
+pub fn kvm_runs_linux() -> bool {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let hw = cpuinfo
+        .lines()
+        .filter(|l| l.starts_with("flags"))
+        .any(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"));
+    hw && Path::new("/dev/kvm").exists()
+}
+
+/// Runs every scenario here, against this machine's /dev/kvm.
+fn run_here(kernel: PathBuf, initrd: PathBuf) -> Report {
+    let deferred = std::env::var_os("SNAPVMM_LINUX_EXPORT").map(PathBuf::from);
+    let scratch = std::env::temp_dir().join(format!("snapvmm-linux-{}", std::process::id()));
+    let export = deferred.clone().unwrap_or_else(|| scratch.join("export"));
+    let mut report = Report {
+        results: BTreeMap::new(),
+        logs: BTreeMap::new(),
+        export: None,
+        missing_hint: String::new(),
+    };
+    for name in scenarios::ALL {
+        let dir = scratch.join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        let ctx = scenarios::Ctx {
+            kernel: kernel.clone(),
+            initrd: initrd.clone(),
+            dir: dir.clone(),
+            export: export.clone(),
+            console: vm::Console::default(),
+        };
+        let t0 = std::time::Instant::now();
+        let mut r = scenarios::run(name, &ctx);
+        if r.is_ok() && deferred.is_none() && scenarios::has_host_check(name) {
+            r = scenarios::host_check(name, &export);
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+        println!(
+            "{} ({:.1} s)",
+            scenarios::report_line(name, &r),
+            t0.elapsed().as_secs_f64()
+        );
+        if r.is_err() {
+            let text = ctx.console.text();
+            for l in text.lines() {
+                println!("LINUX-CONSOLE {name} {l}");
+            }
+            report.logs.insert(name.to_string(), text);
+        }
+        report.results.insert(name.to_string(), r);
+    }
+    report
+}
+
+fn run_all() -> Report {
+    let failed = |why: String| Report {
+        results: scenarios::ALL
+            .iter()
+            .map(|n| (n.to_string(), Err(why.clone())))
+            .collect(),
+        logs: BTreeMap::new(),
+        export: None,
+        missing_hint: String::new(),
+    };
+    // Inside the TCG VM: the host prepared everything.
+    if let Some(dir) = std::env::var_os("SNAPVMM_LINUX_INPUTS").map(PathBuf::from) {
+        return run_here(dir.join("vmlinuz"), dir.join("guest-initrd.cpio"));
+    }
+    let inputs = match inputs::prepare() {
+        Ok(i) => i,
+        Err(e) => return failed(format!("preparing the Linux guest failed: {e}")),
+    };
+    if kvm_runs_linux() {
+        return run_here(inputs.kernel, inputs.initrd);
+    }
+    let dir = inputs::cache_dir().join(format!("run-{}", std::process::id()));
+    let _ = std::fs::create_dir_all(&dir);
+    let mut report = match outer::run(&inputs, &dir) {
+        Ok(r) => r,
+        Err(e) => return failed(e),
+    };
+    if let Some(export) = report.export.clone() {
+        for (name, r) in report.results.iter_mut() {
+            if r.is_ok() && scenarios::has_host_check(name) {
+                *r = scenarios::host_check(name, &export);
+            }
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    report
+}
+
+/// Runs the scenarios once per test process; every test reads its own result.
+pub fn report() -> &'static Report {
+    static REPORT: OnceLock<Report> = OnceLock::new();
+    REPORT.get_or_init(run_all)
+}
+
+/// Fails the calling test unless `scenario` passed, with the guest's console.
+pub fn check(scenario: &str) {
+    let r = report();
+    match r.results.get(scenario) {
+        Some(Ok(())) => {}
+        Some(Err(e)) => panic!(
+            "Linux scenario {scenario} failed: {e}\n--- console ---\n{}",
+            r.logs.get(scenario).map(String::as_str).unwrap_or("(none)")
+        ),
+        None => panic!(
+            "Linux scenario {scenario} reported nothing; the end of the TCG VM's console:\n{}",
+            r.missing_hint
+        ),
+    }
+}

@@ -1,0 +1,513 @@
+//! The Linux guest scenarios, run where `/dev/kvm` can run Linux (a host with
+//! vmx/svm, or the TCG VM with nested SVM that `outer.rs` boots). Each drives
+//! snapvmm processes like a user would and checks what the guest itself prints
+//! (`init.sh`, `stress.c`); disk images are then checked from the host side
+//! (`host_check`) with QEMU's and e2fsprogs' tools.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use super::vm::{Console, Vm};
+use crate::common::Qmp;
+
+/// Generous: nested under TCG, Linux takes ~10 s to boot and everything is ~30x slower.
+const T: Duration = Duration::from_secs(240);
+
+/// Names of the scenarios, in the order they run.
+pub const ALL: &[&str] = &[
+    "boot-1cpu-console-poweroff",
+    "boot-2cpu-powerdown",
+    "reboot",
+    "virtio-blk-raw-qcow2",
+    "live-snapshot-restore",
+    "ten-snapshots-restore-last",
+    "savevm-loadvm-qcow2",
+];
+
+/// Scenarios whose disk images are checked from the host afterwards.
+pub fn has_host_check(name: &str) -> bool {
+    matches!(name, "virtio-blk-raw-qcow2" | "savevm-loadvm-qcow2")
+}
+
+pub struct Ctx {
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    /// Scratch space (snapshot images, sockets).
+    pub dir: PathBuf,
+    /// Where disk images for the host-side checks go (`export/<scenario>/`).
+    pub export: PathBuf,
+    pub console: Console,
+}
+
+impl Ctx {
+    fn linux(&self, name: &str, mem: &str, cpus: &str, mode: &str, extra: &[&str]) -> Vm {
+        let cmdline = format!("console=ttyS0 panic=-1 quiet snaptest={mode}");
+        let (k, i) = (
+            self.kernel.display().to_string(),
+            self.initrd.display().to_string(),
+        );
+        let mut args = vec![
+            "--mem",
+            mem,
+            "--cpus",
+            cpus,
+            "--kernel",
+            &k,
+            "--initrd",
+            &i,
+            "--cmdline",
+            &cmdline,
+        ];
+        args.extend_from_slice(extra);
+        Vm::start(name, &self.dir, &self.console, &args)
+    }
+
+    fn vm(&self, name: &str, args: &[&str]) -> Vm {
+        Vm::start(name, &self.dir, &self.console, args)
+    }
+}
+
+fn qmp(vm: &Vm) -> Qmp {
+    Qmp::connect(&vm.qmp_path)
+}
+
+fn field(line: &str, key: &str) -> u64 {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(key))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {key} in {line:?}"))
+}
+
+/// Runs one scenario; returns Err with the reason when it fails.
+pub fn run(name: &str, ctx: &Ctx) -> Result<(), String> {
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match name {
+        "boot-1cpu-console-poweroff" => boot_console_poweroff(ctx),
+        "boot-2cpu-powerdown" => boot_powerdown(ctx),
+        "reboot" => reboot(ctx),
+        "virtio-blk-raw-qcow2" => disks(ctx),
+        "live-snapshot-restore" => live_snapshot(ctx),
+        "ten-snapshots-restore-last" => ten_snapshots(ctx),
+        "savevm-loadvm-qcow2" => savevm(ctx),
+        other => panic!("unknown scenario {other}"),
+    }));
+    r.map_err(|e| {
+        e.downcast_ref::<String>()
+            .cloned()
+            .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_else(|| "panic".into())
+    })
+}
+
+/// 1 vCPU: the stock kernel boots to userspace through ACPI, a command typed on
+/// the serial console runs, `poweroff` ends the VM through ACPI S5.
+fn boot_console_poweroff(ctx: &Ctx) {
+    let mut vm = ctx.linux("vm", "256M", "1", "boot", &[]);
+    let up = vm.wait("GUEST-UP", T);
+    assert!(up.contains("nproc=1"), "{up}");
+    vm.wait("GUEST-SHELL", T);
+    // The shell may not have opened the console yet: type until it answers.
+    let end = Instant::now() + T;
+    loop {
+        vm.type_line("echo typed-$((6*7))");
+        if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            vm.wait("typed-42", Duration::from_secs(10))
+        }))
+        .is_ok()
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < end,
+            "the console never ran the typed command"
+        );
+    }
+    vm.type_line("exit");
+    vm.wait("GUEST-POWEROFF", T);
+    assert_eq!(
+        vm.exit_code(T),
+        Some(0),
+        "poweroff through ACPI S5 ends the VM with 0"
+    );
+    let log = ctx.console.text();
+    assert!(log.contains("reboot: Power down"), "Linux powered down");
+}
+
+/// 2 vCPUs: both online; QMP `system_powerdown` presses the ACPI power button,
+/// the guest sees KEY_POWER and powers off; SHUTDOWN says the guest did it.
+fn boot_powerdown(ctx: &Ctx) {
+    let mut vm = ctx.linux("vm", "256M", "2", "powerdown", &[]);
+    let up = vm.wait("GUEST-UP", T);
+    assert!(up.contains("nproc=2"), "{up}");
+    vm.wait("POWERKEY watching", T);
+    let mut q = qmp(&vm);
+    q.ok("system_powerdown", json!({}));
+    vm.wait("POWERKEY pressed", T);
+    vm.wait("GUEST-POWEROFF", T);
+    assert_eq!(vm.exit_code(T), Some(0));
+    assert!(q.event_names().contains(&"POWERDOWN".to_string()));
+}
+
+/// `reboot` in the guest: an ACPI reset. snapvmm ends the VM (as QEMU's -no-reboot)
+/// with status 0, after Linux said it restarts.
+fn reboot(ctx: &Ctx) {
+    let mut vm = ctx.linux("vm", "256M", "1", "reboot", &[]);
+    vm.wait("GUEST-REBOOT", T);
+    vm.wait("reboot: Restarting system", T);
+    assert_eq!(vm.exit_code(T), Some(0));
+}
+
+fn create_disks(dir: &Path) -> (PathBuf, PathBuf) {
+    std::fs::create_dir_all(dir).unwrap();
+    let raw = dir.join("disk.raw");
+    std::fs::File::create(&raw)
+        .unwrap()
+        .set_len(64 << 20)
+        .unwrap();
+    let q = dir.join("disk.qcow2");
+    qcow2::Qcow2::create(&q, 64 << 20, qcow2::CreateOptions::default()).unwrap();
+    (raw, q)
+}
+
+/// Linux's own virtio-mmio (found in the DSDT) and virtio-blk drivers: a file
+/// system made, written, read back on a raw and on a qcow2 disk.
+fn disks(ctx: &Ctx) {
+    let out = ctx.export.join("virtio-blk-raw-qcow2");
+    let (raw, q) = create_disks(&out);
+    let d0 = format!("{},format=raw", raw.display());
+    let d1 = format!("{},format=qcow2", q.display());
+    let mut vm = ctx.linux("vm", "256M", "1", "disk", &["--disk", &d0, "--disk", &d1]);
+    let acpi = vm.wait("GUEST-ACPI", T);
+    assert!(acpi.ends_with(": 2"), "{acpi}");
+    let mut sums = String::new();
+    for _ in 0..8 {
+        let l = vm.wait_any(&["GUEST-SUM", "GUEST-ERROR"], T);
+        assert!(!l.contains("GUEST-ERROR"), "{l}");
+        sums.push_str(&l);
+        sums.push('\n');
+    }
+    vm.wait("GUEST-POWEROFF", T);
+    assert_eq!(vm.exit_code(T), Some(0));
+    std::fs::write(out.join("guest-sums.txt"), sums).unwrap();
+}
+
+fn stress_lines(vm: &mut Vm, n: usize) -> Vec<String> {
+    (0..n)
+        .map(|_| {
+            let l = vm.wait_any(&["STRESS pass=", "CORRUPT"], T);
+            assert!(!l.contains("CORRUPT"), "{l}");
+            assert!(l.ends_with("corrupt=0"), "{l}");
+            l
+        })
+        .collect()
+}
+
+/// Checks a restored guest: the stress process continues at (or after) the
+/// pass it was in, its monotonic clock does not go back, timers fire about once
+/// a second, nothing is corrupt.
+fn check_restored(vm: &mut Vm, before: &str) {
+    let after = stress_lines(vm, 3);
+    assert!(
+        field(&after[0], "pass=") >= field(before, "pass="),
+        "the guest went back in time: {before} -> {}",
+        after[0]
+    );
+    assert!(
+        field(&after[0], "mono_ms=") >= field(before, "mono_ms="),
+        "monotonic time went backwards: {before} -> {}",
+        after[0]
+    );
+    for _ in 0..2 {
+        let t = vm.wait("TIMER slept_ms=", T);
+        let ms = field(&t, "slept_ms=");
+        assert!((900..6000).contains(&ms), "sleep 1 took {ms} ms: {t}");
+    }
+    assert!(
+        field(&after[2], "pass=") > field(&after[0], "pass="),
+        "the guest makes progress: {after:?}"
+    );
+}
+
+fn snapshot_to(q: &mut Qmp, path: &Path) {
+    let r = q.ok(
+        "migrate",
+        json!({"uri": format!("file:{}", path.display())}),
+    );
+    assert_eq!(r, json!({}));
+    let m = q.wait_migration(T);
+    assert_eq!(m["status"], "completed", "{m}");
+}
+
+/// A live snapshot of a Linux guest rewriting 64 MiB as fast as it can, restored
+/// in a new process (`--incoming file:`) and with `--incoming defer` +
+/// `migrate-incoming`.
+fn live_snapshot(ctx: &Ctx) {
+    let snap = ctx.dir.join("linux.snap");
+    let mut src = ctx.linux("src", "256M", "2", "mem", &[]);
+    let mut q = qmp(&src);
+    q.ok(
+        "migrate-set-capabilities",
+        json!({"capabilities": [{"capability": "background-snapshot", "state": true}]}),
+    );
+    let before = stress_lines(&mut src, 2).pop().unwrap();
+    snapshot_to(&mut q, &snap);
+    // The source kept running.
+    stress_lines(&mut src, 2);
+    assert_eq!(q.ok("query-status", json!({}))["status"], "running");
+    q.ok("quit", json!({}));
+    src.exit_code(T);
+
+    let incoming = format!("file:{}", snap.display());
+    let mut dst = ctx.vm(
+        "restored",
+        &["--mem", "256M", "--cpus", "2", "--incoming", &incoming],
+    );
+    check_restored(&mut dst, &before);
+    // The console still works after a restore (the serial device's state came along).
+    let mut q = qmp(&dst);
+    q.ok("quit", json!({}));
+    dst.exit_code(T);
+
+    let mut late = ctx.vm(
+        "deferred",
+        &["--mem", "256M", "--cpus", "2", "--incoming", "defer"],
+    );
+    let mut q = qmp(&late);
+    q.ok("migrate-incoming", json!({"uri": incoming}));
+    check_restored(&mut late, &before);
+    q.ok("quit", json!({}));
+    late.exit_code(T);
+}
+
+/// Ten live snapshots in a row of the same running guest; the last one restores.
+fn ten_snapshots(ctx: &Ctx) {
+    let mut src = ctx.linux("src", "256M", "1", "mem", &[]);
+    let mut q = qmp(&src);
+    q.ok(
+        "migrate-set-capabilities",
+        json!({"capabilities": [{"capability": "background-snapshot", "state": true}]}),
+    );
+    let mut before = stress_lines(&mut src, 1).pop().unwrap();
+    let mut last = PathBuf::new();
+    for i in 0..10 {
+        let next = ctx.dir.join(format!("ten-{i}.snap"));
+        before = stress_lines(&mut src, 1).pop().unwrap();
+        snapshot_to(&mut q, &next);
+        // Only the last image is restored: keep the scratch space (a tmpfs in the TCG VM) small.
+        let _ = std::fs::remove_file(&last);
+        last = next;
+    }
+    q.ok("quit", json!({}));
+    src.exit_code(T);
+    let incoming = format!("file:{}", last.display());
+    let mut dst = ctx.vm(
+        "restored",
+        &["--mem", "256M", "--cpus", "1", "--incoming", &incoming],
+    );
+    check_restored(&mut dst, &before);
+    qmp(&dst).ok("quit", json!({}));
+    dst.exit_code(T);
+}
+
+fn wait_job(q: &mut Qmp, id: &str) {
+    let end = Instant::now() + T;
+    loop {
+        let jobs = q.ok("query-jobs", json!({}));
+        let job = jobs
+            .as_array()
+            .and_then(|a| a.iter().find(|j| j["id"] == id))
+            .cloned()
+            .unwrap_or_else(|| panic!("job {id} not in {jobs}"));
+        if job["status"] == "concluded" {
+            assert!(job.get("error").is_none(), "job {id} failed: {job}");
+            q.ok("job-dismiss", json!({"id": id}));
+            return;
+        }
+        assert!(Instant::now() < end, "job {id} still {job}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The files line the restored guest prints first: it must be the instant of the
+/// snapshot (no later than what was written when the save ended) and consistent.
+fn files_after_load(vm: &mut Vm, at_save_end: u64) -> u64 {
+    let l = vm.wait_any(&["FILES n=", "CORRUPT"], T);
+    assert!(!l.contains("CORRUPT") && l.ends_with(" ok"), "{l}");
+    let n = field(&l, "n=");
+    assert!(
+        n <= at_save_end + 1,
+        "{l}: the snapshot ended at n={at_save_end}"
+    );
+    n
+}
+
+/// savevm/loadvm of a Linux guest writing files on its qcow2 disk: after
+/// `snapshot-load` (and `--loadvm` in a new process) the guest finds exactly
+/// the files of the snapshot instant, finishes, and unmounts cleanly.
+fn savevm(ctx: &Ctx) {
+    let out = ctx.export.join("savevm-loadvm-qcow2");
+    let (_, q2) = create_disks(&out);
+    let disk = format!("{},format=qcow2,id=disk0", q2.display());
+    let mut vm = ctx.linux("vm", "256M", "1", "files", &["--disk", &disk]);
+    let first = vm.wait("FILES n=4 ", T);
+    assert!(first.ends_with(" ok"), "{first}");
+    let mut q = qmp(&vm);
+    q.ok(
+        "snapshot-save",
+        json!({"job-id": "save", "tag": "t1", "vmstate": "disk0", "devices": ["disk0"]}),
+    );
+    wait_job(&mut q, "save");
+    let at_end = field(&vm.wait("FILES n=", T), "n=");
+    // More files after the snapshot, which the load must take back.
+    vm.wait(&format!("FILES n={} ", at_end + 3), T);
+    q.ok(
+        "snapshot-load",
+        json!({"job-id": "load", "tag": "t1", "vmstate": "disk0", "devices": ["disk0"]}),
+    );
+    wait_job(&mut q, "load");
+    let k = files_after_load(&mut vm, at_end);
+    assert!(k >= 4, "loaded n={k}, the save began at n=4");
+    vm.wait("FILES done n=30", T);
+    vm.wait("GUEST-UMOUNTED", T);
+    vm.wait("GUEST-POWEROFF", T);
+    assert_eq!(vm.exit_code(T), Some(0));
+
+    // A new process from the same snapshot.
+    let mut again = ctx.vm(
+        "loadvm",
+        &[
+            "--mem", "256M", "--cpus", "1", "--disk", &disk, "--loadvm", "t1",
+        ],
+    );
+    assert_eq!(files_after_load(&mut again, at_end), k);
+    again.wait("FILES done n=30", T);
+    again.wait("GUEST-UMOUNTED", T);
+    again.wait("GUEST-POWEROFF", T);
+    assert_eq!(again.exit_code(T), Some(0));
+}
+
+// ---- host-side checks (run on the host even when the scenarios ran in the TCG VM) ----
+
+fn tool(cmd: &mut Command) -> Result<String, String> {
+    let o = cmd
+        .output()
+        .map_err(|e| format!("cannot run {cmd:?}: {e}"))?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    if o.status.success() {
+        Ok(text)
+    } else {
+        Err(format!("{cmd:?}: {}: {text}", o.status))
+    }
+}
+
+/// What `stress content I` prints: the file contents the guest writes.
+pub fn content(i: u64) -> Vec<u8> {
+    let mut s = String::new();
+    for l in 0..64 + i * 16 {
+        s.push_str(&format!("snapvmm file {i} line {l}\n"));
+    }
+    s.into_bytes()
+}
+
+/// `e2fsck -fn` is clean and the root directory holds exactly `f0..f(n-1)`,
+/// each with its content.
+fn check_filesystem(img: &Path, n: u64) -> Result<(), String> {
+    tool(Command::new("e2fsck").arg("-fn").arg(img))?;
+    let ls = tool(Command::new("debugfs").arg("-R").arg("ls -l /").arg(img))?;
+    let mut names: Vec<String> = ls
+        .split_whitespace()
+        .filter(|w| w.starts_with('f') && w[1..].chars().all(|c| c.is_ascii_digit()) && w.len() > 1)
+        .map(str::to_string)
+        .collect();
+    names.sort();
+    let mut want: Vec<String> = (0..n).map(|i| format!("f{i}")).collect();
+    want.sort();
+    if names != want {
+        return Err(format!(
+            "{}: files {names:?}, expected {want:?}",
+            img.display()
+        ));
+    }
+    for i in 0..n {
+        let out = Command::new("debugfs")
+            .arg("-R")
+            .arg(format!("cat /f{i}"))
+            .arg(img)
+            .output()
+            .map_err(|e| e.to_string())?;
+        if out.stdout != content(i) {
+            return Err(format!(
+                "{}: /f{i} does not hold what the guest wrote",
+                img.display()
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn qcow2_check_and_convert(q: &Path) -> Result<PathBuf, String> {
+    let check = tool(Command::new("qemu-img").arg("check").arg(q))?;
+    if !check.contains("No errors were found") {
+        return Err(format!("qemu-img check {}: {check}", q.display()));
+    }
+    let raw = q.with_extension("converted.raw");
+    tool(
+        Command::new("qemu-img")
+            .args(["convert", "-O", "raw"])
+            .arg(q)
+            .arg(&raw),
+    )?;
+    Ok(raw)
+}
+
+/// Host-side checks of a scenario's disk images under `export`.
+pub fn host_check(name: &str, export: &Path) -> Result<(), String> {
+    let dir = export.join(name);
+    match name {
+        "virtio-blk-raw-qcow2" => {
+            let converted = qcow2_check_and_convert(&dir.join("disk.qcow2"))?;
+            let sums =
+                std::fs::read_to_string(dir.join("guest-sums.txt")).map_err(|e| e.to_string())?;
+            for (dev, img) in [("vda", dir.join("disk.raw")), ("vdb", converted)] {
+                check_filesystem(&img, 4)?;
+                for i in 0..4u64 {
+                    let path = dir.join(format!("expected-f{i}"));
+                    std::fs::write(&path, content(i)).map_err(|e| e.to_string())?;
+                    let sum = tool(Command::new("sha256sum").arg(&path))?;
+                    let sum = sum.split_whitespace().next().unwrap_or("");
+                    let line = format!("GUEST-SUM {dev} {sum}  f{i}");
+                    if !sums.lines().any(|l| l == line) {
+                        return Err(format!(
+                            "the guest read back something else: no {line:?} in\n{sums}"
+                        ));
+                    }
+                }
+            }
+            Ok(())
+        }
+        "savevm-loadvm-qcow2" => {
+            let q = dir.join("disk.qcow2");
+            let list = tool(Command::new("qemu-img").args(["snapshot", "-l"]).arg(&q))?;
+            if !list.contains("t1") {
+                return Err(format!("qemu-img snapshot -l does not list t1: {list}"));
+            }
+            let converted = qcow2_check_and_convert(&q)?;
+            check_filesystem(&converted, 30)
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Scenario report lines, as printed where the scenarios run and parsed by the host.
+pub fn report_line(name: &str, r: &Result<(), String>) -> String {
+    match r {
+        Ok(()) => format!("LINUX-SCENARIO {name} PASS"),
+        Err(e) => format!("LINUX-SCENARIO {name} FAIL {}", e.replace('\n', " | ")),
+    }
+}

@@ -1,0 +1,154 @@
+//! A snapvmm process running a Linux guest: its console lines are kept (for the
+//! report when a scenario fails) and can be waited for.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+/// Everything every VM of a scenario printed, in order, tagged with the VM's name.
+#[derive(Clone, Default)]
+pub struct Console(Arc<(Mutex<Vec<String>>, Condvar)>);
+
+impl Console {
+    fn push(&self, line: String) {
+        let (m, cv) = &*self.0;
+        m.lock().unwrap().push(line);
+        cv.notify_all();
+    }
+
+    pub fn text(&self) -> String {
+        self.0 .0.lock().unwrap().join("\n")
+    }
+
+    fn len(&self) -> usize {
+        self.0 .0.lock().unwrap().len()
+    }
+}
+
+pub struct Vm {
+    pub name: String,
+    pub child: Child,
+    stdin: Option<ChildStdin>,
+    console: Console,
+    /// Index in the console of the first line of this VM not yet consumed by `wait`.
+    cursor: usize,
+    pub qmp_path: PathBuf,
+}
+
+pub fn bin() -> PathBuf {
+    crate::common::bin()
+}
+
+impl Vm {
+    /// Starts `snapvmm run ARGS --qmp unix:DIR/NAME.sock`.
+    pub fn start(name: &str, dir: &Path, console: &Console, args: &[&str]) -> Vm {
+        let qmp_path = dir.join(format!("{name}.sock"));
+        let mut cmd = Command::new(bin());
+        cmd.arg("run")
+            .args(args)
+            .arg("--qmp")
+            .arg(format!("unix:{}", qmp_path.display()))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("spawn snapvmm");
+        let stdin = child.stdin.take();
+        for (stream, tag) in [
+            (
+                Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
+                "",
+            ),
+            (Box::new(child.stderr.take().unwrap()), "stderr: "),
+        ] {
+            let c = console.clone();
+            let prefix = format!("[{name}] {tag}");
+            std::thread::spawn(move || {
+                for l in BufReader::new(stream).lines() {
+                    let Ok(l) = l else { break };
+                    c.push(format!("{prefix}{}", l.trim_end_matches('\r')));
+                }
+            });
+        }
+        Vm {
+            name: name.into(),
+            child,
+            stdin,
+            cursor: console.len(),
+            console: console.clone(),
+            qmp_path,
+        }
+    }
+
+    /// Waits for a console line of this VM (after the last one waited for) that
+    /// contains `needle`; returns it without the VM tag.
+    pub fn wait(&mut self, needle: &str, limit: Duration) -> String {
+        self.wait_any(&[needle], limit)
+    }
+
+    pub fn wait_any(&mut self, needles: &[&str], limit: Duration) -> String {
+        let end = Instant::now() + limit;
+        let tag = format!("[{}] ", self.name);
+        let (m, cv) = &*self.console.0;
+        let mut lines = m.lock().unwrap();
+        loop {
+            while self.cursor < lines.len() {
+                let l = &lines[self.cursor];
+                self.cursor += 1;
+                if let Some(own) = l.strip_prefix(&tag) {
+                    if needles.iter().any(|n| own.contains(n)) {
+                        return own.to_string();
+                    }
+                }
+            }
+            if let Ok(Some(st)) = self.child.try_wait() {
+                // Output may still be on its way: give the readers a moment, then give up.
+                drop(lines);
+                std::thread::sleep(Duration::from_millis(200));
+                lines = m.lock().unwrap();
+                if self.cursor >= lines.len() {
+                    panic!("{} exited ({st}) before printing {needles:?}", self.name);
+                }
+                continue;
+            }
+            let left = end.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                panic!("{}: no line with {needles:?} within {limit:?}", self.name);
+            }
+            lines = cv
+                .wait_timeout(lines, left.min(Duration::from_millis(200)))
+                .unwrap()
+                .0;
+        }
+    }
+
+    /// Types `text` on the serial console.
+    pub fn type_line(&mut self, text: &str) {
+        let s = self.stdin.as_mut().expect("stdin");
+        s.write_all(format!("{text}\n").as_bytes()).unwrap();
+        s.flush().unwrap();
+    }
+
+    /// Waits for the process to end; returns its exit code.
+    pub fn exit_code(&mut self, limit: Duration) -> Option<i32> {
+        let end = Instant::now() + limit;
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s.code();
+            }
+            if Instant::now() > end {
+                let _ = self.child.kill();
+                panic!("{} did not exit within {limit:?}", self.name);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

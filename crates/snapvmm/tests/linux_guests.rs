@@ -1,0 +1,47 @@
+//! Real Linux guests: Debian's stock 6.1 kernel with its own drivers, booted by
+//! snapvmm through ACPI, its disks, live snapshots and savevm/loadvm.
+//!
+//! Where `/proc/cpuinfo` shows vmx or svm the scenarios run directly on this
+//! host's KVM. Elsewhere (PVM hosts, whose KVM cannot run Linux) they run inside
+//! a QEMU TCG VM with nested SVM, which this test boots with this very binary
+//! inside (`tests/linux/outer.rs`): about 3 minutes on 2 cores. Inputs (kernel
+//! and busybox packages from the Debian archive, a static test program) are
+//! cached under the target directory. `docs/LINUX.md` says how to run it by hand.
+
+mod common;
+mod linux;
+
+#[test]
+fn linux_boots_with_1_vcpu_runs_a_typed_command_and_powers_off() {
+    linux::check("boot-1cpu-console-poweroff");
+}
+
+#[test]
+fn linux_boots_with_2_vcpus_and_obeys_system_powerdown() {
+    linux::check("boot-2cpu-powerdown");
+}
+
+#[test]
+fn linux_reboot_ends_the_vm() {
+    linux::check("reboot");
+}
+
+#[test]
+fn linux_virtio_blk_on_raw_and_qcow2_with_its_own_drivers() {
+    linux::check("virtio-blk-raw-qcow2");
+}
+
+#[test]
+fn linux_live_snapshot_restores_in_a_new_process_and_with_defer() {
+    linux::check("live-snapshot-restore");
+}
+
+#[test]
+fn linux_ten_snapshots_in_a_row_then_restore_the_last() {
+    linux::check("ten-snapshots-restore-last");
+}
+
+#[test]
+fn linux_savevm_loadvm_gives_back_the_files_of_the_snapshot_instant() {
+    linux::check("savevm-loadvm-qcow2");
+}

@@ -1,0 +1,378 @@
+//! Hardware-reduced ACPI tables: how stock distribution kernels find the
+//! machine's devices (Debian's kernels, for one, are built without
+//! `CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES`, so ACPI is their only way to see a
+//! virtio-mmio disk).
+//!
+//! ```text
+//! RSDP (0xe0000, where Linux also scans for it) -> XSDT -> FADT -> DSDT
+//!                                                       -> MADT
+//! ```
+//! - FADT: hardware-reduced, no legacy PM blocks; sleep control/status and the
+//!   reset register are ports of [`crate::devices::acpi`] (S5 and reset).
+//! - MADT: one local APIC per vCPU, the IOAPIC at GSI 0.
+//! - DSDT: COM1, each virtio-mmio device (`LNRO0005`, its window and
+//!   interrupt), a Generic Event Device whose `_EVT` notifies the power
+//!   button (`system_powerdown`), and `_S5_`.
+//!
+//! The MP table and the command-line virtio entries stay for guests without
+//! ACPI (the reference guest).
+
+use acpi_tables::fadt::{FADTBuilder, Flags};
+use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
+use acpi_tables::madt::{
+    EnabledStatus, IoApic, LocalInterruptController, ProcessorLocalApic, MADT,
+};
+use acpi_tables::rsdp::Rsdp;
+use acpi_tables::sdt::Sdt;
+use acpi_tables::xsdt::XSDT;
+use acpi_tables::{aml, Aml};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+use super::BootError;
+use crate::devices::acpi as pm;
+use crate::layout;
+
+const OEM_ID: [u8; 6] = *b"SNAPVM";
+const OEM_TABLE_ID: [u8; 8] = *b"SNAPVMM ";
+const OEM_REVISION: u32 = 1;
+
+/// A memory-mapped device the DSDT describes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MmioDevice {
+    pub base: u64,
+    pub size: u64,
+    pub irq: u32,
+}
+
+/// The tables, each with the guest address it is built for.
+pub struct Tables {
+    pub blobs: Vec<(u64, Vec<u8>)>,
+}
+
+impl Tables {
+    /// Address of the RSDP (what `boot_params.acpi_rsdp_addr` and PVH's
+    /// `rsdp_paddr` point at).
+    pub fn rsdp(&self) -> u64 {
+        layout::ACPI_START
+    }
+}
+
+fn bytes(t: &dyn Aml) -> Vec<u8> {
+    let mut v = Vec::new();
+    t.to_aml_bytes(&mut v);
+    v
+}
+
+fn io_gas(port: u16) -> GAS {
+    GAS::new(
+        AddressSpace::SystemIo,
+        8,
+        0,
+        AccessSize::ByteAccess,
+        u64::from(port),
+    )
+}
+
+/// The DSDT's AML body (without the table header). Each object is built and
+/// serialized in one statement: the AML builders borrow their parts.
+fn dsdt_body(virtio: &[MmioDevice]) -> Vec<u8> {
+    let mut body = Vec::new();
+    // COM1: the 8250 PNP driver finds the console here.
+    aml::Device::new(
+        "_SB_.COM1".into(),
+        vec![
+            &aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0501")),
+            &aml::Name::new("_UID".into(), &aml::ZERO),
+            &aml::Name::new(
+                "_CRS".into(),
+                &aml::ResourceTemplate::new(vec![
+                    &aml::IO::new(0x3f8, 0x3f8, 1, 8),
+                    &aml::Interrupt::new(true, true, false, false, crate::devices::serial::IRQ),
+                ]),
+            ),
+        ],
+    )
+    .to_aml_bytes(&mut body);
+
+    for (i, d) in virtio.iter().enumerate() {
+        aml::Device::new(
+            format!("_SB_.V{i:03X}").as_str().into(),
+            vec![
+                &aml::Name::new("_HID".into(), &"LNRO0005"),
+                &aml::Name::new("_UID".into(), &(i as u32)),
+                &aml::Name::new("_CCA".into(), &aml::ONE),
+                &aml::Name::new(
+                    "_CRS".into(),
+                    &aml::ResourceTemplate::new(vec![
+                        &aml::Memory32Fixed::new(true, d.base as u32, d.size as u32),
+                        &aml::Interrupt::new(true, true, false, false, d.irq),
+                    ]),
+                ),
+            ],
+        )
+        .to_aml_bytes(&mut body);
+    }
+
+    // Power button: the Generic Event Device's interrupt runs _EVT, which reads
+    // (and so clears) the pending events and notifies the button.
+    let button = u32::from(pm::EVENT_POWER_BUTTON);
+    aml::Device::new(
+        "_SB_.GED_".into(),
+        vec![
+            &aml::Name::new("_HID".into(), &"ACPI0013"),
+            &aml::Name::new("_UID".into(), &aml::ZERO),
+            &aml::Name::new(
+                "_CRS".into(),
+                &aml::ResourceTemplate::new(vec![&aml::Interrupt::new(
+                    true,
+                    true,
+                    false,
+                    false,
+                    pm::GED_IRQ,
+                )]),
+            ),
+            &aml::OpRegion::new(
+                "GDST".into(),
+                aml::OpRegionSpace::SystemIO,
+                &u32::from(pm::GED_EVENT),
+                &1u32,
+            ),
+            &aml::Field::new(
+                "GDST".into(),
+                aml::FieldAccessType::Byte,
+                aml::FieldLockRule::NoLock,
+                aml::FieldUpdateRule::Preserve,
+                vec![aml::FieldEntry::Named(*b"GDAT", 8)],
+            ),
+            &aml::Method::new(
+                "_EVT".into(),
+                1,
+                true,
+                vec![
+                    &aml::Store::new(&aml::Local(0), &aml::Path::new("GDAT")),
+                    &aml::If::new(
+                        &aml::Equal::new(
+                            &aml::And::new(&aml::ZERO, &aml::Local(0), &button),
+                            &button,
+                        ),
+                        vec![&aml::Notify::new(&aml::Path::new("\\_SB_.PWRB"), &0x80u8)],
+                    ),
+                ],
+            ),
+        ],
+    )
+    .to_aml_bytes(&mut body);
+    aml::Device::new(
+        "_SB_.PWRB".into(),
+        vec![
+            &aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0C0C")),
+            &aml::Name::new("_UID".into(), &aml::ZERO),
+        ],
+    )
+    .to_aml_bytes(&mut body);
+
+    // S5 (soft off): SLP_TYP for the sleep control register.
+    let s5 = pm::S5_SLP_TYP;
+    aml::Name::new(
+        "_S5_".into(),
+        &aml::Package::new(vec![&s5, &s5, &aml::ZERO, &aml::ZERO]),
+    )
+    .to_aml_bytes(&mut body);
+    body
+}
+
+fn sdt(signature: &[u8; 4], revision: u8, body: &[u8]) -> Vec<u8> {
+    let mut t = Sdt::new(*signature, 36, revision, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+    t.append_slice(body);
+    t.update_checksum();
+    t.as_slice().to_vec()
+}
+
+fn align(addr: u64) -> u64 {
+    (addr + 15) & !15
+}
+
+/// Builds the tables for `cpus` vCPUs and the given virtio-mmio devices, laid
+/// out from [`layout::ACPI_START`].
+pub fn build(cpus: u8, virtio: &[MmioDevice]) -> Result<Tables, BootError> {
+    let rsdp_addr = layout::ACPI_START;
+    let xsdt_addr = align(rsdp_addr + Rsdp::len() as u64);
+    // The XSDT has two entries (FADT, MADT).
+    let fadt_addr = align(xsdt_addr + 36 + 2 * 8);
+
+    let dsdt_addr = align(fadt_addr + acpi_tables::fadt::FADT::len() as u64);
+    let dsdt = sdt(b"DSDT", 2, &dsdt_body(virtio));
+
+    let mut fadt = FADTBuilder::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION)
+        .dsdt_64(dsdt_addr)
+        .flag(Flags::HwReducedAcpi)
+        .flag(Flags::ResetRegSup)
+        .flag(Flags::PwrButton) // no fixed power button: it is the GED's device
+        .flag(Flags::SlpButton);
+    fadt.reset_reg = io_gas(pm::RESET);
+    fadt.reset_value = pm::RESET_VALUE;
+    fadt.sleep_control_reg = io_gas(pm::SLEEP_CONTROL);
+    fadt.sleep_status_reg = io_gas(pm::SLEEP_STATUS);
+    // "VGA not present", "CMOS RTC not present": nothing for the guest to probe.
+    fadt.iapc_boot_arch = (1u16 << 2 | 1 << 5).into();
+    fadt.hypervisor_vendor_identity = u64::from_le_bytes(*b"SNAPVMM\0").into();
+    let fadt = bytes(&fadt.finalize());
+
+    let madt_addr = align(dsdt_addr + dsdt.len() as u64);
+    let mut madt = MADT::new(
+        OEM_ID,
+        OEM_TABLE_ID,
+        OEM_REVISION,
+        LocalInterruptController::Address(layout::LAPIC_ADDR as u32),
+    );
+    for id in 0..cpus {
+        madt.add_structure(ProcessorLocalApic::new(id, id, EnabledStatus::Enabled));
+    }
+    madt.add_structure(IoApic::new(cpus, layout::IOAPIC_ADDR as u32, 0));
+    let madt = bytes(&madt);
+
+    let mut xsdt = XSDT::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+    xsdt.add_entry(fadt_addr);
+    xsdt.add_entry(madt_addr);
+    let xsdt = bytes(&xsdt);
+    let rsdp = bytes(&Rsdp::new(OEM_ID, xsdt_addr));
+
+    let end = madt_addr + madt.len() as u64;
+    if end > layout::ACPI_END {
+        return Err(BootError::Acpi(format!(
+            "tables need {} bytes, {} reserved",
+            end - layout::ACPI_START,
+            layout::ACPI_END - layout::ACPI_START
+        )));
+    }
+    debug_assert_eq!(xsdt_addr + xsdt.len() as u64, xsdt_addr + 36 + 16);
+    Ok(Tables {
+        blobs: vec![
+            (rsdp_addr, rsdp),
+            (xsdt_addr, xsdt),
+            (fadt_addr, fadt),
+            (dsdt_addr, dsdt),
+            (madt_addr, madt),
+        ],
+    })
+}
+
+/// Builds the tables and writes them into guest memory; returns the RSDP address.
+pub fn write(mem: &GuestMemoryMmap, cpus: u8, virtio: &[MmioDevice]) -> Result<u64, BootError> {
+    let t = build(cpus, virtio)?;
+    for (addr, blob) in &t.blobs {
+        mem.write_slice(blob, GuestAddress(*addr))
+            .map_err(|e| BootError::GuestMemory(e.to_string()))?;
+    }
+    Ok(t.rsdp())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sum(b: &[u8]) -> u8 {
+        b.iter().fold(0u8, |a, x| a.wrapping_add(*x))
+    }
+
+    fn table<'a>(t: &'a Tables, addr: u64) -> &'a [u8] {
+        &t.blobs.iter().find(|(a, _)| *a == addr).expect("table").1
+    }
+
+    fn u32_at(b: &[u8], off: usize) -> u32 {
+        u32::from_le_bytes(b[off..off + 4].try_into().unwrap())
+    }
+
+    fn u64_at(b: &[u8], off: usize) -> u64 {
+        u64::from_le_bytes(b[off..off + 8].try_into().unwrap())
+    }
+
+    fn dev(i: usize) -> MmioDevice {
+        MmioDevice {
+            base: 0xd000_0000 + 0x1000 * i as u64,
+            size: 0x1000,
+            irq: 5 + i as u32,
+        }
+    }
+
+    /// Follows the pointers a guest follows: RSDP -> XSDT -> FADT -> DSDT, XSDT -> MADT,
+    /// checking each signature, length and checksum on the way.
+    #[test]
+    fn a_guest_can_walk_the_tables() {
+        let t = build(4, &[dev(0), dev(1)]).unwrap();
+        let rsdp = table(&t, t.rsdp());
+        assert_eq!(&rsdp[..8], b"RSD PTR ");
+        assert_eq!(sum(&rsdp[..20]), 0, "RSDP checksum");
+        assert_eq!(sum(rsdp), 0, "RSDP extended checksum");
+        assert_eq!(rsdp[15], 2, "ACPI 2.0+ RSDP");
+        let xsdt = table(&t, u64_at(rsdp, 24));
+        assert_eq!(&xsdt[..4], b"XSDT");
+        assert_eq!(u32_at(xsdt, 4) as usize, xsdt.len());
+        assert_eq!(sum(xsdt), 0);
+        let entries: Vec<u64> = (36..xsdt.len())
+            .step_by(8)
+            .map(|o| u64_at(xsdt, o))
+            .collect();
+        assert_eq!(entries.len(), 2);
+        let fadt = table(&t, entries[0]);
+        assert_eq!(&fadt[..4], b"FACP");
+        assert_eq!(u32_at(fadt, 4) as usize, fadt.len());
+        assert_eq!(sum(fadt), 0);
+        let flags = u32_at(fadt, 112);
+        assert_ne!(flags & Flags::HwReducedAcpi as u32, 0);
+        assert_ne!(flags & Flags::ResetRegSup as u32, 0);
+        // X_DSDT at offset 140.
+        let dsdt = table(&t, u64_at(fadt, 140));
+        assert_eq!(&dsdt[..4], b"DSDT");
+        assert_eq!(u32_at(dsdt, 4) as usize, dsdt.len());
+        assert_eq!(sum(dsdt), 0);
+        let madt = table(&t, entries[1]);
+        assert_eq!(&madt[..4], b"APIC");
+        assert_eq!(u32_at(madt, 4) as usize, madt.len());
+        assert_eq!(sum(madt), 0);
+        assert_eq!(u32_at(madt, 36) as u64, layout::LAPIC_ADDR);
+        // Structures: 4 local APICs (type 0) then the IOAPIC (type 1).
+        let (mut off, mut lapics, mut ioapics) = (44, Vec::new(), 0);
+        while off < madt.len() {
+            match madt[off] {
+                0 => lapics.push(madt[off + 3]),
+                1 => {
+                    ioapics += 1;
+                    assert_eq!(u32_at(madt, off + 4) as u64, layout::IOAPIC_ADDR);
+                }
+                other => panic!("unexpected MADT structure {other}"),
+            }
+            off += madt[off + 1] as usize;
+        }
+        assert_eq!(lapics, vec![0, 1, 2, 3]);
+        assert_eq!(ioapics, 1);
+        let end = t
+            .blobs
+            .iter()
+            .map(|(a, b)| a + b.len() as u64)
+            .max()
+            .unwrap();
+        assert!(end <= layout::ACPI_END);
+    }
+
+    #[test]
+    fn dsdt_describes_every_virtio_device_and_power_control() {
+        let devs: Vec<_> = (0..8).map(dev).collect();
+        let body = dsdt_body(&devs);
+        let count = |pat: &[u8]| body.windows(pat.len()).filter(|w| *w == pat).count();
+        assert_eq!(count(b"LNRO0005"), 8);
+        for (i, d) in devs.iter().enumerate() {
+            // Memory32Fixed descriptor: 0x86, length 9, read-write, base, size.
+            let mut m = vec![0x86, 9, 0, 1];
+            m.extend_from_slice(&(d.base as u32).to_le_bytes());
+            m.extend_from_slice(&(d.size as u32).to_le_bytes());
+            assert_eq!(count(&m), 1, "window of device {i}");
+            assert_eq!(count(format!("V{i:03X}").as_bytes()), 1);
+        }
+        assert_eq!(count(b"ACPI0013"), 1, "generic event device");
+        assert_eq!(count(b"_EVT"), 1);
+        assert_eq!(count(b"_S5_"), 1);
+        assert_eq!(count(b"PWRB"), 2, "the button and the notify target");
+        assert!(build(1, &devs).is_ok());
+    }
+}
