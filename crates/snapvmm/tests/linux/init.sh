@@ -24,7 +24,7 @@ reboot)
     echo "GUEST-REBOOT"
     reboot -f ;;
 powerdown)
-    load button
+    load evdev button
     /stress powerkey && off
     echo "GUEST-ERROR no power button event" ;;
 disk|files)

@@ -23,6 +23,7 @@ const GUEST_MODULES: &[&str] = &[
     "jbd2",
     "crc32c_generic",
     "ext4",
+    "evdev",
     "button",
 ];
 

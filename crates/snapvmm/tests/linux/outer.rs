@@ -37,6 +37,7 @@ mount -t devtmpfs dev /dev
 for m in $(cat /modules/order); do insmod /modules/$m.ko || echo "OUTER-ERROR insmod $m"; done
 [ -c /dev/kvm ] && echo "OUTER-UP /dev/kvm ready" || echo "OUTER-ERROR no /dev/kvm"
 ifconfig lo 127.0.0.1 up
+#SELECT
 export PATH=/bin SNAPVMM_BIN=/bin/snapvmm SNAPVMM_LINUX_INPUTS=/inputs SNAPVMM_LINUX_EXPORT=/export TMPDIR=/tmp
 /linux_guests --test-threads=1 --nocapture
 echo "OUTER-TESTS-DONE rc=$?"
@@ -99,7 +100,11 @@ fn outer_initrd(inputs: &Inputs, dir: &Path) -> Result<PathBuf, String> {
         "bin/busybox",
         &std::fs::read(&inputs.busybox).map_err(|e| e.to_string())?,
     );
-    c.file("init", OUTER_INIT.as_bytes());
+    let select = format!(
+        "export SNAPVMM_LINUX_SCENARIOS={}\n",
+        super::selected().join(",")
+    );
+    c.file("init", OUTER_INIT.replace("#SELECT\n", &select).as_bytes());
     c.file_from("linux_guests", &me)?;
     c.file_from("bin/snapvmm", &snapvmm)?;
     for l in &libs {

@@ -4,7 +4,7 @@
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 /// Everything every VM of a scenario printed, in order, tagged with the VM's name.
@@ -12,18 +12,22 @@ use std::time::{Duration, Instant};
 pub struct Console(Arc<(Mutex<Vec<String>>, Condvar)>);
 
 impl Console {
+    /// The lines; a panic elsewhere (a failed wait) does not make them unreadable.
+    fn lines(&self) -> MutexGuard<'_, Vec<String>> {
+        self.0 .0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     fn push(&self, line: String) {
-        let (m, cv) = &*self.0;
-        m.lock().unwrap().push(line);
-        cv.notify_all();
+        self.lines().push(line);
+        self.0 .1.notify_all();
     }
 
     pub fn text(&self) -> String {
-        self.0 .0.lock().unwrap().join("\n")
+        self.lines().join("\n")
     }
 
     fn len(&self) -> usize {
-        self.0 .0.lock().unwrap().len()
+        self.lines().len()
     }
 }
 
@@ -90,36 +94,40 @@ impl Vm {
     pub fn wait_any(&mut self, needles: &[&str], limit: Duration) -> String {
         let end = Instant::now() + limit;
         let tag = format!("[{}] ", self.name);
-        let (m, cv) = &*self.console.0;
-        let mut lines = m.lock().unwrap();
+        let mut exited = None;
         loop {
-            while self.cursor < lines.len() {
-                let l = &lines[self.cursor];
-                self.cursor += 1;
-                if let Some(own) = l.strip_prefix(&tag) {
-                    if needles.iter().any(|n| own.contains(n)) {
-                        return own.to_string();
+            {
+                let lines = self.console.lines();
+                while self.cursor < lines.len() {
+                    let l = &lines[self.cursor];
+                    self.cursor += 1;
+                    if let Some(own) = l.strip_prefix(&tag) {
+                        if needles.iter().any(|n| own.contains(n)) {
+                            return own.to_string();
+                        }
                     }
                 }
+                let left = end.saturating_duration_since(Instant::now());
+                if exited.is_none() && !left.is_zero() {
+                    let _ = self
+                        .console
+                        .0
+                         .1
+                        .wait_timeout(lines, left.min(Duration::from_millis(200)));
+                }
+            }
+            if let Some(st) = exited {
+                panic!("{} exited ({st}) before printing {needles:?}", self.name);
             }
             if let Ok(Some(st)) = self.child.try_wait() {
-                // Output may still be on its way: give the readers a moment, then give up.
-                drop(lines);
-                std::thread::sleep(Duration::from_millis(200));
-                lines = m.lock().unwrap();
-                if self.cursor >= lines.len() {
-                    panic!("{} exited ({st}) before printing {needles:?}", self.name);
-                }
+                // Output may still be on its way: read once more, then give up.
+                std::thread::sleep(Duration::from_millis(300));
+                exited = Some(st);
                 continue;
             }
-            let left = end.saturating_duration_since(Instant::now());
-            if left.is_zero() {
+            if Instant::now() >= end {
                 panic!("{}: no line with {needles:?} within {limit:?}", self.name);
             }
-            lines = cv
-                .wait_timeout(lines, left.min(Duration::from_millis(200)))
-                .unwrap()
-                .0;
         }
     }
 
