@@ -130,6 +130,7 @@ pub fn run(mut cfg: RunConfig) -> Result<u8> {
         let Ok(ev) = rx.recv() else { break };
         c.handle(ev)?;
     }
+    tracing::debug!("ending the VM");
     c.stop_collapse();
     c.end_captures();
     let _ = c.machine.pause();
@@ -138,6 +139,7 @@ pub fn run(mut cfg: RunConfig) -> Result<u8> {
         ev.flush(Duration::from_millis(500));
     }
     drop(qmp_server);
+    tracing::debug!("VM ended");
     if let Some(why) = c.fatal.take() {
         anyhow::bail!(why);
     }
@@ -804,6 +806,7 @@ impl Controller {
     /// The guest powered off or reset itself: the VM ends (as QEMU's -no-reboot),
     /// or with --no-shutdown stays in the shutdown state until `quit`.
     fn guest_shutdown(&mut self, code: u8, reason: &str) {
+        tracing::debug!(reason, "the guest ends the VM");
         let _ = self.machine.pause();
         self.machine.flush_serial();
         self.set_status(RunState::Shutdown);

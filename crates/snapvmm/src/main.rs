@@ -26,6 +26,7 @@ fn main() -> ExitCode {
             .map(|_| 0)
             .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display())),
     };
+    tracing::debug!("exiting");
     match result {
         Ok(code) => ExitCode::from(code),
         Err(e) => {

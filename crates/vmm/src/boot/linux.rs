@@ -174,6 +174,15 @@ mod tests {
             }
         );
         let mem = ram.memory();
+        // The reset vector holds the stub that resets through the i8042 (0xfe to port 0x64).
+        let mut stub = [0u8; 7];
+        mem.read_slice(&mut stub, GuestAddress(layout::RESET_VECTOR))
+            .unwrap();
+        assert_eq!(stub, crate::boot::RESET_STUB);
+        assert_eq!(
+            (stub[1], u16::from(stub[3])),
+            (0xfe, crate::devices::i8042::COMMAND)
+        );
         let p: boot_params = mem.read_obj(GuestAddress(layout::ZERO_PAGE)).unwrap();
         assert_eq!({ p.hdr.header }, HDRS_MAGIC);
         assert_eq!(

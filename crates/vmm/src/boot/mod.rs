@@ -40,6 +40,12 @@ pub enum BootError {
     Acpi(String),
 }
 
+/// The code at the reset vector, in place of firmware: `mov al, 0xfe; out 0x64, al`
+/// (i8042 pulse reset line), then `hlt` in a loop. Linux jumps here to reboot "through
+/// the BIOS" when its other methods did not reset (on hardware-reduced ACPI it tries
+/// EFI, then the BIOS); the VMM sees an ordinary reset request.
+pub const RESET_STUB: [u8; 7] = [0xb0, 0xfe, 0xe6, 0x64, 0xf4, 0xeb, 0xfd];
+
 /// How the boot vCPU must be set up to enter the loaded kernel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BootEntry {
@@ -69,6 +75,11 @@ pub fn load_kernel(
 ) -> Result<BootEntry, BootError> {
     let cmdline = check_cmdline(spec.cmdline)?;
     mptable::write(mem, spec.cpus)?;
+    {
+        use vm_memory::Bytes;
+        mem.write_slice(&RESET_STUB, GuestAddress(layout::RESET_VECTOR))
+            .map_err(|e| BootError::GuestMemory(e.to_string()))?;
+    }
     let rsdp = acpi::write(mem, spec.cpus, spec.virtio)?;
     let e820 = e820::map(ram_size);
     let mut image = Cursor::new(spec.kernel);
