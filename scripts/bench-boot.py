@@ -37,7 +37,7 @@ def main():
     if a.qemu:
         elf = os.path.join(tempfile.mkdtemp(), "refguest.elf")
         subprocess.run([a.bin, "export-guest", elf], check=True)
-        cmd = ["qemu-system-x86_64", "-accel", "kvm", "-M", "pc", "-cpu", "host,vmware-cpuid-freq=on,+invtsc",
+        cmd = ["qemu-system-x86_64", "-accel", "kvm", "-M", "pc", "-cpu", "host,-arch-capabilities,vmware-cpuid-freq=on,+invtsc",
                "-m", a.mem, "-smp", a.cpus, "-kernel", elf, "-append", "workload=idle",
                "-device", "isa-debug-exit,iobase=0xf4,iosize=4", "-serial", "stdio", "-display", "none",
                "-nodefaults", "-no-user-config"]

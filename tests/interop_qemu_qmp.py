@@ -9,6 +9,7 @@ import asyncio
 import os
 import subprocess
 import sys
+import threading
 import time
 
 from qemu.qmp import QMPClient
@@ -19,7 +20,7 @@ async def main(binary, workdir):
     snap = os.path.join(workdir, "vm.snap")
     vm = subprocess.Popen([binary, "run", "--mem", "128M", "--qmp", f"unix:{sock},server=on,wait=off",
                            "--name", "interop", "--cmdline", "workload=memwrite region=32M"],
-                          stdout=subprocess.DEVNULL)
+                          stdout=subprocess.PIPE, text=True)
     try:
         for _ in range(300):
             if os.path.exists(sock):
@@ -47,6 +48,12 @@ async def main(binary, workdir):
         hmp = await qmp.execute("human-monitor-command", {"command-line": "info status"})
         assert hmp == "VM status: paused\r\n", repr(hmp)
         await qmp.execute("cont")
+        # The restore below expects the guest to continue with a progress line: snapshot
+        # only once it has printed one (a fresh, slow machine may take a while to get there).
+        for line in vm.stdout:
+            if line.startswith("refguest: cpu="):
+                break
+        threading.Thread(target=lambda: [None for _ in vm.stdout], daemon=True).start()
         await qmp.execute("migrate-set-capabilities",
                           {"capabilities": [{"capability": "background-snapshot", "state": True}]})
         await qmp.execute("migrate", {"uri": f"file:{snap}"})

@@ -45,7 +45,10 @@ disk|files)
     fi
     off ;;
 mem)
-    /stress mem 64 ;;
+    /stress mem 64 &
+    # A shell on the console too: a restored guest must still take typed input.
+    echo "GUEST-SHELL"
+    setsid cttyhack sh ;;
 *)
     echo "GUEST-ERROR unknown mode '$mode'" ;;
 esac

@@ -228,6 +228,24 @@ fn check_restored(vm: &mut Vm, before: &str) {
         field(&after[2], "pass=") > field(&after[0], "pass="),
         "the guest makes progress: {after:?}"
     );
+    type_until_echoed(vm);
+}
+
+/// Types a command on the serial console until the guest's shell has run it.
+fn type_until_echoed(vm: &mut Vm) {
+    let end = Instant::now() + T;
+    loop {
+        vm.type_line("echo typed-$((6*7))");
+        match vm.poll(&["typed-42"], Duration::from_secs(10)) {
+            Ok(_) => return,
+            Err(e) if e.contains("exited") => panic!("{e}"),
+            Err(_) => {}
+        }
+        assert!(
+            Instant::now() < end,
+            "the console never ran the typed command"
+        );
+    }
 }
 
 fn snapshot_to(q: &mut Qmp, path: &Path) {
@@ -264,8 +282,8 @@ fn live_snapshot(ctx: &Ctx) {
         "restored",
         &["--mem", "256M", "--cpus", "2", "--incoming", &incoming],
     );
-    check_restored(&mut dst, &before);
     // The console still works after a restore (the serial device's state came along).
+    check_restored(&mut dst, &before);
     let mut q = qmp(&dst);
     q.ok("quit", json!({}));
     dst.exit_code(T);
@@ -330,17 +348,21 @@ fn wait_job(q: &mut Qmp, id: &str) {
     }
 }
 
-/// The files line the restored guest prints first: it must be the instant of the
-/// snapshot (no later than what was written when the save ended) and consistent.
-fn files_after_load(vm: &mut Vm, at_save_end: u64) -> u64 {
-    let l = vm.wait_any(&["FILES n=", "CORRUPT"], T);
-    assert!(!l.contains("CORRUPT") && l.ends_with(" ok"), "{l}");
-    let n = field(&l, "n=");
-    assert!(
-        n <= at_save_end + 1,
-        "{l}: the snapshot ended at n={at_save_end}"
-    );
-    n
+/// The first files line of the guest as loaded: the snapshot instant, no later
+/// than the line after the save ended (`at_end`), and consistent. Lines the
+/// guest printed before the load took effect (`n >= skip_from`) are skipped.
+fn files_after_load(vm: &mut Vm, at_end: u64, skip_from: u64) -> u64 {
+    loop {
+        let l = vm.wait_any(&["FILES n=", "FILES done", "CORRUPT"], T);
+        assert!(!l.contains("CORRUPT") && !l.contains("done"), "{l}");
+        assert!(l.ends_with(" ok"), "{l}");
+        let n = field(&l, "n=");
+        if n >= skip_from {
+            continue;
+        }
+        assert!(n <= at_end + 1, "{l}: the snapshot ended at n={at_end}");
+        return n;
+    }
 }
 
 /// savevm/loadvm of a Linux guest writing files on its qcow2 disk: after
@@ -361,13 +383,14 @@ fn savevm(ctx: &Ctx) {
     wait_job(&mut q, "save");
     let at_end = field(&vm.wait("FILES n=", T), "n=");
     // More files after the snapshot, which the load must take back.
-    vm.wait(&format!("FILES n={} ", at_end + 3), T);
+    let skip_from = at_end + 3;
+    vm.wait(&format!("FILES n={skip_from} "), T);
     q.ok(
         "snapshot-load",
         json!({"job-id": "load", "tag": "t1", "vmstate": "disk0", "devices": ["disk0"]}),
     );
     wait_job(&mut q, "load");
-    let k = files_after_load(&mut vm, at_end);
+    let k = files_after_load(&mut vm, at_end, skip_from);
     assert!(k >= 4, "loaded n={k}, the save began at n=4");
     vm.wait("FILES done n=30", T);
     vm.wait("GUEST-UMOUNTED", T);
@@ -381,7 +404,7 @@ fn savevm(ctx: &Ctx) {
             "--mem", "256M", "--cpus", "1", "--disk", &disk, "--loadvm", "t1",
         ],
     );
-    assert_eq!(files_after_load(&mut again, at_end), k);
+    assert_eq!(files_after_load(&mut again, at_end, u64::MAX), k);
     again.wait("FILES done n=30", T);
     again.wait("GUEST-UMOUNTED", T);
     again.wait("GUEST-POWEROFF", T);

@@ -92,6 +92,11 @@ impl Vm {
     }
 
     pub fn wait_any(&mut self, needles: &[&str], limit: Duration) -> String {
+        self.poll(needles, limit).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Like [`Vm::wait_any`], but says why it found nothing instead of panicking.
+    pub fn poll(&mut self, needles: &[&str], limit: Duration) -> Result<String, String> {
         let end = Instant::now() + limit;
         let tag = format!("[{}] ", self.name);
         let mut exited = None;
@@ -103,7 +108,7 @@ impl Vm {
                     self.cursor += 1;
                     if let Some(own) = l.strip_prefix(&tag) {
                         if needles.iter().any(|n| own.contains(n)) {
-                            return own.to_string();
+                            return Ok(own.to_string());
                         }
                     }
                 }
@@ -117,7 +122,10 @@ impl Vm {
                 }
             }
             if let Some(st) = exited {
-                panic!("{} exited ({st}) before printing {needles:?}", self.name);
+                return Err(format!(
+                    "{} exited ({st}) before printing {needles:?}",
+                    self.name
+                ));
             }
             if let Ok(Some(st)) = self.child.try_wait() {
                 // Output may still be on its way: read once more, then give up.
@@ -126,7 +134,10 @@ impl Vm {
                 continue;
             }
             if Instant::now() >= end {
-                panic!("{}: no line with {needles:?} within {limit:?}", self.name);
+                return Err(format!(
+                    "{}: no line with {needles:?} within {limit:?}",
+                    self.name
+                ));
             }
         }
     }
