@@ -161,16 +161,37 @@ struct TempImage {
 
 impl TempImage {
     /// Creates `<dest>.tmp-<pid>[-n]` (empty; [`TempImage::size`] sizes it).
+    ///
+    /// The image holds guest RAM (keys, passwords): it is created 0600, and when it
+    /// replaces an existing file it keeps that file's owner and never gets a wider mode.
+    /// A symlink is followed (the image replaces its target); a destination that is not
+    /// a regular file (a device, a FIFO, a socket) is refused: renaming over it would
+    /// replace the node.
     fn create(dest: &Path) -> Result<TempImage> {
+        let dest = &resolve_destination(dest)?;
         let name = dest.file_name().ok_or_else(|| {
             SnapError::InvalidInput(format!("destination {} has no file name", dest.display()))
         })?;
-        if dest.is_dir() {
-            return Err(SnapError::InvalidInput(format!(
-                "destination {} is a directory",
-                dest.display()
-            )));
-        }
+        let existing = match std::fs::metadata(dest) {
+            Ok(m) if m.is_dir() => {
+                return Err(SnapError::InvalidInput(format!(
+                    "destination {} is a directory",
+                    dest.display()
+                )))
+            }
+            Ok(m) if !m.is_file() => {
+                return Err(SnapError::InvalidInput(format!(
+                    "destination {} is not a regular file ({}): snapshot images are written to regular files only",
+                    dest.display(),
+                    file_kind(&m)
+                )))
+            }
+            Ok(m) => Some(m),
+            Err(_) => None,
+        };
+        let mode = existing.as_ref().map_or(0o600, |m| {
+            std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o600
+        });
         let dir = match dest.parent() {
             Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
             _ => PathBuf::from("."),
@@ -185,11 +206,19 @@ impl TempImage {
             match OpenOptions::new()
                 .write(true)
                 .create_new(true)
-                .mode(0o644)
+                .mode(mode)
                 .custom_flags(libc::O_CLOEXEC)
                 .open(&tmp)
             {
-                Ok(f) => break (f, tmp),
+                Ok(f) => {
+                    if let Some(m) = &existing {
+                        use std::os::unix::fs::MetadataExt;
+                        // Keep the replaced file's owner where we may (root); the umask
+                        // may only have narrowed the mode, which is fine.
+                        let _ = std::os::unix::fs::fchown(&f, Some(m.uid()), Some(m.gid()));
+                    }
+                    break (f, tmp);
+                }
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists && attempt < 100 => {
                     attempt += 1;
                 }
@@ -237,6 +266,44 @@ impl TempImage {
             tracing::warn!("fsync of directory {} failed: {e}", self.dir.display());
         }
         Ok(())
+    }
+}
+
+/// Follows symlinks to the path the image should replace or create.
+fn resolve_destination(dest: &Path) -> Result<PathBuf> {
+    let mut p = dest.to_path_buf();
+    for _ in 0..40 {
+        match std::fs::symlink_metadata(&p) {
+            Ok(m) if m.file_type().is_symlink() => {
+                let target = std::fs::read_link(&p)
+                    .map_err(|e| SnapError::io(format!("readlink {}", p.display()), e))?;
+                p = match p.parent() {
+                    Some(dir) if target.is_relative() => dir.join(target),
+                    _ => target,
+                };
+            }
+            _ => return Ok(p),
+        }
+    }
+    Err(SnapError::InvalidInput(format!(
+        "destination {}: too many levels of symbolic links",
+        dest.display()
+    )))
+}
+
+fn file_kind(m: &std::fs::Metadata) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    let t = m.file_type();
+    if t.is_char_device() {
+        "a character device"
+    } else if t.is_block_device() {
+        "a block device"
+    } else if t.is_fifo() {
+        "a FIFO"
+    } else if t.is_socket() {
+        "a socket"
+    } else {
+        "not a regular file"
     }
 }
 

@@ -281,6 +281,93 @@ fn unusable_destination_fails_at_start() {
     assert!(dir_names(dir.path()).is_empty());
 }
 
+fn mode(p: &Path) -> u32 {
+    std::fs::metadata(p).unwrap().mode() & 0o7777
+}
+
+#[test]
+fn images_hold_guest_ram_so_only_the_owner_reads_them() {
+    let mem = Mem::new(MIB);
+    let ranges = [mem.range(0, MIB, 0)];
+    let dir = tempfile::tempdir().unwrap();
+    let fresh = dir.path().join("fresh.img");
+    capture_stopped(&ranges, b"dev", &fresh).unwrap();
+    assert_eq!(mode(&fresh), 0o600);
+    fork_capture(&ranges, b"dev", &fresh).wait().unwrap();
+    assert_eq!(mode(&fresh), 0o600);
+    // Replacing a file: never a wider mode than it had.
+    let narrow = dir.path().join("narrow.img");
+    std::fs::write(&narrow, b"old").unwrap();
+    std::fs::set_permissions(&narrow, std::os::unix::fs::PermissionsExt::from_mode(0o400)).unwrap();
+    capture_stopped(&ranges, b"dev", &narrow).unwrap();
+    assert_eq!(mode(&narrow), 0o400);
+    let wide = dir.path().join("wide.img");
+    std::fs::write(&wide, b"old").unwrap();
+    std::fs::set_permissions(&wide, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    fork_capture(&ranges, b"dev", &wide).wait().unwrap();
+    assert_eq!(mode(&wide), 0o600, "guest RAM is not made world-readable");
+}
+
+#[test]
+fn destinations_that_are_not_regular_files_are_refused_and_left_alone() {
+    let mem = Mem::new(MIB);
+    let ranges = [mem.range(0, MIB, 0)];
+    for dev in ["/dev/null", "/dev/full"] {
+        let before = std::fs::metadata(dev).unwrap();
+        let e = start_fork_capture(&ranges, vec![], Path::new(dev), ForkOptions::default())
+            .unwrap_err();
+        assert!(
+            matches!(&e, SnapError::InvalidInput(m) if m.contains("character device")),
+            "{e:?}"
+        );
+        let e = capture_stopped(&ranges, &[], Path::new(dev)).unwrap_err();
+        assert!(matches!(e, SnapError::InvalidInput(_)), "{e:?}");
+        let after = std::fs::metadata(dev).unwrap();
+        assert!(std::os::unix::fs::FileTypeExt::is_char_device(
+            &after.file_type()
+        ));
+        assert_eq!(before.ino(), after.ino(), "{dev} replaced");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("fifo");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: c is a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let e = capture_stopped(&ranges, &[], &fifo).unwrap_err();
+    assert!(
+        matches!(&e, SnapError::InvalidInput(m) if m.contains("FIFO")),
+        "{e:?}"
+    );
+    assert_eq!(
+        dir_names(dir.path()),
+        vec!["fifo".to_string()],
+        "nothing left behind"
+    );
+}
+
+#[test]
+fn a_symlink_destination_is_written_through() {
+    let mem = Mem::new(MIB);
+    let ranges = [mem.range(0, MIB, 0)];
+    let dir = tempfile::tempdir().unwrap();
+    let target = dir.path().join("real.img");
+    let link = dir.path().join("link.img");
+    std::os::unix::fs::symlink("real.img", &link).unwrap();
+    fork_capture(&ranges, b"dev", &link).wait().unwrap();
+    assert!(
+        std::fs::symlink_metadata(&link)
+            .unwrap()
+            .file_type()
+            .is_symlink(),
+        "the link stays"
+    );
+    assert!(
+        Image::open(&target).is_ok(),
+        "the image is at the link's target"
+    );
+    assert_eq!(mode(&target), 0o600);
+}
+
 /// A 1 MiB tmpfs mounted on a temp dir (needs root; unmounted on drop).
 struct TinyFs(tempfile::TempDir);
 

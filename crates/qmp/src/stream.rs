@@ -212,11 +212,73 @@ impl Splitter {
     }
 }
 
-/// Validates a complete message as UTF-8 JSON.
+/// Validates a complete message as UTF-8 JSON. An object with a key twice is
+/// refused at any depth, as QEMU does: otherwise the last one would silently win
+/// (`{"execute": "query-status", "execute": "quit"}` would quit).
 pub(crate) fn parse_message(bytes: &[u8]) -> Result<Value, String> {
     let text = std::str::from_utf8(bytes)
         .map_err(|_| "JSON parse error, invalid UTF-8 sequence in string".to_string())?;
-    serde_json::from_str(text).map_err(|e| format!("JSON parse error, {e}"))
+    let mut de = serde_json::Deserializer::from_str(text);
+    let parsed =
+        serde::Deserializer::deserialize_any(&mut de, UniqueKeys).and_then(|v| de.end().map(|_| v));
+    parsed.map_err(|e| format!("JSON parse error, {e}"))
+}
+
+/// Builds a [`Value`] like serde_json does, refusing duplicate object keys.
+struct UniqueKeys;
+
+impl<'de> serde::de::DeserializeSeed<'de> for UniqueKeys {
+    type Value = Value;
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
+        d.deserialize_any(UniqueKeys)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for UniqueKeys {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_bool<E>(self, b: bool) -> Result<Value, E> {
+        Ok(Value::Bool(b))
+    }
+    fn visit_i64<E>(self, n: i64) -> Result<Value, E> {
+        Ok(Value::from(n))
+    }
+    fn visit_u64<E>(self, n: u64) -> Result<Value, E> {
+        Ok(Value::from(n))
+    }
+    fn visit_f64<E>(self, n: f64) -> Result<Value, E> {
+        Ok(serde_json::Number::from_f64(n).map_or(Value::Null, Value::Number))
+    }
+    fn visit_str<E>(self, s: &str) -> Result<Value, E> {
+        Ok(Value::String(s.to_owned()))
+    }
+    fn visit_string<E>(self, s: String) -> Result<Value, E> {
+        Ok(Value::String(s))
+    }
+    fn visit_unit<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        let mut v = Vec::new();
+        while let Some(e) = seq.next_element_seed(UniqueKeys)? {
+            v.push(e);
+        }
+        Ok(Value::Array(v))
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        let mut m = serde_json::Map::new();
+        while let Some(k) = map.next_key::<String>()? {
+            if m.contains_key(&k) {
+                return Err(serde::de::Error::custom(format!("duplicate key '{k}'")));
+            }
+            let v = map.next_value_seed(UniqueKeys)?;
+            m.insert(k, v);
+        }
+        Ok(Value::Object(m))
+    }
 }
 
 #[cfg(test)]
@@ -321,5 +383,26 @@ mod tests {
             .unwrap_err()
             .starts_with("JSON parse error, "));
         assert!(parse_message(b"{\"a\": 1}").is_ok());
+    }
+
+    #[test]
+    fn duplicate_keys_are_refused_at_any_depth() {
+        let e = parse_message(br#"{"execute":"query-status","execute":"quit"}"#).unwrap_err();
+        assert!(
+            e.starts_with("JSON parse error, duplicate key 'execute'"),
+            "{e}"
+        );
+        let e = parse_message(br#"{"execute":"x","arguments":{"a":[{"k":1,"k":2}]}}"#).unwrap_err();
+        assert!(e.contains("duplicate key 'k'"), "{e}");
+        // The same key in sibling objects is fine, and values come out as serde_json's.
+        let v = parse_message(
+            br#"{"a":{"k":1},"b":{"k":-2.5},"c":[true,null,"s",18446744073709551615]}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"a":{"k":1},"b":{"k":-2.5},"c":[true,null,"s",18446744073709551615u64]})
+        );
+        assert!(parse_message(b"{} x").is_err(), "trailing characters");
     }
 }

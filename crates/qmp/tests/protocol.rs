@@ -135,6 +135,32 @@ fn ids_are_echoed() {
 }
 
 #[test]
+fn a_key_given_twice_is_refused_and_nothing_runs() {
+    let mock = Mock::new();
+    let (server, _dir) = unix_server(mock.clone());
+    let mut c = Client::connect(&server).negotiate();
+    let r = c.cmd(r#"{"execute":"query-status","execute":"quit"}"#);
+    assert_eq!(r["error"]["class"], "GenericError", "{r}");
+    assert!(
+        r["error"]["desc"]
+            .as_str()
+            .unwrap()
+            .contains("duplicate key"),
+        "{r}"
+    );
+    let r = c.cmd(r#"{"execute":"human-monitor-command","arguments":{"command-line":"stop","command-line":"quit"}}"#);
+    assert!(
+        r["error"]["desc"]
+            .as_str()
+            .unwrap()
+            .contains("duplicate key"),
+        "{r}"
+    );
+    assert!(mock.calls().is_empty(), "ran {:?}", mock.calls());
+    assert_eq!(c.cmd(r#"{"execute":"query-status","id":1}"#)["id"], 1);
+}
+
+#[test]
 fn syntax_errors_recover() {
     let (server, _dir) = unix_server(Mock::new());
     let mut c = Client::connect(&server).negotiate();

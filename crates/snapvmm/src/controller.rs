@@ -94,6 +94,11 @@ pub fn run(mut cfg: RunConfig) -> Result<u8> {
     } else {
         build_machine(&cfg, &tx, None)?
     };
+    // The VM clock goes on from a loaded snapshot's, as after snapshot-load.
+    let vm_clock_base = cfg
+        .loadvm
+        .as_deref()
+        .map_or(0, |tag| crate::savevm::snapshot_clock(machine.bus(), tag));
     // A reset of a restored VM boots the kernel afresh (as QEMU reboots the firmware).
     let restored = cfg.incoming.take().is_some() | cfg.loadvm.take().is_some();
     if restored {
@@ -112,7 +117,7 @@ pub fn run(mut cfg: RunConfig) -> Result<u8> {
         jobs: crate::jobs::Jobs::default(),
         pending_save: None,
         vm_started: Instant::now(),
-        vm_clock_base: 0,
+        vm_clock_base,
         fatal: None,
     };
     c.publish_cpus();
@@ -380,7 +385,10 @@ impl Controller {
             AppEvent::Machine(MachineEvent::PowerOff(code)) => {
                 self.guest_shutdown(code as u8, "guest-shutdown")
             }
-            AppEvent::Machine(MachineEvent::GuestReset | MachineEvent::GuestShutdown(_)) => {
+            AppEvent::Machine(MachineEvent::GuestReset) => self.guest_shutdown(0, "guest-reset"),
+            AppEvent::Machine(MachineEvent::GuestShutdown(id)) => {
+                // A triple fault: the guest crashed rather than asked; say so.
+                tracing::warn!("vCPU {id} triple-faulted (KVM shutdown exit): the guest is reset");
                 self.guest_shutdown(0, "guest-reset")
             }
             AppEvent::Machine(MachineEvent::VcpuFailed(id, why)) => {

@@ -36,12 +36,16 @@ fn main() -> ExitCode {
     }
 }
 
-/// Logs go to stderr, off by default; `SNAPVMM_LOG=debug` shows e.g. pause latencies.
+/// Warnings and errors go to stderr by default; `SNAPVMM_LOG` (or else `RUST_LOG`)
+/// sets the filter, e.g. `SNAPVMM_LOG=debug` shows pause latencies, `off` silences.
 fn init_tracing() {
+    use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_env("SNAPVMM_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("off"));
+        .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .try_init();
 }

@@ -27,6 +27,23 @@ pub fn with_qcow2<R>(d: &Mutex<VirtioBlk>, f: impl FnOnce(&mut qcow2::Qcow2) -> 
         .map(|q| f(&mut q.image))
 }
 
+/// The VM clock recorded with snapshot `tag` (on the disk that holds its VM state).
+pub fn snapshot_clock(bus: &vmm::devices::PioBus, tag: &str) -> u64 {
+    bus.virtio
+        .iter()
+        .filter_map(|d| {
+            with_qcow2(d, |q| {
+                q.snapshots()
+                    .iter()
+                    .find(|s| s.name == tag && s.vm_state_size > 0)
+                    .map(|s| s.vm_clock_nsec)
+            })
+            .flatten()
+        })
+        .next()
+        .unwrap_or(0)
+}
+
 /// The qcow2 image of an open (not yet attached) disk.
 pub fn disk_qcow2(d: &mut vmm::DiskConfig) -> Option<&mut qcow2::Qcow2> {
     d.backend

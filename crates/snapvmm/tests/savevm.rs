@@ -71,6 +71,22 @@ fn qemu_img_snapshots(p: &Path) -> Vec<(String, u64)> {
         .unwrap_or_default()
 }
 
+/// The VM clock (ns) qemu-img reports for snapshot `tag`.
+fn vm_clock_ns(p: &Path, tag: &str) -> u64 {
+    let o = Command::new("qemu-img")
+        .args(["info", "--force-share", "--output=json"])
+        .arg(p)
+        .output()
+        .unwrap();
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let s = v["snapshots"]
+        .as_array()
+        .and_then(|a| a.iter().find(|s| s["name"] == tag))
+        .unwrap_or_else(|| panic!("no snapshot {tag}: {v}"))
+        .clone();
+    s["vm-clock-sec"].as_u64().unwrap() * 1_000_000_000 + s["vm-clock-nsec"].as_u64().unwrap()
+}
+
 const GUEST: &str = "workload=diskwrite disk_region=8M region=32M";
 
 fn start(d: &TempDir, name: &str, disk: &Path, extra: &[&str]) -> (Running, Qmp) {
@@ -226,9 +242,16 @@ fn snapshot_save_is_live_and_load_brings_back_ram_and_disk_together() {
     let (b, mut qb) = start(&d, "b", &disk, &["--loadvm", "first"]);
     assert_eq!(wait_settled(&mut qb), "running");
     guest_consistent(&b, 3);
+    // The VM clock goes on from the loaded snapshot's (as after snapshot-load), not from 0.
+    save(&mut qb, "s2", "second");
     qb.ok("quit", json!({}));
     drop(b);
     check(&disk);
+    let (first, second) = (vm_clock_ns(&disk, "first"), vm_clock_ns(&disk, "second"));
+    assert!(
+        second > first + 1_000_000_000,
+        "VM clock of a snapshot taken 3 s after --loadvm: {second} ns, the loaded one had {first} ns"
+    );
 }
 
 #[test]

@@ -275,7 +275,7 @@ mod tests {
         b.iter().fold(0u8, |a, x| a.wrapping_add(*x))
     }
 
-    fn table<'a>(t: &'a Tables, addr: u64) -> &'a [u8] {
+    fn table(t: &Tables, addr: u64) -> &[u8] {
         &t.blobs.iter().find(|(a, _)| *a == addr).expect("table").1
     }
 

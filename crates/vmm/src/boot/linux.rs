@@ -38,8 +38,10 @@ pub fn boot_params(
     e820: &[E820Entry],
     rsdp: u64,
 ) -> boot_params {
-    let mut p = boot_params::default();
-    p.acpi_rsdp_addr = rsdp;
+    let mut p = boot_params {
+        acpi_rsdp_addr: rsdp,
+        ..Default::default()
+    };
     if let Some(h) = header {
         p.hdr = h;
     } else {
