@@ -196,6 +196,7 @@ impl TempImage {
             Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
             _ => PathBuf::from("."),
         };
+        remove_stale_temp_files(&dir, name);
         let pid = std::process::id();
         let mut attempt = 0;
         let (file, tmp) = loop {
@@ -266,6 +267,41 @@ impl TempImage {
             tracing::warn!("fsync of directory {} failed: {e}", self.dir.display());
         }
         Ok(())
+    }
+}
+
+/// Removes `<name>.tmp-<pid>-<n>` files left in `dir` by processes that no longer
+/// exist (a capture killed with SIGKILL cannot clean up after itself). Files of
+/// live processes, this one included, are left alone.
+fn remove_stale_temp_files(dir: &Path, name: &std::ffi::OsStr) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let prefix = format!("{}.tmp-", name.to_string_lossy());
+    for e in entries.flatten() {
+        let file = e.file_name();
+        let file = file.to_string_lossy();
+        let Some(pid) = file
+            .strip_prefix(&prefix)
+            .and_then(|rest| rest.split_once('-'))
+            .filter(|(_, seq)| seq.bytes().all(|b| b.is_ascii_digit()) && !seq.is_empty())
+            .and_then(|(pid, _)| pid.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        // SAFETY: signal 0 sends nothing; it only asks whether `pid` exists.
+        let gone = pid > 0
+            && unsafe { libc::kill(pid, 0) } != 0
+            && io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
+        if gone {
+            match std::fs::remove_file(e.path()) {
+                Ok(()) => tracing::warn!(
+                    "removed {}, left by a capture that was killed",
+                    e.path().display()
+                ),
+                Err(err) => tracing::warn!("cannot remove stale {}: {err}", e.path().display()),
+            }
+        }
     }
 }
 

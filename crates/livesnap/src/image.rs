@@ -237,6 +237,13 @@ impl Header {
             if r.gpa % PAGE_SIZE != 0 || r.len % PAGE_SIZE != 0 || r.file_offset % PAGE_SIZE != 0 {
                 return Err(bad(i, "not page-aligned"));
             }
+            if r.len >= HUGE_ALIGN && r.file_offset % HUGE_ALIGN != 0 {
+                // docs/FORMAT.md: what a restore maps with huge pages must sit on 2 MiB.
+                return Err(bad(
+                    i,
+                    "2 MiB or longer but its file offset is not 2 MiB-aligned",
+                ));
+            }
             if r.gpa.checked_add(r.len).is_none() {
                 return Err(bad(i, "guest address overflow"));
             }

@@ -346,6 +346,39 @@ fn destinations_that_are_not_regular_files_are_refused_and_left_alone() {
 }
 
 #[test]
+fn temp_files_of_killed_captures_are_removed_by_the_next_capture() {
+    let mem = Mem::new(MIB);
+    let ranges = [mem.range(0, MIB, 0)];
+    let dir = tempfile::tempdir().unwrap();
+    let dest = dir.path().join("vm.snap");
+    // A process that has exited: its pid names no process now.
+    let mut child = std::process::Command::new("true").spawn().unwrap();
+    let dead = child.id();
+    child.wait().unwrap();
+    let stale = dir.path().join(format!("vm.snap.tmp-{dead}-3"));
+    let live = dir
+        .path()
+        .join(format!("vm.snap.tmp-{}-999", std::process::id()));
+    let other = dir.path().join(format!("other.snap.tmp-{dead}-0"));
+    for f in [&stale, &live, &other] {
+        std::fs::write(f, b"partial").unwrap();
+    }
+    capture_stopped(&ranges, b"dev", &dest).unwrap();
+    let mut names = dir_names(dir.path());
+    names.sort();
+    let mut want = vec![
+        "other.snap.tmp-".to_string() + &dead.to_string() + "-0",
+        "vm.snap".to_string(),
+        format!("vm.snap.tmp-{}-999", std::process::id()),
+    ];
+    want.sort();
+    assert_eq!(
+        names, want,
+        "only the dead process's temp file of this image went"
+    );
+}
+
+#[test]
 fn a_symlink_destination_is_written_through() {
     let mem = Mem::new(MIB);
     let ranges = [mem.range(0, MIB, 0)];

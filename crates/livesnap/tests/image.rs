@@ -36,6 +36,10 @@ fn open_bytes(dir: &Path, bytes: &[u8]) -> Result<Image, SnapError> {
     Image::open(&p)
 }
 
+fn get_u64(b: &[u8], off: usize) -> u64 {
+    u64::from_le_bytes(b[off..off + 8].try_into().unwrap())
+}
+
 fn put_u64(b: &mut [u8], off: usize, v: u64) {
     b[off..off + 8].copy_from_slice(&v.to_le_bytes());
 }
@@ -160,6 +164,26 @@ fn impossible_layouts_are_refused() {
             "patch {off}={v:#x}: {e:?}"
         );
     }
+}
+
+#[test]
+fn a_large_range_off_its_2_mib_alignment_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let mem = Mem::new(4 << 20);
+    let p = dir.path().join("big.img");
+    capture_stopped(&[mem.range(0, 4 << 20, 0)], b"dev", &p).unwrap();
+    let good = std::fs::read(&p).unwrap();
+    let off = get_u64(&good, OFF_RANGES + 16);
+    assert_eq!(off % (2 << 20), 0, "the writer aligns it");
+    // Moved by one page: still page-aligned and inside the file, but off the rule.
+    let mut b = good.clone();
+    put_u64(&mut b, OFF_RANGES + 16, off + 4096);
+    reseal(&mut b);
+    let e = open_bytes(dir.path(), &b).unwrap_err();
+    assert!(
+        matches!(&e, SnapError::InvalidLayout(m) if m.contains("2 MiB")),
+        "{e:?}"
+    );
 }
 
 #[test]

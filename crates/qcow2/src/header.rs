@@ -31,6 +31,8 @@ const INCOMPAT_KNOWN: u64 =
 pub(crate) const OFF_L1_SIZE: u64 = 36;
 pub(crate) const OFF_REFCOUNT_TABLE: u64 = 48;
 pub(crate) const OFF_AUTOCLEAR: u64 = 88;
+/// Offset of the (version 3) incompatible feature bits.
+pub(crate) const OFF_INCOMPATIBLE: u64 = 72;
 
 /// Smallest and largest supported cluster_bits.
 pub(crate) const MIN_CLUSTER_BITS: u32 = 9;

@@ -9,7 +9,7 @@ use crate::backing::{self, Backing, BackingFormat};
 use crate::error::{corrupt, Error, Result};
 use crate::header::{
     size_to_l1, Header, INCOMPAT_CORRUPT, MAX_CLUSTER_BITS, MAX_TABLE_BYTES, MIN_CLUSTER_BITS,
-    OFF_AUTOCLEAR, OFF_L1_SIZE, V3_HEADER_LEN,
+    OFF_AUTOCLEAR, OFF_INCOMPATIBLE, OFF_L1_SIZE, V3_HEADER_LEN,
 };
 use crate::refcount::Refcounts;
 use crate::snapshot::{self, SnapEntry, SnapshotInfo};
@@ -623,6 +623,59 @@ impl Qcow2 {
         Ok(())
     }
 
+    /// What metadata, if any, lives in the host cluster holding `host`: QEMU's
+    /// "cached" overlap checks (header, active L1 and L2 tables, refcount table and
+    /// blocks, snapshot table, the snapshots' L1 tables). Guest data must never be
+    /// written there: an L2 entry pointing at metadata is a corrupt image.
+    pub(crate) fn metadata_at(&self, host: u64) -> Option<&'static str> {
+        let cb = self.cb;
+        let c = host >> cb;
+        let within = |off: u64, bytes: u64| {
+            bytes > 0 && c >= off >> cb && c <= off.saturating_add(bytes - 1) >> cb
+        };
+        if c == 0 {
+            Some("image header")
+        } else if within(self.hdr.l1_table_offset, u64::from(self.hdr.l1_size) * 8) {
+            Some("active L1 table")
+        } else if within(
+            self.rc.table_offset,
+            u64::from(self.rc.table_clusters) << cb,
+        ) {
+            Some("refcount table")
+        } else if self.rc.is_block(c) {
+            Some("refcount block")
+        } else if self
+            .l1
+            .iter()
+            .any(|&e| l1_l2_offset(e, cb).is_ok_and(|o| o != 0 && o >> cb == c))
+        {
+            Some("active L2 table")
+        } else if within(self.hdr.snapshots_offset, self.snap_table_len) {
+            Some("snapshot table")
+        } else if self
+            .snaps
+            .iter()
+            .any(|s| within(s.l1_offset, u64::from(s.l1_size) * 8))
+        {
+            Some("inactive L1 table")
+        } else {
+            None
+        }
+    }
+
+    /// Sets the corrupt bit (version 3: the image then opens read-only only, as in
+    /// QEMU) and returns the error describing why.
+    pub(crate) fn mark_corrupt(&mut self, why: String) -> Error {
+        if self.hdr.version >= 3 {
+            self.hdr.incompatible |= INCOMPAT_CORRUPT;
+            let _ = self
+                .io
+                .write_at(&self.hdr.incompatible.to_be_bytes(), OFF_INCOMPATIBLE)
+                .and_then(|()| self.io.flush());
+        }
+        corrupt(format!("{why}; the image is marked corrupt"))
+    }
+
     /// Write `data` at guest offset `start`, all within the L2 table of `l1_idx`.
     fn write_chunk(&mut self, l1_idx: usize, start: u64, data: &[u8]) -> Result<()> {
         let cb = self.cb;
@@ -662,6 +715,11 @@ impl Qcow2 {
                         )));
                     }
                     if rc == 1 && !table_shared {
+                        if let Some(what) = self.metadata_at(h) {
+                            return Err(self.mark_corrupt(format!(
+                                "preventing an invalid write of guest data at host offset {h:#x}: it overlaps the {what}"
+                            )));
+                        }
                         Act::InPlace(h)
                     } else {
                         *decs.entry(h >> cb).or_insert(0) -= 1;

@@ -202,6 +202,13 @@ impl Refcounts {
             .filter(|&o| o != 0)
     }
 
+    /// True if host cluster `cluster` holds a refcount block.
+    pub(crate) fn is_block(&self, cluster: u64) -> bool {
+        self.table
+            .iter()
+            .any(|&o| o != 0 && o >> self.cluster_bits == cluster)
+    }
+
     /// Offsets of all refcount blocks.
     pub(crate) fn block_offsets(&self) -> Vec<u64> {
         self.table.iter().copied().filter(|&o| o != 0).collect()

@@ -180,6 +180,22 @@ impl EventBus {
         self.lock().iter().filter(|c| !c.shared.is_closed()).count()
     }
 
+    /// Closes the oldest connection that has not negotiated yet (to make room for
+    /// a fresh client when the server is full); false if every one negotiated.
+    pub(crate) fn evict_oldest_unnegotiated(&self) -> bool {
+        let clients = self.lock();
+        let victim = clients
+            .iter()
+            .find(|c| !c.shared.is_closed() && !c.shared.negotiated.load(Ordering::SeqCst));
+        match victim {
+            Some(c) => {
+                c.shared.close();
+                true
+            }
+            None => false,
+        }
+    }
+
     pub(crate) fn is_connected(&self, id: u64) -> bool {
         self.lock()
             .iter()

@@ -18,8 +18,14 @@ use crate::protocol::greeting_line;
 use crate::session::Session;
 use crate::socket::{bind, Conn, Listener, SocketFile};
 
-/// Most simultaneous connections per server; more are refused (closed).
+/// Most simultaneous connections per server. When it is reached, a new client
+/// takes the place of the oldest connection that never negotiated; when every
+/// one has negotiated, the new one is refused (closed).
 pub const MAX_CLIENTS: usize = 64;
+
+/// A connection that has not completed `qmp_capabilities` by then is closed, so
+/// idle connections cannot hold the server's slots.
+pub const NEGOTIATION_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How long `quit` waits for its reply to be written before calling
 /// [`Machine::quit`].
@@ -156,8 +162,15 @@ fn accept_loop(listener: Listener, wake: UnixStream, ctx: AcceptCtx) {
                     .unwrap_or_else(|e| e.into_inner())
                     .retain(|id| ctx.bus.is_connected(*id));
                 if ctx.bus.connection_count() >= MAX_CLIENTS {
-                    tracing::warn!("QMP: too many clients ({MAX_CLIENTS}), refusing a connection");
-                    continue;
+                    if !ctx.bus.evict_oldest_unnegotiated() {
+                        tracing::warn!(
+                            "QMP: too many clients ({MAX_CLIENTS}), refusing a connection"
+                        );
+                        continue;
+                    }
+                    tracing::warn!(
+                        "QMP: {MAX_CLIENTS} connections; closed the oldest that never negotiated"
+                    );
                 }
                 if let Err(e) = spawn_client(conn, &ctx) {
                     tracing::warn!("QMP: cannot serve new client: {e}");
@@ -210,16 +223,32 @@ fn spawn_client(conn: Conn, ctx: &AcceptCtx) -> io::Result<()> {
 fn read_loop(mut conn: Conn, handle: Arc<ClientHandle>, bus: EventBus, machine: Arc<dyn Machine>) {
     let mut session = Session::new(machine.clone());
     let mut buf = vec![0u8; 16 * 1024];
+    let mut negotiated = conn.set_read_timeout(Some(NEGOTIATION_TIMEOUT)).is_err();
     if handle.send_reply(greeting_line()).is_ok() {
         'outer: loop {
             let n = match conn.read(&mut buf) {
                 Ok(0) => break,
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e)
+                    if !negotiated
+                        && matches!(
+                            e.kind(),
+                            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                        ) =>
+                {
+                    tracing::warn!(
+                        client = handle.id,
+                        "QMP client did not negotiate within {NEGOTIATION_TIMEOUT:?}; disconnecting it"
+                    );
+                    break;
+                }
                 Err(_) => break,
             };
             for reply in session.feed(&buf[..n]) {
                 let sent = if reply.negotiated {
+                    negotiated = true;
+                    let _ = conn.set_read_timeout(None);
                     bus.send_negotiated_reply(&handle, reply.line)
                 } else {
                     handle.send_reply(reply.line)

@@ -58,6 +58,13 @@ impl Conn {
         })
     }
 
+    pub(crate) fn set_read_timeout(&self, t: Option<std::time::Duration>) -> io::Result<()> {
+        match self {
+            Conn::Unix(s) => s.set_read_timeout(t),
+            Conn::Tcp(s) => s.set_read_timeout(t),
+        }
+    }
+
     /// Shuts both directions down, waking any thread blocked on it.
     pub(crate) fn shutdown(&self) {
         let _ = match self {

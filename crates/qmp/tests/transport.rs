@@ -5,7 +5,7 @@ mod common;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::UnixListener;
 
-use common::{Client, Mock, TempDir};
+use common::{unix_server, Client, Mock, TempDir};
 use qmp::{ListenAddr, QmpError, Server};
 
 #[test]
@@ -110,4 +110,24 @@ fn many_sequential_clients() {
         );
     }
     assert!(common::wait_for(|| server.events().client_count() == 0));
+}
+
+#[test]
+fn hundreds_of_idle_connections_do_not_lock_out_management() {
+    let (server, dir) = unix_server(Mock::new());
+    let path = dir.path("qmp.sock");
+    // Connections that never negotiate (nor even read the greeting).
+    let idle: Vec<std::os::unix::net::UnixStream> = (0..300)
+        .map(|_| std::os::unix::net::UnixStream::connect(&path).unwrap())
+        .collect();
+    let mut c = Client::connect(&server).negotiate();
+    assert_eq!(c.cmd(r#"{"execute":"query-status","id":1}"#)["id"], 1);
+    // A negotiated client keeps its place however many idle ones come after it.
+    let more: Vec<std::os::unix::net::UnixStream> = (0..300)
+        .map(|_| std::os::unix::net::UnixStream::connect(&path).unwrap())
+        .collect();
+    let mut d = Client::connect(&server).negotiate();
+    assert_eq!(c.cmd(r#"{"execute":"query-status","id":2}"#)["id"], 2);
+    assert_eq!(d.cmd(r#"{"execute":"query-status","id":3}"#)["id"], 3);
+    drop((idle, more));
 }

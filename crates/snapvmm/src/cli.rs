@@ -29,12 +29,12 @@ pub enum Command {
 
 #[derive(Args, Debug, Clone)]
 pub struct RunArgs {
-    /// Guest RAM, e.g. 512M, 1G (a plain number means MiB, as in QEMU).
-    #[arg(long, default_value = "512M")]
-    pub mem: String,
-    /// Number of vCPUs.
-    #[arg(long, default_value = "1")]
-    pub cpus: String,
+    /// Guest RAM, e.g. 512M, 1G (a plain number means MiB, as in QEMU) [default: 512M; a restore takes the image's].
+    #[arg(long, short = 'm')]
+    pub mem: Option<String>,
+    /// Number of vCPUs [default: 1; a restore takes the image's].
+    #[arg(long, visible_alias = "smp")]
+    pub cpus: Option<String>,
     /// Kernel to boot: a PVH ELF, a Linux vmlinux or a Linux bzImage. Default: the built-in reference guest.
     #[arg(long)]
     pub kernel: Option<PathBuf>,
@@ -90,6 +90,9 @@ pub enum SerialTarget {
 pub struct RunConfig {
     pub mem_bytes: u64,
     pub cpus: u8,
+    /// `--mem` / `--cpus` were given: a restored image must agree with them.
+    pub mem_given: bool,
+    pub cpus_given: bool,
     pub kernel: Vec<u8>,
     pub initrd: Option<Vec<u8>>,
     pub cmdline: String,
@@ -106,14 +109,19 @@ pub struct RunConfig {
     pub loadvm: Option<String>,
 }
 
+/// Guest RAM when `--mem` is not given.
+const DEFAULT_MEM: &str = "512M";
+
 impl RunArgs {
     /// Validates every argument; errors are one clear line each.
     pub fn validate(&self) -> Result<RunConfig> {
-        let mem_bytes = parse_mem(&self.mem)?;
+        let mem_text = self.mem.as_deref().unwrap_or(DEFAULT_MEM);
+        let cpus_text = self.cpus.as_deref().unwrap_or("1");
+        let mem_bytes = parse_mem(mem_text)?;
         if mem_bytes < vmm::machine::MIN_MEM {
             bail!(
                 "--mem {} is too small: snapvmm needs at least {} MiB",
-                self.mem,
+                mem_text,
                 vmm::machine::MIN_MEM >> 20
             );
         }
@@ -121,15 +129,15 @@ impl RunArgs {
             if mem_bytes > host {
                 bail!(
                     "--mem {} is more than this host can give ({} MiB of RAM in all)",
-                    self.mem,
+                    mem_text,
                     host >> 20
                 );
             }
         }
-        let cpus: u32 = self.cpus.parse().map_err(|_| {
+        let cpus: u32 = cpus_text.parse().map_err(|_| {
             anyhow::anyhow!(
                 "invalid --cpus '{}': expected a number from 1 to {}",
-                self.cpus,
+                cpus_text,
                 vmm::machine::MAX_CPUS
             )
         })?;
@@ -205,6 +213,8 @@ impl RunArgs {
         Ok(RunConfig {
             mem_bytes,
             cpus: cpus as u8,
+            mem_given: self.mem.is_some(),
+            cpus_given: self.cpus.is_some(),
             kernel,
             initrd,
             cmdline,
@@ -228,7 +238,9 @@ impl RunArgs {
 /// Parses a `file:PATH` migration URI (`--incoming`, `migrate-incoming`).
 pub fn parse_incoming(s: &str) -> Result<PathBuf> {
     match s.strip_prefix("file:") {
-        Some(p) if !p.is_empty() => Ok(PathBuf::from(p)),
+        Some(p) if !p.is_empty() => {
+            crate::migration::parse_uri(s).map_err(|e| anyhow::anyhow!("--incoming: {}", e.desc))
+        }
         _ => bail!("invalid --incoming '{s}': expected file:PATH or defer"),
     }
 }

@@ -261,6 +261,21 @@ pub(crate) fn build_from_state(
     disks: Vec<vmm::DiskConfig>,
 ) -> Result<Machine> {
     let (mem, cpus) = (state.mem_bytes, state.cpus);
+    // A restore takes the image's machine; options that say otherwise are refused,
+    // never silently ignored.
+    if cfg.mem_given && mem != cfg.mem_bytes {
+        anyhow::bail!(
+            "the snapshot is of a machine with {} MiB of RAM, --mem says {} MiB",
+            mem >> 20,
+            cfg.mem_bytes >> 20
+        );
+    }
+    if cfg.cpus_given && cpus != cfg.cpus {
+        anyhow::bail!(
+            "the snapshot is of a machine with {cpus} vCPU(s), --cpus says {}",
+            cfg.cpus
+        );
+    }
     let start = vmm::Start::Snapshot {
         ram,
         state: Box::new(state),

@@ -112,7 +112,13 @@ impl Default for Migration {
 /// Parses `file:PATH` (the only transport snapvmm speaks).
 pub fn parse_uri(uri: &str) -> Result<PathBuf, CommandError> {
     match uri.strip_prefix("file:") {
-        Some(p) if !p.is_empty() => Ok(PathBuf::from(p.split(',').next().unwrap_or(p))),
+        // QEMU's `file:PATH,offset=N`: refused rather than silently dropped.
+        Some(p) if !p.is_empty() => match p.split_once(',') {
+            Some((_, opts)) => Err(CommandError::generic(format!(
+                "Invalid migration URI '{uri}': file: options ('{opts}') are not supported"
+            ))),
+            None => Ok(PathBuf::from(p)),
+        },
         _ => Err(CommandError::generic(format!(
             "Invalid migration URI '{uri}': snapvmm supports only 'file:PATH'"
         ))),

@@ -278,6 +278,37 @@ fn bad_mem_values() {
 }
 
 #[test]
+fn qemu_spellings_of_mem_and_cpus_work() {
+    let o = run_with_timeout(
+        snapvmm(&[
+            "run",
+            "-m",
+            "96M",
+            "--smp",
+            "2",
+            "--cmdline",
+            "workload=memwrite passes=1 region=8M",
+        ]),
+        T,
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(
+        stdout(&o).contains("refguest: ready cpus=2 ram_mib=95"),
+        "{}",
+        stdout(&o)
+    );
+}
+
+#[test]
+fn file_uri_options_are_refused_not_ignored() {
+    refused(
+        &["run", "--incoming", "file:/tmp/x.snap,offset=4096"],
+        None,
+        "file: options ('offset=4096') are not supported",
+    );
+}
+
+#[test]
 fn bad_cpu_counts() {
     refused(&["run", "--cpus", "0"], None, "--cpus 0 is out of range");
     refused(&["run", "--cpus", "33"], None, "--cpus 33 is out of range");

@@ -438,9 +438,22 @@ fn damaged_or_foreign_images_are_refused_with_a_clear_error() {
         assert_eq!(err.lines().count(), 1, "{what}: one line: {err}");
         assert!(!stdout(&out).contains("refguest"), "{what}: no guest ran");
     }
-    // The intact image still restores.
+    // Options the image contradicts are refused, not ignored; what agrees is fine.
     let incoming = format!("file:{}", image.display());
-    let (b, mut qb) = start_vm(&d, "b", "1", &["--incoming", &incoming]);
+    for (args, says) in [
+        (["--mem", "128M"], "64 MiB of RAM, --mem says 128 MiB"),
+        (["--cpus", "2"], "1 vCPU(s), --cpus says 2"),
+    ] {
+        let mut all = vec!["run", "--incoming", incoming.as_str()];
+        all.extend_from_slice(&args);
+        let out = run_with_timeout(snapvmm(&all), T);
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        assert!(err.contains(says), "{args:?}: {err}");
+        assert!(!stdout(&out).contains("refguest"), "{args:?}: no guest ran");
+    }
+    // The intact image still restores (with --mem that agrees).
+    let (b, mut qb) = start_vm(&d, "b", "1", &["--incoming", &incoming, "--mem", "64M"]);
     assert_eq!(wait_settled(&mut qb), "running");
     assert_guest_runs(&b);
     qb.ok("quit", json!({}));
@@ -468,7 +481,7 @@ fn incoming_defer_waits_for_migrate_incoming() {
     );
     qa.ok("quit", json!({}));
 
-    let (b, mut qb) = start_vm(&d, "b", "1", &["--incoming", "defer"]);
+    let (b, mut qb) = start_vm(&d, "b", "2", &["--incoming", "defer"]);
     assert_eq!(qb.ok("query-status", json!({}))["status"], "inmigrate");
     let r = qb.cmd("cont", json!({}));
     assert!(
@@ -489,7 +502,7 @@ fn incoming_defer_waits_for_migrate_incoming() {
     assert_eq!(qb.ok("query-status", json!({}))["status"], "inmigrate");
     qb.ok("migrate-incoming", file_uri(&image));
     assert_eq!(qb.ok("query-status", json!({}))["status"], "running");
-    // Two vCPUs came from the image, not from the command line.
+    // Two vCPUs, as the image and the command line say (a disagreement is refused).
     assert_eq!(
         qb.ok("query-cpus-fast", json!({}))
             .as_array()
@@ -509,7 +522,7 @@ fn incoming_defer_waits_for_migrate_incoming() {
     qb.ok("quit", json!({}));
 
     // Paused (-S) with defer: loaded, then waits for cont.
-    let (c, mut qc) = start_vm(&d, "c", "1", &["--incoming", "defer", "-S"]);
+    let (c, mut qc) = start_vm(&d, "c", "2", &["--incoming", "defer", "-S"]);
     qc.ok("migrate-incoming", file_uri(&image));
     assert_eq!(qc.ok("query-status", json!({}))["status"], "paused");
     qc.ok("cont", json!({}));

@@ -109,10 +109,35 @@ fn run_all() -> Report {
     }
     let dir = inputs::cache_dir().join(format!("run-{}", std::process::id()));
     let _ = std::fs::create_dir_all(&dir);
-    let mut report = match outer::run(&inputs, &dir) {
+    let wanted = selected();
+    let mut report = match outer::run(&inputs, &dir, &wanted) {
         Ok(r) => r,
         Err(e) => return failed(e),
     };
+    // The emulator itself can fail (a TCG VM that dies or hangs reports nothing
+    // more): the scenarios it did not get to run once more in a fresh one. A
+    // scenario that ran and failed is never run again.
+    let missing: Vec<&str> = wanted
+        .iter()
+        .copied()
+        .filter(|n| !report.results.contains_key(*n))
+        .collect();
+    if !missing.is_empty() {
+        eprintln!("the TCG VM reported nothing for {missing:?}; running them in a fresh one");
+        let again = dir.join("again");
+        let _ = std::fs::create_dir_all(&again);
+        if let Ok(second) = outer::run(&inputs, &again, &missing) {
+            report.results.extend(second.results);
+            report.logs.extend(second.logs);
+            report.missing_hint = second.missing_hint;
+            // Each scenario's images sit in its own folder: bring the new ones over.
+            if let (Some(to), Some(from)) = (&report.export, &second.export) {
+                for n in &missing {
+                    let _ = std::fs::rename(from.join(n), to.join(n));
+                }
+            }
+        }
+    }
     if let Some(export) = report.export.clone() {
         for (name, r) in report.results.iter_mut() {
             if r.is_ok() && scenarios::has_host_check(name) {
@@ -120,7 +145,14 @@ fn run_all() -> Report {
             }
         }
     }
-    let _ = std::fs::remove_dir_all(&dir);
+    if report.results.values().all(Result::is_ok) {
+        let _ = std::fs::remove_dir_all(&dir);
+    } else {
+        eprintln!(
+            "kept for inspection: {} (the TCG VM's console and the exported images)",
+            dir.display()
+        );
+    }
     report
 }
 
