@@ -41,6 +41,7 @@ struct hvm_memmap_entry {
 extern u32 start_info_paddr;
 extern volatile u32 cpu_counter;
 extern volatile u64 hv_tsc_khz; /* 0: the hypervisor does not say */
+extern volatile u32 hv_cpus;    /* vCPUs the VM has, from CPUID at ring 0 */
 extern char _end[];
 
 void user_main(u64 cpu) __attribute__((noreturn));

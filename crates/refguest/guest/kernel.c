@@ -91,6 +91,18 @@ static void load_idt(void)
 /* The hypervisor's TSC frequency (KVM/VMware timing leaf), read here at ring 0:
  * on PVM hosts a ring-3 CPUID runs natively and sees the host's leaves, not the VM's. */
 volatile u64 hv_tsc_khz;
+/* CPUs the VM has (CPUID.1 EBX[23:16] when HTT is set), read at ring 0 for the same reason. */
+volatile u32 hv_cpus;
+
+static u32 cpuid1_cpus(void)
+{
+    u32 a, b, c, d;
+    __asm__ volatile("cpuid" : "=a"(a), "=b"(b), "=c"(c), "=d"(d) : "a"(1), "c"(0));
+    if (!(d & (1 << 28)))
+        return 1;
+    u32 n = (b >> 16) & 0xff;
+    return n ? n : 1;
+}
 
 static u64 timing_leaf_khz(void)
 {
@@ -106,6 +118,7 @@ void kmain(u32 cpu)
 {
     if (cpu == 0) {
         hv_tsc_khz = timing_leaf_khz();
+        hv_cpus = cpuid1_cpus();
         build_idt();
         __atomic_store_n(&idt_ready, 1, __ATOMIC_RELEASE);
     } else {

@@ -71,10 +71,6 @@ static void __attribute__((noreturn)) sys_halt(void)
         ;
 }
 
-static inline void cpuid(u32 leaf, u32 *a, u32 *b, u32 *c, u32 *d)
-{
-    __asm__ volatile("cpuid" : "=a"(*a), "=b"(*b), "=c"(*c), "=d"(*d) : "a"(leaf), "c"(0));
-}
 
 /* ---- formatting ----------------------------------------------------- */
 
@@ -439,14 +435,11 @@ static void diskwrite_cpu0(void)
 
 /* ---- entry ---------------------------------------------------------- */
 
+/* From the ring-0 part: a ring-3 CPUID on PVM hosts runs natively and reports the
+ * host's CPU count, which made the wait below stop early (or wait for nobody). */
 static u32 expected_cpus(void)
 {
-    u32 a, b, c, d;
-    cpuid(1, &a, &b, &c, &d);
-    if (!(d & (1 << 28)))
-        return 1;
-    u32 n = (b >> 16) & 0xff;
-    return n ? n : 1;
+    return hv_cpus ? hv_cpus : 1;
 }
 
 static void wait_for_aps(void)

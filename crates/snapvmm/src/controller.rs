@@ -359,12 +359,32 @@ fn open_snapshot(
     } else {
         use std::os::fd::AsFd;
         let fd = image.file().as_fd();
-        vmm::memory::GuestRam::from_file(state.mem_bytes, |i| {
+        let mut ram = vmm::memory::GuestRam::from_file(state.mem_bytes, |i| {
             Some(vmm::memory::FileBacking {
                 fd,
                 offset: ranges[i].file_offset,
             })
-        })?
+        })?;
+        // The image backs RAM from now on: lock it (shared) for as long as it does,
+        // and turn a SIGBUS (the file truncated under the VM) into a clear error.
+        let held = image
+            .file()
+            .try_clone()
+            .with_context(|| format!("cannot restore from {}", path.display()))?;
+        let needed = ranges
+            .iter()
+            .map(|r| r.file_offset + r.len)
+            .max()
+            .unwrap_or(0);
+        let name = format!("the snapshot image {}", path.display());
+        ram.hold_backing(held, needed, name).with_context(|| {
+            format!(
+                "cannot restore from {}: it is locked by another process",
+                path.display()
+            )
+        })?;
+        crate::sigbus::explain_for(path);
+        ram
     };
     tracing::info!(
         ms = t0.elapsed().as_secs_f64() * 1e3,
@@ -402,6 +422,13 @@ impl Controller {
             }
             AppEvent::Machine(MachineEvent::GuestReset) => self.guest_shutdown(0, "guest-reset"),
             AppEvent::Machine(MachineEvent::GuestShutdown(id)) => {
+                // A lazily restored guest whose image was truncated under it crashes
+                // this way on PVM hosts: that is snapvmm's failure, not the guest's.
+                if let Some(why) = self.machine.ram().backing_damaged() {
+                    self.machine.flush_serial();
+                    self.fail_fatally(format!("vCPU {id} stopped: {why}"));
+                    return Ok(());
+                }
                 // A triple fault: the guest crashed rather than asked; say so.
                 tracing::warn!("vCPU {id} triple-faulted (KVM shutdown exit): the guest is reset");
                 self.guest_shutdown(0, "guest-reset")
@@ -410,7 +437,12 @@ impl Controller {
                 // End through the normal exit path, which also ends captures.
                 self.machine.flush_serial();
                 self.set_status(RunState::InternalError);
-                self.fatal = Some(format!("vCPU {id} failed: {why}"));
+                let hint = if self.machine.ram().file_backed() && why.contains("Bad address") {
+                    " (guest RAM is mapped from the snapshot image: was it truncated or changed under the VM?)"
+                } else {
+                    ""
+                };
+                self.fatal = Some(format!("vCPU {id} failed: {why}{hint}"));
                 self.exit = Some(1);
             }
             AppEvent::Signal(sig) => {

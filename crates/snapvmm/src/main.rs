@@ -10,6 +10,7 @@ mod jobs;
 mod migration;
 mod qmp_client;
 mod savevm;
+mod sigbus;
 mod snapjobs;
 
 use std::process::ExitCode;

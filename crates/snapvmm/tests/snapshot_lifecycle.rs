@@ -553,3 +553,59 @@ fn quit_during_a_capture_leaves_no_partial_file() {
         livesnap::Image::open(d.path("vm.snap")).expect("a complete image");
     }
 }
+
+#[test]
+fn a_lazily_restored_vm_whose_image_is_truncated_ends_with_a_clear_error() {
+    use std::os::fd::AsRawFd;
+    let d = TempDir::new("truncated-under");
+    let image = d.path("vm.snap");
+    let (a, mut qa) = start_vm(
+        &d,
+        "a",
+        "1",
+        &["--mem", "64M", "--cmdline", "workload=memwrite region=16M"],
+    );
+    a.wait_line("refguest: cpu=0 t=", T);
+    assert_eq!(live_snapshot(&mut qa, &image)["status"], "completed");
+    qa.ok("quit", json!({}));
+    drop(a);
+
+    // Restored paused: RAM is the image mapped lazily, nothing touched yet.
+    let sock = d.path("b.sock");
+    let errlog = d.path("b.stderr");
+    let mut b = snapvmm(&[
+        "run",
+        "--incoming",
+        &format!("file:{}", image.display()),
+        "--paused",
+        "--qmp",
+        &format!("unix:{}", sock.display()),
+    ]);
+    b.stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&errlog).unwrap());
+    let mut b = b.spawn().unwrap();
+    let mut qb = Qmp::connect(&sock);
+    assert_eq!(wait_settled(&mut qb), "paused");
+    // The image is locked while it backs RAM.
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&image)
+        .unwrap();
+    // SAFETY: flock on a file descriptor owned by `f`.
+    let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    assert_eq!(r, -1, "the image is not locked while it backs RAM");
+    // Truncated under the VM: the guest's next touches find no pages.
+    f.set_len(4096).unwrap();
+    qb.cmd("cont", json!({}));
+    let end = std::time::Instant::now() + T;
+    let status = loop {
+        if let Some(s) = b.try_wait().unwrap() {
+            break s;
+        }
+        assert!(std::time::Instant::now() < end, "the VM kept running");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let err = std::fs::read_to_string(&errlog).unwrap();
+    assert_eq!(status.code(), Some(1), "{status}: {err}");
+    assert!(err.contains("snapshot image"), "{err}");
+}

@@ -55,6 +55,9 @@ pub struct GuestRam {
     /// (mapping start, mapping length) to munmap, including alignment slack.
     maps: Vec<(NonNull<u8>, usize)>,
     mem: GuestMemoryMmap,
+    /// The file RAM is mapped from (a lazy restore), kept open and locked while
+    /// it backs RAM, and how long it must stay for every page to be readable.
+    backing: Option<(std::fs::File, u64, String)>,
 }
 
 // SAFETY: the mappings are plain memory; concurrent access from vCPU threads is
@@ -67,6 +70,44 @@ impl GuestRam {
     /// Maps `size` bytes of anonymous guest RAM laid out by [`layout::ram_ranges`].
     pub fn anonymous(size: u64) -> Result<Self, MemoryError> {
         Self::build(size, |_| None)
+    }
+
+    /// Keeps `file` (the one RAM is mapped from, called `name` in messages, of
+    /// which RAM needs the first `needed` bytes) open for as long as this RAM
+    /// lives, with a shared `flock` on it: tools that honour locks see it is in use.
+    pub fn hold_backing(
+        &mut self,
+        file: std::fs::File,
+        needed: u64,
+        name: String,
+    ) -> std::io::Result<()> {
+        use std::os::fd::AsRawFd;
+        // SAFETY: flock on a file descriptor we own; no memory is involved.
+        let r = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) };
+        if r != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        self.backing = Some((file, needed, name));
+        Ok(())
+    }
+
+    /// Why the file RAM is mapped from can no longer back it (it was truncated
+    /// under the VM), if it cannot.
+    pub fn backing_damaged(&self) -> Option<String> {
+        let (file, needed, name) = self.backing.as_ref()?;
+        match file.metadata() {
+            Ok(m) if m.len() < *needed => Some(format!(
+                "{name}, which guest RAM is mapped from, was truncated to {} bytes under the VM (it needs {needed})",
+                m.len()
+            )),
+            Ok(_) => None,
+            Err(e) => Some(format!("{name}, which guest RAM is mapped from, is unreadable: {e}")),
+        }
+    }
+
+    /// True if RAM is mapped from a file (a lazy restore) rather than anonymous.
+    pub fn file_backed(&self) -> bool {
+        self.backing.is_some()
     }
 
     /// Maps guest RAM privately from a file: region `i` from `backing(i)`.
@@ -86,6 +127,7 @@ impl GuestRam {
             regions: Vec::new(),
             maps: Vec::new(),
             mem: GuestMemoryMmap::new(),
+            backing: None,
         };
         let mut vm_regions = Vec::new();
         for (i, (gpa, len)) in layout::ram_ranges(size).into_iter().enumerate() {
