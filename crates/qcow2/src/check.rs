@@ -196,7 +196,8 @@ impl Qcow2 {
     /// shared and its COPIED flag must be set), so a crash leaves either the
     /// leaks or the repaired image. The freed clusters can be allocated
     /// again. The file is not truncated. An image without leaks is not
-    /// written at all.
+    /// written at all, except to clear its dirty bit. A successful repair
+    /// clears the dirty bit ([`Qcow2::freeze`] sets it).
     ///
     /// Refuses while a [`Qcow2::freeze`] is pending (its raised refcounts are
     /// intentional), on a read-only or poisoned handle.
@@ -220,6 +221,10 @@ impl Qcow2 {
                 .map(|m| (m.cluster, m.refcount - m.references))
                 .collect();
             if leaks.is_empty() {
+                if s.is_dirty() {
+                    s.set_dirty(false)?;
+                    s.io.flush()?;
+                }
                 return Ok(0);
             }
             // Clusters nothing references at all hold garbage: release their
@@ -258,6 +263,8 @@ impl Qcow2 {
             }
             let (new_l1, new_l1_off) = s.fix_active_copied(&mut txn)?;
             s.commit(txn, new_l1, new_l1_off, None, true)?;
+            s.set_dirty(false)?;
+            s.io.flush()?;
             Ok(leaks.len() as u64)
         })
     }

@@ -21,7 +21,7 @@ pub enum Error {
     /// A valid qcow2 feature that this library does not implement.
     #[error("unsupported: {0}")]
     Unsupported(String),
-    /// The image is marked dirty (lazy refcounts were in use and it was not closed cleanly).
+    /// The image is marked dirty (refcounts may be too high) and cannot be repaired here.
     #[error("image has the dirty bit set; repair it with `qemu-img check -r all` first")]
     Dirty,
     /// A structural inconsistency or an out-of-bounds field in the image.

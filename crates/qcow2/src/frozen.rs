@@ -121,6 +121,10 @@ impl Qcow2 {
     }
 
     fn freeze_inner(&mut self) -> Result<(Vec<u64>, Vec<u64>)> {
+        // Until commit or abort, a kill leaves the clusters taken here and by
+        // the VM state leaked: the dirty bit makes the next open reclaim them.
+        // It is written before the tables, and made durable by the same sync.
+        self.set_dirty(true)?;
         let cb = self.cb;
         let cs = 1u64 << cb;
         let vi = self.vm_index() as usize;
@@ -376,6 +380,7 @@ impl Qcow2 {
         // The active image is unchanged: same L1 table.
         let (l1, l1_off) = (self.l1.clone(), self.hdr.l1_table_offset);
         self.commit(txn, l1, l1_off, Some(snaps), true)?;
+        self.set_dirty(false)?;
         Ok(info)
     }
 
@@ -404,6 +409,7 @@ impl Qcow2 {
         }
         let (new_l1, new_l1_off) = self.fix_active_copied(&mut txn)?;
         self.commit(txn, new_l1, new_l1_off, None, true)?;
+        self.set_dirty(false)?;
         Ok(())
     }
 }

@@ -180,9 +180,6 @@ impl Header {
                 "unknown incompatible feature bits {unknown:#x}"
             )));
         }
-        if self.incompatible & INCOMPAT_DIRTY != 0 {
-            return Err(Error::Dirty);
-        }
         if self.incompatible & INCOMPAT_DATA_FILE != 0 {
             return Err(Error::Unsupported("external data file".into()));
         }
@@ -474,8 +471,8 @@ mod tests {
         x[23] = 22;
         assert!(matches!(Header::parse(&x), Err(Error::Unsupported(_))));
         let mut x = b.clone();
-        x[79] = 1; // dirty
-        assert!(matches!(Header::parse(&x), Err(Error::Dirty)));
+        x[79] = 1; // dirty: readable (a writable open repairs it)
+        assert_eq!(Header::parse(&x).unwrap().incompatible & INCOMPAT_DIRTY, 1);
         let mut x = b.clone();
         x[79] = 0x20; // unknown bit
         assert!(Header::parse(&x)

@@ -8,8 +8,8 @@ use crate::backend::{Backend, FileBackend};
 use crate::backing::{self, Backing, BackingFormat};
 use crate::error::{corrupt, Error, Result};
 use crate::header::{
-    size_to_l1, Header, INCOMPAT_CORRUPT, MAX_CLUSTER_BITS, MAX_TABLE_BYTES, MIN_CLUSTER_BITS,
-    OFF_AUTOCLEAR, OFF_INCOMPATIBLE, OFF_L1_SIZE, V3_HEADER_LEN,
+    size_to_l1, Header, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, MAX_CLUSTER_BITS, MAX_TABLE_BYTES,
+    MIN_CLUSTER_BITS, OFF_AUTOCLEAR, OFF_INCOMPATIBLE, OFF_L1_SIZE, V3_HEADER_LEN,
 };
 use crate::refcount::Refcounts;
 use crate::snapshot::{self, SnapEntry, SnapshotInfo};
@@ -236,7 +236,37 @@ impl Qcow2 {
             img.io.flush()?;
             img.hdr.autoclear = 0;
         }
+        if writable && img.hdr.incompatible & INCOMPAT_DIRTY != 0 {
+            // A live snapshot was cut short (the process was killed): the clusters
+            // it had taken are leaked. Reclaim them now, as QEMU does for a dirty
+            // image; the repair clears the bit.
+            img.repair_leaks()?;
+        }
         Ok(img)
+    }
+
+    /// Sets or clears the v3 dirty bit ("refcounts may be too high": a live
+    /// snapshot is in progress). Not synced: setting it rides on the sync that
+    /// makes the snapshot's first allocations durable, clearing it on the next one.
+    pub(crate) fn set_dirty(&mut self, on: bool) -> Result<()> {
+        if self.hdr.version < 3 {
+            return Ok(());
+        }
+        let v = if on {
+            self.hdr.incompatible | INCOMPAT_DIRTY
+        } else {
+            self.hdr.incompatible & !INCOMPAT_DIRTY
+        };
+        if v != self.hdr.incompatible {
+            self.io.write_at(&v.to_be_bytes(), OFF_INCOMPATIBLE)?;
+            self.hdr.incompatible = v;
+        }
+        Ok(())
+    }
+
+    /// True while the image carries the dirty bit.
+    pub fn is_dirty(&self) -> bool {
+        self.hdr.incompatible & INCOMPAT_DIRTY != 0
     }
 
     /// Create (or truncate) an image file of `size` bytes (multiple of 512).
