@@ -476,6 +476,17 @@ impl<B: ImageBacking> Image<B> {
     /// `dst.len()` must equal the range length. Holes of a file are filled
     /// with zeros without reading them.
     pub fn read_ram_into(&self, index: usize, dst: &mut [u8]) -> Result<()> {
+        self.read_ram(index, dst, true)
+    }
+
+    /// Like [`Image::read_ram_into`] for a destination that already reads as
+    /// zeros (fresh anonymous memory): holes (zero pages) are not written, so
+    /// they cost no memory.
+    pub fn read_ram_into_zeroed(&self, index: usize, dst: &mut [u8]) -> Result<()> {
+        self.read_ram(index, dst, false)
+    }
+
+    fn read_ram(&self, index: usize, dst: &mut [u8], fill_holes: bool) -> Result<()> {
         let r = *self.header.ranges.get(index).ok_or_else(|| {
             SnapError::InvalidInput(format!(
                 "range index {index} out of {}",
@@ -493,10 +504,14 @@ impl<B: ImageBacking> Image<B> {
         let mut pos = start;
         while pos < end {
             let Some((data, hole)) = self.backing.data_extent(pos, end) else {
-                dst[(pos - start) as usize..].fill(0);
+                if fill_holes {
+                    dst[(pos - start) as usize..].fill(0);
+                }
                 break;
             };
-            dst[(pos - start) as usize..(data - start) as usize].fill(0);
+            if fill_holes {
+                dst[(pos - start) as usize..(data - start) as usize].fill(0);
+            }
             self.backing
                 .fetch_exact(
                     &mut dst[(data - start) as usize..(hole - start) as usize],

@@ -202,6 +202,49 @@ fn read_ram_into_checks_its_arguments() {
     ));
 }
 
+#[test]
+fn reading_into_fresh_memory_leaves_the_holes_untouched() {
+    const LEN: usize = 16 << 20;
+    let dir = tempfile::tempdir().unwrap();
+    let mut mem = Mem::new(LEN);
+    // Data in the first and the last MiB only: the rest is a hole in the file.
+    mem.bytes_mut()[..1 << 20].fill(0x11);
+    mem.bytes_mut()[LEN - (1 << 20)..].fill(0x22);
+    let p = dir.path().join("sparse.img");
+    capture_stopped(&[mem.range(0, LEN, 0)], b"dev", &p).unwrap();
+    let img = Image::open(&p).unwrap();
+    // SAFETY: a fresh private anonymous mapping of LEN bytes, unmapped below.
+    let ptr = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            LEN,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    assert_ne!(ptr, libc::MAP_FAILED);
+    // SAFETY: ptr maps LEN writable bytes that nothing else uses.
+    let dst = unsafe { std::slice::from_raw_parts_mut(ptr as *mut u8, LEN) };
+    img.read_ram_into_zeroed(0, dst).unwrap();
+    // Before anything reads the holes (which would map the zero page there).
+    let mut resident = vec![0u8; LEN / 4096];
+    // SAFETY: ptr/LEN is the mapping above; `resident` has one byte per page.
+    assert_eq!(unsafe { libc::mincore(ptr, LEN, resident.as_mut_ptr()) }, 0);
+    let touched = resident.iter().filter(|r| *r & 1 == 1).count();
+    let same = dst == mem.bytes();
+    // SAFETY: unmapping the mapping made above; dst is not used afterwards.
+    unsafe { libc::munmap(ptr, LEN) };
+    assert!(same, "same bytes as the source");
+    // The two data MiB, each perhaps in huge pages (4 x 2 MiB at worst), of 16 MiB.
+    assert!(
+        touched <= 4 * 512,
+        "{touched} of {} pages resident: holes were written",
+        LEN / 4096
+    );
+}
+
 /// Opening must never panic; whatever opens must also read without panicking.
 fn exercise(dir: &Path, bytes: &[u8]) -> Result<(), SnapError> {
     let img = open_bytes(dir, bytes)?;

@@ -351,8 +351,9 @@ fn open_snapshot(
     let ram = if copy {
         let mut ram = vmm::memory::GuestRam::anonymous(state.mem_bytes)?;
         for i in 0..ranges.len() {
+            // Fresh anonymous RAM reads as zeros: the image's holes stay untouched.
             image
-                .read_ram_into(i, ram.region_bytes_mut(i))
+                .read_ram_into_zeroed(i, ram.region_bytes_mut(i))
                 .with_context(|| format!("cannot read RAM from {}", path.display()))?;
         }
         ram
@@ -679,7 +680,7 @@ impl Controller {
     /// The machine cannot go on (its replacement failed): end the process
     /// through the normal exit path, reporting `why`.
     pub(crate) fn fail_fatally(&mut self, why: String) {
-        tracing::error!("{why}");
+        // Not logged here: the exit path prints it once, as `snapvmm: error: ...`.
         self.set_status(RunState::InternalError);
         self.fatal = Some(why);
         self.exit = Some(1);
