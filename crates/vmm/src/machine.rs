@@ -234,6 +234,30 @@ impl Machine {
                 }
             }
             Some(st) => {
+                // A guest that saw CPU features this host cannot give would crash on
+                // its first such instruction: refuse the restore instead. "Can give" is
+                // what a vCPU booted here sees (KVM may add to its supported list, as
+                // PVM does), read back from vCPU 0 before its saved CPUID replaces it.
+                let here = {
+                    let tsc_khz = fds[0].fd.get_tsc_khz().unwrap_or(0);
+                    let mut c = base_cpuid.clone();
+                    cpuid::patch(&mut c, 0, cfg.cpus, tsc_khz).map_err(VmmError::Config)?;
+                    fds[0].fd.set_cpuid2(&c).map_err(ioctl("KVM_SET_CPUID2"))?;
+                    fds[0]
+                        .fd
+                        .get_cpuid2(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+                        .map_err(ioctl("KVM_GET_CPUID2"))?
+                };
+                for s in &st.vcpus {
+                    let missing = cpuid::missing_features(&s.cpuid, here.as_slice());
+                    if !missing.is_empty() {
+                        return Err(VmmError::Config(format!(
+                            "the snapshot's vCPU {} uses CPU features this host's KVM cannot give ({}): restore it on a CPU that has them",
+                            s.id,
+                            missing.join(", ")
+                        )));
+                    }
+                }
                 for (v, s) in fds.iter().zip(&st.vcpus) {
                     v.restore(s)?;
                 }

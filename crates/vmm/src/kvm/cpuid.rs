@@ -45,6 +45,46 @@ pub fn patch(cpuid: &mut CpuId, id: u8, cpus: u8, tsc_khz: u32) -> Result<(), St
     Ok(())
 }
 
+/// Feature words a guest uses without asking the hypervisor: (leaf, subleaf,
+/// register index 0..4 = EAX, EBX, ECX, EDX, bits to ignore). The ignored bits
+/// are set by snapvmm itself (hypervisor, HTT) or follow the guest's own control
+/// registers (OSXSAVE, OSPKE), so they say nothing about the host.
+const FEATURE_WORDS: &[(u32, u32, usize, u32)] = &[
+    (1, 0, 2, 1 << 31 | 1 << 27),
+    (1, 0, 3, 1 << 28),
+    (7, 0, 1, 0),
+    (7, 0, 2, 1 << 4),
+    (7, 0, 3, 0),
+    (0xd, 1, 0, 0),
+    (0x8000_0001, 0, 2, 0),
+    (0x8000_0001, 0, 3, 0),
+];
+
+fn word(entries: &[kvm_cpuid_entry2], leaf: u32, sub: u32, reg: usize) -> u32 {
+    entries
+        .iter()
+        .find(|e| e.function == leaf && (!indexed(e) || e.index == sub))
+        .map_or(0, |e| [e.eax, e.ebx, e.ecx, e.edx][reg])
+}
+
+/// The CPU features a saved vCPU was given (its CPUID) that `supported` (what a
+/// vCPU booted on this host gets) lacks, one line each: restoring such a vCPU
+/// would let the guest run instructions this CPU lacks.
+pub fn missing_features(saved: &[kvm_cpuid_entry2], supported: &[kvm_cpuid_entry2]) -> Vec<String> {
+    const REGS: [&str; 4] = ["EAX", "EBX", "ECX", "EDX"];
+    let mut out = Vec::new();
+    for &(leaf, sub, reg, ignore) in FEATURE_WORDS {
+        let lacking = word(saved, leaf, sub, reg) & !word(supported, leaf, sub, reg) & !ignore;
+        for bit in (0..32).filter(|b| lacking & (1 << b) != 0) {
+            out.push(format!(
+                "CPUID.(EAX={leaf:#x},ECX={sub}):{}[{bit}]",
+                REGS[reg]
+            ));
+        }
+    }
+    out
+}
+
 /// True if entry `e` is indexed by ECX (so `index` matters).
 pub fn indexed(e: &kvm_cpuid_entry2) -> bool {
     e.flags & KVM_CPUID_FLAG_SIGNIFCANT_INDEX != 0
@@ -68,6 +108,58 @@ mod tests {
             },
         ])
         .unwrap()
+    }
+
+    fn leaf(function: u32, index: u32, regs: [u32; 4], indexed: bool) -> kvm_cpuid_entry2 {
+        kvm_cpuid_entry2 {
+            function,
+            index,
+            flags: if indexed {
+                KVM_CPUID_FLAG_SIGNIFCANT_INDEX
+            } else {
+                0
+            },
+            eax: regs[0],
+            ebx: regs[1],
+            ecx: regs[2],
+            edx: regs[3],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn features_the_host_lacks_are_named() {
+        let host = [
+            leaf(1, 0, [0, 0, 0x0000_0201, 0x0000_0001], false),
+            leaf(7, 0, [0, 1 << 5, 0, 0], true), // AVX2
+            leaf(7, 1, [0, 0, 0, 0], true),
+        ];
+        // The same features, plus the bits snapvmm sets or the guest toggles.
+        let same = [
+            leaf(
+                1,
+                0,
+                [0, 0, 0x0000_0201 | 1 << 31 | 1 << 27, 1 | 1 << 28],
+                false,
+            ),
+            leaf(7, 0, [0, 1 << 5, 1 << 4, 0], true),
+        ];
+        assert!(missing_features(&same, &host).is_empty());
+        // A source CPU with AVX-512F (leaf 7 EBX bit 16) and SSE4.2 (leaf 1 ECX bit 20).
+        let richer = [
+            leaf(1, 0, [0, 0, 0x0000_0201 | 1 << 20, 1], false),
+            leaf(7, 0, [0, 1 << 5 | 1 << 16, 0, 0], true),
+        ];
+        assert_eq!(
+            missing_features(&richer, &host),
+            vec![
+                "CPUID.(EAX=0x1,ECX=0):ECX[20]".to_string(),
+                "CPUID.(EAX=0x7,ECX=0):EBX[16]".to_string()
+            ]
+        );
+        // Subleaves are told apart: leaf 7 subleaf 1 is not subleaf 0.
+        let sub1 = [leaf(7, 1, [0, 1 << 16, 0, 0], true)];
+        assert!(missing_features(&sub1, &host).is_empty());
     }
 
     #[test]
