@@ -91,7 +91,22 @@ pub fn probe(path: &Path) -> Result<Format> {
 pub struct Qcow2Disk {
     pub image: qcow2::Qcow2,
     /// Held for the image's lifetime: another snapvmm cannot open it for writing.
-    _lock: std::fs::File,
+    lock: std::fs::File,
+    /// Where relative backing file names are resolved (the image's directory).
+    dir: Option<std::path::PathBuf>,
+}
+
+impl Qcow2Disk {
+    /// A second, read-only handle on the same open file (for reading a snapshot's
+    /// VM state piece by piece while this one stays attached).
+    pub fn reader(&self) -> Result<qcow2::Qcow2, qcow2::Error> {
+        let file = self.lock.try_clone()?;
+        qcow2::Qcow2::open_with(
+            Box::new(qcow2::FileBackend::new(file)),
+            false,
+            self.dir.as_deref(),
+        )
+    }
 }
 
 fn io_err(e: qcow2::Error) -> io::Error {
@@ -187,7 +202,11 @@ pub fn open(spec: &DiskSpec) -> Result<vmm::DiskConfig> {
         Format::Qcow2 => {
             let image = qcow2::Qcow2::open(p, !spec.readonly)
                 .with_context(|| format!("cannot open qcow2 disk {}", p.display()))?;
-            Box::new(Qcow2Disk { image, _lock: file })
+            Box::new(Qcow2Disk {
+                image,
+                lock: file,
+                dir: p.parent().map(|d| d.to_path_buf()),
+            })
         }
     };
     Ok(vmm::DiskConfig {

@@ -20,11 +20,16 @@ use crate::disk::Qcow2Disk;
 
 /// Runs `f` on the qcow2 image behind device `dev`; None for a raw disk.
 pub fn with_qcow2<R>(d: &Mutex<VirtioBlk>, f: impl FnOnce(&mut qcow2::Qcow2) -> R) -> Option<R> {
+    with_qcow2_disk(d, |q| f(&mut q.image))
+}
+
+/// Runs `f` on the qcow2 disk behind device `dev`; None for a raw disk.
+pub fn with_qcow2_disk<R>(d: &Mutex<VirtioBlk>, f: impl FnOnce(&mut Qcow2Disk) -> R) -> Option<R> {
     let mut dev = vmm::devices::lock(d);
     dev.backend_mut()
         .as_any_mut()
         .downcast_mut::<Qcow2Disk>()
-        .map(|q| f(&mut q.image))
+        .map(f)
 }
 
 /// The VM clock recorded with snapshot `tag` (on the disk that holds its VM state).
@@ -46,10 +51,12 @@ pub fn snapshot_clock(bus: &vmm::devices::PioBus, tag: &str) -> u64 {
 
 /// The qcow2 image of an open (not yet attached) disk.
 pub fn disk_qcow2(d: &mut vmm::DiskConfig) -> Option<&mut qcow2::Qcow2> {
-    d.backend
-        .as_any_mut()
-        .downcast_mut::<Qcow2Disk>()
-        .map(|q| &mut q.image)
+    disk_image(d).map(|q| &mut q.image)
+}
+
+/// The qcow2 disk of an open (not yet attached) disk.
+pub fn disk_image(d: &mut vmm::DiskConfig) -> Option<&mut Qcow2Disk> {
+    d.backend.as_any_mut().downcast_mut::<Qcow2Disk>()
 }
 
 /// Resolves the `devices` and `vmstate` of a snapshot command to device
@@ -131,8 +138,13 @@ impl livesnap::Sink for VmStateSink {
     fn abort(&mut self) {}
 }
 
-/// Reads a snapshot's vmstate (the livesnap image) out of a qcow2 image.
-pub fn read_vmstate(q: &mut qcow2::Qcow2, tag: &str) -> Result<Vec<u8>, String> {
+/// The VM state of snapshot `tag` of disk `d`, as a livesnap source that reads it
+/// from the image as it is needed (through a second, read-only handle): loading
+/// never holds the whole VM state in memory, only guest RAM itself.
+pub fn vmstate_source(d: &Qcow2Disk, tag: &str) -> Result<Box<dyn livesnap::Source>, String> {
+    let q = d
+        .reader()
+        .map_err(|e| format!("cannot read the VM state of '{tag}': {e}"))?;
     let info = q
         .snapshots()
         .iter()
@@ -142,50 +154,36 @@ pub fn read_vmstate(q: &mut qcow2::Qcow2, tag: &str) -> Result<Vec<u8>, String> 
     if info.vm_state_size == 0 {
         return Err(format!("Snapshot '{tag}' has no VM state"));
     }
-    // The same cap livesnap applies to what it reads: RAM + state of the largest machine.
-    if info.vm_state_size > (1u64 << 40) {
-        return Err(format!(
-            "Snapshot '{tag}' claims {} bytes of VM state",
-            info.vm_state_size
-        ));
-    }
-    let mut v = Vec::new();
-    v.try_reserve_exact(info.vm_state_size as usize)
-        .map_err(|_| {
-            format!(
-                "not enough memory to load the {} bytes of VM state of '{tag}'",
-                info.vm_state_size
-            )
-        })?;
-    v.resize(info.vm_state_size as usize, 0);
-    q.read_vmstate(tag, 0, &mut v)
-        .map_err(|e| format!("cannot read the VM state of '{tag}': {e}"))?;
-    Ok(v)
+    Ok(Box::new(VmStateSource {
+        q: Mutex::new(q),
+        tag: tag.to_string(),
+        len: info.vm_state_size,
+    }))
 }
 
-/// A vmstate held in memory, as a livesnap source.
-pub struct BytesSource(pub Vec<u8>);
+/// A snapshot's VM state inside a qcow2 image, read on demand.
+struct VmStateSource {
+    q: Mutex<qcow2::Qcow2>,
+    tag: String,
+    len: u64,
+}
 
-impl livesnap::Source for BytesSource {
+impl livesnap::Source for VmStateSource {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        let start = usize::try_from(offset).map_err(|_| io::ErrorKind::UnexpectedEof)?;
-        let end = start
-            .checked_add(buf.len())
-            .filter(|e| *e <= self.0.len())
-            .ok_or(io::ErrorKind::UnexpectedEof)?;
-        buf.copy_from_slice(&self.0[start..end]);
-        Ok(())
+        vmm::devices::lock(&self.q)
+            .read_vmstate(&self.tag, offset, buf)
+            .map_err(io::Error::other)
     }
     fn len(&self) -> u64 {
-        self.0.len() as u64
+        self.len
     }
 }
 
 /// Decodes a vmstate into guest RAM and machine state (RAM copied in).
 pub fn decode_vmstate(
-    bytes: Vec<u8>,
+    source: Box<dyn livesnap::Source>,
 ) -> Result<(vmm::memory::GuestRam, vmm::MachineState), String> {
-    let image = livesnap::Image::from_source(Box::new(BytesSource(bytes)))
+    let image = livesnap::Image::from_source(source)
         .map_err(|e| format!("the VM state is not usable: {e}"))?;
     let dev = image
         .device_state()
@@ -205,7 +203,7 @@ pub fn decode_vmstate(
     let mut ram = vmm::memory::GuestRam::anonymous(state.mem_bytes).map_err(|e| e.to_string())?;
     for i in 0..ranges.len() {
         image
-            .read_ram_into(i, ram.region_bytes_mut(i))
+            .read_ram_into_zeroed(i, ram.region_bytes_mut(i))
             .map_err(|e| format!("cannot read RAM from the VM state: {e}"))?;
     }
     Ok((ram, state))
@@ -251,9 +249,10 @@ pub fn load_from_disks(
         holders.push(i);
     }
     let vm = vmstate.ok_or_else(|| format!("no disk holds a snapshot '{tag}' with VM state"))?;
-    let q = disk_qcow2(&mut disks[vm]).expect("qcow2");
-    let bytes = read_vmstate(q, tag)?;
-    let (ram, state) = decode_vmstate(bytes)?;
+    let source = disk_image(&mut disks[vm])
+        .map(|d| vmstate_source(d, tag))
+        .expect("qcow2")?;
+    let (ram, state) = decode_vmstate(source)?;
     for i in holders {
         let id = disks[i].id.clone();
         if let Some(q) = disk_qcow2(&mut disks[i]) {

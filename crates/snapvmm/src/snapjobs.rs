@@ -404,11 +404,11 @@ impl Controller {
             ));
         }
         // Everything that can fail is checked before the running VM is touched.
-        let bytes = with_qcow2(&self.machine.bus().virtio[vm], |q| {
-            savevm::read_vmstate(q, &job.tag)
+        let source = savevm::with_qcow2_disk(&self.machine.bus().virtio[vm], |d| {
+            savevm::vmstate_source(d, &job.tag)
         })
         .expect("checked qcow2")?;
-        let (ram, state) = savevm::decode_vmstate(bytes)?;
+        let (ram, state) = savevm::decode_vmstate(source)?;
         let loaded_clock = with_qcow2(&self.machine.bus().virtio[vm], |q| {
             q.snapshots()
                 .iter()
