@@ -609,3 +609,80 @@ fn a_lazily_restored_vm_whose_image_is_truncated_ends_with_a_clear_error() {
     assert_eq!(status.code(), Some(1), "{status}: {err}");
     assert!(err.contains("snapshot image"), "{err}");
 }
+
+/// Rewrites `image` with its device state passed through `edit` (a valid image:
+/// same RAM, new checksums).
+fn with_edited_state(image: &Path, out: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
+    let img = livesnap::Image::open(image).unwrap();
+    let mut state: serde_json::Value =
+        serde_json::from_slice(&img.device_state().unwrap()).unwrap();
+    edit(&mut state);
+    // Page-aligned RAM, as the engine requires.
+    let mut ram = vmm::memory::GuestRam::anonymous(state["mem_bytes"].as_u64().unwrap()).unwrap();
+    let mut ranges = Vec::new();
+    for (i, r) in img.ranges().to_vec().iter().enumerate() {
+        let dst = ram.region_bytes_mut(i);
+        img.read_ram_into(i, dst).unwrap();
+        ranges.push(livesnap::RamRange {
+            gpa: r.gpa,
+            host: dst.as_ptr(),
+            len: r.len,
+        });
+    }
+    livesnap::capture_stopped(&ranges, &serde_json::to_vec(&state).unwrap(), out).unwrap();
+}
+
+#[test]
+fn state_versions_newer_minor_restores_newer_major_is_refused() {
+    let d = TempDir::new("versions");
+    let image = d.path("vm.snap");
+    let (a, mut qa) = start_vm(
+        &d,
+        "a",
+        "1",
+        &["--mem", "64M", "--cmdline", "workload=memwrite region=16M"],
+    );
+    a.wait_line("refguest: cpu=0 t=", T);
+    assert_eq!(live_snapshot(&mut qa, &image)["status"], "completed");
+    qa.ok("quit", json!({}));
+    drop(a);
+
+    // A newer minor version with a field this snapvmm does not know: restores.
+    let minor = d.path("minor.snap");
+    with_edited_state(&image, &minor, |s| {
+        s["minor"] = json!(99);
+        s["a_device_from_the_future"] = json!({"registers": [1, 2, 3]});
+    });
+    let (b, mut qb) = start_vm(
+        &d,
+        "b",
+        "1",
+        &["--incoming", &format!("file:{}", minor.display())],
+    );
+    assert_eq!(wait_settled(&mut qb), "running");
+    assert_guest_runs(&b);
+    qb.ok("quit", json!({}));
+    drop(b);
+
+    // A newer major version, or a machine this snapvmm cannot run: one clear line.
+    let major = d.path("major.snap");
+    with_edited_state(&image, &major, |s| s["version"] = json!(2));
+    let huge = d.path("huge.snap");
+    with_edited_state(&image, &huge, |s| s["cpus"] = json!(64));
+    for (p, says) in [
+        (&major, "has version 2, this snapvmm reads version 1"),
+        (&huge, "a machine with 64 vCPUs; snapvmm runs 1 to 32"),
+    ] {
+        let out = run_with_timeout(
+            snapvmm(&["run", "--incoming", &format!("file:{}", p.display())]),
+            T,
+        );
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert!(err.contains(says), "{err}");
+        assert!(
+            !err.contains("--cpus"),
+            "names the image, not an option: {err}"
+        );
+    }
+}

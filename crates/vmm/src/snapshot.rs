@@ -24,6 +24,9 @@ use crate::VmmError;
 
 /// Version of [`MachineState`]'s layout; bumped on any incompatible change.
 pub const STATE_VERSION: u32 = 1;
+/// Minor version, bumped when fields are added compatibly (older readers ignore
+/// them; newer readers default them): 1 added `acpi`.
+pub const STATE_MINOR: u32 = 1;
 
 /// KVM's VM-wide state: PIC, IOAPIC, PIT, kvmclock.
 #[derive(Serialize, Deserialize)]
@@ -38,7 +41,12 @@ pub struct VmState {
 /// Everything of a machine except guest RAM.
 #[derive(Serialize, Deserialize)]
 pub struct MachineState {
+    /// Major version: a reader refuses any other (naming both).
     pub version: u32,
+    /// Minor version: fields added compatibly; a reader ignores fields it does
+    /// not know, so an image from a newer minor version restores.
+    #[serde(default)]
+    pub minor: u32,
     pub mem_bytes: u64,
     pub cpus: u8,
     pub vcpus: Vec<VcpuState>,
@@ -86,6 +94,20 @@ impl MachineState {
         }
         let s: MachineState =
             serde_json::from_slice(b).map_err(|e| StateError::Decode(e.to_string()))?;
+        if s.cpus > crate::machine::MAX_CPUS {
+            return Err(StateError::Inconsistent(format!(
+                "the snapshot is of a machine with {} vCPUs; snapvmm runs 1 to {}",
+                s.cpus,
+                crate::machine::MAX_CPUS
+            )));
+        }
+        if s.mem_bytes < crate::machine::MIN_MEM {
+            return Err(StateError::Inconsistent(format!(
+                "the snapshot is of a machine with {} bytes of RAM; snapvmm needs at least {}",
+                s.mem_bytes,
+                crate::machine::MIN_MEM
+            )));
+        }
         if s.cpus == 0 || s.vcpus.len() != usize::from(s.cpus) {
             return Err(StateError::Inconsistent(format!(
                 "{} vCPU states for {} vCPUs",
@@ -173,6 +195,7 @@ impl Machine {
         let vm = VmState::save(self.vm())?;
         Ok(MachineState {
             version: STATE_VERSION,
+            minor: STATE_MINOR,
             mem_bytes: self.ram().size(),
             cpus: self.cpus(),
             vcpus,
