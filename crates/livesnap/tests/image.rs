@@ -213,30 +213,23 @@ fn reading_into_fresh_memory_leaves_the_holes_untouched() {
     let p = dir.path().join("sparse.img");
     capture_stopped(&[mem.range(0, LEN, 0)], b"dev", &p).unwrap();
     let img = Image::open(&p).unwrap();
-    // SAFETY: a fresh private anonymous mapping of LEN bytes, unmapped below.
-    let ptr = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            LEN,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-            -1,
-            0,
-        )
-    };
-    assert_ne!(ptr, libc::MAP_FAILED);
-    // SAFETY: ptr maps LEN writable bytes that nothing else uses.
-    let dst = unsafe { std::slice::from_raw_parts_mut(ptr as *mut u8, LEN) };
-    img.read_ram_into_zeroed(0, dst).unwrap();
+    // Fresh anonymous memory (page-aligned, reads as zeros, nothing resident yet).
+    let mut fresh = Mem::new(LEN);
+    img.read_ram_into_zeroed(0, fresh.bytes_mut()).unwrap();
     // Before anything reads the holes (which would map the zero page there).
     let mut resident = vec![0u8; LEN / 4096];
-    // SAFETY: ptr/LEN is the mapping above; `resident` has one byte per page.
-    assert_eq!(unsafe { libc::mincore(ptr, LEN, resident.as_mut_ptr()) }, 0);
+    // SAFETY: the pointer and length are those of `fresh`'s mapping; `resident`
+    // has one byte per page.
+    let r = unsafe {
+        libc::mincore(
+            fresh.bytes_mut().as_mut_ptr().cast(),
+            LEN,
+            resident.as_mut_ptr(),
+        )
+    };
+    assert_eq!(r, 0);
     let touched = resident.iter().filter(|r| *r & 1 == 1).count();
-    let same = dst == mem.bytes();
-    // SAFETY: unmapping the mapping made above; dst is not used afterwards.
-    unsafe { libc::munmap(ptr, LEN) };
-    assert!(same, "same bytes as the source");
+    assert!(fresh.bytes() == mem.bytes(), "same bytes as the source");
     // The two data MiB, each perhaps in huge pages (4 x 2 MiB at worst), of 16 MiB.
     assert!(
         touched <= 4 * 512,

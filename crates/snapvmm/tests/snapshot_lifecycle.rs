@@ -393,15 +393,7 @@ fn paused_restore_waits_for_cont() {
 fn damaged_or_foreign_images_are_refused_with_a_clear_error() {
     let d = TempDir::new("damaged");
     let image = d.path("vm.snap");
-    let (a, mut qa) = start_vm(
-        &d,
-        "a",
-        "1",
-        &["--mem", "64M", "--cmdline", "workload=memwrite region=16M"],
-    );
-    a.wait_line("refguest: cpu=0 t=", T);
-    assert_eq!(live_snapshot(&mut qa, &image)["status"], "completed");
-    qa.ok("quit", json!({}));
+    snapshot_of_small_vm(&d, &image);
     let good = std::fs::read(&image).unwrap();
     let dev_at = livesnap::Image::open(&image).unwrap().device_state_len();
     assert!(dev_at > 0);
@@ -559,16 +551,7 @@ fn a_lazily_restored_vm_whose_image_is_truncated_ends_with_a_clear_error() {
     use std::os::fd::AsRawFd;
     let d = TempDir::new("truncated-under");
     let image = d.path("vm.snap");
-    let (a, mut qa) = start_vm(
-        &d,
-        "a",
-        "1",
-        &["--mem", "64M", "--cmdline", "workload=memwrite region=16M"],
-    );
-    a.wait_line("refguest: cpu=0 t=", T);
-    assert_eq!(live_snapshot(&mut qa, &image)["status"], "completed");
-    qa.ok("quit", json!({}));
-    drop(a);
+    snapshot_of_small_vm(&d, &image);
 
     // Restored paused: RAM is the image mapped lazily, nothing touched yet.
     let sock = d.path("b.sock");
@@ -636,16 +619,7 @@ fn with_edited_state(image: &Path, out: &Path, edit: impl FnOnce(&mut serde_json
 fn state_versions_newer_minor_restores_newer_major_is_refused() {
     let d = TempDir::new("versions");
     let image = d.path("vm.snap");
-    let (a, mut qa) = start_vm(
-        &d,
-        "a",
-        "1",
-        &["--mem", "64M", "--cmdline", "workload=memwrite region=16M"],
-    );
-    a.wait_line("refguest: cpu=0 t=", T);
-    assert_eq!(live_snapshot(&mut qa, &image)["status"], "completed");
-    qa.ok("quit", json!({}));
-    drop(a);
+    snapshot_of_small_vm(&d, &image);
 
     // A newer minor version with a field this snapvmm does not know: restores.
     let minor = d.path("minor.snap");
@@ -685,4 +659,18 @@ fn state_versions_newer_minor_restores_newer_major_is_refused() {
             "names the image, not an option: {err}"
         );
     }
+}
+
+/// A live snapshot, at `image`, of a small VM running memwrite (its process has
+/// ended when this returns).
+fn snapshot_of_small_vm(d: &TempDir, image: &Path) {
+    let (a, mut qa) = start_vm(
+        d,
+        "a",
+        "1",
+        &["--mem", "64M", "--cmdline", "workload=memwrite region=16M"],
+    );
+    a.wait_line("refguest: cpu=0 t=", T);
+    assert_eq!(live_snapshot(&mut qa, image)["status"], "completed");
+    qa.ok("quit", json!({}));
 }
