@@ -44,6 +44,8 @@ struct VecSink {
     fail_after: Option<u64>,
     fail_finish: bool,
     panic_on_write: bool,
+    /// While set, writes wait: the capture cannot finish before the test lets it.
+    hold: Option<Arc<std::sync::atomic::AtomicBool>>,
 }
 
 impl VecSink {
@@ -64,6 +66,13 @@ impl Sink for VecSink {
     }
 
     fn write_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()> {
+        while self
+            .hold
+            .as_ref()
+            .is_some_and(|h| h.load(std::sync::atomic::Ordering::SeqCst))
+        {
+            std::thread::sleep(Duration::from_millis(1));
+        }
         let mut l = self.log();
         assert_eq!(l.calls.first(), Some(&"begin"));
         assert!(!l.calls.contains(&"finish") && !l.calls.contains(&"abort"));
@@ -199,7 +208,13 @@ fn fork_into_sink_holds_memory_as_of_start() {
     let file = dir.path().join("ref.img");
     capture_stopped(&ranges, &dev, &file).unwrap();
 
-    let sink = VecSink::default();
+    // The sink holds every write until the overwrite below is done, so the
+    // capture is certainly still running while the "guest" rewrites its RAM.
+    let hold = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let sink = VecSink {
+        hold: Some(hold.clone()),
+        ..Default::default()
+    };
     let (tx, rx) = mpsc::channel();
     let opts = ForkOptions {
         on_done: Some(Box::new(move |r| {
@@ -216,6 +231,7 @@ fn fork_into_sink_holds_memory_as_of_start() {
         !cap.is_finished(),
         "capture ended before the overwrite: test proves nothing"
     );
+    hold.store(false, std::sync::atomic::Ordering::SeqCst);
     let stats = cap.wait().unwrap();
     assert!(process_gone(pid), "child not reaped");
     assert_eq!(rx.recv().unwrap(), Ok(stats.file_len));
