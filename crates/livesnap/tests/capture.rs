@@ -138,12 +138,15 @@ fn writes_after_fork_never_reach_the_image() {
     let dir = tempfile::tempdir().unwrap();
     let dest = dir.path().join("live.img");
     let cap = fork_capture(&ranges, b"dev", &dest);
-    // The guest "resumes" and rewrites all of its RAM at once.
-    mem.bytes_mut().fill(0xEE);
+    // The guest "resumes" and rewrites its RAM: the last MiB first (the capture
+    // streams in order, so that MiB cannot have been copied within the ~1 ms this
+    // takes), then everything.
+    mem.bytes_mut()[len - MIB..].fill(0xEE);
     assert!(
         !cap.is_finished(),
         "capture ended before the overwrite: test proves nothing"
     );
+    mem.bytes_mut().fill(0xEE);
     let pause = cap.pause_time();
     let stats = cap.wait().unwrap();
     eprintln!("256 MiB fork capture: pause {pause:?}, {stats:?}");
