@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::queue::{Desc, Queue, QueueError, QUEUE_MAX};
+use super::queue::{Desc, QueueError, QueueRegs, VirtQueue, QUEUE_MAX};
 use super::BlockBackend;
 
 const MAGIC: u32 = 0x7472_6976; // "virt"
@@ -21,6 +21,8 @@ const F_SIZE_MAX: u64 = 1 << 1;
 const F_SEG_MAX: u64 = 1 << 2;
 const F_RO: u64 = 1 << 5;
 const F_FLUSH: u64 = 1 << 9;
+const F_RING_INDIRECT_DESC: u64 = 1 << 28;
+const F_RING_EVENT_IDX: u64 = 1 << 29;
 const F_VERSION_1: u64 = 1 << 32;
 
 const STATUS_FEATURES_OK: u32 = 8;
@@ -49,7 +51,8 @@ pub struct VirtioBlkState {
     pub driver_features_sel: u32,
     pub driver_features: u64,
     pub queue_sel: u32,
-    pub queue: Queue,
+    /// The queue as saved; while the device runs, [`VirtioBlk`] holds it live.
+    pub queue: QueueRegs,
     pub interrupt_status: u32,
     pub config_generation: u32,
     /// The disk's size when saved (a restore with a different disk is refused).
@@ -70,7 +73,9 @@ pub struct VirtioBlk {
     backend: Box<dyn BlockBackend>,
     readonly: bool,
     irq: EventFd,
+    /// Registers; `st.queue` is stale while running (the live queue is `queue`).
     st: VirtioBlkState,
+    queue: VirtQueue,
     pub stats: BlockStats,
 }
 
@@ -93,10 +98,10 @@ impl VirtioBlk {
             readonly,
             irq,
             st: VirtioBlkState {
-                queue: Queue::new(),
                 capacity_bytes,
                 ..VirtioBlkState::default()
             },
+            queue: VirtQueue::new(),
             stats: BlockStats::default(),
         }
     }
@@ -118,11 +123,15 @@ impl VirtioBlk {
         }
         let mut d = VirtioBlk::new(id, backend, readonly, irq);
         d.st = st.clone();
+        d.queue = VirtQueue::restore(&st.queue);
         Ok(d)
     }
 
     pub fn save(&self) -> VirtioBlkState {
-        self.st.clone()
+        VirtioBlkState {
+            queue: self.queue.save(),
+            ..self.st.clone()
+        }
     }
 
     /// Gives the disk back.
@@ -144,17 +153,23 @@ impl VirtioBlk {
     }
 
     fn device_features(&self) -> u64 {
-        F_VERSION_1 | F_FLUSH | F_SIZE_MAX | F_SEG_MAX | if self.readonly { F_RO } else { 0 }
+        F_VERSION_1
+            | F_FLUSH
+            | F_SIZE_MAX
+            | F_SEG_MAX
+            | F_RING_INDIRECT_DESC
+            | F_RING_EVENT_IDX
+            | if self.readonly { F_RO } else { 0 }
     }
 
     fn reset(&mut self) {
         let capacity_bytes = self.backend.size();
         self.st = VirtioBlkState {
-            queue: Queue::new(),
             capacity_bytes,
             config_generation: self.st.config_generation,
             ..VirtioBlkState::default()
         };
+        self.queue = VirtQueue::new();
     }
 
     /// A guest read of the register window.
@@ -171,7 +186,6 @@ impl VirtioBlk {
             }
             return;
         }
-        let q = &self.st.queue;
         let v: u32 = match offset {
             0x000 => MAGIC,
             0x004 => VERSION,
@@ -183,7 +197,7 @@ impl VirtioBlk {
                 _ => 0,
             },
             0x034 if self.st.queue_sel == 0 => u32::from(QUEUE_MAX),
-            0x044 if self.st.queue_sel == 0 => u32::from(q.ready),
+            0x044 if self.st.queue_sel == 0 => u32::from(self.queue.ready()),
             0x060 => self.st.interrupt_status,
             0x070 => self.st.status,
             0x0fc => self.st.config_generation,
@@ -203,7 +217,7 @@ impl VirtioBlk {
         let lo = |old: u64| (old & !0xffff_ffff) | u64::from(v);
         let hi = |old: u64| (old & 0xffff_ffff) | (u64::from(v) << 32);
         let q0 = self.st.queue_sel == 0;
-        let live = self.st.status & STATUS_FEATURES_OK != 0 && !self.st.queue.ready;
+        let live = self.st.status & STATUS_FEATURES_OK != 0 && !self.queue.ready();
         match offset {
             0x014 => self.st.device_features_sel = v,
             0x020 => match self.st.driver_features_sel {
@@ -213,8 +227,8 @@ impl VirtioBlk {
             },
             0x024 => self.st.driver_features_sel = v,
             0x030 => self.st.queue_sel = v,
-            0x038 if q0 => self.st.queue.size = v.min(u32::from(QUEUE_MAX)) as u16,
-            0x044 if q0 => self.st.queue.ready = v == 1,
+            0x038 if q0 => self.queue.set_size(v),
+            0x044 if q0 => self.queue.set_ready(v == 1),
             0x050 if v == 0 => self.process(mem),
             0x064 => self.st.interrupt_status &= !v,
             0x070 => {
@@ -230,50 +244,53 @@ impl VirtioBlk {
                         v &= !STATUS_FEATURES_OK;
                     }
                     self.st.status = v;
+                    self.queue
+                        .set_event_idx(self.st.driver_features & F_RING_EVENT_IDX != 0);
                 }
             }
-            0x080 if q0 && live => self.st.queue.desc = lo(self.st.queue.desc),
-            0x084 if q0 && live => self.st.queue.desc = hi(self.st.queue.desc),
-            0x090 if q0 && live => self.st.queue.avail = lo(self.st.queue.avail),
-            0x094 if q0 && live => self.st.queue.avail = hi(self.st.queue.avail),
-            0x0a0 if q0 && live => self.st.queue.used = lo(self.st.queue.used),
-            0x0a4 if q0 && live => self.st.queue.used = hi(self.st.queue.used),
+            0x080 if q0 && live => self.queue.set_addr(0, Some(v), None),
+            0x084 if q0 && live => self.queue.set_addr(0, None, Some(v)),
+            0x090 if q0 && live => self.queue.set_addr(1, Some(v), None),
+            0x094 if q0 && live => self.queue.set_addr(1, None, Some(v)),
+            0x0a0 if q0 && live => self.queue.set_addr(2, Some(v), None),
+            0x0a4 if q0 && live => self.queue.set_addr(2, None, Some(v)),
             _ => {}
         }
     }
 
     /// Executes every request the driver made available.
     fn process(&mut self, mem: &GuestMemoryMmap) {
-        let mut notify = false;
+        if let Err(e) = self.drain(mem) {
+            self.broken(e);
+        }
+    }
+
+    fn drain(&mut self, mem: &GuestMemoryMmap) -> Result<(), QueueError> {
+        let mut used = false;
         loop {
-            let head = match self.st.queue.pop(mem) {
-                Ok(Some(h)) => h,
-                Ok(None) => break,
-                Err(e) => {
-                    self.broken(e);
-                    break;
-                }
-            };
-            let written = match self.st.queue.chain(mem, head) {
-                Ok(chain) => self.request(mem, &chain),
-                Err(e) => {
-                    tracing::warn!(disk = %self.id, "malformed request: {e}");
-                    self.stats.errors += 1;
-                    0
-                }
-            };
-            match self.st.queue.push_used(mem, head, written) {
-                Ok(n) => notify |= n,
-                Err(e) => {
-                    self.broken(e);
-                    break;
-                }
+            while let Some((head, chain)) = self.queue.pop(mem)? {
+                let written = match chain {
+                    Ok(chain) => self.request(mem, &chain),
+                    Err(e) => {
+                        tracing::warn!(disk = %self.id, "malformed request: {e}");
+                        self.stats.errors += 1;
+                        0
+                    }
+                };
+                self.queue.push_used(mem, head, written)?;
+                used = true;
+            }
+            // With EVENT_IDX this tells the driver where to kick next; a
+            // request that slipped in meanwhile is taken now.
+            if !self.queue.rearm(mem)? {
+                break;
             }
         }
-        if notify {
+        if used && self.queue.needs_interrupt(mem)? {
             self.st.interrupt_status |= 1;
             let _ = self.irq.write(1);
         }
+        Ok(())
     }
 
     /// The rings themselves are unusable: the device needs a reset (virtio 2.1.2).
@@ -451,6 +468,11 @@ mod tests {
     }
 
     fn rig(disk_len: usize, readonly: bool) -> Rig {
+        rig_with(disk_len, readonly, 0)
+    }
+
+    /// A device driven through its registers, with `features_lo` (bits 0-31) accepted.
+    fn rig_with(disk_len: usize, readonly: bool, features_lo: u32) -> Rig {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
         let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         let disk = MemDisk((0..disk_len).map(|i| (i / 512) as u8).collect());
@@ -468,6 +490,8 @@ mod tests {
         assert_eq!(r32(&dev, 0x010) & 1, 1, "VERSION_1 offered");
         w32(&mut dev, &mem, 0x024, 1);
         w32(&mut dev, &mem, 0x020, 1);
+        w32(&mut dev, &mem, 0x024, 0);
+        w32(&mut dev, &mem, 0x020, features_lo);
         w32(&mut dev, &mem, 0x070, 1 | 2 | 8);
         assert_eq!(r32(&dev, 0x070) & 8, 8, "FEATURES_OK accepted");
         w32(&mut dev, &mem, 0x030, 0);
@@ -488,7 +512,12 @@ mod tests {
 
     impl Rig {
         fn desc(&self, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
-            let at = GuestAddress(DESC + 16 * u64::from(i));
+            self.desc_at(DESC, i, addr, len, flags, next);
+        }
+
+        /// Descriptor `i` of the table at `table` (the queue's, or an indirect one).
+        fn desc_at(&self, table: u64, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
+            let at = GuestAddress(table + 16 * u64::from(i));
             let mut d = [0u8; 16];
             d[..8].copy_from_slice(&addr.to_le_bytes());
             d[8..12].copy_from_slice(&len.to_le_bytes());
@@ -643,7 +672,9 @@ mod tests {
     #[test]
     fn rings_outside_memory_mark_the_device_broken() {
         let mut r = rig(64 << 10, false);
-        r.dev.st.queue.used = u64::MAX - 16;
+        let mut st = r.dev.save();
+        st.queue.used = 1 << 40;
+        r.dev.queue = VirtQueue::restore(&st.queue);
         r.mem.write_obj(1u16, GuestAddress(AVAIL + 2)).unwrap();
         w32(&mut r.dev, &r.mem, 0x050, 0);
         assert_ne!(r32(&r.dev, 0x070) & STATUS_NEEDS_RESET, 0);
@@ -679,5 +710,84 @@ mod tests {
             &back
         )
         .is_err());
+    }
+    #[test]
+    fn indirect_descriptors_work_and_a_bad_table_is_an_error() {
+        let mut r = rig_with(64 << 10, false, F_RING_INDIRECT_DESC as u32);
+        // The head points at a table of three descriptors at 0x5000.
+        r.header(T_IN, 2);
+        r.desc_at(0x5000, 0, 0x8000, 16, 1, 1);
+        r.desc_at(0x5000, 1, 0xa000, 512, 1 | 2, 2);
+        r.desc_at(0x5000, 2, 0x9000, 1, 2, 0);
+        r.desc(0, 0x5000, 48, 4, 0);
+        assert_eq!(r.submit(), (513, S_OK));
+        let mut got = [0u8; 512];
+        r.mem.read_slice(&mut got, GuestAddress(0xa000)).unwrap();
+        assert_eq!(got, [2; 512]);
+        // A table entry whose `next` leaves the table: nothing executed.
+        r.desc_at(0x5000, 1, 0xa000, 512, 1 | 2, 7);
+        let reads = r.dev.stats.reads;
+        assert_eq!(r.submit().0, 0);
+        assert_eq!(r.dev.stats.reads, reads);
+        // A table outside guest memory, and one with a length that is not whole descriptors.
+        r.desc(0, (1 << 20) - 16, 48, 4, 0);
+        assert_eq!(r.submit().0, 0);
+        r.desc_at(0x5000, 1, 0xa000, 512, 1 | 2, 2);
+        r.desc(0, 0x5000, 40, 4, 0);
+        assert_eq!(r.submit().0, 0);
+        // Still working.
+        r.desc(0, 0x5000, 48, 4, 0);
+        assert_eq!(r.submit(), (513, S_OK));
+    }
+
+    #[test]
+    fn event_idx_suppresses_interrupts_and_tells_the_driver_where_to_kick() {
+        let mut r = rig_with(64 << 10, false, F_RING_EVENT_IDX as u32);
+        assert!(r.dev.save().queue.event_idx, "negotiated");
+        let used_event = GuestAddress(AVAIL + 4 + 2 * u64::from(QSIZE));
+        let avail_event = GuestAddress(USED + 4 + 8 * u64::from(QSIZE));
+        // The driver asks for an interrupt only after the used index passes 2.
+        r.mem.write_obj(2u16, used_event).unwrap();
+        r.three(T_IN, 0, 512, true);
+        let _ = r.irq.read();
+        for _ in 0..2 {
+            assert_eq!(r.submit().1, S_OK);
+            assert!(r.irq.read().is_err(), "no interrupt before used_event");
+            // The device re-armed: the next kick is wanted at the next avail entry.
+            let ae: u16 = r.mem.read_obj(avail_event).unwrap();
+            assert_eq!(ae, r.next_avail);
+        }
+        assert_eq!(r.submit().1, S_OK);
+        assert_eq!(
+            r.irq.read().unwrap(),
+            1,
+            "interrupt once used passes used_event"
+        );
+        // Saved and restored, the queue keeps EVENT_IDX.
+        let st = r.dev.save();
+        let back = VirtQueue::restore(&st.queue);
+        assert_eq!(back.save(), st.queue);
+    }
+
+    #[test]
+    fn state_saved_before_event_idx_existed_restores() {
+        // The queue's saved form before virtio-queue: no `event_idx` field.
+        let old = r#"{"size":8,"ready":true,"desc":4096,"avail":8192,"used":12288,"next_avail":3,"next_used":3}"#;
+        let regs: QueueRegs = serde_json::from_str(old).unwrap();
+        assert!(!regs.event_idx);
+        let q = VirtQueue::restore(&regs);
+        assert_eq!(q.save(), regs);
+    }
+
+    #[test]
+    fn no_interrupt_flag_is_honoured_without_event_idx() {
+        let mut r = rig(64 << 10, false);
+        r.mem.write_obj(1u16, GuestAddress(AVAIL)).unwrap(); // VRING_AVAIL_F_NO_INTERRUPT
+        r.three(T_IN, 0, 512, true);
+        assert_eq!(r.submit().1, S_OK);
+        assert!(r.irq.read().is_err());
+        r.mem.write_obj(0u16, GuestAddress(AVAIL)).unwrap();
+        assert_eq!(r.submit().1, S_OK);
+        assert_eq!(r.irq.read().unwrap(), 1);
     }
 }

@@ -1,40 +1,40 @@
-//! A split virtqueue (virtio 1.x §2.7) read from guest memory.
+//! A split virtqueue (virtio 1.x §2.7), on rust-vmm's `virtio-queue`.
 //!
-//! Everything here is guest-controlled: every address and length is checked
-//! against guest memory by vm-memory, chains are bounded by the queue size
-//! (so a loop in the `next` links cannot spin), and any inconsistency is an
-//! error the device turns into an I/O-error status — never a VMM crash.
+//! `virtio-queue` walks the rings (indirect descriptors, `EVENT_IDX`
+//! notification suppression, the avail-index sanity check). This module adds
+//! what a device must not trust the guest for: a chain that ends early (an
+//! out-of-range `next`, a loop cut by the queue-size limit, an unreadable or
+//! malformed indirect table) is reported as an error instead of silently
+//! truncated, and every buffer is checked against guest memory before the
+//! device sees it. Any inconsistency is an error the device turns into an
+//! I/O-error status or a NEEDS_RESET — never a VMM crash.
+//!
+//! The saved form ([`QueueRegs`]) is this crate's own, so images written
+//! before the switch to `virtio-queue` still restore.
 
 use serde::{Deserialize, Serialize};
+use virtio_queue::{Queue as RingQueue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryMmap};
 
 /// Largest queue the device offers.
 pub const QUEUE_MAX: u16 = 256;
-
-const DESC_F_NEXT: u16 = 1;
-const DESC_F_WRITE: u16 = 2;
-const DESC_F_INDIRECT: u16 = 4;
 /// `avail.flags`: the driver does not want interrupts.
 const AVAIL_F_NO_INTERRUPT: u16 = 1;
 
 /// Why a request could not be taken from the queue.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum QueueError {
-    #[error("queue is not ready")]
+    #[error("queue is not ready, or its rings are not inside guest memory")]
     NotReady,
     #[error("guest address {0:#x} (+{1}) is outside guest memory")]
     BadAddress(u64, u64),
-    #[error("descriptor index {0} out of range")]
-    BadIndex(u16),
-    #[error("descriptor chain longer than the queue")]
-    ChainTooLong,
-    #[error("indirect descriptors were not negotiated")]
-    Indirect,
-    #[error("avail index {0} is more than a ring ahead of {1}")]
-    AvailOverrun(u16, u16),
+    #[error("descriptor chain from head {0} is broken (bad index, loop or indirect table)")]
+    BrokenChain(u16),
+    #[error("the rings cannot be used: {0}")]
+    Ring(String),
 }
 
-/// One descriptor of a chain.
+/// One descriptor of a chain (indirect tables already resolved).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Desc {
     pub addr: u64,
@@ -43,9 +43,9 @@ pub struct Desc {
     pub write: bool,
 }
 
-/// A queue's registers and ring positions (its saved state, too).
+/// A queue's registers and ring positions: its saved state.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Queue {
+pub struct QueueRegs {
     pub size: u16,
     pub ready: bool,
     pub desc: u64,
@@ -55,132 +55,179 @@ pub struct Queue {
     pub next_avail: u16,
     /// Next used ring slot the device will write.
     pub next_used: u16,
+    /// VIRTIO_RING_F_EVENT_IDX negotiated (absent in older images: off).
+    #[serde(default)]
+    pub event_idx: bool,
 }
 
-impl Queue {
-    pub fn new() -> Queue {
-        Queue {
-            size: QUEUE_MAX,
-            ..Queue::default()
+/// One virtqueue of a device.
+#[derive(Debug)]
+pub struct VirtQueue {
+    q: RingQueue,
+}
+
+impl Default for VirtQueue {
+    fn default() -> Self {
+        VirtQueue::new()
+    }
+}
+
+impl VirtQueue {
+    pub fn new() -> VirtQueue {
+        VirtQueue {
+            // QUEUE_MAX is a nonzero power of two: the only way `new` fails.
+            q: RingQueue::new(QUEUE_MAX).unwrap_or_else(|_| unreachable!("QUEUE_MAX is valid")),
         }
     }
 
-    fn read_u16(mem: &GuestMemoryMmap, at: u64) -> Result<u16, QueueError> {
-        mem.read_obj::<u16>(GuestAddress(at))
-            .map(u16::from_le)
-            .map_err(|_| QueueError::BadAddress(at, 2))
+    /// Rebuilds a queue from saved registers. Values the guest could not
+    /// have set (a size that is not a power of two, misaligned rings) are
+    /// left at their reset value, as a register write of them would be.
+    pub fn restore(r: &QueueRegs) -> VirtQueue {
+        let mut v = VirtQueue::new();
+        let q = &mut v.q;
+        q.set_size(r.size);
+        q.set_desc_table_address(Some(r.desc as u32), Some((r.desc >> 32) as u32));
+        q.set_avail_ring_address(Some(r.avail as u32), Some((r.avail >> 32) as u32));
+        q.set_used_ring_address(Some(r.used as u32), Some((r.used >> 32) as u32));
+        q.set_next_avail(r.next_avail);
+        q.set_next_used(r.next_used);
+        q.set_event_idx(r.event_idx);
+        q.set_ready(r.ready);
+        v
     }
 
-    /// A usable queue: ready, a power-of-two size, rings inside guest memory.
-    fn check(&self, mem: &GuestMemoryMmap) -> Result<(), QueueError> {
-        if !self.ready || self.size == 0 || !self.size.is_power_of_two() || self.size > QUEUE_MAX {
+    pub fn save(&self) -> QueueRegs {
+        QueueRegs {
+            size: self.q.size(),
+            ready: self.q.ready(),
+            desc: self.q.desc_table(),
+            avail: self.q.avail_ring(),
+            used: self.q.used_ring(),
+            next_avail: self.q.next_avail(),
+            next_used: self.q.next_used(),
+            event_idx: self.q.event_idx_enabled(),
+        }
+    }
+
+    pub fn ready(&self) -> bool {
+        self.q.ready()
+    }
+
+    pub fn set_ready(&mut self, ready: bool) {
+        self.q.set_ready(ready);
+    }
+
+    /// QueueNum: a size the driver may pick (a power of two up to [`QUEUE_MAX`]).
+    pub fn set_size(&mut self, size: u32) {
+        self.q.set_size(size.min(u32::from(u16::MAX)) as u16);
+    }
+
+    pub fn set_event_idx(&mut self, on: bool) {
+        self.q.set_event_idx(on);
+    }
+
+    /// One half of a ring address register: `which` is 0 (desc), 1 (avail) or 2 (used).
+    pub fn set_addr(&mut self, which: u8, low: Option<u32>, high: Option<u32>) {
+        match which {
+            0 => self.q.set_desc_table_address(low, high),
+            1 => self.q.set_avail_ring_address(low, high),
+            _ => self.q.set_used_ring_address(low, high),
+        }
+    }
+
+    /// The next request: its head index and its chain (or why the chain is
+    /// unusable: the request is then completed with nothing written).
+    /// `Err` means the rings themselves are unusable.
+    #[allow(clippy::type_complexity)]
+    pub fn pop(
+        &mut self,
+        mem: &GuestMemoryMmap,
+    ) -> Result<Option<(u16, Result<Vec<Desc>, QueueError>)>, QueueError> {
+        if !self.q.is_valid(mem) {
             return Err(QueueError::NotReady);
         }
-        let n = u64::from(self.size);
-        for (addr, len) in [
-            (self.desc, 16 * n),
-            (self.avail, 6 + 2 * n),
-            (self.used, 6 + 8 * n),
-        ] {
-            let end = addr
-                .checked_add(len)
-                .ok_or(QueueError::BadAddress(addr, len))?;
-            if !mem.check_range(
-                GuestAddress(addr),
-                len as usize,
-                vm_memory::Permissions::ReadWrite,
-            ) || end < addr
-            {
-                return Err(QueueError::BadAddress(addr, len));
-            }
-        }
-        Ok(())
-    }
-
-    /// The next request's head index, if the driver made one available.
-    pub fn pop(&mut self, mem: &GuestMemoryMmap) -> Result<Option<u16>, QueueError> {
-        self.check(mem)?;
-        let idx = Self::read_u16(mem, self.avail + 2)?;
-        if idx == self.next_avail {
+        let mut avail = self
+            .q
+            .iter(mem)
+            .map_err(|e| QueueError::Ring(e.to_string()))?;
+        let Some(chain) = avail.next() else {
             return Ok(None);
-        }
-        // More entries than the ring holds: the driver broke the ring.
-        if idx.wrapping_sub(self.next_avail) > self.size {
-            return Err(QueueError::AvailOverrun(idx, self.next_avail));
-        }
-        // Read the ring entry only after seeing the index (pairs with the driver's write barrier).
-        std::sync::atomic::fence(std::sync::atomic::Ordering::Acquire);
-        let slot = u64::from(self.next_avail % self.size);
-        let head = Self::read_u16(mem, self.avail + 4 + 2 * slot)?;
-        self.next_avail = self.next_avail.wrapping_add(1);
-        Ok(Some(head))
-    }
-
-    /// Walks the chain that starts at `head`.
-    pub fn chain(&self, mem: &GuestMemoryMmap, head: u16) -> Result<Vec<Desc>, QueueError> {
+        };
+        let head = chain.head_index();
         let mut out = Vec::new();
-        let mut i = head;
-        loop {
-            if i >= self.size {
-                return Err(QueueError::BadIndex(i));
-            }
-            if out.len() >= usize::from(self.size) {
-                return Err(QueueError::ChainTooLong);
-            }
-            let at = self.desc + 16 * u64::from(i);
-            let raw: [u8; 16] = mem
-                .read_obj(GuestAddress(at))
-                .map_err(|_| QueueError::BadAddress(at, 16))?;
-            let addr = u64::from_le_bytes(raw[0..8].try_into().unwrap_or_default());
-            let len = u32::from_le_bytes(raw[8..12].try_into().unwrap_or_default());
-            let flags = u16::from_le_bytes([raw[12], raw[13]]);
-            let next = u16::from_le_bytes([raw[14], raw[15]]);
-            if flags & DESC_F_INDIRECT != 0 {
-                return Err(QueueError::Indirect);
-            }
-            if len > 0
+        let mut more = true;
+        for d in chain {
+            more = d.has_next();
+            out.push(Desc {
+                addr: d.addr().0,
+                len: d.len(),
+                write: d.is_write_only(),
+            });
+        }
+        // A chain that ends on a descriptor that says "next" was cut short
+        // by virtio-queue: a bad index, a loop, or a bad indirect table.
+        if out.is_empty() || more {
+            return Ok(Some((head, Err(QueueError::BrokenChain(head)))));
+        }
+        for d in &out {
+            if d.len > 0
                 && !mem.check_range(
-                    GuestAddress(addr),
-                    len as usize,
+                    GuestAddress(d.addr),
+                    d.len as usize,
                     vm_memory::Permissions::ReadWrite,
                 )
             {
-                return Err(QueueError::BadAddress(addr, u64::from(len)));
+                return Ok(Some((
+                    head,
+                    Err(QueueError::BadAddress(d.addr, u64::from(d.len))),
+                )));
             }
-            out.push(Desc {
-                addr,
-                len,
-                write: flags & DESC_F_WRITE != 0,
-            });
-            if flags & DESC_F_NEXT == 0 {
-                return Ok(out);
-            }
-            i = next;
         }
+        Ok(Some((head, Ok(out))))
     }
 
-    /// Returns a finished chain to the driver; true if it wants an interrupt.
+    /// Returns a finished chain to the driver.
     pub fn push_used(
         &mut self,
         mem: &GuestMemoryMmap,
         head: u16,
         written: u32,
-    ) -> Result<bool, QueueError> {
-        self.check(mem)?;
-        let slot = u64::from(self.next_used % self.size);
-        let at = self.used + 4 + 8 * slot;
-        let mut elem = [0u8; 8];
-        elem[..4].copy_from_slice(&u32::from(head).to_le_bytes());
-        elem[4..].copy_from_slice(&written.to_le_bytes());
-        mem.write_obj(elem, GuestAddress(at))
-            .map_err(|_| QueueError::BadAddress(at, 8))?;
-        self.next_used = self.next_used.wrapping_add(1);
-        // The element must be visible before the index that publishes it.
-        std::sync::atomic::fence(std::sync::atomic::Ordering::Release);
-        mem.write_obj(self.next_used.to_le(), GuestAddress(self.used + 2))
-            .map_err(|_| QueueError::BadAddress(self.used + 2, 2))?;
+    ) -> Result<(), QueueError> {
+        self.q
+            .add_used(mem, head, written)
+            .map_err(|e| QueueError::Ring(e.to_string()))
+    }
+
+    /// After a batch: re-arms driver notifications (with EVENT_IDX, tells the
+    /// driver where to kick next). Returns true if more requests arrived
+    /// meanwhile and the device should look again.
+    pub fn rearm(&mut self, mem: &GuestMemoryMmap) -> Result<bool, QueueError> {
+        self.q
+            .enable_notification(mem)
+            .map_err(|e| QueueError::Ring(e.to_string()))
+    }
+
+    /// Whether the driver wants an interrupt for what was just used
+    /// (`used_event` with EVENT_IDX, else the avail ring's NO_INTERRUPT flag).
+    pub fn needs_interrupt(&mut self, mem: &GuestMemoryMmap) -> Result<bool, QueueError> {
+        if self.q.event_idx_enabled() {
+            return self
+                .q
+                .needs_notification(mem)
+                .map_err(|e| QueueError::Ring(e.to_string()));
+        }
+        // virtio-queue leaves VRING_AVAIL_F_NO_INTERRUPT to the device.
         std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
-        let flags = Self::read_u16(mem, self.avail)?;
-        Ok(flags & AVAIL_F_NO_INTERRUPT == 0)
+        let at = self.q.avail_ring();
+        let flags = mem
+            .read_obj::<u16>(GuestAddress(at))
+            .map_err(|_| QueueError::BadAddress(at, 2))?;
+        Ok(u16::from_le(flags) & AVAIL_F_NO_INTERRUPT == 0)
+    }
+
+    /// Whether the queue's guest memory is usable at all (for tests and checks).
+    pub fn is_valid<M: GuestMemory>(&self, mem: &M) -> bool {
+        self.q.is_valid(mem)
     }
 }
