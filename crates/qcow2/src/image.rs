@@ -811,6 +811,16 @@ impl Qcow2 {
         }
         let need_l2 = shared != Some(false);
         let base = self.rc.alloc(&mut *self.io, n_new + u64::from(need_l2))?;
+        // Clusters the refcounts call free may still hold metadata (a corrupt
+        // or hostile image): never write data or a table over it.
+        for i in 0..n_new + u64::from(need_l2) {
+            if let Some(what) = self.metadata_at(base + i * cs) {
+                return Err(self.mark_corrupt(format!(
+                    "preventing an invalid write at host offset {:#x} (a cluster the refcounts call free): it overlaps the {what}",
+                    base + i * cs
+                )));
+            }
+        }
         let data_base = if need_l2 { base + cs } else { base };
         // New clusters: consecutive guest clusters get consecutive host clusters.
         let mut next = data_base;

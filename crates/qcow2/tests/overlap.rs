@@ -80,3 +80,34 @@ fn writes_aimed_at_metadata_are_refused_and_mark_the_image_corrupt() {
     q.write_at(&[0xee; 512], 0).unwrap();
     q.write_at(&[0xee; 512], 2 << 20).unwrap();
 }
+
+#[test]
+fn a_free_looking_cluster_that_holds_metadata_is_not_allocated_over() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("img.qcow2");
+    let good = image(&path);
+    // The refcount block says the L1 table's cluster is free (16-bit refcounts).
+    let l1 = be64(&good, 40);
+    let rcb = be64(&good, be64(&good, 48) as usize) as usize;
+    let at = rcb + 2 * (l1 / CLUSTER) as usize;
+    let mut b = good.clone();
+    b[at..at + 2].copy_from_slice(&0u16.to_be_bytes());
+    std::fs::write(&path, &b).unwrap();
+    let mut q = Qcow2::open(&path, true).unwrap();
+    // A write to a new guest cluster needs a new host cluster: the first
+    // "free" one is the L1 table's.
+    let e = q.write_at(&[0xee; 512], 1 << 20).unwrap_err().to_string();
+    assert!(
+        e.contains("overlaps the active L1 table") && e.contains("marked corrupt"),
+        "{e}"
+    );
+    drop(q);
+    let after = std::fs::read(&path).unwrap();
+    let l1 = l1 as usize;
+    assert_eq!(
+        after[l1..l1 + CLUSTER as usize],
+        b[l1..l1 + CLUSTER as usize],
+        "L1 table untouched"
+    );
+    assert_ne!(be64(&after, 72) & 2, 0, "corrupt bit");
+}
