@@ -2,70 +2,13 @@
 //! the limit, always yields well-formed replies, and does not depend on
 //! how the input is split into reads.
 
-use std::sync::Arc;
-
 use proptest::prelude::*;
 use serde_json::{json, Value};
 
-use crate::error::CommandError;
-use crate::machine::{CpuInfo, Machine, RunState};
-use crate::session::Session;
-use crate::stream::MAX_MESSAGE_SIZE;
+use crate::fuzzing::{run, Connection};
 
-struct Null;
-
-impl Machine for Null {
-    fn status(&self) -> RunState {
-        RunState::Paused
-    }
-    fn stop(&self) -> Result<(), CommandError> {
-        Ok(())
-    }
-    fn cont(&self) -> Result<(), CommandError> {
-        Err(CommandError::generic("no"))
-    }
-    fn system_reset(&self) -> Result<(), CommandError> {
-        Ok(())
-    }
-    fn system_powerdown(&self) -> Result<(), CommandError> {
-        Ok(())
-    }
-    fn quit(&self) {}
-    fn name(&self) -> Option<String> {
-        None
-    }
-    fn cpus(&self) -> Vec<CpuInfo> {
-        vec![CpuInfo::x86_64(0, 1)]
-    }
-}
-
-fn session() -> Session {
-    Session::new(Arc::new(Null))
-}
-
-/// Feeds `data` in chunks of the given sizes; checks every reply.
-fn run(data: &[u8], chunks: &[usize]) -> Vec<String> {
-    let mut s = session();
-    let mut out = Vec::new();
-    let mut rest = data;
-    let mut sizes = chunks.iter().cycle();
-    while !rest.is_empty() {
-        let n = (*sizes.next().unwrap_or(&1)).clamp(1, rest.len());
-        let (now, later) = rest.split_at(n);
-        rest = later;
-        for reply in s.feed(now) {
-            assert!(reply.line.ends_with("\r\n"));
-            assert!(reply.line.is_ascii(), "{:?}", reply.line);
-            let v: Value = serde_json::from_str(&reply.line).expect("reply is JSON");
-            assert!(
-                v.get("return").is_some() || v["error"]["desc"].is_string(),
-                "{v}"
-            );
-            out.push(reply.line);
-        }
-        assert!(s.buffered() <= MAX_MESSAGE_SIZE);
-    }
-    out
+fn session() -> Connection {
+    Connection::default()
 }
 
 /// Bytes biased towards JSON structure and QMP keywords.
@@ -134,9 +77,9 @@ proptest! {
     fn any_id_is_echoed(id in small_json()) {
         let mut s = session();
         let msg = json!({"execute": "qmp_capabilities", "id": id}).to_string();
-        let replies = s.feed(msg.as_bytes());
+        let replies = s.feed_checked(msg.as_bytes());
         prop_assert_eq!(replies.len(), 1);
-        let v: Value = serde_json::from_str(&replies[0].line).unwrap();
+        let v: Value = serde_json::from_str(&replies[0]).unwrap();
         prop_assert_eq!(&v["id"], &id);
         prop_assert_eq!(&v["return"], &json!({}));
     }
@@ -144,10 +87,10 @@ proptest! {
     #[test]
     fn hmp_never_fails(line in "\\PC{0,40}") {
         let mut s = session();
-        s.feed(b"{\"execute\":\"qmp_capabilities\"}");
+        s.feed_checked(b"{\"execute\":\"qmp_capabilities\"}");
         let msg = json!({"execute": "human-monitor-command", "arguments": {"command-line": line}});
-        let replies = s.feed(msg.to_string().as_bytes());
-        let v: Value = serde_json::from_str(&replies[0].line).unwrap();
+        let replies = s.feed_checked(msg.to_string().as_bytes());
+        let v: Value = serde_json::from_str(&replies[0]).unwrap();
         prop_assert!(v["return"].is_string(), "{}", v);
     }
 }

@@ -156,6 +156,9 @@ mod error;
 mod events;
 #[cfg(test)]
 mod fuzz_tests;
+#[cfg(any(test, feature = "fuzzing"))]
+#[doc(hidden)]
+pub mod fuzzing;
 mod json;
 mod machine;
 mod protocol;

@@ -45,7 +45,7 @@ impl Session {
     }
 
     /// Bytes buffered for an incomplete message.
-    #[cfg(test)]
+    #[cfg(any(test, feature = "fuzzing"))]
     pub(crate) fn buffered(&self) -> usize {
         self.splitter.buffered()
     }

@@ -56,7 +56,7 @@ impl Splitter {
     }
 
     /// Bytes currently buffered (for tests of the memory bound).
-    #[cfg(test)]
+    #[cfg(any(test, feature = "fuzzing"))]
     pub(crate) fn buffered(&self) -> usize {
         self.buf.len()
     }
