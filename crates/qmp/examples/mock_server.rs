@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use qmp::{
-    CommandError, CpuInfo, EventBus, ListenAddr, Machine, RunState, Server, SnapshotEntry,
+    CommandError, CpuInfo, EventBus, ListenAddr, Machine, Request, RunState, Server, SnapshotEntry,
     SnapshotJob,
 };
 use serde_json::{json, Value};
@@ -69,6 +69,12 @@ impl Fake {
         Ok(())
     }
 
+    fn remove(&self, tag: &str) -> Result<(), CommandError> {
+        self.exists(tag)?;
+        lock(&self.snapshots).retain(|s| s.name != tag);
+        Ok(())
+    }
+
     fn exists(&self, tag: &str) -> Result<(), CommandError> {
         if lock(&self.snapshots).iter().any(|s| s.name == tag) {
             Ok(())
@@ -113,92 +119,83 @@ impl Machine for Fake {
     fn status(&self) -> RunState {
         lock(&self.state).unwrap_or(RunState::Running)
     }
-    fn stop(&self) -> Result<(), CommandError> {
-        self.set(RunState::Paused, "STOP");
-        Ok(())
-    }
-    fn cont(&self) -> Result<(), CommandError> {
-        self.set(RunState::Running, "RESUME");
-        Ok(())
-    }
-    fn system_reset(&self) -> Result<(), CommandError> {
-        Ok(())
-    }
-    fn system_powerdown(&self) -> Result<(), CommandError> {
-        Ok(())
-    }
-    fn quit(&self) {
-        if let Some(bus) = self.bus.get() {
-            bus.emit(
-                "SHUTDOWN",
-                Some(serde_json::json!({"guest": false, "reason": "host-qmp-quit"})),
-            );
-            bus.flush(std::time::Duration::from_secs(1));
-        }
-        std::process::exit(0);
-    }
     fn name(&self) -> Option<String> {
         Some("mock".into())
     }
     fn cpus(&self) -> Vec<CpuInfo> {
         vec![CpuInfo::x86_64(0, i64::from(std::process::id()))]
     }
-    fn snapshot_save(&self, job: SnapshotJob) -> Result<(), CommandError> {
-        self.run_job(&job, "snapshot-save", || self.save(&job.tag))
-    }
-    fn snapshot_load(&self, job: SnapshotJob) -> Result<(), CommandError> {
-        self.run_job(&job, "snapshot-load", || self.exists(&job.tag))
-    }
-    fn snapshot_delete(&self, job: SnapshotJob) -> Result<(), CommandError> {
-        self.run_job(&job, "snapshot-delete", || self.delvm(&job.tag))
-    }
-    fn query_jobs(&self) -> Result<Value, CommandError> {
-        let jobs = lock(&self.jobs);
-        Ok(Value::Array(
-            jobs.iter()
-                .map(|(id, kind, error)| {
-                    let mut j = json!({"id": id, "type": kind, "status": "concluded",
-                        "current-progress": 1, "total-progress": 1});
-                    if let Some(e) = error {
-                        j["error"] = json!(e);
-                    }
-                    j
-                })
-                .collect(),
-        ))
-    }
-    fn job_dismiss(&self, id: &str) -> Result<(), CommandError> {
-        let mut jobs = lock(&self.jobs);
-        let before = jobs.len();
-        jobs.retain(|j| j.0 != id);
-        if jobs.len() == before {
-            return Err(CommandError::generic("Job not found"));
+    fn request(&self, req: Request) -> Result<Value, CommandError> {
+        let done = |r: Result<(), CommandError>| r.map(|()| json!({}));
+        match req {
+            Request::Stop => {
+                self.set(RunState::Paused, "STOP");
+                done(Ok(()))
+            }
+            Request::Cont => {
+                self.set(RunState::Running, "RESUME");
+                done(Ok(()))
+            }
+            Request::SystemReset | Request::SystemPowerdown => done(Ok(())),
+            Request::Quit => {
+                if let Some(bus) = self.bus.get() {
+                    bus.emit(
+                        "SHUTDOWN",
+                        Some(json!({"guest": false, "reason": "host-qmp-quit"})),
+                    );
+                    bus.flush(std::time::Duration::from_secs(1));
+                }
+                std::process::exit(0);
+            }
+            Request::SnapshotSave(job) => {
+                done(self.run_job(&job, "snapshot-save", || self.save(&job.tag)))
+            }
+            Request::SnapshotLoad(job) => {
+                done(self.run_job(&job, "snapshot-load", || self.exists(&job.tag)))
+            }
+            Request::SnapshotDelete(job) => {
+                done(self.run_job(&job, "snapshot-delete", || self.remove(&job.tag)))
+            }
+            Request::QueryJobs => {
+                let jobs = lock(&self.jobs);
+                Ok(Value::Array(
+                    jobs.iter()
+                        .map(|(id, kind, error)| {
+                            let mut j = json!({"id": id, "type": kind, "status": "concluded",
+                                "current-progress": 1, "total-progress": 1});
+                            if let Some(e) = error {
+                                j["error"] = json!(e);
+                            }
+                            j
+                        })
+                        .collect(),
+                ))
+            }
+            Request::JobDismiss(id) => {
+                let mut jobs = lock(&self.jobs);
+                let before = jobs.len();
+                jobs.retain(|j| j.0 != id);
+                if jobs.len() == before {
+                    return Err(CommandError::generic("Job not found"));
+                }
+                drop(jobs);
+                self.job_status(&id, "null");
+                done(Ok(()))
+            }
+            Request::JobCancel(id) => {
+                if lock(&self.jobs).iter().any(|j| j.0 == id) {
+                    return Err(CommandError::generic(format!(
+                        "Job '{id}' in state 'concluded' cannot accept command verb 'cancel'"
+                    )));
+                }
+                Err(CommandError::generic("Job not found"))
+            }
+            Request::SaveVm(tag) => done(self.save(&tag)),
+            Request::LoadVm(tag) => done(self.exists(&tag)),
+            Request::DelVm(tag) => done(self.remove(&tag)),
+            Request::ListSnapshots => Ok(json!(lock(&self.snapshots).clone())),
+            other => Err(other.unsupported()),
         }
-        drop(jobs);
-        self.job_status(id, "null");
-        Ok(())
-    }
-    fn job_cancel(&self, id: &str) -> Result<(), CommandError> {
-        if lock(&self.jobs).iter().any(|j| j.0 == id) {
-            return Err(CommandError::generic(format!(
-                "Job '{id}' in state 'concluded' cannot accept command verb 'cancel'"
-            )));
-        }
-        Err(CommandError::generic("Job not found"))
-    }
-    fn savevm(&self, tag: &str) -> Result<(), CommandError> {
-        self.save(tag)
-    }
-    fn loadvm(&self, tag: &str) -> Result<(), CommandError> {
-        self.exists(tag)
-    }
-    fn delvm(&self, tag: &str) -> Result<(), CommandError> {
-        self.exists(tag)?;
-        lock(&self.snapshots).retain(|s| s.name != tag);
-        Ok(())
-    }
-    fn list_snapshots(&self) -> Result<Vec<SnapshotEntry>, CommandError> {
-        Ok(lock(&self.snapshots).clone())
     }
 }
 

@@ -83,12 +83,23 @@
 //! | `query-kvm` | | `{"enabled": true, "present": true}` |
 //! | `query-cpus-fast` | | `[{"cpu-index", "qom-path", "thread-id", "props", "target"}]` |
 //! | `stop`, `cont`, `system_reset`, `system_powerdown` | | `{}` |
-//! | `quit` | | `{}`, written before [`Machine::quit`] is called |
+//! | `quit` | | `{}`, written before [`Request::Quit`] is sent |
 //! | `human-monitor-command` | `command-line`: str, `cpu-index`?: int | str |
 //! | `snapshot-save`, `snapshot-load` | `job-id`, `tag`, `vmstate`: str, `devices`: [str] (all mandatory) | `{}` at once |
 //! | `snapshot-delete` | `job-id`, `tag`: str, `devices`: [str] | `{}` at once |
 //! | `query-jobs` | | `[{"id", "type", "status", "current-progress", "total-progress", "error"?}]` |
 //! | `job-dismiss`, `job-cancel`, `job-finalize` | `id`: str | `{}` |
+//! | `migrate` | `uri`: str, `detach`?, `resume`?: bool | `{}` at once |
+//! | `migrate-incoming` | `uri`: str | `{}` once loaded |
+//! | `migrate_cancel` | | `{}` |
+//! | `query-migrate` | | MigrationInfo (the VMM's) |
+//! | `migrate-set-capabilities` | `capabilities`: [{`capability`: str, `state`: bool}] | `{}` |
+//! | `query-migrate-capabilities` | | `[{"capability", "state"}]` |
+//! | `migrate-set-parameters` | any parameters (an object) | `{}` |
+//! | `query-migrate-parameters` | | the VMM's parameters |
+//!
+//! Every command the VMM executes reaches it as one [`Request`] through
+//! [`Machine::request`]; commands are checked against their schema first.
 //!
 //! `human-monitor-command` understands `help`/`?` (with an optional command name), `info`
 //! (`status`, `version`, `name`, `kvm`, `cpus`, `snapshots`), `stop`/`s`, `cont`/`c`,
@@ -170,7 +181,7 @@ mod stream;
 pub use addr::ListenAddr;
 pub use error::{CommandError, ErrorClass, QmpError};
 pub use events::{EventBus, CLIENT_QUEUE_CAPACITY};
-pub use machine::{CpuInfo, CpuProps, Machine, RunState, SnapshotEntry, SnapshotJob};
+pub use machine::{CpuInfo, CpuProps, Machine, Request, RunState, SnapshotEntry, SnapshotJob};
 pub use protocol::{package, QEMU_VERSION};
 pub use server::{Server, MAX_CLIENTS};
 pub use stream::{MAX_MESSAGE_SIZE, MAX_NESTING};

@@ -173,122 +173,118 @@ pub struct SnapshotEntry {
     pub icount: Option<u64>,
 }
 
-/// What the VMM exposes to QMP. Every method is called from a QMP client
-/// thread; implementations must not block for long.
-pub trait Machine: Send + Sync + 'static {
-    /// Current run state (`query-status`, `info status`).
-    fn status(&self) -> RunState;
-    /// Pause all vCPUs (`stop`). Pausing a paused VM is not an error.
-    fn stop(&self) -> Result<(), CommandError>;
-    /// Resume all vCPUs (`cont`).
-    fn cont(&self) -> Result<(), CommandError>;
-    /// Hard reset (`system_reset`).
-    fn system_reset(&self) -> Result<(), CommandError>;
-    /// Ask the guest to power down, ACPI style (`system_powerdown`).
-    fn system_powerdown(&self) -> Result<(), CommandError>;
-    /// Terminate the VMM (`quit`). Called after the `{"return": {}}`
-    /// reply has been written to the client (or a short timeout expired).
-    fn quit(&self);
-    /// The VM name given by the user (`query-name`), if any.
-    fn name(&self) -> Option<String>;
-    /// The vCPUs (`query-cpus-fast`).
-    fn cpus(&self) -> Vec<CpuInfo>;
-
-    /// `migrate {"uri"}`: start a snapshot/migration to `uri`.
-    fn migrate(&self, uri: &str) -> Result<(), CommandError> {
-        Err(unsupported("migrate", uri))
-    }
-    /// `migrate-incoming {"uri"}`: load the VM from `uri` (started with `-incoming defer`).
-    fn migrate_incoming(&self, uri: &str) -> Result<(), CommandError> {
-        Err(unsupported("migrate-incoming", uri))
-    }
+/// What QMP asks the VMM to do: one variant per command the VMM executes
+/// (QMP commands and the HMP forms that reach the machine). This is the one
+/// list: a new command is a `commands/` module that builds its variant, and
+/// one arm in the VMM's exhaustive match.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Request {
+    /// `stop`: pause all vCPUs. Pausing a paused VM is not an error.
+    Stop,
+    /// `cont`: resume all vCPUs.
+    Cont,
+    /// `system_reset`: hard reset.
+    SystemReset,
+    /// `system_powerdown`: press the ACPI power button.
+    SystemPowerdown,
+    /// `quit`: terminate the VMM. Sent after the `{"return": {}}` reply
+    /// has been written to the client (or a short timeout expired).
+    Quit,
+    /// `migrate {"uri"}`: start a snapshot/migration to the URI.
+    Migrate(String),
+    /// `migrate-incoming {"uri"}`: load the VM from the URI (`-incoming defer`).
+    MigrateIncoming(String),
     /// `migrate_cancel`.
-    fn migrate_cancel(&self) -> Result<(), CommandError> {
-        Err(unsupported("migrate_cancel", ""))
-    }
-    /// `query-migrate`: a MigrationInfo object.
-    fn query_migrate(&self) -> Result<serde_json::Value, CommandError> {
-        Err(unsupported("query-migrate", ""))
-    }
-    /// `migrate-set-capabilities`: (capability, state) pairs, applied all or nothing.
-    fn migrate_set_capabilities(&self, caps: Vec<(String, bool)>) -> Result<(), CommandError> {
-        let _ = caps;
-        Err(unsupported("migrate-set-capabilities", ""))
-    }
-    /// `query-migrate-capabilities`: a list of {"capability", "state"}.
-    fn query_migrate_capabilities(&self) -> Result<serde_json::Value, CommandError> {
-        Err(unsupported("query-migrate-capabilities", ""))
-    }
+    MigrateCancel,
+    /// `query-migrate`: returns a MigrationInfo object.
+    QueryMigrate,
+    /// `migrate-set-capabilities`: (capability, state) pairs, all or nothing.
+    MigrateSetCapabilities(Vec<(String, bool)>),
+    /// `query-migrate-capabilities`: returns a list of {"capability", "state"}.
+    QueryMigrateCapabilities,
     /// `migrate-set-parameters`: the parameters given (an object).
-    fn migrate_set_parameters(
-        &self,
-        params: serde_json::Map<String, serde_json::Value>,
-    ) -> Result<(), CommandError> {
-        let _ = params;
-        Err(unsupported("migrate-set-parameters", ""))
-    }
+    MigrateSetParameters(serde_json::Map<String, serde_json::Value>),
     /// `query-migrate-parameters`.
-    fn query_migrate_parameters(&self) -> Result<serde_json::Value, CommandError> {
-        Err(unsupported("query-migrate-parameters", ""))
+    QueryMigrateParameters,
+    /// `snapshot-save`: start a job saving an internal snapshot; return once
+    /// the job exists (progress via `query-jobs` and `JOB_STATUS_CHANGE`).
+    SnapshotSave(SnapshotJob),
+    /// `snapshot-load`: start a job loading an internal snapshot.
+    SnapshotLoad(SnapshotJob),
+    /// `snapshot-delete`: start a job deleting one (`vmstate` is `None`).
+    SnapshotDelete(SnapshotJob),
+    /// `query-jobs`: returns a list of JobInfo objects.
+    QueryJobs,
+    /// `job-cancel {"id"}`.
+    JobCancel(String),
+    /// `job-dismiss {"id"}`: remove a concluded job.
+    JobDismiss(String),
+    /// `job-finalize {"id"}`: finalize a pending job.
+    JobFinalize(String),
+    /// HMP `savevm TAG`: save an internal snapshot, returning when done. A
+    /// bare `savevm` passes a generated tag, `vm-YYYYMMDDhhmmss` (local time).
+    SaveVm(String),
+    /// HMP `loadvm TAG`: load an internal snapshot, returning when done.
+    LoadVm(String),
+    /// HMP `delvm TAG`: delete an internal snapshot from every disk.
+    DelVm(String),
+    /// HMP `info snapshots`: returns the [`SnapshotEntry`] list of the
+    /// snapshots present on all snapshot-capable disks. With no such disk,
+    /// QEMU fails with "no block device can store vmstate for snapshot".
+    ListSnapshots,
+}
+
+impl Request {
+    /// The command's wire name (for messages).
+    pub fn command(&self) -> &'static str {
+        match self {
+            Request::Stop => "stop",
+            Request::Cont => "cont",
+            Request::SystemReset => "system_reset",
+            Request::SystemPowerdown => "system_powerdown",
+            Request::Quit => "quit",
+            Request::Migrate(_) => "migrate",
+            Request::MigrateIncoming(_) => "migrate-incoming",
+            Request::MigrateCancel => "migrate_cancel",
+            Request::QueryMigrate => "query-migrate",
+            Request::MigrateSetCapabilities(_) => "migrate-set-capabilities",
+            Request::QueryMigrateCapabilities => "query-migrate-capabilities",
+            Request::MigrateSetParameters(_) => "migrate-set-parameters",
+            Request::QueryMigrateParameters => "query-migrate-parameters",
+            Request::SnapshotSave(_) => "snapshot-save",
+            Request::SnapshotLoad(_) => "snapshot-load",
+            Request::SnapshotDelete(_) => "snapshot-delete",
+            Request::QueryJobs => "query-jobs",
+            Request::JobCancel(_) => "job-cancel",
+            Request::JobDismiss(_) => "job-dismiss",
+            Request::JobFinalize(_) => "job-finalize",
+            Request::SaveVm(_) => "savevm",
+            Request::LoadVm(_) => "loadvm",
+            Request::DelVm(_) => "delvm",
+            Request::ListSnapshots => "info snapshots",
+        }
     }
 
-    /// `snapshot-save`: start a job that saves an internal snapshot. Return
-    /// once the job exists (QEMU returns `{}` at once); report progress via
-    /// `query-jobs` and `JOB_STATUS_CHANGE` events.
-    fn snapshot_save(&self, job: SnapshotJob) -> Result<(), CommandError> {
-        let _ = job;
-        Err(unsupported("snapshot-save", ""))
-    }
-    /// `snapshot-load`: start a job that loads an internal snapshot.
-    fn snapshot_load(&self, job: SnapshotJob) -> Result<(), CommandError> {
-        let _ = job;
-        Err(unsupported("snapshot-load", ""))
-    }
-    /// `snapshot-delete`: start a job that deletes an internal snapshot
-    /// (`job.vmstate` is always `None`).
-    fn snapshot_delete(&self, job: SnapshotJob) -> Result<(), CommandError> {
-        let _ = job;
-        Err(unsupported("snapshot-delete", ""))
-    }
-    /// `query-jobs`: a list of JobInfo objects, `[{"id", "type", "status",
-    /// "current-progress", "total-progress", "error"?}]`.
-    fn query_jobs(&self) -> Result<serde_json::Value, CommandError> {
-        Err(unsupported("query-jobs", ""))
-    }
-    /// `job-dismiss {"id"}`: remove a concluded job.
-    fn job_dismiss(&self, id: &str) -> Result<(), CommandError> {
-        Err(unsupported("job-dismiss", id))
-    }
-    /// `job-cancel {"id"}`: cancel a job.
-    fn job_cancel(&self, id: &str) -> Result<(), CommandError> {
-        Err(unsupported("job-cancel", id))
-    }
-    /// `job-finalize {"id"}`: finalize a pending job.
-    fn job_finalize(&self, id: &str) -> Result<(), CommandError> {
-        Err(unsupported("job-finalize", id))
-    }
-    /// HMP `savevm TAG`: save an internal snapshot, returning when done.
-    /// A bare `savevm` passes a generated tag, `vm-YYYYMMDDhhmmss` (local time).
-    fn savevm(&self, tag: &str) -> Result<(), CommandError> {
-        Err(unsupported("savevm", tag))
-    }
-    /// HMP `loadvm TAG`: load an internal snapshot, returning when done.
-    fn loadvm(&self, tag: &str) -> Result<(), CommandError> {
-        Err(unsupported("loadvm", tag))
-    }
-    /// HMP `delvm TAG`: delete an internal snapshot from every disk.
-    fn delvm(&self, tag: &str) -> Result<(), CommandError> {
-        Err(unsupported("delvm", tag))
-    }
-    /// HMP `info snapshots`: the snapshots present on all snapshot-capable
-    /// disks. With no such disk, QEMU fails with "no block device can
-    /// store vmstate for snapshot".
-    fn list_snapshots(&self) -> Result<Vec<SnapshotEntry>, CommandError> {
-        Err(unsupported("info snapshots", ""))
+    /// The error of a request a machine does not implement: loud, never a
+    /// silent success.
+    pub fn unsupported(&self) -> CommandError {
+        CommandError::generic(format!(
+            "{} is not supported by this machine",
+            self.command()
+        ))
     }
 }
 
-/// The error of a command this machine does not implement: loud, never a silent success.
-fn unsupported(cmd: &str, _arg: &str) -> CommandError {
-    CommandError::generic(format!("{cmd} is not supported by this machine"))
+/// What the VMM exposes to QMP. Every method is called from a QMP client
+/// thread.
+pub trait Machine: Send + Sync + 'static {
+    /// Current run state (`query-status`, `info status`); must not block.
+    fn status(&self) -> RunState;
+    /// The VM name given by the user (`query-name`), if any.
+    fn name(&self) -> Option<String>;
+    /// The vCPUs (`query-cpus-fast`, `info cpus`); must not block.
+    fn cpus(&self) -> Vec<CpuInfo>;
+    /// Executes a request; returns the reply's `return` value (`{}` for
+    /// commands that return nothing).
+    fn request(&self, req: Request) -> Result<serde_json::Value, CommandError>;
 }

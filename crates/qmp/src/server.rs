@@ -258,7 +258,7 @@ fn read_loop(mut conn: Conn, handle: Arc<ClientHandle>, bus: EventBus, machine: 
                 }
                 if reply.quit {
                     handle.shared.wait_flushed(QUIT_FLUSH_TIMEOUT);
-                    machine.quit();
+                    let _ = machine.request(crate::machine::Request::Quit);
                 }
             }
         }

@@ -15,7 +15,7 @@ use serde_json::{json, Value};
 use signal_hook::consts::{SIGINT, SIGTERM};
 use vmm::{Machine, MachineConfig, MachineEvent};
 
-use crate::bridge::{self, Bridge, Reply, Shared};
+use crate::bridge::{Bridge, Reply, Shared};
 use crate::cli::{RunConfig, SerialTarget};
 use crate::migration::{self, Migration};
 
@@ -24,7 +24,7 @@ use crate::migration::{self, Migration};
 pub enum AppEvent {
     Machine(MachineEvent),
     Signal(i32),
-    Qmp(bridge::Request, Reply),
+    Qmp(qmp::Request, Reply),
     /// A fork capture ended (any outcome).
     CaptureDone,
     /// A stop-and-copy capture ended.
@@ -161,7 +161,7 @@ fn wait_incoming(
     migration: &mut Migration,
     events: Option<&EventBus>,
 ) -> Result<Option<(Machine, Reply)>> {
-    use bridge::Request::*;
+    use qmp::Request::*;
     let quit = |reason: &str| {
         if let Some(ev) = events {
             ev.emit("SHUTDOWN", Some(json!({"guest": false, "reason": reason})));
@@ -205,11 +205,15 @@ fn wait_incoming(
                 return Ok(None);
             }
             QueryMigrate => Ok(migration.query()),
-            SetCapabilities(caps) => migration.set_capabilities(&caps).map(|_| json!({})),
-            QueryCapabilities => Ok(migration.query_capabilities()),
-            SetParameters(p) => migration.set_parameters(&p).map(|_| json!({})),
-            QueryParameters => Ok(migration.query_parameters()),
+            MigrateSetCapabilities(caps) => {
+                migration.set_capabilities(&caps).map(|_| json!({}))
+            }
+            QueryMigrateCapabilities => Ok(migration.query_capabilities()),
+            MigrateSetParameters(p) => migration.set_parameters(&p).map(|_| json!({})),
+            QueryMigrateParameters => Ok(migration.query_parameters()),
             QueryJobs => Ok(json!([])),
+            // snapvmm's jobs never wait in `pending`: there is nothing to finalize.
+            r @ JobFinalize(_) => Err(r.unsupported()),
             Stop | Cont | SystemReset | Migrate(_) | MigrateCancel | SnapshotSave(_)
             | SnapshotLoad(_) | SnapshotDelete(_) | JobDismiss(_) | JobCancel(_) | SaveVm(_)
             | LoadVm(_) | DelVm(_) | ListSnapshots => Err(CommandError::generic(
@@ -454,12 +458,12 @@ impl Controller {
                 );
                 self.exit = Some(0);
             }
-            AppEvent::Qmp(bridge::Request::SaveVm(tag), reply) => {
+            AppEvent::Qmp(qmp::Request::SaveVm(tag), reply) => {
                 // Replies when the save ends (see save_done).
                 self.hmp_savevm(&tag, reply);
             }
             AppEvent::Qmp(req, reply) => {
-                use bridge::Request::*;
+                use qmp::Request::*;
                 let r = match req {
                     LoadVm(tag) => self.hmp_loadvm(&tag).map(|_| json!({})),
                     DelVm(tag) => self.hmp_delvm(&tag).map(|_| json!({})),
@@ -761,8 +765,8 @@ impl Controller {
         }
     }
 
-    fn qmp(&mut self, req: bridge::Request) -> Result<Value, CommandError> {
-        use bridge::Request::*;
+    fn qmp(&mut self, req: qmp::Request) -> Result<Value, CommandError> {
+        use qmp::Request::*;
         match req {
             Stop => {
                 if self.machine.is_running() {
@@ -838,10 +842,11 @@ impl Controller {
                 }
             }
             QueryMigrate => return Ok(self.migration.query()),
-            SetCapabilities(caps) => self.migration.set_capabilities(&caps)?,
-            QueryCapabilities => return Ok(self.migration.query_capabilities()),
-            SetParameters(p) => self.migration.set_parameters(&p)?,
-            QueryParameters => return Ok(self.migration.query_parameters()),
+            MigrateSetCapabilities(caps) => self.migration.set_capabilities(&caps)?,
+            QueryMigrateCapabilities => return Ok(self.migration.query_capabilities()),
+            MigrateSetParameters(p) => self.migration.set_parameters(&p)?,
+            QueryMigrateParameters => return Ok(self.migration.query_parameters()),
+            r @ JobFinalize(_) => return Err(r.unsupported()),
             Quit => {
                 self.emit(
                     "SHUTDOWN",

@@ -1,17 +1,10 @@
 //! `cont`: resume all vCPUs (QEMU's `cont`). Returns `{}`.
 
-use serde_json::Value;
-
-use super::{empty, Command, CommandSpec, Context};
-use crate::error::CommandError;
+use super::{Command, CommandSpec};
+use crate::machine::Request;
 
 pub(crate) const SPEC: CommandSpec = CommandSpec {
     name: "cont",
     params: &[],
-    build: |_| Ok(Command::Cont),
+    build: |_| Ok(Command::Vm(Request::Cont)),
 };
-
-pub(crate) fn execute(ctx: &mut Context<'_>) -> Result<Value, CommandError> {
-    ctx.machine.cont()?;
-    Ok(empty())
-}

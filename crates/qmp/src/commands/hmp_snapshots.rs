@@ -19,7 +19,7 @@
 //! snapshot QEMU prints `There is no snapshot available.`.
 
 use crate::error::CommandError;
-use crate::machine::{Machine, SnapshotEntry};
+use crate::machine::{Machine, Request, SnapshotEntry};
 
 /// C's `isspace()` in the "C" locale, as QEMU's HMP parser uses it.
 pub(crate) fn is_space(c: char) -> bool {
@@ -169,7 +169,9 @@ pub(crate) fn snapshot_dump(sn: Option<&SnapshotEntry>) -> String {
 
 /// `info snapshots`.
 pub(crate) fn info_snapshots(machine: &dyn Machine) -> Result<String, CommandError> {
-    let list = machine.list_snapshots()?;
+    let v = machine.request(Request::ListSnapshots)?;
+    let list: Vec<SnapshotEntry> =
+        serde_json::from_value(v).map_err(|e| CommandError::generic(e.to_string()))?;
     if list.is_empty() {
         return Ok("There is no snapshot available.\r\n".to_string());
     }
@@ -191,12 +193,12 @@ pub(crate) fn info_snapshots(machine: &dyn Machine) -> Result<String, CommandErr
 /// `savevm [tag]`: a bare `savevm` uses [`default_tag`] for now.
 pub(crate) fn savevm(machine: &dyn Machine, tag: Option<&str>) -> Result<(), CommandError> {
     match tag {
-        Some(t) => machine.savevm(t),
+        Some(t) => machine.request(Request::SaveVm(t.to_string())).map(drop),
         None => {
             let now = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs() as i64);
-            machine.savevm(&default_tag(now))
+            machine.request(Request::SaveVm(default_tag(now))).map(drop)
         }
     }
 }

@@ -12,6 +12,7 @@ use super::hmp_snapshots::{self, get_str, is_space};
 use super::{Command, CommandSpec, Context};
 use crate::args::{from_map, Param, ParamType};
 use crate::error::CommandError;
+use crate::machine::Request;
 use crate::protocol::{package, QEMU_VERSION};
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -180,15 +181,15 @@ pub(crate) fn run_line(line: &str, ctx: &mut Context<'_>, cpu: Option<i64>) -> S
             };
             match name {
                 "savevm" => hmp_snapshots::savevm(ctx.machine, tag.as_deref()),
-                "loadvm" => ctx.machine.loadvm(tag.as_deref().unwrap_or_default()),
-                _ => ctx.machine.delvm(tag.as_deref().unwrap_or_default()),
+                "loadvm" => vm(ctx, Request::LoadVm(tag.unwrap_or_default())),
+                _ => vm(ctx, Request::DelVm(tag.unwrap_or_default())),
             }
         }
         _ if !words.is_empty() => return extraneous(entry.0, typed),
-        "stop" => ctx.machine.stop(),
-        "cont" => ctx.machine.cont(),
-        "system_reset" => ctx.machine.system_reset(),
-        "system_powerdown" => ctx.machine.system_powerdown(),
+        "stop" => vm(ctx, Request::Stop),
+        "cont" => vm(ctx, Request::Cont),
+        "system_reset" => vm(ctx, Request::SystemReset),
+        "system_powerdown" => vm(ctx, Request::SystemPowerdown),
         "quit" => {
             ctx.quit_requested = true;
             Ok(())
@@ -199,6 +200,11 @@ pub(crate) fn run_line(line: &str, ctx: &mut Context<'_>, cpu: Option<i64>) -> S
         out.push_str(&format!("Error: {}\r\n", e.desc));
     }
     out
+}
+
+/// A request whose HMP form prints nothing on success.
+fn vm(ctx: &mut Context<'_>, req: Request) -> Result<(), CommandError> {
+    ctx.machine.request(req).map(drop)
 }
 
 /// `info ITEM` (ITEM is known).

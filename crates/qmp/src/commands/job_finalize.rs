@@ -2,9 +2,9 @@
 
 use serde_json::Value;
 
-use super::{empty, Command, CommandSpec, Context};
+use super::{Command, CommandSpec};
 use crate::args::{Param, ParamType};
-use crate::error::CommandError;
+use crate::machine::Request;
 
 pub(crate) const SPEC: CommandSpec = CommandSpec {
     name: "job-finalize",
@@ -14,16 +14,11 @@ pub(crate) const SPEC: CommandSpec = CommandSpec {
         optional: false,
     }],
     build: |a| {
-        Ok(Command::JobFinalize(
+        Ok(Command::Vm(Request::JobFinalize(
             a.get("id")
                 .and_then(Value::as_str)
                 .unwrap_or_default()
                 .to_string(),
-        ))
+        )))
     },
 };
-
-pub(crate) fn execute(id: String, ctx: &mut Context<'_>) -> Result<Value, CommandError> {
-    ctx.machine.job_finalize(&id)?;
-    Ok(empty())
-}

@@ -3,9 +3,9 @@
 
 use serde_json::Value;
 
-use super::{empty, Command, CommandSpec, Context};
+use super::{Command, CommandSpec};
 use crate::args::{Param, ParamType};
-use crate::error::CommandError;
+use crate::machine::Request;
 
 pub(crate) const SPEC: CommandSpec = CommandSpec {
     name: "migrate-incoming",
@@ -22,16 +22,11 @@ pub(crate) const SPEC: CommandSpec = CommandSpec {
         },
     ],
     build: |a| {
-        Ok(Command::MigrateIncoming(
+        Ok(Command::Vm(Request::MigrateIncoming(
             a.get("uri")
                 .and_then(Value::as_str)
                 .unwrap_or_default()
                 .to_string(),
-        ))
+        )))
     },
 };
-
-pub(crate) fn execute(uri: String, ctx: &mut Context<'_>) -> Result<Value, CommandError> {
-    ctx.machine.migrate_incoming(&uri)?;
-    Ok(empty())
-}

@@ -2,9 +2,10 @@
 
 use serde_json::Value;
 
-use super::{empty, Command, CommandSpec, Context};
+use super::{Command, CommandSpec};
 use crate::args::{Param, ParamType};
 use crate::error::CommandError;
+use crate::machine::Request;
 
 pub(crate) const SPEC: CommandSpec = CommandSpec {
     name: "migrate-set-capabilities",
@@ -39,13 +40,5 @@ fn build(a: serde_json::Map<String, Value>) -> Result<Command, CommandError> {
         })?;
         caps.push((name.to_string(), state));
     }
-    Ok(Command::MigrateSetCapabilities(caps))
-}
-
-pub(crate) fn execute(
-    caps: Vec<(String, bool)>,
-    ctx: &mut Context<'_>,
-) -> Result<Value, CommandError> {
-    ctx.machine.migrate_set_capabilities(caps)?;
-    Ok(empty())
+    Ok(Command::Vm(Request::MigrateSetCapabilities(caps)))
 }

@@ -1,11 +1,9 @@
 //! `migrate-set-parameters`: snapvmm's `x-snapshot-method` (`fork` | `stop`) and
 //! `x-collapse-huge-pages` (bool). Returns `{}`.
 
-use serde_json::Value;
-
-use super::{empty, Command, CommandSpec, Context};
+use super::{Command, CommandSpec};
 use crate::args::{Param, ParamType};
-use crate::error::CommandError;
+use crate::machine::Request;
 
 pub(crate) const SPEC: CommandSpec = CommandSpec {
     name: "migrate-set-parameters",
@@ -21,13 +19,5 @@ pub(crate) const SPEC: CommandSpec = CommandSpec {
             optional: true,
         },
     ],
-    build: |a| Ok(Command::MigrateSetParameters(a)),
+    build: |a| Ok(Command::Vm(Request::MigrateSetParameters(a))),
 };
-
-pub(crate) fn execute(
-    params: serde_json::Map<String, Value>,
-    ctx: &mut Context<'_>,
-) -> Result<Value, CommandError> {
-    ctx.machine.migrate_set_parameters(params)?;
-    Ok(empty())
-}

@@ -1,16 +1,17 @@
 //! QMP commands: one module per command, dispatched through [`Command`].
 //!
-//! Adding a command: write a module with a `SPEC` ([`CommandSpec`]: name,
-//! parameter schema, constructor) and an `execute` function, add a variant
-//! to [`Command`], list the `SPEC` in [`COMMANDS`] and add the match arm in
-//! [`Command::execute`]. VMM-specific behaviour goes through a new
-//! [`crate::Machine`] method.
+//! Adding a command the VMM executes: write a module with a `SPEC`
+//! ([`CommandSpec`]: name, parameter schema, constructor building
+//! `Command::Vm(Request::…)`), add the variant to [`crate::Request`] and list
+//! the `SPEC` in [`COMMANDS`]; the VMM's exhaustive match over `Request` then
+//! asks for its arm. Commands QMP answers itself (negotiation, versions,
+//! `query-status`) get their own [`Command`] variant and `execute` function.
 
 use serde_json::{Map, Value};
 
 use crate::args::{self, Param};
 use crate::error::CommandError;
-use crate::machine::{Machine, SnapshotJob};
+use crate::machine::Machine;
 
 pub(crate) mod cont;
 pub(crate) mod hmp_snapshots;
@@ -89,7 +90,7 @@ pub(crate) struct Context<'a> {
     pub(crate) machine: &'a dyn Machine,
     /// Capabilities negotiation is complete (command mode).
     pub(crate) negotiated: bool,
-    /// `quit` was requested: call `Machine::quit` once the reply is out.
+    /// `quit` was requested: send [`crate::Request::Quit`] once the reply is out.
     pub(crate) quit_requested: bool,
 }
 
@@ -105,27 +106,10 @@ pub(crate) enum Command {
     QueryName,
     QueryKvm,
     QueryCpusFast,
-    Stop,
-    Cont,
-    SystemReset,
-    SystemPowerdown,
     Quit,
     HumanMonitorCommand(human_monitor_command::Args),
-    Migrate(String),
-    MigrateCancel,
-    MigrateIncoming(String),
-    QueryMigrate,
-    MigrateSetCapabilities(Vec<(String, bool)>),
-    QueryMigrateCapabilities,
-    MigrateSetParameters(Map<String, Value>),
-    QueryMigrateParameters,
-    SnapshotSave(SnapshotJob),
-    SnapshotLoad(SnapshotJob),
-    SnapshotDelete(SnapshotJob),
-    QueryJobs,
-    JobCancel(String),
-    JobDismiss(String),
-    JobFinalize(String),
+    /// Executed by the VMM ([`Machine::request`]).
+    Vm(crate::machine::Request),
 }
 
 impl Command {
@@ -149,27 +133,9 @@ impl Command {
             Command::QueryName => query_name::execute(ctx),
             Command::QueryKvm => query_kvm::execute(ctx),
             Command::QueryCpusFast => query_cpus_fast::execute(ctx),
-            Command::Stop => stop::execute(ctx),
-            Command::Cont => cont::execute(ctx),
-            Command::SystemReset => system_reset::execute(ctx),
-            Command::SystemPowerdown => system_powerdown::execute(ctx),
             Command::Quit => quit::execute(ctx),
             Command::HumanMonitorCommand(a) => human_monitor_command::execute(a, ctx),
-            Command::Migrate(uri) => migrate::execute(uri, ctx),
-            Command::MigrateCancel => migrate_cancel::execute(ctx),
-            Command::MigrateIncoming(uri) => migrate_incoming::execute(uri, ctx),
-            Command::QueryMigrate => query_migrate::execute(ctx),
-            Command::MigrateSetCapabilities(c) => migrate_set_capabilities::execute(c, ctx),
-            Command::QueryMigrateCapabilities => query_migrate_capabilities::execute(ctx),
-            Command::MigrateSetParameters(p) => migrate_set_parameters::execute(p, ctx),
-            Command::QueryMigrateParameters => query_migrate_parameters::execute(ctx),
-            Command::SnapshotSave(j) => snapshot_save::execute(j, ctx),
-            Command::SnapshotLoad(j) => snapshot_load::execute(j, ctx),
-            Command::SnapshotDelete(j) => snapshot_delete::execute(j, ctx),
-            Command::QueryJobs => query_jobs::execute(ctx),
-            Command::JobCancel(id) => job_cancel::execute(id, ctx),
-            Command::JobDismiss(id) => job_dismiss::execute(id, ctx),
-            Command::JobFinalize(id) => job_finalize::execute(id, ctx),
+            Command::Vm(req) => ctx.machine.request(req),
         }
     }
 }

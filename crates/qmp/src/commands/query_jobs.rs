@@ -1,17 +1,11 @@
 //! `query-jobs`: the VMM's JobInfo list, `[{"id", "type", "status",
 //! "current-progress", "total-progress", "error"?}]`.
 
-use serde_json::Value;
-
-use super::{Command, CommandSpec, Context};
-use crate::error::CommandError;
+use super::{Command, CommandSpec};
+use crate::machine::Request;
 
 pub(crate) const SPEC: CommandSpec = CommandSpec {
     name: "query-jobs",
     params: &[],
-    build: |_| Ok(Command::QueryJobs),
+    build: |_| Ok(Command::Vm(Request::QueryJobs)),
 };
-
-pub(crate) fn execute(ctx: &mut Context<'_>) -> Result<Value, CommandError> {
-    ctx.machine.query_jobs()
-}

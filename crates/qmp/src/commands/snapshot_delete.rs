@@ -2,13 +2,10 @@
 //! mandatory; no `vmstate`): start a job deleting an internal snapshot.
 //! Returns `{}` at once; completion via `JOB_STATUS_CHANGE`/`query-jobs`.
 
-use serde_json::Value;
-
 use super::snapshot_save::job_from_args;
-use super::{empty, Command, CommandSpec, Context};
+use super::{Command, CommandSpec};
 use crate::args::{Param, ParamType};
-use crate::error::CommandError;
-use crate::machine::SnapshotJob;
+use crate::machine::Request;
 
 pub(crate) const SPEC: CommandSpec = CommandSpec {
     name: "snapshot-delete",
@@ -29,10 +26,5 @@ pub(crate) const SPEC: CommandSpec = CommandSpec {
             optional: false,
         },
     ],
-    build: |a| Ok(Command::SnapshotDelete(job_from_args(&a))),
+    build: |a| Ok(Command::Vm(Request::SnapshotDelete(job_from_args(&a)))),
 };
-
-pub(crate) fn execute(job: SnapshotJob, ctx: &mut Context<'_>) -> Result<Value, CommandError> {
-    ctx.machine.snapshot_delete(job)?;
-    Ok(empty())
-}

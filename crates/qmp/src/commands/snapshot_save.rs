@@ -5,9 +5,9 @@
 
 use serde_json::{Map, Value};
 
-use super::{empty, Command, CommandSpec, Context};
+use super::{Command, CommandSpec};
 use crate::args::{Param, ParamType};
-use crate::error::CommandError;
+use crate::machine::Request;
 use crate::machine::SnapshotJob;
 
 /// `job-id`, `tag`, `vmstate`, `devices`: the schema of `snapshot-save`
@@ -63,10 +63,5 @@ pub(crate) fn job_from_args(a: &Map<String, Value>) -> SnapshotJob {
 pub(crate) const SPEC: CommandSpec = CommandSpec {
     name: "snapshot-save",
     params: JOB_PARAMS,
-    build: |a| Ok(Command::SnapshotSave(job_from_args(&a))),
+    build: |a| Ok(Command::Vm(Request::SnapshotSave(job_from_args(&a)))),
 };
-
-pub(crate) fn execute(job: SnapshotJob, ctx: &mut Context<'_>) -> Result<Value, CommandError> {
-    ctx.machine.snapshot_save(job)?;
-    Ok(empty())
-}

@@ -1,17 +1,10 @@
 //! `system_reset`: hard reset of the machine. Returns `{}`.
 
-use serde_json::Value;
-
-use super::{empty, Command, CommandSpec, Context};
-use crate::error::CommandError;
+use super::{Command, CommandSpec};
+use crate::machine::Request;
 
 pub(crate) const SPEC: CommandSpec = CommandSpec {
     name: "system_reset",
     params: &[],
-    build: |_| Ok(Command::SystemReset),
+    build: |_| Ok(Command::Vm(Request::SystemReset)),
 };
-
-pub(crate) fn execute(ctx: &mut Context<'_>) -> Result<Value, CommandError> {
-    ctx.machine.system_reset()?;
-    Ok(empty())
-}

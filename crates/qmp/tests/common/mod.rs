@@ -11,7 +11,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use qmp::{
-    CommandError, CpuInfo, ListenAddr, Machine, RunState, Server, SnapshotEntry, SnapshotJob,
+    CommandError, CpuInfo, ListenAddr, Machine, Request, RunState, Server, SnapshotEntry,
+    SnapshotJob,
 };
 use serde_json::Value;
 
@@ -46,10 +47,7 @@ impl Mock {
     }
 }
 
-impl Machine for Mock {
-    fn status(&self) -> RunState {
-        *self.state.lock().unwrap()
-    }
+impl Mock {
     fn stop(&self) -> Result<(), CommandError> {
         self.record("stop");
         self.set_state(RunState::Paused);
@@ -63,23 +61,38 @@ impl Machine for Mock {
         self.set_state(RunState::Running);
         Ok(())
     }
-    fn system_reset(&self) -> Result<(), CommandError> {
-        self.record("system_reset");
-        Ok(())
-    }
-    fn system_powerdown(&self) -> Result<(), CommandError> {
-        self.record("system_powerdown");
-        Ok(())
-    }
-    fn quit(&self) {
-        self.record("quit");
-        self.quits.fetch_add(1, Ordering::SeqCst);
+}
+
+impl Machine for Mock {
+    fn status(&self) -> RunState {
+        *self.state.lock().unwrap()
     }
     fn name(&self) -> Option<String> {
         self.name.clone()
     }
     fn cpus(&self) -> Vec<CpuInfo> {
         vec![CpuInfo::x86_64(0, 1000), CpuInfo::x86_64(1, 1001)]
+    }
+    fn request(&self, req: Request) -> Result<Value, CommandError> {
+        match req {
+            Request::Stop => self.stop(),
+            Request::Cont => self.cont(),
+            Request::SystemReset => {
+                self.record("system_reset");
+                Ok(())
+            }
+            Request::SystemPowerdown => {
+                self.record("system_powerdown");
+                Ok(())
+            }
+            Request::Quit => {
+                self.record("quit");
+                self.quits.fetch_add(1, Ordering::SeqCst);
+                Ok(())
+            }
+            other => return Err(other.unsupported()),
+        }
+        .map(|()| serde_json::json!({}))
     }
 }
 
@@ -262,64 +275,37 @@ impl Machine for JobMock {
     fn status(&self) -> RunState {
         self.base.status()
     }
-    fn stop(&self) -> Result<(), CommandError> {
-        self.base.stop()
-    }
-    fn cont(&self) -> Result<(), CommandError> {
-        self.base.cont()
-    }
-    fn system_reset(&self) -> Result<(), CommandError> {
-        self.base.system_reset()
-    }
-    fn system_powerdown(&self) -> Result<(), CommandError> {
-        self.base.system_powerdown()
-    }
-    fn quit(&self) {
-        self.base.quit()
-    }
     fn name(&self) -> Option<String> {
         self.base.name()
     }
     fn cpus(&self) -> Vec<CpuInfo> {
         self.base.cpus()
     }
-    fn snapshot_save(&self, job: SnapshotJob) -> Result<(), CommandError> {
-        self.result(Call::Job("snapshot_save", job))
-    }
-    fn snapshot_load(&self, job: SnapshotJob) -> Result<(), CommandError> {
-        self.result(Call::Job("snapshot_load", job))
-    }
-    fn snapshot_delete(&self, job: SnapshotJob) -> Result<(), CommandError> {
-        self.result(Call::Job("snapshot_delete", job))
-    }
-    fn query_jobs(&self) -> Result<Value, CommandError> {
-        self.result(Call::Query("query_jobs"))?;
-        Ok(
-            serde_json::json!([{"id": "snapsave0", "type": "snapshot-save",
-            "status": "concluded", "current-progress": 1, "total-progress": 1}]),
-        )
-    }
-    fn job_dismiss(&self, id: &str) -> Result<(), CommandError> {
-        self.result(Call::Arg("job_dismiss", id.to_string()))
-    }
-    fn job_cancel(&self, id: &str) -> Result<(), CommandError> {
-        self.result(Call::Arg("job_cancel", id.to_string()))
-    }
-    fn job_finalize(&self, id: &str) -> Result<(), CommandError> {
-        self.result(Call::Arg("job_finalize", id.to_string()))
-    }
-    fn savevm(&self, tag: &str) -> Result<(), CommandError> {
-        self.result(Call::Arg("savevm", tag.to_string()))
-    }
-    fn loadvm(&self, tag: &str) -> Result<(), CommandError> {
-        self.result(Call::Arg("loadvm", tag.to_string()))
-    }
-    fn delvm(&self, tag: &str) -> Result<(), CommandError> {
-        self.result(Call::Arg("delvm", tag.to_string()))
-    }
-    fn list_snapshots(&self) -> Result<Vec<SnapshotEntry>, CommandError> {
-        self.result(Call::Query("list_snapshots"))?;
-        Ok(self.snapshots.lock().unwrap().clone())
+    fn request(&self, req: Request) -> Result<Value, CommandError> {
+        let done = |r: Result<(), CommandError>| r.map(|()| serde_json::json!({}));
+        match req {
+            Request::SnapshotSave(job) => done(self.result(Call::Job("snapshot_save", job))),
+            Request::SnapshotLoad(job) => done(self.result(Call::Job("snapshot_load", job))),
+            Request::SnapshotDelete(job) => done(self.result(Call::Job("snapshot_delete", job))),
+            Request::QueryJobs => {
+                self.result(Call::Query("query_jobs"))?;
+                Ok(
+                    serde_json::json!([{"id": "snapsave0", "type": "snapshot-save",
+                    "status": "concluded", "current-progress": 1, "total-progress": 1}]),
+                )
+            }
+            Request::JobDismiss(id) => done(self.result(Call::Arg("job_dismiss", id))),
+            Request::JobCancel(id) => done(self.result(Call::Arg("job_cancel", id))),
+            Request::JobFinalize(id) => done(self.result(Call::Arg("job_finalize", id))),
+            Request::SaveVm(tag) => done(self.result(Call::Arg("savevm", tag))),
+            Request::LoadVm(tag) => done(self.result(Call::Arg("loadvm", tag))),
+            Request::DelVm(tag) => done(self.result(Call::Arg("delvm", tag))),
+            Request::ListSnapshots => {
+                self.result(Call::Query("list_snapshots"))?;
+                Ok(serde_json::json!(self.snapshots.lock().unwrap().clone()))
+            }
+            other => self.base.request(other),
+        }
     }
 }
 
