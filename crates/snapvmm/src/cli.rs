@@ -238,9 +238,8 @@ impl RunArgs {
 /// Parses a `file:PATH` migration URI (`--incoming`, `migrate-incoming`).
 pub fn parse_incoming(s: &str) -> Result<PathBuf> {
     match s.strip_prefix("file:") {
-        Some(p) if !p.is_empty() => {
-            crate::migration::parse_uri(s).map_err(|e| anyhow::anyhow!("--incoming: {}", e.desc))
-        }
+        Some(p) if !p.is_empty() => crate::snapshot::migrate::parse_uri(s)
+            .map_err(|e| anyhow::anyhow!("--incoming: {}", e.desc)),
         _ => bail!("invalid --incoming '{s}': expected file:PATH or defer"),
     }
 }

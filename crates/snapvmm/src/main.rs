@@ -1,28 +1,17 @@
 //! The snapvmm binary: parses the command line, builds the machine and runs
 //! the controller loop. `anyhow` lives only here.
 
-mod bridge;
-mod cli;
-mod controller;
-mod demo;
-mod disk;
-mod jobs;
-mod migration;
-mod qmp_client;
-mod savevm;
-mod sigbus;
-mod snapjobs;
-
 use std::process::ExitCode;
 
 use clap::Parser;
+use snapvmm::{cli, demo};
 
 fn main() -> ExitCode {
     let cli = cli::Cli::parse();
     init_tracing();
     let result = match cli.command {
         cli::Command::Demo(args) => demo::run(args),
-        cli::Command::Run(args) => args.validate().and_then(controller::run),
+        cli::Command::Run(args) => args.validate().and_then(snapvmm::run),
         cli::Command::ExportGuest { path } => std::fs::write(&path, refguest::ELF)
             .map(|_| 0)
             .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display())),

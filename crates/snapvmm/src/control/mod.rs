@@ -15,9 +15,12 @@ use serde_json::{json, Value};
 use signal_hook::consts::{SIGINT, SIGTERM};
 use vmm::{Machine, MachineConfig, MachineEvent};
 
-use crate::bridge::{Bridge, Reply, Shared};
+mod bridge;
+mod snapjobs;
+
 use crate::cli::{RunConfig, SerialTarget};
-use crate::migration::{self, Migration};
+use crate::snapshot::migrate::{self as migration, Migration};
+use bridge::{Bridge, Reply, Shared};
 
 /// Everything the controller reacts to.
 #[derive(Debug)]
@@ -95,10 +98,9 @@ pub fn run(mut cfg: RunConfig) -> Result<u8> {
         build_machine(&cfg, &tx, None)?
     };
     // The VM clock goes on from a loaded snapshot's, as after snapshot-load.
-    let vm_clock_base = cfg
-        .loadvm
-        .as_deref()
-        .map_or(0, |tag| crate::savevm::snapshot_clock(machine.bus(), tag));
+    let vm_clock_base = cfg.loadvm.as_deref().map_or(0, |tag| {
+        crate::snapshot::savevm::snapshot_clock(machine.bus(), tag)
+    });
     // A reset of a restored VM boots the kernel afresh (as QEMU reboots the firmware).
     let restored = cfg.incoming.take().is_some() | cfg.loadvm.take().is_some();
     if restored {
@@ -205,9 +207,7 @@ fn wait_incoming(
                 return Ok(None);
             }
             QueryMigrate => Ok(migration.query()),
-            MigrateSetCapabilities(caps) => {
-                migration.set_capabilities(&caps).map(|_| json!({}))
-            }
+            MigrateSetCapabilities(caps) => migration.set_capabilities(&caps).map(|_| json!({})),
             QueryMigrateCapabilities => Ok(migration.query_capabilities()),
             MigrateSetParameters(p) => migration.set_parameters(&p).map(|_| json!({})),
             QueryMigrateParameters => Ok(migration.query_parameters()),
@@ -244,7 +244,7 @@ fn build_machine(
         return build_from_state(cfg, tx, ram, state, disks);
     }
     if let Some(tag) = &cfg.loadvm {
-        let (ram, state) = crate::savevm::load_from_disks(&mut disks, tag)
+        let (ram, state) = crate::snapshot::savevm::load_from_disks(&mut disks, tag)
             .map_err(|e| anyhow::anyhow!("cannot load snapshot '{tag}': {e}"))?;
         return build_from_state(cfg, tx, ram, state, disks);
     }
@@ -410,7 +410,7 @@ pub(crate) struct Controller {
     exit: Option<u8>,
     /// Internal-snapshot jobs (snapjobs.rs).
     pub(crate) jobs: crate::jobs::Jobs,
-    pub(crate) pending_save: Option<crate::snapjobs::PendingSave>,
+    pub(crate) pending_save: Option<snapjobs::PendingSave>,
     /// When the current machine started (its virtual clock for snapshots).
     pub(crate) vm_started: Instant,
     /// The virtual clock when the current machine started (a loaded snapshot's).
@@ -529,7 +529,11 @@ impl Controller {
         // an unusable destination fails now, without pausing the guest.
         let prepared = match self.migration.effective_method() {
             migration::Method::Fork => {
-                match migration::prepare_fork(&self.machine, &dest, &self.tx) {
+                let tx = self.tx.clone();
+                let done = move || {
+                    let _ = tx.send(AppEvent::CaptureDone);
+                };
+                match migration::prepare_fork(&self.machine, &dest, done) {
                     Ok(p) => Some(p),
                     Err(e) => return Err(self.fail_migration(e.to_string())),
                 }
@@ -584,7 +588,11 @@ impl Controller {
                 self.emit("STOP", None);
             }
             self.migration_event("active");
-            let t = migration::start_stop_copy(&self.machine, state, dest, &self.tx);
+            let tx = self.tx.clone();
+            let done = move |r| {
+                let _ = tx.send(AppEvent::StopCopyDone(r));
+            };
+            let t = migration::start_stop_copy(&self.machine, state, dest, done);
             if let Some(j) = self.migration.job.as_mut() {
                 j.stop_thread = Some(t);
             }
@@ -811,7 +819,7 @@ impl Controller {
             }
             Migrate(uri) => {
                 if self.pending_save.is_some() {
-                    return Err(crate::savevm::busy());
+                    return Err(crate::snapshot::savevm::busy());
                 }
                 self.migrate(&uri)?
             }

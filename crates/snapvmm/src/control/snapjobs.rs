@@ -9,10 +9,10 @@ use std::time::{Duration, Instant};
 use qmp::{CommandError, RunState, SnapshotEntry, SnapshotJob};
 use serde_json::{json, Value};
 
-use crate::bridge::Reply;
-use crate::controller::{AppEvent, Controller};
+use super::bridge::Reply;
+use super::{AppEvent, Controller};
 use crate::jobs::{Kind, Status};
-use crate::savevm::{self, with_qcow2};
+use crate::snapshot::savevm::{self, with_qcow2};
 
 /// A live save between the cut and the commit.
 pub struct PendingSave {
@@ -167,7 +167,7 @@ impl Controller {
             ..livesnap::ForkOptions::default()
         };
         let prepared = livesnap::prepare_fork_capture_to(
-            &crate::migration::ram_ranges(&self.machine),
+            &crate::snapshot::migrate::ram_ranges(&self.machine),
             Box::new(sink),
             opts,
         )
@@ -468,7 +468,7 @@ impl Controller {
                 None => Ok(()),
             });
         let built = applied.and_then(|()| {
-            crate::controller::build_from_state(&self.cfg, &self.tx, ram, state, disks)
+            super::build_from_state(&self.cfg, &self.tx, ram, state, disks)
                 .map_err(|e| format!("{e:#}"))
         });
         self.machine = match built {

@@ -10,14 +10,11 @@
 //! for `background-snapshot` with the `stop` method).
 
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::Sender;
 use std::time::{Duration, Instant};
 
 use livesnap::{Capture, CaptureStats, ForkOptions, RamRange};
 use qmp::CommandError;
 use serde_json::{json, Value};
-
-use crate::controller::AppEvent;
 
 /// How RAM is captured.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -368,35 +365,30 @@ pub fn ram_ranges(m: &vmm::Machine) -> Vec<RamRange> {
         .collect()
 }
 
-/// Prepares a fork capture (before the pause); once started, completion
-/// arrives as [`AppEvent::CaptureDone`].
+/// Prepares a fork capture (before the pause); once started, `done` is
+/// called when it ends, whatever the outcome.
 pub fn prepare_fork(
     m: &vmm::Machine,
     dest: &Path,
-    tx: &Sender<AppEvent>,
+    done: impl FnOnce() + Send + 'static,
 ) -> Result<livesnap::PreparedCapture, livesnap::SnapError> {
-    let tx = tx.clone();
     let opts = ForkOptions {
-        on_done: Some(Box::new(move |_| {
-            let _ = tx.send(AppEvent::CaptureDone);
-        })),
+        on_done: Some(Box::new(move |_| done())),
         ..ForkOptions::default()
     };
     livesnap::prepare_fork_capture(&ram_ranges(m), dest, opts)
 }
 
-/// Runs a stop-and-copy capture on a worker thread; its result arrives as
-/// [`AppEvent::StopCopyDone`]. The caller keeps the VM paused until then.
+/// Runs a stop-and-copy capture on a worker thread; `done` gets its result.
+/// The caller keeps the VM paused until then.
 pub fn start_stop_copy(
     m: &vmm::Machine,
     state: Vec<u8>,
     dest: PathBuf,
-    tx: &Sender<AppEvent>,
+    done: impl FnOnce(Result<CaptureStats, String>) + Send + 'static,
 ) -> std::thread::JoinHandle<()> {
     let ranges = ram_ranges(m);
-    let tx = tx.clone();
     std::thread::spawn(move || {
-        let r = livesnap::capture_stopped(&ranges, &state, &dest).map_err(|e| e.to_string());
-        let _ = tx.send(AppEvent::StopCopyDone(r));
+        done(livesnap::capture_stopped(&ranges, &state, &dest).map_err(|e| e.to_string()));
     })
 }

@@ -10,7 +10,7 @@ use std::time::Duration;
 use qmp::{CommandError, CpuInfo, Request, RunState};
 use serde_json::Value;
 
-use crate::controller::AppEvent;
+use super::AppEvent;
 
 /// Reply channel for one request.
 pub type Reply = mpsc::SyncSender<Result<Value, CommandError>>;
