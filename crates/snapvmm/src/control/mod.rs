@@ -20,6 +20,7 @@ mod snapjobs;
 
 use crate::cli::{RunConfig, SerialTarget};
 use crate::snapshot::migrate::{self as migration, Migration};
+use crate::snapshot::restore;
 use bridge::{Bridge, Reply, Shared};
 
 /// Everything the controller reacts to.
@@ -240,7 +241,13 @@ fn build_machine(
             .collect::<Result<Vec<_>>>()?,
     };
     if let Some(path) = &cfg.incoming {
-        let (ram, state) = open_snapshot(path, cfg.restore_copy)?;
+        let mode = if cfg.restore_copy {
+            restore::RamMode::Copy
+        } else {
+            restore::RamMode::Lazy
+        };
+        let (ram, state) = restore::from_file(path, mode)
+            .with_context(|| format!("cannot restore from {}", path.display()))?;
         return build_from_state(cfg, tx, ram, state, disks);
     }
     if let Some(tag) = &cfg.loadvm {
@@ -322,81 +329,6 @@ fn create(
         disks,
     };
     Ok(Machine::create(mc, sink)?)
-}
-
-/// Opens a snapshot image: validates it, decodes the machine state and maps
-/// (lazy) or reads (copy) guest RAM from it.
-fn open_snapshot(
-    path: &std::path::Path,
-    copy: bool,
-) -> Result<(vmm::memory::GuestRam, vmm::MachineState)> {
-    let t0 = Instant::now();
-    let image = livesnap::Image::open(path)
-        .with_context(|| format!("cannot restore from {}", path.display()))?;
-    let bytes = image
-        .device_state()
-        .with_context(|| format!("cannot restore from {}", path.display()))?;
-    let state = vmm::MachineState::from_bytes(&bytes)
-        .with_context(|| format!("cannot restore from {}", path.display()))?;
-    let layout = vmm::layout::ram_ranges(state.mem_bytes);
-    let ranges = image.ranges();
-    let matches = layout.len() == ranges.len()
-        && layout
-            .iter()
-            .zip(ranges)
-            .all(|(l, r)| l.0 == r.gpa && l.1 == r.len);
-    if !matches {
-        anyhow::bail!(
-            "cannot restore from {}: its RAM layout does not match a {} MiB machine",
-            path.display(),
-            state.mem_bytes >> 20
-        );
-    }
-    let ram = if copy {
-        let mut ram = vmm::memory::GuestRam::anonymous(state.mem_bytes)?;
-        for i in 0..ranges.len() {
-            // Fresh anonymous RAM reads as zeros: the image's holes stay untouched.
-            image
-                .read_ram_into_zeroed(i, ram.region_bytes_mut(i))
-                .with_context(|| format!("cannot read RAM from {}", path.display()))?;
-        }
-        ram
-    } else {
-        use std::os::fd::AsFd;
-        let fd = image.file().as_fd();
-        let mut ram = vmm::memory::GuestRam::from_file(state.mem_bytes, |i| {
-            Some(vmm::memory::FileBacking {
-                fd,
-                offset: ranges[i].file_offset,
-            })
-        })?;
-        // The image backs RAM from now on: lock it (shared) for as long as it does,
-        // and turn a SIGBUS (the file truncated under the VM) into a clear error.
-        let held = image
-            .file()
-            .try_clone()
-            .with_context(|| format!("cannot restore from {}", path.display()))?;
-        let needed = ranges
-            .iter()
-            .map(|r| r.file_offset + r.len)
-            .max()
-            .unwrap_or(0);
-        let name = format!("the snapshot image {}", path.display());
-        ram.hold_backing(held, needed, name).with_context(|| {
-            format!(
-                "cannot restore from {}: it is locked by another process",
-                path.display()
-            )
-        })?;
-        crate::sigbus::explain_for(path);
-        ram
-    };
-    tracing::info!(
-        ms = t0.elapsed().as_secs_f64() * 1e3,
-        copy,
-        "snapshot opened"
-    );
-    Ok((ram, state))
 }
 
 pub(crate) struct Controller {

@@ -408,7 +408,8 @@ impl Controller {
             savevm::vmstate_source(d, &job.tag)
         })
         .expect("checked qcow2")?;
-        let (ram, state) = savevm::decode_vmstate(source)?;
+        let (ram, state) = crate::snapshot::restore::from_source(source)
+            .map_err(|e| format!("the VM state is not usable: {e}"))?;
         let loaded_clock = with_qcow2(&self.machine.bus().virtio[vm], |q| {
             q.snapshots()
                 .iter()

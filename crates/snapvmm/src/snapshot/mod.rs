@@ -2,4 +2,5 @@
 //! machine ([`migrate`]), internal snapshots in qcow2 disks ([`savevm`]).
 
 pub mod migrate;
+pub mod restore;
 pub mod savevm;

@@ -179,36 +179,6 @@ impl livesnap::Source for VmStateSource {
     }
 }
 
-/// Decodes a vmstate into guest RAM and machine state (RAM copied in).
-pub fn decode_vmstate(
-    source: Box<dyn livesnap::Source>,
-) -> Result<(vmm::memory::GuestRam, vmm::MachineState), String> {
-    let image = livesnap::Image::from_source(source)
-        .map_err(|e| format!("the VM state is not usable: {e}"))?;
-    let dev = image
-        .device_state()
-        .map_err(|e| format!("the VM state is not usable: {e}"))?;
-    let state = vmm::MachineState::from_bytes(&dev)
-        .map_err(|e| format!("the VM state is not usable: {e}"))?;
-    let layout = vmm::layout::ram_ranges(state.mem_bytes);
-    let ranges = image.ranges();
-    if layout.len() != ranges.len()
-        || layout
-            .iter()
-            .zip(ranges)
-            .any(|(l, r)| l.0 != r.gpa || l.1 != r.len)
-    {
-        return Err("the VM state's RAM layout does not match its machine".into());
-    }
-    let mut ram = vmm::memory::GuestRam::anonymous(state.mem_bytes).map_err(|e| e.to_string())?;
-    for i in 0..ranges.len() {
-        image
-            .read_ram_into_zeroed(i, ram.region_bytes_mut(i))
-            .map_err(|e| format!("cannot read RAM from the VM state: {e}"))?;
-    }
-    Ok((ram, state))
-}
-
 /// Maps a qcow2 error to a job error text.
 pub fn qerr(dev: &str, e: qcow2::Error) -> String {
     format!("Device '{dev}': {e}")
@@ -252,7 +222,8 @@ pub fn load_from_disks(
     let source = disk_image(&mut disks[vm])
         .map(|d| vmstate_source(d, tag))
         .expect("qcow2")?;
-    let (ram, state) = decode_vmstate(source)?;
+    let (ram, state) = super::restore::from_source(source)
+        .map_err(|e| format!("the VM state is not usable: {e}"))?;
     for i in holders {
         let id = disks[i].id.clone();
         if let Some(q) = disk_qcow2(&mut disks[i]) {

@@ -1,0 +1,233 @@
+//! One decode path for every restore: `--incoming file:`, `migrate-incoming`
+//! (a snapshot image file, RAM mapped lazily or copied) and `--loadvm`,
+//! `snapshot-load` (the same image format read from a qcow2 snapshot's VM
+//! state, RAM copied). Each checks the image, decodes the machine state and
+//! checks the RAM layout in the same order, with the same errors.
+
+use std::path::Path;
+use std::time::Instant;
+
+use livesnap::{Image, ImageBacking, SnapError};
+use vmm::memory::GuestRam;
+use vmm::snapshot::StateError;
+use vmm::MachineState;
+
+/// Why a snapshot cannot be restored (the image and machine are unchanged).
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    /// The image itself: missing, truncated, corrupt, of another format.
+    #[error(transparent)]
+    Image(#[from] SnapError),
+    /// The machine state inside it.
+    #[error(transparent)]
+    State(#[from] StateError),
+    /// RAM ranges that are not those of the machine the state describes.
+    #[error("its RAM layout does not match a {mib} MiB machine")]
+    Layout { mib: u64 },
+    /// Guest RAM could not be set up.
+    #[error("cannot set up guest RAM: {0}")]
+    Ram(String),
+    /// Guest RAM could not be read from the image.
+    #[error("cannot read RAM from it: {0}")]
+    ReadRam(SnapError),
+    /// A lazily restored image is in use by another process.
+    #[error("it is locked by another process: {0}")]
+    Locked(std::io::Error),
+}
+
+/// How guest RAM comes from a snapshot image file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RamMode {
+    /// Mapped from the image: pages are read when the guest touches them.
+    Lazy,
+    /// Read into fresh anonymous memory before the guest starts.
+    Copy,
+}
+
+/// Checks an opened image and decodes its machine state.
+pub fn decode<B: ImageBacking>(image: &Image<B>) -> Result<MachineState, RestoreError> {
+    let bytes = image.device_state()?;
+    let state = MachineState::from_bytes(&bytes)?;
+    let layout = vmm::layout::ram_ranges(state.mem_bytes);
+    let ranges = image.ranges();
+    let matches = layout.len() == ranges.len()
+        && layout
+            .iter()
+            .zip(ranges)
+            .all(|(l, r)| l.0 == r.gpa && l.1 == r.len);
+    if !matches {
+        return Err(RestoreError::Layout {
+            mib: state.mem_bytes >> 20,
+        });
+    }
+    Ok(state)
+}
+
+/// Guest RAM read from a decoded image into anonymous memory (the image's
+/// holes stay zero).
+pub fn copy_ram<B: ImageBacking>(
+    image: &Image<B>,
+    state: &MachineState,
+) -> Result<GuestRam, RestoreError> {
+    let mut ram =
+        GuestRam::anonymous(state.mem_bytes).map_err(|e| RestoreError::Ram(e.to_string()))?;
+    for i in 0..image.ranges().len() {
+        image
+            .read_ram_into_zeroed(i, ram.region_bytes_mut(i))
+            .map_err(RestoreError::ReadRam)?;
+    }
+    Ok(ram)
+}
+
+/// A snapshot image file: RAM mapped from it (lazy) or copied.
+pub fn from_file(path: &Path, mode: RamMode) -> Result<(GuestRam, MachineState), RestoreError> {
+    let t0 = Instant::now();
+    let image = Image::open(path)?;
+    let state = decode(&image)?;
+    let ram = match mode {
+        RamMode::Copy => copy_ram(&image, &state)?,
+        RamMode::Lazy => map_ram(&image, &state, path)?,
+    };
+    tracing::info!(
+        ms = t0.elapsed().as_secs_f64() * 1e3,
+        ?mode,
+        "snapshot opened"
+    );
+    Ok((ram, state))
+}
+
+/// A VM state stored elsewhere (a qcow2 snapshot's), read through `source`.
+pub fn from_source(
+    source: Box<dyn livesnap::Source>,
+) -> Result<(GuestRam, MachineState), RestoreError> {
+    let image = Image::from_source(source)?;
+    let state = decode(&image)?;
+    let ram = copy_ram(&image, &state)?;
+    Ok((ram, state))
+}
+
+fn map_ram(image: &Image, state: &MachineState, path: &Path) -> Result<GuestRam, RestoreError> {
+    use std::os::fd::AsFd;
+    let ranges = image.ranges();
+    let fd = image.file().as_fd();
+    let mut ram = GuestRam::from_file(state.mem_bytes, |i| {
+        Some(vmm::memory::FileBacking {
+            fd,
+            offset: ranges[i].file_offset,
+        })
+    })
+    .map_err(|e| RestoreError::Ram(e.to_string()))?;
+    // The image backs RAM from now on: lock it (shared) for as long as it does,
+    // and turn a SIGBUS (the file truncated under the VM) into a clear error.
+    let held = image
+        .file()
+        .try_clone()
+        .map_err(|e| RestoreError::Ram(e.to_string()))?;
+    let needed = ranges
+        .iter()
+        .map(|r| r.file_offset + r.len)
+        .max()
+        .unwrap_or(0);
+    let name = format!("the snapshot image {}", path.display());
+    ram.hold_backing(held, needed, name)
+        .map_err(RestoreError::Locked)?;
+    crate::sigbus::explain_for(path);
+    Ok(ram)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A snapshot image in memory: `ranges` of RAM and `state` as device state.
+    fn image(ranges: &[(u64, u64)], state: &[u8]) -> Image<Box<dyn livesnap::Source>> {
+        struct Sink(Vec<u8>);
+        impl livesnap::Sink for Sink {
+            fn write_at(&mut self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+                let end = offset as usize + buf.len();
+                if self.0.len() < end {
+                    self.0.resize(end, 0);
+                }
+                self.0[offset as usize..end].copy_from_slice(buf);
+                Ok(())
+            }
+            fn finish(&mut self, s: &livesnap::ImageSummary) -> std::io::Result<()> {
+                self.0.resize(s.image_len as usize, 0);
+                Ok(())
+            }
+            fn abort(&mut self) {}
+        }
+        // Page-aligned host memory for each range, filled with 7s.
+        let mem: Vec<Vec<u8>> = ranges
+            .iter()
+            .map(|r| vec![7u8; r.1 as usize + 4096])
+            .collect();
+        let rr: Vec<livesnap::RamRange> = ranges
+            .iter()
+            .zip(&mem)
+            .map(|(r, m)| livesnap::RamRange {
+                gpa: r.0,
+                host: m[m.as_ptr().align_offset(4096)..].as_ptr(),
+                len: r.1,
+            })
+            .collect();
+        let mut sink = Sink(Vec::new());
+        livesnap::capture_stopped_to(&rr, state, &mut sink).unwrap();
+        Image::from_source(Box::new(sink.0)).unwrap()
+    }
+
+    fn err<T>(r: Result<T, RestoreError>) -> RestoreError {
+        match r {
+            Err(e) => e,
+            Ok(_) => panic!("expected an error"),
+        }
+    }
+
+    #[test]
+    fn decode_errors_name_what_is_wrong() {
+        // Not a machine state at all.
+        let e = err(decode(&image(&[(0, 4096)], b"not json")));
+        assert!(
+            matches!(e, RestoreError::State(StateError::Decode(_))),
+            "{e}"
+        );
+        assert!(e.to_string().contains("not readable"), "{e}");
+        // A machine state of another version.
+        let e = err(decode(&image(&[(0, 4096)], br#"{"version": 999}"#)));
+        assert!(
+            matches!(
+                e,
+                RestoreError::State(StateError::Version { found: 999, .. })
+            ),
+            "{e}"
+        );
+        // An image that does not open.
+        let e = err(from_source(Box::new(vec![0u8; 100])));
+        assert!(matches!(e, RestoreError::Image(_)), "{e}");
+        let e = err(from_file(Path::new("/nonexistent/snap"), RamMode::Copy));
+        assert!(matches!(e, RestoreError::Image(_)), "{e}");
+    }
+
+    /// A real machine's state (32 MiB, 1 vCPU), as saved by snapvmm.
+    const STATE_32M: &[u8] = include_bytes!("../../../../fuzz/seeds/machine_state/1cpu");
+
+    #[test]
+    fn the_ram_layout_must_be_the_machines() {
+        let state = MachineState::from_bytes(STATE_32M).unwrap();
+        assert_eq!(state.mem_bytes, 32 << 20);
+        let e = err(decode(&image(&[(0, 4096)], STATE_32M)));
+        assert!(matches!(e, RestoreError::Layout { mib: 32 }), "{e}");
+        assert_eq!(
+            e.to_string(),
+            "its RAM layout does not match a 32 MiB machine"
+        );
+        // The right layout decodes, and its RAM is the image's.
+        let layout = vmm::layout::ram_ranges(32 << 20);
+        let img = image(&layout, STATE_32M);
+        let state = decode(&img).unwrap();
+        let ram = copy_ram(&img, &state).unwrap();
+        assert!(ram.regions().iter().all(|r| r.len > 0));
+        let mut ram = ram;
+        assert!(ram.region_bytes_mut(0).iter().all(|&b| b == 7));
+    }
+}
