@@ -4,7 +4,6 @@
 
 use std::io::{LineWriter, Write};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -19,8 +18,11 @@ mod bridge;
 mod snapjobs;
 
 use crate::cli::{RunConfig, SerialTarget};
-use crate::snapshot::migrate::{self as migration, Migration};
+use crate::snapshot::collapse::Collapse;
+use crate::snapshot::cut::{cut, Capture, Outcome};
+use crate::snapshot::migrate::{self as migration, Migration, Status};
 use crate::snapshot::restore;
+use crate::snapshot::{Busy, Cmd, Op};
 use bridge::{Bridge, Reply, Shared};
 
 /// Everything the controller reacts to.
@@ -40,12 +42,6 @@ pub enum AppEvent {
     /// Bytes typed on stdin for the serial console; the reply says how many the
     /// UART took (the console thread retries the rest).
     ConsoleInput(Vec<u8>, mpsc::Sender<usize>),
-}
-
-/// The background huge-page rebuild (see `vmm::memory::collapse_huge_pages`).
-struct Collapse {
-    stop: Arc<AtomicBool>,
-    thread: std::thread::JoinHandle<()>,
 }
 
 /// Environment variable naming the KVM device (tests point it elsewhere).
@@ -422,11 +418,7 @@ impl Controller {
                 );
                 self.migration.last_collapse = Some((st, took));
                 // Reap the thread if this message is its own (a stopped one was joined already).
-                if self
-                    .collapse
-                    .as_ref()
-                    .is_some_and(|c| c.thread.is_finished())
-                {
+                if self.collapse.as_ref().is_some_and(Collapse::is_finished) {
                     self.stop_collapse();
                 }
             }
@@ -437,11 +429,7 @@ impl Controller {
     /// `migrate file:PATH`: see migration.rs for the two methods.
     fn migrate(&mut self, uri: &str) -> Result<(), CommandError> {
         let dest = migration::parse_uri(uri)?;
-        if self.migration.active() {
-            return Err(CommandError::generic(
-                "There's a migration process in progress",
-            ));
-        }
+        self.check(Cmd::Migrate)?;
         if !matches!(
             self.status(),
             RunState::Running | RunState::Paused | RunState::Postmigrate
@@ -454,119 +442,76 @@ impl Controller {
         // A huge-page rebuild still running would only slow the fork: end it.
         self.stop_collapse();
         let t0 = Instant::now();
-        let was_running = self.machine.is_running();
-        self.migration.new_job(self.machine.ram().size());
-        self.migration_event("setup");
+        self.migration
+            .new_job(self.machine.ram().size(), &self.events)
+            .map_err(|e| CommandError::generic(e.to_string()))?;
         // Everything that can be done with the guest running is done here:
         // an unusable destination fails now, without pausing the guest.
-        let prepared = match self.migration.effective_method() {
+        let capture = match self.migration.effective_method() {
             migration::Method::Fork => {
                 let tx = self.tx.clone();
                 let done = move || {
                     let _ = tx.send(AppEvent::CaptureDone);
                 };
                 match migration::prepare_fork(&self.machine, &dest, done) {
-                    Ok(p) => Some(p),
+                    Ok(p) => Capture::Fork(p),
                     Err(e) => return Err(self.fail_migration(e.to_string())),
                 }
             }
-            migration::Method::Stop => None,
+            migration::Method::Stop => Capture::Stop,
         };
-        let t_pause = Instant::now();
-        let vcpu_pause = if was_running {
-            match self.pause() {
-                Ok(d) => d,
-                Err(e) => {
-                    // Some vCPU did not stop in time: let the others run again.
-                    self.machine.resume();
-                    return Err(self.fail_migration(e.desc));
-                }
-            }
-        } else {
-            Duration::ZERO
-        };
-        let resume = |c: &mut Controller| {
-            if was_running {
-                c.machine.resume();
-            }
-        };
-        // Every vCPU thread saves its own registers (in parallel).
-        let t_state = Instant::now();
-        let pending = match self.machine.begin_save_state() {
-            Ok(p) => p,
-            Err(e) => {
-                resume(self);
-                return Err(self.fail_migration(format!("cannot save machine state: {e}")));
-            }
-        };
-        let job = self.migration.job.as_mut().expect("job just created");
-        job.vcpu_pause = vcpu_pause;
-        job.setup_time = t0.elapsed();
-        let Some(prepared) = prepared else {
-            // Stop-and-copy: the guest stays stopped; no hurry.
-            let state = match self.machine.finish_save_state(pending) {
-                Ok(s) => s.to_bytes(),
-                Err(e) => {
-                    resume(self);
-                    return Err(self.fail_migration(format!("cannot save machine state: {e}")));
-                }
-            };
-            let job = self.migration.job.as_mut().expect("job");
-            job.state_time = t_state.elapsed();
-            job.resume_after = job.resume_after && was_running;
-            job.status = migration::Status::Active;
-            if was_running {
-                self.set_status(RunState::Paused);
-                self.emit("STOP", None);
-            }
-            self.migration_event("active");
-            let tx = self.tx.clone();
-            let done = move |r| {
-                let _ = tx.send(AppEvent::StopCopyDone(r));
-            };
-            let t = migration::start_stop_copy(&self.machine, state, dest, done);
-            if let Some(j) = self.migration.job.as_mut() {
-                j.stop_thread = Some(t);
-            }
-            return Ok(());
-        };
-        // Registers first, then the fork: the two in parallel were slower
-        // (the fork holds the memory map's lock that the vCPU ioctls wait on).
-        let state = self.machine.finish_save_state(pending);
-        let state_time = t_state.elapsed();
-        let started = prepared.start_deferred();
-        resume(self);
-        let downtime = t_pause.elapsed();
-        let job = self.migration.job.as_mut().expect("job");
-        job.downtime = downtime;
-        job.state_time = state_time;
-        let (capture, sender) = match started {
-            Ok(x) => x,
+        let setup_time = t0.elapsed();
+        let c = match cut(&mut self.machine, capture, |_| Ok(())) {
+            Ok(c) => c,
             Err(e) => return Err(self.fail_migration(e.to_string())),
         };
-        job.fork_time = capture.pause_time();
-        job.capture = Some(capture);
-        job.status = migration::Status::Active;
-        // Serialized with the guest running again.
-        match state {
-            Ok(s) => sender.send(s.to_bytes()),
-            Err(e) => sender.fail(format!("cannot save machine state: {e}")),
+        let job = self.migration.job.as_mut().expect("job just created");
+        job.setup_time = setup_time;
+        job.vcpu_pause = c.times.vcpu_pause;
+        job.state_time = c.times.state;
+        job.downtime = c.times.downtime;
+        job.fork_time = c.times.fork;
+        match c.outcome {
+            Outcome::Stopped { state } => {
+                // Stop-and-copy: the guest stays stopped; no hurry.
+                job.resume_after = job.resume_after && c.was_running;
+                if c.was_running {
+                    self.set_status(RunState::Paused);
+                    self.emit("STOP", None);
+                }
+                let _ = self.migration.set_status(Status::Active, &self.events);
+                let tx = self.tx.clone();
+                let done = move |r| {
+                    let _ = tx.send(AppEvent::StopCopyDone(r));
+                };
+                let t = migration::start_stop_copy(&self.machine, state.to_bytes(), dest, done);
+                if let Some(j) = self.migration.job.as_mut() {
+                    j.stop_thread = Some(t);
+                }
+            }
+            Outcome::Forked {
+                capture,
+                sender,
+                state,
+            } => {
+                job.capture = Some(capture);
+                // Serialized with the guest running again.
+                match state {
+                    Ok(s) => sender.send(s.to_bytes()),
+                    Err(e) => sender.fail(format!("cannot save machine state: {e}")),
+                }
+                tracing::debug!(
+                    downtime_us = c.times.downtime.as_micros() as u64,
+                    "live snapshot started"
+                );
+                let _ = self.migration.set_status(Status::Active, &self.events);
+            }
         }
-        tracing::debug!(
-            downtime_us = downtime.as_micros() as u64,
-            "live snapshot started"
-        );
-        self.migration_event("active");
         Ok(())
     }
 
     fn fail_migration(&mut self, why: String) -> CommandError {
-        if let Some(j) = self.migration.job.as_mut() {
-            j.status = migration::Status::Failed;
-            j.error = Some(why.clone());
-        }
-        self.migration_event("failed");
-        CommandError::generic(why)
+        self.migration.fail(why, &self.events)
     }
 
     fn capture_done(&mut self) {
@@ -579,23 +524,18 @@ impl Controller {
         let status = capture.status();
         let result = capture.wait();
         job.total_time = Some(job.started_elapsed());
-        let name = match (status, result) {
+        let end = match (status, result) {
             (_, Ok(stats)) => {
                 job.stats = Some(stats);
-                job.status = migration::Status::Completed;
-                "completed"
+                Status::Completed
             }
-            (livesnap::CaptureStatus::Cancelled, _) => {
-                job.status = migration::Status::Cancelled;
-                "cancelled"
-            }
+            (livesnap::CaptureStatus::Cancelled, _) => Status::Cancelled,
             (_, Err(e)) => {
-                job.status = migration::Status::Failed;
                 job.error = Some(e.to_string());
-                "failed"
+                Status::Failed
             }
         };
-        self.migration_event(name);
+        let _ = self.migration.set_status(end, &self.events);
         if self.migration.collapse {
             self.start_collapse();
         }
@@ -605,18 +545,12 @@ impl Controller {
     /// background, so the next fork is as cheap as the first.
     pub(crate) fn start_collapse(&mut self) {
         self.stop_collapse();
-        let spans = self.machine.ram().spans();
-        let stop = Arc::new(AtomicBool::new(false));
-        let (flag, tx) = (stop.clone(), self.tx.clone());
-        let spawned = std::thread::Builder::new()
-            .name("thp-collapse".into())
-            .spawn(move || {
-                let t0 = Instant::now();
-                let st = vmm::memory::collapse_huge_pages(&spans, &flag);
-                let _ = tx.send(AppEvent::CollapseDone(st, t0.elapsed()));
-            });
-        match spawned {
-            Ok(thread) => self.collapse = Some(Collapse { stop, thread }),
+        let tx = self.tx.clone();
+        let done = move |st, took| {
+            let _ = tx.send(AppEvent::CollapseDone(st, took));
+        };
+        match Collapse::start(self.machine.ram().spans(), done) {
+            Ok(c) => self.collapse = Some(c),
             Err(e) => tracing::warn!("cannot start the huge-page rebuild: {e}"),
         }
     }
@@ -657,8 +591,7 @@ impl Controller {
     /// Ends a running huge-page rebuild (before a fork, a reset or exit).
     pub(crate) fn stop_collapse(&mut self) {
         if let Some(c) = self.collapse.take() {
-            c.stop.store(true, Ordering::Relaxed);
-            let _ = c.thread.join();
+            c.stop();
         }
     }
 
@@ -672,16 +605,14 @@ impl Controller {
         let total = job.started_elapsed();
         job.total_time = Some(total);
         let resume = job.resume_after;
-        let name = match r {
+        let end = match r {
             Ok(stats) => {
                 job.stats = Some(stats);
-                job.status = migration::Status::Completed;
-                "completed"
+                Status::Completed
             }
             Err(e) => {
-                job.status = migration::Status::Failed;
                 job.error = Some(e);
-                "failed"
+                Status::Failed
             }
         };
         if resume {
@@ -689,20 +620,32 @@ impl Controller {
             self.machine.resume();
             self.set_status(RunState::Running);
             self.emit("RESUME", None);
-        } else if name == "completed" {
+        } else if end == Status::Completed {
             job.downtime = total;
             self.set_status(RunState::Postmigrate);
         } else {
             // A failed stop-and-copy leaves the VM as it was before: paused.
             job.downtime = total;
         }
-        self.migration_event(name);
+        let _ = self.migration.set_status(end, &self.events);
     }
 
-    fn migration_event(&self, status: &str) {
-        if self.migration.events {
-            self.emit("MIGRATION", Some(json!({"status": status})));
+    /// The snapshot operation under way.
+    pub(crate) fn op(&self) -> Op {
+        if self.pending_save.is_some() {
+            Op::SaveVm
+        } else if self.migration.active_stop_copy() {
+            Op::StopCopy
+        } else if self.migration.active() {
+            Op::Migrate
+        } else {
+            Op::Idle
         }
+    }
+
+    /// Whether `cmd` may run now ([`crate::snapshot::check`]).
+    pub(crate) fn check(&self, cmd: Cmd) -> Result<(), Busy> {
+        crate::snapshot::check(self.op(), cmd)
     }
 
     fn qmp(&mut self, req: qmp::Request) -> Result<Value, CommandError> {
@@ -717,11 +660,7 @@ impl Controller {
             }
             Cont => {
                 // A fork capture does not need the guest stopped; a stop-and-copy does.
-                if self.migration.active_stop_copy() {
-                    return Err(CommandError::generic(
-                        "There's a migration process in progress",
-                    ));
-                }
+                self.check(Cmd::Cont)?;
                 if self.status() == RunState::Shutdown {
                     return Err(CommandError::generic(
                         "Resetting the Virtual Machine is required",
@@ -733,14 +672,11 @@ impl Controller {
                     self.emit("RESUME", None);
                 }
             }
-            SystemReset if self.migration.active() || self.pending_save.is_some() => {
-                return Err(CommandError::generic(
-                    "There's a migration process in progress",
-                ))
+            SystemReset => {
+                self.check(Cmd::SystemReset)?;
+                self.reset(false, "host-qmp-system-reset")
+                    .map_err(|e| CommandError::generic(format!("{e:#}")))?
             }
-            SystemReset => self
-                .reset(false, "host-qmp-system-reset")
-                .map_err(|e| CommandError::generic(format!("{e:#}")))?,
             SystemPowerdown => {
                 // The ACPI power button: a guest with ACPI shuts down (S5 through the
                 // sleep control register ends the VM); one without ignores it, as in QEMU.
@@ -749,12 +685,7 @@ impl Controller {
                     .map_err(|e| CommandError::generic(e.to_string()))?;
                 self.emit("POWERDOWN", None);
             }
-            Migrate(uri) => {
-                if self.pending_save.is_some() {
-                    return Err(crate::snapshot::savevm::busy());
-                }
-                self.migrate(&uri)?
-            }
+            Migrate(uri) => self.migrate(&uri)?,
             SnapshotSave(job) => self.snapshot_save(job, None)?,
             SnapshotLoad(job) => self.snapshot_load(job)?,
             SnapshotDelete(job) => self.snapshot_delete(job)?,
@@ -775,16 +706,19 @@ impl Controller {
             MigrateCancel => {
                 if let Some(c) = self.migration.job.as_ref().and_then(|j| j.capture.as_ref()) {
                     c.cancel();
-                    if let Some(j) = self.migration.job.as_mut() {
-                        j.status = migration::Status::Cancelling;
-                    }
-                    self.migration_event("cancelling");
+                    let _ = self.migration.set_status(Status::Cancelling, &self.events);
                 }
             }
             QueryMigrate => return Ok(self.migration.query()),
-            MigrateSetCapabilities(caps) => self.migration.set_capabilities(&caps)?,
+            MigrateSetCapabilities(caps) => {
+                self.check(Cmd::MigrateSetCapabilities)?;
+                self.migration.set_capabilities(&caps)?
+            }
             QueryMigrateCapabilities => return Ok(self.migration.query_capabilities()),
-            MigrateSetParameters(p) => self.migration.set_parameters(&p)?,
+            MigrateSetParameters(p) => {
+                self.check(Cmd::MigrateSetParameters)?;
+                self.migration.set_parameters(&p)?
+            }
             QueryMigrateParameters => return Ok(self.migration.query_parameters()),
             r @ JobFinalize(_) => return Err(r.unsupported()),
             Quit => {

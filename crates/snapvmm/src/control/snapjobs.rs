@@ -12,7 +12,9 @@ use serde_json::{json, Value};
 use super::bridge::Reply;
 use super::{AppEvent, Controller};
 use crate::jobs::{Kind, Status};
+use crate::snapshot::cut::{cut, Capture, Cut, Outcome};
 use crate::snapshot::savevm::{self, with_qcow2};
+use crate::snapshot::Cmd;
 
 /// A live save between the cut and the commit.
 pub struct PendingSave {
@@ -107,13 +109,6 @@ impl Controller {
         Ok((devices, vm.expect("vmstate resolved"), holders))
     }
 
-    fn snapshot_busy(&self) -> Option<String> {
-        if self.migration.active() || self.pending_save.is_some() {
-            return Some("There's a migration process in progress".into());
-        }
-        None
-    }
-
     /// `snapshot-save`: the cut happens here; the commit in [`Self::save_done`].
     pub fn snapshot_save(
         &mut self,
@@ -132,9 +127,7 @@ impl Controller {
     }
 
     fn begin_save(&mut self, job: &SnapshotJob, _hmp: bool) -> Result<(), String> {
-        if let Some(why) = self.snapshot_busy() {
-            return Err(why);
-        }
+        self.check(Cmd::SnapshotSave).map_err(|e| e.to_string())?;
         if !matches!(
             self.status(),
             RunState::Running | RunState::Paused | RunState::Postmigrate
@@ -173,67 +166,50 @@ impl Controller {
         )
         .map_err(|e| e.to_string())?;
 
-        // The cut.
+        // The cut; the disks are frozen while the vCPU threads save their registers.
         let t_pause = Instant::now();
-        let was_running = self.machine.is_running();
-        if was_running {
-            if let Err(e) = self.machine.pause() {
-                // Some vCPU did not stop in time: let the others run again.
-                self.machine.resume();
-                return Err(e.to_string());
-            }
-        }
-        let resume = |c: &mut Controller| {
-            if was_running {
-                c.machine.resume();
-            }
-        };
-        // The vCPU threads save their registers while this thread freezes the
-        // disks (no memory-map lock involved); the fork comes after both.
-        let pending = match self.machine.begin_save_state() {
-            Ok(p) => p,
-            Err(e) => {
-                resume(self);
-                return Err(format!("cannot save machine state: {e}"));
-            }
-        };
         let mut frozen = Vec::new();
-        let mut failed = None;
-        for &i in &devices {
-            let r = with_qcow2(&self.machine.bus().virtio[i], |q| q.freeze(&job.tag))
-                .expect("checked qcow2");
-            match r {
-                Ok(f) if i == vm => {
-                    *vm_frozen.lock().unwrap_or_else(|e| e.into_inner()) = Some(f);
-                }
-                Ok(f) => frozen.push((i, f)),
-                Err(e) => {
-                    failed = Some(savevm::qerr(&ids[i], e));
-                    break;
+        let freeze = |m: &vmm::Machine| {
+            for &i in &devices {
+                let r =
+                    with_qcow2(&m.bus().virtio[i], |q| q.freeze(&job.tag)).expect("checked qcow2");
+                match r {
+                    Ok(f) if i == vm => {
+                        *vm_frozen.lock().unwrap_or_else(|e| e.into_inner()) = Some(f);
+                    }
+                    Ok(f) => frozen.push((i, f)),
+                    Err(e) => return Err(savevm::qerr(&ids[i], e)),
                 }
             }
-        }
-        let state = self.machine.finish_save_state(pending);
-        let started = match failed {
-            Some(why) => Err(why),
-            None => prepared.start_deferred().map_err(|e| e.to_string()),
+            Ok(())
         };
-        resume(self);
+        let c = cut(&mut self.machine, Capture::Fork(prepared), freeze);
         let pause = t_pause.elapsed();
-        let capture = match (started, state) {
-            (Ok((c, sender)), Ok(state)) => {
-                // Serialized with the guest running again.
-                sender.send(state.to_bytes());
-                c
+        let capture = match c {
+            Ok(Cut {
+                outcome:
+                    Outcome::Forked {
+                        capture,
+                        sender,
+                        state,
+                    },
+                ..
+            }) => {
+                // Serialized with the guest running again; a failed state fails
+                // the capture, and save_done aborts the frozen disks.
+                match state {
+                    Ok(state) => sender.send(state.to_bytes()),
+                    Err(e) => sender.fail(format!("cannot save machine state: {e}")),
+                }
+                capture
             }
-            (Ok((c, sender)), Err(e)) => {
-                // The capture ends failed; save_done aborts the frozen disks.
-                sender.fail(format!("cannot save machine state: {e}"));
-                c
-            }
-            (Err(why), _) => {
+            Ok(Cut {
+                outcome: Outcome::Stopped { .. },
+                ..
+            }) => unreachable!("a fork cut never stops"),
+            Err(e) => {
                 self.abort_frozen(frozen, &vm_frozen, vm);
-                return Err(why);
+                return Err(e.to_string());
             }
         };
         tracing::debug!(pause_us = pause.as_micros() as u64, "savevm cut");
@@ -392,9 +368,7 @@ impl Controller {
     }
 
     fn load(&mut self, job: &SnapshotJob) -> Result<(), String> {
-        if let Some(why) = self.snapshot_busy() {
-            return Err(why);
-        }
+        self.check(Cmd::SnapshotLoad).map_err(|e| e.to_string())?;
         let ids = self.disk_ids();
         let (devices, vm, holders) = self.resolve_job(job)?;
         if holders != devices.len() {
@@ -501,9 +475,7 @@ impl Controller {
     }
 
     fn delete(&mut self, tag: &str, devices: &[String]) -> Result<(), String> {
-        if self.pending_save.is_some() {
-            return Err("There's a migration process in progress".into());
-        }
+        self.check(Cmd::SnapshotDelete).map_err(|e| e.to_string())?;
         let ids = self.disk_ids();
         let (devices, _) = savevm::resolve(&ids, devices, None, |i| self.is_qcow2(i))?;
         let mut found = false;

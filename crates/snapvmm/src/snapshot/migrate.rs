@@ -16,6 +16,8 @@ use livesnap::{Capture, CaptureStats, ForkOptions, RamRange};
 use qmp::CommandError;
 use serde_json::{json, Value};
 
+use super::Events;
+
 /// How RAM is captured.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Method {
@@ -58,7 +60,8 @@ impl Status {
 
 /// One outgoing snapshot, active or finished.
 pub struct Job {
-    pub status: Status,
+    /// Changed only by [`Migration::set_status`].
+    status: Status,
     pub method: Method,
     /// The VM resumes after a stop-and-copy (background-snapshot with method stop).
     pub resume_after: bool,
@@ -126,6 +129,33 @@ impl Job {
     pub fn started_elapsed(&self) -> Duration {
         self.started.elapsed()
     }
+
+    pub fn status(&self) -> Status {
+        self.status
+    }
+}
+
+/// A status change the state machine does not allow (a bug in the caller).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("migration status cannot go from {} to {}", from.map_or("none", Status::name), to.name())]
+pub struct IllegalTransition {
+    pub from: Option<Status>,
+    pub to: Status,
+}
+
+/// QEMU's MigrationStatus transitions, as far as snapvmm goes: a new job from
+/// nothing or a finished one; setup → active → completed / failed; cancel
+/// from setup or active, ending cancelled (or completed / failed when the
+/// capture ended first).
+pub fn legal(from: Option<Status>, to: Status) -> bool {
+    use Status::*;
+    matches!(
+        (from, to),
+        (None | Some(Completed | Failed | Cancelled), Setup)
+            | (Some(Setup), Active | Failed | Cancelling)
+            | (Some(Active), Completed | Failed | Cancelling)
+            | (Some(Cancelling), Cancelled | Completed | Failed)
+    )
 }
 
 impl Migration {
@@ -152,7 +182,48 @@ impl Migration {
         }
     }
 
-    pub fn new_job(&mut self, ram_total: u64) -> &mut Job {
+    /// The one place the status changes: checks the transition and emits
+    /// `MIGRATION` (with the `events` capability), as QEMU's
+    /// `migrate_set_state`. An illegal transition changes nothing.
+    pub fn set_status(&mut self, to: Status, ev: &dyn Events) -> Result<(), IllegalTransition> {
+        let from = self.job.as_ref().map(|j| j.status);
+        // A new job starts with `new_job` (which also resets its figures).
+        if to == Status::Setup || !legal(from, to) {
+            let e = IllegalTransition { from, to };
+            tracing::error!("internal error: {e}");
+            return Err(e);
+        }
+        if let Some(j) = self.job.as_mut() {
+            j.status = to;
+        }
+        if self.events {
+            ev.emit("MIGRATION", Some(json!({"status": to.name()})));
+        }
+        Ok(())
+    }
+
+    /// Ends the job failed with `why` (its `error-desc`); returns the command error.
+    pub fn fail(&mut self, why: String, ev: &dyn Events) -> CommandError {
+        if let Some(j) = self.job.as_mut() {
+            j.error = Some(why.clone());
+        }
+        let _ = self.set_status(Status::Failed, ev);
+        CommandError::generic(why)
+    }
+
+    /// Starts a job in `setup` (the previous one must have ended).
+    pub fn new_job(
+        &mut self,
+        ram_total: u64,
+        ev: &dyn Events,
+    ) -> Result<&mut Job, IllegalTransition> {
+        let from = self.job.as_ref().map(|j| j.status);
+        if !legal(from, Status::Setup) {
+            return Err(IllegalTransition {
+                from,
+                to: Status::Setup,
+            });
+        }
         let method = self.effective_method();
         self.job = Some(Job {
             status: Status::Setup,
@@ -171,7 +242,10 @@ impl Migration {
             stats: None,
             error: None,
         });
-        self.job.as_mut().unwrap()
+        if self.events {
+            ev.emit("MIGRATION", Some(json!({"status": Status::Setup.name()})));
+        }
+        Ok(self.job.as_mut().expect("job just created"))
     }
 
     /// `query-migrate`.
@@ -251,12 +325,8 @@ impl Migration {
         Value::Array(caps)
     }
 
+    /// `migrate-set-capabilities` (the caller checked that no migration runs).
     pub fn set_capabilities(&mut self, caps: &[(String, bool)]) -> Result<(), CommandError> {
-        if self.active() {
-            return Err(CommandError::generic(
-                "There's a migration process in progress",
-            ));
-        }
         for (name, state) in caps {
             match name.as_str() {
                 "background-snapshot" => {}
@@ -292,16 +362,12 @@ impl Migration {
         })
     }
 
-    /// `migrate-set-parameters` (the schema was checked by the QMP layer); all or nothing.
+    /// `migrate-set-parameters` (the schema was checked by the QMP layer; the
+    /// caller checked that no migration runs); all or nothing.
     pub fn set_parameters(
         &mut self,
         p: &serde_json::Map<String, Value>,
     ) -> Result<(), CommandError> {
-        if self.active() {
-            return Err(CommandError::generic(
-                "There's a migration process in progress",
-            ));
-        }
         let method = match p.get("x-snapshot-method").and_then(Value::as_str) {
             Some(m) => Self::parse_method(m)?,
             None => self.method,
@@ -391,4 +457,151 @@ pub fn start_stop_copy(
     std::thread::spawn(move || {
         done(livesnap::capture_stopped(&ranges, &state, &dest).map_err(|e| e.to_string()));
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::cell::RefCell;
+
+    use super::*;
+
+    /// Records the events the state machine emits.
+    #[derive(Default)]
+    struct Recorder(RefCell<Vec<String>>);
+
+    impl Events for Recorder {
+        fn emit(&self, name: &str, data: Option<Value>) {
+            let status = data
+                .as_ref()
+                .and_then(|d| d["status"].as_str())
+                .unwrap_or("");
+            self.0.borrow_mut().push(format!("{name} {status}"));
+        }
+    }
+
+    impl Recorder {
+        fn take(&self) -> Vec<String> {
+            std::mem::take(&mut self.0.borrow_mut())
+        }
+    }
+
+    fn with_events() -> Migration {
+        let mut m = Migration::default();
+        m.set_capabilities(&[("events".into(), true)]).unwrap();
+        m
+    }
+
+    #[test]
+    fn a_job_goes_setup_active_completed_with_one_event_each() {
+        let ev = Recorder::default();
+        let mut m = with_events();
+        assert!(!m.active());
+        m.new_job(1 << 20, &ev).unwrap();
+        assert!(m.active());
+        m.set_status(Status::Active, &ev).unwrap();
+        m.set_status(Status::Completed, &ev).unwrap();
+        assert!(!m.active());
+        assert_eq!(
+            ev.take(),
+            ["MIGRATION setup", "MIGRATION active", "MIGRATION completed"]
+        );
+        assert_eq!(m.query()["status"], "completed");
+        // The next job may start.
+        m.new_job(1 << 20, &ev).unwrap();
+        assert_eq!(ev.take(), ["MIGRATION setup"]);
+    }
+
+    #[test]
+    fn illegal_transitions_change_nothing_and_emit_nothing() {
+        use Status::*;
+        let all = [Setup, Active, Completed, Failed, Cancelling, Cancelled];
+        let ev = Recorder::default();
+        // Every pair: legal ones take effect with their event, others do not.
+        for from in all {
+            for to in all {
+                let mut m = with_events();
+                m.new_job(4096, &ev).unwrap();
+                // Reach `from` by a legal path.
+                let path: &[Status] = match from {
+                    Setup => &[],
+                    Active => &[Active],
+                    Completed => &[Active, Completed],
+                    Failed => &[Failed],
+                    Cancelling => &[Cancelling],
+                    Cancelled => &[Cancelling, Cancelled],
+                };
+                for &s in path {
+                    m.set_status(s, &ev).unwrap();
+                }
+                ev.take();
+                let r = m.set_status(to, &ev);
+                let expect = legal(Some(from), to) && to != Setup;
+                assert_eq!(r.is_ok(), expect, "{from:?} -> {to:?}");
+                let now = m.job.as_ref().unwrap().status();
+                if expect {
+                    assert_eq!(now, to);
+                    assert_eq!(ev.take(), [format!("MIGRATION {}", to.name())]);
+                } else {
+                    assert_eq!(now, from, "{from:?} -> {to:?} changed the status");
+                    assert!(ev.take().is_empty());
+                    assert_eq!(
+                        r.unwrap_err(),
+                        IllegalTransition {
+                            from: Some(from),
+                            to
+                        }
+                    );
+                }
+            }
+        }
+        // A second job while one runs is refused; a status without a job too.
+        let mut m = with_events();
+        assert!(m.set_status(Active, &ev).is_err());
+        m.new_job(4096, &ev).unwrap();
+        assert!(m.new_job(4096, &ev).is_err());
+        m.set_status(Active, &ev).unwrap();
+        assert!(m.new_job(4096, &ev).is_err());
+        assert!(legal(Some(Completed), Setup) && legal(Some(Failed), Setup));
+        assert!(!legal(Some(Completed), Active) && !legal(Some(Setup), Completed));
+    }
+
+    #[test]
+    fn without_the_events_capability_nothing_is_emitted() {
+        let ev = Recorder::default();
+        let mut m = Migration::default();
+        m.new_job(4096, &ev).unwrap();
+        let e = m.fail("disk full".into(), &ev);
+        assert_eq!(e.desc, "disk full");
+        assert!(ev.take().is_empty());
+        assert_eq!(m.query()["status"], "failed");
+        assert_eq!(m.query()["error-desc"], "disk full");
+    }
+
+    #[test]
+    fn settings_and_uris() {
+        let mut m = Migration::default();
+        assert_eq!(
+            m.effective_method(),
+            Method::Stop,
+            "no background-snapshot: QEMU's stop"
+        );
+        m.set_capabilities(&[("background-snapshot".into(), true)])
+            .unwrap();
+        assert_eq!(m.effective_method(), Method::Fork);
+        assert!(m
+            .set_capabilities(&[("postcopy-ram".into(), true)])
+            .is_err());
+        assert!(m.set_capabilities(&[("no-such".into(), false)]).is_err());
+        let mut p = serde_json::Map::new();
+        p.insert("x-snapshot-method".into(), json!("stop"));
+        m.set_parameters(&p).unwrap();
+        assert_eq!(m.effective_method(), Method::Stop);
+        p.insert("x-snapshot-method".into(), json!("teleport"));
+        assert!(m.set_parameters(&p).is_err());
+        assert_eq!(m.effective_method(), Method::Stop, "all or nothing");
+        assert_eq!(parse_uri("file:/x").unwrap(), PathBuf::from("/x"));
+        assert!(parse_uri("tcp:1.2.3.4:5").is_err());
+        assert!(parse_uri("file:/x,offset=4").is_err());
+        assert!(parse_uri("file:").is_err());
+    }
 }

@@ -12,7 +12,6 @@ use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use qmp::CommandError;
 use vmm::devices::virtio::VirtioBlk;
 use vmm::devices::PioBus;
 
@@ -182,11 +181,6 @@ impl livesnap::Source for VmStateSource {
 /// Maps a qcow2 error to a job error text.
 pub fn qerr(dev: &str, e: qcow2::Error) -> String {
     format!("Device '{dev}': {e}")
-}
-
-/// Errors of a command that cannot even start a job.
-pub fn busy() -> CommandError {
-    CommandError::generic("There's a migration process in progress")
 }
 
 /// `--loadvm TAG`: reverts every qcow2 disk holding TAG and decodes the VM
