@@ -33,9 +33,6 @@ impl BlockBackend for MemDisk {
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
     }
-    fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
-        self
-    }
 }
 
 fn w32(d: &mut VirtioBlk, mem: &GuestMemoryMmap, off: u64, v: u32) {

@@ -1,11 +1,11 @@
 //! Disks: `--disk` parsing and the block backends the virtio-blk device uses
 //! (a raw file, or a qcow2 image through the qcow2 crate).
 
-use std::any::Any;
 use std::fs::OpenOptions;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use anyhow::{bail, Context, Result};
 use vmm::devices::virtio::{BlockBackend, RawFile};
@@ -87,16 +87,25 @@ pub fn probe(path: &Path) -> Result<Format> {
     })
 }
 
-/// A qcow2 image as a block device.
-pub struct Qcow2Disk {
-    pub image: qcow2::Qcow2,
+/// A qcow2 image, shared by its virtio-blk device (guest I/O, through
+/// [`Qcow2Backend`]) and the snapshot layer, which reaches it by disk id
+/// through [`Disks`]. Lock order: the device's lock, then the image's; the
+/// snapshot layer takes only the image's.
+#[derive(Clone)]
+pub struct Qcow2Handle {
+    image: Arc<Mutex<qcow2::Qcow2>>,
     /// Held for the image's lifetime: another snapvmm cannot open it for writing.
-    lock: std::fs::File,
+    lock: Arc<std::fs::File>,
     /// Where relative backing file names are resolved (the image's directory).
     dir: Option<std::path::PathBuf>,
 }
 
-impl Qcow2Disk {
+impl Qcow2Handle {
+    /// Runs `f` on the image (under its lock).
+    pub fn with<R>(&self, f: impl FnOnce(&mut qcow2::Qcow2) -> R) -> R {
+        f(&mut self.image.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
     /// A second, read-only handle on the same open file (for reading a snapshot's
     /// VM state piece by piece while this one stays attached).
     pub fn reader(&self) -> Result<qcow2::Qcow2, qcow2::Error> {
@@ -106,6 +115,55 @@ impl Qcow2Disk {
             false,
             self.dir.as_deref(),
         )
+    }
+}
+
+/// One attached disk as the snapshot layer sees it.
+#[derive(Clone)]
+pub struct DiskEntry {
+    pub id: String,
+    pub readonly: bool,
+    /// The image, for a qcow2 disk (the only kind with internal snapshots).
+    pub qcow2: Option<Qcow2Handle>,
+}
+
+/// The VM's disks, in device order, found by id.
+#[derive(Clone, Default)]
+pub struct Disks(Vec<DiskEntry>);
+
+impl Disks {
+    pub fn ids(&self) -> Vec<String> {
+        self.0.iter().map(|d| d.id.clone()).collect()
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Position of disk `id` in device order.
+    pub fn index(&self, id: &str) -> Option<usize> {
+        self.0.iter().position(|d| d.id == id)
+    }
+
+    pub fn get(&self, i: usize) -> Option<&DiskEntry> {
+        self.0.get(i)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &DiskEntry> {
+        self.0.iter()
+    }
+
+    /// Runs `f` on disk `i`'s qcow2 image; None for a raw disk.
+    pub fn with_qcow2<R>(&self, i: usize, f: impl FnOnce(&mut qcow2::Qcow2) -> R) -> Option<R> {
+        self.0.get(i)?.qcow2.as_ref().map(|h| h.with(f))
+    }
+
+    pub fn is_qcow2(&self, i: usize) -> bool {
+        self.0.get(i).is_some_and(|d| d.qcow2.is_some())
     }
 }
 
@@ -131,31 +189,35 @@ pub fn heal(q: &mut qcow2::Qcow2) {
     }
 }
 
-impl BlockBackend for Qcow2Disk {
+/// The block backend of a qcow2 disk: guest I/O on the shared image.
+struct Qcow2Backend(Qcow2Handle);
+
+impl BlockBackend for Qcow2Backend {
     fn size(&self) -> u64 {
-        self.image.size()
+        self.0.with(|q| q.size())
     }
     fn read_at(&mut self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        self.image.read_at(buf, offset).map_err(io_err)
+        self.0.with(|q| q.read_at(buf, offset)).map_err(io_err)
     }
     fn write_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()> {
-        // A handle an earlier failure left unusable (e.g. a failed save) first
-        // reloads its metadata: the guest's write should not inherit that error.
-        heal(&mut self.image);
-        self.image.write_at(buf, offset).map_err(|e| {
-            heal(&mut self.image);
-            io_err(e)
+        self.0.with(|q| {
+            // A handle an earlier failure left unusable (e.g. a failed save) first
+            // reloads its metadata: the guest's write should not inherit that error.
+            heal(q);
+            q.write_at(buf, offset).map_err(|e| {
+                heal(q);
+                io_err(e)
+            })
         })
     }
     fn flush(&mut self) -> io::Result<()> {
-        heal(&mut self.image);
-        self.image.flush().map_err(|e| {
-            heal(&mut self.image);
-            io_err(e)
+        self.0.with(|q| {
+            heal(q);
+            q.flush().map_err(|e| {
+                heal(q);
+                io_err(e)
+            })
         })
-    }
-    fn as_any_mut(&mut self) -> &mut dyn Any {
-        self
     }
 }
 
@@ -177,8 +239,20 @@ fn lock(f: &std::fs::File, path: &Path, readonly: bool) -> Result<()> {
     Ok(())
 }
 
+/// Opens every `--disk`: the devices' backends and their registry.
+pub fn open_all(specs: &[DiskSpec]) -> Result<(Vec<vmm::DiskConfig>, Disks)> {
+    let mut configs = Vec::new();
+    let mut disks = Disks::default();
+    for spec in specs {
+        let (c, d) = open(spec)?;
+        configs.push(c);
+        disks.0.push(d);
+    }
+    Ok((configs, disks))
+}
+
 /// Opens a disk for the VMM.
-pub fn open(spec: &DiskSpec) -> Result<vmm::DiskConfig> {
+pub fn open(spec: &DiskSpec) -> Result<(vmm::DiskConfig, DiskEntry)> {
     let format = match spec.format {
         Some(f) => f,
         None => probe(&spec.path)?,
@@ -190,30 +264,37 @@ pub fn open(spec: &DiskSpec) -> Result<vmm::DiskConfig> {
         .open(p)
         .with_context(|| format!("cannot open disk {}", p.display()))?;
     lock(&file, p, spec.readonly)?;
-    let backend: Box<dyn BlockBackend> = match format {
+    let (backend, qcow2): (Box<dyn BlockBackend>, _) = match format {
         Format::Raw => {
             let raw =
                 RawFile::new(file).with_context(|| format!("cannot open disk {}", p.display()))?;
             if raw.size() == 0 {
                 bail!("disk {} is empty", p.display());
             }
-            Box::new(raw)
+            (Box::new(raw), None)
         }
         Format::Qcow2 => {
             let image = qcow2::Qcow2::open(p, !spec.readonly)
                 .with_context(|| format!("cannot open qcow2 disk {}", p.display()))?;
-            Box::new(Qcow2Disk {
-                image,
-                lock: file,
+            let h = Qcow2Handle {
+                image: Arc::new(Mutex::new(image)),
+                lock: Arc::new(file),
                 dir: p.parent().map(|d| d.to_path_buf()),
-            })
+            };
+            (Box::new(Qcow2Backend(h.clone())), Some(h))
         }
     };
-    Ok(vmm::DiskConfig {
+    let config = vmm::DiskConfig {
         id: spec.id.clone(),
         backend,
         readonly: spec.readonly,
-    })
+    };
+    let entry = DiskEntry {
+        id: spec.id.clone(),
+        readonly: spec.readonly,
+        qcow2,
+    };
+    Ok((config, entry))
 }
 
 #[cfg(test)]

@@ -23,8 +23,24 @@ pub enum VmmError {
     Memory(#[from] memory::MemoryError),
     #[error(transparent)]
     Boot(#[from] boot::BootError),
+    /// The machine's configuration (RAM size, vCPU count, CPUID) cannot be used.
     #[error("{0}")]
     Config(String),
+    /// A vCPU thread did not start.
+    #[error("a vCPU thread did not start")]
+    VcpuStart,
+    /// A vCPU thread did not stop within the pause timeout.
+    #[error("a vCPU thread did not acknowledge the pause")]
+    PauseTimeout,
+    /// The disks cannot be taken: another thread still holds the device buses.
+    #[error("the disks are still in use by another thread")]
+    DisksInUse,
+    /// Saving machine state needs a paused machine.
+    #[error("machine state can only be saved while paused")]
+    NotPaused,
+    /// The snapshot asks for CPU features this host's KVM cannot give.
+    #[error("the snapshot's vCPU {vcpu} uses CPU features this host's KVM cannot give ({missing}): restore it on a CPU that has them")]
+    CpuFeatures { vcpu: u8, missing: String },
     #[error("{0}")]
     Io(std::io::Error),
     #[error(transparent)]

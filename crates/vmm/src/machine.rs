@@ -251,11 +251,10 @@ impl Machine {
                 for s in &st.vcpus {
                     let missing = cpuid::missing_features(&s.cpuid, here.as_slice());
                     if !missing.is_empty() {
-                        return Err(VmmError::Config(format!(
-                            "the snapshot's vCPU {} uses CPU features this host's KVM cannot give ({}): restore it on a CPU that has them",
-                            s.id,
-                            missing.join(", ")
-                        )));
+                        return Err(VmmError::CpuFeatures {
+                            vcpu: s.id,
+                            missing: missing.join(", "),
+                        });
                     }
                 }
                 for (v, s) in fds.iter().zip(&st.vcpus) {
@@ -285,7 +284,7 @@ impl Machine {
         // Threads acknowledge their initial paused state.
         for _ in 0..cfg.cpus {
             acks.recv_timeout(Duration::from_secs(10))
-                .map_err(|_| VmmError::Config("a vCPU thread did not start".into()))?;
+                .map_err(|_| VmmError::VcpuStart)?;
         }
         Ok(Machine {
             vcpus,
@@ -306,9 +305,7 @@ impl Machine {
 
     /// Stops every vCPU outside `KVM_RUN`; returns how long that took.
     pub fn pause(&mut self) -> Result<Duration, VmmError> {
-        let took = vcpu_thread::pause_all(&self.vcpus, &self.acks).ok_or_else(|| {
-            VmmError::Config("a vCPU thread did not acknowledge the pause".into())
-        })?;
+        let took = vcpu_thread::pause_all(&self.vcpus, &self.acks).ok_or(VmmError::PauseTimeout)?;
         self.running = false;
         Ok(took)
     }
@@ -350,15 +347,16 @@ impl Machine {
 
     /// Stops the vCPUs for good and hands the disks back, e.g. to build the
     /// next machine on a reset without opening the images twice. The machine
-    /// is unusable afterwards: drop it.
-    pub fn take_disks(&mut self) -> Vec<DiskConfig> {
+    /// is unusable afterwards: drop it. Fails if another thread still holds
+    /// the device buses ([`Machine::bus_arc`]).
+    pub fn take_disks(&mut self) -> Result<Vec<DiskConfig>, VmmError> {
         let _ = self.pause();
         // Joining the vCPU threads drops their references to the bus.
         self.vcpus.clear();
         let Some(bus) = Arc::get_mut(&mut self.bus) else {
-            return Vec::new();
+            return Err(VmmError::DisksInUse);
         };
-        std::mem::take(&mut bus.virtio)
+        Ok(std::mem::take(&mut bus.virtio)
             .into_iter()
             .map(|d| {
                 let (id, backend, readonly) = d
@@ -371,7 +369,7 @@ impl Machine {
                     readonly,
                 }
             })
-            .collect()
+            .collect())
     }
 
     /// Presses the ACPI power button (`system_powerdown`); what happens next is

@@ -175,9 +175,7 @@ impl Machine {
     /// [`Machine::finish_save_state`] collects the result.
     pub fn begin_save_state(&self) -> Result<PendingState, VmmError> {
         if self.is_running() {
-            return Err(VmmError::Config(
-                "machine state can only be saved while paused".into(),
-            ));
+            return Err(VmmError::NotPaused);
         }
         Ok(PendingState(
             self.vcpus().iter().map(|v| v.begin_save()).collect(),

@@ -18,6 +18,7 @@ mod bridge;
 mod snapjobs;
 
 use crate::cli::{RunConfig, SerialTarget};
+use crate::disk::Disks;
 use crate::snapshot::collapse::Collapse;
 use crate::snapshot::cut::{cut, Capture, Outcome};
 use crate::snapshot::migrate::{self as migration, Migration, Status};
@@ -80,11 +81,11 @@ pub fn run(mut cfg: RunConfig) -> Result<u8> {
     }
     let mut migration = Migration::default();
     let mut incoming_reply = None;
-    let machine = if cfg.defer_incoming {
+    let (machine, disks) = if cfg.defer_incoming {
         match wait_incoming(&mut cfg, &tx, &rx, &mut migration, events.as_ref())? {
-            Some((m, reply)) => {
+            Some((m, d, reply)) => {
                 incoming_reply = Some(reply);
-                m
+                (m, d)
             }
             None => {
                 drop(qmp_server);
@@ -92,11 +93,12 @@ pub fn run(mut cfg: RunConfig) -> Result<u8> {
             }
         }
     } else {
-        build_machine(&cfg, &tx, None)?
+        let (configs, disks) = crate::disk::open_all(&cfg.disks)?;
+        (build_machine(&cfg, &tx, configs, &disks)?, disks)
     };
     // The VM clock goes on from a loaded snapshot's, as after snapshot-load.
     let vm_clock_base = cfg.loadvm.as_deref().map_or(0, |tag| {
-        crate::snapshot::savevm::snapshot_clock(machine.bus(), tag)
+        crate::snapshot::savevm::snapshot_clock(&disks, tag)
     });
     // A reset of a restored VM boots the kernel afresh (as QEMU reboots the firmware).
     let restored = cfg.incoming.take().is_some() | cfg.loadvm.take().is_some();
@@ -111,6 +113,7 @@ pub fn run(mut cfg: RunConfig) -> Result<u8> {
         shared,
         events,
         migration,
+        disks,
         collapse: None,
         exit: None,
         jobs: crate::jobs::Jobs::default(),
@@ -159,7 +162,7 @@ fn wait_incoming(
     rx: &mpsc::Receiver<AppEvent>,
     migration: &mut Migration,
     events: Option<&EventBus>,
-) -> Result<Option<(Machine, Reply)>> {
+) -> Result<Option<(Machine, Disks, Reply)>> {
     use qmp::Request::*;
     let quit = |reason: &str| {
         if let Some(ev) = events {
@@ -188,8 +191,10 @@ fn wait_incoming(
                     Err(e) => Err(CommandError::generic(e)),
                     Ok(path) => {
                         cfg.incoming = Some(path);
-                        match build_machine(cfg, tx, None) {
-                            Ok(m) => return Ok(Some((m, reply))),
+                        let built = crate::disk::open_all(&cfg.disks)
+                            .and_then(|(c, d)| build_machine(cfg, tx, c, &d).map(|m| (m, d)));
+                        match built {
+                            Ok((m, d)) => return Ok(Some((m, d, reply))),
                             Err(e) => {
                                 cfg.incoming = None;
                                 Err(CommandError::generic(format!("{e:#}")))
@@ -221,21 +226,14 @@ fn wait_incoming(
     }
 }
 
-/// Builds the machine from the configuration; `disks` are the already-open
-/// disks of a previous machine (a reset), or None to open them from `cfg`.
+/// Builds the machine from the configuration over open disks (`configs`, the
+/// devices' backends; `disks`, the same disks for snapshot operations).
 fn build_machine(
     cfg: &RunConfig,
     tx: &mpsc::Sender<AppEvent>,
-    disks: Option<Vec<vmm::DiskConfig>>,
+    configs: Vec<vmm::DiskConfig>,
+    disks: &Disks,
 ) -> Result<Machine> {
-    let mut disks = match disks {
-        Some(d) => d,
-        None => cfg
-            .disks
-            .iter()
-            .map(crate::disk::open)
-            .collect::<Result<Vec<_>>>()?,
-    };
     if let Some(path) = &cfg.incoming {
         let mode = if cfg.restore_copy {
             restore::RamMode::Copy
@@ -244,19 +242,19 @@ fn build_machine(
         };
         let (ram, state) = restore::from_file(path, mode)
             .with_context(|| format!("cannot restore from {}", path.display()))?;
-        return build_from_state(cfg, tx, ram, state, disks);
+        return build_from_state(cfg, tx, ram, state, configs);
     }
     if let Some(tag) = &cfg.loadvm {
-        let (ram, state) = crate::snapshot::savevm::load_from_disks(&mut disks, tag)
+        let (ram, state) = crate::snapshot::savevm::load_from_disks(disks, tag)
             .map_err(|e| anyhow::anyhow!("cannot load snapshot '{tag}': {e}"))?;
-        return build_from_state(cfg, tx, ram, state, disks);
+        return build_from_state(cfg, tx, ram, state, configs);
     }
     let start = vmm::Start::Kernel {
         kernel: cfg.kernel.clone(),
         initrd: cfg.initrd.clone(),
         cmdline: cfg.cmdline.clone(),
     };
-    create(cfg, tx, start, cfg.mem_bytes, cfg.cpus, disks)
+    create(cfg, tx, start, cfg.mem_bytes, cfg.cpus, configs)
 }
 
 /// Builds a machine that continues from saved state.
@@ -334,6 +332,8 @@ pub(crate) struct Controller {
     shared: Arc<Mutex<Shared>>,
     events: Option<EventBus>,
     pub(crate) migration: Migration,
+    /// The disks, by id, for snapshot operations (the devices hold them too).
+    pub(crate) disks: Disks,
     collapse: Option<Collapse>,
     exit: Option<u8>,
     /// Internal-snapshot jobs (snapjobs.rs).
@@ -761,8 +761,12 @@ impl Controller {
         let _ = self.machine.pause();
         self.machine.flush_serial();
         // The disks move to the new machine.
-        let disks = self.machine.take_disks();
-        self.machine = match build_machine(&self.cfg, &self.tx, Some(disks)) {
+        let built = self
+            .machine
+            .take_disks()
+            .map_err(anyhow::Error::from)
+            .and_then(|configs| build_machine(&self.cfg, &self.tx, configs, &self.disks));
+        self.machine = match built {
             Ok(m) => m,
             Err(e) => {
                 // The old machine is gone: end the VM rather than pretend it runs.

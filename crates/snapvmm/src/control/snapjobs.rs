@@ -13,7 +13,7 @@ use super::bridge::Reply;
 use super::{AppEvent, Controller};
 use crate::jobs::{Kind, Status};
 use crate::snapshot::cut::{cut, Capture, Cut, Outcome};
-use crate::snapshot::savevm::{self, with_qcow2};
+use crate::snapshot::savevm;
 use crate::snapshot::Cmd;
 
 /// A live save between the cut and the commit.
@@ -43,16 +43,11 @@ pub struct SaveFigures {
 
 impl Controller {
     fn disk_ids(&self) -> Vec<String> {
-        self.machine
-            .bus()
-            .virtio
-            .iter()
-            .map(|d| vmm::devices::lock(d).id().to_string())
-            .collect()
+        self.disks.ids()
     }
 
     fn is_qcow2(&self, i: usize) -> bool {
-        with_qcow2(&self.machine.bus().virtio[i], |_| ()).is_some()
+        self.disks.is_qcow2(i)
     }
 
     fn job_event(&self, data: Value) {
@@ -101,9 +96,9 @@ impl Controller {
         let holders = devices
             .iter()
             .filter(|&&i| {
-                with_qcow2(&self.machine.bus().virtio[i], |q| {
-                    q.snapshots().iter().any(|s| s.name == job.tag)
-                }) == Some(true)
+                self.disks
+                    .with_qcow2(i, |q| q.snapshots().iter().any(|s| s.name == job.tag))
+                    == Some(true)
             })
             .count();
         Ok((devices, vm.expect("vmstate resolved"), holders))
@@ -147,8 +142,11 @@ impl Controller {
         let vm_frozen = Arc::new(Mutex::new(None));
         let image_len = Arc::new(AtomicU64::new(0));
         let sink = savevm::VmStateSink {
-            bus: self.machine.bus_arc(),
-            dev: vm,
+            image: self
+                .disks
+                .get(vm)
+                .and_then(|d| d.qcow2.clone())
+                .expect("checked qcow2"),
             frozen: vm_frozen.clone(),
             image_len: image_len.clone(),
         };
@@ -169,10 +167,12 @@ impl Controller {
         // The cut; the disks are frozen while the vCPU threads save their registers.
         let t_pause = Instant::now();
         let mut frozen = Vec::new();
-        let freeze = |m: &vmm::Machine| {
+        let disks = &self.disks;
+        let freeze = |_: &vmm::Machine| {
             for &i in &devices {
-                let r =
-                    with_qcow2(&m.bus().virtio[i], |q| q.freeze(&job.tag)).expect("checked qcow2");
+                let r = disks
+                    .with_qcow2(i, |q| q.freeze(&job.tag))
+                    .expect("checked qcow2");
                 match r {
                     Ok(f) if i == vm => {
                         *vm_frozen.lock().unwrap_or_else(|e| e.into_inner()) = Some(f);
@@ -237,17 +237,20 @@ impl Controller {
         vm_frozen: &Mutex<Option<qcow2::Frozen>>,
         vm: usize,
     ) {
-        let bus = self.machine.bus();
         for (i, f) in frozen {
-            let _ = with_qcow2(&bus.virtio[i], |q| q.abort_frozen(f));
+            let _ = self.disks.with_qcow2(i, |q| q.abort_frozen(f));
         }
         if let Some(f) = vm_frozen.lock().unwrap_or_else(|e| e.into_inner()).take() {
-            let _ = with_qcow2(&bus.virtio[vm], |q| q.abort_frozen(f));
+            let _ = self.disks.with_qcow2(vm, |q| q.abort_frozen(f));
         }
-        // A failed update (no space, I/O error) leaves a handle that must
-        // reload its metadata before the guest's disk works again.
-        for d in &bus.virtio {
-            with_qcow2(d, crate::disk::heal);
+        self.heal_disks();
+    }
+
+    /// A failed update (no space, I/O error) leaves a handle that must reload
+    /// its metadata before the guest's disk works again.
+    fn heal_disks(&self) {
+        for i in 0..self.disks.len() {
+            self.disks.with_qcow2(i, crate::disk::heal);
         }
     }
 
@@ -272,7 +275,6 @@ impl Controller {
             return;
         }
         let len = p.image_len.load(Ordering::SeqCst);
-        let bus = self.machine.bus_arc();
         let mut error = None;
         let vm_f = p.vm_frozen.lock().unwrap_or_else(|e| e.into_inner()).take();
         // A disk whose handle failed meanwhile (and was recovered) lost its
@@ -282,7 +284,7 @@ impl Controller {
             .iter()
             .map(|(i, _)| *i)
             .chain(std::iter::once(p.vmstate))
-            .find(|&i| with_qcow2(&bus.virtio[i], |q| !q.is_frozen()).unwrap_or(true));
+            .find(|&i| self.disks.with_qcow2(i, |q| !q.is_frozen()).unwrap_or(true));
         if let Some(i) = lost {
             error = Some(format!(
                 "Device '{}' failed during the save; the snapshot was not taken",
@@ -294,7 +296,7 @@ impl Controller {
         // drop the tag again, so no disk keeps a partial snapshot.
         let mut committed = Vec::new();
         for (i, f) in std::mem::take(&mut p.frozen) {
-            let r = with_qcow2(&bus.virtio[i], |q| {
+            let r = self.disks.with_qcow2(i, |q| {
                 if error.is_some() {
                     q.abort_frozen(f).map(|_| false)
                 } else {
@@ -310,7 +312,7 @@ impl Controller {
             }
         }
         if let Some(f) = vm_f {
-            let r = with_qcow2(&bus.virtio[p.vmstate], |q| {
+            let r = self.disks.with_qcow2(p.vmstate, |q| {
                 if error.is_some() {
                     q.abort_frozen(f).map(|_| ())
                 } else {
@@ -323,12 +325,10 @@ impl Controller {
         }
         if error.is_some() {
             for i in committed {
-                let _ = with_qcow2(&bus.virtio[i], |q| q.delete_snapshot(&p.tag));
+                let _ = self.disks.with_qcow2(i, |q| q.delete_snapshot(&p.tag));
             }
         }
-        for d in &bus.virtio {
-            with_qcow2(d, crate::disk::heal);
-        }
+        self.heal_disks();
         let fig = savevm_figures(&p);
         self.jobs.set_extra(
             &p.job_id,
@@ -378,19 +378,19 @@ impl Controller {
             ));
         }
         // Everything that can fail is checked before the running VM is touched.
-        let source = savevm::with_qcow2_disk(&self.machine.bus().virtio[vm], |d| {
-            savevm::vmstate_source(d, &job.tag)
-        })
-        .expect("checked qcow2")?;
+        let image = self.disks.get(vm).and_then(|d| d.qcow2.as_ref());
+        let source = savevm::vmstate_source(image.expect("checked qcow2"), &job.tag)?;
         let (ram, state) = crate::snapshot::restore::from_source(source)
             .map_err(|e| format!("the VM state is not usable: {e}"))?;
-        let loaded_clock = with_qcow2(&self.machine.bus().virtio[vm], |q| {
-            q.snapshots()
-                .iter()
-                .find(|s| s.name == job.tag)
-                .map_or(0, |s| s.vm_clock_nsec)
-        })
-        .unwrap_or(0);
+        let loaded_clock = self
+            .disks
+            .with_qcow2(vm, |q| {
+                q.snapshots()
+                    .iter()
+                    .find(|s| s.name == job.tag)
+                    .map_or(0, |s| s.vm_clock_nsec)
+            })
+            .unwrap_or(0);
         if state.virtio.len() != ids.len() {
             return Err(format!(
                 "the snapshot was taken with {} disk(s), this VM has {}",
@@ -415,7 +415,7 @@ impl Controller {
             }
         }
         for &i in &devices {
-            let fits = with_qcow2(&self.machine.bus().virtio[i], |q| {
+            let fits = self.disks.with_qcow2(i, |q| {
                 q.find_snapshot(&job.tag)
                     .is_some_and(|s| s.disk_size == q.size())
             });
@@ -431,18 +431,19 @@ impl Controller {
         let _ = self.machine.pause();
         self.set_status(RunState::RestoreVm);
         self.machine.flush_serial();
-        let mut disks = self.machine.take_disks();
         // Past this point the old machine is gone; a failure (an I/O error
         // reverting a disk) ends the VM loudly instead of leaving it dead.
-        let applied = devices
-            .iter()
-            .try_for_each(|&i| match savevm::disk_qcow2(&mut disks[i]) {
-                Some(q) => q
-                    .apply_snapshot(&job.tag)
-                    .map_err(|e| savevm::qerr(&ids[i], e)),
-                None => Ok(()),
-            });
-        let built = applied.and_then(|()| {
+        let disks = self.machine.take_disks().map_err(|e| e.to_string());
+        let applied = disks.and_then(|disks| {
+            devices.iter().try_for_each(|&i| {
+                self.disks
+                    .with_qcow2(i, |q| q.apply_snapshot(&job.tag))
+                    .unwrap_or(Ok(()))
+                    .map_err(|e| savevm::qerr(&ids[i], e))
+            })?;
+            Ok(disks)
+        });
+        let built = applied.and_then(|disks| {
             super::build_from_state(&self.cfg, &self.tx, ram, state, disks)
                 .map_err(|e| format!("{e:#}"))
         });
@@ -480,18 +481,20 @@ impl Controller {
         let (devices, _) = savevm::resolve(&ids, devices, None, |i| self.is_qcow2(i))?;
         let mut found = false;
         for &i in &devices {
-            let r = with_qcow2(&self.machine.bus().virtio[i], |q| {
-                if q.snapshots().iter().any(|s| s.name == tag) {
-                    q.delete_snapshot(tag).map(|_| true)
-                } else {
-                    Ok(false)
-                }
-            })
-            .expect("checked qcow2");
+            let r = self
+                .disks
+                .with_qcow2(i, |q| {
+                    if q.snapshots().iter().any(|s| s.name == tag) {
+                        q.delete_snapshot(tag).map(|_| true)
+                    } else {
+                        Ok(false)
+                    }
+                })
+                .expect("checked qcow2");
             match r {
                 Ok(f) => found |= f,
                 Err(e) => {
-                    with_qcow2(&self.machine.bus().virtio[i], crate::disk::heal);
+                    self.disks.with_qcow2(i, crate::disk::heal);
                     return Err(savevm::qerr(&ids[i], e));
                 }
             }
@@ -509,7 +512,7 @@ impl Controller {
             .disk_ids()
             .into_iter()
             .enumerate()
-            .filter(|(i, _)| !vmm::devices::lock(&self.machine.bus().virtio[*i]).is_readonly())
+            .filter(|(i, _)| self.disks.get(*i).is_some_and(|d| !d.readonly))
             .map(|(_, id)| id)
             .collect();
         let index = |id: &str| self.disk_ids().iter().position(|d| d == id).unwrap_or(0);
@@ -573,10 +576,9 @@ impl Controller {
 
     /// `info snapshots`: snapshots present on every qcow2 disk (by tag).
     pub fn list_snapshots(&self) -> Result<Vec<SnapshotEntry>, CommandError> {
-        let bus = self.machine.bus();
         let mut lists = Vec::new();
-        for d in &bus.virtio {
-            if let Some(l) = with_qcow2(d, |q| q.snapshots().to_vec()) {
+        for i in 0..self.disks.len() {
+            if let Some(l) = self.disks.with_qcow2(i, |q| q.snapshots().to_vec()) {
                 lists.push(l);
             }
         }

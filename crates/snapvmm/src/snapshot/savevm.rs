@@ -12,50 +12,23 @@ use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use vmm::devices::virtio::VirtioBlk;
-use vmm::devices::PioBus;
-
-use crate::disk::Qcow2Disk;
-
-/// Runs `f` on the qcow2 image behind device `dev`; None for a raw disk.
-pub fn with_qcow2<R>(d: &Mutex<VirtioBlk>, f: impl FnOnce(&mut qcow2::Qcow2) -> R) -> Option<R> {
-    with_qcow2_disk(d, |q| f(&mut q.image))
-}
-
-/// Runs `f` on the qcow2 disk behind device `dev`; None for a raw disk.
-pub fn with_qcow2_disk<R>(d: &Mutex<VirtioBlk>, f: impl FnOnce(&mut Qcow2Disk) -> R) -> Option<R> {
-    let mut dev = vmm::devices::lock(d);
-    dev.backend_mut()
-        .as_any_mut()
-        .downcast_mut::<Qcow2Disk>()
-        .map(f)
-}
+use crate::disk::{Disks, Qcow2Handle};
 
 /// The VM clock recorded with snapshot `tag` (on the disk that holds its VM state).
-pub fn snapshot_clock(bus: &vmm::devices::PioBus, tag: &str) -> u64 {
-    bus.virtio
-        .iter()
-        .filter_map(|d| {
-            with_qcow2(d, |q| {
-                q.snapshots()
-                    .iter()
-                    .find(|s| s.name == tag && s.vm_state_size > 0)
-                    .map(|s| s.vm_clock_nsec)
-            })
-            .flatten()
+pub fn snapshot_clock(disks: &Disks, tag: &str) -> u64 {
+    (0..disks.len())
+        .filter_map(|i| {
+            disks
+                .with_qcow2(i, |q| {
+                    q.snapshots()
+                        .iter()
+                        .find(|s| s.name == tag && s.vm_state_size > 0)
+                        .map(|s| s.vm_clock_nsec)
+                })
+                .flatten()
         })
         .next()
         .unwrap_or(0)
-}
-
-/// The qcow2 image of an open (not yet attached) disk.
-pub fn disk_qcow2(d: &mut vmm::DiskConfig) -> Option<&mut qcow2::Qcow2> {
-    disk_image(d).map(|q| &mut q.image)
-}
-
-/// The qcow2 disk of an open (not yet attached) disk.
-pub fn disk_image(d: &mut vmm::DiskConfig) -> Option<&mut Qcow2Disk> {
-    d.backend.as_any_mut().downcast_mut::<Qcow2Disk>()
 }
 
 /// Resolves the `devices` and `vmstate` of a snapshot command to device
@@ -109,8 +82,7 @@ pub fn resolve(
 
 /// The capture's destination: the frozen vmstate of one qcow2 disk.
 pub struct VmStateSink {
-    pub bus: Arc<PioBus>,
-    pub dev: usize,
+    pub image: Qcow2Handle,
     pub frozen: Arc<Mutex<Option<qcow2::Frozen>>>,
     /// Length of the complete image (set by `finish`).
     pub image_len: Arc<AtomicU64>,
@@ -122,11 +94,9 @@ impl livesnap::Sink for VmStateSink {
         let f = frozen
             .as_ref()
             .ok_or_else(|| io::Error::other("snapshot no longer pending"))?;
-        with_qcow2(&self.bus.virtio[self.dev], |q| {
-            q.write_frozen_vmstate(f, offset, buf)
-        })
-        .ok_or_else(|| io::Error::other("vmstate disk is not qcow2"))?
-        .map_err(|e| io::Error::other(e.to_string()))
+        self.image
+            .with(|q| q.write_frozen_vmstate(f, offset, buf))
+            .map_err(|e| io::Error::other(e.to_string()))
     }
 
     fn finish(&mut self, summary: &livesnap::ImageSummary) -> io::Result<()> {
@@ -140,7 +110,7 @@ impl livesnap::Sink for VmStateSink {
 /// The VM state of snapshot `tag` of disk `d`, as a livesnap source that reads it
 /// from the image as it is needed (through a second, read-only handle): loading
 /// never holds the whole VM state in memory, only guest RAM itself.
-pub fn vmstate_source(d: &Qcow2Disk, tag: &str) -> Result<Box<dyn livesnap::Source>, String> {
+pub fn vmstate_source(d: &Qcow2Handle, tag: &str) -> Result<Box<dyn livesnap::Source>, String> {
     let q = d
         .reader()
         .map_err(|e| format!("cannot read the VM state of '{tag}': {e}"))?;
@@ -186,42 +156,42 @@ pub fn qerr(dev: &str, e: qcow2::Error) -> String {
 /// `--loadvm TAG`: reverts every qcow2 disk holding TAG and decodes the VM
 /// state from the first of them that has one.
 pub fn load_from_disks(
-    disks: &mut [vmm::DiskConfig],
+    disks: &Disks,
     tag: &str,
 ) -> Result<(vmm::memory::GuestRam, vmm::MachineState), String> {
     let mut vmstate = None;
     let mut holders = Vec::new();
-    for (i, d) in disks.iter_mut().enumerate() {
+    for d in disks.iter() {
         if d.readonly {
             continue; // not part of VM snapshots, as in QEMU
         }
-        let id = d.id.clone();
-        let Some(q) = disk_qcow2(d) else {
+        let Some(q) = &d.qcow2 else {
             return Err(format!(
-                "Device '{id}' is writable but does not support snapshots"
+                "Device '{}' is writable but does not support snapshots",
+                d.id
             ));
         };
         // Every writable disk must hold the snapshot: RAM and disks of one instant.
-        let s = q
-            .snapshots()
-            .iter()
-            .find(|s| s.name == tag)
-            .ok_or_else(|| format!("Snapshot '{tag}' does not exist in one or more devices"))?;
-        if vmstate.is_none() && s.vm_state_size > 0 {
-            vmstate = Some(i);
+        let size = q.with(|q| {
+            q.snapshots()
+                .iter()
+                .find(|s| s.name == tag)
+                .map(|s| s.vm_state_size)
+        });
+        let size =
+            size.ok_or_else(|| format!("Snapshot '{tag}' does not exist in one or more devices"))?;
+        if vmstate.is_none() && size > 0 {
+            vmstate = Some(q);
         }
-        holders.push(i);
+        holders.push(d);
     }
     let vm = vmstate.ok_or_else(|| format!("no disk holds a snapshot '{tag}' with VM state"))?;
-    let source = disk_image(&mut disks[vm])
-        .map(|d| vmstate_source(d, tag))
-        .expect("qcow2")?;
-    let (ram, state) = super::restore::from_source(source)
+    let (ram, state) = super::restore::from_source(vmstate_source(vm, tag)?)
         .map_err(|e| format!("the VM state is not usable: {e}"))?;
-    for i in holders {
-        let id = disks[i].id.clone();
-        if let Some(q) = disk_qcow2(&mut disks[i]) {
-            q.apply_snapshot(tag).map_err(|e| qerr(&id, e))?;
+    for d in holders {
+        if let Some(q) = &d.qcow2 {
+            q.with(|q| q.apply_snapshot(tag))
+                .map_err(|e| qerr(&d.id, e))?;
         }
     }
     Ok((ram, state))

@@ -44,8 +44,6 @@ pub trait BlockBackend: Send {
     fn read_at(&mut self, buf: &mut [u8], offset: u64) -> io::Result<()>;
     fn write_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()>;
     fn flush(&mut self) -> io::Result<()>;
-    /// Downcasting hook for backends with extra abilities (e.g. qcow2 snapshots).
-    fn as_any_mut(&mut self) -> &mut dyn std::any::Any;
 }
 
 /// A raw image file.
@@ -73,8 +71,5 @@ impl BlockBackend for RawFile {
     }
     fn flush(&mut self) -> io::Result<()> {
         self.file.sync_data()
-    }
-    fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
-        self
     }
 }
