@@ -50,19 +50,56 @@ pub use source::{ImageBacking, Source};
 /// memfd shared with vhost-user) the child would see the guest's writes made
 /// after resume and the image would not be a consistent snapshot; with
 /// `MADV_DONTFORK` the child faults and the capture fails.
+///
+/// Constructing one is `unsafe` ([`RamRange::new`]): the engine's safe
+/// functions read the memory it names, so the caller promises it stays
+/// mapped as long as any capture made from it runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RamRange {
     /// Guest-physical address of the first byte.
-    pub gpa: u64,
+    pub(crate) gpa: u64,
     /// Host address of the first byte.
-    pub host: *const u8,
+    pub(crate) host: *const u8,
     /// Length in bytes.
-    pub len: u64,
+    pub(crate) len: u64,
+}
+
+impl RamRange {
+    /// Names `len` bytes of guest RAM at host address `host`, guest-physical `gpa`.
+    /// Alignment is checked when a capture starts (an error, not undefined
+    /// behaviour).
+    ///
+    /// # Safety
+    /// The `len` bytes at `host` must be mapped and readable from the moment
+    /// a capture is prepared from this range until it has ended (its
+    /// `wait()` returned, or for [`capture_stopped`] the call returned) —
+    /// for a VMM: guest RAM must not be unmapped (reset, snapshot load)
+    /// while a capture of it runs.
+    pub unsafe fn new(gpa: u64, host: *const u8, len: u64) -> RamRange {
+        RamRange { gpa, host, len }
+    }
+
+    /// Guest-physical address of the first byte.
+    pub fn gpa(&self) -> u64 {
+        self.gpa
+    }
+
+    /// Host address of the first byte.
+    pub fn host(&self) -> *const u8 {
+        self.host
+    }
+
+    /// Length in bytes.
+    #[allow(clippy::len_without_is_empty)]
+    pub fn len(&self) -> u64 {
+        self.len
+    }
 }
 
 // SAFETY: a RamRange is only an address and a length; the memory it names is
-// required (documented contract) to stay mapped for the process lifetime, and
-// the engine only reads it, so moving the descriptor between threads is sound.
+// required (the contract of `RamRange::new`) to stay mapped while a capture
+// uses it, and the engine only reads it, so moving the descriptor between
+// threads is sound.
 unsafe impl Send for RamRange {}
 // SAFETY: as for Send: shared references only expose the plain fields.
 unsafe impl Sync for RamRange {}

@@ -474,12 +474,8 @@ fn invalid_input_is_refused() {
     let mem = Mem::new(2 * MIB);
     let dir = tempfile::tempdir().unwrap();
     let dest = dir.path().join("i.img");
-    let unaligned = RamRange {
-        gpa: 0,
-        // SAFETY: 1 byte into a 2 MiB mapping.
-        host: unsafe { mem.bytes().as_ptr().add(1) },
-        len: 4096,
-    };
+    // SAFETY: 1 byte into a 2 MiB mapping that outlives the (refused) capture.
+    let unaligned = unsafe { RamRange::new(0, mem.bytes().as_ptr().add(1), 4096) };
     let cases: Vec<Vec<RamRange>> = vec![
         vec![],
         vec![unaligned],

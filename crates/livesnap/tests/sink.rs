@@ -283,7 +283,7 @@ fn fork_into_sink_holds_memory_as_of_start() {
     assert!(ram[2] == want[10 * MIB..], "image holds post-start writes");
     assert_eq!(img.device_state().unwrap(), dev);
     let got: Vec<(u64, u64)> = img.ranges().iter().map(|r| (r.gpa, r.len)).collect();
-    let want_ranges: Vec<(u64, u64)> = ranges.iter().map(|r| (r.gpa, r.len)).collect();
+    let want_ranges: Vec<(u64, u64)> = ranges.iter().map(|r| (r.gpa(), r.len())).collect();
     assert_eq!(got, want_ranges);
 }
 

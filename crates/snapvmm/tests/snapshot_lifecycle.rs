@@ -606,11 +606,8 @@ fn with_edited_state(image: &Path, out: &Path, edit: impl FnOnce(&mut serde_json
     for (i, r) in img.ranges().to_vec().iter().enumerate() {
         let dst = ram.region_bytes_mut(i);
         img.read_ram_into(i, dst).unwrap();
-        ranges.push(livesnap::RamRange {
-            gpa: r.gpa,
-            host: dst.as_ptr(),
-            len: r.len,
-        });
+        // SAFETY: `dst` is a live mapping of r.len bytes that outlives the capture below.
+        ranges.push(unsafe { livesnap::RamRange::new(r.gpa, dst.as_ptr(), r.len) });
     }
     livesnap::capture_stopped(&ranges, &serde_json::to_vec(&state).unwrap(), out).unwrap();
 }

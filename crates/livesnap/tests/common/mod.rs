@@ -52,12 +52,9 @@ impl Mem {
     /// A RamRange over `[off, off + len)` of this mapping at guest address `gpa`.
     pub fn range(&self, off: usize, len: usize, gpa: u64) -> RamRange {
         assert!(off + len <= self.len);
-        RamRange {
-            gpa,
-            // SAFETY: off + len <= self.len, so the pointer stays in the mapping.
-            host: unsafe { self.ptr.add(off) },
-            len: len as u64,
-        }
+        // SAFETY: off + len <= self.len, so the range lies in the mapping, which
+        // stays mapped until this test memory is dropped, after its captures end.
+        unsafe { RamRange::new(gpa, self.ptr.add(off), len as u64) }
     }
 }
 

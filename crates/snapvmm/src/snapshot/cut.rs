@@ -324,11 +324,8 @@ mod tests {
         let off = backing.as_ptr().align_offset(4096);
         let ram = &mut backing[off..off + 4 * 4096];
         ram[4096..8192].fill(0); // a zero page: a hole in the image
-        let range = livesnap::RamRange {
-            gpa: 0,
-            host: ram.as_ptr(),
-            len: ram.len() as u64,
-        };
+                                 // SAFETY: `backing` outlives the capture (waited for below).
+        let range = unsafe { livesnap::RamRange::new(0, ram.as_ptr(), ram.len() as u64) };
         struct Mem(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
         impl livesnap::Sink for Mem {
             fn write_at(&mut self, buf: &[u8], offset: u64) -> std::io::Result<()> {

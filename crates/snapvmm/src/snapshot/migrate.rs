@@ -423,11 +423,12 @@ pub fn ram_ranges(m: &vmm::Machine) -> Vec<RamRange> {
     m.ram()
         .regions()
         .iter()
-        .map(|r| RamRange {
-            gpa: r.gpa,
-            host: r.host,
-            len: r.len,
-        })
+        // SAFETY: the regions are the machine's RAM mappings. They are unmapped
+        // only when the machine is replaced (reset, snapshot-load) or dropped
+        // (exit). The controller refuses a reset or load while a capture runs
+        // (`snapshot::check`: only Op::Idle allows them) and at exit cancels and
+        // waits for every capture (`end_captures`) before the machine goes.
+        .map(|r| unsafe { RamRange::new(r.gpa, r.host, r.len) })
         .collect()
 }
 

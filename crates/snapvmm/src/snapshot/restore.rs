@@ -165,10 +165,9 @@ mod tests {
         let rr: Vec<livesnap::RamRange> = ranges
             .iter()
             .zip(&mem)
-            .map(|(r, m)| livesnap::RamRange {
-                gpa: r.0,
-                host: m[m.as_ptr().align_offset(4096)..].as_ptr(),
-                len: r.1,
+            // SAFETY: `mem` outlives the stopped capture made from these ranges.
+            .map(|(r, m)| unsafe {
+                livesnap::RamRange::new(r.0, m[m.as_ptr().align_offset(4096)..].as_ptr(), r.1)
             })
             .collect();
         let mut sink = Sink(Vec::new());
