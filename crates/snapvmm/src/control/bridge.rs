@@ -4,28 +4,22 @@
 //! machine.
 
 use std::sync::mpsc::{self, Sender};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use qmp::{CommandError, CpuInfo, Request, RunState};
 use serde_json::Value;
 
-use super::AppEvent;
+use super::event::AppEvent;
+use super::runstate::RunStates;
 
 /// Reply channel for one request.
 pub type Reply = mpsc::SyncSender<Result<Value, CommandError>>;
 
-/// What QMP reads without asking the controller.
-#[derive(Debug, Clone)]
-pub struct Shared {
-    pub status: RunState,
-    pub cpus: Vec<CpuInfo>,
-}
-
 /// `qmp::Machine` for snapvmm.
 pub struct Bridge {
     pub tx: Mutex<Sender<AppEvent>>,
-    pub shared: Arc<Mutex<Shared>>,
+    pub runstate: RunStates,
     pub name: Option<String>,
 }
 
@@ -43,24 +37,17 @@ impl Bridge {
         rx.recv_timeout(limit)
             .unwrap_or_else(|_| Err(CommandError::generic("the VM is shutting down")))
     }
-
-    fn shared(&self) -> Shared {
-        self.shared
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-    }
 }
 
 impl qmp::Machine for Bridge {
     fn status(&self) -> RunState {
-        self.shared().status
+        self.runstate.get()
     }
     fn name(&self) -> Option<String> {
         self.name.clone()
     }
     fn cpus(&self) -> Vec<CpuInfo> {
-        self.shared().cpus
+        self.runstate.cpus()
     }
     fn request(&self, req: Request) -> Result<Value, CommandError> {
         let limit = match req {

@@ -15,7 +15,12 @@ use signal_hook::consts::{SIGINT, SIGTERM};
 use vmm::{Machine, MachineConfig, MachineEvent};
 
 mod bridge;
+mod event;
+mod runstate;
 mod snapjobs;
+
+pub use event::AppEvent;
+use runstate::RunStates;
 
 use crate::cli::{RunConfig, SerialTarget};
 use crate::disk::Disks;
@@ -24,26 +29,7 @@ use crate::snapshot::cut::{cut, Capture, Outcome};
 use crate::snapshot::migrate::{self as migration, Migration, Status};
 use crate::snapshot::restore;
 use crate::snapshot::{Busy, Cmd, Op};
-use bridge::{Bridge, Reply, Shared};
-
-/// Everything the controller reacts to.
-#[derive(Debug)]
-pub enum AppEvent {
-    Machine(MachineEvent),
-    Signal(i32),
-    Qmp(qmp::Request, Reply),
-    /// A fork capture ended (any outcome).
-    CaptureDone,
-    /// A stop-and-copy capture ended.
-    StopCopyDone(Result<livesnap::CaptureStats, String>),
-    /// A live savevm's capture ended (any outcome).
-    SaveVmDone,
-    /// The huge-page rebuild after a fork capture ended.
-    CollapseDone(vmm::memory::CollapseStats, Duration),
-    /// Bytes typed on stdin for the serial console; the reply says how many the
-    /// UART took (the console thread retries the rest).
-    ConsoleInput(Vec<u8>, mpsc::Sender<usize>),
-}
+use bridge::{Bridge, Reply};
 
 /// Environment variable naming the KVM device (tests point it elsewhere).
 const KVM_PATH_ENV: &str = "SNAPVMM_KVM_DEVICE";
@@ -56,15 +42,12 @@ pub fn run(mut cfg: RunConfig) -> Result<u8> {
     } else {
         RunState::Prelaunch
     };
-    let shared = Arc::new(Mutex::new(Shared {
-        status,
-        cpus: Vec::new(),
-    }));
+    let runstate = RunStates::new(status);
     let qmp_server = match &cfg.qmp {
         Some(addr) => {
             let bridge = Bridge {
                 tx: Mutex::new(tx.clone()),
-                shared: shared.clone(),
+                runstate: runstate.clone(),
                 name: cfg.name.clone(),
             };
             Some(
@@ -110,7 +93,7 @@ pub fn run(mut cfg: RunConfig) -> Result<u8> {
         cfg,
         tx,
         machine,
-        shared,
+        runstate,
         events,
         migration,
         disks,
@@ -124,10 +107,10 @@ pub fn run(mut cfg: RunConfig) -> Result<u8> {
     };
     c.publish_cpus();
     if c.cfg.start_paused {
-        c.set_status(RunState::Paused);
+        c.runstate.start(RunState::Paused);
     } else {
         c.machine.resume();
-        c.set_status(RunState::Running);
+        c.runstate.start(RunState::Running);
     }
     // migrate-incoming returns once the VM is in its new state.
     if let Some(reply) = incoming_reply {
@@ -329,7 +312,8 @@ pub(crate) struct Controller {
     pub(crate) cfg: RunConfig,
     pub(crate) tx: mpsc::Sender<AppEvent>,
     pub(crate) machine: Machine,
-    shared: Arc<Mutex<Shared>>,
+    /// The run state QMP sees; changed only by `set_status`.
+    pub(crate) runstate: RunStates,
     events: Option<EventBus>,
     pub(crate) migration: Migration,
     /// The disks, by id, for snapshot operations (the devices hold them too).
@@ -477,7 +461,6 @@ impl Controller {
                 job.resume_after = job.resume_after && c.was_running;
                 if c.was_running {
                     self.set_status(RunState::Paused);
-                    self.emit("STOP", None);
                 }
                 let _ = self.migration.set_status(Status::Active, &self.events);
                 let tx = self.tx.clone();
@@ -619,7 +602,6 @@ impl Controller {
             job.downtime = total;
             self.machine.resume();
             self.set_status(RunState::Running);
-            self.emit("RESUME", None);
         } else if end == Status::Completed {
             job.downtime = total;
             self.set_status(RunState::Postmigrate);
@@ -652,10 +634,9 @@ impl Controller {
         use qmp::Request::*;
         match req {
             Stop => {
-                if self.machine.is_running() {
+                if self.runstate.is_running() {
                     self.pause()?;
                     self.set_status(RunState::Paused);
-                    self.emit("STOP", None);
                 }
             }
             Cont => {
@@ -666,10 +647,9 @@ impl Controller {
                         "Resetting the Virtual Machine is required",
                     ));
                 }
-                if !self.machine.is_running() {
+                if !self.runstate.is_running() {
                     self.machine.resume();
                     self.set_status(RunState::Running);
-                    self.emit("RESUME", None);
                 }
             }
             SystemReset => {
@@ -756,7 +736,7 @@ impl Controller {
     /// A reset rebuilds the machine from its configuration: fresh RAM, the kernel
     /// loaded again, every vCPU at its boot state.
     fn reset(&mut self, guest: bool, reason: &str) -> Result<()> {
-        let was_running = self.machine.is_running() || self.status() == RunState::Shutdown;
+        let was_running = matches!(self.status(), RunState::Running | RunState::Shutdown);
         self.stop_collapse();
         let _ = self.machine.pause();
         self.machine.flush_serial();
@@ -791,11 +771,12 @@ impl Controller {
     }
 
     pub(crate) fn status(&self) -> RunState {
-        self.shared.lock().unwrap_or_else(|e| e.into_inner()).status
+        self.runstate.get()
     }
 
+    /// Changes the run state; `STOP`/`RESUME` are emitted by the transition.
     pub(crate) fn set_status(&self, s: RunState) {
-        self.shared.lock().unwrap_or_else(|e| e.into_inner()).status = s;
+        let _ = self.runstate.set(s, &self.events);
     }
 
     pub(crate) fn publish_cpus(&self) {
@@ -805,7 +786,7 @@ impl Controller {
             .iter()
             .map(|v| CpuInfo::x86_64(i64::from(v.id), i64::from(v.tid)))
             .collect();
-        self.shared.lock().unwrap_or_else(|e| e.into_inner()).cpus = cpus;
+        self.runstate.set_cpus(cpus);
     }
 
     pub(crate) fn emit(&self, name: &str, data: Option<Value>) {

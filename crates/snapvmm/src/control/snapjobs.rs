@@ -426,7 +426,7 @@ impl Controller {
                 ));
             }
         }
-        let was_running = self.machine.is_running();
+        let was_running = self.runstate.is_running();
         self.stop_collapse();
         let _ = self.machine.pause();
         self.set_status(RunState::RestoreVm);
