@@ -14,7 +14,7 @@ use super::{AppEvent, Controller};
 use crate::jobs::{Kind, Status};
 use crate::snapshot::cut::{cut, Capture, Cut, Outcome};
 use crate::snapshot::savevm;
-use crate::snapshot::Cmd;
+use crate::snapshot::{Cmd, SnapshotError};
 
 /// A live save between the cut and the commit.
 pub struct PendingSave {
@@ -62,7 +62,8 @@ impl Controller {
         }
     }
 
-    fn fail_job(&mut self, id: &str, why: String, waiter: Option<Reply>) {
+    fn fail_job(&mut self, id: &str, why: SnapshotError, waiter: Option<Reply>) {
+        let why = why.to_string();
         tracing::warn!(job = id, "snapshot job failed: {why}");
         let evs = self.jobs.fail(id, why.clone());
         self.job_events(evs);
@@ -85,12 +86,9 @@ impl Controller {
     }
 
     /// The job's disks and vmstate disk, and how many of the disks hold its tag.
-    fn resolve_job(&self, job: &SnapshotJob) -> Result<(Vec<usize>, usize, usize), String> {
+    fn resolve_job(&self, job: &SnapshotJob) -> Result<(Vec<usize>, usize, usize), SnapshotError> {
         let ids = self.disk_ids();
-        let vmstate = job
-            .vmstate
-            .as_deref()
-            .ok_or_else(|| "Parameter 'vmstate' is missing".to_string())?;
+        let vmstate = job.vmstate.as_deref().ok_or(SnapshotError::NoVmstateArg)?;
         let (devices, vm) =
             savevm::resolve(&ids, &job.devices, Some(vmstate), |i| self.is_qcow2(i))?;
         let holders = devices
@@ -121,21 +119,18 @@ impl Controller {
         Ok(())
     }
 
-    fn begin_save(&mut self, job: &SnapshotJob, _hmp: bool) -> Result<(), String> {
-        self.check(Cmd::SnapshotSave).map_err(|e| e.to_string())?;
+    fn begin_save(&mut self, job: &SnapshotJob, _hmp: bool) -> Result<(), SnapshotError> {
+        self.check(Cmd::SnapshotSave)?;
         if !matches!(
             self.status(),
             RunState::Running | RunState::Paused | RunState::Postmigrate
         ) {
-            return Err(format!("cannot save a VM in state '{}'", self.status()));
+            return Err(SnapshotError::VmState(self.status()));
         }
         let ids = self.disk_ids();
         let (devices, vm, holders) = self.resolve_job(job)?;
         if holders > 0 {
-            return Err(format!(
-                "Snapshot '{}' already exists in one or more devices",
-                job.tag
-            ));
+            return Err(SnapshotError::Exists(job.tag.clone()));
         }
         self.stop_collapse();
         // Prepared with the guest running: the capture's pipe and its sink.
@@ -161,8 +156,7 @@ impl Controller {
             &crate::snapshot::migrate::ram_ranges(&self.machine),
             Box::new(sink),
             opts,
-        )
-        .map_err(|e| e.to_string())?;
+        )?;
 
         // The cut; the disks are frozen while the vCPU threads save their registers.
         let t_pause = Instant::now();
@@ -178,7 +172,7 @@ impl Controller {
                         *vm_frozen.lock().unwrap_or_else(|e| e.into_inner()) = Some(f);
                     }
                     Ok(f) => frozen.push((i, f)),
-                    Err(e) => return Err(savevm::qerr(&ids[i], e)),
+                    Err(e) => return Err(SnapshotError::disk(&ids[i], e).to_string()),
                 }
             }
             Ok(())
@@ -209,7 +203,7 @@ impl Controller {
             }) => unreachable!("a fork cut never stops"),
             Err(e) => {
                 self.abort_frozen(frozen, &vm_frozen, vm);
-                return Err(e.to_string());
+                return Err(e.into());
             }
         };
         tracing::debug!(pause_us = pause.as_micros() as u64, "savevm cut");
@@ -267,11 +261,7 @@ impl Controller {
         let ids = self.disk_ids();
         if let Err(e) = result {
             self.abort_frozen(std::mem::take(&mut p.frozen), &p.vm_frozen, p.vmstate);
-            let why = match e {
-                livesnap::SnapError::Cancelled => "Operation canceled".to_string(),
-                e => e.to_string(),
-            };
-            self.fail_job(&p.job_id, why, p.waiter.take());
+            self.fail_job(&p.job_id, e.into(), p.waiter.take());
             return;
         }
         let len = p.image_len.load(Ordering::SeqCst);
@@ -286,10 +276,7 @@ impl Controller {
             .chain(std::iter::once(p.vmstate))
             .find(|&i| self.disks.with_qcow2(i, |q| !q.is_frozen()).unwrap_or(true));
         if let Some(i) = lost {
-            error = Some(format!(
-                "Device '{}' failed during the save; the snapshot was not taken",
-                ids[i]
-            ));
+            error = Some(SnapshotError::LostDuringSave(ids[i].clone()));
         }
         // Every other disk first, the vmstate disk last (only then is the
         // snapshot loadable); on a failure, the disks that already committed
@@ -306,7 +293,7 @@ impl Controller {
             match r {
                 Some(Ok(true)) => committed.push(i),
                 Some(Err(e)) => {
-                    error.get_or_insert(savevm::qerr(&ids[i], e));
+                    error.get_or_insert(SnapshotError::disk(&ids[i], e));
                 }
                 _ => {}
             }
@@ -320,7 +307,7 @@ impl Controller {
                 }
             });
             if let Some(Err(e)) = r {
-                error.get_or_insert(savevm::qerr(&ids[p.vmstate], e));
+                error.get_or_insert(SnapshotError::disk(&ids[p.vmstate], e));
             }
         }
         if error.is_some() {
@@ -367,21 +354,17 @@ impl Controller {
         Ok(())
     }
 
-    fn load(&mut self, job: &SnapshotJob) -> Result<(), String> {
-        self.check(Cmd::SnapshotLoad).map_err(|e| e.to_string())?;
+    fn load(&mut self, job: &SnapshotJob) -> Result<(), SnapshotError> {
+        self.check(Cmd::SnapshotLoad)?;
         let ids = self.disk_ids();
         let (devices, vm, holders) = self.resolve_job(job)?;
         if holders != devices.len() {
-            return Err(format!(
-                "Snapshot '{}' does not exist in one or more devices",
-                job.tag
-            ));
+            return Err(SnapshotError::NotOnEveryDisk(job.tag.clone()));
         }
         // Everything that can fail is checked before the running VM is touched.
         let image = self.disks.get(vm).and_then(|d| d.qcow2.as_ref());
         let source = savevm::vmstate_source(image.expect("checked qcow2"), &job.tag)?;
-        let (ram, state) = crate::snapshot::restore::from_source(source)
-            .map_err(|e| format!("the VM state is not usable: {e}"))?;
+        let (ram, state) = crate::snapshot::restore::from_source(source)?;
         let loaded_clock = self
             .disks
             .with_qcow2(vm, |q| {
@@ -392,26 +375,23 @@ impl Controller {
             })
             .unwrap_or(0);
         if state.virtio.len() != ids.len() {
-            return Err(format!(
-                "the snapshot was taken with {} disk(s), this VM has {}",
-                state.virtio.len(),
-                ids.len()
-            ));
+            return Err(SnapshotError::DiskCount {
+                had: state.virtio.len(),
+                has: ids.len(),
+            });
         }
         for (i, dev) in self.machine.bus().virtio.iter().enumerate() {
             let mut d = vmm::devices::lock(dev);
             let size = d.backend_mut().size();
             if state.virtio[i].capacity_bytes != size {
-                return Err(format!(
-                    "Device '{}' has {size} bytes, the snapshot's disk had {}",
-                    ids[i], state.virtio[i].capacity_bytes
-                ));
+                return Err(SnapshotError::DiskCapacity {
+                    dev: ids[i].clone(),
+                    has: size,
+                    had: state.virtio[i].capacity_bytes,
+                });
             }
             if devices.contains(&i) && d.is_readonly() {
-                return Err(format!(
-                    "Device '{}' is read-only: its snapshot cannot be applied",
-                    ids[i]
-                ));
+                return Err(SnapshotError::ReadOnly(ids[i].clone()));
             }
         }
         for &i in &devices {
@@ -420,10 +400,10 @@ impl Controller {
                     .is_some_and(|s| s.disk_size == q.size())
             });
             if fits != Some(true) {
-                return Err(format!(
-                    "Device '{}': snapshot '{}' is of a disk of another size",
-                    ids[i], job.tag
-                ));
+                return Err(SnapshotError::DiskSize {
+                    dev: ids[i].clone(),
+                    tag: job.tag.clone(),
+                });
             }
         }
         let was_running = self.runstate.is_running();
@@ -433,19 +413,22 @@ impl Controller {
         self.machine.flush_serial();
         // Past this point the old machine is gone; a failure (an I/O error
         // reverting a disk) ends the VM loudly instead of leaving it dead.
-        let disks = self.machine.take_disks().map_err(|e| e.to_string());
+        let disks = self
+            .machine
+            .take_disks()
+            .map_err(|e| SnapshotError::Rebuild(e.to_string()));
         let applied = disks.and_then(|disks| {
             devices.iter().try_for_each(|&i| {
                 self.disks
                     .with_qcow2(i, |q| q.apply_snapshot(&job.tag))
                     .unwrap_or(Ok(()))
-                    .map_err(|e| savevm::qerr(&ids[i], e))
+                    .map_err(|e| SnapshotError::disk(&ids[i], e))
             })?;
             Ok(disks)
         });
         let built = applied.and_then(|disks| {
             super::build_from_state(&self.cfg, &self.tx, ram, state, disks)
-                .map_err(|e| format!("{e:#}"))
+                .map_err(|e| SnapshotError::Rebuild(format!("{e:#}")))
         });
         self.machine = match built {
             Ok(m) => m,
@@ -475,8 +458,8 @@ impl Controller {
         Ok(())
     }
 
-    fn delete(&mut self, tag: &str, devices: &[String]) -> Result<(), String> {
-        self.check(Cmd::SnapshotDelete).map_err(|e| e.to_string())?;
+    fn delete(&mut self, tag: &str, devices: &[String]) -> Result<(), SnapshotError> {
+        self.check(Cmd::SnapshotDelete)?;
         let ids = self.disk_ids();
         let (devices, _) = savevm::resolve(&ids, devices, None, |i| self.is_qcow2(i))?;
         let mut found = false;
@@ -495,12 +478,12 @@ impl Controller {
                 Ok(f) => found |= f,
                 Err(e) => {
                     self.disks.with_qcow2(i, crate::disk::heal);
-                    return Err(savevm::qerr(&ids[i], e));
+                    return Err(SnapshotError::disk(&ids[i], e));
                 }
             }
         }
         if !found {
-            return Err(format!("Snapshot '{tag}' not found"));
+            return Err(SnapshotError::NotFound(tag.to_string()));
         }
         Ok(())
     }
@@ -564,14 +547,14 @@ impl Controller {
         let r = self.load(&job);
         let _ = match &r {
             Ok(()) => self.jobs.succeed(&id),
-            Err(e) => self.jobs.fail(&id, e.clone()),
+            Err(e) => self.jobs.fail(&id, e.to_string()),
         };
         let _ = self.jobs.dismiss(&id);
-        r.map_err(CommandError::generic)
+        r.map_err(CommandError::from)
     }
 
     pub fn hmp_delvm(&mut self, tag: &str) -> Result<(), CommandError> {
-        self.delete(tag, &[]).map_err(CommandError::generic)
+        self.delete(tag, &[]).map_err(CommandError::from)
     }
 
     /// `info snapshots`: snapshots present on every qcow2 disk (by tag).

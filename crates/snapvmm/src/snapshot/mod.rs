@@ -7,11 +7,14 @@
 
 pub mod collapse;
 pub mod cut;
+mod error;
 pub mod migrate;
 pub mod restore;
 pub mod savevm;
 
 use serde_json::Value;
+
+pub use error::SnapshotError;
 
 /// Where QMP events go: the controller's event bus, or a recorder in tests.
 pub trait Events {

@@ -12,6 +12,7 @@ use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use super::SnapshotError;
 use crate::disk::{Disks, Qcow2Handle};
 
 /// The VM clock recorded with snapshot `tag` (on the disk that holds its VM state).
@@ -38,7 +39,7 @@ pub fn resolve(
     devices: &[String],
     vmstate: Option<&str>,
     is_qcow2: impl Fn(usize) -> bool,
-) -> Result<(Vec<usize>, Option<usize>), String> {
+) -> Result<(Vec<usize>, Option<usize>), SnapshotError> {
     let mut out = Vec::new();
     let wanted: Vec<&str> = if devices.is_empty() {
         ids.iter().map(String::as_str).collect()
@@ -49,18 +50,16 @@ pub fn resolve(
         let i = ids
             .iter()
             .position(|d| d == name)
-            .ok_or_else(|| format!("No block device node '{name}'"))?;
+            .ok_or_else(|| SnapshotError::NoDevice(name.to_string()))?;
         if !is_qcow2(i) {
-            return Err(format!(
-                "Device '{name}' is writable but does not support snapshots"
-            ));
+            return Err(SnapshotError::NotSnapshotCapable(name.to_string()));
         }
         if !out.contains(&i) {
             out.push(i);
         }
     }
     if out.is_empty() {
-        return Err("No block device can accept snapshots".into());
+        return Err(SnapshotError::NoSnapshotDisk);
     }
     let vm = match vmstate {
         None => None,
@@ -68,11 +67,9 @@ pub fn resolve(
             let i = ids
                 .iter()
                 .position(|d| d == v)
-                .ok_or_else(|| format!("No block device node '{v}'"))?;
+                .ok_or_else(|| SnapshotError::NoDevice(v.to_string()))?;
             if !out.contains(&i) {
-                return Err(format!(
-                    "vmstate block device '{v}' does not exist in the list of devices"
-                ));
+                return Err(SnapshotError::VmstateNotListed(v.to_string()));
             }
             Some(i)
         }
@@ -110,18 +107,22 @@ impl livesnap::Sink for VmStateSink {
 /// The VM state of snapshot `tag` of disk `d`, as a livesnap source that reads it
 /// from the image as it is needed (through a second, read-only handle): loading
 /// never holds the whole VM state in memory, only guest RAM itself.
-pub fn vmstate_source(d: &Qcow2Handle, tag: &str) -> Result<Box<dyn livesnap::Source>, String> {
-    let q = d
-        .reader()
-        .map_err(|e| format!("cannot read the VM state of '{tag}': {e}"))?;
+pub fn vmstate_source(
+    d: &Qcow2Handle,
+    tag: &str,
+) -> Result<Box<dyn livesnap::Source>, SnapshotError> {
+    let q = d.reader().map_err(|source| SnapshotError::ReadVmState {
+        tag: tag.to_string(),
+        source,
+    })?;
     let info = q
         .snapshots()
         .iter()
         .find(|s| s.name == tag)
         .cloned()
-        .ok_or_else(|| format!("Snapshot '{tag}' does not exist"))?;
+        .ok_or_else(|| SnapshotError::NoSuchSnapshot(tag.to_string()))?;
     if info.vm_state_size == 0 {
-        return Err(format!("Snapshot '{tag}' has no VM state"));
+        return Err(SnapshotError::NoVmState(tag.to_string()));
     }
     Ok(Box::new(VmStateSource {
         q: Mutex::new(q),
@@ -148,17 +149,12 @@ impl livesnap::Source for VmStateSource {
     }
 }
 
-/// Maps a qcow2 error to a job error text.
-pub fn qerr(dev: &str, e: qcow2::Error) -> String {
-    format!("Device '{dev}': {e}")
-}
-
 /// `--loadvm TAG`: reverts every qcow2 disk holding TAG and decodes the VM
 /// state from the first of them that has one.
 pub fn load_from_disks(
     disks: &Disks,
     tag: &str,
-) -> Result<(vmm::memory::GuestRam, vmm::MachineState), String> {
+) -> Result<(vmm::memory::GuestRam, vmm::MachineState), SnapshotError> {
     let mut vmstate = None;
     let mut holders = Vec::new();
     for d in disks.iter() {
@@ -166,10 +162,7 @@ pub fn load_from_disks(
             continue; // not part of VM snapshots, as in QEMU
         }
         let Some(q) = &d.qcow2 else {
-            return Err(format!(
-                "Device '{}' is writable but does not support snapshots",
-                d.id
-            ));
+            return Err(SnapshotError::NotSnapshotCapable(d.id.clone()));
         };
         // Every writable disk must hold the snapshot: RAM and disks of one instant.
         let size = q.with(|q| {
@@ -178,20 +171,18 @@ pub fn load_from_disks(
                 .find(|s| s.name == tag)
                 .map(|s| s.vm_state_size)
         });
-        let size =
-            size.ok_or_else(|| format!("Snapshot '{tag}' does not exist in one or more devices"))?;
+        let size = size.ok_or_else(|| SnapshotError::NotOnEveryDisk(tag.to_string()))?;
         if vmstate.is_none() && size > 0 {
             vmstate = Some(q);
         }
         holders.push(d);
     }
-    let vm = vmstate.ok_or_else(|| format!("no disk holds a snapshot '{tag}' with VM state"))?;
-    let (ram, state) = super::restore::from_source(vmstate_source(vm, tag)?)
-        .map_err(|e| format!("the VM state is not usable: {e}"))?;
+    let vm = vmstate.ok_or_else(|| SnapshotError::NoVmStateDisk(tag.to_string()))?;
+    let (ram, state) = super::restore::from_source(vmstate_source(vm, tag)?)?;
     for d in holders {
         if let Some(q) = &d.qcow2 {
             q.with(|q| q.apply_snapshot(tag))
-                .map_err(|e| qerr(&d.id, e))?;
+                .map_err(|e| SnapshotError::disk(&d.id, e))?;
         }
     }
     Ok((ram, state))
