@@ -197,11 +197,8 @@ fn wait_incoming(
             MigrateSetParameters(p) => migration.set_parameters(&p).map(|_| json!({})),
             QueryMigrateParameters => Ok(migration.query_parameters()),
             QueryJobs => Ok(json!([])),
-            // snapvmm's jobs never wait in `pending`: there is nothing to finalize.
-            r @ JobFinalize(_) => Err(r.unsupported()),
-            Stop | Cont | SystemReset | Migrate(_) | MigrateCancel | SnapshotSave(_)
-            | SnapshotLoad(_) | SnapshotDelete(_) | JobDismiss(_) | JobCancel(_) | SaveVm(_)
-            | LoadVm(_) | DelVm(_) | ListSnapshots => Err(CommandError::generic(
+            // Everything else needs a VM: one is loaded by migrate-incoming first.
+            _ => Err(CommandError::generic(
                 "The VM is waiting for an incoming migration: load it with migrate-incoming first",
             )),
         };
