@@ -17,7 +17,7 @@ pub enum AppEvent {
     /// A fork capture ended (any outcome).
     CaptureDone,
     /// A stop-and-copy capture ended.
-    StopCopyDone(Result<livesnap::CaptureStats, String>),
+    StopCopyDone(Result<livesnap::CaptureStats, livesnap::SnapError>),
     /// A live savevm's capture ended (any outcome).
     SaveVmDone,
     /// The huge-page rebuild after a fork capture ended.

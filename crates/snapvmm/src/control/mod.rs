@@ -575,7 +575,7 @@ impl Controller {
         }
     }
 
-    fn stop_copy_done(&mut self, r: Result<livesnap::CaptureStats, String>) {
+    fn stop_copy_done(&mut self, r: Result<livesnap::CaptureStats, livesnap::SnapError>) {
         let Some(job) = self.migration.job.as_mut() else {
             return;
         };
@@ -591,7 +591,7 @@ impl Controller {
                 Status::Completed
             }
             Err(e) => {
-                job.error = Some(e);
+                job.error = Some(e.to_string());
                 Status::Failed
             }
         };

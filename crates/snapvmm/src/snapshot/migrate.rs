@@ -452,11 +452,11 @@ pub fn start_stop_copy(
     m: &vmm::Machine,
     state: Vec<u8>,
     dest: PathBuf,
-    done: impl FnOnce(Result<CaptureStats, String>) + Send + 'static,
+    done: impl FnOnce(Result<CaptureStats, livesnap::SnapError>) + Send + 'static,
 ) -> std::thread::JoinHandle<()> {
     let ranges = ram_ranges(m);
     std::thread::spawn(move || {
-        done(livesnap::capture_stopped(&ranges, &state, &dest).map_err(|e| e.to_string()));
+        done(livesnap::capture_stopped(&ranges, &state, &dest));
     })
 }
 
