@@ -409,8 +409,8 @@ impl Controller {
 
     /// `migrate file:PATH`: see migration.rs for the two methods.
     fn migrate(&mut self, uri: &str) -> Result<(), CommandError> {
-        let dest = migration::parse_uri(uri)?;
         self.check(Cmd::Migrate)?;
+        let dest = migration::parse_uri(uri)?;
         if !matches!(
             self.status(),
             RunState::Running | RunState::Paused | RunState::Postmigrate
@@ -455,6 +455,9 @@ impl Controller {
         match c.outcome {
             Outcome::Stopped { state } => {
                 // Stop-and-copy: the guest stays stopped; no hurry.
+                let t = Instant::now();
+                let state = state.to_bytes();
+                job.state_time += t.elapsed();
                 job.resume_after = job.resume_after && c.was_running;
                 if c.was_running {
                     self.set_status(RunState::Paused);
@@ -464,7 +467,7 @@ impl Controller {
                 let done = move |r| {
                     let _ = tx.send(AppEvent::StopCopyDone(r));
                 };
-                let t = migration::start_stop_copy(&self.machine, state.to_bytes(), dest, done);
+                let t = migration::start_stop_copy(&self.machine, state, dest, done);
                 if let Some(j) = self.migration.job.as_mut() {
                     j.stop_thread = Some(t);
                 }
@@ -681,9 +684,13 @@ impl Controller {
                 ))
             }
             MigrateCancel => {
-                if let Some(c) = self.migration.job.as_ref().and_then(|j| j.capture.as_ref()) {
+                let job = self.migration.job.as_ref();
+                if let Some(c) = job.and_then(|j| j.capture.as_ref()) {
                     c.cancel();
-                    let _ = self.migration.set_status(Status::Cancelling, &self.events);
+                    // A second cancel while cancelling changes nothing.
+                    if job.is_some_and(|j| j.status() != Status::Cancelling) {
+                        let _ = self.migration.set_status(Status::Cancelling, &self.events);
+                    }
                 }
             }
             QueryMigrate => return Ok(self.migration.query()),

@@ -29,13 +29,13 @@ pub struct IllegalRunState {
 pub struct RunStates(Arc<Mutex<Shared>>);
 
 /// Whether `from → to` is allowed: `internal-error` is final; a shut-down
-/// VM leaves `shutdown` only through a reset (to running or paused) or an
-/// internal error.
+/// VM leaves `shutdown` only through a reset (to running or paused), a
+/// snapshot load (`restore-vm`) or an internal error.
 pub fn legal(from: RunState, to: RunState) -> bool {
     use RunState::*;
     match from {
         InternalError => to == InternalError,
-        Shutdown => matches!(to, Shutdown | Running | Paused | InternalError),
+        Shutdown => matches!(to, Shutdown | Running | Paused | RestoreVm | InternalError),
         _ => true,
     }
 }

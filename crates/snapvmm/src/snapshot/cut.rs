@@ -357,7 +357,7 @@ mod tests {
             *m.log.borrow(),
             ["pause", "begin", "freeze", "finish", "resume"]
         );
-        assert!(c.times.downtime >= c.times.vcpu_pause);
+        assert!(c.times.downtime >= c.times.fork, "the fork is inside the pause");
         let Outcome::Forked {
             capture,
             sender,

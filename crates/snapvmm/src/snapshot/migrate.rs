@@ -419,7 +419,7 @@ const QEMU_CAPABILITIES: &[&str] = &[
 ];
 
 /// Guest RAM as the snapshot engine sees it.
-pub fn ram_ranges(m: &vmm::Machine) -> Vec<RamRange> {
+pub(crate) fn ram_ranges(m: &vmm::Machine) -> Vec<RamRange> {
     m.ram()
         .regions()
         .iter()
@@ -434,7 +434,7 @@ pub fn ram_ranges(m: &vmm::Machine) -> Vec<RamRange> {
 
 /// Prepares a fork capture (before the pause); once started, `done` is
 /// called when it ends, whatever the outcome.
-pub fn prepare_fork(
+pub(crate) fn prepare_fork(
     m: &vmm::Machine,
     dest: &Path,
     done: impl FnOnce() + Send + 'static,
@@ -448,7 +448,7 @@ pub fn prepare_fork(
 
 /// Runs a stop-and-copy capture on a worker thread; `done` gets its result.
 /// The caller keeps the VM paused until then.
-pub fn start_stop_copy(
+pub(crate) fn start_stop_copy(
     m: &vmm::Machine,
     state: Vec<u8>,
     dest: PathBuf,
