@@ -357,7 +357,10 @@ mod tests {
             *m.log.borrow(),
             ["pause", "begin", "freeze", "finish", "resume"]
         );
-        assert!(c.times.downtime >= c.times.fork, "the fork is inside the pause");
+        assert!(
+            c.times.downtime >= c.times.fork,
+            "the fork is inside the pause"
+        );
         let Outcome::Forked {
             capture,
             sender,
