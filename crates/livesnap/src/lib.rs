@@ -24,6 +24,7 @@ mod image;
 mod pages;
 mod sink;
 mod source;
+pub mod uffd;
 
 pub use capture::{
     capture_stopped, prepare_fork_capture, prepare_fork_capture_to, start_fork_capture, Capture,
