@@ -151,8 +151,8 @@ pub(crate) fn prepare(ranges: &[RamRange], dev_len: usize) -> Result<(Header, Ve
 static TMP_SEQ: AtomicU32 = AtomicU32::new(0);
 
 /// The temp file next to the destination; removed on drop unless renamed.
-struct TempImage {
-    file: File,
+pub(crate) struct TempImage {
+    pub(crate) file: File,
     tmp: PathBuf,
     dest: PathBuf,
     dir: PathBuf,
@@ -167,7 +167,7 @@ impl TempImage {
     /// A symlink is followed (the image replaces its target); a destination that is not
     /// a regular file (a device, a FIFO, a socket) is refused: renaming over it would
     /// replace the node.
-    fn create(dest: &Path) -> Result<TempImage> {
+    pub(crate) fn create(dest: &Path) -> Result<TempImage> {
         let dest = &resolve_destination(dest)?;
         let name = dest.file_name().ok_or_else(|| {
             SnapError::InvalidInput(format!("destination {} has no file name", dest.display()))
@@ -243,7 +243,12 @@ impl TempImage {
     }
 
     /// Writes device state and header, syncs, and renames over `dest`.
-    fn finish(mut self, header: &Header, dev: &[u8], cancelled: impl Fn() -> bool) -> Result<()> {
+    pub(crate) fn finish(
+        mut self,
+        header: &Header,
+        dev: &[u8],
+        cancelled: impl Fn() -> bool,
+    ) -> Result<()> {
         self.file
             .write_all_at(dev, header.dev_offset)
             .map_err(|e| SnapError::io("write device state", e))?;
@@ -446,23 +451,24 @@ pub fn capture_stopped(
 }
 
 /// State shared between a [`Capture`] handle and its writer thread.
-struct Shared {
-    start: Instant,
-    total_bytes: u64,
-    written: AtomicU64,
-    zero_pages: AtomicU64,
-    cancelled: AtomicBool,
-    /// The child's pid until it is reaped (kill only while `Some`).
-    child: Mutex<Option<libc::pid_t>>,
-    status: Mutex<CaptureStatus>,
+pub(crate) struct Shared {
+    pub(crate) start: Instant,
+    pub(crate) total_bytes: u64,
+    pub(crate) written: AtomicU64,
+    pub(crate) zero_pages: AtomicU64,
+    pub(crate) cancelled: AtomicBool,
+    /// The child's pid until it is reaped (kill only while `Some`; a
+    /// write-protect capture has none).
+    pub(crate) child: Mutex<Option<libc::pid_t>>,
+    pub(crate) status: Mutex<CaptureStatus>,
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Shared {
-    fn cancelled(&self) -> bool {
+    pub(crate) fn cancelled(&self) -> bool {
         self.cancelled.load(Ordering::SeqCst)
     }
 
@@ -488,10 +494,11 @@ impl Shared {
 /// Handle of a running fork capture. Dropping it detaches: the capture
 /// goes on in the background (the `on_done` callback still runs).
 pub struct Capture {
-    shared: Arc<Shared>,
-    thread: Option<JoinHandle<Result<CaptureStats>>>,
-    pid: libc::pid_t,
-    pause_time: Duration,
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) thread: Option<JoinHandle<Result<CaptureStats>>>,
+    /// The fork capture's child; 0 for a write-protect capture.
+    pub(crate) pid: libc::pid_t,
+    pub(crate) pause_time: Duration,
 }
 
 impl fmt::Debug for Capture {
@@ -584,7 +591,7 @@ impl fmt::Debug for PreparedCapture {
 }
 
 /// The device state of a capture: given at `start`, or sent later.
-enum DevSource {
+pub(crate) enum DevSource {
     Ready(Vec<u8>),
     Later(std::sync::mpsc::Receiver<std::result::Result<Vec<u8>, String>>),
 }
@@ -593,7 +600,7 @@ enum DevSource {
 const STATE_WAIT: Duration = Duration::from_secs(60);
 
 impl DevSource {
-    fn wait(self) -> Result<Vec<u8>> {
+    pub(crate) fn wait(self) -> Result<Vec<u8>> {
         match self {
             DevSource::Ready(v) => Ok(v),
             DevSource::Later(rx) => match rx.recv_timeout(STATE_WAIT) {
@@ -612,7 +619,9 @@ impl DevSource {
 /// Delivers the device state of a capture started with
 /// [`PreparedCapture::start_deferred`].
 #[derive(Debug)]
-pub struct StateSender(std::sync::mpsc::SyncSender<std::result::Result<Vec<u8>, String>>);
+pub struct StateSender(
+    pub(crate) std::sync::mpsc::SyncSender<std::result::Result<Vec<u8>, String>>,
+);
 
 impl StateSender {
     /// The state, saved at the instant of the fork.

@@ -25,6 +25,7 @@ mod pages;
 mod sink;
 mod source;
 pub mod uffd;
+pub mod wp_capture;
 
 pub use capture::{
     capture_stopped, prepare_fork_capture, prepare_fork_capture_to, start_fork_capture, Capture,

@@ -1,0 +1,142 @@
+//! The write-protect capture: the image holds memory as of the protection
+//! while another thread keeps writing it; a small pool makes the fault
+//! handler write chunks itself; cancel leaves no file and nobody blocked.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{fill_dense, Mem};
+use livesnap::uffd::Uffd;
+use livesnap::wp_capture::{prepare_wp_capture, WpOptions, CHUNK};
+use livesnap::{Image, SnapError};
+
+const LEN: usize = 32 << 20;
+
+fn uffd() -> Option<Arc<Uffd>> {
+    match Uffd::new_wp() {
+        Ok(u) => Some(Arc::new(u)),
+        Err(e) => {
+            eprintln!("skipped: no userfaultfd write-protect here: {e}");
+            None
+        }
+    }
+}
+
+/// A thread that rewrites every word of `mem` (a different value each pass)
+/// until told to stop; returns the passes it made.
+fn mutator(mem: &Mem, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<u64> {
+    let (ptr, len) = (mem.bytes().as_ptr() as usize, mem.bytes().len());
+    std::thread::spawn(move || {
+        let mut pass = 0u64;
+        while !stop.load(Ordering::Relaxed) {
+            pass += 1;
+            // Chunks in a scattered order, so the fault handler and the writer race.
+            for c in 0..len / CHUNK as usize {
+                let c = (c * 7) % (len / CHUNK as usize);
+                for w in (0..CHUNK as usize).step_by(4096) {
+                    let p = (ptr + c * CHUNK as usize + w) as *mut u64;
+                    // SAFETY: inside the test mapping, which outlives this
+                    // thread (joined before the mapping is dropped).
+                    unsafe { p.write_volatile(!pass) };
+                }
+            }
+        }
+        pass
+    })
+}
+
+fn run(pool_bytes: u64) {
+    let Some(uffd) = uffd() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let dest = dir.path().join("wp.snap");
+    let mut mem = Mem::new(LEN);
+    fill_dense(mem.words_mut(), 42);
+    mem.bytes_mut()[LEN - 8192..].fill(0); // two zero pages: holes
+    let expected = mem.bytes().to_vec();
+    let range = mem.range(0, LEN, 0);
+    uffd.register_wp(range.host() as u64, range.len()).unwrap();
+    let prepared = prepare_wp_capture(
+        uffd.clone(),
+        &[range],
+        &dest,
+        WpOptions {
+            pool_bytes,
+            on_done: None,
+        },
+    )
+    .unwrap();
+    let (capture, sender, counters) = prepared.start_deferred().unwrap();
+    // From here on the memory changes under the capture.
+    let stop = Arc::new(AtomicBool::new(false));
+    let m = mutator(&mem, stop.clone());
+    sender.send(b"device state".to_vec());
+    let stats = capture.wait().unwrap();
+    stop.store(true, Ordering::Relaxed);
+    assert!(
+        m.join().unwrap() > 0,
+        "the writer thread was never blocked for good"
+    );
+    let image = Image::open(&dest).unwrap();
+    assert_eq!(image.device_state().unwrap(), b"device state");
+    let mut back = vec![0u8; LEN];
+    image.read_ram_into(0, &mut back).unwrap();
+    assert!(
+        back == expected,
+        "the image holds memory as of the protection"
+    );
+    assert_eq!(stats.zero_pages, 2);
+    let faults = counters.faults.load(Ordering::Relaxed);
+    let by_fault = counters.chunks_by_fault.load(Ordering::Relaxed);
+    let in_fault = counters.chunks_written_in_fault.load(Ordering::Relaxed);
+    let by_writer = counters.chunks_by_writer.load(Ordering::Relaxed);
+    assert_eq!(
+        by_fault + in_fault + by_writer,
+        (LEN as u64) / CHUNK,
+        "each chunk once"
+    );
+    assert!(counters.pool_high_water.load(Ordering::Relaxed) <= pool_bytes.max(CHUNK));
+    eprintln!(
+        "faults {faults}, chunks: by fault {by_fault}, written in fault {in_fault}, by writer {by_writer}"
+    );
+    // Nothing is protected any more.
+    mem.bytes_mut()[0] = 1;
+}
+
+#[test]
+fn the_image_holds_memory_as_of_the_protection_while_it_changes() {
+    run(64 << 20);
+}
+
+#[test]
+fn a_one_chunk_pool_still_makes_progress() {
+    run(CHUNK);
+}
+
+#[test]
+fn cancel_removes_the_file_and_blocks_nobody() {
+    let Some(uffd) = uffd() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let dest = dir.path().join("wp.snap");
+    let mut mem = Mem::new(LEN);
+    fill_dense(mem.words_mut(), 7);
+    let range = mem.range(0, LEN, 0);
+    uffd.register_wp(range.host() as u64, range.len()).unwrap();
+    let prepared = prepare_wp_capture(uffd.clone(), &[range], &dest, WpOptions::default()).unwrap();
+    let (capture, sender, _) = prepared.start_deferred().unwrap();
+    capture.cancel();
+    let stop = Arc::new(AtomicBool::new(false));
+    let m = mutator(&mem, stop.clone());
+    // The state never comes: the cancel must not wait for it.
+    drop(sender);
+    let r = capture.wait();
+    assert!(matches!(r, Err(SnapError::Cancelled)), "{r:?}");
+    std::thread::sleep(Duration::from_millis(100));
+    stop.store(true, Ordering::Relaxed);
+    assert!(m.join().unwrap() > 0);
+    assert!(!dest.exists());
+    let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+    assert!(left.is_empty(), "no temp file left: {left:?}");
+}
