@@ -9,7 +9,7 @@ use std::time::Duration;
 use common::*;
 use serde_json::json;
 
-fn snapshot_and_restore(cpus: &str) {
+fn snapshot_and_restore(cpus: &str, method: &str) {
     let d = TempDir::new("live");
     let image = d.path("vm.snap");
     let (a, mut qa) = start_vm(
@@ -26,8 +26,30 @@ fn snapshot_and_restore(cpus: &str) {
         .subsec_micros()
         % 500_000;
     std::thread::sleep(Duration::from_micros(jitter as u64));
+    qa.ok(
+        "migrate-set-parameters",
+        json!({"x-snapshot-method": method}),
+    );
     let m = live_snapshot(&mut qa, &image);
     assert_eq!(m["status"], "completed", "{m}");
+    assert_eq!(m["x-snapshot-method"], method, "{m}");
+    if method == "uffd" {
+        // Every 2 MiB chunk of RAM copied exactly once, by a fault or by the writer.
+        let wp = &m["x-write-protect"];
+        let chunks: u64 = [
+            "chunks-by-fault",
+            "chunks-written-in-fault",
+            "chunks-by-writer",
+        ]
+        .iter()
+        .map(|k| wp[*k].as_u64().unwrap())
+        .sum();
+        assert_eq!(chunks, (256u64 << 20) / (2 << 20), "{m}");
+        assert!(
+            wp["faults"].as_u64().unwrap() > 0,
+            "the guest wrote during the copy: {m}"
+        );
+    }
     assert_eq!(m["ram"]["total"], 256u64 << 20);
     assert!(m["x-downtime-us"].as_u64().unwrap() > 0);
     // The source VM kept running throughout and still runs.
@@ -76,12 +98,17 @@ fn snapshot_and_restore(cpus: &str) {
 
 #[test]
 fn live_snapshot_one_vcpu_restores_without_corruption() {
-    snapshot_and_restore("1");
+    snapshot_and_restore("1", "fork");
 }
 
 #[test]
 fn live_snapshot_two_vcpus_restores_without_corruption() {
-    snapshot_and_restore("2");
+    snapshot_and_restore("2", "fork");
+}
+
+#[test]
+fn write_protect_snapshot_two_vcpus_restores_without_corruption() {
+    snapshot_and_restore("2", "uffd");
 }
 
 #[test]

@@ -138,9 +138,22 @@ fn a_second_migrate_is_refused_while_one_runs() {
 
 #[test]
 fn cancel_removes_the_partial_file_and_the_vm_keeps_running() {
+    cancel_removes_the_partial_file("fork");
+}
+
+#[test]
+fn cancel_of_a_write_protect_capture_removes_the_partial_file() {
+    cancel_removes_the_partial_file("uffd");
+}
+
+fn cancel_removes_the_partial_file(method: &str) {
     let d = TempDir::new("cancel");
     let (a, mut q) = big_vm(&d, "a");
     enable_background(&mut q);
+    q.ok(
+        "migrate-set-parameters",
+        json!({"x-snapshot-method": method}),
+    );
     let image = d.path("vm.snap");
     q.ok("migrate", file_uri(&image));
     q.ok("migrate_cancel", json!({}));
@@ -257,7 +270,7 @@ fn full_disk_fails_the_snapshot_keeps_old_image_and_vm_running() {
     // An earlier snapshot under the same name must survive the failed one.
     let image = fs.0.join("vm.snap");
     std::fs::write(&image, b"previous image").unwrap();
-    for method in ["fork", "stop"] {
+    for method in ["fork", "stop", "uffd"] {
         enable_background(&mut q);
         q.ok(
             "migrate-set-parameters",
@@ -298,6 +311,17 @@ fn ram_of(p: &Path) -> Vec<Vec<u8>> {
 
 #[test]
 fn fork_image_is_ram_at_the_pause_instant_even_while_the_guest_writes() {
+    live_image_is_ram_at_the_pause_instant("fork");
+}
+
+#[test]
+fn write_protect_image_is_ram_at_the_pause_instant_even_while_the_guest_writes() {
+    live_image_is_ram_at_the_pause_instant("uffd");
+}
+
+/// A live capture (`method`) and a stop-and-copy of the same paused instant
+/// are the same image, though the guest rewrote its RAM during the live one.
+fn live_image_is_ram_at_the_pause_instant(method: &str) {
     let d = TempDir::new("instant");
     let (a, mut q) = start_vm(
         &d,
@@ -323,10 +347,10 @@ fn fork_image_is_ram_at_the_pause_instant_even_while_the_guest_writes() {
     assert_eq!(q.wait_migration(T)["status"], "completed");
     q.ok(
         "migrate-set-parameters",
-        json!({"x-snapshot-method": "fork"}),
+        json!({"x-snapshot-method": method}),
     );
     q.ok("migrate", file_uri(&by_fork));
-    // Let the guest rewrite its whole region while the child streams.
+    // Let the guest rewrite its whole region while the capture streams.
     q.ok("cont", json!({}));
     let m = q.wait_migration(T);
     assert_eq!(m["status"], "completed", "{m}");
@@ -343,7 +367,7 @@ fn fork_image_is_ram_at_the_pause_instant_even_while_the_guest_writes() {
                 .position(|(a, b)| a != b)
                 .unwrap();
             panic!(
-                "range {i}: images differ first at page {page}: a write after the fork leaked in"
+                "range {i}: images differ first at page {page}: a write after the cut leaked in ({method})"
             );
         }
     }

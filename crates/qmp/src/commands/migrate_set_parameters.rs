@@ -1,5 +1,6 @@
-//! `migrate-set-parameters`: snapvmm's `x-snapshot-method` (`fork` | `stop`) and
-//! `x-collapse-huge-pages` (bool). Returns `{}`.
+//! `migrate-set-parameters`: snapvmm's `x-snapshot-method` (`fork` | `uffd` |
+//! `stop`), `x-collapse-huge-pages` (bool) and `x-wp-pool-size` (bytes of copy
+//! buffers of the `uffd` method). Returns `{}`.
 
 use super::{Command, CommandSpec};
 use crate::args::{Param, ParamType};
@@ -16,6 +17,11 @@ pub(crate) const SPEC: CommandSpec = CommandSpec {
         Param {
             name: "x-collapse-huge-pages",
             ty: ParamType::Bool,
+            optional: true,
+        },
+        Param {
+            name: "x-wp-pool-size",
+            ty: ParamType::Int,
             optional: true,
         },
     ],

@@ -97,6 +97,7 @@ pub fn run(mut cfg: RunConfig) -> Result<u8> {
         events,
         migration,
         disks,
+        uffd: None,
         collapse: None,
         exit: None,
         jobs: crate::jobs::Jobs::default(),
@@ -315,6 +316,9 @@ pub(crate) struct Controller {
     pub(crate) migration: Migration,
     /// The disks, by id, for snapshot operations (the devices hold them too).
     pub(crate) disks: Disks,
+    /// Guest RAM's userfaultfd for write-protect captures, keyed by the RAM's
+    /// first host address (a rebuilt machine registers again).
+    pub(crate) uffd: Option<(usize, Arc<livesnap::uffd::Uffd>)>,
     collapse: Option<Collapse>,
     exit: Option<u8>,
     /// Internal-snapshot jobs (snapjobs.rs).
@@ -439,6 +443,21 @@ impl Controller {
                     Err(e) => return Err(self.fail_migration(e.to_string())),
                 }
             }
+            migration::Method::Uffd => {
+                let uffd = match self.wp_registration() {
+                    Ok(u) => u,
+                    Err(e) => return Err(self.fail_migration(e)),
+                };
+                let tx = self.tx.clone();
+                let done = move || {
+                    let _ = tx.send(AppEvent::CaptureDone);
+                };
+                let pool = self.migration.wp_pool;
+                match migration::prepare_wp(&self.machine, uffd, &dest, pool, done) {
+                    Ok(p) => Capture::Wp(p),
+                    Err(e) => return Err(self.fail_migration(e.to_string())),
+                }
+            }
             migration::Method::Stop => Capture::Stop,
         };
         let setup_time = t0.elapsed();
@@ -476,8 +495,10 @@ impl Controller {
                 capture,
                 sender,
                 state,
+                wp,
             } => {
                 job.capture = Some(capture);
+                job.wp = wp;
                 // Serialized with the guest running again.
                 match state {
                     Ok(s) => sender.send(s.to_bytes()),
@@ -518,8 +539,10 @@ impl Controller {
                 Status::Failed
             }
         };
+        let forked = job.method == migration::Method::Fork;
         let _ = self.migration.set_status(end, &self.events);
-        if self.migration.collapse {
+        // Only a fork splits huge pages (its copy-on-write faults).
+        if self.migration.collapse && forked {
             self.start_collapse();
         }
     }
@@ -610,6 +633,31 @@ impl Controller {
             job.downtime = total;
         }
         let _ = self.migration.set_status(end, &self.events);
+    }
+
+    /// The userfaultfd this machine's RAM is registered with for
+    /// write-protect captures (registered on first use, again after the
+    /// machine was rebuilt).
+    fn wp_registration(&mut self) -> Result<Arc<livesnap::uffd::Uffd>, String> {
+        let ram = self.machine.ram();
+        let key = ram.regions().first().map_or(0, |r| r.host as usize);
+        if let Some((k, u)) = &self.uffd {
+            if *k == key {
+                return Ok(u.clone());
+            }
+        }
+        if ram.file_backed() {
+            return Err("x-snapshot-method 'uffd' needs anonymous guest RAM: this VM's RAM is mapped from its snapshot image (restore with --restore-mode copy)".into());
+        }
+        let uffd = livesnap::uffd::Uffd::new_wp()
+            .map_err(|e| format!("x-snapshot-method 'uffd' is not available here: {e}"))?;
+        for r in ram.regions() {
+            uffd.register_wp(r.host as u64, r.len)
+                .map_err(|e| format!("x-snapshot-method 'uffd': cannot register guest RAM: {e}"))?;
+        }
+        let uffd = Arc::new(uffd);
+        self.uffd = Some((key, uffd.clone()));
+        Ok(uffd)
     }
 
     /// The snapshot operation under way.
@@ -750,6 +798,8 @@ impl Controller {
             .take_disks()
             .map_err(anyhow::Error::from)
             .and_then(|configs| build_machine(&self.cfg, &self.tx, configs, &self.disks));
+        // A new machine has new RAM: register it again for write-protect captures.
+        self.uffd = None;
         self.machine = match built {
             Ok(m) => m,
             Err(e) => {

@@ -186,6 +186,7 @@ impl Controller {
                         capture,
                         sender,
                         state,
+                        ..
                     },
                 ..
             }) => {
@@ -430,6 +431,8 @@ impl Controller {
             super::build_from_state(&self.cfg, &self.tx, ram, state, disks)
                 .map_err(|e| SnapshotError::Rebuild(format!("{e:#}")))
         });
+        // A new machine has new RAM: register it again for write-protect captures.
+        self.uffd = None;
         self.machine = match built {
             Ok(m) => m,
             Err(why) => {

@@ -55,6 +55,9 @@ impl Pausable for vmm::Machine {
 pub enum Capture {
     /// A prepared fork capture (its pipe and sink set up with the guest running).
     Fork(livesnap::PreparedCapture),
+    /// A prepared write-protect capture: RAM is write-protected inside the
+    /// pause (one call per range) and copied 2 MiB at a time afterwards.
+    Wp(livesnap::wp_capture::PreparedWpCapture),
     /// Stop-and-copy: the guest stays paused while RAM is written.
     Stop,
 }
@@ -79,7 +82,7 @@ pub struct Times {
     pub vcpu_pause: Duration,
     /// Saving the non-RAM state (and the freeze hook).
     pub state: Duration,
-    /// The `fork()` alone.
+    /// The `fork()` alone (for a write-protect capture: the protection).
     pub fork: Duration,
     /// The guest's pause: vCPUs paused → resumed (fork); zero for stop, whose
     /// pause lasts until the copy ends.
@@ -89,11 +92,13 @@ pub struct Times {
 /// A cut that succeeded.
 pub enum Outcome<S> {
     /// The guest runs again; the capture streams RAM. The state goes to
-    /// `sender` (or its failure, which fails the capture).
+    /// `sender` (or its failure, which fails the capture). `wp` has the
+    /// write-protect capture's counters.
     Forked {
         capture: livesnap::Capture,
         sender: livesnap::StateSender,
         state: Result<S, String>,
+        wp: Option<std::sync::Arc<livesnap::wp_capture::WpCounters>>,
     },
     /// The guest stays paused (if it ran); copy RAM, then resume or not.
     Stopped { state: S },
@@ -168,6 +173,25 @@ pub fn cut<M: Pausable>(
                     capture,
                     sender,
                     state,
+                    wp: None,
+                },
+                was_running,
+                times,
+            })
+        }
+        Capture::Wp(prepared) => {
+            let t = Instant::now();
+            let started = prepared.start_deferred();
+            times.fork = t.elapsed();
+            resume(m);
+            times.downtime = t0.elapsed();
+            let (capture, sender, wp) = started.map_err(CutError::Fork)?;
+            Ok(Cut {
+                outcome: Outcome::Forked {
+                    capture,
+                    sender,
+                    state,
+                    wp: Some(wp),
                 },
                 was_running,
                 times,
@@ -365,6 +389,7 @@ mod tests {
             capture,
             sender,
             state,
+            ..
         } = c.outcome
         else {
             panic!("fork gives a forked outcome")

@@ -22,6 +22,8 @@ use super::Events;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Method {
     Fork,
+    /// Write-protect guest RAM through a userfaultfd; no fork.
+    Uffd,
     Stop,
 }
 
@@ -29,6 +31,7 @@ impl Method {
     pub fn name(self) -> &'static str {
         match self {
             Method::Fork => "fork",
+            Method::Uffd => "uffd",
             Method::Stop => "stop",
         }
     }
@@ -82,6 +85,8 @@ pub struct Job {
     pub stop_thread: Option<std::thread::JoinHandle<()>>,
     pub stats: Option<CaptureStats>,
     pub error: Option<String>,
+    /// The write-protect capture's counters (method `uffd`).
+    pub wp: Option<std::sync::Arc<livesnap::wp_capture::WpCounters>>,
 }
 
 /// Migration settings and the latest job.
@@ -91,6 +96,8 @@ pub struct Migration {
     pub method: Method,
     /// Rebuild transparent huge pages after a fork capture (`x-collapse-huge-pages`).
     pub collapse: bool,
+    /// Copy buffers of the write-protect capture, bytes (`x-wp-pool-size`).
+    pub wp_pool: u64,
     pub job: Option<Job>,
     /// The latest huge-page rebuild: pages collapsed and time taken.
     pub last_collapse: Option<(vmm::memory::CollapseStats, Duration)>,
@@ -103,6 +110,7 @@ impl Default for Migration {
             events: false,
             method: Method::Fork,
             collapse: true,
+            wp_pool: 64 << 20,
             job: None,
             last_collapse: None,
         }
@@ -241,6 +249,7 @@ impl Migration {
             stop_thread: None,
             stats: None,
             error: None,
+            wp: None,
         });
         if self.events {
             ev.emit("MIGRATION", Some(json!({"status": Status::Setup.name()})));
@@ -307,6 +316,17 @@ impl Migration {
         if let Some(e) = &j.error {
             v["error-desc"] = json!(e);
         }
+        if let Some(c) = &j.wp {
+            use std::sync::atomic::Ordering::Relaxed;
+            v["x-write-protect"] = json!({
+                "faults": c.faults.load(Relaxed),
+                "chunks-by-fault": c.chunks_by_fault.load(Relaxed),
+                "chunks-written-in-fault": c.chunks_written_in_fault.load(Relaxed),
+                "chunks-by-writer": c.chunks_by_writer.load(Relaxed),
+                "pool-high-water": c.pool_high_water.load(Relaxed),
+                "pool-size": self.wp_pool,
+            });
+        }
         v
     }
 
@@ -359,6 +379,7 @@ impl Migration {
         json!({
             "x-snapshot-method": self.method.name(),
             "x-collapse-huge-pages": self.collapse,
+            "x-wp-pool-size": self.wp_pool,
         })
     }
 
@@ -372,7 +393,18 @@ impl Migration {
             Some(m) => Self::parse_method(m)?,
             None => self.method,
         };
+        let pool = match p.get("x-wp-pool-size").and_then(Value::as_i64) {
+            Some(n) if n < livesnap::wp_capture::CHUNK as i64 => {
+                return Err(CommandError::generic(format!(
+                    "Parameter 'x-wp-pool-size' must be at least {} (one 2 MiB chunk)",
+                    livesnap::wp_capture::CHUNK
+                )))
+            }
+            Some(n) => n as u64,
+            None => self.wp_pool,
+        };
         self.method = method;
+        self.wp_pool = pool;
         if let Some(c) = p.get("x-collapse-huge-pages").and_then(Value::as_bool) {
             self.collapse = c;
         }
@@ -382,10 +414,11 @@ impl Migration {
     fn parse_method(m: &str) -> Result<Method, CommandError> {
         Ok(match m {
             "fork" => Method::Fork,
+            "uffd" => Method::Uffd,
             "stop" => Method::Stop,
             other => {
                 return Err(CommandError::generic(format!(
-                    "Parameter 'x-snapshot-method' does not accept value '{other}' (expected 'fork' or 'stop')"
+                    "Parameter 'x-snapshot-method' does not accept value '{other}' (expected 'fork', 'uffd' or 'stop')"
                 )))
             }
         })
@@ -444,6 +477,22 @@ pub(crate) fn prepare_fork(
         ..ForkOptions::default()
     };
     livesnap::prepare_fork_capture(&ram_ranges(m), dest, opts)
+}
+
+/// Prepares a write-protect capture (before the pause) of RAM registered with
+/// `uffd`; once started, `done` is called when it ends, whatever the outcome.
+pub(crate) fn prepare_wp(
+    m: &vmm::Machine,
+    uffd: std::sync::Arc<livesnap::uffd::Uffd>,
+    dest: &Path,
+    pool_bytes: u64,
+    done: impl FnOnce() + Send + 'static,
+) -> Result<livesnap::wp_capture::PreparedWpCapture, livesnap::SnapError> {
+    let opts = livesnap::wp_capture::WpOptions {
+        pool_bytes,
+        on_done: Some(Box::new(move |_| done())),
+    };
+    livesnap::wp_capture::prepare_wp_capture(uffd, &ram_ranges(m), dest, opts)
 }
 
 /// Runs a stop-and-copy capture on a worker thread; `done` gets its result.
