@@ -27,6 +27,7 @@ use std::time::{Duration, Instant};
 use crate::capture::{lock, stats, Capture, DevSource, Shared, StateSender, TempImage};
 use crate::error::{Result, SnapError};
 use crate::image::{Header, PAGE_SIZE};
+use crate::sink::{Sink, SinkGuard};
 use crate::uffd::Uffd;
 use crate::{CaptureStats, CaptureStatus, DoneCallback, RamRange};
 
@@ -83,8 +84,21 @@ pub struct PreparedWpCapture {
     uffd: Arc<Uffd>,
     ranges: Vec<RamRange>,
     chunks: Vec<Chunk>,
-    tmp: TempImage,
+    dest: WpDest,
     opts: WpOptions,
+}
+
+/// Where the image goes: a temp file renamed into place, or a sink.
+enum WpDest {
+    File(TempImage),
+    Sink(SinkGuard<Box<dyn Sink>>),
+}
+
+/// The image being written, shared by the handler and the writer.
+enum Out {
+    File(std::fs::File),
+    /// `None` once committed; writes wait for `begin` (`ready`).
+    Sink(Mutex<Option<SinkGuard<Box<dyn Sink>>>>),
 }
 
 /// Prepares a write-protect capture of `ranges` into `dest` with the guest
@@ -97,6 +111,39 @@ pub fn prepare_wp_capture(
     dest: &Path,
     opts: WpOptions,
 ) -> Result<PreparedWpCapture> {
+    let chunks = chunks_of(ranges)?;
+    let tmp = TempImage::create(dest)?;
+    Ok(PreparedWpCapture {
+        uffd,
+        ranges: ranges.to_vec(),
+        chunks,
+        dest: WpDest::File(tmp),
+        opts,
+    })
+}
+
+/// Like [`prepare_wp_capture`], into `sink` (the same image bytes; see
+/// [`Sink`]). The sink's `begin` comes once the device state is known, right
+/// after the pause; until then chunks wait in the pool.
+pub fn prepare_wp_capture_to(
+    uffd: Arc<Uffd>,
+    ranges: &[RamRange],
+    sink: Box<dyn Sink>,
+    opts: WpOptions,
+) -> Result<PreparedWpCapture> {
+    let sink = SinkGuard::new(sink);
+    let chunks = chunks_of(ranges)?;
+    Ok(PreparedWpCapture {
+        uffd,
+        ranges: ranges.to_vec(),
+        chunks,
+        dest: WpDest::Sink(sink),
+        opts,
+    })
+}
+
+/// Validates the ranges and cuts them into chunks with their image offsets.
+fn chunks_of(ranges: &[RamRange]) -> Result<Vec<Chunk>> {
     let (header, _) = crate::capture::prepare(ranges, 0)?;
     let mut chunks = Vec::new();
     for (r, ir) in ranges.iter().zip(&header.ranges) {
@@ -114,14 +161,7 @@ pub fn prepare_wp_capture(
         }
     }
     chunks.sort_by_key(|c| c.host);
-    let tmp = TempImage::create(dest)?;
-    Ok(PreparedWpCapture {
-        uffd,
-        ranges: ranges.to_vec(),
-        chunks,
-        tmp,
-        opts,
-    })
+    Ok(chunks)
 }
 
 /// The threads' shared state.
@@ -130,7 +170,11 @@ struct Wp {
     ranges: Vec<RamRange>,
     chunks: Vec<Chunk>,
     state: Vec<AtomicU8>,
-    file: std::fs::File,
+    out: Out,
+    /// The image may be written (a sink has had its `begin`), or the
+    /// capture ended: set once, under the mutex, with `ready_cv` notified.
+    ready: Mutex<bool>,
+    ready_cv: std::sync::Condvar,
     counters: Arc<WpCounters>,
     pool: Mutex<Vec<Vec<u8>>>,
     pool_total: usize,
@@ -195,9 +239,7 @@ impl Wp {
             while q < c.len as usize && !is_zero(&buf[q..q + page]) {
                 q += page;
             }
-            self.file
-                .write_all_at(&buf[p..q], c.file_offset + p as u64)
-                .map_err(|e| SnapError::io("write snapshot RAM", e))?;
+            self.write_at(&buf[p..q], c.file_offset + p as u64)?;
             written += (q - p) as u64;
             p = q;
         }
@@ -206,6 +248,30 @@ impl Wp {
 
     fn fail(&self, e: SnapError) {
         lock(&self.first_error).get_or_insert(e);
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        match &self.out {
+            Out::File(f) => f
+                .write_all_at(buf, offset)
+                .map_err(|e| SnapError::io("write snapshot RAM", e)),
+            Out::Sink(m) => match lock(m).as_mut() {
+                Some(g) => g.write(buf, offset, "snapshot RAM"),
+                None => Err(SnapError::Cancelled),
+            },
+        }
+    }
+
+    fn set_ready(&self) {
+        *lock(&self.ready) = true;
+        self.ready_cv.notify_all();
+    }
+
+    fn wait_ready(&self) {
+        let mut r = lock(&self.ready);
+        while !*r {
+            r = self.ready_cv.wait(r).unwrap_or_else(|e| e.into_inner());
+        }
     }
 }
 
@@ -251,18 +317,26 @@ impl PreparedWpCapture {
         }
         let pause_time = start.elapsed();
         let pool_chunks = (self.opts.pool_bytes / CHUNK).max(1) as usize;
-        let file = self
-            .tmp
-            .file
-            .try_clone()
-            .map_err(|e| SnapError::io("dup snapshot file", e))?;
+        let (out, tmp) = match self.dest {
+            WpDest::File(tmp) => {
+                let f = tmp
+                    .file
+                    .try_clone()
+                    .map_err(|e| SnapError::io("dup snapshot file", e))?;
+                (Out::File(f), Some(tmp))
+            }
+            WpDest::Sink(g) => (Out::Sink(Mutex::new(Some(g))), None),
+        };
+        let file_dest = tmp.is_some();
         let counters = Arc::new(WpCounters::default());
         let wp = Arc::new(Wp {
             uffd: self.uffd,
             state: self.chunks.iter().map(|_| AtomicU8::new(FREE)).collect(),
             chunks: self.chunks,
             ranges: self.ranges,
-            file,
+            out,
+            ready: Mutex::new(file_dest),
+            ready_cv: std::sync::Condvar::new(),
             counters: counters.clone(),
             pool: Mutex::new(Vec::new()),
             pool_total: pool_chunks,
@@ -293,7 +367,7 @@ impl PreparedWpCapture {
             }
         };
         let (state_tx, state_rx) = mpsc::sync_channel(1);
-        let (sh, tmp, on_done) = (shared.clone(), self.tmp, self.opts.on_done);
+        let (sh, on_done) = (shared.clone(), self.opts.on_done);
         let spawned = std::thread::Builder::new()
             .name("livesnap-wp-writer".into())
             .spawn(move || {
@@ -350,7 +424,10 @@ fn fault_handler(wp: &Wp, tx: mpsc::Sender<Taken>) {
     // it the thread keeps its priority).
     // SAFETY: setpriority on this thread's own id; no memory is involved.
     if unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, -10) } != 0 {
-        tracing::debug!("fault handler keeps its priority: {}", std::io::Error::last_os_error());
+        tracing::debug!(
+            "fault handler keeps its priority: {}",
+            std::io::Error::last_os_error()
+        );
     }
     // Buffers allocated so far (at most the pool's size), and free ones.
     let mut allocated = 0usize;
@@ -397,6 +474,7 @@ fn fault_handler(wp: &Wp, tx: mpsc::Sender<Taken>) {
                 // (waits on the disk only, never on a vCPU).
                 let mut b = vec![0u8; CHUNK as usize];
                 wp.copy(i, &mut b);
+                wp.wait_ready();
                 let r = wp.write_out(i, &b[..wp.chunks[i].len as usize]);
                 wp.counters
                     .chunks_written_in_fault
@@ -422,13 +500,18 @@ fn writer(
     wp: &Wp,
     rx: mpsc::Receiver<Taken>,
     handler: std::thread::JoinHandle<()>,
-    tmp: TempImage,
+    tmp: Option<TempImage>,
     dev: DevSource,
     pause_time: Duration,
 ) -> Result<CaptureStats> {
     let res = write_all(sh, wp, &rx, tmp, dev, pause_time);
     if res.is_err() {
         wp.unprotect_all();
+        // A sink that never began: the handler must not wait for it.
+        if let Out::Sink(m) = &wp.out {
+            lock(m).take();
+        }
+        wp.set_ready();
     }
     wp.stop_handler.store(true, Ordering::Release);
     drop(rx);
@@ -440,10 +523,25 @@ fn write_all(
     sh: &Shared,
     wp: &Wp,
     rx: &mpsc::Receiver<Taken>,
-    tmp: TempImage,
+    tmp: Option<TempImage>,
     dev: DevSource,
     pause_time: Duration,
 ) -> Result<CaptureStats> {
+    let ranges: Vec<(u64, u64)> = wp.ranges.iter().map(|r| (r.gpa, r.len)).collect();
+    // A sink learns the image's length before the first write: wait for the
+    // device state (it comes right after the pause; chunks wait in the pool).
+    let mut dev = Some(dev);
+    let mut early_dev = None;
+    if let Out::Sink(m) = &wp.out {
+        let dev = dev_wait(sh, &mut dev)?;
+        let header = Header::layout(&ranges, dev.len() as u64)?;
+        match lock(m).as_mut() {
+            Some(g) => g.begin(header.file_len)?,
+            None => return Err(SnapError::Cancelled),
+        }
+        early_dev = Some(dev);
+        wp.set_ready();
+    }
     let n = wp.chunks.len();
     let mut done = 0usize;
     let mut own = vec![0u8; CHUNK as usize];
@@ -505,19 +603,32 @@ fn write_all(
         }
     }
     let ram_time = sh.start.elapsed();
-    let dev = dev.wait()?;
-    let ranges: Vec<(u64, u64)> = wp.ranges.iter().map(|r| (r.gpa, r.len)).collect();
+    let dev = match early_dev {
+        Some(d) => d,
+        None => dev_wait(sh, &mut dev)?,
+    };
     let mut header = Header::layout(&ranges, dev.len() as u64)?;
     header.dev_crc = crc32fast::hash(&dev);
     check()?;
-    tmp.finish(&header, &dev, || sh.cancelled())?;
     let written = sh.written.load(Ordering::Relaxed);
     let zero = sh.zero_pages.load(Ordering::Relaxed);
-    Ok(stats(
-        sh.start,
-        &header,
-        written,
-        zero,
-        (pause_time, Duration::ZERO, ram_time, Duration::ZERO),
-    ))
+    let times = (pause_time, Duration::ZERO, ram_time, Duration::ZERO);
+    match (tmp, &wp.out) {
+        (Some(tmp), _) => tmp.finish(&header, &dev, || sh.cancelled())?,
+        (None, Out::Sink(m)) => {
+            let g = lock(m).take().ok_or(SnapError::Cancelled)?;
+            let summary = crate::sink::summary(&header, written, zero, times);
+            g.commit(&header, &dev, &summary, || sh.cancelled())?
+        }
+        (None, Out::File(_)) => unreachable!("a file capture has its temp file"),
+    }
+    Ok(stats(sh.start, &header, written, zero, times))
+}
+
+/// The device state, unless the capture is cancelled meanwhile.
+fn dev_wait(sh: &Shared, dev: &mut Option<DevSource>) -> Result<Vec<u8>> {
+    if sh.cancelled() {
+        return Err(SnapError::Cancelled);
+    }
+    dev.take().ok_or(SnapError::Cancelled)?.wait()
 }

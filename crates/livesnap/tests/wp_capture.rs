@@ -140,3 +140,69 @@ fn cancel_removes_the_file_and_blocks_nobody() {
     let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
     assert!(left.is_empty(), "no temp file left: {left:?}");
 }
+
+/// An image in memory.
+struct VecSink(Arc<std::sync::Mutex<Vec<u8>>>, Arc<AtomicBool>);
+
+impl livesnap::Sink for VecSink {
+    fn begin(&mut self, len: u64) -> std::io::Result<()> {
+        self.0.lock().unwrap().resize(len as usize, 0);
+        Ok(())
+    }
+    fn write_at(&mut self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        let mut v = self.0.lock().unwrap();
+        assert!(
+            offset as usize + buf.len() <= v.len(),
+            "write past the announced length"
+        );
+        v[offset as usize..offset as usize + buf.len()].copy_from_slice(buf);
+        Ok(())
+    }
+    fn finish(&mut self, _: &livesnap::ImageSummary) -> std::io::Result<()> {
+        self.1.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+    fn abort(&mut self) {}
+}
+
+#[test]
+fn into_a_sink_with_a_small_pool_while_memory_changes() {
+    let Some(uffd) = uffd() else { return };
+    let mut mem = Mem::new(LEN);
+    fill_dense(mem.words_mut(), 9);
+    let expected = mem.bytes().to_vec();
+    let range = mem.range(0, LEN, 0x10_0000);
+    uffd.register_wp(range.host() as u64, range.len()).unwrap();
+    let (bytes, finished) = (Arc::default(), Arc::new(AtomicBool::new(false)));
+    let sink = VecSink(Arc::clone(&bytes), finished.clone());
+    let opts = WpOptions {
+        pool_bytes: 2 * CHUNK,
+        on_done: None,
+    };
+    let prepared =
+        livesnap::wp_capture::prepare_wp_capture_to(uffd.clone(), &[range], Box::new(sink), opts)
+            .unwrap();
+    let (capture, sender, counters) = prepared.start_deferred().unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let m = mutator(&mem, stop.clone());
+    // The state comes a little later: the sink cannot begin before it.
+    std::thread::sleep(Duration::from_millis(30));
+    sender.send(b"state".to_vec());
+    capture.wait().unwrap();
+    stop.store(true, Ordering::Relaxed);
+    m.join().unwrap();
+    assert!(finished.load(Ordering::SeqCst));
+    let image = Image::from_source(Box::new(bytes.lock().unwrap().clone())).unwrap();
+    assert_eq!(image.device_state().unwrap(), b"state");
+    let mut back = vec![0u8; LEN];
+    image.read_ram_into(0, &mut back).unwrap();
+    assert!(
+        back == expected,
+        "the image holds memory as of the protection"
+    );
+    let c = &counters;
+    let total = c.chunks_by_fault.load(Ordering::Relaxed)
+        + c.chunks_written_in_fault.load(Ordering::Relaxed)
+        + c.chunks_by_writer.load(Ordering::Relaxed);
+    assert_eq!(total, LEN as u64 / CHUNK);
+}

@@ -255,6 +255,49 @@ fn snapshot_save_is_live_and_load_brings_back_ram_and_disk_together() {
 }
 
 #[test]
+fn write_protect_savevm_is_live_and_loads_back() {
+    if !have_qemu_img() {
+        eprintln!("skipped: qemu-img not found");
+        return;
+    }
+    let d = TempDir::new("savevm-wp");
+    let disk = qcow2(&d, "disk.qcow2", "64M");
+    let (mut a, mut q) = start(&d, "a", &disk, &[]);
+    q.ok(
+        "migrate-set-parameters",
+        json!({"x-snapshot-method": "uffd"}),
+    );
+    a.wait_line(" disk t=", T);
+    std::thread::sleep(Duration::from_millis(u64::from(std::process::id()) % 700));
+    let j = save(&mut q, "save1", "first");
+    assert!(j.get("error").is_none(), "{j}");
+    assert!(!q.event_names().iter().any(|e| e == "STOP"), "live");
+    assert_eq!(q.ok("query-status", json!({}))["status"], "running");
+    guest_consistent(&a, 2);
+    let j = run_job(
+        &mut q,
+        "snapshot-load",
+        json!({"job-id": "load1", "tag": "first", "vmstate": "disk0", "devices": ["disk0"]}),
+    );
+    assert!(j.get("error").is_none(), "{j}");
+    guest_consistent(&a, 2);
+    // The loaded machine has new RAM: a second save registers it again.
+    let j = save(&mut q, "save2", "second");
+    assert!(j.get("error").is_none(), "{j}");
+    guest_consistent(&a, 1);
+    q.ok("quit", json!({}));
+    assert!(a.wait(T).success());
+    drop(a);
+    assert_eq!(check(&disk), 0, "no leaks after a clean run");
+    for tag in ["first", "second"] {
+        let (b, mut qb) = start(&d, "b", &disk, &["--loadvm", tag]);
+        assert_eq!(wait_settled(&mut qb), "running");
+        guest_consistent(&b, 2);
+        qb.ok("quit", json!({}));
+    }
+}
+
+#[test]
 fn bad_snapshot_requests_fail_the_job_and_change_nothing() {
     if !have_qemu_img() {
         eprintln!("skipped: qemu-img not found");

@@ -638,7 +638,7 @@ impl Controller {
     /// The userfaultfd this machine's RAM is registered with for
     /// write-protect captures (registered on first use, again after the
     /// machine was rebuilt).
-    fn wp_registration(&mut self) -> Result<Arc<livesnap::uffd::Uffd>, String> {
+    pub(crate) fn wp_registration(&mut self) -> Result<Arc<livesnap::uffd::Uffd>, String> {
         let ram = self.machine.ram();
         let key = ram.regions().first().map_or(0, |r| r.host as usize);
         if let Some((k, u)) = &self.uffd {

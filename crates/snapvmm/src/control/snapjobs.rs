@@ -32,6 +32,8 @@ pub struct PendingSave {
     pub started: Instant,
     /// HMP `savevm` waits for the end.
     pub waiter: Option<Reply>,
+    /// Captured by a fork (its faults split huge pages: rebuild them after).
+    pub forked: bool,
 }
 
 /// Figures of the latest save (query via `x-` fields of query-jobs).
@@ -146,17 +148,38 @@ impl Controller {
             image_len: image_len.clone(),
         };
         let tx = self.tx.clone();
-        let opts = livesnap::ForkOptions {
-            on_done: Some(Box::new(move |_| {
-                let _ = tx.send(AppEvent::SaveVmDone);
-            })),
-            ..livesnap::ForkOptions::default()
+        let on_done: livesnap::DoneCallback = Box::new(move |_| {
+            let _ = tx.send(AppEvent::SaveVmDone);
+        });
+        let ranges = crate::snapshot::migrate::ram_ranges(&self.machine);
+        // The capture method set for migrate applies here too when it is the
+        // write-protect one (stop-and-copy is no live savevm: fork then).
+        let forked = self.migration.method != crate::snapshot::migrate::Method::Uffd;
+        let capture = if forked {
+            let opts = livesnap::ForkOptions {
+                on_done: Some(on_done),
+                ..livesnap::ForkOptions::default()
+            };
+            Capture::Fork(livesnap::prepare_fork_capture_to(
+                &ranges,
+                Box::new(sink),
+                opts,
+            )?)
+        } else {
+            let uffd = self
+                .wp_registration()
+                .map_err(SnapshotError::MethodUnavailable)?;
+            let opts = livesnap::wp_capture::WpOptions {
+                pool_bytes: self.migration.wp_pool,
+                on_done: Some(on_done),
+            };
+            Capture::Wp(livesnap::wp_capture::prepare_wp_capture_to(
+                uffd,
+                &ranges,
+                Box::new(sink),
+                opts,
+            )?)
         };
-        let prepared = livesnap::prepare_fork_capture_to(
-            &crate::snapshot::migrate::ram_ranges(&self.machine),
-            Box::new(sink),
-            opts,
-        )?;
 
         // The cut; the disks are frozen while the vCPU threads save their registers.
         let t_pause = Instant::now();
@@ -177,7 +200,7 @@ impl Controller {
             }
             Ok(())
         };
-        let c = cut(&mut self.machine, Capture::Fork(prepared), freeze);
+        let c = cut(&mut self.machine, capture, freeze);
         let pause = t_pause.elapsed();
         let capture = match c {
             Ok(Cut {
@@ -222,6 +245,7 @@ impl Controller {
             pause,
             started: t_pause,
             waiter: None,
+            forked,
         });
         Ok(())
     }
@@ -336,7 +360,7 @@ impl Controller {
                 }
             }
         }
-        if self.migration.collapse {
+        if self.migration.collapse && p.forked {
             self.start_collapse();
         }
     }

@@ -56,6 +56,9 @@ pub enum SnapshotError {
     Capture(livesnap::SnapError),
     #[error("Operation canceled")]
     Cancelled,
+    /// The capture method cannot be used on this VM or host.
+    #[error("{0}")]
+    MethodUnavailable(String),
     /// The machine could not be rebuilt from the snapshot.
     #[error("{0}")]
     Rebuild(String),

@@ -649,6 +649,17 @@ mod tests {
         p.insert("x-snapshot-method".into(), json!("teleport"));
         assert!(m.set_parameters(&p).is_err());
         assert_eq!(m.effective_method(), Method::Stop, "all or nothing");
+        // The write-protect method and its pool (at least one 2 MiB chunk).
+        let mut p = serde_json::Map::new();
+        p.insert("x-snapshot-method".into(), json!("uffd"));
+        p.insert("x-wp-pool-size".into(), json!(1 << 20));
+        assert!(m.set_parameters(&p).is_err());
+        assert_eq!(m.effective_method(), Method::Stop, "all or nothing");
+        p.insert("x-wp-pool-size".into(), json!(16 << 20));
+        m.set_parameters(&p).unwrap();
+        assert_eq!(m.effective_method(), Method::Uffd);
+        assert_eq!(m.query_parameters()["x-wp-pool-size"], 16 << 20);
+        assert_eq!(m.query_parameters()["x-snapshot-method"], "uffd");
         assert_eq!(parse_uri("file:/x").unwrap(), PathBuf::from("/x"));
         assert!(parse_uri("tcp:1.2.3.4:5").is_err());
         assert!(parse_uri("file:/x,offset=4").is_err());
