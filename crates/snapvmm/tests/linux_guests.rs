@@ -37,6 +37,11 @@ fn linux_live_snapshot_restores_in_a_new_process_and_with_defer() {
 }
 
 #[test]
+fn linux_write_protect_snapshot_restores_in_a_new_process() {
+    linux::check("write-protect-snapshot-restore");
+}
+
+#[test]
 fn linux_ten_snapshots_in_a_row_then_restore_the_last() {
     linux::check("ten-snapshots-restore-last");
 }

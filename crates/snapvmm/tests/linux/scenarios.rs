@@ -23,6 +23,7 @@ pub const ALL: &[&str] = &[
     "reboot",
     "virtio-blk-raw-qcow2",
     "live-snapshot-restore",
+    "write-protect-snapshot-restore",
     "ten-snapshots-restore-last",
     "savevm-loadvm-qcow2",
 ];
@@ -89,6 +90,7 @@ pub fn run(name: &str, ctx: &Ctx) -> Result<(), String> {
         "reboot" => reboot(ctx),
         "virtio-blk-raw-qcow2" => disks(ctx),
         "live-snapshot-restore" => live_snapshot(ctx),
+        "write-protect-snapshot-restore" => write_protect_snapshot(ctx),
         "ten-snapshots-restore-last" => ten_snapshots(ctx),
         "savevm-loadvm-qcow2" => savevm(ctx),
         other => panic!("unknown scenario {other}"),
@@ -301,6 +303,39 @@ fn live_snapshot(ctx: &Ctx) {
     check_restored(&mut late, &before);
     q.ok("quit", json!({}));
     late.exit_code(T);
+}
+
+/// The write-protect capture (`x-snapshot-method: uffd`) of a Linux guest
+/// rewriting 64 MiB on 2 vCPUs, restored in a new process.
+fn write_protect_snapshot(ctx: &Ctx) {
+    let snap = ctx.dir.join("linux-wp.snap");
+    let mut src = ctx.linux("src", "256M", "2", "mem", &[]);
+    let mut q = qmp(&src);
+    q.ok(
+        "migrate-set-capabilities",
+        json!({"capabilities": [{"capability": "background-snapshot", "state": true}]}),
+    );
+    q.ok(
+        "migrate-set-parameters",
+        json!({"x-snapshot-method": "uffd"}),
+    );
+    let before = stress_lines(&mut src, 2).pop().unwrap();
+    snapshot_to(&mut q, &snap);
+    let m = q.ok("query-migrate", json!({}));
+    assert_eq!(m["x-snapshot-method"], "uffd", "{m}");
+    assert!(m["x-write-protect"]["faults"].as_u64().is_some(), "{m}");
+    stress_lines(&mut src, 2);
+    assert_eq!(q.ok("query-status", json!({}))["status"], "running");
+    q.ok("quit", json!({}));
+    src.exit_code(T);
+    let incoming = format!("file:{}", snap.display());
+    let mut dst = ctx.vm(
+        "restored",
+        &["--mem", "256M", "--cpus", "2", "--incoming", &incoming],
+    );
+    check_restored(&mut dst, &before);
+    qmp(&dst).ok("quit", json!({}));
+    dst.exit_code(T);
 }
 
 /// Ten live snapshots in a row of the same running guest; the last one restores.
