@@ -81,11 +81,13 @@ struct Chunk {
 /// Registered RAM ready to be captured: the userfaultfd the ranges are
 /// registered with (for write-protect faults) must outlive the capture.
 pub struct PreparedWpCapture {
-    uffd: Arc<Uffd>,
-    ranges: Vec<RamRange>,
-    chunks: Vec<Chunk>,
-    dest: WpDest,
-    opts: WpOptions,
+    wp: Arc<Wp>,
+    shared: Arc<Shared>,
+    counters: Arc<WpCounters>,
+    /// Tells the waiting writer to go (with the pause it took) or to give up.
+    go: mpsc::SyncSender<Option<Duration>>,
+    state_tx: mpsc::SyncSender<std::result::Result<Vec<u8>, String>>,
+    thread: std::thread::JoinHandle<Result<CaptureStats>>,
 }
 
 /// Where the image goes: a temp file renamed into place, or a sink.
@@ -113,13 +115,7 @@ pub fn prepare_wp_capture(
 ) -> Result<PreparedWpCapture> {
     let chunks = chunks_of(ranges)?;
     let tmp = TempImage::create(dest)?;
-    Ok(PreparedWpCapture {
-        uffd,
-        ranges: ranges.to_vec(),
-        chunks,
-        dest: WpDest::File(tmp),
-        opts,
-    })
+    launch(uffd, ranges, chunks, WpDest::File(tmp), opts)
 }
 
 /// Like [`prepare_wp_capture`], into `sink` (the same image bytes; see
@@ -133,13 +129,7 @@ pub fn prepare_wp_capture_to(
 ) -> Result<PreparedWpCapture> {
     let sink = SinkGuard::new(sink);
     let chunks = chunks_of(ranges)?;
-    Ok(PreparedWpCapture {
-        uffd,
-        ranges: ranges.to_vec(),
-        chunks,
-        dest: WpDest::Sink(sink),
-        opts,
-    })
+    launch(uffd, ranges, chunks, WpDest::Sink(sink), opts)
 }
 
 /// Validates the ranges and cuts them into chunks with their image offsets.
@@ -292,113 +282,136 @@ enum Taken {
     Written(Result<(u64, u64)>),
 }
 
+/// Builds the shared state and starts both threads with the guest still
+/// running; the writer waits for [`PreparedWpCapture::start_deferred`].
+fn launch(
+    uffd: Arc<Uffd>,
+    ranges: &[RamRange],
+    chunks: Vec<Chunk>,
+    dest: WpDest,
+    opts: WpOptions,
+) -> Result<PreparedWpCapture> {
+    let pairs: Vec<(u64, u64)> = ranges.iter().map(|r| (r.gpa, r.len)).collect();
+    let header = Header::layout(&pairs, 0)?;
+    let (out, tmp) = match dest {
+        WpDest::File(tmp) => {
+            let f = tmp
+                .file
+                .try_clone()
+                .map_err(|e| SnapError::io("dup snapshot file", e))?;
+            (Out::File(f), Some(tmp))
+        }
+        WpDest::Sink(g) => (Out::Sink(Mutex::new(Some(g))), None),
+    };
+    let counters = Arc::new(WpCounters::default());
+    let wp = Arc::new(Wp {
+        uffd,
+        state: chunks.iter().map(|_| AtomicU8::new(FREE)).collect(),
+        chunks,
+        ranges: ranges.to_vec(),
+        out,
+        ready: Mutex::new(tmp.is_some()),
+        ready_cv: std::sync::Condvar::new(),
+        counters: counters.clone(),
+        pool: Mutex::new(Vec::new()),
+        pool_total: (opts.pool_bytes / CHUNK).max(1) as usize,
+        stop_handler: AtomicBool::new(false),
+        first_error: Mutex::new(None),
+    });
+    let shared = Arc::new(Shared {
+        start: Instant::now(),
+        total_bytes: header.ram_bytes(),
+        written: AtomicU64::new(0),
+        zero_pages: AtomicU64::new(0),
+        cancelled: AtomicBool::new(false),
+        child: Mutex::new(None),
+        status: Mutex::new(CaptureStatus::Active),
+    });
+    let (tx, rx) = mpsc::channel::<Taken>();
+    let handler = {
+        let wp = wp.clone();
+        std::thread::Builder::new()
+            .name("livesnap-wp-fault".into())
+            .spawn(move || fault_handler(&wp, tx))
+            .map_err(|e| SnapError::io("spawn fault handler", e))?
+    };
+    let (go, go_rx) = mpsc::sync_channel::<Option<Duration>>(1);
+    let (state_tx, state_rx) = mpsc::sync_channel(1);
+    let (sh, w, on_done) = (shared.clone(), wp.clone(), opts.on_done);
+    let spawned = std::thread::Builder::new()
+        .name("livesnap-wp-writer".into())
+        .spawn(move || {
+            let Ok(Some(pause_time)) = go_rx.recv() else {
+                // Never started (the prepared capture was dropped): nothing is
+                // protected; the temp file goes (or the sink aborts) with `tmp`
+                // / `w`, and `on_done` is not called, as for a fork capture.
+                w.stop_handler.store(true, Ordering::Release);
+                let _ = handler.join();
+                *lock(&sh.status) = CaptureStatus::Cancelled;
+                return Err(SnapError::Cancelled);
+            };
+            let res = writer(
+                &sh,
+                &w,
+                rx,
+                handler,
+                tmp,
+                DevSource::Later(state_rx),
+                pause_time,
+            );
+            finish_status(&sh, &res);
+            if let Some(cb) = on_done {
+                if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| cb(&res))).is_err() {
+                    tracing::error!("capture on_done callback panicked");
+                }
+            }
+            res
+        });
+    let thread = match spawned {
+        Ok(t) => t,
+        Err(e) => {
+            wp.stop_handler.store(true, Ordering::Release);
+            return Err(SnapError::io("spawn writer thread", e));
+        }
+    };
+    Ok(PreparedWpCapture {
+        wp,
+        shared,
+        counters,
+        go,
+        state_tx,
+        thread,
+    })
+}
+
 impl PreparedWpCapture {
-    /// Inside the pause: write-protects every range (one call each) and
-    /// starts the handler and the writer; the guest may resume at once. The
-    /// device state, saved at the same paused instant, comes through the
-    /// returned [`StateSender`].
+    /// Inside the pause: write-protects every range (one call each) and lets
+    /// the waiting writer go; the guest may resume at once. The device state,
+    /// saved at the same paused instant, comes through the returned
+    /// [`StateSender`]. Dropping a prepared capture without starting it
+    /// removes its temp file (or aborts its sink).
     pub fn start_deferred(self) -> Result<(Capture, StateSender, Arc<WpCounters>)> {
         let start = Instant::now();
-        let header = Header::layout(
-            &self
-                .ranges
-                .iter()
-                .map(|r| (r.gpa, r.len))
-                .collect::<Vec<_>>(),
-            0,
-        )?;
-        for (k, r) in self.ranges.iter().enumerate() {
-            if let Err(e) = self.uffd.write_protect(r.host as u64, r.len, true) {
-                for r in &self.ranges[..=k] {
-                    let _ = self.uffd.write_protect(r.host as u64, r.len, false);
+        let ranges = &self.wp.ranges;
+        for (k, r) in ranges.iter().enumerate() {
+            if let Err(e) = self.wp.uffd.write_protect(r.host as u64, r.len, true) {
+                for r in &ranges[..=k] {
+                    let _ = self.wp.uffd.write_protect(r.host as u64, r.len, false);
                 }
                 return Err(SnapError::io("write-protect guest RAM", e));
             }
         }
         let pause_time = start.elapsed();
-        let pool_chunks = (self.opts.pool_bytes / CHUNK).max(1) as usize;
-        let (out, tmp) = match self.dest {
-            WpDest::File(tmp) => {
-                let f = tmp
-                    .file
-                    .try_clone()
-                    .map_err(|e| SnapError::io("dup snapshot file", e))?;
-                (Out::File(f), Some(tmp))
-            }
-            WpDest::Sink(g) => (Out::Sink(Mutex::new(Some(g))), None),
-        };
-        let file_dest = tmp.is_some();
-        let counters = Arc::new(WpCounters::default());
-        let wp = Arc::new(Wp {
-            uffd: self.uffd,
-            state: self.chunks.iter().map(|_| AtomicU8::new(FREE)).collect(),
-            chunks: self.chunks,
-            ranges: self.ranges,
-            out,
-            ready: Mutex::new(file_dest),
-            ready_cv: std::sync::Condvar::new(),
-            counters: counters.clone(),
-            pool: Mutex::new(Vec::new()),
-            pool_total: pool_chunks,
-            stop_handler: AtomicBool::new(false),
-            first_error: Mutex::new(None),
-        });
-        let shared = Arc::new(Shared {
-            start,
-            total_bytes: header.ram_bytes(),
-            written: AtomicU64::new(0),
-            zero_pages: AtomicU64::new(0),
-            cancelled: AtomicBool::new(false),
-            child: Mutex::new(None),
-            status: Mutex::new(CaptureStatus::Active),
-        });
-        let (tx, rx) = mpsc::channel::<Taken>();
-        let handler = {
-            let wp = wp.clone();
-            std::thread::Builder::new()
-                .name("livesnap-wp-fault".into())
-                .spawn(move || fault_handler(&wp, tx))
-        };
-        let handler = match handler {
-            Ok(h) => h,
-            Err(e) => {
-                wp.unprotect_all();
-                return Err(SnapError::io("spawn fault handler", e));
-            }
-        };
-        let (state_tx, state_rx) = mpsc::sync_channel(1);
-        let (sh, on_done) = (shared.clone(), self.opts.on_done);
-        let spawned = std::thread::Builder::new()
-            .name("livesnap-wp-writer".into())
-            .spawn(move || {
-                let res = writer(
-                    &sh,
-                    &wp,
-                    rx,
-                    handler,
-                    tmp,
-                    DevSource::Later(state_rx),
-                    pause_time,
-                );
-                finish_status(&sh, &res);
-                if let Some(cb) = on_done {
-                    if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| cb(&res))).is_err()
-                    {
-                        tracing::error!("capture on_done callback panicked");
-                    }
-                }
-                res
-            });
-        let thread = spawned.map_err(|e| SnapError::io("spawn writer thread", e))?;
+        let _ = self.go.send(Some(pause_time));
         Ok((
             Capture {
-                shared,
-                thread: Some(thread),
+                shared: self.shared,
+                thread: Some(self.thread),
                 pid: 0,
                 pause_time,
             },
-            StateSender(state_tx),
-            counters,
+            StateSender(self.state_tx),
+            self.counters,
         ))
     }
 }

@@ -206,3 +206,35 @@ fn into_a_sink_with_a_small_pool_while_memory_changes() {
         + c.chunks_by_writer.load(Ordering::Relaxed);
     assert_eq!(total, LEN as u64 / CHUNK);
 }
+
+#[test]
+fn a_prepared_capture_dropped_before_the_cut_leaves_nothing() {
+    let Some(uffd) = uffd() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let dest = dir.path().join("wp.snap");
+    let mem = Mem::new(4 * CHUNK as usize);
+    let range = mem.range(0, 4 * CHUNK as usize, 0);
+    uffd.register_wp(range.host() as u64, range.len()).unwrap();
+    let called = Arc::new(AtomicBool::new(false));
+    let c = called.clone();
+    let opts = WpOptions {
+        pool_bytes: CHUNK,
+        on_done: Some(Box::new(move |_| c.store(true, Ordering::SeqCst))),
+    };
+    let prepared = prepare_wp_capture(uffd, &[range], &dest, opts).unwrap();
+    assert_eq!(
+        std::fs::read_dir(dir.path()).unwrap().count(),
+        1,
+        "the temp file"
+    );
+    drop(prepared);
+    let gone = (0..200).any(|_| {
+        std::thread::sleep(Duration::from_millis(10));
+        std::fs::read_dir(dir.path()).unwrap().count() == 0
+    });
+    assert!(gone, "the temp file is removed");
+    assert!(
+        !called.load(Ordering::SeqCst),
+        "no completion for a capture never started"
+    );
+}
