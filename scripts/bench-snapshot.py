@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Live snapshot benchmark: fork vs stop-and-copy on a guest writing memory at full speed.
+"""Live snapshot benchmark: fork, uffd (write-protect) and stop-and-copy on a guest writing memory at full speed.
 
 Usage: scripts/bench-snapshot.py [--sizes 256M,1G,4G] [--snapshots 10] [--after 10]
                                  [--dir target/bench] [--bin target/release/snapvmm]
@@ -12,7 +12,9 @@ and finally restores the last fork image 5 times (lazy) and once (copy).
 Per snapshot it records the VMM's pause (x-downtime-us and its parts), the longest
 gap the guest itself felt (its maxgap_us report), the total time, throughput, the
 peak extra host memory (PSS of snapvmm + its capture child over the baseline),
-the image size on disk and the guest's page writes/s before, during and after.
+the image size on disk and the guest's page writes/s before, during and after, and
+inside the capture (the median of the guest's per-second reports that lie wholly
+within it; empty for a capture shorter than a second).
 Prints markdown tables (docs/BENCHMARKS.md) and optionally writes all data as JSON.
 """
 import argparse
@@ -139,6 +141,14 @@ def rate(reports, t0, t1):
     return sum(r[1] for r in xs) / len(xs)
 
 
+def rate_inside(reports, t0, t1):
+    """Median of the guest's per-second page-write counts whose whole second lies
+    inside (t0, t1] (the speed inside the operation, not averaged across it);
+    None when the operation is shorter than a report period."""
+    xs = [r[1] for r in reports if t0 <= r[0] - 1.0 and r[0] <= t1]
+    return statistics.median(xs) if xs else None
+
+
 def snapshot(vm, image, after):
     base = pss_kib(vm.p.pid)
     before_t = time.monotonic()
@@ -175,6 +185,7 @@ def snapshot(vm, image, after):
         "rate_before": rate(vm.reports, before_t - 5.5, before_t),
         "maxgap_before_us": statistics.median([r[2] for r in vm.reports if before_t - 5.5 < r[0] <= before_t] or [0]),
         "rate_during": rate(vm.reports, t_start, t_done + 1.0),
+        "rate_inside": rate_inside(vm.reports, t_start, t_done),
         "rate_after_1s": rate(vm.reports, t_done + 1.0, t_done + 2.0),
         "rate_after": rate(vm.reports, t_done + 1.0, t_done + 1.0 + after),
         "huge_pages": m.get("x-huge-pages-rebuilt"),
@@ -250,8 +261,8 @@ def main():
         if os.path.exists(image):
             os.unlink(image)
 
-    print("| RAM | method | # | pause (VMM) | guest felt (usual) | total | MB/s (disk) | extra mem | image | pages/s before → during → 1st s after → 10 s after |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| RAM | method | # | pause (VMM) | guest felt (usual) | total | MB/s (disk) | extra mem | image | pages/s before → during → 1st s after → 10 s after | pages/s inside (median of whole seconds) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         if "method" not in r or r["n"] not in (1, a.snapshots):
             continue
@@ -262,7 +273,8 @@ def main():
               f"{fmt(r['rate_before'] and r['rate_before'] / M, '{:.1f}')}M → "
               f"{fmt(r['rate_during'] and r['rate_during'] / M, '{:.2f}')}M → "
               f"{fmt(r['rate_after_1s'] and r['rate_after_1s'] / M, '{:.1f}')}M → "
-              f"{fmt(r['rate_after'] and r['rate_after'] / M, '{:.1f}')}M |")
+              f"{fmt(r['rate_after'] and r['rate_after'] / M, '{:.1f}')}M | "
+              f"{fmt(r.get('rate_inside') and r['rate_inside'] / M, '{:.2f}')}M |")
     for r in results:
         if "restore_lazy_ms" in r:
             print(f"restore {r['size']}: lazy median {statistics.median(r['restore_lazy_ms']):.1f} ms "
