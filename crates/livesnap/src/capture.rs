@@ -236,7 +236,7 @@ impl TempImage {
     }
 
     /// Sizes the file to `len` (sparse).
-    fn size(&self, len: u64) -> Result<()> {
+    pub(crate) fn size(&self, len: u64) -> Result<()> {
         self.file
             .set_len(len)
             .map_err(|e| SnapError::io(format!("ftruncate {}", self.tmp.display()), e))

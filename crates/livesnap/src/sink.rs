@@ -19,20 +19,23 @@ use crate::RamRange;
 ///
 /// The bytes are exactly those of the file format (`FORMAT.md`): what
 /// [`Image::from_source`](crate::Image::from_source) reads back through a
-/// [`Source`](crate::Source) over the same store. Calls, all from one thread
-/// (the writer thread of a fork capture, the caller's for
-/// [`capture_stopped_to`]):
+/// [`Source`](crate::Source) over the same store. Calls never overlap in
+/// time; they come from one thread (the writer thread of a fork capture, the
+/// caller's for [`capture_stopped_to`]) except in a write-protect capture
+/// ([`crate::wp_capture`]), whose fault handler also writes the chunks it had
+/// to write itself (one at a time, under a lock):
 ///
 /// 1. [`Sink::begin`] once, with the final image length;
-/// 2. [`Sink::write_at`] for the RAM (in increasing offset order within a
-///    range), then the device state, then the 4 KiB header at offset 0 last;
+/// 2. [`Sink::write_at`] for the RAM (a fork capture in increasing offset
+///    order within a range; a write-protect capture in any order), then the
+///    device state, then the 4 KiB header at offset 0 last;
 /// 3. exactly one of [`Sink::finish`] (everything was written) or
 ///    [`Sink::abort`] (failure, cancellation, death of the capture child,
 ///    error of any sink call — `finish` included —, or a prepared capture
 ///    dropped without being started). Neither is called twice, and nothing
 ///    is called after them.
 ///
-/// A panic in a sink method of a fork capture fails the capture; in
+/// A panic in a sink method of a fork or write-protect capture fails the capture; in
 /// [`capture_stopped_to`] it propagates. Either way `abort` is called unless
 /// the panic came from `finish` or `abort` itself.
 pub trait Sink: Send + 'static {

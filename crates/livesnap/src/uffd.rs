@@ -10,6 +10,8 @@ use std::time::Duration;
 
 const UFFD_API: u64 = 0xaa;
 const UFFD_FEATURE_PAGEFAULT_FLAG_WP: u64 = 1 << 0;
+/// Protect never-touched anonymous pages too (Linux 6.4+).
+const UFFD_FEATURE_WP_UNPOPULATED: u64 = 1 << 13;
 const UFFDIO_REGISTER_MODE_WP: u64 = 1 << 1;
 const UFFDIO_WRITEPROTECT_MODE_WP: u64 = 1 << 0;
 const UFFD_EVENT_PAGEFAULT: u8 = 0x12;
@@ -75,6 +77,39 @@ pub struct WpFault {
 #[derive(Debug)]
 pub struct Uffd {
     fd: OwnedFd,
+    wp_unpopulated: bool,
+}
+
+/// A new userfaultfd (close-on-exec, non-blocking), not yet negotiated.
+fn open() -> io::Result<OwnedFd> {
+    // SAFETY: userfaultfd(2) takes flags only; the result is a new fd or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd was just returned by the kernel and is owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Maps every page of `len` bytes at `addr` for reading (never-touched
+/// anonymous pages get the zero page), so a write protection covers them.
+///
+/// # Safety
+/// `addr..addr + len` must be a mapping of this process (any content).
+pub unsafe fn populate(addr: u64, len: u64) -> io::Result<()> {
+    // SAFETY: the caller names a mapping of this process; MADV_POPULATE_READ
+    // only faults its pages in for reading.
+    let r = unsafe {
+        libc::madvise(
+            addr as *mut libc::c_void,
+            len as usize,
+            libc::MADV_POPULATE_READ,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 fn ioctl<T>(fd: &OwnedFd, req: u64, arg: &mut T) -> io::Result<()> {
@@ -90,29 +125,45 @@ fn ioctl<T>(fd: &OwnedFd, req: u64, arg: &mut T) -> io::Result<()> {
 
 impl Uffd {
     /// Opens a userfaultfd (kernel faults included: KVM writes guest memory
-    /// from the kernel) and negotiates write-protect faults.
+    /// from the kernel) and negotiates write-protect faults, and protection
+    /// of never-touched pages where the kernel has it.
     pub fn new_wp() -> io::Result<Uffd> {
-        // SAFETY: userfaultfd(2) takes flags only; the result is a new fd or -1.
-        let fd =
-            unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: fd was just returned by the kernel and is owned by nobody else.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
-        let mut api = UffdioApi {
-            api: UFFD_API,
-            features: UFFD_FEATURE_PAGEFAULT_FLAG_WP,
-            ioctls: 0,
+        // The features the kernel offers (UFFDIO_API may be called once per fd).
+        let offered = {
+            let probe = open()?;
+            let mut api = UffdioApi {
+                api: UFFD_API,
+                features: 0,
+                ioctls: 0,
+            };
+            ioctl(&probe, UFFDIO_API, &mut api)?;
+            api.features
         };
-        ioctl(&fd, UFFDIO_API, &mut api)?;
-        if api.features & UFFD_FEATURE_PAGEFAULT_FLAG_WP == 0 {
+        if offered & UFFD_FEATURE_PAGEFAULT_FLAG_WP == 0 {
             return Err(io::Error::new(
                 io::ErrorKind::Unsupported,
                 "this kernel's userfaultfd has no write-protect mode",
             ));
         }
-        Ok(Uffd { fd })
+        let wanted = UFFD_FEATURE_PAGEFAULT_FLAG_WP | (offered & UFFD_FEATURE_WP_UNPOPULATED);
+        let fd = open()?;
+        let mut api = UffdioApi {
+            api: UFFD_API,
+            features: wanted,
+            ioctls: 0,
+        };
+        ioctl(&fd, UFFDIO_API, &mut api)?;
+        Ok(Uffd {
+            fd,
+            wp_unpopulated: wanted & UFFD_FEATURE_WP_UNPOPULATED != 0,
+        })
+    }
+
+    /// Whether never-touched pages are protected too. Without it (kernels
+    /// before 6.4) a range must be populated before it is protected
+    /// ([`populate`]), or a first write after the protection goes unseen.
+    pub fn protects_unpopulated(&self) -> bool {
+        self.wp_unpopulated
     }
 
     /// Registers `len` bytes at `addr` (page-aligned) for write-protect faults.

@@ -7,7 +7,8 @@
 //!   the protection of the chunk: one fault per 2 MiB, not per 4 KiB page.
 //!   With the pool empty it writes the chunk to the image itself before
 //!   lifting the protection (slower for that writer, never a deadlock: it
-//!   waits on nothing a vCPU holds);
+//!   waits on nothing a vCPU holds — only, for a sink, on the device state,
+//!   which the VMM sends right after the pause, so that the sink can begin);
 //! - a **writer** thread walks RAM in order, copies and unprotects every
 //!   chunk nobody faulted on yet, writes the handler's buffers, and finishes
 //!   the image (same format as the fork capture; zero pages stay holes).
@@ -44,6 +45,9 @@ pub struct WpOptions {
     pub pool_bytes: u64,
     /// Called once when the capture ends, whatever the outcome.
     pub on_done: Option<DoneCallback>,
+    /// Populate RAM before protecting it even where the kernel protects
+    /// never-touched pages itself (what older kernels need; for tests).
+    pub always_populate: bool,
 }
 
 impl Default for WpOptions {
@@ -51,6 +55,7 @@ impl Default for WpOptions {
         WpOptions {
             pool_bytes: 64 << 20,
             on_done: None,
+            always_populate: false,
         }
     }
 }
@@ -85,7 +90,7 @@ pub struct PreparedWpCapture {
     shared: Arc<Shared>,
     counters: Arc<WpCounters>,
     /// Tells the waiting writer to go (with the pause it took) or to give up.
-    go: mpsc::SyncSender<Option<Duration>>,
+    go: mpsc::SyncSender<Option<(Instant, Duration)>>,
     state_tx: mpsc::SyncSender<std::result::Result<Vec<u8>, String>>,
     thread: std::thread::JoinHandle<Result<CaptureStats>>,
 }
@@ -293,6 +298,15 @@ fn launch(
 ) -> Result<PreparedWpCapture> {
     let pairs: Vec<(u64, u64)> = ranges.iter().map(|r| (r.gpa, r.len)).collect();
     let header = Header::layout(&pairs, 0)?;
+    if opts.always_populate || !uffd.protects_unpopulated() {
+        // Older kernels skip never-touched pages when protecting: map them
+        // (for reading: the zero page) first, with the guest still running.
+        for r in ranges {
+            // SAFETY: the range is mapped (RamRange's contract).
+            unsafe { crate::uffd::populate(r.host as u64, r.len) }
+                .map_err(|e| SnapError::io("populate guest RAM", e))?;
+        }
+    }
     let (out, tmp) = match dest {
         WpDest::File(tmp) => {
             let f = tmp
@@ -335,13 +349,13 @@ fn launch(
             .spawn(move || fault_handler(&wp, tx))
             .map_err(|e| SnapError::io("spawn fault handler", e))?
     };
-    let (go, go_rx) = mpsc::sync_channel::<Option<Duration>>(1);
+    let (go, go_rx) = mpsc::sync_channel::<Option<(Instant, Duration)>>(1);
     let (state_tx, state_rx) = mpsc::sync_channel(1);
     let (sh, w, on_done) = (shared.clone(), wp.clone(), opts.on_done);
     let spawned = std::thread::Builder::new()
         .name("livesnap-wp-writer".into())
         .spawn(move || {
-            let Ok(Some(pause_time)) = go_rx.recv() else {
+            let Ok(Some((cut_at, pause_time))) = go_rx.recv() else {
                 // Never started (the prepared capture was dropped): nothing is
                 // protected; the temp file goes (or the sink aborts) with `tmp`
                 // / `w`, and `on_done` is not called, as for a fork capture.
@@ -357,7 +371,7 @@ fn launch(
                 handler,
                 tmp,
                 DevSource::Later(state_rx),
-                pause_time,
+                (cut_at, pause_time),
             );
             finish_status(&sh, &res);
             if let Some(cb) = on_done {
@@ -402,7 +416,7 @@ impl PreparedWpCapture {
             }
         }
         let pause_time = start.elapsed();
-        let _ = self.go.send(Some(pause_time));
+        let _ = self.go.send(Some((start, pause_time)));
         Ok((
             Capture {
                 shared: self.shared,
@@ -506,7 +520,8 @@ fn fault_handler(wp: &Wp, tx: mpsc::Sender<Taken>) {
     }
 }
 
-/// Copies every chunk not yet taken, writes everything, finishes the image.
+/// Copies every chunk not yet taken, writes everything, finishes the image;
+/// whatever happens (a panicking sink included), nothing stays protected.
 #[allow(clippy::too_many_arguments)]
 fn writer(
     sh: &Shared,
@@ -515,9 +530,17 @@ fn writer(
     handler: std::thread::JoinHandle<()>,
     tmp: Option<TempImage>,
     dev: DevSource,
-    pause_time: Duration,
+    cut: (Instant, Duration),
 ) -> Result<CaptureStats> {
-    let res = write_all(sh, wp, &rx, tmp, dev, pause_time);
+    let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        write_all(sh, wp, &rx, tmp, dev, cut)
+    }))
+    .unwrap_or_else(|_| {
+        Err(SnapError::io(
+            "capture writer",
+            std::io::Error::other("writer thread panicked"),
+        ))
+    });
     if res.is_err() {
         wp.unprotect_all();
         // A sink that never began: the handler must not wait for it.
@@ -529,7 +552,10 @@ fn writer(
     wp.stop_handler.store(true, Ordering::Release);
     drop(rx);
     let _ = handler.join();
-    res
+    match res {
+        Err(_) if sh.cancelled() => Err(SnapError::Cancelled),
+        r => r,
+    }
 }
 
 fn write_all(
@@ -538,7 +564,7 @@ fn write_all(
     rx: &mpsc::Receiver<Taken>,
     tmp: Option<TempImage>,
     dev: DevSource,
-    pause_time: Duration,
+    (cut_at, pause_time): (Instant, Duration),
 ) -> Result<CaptureStats> {
     let ranges: Vec<(u64, u64)> = wp.ranges.iter().map(|r| (r.gpa, r.len)).collect();
     // A sink learns the image's length before the first write: wait for the
@@ -615,7 +641,7 @@ fn write_all(
             }
         }
     }
-    let ram_time = sh.start.elapsed();
+    let ram_time = cut_at.elapsed();
     let dev = match early_dev {
         Some(d) => d,
         None => dev_wait(sh, &mut dev)?,
@@ -625,9 +651,21 @@ fn write_all(
     check()?;
     let written = sh.written.load(Ordering::Relaxed);
     let zero = sh.zero_pages.load(Ordering::Relaxed);
+    if written + zero * PAGE_SIZE != header.ram_bytes() {
+        return Err(SnapError::io(
+            "write-protect capture",
+            std::io::Error::other(format!(
+                "accounted for {written} bytes written + {zero} zero pages, RAM is {} bytes",
+                header.ram_bytes()
+            )),
+        ));
+    }
     let times = (pause_time, Duration::ZERO, ram_time, Duration::ZERO);
     match (tmp, &wp.out) {
-        (Some(tmp), _) => tmp.finish(&header, &dev, || sh.cancelled())?,
+        (Some(tmp), _) => {
+            tmp.size(header.file_len)?;
+            tmp.finish(&header, &dev, || sh.cancelled())?
+        }
         (None, Out::Sink(m)) => {
             let g = lock(m).take().ok_or(SnapError::Cancelled)?;
             let summary = crate::sink::summary(&header, written, zero, times);
@@ -635,7 +673,7 @@ fn write_all(
         }
         (None, Out::File(_)) => unreachable!("a file capture has its temp file"),
     }
-    Ok(stats(sh.start, &header, written, zero, times))
+    Ok(stats(cut_at, &header, written, zero, times))
 }
 
 /// The device state, unless the capture is cancelled meanwhile.

@@ -64,7 +64,7 @@ fn run(pool_bytes: u64) {
         &dest,
         WpOptions {
             pool_bytes,
-            on_done: None,
+            ..WpOptions::default()
         },
     )
     .unwrap();
@@ -177,7 +177,7 @@ fn into_a_sink_with_a_small_pool_while_memory_changes() {
     let sink = VecSink(Arc::clone(&bytes), finished.clone());
     let opts = WpOptions {
         pool_bytes: 2 * CHUNK,
-        on_done: None,
+        ..WpOptions::default()
     };
     let prepared =
         livesnap::wp_capture::prepare_wp_capture_to(uffd.clone(), &[range], Box::new(sink), opts)
@@ -220,6 +220,7 @@ fn a_prepared_capture_dropped_before_the_cut_leaves_nothing() {
     let opts = WpOptions {
         pool_bytes: CHUNK,
         on_done: Some(Box::new(move |_| c.store(true, Ordering::SeqCst))),
+        ..WpOptions::default()
     };
     let prepared = prepare_wp_capture(uffd, &[range], &dest, opts).unwrap();
     assert_eq!(
@@ -237,4 +238,50 @@ fn a_prepared_capture_dropped_before_the_cut_leaves_nothing() {
         !called.load(Ordering::SeqCst),
         "no completion for a capture never started"
     );
+}
+
+/// Memory the program never touched before the cut is written after it:
+/// the image must hold zeros (the kernel must protect unpopulated pages, or
+/// the engine populate them first, as on kernels before 6.4).
+fn untouched_memory(always_populate: bool) {
+    let Some(uffd) = uffd() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let dest = dir.path().join("wp.snap");
+    let mem = Mem::new(LEN);
+    let range = mem.range(0, LEN, 0);
+    uffd.register_wp(range.host() as u64, range.len()).unwrap();
+    let opts = WpOptions {
+        pool_bytes: 4 * CHUNK,
+        always_populate,
+        ..WpOptions::default()
+    };
+    let prepared = prepare_wp_capture(uffd.clone(), &[range], &dest, opts).unwrap();
+    let (capture, sender, _) = prepared.start_deferred().unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let m = mutator(&mem, stop.clone());
+    // Let the mutator get ahead of the writer.
+    std::thread::sleep(Duration::from_millis(20));
+    sender.send(Vec::new());
+    let stats = capture.wait().unwrap();
+    stop.store(true, Ordering::Relaxed);
+    m.join().unwrap();
+    assert_eq!(
+        stats.zero_pages,
+        (LEN / 4096) as u64,
+        "every page was zero at the cut"
+    );
+    let image = Image::open(&dest).unwrap();
+    let mut back = vec![1u8; LEN];
+    image.read_ram_into(0, &mut back).unwrap();
+    assert!(back.iter().all(|&b| b == 0));
+}
+
+#[test]
+fn memory_never_touched_before_the_cut_is_captured_as_it_was() {
+    untouched_memory(false);
+}
+
+#[test]
+fn populating_first_gives_the_same_image() {
+    untouched_memory(true);
 }

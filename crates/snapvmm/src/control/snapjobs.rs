@@ -172,6 +172,7 @@ impl Controller {
             let opts = livesnap::wp_capture::WpOptions {
                 pool_bytes: self.migration.wp_pool,
                 on_done: Some(on_done),
+                ..Default::default()
             };
             Capture::Wp(livesnap::wp_capture::prepare_wp_capture_to(
                 uffd,

@@ -491,6 +491,7 @@ pub(crate) fn prepare_wp(
     let opts = livesnap::wp_capture::WpOptions {
         pool_bytes,
         on_done: Some(Box::new(move |_| done())),
+        ..Default::default()
     };
     livesnap::wp_capture::prepare_wp_capture(uffd, &ram_ranges(m), dest, opts)
 }
