@@ -6,7 +6,42 @@
 //! corruption by its own check.
 
 use libfuzzer_sys::fuzz_target;
-use qcow2::{MemBackend, Qcow2};
+use qcow2::{Backend, MemBackend, Qcow2};
+
+/// An in-memory file on a small disk: a hostile image may make the library
+/// allocate at a huge offset (a sparse file on a real disk); here that is a
+/// full disk, which the library must survive like any I/O error.
+struct SmallDisk(MemBackend);
+
+const DISK_LIMIT: u64 = 64 << 20;
+
+fn full() -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::StorageFull, "no space left (fuzz disk)")
+}
+
+impl Backend for SmallDisk {
+    fn read_at(&mut self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.0.read_at(buf, offset)
+    }
+    fn write_at(&mut self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        if offset.saturating_add(buf.len() as u64) > DISK_LIMIT {
+            return Err(full());
+        }
+        self.0.write_at(buf, offset)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush()
+    }
+    fn len(&mut self) -> std::io::Result<u64> {
+        self.0.len()
+    }
+    fn set_len(&mut self, len: u64) -> std::io::Result<()> {
+        if len > DISK_LIMIT {
+            return Err(full());
+        }
+        self.0.set_len(len)
+    }
+}
 
 fuzz_target!(|data: &[u8]| {
     // Byte 0: the number of 8-byte operations that follow; then the image.
@@ -14,8 +49,8 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let (script, image) = rest.split_at((usize::from(ops) * 8).min(rest.len()));
-    let Ok(mut img) = Qcow2::open_with(Box::new(MemBackend::new(image.to_vec())), true, None)
-    else {
+    let disk = SmallDisk(MemBackend::new(image.to_vec()));
+    let Ok(mut img) = Qcow2::open_with(Box::new(disk), true, None) else {
         return;
     };
     let size = img.size();
