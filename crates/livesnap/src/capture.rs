@@ -468,6 +468,19 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Shared {
+    /// A new active capture of `total_bytes` of RAM, started now.
+    pub(crate) fn new(total_bytes: u64) -> Shared {
+        Shared {
+            start: Instant::now(),
+            total_bytes,
+            written: AtomicU64::new(0),
+            zero_pages: AtomicU64::new(0),
+            cancelled: AtomicBool::new(false),
+            child: Mutex::new(None),
+            status: Mutex::new(CaptureStatus::Active),
+        }
+    }
+
     pub(crate) fn cancelled(&self) -> bool {
         self.cancelled.load(Ordering::SeqCst)
     }
@@ -708,18 +721,10 @@ impl PreparedCapture {
     }
 
     fn launch(self, device_state: DevSource) -> Result<Capture> {
-        let start = Instant::now();
         let header = Header::layout(&self.ranges, 0)?;
         let ranges = self.ranges.clone();
-        let shared = Arc::new(Shared {
-            start,
-            total_bytes: header.ram_bytes(),
-            written: AtomicU64::new(0),
-            zero_pages: AtomicU64::new(0),
-            cancelled: AtomicBool::new(false),
-            child: Mutex::new(None),
-            status: Mutex::new(CaptureStatus::Active),
-        });
+        let shared = Arc::new(Shared::new(header.ram_bytes()));
+        let start = shared.start;
         let (scan, dest, pipe_r, pipe_w) = (self.scan, self.dest, self.pipe_r, self.pipe_w);
         let t_fork = Instant::now();
         // SAFETY: prepare() validated every range (page-aligned host address,
@@ -842,12 +847,17 @@ fn writer_thread(
             CaptureStatus::Failed(e.to_string())
         }
     };
+    call_on_done(on_done, &res);
+    res
+}
+
+/// Runs a capture's completion callback; a panic in it is logged, not spread.
+pub(crate) fn call_on_done(on_done: Option<DoneCallback>, res: &Result<CaptureStats>) {
     if let Some(cb) = on_done {
-        if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| cb(&res))).is_err() {
+        if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| cb(res))).is_err() {
             tracing::error!("capture on_done callback panicked");
         }
     }
-    res
 }
 
 /// Receives the records, splices them into the temp file (or copies them

@@ -25,7 +25,9 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::capture::{lock, stats, Capture, DevSource, Shared, StateSender, TempImage};
+use crate::capture::{
+    call_on_done, lock, stats, Capture, DevSource, Shared, StateSender, TempImage,
+};
 use crate::error::{Result, SnapError};
 use crate::image::{Header, PAGE_SIZE};
 use crate::sink::{Sink, SinkGuard};
@@ -332,15 +334,7 @@ fn launch(
         stop_handler: AtomicBool::new(false),
         first_error: Mutex::new(None),
     });
-    let shared = Arc::new(Shared {
-        start: Instant::now(),
-        total_bytes: header.ram_bytes(),
-        written: AtomicU64::new(0),
-        zero_pages: AtomicU64::new(0),
-        cancelled: AtomicBool::new(false),
-        child: Mutex::new(None),
-        status: Mutex::new(CaptureStatus::Active),
-    });
+    let shared = Arc::new(Shared::new(header.ram_bytes()));
     let (tx, rx) = mpsc::channel::<Taken>();
     let handler = {
         let wp = wp.clone();
@@ -374,11 +368,7 @@ fn launch(
                 (cut_at, pause_time),
             );
             finish_status(&sh, &res);
-            if let Some(cb) = on_done {
-                if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| cb(&res))).is_err() {
-                    tracing::error!("capture on_done callback panicked");
-                }
-            }
+            call_on_done(on_done, &res);
             res
         });
     let thread = match spawned {
