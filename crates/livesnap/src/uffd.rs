@@ -125,9 +125,22 @@ fn ioctl<T>(fd: &OwnedFd, req: u64, arg: &mut T) -> io::Result<()> {
 
 impl Uffd {
     /// Opens a userfaultfd (kernel faults included: KVM writes guest memory
-    /// from the kernel) and negotiates write-protect faults, and protection
-    /// of never-touched pages where the kernel has it.
+    /// from the kernel) and negotiates write-protect faults. Never-touched
+    /// pages are not protected by the kernel: a capture populates its ranges
+    /// first (with the guest running), which keeps the protection call cheap.
     pub fn new_wp() -> io::Result<Uffd> {
+        Uffd::negotiate(false)
+    }
+
+    /// Like [`Uffd::new_wp`], but the kernel protects never-touched pages
+    /// itself (Linux 6.4+, `UFFD_FEATURE_WP_UNPOPULATED`): no populating, but
+    /// the protection call then writes a marker for every such page — measured
+    /// here, 2.4 ms instead of 0.3 ms at 1 GiB, 11 ms instead of 0.7 ms at 4 GiB.
+    pub fn new_wp_unpopulated() -> io::Result<Uffd> {
+        Uffd::negotiate(true)
+    }
+
+    fn negotiate(unpopulated: bool) -> io::Result<Uffd> {
         // The features the kernel offers (UFFDIO_API may be called once per fd).
         let offered = {
             let probe = open()?;
@@ -145,7 +158,16 @@ impl Uffd {
                 "this kernel's userfaultfd has no write-protect mode",
             ));
         }
-        let wanted = UFFD_FEATURE_PAGEFAULT_FLAG_WP | (offered & UFFD_FEATURE_WP_UNPOPULATED);
+        let mut wanted = UFFD_FEATURE_PAGEFAULT_FLAG_WP;
+        if unpopulated {
+            if offered & UFFD_FEATURE_WP_UNPOPULATED == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::Unsupported,
+                    "this kernel cannot write-protect never-touched pages",
+                ));
+            }
+            wanted |= UFFD_FEATURE_WP_UNPOPULATED;
+        }
         let fd = open()?;
         let mut api = UffdioApi {
             api: UFFD_API,
@@ -155,13 +177,13 @@ impl Uffd {
         ioctl(&fd, UFFDIO_API, &mut api)?;
         Ok(Uffd {
             fd,
-            wp_unpopulated: wanted & UFFD_FEATURE_WP_UNPOPULATED != 0,
+            wp_unpopulated: unpopulated,
         })
     }
 
-    /// Whether never-touched pages are protected too. Without it (kernels
-    /// before 6.4) a range must be populated before it is protected
-    /// ([`populate`]), or a first write after the protection goes unseen.
+    /// Whether never-touched pages are protected too. Without it a range must
+    /// be populated before it is protected ([`populate`]), or a first write
+    /// after the protection goes unseen.
     pub fn protects_unpopulated(&self) -> bool {
         self.wp_unpopulated
     }

@@ -47,8 +47,8 @@ pub struct WpOptions {
     pub pool_bytes: u64,
     /// Called once when the capture ends, whatever the outcome.
     pub on_done: Option<DoneCallback>,
-    /// Populate RAM before protecting it even where the kernel protects
-    /// never-touched pages itself (what older kernels need; for tests).
+    /// Populate RAM before protecting it even with a userfaultfd that
+    /// protects never-touched pages itself (for tests).
     pub always_populate: bool,
 }
 
@@ -301,8 +301,9 @@ fn launch(
     let pairs: Vec<(u64, u64)> = ranges.iter().map(|r| (r.gpa, r.len)).collect();
     let header = Header::layout(&pairs, 0)?;
     if opts.always_populate || !uffd.protects_unpopulated() {
-        // Older kernels skip never-touched pages when protecting: map them
-        // (for reading: the zero page) first, with the guest still running.
+        // The protection skips never-touched pages: map them (for reading:
+        // the zero page) first, with the guest still running. Pages do not
+        // become untouched again (guest RAM is never discarded).
         for r in ranges {
             // SAFETY: the range is mapped (RamRange's contract).
             unsafe { crate::uffd::populate(r.host as u64, r.len) }

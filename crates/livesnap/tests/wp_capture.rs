@@ -241,10 +241,21 @@ fn a_prepared_capture_dropped_before_the_cut_leaves_nothing() {
 }
 
 /// Memory the program never touched before the cut is written after it:
-/// the image must hold zeros (the kernel must protect unpopulated pages, or
-/// the engine populate them first, as on kernels before 6.4).
-fn untouched_memory(always_populate: bool) {
-    let Some(uffd) = uffd() else { return };
+/// the image must hold zeros (the engine populates such pages before the
+/// protection, or the kernel protects them itself).
+fn untouched_memory(kernel_protects_them: bool, always_populate: bool) {
+    let uffd = if kernel_protects_them {
+        match Uffd::new_wp_unpopulated() {
+            Ok(u) => Arc::new(u),
+            Err(e) => {
+                eprintln!("skipped: {e}");
+                return;
+            }
+        }
+    } else {
+        let Some(u) = uffd() else { return };
+        u
+    };
     let dir = tempfile::tempdir().unwrap();
     let dest = dir.path().join("wp.snap");
     let mem = Mem::new(LEN);
@@ -278,10 +289,12 @@ fn untouched_memory(always_populate: bool) {
 
 #[test]
 fn memory_never_touched_before_the_cut_is_captured_as_it_was() {
-    untouched_memory(false);
+    // Populated by the engine before the protection.
+    untouched_memory(false, false);
 }
 
 #[test]
-fn populating_first_gives_the_same_image() {
-    untouched_memory(true);
+fn the_kernel_protecting_untouched_pages_gives_the_same_image() {
+    untouched_memory(true, false);
+    untouched_memory(true, true);
 }
