@@ -10,6 +10,11 @@
  * between two consecutive page writes (the pause the guest felt); the time
  * spent printing is left out of the gaps.
  *
+ * hot=PERCENT: pass 1 fills the whole slice; later passes rewrite only the
+ * first PERCENT % of it (the hot part). The cold rest keeps pass 1's values,
+ * and is still checked: after each hot page write the CPU reads one cold page
+ * (round robin) and compares it with its pass-1 value.
+ *
  * diskwrite: CPU 0 runs the disk loop of diskwrite.c, every other CPU runs
  * memwrite; with a single CPU, CPU 0 alternates between one disk block and a
  * slice of memwrite pages.
@@ -18,6 +23,7 @@
 
 #define MAX_RANGES 16
 #define INTERLEAVE_PAGES 256    /* memwrite pages per disk block on one CPU */
+#define COLD_CHECK_EVERY 4      /* hot=: hot page writes per cold page check */
 
 enum workload { WL_MEMWRITE, WL_IDLE, WL_EXIT, WL_RESET, WL_DISKWRITE };
 
@@ -29,6 +35,7 @@ static struct {
     u32 exit_code;
     u64 tsc_khz;
     u64 disk_region; /* bytes; 0 = default */
+    u64 hot;        /* percent of each slice rewritten from pass 2 on, 1..100 */
 } cfg;
 
 u64 tsc_khz;
@@ -214,6 +221,12 @@ static void parse_cmdline(const char *s)
             cfg.tsc_khz = parse_size(v, vn);
         } else if (word_is(k, kn, "disk_region")) {
             cfg.disk_region = parse_size(v, vn);
+        } else if (word_is(k, kn, "hot")) {
+            cfg.hot = parse_size(v, vn);
+            if (cfg.hot < 1)
+                cfg.hot = 1;
+            if (cfg.hot > 100)
+                cfg.hot = 100;
         }
     }
 }
@@ -297,8 +310,11 @@ static void report_corrupt(u32 cpu, u64 page, u64 expected, u64 found)
 struct memwrite {
     u32 cpu;
     u64 first, n;           /* slice: pages [first, first + n) of the region */
+    u64 hot;                /* pages [0, hot) of the slice are rewritten from pass 2 on */
     u64 pass, j;            /* next page to write: page j of pass `pass` */
     struct cursor c;
+    u64 cj;                 /* next cold page to check, in [hot, n) */
+    struct cursor cc;
     u64 t0, last, next_report, maxgap, written, corrupt;
     u64 reports;            /* report lines printed */
     int rate_hold;          /* rate reached: report due at next_report */
@@ -311,6 +327,10 @@ static void mw_init(struct memwrite *m, u32 cpu, u32 slice, u32 nslices)
     m->cpu = cpu;
     m->first = total_pages * slice / nslices;
     m->n = total_pages * (slice + 1) / nslices - m->first;
+    m->hot = m->n * cfg.hot / 100;
+    if (m->hot == 0)
+        m->hot = m->n < 1 ? m->n : 1;
+    m->cj = m->hot;
     m->pass = 1;
     m->t0 = rdtsc();
     m->last = m->t0;
@@ -330,6 +350,26 @@ static void mw_report(struct memwrite *m, u64 now, u64 passes)
 static int mw_more(const struct memwrite *m)
 {
     return cfg.passes == 0 || m->pass <= cfg.passes;
+}
+
+/* Pass 2 on with hot < 100: checks the next cold page against its pass-1 value. */
+static void mw_check_cold(struct memwrite *m)
+{
+    if (m->cj == m->hot)
+        m->cc = cursor_at(m->first + m->hot);
+    if (m->cc.off == ranges[m->cc.r].pages) {
+        m->cc.r++;
+        m->cc.off = 0;
+    }
+    u64 found = *(volatile u64 *)(ranges[m->cc.r].base + m->cc.off * PAGE);
+    m->cc.off++;
+    if (found != m->cj + 1) {
+        if (m->corrupt++ < MAX_CORRUPT_LINES)
+            report_corrupt(m->cpu, m->first + m->cj, m->cj + 1, found);
+        m->last = rdtsc();
+    }
+    if (++m->cj == m->n)
+        m->cj = m->hot;
 }
 
 /* Writes up to `budget` pages. When the rate limit is reached it spins until
@@ -353,19 +393,25 @@ static int mw_step(struct memwrite *m, u64 budget, int may_wait)
         }
         volatile u64 *word = (volatile u64 *)(ranges[m->c.r].base + m->c.off * PAGE);
         m->c.off++;
-        u64 value = (m->pass - 1) * m->n + m->j + 1;
+        /* Pass 1 writes j + 1 to all n pages; pass p >= 2 writes
+         * n + (p-2)*hot + j + 1 to the hot pages only (with hot=100:
+         * (p-1)*n + j + 1 throughout). */
+        u64 value = m->pass == 1 ? m->j + 1 : m->n + (m->pass - 2) * m->hot + m->j + 1;
         if (m->pass > 1) {
+            u64 prev = value - (m->pass == 2 ? m->n : m->hot);
             u64 found = *word;
-            if (found != value - m->n) {
+            if (found != prev) {
                 if (m->corrupt++ < MAX_CORRUPT_LINES)
-                    report_corrupt(m->cpu, m->first + m->j, value - m->n, found);
+                    report_corrupt(m->cpu, m->first + m->j, prev, found);
                 m->last = rdtsc();
             }
         }
         *word = value;
         m->written++;
+        if (m->pass > 1 && m->hot < m->n && m->j % COLD_CHECK_EVERY == 0)
+            mw_check_cold(m);
         u64 passes_done = m->pass - 1;
-        if (++m->j == m->n) {
+        if (++m->j == (m->pass == 1 ? m->n : m->hot)) {
             m->j = 0;
             m->pass++;
         }
@@ -484,6 +530,7 @@ static void bsp_main(void)
         sys_exit(4);
     }
     const char *cmdline = (const char *)si->cmdline_paddr;
+    cfg.hot = 100;
     if (cmdline)
         parse_cmdline(cmdline);
     u64 khz = detect_tsc_khz();
@@ -523,6 +570,8 @@ static void bsp_main(void)
     put_str(&b, " workload=");
     put_str(&b, names[cfg.workload]);
     put_kv(&b, " region_mib=", total_pages * PAGE >> 20);
+    if (cfg.hot != 100)
+        put_kv(&b, " hot=", cfg.hot);
     put_kv(&b, " passes=", cfg.passes);
     put_kv(&b, " tsc_khz=", cfg.tsc_khz);
     if (!khz)

@@ -3,7 +3,11 @@
 //! A freestanding PVH ELF (see `guest/`): minimal ring-0 setup, then all work at
 //! ring 3. It boots on snapvmm and on `qemu-system-x86_64 -kernel`. Parameters
 //! come from the boot command line: `workload=memwrite|idle|exit|reset`,
-//! `region=SIZE`, `passes=N`, `rate=PAGES_PER_SECOND`, `exit=CODE`, `tsc_khz=N`.
+//! `region=SIZE`, `passes=N`, `rate=PAGES_PER_SECOND`, `hot=PERCENT`, `exit=CODE`,
+//! `tsc_khz=N`. `hot=PERCENT` (1..100, default 100): memwrite's first pass fills
+//! the whole region, later passes rewrite only the first PERCENT % of each CPU's
+//! slice; the cold rest keeps its pass-1 values and is still verified (one cold
+//! page read per 4 hot page writes). See docs/REFGUEST.md.
 
 /// The guest image, an ELF64 with a `XEN_ELFNOTE_PHYS32_ENTRY` note.
 pub static ELF: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/refguest.elf"));

@@ -125,6 +125,33 @@ fn memwrite_four_vcpus_completes_its_passes() {
 }
 
 #[test]
+fn memwrite_hot_rewrites_a_tenth_and_still_verifies_the_rest() {
+    // hot=10: after pass 1 each CPU rewrites the first tenth of its slice and
+    // reads the cold rest back against pass 1's values; 200 passes sweep the
+    // cold part several times over (once per 36 hot passes).
+    let o = run_with_timeout(
+        snapvmm(&[
+            "run",
+            "--mem",
+            "256M",
+            "--cpus",
+            "2",
+            "--cmdline",
+            "workload=memwrite region=200M hot=10 passes=200 exit=5",
+        ]),
+        T,
+    );
+    let out = stdout(&o);
+    assert_eq!(o.status.code(), Some(5), "stdout: {out}");
+    assert!(out.contains(" region_mib=200 hot=10 "), "{out}");
+    assert!(
+        out.contains("refguest: done cpus=2 passes=200 corrupt=0"),
+        "{out}"
+    );
+    assert!(!out.contains("CORRUPT"), "{out}");
+}
+
+#[test]
 fn memwrite_reports_once_a_second_until_ctrl_c() {
     let mut r = Running::spawn(snapvmm(&[
         "run",
