@@ -14,6 +14,8 @@
 //! * [`prepare_fork_capture_to`] / [`capture_stopped_to`]: the same two
 //!   captures writing the very same image bytes through a [`Sink`] (e.g. the
 //!   vmstate area of a qcow2 disk) instead of into a file.
+//! * [`lazy::start_lazy_fill`]: restore into fresh anonymous memory, filled
+//!   on demand (userfaultfd missing mode) and in the background.
 //! * [`Image`]: validating reader of the image format (see `FORMAT.md`),
 //!   from a file ([`Image::open`]) or any [`Source`] ([`Image::from_source`]).
 
@@ -21,6 +23,7 @@ mod capture;
 mod error;
 mod fork;
 mod image;
+pub mod lazy;
 mod pages;
 mod sink;
 mod source;

@@ -460,6 +460,9 @@ fn fault_handler(wp: &Wp, tx: mpsc::Sender<Taken>) {
                 return;
             }
         };
+        if !fault.wp {
+            continue;
+        }
         wp.counters.faults.fetch_add(1, Ordering::Relaxed);
         let Some(i) = wp.chunk_of(fault.addr) else {
             continue;

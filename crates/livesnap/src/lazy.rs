@@ -1,0 +1,412 @@
+//! Lazy restore into anonymous memory (userfaultfd missing mode).
+//!
+//! Guest RAM is fresh anonymous memory, never touched, registered with a
+//! userfaultfd in missing mode; the guest runs at once. Then:
+//!
+//! - a **fault handler** thread takes each missing-page fault (a vCPU, KVM,
+//!   or a VMM thread touching RAM not filled yet) and fills the whole 2 MiB
+//!   chunk around it from the page source in one `UFFDIO_COPY`, which wakes
+//!   the faulting thread; a chunk that is a hole of the image gets the zero
+//!   page (`UFFDIO_ZEROPAGE`) without reading anything;
+//! - a **prefetch** thread walks RAM in order and fills every chunk that has
+//!   data and that nobody has faulted on yet; holes are left alone.
+//!
+//! One compare-and-swap per chunk decides which thread fills it. When every
+//! chunk with data is filled the ranges are unregistered: what is left
+//! (holes) is ordinary never-touched anonymous memory, zero when read —
+//! exactly the image's content. From then on RAM is plain anonymous memory:
+//! snapshots of it pause like a booted VM's, and huge pages can be rebuilt.
+//!
+//! The page source is an interface ([`PageSource`]): a file now; any other
+//! source (a socket to a migration peer) implements the same two calls.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::capture::lock;
+use crate::error::{Result, SnapError};
+use crate::image::ImageRange;
+use crate::uffd::{Filled, Uffd};
+use crate::RamRange;
+
+/// Chunk size: RAM is filled 2 MiB at a time.
+pub const CHUNK: u64 = 2 << 20;
+
+const FREE: u8 = 0;
+const TAKEN: u8 = 1;
+const DONE: u8 = 2;
+
+/// Why a fill ended when its [`LazyFill`] was dropped.
+const STOPPED: &str = "the lazy restore was stopped";
+
+/// Where the pages of a lazily restored VM come from.
+pub trait PageSource: Send + Sync + 'static {
+    /// Reads `buf.len()` bytes of the image at `offset` (holes read as zeros).
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+    /// Whether the `len` bytes at `offset` are known to be zero without
+    /// reading them (a hole of a sparse file). `false` when unknown.
+    fn is_hole(&self, _offset: u64, _len: u64) -> bool {
+        false
+    }
+}
+
+impl PageSource for File {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.read_exact_at(buf, offset)
+    }
+
+    fn is_hole(&self, offset: u64, len: u64) -> bool {
+        // SAFETY: lseek on a descriptor this File owns; no memory involved.
+        let data = unsafe { libc::lseek(self.as_raw_fd(), offset as i64, libc::SEEK_DATA) };
+        // ENXIO: no data at or after `offset`.
+        if data < 0 {
+            return io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO);
+        }
+        data as u64 >= offset + len
+    }
+}
+
+/// What a lazy restore did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FillStats {
+    /// Missing-page faults taken.
+    pub faults: u64,
+    /// Chunks filled for a faulting thread.
+    pub chunks_by_fault: u64,
+    /// Chunks filled by the prefetch thread.
+    pub chunks_by_prefetch: u64,
+    /// Chunks that were holes of the image when a thread touched them (zero page).
+    pub zero_chunks: u64,
+    /// Bytes read from the page source.
+    pub bytes_read: u64,
+    /// Start to the last chunk filled.
+    pub elapsed: Duration,
+}
+
+/// Called once when the fill ends: its figures, or why it failed. On
+/// failure the chunks not filled can never be: a thread touching them would
+/// wait for ever, so the caller must end the VM.
+pub type FillDone = Box<dyn FnOnce(std::result::Result<FillStats, String>) + Send>;
+
+#[derive(Debug, Clone, Copy)]
+struct Chunk {
+    host: u64,
+    len: u64,
+    offset: u64,
+}
+
+struct Fill {
+    uffd: Uffd,
+    source: Arc<dyn PageSource>,
+    chunks: Vec<Chunk>,
+    state: Vec<AtomicU8>,
+    ranges: Vec<(u64, u64)>,
+    stop: AtomicBool,
+    /// Why the handler gave up (it then sets `stop`).
+    handler_error: Mutex<Option<String>>,
+    faults: AtomicU64,
+    by_fault: AtomicU64,
+    by_prefetch: AtomicU64,
+    zero: AtomicU64,
+    read: AtomicU64,
+    /// `None` while filling; then the outcome.
+    outcome: Mutex<Option<std::result::Result<FillStats, String>>>,
+    outcome_cv: Condvar,
+}
+
+/// A lazy restore under way (or finished). Dropping it stops both threads;
+/// RAM not filled by then stays registered (a thread touching it waits), so
+/// drop it only with the VM gone or after [`LazyFill::wait`].
+pub struct LazyFill {
+    fill: Arc<Fill>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+/// Starts filling `ranges` (guest RAM: never-touched anonymous memory) from
+/// `source`, where `image[i]` says where range `i` lies in it. Returns once
+/// the ranges are registered: the guest may run at once.
+pub fn start_lazy_fill(
+    ranges: &[RamRange],
+    image: &[ImageRange],
+    source: Arc<dyn PageSource>,
+    on_done: Option<FillDone>,
+) -> Result<LazyFill> {
+    if ranges.len() != image.len()
+        || ranges
+            .iter()
+            .zip(image)
+            .any(|(r, i)| r.len != i.len || r.gpa != i.gpa)
+    {
+        return Err(SnapError::InvalidInput(
+            "the image's RAM ranges are not the machine's".into(),
+        ));
+    }
+    let mut chunks = Vec::new();
+    for (r, ir) in ranges.iter().zip(image) {
+        let start = r.host as u64;
+        if start % crate::PAGE_SIZE != 0 || r.len % crate::PAGE_SIZE != 0 {
+            return Err(SnapError::InvalidInput(
+                "guest RAM ranges must be page-aligned".into(),
+            ));
+        }
+        let mut at = start;
+        while at < start + r.len {
+            let next = ((at / CHUNK) + 1) * CHUNK;
+            let len = next.min(start + r.len) - at;
+            chunks.push(Chunk {
+                host: at,
+                len,
+                offset: ir.file_offset + (at - start),
+            });
+            at += len;
+        }
+    }
+    chunks.sort_by_key(|c| c.host);
+    let uffd = Uffd::new_missing().map_err(|e| SnapError::io("open userfaultfd", e))?;
+    let pairs: Vec<(u64, u64)> = ranges.iter().map(|r| (r.host as u64, r.len)).collect();
+    for &(a, l) in &pairs {
+        uffd.register_missing(a, l)
+            .map_err(|e| SnapError::io("register guest RAM for missing-page faults", e))?;
+    }
+    let fill = Arc::new(Fill {
+        uffd,
+        source,
+        state: chunks.iter().map(|_| AtomicU8::new(FREE)).collect(),
+        chunks,
+        ranges: pairs,
+        stop: AtomicBool::new(false),
+        handler_error: Mutex::new(None),
+        faults: AtomicU64::new(0),
+        by_fault: AtomicU64::new(0),
+        by_prefetch: AtomicU64::new(0),
+        zero: AtomicU64::new(0),
+        read: AtomicU64::new(0),
+        outcome: Mutex::new(None),
+        outcome_cv: Condvar::new(),
+    });
+    let t0 = Instant::now();
+    let f = fill.clone();
+    let handler = std::thread::Builder::new()
+        .name("livesnap-fill-fault".into())
+        .spawn(move || fault_handler(&f))
+        .map_err(|e| SnapError::io("spawn fault handler", e))?;
+    let f = fill.clone();
+    let prefetch = std::thread::Builder::new()
+        .name("livesnap-fill-prefetch".into())
+        .spawn(move || {
+            let res = prefetch(&f, handler, t0);
+            match &res {
+                Ok(s) => tracing::info!(?s, "lazy restore complete"),
+                Err(e) if e == STOPPED => tracing::debug!("lazy restore stopped"),
+                Err(e) => tracing::error!("lazy restore failed: {e}"),
+            }
+            *lock(&f.outcome) = Some(res.clone());
+            f.outcome_cv.notify_all();
+            if let Some(cb) = on_done {
+                cb(res);
+            }
+        });
+    let prefetch = match prefetch {
+        Ok(t) => t,
+        Err(e) => {
+            fill.stop.store(true, Ordering::Release);
+            return Err(SnapError::io("spawn prefetch thread", e));
+        }
+    };
+    Ok(LazyFill {
+        fill,
+        threads: vec![prefetch],
+    })
+}
+
+impl LazyFill {
+    /// Whether every chunk is in place (or the fill failed).
+    pub fn is_finished(&self) -> bool {
+        lock(&self.fill.outcome).is_some()
+    }
+
+    /// Waits until RAM is complete; its figures, or why it can never be.
+    pub fn wait(&self) -> std::result::Result<FillStats, String> {
+        let mut o = lock(&self.fill.outcome);
+        loop {
+            if let Some(r) = o.as_ref() {
+                return r.clone();
+            }
+            o = self
+                .fill
+                .outcome_cv
+                .wait(o)
+                .unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    /// The figures so far.
+    pub fn progress(&self) -> FillStats {
+        self.fill.stats(Duration::ZERO)
+    }
+}
+
+impl Drop for LazyFill {
+    fn drop(&mut self) {
+        self.fill.stop.store(true, Ordering::Release);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Fill {
+    fn handler_failed(&self, why: String) {
+        lock(&self.handler_error).get_or_insert(why);
+        self.stop.store(true, Ordering::Release);
+    }
+
+    /// Why the fill stopped early: the handler's error, or a drop.
+    fn stopped(&self) -> String {
+        lock(&self.handler_error)
+            .clone()
+            .unwrap_or_else(|| STOPPED.to_string())
+    }
+
+    fn chunk_of(&self, addr: u64) -> Option<usize> {
+        let i = self.chunks.partition_point(|c| c.host + c.len <= addr);
+        (i < self.chunks.len() && self.chunks[i].host <= addr).then_some(i)
+    }
+
+    fn claim(&self, i: usize) -> bool {
+        self.state[i]
+            .compare_exchange(FREE, TAKEN, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
+
+    fn stats(&self, elapsed: Duration) -> FillStats {
+        FillStats {
+            faults: self.faults.load(Ordering::Relaxed),
+            chunks_by_fault: self.by_fault.load(Ordering::Relaxed),
+            chunks_by_prefetch: self.by_prefetch.load(Ordering::Relaxed),
+            zero_chunks: self.zero.load(Ordering::Relaxed),
+            bytes_read: self.read.load(Ordering::Relaxed),
+            elapsed,
+        }
+    }
+
+    /// Fills chunk `i` (claimed by the caller) and marks it done.
+    fn fill(&self, i: usize, buf: &mut [u8]) -> std::result::Result<(), String> {
+        let c = self.chunks[i];
+        let r = if self.source.is_hole(c.offset, c.len) {
+            self.zero.fetch_add(1, Ordering::Relaxed);
+            self.uffd.zeropage(c.host, c.len)
+        } else {
+            let buf = &mut buf[..c.len as usize];
+            self.source
+                .read_at(buf, c.offset)
+                .map_err(|e| format!("cannot read guest RAM from the snapshot: {e}"))?;
+            self.read.fetch_add(c.len, Ordering::Relaxed);
+            self.uffd.copy(c.host, buf)
+        };
+        match r {
+            // Exists: a page of the chunk was there already (the kernel
+            // filled nothing past it). It cannot happen to memory that was
+            // never touched; say so rather than leave a hole.
+            Ok(Filled::Exists) => {
+                return Err(format!(
+                    "guest RAM at {:#x} was touched before it was restored",
+                    c.host
+                ))
+            }
+            Ok(Filled::All) => {}
+            Err(e) => return Err(format!("cannot fill guest RAM: {e}")),
+        }
+        self.state[i].store(DONE, Ordering::Release);
+        Ok(())
+    }
+}
+
+/// Takes missing-page faults until told to stop.
+fn fault_handler(f: &Fill) {
+    // A faulting vCPU waits for this thread: let it run first when CPUs are
+    // scarce (needs CAP_SYS_NICE; without it the thread keeps its priority).
+    // SAFETY: setpriority on this thread's own id; no memory is involved.
+    let _ = unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, -10) };
+    let mut buf = vec![0u8; CHUNK as usize];
+    while !f.stop.load(Ordering::Acquire) {
+        let fault = match f.uffd.next_fault(Duration::from_millis(20)) {
+            Ok(Some(x)) => x,
+            Ok(None) => continue,
+            Err(e) => return f.handler_failed(format!("cannot read userfaultfd: {e}")),
+        };
+        f.faults.fetch_add(1, Ordering::Relaxed);
+        let Some(i) = f.chunk_of(fault.addr) else {
+            continue;
+        };
+        if f.claim(i) {
+            match f.fill(i, &mut buf) {
+                Ok(()) => {
+                    f.by_fault.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(e) => return f.handler_failed(e),
+            }
+        } else if f.state[i].load(Ordering::Acquire) == DONE {
+            // Filled meanwhile: the fill woke the range already; wake again in
+            // case the fault came in between (a spare wake is harmless).
+            let c = f.chunks[i];
+            let _ = f.uffd.wake(c.host, c.len);
+        }
+        // TAKEN: the prefetch thread's fill wakes the faulting thread.
+    }
+}
+
+/// Fills every chunk with data in order, waits for the handler's, then
+/// unregisters RAM and stops the handler.
+fn prefetch(
+    f: &Fill,
+    handler: std::thread::JoinHandle<()>,
+    t0: Instant,
+) -> std::result::Result<FillStats, String> {
+    let mut buf = vec![0u8; CHUNK as usize];
+    let res = (|| {
+        for i in 0..f.chunks.len() {
+            if f.stop.load(Ordering::Acquire) {
+                return Err(f.stopped());
+            }
+            let c = f.chunks[i];
+            if f.state[i].load(Ordering::Acquire) != FREE || f.source.is_hole(c.offset, c.len) {
+                continue;
+            }
+            if f.claim(i) {
+                f.fill(i, &mut buf)?;
+                f.by_prefetch.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        // Chunks the handler took: wait until it filled them.
+        for i in 0..f.chunks.len() {
+            while f.state[i].load(Ordering::Acquire) == TAKEN {
+                if f.stop.load(Ordering::Acquire) {
+                    return Err(f.stopped());
+                }
+                std::thread::sleep(Duration::from_micros(200));
+            }
+        }
+        Ok(())
+    })();
+    let elapsed = t0.elapsed();
+    // What is left are holes: stop the handler, then unregister (which wakes
+    // anyone waiting in a hole; they find ordinary zero memory).
+    f.stop.store(true, Ordering::Release);
+    let _ = handler.join();
+    res?;
+    if let Some(e) = lock(&f.handler_error).clone() {
+        return Err(e);
+    }
+    for &(a, l) in &f.ranges {
+        f.uffd
+            .unregister(a, l)
+            .map_err(|e| format!("cannot unregister guest RAM: {e}"))?;
+    }
+    Ok(f.stats(elapsed))
+}
