@@ -88,7 +88,8 @@ pub struct FillStats {
     pub elapsed: Duration,
 }
 
-/// Called once when the fill ends: its figures, or why it failed. On
+/// Called once when the fill ends (not when it is dropped before): its
+/// figures, or why it failed. On
 /// failure the chunks not filled can never be: a thread touching them would
 /// wait for ever, so the caller must end the VM.
 pub type FillDone = Box<dyn FnOnce(std::result::Result<FillStats, String>) + Send>;
@@ -107,6 +108,8 @@ struct Fill {
     state: Vec<AtomicU8>,
     ranges: Vec<(u64, u64)>,
     stop: AtomicBool,
+    /// The [`LazyFill`] was dropped: nobody is told the outcome.
+    dropped: AtomicBool,
     /// Why the handler gave up (it then sets `stop`).
     handler_error: Mutex<Option<String>>,
     faults: AtomicU64,
@@ -180,6 +183,7 @@ pub fn start_lazy_fill(
         chunks,
         ranges: pairs,
         stop: AtomicBool::new(false),
+        dropped: AtomicBool::new(false),
         handler_error: Mutex::new(None),
         faults: AtomicU64::new(0),
         by_fault: AtomicU64::new(0),
@@ -207,7 +211,7 @@ pub fn start_lazy_fill(
             }
             *lock(&f.outcome) = Some(res.clone());
             f.outcome_cv.notify_all();
-            if let Some(cb) = on_done {
+            if let Some(cb) = on_done.filter(|_| !f.dropped.load(Ordering::Acquire)) {
                 cb(res);
             }
         });
@@ -253,6 +257,7 @@ impl LazyFill {
 
 impl Drop for LazyFill {
     fn drop(&mut self) {
+        self.fill.dropped.store(true, Ordering::Release);
         self.fill.stop.store(true, Ordering::Release);
         for t in self.threads.drain(..) {
             let _ = t.join();

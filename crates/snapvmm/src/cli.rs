@@ -72,8 +72,10 @@ pub struct RunArgs {
     #[arg(long, value_name = "TAG")]
     pub loadvm: Option<String>,
     /// How a restore loads RAM: lazy (map the image copy-on-write; pages load on first
-    /// touch) or copy (read it all before the guest runs).
-    #[arg(long, default_value = "lazy", value_parser = ["lazy", "copy"])]
+    /// touch), copy (read it all before the guest runs) or uffd (fresh anonymous memory
+    /// filled while the guest runs: a touched 2 MiB chunk first, the rest in the
+    /// background; the result is ordinary memory, as in a booted VM).
+    #[arg(long, default_value = "lazy", value_parser = ["lazy", "copy", "uffd"])]
     pub restore_mode: String,
 }
 
@@ -104,7 +106,7 @@ pub struct RunConfig {
     pub incoming: Option<PathBuf>,
     /// `--incoming defer`: no machine until QMP `migrate-incoming`.
     pub defer_incoming: bool,
-    pub restore_copy: bool,
+    pub restore_mode: crate::snapshot::restore::RamMode,
     pub disks: Vec<crate::disk::DiskSpec>,
     pub loadvm: Option<String>,
 }
@@ -228,7 +230,11 @@ impl RunArgs {
                 Some(s) => Some(parse_incoming(s)?),
             },
             defer_incoming: self.incoming.as_deref() == Some("defer"),
-            restore_copy: self.restore_mode == "copy",
+            restore_mode: match self.restore_mode.as_str() {
+                "copy" => crate::snapshot::restore::RamMode::Copy,
+                "uffd" => crate::snapshot::restore::RamMode::Uffd,
+                _ => crate::snapshot::restore::RamMode::Lazy,
+            },
             disks,
             loadvm: self.loadvm.clone(),
         })

@@ -10,6 +10,28 @@ use common::*;
 use serde_json::json;
 
 fn snapshot_and_restore(cpus: &str, method: &str) {
+    snapshot_and_restore_as(cpus, method, "lazy");
+}
+
+/// Checks a restored guest goes on from its snapshot: reports, no CORRUPT,
+/// no fresh boot, several verified passes.
+fn goes_on_without_corruption(b: &Running, cpus: usize) {
+    let mut reports = 0;
+    while reports < 3 * cpus {
+        let l = b.wait_line("refguest:", T);
+        assert!(!l.contains("CORRUPT") && !l.contains("FAULT"), "{l}");
+        assert!(
+            !l.contains("ready"),
+            "a restored guest must not boot again: {l}"
+        );
+        reports += usize::from(l.contains(" t="));
+    }
+    let l = b.wait_line("passes=", T);
+    let passes: u64 = l.rsplit("passes=").next().unwrap().parse().unwrap();
+    assert!(passes >= 2, "several passes verified after restore: {l}");
+}
+
+fn snapshot_and_restore_as(cpus: &str, method: &str, restore: &str) {
     let d = TempDir::new("live");
     let image = d.path("vm.snap");
     let (a, mut qa) = start_vm(
@@ -76,22 +98,46 @@ fn snapshot_and_restore(cpus: &str, method: &str) {
         &d,
         "b",
         cpus,
-        &["--incoming", &format!("file:{}", image.display())],
+        &[
+            "--incoming",
+            &format!("file:{}", image.display()),
+            "--restore-mode",
+            restore,
+        ],
     );
     assert_eq!(wait_settled(&mut qb), "running");
-    let mut reports = 0;
-    while reports < 3 * cpus.parse::<usize>().unwrap() {
-        let l = b.wait_line("refguest:", T);
-        assert!(!l.contains("CORRUPT") && !l.contains("FAULT"), "{l}");
-        assert!(
-            !l.contains("ready"),
-            "a restored guest must not boot again: {l}"
+    let ncpus = cpus.parse::<usize>().unwrap();
+    goes_on_without_corruption(&b, ncpus);
+    if restore == "uffd" {
+        // RAM was filled while the guest ran; the restored VM snapshots like a
+        // booted one (the capture waits for the fill if it is not done), and
+        // that snapshot restores too.
+        let image2 = d.path("again.snap");
+        qb.ok(
+            "migrate-set-parameters",
+            json!({"x-snapshot-method": method}),
         );
-        reports += usize::from(l.contains(" t="));
+        let m = live_snapshot(&mut qb, &image2);
+        assert_eq!(m["status"], "completed", "{m}");
+        let fill = &m["x-restore-fill"];
+        let chunks = fill["chunks-by-fault"].as_u64().unwrap()
+            + fill["chunks-by-prefetch"].as_u64().unwrap();
+        assert!(chunks > 0 && chunks <= 128, "{m}");
+        assert!(
+            fill["bytes-read"].as_u64().unwrap() >= 64 << 20,
+            "the guest's data was read from the image: {m}"
+        );
+        goes_on_without_corruption(&b, ncpus);
+        let (c, mut qc) = start_vm(
+            &d,
+            "c",
+            cpus,
+            &["--incoming", &format!("file:{}", image2.display())],
+        );
+        assert_eq!(wait_settled(&mut qc), "running");
+        goes_on_without_corruption(&c, ncpus);
+        qc.ok("quit", json!({}));
     }
-    let l = b.wait_line("passes=", T);
-    let passes: u64 = l.rsplit("passes=").next().unwrap().parse().unwrap();
-    assert!(passes >= 2, "several passes verified after restore: {l}");
     qb.ok("quit", json!({}));
     qa.ok("quit", json!({}));
 }
@@ -109,6 +155,16 @@ fn live_snapshot_two_vcpus_restores_without_corruption() {
 #[test]
 fn write_protect_snapshot_two_vcpus_restores_without_corruption() {
     snapshot_and_restore("2", "uffd");
+}
+
+#[test]
+fn restore_by_fill_then_snapshot_again_write_protect() {
+    snapshot_and_restore_as("2", "uffd", "uffd");
+}
+
+#[test]
+fn restore_by_fill_then_snapshot_again_fork() {
+    snapshot_and_restore_as("1", "fork", "uffd");
 }
 
 #[test]

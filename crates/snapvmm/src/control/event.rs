@@ -20,6 +20,8 @@ pub enum AppEvent {
     StopCopyDone(Result<livesnap::CaptureStats, livesnap::SnapError>),
     /// A live savevm's capture ended (any outcome).
     SaveVmDone,
+    /// A restore's RAM fill (`--restore-mode uffd`) ended.
+    FillDone(Result<livesnap::lazy::FillStats, String>),
     /// The huge-page rebuild after a fork capture ended.
     CollapseDone(vmm::memory::CollapseStats, Duration),
     /// Bytes typed on stdin for the serial console; the reply says how many the

@@ -28,6 +28,7 @@ use crate::snapshot::collapse::Collapse;
 use crate::snapshot::cut::{cut, Capture, Outcome};
 use crate::snapshot::migrate::{self as migration, Migration, Status};
 use crate::snapshot::restore;
+use livesnap::lazy::LazyFill;
 use crate::snapshot::{Busy, Cmd, Op};
 use bridge::{Bridge, Reply};
 
@@ -79,6 +80,7 @@ pub fn run(mut cfg: RunConfig) -> Result<u8> {
         let (configs, disks) = crate::disk::open_all(&cfg.disks)?;
         (build_machine(&cfg, &tx, configs, &disks)?, disks)
     };
+    let (machine, fill) = machine;
     // The VM clock goes on from a loaded snapshot's, as after snapshot-load.
     let vm_clock_base = cfg.loadvm.as_deref().map_or(0, |tag| {
         crate::snapshot::savevm::snapshot_clock(&disks, tag)
@@ -98,6 +100,7 @@ pub fn run(mut cfg: RunConfig) -> Result<u8> {
         migration,
         disks,
         uffd: None,
+        fill,
         collapse: None,
         exit: None,
         jobs: crate::jobs::Jobs::default(),
@@ -137,6 +140,9 @@ pub fn run(mut cfg: RunConfig) -> Result<u8> {
     Ok(c.exit.unwrap_or(1))
 }
 
+/// A machine, and the fill of its RAM when that is still under way.
+type Built = (Machine, Option<LazyFill>);
+
 /// `--incoming defer`: answers QMP until `migrate-incoming` names an image
 /// that loads; returns the machine and the command's pending reply, or None
 /// when asked to quit first.
@@ -146,7 +152,7 @@ fn wait_incoming(
     rx: &mpsc::Receiver<AppEvent>,
     migration: &mut Migration,
     events: Option<&EventBus>,
-) -> Result<Option<(Machine, Disks, Reply)>> {
+) -> Result<Option<(Built, Disks, Reply)>> {
     use qmp::Request::*;
     let quit = |reason: &str| {
         if let Some(ev) = events {
@@ -214,28 +220,29 @@ fn build_machine(
     tx: &mpsc::Sender<AppEvent>,
     configs: Vec<vmm::DiskConfig>,
     disks: &Disks,
-) -> Result<Machine> {
+) -> Result<Built> {
     if let Some(path) = &cfg.incoming {
-        let mode = if cfg.restore_copy {
-            restore::RamMode::Copy
-        } else {
-            restore::RamMode::Lazy
-        };
-        let (ram, state) = restore::from_file(path, mode)
+        let done_tx = tx.clone();
+        let done: livesnap::lazy::FillDone = Box::new(move |r| {
+            let _ = done_tx.send(AppEvent::FillDone(r));
+        });
+        let r = restore::from_file(path, cfg.restore_mode, Some(done))
             .with_context(|| format!("cannot restore from {}", path.display()))?;
-        return build_from_state(cfg, tx, ram, state, configs);
+        // The fill goes on while the machine is built (it touches no RAM).
+        let m = build_from_state(cfg, tx, r.ram, r.state, configs)?;
+        return Ok((m, r.fill));
     }
     if let Some(tag) = &cfg.loadvm {
         let (ram, state) = crate::snapshot::savevm::load_from_disks(disks, tag)
             .map_err(|e| anyhow::anyhow!("cannot load snapshot '{tag}': {e}"))?;
-        return build_from_state(cfg, tx, ram, state, configs);
+        return Ok((build_from_state(cfg, tx, ram, state, configs)?, None));
     }
     let start = vmm::Start::Kernel {
         kernel: cfg.kernel.clone(),
         initrd: cfg.initrd.clone(),
         cmdline: cfg.cmdline.clone(),
     };
-    create(cfg, tx, start, cfg.mem_bytes, cfg.cpus, configs)
+    Ok((create(cfg, tx, start, cfg.mem_bytes, cfg.cpus, configs)?, None))
 }
 
 /// Builds a machine that continues from saved state.
@@ -319,6 +326,9 @@ pub(crate) struct Controller {
     /// Guest RAM's userfaultfd for write-protect captures, keyed by the RAM's
     /// first host address (a rebuilt machine registers again).
     pub(crate) uffd: Option<(usize, Arc<livesnap::uffd::Uffd>)>,
+    /// A restore's RAM fill still under way (after `machine`: dropped once
+    /// the vCPUs are gone).
+    pub(crate) fill: Option<LazyFill>,
     collapse: Option<Collapse>,
     exit: Option<u8>,
     /// Internal-snapshot jobs (snapjobs.rs).
@@ -394,6 +404,7 @@ impl Controller {
                 self.save_done();
                 self.dismiss_hmp_jobs();
             }
+            AppEvent::FillDone(r) => self.fill_done(r),
             AppEvent::CollapseDone(st, took) => {
                 tracing::info!(
                     collapsed = st.collapsed,
@@ -424,6 +435,7 @@ impl Controller {
                 self.status()
             )));
         }
+        self.ram_complete().map_err(CommandError::generic)?;
         // A huge-page rebuild still running would only slow the fork: end it.
         self.stop_collapse();
         let t0 = Instant::now();
@@ -545,6 +557,46 @@ impl Controller {
         if self.migration.collapse && forked {
             self.start_collapse();
         }
+    }
+
+    /// A restore's RAM fill ended: RAM is ordinary memory now (rebuild its
+    /// huge pages), or it can never be complete (end the VM: a vCPU touching
+    /// what is missing would wait for ever).
+    fn fill_done(&mut self, r: Result<livesnap::lazy::FillStats, String>) {
+        match r {
+            Ok(st) => {
+                tracing::info!(
+                    ms = st.elapsed.as_secs_f64() * 1e3,
+                    faults = st.faults,
+                    by_fault = st.chunks_by_fault,
+                    by_prefetch = st.chunks_by_prefetch,
+                    "guest RAM restored"
+                );
+                self.migration.last_fill = Some(st);
+                if self.migration.collapse {
+                    self.start_collapse();
+                }
+            }
+            Err(why) => {
+                self.machine.flush_serial();
+                self.fail_fatally(format!("cannot restore guest RAM: {why}"));
+            }
+        }
+    }
+
+    /// Before a snapshot of a restored VM: RAM must be complete (a fork would
+    /// give the capture holes; write-protect needs the fill's registration
+    /// gone). Waits for the fill, which runs at disk speed.
+    pub(crate) fn ram_complete(&mut self) -> Result<(), String> {
+        let Some(fill) = &self.fill else {
+            return Ok(());
+        };
+        if !fill.is_finished() {
+            tracing::info!("waiting for the restore of guest RAM to finish before the snapshot");
+        }
+        fill.wait()
+            .map(|_| ())
+            .map_err(|e| format!("guest RAM could not be restored: {e}"))
     }
 
     /// Rebuilds the huge pages the capture's copy-on-write faults split, in the
@@ -801,7 +853,10 @@ impl Controller {
         // A new machine has new RAM: register it again for write-protect captures.
         self.uffd = None;
         self.machine = match built {
-            Ok(m) => m,
+            Ok((m, fill)) => {
+                self.fill = fill;
+                m
+            }
             Err(e) => {
                 // The old machine is gone: end the VM rather than pretend it runs.
                 self.fail_fatally(format!("reset failed: {e:#}"));

@@ -134,6 +134,7 @@ impl Controller {
         if holders > 0 {
             return Err(SnapshotError::Exists(job.tag.clone()));
         }
+        self.ram_complete().map_err(SnapshotError::Rebuild)?;
         self.stop_collapse();
         // Prepared with the guest running: the capture's pipe and its sink.
         let vm_frozen = Arc::new(Mutex::new(None));
@@ -458,6 +459,7 @@ impl Controller {
         });
         // A new machine has new RAM: register it again for write-protect captures.
         self.uffd = None;
+        self.fill = None;
         self.machine = match built {
             Ok(m) => m,
             Err(why) => {

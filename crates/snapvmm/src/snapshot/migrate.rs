@@ -101,6 +101,8 @@ pub struct Migration {
     pub job: Option<Job>,
     /// The latest huge-page rebuild: pages collapsed and time taken.
     pub last_collapse: Option<(vmm::memory::CollapseStats, Duration)>,
+    /// How the restore of this VM's RAM went (`--restore-mode uffd`).
+    pub last_fill: Option<livesnap::lazy::FillStats>,
 }
 
 impl Default for Migration {
@@ -113,6 +115,7 @@ impl Default for Migration {
             wp_pool: 64 << 20,
             job: None,
             last_collapse: None,
+            last_fill: None,
         }
     }
 }
@@ -259,6 +262,21 @@ impl Migration {
 
     /// `query-migrate`.
     pub fn query(&self) -> Value {
+        let mut v = self.query_job();
+        if let Some(f) = &self.last_fill {
+            v["x-restore-fill"] = json!({
+                "ms": f.elapsed.as_secs_f64() * 1e3,
+                "faults": f.faults,
+                "chunks-by-fault": f.chunks_by_fault,
+                "chunks-by-prefetch": f.chunks_by_prefetch,
+                "zero-chunks": f.zero_chunks,
+                "bytes-read": f.bytes_read,
+            });
+        }
+        v
+    }
+
+    fn query_job(&self) -> Value {
         let Some(j) = &self.job else { return json!({}) };
         let page = livesnap::PAGE_SIZE;
         let (transferred, normal, zero, elapsed) = match (&j.stats, &j.capture) {

@@ -7,7 +7,10 @@
 use std::path::Path;
 use std::time::Instant;
 
-use livesnap::{Image, ImageBacking, SnapError};
+use std::sync::Arc;
+
+use livesnap::lazy::{FillDone, LazyFill};
+use livesnap::{Image, ImageBacking, RamRange, SnapError};
 use vmm::memory::GuestRam;
 use vmm::snapshot::StateError;
 use vmm::MachineState;
@@ -42,6 +45,17 @@ pub enum RamMode {
     Lazy,
     /// Read into fresh anonymous memory before the guest starts.
     Copy,
+    /// Fresh anonymous memory filled while the guest runs (userfaultfd
+    /// missing mode): a touched chunk first, the rest in the background.
+    Uffd,
+}
+
+/// Guest RAM and machine state from an image, and for [`RamMode::Uffd`] the
+/// fill still under way (it must outlive the machine's vCPUs).
+pub struct Restored {
+    pub ram: GuestRam,
+    pub state: MachineState,
+    pub fill: Option<LazyFill>,
 }
 
 /// Checks an opened image and decodes its machine state.
@@ -79,21 +93,68 @@ pub fn copy_ram<B: ImageBacking>(
     Ok(ram)
 }
 
-/// A snapshot image file: RAM mapped from it (lazy) or copied.
-pub fn from_file(path: &Path, mode: RamMode) -> Result<(GuestRam, MachineState), RestoreError> {
+/// A snapshot image file: RAM mapped from it (lazy), copied, or filled
+/// while the guest runs (`done` is told when the fill ends).
+pub fn from_file(
+    path: &Path,
+    mode: RamMode,
+    done: Option<FillDone>,
+) -> Result<Restored, RestoreError> {
     let t0 = Instant::now();
     let image = Image::open(path)?;
     let state = decode(&image)?;
-    let ram = match mode {
-        RamMode::Copy => copy_ram(&image, &state)?,
-        RamMode::Lazy => map_ram(&image, &state, path)?,
+    let (ram, fill) = match mode {
+        RamMode::Copy => (copy_ram(&image, &state)?, None),
+        RamMode::Lazy => (map_ram(&image, &state, path)?, None),
+        RamMode::Uffd => {
+            let ram = GuestRam::anonymous(state.mem_bytes)
+                .map_err(|e| RestoreError::Ram(e.to_string()))?;
+            let fill = fill_ram(&image, &ram, done)?;
+            (ram, Some(fill))
+        }
     };
     tracing::info!(
         ms = t0.elapsed().as_secs_f64() * 1e3,
         ?mode,
         "snapshot opened"
     );
-    Ok((ram, state))
+    Ok(Restored { ram, state, fill })
+}
+
+/// Starts filling `ram` (fresh, never touched, laid out as the image's
+/// ranges: checked by [`decode`]) from the image while the guest runs. The
+/// image stays open, with a shared lock, until the fill is dropped.
+pub fn fill_ram(
+    image: &Image,
+    ram: &GuestRam,
+    done: Option<FillDone>,
+) -> Result<LazyFill, RestoreError> {
+    let file = image
+        .file()
+        .try_clone()
+        .map_err(|e| RestoreError::Ram(e.to_string()))?;
+    lock_shared(&file)?;
+    let ranges: Vec<RamRange> = ram
+        .regions()
+        .iter()
+        // SAFETY: the regions are `ram`'s mappings; the fill only names them
+        // in userfaultfd ioctls (it never dereferences them), and whoever owns
+        // `ram` drops the fill before `ram` or with it.
+        .map(|r| unsafe { RamRange::new(r.gpa, r.host, r.len) })
+        .collect();
+    livesnap::lazy::start_lazy_fill(&ranges, image.ranges(), Arc::new(file), done)
+        .map_err(|e| RestoreError::Ram(e.to_string()))
+}
+
+/// A shared `flock` on the image for as long as `file` is open: tools that
+/// honour locks see it is in use.
+fn lock_shared(file: &std::fs::File) -> Result<(), RestoreError> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: flock on a descriptor `file` owns; no memory involved.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) } != 0 {
+        return Err(RestoreError::Locked(std::io::Error::last_os_error()));
+    }
+    Ok(())
 }
 
 /// A VM state stored elsewhere (a qcow2 snapshot's), read through `source`.
@@ -203,7 +264,7 @@ mod tests {
         // An image that does not open.
         let e = err(from_source(Box::new(vec![0u8; 100])));
         assert!(matches!(e, RestoreError::Image(_)), "{e}");
-        let e = err(from_file(Path::new("/nonexistent/snap"), RamMode::Copy));
+        let e = err(from_file(Path::new("/nonexistent/snap"), RamMode::Copy, None).map(|_| ()));
         assert!(matches!(e, RestoreError::Image(_)), "{e}");
     }
 
