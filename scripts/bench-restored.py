@@ -2,7 +2,7 @@
 """Snapshots in a row, printing the fork and the pause of each: of a booted VM, and
 of VMs restored from its image lazily and by copy.
 
-Usage: scripts/bench-restored.py [--mem 1G] [--snapshots 3] [--gap 2] [--modes lazy,copy]
+Usage: scripts/bench-restored.py [--mem 1G] [--snapshots 3] [--gap 2] [--modes lazy,copy,uffd]
                                  [--no-collapse] [--dir target/bench] [--bin target/release/snapvmm]
 
 The guest (1 vCPU) writes 7/8 of its RAM at full speed. First the booted VM takes
@@ -45,7 +45,7 @@ def main():
     ap.add_argument("--mem", default="1G")
     ap.add_argument("--snapshots", type=int, default=3)
     ap.add_argument("--gap", type=float, default=2.0)
-    ap.add_argument("--modes", default="lazy,copy")
+    ap.add_argument("--modes", default="lazy,copy,uffd")
     ap.add_argument("--no-collapse", action="store_true")
     ap.add_argument("--dir", default="target/bench")
     ap.add_argument("--bin", default="target/release/snapvmm")

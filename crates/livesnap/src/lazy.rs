@@ -84,6 +84,9 @@ pub struct FillStats {
     pub zero_chunks: u64,
     /// Bytes read from the page source.
     pub bytes_read: u64,
+    /// Chunks whose pages were moved into place rather than copied
+    /// (`UFFDIO_MOVE`; a staging huge page stays huge in guest RAM).
+    pub chunks_moved: u64,
     /// Start to the last chunk filled.
     pub elapsed: Duration,
 }
@@ -117,6 +120,7 @@ struct Fill {
     by_prefetch: AtomicU64,
     zero: AtomicU64,
     read: AtomicU64,
+    moved: AtomicU64,
     /// `None` while filling; then the outcome.
     outcome: Mutex<Option<std::result::Result<FillStats, String>>>,
     outcome_cv: Condvar,
@@ -128,11 +132,15 @@ struct Fill {
 pub struct LazyFill {
     fill: Arc<Fill>,
     threads: Vec<std::thread::JoinHandle<()>>,
+    go: Option<std::sync::mpsc::SyncSender<()>>,
 }
 
 /// Starts filling `ranges` (guest RAM: never-touched anonymous memory) from
 /// `source`, where `image[i]` says where range `i` lies in it. Returns once
-/// the ranges are registered: the guest may run at once.
+/// the ranges are registered: the guest may run at once. Faults are served
+/// from now on; the background prefetch waits for [`LazyFill::go`], so that
+/// it does not compete with the rest of the restore (its fills take the
+/// process's memory-map lock, which creating threads and vCPUs needs too).
 pub fn start_lazy_fill(
     ranges: &[RamRange],
     image: &[ImageRange],
@@ -190,6 +198,7 @@ pub fn start_lazy_fill(
         by_prefetch: AtomicU64::new(0),
         zero: AtomicU64::new(0),
         read: AtomicU64::new(0),
+        moved: AtomicU64::new(0),
         outcome: Mutex::new(None),
         outcome_cv: Condvar::new(),
     });
@@ -200,13 +209,18 @@ pub fn start_lazy_fill(
         .spawn(move || fault_handler(&f))
         .map_err(|e| SnapError::io("spawn fault handler", e))?;
     let f = fill.clone();
+    let (go, go_rx) = std::sync::mpsc::sync_channel::<()>(1);
     let prefetch = std::thread::Builder::new()
         .name("livesnap-fill-prefetch".into())
         .spawn(move || {
+            // Dropped without `go`: the receive fails and the walk stops at once.
+            let _ = go_rx.recv();
             let res = prefetch(&f, handler, t0);
             match &res {
                 Ok(s) => tracing::info!(?s, "lazy restore complete"),
-                Err(e) if e == STOPPED => tracing::debug!("lazy restore stopped"),
+                Err(e) if f.dropped.load(Ordering::Acquire) => {
+                    tracing::debug!("lazy restore stopped: {e}")
+                }
                 Err(e) => tracing::error!("lazy restore failed: {e}"),
             }
             *lock(&f.outcome) = Some(res.clone());
@@ -225,17 +239,28 @@ pub fn start_lazy_fill(
     Ok(LazyFill {
         fill,
         threads: vec![prefetch],
+        go: Some(go),
     })
 }
 
 impl LazyFill {
+    /// Lets the background prefetch begin (once the VM runs). Until then only
+    /// the chunks threads touch are filled.
+    pub fn go(&mut self) {
+        if let Some(g) = self.go.take() {
+            let _ = g.send(());
+        }
+    }
+
     /// Whether every chunk is in place (or the fill failed).
     pub fn is_finished(&self) -> bool {
         lock(&self.fill.outcome).is_some()
     }
 
     /// Waits until RAM is complete; its figures, or why it can never be.
-    pub fn wait(&self) -> std::result::Result<FillStats, String> {
+    /// Lets the prefetch begin if it had not.
+    pub fn wait(&mut self) -> std::result::Result<FillStats, String> {
+        self.go();
         let mut o = lock(&self.fill.outcome);
         loop {
             if let Some(r) = o.as_ref() {
@@ -259,6 +284,7 @@ impl Drop for LazyFill {
     fn drop(&mut self) {
         self.fill.dropped.store(true, Ordering::Release);
         self.fill.stop.store(true, Ordering::Release);
+        self.go.take();
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
@@ -296,23 +322,41 @@ impl Fill {
             chunks_by_prefetch: self.by_prefetch.load(Ordering::Relaxed),
             zero_chunks: self.zero.load(Ordering::Relaxed),
             bytes_read: self.read.load(Ordering::Relaxed),
+            chunks_moved: self.moved.load(Ordering::Relaxed),
             elapsed,
         }
     }
 
     /// Fills chunk `i` (claimed by the caller) and marks it done.
-    fn fill(&self, i: usize, buf: &mut [u8]) -> std::result::Result<(), String> {
+    fn fill(&self, i: usize, staging: &mut Staging) -> std::result::Result<(), String> {
         let c = self.chunks[i];
         let r = if self.source.is_hole(c.offset, c.len) {
             self.zero.fetch_add(1, Ordering::Relaxed);
             self.uffd.zeropage(c.host, c.len)
         } else {
-            let buf = &mut buf[..c.len as usize];
+            let buf = staging.bytes(c.len as usize);
             self.source
                 .read_at(buf, c.offset)
                 .map_err(|e| format!("cannot read guest RAM from the snapshot: {e}"))?;
             self.read.fetch_add(c.len, Ordering::Relaxed);
-            self.uffd.copy(c.host, buf)
+            if self.uffd.can_move() && c.len == CHUNK && c.host % CHUNK == 0 {
+                // The staging chunk is a huge page where the kernel gave one:
+                // moving it makes guest RAM huge right away, with no copy.
+                // SAFETY: `buf` is this thread's staging memory, used by
+                // nothing else; it is refilled (fresh pages) on its next use.
+                match unsafe { self.uffd.move_pages(c.host, buf.as_ptr() as u64, c.len) } {
+                    Ok(f) => {
+                        self.moved.fetch_add(1, Ordering::Relaxed);
+                        Ok(f)
+                    }
+                    Err((moved, e)) => {
+                        tracing::debug!("UFFDIO_MOVE moved {moved} bytes: {e}; copying the rest");
+                        self.uffd.copy(c.host + moved, &buf[moved as usize..])
+                    }
+                }
+            } else {
+                self.uffd.copy(c.host, buf)
+            }
         };
         match r {
             // Exists: a page of the chunk was there already (the kernel
@@ -338,7 +382,10 @@ fn fault_handler(f: &Fill) {
     // scarce (needs CAP_SYS_NICE; without it the thread keeps its priority).
     // SAFETY: setpriority on this thread's own id; no memory is involved.
     let _ = unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, -10) };
-    let mut buf = vec![0u8; CHUNK as usize];
+    let mut buf = match Staging::new() {
+        Ok(b) => b,
+        Err(e) => return f.handler_failed(format!("cannot map a staging buffer: {e}")),
+    };
     while !f.stop.load(Ordering::Acquire) {
         let fault = match f.uffd.next_fault(Duration::from_millis(20)) {
             Ok(Some(x)) => x,
@@ -373,8 +420,8 @@ fn prefetch(
     handler: std::thread::JoinHandle<()>,
     t0: Instant,
 ) -> std::result::Result<FillStats, String> {
-    let mut buf = vec![0u8; CHUNK as usize];
     let res = (|| {
+        let mut buf = Staging::new().map_err(|e| format!("cannot map a staging buffer: {e}"))?;
         for i in 0..f.chunks.len() {
             if f.stop.load(Ordering::Acquire) {
                 return Err(f.stopped());
@@ -414,4 +461,57 @@ fn prefetch(
             .map_err(|e| format!("cannot unregister guest RAM: {e}"))?;
     }
     Ok(f.stats(elapsed))
+}
+
+/// One chunk of 2 MiB-aligned private anonymous memory (huge-page advised)
+/// that a filler reads into before handing the pages to guest RAM.
+struct Staging {
+    map: *mut libc::c_void,
+    map_len: usize,
+    chunk: *mut u8,
+}
+
+impl Staging {
+    fn new() -> io::Result<Staging> {
+        let map_len = 2 * CHUNK as usize;
+        // SAFETY: a fresh anonymous private mapping; touches nothing else.
+        let map = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                map_len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if map == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let chunk = (map as usize).next_multiple_of(CHUNK as usize) as *mut u8;
+        // SAFETY: advice on the mapping made above; failure only means no THP.
+        unsafe { libc::madvise(chunk.cast(), CHUNK as usize, libc::MADV_HUGEPAGE) };
+        Ok(Staging {
+            map,
+            map_len,
+            chunk,
+        })
+    }
+
+    /// The first `len` (at most [`CHUNK`]) bytes.
+    fn bytes(&mut self, len: usize) -> &mut [u8] {
+        assert!(len <= CHUNK as usize);
+        // SAFETY: `chunk..chunk + CHUNK` lies inside the mapping (aligned up
+        // by less than CHUNK in a 2 * CHUNK mapping), which lives as long as
+        // `self`, borrowed mutably here.
+        unsafe { std::slice::from_raw_parts_mut(self.chunk, len) }
+    }
+}
+
+impl Drop for Staging {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the mapping made in `new`; no slice of it
+        // outlives `self`.
+        unsafe { libc::munmap(self.map, self.map_len) };
+    }
 }

@@ -17,6 +17,8 @@ use std::time::Duration;
 
 const UFFD_API: u64 = 0xaa;
 const UFFD_FEATURE_PAGEFAULT_FLAG_WP: u64 = 1 << 0;
+/// `UFFDIO_MOVE` (Linux 6.8+).
+const UFFD_FEATURE_MOVE: u64 = 1 << 10;
 /// Protect never-touched anonymous pages too (Linux 6.4+).
 const UFFD_FEATURE_WP_UNPOPULATED: u64 = 1 << 13;
 const UFFDIO_REGISTER_MODE_MISSING: u64 = 1 << 0;
@@ -63,6 +65,15 @@ struct UffdioCopy {
 }
 
 #[repr(C)]
+struct UffdioMove {
+    dst: u64,
+    src: u64,
+    len: u64,
+    mode: u64,
+    moved: i64,
+}
+
+#[repr(C)]
 struct UffdioZeropage {
     range: UffdioRange,
     mode: u64,
@@ -92,6 +103,7 @@ const UFFDIO_REGISTER: u64 = iowr(0x00, std::mem::size_of::<UffdioRegister>());
 const UFFDIO_WRITEPROTECT: u64 = iowr(0x06, std::mem::size_of::<UffdioWriteprotect>());
 const UFFDIO_COPY: u64 = iowr(0x03, std::mem::size_of::<UffdioCopy>());
 const UFFDIO_ZEROPAGE: u64 = iowr(0x04, std::mem::size_of::<UffdioZeropage>());
+const UFFDIO_MOVE: u64 = iowr(0x05, std::mem::size_of::<UffdioMove>());
 /// `_IOR(0xAA, nr, struct uffdio_range)`.
 const UFFDIO_UNREGISTER: u64 =
     (2u64 << 30) | ((std::mem::size_of::<UffdioRange>() as u64) << 16) | (0xaa << 8) | 0x01;
@@ -124,6 +136,7 @@ pub enum Filled {
 pub struct Uffd {
     fd: OwnedFd,
     wp_unpopulated: bool,
+    can_move: bool,
 }
 
 /// A new userfaultfd (close-on-exec, non-blocking), not yet negotiated.
@@ -188,18 +201,67 @@ impl Uffd {
 
     /// Opens a userfaultfd for missing-page faults (kernel faults included:
     /// KVM reads and writes guest memory from the kernel).
+    /// `UFFDIO_MOVE` is negotiated where the kernel has it ([`Uffd::move_pages`]).
     pub fn new_missing() -> io::Result<Uffd> {
+        let offered = {
+            let probe = open()?;
+            let mut api = UffdioApi {
+                api: UFFD_API,
+                features: 0,
+                ioctls: 0,
+            };
+            ioctl(&probe, UFFDIO_API, &mut api)?;
+            api.features
+        };
         let fd = open()?;
         let mut api = UffdioApi {
             api: UFFD_API,
-            features: 0,
+            features: offered & UFFD_FEATURE_MOVE,
             ioctls: 0,
         };
         ioctl(&fd, UFFDIO_API, &mut api)?;
         Ok(Uffd {
             fd,
             wp_unpopulated: false,
+            can_move: offered & UFFD_FEATURE_MOVE != 0,
         })
+    }
+
+    /// Whether [`Uffd::move_pages`] is available.
+    pub fn can_move(&self) -> bool {
+        self.can_move
+    }
+
+    /// Moves the pages of `len` bytes at `src` (private anonymous memory of
+    /// this process, not shared with a child) to the missing pages at `dst`,
+    /// and wakes the threads waiting there. No copy: a 2 MiB-aligned huge page
+    /// moves whole and stays huge. Returns the bytes moved with the error
+    /// when it fails part way (the rest is still at `src`).
+    ///
+    /// # Safety
+    /// `src..src + len` must be memory of this process that nothing else
+    /// uses: its pages leave it (it reads as never touched afterwards).
+    pub unsafe fn move_pages(
+        &self,
+        dst: u64,
+        src: u64,
+        len: u64,
+    ) -> std::result::Result<Filled, (u64, io::Error)> {
+        let mut m = UffdioMove {
+            dst,
+            src,
+            len,
+            mode: 0,
+            moved: 0,
+        };
+        match ioctl(&self.fd, UFFDIO_MOVE, &mut m) {
+            Ok(()) => Ok(Filled::All),
+            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
+                let _ = self.wake(dst, len);
+                Ok(Filled::Exists)
+            }
+            Err(e) => Err((m.moved.max(0) as u64, e)),
+        }
     }
 
     /// Registers `len` bytes at `addr` (page-aligned, never touched) for
@@ -302,6 +364,7 @@ impl Uffd {
         Ok(Uffd {
             fd,
             wp_unpopulated: unpopulated,
+            can_move: false,
         })
     }
 

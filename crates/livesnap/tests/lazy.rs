@@ -136,13 +136,14 @@ fn threads_touching_ram_see_the_source_whoever_fills_it() {
     let mem = Ram::new();
     let (range, ir) = image_range(&mem);
     let (tx, rx) = mpsc::channel();
-    let fill = start_lazy_fill(
+    let mut fill = start_lazy_fill(
         &[range],
         &[ir],
         source.clone(),
         Some(Box::new(move |r| tx.send(r).unwrap())),
     )
     .unwrap();
+    fill.go();
     // Touch chunks from the end, where the prefetch arrives last: reads see
     // the source, a write into a hole and one into data land and stay.
     let base = mem.bytes().as_ptr() as usize;
@@ -179,6 +180,9 @@ fn threads_touching_ram_see_the_source_whoever_fills_it() {
     assert_eq!(stats.zero_chunks, 2, "{stats:?}");
     assert_eq!(stats.bytes_read, (LEN - 2 * c) as u64, "{stats:?}");
     assert_eq!(source.reads.load(Ordering::Relaxed), (LEN / c - 2) as u64);
+    if livesnap::uffd::Uffd::new_missing().unwrap().can_move() {
+        assert_eq!(stats.chunks_moved, (LEN / c - 2) as u64, "{stats:?}");
+    }
     // RAM is ordinary memory now: touching it faults nowhere.
     assert!(fill.is_finished());
 }
@@ -198,13 +202,14 @@ fn a_source_that_fails_is_reported() {
     let mem = Ram::new();
     let (range, ir) = image_range(&mem);
     let (tx, rx) = mpsc::channel();
-    let fill = start_lazy_fill(
+    let mut fill = start_lazy_fill(
         &[range],
         &[ir],
         source,
         Some(Box::new(move |r| tx.send(r).unwrap())),
     )
     .unwrap();
+    fill.go();
     let e = rx.recv_timeout(Duration::from_secs(60)).unwrap().unwrap_err();
     assert!(e.contains("the disk went away"), "{e}");
     assert_eq!(fill.wait().unwrap_err(), e);
@@ -234,7 +239,7 @@ fn any_page_source_serves_a_restore() {
     }
     let mem = Ram::new();
     let (range, ir) = image_range(&mem);
-    let fill = start_lazy_fill(&[range], &[ir], Arc::new(Generated), None).unwrap();
+    let mut fill = start_lazy_fill(&[range], &[ir], Arc::new(Generated), None).unwrap();
     // Read in the middle before the prefetch can get there.
     let probe = 12 * CHUNK as usize + 4096;
     let v = u64::from_ne_bytes(mem.bytes()[probe..probe + 8].try_into().unwrap());
@@ -255,7 +260,7 @@ fn memory_touched_before_the_restore_is_an_error_not_a_silent_mix() {
     let mut mem = Ram::new();
     mem.bytes_mut()[4 * CHUNK as usize] = 1;
     let (range, ir) = image_range(&mem);
-    let fill = start_lazy_fill(&[range], &[ir], Arc::new(Generated), None).unwrap();
+    let mut fill = start_lazy_fill(&[range], &[ir], Arc::new(Generated), None).unwrap();
     let e = fill.wait().unwrap_err();
     assert!(e.contains("touched before it was restored"), "{e}");
 }

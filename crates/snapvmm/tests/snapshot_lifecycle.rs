@@ -552,6 +552,60 @@ fn incoming_defer_waits_for_migrate_incoming() {
 }
 
 #[test]
+fn warm_restore_loads_into_the_vm_built_ahead() {
+    let d = TempDir::new("warm");
+    let image = d.path("vm.snap");
+    let (a, mut qa) = start_vm(
+        &d,
+        "a",
+        "2",
+        &["--mem", "128M", "--cmdline", "workload=memwrite region=32M"],
+    );
+    a.wait_line("refguest: cpu=1 t=", T);
+    assert_eq!(live_snapshot(&mut qa, &image)["status"], "completed");
+    qa.ok("quit", json!({}));
+
+    // --mem as the image's: the VM built ahead takes the state; RAM is
+    // filled while the guest runs, and the guest goes on unharmed.
+    let warm = ["--incoming", "defer", "--restore-mode", "uffd"];
+    let (b, mut qb) = start_vm(&d, "b", "2", &[&warm[..], &["--mem", "128M"]].concat());
+    assert_eq!(qb.ok("query-status", json!({}))["status"], "inmigrate");
+    qb.ok("migrate-incoming", file_uri(&image));
+    assert_eq!(qb.ok("query-status", json!({}))["status"], "running");
+    let m = qb.ok("query-migrate", json!({}));
+    assert_eq!(m["x-restore"]["warm"], true, "{m}");
+    assert_eq!(m["x-restore"]["mode"], "uffd", "{m}");
+    assert_guest_runs(&b);
+    // The fill ends (a snapshot waits for it) and read the guest's data.
+    let again = d.path("again.snap");
+    assert_eq!(live_snapshot(&mut qb, &again)["status"], "completed");
+    let m = qb.ok("query-migrate", json!({}));
+    assert!(
+        m["x-restore-fill"]["bytes-read"].as_u64().unwrap() >= 32 << 20,
+        "{m}"
+    );
+    assert_guest_runs(&b);
+    qb.ok("quit", json!({}));
+
+    // A VM built ahead with other RAM: restored cold, as well.
+    let (c, mut qc) = start_vm(&d, "c", "2", &[&warm[..], &["--mem", "64M"]].concat());
+    let r = qc.cmd("migrate-incoming", file_uri(&image));
+    assert!(
+        r["error"]["desc"].as_str().unwrap().contains("128 MiB"),
+        "--mem that disagrees with the image is refused: {r}"
+    );
+    qc.ok("quit", json!({}));
+    drop(c);
+    let (e, mut qe) = start_vm(&d, "e", "2", &warm);
+    qe.ok("migrate-incoming", file_uri(&image));
+    let m = qe.ok("query-migrate", json!({}));
+    assert_eq!(m["x-restore"]["warm"], false, "{m}");
+    assert_eq!(qe.ok("query-status", json!({}))["status"], "running");
+    assert_guest_runs(&e);
+    qe.ok("quit", json!({}));
+}
+
+#[test]
 fn quit_during_a_capture_leaves_no_partial_file() {
     let d = TempDir::new("quitcap");
     let (mut a, mut q) = big_vm(&d, "a");

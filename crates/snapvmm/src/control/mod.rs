@@ -120,6 +120,10 @@ pub fn run(mut cfg: RunConfig) -> Result<u8> {
     if let Some(reply) = incoming_reply {
         let _ = reply.send(Ok(json!({})));
     }
+    // The restore is done: fill the rest of RAM in the background.
+    if let Some(f) = c.fill.as_mut() {
+        f.go();
+    }
     while c.exit.is_none() {
         let Ok(ev) = rx.recv() else { break };
         c.handle(ev)?;
@@ -128,6 +132,8 @@ pub fn run(mut cfg: RunConfig) -> Result<u8> {
     c.stop_collapse();
     c.end_captures();
     let _ = c.machine.pause();
+    // RAM goes with the machine: stop filling it first (the vCPUs are paused).
+    c.fill = None;
     c.machine.flush_serial();
     if let Some(ev) = &c.events {
         ev.flush(Duration::from_millis(500));
@@ -138,6 +144,13 @@ pub fn run(mut cfg: RunConfig) -> Result<u8> {
         anyhow::bail!(why);
     }
     Ok(c.exit.unwrap_or(1))
+}
+
+/// The KVM device (`SNAPVMM_KVM_DEVICE` overrides it, for tests).
+fn kvm_path() -> PathBuf {
+    std::env::var_os(KVM_PATH_ENV)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(vmm::kvm::vm::KVM_DEVICE))
 }
 
 /// A machine, and the fill of its RAM when that is still under way.
@@ -160,6 +173,16 @@ fn wait_incoming(
             ev.flush(Duration::from_millis(500));
         }
     };
+    // Warm restore: the VM and its memory slots are built now, before the
+    // image is known; migrate-incoming then only loads state (and RAM, while
+    // the guest runs). An image of another RAM size is restored cold.
+    let mut prepared = None;
+    if cfg.restore_mode == restore::RamMode::Uffd {
+        match vmm::PreparedVm::new(&kvm_path(), cfg.mem_bytes) {
+            Ok(p) => prepared = Some(p),
+            Err(e) => tracing::warn!("cannot build the VM ahead of migrate-incoming: {e}"),
+        }
+    }
     loop {
         let Ok(ev) = rx.recv() else { return Ok(None) };
         let (req, reply) = match ev {
@@ -181,8 +204,20 @@ fn wait_incoming(
                     Err(e) => Err(CommandError::generic(e)),
                     Ok(path) => {
                         cfg.incoming = Some(path);
-                        let built = crate::disk::open_all(&cfg.disks)
-                            .and_then(|(c, d)| build_machine(cfg, tx, c, &d).map(|m| (m, d)));
+                        let t0 = Instant::now();
+                        let mut warm = false;
+                        let built = crate::disk::open_all(&cfg.disks).and_then(|(c, d)| {
+                            match prepared.take() {
+                                Some(p) => build_warm(cfg, tx, c, &d, p, &mut warm),
+                                None => build_machine(cfg, tx, c, &d),
+                            }
+                            .map(|m| (m, d))
+                        });
+                        migration.last_restore = Some(migration::RestoreInfo {
+                            mode: cfg.restore_mode,
+                            warm,
+                            load: t0.elapsed(),
+                        });
                         match built {
                             Ok((m, d)) => return Ok(Some((m, d, reply))),
                             Err(e) => {
@@ -229,13 +264,16 @@ fn build_machine(
         let r = restore::from_file(path, cfg.restore_mode, Some(done))
             .with_context(|| format!("cannot restore from {}", path.display()))?;
         // The fill goes on while the machine is built (it touches no RAM).
-        let m = build_from_state(cfg, tx, r.ram, r.state, configs)?;
+        let m = build_from_state(cfg, tx, StartRam::Ram(r.ram), r.state, configs)?;
         return Ok((m, r.fill));
     }
     if let Some(tag) = &cfg.loadvm {
         let (ram, state) = crate::snapshot::savevm::load_from_disks(disks, tag)
             .map_err(|e| anyhow::anyhow!("cannot load snapshot '{tag}': {e}"))?;
-        return Ok((build_from_state(cfg, tx, ram, state, configs)?, None));
+        return Ok((
+            build_from_state(cfg, tx, StartRam::Ram(ram), state, configs)?,
+            None,
+        ));
     }
     let start = vmm::Start::Kernel {
         kernel: cfg.kernel.clone(),
@@ -245,11 +283,57 @@ fn build_machine(
     Ok((create(cfg, tx, start, cfg.mem_bytes, cfg.cpus, configs)?, None))
 }
 
+/// `migrate-incoming` into the VM built ahead (`prepared`): its RAM is
+/// filled from the image while the guest runs. An image of another RAM size
+/// is restored cold.
+fn build_warm(
+    cfg: &RunConfig,
+    tx: &mpsc::Sender<AppEvent>,
+    configs: Vec<vmm::DiskConfig>,
+    disks: &Disks,
+    prepared: vmm::PreparedVm,
+    warm: &mut bool,
+) -> Result<Built> {
+    let path = cfg.incoming.as_deref().expect("migrate-incoming names the image");
+    let t0 = Instant::now();
+    let cannot = || format!("cannot restore from {}", path.display());
+    let (image, state) = restore::open(path).with_context(cannot)?;
+    if state.mem_bytes != prepared.ram().size() {
+        tracing::info!(
+            "the image is of a {} MiB machine, the VM built ahead has {} MiB: restoring cold",
+            state.mem_bytes >> 20,
+            prepared.ram().size() >> 20
+        );
+        drop(prepared);
+        return build_machine(cfg, tx, configs, disks);
+    }
+    let done_tx = tx.clone();
+    let done: livesnap::lazy::FillDone = Box::new(move |r| {
+        let _ = done_tx.send(AppEvent::FillDone(r));
+    });
+    let fill = restore::fill_ram(&image, prepared.ram(), Some(done)).with_context(cannot)?;
+    let m = build_from_state(cfg, tx, StartRam::Prepared(prepared), state, configs)?;
+    *warm = true;
+    tracing::info!(
+        ms = t0.elapsed().as_secs_f64() * 1e3,
+        "warm restore: state loaded"
+    );
+    Ok((m, Some(fill)))
+}
+
+/// Where a restored machine's RAM is.
+pub(crate) enum StartRam {
+    /// Filled or mapped already, or being filled.
+    Ram(vmm::memory::GuestRam),
+    /// In a VM built ahead, being filled.
+    Prepared(vmm::PreparedVm),
+}
+
 /// Builds a machine that continues from saved state.
 pub(crate) fn build_from_state(
     cfg: &RunConfig,
     tx: &mpsc::Sender<AppEvent>,
-    ram: vmm::memory::GuestRam,
+    ram: StartRam,
     state: vmm::MachineState,
     disks: Vec<vmm::DiskConfig>,
 ) -> Result<Machine> {
@@ -269,9 +353,10 @@ pub(crate) fn build_from_state(
             cfg.cpus
         );
     }
-    let start = vmm::Start::Snapshot {
-        ram,
-        state: Box::new(state),
+    let state = Box::new(state);
+    let start = match ram {
+        StartRam::Ram(ram) => vmm::Start::Snapshot { ram, state },
+        StartRam::Prepared(vm) => vmm::Start::Prepared { vm, state },
     };
     create(cfg, tx, start, mem, cpus, disks)
 }
@@ -295,9 +380,7 @@ fn create(
         )),
         SerialTarget::None => Box::new(std::io::sink()),
     };
-    let kvm_path = std::env::var_os(KVM_PATH_ENV)
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(vmm::kvm::vm::KVM_DEVICE));
+    let kvm_path = kvm_path();
     let events_tx = tx.clone();
     let sink: vmm::EventSink = Arc::new(move |e| {
         let _ = events_tx.send(AppEvent::Machine(e));
@@ -588,7 +671,7 @@ impl Controller {
     /// give the capture holes; write-protect needs the fill's registration
     /// gone). Waits for the fill, which runs at disk speed.
     pub(crate) fn ram_complete(&mut self) -> Result<(), String> {
-        let Some(fill) = &self.fill else {
+        let Some(fill) = &mut self.fill else {
             return Ok(());
         };
         if !fill.is_finished() {

@@ -454,7 +454,7 @@ impl Controller {
             Ok(disks)
         });
         let built = applied.and_then(|disks| {
-            super::build_from_state(&self.cfg, &self.tx, ram, state, disks)
+            super::build_from_state(&self.cfg, &self.tx, super::StartRam::Ram(ram), state, disks)
                 .map_err(|e| SnapshotError::Rebuild(format!("{e:#}")))
         });
         // A new machine has new RAM: register it again for write-protect captures.

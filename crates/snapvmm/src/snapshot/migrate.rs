@@ -103,6 +103,18 @@ pub struct Migration {
     pub last_collapse: Option<(vmm::memory::CollapseStats, Duration)>,
     /// How the restore of this VM's RAM went (`--restore-mode uffd`).
     pub last_fill: Option<livesnap::lazy::FillStats>,
+    /// The latest `migrate-incoming`.
+    pub last_restore: Option<RestoreInfo>,
+}
+
+/// How `migrate-incoming` loaded this VM.
+#[derive(Debug, Clone, Copy)]
+pub struct RestoreInfo {
+    pub mode: super::restore::RamMode,
+    /// Into a VM built ahead (`--incoming defer` with `--restore-mode uffd`).
+    pub warm: bool,
+    /// The command's start to the machine built (state loaded, RAM mapped or being filled).
+    pub load: Duration,
 }
 
 impl Default for Migration {
@@ -116,6 +128,7 @@ impl Default for Migration {
             job: None,
             last_collapse: None,
             last_fill: None,
+            last_restore: None,
         }
     }
 }
@@ -263,6 +276,13 @@ impl Migration {
     /// `query-migrate`.
     pub fn query(&self) -> Value {
         let mut v = self.query_job();
+        if let Some(r) = &self.last_restore {
+            v["x-restore"] = json!({
+                "mode": format!("{:?}", r.mode).to_lowercase(),
+                "warm": r.warm,
+                "load-us": r.load.as_micros() as u64,
+            });
+        }
         if let Some(f) = &self.last_fill {
             v["x-restore-fill"] = json!({
                 "ms": f.elapsed.as_secs_f64() * 1e3,
@@ -271,6 +291,7 @@ impl Migration {
                 "chunks-by-prefetch": f.chunks_by_prefetch,
                 "zero-chunks": f.zero_chunks,
                 "bytes-read": f.bytes_read,
+                "chunks-moved": f.chunks_moved,
             });
         }
         v

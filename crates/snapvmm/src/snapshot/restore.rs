@@ -101,8 +101,7 @@ pub fn from_file(
     done: Option<FillDone>,
 ) -> Result<Restored, RestoreError> {
     let t0 = Instant::now();
-    let image = Image::open(path)?;
-    let state = decode(&image)?;
+    let (image, state) = open(path)?;
     let (ram, fill) = match mode {
         RamMode::Copy => (copy_ram(&image, &state)?, None),
         RamMode::Lazy => (map_ram(&image, &state, path)?, None),
@@ -119,6 +118,13 @@ pub fn from_file(
         "snapshot opened"
     );
     Ok(Restored { ram, state, fill })
+}
+
+/// Opens a snapshot image file and decodes its machine state (RAM untouched).
+pub fn open(path: &Path) -> Result<(Image, MachineState), RestoreError> {
+    let image = Image::open(path)?;
+    let state = decode(&image)?;
+    Ok((image, state))
 }
 
 /// Starts filling `ram` (fresh, never touched, laid out as the image's
