@@ -71,15 +71,78 @@ pub enum Start {
 pub struct PreparedVm {
     vm: KvmVm,
     ram: GuestRam,
+    /// What KVM supports, and `cpus` vCPUs created (used when the state has
+    /// as many), with the MSRs they can save.
+    ahead: Ahead,
+}
+
+/// The parts of building a machine that depend on no state.
+struct Ahead {
+    base_cpuid: kvm_bindings::CpuId,
+    vcpus: Vec<Vcpu>,
+    /// Probed with this host's CPUID set on vCPU 0 (as a booted machine
+    /// probes them); `None`: probe once the vCPUs are configured.
+    msrs: Option<Arc<[u32]>>,
+}
+
+impl Ahead {
+    fn build(vm: &KvmVm, cpus: u8, probe: bool) -> Result<Ahead, VmmError> {
+        let base_cpuid = vm
+            .kvm
+            .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+            .map_err(ioctl("KVM_GET_SUPPORTED_CPUID"))?;
+        let mut vcpus = Vec::new();
+        for id in 0..cpus {
+            let fd = vm
+                .fd
+                .create_vcpu(u64::from(id))
+                .map_err(ioctl("KVM_CREATE_VCPU"))?;
+            vcpus.push(Vcpu { id, fd });
+        }
+        let msrs = if probe {
+            let v = &vcpus[0].fd;
+            let mut c = base_cpuid.clone();
+            let tsc_khz = v.get_tsc_khz().unwrap_or(0);
+            cpuid::patch(&mut c, 0, cpus, tsc_khz).map_err(VmmError::Config)?;
+            v.set_cpuid2(&c).map_err(ioctl("KVM_SET_CPUID2"))?;
+            Some(vcpu::probe_msrs(v, vcpu::SAVED_MSRS).into())
+        } else {
+            None
+        };
+        Ok(Ahead {
+            base_cpuid,
+            vcpus,
+            msrs,
+        })
+    }
 }
 
 impl PreparedVm {
-    /// Creates a VM at `kvm_path` with `mem_bytes` of anonymous RAM mapped.
-    pub fn new(kvm_path: &std::path::Path, mem_bytes: u64) -> Result<Self, VmmError> {
+    /// Creates a VM at `kvm_path` with `mem_bytes` of anonymous RAM mapped
+    /// and `cpus` vCPUs (a state with another count is refused by
+    /// [`Machine::create`]).
+    pub fn new(kvm_path: &std::path::Path, mem_bytes: u64, cpus: u8) -> Result<Self, VmmError> {
+        if cpus == 0 || cpus > MAX_CPUS {
+            return Err(VmmError::Config(format!(
+                "--cpus must be between 1 and {MAX_CPUS}"
+            )));
+        }
         let vm = KvmVm::new(kvm_path)?;
+        if usize::from(cpus) > vm.max_vcpus() {
+            return Err(VmmError::Config(format!(
+                "this host's KVM supports at most {} vCPUs",
+                vm.max_vcpus()
+            )));
+        }
         let ram = GuestRam::anonymous(mem_bytes)?;
         vm.map_ram(&ram)?;
-        Ok(PreparedVm { vm, ram })
+        let ahead = Ahead::build(&vm, cpus, true)?;
+        Ok(PreparedVm { vm, ram, ahead })
+    }
+
+    /// The vCPUs created ahead.
+    pub fn cpus(&self) -> u8 {
+        self.ahead.vcpus.len() as u8
     }
 
     /// The VM's RAM (for the caller to fill).
@@ -133,17 +196,18 @@ impl Machine {
                 "--cpus must be between 1 and {MAX_CPUS}"
             )));
         }
-        let (vm, start, premapped) = match cfg.start {
+        let (vm, start, ahead) = match cfg.start {
             Start::Prepared { vm, state } => (
                 vm.vm,
                 Start::Snapshot {
                     ram: vm.ram,
                     state,
                 },
-                true,
+                Some(vm.ahead),
             ),
-            start => (KvmVm::new(&cfg.kvm_path)?, start, false),
+            start => (KvmVm::new(&cfg.kvm_path)?, start, None),
         };
+        let premapped = ahead.is_some();
         if usize::from(cfg.cpus) > vm.max_vcpus() {
             return Err(VmmError::Config(format!(
                 "this host's KVM supports at most {} vCPUs",
@@ -255,18 +319,22 @@ impl Machine {
             ),
         });
 
-        let base_cpuid = vm
-            .kvm
-            .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
-            .map_err(ioctl("KVM_GET_SUPPORTED_CPUID"))?;
-        let mut fds = Vec::new();
-        for id in 0..cfg.cpus {
-            let fd = vm
-                .fd
-                .create_vcpu(u64::from(id))
-                .map_err(ioctl("KVM_CREATE_VCPU"))?;
-            fds.push(Vcpu { id, fd });
-        }
+        let ahead = match ahead {
+            Some(a) if a.vcpus.len() == usize::from(cfg.cpus) => a,
+            Some(a) => {
+                return Err(VmmError::Config(format!(
+                    "the VM was built with {} vCPU(s), the state has {}",
+                    a.vcpus.len(),
+                    cfg.cpus
+                )))
+            }
+            None => Ahead::build(&vm, cfg.cpus, false)?,
+        };
+        let Ahead {
+            base_cpuid,
+            vcpus: fds,
+            msrs,
+        } = ahead;
         match &state {
             None => {
                 let tsc_khz = fds[0].fd.get_tsc_khz().unwrap_or(0);
@@ -306,7 +374,9 @@ impl Machine {
                 st.vm.restore(&vm)?;
             }
         }
-        let msrs: Arc<[u32]> = vcpu::probe_msrs(&fds[0].fd, vcpu::SAVED_MSRS).into();
+
+        let msrs: Arc<[u32]> =
+            msrs.unwrap_or_else(|| vcpu::probe_msrs(&fds[0].fd, vcpu::SAVED_MSRS).into());
 
         vcpu_thread::install_kick_handler().map_err(VmmError::Io)?;
         let (ack_tx, acks) = mpsc::channel();

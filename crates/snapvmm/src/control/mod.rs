@@ -178,7 +178,7 @@ fn wait_incoming(
     // the guest runs). An image of another RAM size is restored cold.
     let mut prepared = None;
     if cfg.restore_mode == restore::RamMode::Uffd {
-        match vmm::PreparedVm::new(&kvm_path(), cfg.mem_bytes) {
+        match vmm::PreparedVm::new(&kvm_path(), cfg.mem_bytes, cfg.cpus) {
             Ok(p) => prepared = Some(p),
             Err(e) => tracing::warn!("cannot build the VM ahead of migrate-incoming: {e}"),
         }
@@ -298,11 +298,13 @@ fn build_warm(
     let t0 = Instant::now();
     let cannot = || format!("cannot restore from {}", path.display());
     let (image, state) = restore::open(path).with_context(cannot)?;
-    if state.mem_bytes != prepared.ram().size() {
+    if state.mem_bytes != prepared.ram().size() || state.cpus != prepared.cpus() {
         tracing::info!(
-            "the image is of a {} MiB machine, the VM built ahead has {} MiB: restoring cold",
+            "the image is of a {} MiB, {}-vCPU machine, the VM built ahead has {} MiB and {} vCPU(s): restoring cold",
             state.mem_bytes >> 20,
-            prepared.ram().size() >> 20
+            state.cpus,
+            prepared.ram().size() >> 20,
+            prepared.cpus(),
         );
         drop(prepared);
         return build_machine(cfg, tx, configs, disks);
