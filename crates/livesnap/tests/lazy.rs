@@ -210,13 +210,19 @@ fn a_source_that_fails_is_reported() {
     )
     .unwrap();
     fill.go();
-    let e = rx.recv_timeout(Duration::from_secs(60)).unwrap().unwrap_err();
+    let e = rx
+        .recv_timeout(Duration::from_secs(60))
+        .unwrap()
+        .unwrap_err();
     assert!(e.contains("the disk went away"), "{e}");
     assert_eq!(fill.wait().unwrap_err(), e);
     // The chunks with data before the failing one are in place; the rest
     // (holes included) stays missing for good: touching it would wait for
     // ever, so the VMM ends the VM, and this test touches chunks 0-2 only.
-    assert_eq!(&mem.bytes()[..3 * CHUNK as usize], &want[..3 * CHUNK as usize]);
+    assert_eq!(
+        &mem.bytes()[..3 * CHUNK as usize],
+        &want[..3 * CHUNK as usize]
+    );
 }
 
 /// A page source that is not a file: RAM computed on demand.

@@ -11,9 +11,7 @@ pub mod memory;
 pub mod snapshot;
 pub mod vcpu_thread;
 
-pub use machine::{
-    DiskConfig, EventSink, Machine, MachineConfig, MachineEvent, PreparedVm, Start,
-};
+pub use machine::{DiskConfig, EventSink, Machine, MachineConfig, MachineEvent, PreparedVm, Start};
 pub use snapshot::{MachineState, PendingState};
 
 /// Errors from building or operating the machine.

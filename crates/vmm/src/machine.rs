@@ -199,10 +199,7 @@ impl Machine {
         let (vm, start, ahead) = match cfg.start {
             Start::Prepared { vm, state } => (
                 vm.vm,
-                Start::Snapshot {
-                    ram: vm.ram,
-                    state,
-                },
+                Start::Snapshot { ram: vm.ram, state },
                 Some(vm.ahead),
             ),
             start => (KvmVm::new(&cfg.kvm_path)?, start, None),

@@ -28,9 +28,9 @@ use crate::snapshot::collapse::Collapse;
 use crate::snapshot::cut::{cut, Capture, Outcome};
 use crate::snapshot::migrate::{self as migration, Migration, Status};
 use crate::snapshot::restore;
-use livesnap::lazy::LazyFill;
 use crate::snapshot::{Busy, Cmd, Op};
 use bridge::{Bridge, Reply};
+use livesnap::lazy::LazyFill;
 
 /// Environment variable naming the KVM device (tests point it elsewhere).
 const KVM_PATH_ENV: &str = "SNAPVMM_KVM_DEVICE";
@@ -280,7 +280,10 @@ fn build_machine(
         initrd: cfg.initrd.clone(),
         cmdline: cfg.cmdline.clone(),
     };
-    Ok((create(cfg, tx, start, cfg.mem_bytes, cfg.cpus, configs)?, None))
+    Ok((
+        create(cfg, tx, start, cfg.mem_bytes, cfg.cpus, configs)?,
+        None,
+    ))
 }
 
 /// `migrate-incoming` into the VM built ahead (`prepared`): its RAM is
@@ -294,7 +297,10 @@ fn build_warm(
     prepared: vmm::PreparedVm,
     warm: &mut bool,
 ) -> Result<Built> {
-    let path = cfg.incoming.as_deref().expect("migrate-incoming names the image");
+    let path = cfg
+        .incoming
+        .as_deref()
+        .expect("migrate-incoming names the image");
     let t0 = Instant::now();
     let cannot = || format!("cannot restore from {}", path.display());
     let (image, state) = restore::open(path).with_context(cannot)?;
