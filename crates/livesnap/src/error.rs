@@ -43,6 +43,28 @@ pub enum SnapError {
         /// Real size of the file.
         actual: u64,
     },
+    /// The parent of an incremental image cannot be found.
+    #[error("the parent image {path} of this incremental snapshot is missing: {source}")]
+    ParentMissing {
+        /// Where it was looked for.
+        path: PathBuf,
+        /// Why it could not be opened.
+        #[source]
+        source: Box<SnapError>,
+    },
+    /// The parent of an incremental image is not the one it was taken against.
+    #[error("the parent image {path} changed since this incremental snapshot was taken (it is {found}, the snapshot was taken against {expected})")]
+    ParentChanged {
+        /// The parent file.
+        path: PathBuf,
+        /// Identity recorded in the child.
+        expected: String,
+        /// Identity of the file found.
+        found: String,
+    },
+    /// A chain of incremental images longer than the format allows (a loop?).
+    #[error("incremental snapshot chain longer than {0} images")]
+    ChainTooLong(usize),
     /// The file does not start with the snapvmm magic: not a snapshot image.
     #[error("not a snapvmm snapshot image (bad magic)")]
     BadMagic,

@@ -39,6 +39,21 @@ const OFF_FLAGS: usize = 52;
 const OFF_RAM_BYTES: usize = 56;
 const OFF_RANGES: usize = 64;
 const RANGE_ENTRY: usize = 24;
+// After the largest range table (64 + 128 * 24 = 3136).
+const OFF_ID: usize = 3200;
+const OFF_PARENT_ID: usize = 3216;
+const OFF_PARENT_DEV_CRC: usize = 3232;
+const OFF_INCR_CRC: usize = 3236;
+const OFF_INCR_OFFSET: usize = 3240;
+const OFF_INCR_LEN: usize = 3248;
+
+/// Flag: an incremental image (only the chunks written since its parent).
+const FLAG_INCREMENTAL: u32 = 1;
+/// Granularity of an incremental image: RAM ranges are cut into chunks of
+/// this size from their start (the last one may be shorter).
+pub const INCR_CHUNK: u64 = 2 << 20;
+/// Longest parent path an incremental image records.
+const MAX_PARENT_PATH: usize = 4096;
 const OFF_HEADER_CRC: usize = HEADER_SIZE as usize - 4;
 
 /// One RAM range as stored in an image.
@@ -60,6 +75,119 @@ pub(crate) struct Header {
     pub dev_offset: u64,
     pub dev_len: u64,
     pub dev_crc: u32,
+    /// Random identity given when the image is laid out (zero in images
+    /// written before identities existed).
+    pub id: [u8; 16],
+    /// For an incremental image: its parent and where its own section lies.
+    pub incr: Option<IncrHeader>,
+}
+
+/// What the header of an incremental image says.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct IncrHeader {
+    /// The parent's identity: its id and device-state checksum.
+    pub parent_id: [u8; 16],
+    pub parent_dev_crc: u32,
+    /// The section with the chunk map and the parent's path (between RAM
+    /// and the device state).
+    pub offset: u64,
+    pub len: u64,
+    pub crc: u32,
+}
+
+/// The identity of an image: what an incremental image records of its parent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ImageId {
+    pub id: [u8; 16],
+    pub dev_crc: u32,
+}
+
+impl fmt::Display for ImageId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for b in &self.id {
+            write!(f, "{b:02x}")?;
+        }
+        write!(f, "/{:08x}", self.dev_crc)
+    }
+}
+
+/// The incremental section: which chunks the image holds and where its
+/// parent was when it was written.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct IncrSection {
+    pub map: Vec<u8>,
+    pub parent_path: String,
+}
+
+impl IncrSection {
+    pub(crate) fn encode(&self) -> Vec<u8> {
+        let mut b = Vec::with_capacity(8 + self.map.len() + self.parent_path.len());
+        b.extend_from_slice(&(self.map.len() as u32).to_le_bytes());
+        b.extend_from_slice(&(self.parent_path.len() as u32).to_le_bytes());
+        b.extend_from_slice(&self.map);
+        b.extend_from_slice(self.parent_path.as_bytes());
+        b
+    }
+
+    fn decode(b: &[u8], chunks: usize) -> Result<IncrSection> {
+        let bad = |why: &str| SnapError::InvalidLayout(format!("incremental section: {why}"));
+        if b.len() < 8 {
+            return Err(bad("too short"));
+        }
+        let map_len = get32(b, 0) as usize;
+        let path_len = get32(b, 4) as usize;
+        if map_len != chunks.div_ceil(8) || path_len > MAX_PARENT_PATH {
+            return Err(bad("sizes do not match the RAM ranges"));
+        }
+        if b.len() != 8 + map_len + path_len {
+            return Err(bad("length does not match its contents"));
+        }
+        let parent_path = std::str::from_utf8(&b[8 + map_len..])
+            .map_err(|_| bad("parent path is not UTF-8"))?
+            .to_string();
+        Ok(IncrSection {
+            map: b[8..8 + map_len].to_vec(),
+            parent_path,
+        })
+    }
+}
+
+/// Number of incremental chunks of `ranges` (see [`INCR_CHUNK`]).
+pub(crate) fn chunk_count(ranges: &[ImageRange]) -> usize {
+    ranges
+        .iter()
+        .map(|r| r.len.div_ceil(INCR_CHUNK) as usize)
+        .sum()
+}
+
+/// The incremental chunk holding image offset `off` (in a RAM range), with
+/// the chunk's offset and length.
+pub(crate) fn chunk_at(ranges: &[ImageRange], off: u64) -> Option<(usize, u64, u64)> {
+    let mut base = 0usize;
+    for r in ranges {
+        if off >= r.file_offset && off < r.file_offset + r.len {
+            let k = (off - r.file_offset) / INCR_CHUNK;
+            let start = r.file_offset + k * INCR_CHUNK;
+            let len = (r.file_offset + r.len - start).min(INCR_CHUNK);
+            return Some((base + k as usize, start, len));
+        }
+        base += r.len.div_ceil(INCR_CHUNK) as usize;
+    }
+    None
+}
+
+fn random_id() -> [u8; 16] {
+    let mut id = [0u8; 16];
+    // SAFETY: getrandom writes at most id.len() bytes into `id`.
+    let n = unsafe { libc::getrandom(id.as_mut_ptr().cast(), id.len(), 0) };
+    if n != id.len() as isize {
+        // No entropy source: time and pid still tell images apart.
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        id[..16].copy_from_slice(&(t ^ (u128::from(std::process::id()) << 96)).to_le_bytes());
+    }
+    id
 }
 
 fn align_up(v: u64, a: u64) -> Option<u64> {
@@ -70,6 +198,16 @@ impl Header {
     /// Computes the layout for the given `(gpa, len)` ranges and device-state length,
     /// validating it as the reader would. The device-state checksum is left 0.
     pub(crate) fn layout(ranges: &[(u64, u64)], dev_len: u64) -> Result<Header> {
+        Header::layout_with(ranges, dev_len, None)
+    }
+
+    /// Like [`Header::layout`] for an incremental image whose section is
+    /// `incr_len` bytes, child of `parent` (section checksum left 0).
+    pub(crate) fn layout_with(
+        ranges: &[(u64, u64)],
+        dev_len: u64,
+        incr: Option<(ImageId, u64)>,
+    ) -> Result<Header> {
         if dev_len > MAX_DEVICE_STATE {
             return Err(SnapError::DeviceStateTooLarge {
                 len: dev_len,
@@ -93,6 +231,20 @@ impl Header {
                 file_offset,
             });
         }
+        let incr = match incr {
+            Some((parent, len)) => {
+                let offset = align_up(pos, PAGE_SIZE).ok_or_else(overflow)?;
+                pos = offset.checked_add(len).ok_or_else(overflow)?;
+                Some(IncrHeader {
+                    parent_id: parent.id,
+                    parent_dev_crc: parent.dev_crc,
+                    offset,
+                    len,
+                    crc: 0,
+                })
+            }
+            None => None,
+        };
         let dev_offset = align_up(pos, PAGE_SIZE).ok_or_else(overflow)?;
         let file_len = dev_offset.checked_add(dev_len).ok_or_else(overflow)?;
         let h = Header {
@@ -101,6 +253,8 @@ impl Header {
             dev_offset,
             dev_len,
             dev_crc: 0,
+            id: random_id(),
+            incr,
         };
         h.validate()
             .map_err(|e| SnapError::InvalidInput(e.to_string()))?;
@@ -124,7 +278,23 @@ impl Header {
         put64(&mut b, OFF_DEV_OFFSET, self.dev_offset);
         put64(&mut b, OFF_DEV_LEN, self.dev_len);
         put32(&mut b, OFF_DEV_CRC, self.dev_crc);
-        put32(&mut b, OFF_FLAGS, 0);
+        put32(
+            &mut b,
+            OFF_FLAGS,
+            if self.incr.is_some() {
+                FLAG_INCREMENTAL
+            } else {
+                0
+            },
+        );
+        b[OFF_ID..OFF_ID + 16].copy_from_slice(&self.id);
+        if let Some(i) = &self.incr {
+            b[OFF_PARENT_ID..OFF_PARENT_ID + 16].copy_from_slice(&i.parent_id);
+            put32(&mut b, OFF_PARENT_DEV_CRC, i.parent_dev_crc);
+            put32(&mut b, OFF_INCR_CRC, i.crc);
+            put64(&mut b, OFF_INCR_OFFSET, i.offset);
+            put64(&mut b, OFF_INCR_LEN, i.len);
+        }
         put64(&mut b, OFF_RAM_BYTES, self.ram_bytes());
         for (i, r) in self.ranges.iter().enumerate() {
             let o = OFF_RANGES + i * RANGE_ENTRY;
@@ -171,7 +341,7 @@ impl Header {
             )));
         }
         let flags = get32(b, OFF_FLAGS);
-        if flags != 0 {
+        if flags & !FLAG_INCREMENTAL != 0 {
             return Err(SnapError::InvalidLayout(format!(
                 "unknown flags {flags:#x}"
             )));
@@ -199,12 +369,27 @@ impl Header {
                 }
             })
             .collect();
+        let mut id = [0u8; 16];
+        id.copy_from_slice(&b[OFF_ID..OFF_ID + 16]);
+        let incr = (flags & FLAG_INCREMENTAL != 0).then(|| {
+            let mut parent_id = [0u8; 16];
+            parent_id.copy_from_slice(&b[OFF_PARENT_ID..OFF_PARENT_ID + 16]);
+            IncrHeader {
+                parent_id,
+                parent_dev_crc: get32(b, OFF_PARENT_DEV_CRC),
+                offset: get64(b, OFF_INCR_OFFSET),
+                len: get64(b, OFF_INCR_LEN),
+                crc: get32(b, OFF_INCR_CRC),
+            }
+        });
         let h = Header {
             ranges,
             file_len: get64(b, OFF_FILE_LEN),
             dev_offset: get64(b, OFF_DEV_OFFSET),
             dev_len,
             dev_crc: get32(b, OFF_DEV_CRC),
+            id,
+            incr,
         };
         h.validate()?;
         let ram_bytes = get64(b, OFF_RAM_BYTES);
@@ -268,6 +453,16 @@ impl Header {
                 )));
             }
         }
+        if let Some(i) = &self.incr {
+            let max = 8 + chunk_count(&self.ranges).div_ceil(8) as u64 + MAX_PARENT_PATH as u64;
+            if i.offset % PAGE_SIZE != 0 || i.offset < file_pos || i.len < 8 || i.len > max {
+                return Err(SnapError::InvalidLayout(format!(
+                    "incremental section at {:#x} ({} bytes) is misplaced",
+                    i.offset, i.len
+                )));
+            }
+            file_pos = i.offset + i.len;
+        }
         if self.dev_offset % PAGE_SIZE != 0 || self.dev_offset < file_pos {
             return Err(SnapError::InvalidLayout(format!(
                 "device state offset {:#x} is unaligned or overlaps RAM (RAM ends at {file_pos:#x})",
@@ -315,6 +510,7 @@ fn get64(b: &[u8], o: usize) -> u64 {
 pub struct Image<B = File> {
     backing: B,
     header: Header,
+    incr: Option<IncrSection>,
 }
 
 /// An image read through a [`Source`] (see [`Image::from_source`]).
@@ -398,7 +594,28 @@ impl<B: ImageBacking> Image<B> {
                 actual,
             });
         }
-        let img = Image { backing, header };
+        let incr = match &header.incr {
+            Some(i) => {
+                let mut b = vec![0u8; i.len as usize];
+                backing
+                    .fetch_exact(&mut b, i.offset)
+                    .map_err(|e| SnapError::io("read incremental section", e))?;
+                let computed = crc32fast::hash(&b);
+                if computed != i.crc {
+                    return Err(SnapError::InvalidLayout(format!(
+                        "incremental section checksum {computed:#x}, header says {:#x}",
+                        i.crc
+                    )));
+                }
+                Some(IncrSection::decode(&b, chunk_count(&header.ranges))?)
+            }
+            None => None,
+        };
+        let img = Image {
+            backing,
+            header,
+            incr,
+        };
         img.check_device_state_crc()?;
         Ok(img)
     }
@@ -406,6 +623,59 @@ impl<B: ImageBacking> Image<B> {
     /// Format version of the image.
     pub fn version(&self) -> u32 {
         FORMAT_VERSION
+    }
+
+    /// The image's identity (what a child records of its parent).
+    pub fn id(&self) -> ImageId {
+        ImageId {
+            id: self.header.id,
+            dev_crc: self.header.dev_crc,
+        }
+    }
+
+    /// For an incremental image: its parent's identity and the path the
+    /// parent had when this image was written.
+    pub fn parent(&self) -> Option<(ImageId, &str)> {
+        let h = self.header.incr.as_ref()?;
+        let s = self.incr.as_ref()?;
+        Some((
+            ImageId {
+                id: h.parent_id,
+                dev_crc: h.parent_dev_crc,
+            },
+            &s.parent_path,
+        ))
+    }
+
+    /// Whether the image holds incremental chunk `k` (a full image holds all).
+    pub fn has_chunk(&self, k: usize) -> bool {
+        match &self.incr {
+            Some(s) => s.map.get(k / 8).is_some_and(|b| b & (1 << (k % 8)) != 0),
+            None => k < chunk_count(&self.header.ranges),
+        }
+    }
+
+    /// Number of incremental chunks of this image's RAM ([`INCR_CHUNK`]).
+    pub fn chunk_count(&self) -> usize {
+        chunk_count(&self.header.ranges)
+    }
+
+    /// The chunk holding image offset `off` of RAM: (index, offset, length).
+    pub fn chunk_at(&self, off: u64) -> Option<(usize, u64, u64)> {
+        chunk_at(&self.header.ranges, off)
+    }
+
+    /// Reads `buf.len()` bytes at `offset` (holes read as zeros).
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.backing.fetch_exact(buf, offset)
+    }
+
+    /// Whether `len` bytes at `offset` are a hole (known zero without reading).
+    pub fn is_hole(&self, offset: u64, len: u64) -> bool {
+        match self.backing.data_extent(offset, offset + len) {
+            None => true,
+            Some((data, _)) => data >= offset + len,
+        }
     }
 
     /// Page size of the image (zero pages are holes of this granularity).

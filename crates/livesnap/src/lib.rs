@@ -20,6 +20,7 @@
 //!   from a file ([`Image::open`]) or any [`Source`] ([`Image::from_source`]).
 
 mod capture;
+pub mod chain;
 mod error;
 mod fork;
 mod image;
@@ -36,7 +37,7 @@ pub use capture::{
 };
 pub use error::{Result, SnapError};
 pub use image::{
-    Image, ImageRange, SourceImage, FORMAT_VERSION, HEADER_SIZE, HUGE_ALIGN, MAGIC,
+    Image, ImageId, ImageRange, INCR_CHUNK, SourceImage, FORMAT_VERSION, HEADER_SIZE, HUGE_ALIGN, MAGIC,
     MAX_DEVICE_STATE, MAX_RANGES, PAGE_SIZE,
 };
 pub use sink::{capture_stopped_to, ImageSummary, Sink};

@@ -15,11 +15,19 @@
 //!
 //! Which thread takes a chunk is decided by one compare-and-swap per chunk,
 //! so each is copied exactly once, while it is still protected: the image
-//! holds RAM as of the protection. On failure or cancel every range is
-//! unprotected before the threads end, so the guest never stays blocked.
+//! holds RAM as of the protection.
+//!
+//! The fault handler belongs to the VM's [`WpEngine`], not to one capture:
+//! it runs as long as the engine. A chunk copied by the writer stays
+//! protected; the handler lifts the protection at the guest's first write
+//! and records the chunk as written. So between captures the engine knows
+//! which chunks changed since the last cut (one fault per 2 MiB chunk), and
+//! a capture with a parent writes only those: an incremental image. If a
+//! capture fails, its chunks count as changed again; the guest is never left
+//! blocked (the handler serves every fault, capture or not).
 
 use std::os::unix::fs::FileExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
@@ -29,19 +37,31 @@ use crate::capture::{
     call_on_done, lock, stats, Capture, DevSource, Shared, StateSender, TempImage,
 };
 use crate::error::{Result, SnapError};
-use crate::image::{Header, PAGE_SIZE};
+use crate::chain::IncrPlan;
+use crate::image::{Header, ImageId, ImageRange, PAGE_SIZE};
 use crate::sink::{Sink, SinkGuard};
 use crate::uffd::Uffd;
 use crate::{CaptureStats, CaptureStatus, DoneCallback, RamRange};
+
+/// The image ranges of `(gpa, len)` ranges (as any image of them lays them out).
+fn ranges_of(ranges: &[(u64, u64)]) -> Result<Vec<ImageRange>> {
+    Ok(Header::layout(ranges, 0)?.ranges)
+}
 
 /// Chunk size: copies and protection changes happen 2 MiB at a time.
 pub const CHUNK: u64 = 2 << 20;
 
 const FREE: u8 = 0;
+/// Being copied.
 const TAKEN: u8 = 1;
+const COPIED: u8 = 2;
 
 /// Options of a write-protect capture.
 pub struct WpOptions {
+    /// Write only the chunks changed since this image, which must be the
+    /// latest image this engine captured ([`WpEngine::base`]); the image
+    /// records it as its parent (by path and identity).
+    pub parent: Option<PathBuf>,
     /// Bytes of buffers the fault handler may hold (rounded down to whole
     /// chunks, at least one).
     pub pool_bytes: u64,
@@ -55,6 +75,7 @@ pub struct WpOptions {
 impl Default for WpOptions {
     fn default() -> Self {
         WpOptions {
+            parent: None,
             pool_bytes: 64 << 20,
             on_done: None,
             always_populate: false,
@@ -75,6 +96,8 @@ pub struct WpCounters {
     pub chunks_by_writer: AtomicU64,
     /// Most pool buffers in use at once, in bytes.
     pub pool_high_water: AtomicU64,
+    /// Chunks not written because they did not change since the parent.
+    pub chunks_unchanged: AtomicU64,
 }
 
 /// One chunk of guest RAM and where it goes in the image.
@@ -83,11 +106,13 @@ struct Chunk {
     host: u64,
     len: u64,
     file_offset: u64,
+    /// Its number in an incremental image's chunk map.
+    index: usize,
 }
 
-/// Registered RAM ready to be captured: the userfaultfd the ranges are
-/// registered with (for write-protect faults) must outlive the capture.
+/// A capture ready to start (everything done that can be with the guest running).
 pub struct PreparedWpCapture {
+    engine: Arc<Engine>,
     wp: Arc<Wp>,
     shared: Arc<Shared>,
     counters: Arc<WpCounters>,
@@ -110,49 +135,62 @@ enum Out {
     Sink(Mutex<Option<SinkGuard<Box<dyn Sink>>>>),
 }
 
-/// Prepares a write-protect capture of `ranges` into `dest` with the guest
-/// running: validates the ranges, creates the temp file next to `dest` (an
-/// unusable destination fails here). The ranges must be registered with
-/// `uffd` in write-protect mode ([`Uffd::register_wp`]).
+/// Prepares a write-protect capture of the engine's RAM into `dest` with
+/// the guest running: creates the temp file next to `dest` (an unusable
+/// destination fails here), checks the parent of an incremental capture.
 pub fn prepare_wp_capture(
-    uffd: Arc<Uffd>,
-    ranges: &[RamRange],
+    engine: &WpEngine,
     dest: &Path,
     opts: WpOptions,
 ) -> Result<PreparedWpCapture> {
-    let chunks = chunks_of(ranges)?;
+    let plan = engine.plan(opts.parent.as_deref(), dest)?;
     let tmp = TempImage::create(dest)?;
-    launch(uffd, ranges, chunks, WpDest::File(tmp), opts)
+    launch(&engine.shared, WpDest::File(tmp), plan, opts)
 }
 
 /// Like [`prepare_wp_capture`], into `sink` (the same image bytes; see
 /// [`Sink`]). The sink's `begin` comes once the device state is known, right
-/// after the pause; until then chunks wait in the pool.
+/// after the pause; until then chunks wait in the pool. Always a full image.
 pub fn prepare_wp_capture_to(
-    uffd: Arc<Uffd>,
-    ranges: &[RamRange],
+    engine: &WpEngine,
     sink: Box<dyn Sink>,
     opts: WpOptions,
 ) -> Result<PreparedWpCapture> {
+    if opts.parent.is_some() {
+        return Err(SnapError::InvalidInput(
+            "an incremental snapshot can only be written to a file".into(),
+        ));
+    }
     let sink = SinkGuard::new(sink);
-    let chunks = chunks_of(ranges)?;
-    launch(uffd, ranges, chunks, WpDest::Sink(sink), opts)
+    launch(&engine.shared, WpDest::Sink(sink), None, opts)
 }
 
-/// Validates the ranges and cuts them into chunks with their image offsets.
+/// Validates the ranges and cuts them into chunks with their image offsets
+/// and incremental chunk numbers (ranges must start 2 MiB-aligned in host
+/// memory for the two to agree, as guest RAM does).
 fn chunks_of(ranges: &[RamRange]) -> Result<Vec<Chunk>> {
     let (header, _) = crate::capture::prepare(ranges, 0)?;
     let mut chunks = Vec::new();
     for (r, ir) in ranges.iter().zip(&header.ranges) {
         let (start, end) = (r.host as u64, r.host as u64 + r.len);
+        if r.len >= CHUNK && start % CHUNK != 0 {
+            return Err(SnapError::InvalidInput(format!(
+                "RAM range at {:#x}: ranges of 2 MiB or more must start 2 MiB-aligned",
+                r.gpa
+            )));
+        }
         let mut at = start;
         while at < end {
             let next = ((at / CHUNK) + 1) * CHUNK;
             let len = next.min(end) - at;
+            let file_offset = ir.file_offset + (at - start);
+            let (index, _, _) =
+                crate::image::chunk_at(&header.ranges, file_offset).expect("inside the range");
             chunks.push(Chunk {
                 host: at,
                 len,
-                file_offset: ir.file_offset + (at - start),
+                file_offset,
+                index,
             });
             at += len;
         }
@@ -161,46 +199,158 @@ fn chunks_of(ranges: &[RamRange]) -> Result<Vec<Chunk>> {
     Ok(chunks)
 }
 
-/// The threads' shared state.
-struct Wp {
+/// The write-protect engine of one VM's RAM: its userfaultfd registration
+/// and the thread that takes its faults, for as long as the engine lives
+/// (see the module documentation). Dropping it lifts every protection.
+pub struct WpEngine {
+    shared: Arc<Engine>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+struct Engine {
     uffd: Arc<Uffd>,
     ranges: Vec<RamRange>,
     chunks: Vec<Chunk>,
-    state: Vec<AtomicU8>,
-    out: Out,
-    /// The image may be written (a sink has had its `begin`), or the
-    /// capture ended: set once, under the mutex, with `ready_cv` notified.
-    ready: Mutex<bool>,
-    ready_cv: std::sync::Condvar,
-    counters: Arc<WpCounters>,
-    pool: Mutex<Vec<Vec<u8>>>,
-    pool_total: usize,
-    stop_handler: AtomicBool,
-    first_error: Mutex<Option<SnapError>>,
+    /// Chunks written since the last cut (by index into `chunks`).
+    dirty: Vec<AtomicBool>,
+    /// Held while a fault is decided and its chunk unprotected, and by the
+    /// cut while it protects RAM and takes the dirty set: no write slips
+    /// between the two unrecorded.
+    cut_lock: Mutex<()>,
+    /// The capture under way, and where its handler hands chunks.
+    current: Mutex<Option<(Arc<Wp>, mpsc::Sender<Taken>)>>,
+    /// The image whose cut the dirty set counts from (`None` before the
+    /// first complete capture, or after tracking broke).
+    base: Mutex<Option<ImageId>>,
+    stop: AtomicBool,
+    /// Faults taken between captures (chunks let through and recorded).
+    tracked: AtomicU64,
 }
 
-impl Wp {
+impl WpEngine {
+    /// Registers `ranges` with a new userfaultfd in write-protect mode and
+    /// starts the fault handler.
+    pub fn new(ranges: &[RamRange]) -> Result<WpEngine> {
+        let uffd = Uffd::new_wp().map_err(|e| SnapError::io("open userfaultfd", e))?;
+        WpEngine::with_uffd(Arc::new(uffd), ranges)
+    }
+
+    /// Like [`WpEngine::new`] with a given (not yet registered) userfaultfd.
+    pub fn with_uffd(uffd: Arc<Uffd>, ranges: &[RamRange]) -> Result<WpEngine> {
+        let chunks = chunks_of(ranges)?;
+        for r in ranges {
+            uffd.register_wp(r.host as u64, r.len)
+                .map_err(|e| SnapError::io("register guest RAM for write-protect faults", e))?;
+        }
+        let shared = Arc::new(Engine {
+            uffd,
+            ranges: ranges.to_vec(),
+            dirty: chunks.iter().map(|_| AtomicBool::new(true)).collect(),
+            chunks,
+            cut_lock: Mutex::new(()),
+            current: Mutex::new(None),
+            base: Mutex::new(None),
+            stop: AtomicBool::new(false),
+            tracked: AtomicU64::new(0),
+        });
+        let e = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name("livesnap-wp-fault".into())
+            .spawn(move || fault_handler(&e))
+            .map_err(|e| SnapError::io("spawn fault handler", e))?;
+        Ok(WpEngine {
+            shared,
+            thread: Some(thread),
+        })
+    }
+
+    /// The latest image captured by this engine whose cut the record of
+    /// changed chunks counts from: the only possible parent of an
+    /// incremental capture.
+    pub fn base(&self) -> Option<ImageId> {
+        *lock(&self.shared.base)
+    }
+
+    /// Bytes of RAM changed since the last cut (whole chunks).
+    pub fn dirty_bytes(&self) -> u64 {
+        let e = &self.shared;
+        e.chunks
+            .iter()
+            .zip(&e.dirty)
+            .filter(|(_, d)| d.load(Ordering::Relaxed))
+            .map(|(c, _)| c.len)
+            .sum()
+    }
+
+    /// Faults taken outside captures (first writes to chunks since a cut).
+    pub fn tracked_faults(&self) -> u64 {
+        self.shared.tracked.load(Ordering::Relaxed)
+    }
+
+    /// What an incremental capture against `parent` records, checked.
+    fn plan(&self, parent: Option<&Path>, dest: &Path) -> Result<Option<IncrPlan>> {
+        let Some(parent) = parent else {
+            return Ok(None);
+        };
+        let img = crate::Image::open(parent).map_err(|e| SnapError::ParentMissing {
+            path: parent.to_path_buf(),
+            source: Box::new(e),
+        })?;
+        let found = img.id();
+        match self.base() {
+            Some(b) if b == found => {}
+            Some(b) => {
+                return Err(SnapError::InvalidInput(format!(
+                    "{} is not this VM's latest snapshot (it is {found}, the latest is {b}): take a full snapshot, or use the latest as parent",
+                    parent.display()
+                )))
+            }
+            None => {
+                return Err(SnapError::InvalidInput(format!(
+                    "this VM has no complete snapshot to be incremental to ({} is not one of its own): take a full snapshot first",
+                    parent.display()
+                )))
+            }
+        }
+        let abs = std::fs::canonicalize(parent)
+            .map_err(|e| SnapError::io(format!("resolve {}", parent.display()), e))?;
+        if std::fs::canonicalize(dest).ok().as_deref() == Some(abs.as_path()) {
+            return Err(SnapError::InvalidInput(
+                "an incremental snapshot cannot replace its own parent".into(),
+            ));
+        }
+        let path = abs.to_string_lossy().into_owned();
+        if path.len() > 4096 {
+            return Err(SnapError::InvalidInput("parent path too long".into()));
+        }
+        Ok(Some(IncrPlan {
+            parent: found,
+            parent_path: path,
+            map: Vec::new(),
+        }))
+    }
+}
+
+impl Drop for WpEngine {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::Release);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        // Nobody serves faults any more: let every writer through. (Guest
+        // RAM may be unmapped already: errors are expected then.)
+        for r in &self.shared.ranges {
+            if let Err(e) = self.shared.uffd.write_protect(r.host as u64, r.len, false) {
+                tracing::debug!("unprotect guest RAM at engine end: {e}");
+            }
+        }
+    }
+}
+
+impl Engine {
     fn chunk_of(&self, addr: u64) -> Option<usize> {
         let i = self.chunks.partition_point(|c| c.host + c.len <= addr);
         (i < self.chunks.len() && self.chunks[i].host <= addr).then_some(i)
-    }
-
-    fn claim(&self, i: usize) -> bool {
-        self.state[i]
-            .compare_exchange(FREE, TAKEN, Ordering::AcqRel, Ordering::Acquire)
-            .is_ok()
-    }
-
-    /// Copies chunk `i` (still protected: nobody writes it) into `buf`.
-    fn copy(&self, i: usize, buf: &mut [u8]) {
-        let c = self.chunks[i];
-        // SAFETY: the chunk lies inside a RamRange (built from the ranges
-        // validated by `prepare`), mapped for the capture's life by
-        // RamRange's contract, and write-protected until `unprotect(i)`, so
-        // no one writes it during the copy; `buf` holds at least `c.len` bytes.
-        unsafe {
-            std::ptr::copy_nonoverlapping(c.host as *const u8, buf.as_mut_ptr(), c.len as usize)
-        };
     }
 
     fn unprotect(&self, i: usize) -> Result<()> {
@@ -210,8 +360,10 @@ impl Wp {
             .map_err(|e| SnapError::io("unprotect guest RAM", e))
     }
 
-    /// Lifts every protection (after a failure or cancel: no vCPU may stay blocked).
+    /// Lifts every protection (the handler can serve no more faults);
+    /// changes are no longer recorded, so no incremental capture follows.
     fn unprotect_all(&self) {
+        *lock(&self.base) = None;
         for r in &self.ranges {
             if let Err(e) = self.uffd.write_protect(r.host as u64, r.len, false) {
                 tracing::error!("cannot unprotect guest RAM: {e}");
@@ -219,10 +371,89 @@ impl Wp {
         }
     }
 
+    /// The capture `wp` ended (`id`: the image it completed): it is no
+    /// longer current; a failed one's chunks count as changed again.
+    fn end_capture(&self, wp: &Arc<Wp>, id: Option<ImageId>) {
+        let _g = lock(&self.cut_lock);
+        let mut cur = lock(&self.current);
+        if cur.as_ref().is_some_and(|(c, _)| Arc::ptr_eq(c, wp)) {
+            *cur = None;
+        }
+        drop(cur);
+        let Some(want) = wp.want.get() else {
+            return; // never cut
+        };
+        match id {
+            Some(id) => *lock(&self.base) = Some(id),
+            None => {
+                for (d, w) in self.dirty.iter().zip(&want.taken) {
+                    if *w {
+                        d.store(true, Ordering::Relaxed);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// What a cut decided: the chunks the capture writes and the ones it took
+/// out of the record of changes.
+struct Want {
+    write: Vec<bool>,
+    taken: Vec<bool>,
+}
+
+/// The threads' shared state of one capture.
+struct Wp {
+    engine: Arc<Engine>,
+    state: Vec<AtomicU8>,
+    /// Set at the cut.
+    want: std::sync::OnceLock<Want>,
+    incr: Option<IncrPlan>,
+    /// The image's identity once its header is made.
+    id: Mutex<Option<ImageId>>,
+    out: Out,
+    /// The image may be written (a sink has had its `begin`), or the
+    /// capture ended: set once, under the mutex, with `ready_cv` notified.
+    ready: Mutex<bool>,
+    ready_cv: std::sync::Condvar,
+    counters: Arc<WpCounters>,
+    pool: Mutex<Vec<Vec<u8>>>,
+    pool_total: usize,
+    /// Pool buffers allocated so far.
+    allocated: std::sync::atomic::AtomicUsize,
+    first_error: Mutex<Option<SnapError>>,
+}
+
+impl Wp {
+    fn claim(&self, i: usize) -> bool {
+        self.state[i]
+            .compare_exchange(FREE, TAKEN, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
+
+    fn wants(&self, i: usize) -> bool {
+        self.want.get().is_some_and(|w| w.write[i])
+    }
+
+    /// Copies chunk `i` (still protected: nobody writes it) into `buf` and
+    /// marks it copied.
+    fn copy(&self, i: usize, buf: &mut [u8]) {
+        let c = self.engine.chunks[i];
+        // SAFETY: the chunk lies inside a RamRange (built from the ranges
+        // validated by `prepare`), mapped for the capture's life by
+        // RamRange's contract, and write-protected until `unprotect(i)`, so
+        // no one writes it during the copy; `buf` holds at least `c.len` bytes.
+        unsafe {
+            std::ptr::copy_nonoverlapping(c.host as *const u8, buf.as_mut_ptr(), c.len as usize)
+        };
+        self.state[i].store(COPIED, Ordering::Release);
+    }
+
     /// Writes the non-zero pages of chunk `i` (copied into `buf`); returns
     /// (bytes written, zero pages).
     fn write_out(&self, i: usize, buf: &[u8]) -> Result<(u64, u64)> {
-        let c = self.chunks[i];
+        let c = self.engine.chunks[i];
         let (mut written, mut zero) = (0u64, 0u64);
         let page = PAGE_SIZE as usize;
         let mut p = 0usize;
@@ -289,21 +520,21 @@ enum Taken {
     Written(Result<(u64, u64)>),
 }
 
-/// Builds the shared state and starts both threads with the guest still
-/// running; the writer waits for [`PreparedWpCapture::start_deferred`].
+/// Builds the capture's shared state and starts its writer with the guest
+/// still running; the writer waits for [`PreparedWpCapture::start_deferred`].
 fn launch(
-    uffd: Arc<Uffd>,
-    ranges: &[RamRange],
-    chunks: Vec<Chunk>,
+    engine: &Arc<Engine>,
     dest: WpDest,
+    incr: Option<IncrPlan>,
     opts: WpOptions,
 ) -> Result<PreparedWpCapture> {
+    let ranges = &engine.ranges;
     let pairs: Vec<(u64, u64)> = ranges.iter().map(|r| (r.gpa, r.len)).collect();
     let header = Header::layout(&pairs, 0)?;
-    if opts.always_populate || !uffd.protects_unpopulated() {
+    if opts.always_populate || !engine.uffd.protects_unpopulated() {
         // The protection skips never-touched pages: map them (for reading:
-        // the zero page) first, with the guest still running. Pages do not
-        // become untouched again (guest RAM is never discarded).
+        // the zero page) first, with the guest running. Pages do not become
+        // untouched again (guest RAM is never discarded).
         for r in ranges {
             // SAFETY: the range is mapped (RamRange's contract).
             unsafe { crate::uffd::populate(r.host as u64, r.len) }
@@ -322,28 +553,31 @@ fn launch(
     };
     let counters = Arc::new(WpCounters::default());
     let wp = Arc::new(Wp {
-        uffd,
-        state: chunks.iter().map(|_| AtomicU8::new(FREE)).collect(),
-        chunks,
-        ranges: ranges.to_vec(),
+        engine: engine.clone(),
+        state: engine.chunks.iter().map(|_| AtomicU8::new(FREE)).collect(),
+        want: std::sync::OnceLock::new(),
+        incr,
+        id: Mutex::new(None),
         out,
         ready: Mutex::new(tmp.is_some()),
         ready_cv: std::sync::Condvar::new(),
         counters: counters.clone(),
         pool: Mutex::new(Vec::new()),
         pool_total: (opts.pool_bytes / CHUNK).max(1) as usize,
-        stop_handler: AtomicBool::new(false),
+        allocated: std::sync::atomic::AtomicUsize::new(0),
         first_error: Mutex::new(None),
     });
     let shared = Arc::new(Shared::new(header.ram_bytes()));
     let (tx, rx) = mpsc::channel::<Taken>();
-    let handler = {
-        let wp = wp.clone();
-        std::thread::Builder::new()
-            .name("livesnap-wp-fault".into())
-            .spawn(move || fault_handler(&wp, tx))
-            .map_err(|e| SnapError::io("spawn fault handler", e))?
-    };
+    {
+        let mut cur = lock(&engine.current);
+        if cur.is_some() {
+            return Err(SnapError::InvalidInput(
+                "a write-protect capture of this RAM is already under way".into(),
+            ));
+        }
+        *cur = Some((wp.clone(), tx));
+    }
     let (go, go_rx) = mpsc::sync_channel::<Option<(Instant, Duration)>>(1);
     let (state_tx, state_rx) = mpsc::sync_channel(1);
     let (sh, w, on_done) = (shared.clone(), wp.clone(), opts.on_done);
@@ -351,11 +585,10 @@ fn launch(
         .name("livesnap-wp-writer".into())
         .spawn(move || {
             let Ok(Some((cut_at, pause_time))) = go_rx.recv() else {
-                // Never started (the prepared capture was dropped): nothing is
-                // protected; the temp file goes (or the sink aborts) with `tmp`
+                // Never started (the prepared capture was dropped): nothing
+                // was cut; the temp file goes (or the sink aborts) with `tmp`
                 // / `w`, and `on_done` is not called, as for a fork capture.
-                w.stop_handler.store(true, Ordering::Release);
-                let _ = handler.join();
+                w.engine.end_capture(&w, None);
                 *lock(&sh.status) = CaptureStatus::Cancelled;
                 return Err(SnapError::Cancelled);
             };
@@ -363,11 +596,12 @@ fn launch(
                 &sh,
                 &w,
                 rx,
-                handler,
                 tmp,
                 DevSource::Later(state_rx),
                 (cut_at, pause_time),
             );
+            let id = res.as_ref().ok().and_then(|_| *lock(&w.id));
+            w.engine.end_capture(&w, id);
             finish_status(&sh, &res);
             call_on_done(on_done, &res);
             res
@@ -375,11 +609,12 @@ fn launch(
     let thread = match spawned {
         Ok(t) => t,
         Err(e) => {
-            wp.stop_handler.store(true, Ordering::Release);
+            engine.end_capture(&wp, None);
             return Err(SnapError::io("spawn writer thread", e));
         }
     };
     Ok(PreparedWpCapture {
+        engine: engine.clone(),
         wp,
         shared,
         counters,
@@ -390,21 +625,38 @@ fn launch(
 }
 
 impl PreparedWpCapture {
-    /// Inside the pause: write-protects every range (one call each) and lets
-    /// the waiting writer go; the guest may resume at once. The device state,
-    /// saved at the same paused instant, comes through the returned
+    /// Inside the pause: write-protects every range (one call each), takes
+    /// the record of changed chunks (what an incremental capture writes) and
+    /// lets the waiting writer go; the guest may resume at once. The device
+    /// state, saved at the same paused instant, comes through the returned
     /// [`StateSender`]. Dropping a prepared capture without starting it
     /// removes its temp file (or aborts its sink).
     pub fn start_deferred(self) -> Result<(Capture, StateSender, Arc<WpCounters>)> {
         let start = Instant::now();
-        let ranges = &self.wp.ranges;
-        for (k, r) in ranges.iter().enumerate() {
-            if let Err(e) = self.wp.uffd.write_protect(r.host as u64, r.len, true) {
-                for r in &ranges[..=k] {
-                    let _ = self.wp.uffd.write_protect(r.host as u64, r.len, false);
+        let e = &self.engine;
+        {
+            let _g = lock(&e.cut_lock);
+            let ranges = &e.ranges;
+            for (k, r) in ranges.iter().enumerate() {
+                if let Err(err) = e.uffd.write_protect(r.host as u64, r.len, true) {
+                    // What was protected stays so: the handler lets writes
+                    // through as usual, and the record of changes is intact.
+                    drop(_g);
+                    e.end_capture(&self.wp, None);
+                    let _ = k;
+                    return Err(SnapError::io("write-protect guest RAM", err));
                 }
-                return Err(SnapError::io("write-protect guest RAM", e));
             }
+            let taken: Vec<bool> = e
+                .dirty
+                .iter()
+                .map(|d| d.swap(false, Ordering::AcqRel))
+                .collect();
+            let write = match &self.wp.incr {
+                Some(_) => taken.clone(),
+                None => vec![true; taken.len()],
+            };
+            let _ = self.wp.want.set(Want { write, taken });
         }
         let pause_time = start.elapsed();
         let _ = self.go.send(Some((start, pause_time)));
@@ -435,8 +687,10 @@ fn finish_status(sh: &Shared, res: &Result<CaptureStats>) {
     };
 }
 
-/// Takes write-protect faults until told to stop.
-fn fault_handler(wp: &Wp, tx: mpsc::Sender<Taken>) {
+/// Takes write-protect faults for as long as the engine lives: records the
+/// chunk as changed, copies it first if the capture under way still needs
+/// it, and lifts its protection.
+fn fault_handler(e: &Engine) {
     // A faulting vCPU waits for this thread: let it run before the writer
     // and the other threads when CPUs are scarce (needs CAP_SYS_NICE; without
     // it the thread keeps its priority).
@@ -447,81 +701,108 @@ fn fault_handler(wp: &Wp, tx: mpsc::Sender<Taken>) {
             std::io::Error::last_os_error()
         );
     }
-    // Buffers allocated so far (at most the pool's size), and free ones.
-    let mut allocated = 0usize;
-    let mut free: Vec<Vec<u8>> = Vec::new();
-    while !wp.stop_handler.load(Ordering::Acquire) {
-        let fault = match wp.uffd.next_fault(Duration::from_millis(20)) {
+    while !e.stop.load(Ordering::Acquire) {
+        let fault = match e.uffd.next_fault(Duration::from_millis(20)) {
             Ok(Some(f)) => f,
             Ok(None) => continue,
-            Err(e) => {
-                wp.fail(SnapError::io("read userfaultfd", e));
-                wp.unprotect_all();
+            Err(err) => {
+                tracing::error!("cannot read the write-protect userfaultfd: {err}");
+                if let Some((wp, _)) = lock(&e.current).as_ref() {
+                    wp.fail(SnapError::io("read userfaultfd", err));
+                }
+                e.unprotect_all();
                 return;
             }
         };
         if !fault.wp {
             continue;
         }
-        wp.counters.faults.fetch_add(1, Ordering::Relaxed);
-        let Some(i) = wp.chunk_of(fault.addr) else {
+        let Some(i) = e.chunk_of(fault.addr) else {
             continue;
         };
-        if !wp.claim(i) {
-            // The writer has it: its unprotect wakes the faulting thread.
-            continue;
-        }
-        free.append(&mut lock(&wp.pool));
-        let buf = match free.pop() {
-            Some(b) => Some(b),
-            None if allocated < wp.pool_total => {
-                allocated += 1;
-                Some(vec![0u8; CHUNK as usize])
+        let g = lock(&e.cut_lock);
+        e.dirty[i].store(true, Ordering::Relaxed);
+        let cur = lock(&e.current).clone();
+        let taken = match &cur {
+            Some((wp, _)) if wp.want.get().is_some() => {
+                wp.counters.faults.fetch_add(1, Ordering::Relaxed);
+                take_for_capture(wp, i)
             }
-            None => None,
-        };
-        let taken = match buf {
-            Some(mut b) => {
-                wp.copy(i, &mut b);
-                let in_flight = (allocated - free.len()) as u64 * CHUNK;
-                wp.counters
-                    .pool_high_water
-                    .fetch_max(in_flight, Ordering::Relaxed);
-                wp.counters.chunks_by_fault.fetch_add(1, Ordering::Relaxed);
-                Taken::Copied(i, b)
-            }
-            None => {
-                // Pool empty: write this chunk out before letting the guest in
-                // (waits on the disk only, never on a vCPU).
-                let mut b = vec![0u8; CHUNK as usize];
-                wp.copy(i, &mut b);
-                wp.wait_ready();
-                let r = wp.write_out(i, &b[..wp.chunks[i].len as usize]);
-                wp.counters
-                    .chunks_written_in_fault
-                    .fetch_add(1, Ordering::Relaxed);
-                Taken::Written(r)
+            _ => {
+                e.tracked.fetch_add(1, Ordering::Relaxed);
+                None
             }
         };
-        if let Err(e) = wp.unprotect(i) {
-            wp.fail(e);
+        if let Err(err) = e.unprotect(i) {
+            match &cur {
+                Some((wp, _)) => wp.fail(err),
+                None => tracing::error!("{err}"),
+            }
         }
-        if tx.send(taken).is_err() {
-            // The writer is gone (failed or cancelled): let every writer in.
-            wp.unprotect_all();
-            return;
+        drop(g);
+        if let (Some(t), Some((_, tx))) = (taken, &cur) {
+            // The writer is gone (failed or cancelled): nothing to hand over.
+            let _ = tx.send(t);
         }
     }
 }
 
+/// The capture `wp` is cut and a writer waits on chunk `i`: copy it first
+/// if the capture needs it and nobody has, or wait for the writer's copy.
+fn take_for_capture(wp: &Wp, i: usize) -> Option<Taken> {
+    if !wp.wants(i) {
+        return None;
+    }
+    if !wp.claim(i) {
+        // The writer copies it (it is still protected): wait for the copy,
+        // a 2 MiB memcpy, before letting the write in.
+        while wp.state[i].load(Ordering::Acquire) == TAKEN {
+            std::hint::spin_loop();
+            std::thread::yield_now();
+        }
+        return None;
+    }
+    let buf = lock(&wp.pool).pop().or_else(|| {
+        let n = wp.allocated.load(Ordering::Relaxed);
+        (n < wp.pool_total).then(|| {
+            wp.allocated.store(n + 1, Ordering::Relaxed);
+            vec![0u8; CHUNK as usize]
+        })
+    });
+    Some(match buf {
+        Some(mut b) => {
+            wp.copy(i, &mut b);
+            let free = lock(&wp.pool).len();
+            let in_flight = (wp.allocated.load(Ordering::Relaxed) - free) as u64 * CHUNK;
+            wp.counters
+                .pool_high_water
+                .fetch_max(in_flight, Ordering::Relaxed);
+            wp.counters.chunks_by_fault.fetch_add(1, Ordering::Relaxed);
+            Taken::Copied(i, b)
+        }
+        None => {
+            // Pool empty: write this chunk out before letting the guest in
+            // (waits on the disk only, never on a vCPU).
+            let mut b = vec![0u8; CHUNK as usize];
+            wp.copy(i, &mut b);
+            wp.wait_ready();
+            let r = wp.write_out(i, &b[..wp.engine.chunks[i].len as usize]);
+            wp.counters
+                .chunks_written_in_fault
+                .fetch_add(1, Ordering::Relaxed);
+            Taken::Written(r)
+        }
+    })
+}
+
+
 /// Copies every chunk not yet taken, writes everything, finishes the image;
-/// whatever happens (a panicking sink included), nothing stays protected.
-#[allow(clippy::too_many_arguments)]
+/// whatever happens (a panicking sink included), the handler goes on
+/// serving faults, so nobody stays blocked.
 fn writer(
     sh: &Shared,
     wp: &Wp,
     rx: mpsc::Receiver<Taken>,
-    handler: std::thread::JoinHandle<()>,
     tmp: Option<TempImage>,
     dev: DevSource,
     cut: (Instant, Duration),
@@ -536,16 +817,13 @@ fn writer(
         ))
     });
     if res.is_err() {
-        wp.unprotect_all();
         // A sink that never began: the handler must not wait for it.
         if let Out::Sink(m) = &wp.out {
             lock(m).take();
         }
         wp.set_ready();
     }
-    wp.stop_handler.store(true, Ordering::Release);
     drop(rx);
-    let _ = handler.join();
     match res {
         Err(_) if sh.cancelled() => Err(SnapError::Cancelled),
         r => r,
@@ -560,7 +838,8 @@ fn write_all(
     dev: DevSource,
     (cut_at, pause_time): (Instant, Duration),
 ) -> Result<CaptureStats> {
-    let ranges: Vec<(u64, u64)> = wp.ranges.iter().map(|r| (r.gpa, r.len)).collect();
+    let e = &wp.engine;
+    let ranges: Vec<(u64, u64)> = e.ranges.iter().map(|r| (r.gpa, r.len)).collect();
     // A sink learns the image's length before the first write: wait for the
     // device state (it comes right after the pause; chunks wait in the pool).
     let mut dev = Some(dev);
@@ -575,8 +854,9 @@ fn write_all(
         early_dev = Some(dev);
         wp.set_ready();
     }
-    let n = wp.chunks.len();
+    let n = e.chunks.len();
     let mut done = 0usize;
+    let mut unchanged = 0u64;
     let mut own = vec![0u8; CHUNK as usize];
     let account = |w: u64, z: u64| {
         sh.written.fetch_add(w, Ordering::Relaxed);
@@ -594,7 +874,7 @@ fn write_all(
     let take = |t: Taken, done: &mut usize| -> Result<()> {
         match t {
             Taken::Copied(i, b) => {
-                let (w, z) = wp.write_out(i, &b[..wp.chunks[i].len as usize])?;
+                let (w, z) = wp.write_out(i, &b[..e.chunks[i].len as usize])?;
                 account(w, z);
                 lock(&wp.pool).push(b);
             }
@@ -611,10 +891,19 @@ fn write_all(
         while let Ok(c) = rx.try_recv() {
             take(c, &mut done)?;
         }
+        if !wp.wants(i) {
+            // Unchanged since the parent: not in this image. It stays
+            // protected; the handler records the guest's first write.
+            unchanged += e.chunks[i].len;
+            wp.counters.chunks_unchanged.fetch_add(1, Ordering::Relaxed);
+            done += 1;
+            continue;
+        }
         if wp.claim(i) {
-            let len = wp.chunks[i].len as usize;
+            let len = e.chunks[i].len as usize;
+            // Copied while protected; it stays so (the handler lifts the
+            // protection at the guest's first write, and records it).
             wp.copy(i, &mut own[..len]);
-            wp.unprotect(i)?;
             wp.counters.chunks_by_writer.fetch_add(1, Ordering::Relaxed);
             let (w, z) = wp.write_out(i, &own[..len])?;
             account(w, z);
@@ -640,16 +929,40 @@ fn write_all(
         Some(d) => d,
         None => dev_wait(sh, &mut dev)?,
     };
-    let mut header = Header::layout(&ranges, dev.len() as u64)?;
-    header.dev_crc = crc32fast::hash(&dev);
+    let (header, section) = match &wp.incr {
+        Some(plan) => {
+            let mut map = vec![0u8; crate::image::chunk_count(&ranges_of(&ranges)?).div_ceil(8)];
+            for (c, w) in e.chunks.iter().zip(&wp.want.get().expect("cut").write) {
+                if *w {
+                    map[c.index / 8] |= 1 << (c.index % 8);
+                }
+            }
+            let plan = IncrPlan {
+                map,
+                parent: plan.parent,
+                parent_path: plan.parent_path.clone(),
+            };
+            let (h, sec) = plan.header(&ranges, &dev)?;
+            (h, Some(sec))
+        }
+        None => {
+            let mut h = Header::layout(&ranges, dev.len() as u64)?;
+            h.dev_crc = crc32fast::hash(&dev);
+            (h, None)
+        }
+    };
+    *lock(&wp.id) = Some(ImageId {
+        id: header.id,
+        dev_crc: header.dev_crc,
+    });
     check()?;
     let written = sh.written.load(Ordering::Relaxed);
     let zero = sh.zero_pages.load(Ordering::Relaxed);
-    if written + zero * PAGE_SIZE != header.ram_bytes() {
+    if written + zero * PAGE_SIZE + unchanged != header.ram_bytes() {
         return Err(SnapError::io(
             "write-protect capture",
             std::io::Error::other(format!(
-                "accounted for {written} bytes written + {zero} zero pages, RAM is {} bytes",
+                "accounted for {written} bytes written + {zero} zero pages + {unchanged} unchanged, RAM is {} bytes",
                 header.ram_bytes()
             )),
         ));
@@ -658,6 +971,11 @@ fn write_all(
     match (tmp, &wp.out) {
         (Some(tmp), _) => {
             tmp.size(header.file_len)?;
+            if let (Some(sec), Some(i)) = (&section, &header.incr) {
+                tmp.file
+                    .write_all_at(sec, i.offset)
+                    .map_err(|e| SnapError::io("write incremental section", e))?;
+            }
             tmp.finish(&header, &dev, || sh.cancelled())?
         }
         (None, Out::Sink(m)) => {
