@@ -74,6 +74,11 @@ impl Chain {
         &self.layers[0].1
     }
 
+    /// The images, newest first.
+    pub fn images(&self) -> impl Iterator<Item = &Image> {
+        self.layers.iter().map(|(_, i)| i)
+    }
+
     /// Number of images (1 for a full image).
     pub fn len(&self) -> usize {
         self.layers.len()
@@ -224,8 +229,11 @@ impl IncrPlan {
     /// section's checksum filled in.
     pub(crate) fn header(&self, ranges: &[(u64, u64)], dev: &[u8]) -> Result<(Header, Vec<u8>)> {
         let section = self.section().encode();
-        let mut header =
-            Header::layout_with(ranges, dev.len() as u64, Some((self.parent, section.len() as u64)))?;
+        let mut header = Header::layout_with(
+            ranges,
+            dev.len() as u64,
+            Some((self.parent, section.len() as u64)),
+        )?;
         header.dev_crc = crc32fast::hash(dev);
         if let Some(IncrHeader { crc, .. }) = header.incr.as_mut() {
             *crc = crc32fast::hash(&section);

@@ -36,8 +36,8 @@ use std::time::{Duration, Instant};
 use crate::capture::{
     call_on_done, lock, stats, Capture, DevSource, Shared, StateSender, TempImage,
 };
-use crate::error::{Result, SnapError};
 use crate::chain::IncrPlan;
+use crate::error::{Result, SnapError};
 use crate::image::{Header, ImageId, ImageRange, PAGE_SIZE};
 use crate::sink::{Sink, SinkGuard};
 use crate::uffd::Uffd;
@@ -794,7 +794,6 @@ fn take_for_capture(wp: &Wp, i: usize) -> Option<Taken> {
         }
     })
 }
-
 
 /// Copies every chunk not yet taken, writes everything, finishes the image;
 /// whatever happens (a panicking sink included), the handler goes on

@@ -180,8 +180,7 @@ fn into_a_sink_with_a_small_pool_while_memory_changes() {
         ..WpOptions::default()
     };
     let prepared =
-        livesnap::wp_capture::prepare_wp_capture_to(&engine, Box::new(sink), opts)
-            .unwrap();
+        livesnap::wp_capture::prepare_wp_capture_to(&engine, Box::new(sink), opts).unwrap();
     let (capture, sender, counters) = prepared.start_deferred().unwrap();
     let stop = Arc::new(AtomicBool::new(false));
     let m = mutator(&mem, stop.clone());

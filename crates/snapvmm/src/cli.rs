@@ -25,6 +25,13 @@ pub enum Command {
         /// Where to write the ELF.
         path: PathBuf,
     },
+    /// Write an incremental snapshot and the parents it needs as one full image.
+    SquashImage {
+        /// The incremental snapshot image (its parents are found as it records them).
+        image: PathBuf,
+        /// Where to write the full image (replaced atomically).
+        output: PathBuf,
+    },
 }
 
 #[derive(Args, Debug, Clone)]

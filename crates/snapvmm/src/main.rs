@@ -15,6 +15,7 @@ fn main() -> ExitCode {
         cli::Command::ExportGuest { path } => std::fs::write(&path, refguest::ELF)
             .map(|_| 0)
             .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display())),
+        cli::Command::SquashImage { image, output } => squash(&image, &output),
     };
     tracing::debug!("exiting");
     match result {
@@ -24,6 +25,22 @@ fn main() -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+/// `squash-image`: a chain of incremental images into one full image.
+fn squash(image: &std::path::Path, output: &std::path::Path) -> anyhow::Result<u8> {
+    let chain = livesnap::chain::Chain::open(image)
+        .map_err(|e| anyhow::anyhow!("cannot open {}: {e}", image.display()))?;
+    let written = chain
+        .squash(output)
+        .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", output.display()))?;
+    println!(
+        "{}: {} image(s) squashed, {} MiB of RAM written",
+        output.display(),
+        chain.len(),
+        written >> 20
+    );
+    Ok(0)
 }
 
 /// Warnings and errors go to stderr by default; `SNAPVMM_LOG` (or else `RUST_LOG`)

@@ -1,6 +1,7 @@
 //! `migrate-set-parameters`: snapvmm's `x-snapshot-method` (`fork` | `uffd` |
-//! `stop`), `x-collapse-huge-pages` (bool) and `x-wp-pool-size` (bytes of copy
-//! buffers of the `uffd` method). Returns `{}`.
+//! `stop`), `x-collapse-huge-pages` (bool), `x-wp-pool-size` (bytes of copy
+//! buffers of the `uffd` method) and `x-parent` (`file:PATH` of the image the
+//! next snapshots are incremental to; `""` for full snapshots). Returns `{}`.
 
 use super::{Command, CommandSpec};
 use crate::args::{Param, ParamType};
@@ -22,6 +23,11 @@ pub(crate) const SPEC: CommandSpec = CommandSpec {
         Param {
             name: "x-wp-pool-size",
             ty: ParamType::Int,
+            optional: true,
+        },
+        Param {
+            name: "x-parent",
+            ty: ParamType::Str,
             optional: true,
         },
     ],

@@ -31,6 +31,7 @@ use crate::snapshot::restore;
 use crate::snapshot::{Busy, Cmd, Op};
 use bridge::{Bridge, Reply};
 use livesnap::lazy::LazyFill;
+use livesnap::wp_capture::WpEngine;
 
 /// Environment variable naming the KVM device (tests point it elsewhere).
 const KVM_PATH_ENV: &str = "SNAPVMM_KVM_DEVICE";
@@ -303,7 +304,7 @@ fn build_warm(
         .expect("migrate-incoming names the image");
     let t0 = Instant::now();
     let cannot = || format!("cannot restore from {}", path.display());
-    let (image, state) = restore::open(path).with_context(cannot)?;
+    let (chain, state) = restore::open(path).with_context(cannot)?;
     if state.mem_bytes != prepared.ram().size() || state.cpus != prepared.cpus() {
         tracing::info!(
             "the image is of a {} MiB, {}-vCPU machine, the VM built ahead has {} MiB and {} vCPU(s): restoring cold",
@@ -319,7 +320,8 @@ fn build_warm(
     let done: livesnap::lazy::FillDone = Box::new(move |r| {
         let _ = done_tx.send(AppEvent::FillDone(r));
     });
-    let fill = restore::fill_ram(&image, prepared.ram(), Some(done)).with_context(cannot)?;
+    let fill =
+        restore::fill_ram(Arc::new(chain), prepared.ram(), Some(done)).with_context(cannot)?;
     let m = build_from_state(cfg, tx, StartRam::Prepared(prepared), state, configs)?;
     *warm = true;
     tracing::info!(
@@ -416,7 +418,7 @@ pub(crate) struct Controller {
     pub(crate) disks: Disks,
     /// Guest RAM's userfaultfd for write-protect captures, keyed by the RAM's
     /// first host address (a rebuilt machine registers again).
-    pub(crate) uffd: Option<(usize, Arc<livesnap::uffd::Uffd>)>,
+    pub(crate) uffd: Option<(usize, Arc<WpEngine>)>,
     /// A restore's RAM fill still under way (after `machine`: dropped once
     /// the vCPUs are gone).
     pub(crate) fill: Option<LazyFill>,
@@ -547,7 +549,7 @@ impl Controller {
                 }
             }
             migration::Method::Uffd => {
-                let uffd = match self.wp_registration() {
+                let engine = match self.wp_registration() {
                     Ok(u) => u,
                     Err(e) => return Err(self.fail_migration(e)),
                 };
@@ -556,13 +558,20 @@ impl Controller {
                     let _ = tx.send(AppEvent::CaptureDone);
                 };
                 let pool = self.migration.wp_pool;
-                match migration::prepare_wp(&self.machine, uffd, &dest, pool, done) {
+                let parent = self.migration.parent.clone();
+                match migration::prepare_wp(&engine, &dest, parent.as_deref(), pool, done) {
                     Ok(p) => Capture::Wp(p),
                     Err(e) => return Err(self.fail_migration(e.to_string())),
                 }
             }
             migration::Method::Stop => Capture::Stop,
         };
+        if self.migration.parent.is_some() {
+            let parent = self.migration.parent.clone();
+            if let Some(j) = self.migration.job.as_mut() {
+                j.parent = parent;
+            }
+        }
         let setup_time = t0.elapsed();
         let c = match cut(&mut self.machine, capture, |_| Ok(())) {
             Ok(c) => c,
@@ -778,10 +787,10 @@ impl Controller {
         let _ = self.migration.set_status(end, &self.events);
     }
 
-    /// The userfaultfd this machine's RAM is registered with for
-    /// write-protect captures (registered on first use, again after the
-    /// machine was rebuilt).
-    pub(crate) fn wp_registration(&mut self) -> Result<Arc<livesnap::uffd::Uffd>, String> {
+    /// The write-protect engine of this machine's RAM (built on first use,
+    /// again after the machine was rebuilt): it lives as long as the
+    /// machine, recording changed chunks between captures.
+    pub(crate) fn wp_registration(&mut self) -> Result<Arc<WpEngine>, String> {
         let ram = self.machine.ram();
         let key = ram.regions().first().map_or(0, |r| r.host as usize);
         if let Some((k, u)) = &self.uffd {
@@ -790,17 +799,14 @@ impl Controller {
             }
         }
         if ram.file_backed() {
-            return Err("x-snapshot-method 'uffd' needs anonymous guest RAM: this VM's RAM is mapped from its snapshot image (restore with --restore-mode copy)".into());
+            return Err("x-snapshot-method 'uffd' needs anonymous guest RAM: this VM's RAM is mapped from its snapshot image (restore with --restore-mode uffd or copy)".into());
         }
-        let uffd = livesnap::uffd::Uffd::new_wp()
+        let ranges = crate::snapshot::migrate::ram_ranges(&self.machine);
+        let engine = WpEngine::new(&ranges)
             .map_err(|e| format!("x-snapshot-method 'uffd' is not available here: {e}"))?;
-        for r in ram.regions() {
-            uffd.register_wp(r.host as u64, r.len)
-                .map_err(|e| format!("x-snapshot-method 'uffd': cannot register guest RAM: {e}"))?;
-        }
-        let uffd = Arc::new(uffd);
-        self.uffd = Some((key, uffd.clone()));
-        Ok(uffd)
+        let engine = Arc::new(engine);
+        self.uffd = Some((key, engine.clone()));
+        Ok(engine)
     }
 
     /// The snapshot operation under way.

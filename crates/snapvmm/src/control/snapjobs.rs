@@ -167,7 +167,7 @@ impl Controller {
                 opts,
             )?)
         } else {
-            let uffd = self
+            let engine = self
                 .wp_registration()
                 .map_err(SnapshotError::MethodUnavailable)?;
             let opts = livesnap::wp_capture::WpOptions {
@@ -176,8 +176,7 @@ impl Controller {
                 ..Default::default()
             };
             Capture::Wp(livesnap::wp_capture::prepare_wp_capture_to(
-                uffd,
-                &ranges,
+                &engine,
                 Box::new(sink),
                 opts,
             )?)

@@ -87,6 +87,8 @@ pub struct Job {
     pub error: Option<String>,
     /// The write-protect capture's counters (method `uffd`).
     pub wp: Option<std::sync::Arc<livesnap::wp_capture::WpCounters>>,
+    /// The parent of an incremental snapshot.
+    pub parent: Option<PathBuf>,
 }
 
 /// Migration settings and the latest job.
@@ -98,6 +100,8 @@ pub struct Migration {
     pub collapse: bool,
     /// Copy buffers of the write-protect capture, bytes (`x-wp-pool-size`).
     pub wp_pool: u64,
+    /// The image snapshots are incremental to (`x-parent`: `file:PATH`).
+    pub parent: Option<PathBuf>,
     pub job: Option<Job>,
     /// The latest huge-page rebuild: pages collapsed and time taken.
     pub last_collapse: Option<(vmm::memory::CollapseStats, Duration)>,
@@ -125,6 +129,7 @@ impl Default for Migration {
             method: Method::Fork,
             collapse: true,
             wp_pool: 64 << 20,
+            parent: None,
             job: None,
             last_collapse: None,
             last_fill: None,
@@ -261,6 +266,7 @@ impl Migration {
             state_time: Duration::ZERO,
             total_time: None,
             ram_total,
+            parent: None,
             capture: None,
             stop_thread: None,
             stats: None,
@@ -364,7 +370,16 @@ impl Migration {
                 "chunks-by-writer": c.chunks_by_writer.load(Relaxed),
                 "pool-high-water": c.pool_high_water.load(Relaxed),
                 "pool-size": self.wp_pool,
+                "chunks-unchanged": c.chunks_unchanged.load(Relaxed),
             });
+            if let Some(p) = &j.parent {
+                v["x-incremental"] = json!({
+                    "parent": format!("file:{}", p.display()),
+                    "chunks-unchanged": c.chunks_unchanged.load(Relaxed),
+                    "ram-bytes-written": normal * page,
+                    "full-image-ram-bytes": j.ram_total,
+                });
+            }
         }
         v
     }
@@ -419,6 +434,7 @@ impl Migration {
             "x-snapshot-method": self.method.name(),
             "x-collapse-huge-pages": self.collapse,
             "x-wp-pool-size": self.wp_pool,
+            "x-parent": self.parent.as_ref().map_or(String::new(), |p| format!("file:{}", p.display())),
         })
     }
 
@@ -442,8 +458,17 @@ impl Migration {
             Some(n) => n as u64,
             None => self.wp_pool,
         };
+        let parent =
+            match p.get("x-parent").and_then(Value::as_str) {
+                Some("") => None,
+                Some(uri) => Some(parse_uri(uri).map_err(|e| {
+                    CommandError::generic(format!("Parameter 'x-parent': {}", e.desc))
+                })?),
+                None => self.parent.clone(),
+            };
         self.method = method;
         self.wp_pool = pool;
+        self.parent = parent;
         if let Some(c) = p.get("x-collapse-huge-pages").and_then(Value::as_bool) {
             self.collapse = c;
         }
@@ -518,21 +543,23 @@ pub(crate) fn prepare_fork(
     livesnap::prepare_fork_capture(&ram_ranges(m), dest, opts)
 }
 
-/// Prepares a write-protect capture (before the pause) of RAM registered with
-/// `uffd`; once started, `done` is called when it ends, whatever the outcome.
+/// Prepares a write-protect capture (before the pause) of the RAM of
+/// `engine` (incremental to `parent`); once started, `done` is called when
+/// it ends, whatever the outcome.
 pub(crate) fn prepare_wp(
-    m: &vmm::Machine,
-    uffd: std::sync::Arc<livesnap::uffd::Uffd>,
+    engine: &livesnap::wp_capture::WpEngine,
     dest: &Path,
+    parent: Option<&Path>,
     pool_bytes: u64,
     done: impl FnOnce() + Send + 'static,
 ) -> Result<livesnap::wp_capture::PreparedWpCapture, livesnap::SnapError> {
     let opts = livesnap::wp_capture::WpOptions {
+        parent: parent.map(Path::to_path_buf),
         pool_bytes,
         on_done: Some(Box::new(move |_| done())),
         ..Default::default()
     };
-    livesnap::wp_capture::prepare_wp_capture(uffd, &ram_ranges(m), dest, opts)
+    livesnap::wp_capture::prepare_wp_capture(engine, dest, opts)
 }
 
 /// Runs a stop-and-copy capture on a worker thread; `done` gets its result.

@@ -9,6 +9,7 @@ use std::time::Instant;
 
 use std::sync::Arc;
 
+use livesnap::chain::Chain;
 use livesnap::lazy::{FillDone, LazyFill};
 use livesnap::{Image, ImageBacking, RamRange, SnapError};
 use vmm::memory::GuestRam;
@@ -94,21 +95,33 @@ pub fn copy_ram<B: ImageBacking>(
 }
 
 /// A snapshot image file: RAM mapped from it (lazy), copied, or filled
-/// while the guest runs (`done` is told when the fill ends).
+/// while the guest runs (`done` is told when the fill ends). An incremental
+/// image is read with its parents; it cannot be mapped (its RAM lies in
+/// several files), so `lazy` fills it instead.
 pub fn from_file(
     path: &Path,
     mode: RamMode,
     done: Option<FillDone>,
 ) -> Result<Restored, RestoreError> {
     let t0 = Instant::now();
-    let (image, state) = open(path)?;
+    let (chain, state) = open(path)?;
+    let mode = match mode {
+        RamMode::Lazy if chain.len() > 1 => {
+            tracing::info!(
+                images = chain.len(),
+                "an incremental snapshot: RAM is filled (--restore-mode uffd), not mapped"
+            );
+            RamMode::Uffd
+        }
+        m => m,
+    };
     let (ram, fill) = match mode {
-        RamMode::Copy => (copy_ram(&image, &state)?, None),
-        RamMode::Lazy => (map_ram(&image, &state, path)?, None),
+        RamMode::Copy => (copy_chain(&chain, &state)?, None),
+        RamMode::Lazy => (map_ram(chain.top(), &state, path)?, None),
         RamMode::Uffd => {
             let ram = GuestRam::anonymous(state.mem_bytes)
                 .map_err(|e| RestoreError::Ram(e.to_string()))?;
-            let fill = fill_ram(&image, &ram, done)?;
+            let fill = fill_ram(Arc::new(chain), &ram, done)?;
             (ram, Some(fill))
         }
     };
@@ -120,26 +133,40 @@ pub fn from_file(
     Ok(Restored { ram, state, fill })
 }
 
-/// Opens a snapshot image file and decodes its machine state (RAM untouched).
-pub fn open(path: &Path) -> Result<(Image, MachineState), RestoreError> {
-    let image = Image::open(path)?;
-    let state = decode(&image)?;
-    Ok((image, state))
+/// Opens a snapshot image file (with its parents, for an incremental one)
+/// and decodes its machine state (RAM untouched).
+pub fn open(path: &Path) -> Result<(Chain, MachineState), RestoreError> {
+    let chain = Chain::open(path)?;
+    let state = decode(chain.top())?;
+    Ok((chain, state))
+}
+
+/// Guest RAM read from a chain into anonymous memory.
+fn copy_chain(chain: &Chain, state: &MachineState) -> Result<GuestRam, RestoreError> {
+    if chain.len() == 1 {
+        return copy_ram(chain.top(), state);
+    }
+    let mut ram =
+        GuestRam::anonymous(state.mem_bytes).map_err(|e| RestoreError::Ram(e.to_string()))?;
+    for i in 0..chain.top().ranges().len() {
+        chain
+            .read_ram_into_zeroed(i, ram.region_bytes_mut(i))
+            .map_err(RestoreError::ReadRam)?;
+    }
+    Ok(ram)
 }
 
 /// Starts filling `ram` (fresh, never touched, laid out as the image's
-/// ranges: checked by [`decode`]) from the image while the guest runs. The
-/// image stays open, with a shared lock, until the fill is dropped.
+/// ranges: checked by [`decode`]) from the chain while the guest runs. Its
+/// images stay open, with a shared lock, until the fill is dropped.
 pub fn fill_ram(
-    image: &Image,
+    chain: Arc<Chain>,
     ram: &GuestRam,
     done: Option<FillDone>,
 ) -> Result<LazyFill, RestoreError> {
-    let file = image
-        .file()
-        .try_clone()
-        .map_err(|e| RestoreError::Ram(e.to_string()))?;
-    lock_shared(&file)?;
+    for image in chain.images() {
+        lock_shared(image.file())?;
+    }
     let ranges: Vec<RamRange> = ram
         .regions()
         .iter()
@@ -148,7 +175,8 @@ pub fn fill_ram(
         // `ram` drops the fill before `ram` or with it.
         .map(|r| unsafe { RamRange::new(r.gpa, r.host, r.len) })
         .collect();
-    livesnap::lazy::start_lazy_fill(&ranges, image.ranges(), Arc::new(file), done)
+    let image_ranges = chain.top().ranges().to_vec();
+    livesnap::lazy::start_lazy_fill(&ranges, &image_ranges, chain, done)
         .map_err(|e| RestoreError::Ram(e.to_string()))
 }
 
