@@ -610,7 +610,7 @@ pub(crate) enum DevSource {
 }
 
 /// How long the writer waits for a deferred device state.
-const STATE_WAIT: Duration = Duration::from_secs(60);
+pub(crate) const STATE_WAIT: Duration = Duration::from_secs(60);
 
 impl DevSource {
     pub(crate) fn wait(self) -> Result<Vec<u8>> {

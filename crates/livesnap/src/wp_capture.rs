@@ -34,7 +34,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::capture::{
-    call_on_done, lock, stats, Capture, DevSource, Shared, StateSender, TempImage,
+    call_on_done, lock, stats, Capture, DevSource, Shared, StateSender, TempImage, STATE_WAIT,
 };
 use crate::chain::IncrPlan;
 use crate::error::{Result, SnapError};
@@ -213,6 +213,8 @@ struct Engine {
     chunks: Vec<Chunk>,
     /// Chunks written since the last cut (by index into `chunks`).
     dirty: Vec<AtomicBool>,
+    /// Chunks not write-protected now (changed under `cut_lock` only).
+    open: Vec<AtomicBool>,
     /// Held while a fault is decided and its chunk unprotected, and by the
     /// cut while it protects RAM and takes the dirty set: no write slips
     /// between the two unrecorded.
@@ -246,6 +248,7 @@ impl WpEngine {
             uffd,
             ranges: ranges.to_vec(),
             dirty: chunks.iter().map(|_| AtomicBool::new(true)).collect(),
+            open: chunks.iter().map(|_| AtomicBool::new(true)).collect(),
             chunks,
             cut_lock: Mutex::new(()),
             current: Mutex::new(None),
@@ -353,17 +356,52 @@ impl Engine {
         (i < self.chunks.len() && self.chunks[i].host <= addr).then_some(i)
     }
 
+    /// Lifts the protection of chunk `i` (the caller holds `cut_lock`).
     fn unprotect(&self, i: usize) -> Result<()> {
         let c = self.chunks[i];
+        self.open[i].store(true, Ordering::Relaxed);
         self.uffd
             .write_protect(c.host, c.len, false)
             .map_err(|e| SnapError::io("unprotect guest RAM", e))
+    }
+
+    /// Write-protects every chunk not protected now, one call per run of
+    /// neighbouring chunks (the caller holds `cut_lock`). Returns the calls
+    /// made. On failure the chunks of the failing run stay open.
+    fn protect_open(&self) -> std::io::Result<usize> {
+        let mut calls = 0;
+        let mut i = 0;
+        while i < self.chunks.len() {
+            if !self.open[i].load(Ordering::Relaxed) {
+                i += 1;
+                continue;
+            }
+            let start = i;
+            while i + 1 < self.chunks.len()
+                && self.open[i + 1].load(Ordering::Relaxed)
+                && self.chunks[i + 1].host == self.chunks[i].host + self.chunks[i].len
+            {
+                i += 1;
+            }
+            let (a, b) = (self.chunks[start], self.chunks[i]);
+            self.uffd
+                .write_protect(a.host, b.host + b.len - a.host, true)?;
+            for o in &self.open[start..=i] {
+                o.store(false, Ordering::Relaxed);
+            }
+            calls += 1;
+            i += 1;
+        }
+        Ok(calls)
     }
 
     /// Lifts every protection (the handler can serve no more faults);
     /// changes are no longer recorded, so no incremental capture follows.
     fn unprotect_all(&self) {
         *lock(&self.base) = None;
+        for o in &self.open {
+            o.store(true, Ordering::Relaxed);
+        }
         for r in &self.ranges {
             if let Err(e) = self.uffd.write_protect(r.host as u64, r.len, false) {
                 tracing::error!("cannot unprotect guest RAM: {e}");
@@ -541,6 +579,15 @@ fn launch(
                 .map_err(|e| SnapError::io("populate guest RAM", e))?;
         }
     }
+    // Protect ahead, with the guest running: the cut then only protects
+    // again the chunks written from now on (a few), so the pause does not
+    // grow with RAM. Writes meanwhile are recorded by the handler as usual.
+    {
+        let _g = lock(&engine.cut_lock);
+        engine
+            .protect_open()
+            .map_err(|e| SnapError::io("write-protect guest RAM", e))?;
+    }
     let (out, tmp) = match dest {
         WpDest::File(tmp) => {
             let f = tmp
@@ -584,6 +631,15 @@ fn launch(
     let spawned = std::thread::Builder::new()
         .name("livesnap-wp-writer".into())
         .spawn(move || {
+            // The writer starts once the device state comes (right after the
+            // guest resumed): woken earlier, it would compete with the pause
+            // for a CPU. The cut has queued `go` by then.
+            let first = state_rx.recv_timeout(STATE_WAIT);
+            let (again, state_rx) = mpsc::sync_channel(1);
+            if let Ok(m) = first {
+                let _ = again.send(m);
+            }
+            drop(again);
             let Ok(Some((cut_at, pause_time))) = go_rx.recv() else {
                 // Never started (the prepared capture was dropped): nothing
                 // was cut; the temp file goes (or the sink aborts) with `tmp`
@@ -636,16 +692,12 @@ impl PreparedWpCapture {
         let e = &self.engine;
         {
             let _g = lock(&e.cut_lock);
-            let ranges = &e.ranges;
-            for (k, r) in ranges.iter().enumerate() {
-                if let Err(err) = e.uffd.write_protect(r.host as u64, r.len, true) {
-                    // What was protected stays so: the handler lets writes
-                    // through as usual, and the record of changes is intact.
-                    drop(_g);
-                    e.end_capture(&self.wp, None);
-                    let _ = k;
-                    return Err(SnapError::io("write-protect guest RAM", err));
-                }
+            if let Err(err) = e.protect_open() {
+                // What was protected stays so: the handler lets writes
+                // through as usual, and the record of changes is intact.
+                drop(_g);
+                e.end_capture(&self.wp, None);
+                return Err(SnapError::io("write-protect guest RAM", err));
             }
             let taken: Vec<bool> = e
                 .dirty
