@@ -29,10 +29,12 @@ QEMU does not do itself; snapvmm's `completed` follows its own fsync) against a
 plain write of the image's bytes at this round's disk speed, the extra host memory
 (peak PSS minus PSS before, sampled every 50 ms: snapvmm and its children; QEMU),
 and the image size. Then, with the guests shut down, --restores rounds of restoring
-the last images: snapvmm `--incoming file:PATH` (lazy and copy), process start →
+the last images: snapvmm `--incoming file:PATH` (lazy, copy and uffd), process start →
 query-status running; QEMU `-incoming defer` + `migrate-incoming`, process start →
-running. The first restore of each kind keeps the guest running for two reports
-and fails on any CORRUPT line.
+running; and warm: snapvmm `--incoming defer --restore-mode uffd --mem SIZE` (the VM
+built ahead) and QEMU `-incoming defer`, `migrate-incoming` → running. The first
+restore of each kind keeps the guest running for two reports and fails on any
+CORRUPT line.
 
 Output: markdown tables on stdout, all data with --json, and with --chart an SVG
 (written by hand, no plotting library) with grouped bars of the pause (log scale)
@@ -225,8 +227,18 @@ def plain_write_s(path, size):
 def restore(s, kind, size, image, n, verify):
     sock = os.path.join(s.a.dir, f"vsq-restore-{n}.sock")
     t0 = time.perf_counter()
+    t_in = None
     if kind == "qemu":
         g = Guest("qemu", s.qemu_cmd(size, sock, incoming=True), sock)
+        t_in = time.perf_counter()
+        g.q.cmd("migrate-incoming", uri=f"file:{image}")
+    elif kind == "warm":
+        # The VM is built ahead (--incoming defer, RAM size known): the clock
+        # that matters starts at migrate-incoming.
+        g = Guest("snapvmm", [s.a.bin, "run", "--incoming", "defer", "--restore-mode", "uffd",
+                              "--mem", size, "--qmp", f"unix:{sock}", "--serial", "stdio"], sock)
+        time.sleep(0.2)
+        t_in = time.perf_counter()
         g.q.cmd("migrate-incoming", uri=f"file:{image}")
     else:
         g = Guest("snapvmm", [s.a.bin, "run", "--incoming", f"file:{image}", "--restore-mode", kind,
@@ -241,13 +253,14 @@ def restore(s, kind, size, image, n, verify):
             sys.exit(f"restore {kind}: still {st} after 600 s")
         time.sleep(0.0005)
     ms = (time.perf_counter() - t0) * 1000
+    incoming_ms = (time.perf_counter() - t_in) * 1000 if t_in is not None else None
     if verify:
         t = time.monotonic()
         g.wait_for(lambda: sum(r[0] > t for r in g.reports) >= 2, "two reports after the restore")
     g.quit()
     if g.corrupt:
         sys.exit(f"restore {kind}: the guest found corruption: {g.corrupt}")
-    return ms
+    return ms, incoming_ms
 
 
 def mem_available():
@@ -292,12 +305,14 @@ def tables(a, snaps, restores, disks):
           "per-second reports wholly inside the capture, covering: the reports that overlap it.")
     if restores:
         print(f"\nRestore, process start → query-status running, {a.restores} interleaved runs; median (min–max)\n")
-        print("| RAM | snapvmm lazy | snapvmm copy | QEMU (-incoming defer + migrate-incoming) |")
-        print("|---|---|---|---|")
+        print("| RAM | snapvmm lazy | snapvmm copy | snapvmm uffd | QEMU (-incoming defer + migrate-incoming) "
+              "| warm: snapvmm migrate-incoming → running | warm: QEMU migrate-incoming → running |")
+        print("|---|---|---|---|---|---|---|")
         for size in a.sizes.split(","):
             cells = []
-            for kind in ("lazy", "copy", "qemu"):
-                xs = [r["ms"] for r in restores if r["size"] == size and r["kind"] == kind]
+            for kind, key in (("lazy", "ms"), ("copy", "ms"), ("uffd", "ms"), ("qemu", "ms"),
+                              ("warm", "incoming_ms"), ("qemu", "incoming_ms")):
+                xs = [r[key] for r in restores if r["size"] == size and r["kind"] == kind]
                 cells.append(f"{med(xs):.1f} ms ({min(xs):.1f}–{max(xs):.1f})" if xs else "–")
             print(f"| {size} | " + " | ".join(cells) + " |")
     print("\nplain write (1 MiB writes + fdatasync) of the region, per round: " + ", ".join(
@@ -494,10 +509,12 @@ def main():
             if g.corrupt:
                 sys.exit(f"{g.vmm}: the guest found corruption: {g.corrupt}")
         for rnd in range(a.restores):
-            for kind, image in (("lazy", images["snapvmm", "fork"]), ("copy", images["snapvmm", "fork"]),
+            img = images["snapvmm", "fork"]
+            for kind, image in (("lazy", img), ("copy", img), ("uffd", img), ("warm", img),
                                 ("qemu", images["qemu", "background-snapshot"])):
-                ms = restore(s, kind, size, image, rnd, verify=rnd == 0)
-                restores.append({"size": size, "kind": kind, "run": rnd + 1, "ms": ms})
+                ms, incoming_ms = restore(s, kind, size, image, rnd, verify=rnd == 0)
+                restores.append({"size": size, "kind": kind, "run": rnd + 1, "ms": ms,
+                                 "incoming_ms": incoming_ms})
                 print(json.dumps(restores[-1]), file=sys.stderr)
         for image in images.values():
             os.unlink(image)
