@@ -806,11 +806,16 @@ fn take_for_capture(wp: &Wp, i: usize) -> Option<Taken> {
         return None;
     }
     if !wp.claim(i) {
-        // The writer copies it (it is still protected): wait for the copy,
-        // a 2 MiB memcpy, before letting the write in.
+        // The writer is saving it (it is still protected): wait for that
+        // (one 2 MiB write) before letting the write in.
+        let mut spins = 0u32;
         while wp.state[i].load(Ordering::Acquire) == TAKEN {
-            std::hint::spin_loop();
-            std::thread::yield_now();
+            if spins < 100 {
+                spins += 1;
+                std::hint::spin_loop();
+            } else {
+                std::thread::sleep(Duration::from_micros(20));
+            }
         }
         return None;
     }
@@ -908,7 +913,6 @@ fn write_all(
     let n = e.chunks.len();
     let mut done = 0usize;
     let mut unchanged = 0u64;
-    let mut own = vec![0u8; CHUNK as usize];
     let account = |w: u64, z: u64| {
         sh.written.fetch_add(w, Ordering::Relaxed);
         sh.zero_pages.fetch_add(z, Ordering::Relaxed);
@@ -951,12 +955,21 @@ fn write_all(
             continue;
         }
         if wp.claim(i) {
-            let len = e.chunks[i].len as usize;
-            // Copied while protected; it stays so (the handler lifts the
-            // protection at the guest's first write, and records it).
-            wp.copy(i, &mut own[..len]);
+            let c = e.chunks[i];
+            // Written straight from guest RAM (one copy, into the page
+            // cache): the chunk is protected and claimed, so a writer waits
+            // in the handler until it is marked copied, below — whatever the
+            // outcome. It stays protected (the handler lifts the protection
+            // at the guest's first write, and records it).
+            // SAFETY: the chunk lies in a RamRange (mapped for the capture's
+            // life by its contract) and nobody writes it while it is
+            // borrowed: it is write-protected, and the handler lets no write
+            // in before the state below says COPIED.
+            let src = unsafe { std::slice::from_raw_parts(c.host as *const u8, c.len as usize) };
+            let r = wp.write_out(i, src);
+            wp.state[i].store(COPIED, Ordering::Release);
             wp.counters.chunks_by_writer.fetch_add(1, Ordering::Relaxed);
-            let (w, z) = wp.write_out(i, &own[..len])?;
+            let (w, z) = r?;
             account(w, z);
             done += 1;
         }

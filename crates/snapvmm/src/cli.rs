@@ -78,11 +78,12 @@ pub struct RunArgs {
     /// devices loaded from the first disk's VM state), like QEMU's -loadvm.
     #[arg(long, value_name = "TAG")]
     pub loadvm: Option<String>,
-    /// How a restore loads RAM: lazy (map the image copy-on-write; pages load on first
-    /// touch), copy (read it all before the guest runs) or uffd (fresh anonymous memory
-    /// filled while the guest runs: a touched 2 MiB chunk first, the rest in the
-    /// background; the result is ordinary memory, as in a booted VM).
-    #[arg(long, default_value = "lazy", value_parser = ["lazy", "copy", "uffd"])]
+    /// How a restore loads RAM: uffd (fresh anonymous memory filled while the guest runs:
+    /// a touched 2 MiB chunk first, the rest in the background; the result is ordinary
+    /// memory, as in a booted VM), lazy (map the image copy-on-write; pages load on first
+    /// touch; clones of one image share its page cache) or copy (read it all before the
+    /// guest runs).
+    #[arg(long, default_value = "uffd", value_parser = ["uffd", "lazy", "copy"])]
     pub restore_mode: String,
 }
 

@@ -266,8 +266,22 @@ fn story(args: &DemoArgs, mem: u64, dir: &Path) -> Result<u8> {
         "   status {} right after `migrate` (the guest never stopped); completed in {total_ms} ms",
         running["status"]
     );
+    let method = done["x-snapshot-method"].as_str().unwrap_or("?");
+    let start = if method == "uffd" {
+        "write-protecting the chunks written since it was protected ahead"
+    } else {
+        "fork"
+    };
     println!(
-        "   pause measured by the VMM: {pause_us} us (pausing the vCPUs {} us, saving their state {} us, fork {} us)",
+        "   capture method {method} (the default: {})",
+        if method == "uffd" {
+            "RAM write-protected through a userfaultfd, copied 2 MiB at a time"
+        } else {
+            "a copy-on-write child process streams RAM"
+        }
+    );
+    println!(
+        "   pause measured by the VMM: {pause_us} us (pausing the vCPUs {} us, saving their state {} us, {start} {} us)",
         done["x-vcpu-pause-us"], done["x-state-save-us"], done["x-fork-us"]
     );
     println!("   longest stall the guest itself felt around the snapshot: {felt} us");
@@ -296,7 +310,9 @@ fn story(args: &DemoArgs, mem: u64, dir: &Path) -> Result<u8> {
     src.quit()?;
     println!("   the source VM kept running (to pass {src_last_passes}), then quit");
 
-    println!("3. restoring the image in a new VM (run --incoming, RAM mapped lazily)");
+    println!(
+        "3. restoring the image in a new VM (run --incoming: RAM filled while the guest runs)"
+    );
     let dst_sock = dir.join("restored.qmp");
     let t_spawn = Instant::now();
     let mut dst = Vm::spawn(

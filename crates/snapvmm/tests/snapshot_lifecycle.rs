@@ -191,6 +191,11 @@ fn killed_capture_child_fails_the_snapshot_and_the_vm_keeps_running() {
     let d = TempDir::new("sigkill");
     let (a, mut q) = big_vm(&d, "a");
     enable_background(&mut q);
+    // The capture child exists with the fork capture only.
+    q.ok(
+        "migrate-set-parameters",
+        json!({"x-snapshot-method": "fork"}),
+    );
     let image = d.path("vm.snap");
     q.ok("migrate", file_uri(&image));
     let mut killed = false;
@@ -638,6 +643,8 @@ fn a_lazily_restored_vm_whose_image_is_truncated_ends_with_a_clear_error() {
         "run",
         "--incoming",
         &format!("file:{}", image.display()),
+        "--restore-mode",
+        "lazy",
         "--paused",
         "--qmp",
         &format!("unix:{}", sock.display()),

@@ -178,7 +178,7 @@ fn wait_incoming(
     // image is known; migrate-incoming then only loads state (and RAM, while
     // the guest runs). An image of another RAM size is restored cold.
     let mut prepared = None;
-    if cfg.restore_mode == restore::RamMode::Uffd {
+    if cfg.restore_mode == restore::RamMode::Uffd && restore::fill_available() {
         match vmm::PreparedVm::new(&kvm_path(), cfg.mem_bytes, cfg.cpus) {
             Ok(p) => prepared = Some(p),
             Err(e) => tracing::warn!("cannot build the VM ahead of migrate-incoming: {e}"),
@@ -537,7 +537,11 @@ impl Controller {
             .map_err(|e| CommandError::generic(e.to_string()))?;
         // Everything that can be done with the guest running is done here:
         // an unusable destination fails now, without pausing the guest.
-        let capture = match self.migration.effective_method() {
+        let method = self.capture_method();
+        if let Some(j) = self.migration.job.as_mut() {
+            j.method = method;
+        }
+        let capture = match method {
             migration::Method::Fork => {
                 let tx = self.tx.clone();
                 let done = move || {
@@ -785,6 +789,23 @@ impl Controller {
             job.downtime = total;
         }
         let _ = self.migration.set_status(end, &self.events);
+    }
+
+    /// The capture method of the next snapshot: the one set, except that
+    /// the default (`uffd`) falls back to `fork` where it cannot work (RAM
+    /// mapped from an image, a kernel without userfaultfd write-protect).
+    pub(crate) fn capture_method(&mut self) -> migration::Method {
+        let m = self.migration.effective_method();
+        if m != migration::Method::Uffd || self.migration.method_set {
+            return m;
+        }
+        match self.wp_registration() {
+            Ok(_) => m,
+            Err(why) => {
+                tracing::info!("snapshots use the fork capture here: {why}");
+                migration::Method::Fork
+            }
+        }
     }
 
     /// The write-protect engine of this machine's RAM (built on first use,

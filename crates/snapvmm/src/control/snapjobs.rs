@@ -155,7 +155,16 @@ impl Controller {
         let ranges = crate::snapshot::migrate::ram_ranges(&self.machine);
         // The capture method set for migrate applies here too when it is the
         // write-protect one (stop-and-copy is no live savevm: fork then).
-        let forked = self.migration.method != crate::snapshot::migrate::Method::Uffd;
+        let forked = {
+            use crate::snapshot::migrate::Method;
+            // Stop-and-copy is no live savevm: the fork capture then.
+            let m = if self.migration.method == Method::Stop {
+                Method::Fork
+            } else {
+                self.migration.method
+            };
+            m != Method::Uffd || self.capture_method() != Method::Uffd
+        };
         let capture = if forked {
             let opts = livesnap::ForkOptions {
                 on_done: Some(on_done),

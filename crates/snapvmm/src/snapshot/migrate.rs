@@ -96,6 +96,8 @@ pub struct Migration {
     pub background_snapshot: bool,
     pub events: bool,
     pub method: Method,
+    /// `x-snapshot-method` was given: no fallback from `uffd` to `fork`.
+    pub method_set: bool,
     /// Rebuild transparent huge pages after a fork capture (`x-collapse-huge-pages`).
     pub collapse: bool,
     /// Copy buffers of the write-protect capture, bytes (`x-wp-pool-size`).
@@ -126,7 +128,8 @@ impl Default for Migration {
         Migration {
             background_snapshot: false,
             events: false,
-            method: Method::Fork,
+            method: Method::Uffd,
+            method_set: false,
             collapse: true,
             wp_pool: 64 << 20,
             parent: None,
@@ -284,7 +287,7 @@ impl Migration {
         let mut v = self.query_job();
         if let Some(r) = &self.last_restore {
             v["x-restore"] = json!({
-                "mode": format!("{:?}", r.mode).to_lowercase(),
+                "mode": r.mode.name(),
                 "warm": r.warm,
                 "load-us": r.load.as_micros() as u64,
             });
@@ -466,6 +469,7 @@ impl Migration {
                 })?),
                 None => self.parent.clone(),
             };
+        self.method_set |= p.contains_key("x-snapshot-method");
         self.method = method;
         self.wp_pool = pool;
         self.parent = parent;
@@ -704,7 +708,7 @@ mod tests {
         );
         m.set_capabilities(&[("background-snapshot".into(), true)])
             .unwrap();
-        assert_eq!(m.effective_method(), Method::Fork);
+        assert_eq!(m.effective_method(), Method::Uffd);
         assert!(m
             .set_capabilities(&[("postcopy-ram".into(), true)])
             .is_err());

@@ -51,6 +51,17 @@ pub enum RamMode {
     Uffd,
 }
 
+impl RamMode {
+    /// The `--restore-mode` value.
+    pub fn name(self) -> &'static str {
+        match self {
+            RamMode::Lazy => "lazy",
+            RamMode::Copy => "copy",
+            RamMode::Uffd => "uffd",
+        }
+    }
+}
+
 /// Guest RAM and machine state from an image, and for [`RamMode::Uffd`] the
 /// fill still under way (it must outlive the machine's vCPUs).
 pub struct Restored {
@@ -106,6 +117,19 @@ pub fn from_file(
     let t0 = Instant::now();
     let (chain, state) = open(path)?;
     let mode = match mode {
+        RamMode::Uffd if !fill_available() => {
+            // E.g. vm.unprivileged_userfaultfd=0 without CAP_SYS_PTRACE.
+            let m = if chain.len() > 1 {
+                RamMode::Copy
+            } else {
+                RamMode::Lazy
+            };
+            tracing::warn!(
+                "userfaultfd is not available here: restoring with --restore-mode {}",
+                m.name()
+            );
+            m
+        }
         RamMode::Lazy if chain.len() > 1 => {
             tracing::info!(
                 images = chain.len(),
@@ -131,6 +155,11 @@ pub fn from_file(
         "snapshot opened"
     );
     Ok(Restored { ram, state, fill })
+}
+
+/// Whether RAM can be filled through a userfaultfd here.
+pub fn fill_available() -> bool {
+    livesnap::uffd::Uffd::new_missing().is_ok()
 }
 
 /// Opens a snapshot image file (with its parents, for an incremental one)

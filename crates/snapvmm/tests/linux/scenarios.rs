@@ -272,9 +272,74 @@ fn live_snapshot(ctx: &Ctx) {
 }
 
 /// The write-protect capture (`x-snapshot-method: uffd`) of the same guest,
-/// restored in a new process.
+/// restored in a new process; then an incremental snapshot over it, restored
+/// as a chain with RAM filled while the guest runs (`--restore-mode uffd`),
+/// and the full one restored warm (`--incoming defer` into a VM built ahead).
 fn write_protect_snapshot(ctx: &Ctx) {
     live(ctx, "uffd", false);
+    let full = ctx.dir.join("linux-uffd-full.snap");
+    let inc = ctx.dir.join("linux-uffd-inc.snap");
+    let mut src = ctx.linux("src2", "256M", "2", "mem", &[]);
+    let mut q = qmp(&src);
+    q.ok(
+        "migrate-set-capabilities",
+        json!({"capabilities": [{"capability": "background-snapshot", "state": true}]}),
+    );
+    q.ok(
+        "migrate-set-parameters",
+        json!({"x-snapshot-method": "uffd"}),
+    );
+    let at_full = stress_lines(&mut src, 2).pop().unwrap();
+    snapshot_to(&mut q, &full);
+    q.ok(
+        "migrate-set-parameters",
+        json!({"x-parent": format!("file:{}", full.display())}),
+    );
+    let at_inc = stress_lines(&mut src, 2).pop().unwrap();
+    snapshot_to(&mut q, &inc);
+    let m = q.ok("query-migrate", json!({}));
+    let written = m["x-incremental"]["ram-bytes-written"].as_u64().unwrap();
+    assert!(written < 256 << 20, "only what changed: {m}");
+    q.ok("quit", json!({}));
+    src.exit_code(T);
+
+    let mut dst = ctx.vm(
+        "chain",
+        &[
+            "--incoming",
+            &format!("file:{}", inc.display()),
+            "--restore-mode",
+            "uffd",
+        ],
+    );
+    check_restored(&mut dst, &at_inc);
+    let mut q = qmp(&dst);
+    q.ok("quit", json!({}));
+    dst.exit_code(T);
+
+    let mut warm = ctx.vm(
+        "warm",
+        &[
+            "--mem",
+            "256M",
+            "--cpus",
+            "2",
+            "--incoming",
+            "defer",
+            "--restore-mode",
+            "uffd",
+        ],
+    );
+    let mut q = qmp(&warm);
+    q.ok(
+        "migrate-incoming",
+        json!({"uri": format!("file:{}", full.display())}),
+    );
+    let m = q.ok("query-migrate", json!({}));
+    assert_eq!(m["x-restore"]["warm"], true, "{m}");
+    check_restored(&mut warm, &at_full);
+    q.ok("quit", json!({}));
+    warm.exit_code(T);
 }
 
 fn live(ctx: &Ctx, method: &str, with_defer: bool) {
