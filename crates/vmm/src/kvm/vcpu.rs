@@ -41,9 +41,15 @@ pub const SAVED_MSRS: &[u32] = &[
     0xc000_0103, // TSC_AUX
     0x4b56_4d00, // kvmclock wall clock
     0x4b56_4d01, // kvmclock system time
+    // The "page ready" vector must be set before async PF is enabled (KVM
+    // checks it then): without it a restored Linux guest that takes an async
+    // page fault (RAM not yet in place: a lazy or userfaultfd restore) never
+    // hears that the page is ready, and the faulting task hangs for good.
+    0x4b56_4d06, // async PF interrupt vector
     0x4b56_4d02, // async PF
     0x4b56_4d03, // steal time
     0x4b56_4d04, // PV EOI
+    0x4b56_4d05, // poll control
 ];
 
 /// Everything KVM holds for one vCPU. Saved with the vCPU paused and out of
