@@ -30,6 +30,7 @@ mod sink;
 mod source;
 pub mod uffd;
 pub mod wp_capture;
+mod wp_engine;
 
 pub use capture::{
     capture_stopped, prepare_fork_capture, prepare_fork_capture_to, start_fork_capture, Capture,

@@ -28,7 +28,7 @@
 
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -40,8 +40,9 @@ use crate::chain::IncrPlan;
 use crate::error::{Result, SnapError};
 use crate::image::{Header, ImageId, ImageRange, PAGE_SIZE};
 use crate::sink::{Sink, SinkGuard};
-use crate::uffd::Uffd;
-use crate::{CaptureStats, CaptureStatus, DoneCallback, RamRange};
+use crate::wp_engine::Engine;
+pub use crate::wp_engine::WpEngine;
+use crate::{CaptureStats, CaptureStatus, DoneCallback};
 
 /// The image ranges of `(gpa, len)` ranges (as any image of them lays them out).
 fn ranges_of(ranges: &[(u64, u64)]) -> Result<Vec<ImageRange>> {
@@ -51,10 +52,10 @@ fn ranges_of(ranges: &[(u64, u64)]) -> Result<Vec<ImageRange>> {
 /// Chunk size: copies and protection changes happen 2 MiB at a time.
 pub const CHUNK: u64 = 2 << 20;
 
-const FREE: u8 = 0;
+pub(crate) const FREE: u8 = 0;
 /// Being copied.
-const TAKEN: u8 = 1;
-const COPIED: u8 = 2;
+pub(crate) const TAKEN: u8 = 1;
+pub(crate) const COPIED: u8 = 2;
 
 /// Options of a write-protect capture.
 pub struct WpOptions {
@@ -98,16 +99,6 @@ pub struct WpCounters {
     pub pool_high_water: AtomicU64,
     /// Chunks not written because they did not change since the parent.
     pub chunks_unchanged: AtomicU64,
-}
-
-/// One chunk of guest RAM and where it goes in the image.
-#[derive(Debug, Clone, Copy)]
-struct Chunk {
-    host: u64,
-    len: u64,
-    file_offset: u64,
-    /// Its number in an incremental image's chunk map.
-    index: usize,
 }
 
 /// A capture ready to start (everything done that can be with the guest running).
@@ -165,318 +156,49 @@ pub fn prepare_wp_capture_to(
     launch(&engine.shared, WpDest::Sink(sink), None, opts)
 }
 
-/// Validates the ranges and cuts them into chunks with their image offsets
-/// and incremental chunk numbers (ranges must start 2 MiB-aligned in host
-/// memory for the two to agree, as guest RAM does).
-fn chunks_of(ranges: &[RamRange]) -> Result<Vec<Chunk>> {
-    let (header, _) = crate::capture::prepare(ranges, 0)?;
-    let mut chunks = Vec::new();
-    for (r, ir) in ranges.iter().zip(&header.ranges) {
-        let (start, end) = (r.host as u64, r.host as u64 + r.len);
-        if r.len >= CHUNK && start % CHUNK != 0 {
-            return Err(SnapError::InvalidInput(format!(
-                "RAM range at {:#x}: ranges of 2 MiB or more must start 2 MiB-aligned",
-                r.gpa
-            )));
-        }
-        let mut at = start;
-        while at < end {
-            let next = ((at / CHUNK) + 1) * CHUNK;
-            let len = next.min(end) - at;
-            let file_offset = ir.file_offset + (at - start);
-            let (index, _, _) =
-                crate::image::chunk_at(&header.ranges, file_offset).expect("inside the range");
-            chunks.push(Chunk {
-                host: at,
-                len,
-                file_offset,
-                index,
-            });
-            at += len;
-        }
-    }
-    chunks.sort_by_key(|c| c.host);
-    Ok(chunks)
-}
-
-/// The write-protect engine of one VM's RAM: its userfaultfd registration
-/// and the thread that takes its faults, for as long as the engine lives
-/// (see the module documentation). Dropping it lifts every protection.
-pub struct WpEngine {
-    shared: Arc<Engine>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-struct Engine {
-    uffd: Arc<Uffd>,
-    ranges: Vec<RamRange>,
-    chunks: Vec<Chunk>,
-    /// Chunks written since the last cut (by index into `chunks`).
-    dirty: Vec<AtomicBool>,
-    /// Chunks not write-protected now (changed under `cut_lock` only).
-    open: Vec<AtomicBool>,
-    /// Held while a fault is decided and its chunk unprotected, and by the
-    /// cut while it protects RAM and takes the dirty set: no write slips
-    /// between the two unrecorded.
-    cut_lock: Mutex<()>,
-    /// The capture under way, and where its handler hands chunks.
-    current: Mutex<Option<(Arc<Wp>, mpsc::Sender<Taken>)>>,
-    /// The image whose cut the dirty set counts from (`None` before the
-    /// first complete capture, or after tracking broke).
-    base: Mutex<Option<ImageId>>,
-    stop: AtomicBool,
-    /// Faults taken between captures (chunks let through and recorded).
-    tracked: AtomicU64,
-}
-
-impl WpEngine {
-    /// Registers `ranges` with a new userfaultfd in write-protect mode and
-    /// starts the fault handler.
-    pub fn new(ranges: &[RamRange]) -> Result<WpEngine> {
-        let uffd = Uffd::new_wp().map_err(|e| SnapError::io("open userfaultfd", e))?;
-        WpEngine::with_uffd(Arc::new(uffd), ranges)
-    }
-
-    /// Like [`WpEngine::new`] with a given (not yet registered) userfaultfd.
-    pub fn with_uffd(uffd: Arc<Uffd>, ranges: &[RamRange]) -> Result<WpEngine> {
-        let chunks = chunks_of(ranges)?;
-        for r in ranges {
-            uffd.register_wp(r.host as u64, r.len)
-                .map_err(|e| SnapError::io("register guest RAM for write-protect faults", e))?;
-        }
-        let shared = Arc::new(Engine {
-            uffd,
-            ranges: ranges.to_vec(),
-            dirty: chunks.iter().map(|_| AtomicBool::new(true)).collect(),
-            open: chunks.iter().map(|_| AtomicBool::new(true)).collect(),
-            chunks,
-            cut_lock: Mutex::new(()),
-            current: Mutex::new(None),
-            base: Mutex::new(None),
-            stop: AtomicBool::new(false),
-            tracked: AtomicU64::new(0),
-        });
-        let e = shared.clone();
-        let thread = std::thread::Builder::new()
-            .name("livesnap-wp-fault".into())
-            .spawn(move || fault_handler(&e))
-            .map_err(|e| SnapError::io("spawn fault handler", e))?;
-        Ok(WpEngine {
-            shared,
-            thread: Some(thread),
-        })
-    }
-
-    /// The latest image captured by this engine whose cut the record of
-    /// changed chunks counts from: the only possible parent of an
-    /// incremental capture.
-    pub fn base(&self) -> Option<ImageId> {
-        *lock(&self.shared.base)
-    }
-
-    /// Bytes of RAM changed since the last cut (whole chunks).
-    pub fn dirty_bytes(&self) -> u64 {
-        let e = &self.shared;
-        e.chunks
-            .iter()
-            .zip(&e.dirty)
-            .filter(|(_, d)| d.load(Ordering::Relaxed))
-            .map(|(c, _)| c.len)
-            .sum()
-    }
-
-    /// Faults taken outside captures (first writes to chunks since a cut).
-    pub fn tracked_faults(&self) -> u64 {
-        self.shared.tracked.load(Ordering::Relaxed)
-    }
-
-    /// What an incremental capture against `parent` records, checked.
-    fn plan(&self, parent: Option<&Path>, dest: &Path) -> Result<Option<IncrPlan>> {
-        let Some(parent) = parent else {
-            return Ok(None);
-        };
-        let img = crate::Image::open(parent).map_err(|e| SnapError::ParentMissing {
-            path: parent.to_path_buf(),
-            source: Box::new(e),
-        })?;
-        let found = img.id();
-        match self.base() {
-            Some(b) if b == found => {}
-            Some(b) => {
-                return Err(SnapError::InvalidInput(format!(
-                    "{} is not this VM's latest snapshot (it is {found}, the latest is {b}): take a full snapshot, or use the latest as parent",
-                    parent.display()
-                )))
-            }
-            None => {
-                return Err(SnapError::InvalidInput(format!(
-                    "this VM has no complete snapshot to be incremental to ({} is not one of its own): take a full snapshot first",
-                    parent.display()
-                )))
-            }
-        }
-        let abs = std::fs::canonicalize(parent)
-            .map_err(|e| SnapError::io(format!("resolve {}", parent.display()), e))?;
-        if std::fs::canonicalize(dest).ok().as_deref() == Some(abs.as_path()) {
-            return Err(SnapError::InvalidInput(
-                "an incremental snapshot cannot replace its own parent".into(),
-            ));
-        }
-        let path = abs.to_string_lossy().into_owned();
-        if path.len() > 4096 {
-            return Err(SnapError::InvalidInput("parent path too long".into()));
-        }
-        Ok(Some(IncrPlan {
-            parent: found,
-            parent_path: path,
-            map: Vec::new(),
-        }))
-    }
-}
-
-impl Drop for WpEngine {
-    fn drop(&mut self) {
-        self.shared.stop.store(true, Ordering::Release);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-        // Nobody serves faults any more: let every writer through. (Guest
-        // RAM may be unmapped already: errors are expected then.)
-        for r in &self.shared.ranges {
-            if let Err(e) = self.shared.uffd.write_protect(r.host as u64, r.len, false) {
-                tracing::debug!("unprotect guest RAM at engine end: {e}");
-            }
-        }
-    }
-}
-
-impl Engine {
-    fn chunk_of(&self, addr: u64) -> Option<usize> {
-        let i = self.chunks.partition_point(|c| c.host + c.len <= addr);
-        (i < self.chunks.len() && self.chunks[i].host <= addr).then_some(i)
-    }
-
-    /// Lifts the protection of chunk `i` (the caller holds `cut_lock`).
-    fn unprotect(&self, i: usize) -> Result<()> {
-        let c = self.chunks[i];
-        self.open[i].store(true, Ordering::Relaxed);
-        self.uffd
-            .write_protect(c.host, c.len, false)
-            .map_err(|e| SnapError::io("unprotect guest RAM", e))
-    }
-
-    /// Write-protects every chunk not protected now, one call per run of
-    /// neighbouring chunks (the caller holds `cut_lock`). Returns the calls
-    /// made. On failure the chunks of the failing run stay open.
-    fn protect_open(&self) -> std::io::Result<usize> {
-        let mut calls = 0;
-        let mut i = 0;
-        while i < self.chunks.len() {
-            if !self.open[i].load(Ordering::Relaxed) {
-                i += 1;
-                continue;
-            }
-            let start = i;
-            while i + 1 < self.chunks.len()
-                && self.open[i + 1].load(Ordering::Relaxed)
-                && self.chunks[i + 1].host == self.chunks[i].host + self.chunks[i].len
-            {
-                i += 1;
-            }
-            let (a, b) = (self.chunks[start], self.chunks[i]);
-            self.uffd
-                .write_protect(a.host, b.host + b.len - a.host, true)?;
-            for o in &self.open[start..=i] {
-                o.store(false, Ordering::Relaxed);
-            }
-            calls += 1;
-            i += 1;
-        }
-        Ok(calls)
-    }
-
-    /// Lifts every protection (the handler can serve no more faults);
-    /// changes are no longer recorded, so no incremental capture follows.
-    fn unprotect_all(&self) {
-        *lock(&self.base) = None;
-        for o in &self.open {
-            o.store(true, Ordering::Relaxed);
-        }
-        for r in &self.ranges {
-            if let Err(e) = self.uffd.write_protect(r.host as u64, r.len, false) {
-                tracing::error!("cannot unprotect guest RAM: {e}");
-            }
-        }
-    }
-
-    /// The capture `wp` ended (`id`: the image it completed): it is no
-    /// longer current; a failed one's chunks count as changed again.
-    fn end_capture(&self, wp: &Arc<Wp>, id: Option<ImageId>) {
-        let _g = lock(&self.cut_lock);
-        let mut cur = lock(&self.current);
-        if cur.as_ref().is_some_and(|(c, _)| Arc::ptr_eq(c, wp)) {
-            *cur = None;
-        }
-        drop(cur);
-        let Some(want) = wp.want.get() else {
-            return; // never cut
-        };
-        match id {
-            Some(id) => *lock(&self.base) = Some(id),
-            None => {
-                for (d, w) in self.dirty.iter().zip(&want.taken) {
-                    if *w {
-                        d.store(true, Ordering::Relaxed);
-                    }
-                }
-            }
-        }
-    }
-}
-
 /// What a cut decided: the chunks the capture writes and the ones it took
 /// out of the record of changes.
-struct Want {
-    write: Vec<bool>,
-    taken: Vec<bool>,
+pub(crate) struct Want {
+    pub(crate) write: Vec<bool>,
+    pub(crate) taken: Vec<bool>,
 }
 
 /// The threads' shared state of one capture.
-struct Wp {
-    engine: Arc<Engine>,
-    state: Vec<AtomicU8>,
+pub(crate) struct Wp {
+    pub(crate) engine: Arc<Engine>,
+    pub(crate) state: Vec<AtomicU8>,
     /// Set at the cut.
-    want: std::sync::OnceLock<Want>,
-    incr: Option<IncrPlan>,
+    pub(crate) want: std::sync::OnceLock<Want>,
+    pub(crate) incr: Option<IncrPlan>,
     /// The image's identity once its header is made.
-    id: Mutex<Option<ImageId>>,
+    pub(crate) id: Mutex<Option<ImageId>>,
     out: Out,
     /// The image may be written (a sink has had its `begin`), or the
     /// capture ended: set once, under the mutex, with `ready_cv` notified.
-    ready: Mutex<bool>,
-    ready_cv: std::sync::Condvar,
-    counters: Arc<WpCounters>,
-    pool: Mutex<Vec<Vec<u8>>>,
-    pool_total: usize,
+    pub(crate) ready: Mutex<bool>,
+    pub(crate) ready_cv: std::sync::Condvar,
+    pub(crate) counters: Arc<WpCounters>,
+    pub(crate) pool: Mutex<Vec<Vec<u8>>>,
+    pub(crate) pool_total: usize,
     /// Pool buffers allocated so far.
-    allocated: std::sync::atomic::AtomicUsize,
-    first_error: Mutex<Option<SnapError>>,
+    pub(crate) allocated: std::sync::atomic::AtomicUsize,
+    pub(crate) first_error: Mutex<Option<SnapError>>,
 }
 
 impl Wp {
-    fn claim(&self, i: usize) -> bool {
+    pub(crate) fn claim(&self, i: usize) -> bool {
         self.state[i]
             .compare_exchange(FREE, TAKEN, Ordering::AcqRel, Ordering::Acquire)
             .is_ok()
     }
 
-    fn wants(&self, i: usize) -> bool {
+    pub(crate) fn wants(&self, i: usize) -> bool {
         self.want.get().is_some_and(|w| w.write[i])
     }
 
     /// Copies chunk `i` (still protected: nobody writes it) into `buf` and
     /// marks it copied.
-    fn copy(&self, i: usize, buf: &mut [u8]) {
+    pub(crate) fn copy(&self, i: usize, buf: &mut [u8]) {
         let c = self.engine.chunks[i];
         // SAFETY: the chunk lies inside a RamRange (built from the ranges
         // validated by `prepare`), mapped for the capture's life by
@@ -490,7 +212,7 @@ impl Wp {
 
     /// Writes the non-zero pages of chunk `i` (copied into `buf`); returns
     /// (bytes written, zero pages).
-    fn write_out(&self, i: usize, buf: &[u8]) -> Result<(u64, u64)> {
+    pub(crate) fn write_out(&self, i: usize, buf: &[u8]) -> Result<(u64, u64)> {
         let c = self.engine.chunks[i];
         let (mut written, mut zero) = (0u64, 0u64);
         let page = PAGE_SIZE as usize;
@@ -512,7 +234,7 @@ impl Wp {
         Ok((written, zero))
     }
 
-    fn fail(&self, e: SnapError) {
+    pub(crate) fn fail(&self, e: SnapError) {
         lock(&self.first_error).get_or_insert(e);
     }
 
@@ -528,12 +250,12 @@ impl Wp {
         }
     }
 
-    fn set_ready(&self) {
+    pub(crate) fn set_ready(&self) {
         *lock(&self.ready) = true;
         self.ready_cv.notify_all();
     }
 
-    fn wait_ready(&self) {
+    pub(crate) fn wait_ready(&self) {
         let mut r = lock(&self.ready);
         while !*r {
             r = self.ready_cv.wait(r).unwrap_or_else(|e| e.into_inner());
@@ -551,7 +273,7 @@ fn is_zero(b: &[u8]) -> bool {
 }
 
 /// What the handler hands the writer for one chunk.
-enum Taken {
+pub(crate) enum Taken {
     /// Copied into a pool buffer: the writer writes it and returns the buffer.
     Copied(usize, Vec<u8>),
     /// Written by the handler itself (pool empty): bytes written, zero pages.
@@ -737,119 +459,6 @@ fn finish_status(sh: &Shared, res: &Result<CaptureStats>) {
             CaptureStatus::Failed(e.to_string())
         }
     };
-}
-
-/// Takes write-protect faults for as long as the engine lives: records the
-/// chunk as changed, copies it first if the capture under way still needs
-/// it, and lifts its protection.
-fn fault_handler(e: &Engine) {
-    // A faulting vCPU waits for this thread: let it run before the writer
-    // and the other threads when CPUs are scarce (needs CAP_SYS_NICE; without
-    // it the thread keeps its priority).
-    // SAFETY: setpriority on this thread's own id; no memory is involved.
-    if unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, -10) } != 0 {
-        tracing::debug!(
-            "fault handler keeps its priority: {}",
-            std::io::Error::last_os_error()
-        );
-    }
-    while !e.stop.load(Ordering::Acquire) {
-        let fault = match e.uffd.next_fault(Duration::from_millis(20)) {
-            Ok(Some(f)) => f,
-            Ok(None) => continue,
-            Err(err) => {
-                tracing::error!("cannot read the write-protect userfaultfd: {err}");
-                if let Some((wp, _)) = lock(&e.current).as_ref() {
-                    wp.fail(SnapError::io("read userfaultfd", err));
-                }
-                e.unprotect_all();
-                return;
-            }
-        };
-        if !fault.wp {
-            continue;
-        }
-        let Some(i) = e.chunk_of(fault.addr) else {
-            continue;
-        };
-        let g = lock(&e.cut_lock);
-        e.dirty[i].store(true, Ordering::Relaxed);
-        let cur = lock(&e.current).clone();
-        let taken = match &cur {
-            Some((wp, _)) if wp.want.get().is_some() => {
-                wp.counters.faults.fetch_add(1, Ordering::Relaxed);
-                take_for_capture(wp, i)
-            }
-            _ => {
-                e.tracked.fetch_add(1, Ordering::Relaxed);
-                None
-            }
-        };
-        if let Err(err) = e.unprotect(i) {
-            match &cur {
-                Some((wp, _)) => wp.fail(err),
-                None => tracing::error!("{err}"),
-            }
-        }
-        drop(g);
-        if let (Some(t), Some((_, tx))) = (taken, &cur) {
-            // The writer is gone (failed or cancelled): nothing to hand over.
-            let _ = tx.send(t);
-        }
-    }
-}
-
-/// The capture `wp` is cut and a writer waits on chunk `i`: copy it first
-/// if the capture needs it and nobody has, or wait for the writer's copy.
-fn take_for_capture(wp: &Wp, i: usize) -> Option<Taken> {
-    if !wp.wants(i) {
-        return None;
-    }
-    if !wp.claim(i) {
-        // The writer is saving it (it is still protected): wait for that
-        // (one 2 MiB write) before letting the write in.
-        let mut spins = 0u32;
-        while wp.state[i].load(Ordering::Acquire) == TAKEN {
-            if spins < 100 {
-                spins += 1;
-                std::hint::spin_loop();
-            } else {
-                std::thread::sleep(Duration::from_micros(20));
-            }
-        }
-        return None;
-    }
-    let buf = lock(&wp.pool).pop().or_else(|| {
-        let n = wp.allocated.load(Ordering::Relaxed);
-        (n < wp.pool_total).then(|| {
-            wp.allocated.store(n + 1, Ordering::Relaxed);
-            vec![0u8; CHUNK as usize]
-        })
-    });
-    Some(match buf {
-        Some(mut b) => {
-            wp.copy(i, &mut b);
-            let free = lock(&wp.pool).len();
-            let in_flight = (wp.allocated.load(Ordering::Relaxed) - free) as u64 * CHUNK;
-            wp.counters
-                .pool_high_water
-                .fetch_max(in_flight, Ordering::Relaxed);
-            wp.counters.chunks_by_fault.fetch_add(1, Ordering::Relaxed);
-            Taken::Copied(i, b)
-        }
-        None => {
-            // Pool empty: write this chunk out before letting the guest in
-            // (waits on the disk only, never on a vCPU).
-            let mut b = vec![0u8; CHUNK as usize];
-            wp.copy(i, &mut b);
-            wp.wait_ready();
-            let r = wp.write_out(i, &b[..wp.engine.chunks[i].len as usize]);
-            wp.counters
-                .chunks_written_in_fault
-                .fetch_add(1, Ordering::Relaxed);
-            Taken::Written(r)
-        }
-    })
 }
 
 /// Copies every chunk not yet taken, writes everything, finishes the image;

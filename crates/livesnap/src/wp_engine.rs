@@ -1,0 +1,411 @@
+//! The write-protect engine of one VM's RAM (see [`crate::wp_capture`]):
+//! the userfaultfd registration, the record of which 2 MiB chunks the guest
+//! wrote since the last cut, and the fault handler thread that serves every
+//! write-protect fault for as long as the engine lives — recording the
+//! chunk, copying it first for a capture under way, lifting its protection.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crate::capture::lock;
+use crate::chain::IncrPlan;
+use crate::error::{Result, SnapError};
+use crate::image::ImageId;
+use crate::uffd::Uffd;
+use crate::wp_capture::{Taken, Wp, CHUNK, TAKEN};
+use crate::RamRange;
+
+/// One chunk of guest RAM and where it goes in the image.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Chunk {
+    pub(crate) host: u64,
+    pub(crate) len: u64,
+    pub(crate) file_offset: u64,
+    /// Its number in an incremental image's chunk map.
+    pub(crate) index: usize,
+}
+
+/// Validates the ranges and cuts them into chunks with their image offsets
+/// and incremental chunk numbers (ranges must start 2 MiB-aligned in host
+/// memory for the two to agree, as guest RAM does).
+pub(crate) fn chunks_of(ranges: &[RamRange]) -> Result<Vec<Chunk>> {
+    let (header, _) = crate::capture::prepare(ranges, 0)?;
+    let mut chunks = Vec::new();
+    for (r, ir) in ranges.iter().zip(&header.ranges) {
+        let (start, end) = (r.host as u64, r.host as u64 + r.len);
+        if r.len >= CHUNK && start % CHUNK != 0 {
+            return Err(SnapError::InvalidInput(format!(
+                "RAM range at {:#x}: ranges of 2 MiB or more must start 2 MiB-aligned",
+                r.gpa
+            )));
+        }
+        let mut at = start;
+        while at < end {
+            let next = ((at / CHUNK) + 1) * CHUNK;
+            let len = next.min(end) - at;
+            let file_offset = ir.file_offset + (at - start);
+            let (index, _, _) =
+                crate::image::chunk_at(&header.ranges, file_offset).expect("inside the range");
+            chunks.push(Chunk {
+                host: at,
+                len,
+                file_offset,
+                index,
+            });
+            at += len;
+        }
+    }
+    chunks.sort_by_key(|c| c.host);
+    Ok(chunks)
+}
+
+/// The write-protect engine of one VM's RAM: its userfaultfd registration
+/// and the thread that takes its faults, for as long as the engine lives
+/// (see the module documentation). Dropping it lifts every protection.
+pub struct WpEngine {
+    pub(crate) shared: Arc<Engine>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+pub(crate) struct Engine {
+    pub(crate) uffd: Arc<Uffd>,
+    pub(crate) ranges: Vec<RamRange>,
+    pub(crate) chunks: Vec<Chunk>,
+    /// Chunks written since the last cut (by index into `chunks`).
+    pub(crate) dirty: Vec<AtomicBool>,
+    /// Chunks not write-protected now (changed under `cut_lock` only).
+    pub(crate) open: Vec<AtomicBool>,
+    /// Held while a fault is decided and its chunk unprotected, and by the
+    /// cut while it protects RAM and takes the dirty set: no write slips
+    /// between the two unrecorded.
+    pub(crate) cut_lock: Mutex<()>,
+    /// The capture under way, and where its handler hands chunks.
+    pub(crate) current: Mutex<Option<(Arc<Wp>, mpsc::Sender<Taken>)>>,
+    /// The image whose cut the dirty set counts from (`None` before the
+    /// first complete capture, or after tracking broke).
+    pub(crate) base: Mutex<Option<ImageId>>,
+    pub(crate) stop: AtomicBool,
+    /// Faults taken between captures (chunks let through and recorded).
+    pub(crate) tracked: AtomicU64,
+}
+
+impl WpEngine {
+    /// Registers `ranges` with a new userfaultfd in write-protect mode and
+    /// starts the fault handler.
+    pub fn new(ranges: &[RamRange]) -> Result<WpEngine> {
+        let uffd = Uffd::new_wp().map_err(|e| SnapError::io("open userfaultfd", e))?;
+        WpEngine::with_uffd(Arc::new(uffd), ranges)
+    }
+
+    /// Like [`WpEngine::new`] with a given (not yet registered) userfaultfd.
+    pub fn with_uffd(uffd: Arc<Uffd>, ranges: &[RamRange]) -> Result<WpEngine> {
+        let chunks = chunks_of(ranges)?;
+        for r in ranges {
+            uffd.register_wp(r.host as u64, r.len)
+                .map_err(|e| SnapError::io("register guest RAM for write-protect faults", e))?;
+        }
+        let shared = Arc::new(Engine {
+            uffd,
+            ranges: ranges.to_vec(),
+            dirty: chunks.iter().map(|_| AtomicBool::new(true)).collect(),
+            open: chunks.iter().map(|_| AtomicBool::new(true)).collect(),
+            chunks,
+            cut_lock: Mutex::new(()),
+            current: Mutex::new(None),
+            base: Mutex::new(None),
+            stop: AtomicBool::new(false),
+            tracked: AtomicU64::new(0),
+        });
+        let e = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name("livesnap-wp-fault".into())
+            .spawn(move || fault_handler(&e))
+            .map_err(|e| SnapError::io("spawn fault handler", e))?;
+        Ok(WpEngine {
+            shared,
+            thread: Some(thread),
+        })
+    }
+
+    /// The latest image captured by this engine whose cut the record of
+    /// changed chunks counts from: the only possible parent of an
+    /// incremental capture.
+    pub fn base(&self) -> Option<ImageId> {
+        *lock(&self.shared.base)
+    }
+
+    /// Bytes of RAM changed since the last cut (whole chunks).
+    pub fn dirty_bytes(&self) -> u64 {
+        let e = &self.shared;
+        e.chunks
+            .iter()
+            .zip(&e.dirty)
+            .filter(|(_, d)| d.load(Ordering::Relaxed))
+            .map(|(c, _)| c.len)
+            .sum()
+    }
+
+    /// Faults taken outside captures (first writes to chunks since a cut).
+    pub fn tracked_faults(&self) -> u64 {
+        self.shared.tracked.load(Ordering::Relaxed)
+    }
+
+    /// What an incremental capture against `parent` records, checked.
+    pub(crate) fn plan(&self, parent: Option<&Path>, dest: &Path) -> Result<Option<IncrPlan>> {
+        let Some(parent) = parent else {
+            return Ok(None);
+        };
+        let img = crate::Image::open(parent).map_err(|e| SnapError::ParentMissing {
+            path: parent.to_path_buf(),
+            source: Box::new(e),
+        })?;
+        let found = img.id();
+        match self.base() {
+            Some(b) if b == found => {}
+            Some(b) => {
+                return Err(SnapError::InvalidInput(format!(
+                    "{} is not this VM's latest snapshot (it is {found}, the latest is {b}): take a full snapshot, or use the latest as parent",
+                    parent.display()
+                )))
+            }
+            None => {
+                return Err(SnapError::InvalidInput(format!(
+                    "this VM has no complete snapshot to be incremental to ({} is not one of its own): take a full snapshot first",
+                    parent.display()
+                )))
+            }
+        }
+        let abs = std::fs::canonicalize(parent)
+            .map_err(|e| SnapError::io(format!("resolve {}", parent.display()), e))?;
+        if std::fs::canonicalize(dest).ok().as_deref() == Some(abs.as_path()) {
+            return Err(SnapError::InvalidInput(
+                "an incremental snapshot cannot replace its own parent".into(),
+            ));
+        }
+        let path = abs.to_string_lossy().into_owned();
+        if path.len() > 4096 {
+            return Err(SnapError::InvalidInput("parent path too long".into()));
+        }
+        Ok(Some(IncrPlan {
+            parent: found,
+            parent_path: path,
+            map: Vec::new(),
+        }))
+    }
+}
+
+impl Drop for WpEngine {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::Release);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        // Nobody serves faults any more: let every writer through. (Guest
+        // RAM may be unmapped already: errors are expected then.)
+        for r in &self.shared.ranges {
+            if let Err(e) = self.shared.uffd.write_protect(r.host as u64, r.len, false) {
+                tracing::debug!("unprotect guest RAM at engine end: {e}");
+            }
+        }
+    }
+}
+
+impl Engine {
+    pub(crate) fn chunk_of(&self, addr: u64) -> Option<usize> {
+        let i = self.chunks.partition_point(|c| c.host + c.len <= addr);
+        (i < self.chunks.len() && self.chunks[i].host <= addr).then_some(i)
+    }
+
+    /// Lifts the protection of chunk `i` (the caller holds `cut_lock`).
+    pub(crate) fn unprotect(&self, i: usize) -> Result<()> {
+        let c = self.chunks[i];
+        self.open[i].store(true, Ordering::Relaxed);
+        self.uffd
+            .write_protect(c.host, c.len, false)
+            .map_err(|e| SnapError::io("unprotect guest RAM", e))
+    }
+
+    /// Write-protects every chunk not protected now, one call per run of
+    /// neighbouring chunks (the caller holds `cut_lock`). Returns the calls
+    /// made. On failure the chunks of the failing run stay open.
+    pub(crate) fn protect_open(&self) -> std::io::Result<usize> {
+        let mut calls = 0;
+        let mut i = 0;
+        while i < self.chunks.len() {
+            if !self.open[i].load(Ordering::Relaxed) {
+                i += 1;
+                continue;
+            }
+            let start = i;
+            while i + 1 < self.chunks.len()
+                && self.open[i + 1].load(Ordering::Relaxed)
+                && self.chunks[i + 1].host == self.chunks[i].host + self.chunks[i].len
+            {
+                i += 1;
+            }
+            let (a, b) = (self.chunks[start], self.chunks[i]);
+            self.uffd
+                .write_protect(a.host, b.host + b.len - a.host, true)?;
+            for o in &self.open[start..=i] {
+                o.store(false, Ordering::Relaxed);
+            }
+            calls += 1;
+            i += 1;
+        }
+        Ok(calls)
+    }
+
+    /// Lifts every protection (the handler can serve no more faults);
+    /// changes are no longer recorded, so no incremental capture follows.
+    pub(crate) fn unprotect_all(&self) {
+        *lock(&self.base) = None;
+        for o in &self.open {
+            o.store(true, Ordering::Relaxed);
+        }
+        for r in &self.ranges {
+            if let Err(e) = self.uffd.write_protect(r.host as u64, r.len, false) {
+                tracing::error!("cannot unprotect guest RAM: {e}");
+            }
+        }
+    }
+
+    /// The capture `wp` ended (`id`: the image it completed): it is no
+    /// longer current; a failed one's chunks count as changed again.
+    pub(crate) fn end_capture(&self, wp: &Arc<Wp>, id: Option<ImageId>) {
+        let _g = lock(&self.cut_lock);
+        let mut cur = lock(&self.current);
+        if cur.as_ref().is_some_and(|(c, _)| Arc::ptr_eq(c, wp)) {
+            *cur = None;
+        }
+        drop(cur);
+        let Some(want) = wp.want.get() else {
+            return; // never cut
+        };
+        match id {
+            Some(id) => *lock(&self.base) = Some(id),
+            None => {
+                for (d, w) in self.dirty.iter().zip(&want.taken) {
+                    if *w {
+                        d.store(true, Ordering::Relaxed);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Takes write-protect faults for as long as the engine lives: records the
+/// chunk as changed, copies it first if the capture under way still needs
+/// it, and lifts its protection.
+fn fault_handler(e: &Engine) {
+    // A faulting vCPU waits for this thread: let it run before the writer
+    // and the other threads when CPUs are scarce (needs CAP_SYS_NICE; without
+    // it the thread keeps its priority).
+    // SAFETY: setpriority on this thread's own id; no memory is involved.
+    if unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, -10) } != 0 {
+        tracing::debug!(
+            "fault handler keeps its priority: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    while !e.stop.load(Ordering::Acquire) {
+        let fault = match e.uffd.next_fault(Duration::from_millis(20)) {
+            Ok(Some(f)) => f,
+            Ok(None) => continue,
+            Err(err) => {
+                tracing::error!("cannot read the write-protect userfaultfd: {err}");
+                if let Some((wp, _)) = lock(&e.current).as_ref() {
+                    wp.fail(SnapError::io("read userfaultfd", err));
+                }
+                e.unprotect_all();
+                return;
+            }
+        };
+        if !fault.wp {
+            continue;
+        }
+        let Some(i) = e.chunk_of(fault.addr) else {
+            continue;
+        };
+        let g = lock(&e.cut_lock);
+        e.dirty[i].store(true, Ordering::Relaxed);
+        let cur = lock(&e.current).clone();
+        let taken = match &cur {
+            Some((wp, _)) if wp.want.get().is_some() => {
+                wp.counters.faults.fetch_add(1, Ordering::Relaxed);
+                take_for_capture(wp, i)
+            }
+            _ => {
+                e.tracked.fetch_add(1, Ordering::Relaxed);
+                None
+            }
+        };
+        if let Err(err) = e.unprotect(i) {
+            match &cur {
+                Some((wp, _)) => wp.fail(err),
+                None => tracing::error!("{err}"),
+            }
+        }
+        drop(g);
+        if let (Some(t), Some((_, tx))) = (taken, &cur) {
+            // The writer is gone (failed or cancelled): nothing to hand over.
+            let _ = tx.send(t);
+        }
+    }
+}
+
+/// The capture `wp` is cut and a writer waits on chunk `i`: copy it first
+/// if the capture needs it and nobody has, or wait for the writer's copy.
+fn take_for_capture(wp: &Wp, i: usize) -> Option<Taken> {
+    if !wp.wants(i) {
+        return None;
+    }
+    if !wp.claim(i) {
+        // The writer is saving it (it is still protected): wait for that
+        // (one 2 MiB write) before letting the write in.
+        let mut spins = 0u32;
+        while wp.state[i].load(Ordering::Acquire) == TAKEN {
+            if spins < 100 {
+                spins += 1;
+                std::hint::spin_loop();
+            } else {
+                std::thread::sleep(Duration::from_micros(20));
+            }
+        }
+        return None;
+    }
+    let buf = lock(&wp.pool).pop().or_else(|| {
+        let n = wp.allocated.load(Ordering::Relaxed);
+        (n < wp.pool_total).then(|| {
+            wp.allocated.store(n + 1, Ordering::Relaxed);
+            vec![0u8; CHUNK as usize]
+        })
+    });
+    Some(match buf {
+        Some(mut b) => {
+            wp.copy(i, &mut b);
+            let free = lock(&wp.pool).len();
+            let in_flight = (wp.allocated.load(Ordering::Relaxed) - free) as u64 * CHUNK;
+            wp.counters
+                .pool_high_water
+                .fetch_max(in_flight, Ordering::Relaxed);
+            wp.counters.chunks_by_fault.fetch_add(1, Ordering::Relaxed);
+            Taken::Copied(i, b)
+        }
+        None => {
+            // Pool empty: write this chunk out before letting the guest in
+            // (waits on the disk only, never on a vCPU).
+            let mut b = vec![0u8; CHUNK as usize];
+            wp.copy(i, &mut b);
+            wp.wait_ready();
+            let r = wp.write_out(i, &b[..wp.engine.chunks[i].len as usize]);
+            wp.counters
+                .chunks_written_in_fault
+                .fetch_add(1, Ordering::Relaxed);
+            Taken::Written(r)
+        }
+    })
+}

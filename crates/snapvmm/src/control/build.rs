@@ -1,0 +1,283 @@
+//! Building the machine: booted, restored from an image (cold, or warm
+//! into a VM built ahead for `--incoming defer`), or loaded from a qcow2
+//! snapshot; and `--incoming defer`'s wait for `migrate-incoming`.
+
+use std::io::{LineWriter, Write};
+use std::path::PathBuf;
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use livesnap::lazy::LazyFill;
+use qmp::{CommandError, EventBus};
+use serde_json::{json, Value};
+use vmm::{Machine, MachineConfig};
+
+use super::bridge::Reply;
+use super::event::AppEvent;
+use crate::cli::{RunConfig, SerialTarget};
+use crate::disk::Disks;
+use crate::snapshot::migrate::{self as migration, Migration};
+use crate::snapshot::restore;
+
+/// Environment variable naming the KVM device (tests point it elsewhere).
+const KVM_PATH_ENV: &str = "SNAPVMM_KVM_DEVICE";
+
+/// The KVM device (`SNAPVMM_KVM_DEVICE` overrides it, for tests).
+pub(super) fn kvm_path() -> PathBuf {
+    std::env::var_os(KVM_PATH_ENV)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(vmm::kvm::vm::KVM_DEVICE))
+}
+
+/// A machine, and the fill of its RAM when that is still under way.
+pub(super) type Built = (Machine, Option<LazyFill>);
+
+/// `--incoming defer`: answers QMP until `migrate-incoming` names an image
+/// that loads; returns the machine and the command's pending reply, or None
+/// when asked to quit first.
+pub(super) fn wait_incoming(
+    cfg: &mut RunConfig,
+    tx: &mpsc::Sender<AppEvent>,
+    rx: &mpsc::Receiver<AppEvent>,
+    migration: &mut Migration,
+    events: Option<&EventBus>,
+) -> Result<Option<(Built, Disks, Reply)>> {
+    use qmp::Request::*;
+    let quit = |reason: &str| {
+        if let Some(ev) = events {
+            ev.emit("SHUTDOWN", Some(json!({"guest": false, "reason": reason})));
+            ev.flush(Duration::from_millis(500));
+        }
+    };
+    // Warm restore: the VM and its memory slots are built now, before the
+    // image is known; migrate-incoming then only loads state (and RAM, while
+    // the guest runs). An image of another RAM size is restored cold.
+    let mut prepared = None;
+    if cfg.restore_mode == restore::RamMode::Uffd && restore::fill_available() {
+        match vmm::PreparedVm::new(&kvm_path(), cfg.mem_bytes, cfg.cpus) {
+            Ok(p) => prepared = Some(p),
+            Err(e) => tracing::warn!("cannot build the VM ahead of migrate-incoming: {e}"),
+        }
+    }
+    loop {
+        let Ok(ev) = rx.recv() else { return Ok(None) };
+        let (req, reply) = match ev {
+            AppEvent::Qmp(req, reply) => (req, reply),
+            AppEvent::Signal(_) => {
+                quit("host-signal");
+                return Ok(None);
+            }
+            // No guest yet: typed input is dropped (the console thread goes on).
+            AppEvent::ConsoleInput(bytes, took) => {
+                let _ = took.send(bytes.len());
+                continue;
+            }
+            _ => continue,
+        };
+        let r: Result<Value, CommandError> = match req {
+            MigrateIncoming(uri) => {
+                match crate::cli::parse_incoming(&uri).map_err(|e| format!("{e:#}")) {
+                    Err(e) => Err(CommandError::generic(e)),
+                    Ok(path) => {
+                        cfg.incoming = Some(path);
+                        let t0 = Instant::now();
+                        let mut warm = false;
+                        let built = crate::disk::open_all(&cfg.disks).and_then(|(c, d)| {
+                            match prepared.take() {
+                                Some(p) => build_warm(cfg, tx, c, &d, p, &mut warm),
+                                None => build_machine(cfg, tx, c, &d),
+                            }
+                            .map(|m| (m, d))
+                        });
+                        migration.last_restore = Some(migration::RestoreInfo {
+                            mode: cfg.restore_mode,
+                            warm,
+                            load: t0.elapsed(),
+                        });
+                        match built {
+                            Ok((m, d)) => return Ok(Some((m, d, reply))),
+                            Err(e) => {
+                                cfg.incoming = None;
+                                Err(CommandError::generic(format!("{e:#}")))
+                            }
+                        }
+                    }
+                }
+            }
+            Quit | SystemPowerdown => {
+                let _ = reply.send(Ok(json!({})));
+                quit("host-qmp-quit");
+                return Ok(None);
+            }
+            QueryMigrate => Ok(migration.query()),
+            MigrateSetCapabilities(caps) => migration.set_capabilities(&caps).map(|_| json!({})),
+            QueryMigrateCapabilities => Ok(migration.query_capabilities()),
+            MigrateSetParameters(p) => migration.set_parameters(&p).map(|_| json!({})),
+            QueryMigrateParameters => Ok(migration.query_parameters()),
+            QueryJobs => Ok(json!([])),
+            // Everything else needs a VM: one is loaded by migrate-incoming first.
+            _ => Err(CommandError::generic(
+                "The VM is waiting for an incoming migration: load it with migrate-incoming first",
+            )),
+        };
+        let _ = reply.send(r);
+    }
+}
+
+/// Builds the machine from the configuration over open disks (`configs`, the
+/// devices' backends; `disks`, the same disks for snapshot operations).
+pub(super) fn build_machine(
+    cfg: &RunConfig,
+    tx: &mpsc::Sender<AppEvent>,
+    configs: Vec<vmm::DiskConfig>,
+    disks: &Disks,
+) -> Result<Built> {
+    if let Some(path) = &cfg.incoming {
+        let done_tx = tx.clone();
+        let done: livesnap::lazy::FillDone = Box::new(move |r| {
+            let _ = done_tx.send(AppEvent::FillDone(r));
+        });
+        let r = restore::from_file(path, cfg.restore_mode, Some(done))
+            .with_context(|| format!("cannot restore from {}", path.display()))?;
+        // The fill goes on while the machine is built (it touches no RAM).
+        let m = build_from_state(cfg, tx, StartRam::Ram(r.ram), r.state, configs)?;
+        return Ok((m, r.fill));
+    }
+    if let Some(tag) = &cfg.loadvm {
+        let (ram, state) = crate::snapshot::savevm::load_from_disks(disks, tag)
+            .map_err(|e| anyhow::anyhow!("cannot load snapshot '{tag}': {e}"))?;
+        return Ok((
+            build_from_state(cfg, tx, StartRam::Ram(ram), state, configs)?,
+            None,
+        ));
+    }
+    let start = vmm::Start::Kernel {
+        kernel: cfg.kernel.clone(),
+        initrd: cfg.initrd.clone(),
+        cmdline: cfg.cmdline.clone(),
+    };
+    Ok((
+        create(cfg, tx, start, cfg.mem_bytes, cfg.cpus, configs)?,
+        None,
+    ))
+}
+
+/// `migrate-incoming` into the VM built ahead (`prepared`): its RAM is
+/// filled from the image while the guest runs. An image of another RAM size
+/// is restored cold.
+pub(super) fn build_warm(
+    cfg: &RunConfig,
+    tx: &mpsc::Sender<AppEvent>,
+    configs: Vec<vmm::DiskConfig>,
+    disks: &Disks,
+    prepared: vmm::PreparedVm,
+    warm: &mut bool,
+) -> Result<Built> {
+    let path = cfg
+        .incoming
+        .as_deref()
+        .expect("migrate-incoming names the image");
+    let t0 = Instant::now();
+    let cannot = || format!("cannot restore from {}", path.display());
+    let (chain, state) = restore::open(path).with_context(cannot)?;
+    if state.mem_bytes != prepared.ram().size() || state.cpus != prepared.cpus() {
+        tracing::info!(
+            "the image is of a {} MiB, {}-vCPU machine, the VM built ahead has {} MiB and {} vCPU(s): restoring cold",
+            state.mem_bytes >> 20,
+            state.cpus,
+            prepared.ram().size() >> 20,
+            prepared.cpus(),
+        );
+        drop(prepared);
+        return build_machine(cfg, tx, configs, disks);
+    }
+    let done_tx = tx.clone();
+    let done: livesnap::lazy::FillDone = Box::new(move |r| {
+        let _ = done_tx.send(AppEvent::FillDone(r));
+    });
+    let fill =
+        restore::fill_ram(Arc::new(chain), prepared.ram(), Some(done)).with_context(cannot)?;
+    let m = build_from_state(cfg, tx, StartRam::Prepared(prepared), state, configs)?;
+    *warm = true;
+    tracing::info!(
+        ms = t0.elapsed().as_secs_f64() * 1e3,
+        "warm restore: state loaded"
+    );
+    Ok((m, Some(fill)))
+}
+
+/// Where a restored machine's RAM is.
+pub(crate) enum StartRam {
+    /// Filled or mapped already, or being filled.
+    Ram(vmm::memory::GuestRam),
+    /// In a VM built ahead, being filled.
+    Prepared(vmm::PreparedVm),
+}
+
+/// Builds a machine that continues from saved state.
+pub(crate) fn build_from_state(
+    cfg: &RunConfig,
+    tx: &mpsc::Sender<AppEvent>,
+    ram: StartRam,
+    state: vmm::MachineState,
+    disks: Vec<vmm::DiskConfig>,
+) -> Result<Machine> {
+    let (mem, cpus) = (state.mem_bytes, state.cpus);
+    // A restore takes the image's machine; options that say otherwise are refused,
+    // never silently ignored.
+    if cfg.mem_given && mem != cfg.mem_bytes {
+        anyhow::bail!(
+            "the snapshot is of a machine with {} MiB of RAM, --mem says {} MiB",
+            mem >> 20,
+            cfg.mem_bytes >> 20
+        );
+    }
+    if cfg.cpus_given && cpus != cfg.cpus {
+        anyhow::bail!(
+            "the snapshot is of a machine with {cpus} vCPU(s), --cpus says {}",
+            cfg.cpus
+        );
+    }
+    let state = Box::new(state);
+    let start = match ram {
+        StartRam::Ram(ram) => vmm::Start::Snapshot { ram, state },
+        StartRam::Prepared(vm) => vmm::Start::Prepared { vm, state },
+    };
+    create(cfg, tx, start, mem, cpus, disks)
+}
+
+pub(super) fn create(
+    cfg: &RunConfig,
+    tx: &mpsc::Sender<AppEvent>,
+    start: vmm::Start,
+    mem_bytes: u64,
+    cpus: u8,
+    disks: Vec<vmm::DiskConfig>,
+) -> Result<Machine> {
+    let serial: Box<dyn Write + Send> = match &cfg.serial {
+        SerialTarget::Stdio => Box::new(LineWriter::new(std::io::stdout())),
+        SerialTarget::File(p) => Box::new(LineWriter::new(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .with_context(|| format!("cannot open serial output file {}", p.display()))?,
+        )),
+        SerialTarget::None => Box::new(std::io::sink()),
+    };
+    let kvm_path = kvm_path();
+    let events_tx = tx.clone();
+    let sink: vmm::EventSink = Arc::new(move |e| {
+        let _ = events_tx.send(AppEvent::Machine(e));
+    });
+    let mc = MachineConfig {
+        mem_bytes,
+        cpus,
+        start,
+        serial,
+        kvm_path,
+        disks,
+    };
+    Ok(Machine::create(mc, sink)?)
+}
