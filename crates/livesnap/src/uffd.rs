@@ -171,6 +171,19 @@ pub unsafe fn populate(addr: u64, len: u64) -> io::Result<()> {
     Ok(())
 }
 
+/// The features the kernel offers, asked on a throw-away userfaultfd
+/// (`UFFDIO_API` may be called once per descriptor).
+fn offered_features() -> io::Result<u64> {
+    let probe = open()?;
+    let mut api = UffdioApi {
+        api: UFFD_API,
+        features: 0,
+        ioctls: 0,
+    };
+    ioctl(&probe, UFFDIO_API, &mut api)?;
+    Ok(api.features)
+}
+
 fn ioctl<T>(fd: &OwnedFd, req: u64, arg: &mut T) -> io::Result<()> {
     // SAFETY: `req` is one of the userfaultfd ioctls above, each taking a
     // pointer to the #[repr(C)] struct `T` of the size encoded in `req`;
@@ -203,16 +216,7 @@ impl Uffd {
     /// KVM reads and writes guest memory from the kernel).
     /// `UFFDIO_MOVE` is negotiated where the kernel has it ([`Uffd::move_pages`]).
     pub fn new_missing() -> io::Result<Uffd> {
-        let offered = {
-            let probe = open()?;
-            let mut api = UffdioApi {
-                api: UFFD_API,
-                features: 0,
-                ioctls: 0,
-            };
-            ioctl(&probe, UFFDIO_API, &mut api)?;
-            api.features
-        };
+        let offered = offered_features()?;
         let fd = open()?;
         let mut api = UffdioApi {
             api: UFFD_API,
@@ -327,17 +331,7 @@ impl Uffd {
     }
 
     fn negotiate(unpopulated: bool) -> io::Result<Uffd> {
-        // The features the kernel offers (UFFDIO_API may be called once per fd).
-        let offered = {
-            let probe = open()?;
-            let mut api = UffdioApi {
-                api: UFFD_API,
-                features: 0,
-                ioctls: 0,
-            };
-            ioctl(&probe, UFFDIO_API, &mut api)?;
-            api.features
-        };
+        let offered = offered_features()?;
         if offered & UFFD_FEATURE_PAGEFAULT_FLAG_WP == 0 {
             return Err(io::Error::new(
                 io::ErrorKind::Unsupported,
