@@ -74,6 +74,11 @@ impl Chain {
         &self.layers[0].1
     }
 
+    /// The images' paths, newest first.
+    pub fn paths(&self) -> impl Iterator<Item = &Path> {
+        self.layers.iter().map(|(p, _)| p.as_path())
+    }
+
     /// The images, newest first.
     pub fn images(&self) -> impl Iterator<Item = &Image> {
         self.layers.iter().map(|(_, i)| i)

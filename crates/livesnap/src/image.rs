@@ -455,7 +455,13 @@ impl Header {
         }
         if let Some(i) = &self.incr {
             let max = 8 + chunk_count(&self.ranges).div_ceil(8) as u64 + MAX_PARENT_PATH as u64;
-            if i.offset % PAGE_SIZE != 0 || i.offset < file_pos || i.len < 8 || i.len > max {
+            let end = i.offset.checked_add(i.len);
+            if i.offset % PAGE_SIZE != 0
+                || i.offset < file_pos
+                || i.len < 8
+                || i.len > max
+                || !end.is_some_and(|e| e <= self.dev_offset)
+            {
                 return Err(SnapError::InvalidLayout(format!(
                     "incremental section at {:#x} ({} bytes) is misplaced",
                     i.offset, i.len

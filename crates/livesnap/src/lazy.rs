@@ -126,9 +126,10 @@ struct Fill {
     outcome_cv: Condvar,
 }
 
-/// A lazy restore under way (or finished). Dropping it stops both threads;
-/// RAM not filled by then stays registered (a thread touching it waits), so
-/// drop it only with the VM gone or after [`LazyFill::wait`].
+/// A lazy restore under way (or finished). Dropping it stops both threads
+/// and closes the userfaultfd: RAM not filled by then reads as zeros, so
+/// drop it only with the VM gone (or paused for good) or after
+/// [`LazyFill::wait`].
 pub struct LazyFill {
     fill: Arc<Fill>,
     threads: Vec<std::thread::JoinHandle<()>>,
@@ -215,7 +216,10 @@ pub fn start_lazy_fill(
         .spawn(move || {
             // Dropped without `go`: the receive fails and the walk stops at once.
             let _ = go_rx.recv();
-            let res = prefetch(&f, handler, t0);
+            let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                prefetch(&f, handler, t0)
+            }))
+            .unwrap_or_else(|_| Err("the prefetch thread panicked".to_string()));
             match &res {
                 Ok(s) => tracing::info!(?s, "lazy restore complete"),
                 Err(e) if f.dropped.load(Ordering::Acquire) => {

@@ -414,6 +414,18 @@ impl PreparedWpCapture {
         let e = &self.engine;
         {
             let _g = lock(&e.cut_lock);
+            let base_moved = self
+                .wp
+                .incr
+                .as_ref()
+                .is_some_and(|p| *lock(&e.base) != Some(p.parent));
+            if base_moved {
+                drop(_g);
+                e.end_capture(&self.wp, None);
+                return Err(SnapError::InvalidInput(
+                    "another snapshot completed since this incremental one was prepared: its parent is no longer the latest".into(),
+                ));
+            }
             if let Err(err) = e.protect_open() {
                 // What was protected stays so: the handler lets writes
                 // through as usual, and the record of changes is intact.
@@ -459,6 +471,15 @@ fn finish_status(sh: &Shared, res: &Result<CaptureStats>) {
             CaptureStatus::Failed(e.to_string())
         }
     };
+}
+
+/// Marks a claimed chunk copied when dropped (a writer of it may go on).
+struct MarkCopied<'a>(&'a AtomicU8);
+
+impl Drop for MarkCopied<'_> {
+    fn drop(&mut self) {
+        self.0.store(COPIED, Ordering::Release);
+    }
 }
 
 /// Copies every chunk not yet taken, writes everything, finishes the image;
@@ -575,8 +596,10 @@ fn write_all(
             // borrowed: it is write-protected, and the handler lets no write
             // in before the state below says COPIED.
             let src = unsafe { std::slice::from_raw_parts(c.host as *const u8, c.len as usize) };
+            // Marked copied whatever happens, a panicking sink included.
+            let copied = MarkCopied(&wp.state[i]);
             let r = wp.write_out(i, src);
-            wp.state[i].store(COPIED, Ordering::Release);
+            drop(copied);
             wp.counters.chunks_by_writer.fetch_add(1, Ordering::Relaxed);
             let (w, z) = r?;
             account(w, z);

@@ -36,9 +36,9 @@ pub(crate) fn chunks_of(ranges: &[RamRange]) -> Result<Vec<Chunk>> {
     let mut chunks = Vec::new();
     for (r, ir) in ranges.iter().zip(&header.ranges) {
         let (start, end) = (r.host as u64, r.host as u64 + r.len);
-        if r.len >= CHUNK && start % CHUNK != 0 {
+        if start % CHUNK != 0 {
             return Err(SnapError::InvalidInput(format!(
-                "RAM range at {:#x}: ranges of 2 MiB or more must start 2 MiB-aligned",
+                "RAM range at {:#x}: its host memory must start 2 MiB-aligned",
                 r.gpa
             )));
         }
@@ -88,6 +88,8 @@ pub(crate) struct Engine {
     /// first complete capture, or after tracking broke).
     pub(crate) base: Mutex<Option<ImageId>>,
     pub(crate) stop: AtomicBool,
+    /// The fault handler ended on an error: nothing may be protected again.
+    pub(crate) dead: AtomicBool,
     /// Faults taken between captures (chunks let through and recorded).
     pub(crate) tracked: AtomicU64,
 }
@@ -117,6 +119,7 @@ impl WpEngine {
             current: Mutex::new(None),
             base: Mutex::new(None),
             stop: AtomicBool::new(false),
+            dead: AtomicBool::new(false),
             tracked: AtomicU64::new(0),
         });
         let e = shared.clone();
@@ -128,6 +131,12 @@ impl WpEngine {
             shared,
             thread: Some(thread),
         })
+    }
+
+    /// Whether the engine still serves faults (after an error reading its
+    /// userfaultfd it cannot: drop it, and build a new one for new captures).
+    pub fn is_alive(&self) -> bool {
+        !self.shared.dead.load(Ordering::Acquire)
     }
 
     /// The latest image captured by this engine whose cut the record of
@@ -180,10 +189,16 @@ impl WpEngine {
         }
         let abs = std::fs::canonicalize(parent)
             .map_err(|e| SnapError::io(format!("resolve {}", parent.display()), e))?;
-        if std::fs::canonicalize(dest).ok().as_deref() == Some(abs.as_path()) {
-            return Err(SnapError::InvalidInput(
-                "an incremental snapshot cannot replace its own parent".into(),
-            ));
+        if let Ok(dest) = std::fs::canonicalize(dest) {
+            let chain = crate::chain::Chain::open(&abs)?;
+            if chain
+                .paths()
+                .any(|p| std::fs::canonicalize(p).ok().as_ref() == Some(&dest))
+            {
+                return Err(SnapError::InvalidInput(
+                    "an incremental snapshot cannot replace its own parent or an older image of its chain".into(),
+                ));
+            }
         }
         let path = abs.to_string_lossy().into_owned();
         if path.len() > 4096 {
@@ -232,6 +247,11 @@ impl Engine {
     /// neighbouring chunks (the caller holds `cut_lock`). Returns the calls
     /// made. On failure the chunks of the failing run stay open.
     pub(crate) fn protect_open(&self) -> std::io::Result<usize> {
+        if self.dead.load(Ordering::Acquire) {
+            return Err(std::io::Error::other(
+                "the write-protect fault handler has stopped",
+            ));
+        }
         let mut calls = 0;
         let mut i = 0;
         while i < self.chunks.len() {
@@ -317,6 +337,8 @@ fn fault_handler(e: &Engine) {
             Ok(None) => continue,
             Err(err) => {
                 tracing::error!("cannot read the write-protect userfaultfd: {err}");
+                let _g = lock(&e.cut_lock);
+                e.dead.store(true, Ordering::Release);
                 if let Some((wp, _)) = lock(&e.current).as_ref() {
                     wp.fail(SnapError::io("read userfaultfd", err));
                 }
@@ -336,14 +358,26 @@ fn fault_handler(e: &Engine) {
         let taken = match &cur {
             Some((wp, _)) if wp.want.get().is_some() => {
                 wp.counters.faults.fetch_add(1, Ordering::Relaxed);
-                take_for_capture(wp, i)
+                // A panic (a sink's) fails the capture; faults are still served.
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| take_for_capture(wp, i)))
+                    .unwrap_or_else(|_| {
+                        wp.fail(SnapError::io(
+                            "write-protect fault handler",
+                            std::io::Error::other("the capture's chunk copy panicked"),
+                        ));
+                        None
+                    })
             }
             _ => {
                 e.tracked.fetch_add(1, Ordering::Relaxed);
                 None
             }
         };
-        if let Err(err) = e.unprotect(i) {
+        if let Err(err) = e.unprotect(i).or_else(|_| e.unprotect(i)) {
+            // The faulting thread must not wait for ever: wake it (it faults
+            // again, and is served again).
+            let c = e.chunks[i];
+            let _ = e.uffd.wake(c.host, c.len);
             match &cur {
                 Some((wp, _)) => wp.fail(err),
                 None => tracing::error!("{err}"),

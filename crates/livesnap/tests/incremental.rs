@@ -177,6 +177,12 @@ fn only_the_latest_snapshot_can_be_a_parent() {
     assert!(e.to_string().contains("its own parent"), "{e}");
     capture(&engine, &c, Some(&b)).unwrap();
     assert!(chain_ram(&c) == mem.bytes());
+    // Over an older image of its own chain (b, c's parent): refused, the
+    // chain intact.
+    touch(&mut mem, &[3], 2);
+    let e = capture(&engine, &b, Some(&c)).err().unwrap();
+    assert!(e.to_string().contains("older image of its chain"), "{e}");
+    assert!(chain_ram(&c).len() == LEN);
 }
 
 #[test]

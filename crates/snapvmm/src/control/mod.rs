@@ -405,6 +405,10 @@ impl Controller {
     /// huge pages), or it can never be complete (end the VM: a vCPU touching
     /// what is missing would wait for ever).
     fn fill_done(&mut self, r: Result<livesnap::lazy::FillStats, String>) {
+        if self.fill.is_none() {
+            // Its machine was replaced (reset, load) before this arrived.
+            return;
+        }
         match r {
             Ok(st) => {
                 tracing::info!(
@@ -553,10 +557,13 @@ impl Controller {
         let ram = self.machine.ram();
         let key = ram.regions().first().map_or(0, |r| r.host as usize);
         if let Some((k, u)) = &self.uffd {
-            if *k == key {
+            if *k == key && u.is_alive() {
                 return Ok(u.clone());
             }
         }
+        // Another machine's, or one whose fault handler stopped: its
+        // registration must go before RAM is registered again.
+        self.uffd = None;
         if ram.file_backed() {
             return Err("x-snapshot-method 'uffd' needs anonymous guest RAM: this VM's RAM is mapped from its snapshot image (restore with --restore-mode uffd or copy)".into());
         }

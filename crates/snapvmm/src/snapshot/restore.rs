@@ -131,11 +131,17 @@ pub fn from_file(
             m
         }
         RamMode::Lazy if chain.len() > 1 => {
+            let m = if fill_available() {
+                RamMode::Uffd
+            } else {
+                RamMode::Copy
+            };
             tracing::info!(
                 images = chain.len(),
-                "an incremental snapshot: RAM is filled (--restore-mode uffd), not mapped"
+                "an incremental snapshot cannot be mapped: restoring with --restore-mode {}",
+                m.name()
             );
-            RamMode::Uffd
+            m
         }
         m => m,
     };
