@@ -110,7 +110,18 @@ pub struct PreparedWpCapture {
     /// Tells the waiting writer to go (with the pause it took) or to give up.
     go: mpsc::SyncSender<Option<(Instant, Duration)>>,
     state_tx: mpsc::SyncSender<std::result::Result<Vec<u8>, String>>,
-    thread: std::thread::JoinHandle<Result<CaptureStats>>,
+    /// `None` once started.
+    thread: Option<std::thread::JoinHandle<Result<CaptureStats>>>,
+}
+
+impl Drop for PreparedWpCapture {
+    /// Never started: the engine is free for another capture at once (the
+    /// writer thread cleans up the rest).
+    fn drop(&mut self) {
+        if self.thread.is_some() {
+            self.engine.end_capture(&self.wp, None);
+        }
+    }
 }
 
 /// Where the image goes: a temp file renamed into place, or a sink.
@@ -398,7 +409,7 @@ fn launch(
         counters,
         go,
         state_tx,
-        thread,
+        thread: Some(thread),
     })
 }
 
@@ -409,7 +420,7 @@ impl PreparedWpCapture {
     /// state, saved at the same paused instant, comes through the returned
     /// [`StateSender`]. Dropping a prepared capture without starting it
     /// removes its temp file (or aborts its sink).
-    pub fn start_deferred(self) -> Result<(Capture, StateSender, Arc<WpCounters>)> {
+    pub fn start_deferred(mut self) -> Result<(Capture, StateSender, Arc<WpCounters>)> {
         let start = Instant::now();
         let e = &self.engine;
         {
@@ -448,13 +459,13 @@ impl PreparedWpCapture {
         let _ = self.go.send(Some((start, pause_time)));
         Ok((
             Capture {
-                shared: self.shared,
-                thread: Some(self.thread),
+                shared: self.shared.clone(),
+                thread: self.thread.take(),
                 pid: 0,
                 pause_time,
             },
-            StateSender(self.state_tx),
-            self.counters,
+            StateSender(self.state_tx.clone()),
+            self.counters.clone(),
         ))
     }
 }
