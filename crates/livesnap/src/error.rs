@@ -116,6 +116,10 @@ pub enum SnapError {
     /// The capture was cancelled by the caller.
     #[error("capture cancelled")]
     Cancelled,
+    /// A snapshot stream is not one, is corrupt, ends early or was
+    /// abandoned by its sender ([`crate::stream`]).
+    #[error("snapshot stream: {0}")]
+    Stream(String),
 }
 
 impl SnapError {

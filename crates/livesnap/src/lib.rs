@@ -16,6 +16,8 @@
 //!   vmstate area of a qcow2 disk) instead of into a file.
 //! * [`lazy::start_lazy_fill`]: restore into fresh anonymous memory, filled
 //!   on demand (userfaultfd missing mode) and in the background.
+//! * [`stream`]: the stream form of an image (front to back, for pipes
+//!   and sockets): a [`Sink`] that writes it and a reader.
 //! * [`Image`]: validating reader of the image format (see `FORMAT.md`),
 //!   from a file ([`Image::open`]) or any [`Source`] ([`Image::from_source`]).
 
@@ -28,6 +30,7 @@ pub mod lazy;
 mod pages;
 mod sink;
 mod source;
+pub mod stream;
 pub mod uffd;
 pub mod wp_capture;
 mod wp_engine;
