@@ -116,7 +116,10 @@ pub enum SnapError {
     /// The capture was cancelled by the caller.
     #[error("capture cancelled")]
     Cancelled,
-    /// A snapshot stream is not one, is corrupt, ends early or was
+    /// What was read is not a snapvmm snapshot stream (its first bytes).
+    #[error("not a snapvmm snapshot stream (bad magic)")]
+    NotAStream,
+    /// A snapshot stream is corrupt, ends early or was
     /// abandoned by its sender ([`crate::stream`]).
     #[error("snapshot stream: {0}")]
     Stream(String),

@@ -229,7 +229,7 @@ impl<R: Read> StreamReader<R> {
         let mut fixed = [0u8; FIXED_HEAD];
         fill(&mut input, &mut fixed[..8], "the stream header")?;
         if fixed[..8] != STREAM_MAGIC {
-            return Err(corrupt("it does not start with the snapvmm stream magic"));
+            return Err(SnapError::NotAStream);
         }
         fill(&mut input, &mut fixed[8..12], "the stream header")?;
         let version = get32(&fixed, 8);

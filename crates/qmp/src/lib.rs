@@ -165,6 +165,7 @@ mod args;
 mod commands;
 mod error;
 mod events;
+mod fds;
 #[cfg(test)]
 mod fuzz_tests;
 #[cfg(any(test, feature = "fuzzing"))]
@@ -181,6 +182,7 @@ mod stream;
 pub use addr::ListenAddr;
 pub use error::{CommandError, ErrorClass, QmpError};
 pub use events::{EventBus, CLIENT_QUEUE_CAPACITY};
+pub use fds::take_fd;
 pub use machine::{CpuInfo, CpuProps, Machine, Request, RunState, SnapshotEntry, SnapshotJob};
 pub use protocol::{package, QEMU_VERSION};
 pub use server::{Server, MAX_CLIENTS};

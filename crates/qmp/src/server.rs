@@ -226,7 +226,13 @@ fn read_loop(mut conn: Conn, handle: Arc<ClientHandle>, bus: EventBus, machine: 
     let mut negotiated = conn.set_read_timeout(Some(NEGOTIATION_TIMEOUT)).is_err();
     if handle.send_reply(greeting_line()).is_ok() {
         'outer: loop {
-            let n = match conn.read(&mut buf) {
+            let mut fds = Vec::new();
+            let got = match &conn {
+                Conn::Unix(s) => crate::fds::recv_with_fds(s, &mut buf, &mut fds),
+                Conn::Tcp(_) => conn.read(&mut buf),
+            };
+            session.add_fds(fds);
+            let n = match got {
                 Ok(0) => break,
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,

@@ -26,6 +26,8 @@ pub(crate) struct Session {
     machine: Arc<dyn Machine>,
     splitter: Splitter,
     negotiated: bool,
+    /// Descriptors received (SCM_RIGHTS) and not yet named by `getfd`.
+    fds: Vec<std::os::fd::OwnedFd>,
 }
 
 impl Session {
@@ -34,7 +36,16 @@ impl Session {
             machine,
             splitter: Splitter::new(),
             negotiated: false,
+            fds: Vec::new(),
         }
+    }
+
+    /// Descriptors that came with the bytes fed next (the oldest are
+    /// closed beyond [`crate::fds::MAX_PENDING`]).
+    pub(crate) fn add_fds(&mut self, fds: Vec<std::os::fd::OwnedFd>) {
+        self.fds.extend(fds);
+        let extra = self.fds.len().saturating_sub(crate::fds::MAX_PENDING);
+        self.fds.drain(..extra);
     }
 
     /// Feeds received bytes; returns the replies, in order.
@@ -68,6 +79,7 @@ impl Session {
             machine: self.machine.as_ref(),
             negotiated: self.negotiated,
             quit_requested: false,
+            fds: &mut self.fds,
         };
         let result = dispatch(&request.name, request.args, &mut ctx);
         let quit = ctx.quit_requested;

@@ -66,8 +66,10 @@ pub struct RunArgs {
     /// When the guest powers off, keep the VM in the shutdown state instead of exiting.
     #[arg(long)]
     pub no_shutdown: bool,
-    /// Restore from a snapshot image: file:PATH (RAM size and vCPUs come from the image),
-    /// or defer: wait for QMP `migrate-incoming {"uri": "file:PATH"}`.
+    /// Restore from a snapshot (RAM size and vCPUs come from it): file:PATH (an image, or a
+    /// stream written to a file), a stream from unix:PATH or tcp:HOST:PORT (listens there,
+    /// only there), exec:COMMAND (reads its output) or fd:NAME; or defer: wait for QMP
+    /// `migrate-incoming {"uri": ...}`.
     #[arg(long)]
     pub incoming: Option<String>,
     /// A virtio-blk disk: PATH[,format=qcow2|raw][,id=NAME][,readonly=on] (repeatable;
@@ -112,6 +114,8 @@ pub struct RunConfig {
     pub start_paused: bool,
     pub no_shutdown: bool,
     pub incoming: Option<PathBuf>,
+    /// `--incoming` with a stream URI (unix, tcp, exec, fd): received while QMP answers.
+    pub incoming_stream: Option<crate::snapshot::transport::Uri>,
     /// `--incoming defer`: no machine until QMP `migrate-incoming`.
     pub defer_incoming: bool,
     pub restore_mode: crate::snapshot::restore::RamMode,
@@ -220,6 +224,11 @@ impl RunArgs {
         if self.incoming.as_deref() == Some("defer") && qmp.is_none() {
             bail!("--incoming defer waits for QMP migrate-incoming: it needs --qmp");
         }
+        use crate::snapshot::transport::Uri;
+        let incoming = match self.incoming.as_deref() {
+            None | Some("defer") => None,
+            Some(s) => Some(parse_incoming(s)?),
+        };
         Ok(RunConfig {
             mem_bytes,
             cpus: cpus as u8,
@@ -233,10 +242,11 @@ impl RunArgs {
             name: self.name.clone(),
             start_paused: self.paused,
             no_shutdown: self.no_shutdown,
-            incoming: match self.incoming.as_deref() {
-                None | Some("defer") => None,
-                Some(s) => Some(parse_incoming(s)?),
+            incoming: match incoming.clone() {
+                Some(Uri::File(p)) => Some(p),
+                _ => None,
             },
+            incoming_stream: incoming.filter(Uri::is_stream),
             defer_incoming: self.incoming.as_deref() == Some("defer"),
             restore_mode: match self.restore_mode.as_str() {
                 "copy" => crate::snapshot::restore::RamMode::Copy,
@@ -249,13 +259,9 @@ impl RunArgs {
     }
 }
 
-/// Parses a `file:PATH` migration URI (`--incoming`, `migrate-incoming`).
-pub fn parse_incoming(s: &str) -> Result<PathBuf> {
-    match s.strip_prefix("file:") {
-        Some(p) if !p.is_empty() => crate::snapshot::migrate::parse_uri(s)
-            .map_err(|e| anyhow::anyhow!("--incoming: {}", e.desc)),
-        _ => bail!("invalid --incoming '{s}': expected file:PATH or defer"),
-    }
+/// Parses a migration URI (`--incoming`, `migrate-incoming`).
+pub fn parse_incoming(s: &str) -> Result<crate::snapshot::transport::Uri> {
+    crate::snapshot::transport::Uri::parse(s).map_err(|e| anyhow::anyhow!("--incoming: {e}"))
 }
 
 fn read_file(p: &PathBuf, what: &str) -> Result<Vec<u8>> {

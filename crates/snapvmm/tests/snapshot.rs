@@ -13,24 +13,6 @@ fn snapshot_and_restore(cpus: &str, method: &str) {
     snapshot_and_restore_as(cpus, method, "lazy");
 }
 
-/// Checks a restored guest goes on from its snapshot: reports, no CORRUPT,
-/// no fresh boot, several verified passes.
-fn goes_on_without_corruption(b: &Running, cpus: usize) {
-    let mut reports = 0;
-    while reports < 3 * cpus {
-        let l = b.wait_line("refguest:", T);
-        assert!(!l.contains("CORRUPT") && !l.contains("FAULT"), "{l}");
-        assert!(
-            !l.contains("ready"),
-            "a restored guest must not boot again: {l}"
-        );
-        reports += usize::from(l.contains(" t="));
-    }
-    let l = b.wait_line("passes=", T);
-    let passes: u64 = l.rsplit("passes=").next().unwrap().parse().unwrap();
-    assert!(passes >= 2, "several passes verified after restore: {l}");
-}
-
 fn snapshot_and_restore_as(cpus: &str, method: &str, restore: &str) {
     let d = TempDir::new("live");
     let image = d.path("vm.snap");

@@ -234,6 +234,16 @@ impl GuestRam {
         unsafe { std::slice::from_raw_parts_mut(r.host, r.len as usize) }
     }
 
+    /// Every region as a mutable byte slice (see [`GuestRam::region_bytes_mut`]).
+    pub fn regions_bytes_mut(&mut self) -> Vec<&mut [u8]> {
+        self.regions
+            .iter()
+            // SAFETY: as in region_bytes_mut; the regions never overlap, so the
+            // slices are disjoint, and all borrow `self` mutably.
+            .map(|r| unsafe { std::slice::from_raw_parts_mut(r.host, r.len as usize) })
+            .collect()
+    }
+
     /// Total RAM in bytes.
     pub fn size(&self) -> u64 {
         self.regions.iter().map(|r| r.len).sum()

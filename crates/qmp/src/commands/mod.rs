@@ -14,6 +14,7 @@ use crate::error::CommandError;
 use crate::machine::Machine;
 
 pub(crate) mod cont;
+pub(crate) mod getfd;
 pub(crate) mod hmp_snapshots;
 pub(crate) mod human_monitor_command;
 pub(crate) mod job_cancel;
@@ -83,6 +84,8 @@ pub(crate) const COMMANDS: &[CommandSpec] = &[
     job_cancel::SPEC,
     job_dismiss::SPEC,
     job_finalize::SPEC,
+    getfd::SPEC,
+    getfd::CLOSE_SPEC,
 ];
 
 /// Per-connection state a command may read or change.
@@ -92,6 +95,8 @@ pub(crate) struct Context<'a> {
     pub(crate) negotiated: bool,
     /// `quit` was requested: send [`crate::Request::Quit`] once the reply is out.
     pub(crate) quit_requested: bool,
+    /// Descriptors received on this connection and not named yet.
+    pub(crate) fds: &'a mut Vec<std::os::fd::OwnedFd>,
 }
 
 /// A parsed, type-checked command.
@@ -108,6 +113,8 @@ pub(crate) enum Command {
     QueryCpusFast,
     Quit,
     HumanMonitorCommand(human_monitor_command::Args),
+    Getfd(String),
+    Closefd(String),
     /// Executed by the VMM ([`Machine::request`]).
     Vm(crate::machine::Request),
 }
@@ -135,6 +142,8 @@ impl Command {
             Command::QueryCpusFast => query_cpus_fast::execute(ctx),
             Command::Quit => quit::execute(ctx),
             Command::HumanMonitorCommand(a) => human_monitor_command::execute(a, ctx),
+            Command::Getfd(n) => getfd::execute(n, ctx),
+            Command::Closefd(n) => getfd::close(n, ctx),
             Command::Vm(req) => ctx.machine.request(req),
         }
     }

@@ -33,36 +33,50 @@ pub(super) fn kvm_path() -> PathBuf {
 /// A machine, and the fill of its RAM when that is still under way.
 pub(super) type Built = (Machine, Option<LazyFill>);
 
-/// `--incoming defer`: answers QMP until `migrate-incoming` names an image
-/// that loads; returns the machine and the command's pending reply, or None
-/// when asked to quit first.
+/// `--incoming defer`, or `--incoming` with a stream URI: answers QMP until
+/// `migrate-incoming` names an image that loads, or the stream being
+/// received is complete; returns the machine and the command's pending
+/// reply (none for a stream: `migrate-incoming` returns once it listens),
+/// or None when asked to quit first.
 pub(super) fn wait_incoming(
     cfg: &mut RunConfig,
     tx: &mpsc::Sender<AppEvent>,
     rx: &mpsc::Receiver<AppEvent>,
     migration: &mut Migration,
     events: Option<&EventBus>,
-) -> Result<Option<(Built, Disks, Reply)>> {
+) -> Result<Option<(Built, Disks, Option<Reply>)>> {
     use qmp::Request::*;
+    let ev: Option<EventBus> = events.cloned();
     let quit = |reason: &str| {
         if let Some(ev) = events {
             ev.emit("SHUTDOWN", Some(json!({"guest": false, "reason": reason})));
             ev.flush(Duration::from_millis(500));
         }
     };
+    // `--incoming unix:/tcp:/exec:/fd:`: listen (or start reading) now; a
+    // failure ends the process, as a bad --incoming file does.
+    let from_cli = cfg.incoming_stream.is_some();
+    let mut receiving = false;
+    if let Some(uri) = &cfg.incoming_stream {
+        start_stream(uri, tx, migration, &ev).map_err(|e| anyhow::anyhow!("--incoming: {e}"))?;
+        receiving = true;
+    }
     // Warm restore: the VM and its memory slots are built now, before the
     // image is known; migrate-incoming then only loads state (and RAM, while
     // the guest runs). An image of another RAM size is restored cold.
     let mut prepared = None;
-    if cfg.restore_mode == restore::RamMode::Uffd && restore::fill_available() {
+    if cfg.defer_incoming && cfg.restore_mode == restore::RamMode::Uffd && restore::fill_available()
+    {
         match vmm::PreparedVm::new(&kvm_path(), cfg.mem_bytes, cfg.cpus) {
             Ok(p) => prepared = Some(p),
             Err(e) => tracing::warn!("cannot build the VM ahead of migrate-incoming: {e}"),
         }
     }
     loop {
-        let Ok(ev) = rx.recv() else { return Ok(None) };
-        let (req, reply) = match ev {
+        let Ok(ev_in) = rx.recv() else {
+            return Ok(None);
+        };
+        let (req, reply) = match ev_in {
             AppEvent::Qmp(req, reply) => (req, reply),
             AppEvent::Signal(_) => {
                 quit("host-signal");
@@ -73,38 +87,82 @@ pub(super) fn wait_incoming(
                 let _ = took.send(bytes.len());
                 continue;
             }
-            _ => continue,
-        };
-        let r: Result<Value, CommandError> = match req {
-            MigrateIncoming(uri) => {
-                match crate::cli::parse_incoming(&uri).map_err(|e| format!("{e:#}")) {
-                    Err(e) => Err(CommandError::generic(e)),
-                    Ok(path) => {
-                        cfg.incoming = Some(path);
-                        let t0 = Instant::now();
-                        let mut warm = false;
-                        let built = crate::disk::open_all(&cfg.disks).and_then(|(c, d)| {
-                            match prepared.take() {
-                                Some(p) => build_warm(cfg, tx, c, &d, p, &mut warm),
-                                None => build_machine(cfg, tx, c, &d),
-                            }
-                            .map(|m| (m, d))
-                        });
-                        migration.last_restore = Some(migration::RestoreInfo {
-                            mode: cfg.restore_mode,
-                            warm,
-                            load: t0.elapsed(),
-                        });
-                        match built {
-                            Ok((m, d)) => return Ok(Some((m, d, reply))),
-                            Err(e) => {
-                                cfg.incoming = None;
-                                Err(CommandError::generic(format!("{e:#}")))
-                            }
+            AppEvent::Incoming(r) => {
+                receiving = false;
+                let built = r.map_err(anyhow::Error::msg).and_then(|rec| {
+                    let t0 = Instant::now();
+                    tracing::info!(bytes = rec.bytes, peer = %rec.peer, "incoming stream received");
+                    let (configs, disks) = crate::disk::open_all(&cfg.disks)?;
+                    let r = rec.restored;
+                    let m = build_from_state(cfg, tx, StartRam::Ram(r.ram), r.state, configs)?;
+                    migration.last_restore = Some(migration::RestoreInfo {
+                        mode: restore::RamMode::Copy,
+                        warm: false,
+                        load: t0.elapsed(),
+                    });
+                    Ok((m, disks))
+                });
+                match built {
+                    Ok((m, d)) => {
+                        if let Some(j) = migration.job.as_mut() {
+                            j.total_time = Some(j.started_elapsed());
                         }
+                        let _ = migration.set_status(migration::Status::Completed, &ev);
+                        cfg.incoming_stream
+                            .get_or_insert(crate::snapshot::transport::Uri::Exec(String::new()));
+                        return Ok(Some(((m, None), d, None)));
+                    }
+                    Err(e) => {
+                        let why = format!("{e:#}");
+                        let _ = migration.fail(why.clone(), &ev);
+                        if from_cli {
+                            anyhow::bail!("{why}");
+                        }
+                        tracing::error!("incoming migration failed: {why}");
+                        continue;
                     }
                 }
             }
+            _ => continue,
+        };
+        let r: Result<Value, CommandError> = match req {
+            MigrateIncoming(_) if receiving => Err(CommandError::generic(
+                "an incoming migration is already under way",
+            )),
+            MigrateIncoming(uri) => match crate::cli::parse_incoming(&uri) {
+                Err(e) => Err(CommandError::generic(format!("{e:#}"))),
+                Ok(crate::snapshot::transport::Uri::File(path)) => {
+                    cfg.incoming = Some(path);
+                    let t0 = Instant::now();
+                    let mut warm = false;
+                    let built = crate::disk::open_all(&cfg.disks).and_then(|(c, d)| {
+                        match prepared.take() {
+                            Some(p) => build_warm(cfg, tx, c, &d, p, &mut warm),
+                            None => build_machine(cfg, tx, c, &d),
+                        }
+                        .map(|m| (m, d))
+                    });
+                    migration.last_restore = Some(migration::RestoreInfo {
+                        mode: cfg.restore_mode,
+                        warm,
+                        load: t0.elapsed(),
+                    });
+                    match built {
+                        Ok((m, d)) => return Ok(Some((m, d, Some(reply)))),
+                        Err(e) => {
+                            cfg.incoming = None;
+                            Err(CommandError::generic(format!("{e:#}")))
+                        }
+                    }
+                }
+                Ok(uri) => match start_stream(&uri, tx, migration, &ev) {
+                    Ok(()) => {
+                        receiving = true;
+                        Ok(json!({}))
+                    }
+                    Err(e) => Err(CommandError::generic(e)),
+                },
+            },
             Quit | SystemPowerdown => {
                 let _ = reply.send(Ok(json!({})));
                 quit("host-qmp-quit");
@@ -122,6 +180,27 @@ pub(super) fn wait_incoming(
             )),
         };
         let _ = reply.send(r);
+    }
+}
+
+/// Starts receiving a stream: an incoming job in `active` (QEMU's target
+/// statuses), with the address it listens on.
+fn start_stream(
+    uri: &crate::snapshot::transport::Uri,
+    tx: &mpsc::Sender<AppEvent>,
+    migration: &mut Migration,
+    ev: &Option<EventBus>,
+) -> Result<(), String> {
+    migration.new_job(0, ev).map_err(|e| e.to_string())?;
+    match super::incoming::start(uri, tx) {
+        Ok(addr) => {
+            if let Some(j) = migration.job.as_mut() {
+                j.listening = addr;
+            }
+            let _ = migration.set_status(migration::Status::Active, ev);
+            Ok(())
+        }
+        Err(e) => Err(migration.fail(e, ev).desc),
     }
 }
 

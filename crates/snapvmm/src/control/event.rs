@@ -22,6 +22,8 @@ pub enum AppEvent {
     SaveVmDone,
     /// A restore's RAM fill (`--restore-mode uffd`) ended.
     FillDone(Result<livesnap::lazy::FillStats, String>),
+    /// An incoming stream was read to its end (or failed).
+    Incoming(Result<Box<super::incoming::Received>, String>),
     /// The huge-page rebuild after a fork capture ended.
     CollapseDone(vmm::memory::CollapseStats, Duration),
     /// Bytes typed on stdin for the serial console; the reply says how many the

@@ -15,6 +15,7 @@ use vmm::{Machine, MachineEvent};
 mod bridge;
 mod build;
 mod event;
+mod incoming;
 mod runstate;
 mod snapjobs;
 
@@ -36,7 +37,7 @@ use livesnap::wp_capture::WpEngine;
 /// Boots the machine and runs it until it powers off; returns the exit status.
 pub fn run(mut cfg: RunConfig) -> Result<u8> {
     let (tx, rx) = mpsc::channel::<AppEvent>();
-    let status = if cfg.incoming.is_some() || cfg.defer_incoming {
+    let status = if cfg.incoming.is_some() || cfg.incoming_stream.is_some() || cfg.defer_incoming {
         RunState::Inmigrate
     } else {
         RunState::Prelaunch
@@ -63,10 +64,10 @@ pub fn run(mut cfg: RunConfig) -> Result<u8> {
     }
     let mut migration = Migration::default();
     let mut incoming_reply = None;
-    let (machine, disks) = if cfg.defer_incoming {
+    let (machine, disks) = if cfg.defer_incoming || cfg.incoming_stream.is_some() {
         match wait_incoming(&mut cfg, &tx, &rx, &mut migration, events.as_ref())? {
             Some((m, d, reply)) => {
-                incoming_reply = Some(reply);
+                incoming_reply = reply;
                 (m, d)
             }
             None => {
@@ -84,7 +85,9 @@ pub fn run(mut cfg: RunConfig) -> Result<u8> {
         crate::snapshot::savevm::snapshot_clock(&disks, tag)
     });
     // A reset of a restored VM boots the kernel afresh (as QEMU reboots the firmware).
-    let restored = cfg.incoming.take().is_some() | cfg.loadvm.take().is_some();
+    let restored = cfg.incoming.take().is_some()
+        | cfg.incoming_stream.take().is_some()
+        | cfg.loadvm.take().is_some();
     if restored {
         cfg.mem_bytes = machine.ram().size();
         cfg.cpus = machine.cpus();
@@ -236,6 +239,8 @@ impl Controller {
                 self.dismiss_hmp_jobs();
             }
             AppEvent::FillDone(r) => self.fill_done(r),
+            // Only before the machine exists (wait_incoming) is one expected.
+            AppEvent::Incoming(_) => {}
             AppEvent::CollapseDone(st, took) => {
                 tracing::info!(
                     collapsed = st.collapsed,
@@ -253,10 +258,15 @@ impl Controller {
         Ok(())
     }
 
-    /// `migrate file:PATH`: see migration.rs for the two methods.
+    /// `migrate URI`: see migration.rs for the methods, transport.rs for the URIs.
     fn migrate(&mut self, uri: &str) -> Result<(), CommandError> {
         self.check(Cmd::Migrate)?;
-        let dest = migration::parse_uri(uri)?;
+        let uri = crate::snapshot::transport::Uri::parse(uri).map_err(CommandError::generic)?;
+        if uri.is_stream() && self.migration.parent.is_some() {
+            return Err(CommandError::generic(
+                "an incremental snapshot can only be written to a file: set x-parent to \"\" to stream a full one",
+            ));
+        }
         if !matches!(
             self.status(),
             RunState::Running | RunState::Paused | RunState::Postmigrate
@@ -279,13 +289,19 @@ impl Controller {
         if let Some(j) = self.migration.job.as_mut() {
             j.method = method;
         }
+        // A stream connects (or starts its command) now: a peer that is not
+        // there fails the job before the guest is paused.
+        let mut dest = match migration::Dest::open(&uri, &self.machine) {
+            Ok(d) => Some(d),
+            Err(e) => return Err(self.fail_migration(e)),
+        };
         let capture = match method {
             migration::Method::Fork => {
                 let tx = self.tx.clone();
                 let done = move || {
                     let _ = tx.send(AppEvent::CaptureDone);
                 };
-                match migration::prepare_fork(&self.machine, &dest, done) {
+                match migration::prepare_fork(&self.machine, dest.take().expect("opened"), done) {
                     Ok(p) => Capture::Fork(p),
                     Err(e) => return Err(self.fail_migration(e.to_string())),
                 }
@@ -301,7 +317,8 @@ impl Controller {
                 };
                 let pool = self.migration.wp_pool;
                 let parent = self.migration.parent.clone();
-                match migration::prepare_wp(&engine, &dest, parent.as_deref(), pool, done) {
+                let d = dest.take().expect("opened");
+                match migration::prepare_wp(&engine, d, parent.as_deref(), pool, done) {
                     Ok(p) => Capture::Wp(p),
                     Err(e) => return Err(self.fail_migration(e.to_string())),
                 }
@@ -340,6 +357,7 @@ impl Controller {
                 let done = move |r| {
                     let _ = tx.send(AppEvent::StopCopyDone(r));
                 };
+                let dest = dest.take().expect("a stop-and-copy keeps its destination");
                 let t = migration::start_stop_copy(&self.machine, state, dest, done);
                 if let Some(j) = self.migration.job.as_mut() {
                     j.stop_thread = Some(t);

@@ -89,6 +89,8 @@ pub struct Job {
     pub wp: Option<std::sync::Arc<livesnap::wp_capture::WpCounters>>,
     /// The parent of an incremental snapshot.
     pub parent: Option<PathBuf>,
+    /// An incoming stream's listening address (`socket-address`).
+    pub listening: Option<String>,
 }
 
 /// Migration settings and the latest job.
@@ -275,6 +277,7 @@ impl Migration {
             stats: None,
             error: None,
             wp: None,
+            listening: None,
         });
         if self.events {
             ev.emit("MIGRATION", Some(json!({"status": Status::Setup.name()})));
@@ -363,6 +366,17 @@ impl Migration {
         }
         if let Some(e) = &j.error {
             v["error-desc"] = json!(e);
+        }
+        if let Some(a) = &j.listening {
+            // QEMU's SocketAddress list of an incoming migration.
+            v["socket-address"] = match a.split_once(':') {
+                Some(("unix", p)) => json!([{"type": "unix", "path": p}]),
+                Some(("tcp", hp)) => {
+                    let (h, p) = hp.rsplit_once(':').unwrap_or((hp, ""));
+                    json!([{"type": "inet", "host": h.trim_matches(['[', ']']), "port": p}])
+                }
+                _ => json!([]),
+            };
         }
         if let Some(c) = &j.wp {
             use std::sync::atomic::Ordering::Relaxed;
@@ -533,18 +547,48 @@ pub(crate) fn ram_ranges(m: &vmm::Machine) -> Vec<RamRange> {
         .collect()
 }
 
+/// Where a capture writes: an image file written in place, or a stream
+/// (unix, tcp, exec, fd) through its sink.
+pub enum Dest {
+    File(PathBuf),
+    Stream(Box<dyn livesnap::Sink>),
+}
+
+impl Dest {
+    /// Opens the destination named by `uri` for the RAM of `m`: a stream
+    /// connects (or starts its command) now, with the guest running.
+    pub fn open(uri: &super::transport::Uri, m: &vmm::Machine) -> Result<Dest, String> {
+        use super::transport::{Outgoing, Uri};
+        match uri {
+            Uri::File(p) => Ok(Dest::File(p.clone())),
+            _ => {
+                let out =
+                    Outgoing::connect(uri).map_err(|e| format!("cannot open the stream: {e}"))?;
+                let pairs: Vec<(u64, u64)> =
+                    ram_ranges(m).iter().map(|r| (r.gpa(), r.len())).collect();
+                let sink =
+                    livesnap::stream::StreamSink::new(out, &pairs).map_err(|e| e.to_string())?;
+                Ok(Dest::Stream(Box::new(sink)))
+            }
+        }
+    }
+}
+
 /// Prepares a fork capture (before the pause); once started, `done` is
 /// called when it ends, whatever the outcome.
 pub(crate) fn prepare_fork(
     m: &vmm::Machine,
-    dest: &Path,
+    dest: Dest,
     done: impl FnOnce() + Send + 'static,
 ) -> Result<livesnap::PreparedCapture, livesnap::SnapError> {
     let opts = ForkOptions {
         on_done: Some(Box::new(move |_| done())),
         ..ForkOptions::default()
     };
-    livesnap::prepare_fork_capture(&ram_ranges(m), dest, opts)
+    match dest {
+        Dest::File(p) => livesnap::prepare_fork_capture(&ram_ranges(m), &p, opts),
+        Dest::Stream(s) => livesnap::prepare_fork_capture_to(&ram_ranges(m), s, opts),
+    }
 }
 
 /// Prepares a write-protect capture (before the pause) of the RAM of
@@ -552,7 +596,7 @@ pub(crate) fn prepare_fork(
 /// it ends, whatever the outcome.
 pub(crate) fn prepare_wp(
     engine: &livesnap::wp_capture::WpEngine,
-    dest: &Path,
+    dest: Dest,
     parent: Option<&Path>,
     pool_bytes: u64,
     done: impl FnOnce() + Send + 'static,
@@ -563,7 +607,10 @@ pub(crate) fn prepare_wp(
         on_done: Some(Box::new(move |_| done())),
         ..Default::default()
     };
-    livesnap::wp_capture::prepare_wp_capture(engine, dest, opts)
+    match dest {
+        Dest::File(p) => livesnap::wp_capture::prepare_wp_capture(engine, &p, opts),
+        Dest::Stream(s) => livesnap::wp_capture::prepare_wp_capture_to(engine, s, opts),
+    }
 }
 
 /// Runs a stop-and-copy capture on a worker thread; `done` gets its result.
@@ -571,12 +618,15 @@ pub(crate) fn prepare_wp(
 pub(crate) fn start_stop_copy(
     m: &vmm::Machine,
     state: Vec<u8>,
-    dest: PathBuf,
+    dest: Dest,
     done: impl FnOnce(Result<CaptureStats, livesnap::SnapError>) + Send + 'static,
 ) -> std::thread::JoinHandle<()> {
     let ranges = ram_ranges(m);
     std::thread::spawn(move || {
-        done(livesnap::capture_stopped(&ranges, &state, &dest));
+        done(match dest {
+            Dest::File(p) => livesnap::capture_stopped(&ranges, &state, &p),
+            Dest::Stream(mut s) => livesnap::capture_stopped_to(&ranges, &state, &mut *s),
+        });
     })
 }
 

@@ -11,6 +11,7 @@ mod error;
 pub mod migrate;
 pub mod restore;
 pub mod savevm;
+pub mod transport;
 
 use serde_json::Value;
 

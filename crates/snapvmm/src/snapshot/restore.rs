@@ -115,6 +115,16 @@ pub fn from_file(
     done: Option<FillDone>,
 ) -> Result<Restored, RestoreError> {
     let t0 = Instant::now();
+    if is_stream_file(path) {
+        // Written front to back (`migrate exec:cat > FILE`): read like a stream.
+        let f = std::fs::File::open(path).map_err(|e| {
+            RestoreError::Image(SnapError::Io {
+                context: format!("open {}", path.display()),
+                source: e,
+            })
+        })?;
+        return from_stream(f).map(|(r, _)| r);
+    }
     let (chain, state) = open(path)?;
     let mode = match mode {
         RamMode::Uffd if !fill_available() => {
@@ -161,6 +171,48 @@ pub fn from_file(
         "snapshot opened"
     );
     Ok(Restored { ram, state, fill })
+}
+
+/// Whether `path` holds the stream form of an image.
+pub fn is_stream_file(path: &Path) -> bool {
+    use std::io::Read;
+    let mut magic = [0u8; 8];
+    std::fs::File::open(path)
+        .and_then(|mut f| f.read_exact(&mut magic))
+        .is_ok_and(|()| livesnap::stream::is_stream(&magic))
+}
+
+/// The stream form of an image (a socket, a command's output, a file
+/// written as a stream): RAM read into fresh anonymous memory as it
+/// arrives; the machine state and the layout are checked at its end.
+pub fn from_stream(
+    input: impl std::io::Read,
+) -> Result<(Restored, livesnap::stream::Received), RestoreError> {
+    let (reader, layout) = livesnap::stream::StreamReader::start(input)?;
+    let mem = layout.ram_bytes();
+    let same = vmm::layout::ram_ranges(mem)
+        .iter()
+        .copied()
+        .eq(layout.ranges.iter().map(|r| (r.gpa, r.len)));
+    if !same {
+        return Err(RestoreError::Layout { mib: mem >> 20 });
+    }
+    let mut ram = GuestRam::anonymous(mem).map_err(|e| RestoreError::Ram(e.to_string()))?;
+    let got = reader.receive(&mut ram.regions_bytes_mut())?;
+    let state = MachineState::from_bytes(&got.device_state)?;
+    if state.mem_bytes != mem {
+        return Err(RestoreError::Layout {
+            mib: state.mem_bytes >> 20,
+        });
+    }
+    Ok((
+        Restored {
+            ram,
+            state,
+            fill: None,
+        },
+        got,
+    ))
 }
 
 /// Whether RAM can be filled through a userfaultfd here.

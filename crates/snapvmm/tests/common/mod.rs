@@ -205,6 +205,51 @@ impl Qmp {
         }
     }
 
+    /// Sends a command with a descriptor attached (SCM_RIGHTS), as libvirt
+    /// passes one to `getfd`; returns the whole response.
+    pub fn cmd_with_fd(
+        &mut self,
+        name: &str,
+        args: serde_json::Value,
+        fd: std::os::fd::RawFd,
+    ) -> serde_json::Value {
+        use std::os::fd::AsRawFd;
+        let msg = format!(
+            "{}\n",
+            serde_json::json!({"execute": name, "arguments": args})
+        );
+        let mut iov = libc::iovec {
+            iov_base: msg.as_ptr() as *mut libc::c_void,
+            iov_len: msg.len(),
+        };
+        let mut cbuf = [0u64; 8];
+        // SAFETY: msghdr/cmsghdr set up with the libc macros over `cbuf`,
+        // which is large and aligned enough for one descriptor; every pointer
+        // outlives the sendmsg call.
+        let sent = unsafe {
+            let mut m: libc::msghdr = std::mem::zeroed();
+            m.msg_iov = &mut iov;
+            m.msg_iovlen = 1;
+            m.msg_control = cbuf.as_mut_ptr().cast();
+            m.msg_controllen = libc::CMSG_SPACE(4) as usize;
+            let c = libc::CMSG_FIRSTHDR(&m);
+            (*c).cmsg_level = libc::SOL_SOCKET;
+            (*c).cmsg_type = libc::SCM_RIGHTS;
+            (*c).cmsg_len = libc::CMSG_LEN(4) as usize;
+            libc::CMSG_DATA(c).cast::<i32>().write_unaligned(fd);
+            libc::sendmsg(self.writer.as_raw_fd(), &m, 0)
+        };
+        assert_eq!(sent, msg.len() as isize, "sendmsg");
+        loop {
+            let v = self.read();
+            if v.get("event").is_some() {
+                self.events.push(v);
+            } else {
+                return v;
+            }
+        }
+    }
+
     /// Sends a command that must succeed; returns its `return` value.
     pub fn ok(&mut self, name: &str, args: serde_json::Value) -> serde_json::Value {
         let r = self.cmd(name, args.clone());
@@ -267,13 +312,34 @@ pub fn wait_settled(q: &mut Qmp) -> String {
 }
 
 pub fn live_snapshot(q: &mut Qmp, path: &std::path::Path) -> serde_json::Value {
+    live_snapshot_to(q, &format!("file:{}", path.display()))
+}
+
+/// A live snapshot (background-snapshot) to any migration URI; the final
+/// query-migrate answer.
+pub fn live_snapshot_to(q: &mut Qmp, uri: &str) -> serde_json::Value {
     q.ok(
         "migrate-set-capabilities",
         json!({"capabilities": [{"capability": "background-snapshot", "state": true}, {"capability": "events", "state": true}]}),
     );
-    q.ok(
-        "migrate",
-        json!({"uri": format!("file:{}", path.display())}),
-    );
+    q.ok("migrate", json!({ "uri": uri }));
     q.wait_migration(T)
+}
+
+/// Checks a restored guest goes on from its snapshot: reports, no CORRUPT,
+/// no fresh boot, several verified passes.
+pub fn goes_on_without_corruption(b: &Running, cpus: usize) {
+    let mut reports = 0;
+    while reports < 3 * cpus {
+        let l = b.wait_line("refguest:", T);
+        assert!(!l.contains("CORRUPT") && !l.contains("FAULT"), "{l}");
+        assert!(
+            !l.contains("ready"),
+            "a restored guest must not boot again: {l}"
+        );
+        reports += usize::from(l.contains(" t="));
+    }
+    let l = b.wait_line("passes=", T);
+    let passes: u64 = l.rsplit("passes=").next().unwrap().parse().unwrap();
+    assert!(passes >= 2, "several passes verified after restore: {l}");
 }
