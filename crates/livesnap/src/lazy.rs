@@ -53,6 +53,10 @@ pub trait PageSource: Send + Sync + 'static {
     fn is_hole(&self, _offset: u64, _len: u64) -> bool {
         false
     }
+    /// A thread touched the `len` bytes at `offset` and waits for them: a
+    /// source that fetches from afar asks for them first. Called by the
+    /// fault handler before it fills that chunk.
+    fn want(&self, _offset: u64, _len: u64) {}
 }
 
 impl PageSource for File {
@@ -401,6 +405,8 @@ fn fault_handler(f: &Fill) {
             continue;
         };
         if f.claim(i) {
+            let c = f.chunks[i];
+            f.source.want(c.offset, c.len);
             match f.fill(i, &mut buf) {
                 Ok(()) => {
                     f.by_fault.fetch_add(1, Ordering::Relaxed);

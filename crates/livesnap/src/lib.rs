@@ -28,6 +28,7 @@ mod fork;
 mod image;
 pub mod lazy;
 mod pages;
+pub mod postcopy;
 mod sink;
 mod source;
 pub mod stream;

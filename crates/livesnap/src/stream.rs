@@ -27,9 +27,13 @@ pub const STREAM_VERSION: u32 = 1;
 pub const MAX_RECORD: usize = 4 << 20;
 
 const KIND_DATA: u32 = 1;
-const KIND_END: u32 = 2;
+pub(crate) const KIND_END: u32 = 2;
 const KIND_ABORT: u32 = 3;
-const RECORD_HEAD: usize = 24;
+pub(crate) const RECORD_HEAD: usize = 24;
+/// Stream flag: a live migration (post-copy: `crate::postcopy`), not an image.
+pub(crate) const FLAG_LIVE: u32 = 1;
+/// Stream flag: a live migration resumed on a new connection.
+pub(crate) const FLAG_RESUME: u32 = 2;
 const FIXED_HEAD: usize = 32;
 const RANGE_ENTRY: usize = 24;
 /// Longest abort reason carried.
@@ -94,23 +98,28 @@ impl<W: StreamWrite> StreamSink<W> {
     }
 }
 
-fn record_head(kind: u32, offset: u64, data: &[u8]) -> [u8; RECORD_HEAD] {
+pub(crate) fn record_head(kind: u32, offset: u64, data: &[u8]) -> [u8; RECORD_HEAD] {
+    record_head_crc(kind, offset, data.len(), crc32fast::hash(data))
+}
+
+/// A record header for a payload of `len` bytes whose CRC-32 is `crc`.
+pub(crate) fn record_head_crc(kind: u32, offset: u64, len: usize, crc: u32) -> [u8; RECORD_HEAD] {
     let mut h = [0u8; RECORD_HEAD];
     h[0..4].copy_from_slice(&kind.to_le_bytes());
-    h[4..8].copy_from_slice(&(data.len() as u32).to_le_bytes());
+    h[4..8].copy_from_slice(&(len as u32).to_le_bytes());
     h[8..16].copy_from_slice(&offset.to_le_bytes());
-    h[16..20].copy_from_slice(&crc32fast::hash(data).to_le_bytes());
+    h[16..20].copy_from_slice(&crc.to_le_bytes());
     let c = crc32fast::hash(&h[..20]);
     h[20..24].copy_from_slice(&c.to_le_bytes());
     h
 }
 
 /// The stream header: magic, version, flags, image length, RAM layout.
-fn encode_stream_header(image_len: u64, layout: &[ImageRange]) -> Vec<u8> {
+pub(crate) fn encode_stream_header(image_len: u64, layout: &[ImageRange], flags: u32) -> Vec<u8> {
     let mut b = Vec::with_capacity(FIXED_HEAD + layout.len() * RANGE_ENTRY + 4);
     b.extend_from_slice(&STREAM_MAGIC);
     b.extend_from_slice(&STREAM_VERSION.to_le_bytes());
-    b.extend_from_slice(&0u32.to_le_bytes());
+    b.extend_from_slice(&flags.to_le_bytes());
     b.extend_from_slice(&image_len.to_le_bytes());
     b.extend_from_slice(&(layout.len() as u32).to_le_bytes());
     b.extend_from_slice(&0u32.to_le_bytes());
@@ -126,7 +135,7 @@ fn encode_stream_header(image_len: u64, layout: &[ImageRange]) -> Vec<u8> {
 
 impl<W: StreamWrite> Sink for StreamSink<W> {
     fn begin(&mut self, image_len: u64) -> io::Result<()> {
-        let h = encode_stream_header(image_len, &self.layout);
+        let h = encode_stream_header(image_len, &self.layout, 0);
         self.out.write_all(&h)
     }
 
@@ -168,6 +177,10 @@ pub struct StreamLayout {
     pub ranges: Vec<ImageRange>,
     /// Length of the image the stream carries.
     pub image_len: u64,
+    /// A live migration: its RAM comes on demand ([`crate::postcopy`]).
+    pub live: bool,
+    /// A live migration continuing on a new connection.
+    pub resume: bool,
 }
 
 impl StreamLayout {
@@ -240,7 +253,7 @@ impl<R: Read> StreamReader<R> {
         }
         fill(&mut input, &mut fixed[12..], "the stream header")?;
         let flags = get32(&fixed, 12);
-        if flags != 0 {
+        if flags & !(FLAG_LIVE | FLAG_RESUME) != 0 || flags == FLAG_RESUME {
             return Err(corrupt(format!("unknown stream flags {flags:#x}")));
         }
         let image_len = get64(&fixed, 16);
@@ -280,7 +293,12 @@ impl<R: Read> StreamReader<R> {
             )));
         }
         let read = whole.len() as u64 + 4;
-        let layout = StreamLayout { ranges, image_len };
+        let layout = StreamLayout {
+            ranges,
+            image_len,
+            live: flags & FLAG_LIVE != 0,
+            resume: flags & FLAG_RESUME != 0,
+        };
         Ok((
             StreamReader {
                 input,
@@ -298,6 +316,11 @@ impl<R: Read> StreamReader<R> {
     /// be used.
     pub fn receive(mut self, ram: &mut [&mut [u8]]) -> Result<Received> {
         let l = &self.layout;
+        if l.live {
+            return Err(corrupt(
+                "it is a live migration, which needs a connection both ways",
+            ));
+        }
         if ram.len() != l.ranges.len()
             || ram
                 .iter()
@@ -431,4 +454,47 @@ impl<R: Read> StreamReader<R> {
     pub fn into_inner(self) -> R {
         self.input.into_inner()
     }
+
+    /// The buffered input, positioned after the stream header.
+    pub(crate) fn into_buffered(self) -> BufReader<R> {
+        self.input
+    }
+}
+
+/// Reads one record: kind, offset and payload (at most `max` bytes),
+/// checksums checked. `Ok(None)` at a clean end of input before a record.
+pub(crate) fn read_record(r: &mut impl Read, max: usize) -> Result<Option<(u32, u64, Vec<u8>)>> {
+    let mut head = [0u8; RECORD_HEAD];
+    let mut got = 0;
+    while got < RECORD_HEAD {
+        match r.read(&mut head[got..]) {
+            Ok(0) if got == 0 => return Ok(None),
+            Ok(0) => return Err(corrupt("it ends early (in a record header): truncated")),
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(SnapError::io("read stream", e)),
+        }
+    }
+    if crc32fast::hash(&head[..20]) != get32(&head, 20) {
+        return Err(corrupt("a record header is corrupt (checksum mismatch)"));
+    }
+    let (kind, len, off, crc) = (
+        get32(&head, 0),
+        get32(&head, 4) as usize,
+        get64(&head, 8),
+        get32(&head, 16),
+    );
+    if len > max {
+        return Err(corrupt(format!(
+            "a record of kind {kind} is {len} bytes long"
+        )));
+    }
+    let mut data = vec![0u8; len];
+    fill(r, &mut data, "a record")?;
+    if crc32fast::hash(&data) != crc {
+        return Err(corrupt(format!(
+            "a record of kind {kind} is corrupt (checksum mismatch)"
+        )));
+    }
+    Ok(Some((kind, off, data)))
 }

@@ -1,0 +1,213 @@
+//! Post-copy live migration over a socket pair: the target's RAM becomes
+//! the source's, faulted chunks first; a connection broken after the switch
+//! pauses both sides and a new one carries on; one broken before the switch
+//! gives the guest back to the source.
+
+mod common;
+
+use std::os::fd::OwnedFd;
+use std::os::unix::net::UnixStream;
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{fill_dense, fill_sparse, Mem};
+use livesnap::lazy::start_lazy_fill;
+use livesnap::postcopy::{receive_switch, PostcopySender, SourceEvent, TargetEvent};
+
+const MIB: usize = 1 << 20;
+const T: Duration = Duration::from_secs(60);
+
+fn pair() -> (OwnedFd, OwnedFd) {
+    let (a, b) = UnixStream::pair().unwrap();
+    (OwnedFd::from(a), OwnedFd::from(b))
+}
+
+fn uffd_ok() -> bool {
+    match livesnap::uffd::Uffd::new_missing() {
+        Ok(_) => true,
+        Err(e) => {
+            eprintln!("skipped: no userfaultfd here: {e}");
+            false
+        }
+    }
+}
+
+fn sender(sock: OwnedFd, src: &Mem, len: usize) -> (PostcopySender, mpsc::Receiver<SourceEvent>) {
+    let (tx, rx) = mpsc::channel();
+    let tx = std::sync::Mutex::new(tx);
+    // SAFETY: `src` outlives the sender in every test and is not written
+    // while it lives.
+    let s = unsafe {
+        PostcopySender::start(
+            sock,
+            &[src.range(0, len, 0)],
+            b"device state".to_vec(),
+            Box::new(move |e| {
+                let _ = tx.lock().unwrap().send(e);
+            }),
+        )
+    }
+    .unwrap();
+    (s, rx)
+}
+
+#[test]
+fn the_target_gets_every_page_faulted_chunks_first() {
+    if !uffd_ok() {
+        return;
+    }
+    let len = 64 * MIB;
+    let mut src = Mem::new(len);
+    fill_sparse(src.bytes_mut(), 3, 5);
+    fill_dense(&mut src.words_mut()[(8 * MIB) / 8..(16 * MIB) / 8], 9);
+    let (a, b) = pair();
+    let (s, events) = sender(a, &src, len);
+    let sw = receive_switch(b).unwrap();
+    assert_eq!(sw.device_state, b"device state");
+    assert_eq!(sw.layout.ram_bytes(), len as u64);
+    let dst = Mem::new(len);
+    let (done_tx, done_rx) = mpsc::channel();
+    let mut fill = start_lazy_fill(
+        &[dst.range(0, len, 0)],
+        &sw.layout.ranges,
+        sw.pages.clone(),
+        Some(Box::new(move |r| {
+            let _ = done_tx.send(r);
+        })),
+    )
+    .unwrap();
+    sw.pages.running().unwrap();
+    assert!(matches!(
+        events.recv_timeout(T).unwrap(),
+        SourceEvent::Switched
+    ));
+    // Touch a chunk near the end before the background fill starts: it is
+    // asked for and arrives ahead of the order.
+    let far = 60 * MIB + 123;
+    assert_eq!(dst.bytes()[far], src.bytes()[far]);
+    fill.go();
+    let st = done_rx.recv_timeout(T).unwrap().unwrap();
+    assert!(st.chunks_by_fault >= 1, "{st:?}");
+    sw.pages.done();
+    assert!(matches!(
+        events.recv_timeout(T).unwrap(),
+        SourceEvent::Completed
+    ));
+    assert!(
+        dst.bytes() == src.bytes(),
+        "the target's RAM is the source's"
+    );
+    let c = s.counters();
+    assert!(
+        c.chunks_requested
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 1
+    );
+    drop(fill);
+}
+
+#[test]
+fn a_break_before_the_switch_gives_the_guest_back() {
+    let len = 8 * MIB;
+    let src = Mem::new(len);
+    let (a, b) = pair();
+    let (_s, events) = sender(a, &src, len);
+    let sw = receive_switch(b).unwrap();
+    // The target dies before it runs the guest.
+    drop(sw);
+    match events.recv_timeout(T).unwrap() {
+        SourceEvent::Failed(why) => assert!(why.contains("closed"), "{why}"),
+        e => panic!("{e:?}"),
+    }
+}
+
+#[test]
+fn a_break_after_the_switch_pauses_and_a_new_connection_carries_on() {
+    if !uffd_ok() {
+        return;
+    }
+    // More than the target stages: the source cannot finish before the break.
+    let len = 512 * MIB;
+    let mut src = Mem::new(len);
+    fill_dense(src.words_mut(), 3);
+    let (a, b) = pair();
+    let (s, events) = sender(a, &src, len);
+    let b2 = b.try_clone().unwrap();
+    let sw = receive_switch(b).unwrap();
+    let (ttx, trx) = mpsc::channel();
+    let ttx = std::sync::Mutex::new(ttx);
+    sw.pages.on_event(Box::new(move |e| {
+        let _ = ttx.lock().unwrap().send(e);
+    }));
+    let dst = Mem::new(len);
+    let (done_tx, done_rx) = mpsc::channel();
+    let mut fill = start_lazy_fill(
+        &[dst.range(0, len, 0)],
+        &sw.layout.ranges,
+        sw.pages.clone(),
+        Some(Box::new(move |r| {
+            let _ = done_tx.send(r);
+        })),
+    )
+    .unwrap();
+    sw.pages.running().unwrap();
+    assert!(matches!(
+        events.recv_timeout(T).unwrap(),
+        SourceEvent::Switched
+    ));
+    // The link goes down.
+    // SAFETY: shutdown on a descriptor this test owns.
+    unsafe { libc::shutdown(std::os::fd::AsRawFd::as_raw_fd(&b2), libc::SHUT_RDWR) };
+    assert!(matches!(
+        events.recv_timeout(T).unwrap(),
+        SourceEvent::Paused(_)
+    ));
+    assert!(matches!(
+        trx.recv_timeout(T).unwrap(),
+        TargetEvent::Paused(_)
+    ));
+    assert!(!sw.pages.connected());
+    // A thread touching RAM not here yet waits (it is not given zeros).
+    let (ptr, last) = (dst.bytes().as_ptr() as usize, len - 1);
+    let (rtx, rrx) = mpsc::channel();
+    std::thread::spawn(move || {
+        // SAFETY: `dst` outlives the test's wait below for this thread.
+        let v = unsafe { std::ptr::read_volatile((ptr + last) as *const u8) };
+        let _ = rtx.send(v);
+    });
+    assert!(
+        rrx.recv_timeout(Duration::from_millis(300)).is_err(),
+        "read while paused"
+    );
+    fill.go();
+    // Recovery on a new connection.
+    let (a2, b2) = pair();
+    s.resume(a2).unwrap();
+    sw.pages.recover(b2).unwrap();
+    assert!(matches!(
+        trx.recv_timeout(T).unwrap(),
+        TargetEvent::Recovered
+    ));
+    assert_eq!(rrx.recv_timeout(T).unwrap(), src.bytes()[last]);
+    done_rx.recv_timeout(T).unwrap().unwrap();
+    sw.pages.done();
+    assert!(matches!(
+        events.recv_timeout(T).unwrap(),
+        SourceEvent::Completed
+    ));
+    assert!(
+        dst.bytes() == src.bytes(),
+        "the target's RAM is the source's"
+    );
+    assert_eq!(sw.pages.figures().connections, 3);
+    drop(fill);
+}
+
+#[test]
+fn a_target_that_is_not_one_is_refused_at_the_switch() {
+    let (a, b) = pair();
+    drop(a);
+    assert!(receive_switch(b).is_err());
+    let _ = Arc::new(0);
+}
