@@ -30,6 +30,12 @@ pub fn take_fd(name: &str) -> Option<OwnedFd> {
     lock().remove(name)
 }
 
+/// Calls `f` with the descriptor named `name`, leaving it named.
+pub fn peek_fd<T>(name: &str, f: impl FnOnce(std::os::fd::BorrowedFd<'_>) -> T) -> Option<T> {
+    use std::os::fd::AsFd;
+    lock().get(name).map(|fd| f(fd.as_fd()))
+}
+
 /// Names `fd` (closing a descriptor of the same name).
 pub(crate) fn put(name: String, fd: OwnedFd) {
     lock().insert(name, fd);

@@ -182,7 +182,7 @@ mod stream;
 pub use addr::ListenAddr;
 pub use error::{CommandError, ErrorClass, QmpError};
 pub use events::{EventBus, CLIENT_QUEUE_CAPACITY};
-pub use fds::take_fd;
+pub use fds::{peek_fd, take_fd};
 pub use machine::{CpuInfo, CpuProps, Machine, Request, RunState, SnapshotEntry, SnapshotJob};
 pub use protocol::{package, QEMU_VERSION};
 pub use server::{Server, MAX_CLIENTS};

@@ -192,8 +192,14 @@ pub enum Request {
     Quit,
     /// `migrate {"uri"}`: start a snapshot/migration to the URI.
     Migrate(String),
+    /// `migrate {"uri", "resume": true}`: carry a paused post-copy migration on.
+    MigrateResume(String),
     /// `migrate-incoming {"uri"}`: load the VM from the URI (`-incoming defer`).
     MigrateIncoming(String),
+    /// `migrate-recover {"uri"}`: a paused post-copy target listens again.
+    MigrateRecover(String),
+    /// `migrate-start-postcopy`.
+    MigrateStartPostcopy,
     /// `migrate_cancel`.
     MigrateCancel,
     /// `query-migrate`: returns a MigrationInfo object.
@@ -244,7 +250,10 @@ impl Request {
             Request::SystemPowerdown => "system_powerdown",
             Request::Quit => "quit",
             Request::Migrate(_) => "migrate",
+            Request::MigrateResume(_) => "migrate",
             Request::MigrateIncoming(_) => "migrate-incoming",
+            Request::MigrateRecover(_) => "migrate-recover",
+            Request::MigrateStartPostcopy => "migrate-start-postcopy",
             Request::MigrateCancel => "migrate_cancel",
             Request::QueryMigrate => "query-migrate",
             Request::MigrateSetCapabilities(_) => "migrate-set-capabilities",

@@ -1,4 +1,5 @@
-//! `migrate {"uri"}`: start saving the VM to `uri` (snapvmm: `file:PATH`). Returns `{}` at once; progress via `query-migrate` and `MIGRATION` events.
+//! `migrate {"uri"}`: start saving or migrating the VM to `uri`; with
+//! `"resume": true`, carry a paused post-copy migration on over `uri`. Returns `{}` at once; progress via `query-migrate` and `MIGRATION` events.
 
 use serde_json::Value;
 
@@ -26,11 +27,17 @@ pub(crate) const SPEC: CommandSpec = CommandSpec {
         },
     ],
     build: |a| {
-        Ok(Command::Vm(Request::Migrate(
-            a.get("uri")
-                .and_then(Value::as_str)
-                .unwrap_or_default()
-                .to_string(),
-        )))
+        let uri = a
+            .get("uri")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string();
+        Ok(Command::Vm(
+            if a.get("resume").and_then(Value::as_bool) == Some(true) {
+                Request::MigrateResume(uri)
+            } else {
+                Request::Migrate(uri)
+            },
+        ))
     },
 };

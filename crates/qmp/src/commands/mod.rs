@@ -23,8 +23,10 @@ pub(crate) mod job_finalize;
 pub(crate) mod migrate;
 pub(crate) mod migrate_cancel;
 pub(crate) mod migrate_incoming;
+pub(crate) mod migrate_recover;
 pub(crate) mod migrate_set_capabilities;
 pub(crate) mod migrate_set_parameters;
+pub(crate) mod migrate_start_postcopy;
 pub(crate) mod qmp_capabilities;
 pub(crate) mod query_commands;
 pub(crate) mod query_cpus_fast;
@@ -72,6 +74,8 @@ pub(crate) const COMMANDS: &[CommandSpec] = &[
     migrate::SPEC,
     migrate_cancel::SPEC,
     migrate_incoming::SPEC,
+    migrate_recover::SPEC,
+    migrate_start_postcopy::SPEC,
     query_migrate::SPEC,
     migrate_set_capabilities::SPEC,
     query_migrate_capabilities::SPEC,

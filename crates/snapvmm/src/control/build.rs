@@ -89,31 +89,26 @@ pub(super) fn wait_incoming(
             }
             AppEvent::Incoming(r) => {
                 receiving = false;
-                let built = r.map_err(anyhow::Error::msg).and_then(|rec| {
-                    let t0 = Instant::now();
-                    tracing::info!(bytes = rec.bytes, peer = %rec.peer, "incoming stream received");
-                    let (configs, disks) = crate::disk::open_all(&cfg.disks)?;
-                    let r = rec.restored;
-                    let m = build_from_state(cfg, tx, StartRam::Ram(r.ram), r.state, configs)?;
-                    migration.last_restore = Some(migration::RestoreInfo {
-                        mode: restore::RamMode::Copy,
-                        warm: false,
-                        load: t0.elapsed(),
-                    });
-                    Ok((m, disks))
-                });
-                match built {
-                    Ok((m, d)) => {
+                let live = matches!(r.as_deref(), Ok(super::incoming::Received::Live { .. }));
+                match r
+                    .map_err(anyhow::Error::msg)
+                    .and_then(|rec| build_received(cfg, tx, *rec, migration))
+                {
+                    Ok(built) => {
                         if let Some(j) = migration.job.as_mut() {
                             j.total_time = Some(j.started_elapsed());
                         }
-                        let _ = migration.set_status(migration::Status::Completed, &ev);
+                        // A live migration's status goes on (postcopy-active, completed).
+                        if !live {
+                            let _ = migration.set_status(migration::Status::Completed, &ev);
+                        }
                         cfg.incoming_stream
                             .get_or_insert(crate::snapshot::transport::Uri::Exec(String::new()));
-                        return Ok(Some(((m, None), d, None)));
+                        return Ok(Some(built));
                     }
                     Err(e) => {
                         let why = format!("{e:#}");
+                        migration.postcopy_in = None;
                         let _ = migration.fail(why.clone(), &ev);
                         if from_cli {
                             anyhow::bail!("{why}");
@@ -180,6 +175,78 @@ pub(super) fn wait_incoming(
             )),
         };
         let _ = reply.send(r);
+    }
+}
+
+/// Builds the machine from what an incoming stream delivered: an image's
+/// RAM, or (live migration) fresh RAM filled from the source while the
+/// guest runs.
+fn build_received(
+    cfg: &RunConfig,
+    tx: &mpsc::Sender<AppEvent>,
+    rec: super::incoming::Received,
+    migration: &mut Migration,
+) -> Result<(Built, Disks, Option<Reply>)> {
+    use super::incoming::Received;
+    let t0 = Instant::now();
+    let (configs, disks) = crate::disk::open_all(&cfg.disks)?;
+    match rec {
+        Received::Image {
+            restored,
+            bytes,
+            peer,
+        } => {
+            tracing::info!(bytes, peer = %peer, "incoming stream received");
+            let m = build_from_state(
+                cfg,
+                tx,
+                StartRam::Ram(restored.ram),
+                restored.state,
+                configs,
+            )?;
+            migration.last_restore = Some(migration::RestoreInfo {
+                mode: restore::RamMode::Copy,
+                warm: false,
+                load: t0.elapsed(),
+            });
+            Ok(((m, None), disks, None))
+        }
+        Received::Live {
+            switch,
+            state,
+            peer,
+        } => {
+            tracing::info!(peer = %peer, "live migration: state received, RAM follows");
+            let ram = vmm::memory::GuestRam::anonymous(state.mem_bytes)
+                .map_err(|e| anyhow::anyhow!("cannot set up guest RAM: {e}"))?;
+            let done_tx = tx.clone();
+            let done: livesnap::lazy::FillDone = Box::new(move |r| {
+                let _ = done_tx.send(AppEvent::FillDone(r));
+            });
+            let ranges: Vec<livesnap::RamRange> = ram
+                .regions()
+                .iter()
+                // SAFETY: the regions are `ram`'s mappings; the fill only names
+                // them in userfaultfd ioctls, and is dropped before `ram` (the
+                // controller drops its fill before its machine).
+                .map(|r| unsafe { livesnap::RamRange::new(r.gpa, r.host, r.len) })
+                .collect();
+            let fill = livesnap::lazy::start_lazy_fill(
+                &ranges,
+                &switch.layout.ranges,
+                switch.pages.clone(),
+                Some(done),
+            )
+            .map_err(|e| anyhow::anyhow!("cannot fill guest RAM from the source: {e}"))?;
+            let m = build_from_state(cfg, tx, StartRam::Ram(ram), state, configs)?;
+            migration.postcopy_in = Some(switch.pages);
+            migration.last_restore = Some(migration::RestoreInfo {
+                mode: restore::RamMode::Uffd,
+                warm: false,
+                load: t0.elapsed(),
+            });
+            Ok(((m, Some(fill)), disks, None))
+        }
     }
 }
 

@@ -24,6 +24,10 @@ pub enum AppEvent {
     FillDone(Result<livesnap::lazy::FillStats, String>),
     /// An incoming stream was read to its end (or failed).
     Incoming(Result<Box<super::incoming::Received>, String>),
+    /// A live migration's source side reports.
+    PostcopySource(livesnap::postcopy::SourceEvent),
+    /// A live migration's target side reports.
+    PostcopyTarget(livesnap::postcopy::TargetEvent),
     /// The huge-page rebuild after a fork capture ended.
     CollapseDone(vmm::memory::CollapseStats, Duration),
     /// Bytes typed on stdin for the serial console; the reply says how many the

@@ -14,21 +14,30 @@ use super::event::AppEvent;
 use crate::snapshot::restore::{self, RestoreError};
 use crate::snapshot::transport::{Listening, Uri};
 
-/// What a complete incoming stream delivered.
-#[derive(Debug)]
-pub struct Received {
-    pub restored: restore::Restored,
-    /// Stream bytes read.
-    pub bytes: u64,
-    /// Who sent it.
-    pub peer: String,
+/// What an incoming stream delivered.
+pub enum Received {
+    /// A whole image: RAM is here.
+    Image {
+        restored: restore::Restored,
+        /// Stream bytes read.
+        bytes: u64,
+        /// Who sent it.
+        peer: String,
+    },
+    /// A live migration at its switch: RAM comes on demand.
+    Live {
+        switch: livesnap::postcopy::Switch,
+        state: vmm::MachineState,
+        peer: String,
+    },
 }
 
-impl std::fmt::Debug for restore::Restored {
+impl std::fmt::Debug for Received {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Restored")
-            .field("mem_bytes", &self.state.mem_bytes)
-            .finish()
+        match self {
+            Received::Image { peer, bytes, .. } => write!(f, "image of {bytes} bytes from {peer}"),
+            Received::Live { peer, .. } => write!(f, "live migration from {peer}"),
+        }
     }
 }
 
@@ -53,40 +62,54 @@ pub(super) fn start(uri: &Uri, tx: &mpsc::Sender<AppEvent>) -> Result<Option<Str
 
 fn receive(l: &mut Listening) -> Result<Received, String> {
     loop {
-        let mut inc = l.accept().map_err(|e| format!("cannot accept: {e}"))?;
+        let inc = l.accept().map_err(|e| format!("cannot accept: {e}"))?;
         let peer = inc.peer.clone();
         let socket = !matches!(l, Listening::Ready(_));
-        let mut counted = Counting(&mut inc, 0);
-        match restore::from_stream(&mut counted) {
-            Ok((restored, _)) => {
-                let bytes = counted.1;
-                inc.finish()
-                    .map_err(|e| format!("incoming stream from {peer}: {e}"))?;
-                return Ok(Received {
-                    restored,
-                    bytes,
-                    peer,
-                });
-            }
+        match receive_one(inc, &peer) {
+            Ok(r) => return Ok(r),
             Err(RestoreError::Image(livesnap::SnapError::NotAStream)) if socket => {
                 tracing::warn!("{peer} did not send a snapvmm stream: connection closed");
-                inc.close();
             }
-            Err(e) => {
-                inc.close();
-                return Err(format!("incoming stream from {peer}: {e}"));
-            }
+            Err(e) => return Err(format!("incoming stream from {peer}: {e}")),
         }
     }
 }
 
-/// Counts the bytes read through it.
-struct Counting<'a, R>(&'a mut R, u64);
-
-impl<R: std::io::Read> std::io::Read for Counting<'_, R> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let n = self.0.read(buf)?;
-        self.1 += n as u64;
-        Ok(n)
+fn receive_one(
+    mut inc: crate::snapshot::transport::Incoming,
+    peer: &str,
+) -> Result<Received, RestoreError> {
+    use livesnap::stream::StreamReader;
+    let Some(sock) = inc.socket() else {
+        // A command's output, a file: an image stream only.
+        let (restored, got) = restore::from_stream(&mut inc)?;
+        inc.finish()
+            .map_err(|e| RestoreError::Transport(e.to_string()))?;
+        return Ok(Received::Image {
+            restored,
+            bytes: got.stream_bytes,
+            peer: peer.to_string(),
+        });
+    };
+    let (reader, layout) =
+        StreamReader::start(std::fs::File::from(sock.try_clone().map_err(|e| {
+            RestoreError::Transport(format!("incoming connection: {e}"))
+        })?))?;
+    if layout.live {
+        let mem = restore::check_stream_layout(&layout)?;
+        let switch =
+            livesnap::postcopy::receive_switch_from(reader, layout, std::fs::File::from(sock))?;
+        let state = restore::state_for(&switch.device_state, mem)?;
+        return Ok(Received::Live {
+            switch,
+            state,
+            peer: peer.to_string(),
+        });
     }
+    let (restored, got) = restore::from_started_stream(reader, &layout)?;
+    Ok(Received::Image {
+        restored,
+        bytes: got.stream_bytes,
+        peer: peer.to_string(),
+    })
 }

@@ -16,6 +16,7 @@ mod bridge;
 mod build;
 mod event;
 mod incoming;
+mod live;
 mod runstate;
 mod snapjobs;
 
@@ -109,8 +110,14 @@ pub fn run(mut cfg: RunConfig) -> Result<u8> {
         vm_started: Instant::now(),
         vm_clock_base,
         fatal: None,
+        quit_after_migration: false,
     };
     c.publish_cpus();
+    // The guest is here now: a live migration's target tells the source
+    // before its vCPUs run (the source gives it back only before this).
+    if let Err(why) = c.postcopy_switch() {
+        anyhow::bail!("{why}");
+    }
     if c.cfg.start_paused {
         c.runstate.start(RunState::Paused);
     } else {
@@ -174,6 +181,8 @@ pub(crate) struct Controller {
     pub(crate) vm_clock_base: u64,
     /// Why the VM ended abnormally (reported once everything is cleaned up).
     fatal: Option<String>,
+    /// `quit` came while a live migration still needed this VM's RAM.
+    quit_after_migration: bool,
 }
 
 impl Controller {
@@ -241,6 +250,8 @@ impl Controller {
             AppEvent::FillDone(r) => self.fill_done(r),
             // Only before the machine exists (wait_incoming) is one expected.
             AppEvent::Incoming(_) => {}
+            AppEvent::PostcopySource(e) => self.postcopy_source_event(e),
+            AppEvent::PostcopyTarget(e) => self.postcopy_target_event(e),
             AppEvent::CollapseDone(st, took) => {
                 tracing::info!(
                     collapsed = st.collapsed,
@@ -258,10 +269,14 @@ impl Controller {
         Ok(())
     }
 
-    /// `migrate URI`: see migration.rs for the methods, transport.rs for the URIs.
+    /// `migrate URI`: see migration.rs for the methods, transport.rs for the
+    /// URIs, live.rs for live migration.
     fn migrate(&mut self, uri: &str) -> Result<(), CommandError> {
         self.check(Cmd::Migrate)?;
         let uri = crate::snapshot::transport::Uri::parse(uri).map_err(CommandError::generic)?;
+        if !self.migration.background_snapshot && crate::snapshot::transport::is_connection(&uri) {
+            return self.migrate_live(&uri);
+        }
         if uri.is_stream() && self.migration.parent.is_some() {
             return Err(CommandError::generic(
                 "an incremental snapshot can only be written to a file: set x-parent to \"\" to stream a full one",
@@ -324,6 +339,7 @@ impl Controller {
                 }
             }
             migration::Method::Stop => Capture::Stop,
+            migration::Method::Postcopy => unreachable!("a live migration is migrate_live's"),
         };
         if self.migration.parent.is_some() {
             let parent = self.migration.parent.clone();
@@ -437,6 +453,7 @@ impl Controller {
                     "guest RAM restored"
                 );
                 self.migration.last_fill = Some(st);
+                self.postcopy_target_done();
                 if self.migration.collapse {
                     self.start_collapse();
                 }
@@ -489,6 +506,10 @@ impl Controller {
     /// Exit with a capture still running: cancel it, so that no temp file
     /// stays behind and a pending savevm leaves its disks as they were.
     fn end_captures(&mut self) {
+        // A live migration's sender reads guest RAM: it goes first.
+        if let Some(p) = self.migration.job.as_mut().and_then(|j| j.postcopy.take()) {
+            p.stop();
+        }
         if let Some(c) = self.migration.job.as_mut().and_then(|j| j.capture.take()) {
             c.cancel();
             let _ = c.wait();
@@ -621,6 +642,11 @@ impl Controller {
                 }
             }
             Cont => {
+                if self.migration.migrated_away() {
+                    return Err(CommandError::generic(
+                        "the VM was migrated: its guest runs on the target now",
+                    ));
+                }
                 // A fork capture does not need the guest stopped; a stop-and-copy does.
                 self.check(Cmd::Cont)?;
                 if self.status() == RunState::Shutdown {
@@ -647,6 +673,9 @@ impl Controller {
                 self.emit("POWERDOWN", None);
             }
             Migrate(uri) => self.migrate(&uri)?,
+            MigrateResume(uri) => self.migrate_resume(&uri)?,
+            MigrateRecover(uri) => self.migrate_recover(&uri)?,
+            MigrateStartPostcopy => self.start_postcopy()?,
             SnapshotSave(job) => self.snapshot_save(job, None)?,
             SnapshotLoad(job) => self.snapshot_load(job)?,
             SnapshotDelete(job) => self.snapshot_delete(job)?,
@@ -665,6 +694,9 @@ impl Controller {
                 ))
             }
             MigrateCancel => {
+                if self.cancel_live()? {
+                    return Ok(json!({}));
+                }
                 let job = self.migration.job.as_ref();
                 if let Some(c) = job.and_then(|j| j.capture.as_ref()) {
                     c.cancel();
@@ -687,6 +719,9 @@ impl Controller {
             QueryMigrateParameters => return Ok(self.migration.query_parameters()),
             r @ JobFinalize(_) => return Err(r.unsupported()),
             Quit => {
+                if self.quit_needs_to_wait() {
+                    return Ok(json!({}));
+                }
                 self.emit(
                     "SHUTDOWN",
                     Some(json!({"guest": false, "reason": "host-qmp-quit"})),

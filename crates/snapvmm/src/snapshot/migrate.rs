@@ -25,6 +25,9 @@ pub enum Method {
     /// Write-protect guest RAM through a userfaultfd; no fork.
     Uffd,
     Stop,
+    /// Live migration: the guest moves to the target, which fetches RAM
+    /// from here on demand.
+    Postcopy,
 }
 
 impl Method {
@@ -33,6 +36,7 @@ impl Method {
             Method::Fork => "fork",
             Method::Uffd => "uffd",
             Method::Stop => "stop",
+            Method::Postcopy => "postcopy",
         }
     }
 }
@@ -46,11 +50,17 @@ pub enum Status {
     Failed,
     Cancelling,
     Cancelled,
+    PostcopyActive,
+    PostcopyPaused,
+    PostcopyRecover,
 }
 
 impl Status {
     pub fn name(self) -> &'static str {
         match self {
+            Status::PostcopyActive => "postcopy-active",
+            Status::PostcopyPaused => "postcopy-paused",
+            Status::PostcopyRecover => "postcopy-recover",
             Status::Setup => "setup",
             Status::Active => "active",
             Status::Completed => "completed",
@@ -91,12 +101,21 @@ pub struct Job {
     pub parent: Option<PathBuf>,
     /// An incoming stream's listening address (`socket-address`).
     pub listening: Option<String>,
+    /// A live migration's sending side (source).
+    pub postcopy: Option<livesnap::postcopy::PostcopySender>,
+    /// When the source paused its guest for a live migration.
+    pub paused_at: Option<Instant>,
+    /// Why a post-copy migration is paused.
+    pub paused_why: Option<String>,
 }
 
 /// Migration settings and the latest job.
 pub struct Migration {
     pub background_snapshot: bool,
     pub events: bool,
+    /// QEMU's `postcopy-ram` and `return-path` capabilities, as set.
+    pub postcopy_ram: bool,
+    pub return_path: bool,
     pub method: Method,
     /// `x-snapshot-method` was given: no fallback from `uffd` to `fork`.
     pub method_set: bool,
@@ -113,6 +132,8 @@ pub struct Migration {
     pub last_fill: Option<livesnap::lazy::FillStats>,
     /// The latest `migrate-incoming`.
     pub last_restore: Option<RestoreInfo>,
+    /// An incoming live migration's pages (target), until RAM is all here.
+    pub postcopy_in: Option<std::sync::Arc<livesnap::postcopy::RemotePages>>,
 }
 
 /// How `migrate-incoming` loaded this VM.
@@ -130,6 +151,8 @@ impl Default for Migration {
         Migration {
             background_snapshot: false,
             events: false,
+            postcopy_ram: false,
+            return_path: false,
             method: Method::Uffd,
             method_set: false,
             collapse: true,
@@ -139,6 +162,7 @@ impl Default for Migration {
             last_collapse: None,
             last_fill: None,
             last_restore: None,
+            postcopy_in: None,
         }
     }
 }
@@ -180,15 +204,29 @@ pub struct IllegalTransition {
 /// QEMU's MigrationStatus transitions, as far as snapvmm goes: a new job from
 /// nothing or a finished one; setup → active → completed / failed; cancel
 /// from setup or active, ending cancelled (or completed / failed when the
-/// capture ended first).
+/// capture ended first). A live migration goes active → postcopy-active at
+/// the switch, → postcopy-paused when its connection breaks, → postcopy-recover
+/// on a new one, → postcopy-active again, and ends completed (or failed).
 pub fn legal(from: Option<Status>, to: Status) -> bool {
     use Status::*;
     matches!(
         (from, to),
         (None | Some(Completed | Failed | Cancelled), Setup)
             | (Some(Setup), Active | Failed | Cancelling)
-            | (Some(Active), Completed | Failed | Cancelling)
+            | (
+                Some(Active),
+                Completed | Failed | Cancelling | PostcopyActive
+            )
             | (Some(Cancelling), Cancelled | Completed | Failed)
+            | (Some(PostcopyActive), PostcopyPaused | Completed | Failed)
+            | (
+                Some(PostcopyPaused),
+                PostcopyRecover | PostcopyActive | Failed
+            )
+            | (
+                Some(PostcopyRecover),
+                PostcopyActive | PostcopyPaused | Failed
+            )
     )
 }
 
@@ -197,9 +235,22 @@ impl Migration {
         self.job.as_ref().is_some_and(|j| {
             matches!(
                 j.status,
-                Status::Setup | Status::Active | Status::Cancelling
+                Status::Setup
+                    | Status::Active
+                    | Status::Cancelling
+                    | Status::PostcopyActive
+                    | Status::PostcopyPaused
+                    | Status::PostcopyRecover
             )
         })
+    }
+
+    /// This VM was (or is being) live-migrated away: its guest must not run
+    /// here again unless the migration failed before the switch.
+    pub fn migrated_away(&self) -> bool {
+        self.job
+            .as_ref()
+            .is_some_and(|j| j.method == Method::Postcopy && j.status != Status::Failed)
     }
 
     /// True while a stop-and-copy runs (the guest must stay stopped).
@@ -278,6 +329,9 @@ impl Migration {
             error: None,
             wp: None,
             listening: None,
+            postcopy: None,
+            paused_at: None,
+            paused_why: None,
         });
         if self.events {
             ev.emit("MIGRATION", Some(json!({"status": Status::Setup.name()})));
@@ -378,6 +432,37 @@ impl Migration {
                 _ => json!([]),
             };
         }
+        if let Some(why) = &j.paused_why {
+            v["x-paused-reason"] = json!(why);
+        }
+        if let Some(p) = &j.postcopy {
+            use std::sync::atomic::Ordering::Relaxed;
+            let c = p.counters();
+            let (sent, chunks) = p.progress();
+            let bytes = c.bytes_sent.load(Relaxed);
+            v["ram"]["transferred"] = json!(bytes);
+            v["ram"]["postcopy-bytes"] = json!(bytes);
+            v["ram"]["postcopy-requests"] = json!(c.requests.load(Relaxed));
+            v["ram"]["remaining"] = json!((chunks - sent) as u64 * livesnap::INCR_CHUNK);
+            v["x-postcopy"] = json!({
+                "chunks": chunks,
+                "chunks-sent": sent,
+                "chunks-pushed": c.chunks_pushed.load(Relaxed),
+                "chunks-requested": c.chunks_requested.load(Relaxed),
+                "zero-chunks": c.zero_chunks.load(Relaxed),
+                "bytes-sent": bytes,
+                "connections": c.connections.load(Relaxed),
+            });
+        }
+        if let Some(p) = &self.postcopy_in {
+            let f = p.figures();
+            v["x-postcopy-target"] = json!({
+                "requests": f.requests,
+                "chunks-received": f.chunks_received,
+                "bytes-received": f.bytes,
+                "connections": f.connections,
+            });
+        }
         if let Some(c) = &j.wp {
             use std::sync::atomic::Ordering::Relaxed;
             v["x-write-protect"] = json!({
@@ -410,6 +495,8 @@ impl Migration {
             match c["capability"].as_str() {
                 Some("background-snapshot") => c["state"] = json!(self.background_snapshot),
                 Some("events") => c["state"] = json!(self.events),
+                Some("postcopy-ram") => c["state"] = json!(self.postcopy_ram),
+                Some("return-path") => c["state"] = json!(self.return_path),
                 _ => {}
             }
         }
@@ -420,8 +507,7 @@ impl Migration {
     pub fn set_capabilities(&mut self, caps: &[(String, bool)]) -> Result<(), CommandError> {
         for (name, state) in caps {
             match name.as_str() {
-                "background-snapshot" => {}
-                "events" => {}
+                "background-snapshot" | "events" | "postcopy-ram" | "return-path" => {}
                 n if QEMU_CAPABILITIES.contains(&n) => {
                     if *state {
                         return Err(CommandError::generic(format!(
@@ -440,6 +526,10 @@ impl Migration {
             match name.as_str() {
                 "background-snapshot" => self.background_snapshot = *state,
                 "events" => self.events = *state,
+                // A live migration is post-copy over a connection both ways
+                // whatever these say; they are kept for QEMU's clients.
+                "postcopy-ram" => self.postcopy_ram = *state,
+                "return-path" => self.return_path = *state,
                 _ => {}
             }
         }
@@ -685,7 +775,17 @@ mod tests {
     #[test]
     fn illegal_transitions_change_nothing_and_emit_nothing() {
         use Status::*;
-        let all = [Setup, Active, Completed, Failed, Cancelling, Cancelled];
+        let all = [
+            Setup,
+            Active,
+            Completed,
+            Failed,
+            Cancelling,
+            Cancelled,
+            PostcopyActive,
+            PostcopyPaused,
+            PostcopyRecover,
+        ];
         let ev = Recorder::default();
         // Every pair: legal ones take effect with their event, others do not.
         for from in all {
@@ -700,6 +800,9 @@ mod tests {
                     Failed => &[Failed],
                     Cancelling => &[Cancelling],
                     Cancelled => &[Cancelling, Cancelled],
+                    PostcopyActive => &[Active, PostcopyActive],
+                    PostcopyPaused => &[Active, PostcopyActive, PostcopyPaused],
+                    PostcopyRecover => &[Active, PostcopyActive, PostcopyPaused, PostcopyRecover],
                 };
                 for &s in path {
                     m.set_status(s, &ev).unwrap();
@@ -734,6 +837,10 @@ mod tests {
         assert!(m.new_job(4096, &ev).is_err());
         assert!(legal(Some(Completed), Setup) && legal(Some(Failed), Setup));
         assert!(!legal(Some(Completed), Active) && !legal(Some(Setup), Completed));
+        // A live migration cannot be cancelled once the target runs the guest.
+        assert!(
+            !legal(Some(PostcopyActive), Cancelling) && !legal(Some(PostcopyPaused), Cancelled)
+        );
     }
 
     #[test]

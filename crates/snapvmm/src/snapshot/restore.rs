@@ -34,6 +34,9 @@ pub enum RestoreError {
     /// Guest RAM could not be read from the image.
     #[error("cannot read RAM from it: {0}")]
     ReadRam(SnapError),
+    /// The connection or command that carries a stream.
+    #[error("{0}")]
+    Transport(String),
     /// A lazily restored image is in use by another process.
     #[error("it is locked by another process: {0}")]
     Locked(std::io::Error),
@@ -189,22 +192,18 @@ pub fn from_stream(
     input: impl std::io::Read,
 ) -> Result<(Restored, livesnap::stream::Received), RestoreError> {
     let (reader, layout) = livesnap::stream::StreamReader::start(input)?;
-    let mem = layout.ram_bytes();
-    let same = vmm::layout::ram_ranges(mem)
-        .iter()
-        .copied()
-        .eq(layout.ranges.iter().map(|r| (r.gpa, r.len)));
-    if !same {
-        return Err(RestoreError::Layout { mib: mem >> 20 });
-    }
+    from_started_stream(reader, &layout)
+}
+
+/// [`from_stream`] once the stream header is read.
+pub fn from_started_stream<R: std::io::Read>(
+    reader: livesnap::stream::StreamReader<R>,
+    layout: &livesnap::stream::StreamLayout,
+) -> Result<(Restored, livesnap::stream::Received), RestoreError> {
+    let mem = check_stream_layout(layout)?;
     let mut ram = GuestRam::anonymous(mem).map_err(|e| RestoreError::Ram(e.to_string()))?;
     let got = reader.receive(&mut ram.regions_bytes_mut())?;
-    let state = MachineState::from_bytes(&got.device_state)?;
-    if state.mem_bytes != mem {
-        return Err(RestoreError::Layout {
-            mib: state.mem_bytes >> 20,
-        });
-    }
+    let state = state_for(&got.device_state, mem)?;
     Ok((
         Restored {
             ram,
@@ -213,6 +212,30 @@ pub fn from_stream(
         },
         got,
     ))
+}
+
+/// The RAM size of a stream whose ranges are a machine's; else a layout error.
+pub fn check_stream_layout(layout: &livesnap::stream::StreamLayout) -> Result<u64, RestoreError> {
+    let mem = layout.ram_bytes();
+    let same = vmm::layout::ram_ranges(mem)
+        .iter()
+        .copied()
+        .eq(layout.ranges.iter().map(|r| (r.gpa, r.len)));
+    if !same {
+        return Err(RestoreError::Layout { mib: mem >> 20 });
+    }
+    Ok(mem)
+}
+
+/// Decodes a streamed machine state and checks it is of a `mem`-byte machine.
+pub fn state_for(bytes: &[u8], mem: u64) -> Result<MachineState, RestoreError> {
+    let state = MachineState::from_bytes(bytes)?;
+    if state.mem_bytes != mem {
+        return Err(RestoreError::Layout {
+            mib: state.mem_bytes >> 20,
+        });
+    }
+    Ok(state)
 }
 
 /// Whether RAM can be filled through a userfaultfd here.

@@ -87,6 +87,56 @@ fn socket_addrs(hp: &str) -> io::Result<Vec<std::net::SocketAddr>> {
     Ok((h, port).to_socket_addrs()?.collect())
 }
 
+/// Whether `uri` names a connection both ways (unix, tcp, or a passed
+/// socket): what a live migration needs.
+pub fn is_connection(uri: &Uri) -> bool {
+    match uri {
+        Uri::Unix(_) | Uri::Tcp(_) => true,
+        Uri::Fd(name) => qmp::peek_fd(name, |fd| is_socket(fd.as_raw_fd())).unwrap_or(false),
+        Uri::File(_) | Uri::Exec(_) => false,
+    }
+}
+
+fn is_socket(fd: i32) -> bool {
+    // SAFETY: fstat into a zeroed stat struct on a descriptor the caller holds.
+    unsafe {
+        let mut st: libc::stat = std::mem::zeroed();
+        libc::fstat(fd, &mut st) == 0 && (st.st_mode & libc::S_IFMT) == libc::S_IFSOCK
+    }
+}
+
+/// Connects to `uri` (unix, tcp) or takes its passed socket (fd): the
+/// connection of a live migration.
+pub fn connect_socket(uri: &Uri) -> io::Result<OwnedFd> {
+    match uri {
+        Uri::Unix(p) => Ok(OwnedFd::from(connect_unix(p)?)),
+        Uri::Tcp(hp) => Ok(OwnedFd::from(connect_tcp(hp)?)),
+        Uri::Fd(name) if is_connection(uri) => take_fd(name),
+        _ => Err(io::Error::other(
+            "live migration needs a connection both ways (unix:, tcp: or a socket passed with getfd)",
+        )),
+    }
+}
+
+fn connect_unix(p: &Path) -> io::Result<UnixStream> {
+    UnixStream::connect(p)
+        .map_err(|e| io::Error::new(e.kind(), format!("connect to {}: {e}", p.display())))
+}
+
+fn connect_tcp(hp: &str) -> io::Result<TcpStream> {
+    let mut last = io::Error::other(format!("{hp} resolves to no address"));
+    for a in socket_addrs(hp)? {
+        match TcpStream::connect_timeout(&a, CONNECT_TIMEOUT) {
+            Ok(s) => {
+                s.set_nodelay(true)?;
+                return Ok(s);
+            }
+            Err(e) => last = io::Error::new(e.kind(), format!("connect to {a}: {e}")),
+        }
+    }
+    Err(last)
+}
+
 /// The sending end of a stream.
 pub struct Outgoing {
     out: Out,
@@ -325,6 +375,7 @@ impl Listening {
                 r: Box::new(File::open(p).map_err(|e| {
                     io::Error::new(e.kind(), format!("cannot open {}: {e}", p.display()))
                 })?),
+                sock: None,
                 child: None,
                 peer: p.display().to_string(),
             })),
@@ -351,14 +402,24 @@ impl Listening {
                 let out: ChildStdout = child.stdout.take().expect("piped");
                 Listening::Ready(Some(Incoming {
                     r: Box::new(out),
+                    sock: None,
                     child: Some((child, cmd.clone())),
                     peer: format!("`{cmd}`"),
                 }))
             }
-            Uri::Fd(name) => Listening::Ready(Some(Incoming {
-                r: Box::new(File::from(take_fd(name)?)),
-                child: None,
-                peer: format!("fd:{name}"),
+            Uri::Fd(name) => Listening::Ready(Some({
+                let fd = take_fd(name)?;
+                let sock = if is_socket(fd.as_raw_fd()) {
+                    Some(fd.try_clone()?)
+                } else {
+                    None
+                };
+                Incoming {
+                    r: Box::new(File::from(fd)),
+                    sock,
+                    child: None,
+                    peer: format!("fd:{name}"),
+                }
             })),
         })
     }
@@ -378,6 +439,7 @@ impl Listening {
             Listening::Unix(l, p) => {
                 let (s, _) = l.accept()?;
                 Ok(Incoming {
+                    sock: Some(OwnedFd::from(s.try_clone()?)),
                     r: Box::new(s),
                     child: None,
                     peer: format!("unix:{}", p.display()),
@@ -385,7 +447,9 @@ impl Listening {
             }
             Listening::Tcp(l) => {
                 let (s, a) = l.accept()?;
+                s.set_nodelay(true)?;
                 Ok(Incoming {
+                    sock: Some(OwnedFd::from(s.try_clone()?)),
                     r: Box::new(s),
                     child: None,
                     peer: format!("tcp:{a}"),
@@ -422,6 +486,8 @@ fn remove_stale_socket(p: &Path) -> io::Result<()> {
 /// The receiving end of a stream.
 pub struct Incoming {
     r: Box<dyn Read + Send>,
+    /// A second handle on it when it is a socket (live migration writes back).
+    sock: Option<OwnedFd>,
     child: Option<(Child, String)>,
     /// Who sends (for messages).
     pub peer: String,
@@ -434,6 +500,11 @@ impl Read for Incoming {
 }
 
 impl Incoming {
+    /// A handle on the connection, when it is one both ways (a socket).
+    pub fn socket(&self) -> Option<OwnedFd> {
+        self.sock.as_ref().and_then(|s| s.try_clone().ok())
+    }
+
     /// The stream was read to its end: a command must have exited 0.
     pub fn finish(mut self) -> io::Result<()> {
         if let Some((mut child, cmd)) = self.child.take() {

@@ -1,0 +1,357 @@
+//! Live migration on the controller thread (`livesnap::postcopy` does the
+//! work): the source's cut, switch, pause, recovery and end; the target's
+//! switch, pause, recovery and end.
+//!
+//! Source: `migrate unix:/tcp:/fd:` without background-snapshot. The
+//! connection is made with the guest running; the cut pauses the guest for
+//! good (the same pause window as every snapshot) and the device state goes
+//! first. Until the target says it runs the guest, a broken connection
+//! gives the guest back here (status `failed`, the VM runs on); after it,
+//! this VM keeps all its RAM until the target has every page, and refuses
+//! `cont` and `quit`.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use livesnap::postcopy::{PostcopySender, SourceEvent, TargetEvent};
+use qmp::{CommandError, RunState};
+
+use super::event::AppEvent;
+use super::Controller;
+use crate::snapshot::cut::{cut, Capture, Outcome};
+use crate::snapshot::migrate::{self as migration, Status};
+use crate::snapshot::transport::{self, Uri};
+
+impl Controller {
+    /// `migrate URI` without background-snapshot over a socket: a live migration.
+    pub(super) fn migrate_live(&mut self, uri: &Uri) -> Result<(), CommandError> {
+        if !self.runstate.is_running() && self.status() != RunState::Paused {
+            return Err(CommandError::generic(format!(
+                "cannot migrate a VM in state '{}'",
+                self.status()
+            )));
+        }
+        self.ram_complete().map_err(CommandError::generic)?;
+        self.stop_collapse();
+        let t0 = Instant::now();
+        self.migration
+            .new_job(self.machine.ram().size(), &self.events)
+            .map_err(|e| CommandError::generic(e.to_string()))?;
+        if let Some(j) = self.migration.job.as_mut() {
+            j.method = migration::Method::Postcopy;
+        }
+        // Connected with the guest running: a target that is not there
+        // fails the job before any pause.
+        let sock = match transport::connect_socket(uri) {
+            Ok(s) => s,
+            Err(e) => return Err(self.fail_migration(format!("cannot connect: {e}"))),
+        };
+        let setup = t0.elapsed();
+        let paused_at = Instant::now();
+        let c = match cut(&mut self.machine, Capture::Stop, |_| Ok(())) {
+            Ok(c) => c,
+            Err(e) => return Err(self.fail_migration(e.to_string())),
+        };
+        let Outcome::Stopped { state } = c.outcome else {
+            unreachable!("a stop cut keeps the guest paused");
+        };
+        let state = state.to_bytes();
+        let tx = self.tx.clone();
+        let tx = std::sync::Mutex::new(tx);
+        let events = Box::new(move |e: SourceEvent| {
+            let tx = tx.lock().unwrap_or_else(|p| p.into_inner());
+            let _ = tx.send(AppEvent::PostcopySource(e));
+        });
+        let ranges = migration::ram_ranges(&self.machine);
+        // SAFETY: the guest is paused for good from here (`cont` is refused
+        // while the migration lives, see `Migration::migrated_away`) and the
+        // machine, whose RAM this is, outlives the sender: it is dropped
+        // with the job, before the machine (`end_captures`).
+        let sender = unsafe { PostcopySender::start(sock, &ranges, state, events) };
+        let sender = match sender {
+            Ok(s) => s,
+            Err(e) => {
+                if c.was_running {
+                    self.machine.resume();
+                }
+                return Err(self.fail_migration(e.to_string()));
+            }
+        };
+        if c.was_running {
+            self.set_status(RunState::FinishMigrate);
+        }
+        let job = self.migration.job.as_mut().expect("job just created");
+        job.setup_time = setup;
+        job.vcpu_pause = c.times.vcpu_pause;
+        job.state_time = c.times.state;
+        job.paused_at = Some(paused_at);
+        job.resume_after = c.was_running;
+        job.postcopy = Some(sender);
+        let _ = self.migration.set_status(Status::Active, &self.events);
+        Ok(())
+    }
+
+    /// What the source's migration threads report.
+    pub(super) fn postcopy_source_event(&mut self, e: SourceEvent) {
+        let Some(job) = self.migration.job.as_mut() else {
+            return;
+        };
+        match e {
+            SourceEvent::Switched => {
+                // The guest runs on the target from now on.
+                job.downtime = job.paused_at.map(|t| t.elapsed()).unwrap_or_default();
+                tracing::info!(
+                    downtime_us = job.downtime.as_micros() as u64,
+                    "live migration: the guest runs on the target"
+                );
+                let _ = self
+                    .migration
+                    .set_status(Status::PostcopyActive, &self.events);
+            }
+            SourceEvent::Failed(why) => {
+                // Before the switch: the target never ran the guest; it runs here again.
+                let resume = job.resume_after;
+                job.postcopy = None;
+                job.total_time = Some(job.started_elapsed());
+                tracing::warn!(
+                    "live migration failed before the switch: {why}; the VM runs on here"
+                );
+                let _ = self.migration.fail(why, &self.events);
+                if resume {
+                    self.machine.resume();
+                    self.set_status(RunState::Running);
+                }
+            }
+            SourceEvent::Paused(why) => {
+                tracing::warn!(
+                    "live migration paused: {why}; waiting for migrate with resume=true"
+                );
+                job.paused_why = Some(why);
+                let _ = self
+                    .migration
+                    .set_status(Status::PostcopyPaused, &self.events);
+            }
+            SourceEvent::Completed => {
+                job.total_time = Some(job.started_elapsed());
+                job.paused_why = None;
+                let _ = self.migration.set_status(Status::Completed, &self.events);
+                self.set_status(RunState::Postmigrate);
+            }
+        }
+        if self.quit_after_migration && !self.migration.active() {
+            tracing::info!("the live migration ended: quitting as asked");
+            self.exit = Some(0);
+        }
+    }
+
+    /// `quit` while the target still needs this VM's RAM: the process ends
+    /// once the migration does (SIGTERM still ends it at once).
+    pub(super) fn quit_needs_to_wait(&mut self) -> bool {
+        let needed = self.migration.active() && self.migration.migrated_away();
+        if needed {
+            tracing::warn!(
+                "quit: the target still needs this VM's RAM; snapvmm exits when the live migration ends"
+            );
+            self.quit_after_migration = true;
+        }
+        needed
+    }
+
+    /// `migrate {"uri", "resume": true}`: a paused live migration carries on.
+    pub(super) fn migrate_resume(&mut self, uri: &str) -> Result<(), CommandError> {
+        let uri = Uri::parse(uri).map_err(CommandError::generic)?;
+        let paused = self
+            .migration
+            .job
+            .as_ref()
+            .is_some_and(|j| j.status() == Status::PostcopyPaused);
+        if !paused {
+            return Err(CommandError::generic(
+                "migrate with resume=true needs a paused post-copy migration",
+            ));
+        }
+        let sock = transport::connect_socket(&uri)
+            .map_err(|e| CommandError::generic(format!("cannot connect: {e}")))?;
+        let job = self.migration.job.as_mut().expect("checked above");
+        let sender = job
+            .postcopy
+            .as_ref()
+            .expect("a paused migration has its sender");
+        sender
+            .resume(sock)
+            .map_err(|e| CommandError::generic(e.to_string()))?;
+        job.paused_why = None;
+        let _ = self
+            .migration
+            .set_status(Status::PostcopyRecover, &self.events);
+        let _ = self
+            .migration
+            .set_status(Status::PostcopyActive, &self.events);
+        Ok(())
+    }
+
+    /// `migrate_cancel` of a live migration: before the switch the guest
+    /// runs here again; after it, the target runs it and needs this RAM.
+    /// Returns false when the job is not a live migration.
+    pub(super) fn cancel_live(&mut self) -> Result<bool, CommandError> {
+        let Some(job) = self.migration.job.as_mut() else {
+            return Ok(false);
+        };
+        if job.method != migration::Method::Postcopy || !self.migration.active() {
+            return Ok(false);
+        }
+        if job.status() != Status::Active {
+            return Err(CommandError::generic(
+                "the guest runs on the target now: a post-copy migration cannot be cancelled",
+            ));
+        }
+        if let Some(p) = job.postcopy.take() {
+            p.stop();
+        }
+        let resume = job.resume_after;
+        job.total_time = Some(job.started_elapsed());
+        let _ = self.migration.set_status(Status::Cancelling, &self.events);
+        let _ = self.migration.set_status(Status::Cancelled, &self.events);
+        if resume {
+            self.machine.resume();
+            self.set_status(RunState::Running);
+        }
+        Ok(true)
+    }
+
+    /// `migrate-start-postcopy`: a live migration is post-copy from its start.
+    pub(super) fn start_postcopy(&self) -> Result<(), CommandError> {
+        let live = self.migration.active()
+            && self
+                .migration
+                .job
+                .as_ref()
+                .is_some_and(|j| j.method == migration::Method::Postcopy);
+        if live {
+            Ok(())
+        } else {
+            Err(CommandError::generic(
+                "Postcopy must be started after migration has been started",
+            ))
+        }
+    }
+
+    /// Target: the guest runs here; tell the source (before the vCPUs run).
+    pub(super) fn postcopy_switch(&mut self) -> Result<(), String> {
+        let Some(p) = self.migration.postcopy_in.clone() else {
+            return Ok(());
+        };
+        let tx = std::sync::Mutex::new(self.tx.clone());
+        p.on_event(Box::new(move |e| {
+            let tx = tx.lock().unwrap_or_else(|p| p.into_inner());
+            let _ = tx.send(AppEvent::PostcopyTarget(e));
+        }));
+        p.running()
+            .map_err(|e| format!("the source went away before the guest could run here: {e}"))?;
+        let _ = self
+            .migration
+            .set_status(Status::PostcopyActive, &self.events);
+        Ok(())
+    }
+
+    /// What the target's migration threads report.
+    pub(super) fn postcopy_target_event(&mut self, e: TargetEvent) {
+        match e {
+            TargetEvent::Paused(why) => {
+                tracing::warn!(
+                    "live migration paused: {why}; the guest waits for its RAM (migrate-recover)"
+                );
+                if let Some(j) = self.migration.job.as_mut() {
+                    j.paused_why = Some(why);
+                }
+                let _ = self
+                    .migration
+                    .set_status(Status::PostcopyPaused, &self.events);
+            }
+            TargetEvent::Recovered => {
+                if let Some(j) = self.migration.job.as_mut() {
+                    j.paused_why = None;
+                }
+                let _ = self
+                    .migration
+                    .set_status(Status::PostcopyActive, &self.events);
+            }
+        }
+    }
+
+    /// Target: every page is here.
+    pub(super) fn postcopy_target_done(&mut self) {
+        // Kept (for its figures) once done.
+        if let Some(p) = self.migration.postcopy_in.clone() {
+            p.done();
+            if let Some(j) = self.migration.job.as_mut() {
+                j.total_time = Some(j.started_elapsed());
+            }
+            let _ = self.migration.set_status(Status::Completed, &self.events);
+        }
+    }
+
+    /// `migrate-recover URI` (target): listen for the source's resume.
+    pub(super) fn migrate_recover(&mut self, uri: &str) -> Result<(), CommandError> {
+        let uri = Uri::parse(uri).map_err(CommandError::generic)?;
+        let Some(pages) = self.migration.postcopy_in.clone() else {
+            return Err(CommandError::generic(
+                "migrate-recover needs a paused incoming post-copy migration",
+            ));
+        };
+        let paused = self
+            .migration
+            .job
+            .as_ref()
+            .is_some_and(|j| j.status() == Status::PostcopyPaused);
+        if !paused {
+            return Err(CommandError::generic(
+                "migrate-recover needs a paused incoming post-copy migration",
+            ));
+        }
+        let mut l =
+            transport::Listening::bind(&uri).map_err(|e| CommandError::generic(e.to_string()))?;
+        if let Some(j) = self.migration.job.as_mut() {
+            j.listening = l.local_addr();
+        }
+        let _ = self
+            .migration
+            .set_status(Status::PostcopyRecover, &self.events);
+        let tx = self.tx.clone();
+        std::thread::Builder::new()
+            .name("postcopy-recover".into())
+            .spawn(move || recover(&mut l, &pages, &tx))
+            .map_err(|e| CommandError::generic(e.to_string()))?;
+        Ok(())
+    }
+}
+
+/// Accepts connections until one is the source resuming this migration.
+fn recover(
+    l: &mut transport::Listening,
+    pages: &Arc<livesnap::postcopy::RemotePages>,
+    tx: &std::sync::mpsc::Sender<AppEvent>,
+) {
+    loop {
+        let inc = match l.accept() {
+            Ok(i) => i,
+            Err(e) => {
+                let _ = tx.send(AppEvent::PostcopyTarget(TargetEvent::Paused(format!(
+                    "recovery listener failed: {e}"
+                ))));
+                return;
+            }
+        };
+        let Some(sock) = inc.socket() else {
+            let _ = tx.send(AppEvent::PostcopyTarget(TargetEvent::Paused(
+                "recovery needs a connection both ways".into(),
+            )));
+            return;
+        };
+        match pages.recover(sock) {
+            // `recover` reports Recovered itself.
+            Ok(()) => return,
+            Err(e) => tracing::warn!("{}: not a recovery of this migration: {e}", inc.peer),
+        }
+    }
+}

@@ -1,0 +1,241 @@
+//! Live migration (post-copy) between two snapvmm processes: the guest
+//! writing memory at full speed moves to the target and goes on there with
+//! no CORRUPT line; the source ends `postmigrate` and keeps its RAM until
+//! the target has it all; a connection broken after the switch pauses both
+//! sides and `migrate-recover` + `migrate resume=true` carry on; a target
+//! killed before the switch leaves the source running.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::json;
+
+const GUEST: &[&str] = &[
+    "--mem",
+    "512M",
+    "--cmdline",
+    "workload=memwrite region=256M",
+];
+
+fn events_on(q: &mut Qmp) {
+    q.ok(
+        "migrate-set-capabilities",
+        json!({"capabilities": [{"capability": "events", "state": true}, {"capability": "postcopy-ram", "state": true}]}),
+    );
+}
+
+fn statuses(q: &Qmp) -> Vec<String> {
+    q.events
+        .iter()
+        .filter(|e| e["event"] == "MIGRATION")
+        .map(|e| e["data"]["status"].as_str().unwrap_or("").to_string())
+        .collect()
+}
+
+/// Polls query-migrate until `pred` holds on the status.
+fn wait_status(q: &mut Qmp, what: &str, pred: impl Fn(&str) -> bool) -> serde_json::Value {
+    let end = Instant::now() + T;
+    loop {
+        let m = q.ok("query-migrate", json!({}));
+        if pred(m["status"].as_str().unwrap_or("")) {
+            return m;
+        }
+        assert!(Instant::now() < end, "still not {what}: {m}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn a_busy_guest_moves_and_goes_on_on_the_target() {
+    let d = TempDir::new("live");
+    let (a, mut qa) = start_vm(&d, "a", "2", GUEST);
+    a.wait_line("refguest: cpu=1 t=", T);
+    let (b, mut qb) = start_vm(&d, "b", "2", &["--incoming", "defer"]);
+    events_on(&mut qa);
+    events_on(&mut qb);
+    let sock = d.path("mig.sock");
+    qb.ok(
+        "migrate-incoming",
+        json!({"uri": format!("unix:{}", sock.display())}),
+    );
+    qa.ok(
+        "migrate",
+        json!({"uri": format!("unix:{}", sock.display())}),
+    );
+    assert_eq!(wait_settled(&mut qb), "running");
+    runs_on(&b);
+    let m = wait_status(&mut qa, "completed", |s| s == "completed");
+    assert_eq!(m["x-snapshot-method"], "postcopy", "{m}");
+    let pc = &m["x-postcopy"];
+    assert_eq!(pc["chunks-sent"], pc["chunks"], "{m}");
+    assert!(m["downtime"].as_u64().is_some(), "{m}");
+    assert_eq!(
+        statuses(&qa),
+        ["setup", "active", "postcopy-active", "completed"],
+        "{m}"
+    );
+    assert_eq!(qa.ok("query-status", json!({}))["status"], "postmigrate");
+    // The guest lives on the target now: the source may not run it again.
+    let r = qa.cmd("cont", json!({}));
+    assert!(
+        r["error"]["desc"]
+            .as_str()
+            .unwrap_or("")
+            .contains("migrated"),
+        "{r}"
+    );
+    let mb = wait_status(&mut qb, "completed", |s| s == "completed");
+    let t = &mb["x-postcopy-target"];
+    assert!(t["chunks-received"].as_u64().unwrap() >= 256, "{mb}");
+    runs_on(&b);
+    qa.ok("quit", json!({}));
+    qb.ok("quit", json!({}));
+}
+
+#[test]
+fn a_broken_link_pauses_both_sides_and_recovery_carries_on() {
+    let d = TempDir::new("live-recover");
+    let (a, mut qa) = start_vm(
+        &d,
+        "a",
+        "1",
+        &["--mem", "2G", "--cmdline", "workload=memwrite region=1536M"],
+    );
+    a.wait_line("refguest: cpu=0 t=", T);
+    let (b, mut qb) = start_vm(&d, "b", "1", &["--incoming", "defer"]);
+    events_on(&mut qa);
+    events_on(&mut qb);
+    // Through a relay this test can cut: target <- relay <- source.
+    let sock = d.path("mig.sock");
+    let relay_sock = d.path("relay.sock");
+    qb.ok(
+        "migrate-incoming",
+        json!({"uri": format!("unix:{}", sock.display())}),
+    );
+    let relay = Relay::start(&relay_sock, &sock);
+    qa.ok(
+        "migrate",
+        json!({"uri": format!("unix:{}", relay_sock.display())}),
+    );
+    wait_status(&mut qa, "postcopy-active", |s| s == "postcopy-active");
+    relay.cut();
+    let m = wait_status(&mut qa, "paused", |s| s == "postcopy-paused");
+    assert!(m["x-paused-reason"].is_string(), "{m}");
+    wait_status(&mut qb, "paused", |s| s == "postcopy-paused");
+    // The source keeps its RAM: quit waits for the migration to end.
+    qa.ok("quit", json!({}));
+    std::thread::sleep(Duration::from_millis(300));
+    let mut a = a;
+    assert!(
+        a.child.try_wait().unwrap().is_none(),
+        "the source quit with the target still needing its RAM"
+    );
+    // Recover on a new address.
+    let sock2 = d.path("mig2.sock");
+    qb.ok(
+        "migrate-recover",
+        json!({"uri": format!("unix:{}", sock2.display())}),
+    );
+    qa.ok(
+        "migrate",
+        json!({"uri": format!("unix:{}", sock2.display()), "resume": true}),
+    );
+    // The source exits once the target has everything.
+    assert!(a.wait(T).success());
+    wait_status(&mut qb, "completed", |s| s == "completed");
+    runs_on(&b);
+    let sb = statuses(&qb);
+    assert!(
+        sb.contains(&"postcopy-paused".to_string()) && sb.contains(&"postcopy-recover".to_string()),
+        "{sb:?}"
+    );
+    qb.ok("quit", json!({}));
+}
+
+#[test]
+fn a_target_killed_before_the_switch_leaves_the_source_running() {
+    let d = TempDir::new("live-kill");
+    let (a, mut qa) = start_vm(&d, "a", "1", GUEST);
+    a.wait_line("refguest: cpu=0 t=", T);
+    events_on(&mut qa);
+    // A "target" that accepts and dies as soon as the state arrives.
+    let sock = d.path("mig.sock");
+    let l = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    let t = std::thread::spawn(move || {
+        use std::io::Read;
+        let (mut s, _) = l.accept().unwrap();
+        let mut buf = [0u8; 4096];
+        let _ = s.read(&mut buf);
+        drop(s);
+    });
+    qa.ok(
+        "migrate",
+        json!({"uri": format!("unix:{}", sock.display())}),
+    );
+    t.join().unwrap();
+    let m = wait_status(&mut qa, "failed", |s| s == "failed");
+    assert!(m["error-desc"].is_string(), "{m}");
+    assert_eq!(qa.ok("query-status", json!({}))["status"], "running");
+    a.wait_line("refguest: cpu=0 t=", T);
+    goes_on_without_corruption(&a, 1);
+    qa.ok("quit", json!({}));
+}
+
+/// The migrated guest goes on: no CORRUPT or FAULT line, no new boot, and
+/// (its first touches of RAM take a while on a PVM host) verified passes.
+fn runs_on(b: &Running) {
+    let end = Instant::now() + T;
+    loop {
+        let l = b.wait_line("refguest:", T);
+        assert!(!l.contains("CORRUPT") && !l.contains("FAULT"), "{l}");
+        assert!(!l.contains("ready"), "the guest must not boot again: {l}");
+        let passes: u64 = l
+            .rsplit("passes=")
+            .next()
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(0);
+        if passes >= 2 {
+            return;
+        }
+        assert!(Instant::now() < end, "no verified pass on the target: {l}");
+    }
+}
+
+/// A unix-socket relay whose connections can be cut.
+struct Relay {
+    conns: std::sync::Arc<std::sync::Mutex<Vec<std::os::unix::net::UnixStream>>>,
+}
+
+impl Relay {
+    fn start(listen: &std::path::Path, to: &std::path::Path) -> Relay {
+        let l = std::os::unix::net::UnixListener::bind(listen).unwrap();
+        let conns = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (c2, to) = (conns.clone(), to.to_path_buf());
+        std::thread::spawn(move || {
+            for s in l.incoming() {
+                let Ok(s) = s else { return };
+                let Ok(t) = std::os::unix::net::UnixStream::connect(&to) else {
+                    return;
+                };
+                c2.lock()
+                    .unwrap()
+                    .extend([s.try_clone().unwrap(), t.try_clone().unwrap()]);
+                for (mut x, mut y) in [(s.try_clone().unwrap(), t.try_clone().unwrap()), (t, s)] {
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut x, &mut y);
+                        let _ = y.shutdown(std::net::Shutdown::Both);
+                    });
+                }
+            }
+        });
+        Relay { conns }
+    }
+
+    fn cut(&self) {
+        for c in self.conns.lock().unwrap().iter() {
+            let _ = c.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
