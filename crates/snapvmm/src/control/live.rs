@@ -194,10 +194,11 @@ impl Controller {
     /// runs here again; after it, the target runs it and needs this RAM.
     /// Returns false when the job is not a live migration.
     pub(super) fn cancel_live(&mut self) -> Result<bool, CommandError> {
+        let active = self.migration.active();
         let Some(job) = self.migration.job.as_mut() else {
             return Ok(false);
         };
-        if job.method != migration::Method::Postcopy || !self.migration.active() {
+        if job.method != migration::Method::Postcopy || !active {
             return Ok(false);
         }
         if job.status() != Status::Active {
