@@ -275,6 +275,19 @@ impl PostcopySender {
         attach(&self.sh, sock, false)
     }
 
+    /// Breaks the connection (QMP `migrate-pause`): after the switch the
+    /// migration pauses ([`SourceEvent::Paused`]) until [`PostcopySender::resume`].
+    pub fn break_connection(&self) -> bool {
+        let st = lock(&self.sh.st);
+        match &st.conn {
+            Some((_, c)) if st.switched && !st.ended => {
+                shutdown(c);
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// Gives up (the caller's VM is going away): both ends close.
     pub fn stop(&self) {
         let mut st = lock(&self.sh.st);
@@ -827,6 +840,19 @@ impl RemotePages {
             shutdown(&w);
         }
         self.sh.cv.notify_all();
+    }
+
+    /// Breaks the connection (QMP `migrate-pause`): threads touching RAM
+    /// not here wait ([`TargetEvent::Paused`]) until [`RemotePages::recover`].
+    pub fn break_connection(&self) -> bool {
+        let st = lock(&self.sh.st);
+        match &st.writer {
+            Some(w) if st.failed.is_none() => {
+                shutdown(w);
+                true
+            }
+            _ => false,
+        }
     }
 
     /// Whether the connection is up.

@@ -200,6 +200,8 @@ pub enum Request {
     MigrateRecover(String),
     /// `migrate-start-postcopy`.
     MigrateStartPostcopy,
+    /// `migrate-pause`: break a post-copy migration's connection.
+    MigratePause,
     /// `migrate_cancel`.
     MigrateCancel,
     /// `query-migrate`: returns a MigrationInfo object.
@@ -254,6 +256,7 @@ impl Request {
             Request::MigrateIncoming(_) => "migrate-incoming",
             Request::MigrateRecover(_) => "migrate-recover",
             Request::MigrateStartPostcopy => "migrate-start-postcopy",
+            Request::MigratePause => "migrate-pause",
             Request::MigrateCancel => "migrate_cancel",
             Request::QueryMigrate => "query-migrate",
             Request::MigrateSetCapabilities(_) => "migrate-set-capabilities",

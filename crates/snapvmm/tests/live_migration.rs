@@ -183,26 +183,6 @@ fn a_target_killed_before_the_switch_leaves_the_source_running() {
     qa.ok("quit", json!({}));
 }
 
-/// The migrated guest goes on: no CORRUPT or FAULT line, no new boot, and
-/// (its first touches of RAM take a while on a PVM host) verified passes.
-fn runs_on(b: &Running) {
-    let end = Instant::now() + T;
-    loop {
-        let l = b.wait_line("refguest:", T);
-        assert!(!l.contains("CORRUPT") && !l.contains("FAULT"), "{l}");
-        assert!(!l.contains("ready"), "the guest must not boot again: {l}");
-        let passes: u64 = l
-            .rsplit("passes=")
-            .next()
-            .and_then(|p| p.parse().ok())
-            .unwrap_or(0);
-        if passes >= 2 {
-            return;
-        }
-        assert!(Instant::now() < end, "no verified pass on the target: {l}");
-    }
-}
-
 /// A unix-socket relay whose connections can be cut.
 struct Relay {
     conns: std::sync::Arc<std::sync::Mutex<Vec<std::os::unix::net::UnixStream>>>,

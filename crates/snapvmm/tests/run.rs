@@ -401,14 +401,29 @@ fn cmdline_too_long_is_refused() {
 fn bad_incoming_values() {
     refused(&["run", "--incoming", "defer"], None, "needs --qmp");
     refused(
-        &["run", "--incoming", "tcp:0:4444"],
+        &["run", "--incoming", "rdma:1.2.3.4:4444"],
         None,
-        "expected file:PATH or defer",
+        "unknown transport 'rdma'",
+    );
+    refused(
+        &["run", "--incoming", "tcp:localhost"],
+        None,
+        "tcp: needs HOST:PORT",
     );
     refused(
         &["run", "--incoming", "file:"],
         None,
-        "expected file:PATH or defer",
+        "nothing after the scheme",
+    );
+    refused(
+        &["run", "--incoming", "fd:nothing"],
+        None,
+        "no file descriptor named 'nothing'",
+    );
+    refused(
+        &["run", "--incoming", "exec:exit 4"],
+        None,
+        "`exit 4` exited with status 4",
     );
 }
 

@@ -23,6 +23,7 @@ pub(crate) mod job_finalize;
 pub(crate) mod migrate;
 pub(crate) mod migrate_cancel;
 pub(crate) mod migrate_incoming;
+pub(crate) mod migrate_pause;
 pub(crate) mod migrate_recover;
 pub(crate) mod migrate_set_capabilities;
 pub(crate) mod migrate_set_parameters;
@@ -75,6 +76,7 @@ pub(crate) const COMMANDS: &[CommandSpec] = &[
     migrate_cancel::SPEC,
     migrate_incoming::SPEC,
     migrate_recover::SPEC,
+    migrate_pause::SPEC,
     migrate_start_postcopy::SPEC,
     query_migrate::SPEC,
     migrate_set_capabilities::SPEC,

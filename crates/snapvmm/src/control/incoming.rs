@@ -82,7 +82,16 @@ fn receive_one(
     use livesnap::stream::StreamReader;
     let Some(sock) = inc.socket() else {
         // A command's output, a file: an image stream only.
-        let (restored, got) = restore::from_stream(&mut inc)?;
+        let (restored, got) = match restore::from_stream(&mut inc) {
+            Ok(r) => r,
+            // Say how a command that produced it ended, too.
+            Err(e) => {
+                return Err(match inc.finish() {
+                    Err(why) => RestoreError::Transport(format!("{e} ({why})")),
+                    Ok(()) => e,
+                })
+            }
+        };
         inc.finish()
             .map_err(|e| RestoreError::Transport(e.to_string()))?;
         return Ok(Received::Image {

@@ -220,6 +220,34 @@ impl Controller {
         Ok(true)
     }
 
+    /// `migrate-pause`: break a post-copy migration's connection (either side).
+    pub(super) fn migrate_pause(&mut self) -> Result<(), CommandError> {
+        let postcopy = self
+            .migration
+            .job
+            .as_ref()
+            .is_some_and(|j| j.status() == Status::PostcopyActive);
+        let broke = postcopy
+            && match (
+                self.migration
+                    .job
+                    .as_ref()
+                    .and_then(|j| j.postcopy.as_ref()),
+                &self.migration.postcopy_in,
+            ) {
+                (Some(s), _) => s.break_connection(),
+                (None, Some(p)) => p.break_connection(),
+                (None, None) => false,
+            };
+        if broke {
+            Ok(())
+        } else {
+            Err(CommandError::generic(
+                "migrate-pause is only supported by postcopy migration",
+            ))
+        }
+    }
+
     /// `migrate-start-postcopy`: a live migration is post-copy from its start.
     pub(super) fn start_postcopy(&self) -> Result<(), CommandError> {
         let live = self.migration.active()

@@ -676,6 +676,7 @@ impl Controller {
             MigrateResume(uri) => self.migrate_resume(&uri)?,
             MigrateRecover(uri) => self.migrate_recover(&uri)?,
             MigrateStartPostcopy => self.start_postcopy()?,
+            MigratePause => self.migrate_pause()?,
             SnapshotSave(job) => self.snapshot_save(job, None)?,
             SnapshotLoad(job) => self.snapshot_load(job)?,
             SnapshotDelete(job) => self.snapshot_delete(job)?,

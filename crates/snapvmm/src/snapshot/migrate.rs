@@ -866,9 +866,16 @@ mod tests {
         m.set_capabilities(&[("background-snapshot".into(), true)])
             .unwrap();
         assert_eq!(m.effective_method(), Method::Uffd);
-        assert!(m
-            .set_capabilities(&[("postcopy-ram".into(), true)])
-            .is_err());
+        // postcopy-ram is accepted (live migration is always post-copy) and shown.
+        m.set_capabilities(&[("postcopy-ram".into(), true)])
+            .unwrap();
+        let caps = m.query_capabilities();
+        assert!(caps
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["capability"] == "postcopy-ram" && c["state"] == true));
+        assert!(m.set_capabilities(&[("multifd".into(), true)]).is_err());
         assert!(m.set_capabilities(&[("no-such".into(), false)]).is_err());
         let mut p = serde_json::Map::new();
         p.insert("x-snapshot-method".into(), json!("stop"));

@@ -123,12 +123,45 @@ fn connect_unix(p: &Path) -> io::Result<UnixStream> {
         .map_err(|e| io::Error::new(e.kind(), format!("connect to {}: {e}", p.display())))
 }
 
+/// A dead peer or link is noticed within seconds, not TCP's default
+/// quarter of an hour: data unacknowledged for [`USER_TIMEOUT_MS`], or no
+/// answer to keepalives sent after 5 s of silence.
+fn tune_tcp(s: &TcpStream) -> io::Result<()> {
+    s.set_nodelay(true)?;
+    let fd = s.as_raw_fd();
+    for (level, opt, val) in [
+        (libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1),
+        (libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, 5),
+        (libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, 1),
+        (libc::IPPROTO_TCP, libc::TCP_KEEPCNT, 5),
+        (libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT, USER_TIMEOUT_MS),
+    ] {
+        // SAFETY: setsockopt with a pointer to a live c_int and its size.
+        let r = unsafe {
+            libc::setsockopt(
+                fd,
+                level,
+                opt,
+                (&val as *const i32).cast(),
+                std::mem::size_of::<i32>() as libc::socklen_t,
+            )
+        };
+        if r != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// TCP_USER_TIMEOUT of migration connections.
+const USER_TIMEOUT_MS: i32 = 10_000;
+
 fn connect_tcp(hp: &str) -> io::Result<TcpStream> {
     let mut last = io::Error::other(format!("{hp} resolves to no address"));
     for a in socket_addrs(hp)? {
         match TcpStream::connect_timeout(&a, CONNECT_TIMEOUT) {
             Ok(s) => {
-                s.set_nodelay(true)?;
+                tune_tcp(&s)?;
                 return Ok(s);
             }
             Err(e) => last = io::Error::new(e.kind(), format!("connect to {a}: {e}")),
@@ -447,7 +480,7 @@ impl Listening {
             }
             Listening::Tcp(l) => {
                 let (s, a) = l.accept()?;
-                s.set_nodelay(true)?;
+                tune_tcp(&s)?;
                 Ok(Incoming {
                     sock: Some(OwnedFd::from(s.try_clone()?)),
                     r: Box::new(s),

@@ -343,3 +343,23 @@ pub fn goes_on_without_corruption(b: &Running, cpus: usize) {
     let passes: u64 = l.rsplit("passes=").next().unwrap().parse().unwrap();
     assert!(passes >= 2, "several passes verified after restore: {l}");
 }
+
+/// The migrated guest goes on: no CORRUPT or FAULT line, no new boot, and
+/// (its first touches of RAM take a while on a PVM host) verified passes.
+pub fn runs_on(b: &Running) {
+    let end = Instant::now() + T;
+    loop {
+        let l = b.wait_line("refguest:", T);
+        assert!(!l.contains("CORRUPT") && !l.contains("FAULT"), "{l}");
+        assert!(!l.contains("ready"), "the guest must not boot again: {l}");
+        let passes: u64 = l
+            .rsplit("passes=")
+            .next()
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(0);
+        if passes >= 2 {
+            return;
+        }
+        assert!(Instant::now() < end, "no verified pass on the target: {l}");
+    }
+}

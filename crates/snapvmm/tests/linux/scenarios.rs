@@ -26,6 +26,7 @@ pub const ALL: &[&str] = &[
     "write-protect-snapshot-restore",
     "ten-snapshots-restore-last",
     "savevm-loadvm-qcow2",
+    "live-migration-and-streams",
 ];
 
 /// Scenarios whose disk images are checked from the host afterwards.
@@ -93,6 +94,7 @@ pub fn run(name: &str, ctx: &Ctx) -> Result<(), String> {
         "write-protect-snapshot-restore" => write_protect_snapshot(ctx),
         "ten-snapshots-restore-last" => ten_snapshots(ctx),
         "savevm-loadvm-qcow2" => savevm(ctx),
+        "live-migration-and-streams" => live_migration(ctx),
         other => panic!("unknown scenario {other}"),
     }));
     r.map_err(|e| {
@@ -386,6 +388,62 @@ fn live(ctx: &Ctx, method: &str, with_defer: bool) {
     check_restored(&mut late, &before);
     q.ok("quit", json!({}));
     late.exit_code(T);
+}
+
+/// A Linux guest rewriting memory live-migrates (post-copy, over a unix
+/// socket) to a target waiting with `--incoming defer`: it goes on there, the
+/// source ends `postmigrate`. Then the target streams a live snapshot through
+/// `gzip` (`exec:`), restored from `gzip -dc` in a third process.
+fn live_migration(ctx: &Ctx) {
+    let mut src = ctx.linux("src", "256M", "2", "mem", &[]);
+    let mut qs = qmp(&src);
+    let mut dst = ctx.vm("dst", &["--incoming", "defer"]);
+    let mut qd = qmp(&dst);
+    let sock = ctx.dir.join("mig.sock");
+    let uri = format!("unix:{}", sock.display());
+    qd.ok("migrate-incoming", json!({ "uri": uri }));
+    let before = stress_lines(&mut src, 2).pop().unwrap();
+    qs.ok("migrate", json!({ "uri": uri }));
+    check_restored(&mut dst, &before);
+    let end = Instant::now() + T;
+    for q in [&mut qs, &mut qd] {
+        loop {
+            let m = q.ok("query-migrate", json!({}));
+            if m["status"] == "completed" {
+                break;
+            }
+            assert!(
+                Instant::now() < end,
+                "the live migration did not complete: {m}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    assert_eq!(qs.ok("query-status", json!({}))["status"], "postmigrate");
+    qs.ok("quit", json!({}));
+    src.exit_code(T);
+
+    let gz = ctx.dir.join("linux.snap.gz");
+    qd.ok(
+        "migrate-set-capabilities",
+        json!({"capabilities": [{"capability": "background-snapshot", "state": true}]}),
+    );
+    let at = stress_lines(&mut dst, 1).pop().unwrap();
+    qd.ok(
+        "migrate",
+        json!({"uri": format!("exec:gzip -1 > {}", gz.display())}),
+    );
+    let m = qd.wait_migration(T);
+    assert_eq!(m["status"], "completed", "{m}");
+    qd.ok("quit", json!({}));
+    dst.exit_code(T);
+    let mut back = ctx.vm(
+        "back",
+        &["--incoming", &format!("exec:gzip -dc {}", gz.display())],
+    );
+    check_restored(&mut back, &at);
+    qmp(&back).ok("quit", json!({}));
+    back.exit_code(T);
 }
 
 /// Ten live snapshots in a row of the same running guest; the last one restores.
