@@ -57,6 +57,9 @@ pub trait PageSource: Send + Sync + 'static {
     /// source that fetches from afar asks for them first. Called by the
     /// fault handler before it fills that chunk.
     fn want(&self, _offset: u64, _len: u64) {}
+    /// The fill is being dropped: calls waiting in this source must return
+    /// (with an error) now; none come after.
+    fn cancel(&self) {}
 }
 
 impl PageSource for File {
@@ -292,6 +295,8 @@ impl Drop for LazyFill {
     fn drop(&mut self) {
         self.fill.dropped.store(true, Ordering::Release);
         self.fill.stop.store(true, Ordering::Release);
+        // A thread may wait inside the source (a page from afar): release it.
+        self.fill.source.cancel();
         self.go.take();
         for t in self.threads.drain(..) {
             let _ = t.join();

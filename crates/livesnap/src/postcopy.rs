@@ -1017,6 +1017,10 @@ impl PageSource for RemotePages {
         }
     }
 
+    fn cancel(&self) {
+        self.fail("the live migration was stopped");
+    }
+
     /// Asks the source for a chunk a thread waits on, ahead of the order.
     fn want(&self, offset: u64, len: u64) {
         let Ok(k) = self.chunk_index(offset, len) else {

@@ -1,5 +1,6 @@
 //! Real Linux guests: Debian's stock 6.1 kernel with its own drivers, booted by
-//! snapvmm through ACPI, its disks, live snapshots and savevm/loadvm.
+//! snapvmm through ACPI, its disks, live snapshots, savevm/loadvm, live
+//! migration and snapshot streams.
 //!
 //! Where `/proc/cpuinfo` shows vmx or svm the scenarios run directly on this
 //! host's KVM. Elsewhere (PVM hosts, whose KVM cannot run Linux) they run inside
@@ -49,4 +50,9 @@ fn linux_ten_snapshots_in_a_row_then_restore_the_last() {
 #[test]
 fn linux_savevm_loadvm_gives_back_the_files_of_the_snapshot_instant() {
     linux::check("savevm-loadvm-qcow2");
+}
+
+#[test]
+fn linux_live_migrates_post_copy_and_streams_through_gzip() {
+    linux::check("live-migration-and-streams");
 }

@@ -183,12 +183,121 @@ fn a_target_killed_before_the_switch_leaves_the_source_running() {
     qa.ok("quit", json!({}));
 }
 
+#[test]
+fn a_source_cut_off_before_the_switch_runs_on_and_the_target_runs_nothing() {
+    let d = TempDir::new("live-early");
+    let (a, mut qa) = start_vm(&d, "a", "1", GUEST);
+    a.wait_line("refguest: cpu=0 t=", T);
+    let (b, mut qb) = start_vm(&d, "b", "1", &["--incoming", "defer"]);
+    let sock = d.path("mig.sock");
+    let relay_sock = d.path("relay.sock");
+    qb.ok(
+        "migrate-incoming",
+        json!({"uri": format!("unix:{}", sock.display())}),
+    );
+    // Only the stream header and part of the device state get through.
+    let _relay = Relay::start_limited(&relay_sock, &sock, 2000);
+    qa.ok(
+        "migrate",
+        json!({"uri": format!("unix:{}", relay_sock.display())}),
+    );
+    let m = wait_status(&mut qa, "failed", |s| s == "failed");
+    assert!(m["error-desc"].is_string(), "{m}");
+    let mb = wait_status(&mut qb, "failed", |s| s == "failed");
+    assert!(
+        mb["error-desc"].as_str().unwrap().contains("truncated"),
+        "{mb}"
+    );
+    // The guest runs on at the source; nothing runs at the target.
+    assert_eq!(qa.ok("query-status", json!({}))["status"], "running");
+    runs_on(&a);
+    assert_eq!(qb.ok("query-status", json!({}))["status"], "inmigrate");
+    assert!(b.lines.try_iter().all(|l| !l.contains("refguest")));
+    qa.ok("quit", json!({}));
+    qb.ok("quit", json!({}));
+}
+
+/// After the switch either side may die: the other never runs a second copy
+/// of the guest and never shows it corrupt.
+#[test]
+fn killing_either_side_after_the_switch_never_makes_two_guests() {
+    for victim in victims() {
+        let d = TempDir::new("live-kill-after");
+        let (mut a, mut qa) = start_vm(
+            &d,
+            "a",
+            "1",
+            &["--mem", "2G", "--cmdline", "workload=memwrite region=1536M"],
+        );
+        a.wait_line("refguest: cpu=0 t=", T);
+        let (mut b, mut qb) = start_vm(&d, "b", "1", &["--incoming", "defer"]);
+        let sock = d.path("mig.sock");
+        qb.ok(
+            "migrate-incoming",
+            json!({"uri": format!("unix:{}", sock.display())}),
+        );
+        qa.ok(
+            "migrate",
+            json!({"uri": format!("unix:{}", sock.display())}),
+        );
+        wait_status(&mut qa, "postcopy-active", |s| s == "postcopy-active");
+        // A moment somewhere in the post-copy.
+        let jitter = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .subsec_micros()
+            % 300_000;
+        std::thread::sleep(Duration::from_micros(jitter as u64));
+        if victim == "target" {
+            b.signal("KILL");
+            b.wait(T);
+            // The source keeps its (paused) guest and all its RAM; it never runs it again.
+            let m = wait_status(&mut qa, "postcopy-paused or completed", |s| {
+                s == "postcopy-paused" || s == "completed"
+            });
+            assert_ne!(qa.ok("query-status", json!({}))["status"], "running", "{m}");
+            let r = qa.cmd("cont", json!({}));
+            assert!(r.get("error").is_some(), "{r}");
+            a.signal("TERM");
+            a.wait(T);
+        } else {
+            a.signal("KILL");
+            a.wait(T);
+            // The target's guest waits for what it misses; nothing is corrupt.
+            wait_status(&mut qb, "postcopy-paused or completed", |s| {
+                s == "postcopy-paused" || s == "completed"
+            });
+            assert!(b.lines.try_iter().all(|l| !l.contains("CORRUPT")));
+            b.signal("TERM");
+            b.wait(T);
+        }
+    }
+}
+
 /// A unix-socket relay whose connections can be cut.
 struct Relay {
     conns: std::sync::Arc<std::sync::Mutex<Vec<std::os::unix::net::UnixStream>>>,
 }
 
 impl Relay {
+    /// Passes at most `limit` bytes from the sender, then cuts both sides.
+    fn start_limited(listen: &std::path::Path, to: &std::path::Path, limit: u64) -> Relay {
+        let l = std::os::unix::net::UnixListener::bind(listen).unwrap();
+        let conns = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let to = to.to_path_buf();
+        std::thread::spawn(move || {
+            use std::io::Read;
+            let Ok((s, _)) = l.accept() else { return };
+            let Ok(mut t) = std::os::unix::net::UnixStream::connect(&to) else {
+                return;
+            };
+            let _ = std::io::copy(&mut (&s).take(limit), &mut t);
+            let _ = s.shutdown(std::net::Shutdown::Both);
+            let _ = t.shutdown(std::net::Shutdown::Both);
+        });
+        Relay { conns }
+    }
+
     fn start(listen: &std::path::Path, to: &std::path::Path) -> Relay {
         let l = std::os::unix::net::UnixListener::bind(listen).unwrap();
         let conns = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
@@ -217,5 +326,13 @@ impl Relay {
         for c in self.conns.lock().unwrap().iter() {
             let _ = c.shutdown(std::net::Shutdown::Both);
         }
+    }
+}
+
+fn victims() -> Vec<&'static str> {
+    match std::env::var("LIVE_VICTIM").as_deref() {
+        Ok("target") => vec!["target"],
+        Ok("source") => vec!["source"],
+        _ => vec!["target", "source"],
     }
 }
