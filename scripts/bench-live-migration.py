@@ -53,6 +53,25 @@ def load(name, file):
 bs = load("bs", "bench-snapshot.py")
 vq = load("vq", "bench-vs-qemu.py")
 
+def _cmd(self, name, **args):
+    """bs.Qmp.cmd that keeps the events it reads, with their QMP timestamps."""
+    self.f.write(json.dumps({"execute": name, "arguments": args}).encode() + b"\n")
+    while True:
+        r = json.loads(self.f.readline())
+        if "event" in r:
+            if not hasattr(self, "events"):
+                self.events = []
+            ts = r["timestamp"]
+            self.events.append((r["event"], ts["seconds"] + ts["microseconds"] / 1e6))
+        if "return" in r:
+            return r["return"]
+        if "error" in r:
+            raise RuntimeError(f"{name}: {r['error']['desc']}")
+
+
+bs.Qmp.cmd = _cmd
+vq.bs.Qmp.cmd = _cmd
+
 NS_A, NS_B = "lmA", "lmB"
 IP_A, IP_B = "10.213.0.1", "10.213.0.2"
 
@@ -183,8 +202,9 @@ def run_one(a, elf, tsc, size, load, kind, n):
     else:
         src = vq.Guest("snapvmm", in_ns(NS_A, [a.bin, "run", "--qmp", f"unix:{sa}", "--mem", size, "--cpus", "1",
                                                "--serial", "stdio", "--cmdline", cmdline]), sa)
+        # --mem/--cpus: the target builds its VM ahead (as QEMU's is given -m).
         dst = vq.Guest("snapvmm", in_ns(NS_B, [a.bin, "run", "--qmp", f"unix:{sb}", "--serial", "stdio",
-                                               "--incoming", target_uri]), sb)
+                                               "--mem", size, "--cpus", "1", "--incoming", target_uri]), sb)
     relay = start_relay(port + 100, port, a.delay_ms, d)
     try:
         if load == "idle":
@@ -210,6 +230,12 @@ def run_one(a, elf, tsc, size, load, kind, n):
         # The switch: when the target's guest ran its first report.
         time.sleep(3)
         t_run = next((r[0] for r in dst.reports), None)
+        dst.q.cmd("query-status")
+        src.q.cmd("query-status")
+        stop = [t for e, t in getattr(src.q, "events", []) if e == "STOP"]
+        resume = [t for e, t in getattr(dst.q, "events", []) if e == "RESUME"]
+        # Downtime as both VMMs' own events say: the source's STOP → the target's RESUME.
+        event_downtime_ms = (resume[0] - stop[0]) * 1000 if stop and resume and converged else None
         if src.corrupt or dst.corrupt:
             sys.exit(f"{kind}: CORRUPT: {src.corrupt + dst.corrupt}")
         ram = bs.parse_size(size)
@@ -222,7 +248,10 @@ def run_one(a, elf, tsc, size, load, kind, n):
         switch = t_run - 1.0 if t_run else None
         res = {
             "vmm": kind, "size": size, "load": load, "converged": converged,
-            "downtime_ms": downtime_ms,
+            "downtime_ms": event_downtime_ms,
+            "vmm_downtime_ms": downtime_ms,
+            "precopy_bytes": m.get("ram", {}).get("precopy-bytes"),
+            "postcopy_bytes": m.get("ram", {}).get("postcopy-bytes"),
             "total_ms": m.get("total-time") if converged else None,
             "bytes_sent": sent, "ram_bytes": ram,
             "floor_ms": ram * 8 / a.rate_bits * 1000,
@@ -230,6 +259,7 @@ def run_one(a, elf, tsc, size, load, kind, n):
             "rate_target_inside": bs.rate_inside(dst.reports, switch, t_done) if switch else None,
             "rate_target_after": bs.rate(dst.reports, t_done, t_done + 3),
             "status": m.get("status"),
+            "limit_s": limit,
         }
         print(json.dumps(res), flush=True)
         return res
@@ -240,17 +270,24 @@ def run_one(a, elf, tsc, size, load, kind, n):
 
 
 def table(rs):
-    print("\n| RAM | guest | VMM | downtime | total | total / floor | bytes sent / RAM | guest page writes/s on the target: before → during post-copy → after |")
-    print("|---|---|---|---|---|---|---|---|")
+    def ms(v):
+        return "–" if v is None else f"{v:.2f} ms" if v < 100 else f"{v:.0f} ms"
+
+    def mp(v):
+        return "–" if v is None else f"{v / 1e6:.2f} M"
+
+    print("\n| RAM | guest | VMM | downtime (STOP → RESUME) | VMM's downtime | total | total / (RAM ÷ link) "
+          "| bytes sent / RAM | guest page writes/s: source before → target during post-copy → after |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rs:
-        f = lambda v, d=0: "–" if v is None else (f"{v:.{d}f}" if isinstance(v, float) else str(v))
-        m = lambda v: "–" if v is None else f"{v / 1e6:.2f} M"
+        if not r["converged"]:
+            print(f"| {r['size']} | {r['load']} | {r['vmm']} | did not converge in {r['limit_s']:.0f} s | – | – | – "
+                  f"| {r['bytes_sent'] / r['ram_bytes']:.2f} (cancelled) | {mp(r['rate_before'])} → – → – |")
+            continue
         tot = r["total_ms"]
-        print(f"| {r['size']} | {r['load']} | {r['vmm']} | "
-              f"{f(r['downtime_ms'], 2) + ' ms' if r['converged'] else 'did not converge'} | "
-              f"{f(tot) + ' ms' if tot is not None else '–'} | "
-              f"{(tot / r['floor_ms']):.2f}× | " if tot is not None else "– | ", end="")
-        print(f"{r['bytes_sent'] / r['ram_bytes']:.2f} | {m(r['rate_before'])} → {m(r['rate_target_inside'])} → {m(r['rate_target_after'])} |")
+        print(f"| {r['size']} | {r['load']} | {r['vmm']} | {ms(r['downtime_ms'])} | {ms(r['vmm_downtime_ms'])} "
+              f"| {tot} ms | {tot / r['floor_ms']:.2f}× | {r['bytes_sent'] / r['ram_bytes']:.2f} "
+              f"| {mp(r['rate_before'])} → {mp(r['rate_target_inside'])} → {mp(r['rate_target_after'])} |")
 
 
 def main():

@@ -60,6 +60,18 @@ pub trait PageSource: Send + Sync + 'static {
     /// The fill is being dropped: calls waiting in this source must return
     /// (with an error) now; none come after.
     fn cancel(&self) {}
+    /// Whether this source sends its chunks in an order of its own (a
+    /// migration source pushing them): the prefetch then places them as
+    /// they arrive ([`PageSource::next_arrived`]) instead of in RAM order.
+    fn pushes(&self) -> bool {
+        false
+    }
+    /// For a source that [`pushes`](PageSource::pushes): blocks until a chunk
+    /// not handed out before is here and returns its offset; `None` once every
+    /// chunk has been (or the source gave up).
+    fn next_arrived(&self) -> Option<u64> {
+        None
+    }
 }
 
 impl PageSource for File {
@@ -437,6 +449,32 @@ fn prefetch(
 ) -> std::result::Result<FillStats, String> {
     let res = (|| {
         let mut buf = Staging::new().map_err(|e| format!("cannot map a staging buffer: {e}"))?;
+        if f.source.pushes() {
+            // In the order the chunks arrive: waiting for one in RAM order
+            // would hold every later one in the source's memory.
+            while let Some(off) = f.source.next_arrived() {
+                if f.stop.load(Ordering::Acquire) {
+                    return Err(f.stopped());
+                }
+                let i = f.chunks.partition_point(|c| c.offset < off);
+                if i == f.chunks.len() || f.chunks[i].offset != off {
+                    return Err(format!(
+                        "the source sent a chunk at {off:#x}, which is none of RAM's"
+                    ));
+                }
+                let c = f.chunks[i];
+                if f.state[i].load(Ordering::Acquire) != FREE || f.source.is_hole(c.offset, c.len) {
+                    continue;
+                }
+                if f.claim(i) {
+                    f.fill(i, &mut buf)?;
+                    f.by_prefetch.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            if f.stop.load(Ordering::Acquire) {
+                return Err(f.stopped());
+            }
+        }
         for i in 0..f.chunks.len() {
             if f.stop.load(Ordering::Acquire) {
                 return Err(f.stopped());

@@ -3,7 +3,7 @@
 //! The **source** has paused its guest for good and saved its device state.
 //! [`PostcopySender`] sends a live stream header, the device state and a
 //! switch record, then pushes RAM 2 MiB chunk by chunk in order, putting any
-//! chunk the target asks for first. It never writes RAM, and keeps all of it
+//! chunk the target asks for first and going on in order from there. It never writes RAM, and keeps all of it
 //! until the target says it has everything.
 //!
 //! The **target** reads the header and state ([`receive_switch`]), builds
@@ -441,18 +441,28 @@ fn next_job(sh: &SendShared) -> Option<Job> {
                 st.head_pending = false;
                 return Some(Job::Head(g, file));
             }
+            // RAM goes once the target runs the guest: before, it would only
+            // compete with the switch for the link and the CPUs.
+            if !st.switched {
+                st = sh.cv.wait(st).unwrap_or_else(|e| e.into_inner());
+                continue;
+            }
             while let Some(k) = st.urgent.pop_front() {
                 if !st.sent[k] {
                     st.sent[k] = true;
+                    // The order follows the guest: what comes after the chunk
+                    // it touched is what it will touch next.
+                    st.next = k + 1;
                     return Some(Job::Chunk(g, file, k, true));
                 }
             }
-            while st.next < st.sent.len() && st.sent[st.next] {
-                st.next += 1;
-            }
-            if st.next < st.sent.len() {
-                let k = st.next;
+            // In order from `next`, then from the start for what was skipped.
+            let n = st.sent.len();
+            let from = st.next.min(n);
+            let found = (from..n).chain(0..from).find(|&k| !st.sent[k]);
+            if let Some(k) = found {
                 st.sent[k] = true;
+                st.next = k + 1;
                 return Some(Job::Chunk(g, file, k, false));
             }
             if !st.end_sent {
@@ -596,6 +606,8 @@ struct RecvState {
     failed: Option<String>,
     staged: u64,
     received: u64,
+    /// Chunks in the order they arrived, for the prefetch.
+    arrivals: VecDeque<usize>,
 }
 
 struct RecvShared {
@@ -680,6 +692,7 @@ pub fn receive_switch_from<R: Read + Send + 'static>(
             failed: None,
             staged: 0,
             received: 0,
+            arrivals: VecDeque::new(),
         }),
         cv: Condvar::new(),
         events: Mutex::new(None),
@@ -736,6 +749,7 @@ fn target_reader<R: Read>(sh: &RecvShared, mut r: BufReader<R>, g: u64) {
                 }
                 if matches!(st.slots[k], Slot::Absent | Slot::Requested) {
                     st.received += 1;
+                    st.arrivals.push_back(k);
                     if data[..BITMAP].iter().all(|b| *b == 0) {
                         st.slots[k] = Slot::Zero;
                     } else {
@@ -783,6 +797,19 @@ fn check_chunk(layout: &[ImageRange], k: usize, data: &[u8]) -> std::result::Res
         return Err(format!("chunk {k} is malformed"));
     }
     Ok(())
+}
+
+/// Image offset of chunk `k`.
+fn chunk_offset(layout: &[ImageRange], k: usize) -> Option<u64> {
+    let mut base = 0usize;
+    for r in layout {
+        let n = r.len.div_ceil(INCR_CHUNK) as usize;
+        if k < base + n {
+            return Some(r.file_offset + (k - base) as u64 * INCR_CHUNK);
+        }
+        base += n;
+    }
+    None
 }
 
 fn chunk_len(layout: &[ImageRange], k: usize) -> Option<u64> {
@@ -1019,6 +1046,28 @@ impl PageSource for RemotePages {
 
     fn cancel(&self) {
         self.fail("the live migration was stopped");
+    }
+
+    fn pushes(&self) -> bool {
+        true
+    }
+
+    fn next_arrived(&self) -> Option<u64> {
+        let mut st = lock(&self.sh.st);
+        loop {
+            if st.failed.is_some() {
+                return None;
+            }
+            while let Some(k) = st.arrivals.pop_front() {
+                if matches!(st.slots[k], Slot::Arrived(_) | Slot::Zero) {
+                    return chunk_offset(&self.sh.layout, k);
+                }
+            }
+            if st.received == st.slots.len() as u64 {
+                return None;
+            }
+            st = self.sh.cv.wait(st).unwrap_or_else(|e| e.into_inner());
+        }
     }
 
     /// Asks the source for a chunk a thread waits on, ahead of the order.

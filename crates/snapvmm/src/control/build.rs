@@ -64,9 +64,11 @@ pub(super) fn wait_incoming(
     // Warm restore: the VM and its memory slots are built now, before the
     // image is known; migrate-incoming then only loads state (and RAM, while
     // the guest runs). An image of another RAM size is restored cold.
+    // So is the VM of a live migration's target given --mem (its switch then
+    // only loads state: the downtime does not include building a VM).
     let mut prepared = None;
-    if cfg.defer_incoming && cfg.restore_mode == restore::RamMode::Uffd && restore::fill_available()
-    {
+    let ahead = cfg.defer_incoming || (from_cli && cfg.mem_given);
+    if ahead && cfg.restore_mode == restore::RamMode::Uffd && restore::fill_available() {
         match vmm::PreparedVm::new(&kvm_path(), cfg.mem_bytes, cfg.cpus) {
             Ok(p) => prepared = Some(p),
             Err(e) => tracing::warn!("cannot build the VM ahead of migrate-incoming: {e}"),
@@ -90,10 +92,10 @@ pub(super) fn wait_incoming(
             AppEvent::Incoming(r) => {
                 receiving = false;
                 let live = matches!(r.as_deref(), Ok(super::incoming::Received::Live { .. }));
-                match r
+                let built = r
                     .map_err(anyhow::Error::msg)
-                    .and_then(|rec| build_received(cfg, tx, *rec, migration))
-                {
+                    .and_then(|rec| build_received(cfg, tx, *rec, migration, &mut prepared));
+                match built {
                     Ok(built) => {
                         if let Some(j) = migration.job.as_mut() {
                             j.total_time = Some(j.started_elapsed());
@@ -186,6 +188,7 @@ fn build_received(
     tx: &mpsc::Sender<AppEvent>,
     rec: super::incoming::Received,
     migration: &mut Migration,
+    prepared: &mut Option<vmm::PreparedVm>,
 ) -> Result<(Built, Disks, Option<Reply>)> {
     use super::incoming::Received;
     let t0 = Instant::now();
@@ -217,14 +220,26 @@ fn build_received(
             peer,
         } => {
             tracing::info!(peer = %peer, "live migration: state received, RAM follows");
-            let ram = vmm::memory::GuestRam::anonymous(state.mem_bytes)
-                .map_err(|e| anyhow::anyhow!("cannot set up guest RAM: {e}"))?;
+            // Into the VM built ahead when it is of this size, else a new one.
+            let warm =
+                prepared.take_if(|p| p.ram().size() == state.mem_bytes && p.cpus() == state.cpus);
+            let ram = match &warm {
+                Some(_) => None,
+                None => Some(
+                    vmm::memory::GuestRam::anonymous(state.mem_bytes)
+                        .map_err(|e| anyhow::anyhow!("cannot set up guest RAM: {e}"))?,
+                ),
+            };
+            let regions = match (&warm, &ram) {
+                (Some(p), _) => p.ram().regions(),
+                (None, Some(r)) => r.regions(),
+                (None, None) => unreachable!("one of the two"),
+            };
             let done_tx = tx.clone();
             let done: livesnap::lazy::FillDone = Box::new(move |r| {
                 let _ = done_tx.send(AppEvent::FillDone(r));
             });
-            let ranges: Vec<livesnap::RamRange> = ram
-                .regions()
+            let ranges: Vec<livesnap::RamRange> = regions
                 .iter()
                 // SAFETY: the regions are `ram`'s mappings; the fill only names
                 // them in userfaultfd ioctls, and is dropped before `ram` (the
@@ -238,11 +253,22 @@ fn build_received(
                 Some(done),
             )
             .map_err(|e| anyhow::anyhow!("cannot fill guest RAM from the source: {e}"))?;
-            let m = build_from_state(cfg, tx, StartRam::Ram(ram), state, configs)?;
+            let is_warm = warm.is_some();
+            let start = match (warm, ram) {
+                (Some(p), _) => StartRam::Prepared(p),
+                (None, Some(r)) => StartRam::Ram(r),
+                (None, None) => unreachable!("one of the two"),
+            };
+            let m = build_from_state(cfg, tx, start, state, configs)?;
+            tracing::debug!(
+                us = t0.elapsed().as_micros() as u64,
+                warm = is_warm,
+                "live migration: machine built"
+            );
             migration.postcopy_in = Some(switch.pages);
             migration.last_restore = Some(migration::RestoreInfo {
                 mode: restore::RamMode::Uffd,
-                warm: false,
+                warm: is_warm,
                 load: t0.elapsed(),
             });
             Ok(((m, Some(fill)), disks, None))

@@ -105,10 +105,18 @@ fn receive_one(
             RestoreError::Transport(format!("incoming connection: {e}"))
         })?))?;
     if layout.live {
+        let t0 = std::time::Instant::now();
         let mem = restore::check_stream_layout(&layout)?;
         let switch =
             livesnap::postcopy::receive_switch_from(reader, layout, std::fs::File::from(sock))?;
+        let t1 = t0.elapsed();
         let state = restore::state_for(&switch.device_state, mem)?;
+        tracing::debug!(
+            receive_us = t1.as_micros() as u64,
+            decode_us = (t0.elapsed() - t1).as_micros() as u64,
+            bytes = switch.device_state.len(),
+            "live migration: device state in"
+        );
         return Ok(Received::Live {
             switch,
             state,

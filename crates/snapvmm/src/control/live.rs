@@ -56,6 +56,11 @@ impl Controller {
             unreachable!("a stop cut keeps the guest paused");
         };
         let state = state.to_bytes();
+        tracing::debug!(
+            us = paused_at.elapsed().as_micros() as u64,
+            bytes = state.len(),
+            "live migration: state serialized"
+        );
         let tx = self.tx.clone();
         let tx = std::sync::Mutex::new(tx);
         let events = Box::new(move |e: SourceEvent| {

@@ -123,6 +123,10 @@ pub fn run(mut cfg: RunConfig) -> Result<u8> {
     } else {
         c.machine.resume();
         c.runstate.start(RunState::Running);
+        // As QEMU's target when an incoming migration starts the guest.
+        if restored {
+            c.emit("RESUME", None);
+        }
     }
     // migrate-incoming returns once the VM is in its new state.
     if let Some(reply) = incoming_reply {
