@@ -127,6 +127,8 @@ struct Fill {
     uffd: Uffd,
     source: Arc<dyn PageSource>,
     chunks: Vec<Chunk>,
+    /// Chunk indexes in image-offset order.
+    by_offset: Vec<usize>,
     state: Vec<AtomicU8>,
     ranges: Vec<(u64, u64)>,
     stop: AtomicBool,
@@ -204,10 +206,13 @@ pub fn start_lazy_fill(
         uffd.register_missing(a, l)
             .map_err(|e| SnapError::io("register guest RAM for missing-page faults", e))?;
     }
+    let mut by_offset: Vec<usize> = (0..chunks.len()).collect();
+    by_offset.sort_by_key(|&i| chunks[i].offset);
     let fill = Arc::new(Fill {
         uffd,
         source,
         state: chunks.iter().map(|_| AtomicU8::new(FREE)).collect(),
+        by_offset,
         chunks,
         ranges: pairs,
         stop: AtomicBool::new(false),
@@ -320,6 +325,8 @@ impl Fill {
     fn handler_failed(&self, why: String) {
         lock(&self.handler_error).get_or_insert(why);
         self.stop.store(true, Ordering::Release);
+        // The prefetch may wait inside the source: let it see the stop.
+        self.source.cancel();
     }
 
     /// Why the fill stopped early: the handler's error, or a drop.
@@ -327,6 +334,15 @@ impl Fill {
         lock(&self.handler_error)
             .clone()
             .unwrap_or_else(|| STOPPED.to_string())
+    }
+
+    /// The chunk at image offset `off`.
+    fn chunk_at_offset(&self, off: u64) -> Option<usize> {
+        let j = self
+            .by_offset
+            .partition_point(|&i| self.chunks[i].offset < off);
+        let i = *self.by_offset.get(j)?;
+        (self.chunks[i].offset == off).then_some(i)
     }
 
     fn chunk_of(&self, addr: u64) -> Option<usize> {
@@ -456,12 +472,13 @@ fn prefetch(
                 if f.stop.load(Ordering::Acquire) {
                     return Err(f.stopped());
                 }
-                let i = f.chunks.partition_point(|c| c.offset < off);
-                if i == f.chunks.len() || f.chunks[i].offset != off {
+                // Chunks are in host-address order, which need not be the
+                // image's (RAM regions are mapped separately).
+                let Some(i) = f.chunk_at_offset(off) else {
                     return Err(format!(
                         "the source sent a chunk at {off:#x}, which is none of RAM's"
                     ));
-                }
+                };
                 let c = f.chunks[i];
                 if f.state[i].load(Ordering::Acquire) != FREE || f.source.is_hole(c.offset, c.len) {
                     continue;

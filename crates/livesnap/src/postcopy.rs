@@ -220,8 +220,18 @@ impl PostcopySender {
         let s2 = sh.clone();
         let pusher = std::thread::Builder::new()
             .name("postcopy-push".into())
-            .spawn(move || push(&s2))
-            .map_err(|e| SnapError::io("start the post-copy sender", e))?;
+            .spawn(move || push(&s2));
+        let pusher = match pusher {
+            Ok(t) => t,
+            Err(e) => {
+                let mut st = lock(&sh.st);
+                st.ended = true;
+                if let Some((_, c)) = st.conn.take() {
+                    shutdown(&c);
+                }
+                return Err(SnapError::io("start the post-copy sender", e));
+            }
+        };
         // The target must run the guest within SWITCH_TIMEOUT, or the source takes it back.
         let s3 = sh.clone();
         let _ = std::thread::Builder::new()
@@ -286,6 +296,22 @@ impl PostcopySender {
             }
             _ => false,
         }
+    }
+
+    /// Cancels the migration if the target has not run the guest yet
+    /// (true: the caller may run it again); after the switch, changes
+    /// nothing and returns false.
+    pub fn cancel(&self) -> bool {
+        let mut st = lock(&self.sh.st);
+        if st.switched || st.ended {
+            return false;
+        }
+        st.ended = true;
+        if let Some((_, c)) = st.conn.take() {
+            shutdown(&c);
+        }
+        self.sh.cv.notify_all();
+        true
     }
 
     /// Gives up (the caller's VM is going away): both ends close.
@@ -606,6 +632,9 @@ struct RecvState {
     failed: Option<String>,
     staged: u64,
     received: u64,
+    /// Every page is here (DONE is owed to the source until `done_sent`).
+    done: bool,
+    done_sent: bool,
     /// Chunks in the order they arrived, for the prefetch.
     arrivals: VecDeque<usize>,
 }
@@ -692,6 +721,8 @@ pub fn receive_switch_from<R: Read + Send + 'static>(
             failed: None,
             staged: 0,
             received: 0,
+            done: false,
+            done_sent: false,
             arrivals: VecDeque::new(),
         }),
         cv: Condvar::new(),
@@ -746,6 +777,9 @@ fn target_reader<R: Read>(sh: &RecvShared, mut r: BufReader<R>, g: u64) {
                 // Hold back while too much waits to be placed.
                 while st.staged > MAX_STAGED && st.failed.is_none() && st.generation == g {
                     st = sh.cv.wait(st).unwrap_or_else(|e| e.into_inner());
+                }
+                if st.generation != g || st.failed.is_some() {
+                    return;
                 }
                 if matches!(st.slots[k], Slot::Absent | Slot::Requested) {
                     st.received += 1;
@@ -849,14 +883,26 @@ impl RemotePages {
         self.say(KIND_RUNNING, 0, &[])
     }
 
-    /// Every page is here: the source may let go.
-    pub fn done(&self) {
-        let _ = self.say(KIND_DONE, 0, &[]);
+    /// Every page is here: the source may let go. Returns whether the
+    /// source was told; if not, the connection is down ([`TargetEvent::Paused`]
+    /// follows) and a recovery tells it.
+    pub fn done(&self) -> bool {
+        lock(&self.sh.st).done = true;
+        if self.say(KIND_DONE, 0, &[]).is_err() {
+            return false;
+        }
         let mut st = lock(&self.sh.st);
+        st.done_sent = true;
         st.generation += 1;
         if let Some(w) = st.writer.take() {
             shutdown(&w);
         }
+        true
+    }
+
+    /// Whether the source has been told every page is here.
+    pub fn source_told(&self) -> bool {
+        lock(&self.sh.st).done_sent
     }
 
     /// Gives up: threads waiting for a page get an error (the VM must end).

@@ -89,7 +89,7 @@ fn the_target_gets_every_page_faulted_chunks_first() {
     fill.go();
     let st = done_rx.recv_timeout(T).unwrap().unwrap();
     assert!(st.chunks_by_fault >= 1, "{st:?}");
-    sw.pages.done();
+    assert!(sw.pages.done());
     assert!(matches!(
         events.recv_timeout(T).unwrap(),
         SourceEvent::Completed
@@ -191,7 +191,7 @@ fn a_break_after_the_switch_pauses_and_a_new_connection_carries_on() {
     ));
     assert_eq!(rrx.recv_timeout(T).unwrap(), src.bytes()[last]);
     done_rx.recv_timeout(T).unwrap().unwrap();
-    sw.pages.done();
+    assert!(sw.pages.done());
     assert!(matches!(
         events.recv_timeout(T).unwrap(),
         SourceEvent::Completed
@@ -210,4 +210,70 @@ fn a_target_that_is_not_one_is_refused_at_the_switch() {
     drop(a);
     assert!(receive_switch(b).is_err());
     let _ = Arc::new(0);
+}
+
+/// RAM in two ranges mapped separately (guest RAM above 3 GiB): the target's
+/// mappings need not be in the order of the image's.
+#[test]
+fn two_ranges_in_any_host_order() {
+    if !uffd_ok() {
+        return;
+    }
+    let (a1, a2) = (Mem::new(6 * MIB), Mem::new(4 * MIB));
+    let (mut a1, mut a2) = (a1, a2);
+    fill_dense(a1.words_mut(), 1);
+    fill_sparse(a2.bytes_mut(), 2, 3);
+    let (x, y) = pair();
+    let (tx, events) = mpsc::channel();
+    let tx = std::sync::Mutex::new(tx);
+    // SAFETY: a1 and a2 outlive the sender and are not written meanwhile.
+    let _s = unsafe {
+        PostcopySender::start(
+            x,
+            &[a1.range(0, 6 * MIB, 0), a2.range(0, 4 * MIB, 4 << 30)],
+            b"st".to_vec(),
+            Box::new(move |e| {
+                let _ = tx.lock().unwrap().send(e);
+            }),
+        )
+    }
+    .unwrap();
+    let sw = receive_switch(y).unwrap();
+    // The high range mapped below the low one: host order opposite to the image's.
+    let d1 = Mem::new(6 * MIB);
+    let d2 = Mem::new(4 * MIB);
+    let (d1, d2) = if d2.bytes().as_ptr() < d1.bytes().as_ptr() {
+        (d1, d2)
+    } else {
+        // mmap went upwards here: swap the sizes' roles by mapping again.
+        drop((d1, d2));
+        let d2 = Mem::new(4 * MIB);
+        let d1 = Mem::new(6 * MIB);
+        (d1, d2)
+    };
+    assert!(d2.bytes().as_ptr() < d1.bytes().as_ptr());
+    let (done_tx, done_rx) = mpsc::channel();
+    let mut fill = start_lazy_fill(
+        &[d1.range(0, 6 * MIB, 0), d2.range(0, 4 * MIB, 4 << 30)],
+        &sw.layout.ranges,
+        sw.pages.clone(),
+        Some(Box::new(move |r| {
+            let _ = done_tx.send(r);
+        })),
+    )
+    .unwrap();
+    sw.pages.running().unwrap();
+    fill.go();
+    done_rx.recv_timeout(T).unwrap().unwrap();
+    assert!(sw.pages.done());
+    assert!(matches!(
+        events.recv_timeout(T).unwrap(),
+        SourceEvent::Switched
+    ));
+    assert!(matches!(
+        events.recv_timeout(T).unwrap(),
+        SourceEvent::Completed
+    ));
+    assert!(d1.bytes() == a1.bytes() && d2.bytes() == a2.bytes());
+    drop(fill);
 }

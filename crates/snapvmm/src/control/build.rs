@@ -241,9 +241,11 @@ fn build_received(
             });
             let ranges: Vec<livesnap::RamRange> = regions
                 .iter()
-                // SAFETY: the regions are `ram`'s mappings; the fill only names
-                // them in userfaultfd ioctls, and is dropped before `ram` (the
-                // controller drops its fill before its machine).
+                // SAFETY: the regions are the mappings of `ram` (or of the VM
+                // built ahead). The fill names them only in userfaultfd ioctls
+                // (the kernel checks the range; nothing is dereferenced), and is
+                // dropped before them by the controller, or at once if the build
+                // below fails (its prefetch has not been let go by then).
                 .map(|r| unsafe { livesnap::RamRange::new(r.gpa, r.host, r.len) })
                 .collect();
             let fill = livesnap::lazy::start_lazy_fill(
@@ -259,7 +261,14 @@ fn build_received(
                 (None, Some(r)) => StartRam::Ram(r),
                 (None, None) => unreachable!("one of the two"),
             };
-            let m = build_from_state(cfg, tx, start, state, configs)?;
+            let m = match build_from_state(cfg, tx, start, state, configs) {
+                Ok(m) => m,
+                Err(e) => {
+                    // The failed build unmapped RAM: stop the fill at once.
+                    drop(fill);
+                    return Err(e);
+                }
+            };
             tracing::debug!(
                 us = t0.elapsed().as_micros() as u64,
                 warm = is_warm,

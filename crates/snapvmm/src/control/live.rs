@@ -206,14 +206,15 @@ impl Controller {
         if job.method != migration::Method::Postcopy || !active {
             return Ok(false);
         }
-        if job.status() != Status::Active {
+        // Decided under the sender's lock: the target may have just run the guest.
+        let cancelled = job.status() == Status::Active
+            && job.postcopy.as_ref().is_some_and(PostcopySender::cancel);
+        if !cancelled {
             return Err(CommandError::generic(
                 "the guest runs on the target now: a post-copy migration cannot be cancelled",
             ));
         }
-        if let Some(p) = job.postcopy.take() {
-            p.stop();
-        }
+        job.postcopy = None;
         let resume = job.resume_after;
         job.total_time = Some(job.started_elapsed());
         let _ = self.migration.set_status(Status::Cancelling, &self.events);
@@ -309,20 +310,35 @@ impl Controller {
                 let _ = self
                     .migration
                     .set_status(Status::PostcopyActive, &self.events);
+                // RAM was all here; the recovery only told the source.
+                if self
+                    .migration
+                    .postcopy_in
+                    .as_ref()
+                    .is_some_and(|p| p.source_told())
+                {
+                    self.complete_incoming();
+                }
             }
         }
     }
 
-    /// Target: every page is here.
+    /// Target: every page is here. Completed once the source knows (if the
+    /// link is down, after a recovery).
     pub(super) fn postcopy_target_done(&mut self) {
         // Kept (for its figures) once done.
         if let Some(p) = self.migration.postcopy_in.clone() {
-            p.done();
-            if let Some(j) = self.migration.job.as_mut() {
-                j.total_time = Some(j.started_elapsed());
+            if p.done() {
+                self.complete_incoming();
             }
-            let _ = self.migration.set_status(Status::Completed, &self.events);
         }
+    }
+
+    fn complete_incoming(&mut self) {
+        if let Some(j) = self.migration.job.as_mut() {
+            j.total_time = Some(j.started_elapsed());
+        }
+        let _ = self.migration.set_status(Status::Completed, &self.events);
     }
 
     /// `migrate-recover URI` (target): listen for the source's resume.

@@ -224,6 +224,16 @@ pub fn check_stream_layout(layout: &livesnap::stream::StreamLayout) -> Result<u6
     if !same {
         return Err(RestoreError::Layout { mib: mem >> 20 });
     }
+    // The size comes from the peer: nothing larger than this host is set up.
+    // SAFETY: sysconf has no memory preconditions.
+    let host = unsafe { libc::sysconf(libc::_SC_PHYS_PAGES) } as u64 * 4096;
+    if host > 0 && mem > host {
+        return Err(RestoreError::Ram(format!(
+            "the stream is of a {} MiB machine, this host has {} MiB",
+            mem >> 20,
+            host >> 20
+        )));
+    }
     Ok(mem)
 }
 

@@ -13,6 +13,7 @@ use std::net::{Shutdown, TcpListener, TcpStream, ToSocketAddrs};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::Duration;
@@ -228,6 +229,8 @@ impl Outgoing {
                     .arg("-c")
                     .arg(cmd)
                     .stdin(Stdio::piped())
+                    // Its own process group: a failure stops the whole pipeline.
+                    .process_group(0)
                     .spawn()
                     .map_err(|e| io::Error::new(e.kind(), format!("cannot run /bin/sh: {e}")))?;
                 let stdin = child.stdin.take();
@@ -379,8 +382,7 @@ impl StreamWrite for Outgoing {
             }
             Out::Exec { child, stdin, .. } => {
                 drop(stdin.take());
-                let _ = child.kill();
-                let _ = child.wait();
+                kill_group(child);
             }
             Out::Fd(f) => {
                 // SAFETY: as in complete().
@@ -430,6 +432,7 @@ impl Listening {
                     .arg(cmd)
                     .stdin(Stdio::null())
                     .stdout(Stdio::piped())
+                    .process_group(0)
                     .spawn()
                     .map_err(|e| io::Error::new(e.kind(), format!("cannot run /bin/sh: {e}")))?;
                 let out: ChildStdout = child.stdout.take().expect("piped");
@@ -554,8 +557,7 @@ impl Incoming {
     /// The stream is refused: stop a command that produces it.
     pub fn close(mut self) {
         if let Some((mut child, _)) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
+            kill_group(&mut child);
         }
     }
 }
@@ -563,10 +565,20 @@ impl Incoming {
 impl Drop for Incoming {
     fn drop(&mut self) {
         if let Some((child, _)) = &mut self.child {
-            let _ = child.kill();
-            let _ = child.wait();
+            kill_group(child);
         }
     }
+}
+
+/// Ends a command started in its own process group (the shell and every
+/// command of its pipeline) and reaps the shell.
+fn kill_group(child: &mut Child) {
+    if let Ok(Some(_)) = child.try_wait() {
+        return;
+    }
+    // SAFETY: kill(2) on the process group this module created for the child.
+    unsafe { libc::kill(-(child.id() as libc::pid_t), libc::SIGKILL) };
+    let _ = child.wait();
 }
 
 #[cfg(test)]
