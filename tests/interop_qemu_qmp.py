@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Interoperability: drive snapvmm with QEMU's own Python client (qemu.qmp) and qmp-shell:
-live snapshot + deferred restore, and internal snapshots (snapshot-save/load/delete, HMP savevm).
+live snapshot + deferred restore, internal snapshots (snapshot-save/load/delete, HMP savevm),
+and a post-copy live migration over a socket passed with getfd (send_fd_scm).
 
 Usage: interop_qemu_qmp.py SNAPVMM_BINARY WORKDIR
 A script written for QEMU: start, query, stop, cont, live snapshot, quit.
@@ -81,7 +82,61 @@ async def main(binary, workdir):
             vm.kill()
     await restore_deferred(binary, workdir, snap)
     await savevm(binary, workdir)
+    await live_migration(binary, workdir)
     print("interop: 1 passed, 0 failed")
+
+
+async def live_migration(binary, workdir):
+    """A QEMU user's post-copy migration: postcopy-ram on both sides, the source's socket
+    and the target's passed with getfd (qemu.qmp's send_fd_scm), migrate-start-postcopy,
+    MIGRATION events until completed on both sides."""
+    import socket
+    sa, sb = os.path.join(workdir, "src.sock"), os.path.join(workdir, "dst.sock")
+    src = subprocess.Popen([binary, "run", "--mem", "256M", "--qmp", f"unix:{sa}",
+                            "--cmdline", "workload=memwrite region=128M"], stdout=subprocess.PIPE, text=True)
+    dst = subprocess.Popen([binary, "run", "--incoming", "defer", "--qmp", f"unix:{sb}"],
+                           stdout=subprocess.PIPE, text=True)
+    try:
+        for line in src.stdout:
+            if line.startswith("refguest: cpu="):
+                break
+        threading.Thread(target=lambda: [None for _ in src.stdout], daemon=True).start()
+        qa, qb = await connect(sa), await connect(sb)
+        caps = [{"capability": "postcopy-ram", "state": True}, {"capability": "events", "state": True}]
+        for q in (qa, qb):
+            await q.execute("migrate-set-capabilities", {"capabilities": caps})
+        a, b = socket.socketpair()
+        qa.send_fd_scm(a.fileno())
+        await qa.execute("getfd", {"fdname": "mig"})
+        qb.send_fd_scm(b.fileno())
+        await qb.execute("getfd", {"fdname": "mig"})
+        a.close()
+        b.close()
+        await qb.execute("migrate-incoming", {"uri": "fd:mig"})
+        with qa.listener("MIGRATION") as events:
+            await qa.execute("migrate", {"uri": "fd:mig"})
+            await qa.execute("migrate-start-postcopy")
+            seen = []
+            while "completed" not in seen and "failed" not in seen:
+                ev = await asyncio.wait_for(events.get(), 120)
+                seen.append(ev["data"]["status"])
+        assert seen == ["setup", "active", "postcopy-active", "completed"], seen
+        assert (await qa.execute("query-status"))["status"] == "postmigrate"
+        line = dst.stdout.readline()
+        assert line.startswith("refguest: cpu=") and "CORRUPT" not in line, line
+        for _ in range(3000):
+            if (await qb.execute("query-migrate"))["status"] == "completed":
+                break
+            await asyncio.sleep(0.01)
+        assert (await qb.execute("query-migrate"))["status"] == "completed"
+        for q in (qa, qb):
+            await q.execute("quit")
+            await q.disconnect()
+        assert src.wait(timeout=30) == 0 and dst.wait(timeout=30) == 0
+    finally:
+        for p in (src, dst):
+            if p.poll() is None:
+                p.kill()
 
 
 async def connect(sock):
