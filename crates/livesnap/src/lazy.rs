@@ -336,6 +336,20 @@ impl Fill {
             .unwrap_or_else(|| STOPPED.to_string())
     }
 
+    /// The prefetch's turn at chunk `i`: filled unless someone has it, or it
+    /// is a hole (left alone: never-touched memory reads as zeros).
+    fn prefetch_one(&self, i: usize, buf: &mut Staging) -> std::result::Result<(), String> {
+        let c = self.chunks[i];
+        if self.state[i].load(Ordering::Acquire) != FREE || self.source.is_hole(c.offset, c.len) {
+            return Ok(());
+        }
+        if self.claim(i) {
+            self.fill(i, buf)?;
+            self.by_prefetch.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
     /// The chunk at image offset `off`.
     fn chunk_at_offset(&self, off: u64) -> Option<usize> {
         let j = self
@@ -479,14 +493,7 @@ fn prefetch(
                         "the source sent a chunk at {off:#x}, which is none of RAM's"
                     ));
                 };
-                let c = f.chunks[i];
-                if f.state[i].load(Ordering::Acquire) != FREE || f.source.is_hole(c.offset, c.len) {
-                    continue;
-                }
-                if f.claim(i) {
-                    f.fill(i, &mut buf)?;
-                    f.by_prefetch.fetch_add(1, Ordering::Relaxed);
-                }
+                f.prefetch_one(i, &mut buf)?;
             }
             if f.stop.load(Ordering::Acquire) {
                 return Err(f.stopped());
@@ -496,14 +503,7 @@ fn prefetch(
             if f.stop.load(Ordering::Acquire) {
                 return Err(f.stopped());
             }
-            let c = f.chunks[i];
-            if f.state[i].load(Ordering::Acquire) != FREE || f.source.is_hole(c.offset, c.len) {
-                continue;
-            }
-            if f.claim(i) {
-                f.fill(i, &mut buf)?;
-                f.by_prefetch.fetch_add(1, Ordering::Relaxed);
-            }
+            f.prefetch_one(i, &mut buf)?;
         }
         // Chunks the handler took: wait until it filled them.
         for i in 0..f.chunks.len() {

@@ -33,6 +33,28 @@ fn uffd_ok() -> bool {
     }
 }
 
+/// Starts filling `ranges` from the switch's pages; the fill and where its
+/// outcome arrives.
+fn fill_from(
+    sw: &livesnap::postcopy::Switch,
+    ranges: &[livesnap::RamRange],
+) -> (
+    livesnap::lazy::LazyFill,
+    mpsc::Receiver<Result<livesnap::lazy::FillStats, String>>,
+) {
+    let (done_tx, done_rx) = mpsc::channel();
+    let fill = start_lazy_fill(
+        ranges,
+        &sw.layout.ranges,
+        sw.pages.clone(),
+        Some(Box::new(move |r| {
+            let _ = done_tx.send(r);
+        })),
+    )
+    .unwrap();
+    (fill, done_rx)
+}
+
 fn sender(sock: OwnedFd, src: &Mem, len: usize) -> (PostcopySender, mpsc::Receiver<SourceEvent>) {
     let (tx, rx) = mpsc::channel();
     let tx = std::sync::Mutex::new(tx);
@@ -67,16 +89,7 @@ fn the_target_gets_every_page_faulted_chunks_first() {
     assert_eq!(sw.device_state, b"device state");
     assert_eq!(sw.layout.ram_bytes(), len as u64);
     let dst = Mem::new(len);
-    let (done_tx, done_rx) = mpsc::channel();
-    let mut fill = start_lazy_fill(
-        &[dst.range(0, len, 0)],
-        &sw.layout.ranges,
-        sw.pages.clone(),
-        Some(Box::new(move |r| {
-            let _ = done_tx.send(r);
-        })),
-    )
-    .unwrap();
+    let (mut fill, done_rx) = fill_from(&sw, &[dst.range(0, len, 0)]);
     sw.pages.running().unwrap();
     assert!(matches!(
         events.recv_timeout(T).unwrap(),
@@ -141,16 +154,7 @@ fn a_break_after_the_switch_pauses_and_a_new_connection_carries_on() {
         let _ = ttx.lock().unwrap().send(e);
     }));
     let dst = Mem::new(len);
-    let (done_tx, done_rx) = mpsc::channel();
-    let mut fill = start_lazy_fill(
-        &[dst.range(0, len, 0)],
-        &sw.layout.ranges,
-        sw.pages.clone(),
-        Some(Box::new(move |r| {
-            let _ = done_tx.send(r);
-        })),
-    )
-    .unwrap();
+    let (mut fill, done_rx) = fill_from(&sw, &[dst.range(0, len, 0)]);
     sw.pages.running().unwrap();
     assert!(matches!(
         events.recv_timeout(T).unwrap(),
@@ -252,16 +256,10 @@ fn two_ranges_in_any_host_order() {
         (d1, d2)
     };
     assert!(d2.bytes().as_ptr() < d1.bytes().as_ptr());
-    let (done_tx, done_rx) = mpsc::channel();
-    let mut fill = start_lazy_fill(
+    let (mut fill, done_rx) = fill_from(
+        &sw,
         &[d1.range(0, 6 * MIB, 0), d2.range(0, 4 * MIB, 4 << 30)],
-        &sw.layout.ranges,
-        sw.pages.clone(),
-        Some(Box::new(move |r| {
-            let _ = done_tx.send(r);
-        })),
-    )
-    .unwrap();
+    );
     sw.pages.running().unwrap();
     fill.go();
     done_rx.recv_timeout(T).unwrap().unwrap();

@@ -25,18 +25,7 @@ use crate::snapshot::transport::{self, Uri};
 impl Controller {
     /// `migrate URI` without background-snapshot over a socket: a live migration.
     pub(super) fn migrate_live(&mut self, uri: &Uri) -> Result<(), CommandError> {
-        if !self.runstate.is_running() && self.status() != RunState::Paused {
-            return Err(CommandError::generic(format!(
-                "cannot migrate a VM in state '{}'",
-                self.status()
-            )));
-        }
-        self.ram_complete().map_err(CommandError::generic)?;
-        self.stop_collapse();
-        let t0 = Instant::now();
-        self.migration
-            .new_job(self.machine.ram().size(), &self.events)
-            .map_err(|e| CommandError::generic(e.to_string()))?;
+        let t0 = self.begin_job(&[RunState::Running, RunState::Paused], "migrate")?;
         if let Some(j) = self.migration.job.as_mut() {
             j.method = migration::Method::Postcopy;
         }
@@ -162,15 +151,17 @@ impl Controller {
         needed
     }
 
+    fn postcopy_paused(&self) -> bool {
+        self.migration
+            .job
+            .as_ref()
+            .is_some_and(|j| j.status() == Status::PostcopyPaused)
+    }
+
     /// `migrate {"uri", "resume": true}`: a paused live migration carries on.
     pub(super) fn migrate_resume(&mut self, uri: &str) -> Result<(), CommandError> {
         let uri = Uri::parse(uri).map_err(CommandError::generic)?;
-        let paused = self
-            .migration
-            .job
-            .as_ref()
-            .is_some_and(|j| j.status() == Status::PostcopyPaused);
-        if !paused {
+        if !self.postcopy_paused() {
             return Err(CommandError::generic(
                 "migrate with resume=true needs a paused post-copy migration",
             ));
@@ -339,21 +330,14 @@ impl Controller {
     /// `migrate-recover URI` (target): listen for the source's resume.
     pub(super) fn migrate_recover(&mut self, uri: &str) -> Result<(), CommandError> {
         let uri = Uri::parse(uri).map_err(CommandError::generic)?;
-        let Some(pages) = self.migration.postcopy_in.clone() else {
-            return Err(CommandError::generic(
-                "migrate-recover needs a paused incoming post-copy migration",
-            ));
+        let pages = match self.migration.postcopy_in.clone() {
+            Some(p) if self.postcopy_paused() => p,
+            _ => {
+                return Err(CommandError::generic(
+                    "migrate-recover needs a paused incoming post-copy migration",
+                ))
+            }
         };
-        let paused = self
-            .migration
-            .job
-            .as_ref()
-            .is_some_and(|j| j.status() == Status::PostcopyPaused);
-        if !paused {
-            return Err(CommandError::generic(
-                "migrate-recover needs a paused incoming post-copy migration",
-            ));
-        }
         let mut l =
             transport::Listening::bind(&uri).map_err(|e| CommandError::generic(e.to_string()))?;
         if let Some(j) = self.migration.job.as_mut() {

@@ -286,22 +286,10 @@ impl Controller {
                 "an incremental snapshot can only be written to a file: set x-parent to \"\" to stream a full one",
             ));
         }
-        if !matches!(
-            self.status(),
-            RunState::Running | RunState::Paused | RunState::Postmigrate
-        ) {
-            return Err(CommandError::generic(format!(
-                "cannot snapshot a VM in state '{}'",
-                self.status()
-            )));
-        }
-        self.ram_complete().map_err(CommandError::generic)?;
-        // A huge-page rebuild still running would only slow the fork: end it.
-        self.stop_collapse();
-        let t0 = Instant::now();
-        self.migration
-            .new_job(self.machine.ram().size(), &self.events)
-            .map_err(|e| CommandError::generic(e.to_string()))?;
+        let t0 = self.begin_job(
+            &[RunState::Running, RunState::Paused, RunState::Postmigrate],
+            "snapshot",
+        )?;
         // Everything that can be done with the guest running is done here:
         // an unusable destination fails now, without pausing the guest.
         let method = self.capture_method();
@@ -404,6 +392,26 @@ impl Controller {
             }
         }
         Ok(())
+    }
+
+    /// A new migration job, once the VM is in one of `states` (else "cannot
+    /// `verb` a VM in state ..."), its RAM complete and no huge-page rebuild
+    /// competes; when it started.
+    fn begin_job(&mut self, states: &[RunState], verb: &str) -> Result<Instant, CommandError> {
+        if !states.contains(&self.status()) {
+            return Err(CommandError::generic(format!(
+                "cannot {verb} a VM in state '{}'",
+                self.status()
+            )));
+        }
+        self.ram_complete().map_err(CommandError::generic)?;
+        // A huge-page rebuild still running would only slow the capture: end it.
+        self.stop_collapse();
+        let t0 = Instant::now();
+        self.migration
+            .new_job(self.machine.ram().size(), &self.events)
+            .map_err(|e| CommandError::generic(e.to_string()))?;
+        Ok(t0)
     }
 
     fn fail_migration(&mut self, why: String) -> CommandError {

@@ -195,14 +195,7 @@ impl Qmp {
         self.writer
             .write_all(format!("{msg}\n").as_bytes())
             .unwrap();
-        loop {
-            let v = self.read();
-            if v.get("event").is_some() {
-                self.events.push(v);
-            } else {
-                return v;
-            }
-        }
+        self.response()
     }
 
     /// Sends a command with a descriptor attached (SCM_RIGHTS), as libvirt
@@ -240,6 +233,11 @@ impl Qmp {
             libc::sendmsg(self.writer.as_raw_fd(), &m, 0)
         };
         assert_eq!(sent, msg.len() as isize, "sendmsg");
+        self.response()
+    }
+
+    /// The next response (events read meanwhile are kept aside).
+    fn response(&mut self) -> serde_json::Value {
         loop {
             let v = self.read();
             if v.get("event").is_some() {
