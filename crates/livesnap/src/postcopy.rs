@@ -467,12 +467,8 @@ fn next_job(sh: &SendShared) -> Option<Job> {
                 st.head_pending = false;
                 return Some(Job::Head(g, file));
             }
-            // RAM goes once the target runs the guest: before, it would only
-            // compete with the switch for the link and the CPUs.
-            if !st.switched {
-                st = sh.cv.wait(st).unwrap_or_else(|e| e.into_inner());
-                continue;
-            }
+            // A chunk the target waits for goes at once — even before the
+            // switch: restoring the machine may touch guest RAM.
             while let Some(k) = st.urgent.pop_front() {
                 if !st.sent[k] {
                     st.sent[k] = true;
@@ -481,6 +477,12 @@ fn next_job(sh: &SendShared) -> Option<Job> {
                     st.next = k + 1;
                     return Some(Job::Chunk(g, file, k, true));
                 }
+            }
+            // The rest goes once the target runs the guest: before, it would
+            // only compete with the switch for the link and the CPUs.
+            if !st.switched {
+                st = sh.cv.wait(st).unwrap_or_else(|e| e.into_inner());
+                continue;
             }
             // In order from `next`, then from the start for what was skipped.
             let n = st.sent.len();

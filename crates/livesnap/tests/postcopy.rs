@@ -275,3 +275,35 @@ fn two_ranges_in_any_host_order() {
     assert!(d1.bytes() == a1.bytes() && d2.bytes() == a2.bytes());
     drop(fill);
 }
+
+/// Restoring a machine may touch guest RAM before its guest runs (KVM maps
+/// the kvmclock page when its MSR is set): the source sends what is asked for
+/// even before the switch.
+#[test]
+fn ram_touched_before_the_switch_arrives() {
+    if !uffd_ok() {
+        return;
+    }
+    let len = 16 * MIB;
+    let mut src = Mem::new(len);
+    fill_dense(src.words_mut(), 4);
+    let (a, b) = pair();
+    let (_s, events) = sender(a, &src, len);
+    let sw = receive_switch(b).unwrap();
+    let dst = Mem::new(len);
+    let (mut fill, done_rx) = fill_from(&sw, &[dst.range(0, len, 0)]);
+    let (ptr, at) = (dst.bytes().as_ptr() as usize, 9 * MIB + 5);
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        // SAFETY: `dst` outlives this thread's read (the test waits for it).
+        let _ = tx.send(unsafe { std::ptr::read_volatile((ptr + at) as *const u8) });
+    });
+    assert_eq!(rx.recv_timeout(T).expect("served before the switch"), src.bytes()[at]);
+    sw.pages.running().unwrap();
+    assert!(matches!(events.recv_timeout(T).unwrap(), SourceEvent::Switched));
+    fill.go();
+    done_rx.recv_timeout(T).unwrap().unwrap();
+    assert!(sw.pages.done());
+    assert!(dst.bytes() == src.bytes());
+    drop(fill);
+}
