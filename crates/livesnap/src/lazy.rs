@@ -129,6 +129,8 @@ struct Fill {
     chunks: Vec<Chunk>,
     /// Chunk indexes in image-offset order.
     by_offset: Vec<usize>,
+    /// Pages in place before the fill began (offsets in their chunk, sorted).
+    placed: std::collections::HashMap<usize, Vec<u64>>,
     state: Vec<AtomicU8>,
     ranges: Vec<(u64, u64)>,
     stop: AtomicBool,
@@ -169,6 +171,19 @@ pub fn start_lazy_fill(
     source: Arc<dyn PageSource>,
     on_done: Option<FillDone>,
 ) -> Result<LazyFill> {
+    start_lazy_fill_with(ranges, image, source, on_done, &[])
+}
+
+/// [`start_lazy_fill`] with some pages known already (image offset, 4 KiB
+/// each; e.g. those a live migration sends with the device state): they are
+/// in place when this returns, and their chunks are later filled around them.
+pub fn start_lazy_fill_with(
+    ranges: &[RamRange],
+    image: &[ImageRange],
+    source: Arc<dyn PageSource>,
+    on_done: Option<FillDone>,
+    early: &[(u64, Vec<u8>)],
+) -> Result<LazyFill> {
     if ranges.len() != image.len()
         || ranges
             .iter()
@@ -208,7 +223,39 @@ pub fn start_lazy_fill(
     }
     let mut by_offset: Vec<usize> = (0..chunks.len()).collect();
     by_offset.sort_by_key(|&i| chunks[i].offset);
+    let mut placed: std::collections::HashMap<usize, Vec<u64>> = Default::default();
+    for (off, page) in early {
+        let j = by_offset.partition_point(|&i| chunks[i].offset + chunks[i].len <= *off);
+        let Some(&i) = by_offset.get(j).filter(|&&i| chunks[i].offset <= *off) else {
+            return Err(SnapError::InvalidInput(format!(
+                "an early page at {off:#x} is not in guest RAM"
+            )));
+        };
+        let c = chunks[i];
+        if page.len() as u64 != crate::PAGE_SIZE || (off - c.offset) % crate::PAGE_SIZE != 0 {
+            return Err(SnapError::InvalidInput(
+                "an early page is not one aligned page".into(),
+            ));
+        }
+        let at = off - c.offset;
+        if placed.get(&i).is_some_and(|v| v.contains(&at)) {
+            continue;
+        }
+        match uffd.copy(c.host + at, page) {
+            Ok(Filled::All) => placed.entry(i).or_default().push(at),
+            Ok(Filled::Exists) => {
+                return Err(SnapError::InvalidInput(
+                    "guest RAM was touched before it was restored".into(),
+                ))
+            }
+            Err(e) => return Err(SnapError::io("place an early page", e)),
+        }
+    }
+    for v in placed.values_mut() {
+        v.sort_unstable();
+    }
     let fill = Arc::new(Fill {
+        placed,
         uffd,
         source,
         state: chunks.iter().map(|_| AtomicU8::new(FREE)).collect(),
@@ -336,6 +383,51 @@ impl Fill {
             .unwrap_or_else(|| STOPPED.to_string())
     }
 
+    /// Fills chunk `i` around the pages placed before the fill began (one
+    /// copy or zero-page call per run between them) and marks it done.
+    fn fill_around(
+        &self,
+        i: usize,
+        placed: &[u64],
+        staging: &mut Staging,
+    ) -> std::result::Result<(), String> {
+        let c = self.chunks[i];
+        let hole = self.source.is_hole(c.offset, c.len);
+        let buf = staging.bytes(c.len as usize);
+        if hole {
+            self.zero.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.source
+                .read_at(buf, c.offset)
+                .map_err(|e| format!("cannot read guest RAM from the snapshot: {e}"))?;
+            self.read.fetch_add(c.len, Ordering::Relaxed);
+        }
+        let mut at = 0u64;
+        let ends = placed.iter().copied().chain(std::iter::once(c.len));
+        for p in ends {
+            if p > at {
+                let r = if hole {
+                    self.uffd.zeropage(c.host + at, p - at)
+                } else {
+                    self.uffd.copy(c.host + at, &buf[at as usize..p as usize])
+                };
+                match r {
+                    Ok(Filled::All) => {}
+                    Ok(Filled::Exists) => {
+                        return Err(format!(
+                            "guest RAM at {:#x} was touched before it was restored",
+                            c.host + at
+                        ))
+                    }
+                    Err(e) => return Err(format!("cannot fill guest RAM: {e}")),
+                }
+            }
+            at = p + crate::PAGE_SIZE;
+        }
+        self.state[i].store(DONE, Ordering::Release);
+        Ok(())
+    }
+
     /// The prefetch's turn at chunk `i`: filled unless someone has it, or it
     /// is a hole (left alone: never-touched memory reads as zeros).
     fn prefetch_one(&self, i: usize, buf: &mut Staging) -> std::result::Result<(), String> {
@@ -385,6 +477,9 @@ impl Fill {
     /// Fills chunk `i` (claimed by the caller) and marks it done.
     fn fill(&self, i: usize, staging: &mut Staging) -> std::result::Result<(), String> {
         let c = self.chunks[i];
+        if let Some(placed) = self.placed.get(&i) {
+            return self.fill_around(i, placed, staging);
+        }
         let r = if self.source.is_hole(c.offset, c.len) {
             self.zero.fetch_add(1, Ordering::Relaxed);
             self.uffd.zeropage(c.host, c.len)

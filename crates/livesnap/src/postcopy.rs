@@ -50,6 +50,9 @@ const KIND_RUNNING: u32 = 8;
 const KIND_SWITCH: u32 = 9;
 const KIND_NEED: u32 = 10;
 const KIND_RESUME: u32 = 11;
+const KIND_PAGE: u32 = 12;
+/// Most pages sent with the device state.
+pub const MAX_EARLY_PAGES: usize = 256;
 
 /// Pages per chunk, and the bitmap that says which are sent.
 const CHUNK_PAGES: usize = (INCR_CHUNK / PAGE_SIZE) as usize;
@@ -150,6 +153,8 @@ struct SendShared {
     image_len: u64,
     id: [u8; 16],
     state: Vec<u8>,
+    /// Pages sent with the state: image offset and host address.
+    early: Vec<(u64, u64)>,
     st: Mutex<SendState>,
     cv: Condvar,
     events: Box<dyn Fn(SourceEvent) + Send + Sync>,
@@ -170,10 +175,16 @@ impl PostcopySender {
     /// # Safety
     /// The memory of `ranges` must stay mapped and unwritten until this
     /// sender is dropped.
+    ///
+    /// `early` names guest-physical pages the target touches while it loads
+    /// the state, before its guest runs (KVM maps the kvmclock, steal-time
+    /// and async-PF pages when their MSRs are set): they go with the state,
+    /// 4 KiB each, so the switch does not wait for their 2 MiB chunks.
     pub unsafe fn start(
         sock: OwnedFd,
         ranges: &[RamRange],
         device_state: Vec<u8>,
+        early: &[u64],
         events: Box<dyn Fn(SourceEvent) + Send + Sync>,
     ) -> Result<PostcopySender> {
         if device_state.len() as u64 > MAX_DEVICE_STATE {
@@ -193,6 +204,23 @@ impl PostcopySender {
                 o += len;
             }
         }
+        let mut pages = Vec::new();
+        for &gpa in early.iter().take(MAX_EARLY_PAGES) {
+            let page = gpa & !(PAGE_SIZE - 1);
+            let found = ranges
+                .iter()
+                .zip(&layout)
+                .find(|(r, _)| page >= r.gpa() && page < r.gpa() + r.len());
+            if let Some((r, l)) = found {
+                let at = (
+                    l.file_offset + page - r.gpa(),
+                    r.host() as u64 + page - r.gpa(),
+                );
+                if !pages.contains(&at) {
+                    pages.push(at);
+                }
+            }
+        }
         let n = chunks.len();
         let image_len = layout.last().map_or(0, |r| r.file_offset + r.len);
         let sh = Arc::new(SendShared {
@@ -201,6 +229,7 @@ impl PostcopySender {
             image_len,
             id: random_id(),
             state: device_state,
+            early: pages,
             st: Mutex::new(SendState {
                 sent: vec![false; n],
                 next: 0,
@@ -541,6 +570,13 @@ fn send_head(sh: &SendShared, f: File, g: u64) -> io::Result<()> {
             w.write_all(&record_head(KIND_STATE, (i * MAX_RECORD) as u64, part))?;
             w.write_all(part)?;
         }
+        for &(off, host) in &sh.early {
+            // SAFETY: the page lies in a RamRange the caller of `start` keeps
+            // mapped and unwritten while this sender lives.
+            let page = unsafe { std::slice::from_raw_parts(host as *const u8, PAGE_SIZE as usize) };
+            w.write_all(&record_head(KIND_PAGE, off, page))?;
+            w.write_all(page)?;
+        }
         let mut sw = sh.id.to_vec();
         sw.extend_from_slice(&(sh.state.len() as u64).to_le_bytes());
         sw.extend_from_slice(&crc32fast::hash(&sh.state).to_le_bytes());
@@ -648,6 +684,10 @@ struct RecvShared {
     cv: Condvar,
     events: Mutex<Option<TargetEvents>>,
     requests: AtomicU64,
+    /// Connections used (the first and each recovery).
+    connections: AtomicU64,
+    /// Chunks asked for before the guest ran (they were in the downtime).
+    requests_before_switch: AtomicU64,
     bytes: AtomicU64,
 }
 
@@ -663,6 +703,9 @@ pub struct Switch {
     pub layout: StreamLayout,
     pub device_state: Vec<u8>,
     pub pages: Arc<RemotePages>,
+    /// Pages sent with the state (image offset, 4 KiB): place them before
+    /// loading the state ([`crate::lazy::start_lazy_fill_with`]).
+    pub early: Vec<(u64, Vec<u8>)>,
 }
 
 /// Reads a live stream up to the switch (header, device state) from `sock`.
@@ -685,6 +728,7 @@ pub fn receive_switch_from<R: Read + Send + 'static>(
     }
     let mut r = reader.into_buffered();
     let mut state = Vec::new();
+    let mut early: Vec<(u64, Vec<u8>)> = Vec::new();
     let id = loop {
         let (kind, off, data) = read_record(&mut r, MAX_RECORD)?
             .ok_or_else(|| broken("it ends before the switch: truncated"))?;
@@ -694,6 +738,14 @@ pub fn receive_switch_from<R: Read + Send + 'static>(
                     return Err(broken("its device state is too large"));
                 }
                 state.extend_from_slice(&data);
+            }
+            KIND_PAGE
+                if data.len() == PAGE_SIZE as usize
+                    && early.len() < MAX_EARLY_PAGES
+                    && off % PAGE_SIZE == 0
+                    && chunk_at(&layout.ranges, off).is_some() =>
+            {
+                early.push((off, data));
             }
             KIND_SWITCH if data.len() == 28 => {
                 let len = u64::from_le_bytes(data[16..24].try_into().expect("8 bytes"));
@@ -730,6 +782,8 @@ pub fn receive_switch_from<R: Read + Send + 'static>(
         cv: Condvar::new(),
         events: Mutex::new(None),
         requests: AtomicU64::new(0),
+        connections: AtomicU64::new(1),
+        requests_before_switch: AtomicU64::new(0),
         bytes: AtomicU64::new(0),
     });
     spawn_receiver(&sh, r, 1)?;
@@ -737,6 +791,7 @@ pub fn receive_switch_from<R: Read + Send + 'static>(
         layout,
         device_state: state,
         pages: Arc::new(RemotePages { sh }),
+        early,
     })
 }
 
@@ -866,6 +921,9 @@ fn chunk_len(layout: &[ImageRange], k: usize) -> Option<u64> {
 pub struct RecvFigures {
     /// Chunks asked for because a thread touched them.
     pub requests: u64,
+    /// Of those, asked for before the guest ran (their transfer was part of
+    /// the downtime).
+    pub requests_before_switch: u64,
     /// Chunks received.
     pub chunks_received: u64,
     /// Bytes read from the connection(s) after the switch.
@@ -882,6 +940,10 @@ impl RemotePages {
 
     /// The guest runs here now: the source must not run it again.
     pub fn running(&self) -> io::Result<()> {
+        let before = self.sh.requests.load(Ordering::Relaxed);
+        self.sh
+            .requests_before_switch
+            .store(before, Ordering::Relaxed);
         self.say(KIND_RUNNING, 0, &[])
     }
 
@@ -940,9 +1002,10 @@ impl RemotePages {
         let st = lock(&self.sh.st);
         RecvFigures {
             requests: self.sh.requests.load(Ordering::Relaxed),
+            requests_before_switch: self.sh.requests_before_switch.load(Ordering::Relaxed),
             chunks_received: st.received,
             bytes: self.sh.bytes.load(Ordering::Relaxed),
-            connections: st.generation,
+            connections: self.sh.connections.load(Ordering::Relaxed),
         }
     }
 
@@ -1004,6 +1067,7 @@ impl RemotePages {
                 .map_err(|e| SnapError::io("post-copy recovery", e))?;
         }
         st.writer = Some(w);
+        self.sh.connections.fetch_add(1, Ordering::Relaxed);
         self.sh.cv.notify_all();
         drop(st);
         spawn_receiver(&self.sh, r, g)?;
@@ -1125,6 +1189,11 @@ impl PageSource for RemotePages {
         };
         let mut st = lock(&self.sh.st);
         if matches!(st.slots[k], Slot::Absent) {
+            tracing::debug!(
+                chunk = k,
+                offset,
+                "post-copy: asking for a chunk a thread waits on"
+            );
             // Without a connection, `recover` asks again for what is Requested.
             st.slots[k] = Slot::Requested;
             self.sh.requests.fetch_add(1, Ordering::Relaxed);

@@ -65,6 +65,7 @@ fn sender(sock: OwnedFd, src: &Mem, len: usize) -> (PostcopySender, mpsc::Receiv
             sock,
             &[src.range(0, len, 0)],
             b"device state".to_vec(),
+            &[],
             Box::new(move |e| {
                 let _ = tx.lock().unwrap().send(e);
             }),
@@ -204,7 +205,7 @@ fn a_break_after_the_switch_pauses_and_a_new_connection_carries_on() {
         dst.bytes() == src.bytes(),
         "the target's RAM is the source's"
     );
-    assert_eq!(sw.pages.figures().connections, 3);
+    assert_eq!(sw.pages.figures().connections, 2);
     drop(fill);
 }
 
@@ -236,6 +237,7 @@ fn two_ranges_in_any_host_order() {
             x,
             &[a1.range(0, 6 * MIB, 0), a2.range(0, 4 * MIB, 4 << 30)],
             b"st".to_vec(),
+            &[],
             Box::new(move |e| {
                 let _ = tx.lock().unwrap().send(e);
             }),
@@ -298,12 +300,90 @@ fn ram_touched_before_the_switch_arrives() {
         // SAFETY: `dst` outlives this thread's read (the test waits for it).
         let _ = tx.send(unsafe { std::ptr::read_volatile((ptr + at) as *const u8) });
     });
-    assert_eq!(rx.recv_timeout(T).expect("served before the switch"), src.bytes()[at]);
+    assert_eq!(
+        rx.recv_timeout(T).expect("served before the switch"),
+        src.bytes()[at]
+    );
     sw.pages.running().unwrap();
-    assert!(matches!(events.recv_timeout(T).unwrap(), SourceEvent::Switched));
+    assert!(matches!(
+        events.recv_timeout(T).unwrap(),
+        SourceEvent::Switched
+    ));
     fill.go();
     done_rx.recv_timeout(T).unwrap().unwrap();
     assert!(sw.pages.done());
     assert!(dst.bytes() == src.bytes());
+    drop(fill);
+}
+
+/// Pages sent with the state are in place before the fill begins; their
+/// chunks are later filled around them.
+#[test]
+fn early_pages_are_there_before_the_switch_and_their_chunks_around_them() {
+    if !uffd_ok() {
+        return;
+    }
+    let len = 8 * MIB;
+    let mut src = Mem::new(len);
+    fill_dense(src.words_mut(), 8);
+    // One early page in a chunk of data, one in a chunk of zeros.
+    src.bytes_mut()[4 * MIB..6 * MIB].fill(0);
+    src.bytes_mut()[5 * MIB + 8192] = 0x5a;
+    src.bytes_mut()[6 * MIB..].fill(0);
+    let early = [
+        (MIB + 12288) as u64,
+        (5 * MIB + 8192) as u64,
+        (7 * MIB + 4096) as u64,
+    ];
+    let (a, b) = pair();
+    let (tx, events) = mpsc::channel();
+    let tx = std::sync::Mutex::new(tx);
+    // SAFETY: `src` outlives the sender and is not written meanwhile.
+    let _s = unsafe {
+        PostcopySender::start(
+            a,
+            &[src.range(0, len, 0)],
+            b"s".to_vec(),
+            &early,
+            Box::new(move |e| {
+                let _ = tx.lock().unwrap().send(e);
+            }),
+        )
+    }
+    .unwrap();
+    let sw = receive_switch(b).unwrap();
+    assert_eq!(sw.early.len(), 3);
+    let dst = Mem::new(len);
+    let (done_tx, done_rx) = mpsc::channel();
+    let mut fill = livesnap::lazy::start_lazy_fill_with(
+        &[dst.range(0, len, 0)],
+        &sw.layout.ranges,
+        sw.pages.clone(),
+        Some(Box::new(move |r| {
+            let _ = done_tx.send(r);
+        })),
+        &sw.early,
+    )
+    .unwrap();
+    // Read without any request: the pages are there already.
+    for &g in &early {
+        assert_eq!(
+            dst.bytes()[g as usize..g as usize + 4096],
+            src.bytes()[g as usize..g as usize + 4096]
+        );
+    }
+    assert_eq!(sw.pages.figures().requests, 0);
+    sw.pages.running().unwrap();
+    assert!(matches!(
+        events.recv_timeout(T).unwrap(),
+        SourceEvent::Switched
+    ));
+    // A fault in the all-zero chunk that holds an early page: zero around it.
+    assert_eq!(dst.bytes()[7 * MIB + 100], 0);
+    fill.go();
+    done_rx.recv_timeout(T).unwrap().unwrap();
+    assert!(sw.pages.done());
+    assert!(dst.bytes() == src.bytes(), "RAM around the early pages");
+    assert_eq!(sw.pages.figures().requests_before_switch, 0);
     drop(fill);
 }

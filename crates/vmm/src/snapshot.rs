@@ -73,6 +73,39 @@ pub enum StateError {
 }
 
 impl MachineState {
+    /// Guest-physical addresses KVM reads or writes as soon as this state is
+    /// loaded, before any vCPU runs: the paravirtual areas enabled through
+    /// MSRs (kvmclock system time, steal time, async PF, PV EOI). A restore
+    /// whose RAM arrives later wants these pages first.
+    pub fn pv_area_addresses(&self) -> Vec<u64> {
+        // (MSR, whether bit 0 enables the area): kvmclock wall clock (any
+        // write makes KVM write the wall clock there), kvmclock system time,
+        // async PF, steal time, PV EOI; old and new numbers.
+        const AREAS: [(u32, bool); 7] = [
+            (0x11, false),
+            (0x12, true),
+            (0x4b56_4d00, false),
+            (0x4b56_4d01, true),
+            (0x4b56_4d02, true),
+            (0x4b56_4d03, true),
+            (0x4b56_4d04, true),
+        ];
+        let mut out = Vec::new();
+        for v in &self.vcpus {
+            for m in &v.msrs {
+                let Some((_, enable_bit)) = AREAS.iter().find(|(i, _)| *i == m.index) else {
+                    continue;
+                };
+                if (!enable_bit && m.data != 0) || (*enable_bit && m.data & 1 != 0) {
+                    out.push(m.data & !0xfff);
+                }
+            }
+        }
+        out.sort_unstable();
+        out.dedup();
+        out
+    }
+
     /// Serializes to bytes (JSON: self-describing, easy to inspect with `jq`).
     pub fn to_bytes(&self) -> Vec<u8> {
         serde_json::to_vec(self).expect("machine state is always serializable")

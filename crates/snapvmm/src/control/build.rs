@@ -248,11 +248,12 @@ fn build_received(
                 // below fails (its prefetch has not been let go by then).
                 .map(|r| unsafe { livesnap::RamRange::new(r.gpa, r.host, r.len) })
                 .collect();
-            let fill = livesnap::lazy::start_lazy_fill(
+            let fill = livesnap::lazy::start_lazy_fill_with(
                 &ranges,
                 &switch.layout.ranges,
                 switch.pages.clone(),
                 Some(done),
+                &switch.early,
             )
             .map_err(|e| anyhow::anyhow!("cannot fill guest RAM from the source: {e}"))?;
             let is_warm = warm.is_some();

@@ -44,6 +44,8 @@ impl Controller {
         let Outcome::Stopped { state } = c.outcome else {
             unreachable!("a stop cut keeps the guest paused");
         };
+        // The pages KVM touches when the target loads the state go with it.
+        let early = state.pv_area_addresses();
         let state = state.to_bytes();
         tracing::debug!(
             us = paused_at.elapsed().as_micros() as u64,
@@ -61,7 +63,7 @@ impl Controller {
         // while the migration lives, see `Migration::migrated_away`) and the
         // machine, whose RAM this is, outlives the sender: it is dropped
         // with the job, before the machine (`end_captures`).
-        let sender = unsafe { PostcopySender::start(sock, &ranges, state, events) };
+        let sender = unsafe { PostcopySender::start(sock, &ranges, state, &early, events) };
         let sender = match sender {
             Ok(s) => s,
             Err(e) => {

@@ -458,6 +458,7 @@ impl Migration {
             let f = p.figures();
             v["x-postcopy-target"] = json!({
                 "requests": f.requests,
+                "requests-before-switch": f.requests_before_switch,
                 "chunks-received": f.chunks_received,
                 "bytes-received": f.bytes,
                 "connections": f.connections,

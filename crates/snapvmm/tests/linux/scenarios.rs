@@ -420,6 +420,10 @@ fn live_migration(ctx: &Ctx) {
         }
     }
     assert_eq!(qs.ok("query-status", json!({}))["status"], "postmigrate");
+    // Loading a Linux guest's state touches its kvmclock, steal-time and
+    // async-PF pages: they came with the state, nothing was fetched in the pause.
+    let m = qd.ok("query-migrate", json!({}));
+    assert_eq!(m["x-postcopy-target"]["requests-before-switch"], 0, "{m}");
     qs.ok("quit", json!({}));
     src.exit_code(T);
 
