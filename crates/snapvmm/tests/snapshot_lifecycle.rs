@@ -514,7 +514,7 @@ fn incoming_defer_waits_for_migrate_incoming() {
     );
     // Settings made while waiting stay for later snapshots.
     enable_background(&mut qb);
-    let r = qb.cmd("migrate-incoming", json!({"uri": "tcp:localhost:4444"}));
+    let r = qb.cmd("migrate-incoming", json!({"uri": "rdma:localhost:4444"}));
     assert_eq!(r["error"]["class"], "GenericError", "{r}");
     let missing = d.path("missing.snap");
     let r = qb.cmd("migrate-incoming", file_uri(&missing));
