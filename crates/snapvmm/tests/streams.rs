@@ -252,3 +252,18 @@ fn a_failing_stream_fails_the_job_and_the_vm_keeps_running() {
     restores_from(&d, "b", &format!("file:{}", f.display()));
     qa.ok("quit", json!({}));
 }
+
+#[test]
+fn quitting_while_listening_leaves_no_socket_file() {
+    let d = TempDir::new("listen-quit");
+    let (mut b, mut qb) = start_vm(&d, "b", "1", &["--incoming", "defer"]);
+    let sock = d.path("mig.sock");
+    qb.ok(
+        "migrate-incoming",
+        json!({"uri": format!("unix:{}", sock.display())}),
+    );
+    assert!(sock.exists());
+    qb.ok("quit", json!({}));
+    assert!(b.wait(T).success());
+    assert!(!sock.exists(), "the listening socket is removed at exit");
+}

@@ -72,6 +72,7 @@ pub fn run(mut cfg: RunConfig) -> Result<u8> {
                 (m, d)
             }
             None => {
+                migration.remove_listening_socket();
                 drop(qmp_server);
                 return Ok(0);
             }
@@ -141,6 +142,7 @@ pub fn run(mut cfg: RunConfig) -> Result<u8> {
         c.handle(ev)?;
     }
     tracing::debug!("ending the VM");
+    c.migration.remove_listening_socket();
     c.stop_collapse();
     c.end_captures();
     let _ = c.machine.pause();

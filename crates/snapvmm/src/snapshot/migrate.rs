@@ -245,6 +245,25 @@ impl Migration {
         })
     }
 
+    /// At exit: a unix socket this VM still listens on (an incoming stream or
+    /// a recovery never came) is removed, as the listener would have.
+    pub fn remove_listening_socket(&self) {
+        // Only while its listener may still wait (the thread removes it
+        // otherwise; another process may have bound the path since).
+        let path = self
+            .job
+            .as_ref()
+            .filter(|j| matches!(j.status, Status::Active | Status::PostcopyRecover))
+            .and_then(|j| j.listening.as_deref())
+            .and_then(|a| a.strip_prefix("unix:"));
+        if let Some(p) = path {
+            use std::os::unix::fs::FileTypeExt;
+            if std::fs::symlink_metadata(p).is_ok_and(|m| m.file_type().is_socket()) {
+                let _ = std::fs::remove_file(p);
+            }
+        }
+    }
+
     /// This VM was (or is being) live-migrated away: its guest must not run
     /// here again unless the migration failed before the switch.
     pub fn migrated_away(&self) -> bool {

@@ -355,7 +355,7 @@ impl StreamWrite for Outgoing {
             }
             Out::Exec { child, stdin, cmd } => {
                 drop(stdin.take());
-                let st = child.wait()?;
+                let st = wait_exit(child, cmd)?;
                 if st.success() {
                     Ok(())
                 } else {
@@ -546,7 +546,7 @@ impl Incoming {
         if let Some((mut child, cmd)) = self.child.take() {
             // Our end closes first: a command with more to say gets EPIPE.
             drop(std::mem::replace(&mut self.r, Box::new(io::empty())));
-            let st = child.wait()?;
+            let st = wait_exit(&mut child, &cmd)?;
             if !st.success() {
                 return Err(io::Error::other(format!("`{cmd}` {}", describe(st))));
             }
@@ -567,6 +567,28 @@ impl Drop for Incoming {
         if let Some((child, _)) = &mut self.child {
             kill_group(child);
         }
+    }
+}
+
+/// How long a command may take to exit once its stream has ended.
+const EXIT_WAIT: Duration = Duration::from_secs(60);
+
+/// Waits for a command whose stream has ended; one that does not exit
+/// within [`EXIT_WAIT`] is killed (with its pipeline) and that is an error.
+fn wait_exit(child: &mut Child, cmd: &str) -> io::Result<std::process::ExitStatus> {
+    let end = std::time::Instant::now() + EXIT_WAIT;
+    loop {
+        if let Some(st) = child.try_wait()? {
+            return Ok(st);
+        }
+        if std::time::Instant::now() > end {
+            kill_group(child);
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("`{cmd}` did not exit within {EXIT_WAIT:?} of the stream's end: killed"),
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(5));
     }
 }
 
