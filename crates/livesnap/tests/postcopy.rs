@@ -56,16 +56,27 @@ fn fill_from(
 }
 
 fn sender(sock: OwnedFd, src: &Mem, len: usize) -> (PostcopySender, mpsc::Receiver<SourceEvent>) {
+    sender_of(sock, &[src.range(0, len, 0)], b"device state", &[])
+}
+
+/// A sender of `ranges` (memory the calling test keeps mapped and unwritten
+/// while the sender lives) whose events arrive on the returned channel.
+fn sender_of(
+    sock: OwnedFd,
+    ranges: &[livesnap::RamRange],
+    state: &[u8],
+    early: &[u64],
+) -> (PostcopySender, mpsc::Receiver<SourceEvent>) {
     let (tx, rx) = mpsc::channel();
     let tx = std::sync::Mutex::new(tx);
-    // SAFETY: `src` outlives the sender in every test and is not written
-    // while it lives.
+    // SAFETY: the callers' memory outlives the sender and is not written
+    // while it lives (each test's contract, above).
     let s = unsafe {
         PostcopySender::start(
             sock,
-            &[src.range(0, len, 0)],
-            b"device state".to_vec(),
-            &[],
+            ranges,
+            state.to_vec(),
+            early,
             Box::new(move |e| {
                 let _ = tx.lock().unwrap().send(e);
             }),
@@ -229,21 +240,12 @@ fn two_ranges_in_any_host_order() {
     fill_dense(a1.words_mut(), 1);
     fill_sparse(a2.bytes_mut(), 2, 3);
     let (x, y) = pair();
-    let (tx, events) = mpsc::channel();
-    let tx = std::sync::Mutex::new(tx);
-    // SAFETY: a1 and a2 outlive the sender and are not written meanwhile.
-    let _s = unsafe {
-        PostcopySender::start(
-            x,
-            &[a1.range(0, 6 * MIB, 0), a2.range(0, 4 * MIB, 4 << 30)],
-            b"st".to_vec(),
-            &[],
-            Box::new(move |e| {
-                let _ = tx.lock().unwrap().send(e);
-            }),
-        )
-    }
-    .unwrap();
+    let (_s, events) = sender_of(
+        x,
+        &[a1.range(0, 6 * MIB, 0), a2.range(0, 4 * MIB, 4 << 30)],
+        b"st",
+        &[],
+    );
     let sw = receive_switch(y).unwrap();
     // The high range mapped below the low one: host order opposite to the image's.
     let d1 = Mem::new(6 * MIB);
@@ -336,21 +338,7 @@ fn early_pages_are_there_before_the_switch_and_their_chunks_around_them() {
         (7 * MIB + 4096) as u64,
     ];
     let (a, b) = pair();
-    let (tx, events) = mpsc::channel();
-    let tx = std::sync::Mutex::new(tx);
-    // SAFETY: `src` outlives the sender and is not written meanwhile.
-    let _s = unsafe {
-        PostcopySender::start(
-            a,
-            &[src.range(0, len, 0)],
-            b"s".to_vec(),
-            &early,
-            Box::new(move |e| {
-                let _ = tx.lock().unwrap().send(e);
-            }),
-        )
-    }
-    .unwrap();
+    let (_s, events) = sender_of(a, &[src.range(0, len, 0)], b"s", &early);
     let sw = receive_switch(b).unwrap();
     assert_eq!(sw.early.len(), 3);
     let dst = Mem::new(len);
