@@ -56,14 +56,7 @@ fn a_busy_guest_moves_and_goes_on_on_the_target() {
     events_on(&mut qa);
     events_on(&mut qb);
     let sock = d.path("mig.sock");
-    qb.ok(
-        "migrate-incoming",
-        json!({"uri": format!("unix:{}", sock.display())}),
-    );
-    qa.ok(
-        "migrate",
-        json!({"uri": format!("unix:{}", sock.display())}),
-    );
+    migrate_over(&mut qa, &mut qb, &sock);
     assert_eq!(wait_settled(&mut qb), "running");
     runs_on(&b);
     let m = wait_status(&mut qa, "completed", |s| s == "completed");
@@ -232,14 +225,7 @@ fn killing_either_side_after_the_switch_never_makes_two_guests() {
         a.wait_line("refguest: cpu=0 t=", T);
         let (mut b, mut qb) = start_vm(&d, "b", "1", &["--incoming", "defer"]);
         let sock = d.path("mig.sock");
-        qb.ok(
-            "migrate-incoming",
-            json!({"uri": format!("unix:{}", sock.display())}),
-        );
-        qa.ok(
-            "migrate",
-            json!({"uri": format!("unix:{}", sock.display())}),
-        );
+        migrate_over(&mut qa, &mut qb, &sock);
         wait_status(&mut qa, "postcopy-active", |s| s == "postcopy-active");
         // A moment somewhere in the post-copy.
         let jitter = std::time::SystemTime::now()
@@ -272,6 +258,13 @@ fn killing_either_side_after_the_switch_never_makes_two_guests() {
             b.wait(T);
         }
     }
+}
+
+/// The target listens on `sock`, the source migrates there.
+fn migrate_over(qa: &mut Qmp, qb: &mut Qmp, sock: &std::path::Path) {
+    let uri = format!("unix:{}", sock.display());
+    qb.ok("migrate-incoming", json!({ "uri": uri }));
+    qa.ok("migrate", json!({ "uri": uri }));
 }
 
 /// A unix-socket relay whose connections can be cut.
