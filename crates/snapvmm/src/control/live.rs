@@ -130,8 +130,10 @@ impl Controller {
             SourceEvent::Completed => {
                 job.total_time = Some(job.started_elapsed());
                 job.paused_why = None;
-                let _ = self.migration.set_status(Status::Completed, &self.events);
+                // The run state first: a client that sees `completed` and
+                // asks query-status at once must read `postmigrate`.
                 self.set_status(RunState::Postmigrate);
+                let _ = self.migration.set_status(Status::Completed, &self.events);
             }
         }
         if self.quit_after_migration && !self.migration.active() {
