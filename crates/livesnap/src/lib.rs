@@ -29,6 +29,7 @@ mod image;
 pub mod lazy;
 mod pages;
 pub mod postcopy;
+pub mod precopy;
 mod sink;
 mod source;
 pub mod stream;

@@ -36,6 +36,7 @@ use crate::capture::lock;
 use crate::error::{Result, SnapError};
 use crate::image::{chunk_at, Header, ImageRange, INCR_CHUNK, MAX_DEVICE_STATE, PAGE_SIZE};
 use crate::lazy::PageSource;
+use crate::precopy::{PrecopyDone, WriteLog};
 use crate::stream::{
     encode_stream_header, read_record, record_head, record_head_crc, StreamLayout, StreamReader,
     FLAG_LIVE, FLAG_RESUME, KIND_END, MAX_RECORD,
@@ -51,6 +52,7 @@ const KIND_SWITCH: u32 = 9;
 const KIND_NEED: u32 = 10;
 const KIND_RESUME: u32 = 11;
 const KIND_PAGE: u32 = 12;
+const KIND_STALE: u32 = 13;
 /// Most pages sent with the device state.
 pub const MAX_EARLY_PAGES: usize = 256;
 
@@ -85,6 +87,26 @@ fn send(w: &mut impl Write, kind: u32, offset: u64, data: &[u8]) -> io::Result<(
 
 fn layout_of(ranges: &[(u64, u64)]) -> Result<Vec<ImageRange>> {
     Ok(Header::layout(ranges, 0)?.ranges)
+}
+
+/// Chunks (host address, length) in image order, the image layout and length.
+pub(crate) type Chunks = (Vec<(u64, u64)>, Vec<ImageRange>, u64);
+
+/// The chunks of `ranges`, and the image layout and length they make.
+pub(crate) fn chunks_of(ranges: &[RamRange]) -> Result<Chunks> {
+    let pairs: Vec<(u64, u64)> = ranges.iter().map(|r| (r.gpa(), r.len())).collect();
+    let layout = layout_of(&pairs)?;
+    let mut chunks = Vec::new();
+    for r in ranges {
+        let mut o = 0;
+        while o < r.len() {
+            let len = (r.len() - o).min(INCR_CHUNK);
+            chunks.push((r.host() as u64 + o, len));
+            o += len;
+        }
+    }
+    let image_len = layout.last().map_or(0, |r| r.file_offset + r.len);
+    Ok((chunks, layout, image_len))
 }
 
 fn random_id() -> [u8; 16] {
@@ -130,6 +152,9 @@ pub struct SendCounters {
     pub zero_chunks: AtomicU64,
     /// Connections used (1 + recoveries).
     pub connections: AtomicU64,
+    /// After a pre-copy pass: chunks it sent that the guest wrote since
+    /// (sent again).
+    pub chunks_rewritten: AtomicU64,
 }
 
 struct SendState {
@@ -155,6 +180,9 @@ struct SendShared {
     state: Vec<u8>,
     /// Pages sent with the state: image offset and host address.
     early: Vec<(u64, u64)>,
+    /// After a pre-copy pass (whose chunks went over this connection, after
+    /// its stream header): the chunks the target must drop (a bitmap).
+    stale: Option<Vec<u8>>,
     st: Mutex<SendState>,
     cv: Condvar,
     events: Box<dyn Fn(SourceEvent) + Send + Sync>,
@@ -187,23 +215,69 @@ impl PostcopySender {
         early: &[u64],
         events: Box<dyn Fn(SourceEvent) + Send + Sync>,
     ) -> Result<PostcopySender> {
+        // SAFETY: the caller's promise, passed on.
+        unsafe { Self::begin(sock, ranges, device_state, early, events, None) }
+    }
+
+    /// Like [`PostcopySender::start`], after a pre-copy pass over the same
+    /// `ranges` ([`crate::precopy::Precopy::finish`]): only the chunks the
+    /// pass did not send, and those the guest wrote after it sent them
+    /// (which the target is told to drop), are sent again.
+    ///
+    /// # Safety
+    /// As [`PostcopySender::start`]; the guest is paused for good, so the
+    /// pass's record of written chunks is final.
+    pub unsafe fn after_precopy(
+        pre: PrecopyDone,
+        ranges: &[RamRange],
+        device_state: Vec<u8>,
+        early: &[u64],
+        events: Box<dyn Fn(SourceEvent) + Send + Sync>,
+    ) -> Result<PostcopySender> {
+        let PrecopyDone { sock, sent, log } = pre;
+        // SAFETY: the caller's promise, passed on.
+        unsafe { Self::begin(sock, ranges, device_state, early, events, Some((sent, log))) }
+    }
+
+    /// # Safety
+    /// As [`PostcopySender::start`].
+    unsafe fn begin(
+        sock: OwnedFd,
+        ranges: &[RamRange],
+        device_state: Vec<u8>,
+        early: &[u64],
+        events: Box<dyn Fn(SourceEvent) + Send + Sync>,
+        pre: Option<(Vec<bool>, Arc<dyn WriteLog>)>,
+    ) -> Result<PostcopySender> {
         if device_state.len() as u64 > MAX_DEVICE_STATE {
             return Err(SnapError::DeviceStateTooLarge {
                 len: device_state.len() as u64,
                 max: MAX_DEVICE_STATE,
             });
         }
-        let pairs: Vec<(u64, u64)> = ranges.iter().map(|r| (r.gpa(), r.len())).collect();
-        let layout = layout_of(&pairs)?;
-        let mut chunks = Vec::new();
-        for r in ranges {
-            let mut o = 0;
-            while o < r.len() {
-                let len = (r.len() - o).min(INCR_CHUNK);
-                chunks.push((r.host() as u64 + o, len));
-                o += len;
+        let (chunks, layout, image_len) = chunks_of(ranges)?;
+        let n = chunks.len();
+        // After a pre-copy: what it sent and the guest did not write since
+        // is at the target; what the guest wrote, the target drops.
+        let (sent, stale) = match &pre {
+            None => (vec![false; n], None),
+            Some((pre_sent, _)) if pre_sent.len() != n => {
+                return Err(SnapError::InvalidInput(
+                    "the pre-copy pass was over other RAM".into(),
+                ))
             }
-        }
+            Some((pre_sent, log)) => {
+                let mut stale = vec![0u8; n.div_ceil(8)];
+                let mut sent = pre_sent.clone();
+                for (k, s) in sent.iter_mut().enumerate() {
+                    if *s && log.written(chunks[k].0) {
+                        *s = false;
+                        stale[k / 8] |= 1 << (k % 8);
+                    }
+                }
+                (sent, Some(stale))
+            }
+        };
         let mut pages = Vec::new();
         for &gpa in early.iter().take(MAX_EARLY_PAGES) {
             let page = gpa & !(PAGE_SIZE - 1);
@@ -221,8 +295,13 @@ impl PostcopySender {
                 }
             }
         }
-        let n = chunks.len();
-        let image_len = layout.last().map_or(0, |r| r.file_offset + r.len);
+        let counters = SendCounters::default();
+        if let Some(st) = &stale {
+            let n: u32 = st.iter().map(|b| b.count_ones()).sum();
+            counters
+                .chunks_rewritten
+                .store(u64::from(n), Ordering::Relaxed);
+        }
         let sh = Arc::new(SendShared {
             chunks,
             layout,
@@ -230,8 +309,9 @@ impl PostcopySender {
             id: random_id(),
             state: device_state,
             early: pages,
+            stale,
             st: Mutex::new(SendState {
-                sent: vec![false; n],
+                sent,
                 next: 0,
                 urgent: VecDeque::new(),
                 conn: None,
@@ -243,7 +323,7 @@ impl PostcopySender {
             }),
             cv: Condvar::new(),
             events,
-            counters: Arc::default(),
+            counters: Arc::new(counters),
         });
         attach(&sh, sock, true)?;
         let s2 = sh.clone();
@@ -564,7 +644,9 @@ fn send_head(sh: &SendShared, f: File, g: u64) -> io::Result<()> {
     } else {
         FLAG_LIVE | FLAG_RESUME
     };
-    w.write_all(&encode_stream_header(sh.image_len, &sh.layout, flags))?;
+    if !first || sh.stale.is_none() {
+        w.write_all(&encode_stream_header(sh.image_len, &sh.layout, flags))?;
+    }
     if first {
         for (i, part) in sh.state.chunks(MAX_RECORD).enumerate() {
             w.write_all(&record_head(KIND_STATE, (i * MAX_RECORD) as u64, part))?;
@@ -576,6 +658,10 @@ fn send_head(sh: &SendShared, f: File, g: u64) -> io::Result<()> {
             let page = unsafe { std::slice::from_raw_parts(host as *const u8, PAGE_SIZE as usize) };
             w.write_all(&record_head(KIND_PAGE, off, page))?;
             w.write_all(page)?;
+        }
+        if let Some(stale) = &sh.stale {
+            w.write_all(&record_head(KIND_STALE, 0, stale))?;
+            w.write_all(stale)?;
         }
         let mut sw = sh.id.to_vec();
         sw.extend_from_slice(&(sh.state.len() as u64).to_le_bytes());
@@ -606,6 +692,19 @@ fn send_chunk(sh: &SendShared, f: File, k: usize) -> io::Result<()> {
     // SAFETY: the chunk lies in a RamRange the caller of `start` keeps
     // mapped and unwritten while this sender lives.
     let mem = unsafe { std::slice::from_raw_parts(host as *const u8, len as usize) };
+    let (plen, zero) = write_chunk(f, k, mem)?;
+    if zero {
+        sh.counters.zero_chunks.fetch_add(1, Ordering::Relaxed);
+    }
+    sh.counters
+        .bytes_sent
+        .fetch_add(plen as u64, Ordering::Relaxed);
+    Ok(())
+}
+
+/// Writes chunk `k` (its memory: `mem`, which nobody changes meanwhile) as
+/// a CHUNK record; returns the bytes written and whether it was all zero.
+pub(crate) fn write_chunk(f: impl Write, k: usize, mem: &[u8]) -> io::Result<(usize, bool)> {
     let mut bitmap = [0u8; BITMAP];
     let mut n = 0usize;
     for (i, page) in mem.chunks(PAGE_SIZE as usize).enumerate() {
@@ -631,13 +730,7 @@ fn send_chunk(sh: &SendShared, f: File, k: usize) -> io::Result<()> {
         }
     }
     w.flush()?;
-    if n == 0 {
-        sh.counters.zero_chunks.fetch_add(1, Ordering::Relaxed);
-    }
-    sh.counters
-        .bytes_sent
-        .fetch_add((plen + 24) as u64, Ordering::Relaxed);
-    Ok(())
+    Ok((plen + 24, n == 0))
 }
 
 // ---------------------------------------------------------------- target
@@ -680,6 +773,7 @@ struct RecvState {
 struct RecvShared {
     layout: Vec<ImageRange>,
     id: [u8; 16],
+    precopy: PrecopyFigures,
     st: Mutex<RecvState>,
     cv: Condvar,
     events: Mutex<Option<TargetEvents>>,
@@ -729,6 +823,10 @@ pub fn receive_switch_from<R: Read + Send + 'static>(
     let mut r = reader.into_buffered();
     let mut state = Vec::new();
     let mut early: Vec<(u64, Vec<u8>)> = Vec::new();
+    let n = crate::image::chunk_count(&layout.ranges);
+    // Chunks of a pre-copy pass (sent with the guest running, before the state).
+    let mut slots: Vec<Slot> = (0..n).map(|_| Slot::Absent).collect();
+    let (mut pre_bytes, mut dropped) = (0u64, 0u64);
     let id = loop {
         let (kind, off, data) = read_record(&mut r, MAX_RECORD)?
             .ok_or_else(|| broken("it ends before the switch: truncated"))?;
@@ -747,6 +845,27 @@ pub fn receive_switch_from<R: Read + Send + 'static>(
             {
                 early.push((off, data));
             }
+            KIND_CHUNK if state.is_empty() => {
+                let k = off as usize;
+                if k >= n {
+                    return Err(broken(format!("chunk {k} is not in guest RAM")));
+                }
+                check_chunk(&layout.ranges, k, &data).map_err(broken)?;
+                pre_bytes += data.len() as u64 + 24;
+                slots[k] = if data[..BITMAP].iter().all(|b| *b == 0) {
+                    Slot::Zero
+                } else {
+                    Slot::Arrived(data)
+                };
+            }
+            KIND_STALE if data.len() == n.div_ceil(8) => {
+                for (k, s) in slots.iter_mut().enumerate() {
+                    if data[k / 8] & (1 << (k % 8)) != 0 && !matches!(s, Slot::Absent) {
+                        *s = Slot::Absent;
+                        dropped += 1;
+                    }
+                }
+            }
             KIND_SWITCH if data.len() == 28 => {
                 let len = u64::from_le_bytes(data[16..24].try_into().expect("8 bytes"));
                 let crc = u32::from_le_bytes(data[24..28].try_into().expect("4 bytes"));
@@ -764,20 +883,34 @@ pub fn receive_switch_from<R: Read + Send + 'static>(
             }
         }
     };
-    let n = crate::image::chunk_count(&layout.ranges);
+    let arrivals: VecDeque<usize> = (0..n)
+        .filter(|&k| !matches!(slots[k], Slot::Absent))
+        .collect();
+    let staged = slots
+        .iter()
+        .map(|s| match s {
+            Slot::Arrived(d) => d.len() as u64,
+            _ => 0,
+        })
+        .sum();
     let sh = Arc::new(RecvShared {
         layout: layout.ranges.clone(),
         id,
+        precopy: PrecopyFigures {
+            chunks_kept: arrivals.len() as u64,
+            chunks_dropped: dropped,
+            bytes: pre_bytes,
+        },
         st: Mutex::new(RecvState {
-            slots: (0..n).map(|_| Slot::Absent).collect(),
+            slots,
             writer: Some(w),
             generation: 1,
             failed: None,
-            staged: 0,
-            received: 0,
+            staged,
+            received: arrivals.len() as u64,
             done: false,
             done_sent: false,
-            arrivals: VecDeque::new(),
+            arrivals,
         }),
         cv: Condvar::new(),
         events: Mutex::new(None),
@@ -831,8 +964,13 @@ fn target_reader<R: Read>(sh: &RecvShared, mut r: BufReader<R>, g: u64) {
                 if let Err(e) = check_chunk(&sh.layout, k, &data) {
                     break e;
                 }
-                // Hold back while too much waits to be placed.
-                while st.staged > MAX_STAGED && st.failed.is_none() && st.generation == g {
+                // Hold back while too much waits to be placed (never a chunk
+                // a thread waits for).
+                while st.staged > MAX_STAGED
+                    && !matches!(st.slots[k], Slot::Requested)
+                    && st.failed.is_none()
+                    && st.generation == g
+                {
                     st = sh.cv.wait(st).unwrap_or_else(|e| e.into_inner());
                 }
                 if st.generation != g || st.failed.is_some() {
@@ -916,9 +1054,22 @@ fn chunk_len(layout: &[ImageRange], k: usize) -> Option<u64> {
     None
 }
 
+/// What a target received before the switch, from a pre-copy pass.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PrecopyFigures {
+    /// Chunks kept (the guest did not write them after they were sent).
+    pub chunks_kept: u64,
+    /// Chunks dropped at the switch (written after they were sent).
+    pub chunks_dropped: u64,
+    /// Bytes of the pass.
+    pub bytes: u64,
+}
+
 /// Figures of the target side.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct RecvFigures {
+    /// What came before the switch, by pre-copy.
+    pub precopy: PrecopyFigures,
     /// Chunks asked for because a thread touched them.
     pub requests: u64,
     /// Of those, asked for before the guest ran (their transfer was part of
@@ -1001,6 +1152,7 @@ impl RemotePages {
     pub fn figures(&self) -> RecvFigures {
         let st = lock(&self.sh.st);
         RecvFigures {
+            precopy: self.sh.precopy,
             requests: self.sh.requests.load(Ordering::Relaxed),
             requests_before_switch: self.sh.requests_before_switch.load(Ordering::Relaxed),
             chunks_received: st.received,

@@ -76,6 +76,9 @@ pub(crate) struct Engine {
     pub(crate) chunks: Vec<Chunk>,
     /// Chunks written since the last cut (by index into `chunks`).
     pub(crate) dirty: Vec<AtomicBool>,
+    /// Chunks written since the last [`WpEngine::mark`] (a live migration's
+    /// pre-copy); kept apart from `dirty`, which incremental captures own.
+    pub(crate) marked: Vec<AtomicBool>,
     /// Chunks not write-protected now (changed under `cut_lock` only).
     pub(crate) open: Vec<AtomicBool>,
     /// Held while a fault is decided and its chunk unprotected, and by the
@@ -113,6 +116,7 @@ impl WpEngine {
             uffd,
             ranges: ranges.to_vec(),
             dirty: chunks.iter().map(|_| AtomicBool::new(true)).collect(),
+            marked: chunks.iter().map(|_| AtomicBool::new(true)).collect(),
             open: chunks.iter().map(|_| AtomicBool::new(true)).collect(),
             chunks,
             cut_lock: Mutex::new(()),
@@ -155,6 +159,21 @@ impl WpEngine {
             .filter(|(_, d)| d.load(Ordering::Relaxed))
             .map(|(c, _)| c.len)
             .sum()
+    }
+
+    /// Starts a second record of written chunks, apart from the one
+    /// incremental captures use: clears it and write-protects every chunk,
+    /// so that from now on the first write to each is recorded
+    /// ([`crate::precopy::WriteLog`]).
+    pub fn mark(&self) -> Result<()> {
+        let e = &self.shared;
+        let _g = lock(&e.cut_lock);
+        for m in &e.marked {
+            m.store(false, Ordering::Relaxed);
+        }
+        e.protect_open()
+            .map(|_| ())
+            .map_err(|err| SnapError::io("write-protect guest RAM", err))
     }
 
     /// Faults taken outside captures (first writes to chunks since a cut).
@@ -209,6 +228,16 @@ impl WpEngine {
             parent_path: path,
             map: Vec::new(),
         }))
+    }
+}
+
+impl crate::precopy::WriteLog for WpEngine {
+    /// Whether the chunk at `host` was written since [`WpEngine::mark`]
+    /// (an address outside guest RAM counts as written).
+    fn written(&self, host: u64) -> bool {
+        let e = &self.shared;
+        e.chunk_of(host)
+            .map_or(true, |i| e.marked[i].load(Ordering::Acquire))
     }
 }
 
@@ -282,8 +311,9 @@ impl Engine {
     /// changes are no longer recorded, so no incremental capture follows.
     pub(crate) fn unprotect_all(&self) {
         *lock(&self.base) = None;
-        for o in &self.open {
+        for (o, m) in self.open.iter().zip(&self.marked) {
             o.store(true, Ordering::Relaxed);
+            m.store(true, Ordering::Release);
         }
         for r in &self.ranges {
             if let Err(e) = self.uffd.write_protect(r.host as u64, r.len, false) {
@@ -354,6 +384,7 @@ fn fault_handler(e: &Engine) {
         };
         let g = lock(&e.cut_lock);
         e.dirty[i].store(true, Ordering::Relaxed);
+        e.marked[i].store(true, Ordering::Release);
         let cur = lock(&e.current).clone();
         let taken = match &cur {
             Some((wp, _)) if wp.want.get().is_some() => {

@@ -190,12 +190,18 @@ impl Qmp {
 
     /// Sends a command; returns the whole response object (events are kept aside).
     pub fn cmd(&mut self, name: &str, args: serde_json::Value) -> serde_json::Value {
+        self.send(name, args);
+        self.response()
+    }
+
+    /// Sends a command without waiting for its response (the VM may end
+    /// before it answers).
+    pub fn send(&mut self, name: &str, args: serde_json::Value) {
         use std::io::Write;
         let msg = serde_json::json!({"execute": name, "arguments": args});
         self.writer
             .write_all(format!("{msg}\n").as_bytes())
             .unwrap();
-        self.response()
     }
 
     /// Sends a command with a descriptor attached (SCM_RIGHTS), as libvirt
