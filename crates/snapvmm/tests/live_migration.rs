@@ -3,7 +3,9 @@
 //! no CORRUPT line; the source ends `postmigrate` and keeps its RAM until
 //! the target has it all; a connection broken after the switch pauses both
 //! sides and `migrate-recover` + `migrate resume=true` carry on; a target
-//! killed before the switch leaves the source running.
+//! killed before the switch leaves the source running. A guest that writes
+//! little moves by its pre-copy pass: only the chunks it wrote since travel
+//! twice; `migrate-start-postcopy` ends the pass; `x-precopy` false skips it.
 
 mod common;
 
@@ -100,6 +102,12 @@ fn a_broken_link_pauses_both_sides_and_recovery_carries_on() {
     let (b, mut qb) = start_vm(&d, "b", "1", &["--incoming", "defer"]);
     events_on(&mut qa);
     events_on(&mut qb);
+    // Post-copy from the start: no pre-copy pass.
+    qa.ok("migrate-set-parameters", json!({"x-precopy": false}));
+    assert_eq!(
+        qa.ok("query-migrate-parameters", json!({}))["x-precopy"],
+        false
+    );
     // Through a relay this test can cut: target <- relay <- source.
     let sock = d.path("mig.sock");
     let relay_sock = d.path("relay.sock");
@@ -112,7 +120,8 @@ fn a_broken_link_pauses_both_sides_and_recovery_carries_on() {
         "migrate",
         json!({"uri": format!("unix:{}", relay_sock.display())}),
     );
-    wait_status(&mut qa, "postcopy-active", |s| s == "postcopy-active");
+    let m = wait_status(&mut qa, "postcopy-active", |s| s == "postcopy-active");
+    assert!(m.get("x-precopy").is_none(), "{m}");
     relay.cut();
     let m = wait_status(&mut qa, "paused", |s| s == "postcopy-paused");
     assert!(m["x-paused-reason"].is_string(), "{m}");
@@ -144,6 +153,97 @@ fn a_broken_link_pauses_both_sides_and_recovery_carries_on() {
         sb.contains(&"postcopy-paused".to_string()) && sb.contains(&"postcopy-recover".to_string()),
         "{sb:?}"
     );
+    qb.ok("quit", json!({}));
+}
+
+#[test]
+fn a_guest_that_writes_little_moves_by_its_precopy_pass() {
+    let d = TempDir::new("live-pre");
+    let guest = ["--mem", "512M", "--cmdline", "workload=memwrite region=8M"];
+    let (a, mut qa) = start_vm(&d, "a", "1", &guest);
+    a.wait_line("refguest: cpu=0 t=", T);
+    let (b, mut qb) = start_vm(&d, "b", "1", &["--incoming", "defer"]);
+    events_on(&mut qa);
+    events_on(&mut qb);
+    assert_eq!(
+        qa.ok("query-migrate-parameters", json!({}))["x-precopy"],
+        true,
+        "pre-copy is the default"
+    );
+    migrate_over(&mut qa, &mut qb, &d.path("mig.sock"));
+    let m = wait_status(&mut qa, "completed", |s| s == "completed");
+    assert_eq!(
+        statuses(&qa),
+        ["setup", "active", "postcopy-active", "completed"],
+        "{m}"
+    );
+    let pre = &m["x-precopy"];
+    assert_eq!(pre["ended"], "all-sent", "{m}");
+    assert_eq!(pre["chunks-sent"], pre["chunks"], "{m}");
+    // Only what the guest wrote after the pass sent it travels again.
+    let rewritten = pre["chunks-rewritten"].as_u64().unwrap();
+    let chunks = pre["chunks"].as_u64().unwrap();
+    let pc = &m["x-postcopy"];
+    let again = pc["chunks-pushed"].as_u64().unwrap() + pc["chunks-requested"].as_u64().unwrap();
+    assert_eq!(again, rewritten, "{m}");
+    assert!(
+        rewritten < chunks / 8,
+        "an 8 MiB writer rewrote {rewritten} of {chunks} chunks: {m}"
+    );
+    let mb = wait_status(&mut qb, "completed", |s| s == "completed");
+    let t = &mb["x-postcopy-target"];
+    assert_eq!(
+        t["precopy-chunks-dropped"].as_u64(),
+        Some(rewritten),
+        "{mb}"
+    );
+    assert_eq!(
+        t["precopy-chunks-kept"].as_u64(),
+        Some(chunks - rewritten),
+        "{mb}"
+    );
+    // Its threads never waited for more than the chunks sent again.
+    assert!(t["requests"].as_u64().unwrap() <= rewritten, "{mb}");
+    runs_on(&b);
+    qa.ok("quit", json!({}));
+    qb.ok("quit", json!({}));
+}
+
+#[test]
+fn migrate_start_postcopy_ends_the_precopy_pass() {
+    let d = TempDir::new("live-start-pc");
+    let (a, mut qa) = start_vm(&d, "a", "1", GUEST);
+    a.wait_line("refguest: cpu=0 t=", T);
+    let (b, mut qb) = start_vm(&d, "b", "1", &["--incoming", "defer"]);
+    events_on(&mut qa);
+    let sock = d.path("mig.sock");
+    let relay_sock = d.path("relay.sock");
+    qb.ok(
+        "migrate-incoming",
+        json!({"uri": format!("unix:{}", sock.display())}),
+    );
+    // The relay holds the stream: the pass waits on a full socket.
+    let (_relay, release) = Relay::start_gated(&relay_sock, &sock);
+    qa.ok(
+        "migrate",
+        json!({"uri": format!("unix:{}", relay_sock.display())}),
+    );
+    let m = qa.ok("query-migrate", json!({}));
+    assert_eq!(m["status"], "active", "{m}");
+    // The guest runs during the pass.
+    assert_eq!(qa.ok("query-status", json!({}))["status"], "running");
+    qa.ok("migrate-start-postcopy", json!({}));
+    release.send(()).unwrap();
+    let m = wait_status(&mut qa, "completed", |s| s == "completed");
+    let pre = &m["x-precopy"];
+    assert_eq!(pre["ended"], "start-postcopy", "{m}");
+    assert!(
+        pre["chunks-sent"].as_u64().unwrap() < pre["chunks"].as_u64().unwrap(),
+        "{m}"
+    );
+    wait_status(&mut qb, "completed", |s| s == "completed");
+    runs_on(&b);
+    qa.ok("quit", json!({}));
     qb.ok("quit", json!({}));
 }
 
@@ -289,6 +389,34 @@ impl Relay {
             let _ = t.shutdown(std::net::Shutdown::Both);
         });
         Relay { conns }
+    }
+
+    /// Connects to the target and passes bytes only once released.
+    fn start_gated(
+        listen: &std::path::Path,
+        to: &std::path::Path,
+    ) -> (Relay, std::sync::mpsc::Sender<()>) {
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let l = std::os::unix::net::UnixListener::bind(listen).unwrap();
+        let inner = to.to_path_buf();
+        let hop = listen.with_extension("gated");
+        let relay = Relay::start(&hop, &inner);
+        std::thread::spawn(move || {
+            let Ok((s, _)) = l.accept() else { return };
+            if rx.recv().is_err() {
+                return;
+            }
+            let Ok(t) = std::os::unix::net::UnixStream::connect(&hop) else {
+                return;
+            };
+            for (mut x, mut y) in [(s.try_clone().unwrap(), t.try_clone().unwrap()), (t, s)] {
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut x, &mut y);
+                    let _ = y.shutdown(std::net::Shutdown::Both);
+                });
+            }
+        });
+        (relay, tx)
     }
 
     fn start(listen: &std::path::Path, to: &std::path::Path) -> Relay {

@@ -1,7 +1,9 @@
 //! `migrate-set-parameters`: snapvmm's `x-snapshot-method` (`fork` | `uffd` |
 //! `stop`), `x-collapse-huge-pages` (bool), `x-wp-pool-size` (bytes of copy
-//! buffers of the `uffd` method) and `x-parent` (`file:PATH` of the image the
-//! next snapshots are incremental to; `""` for full snapshots). Returns `{}`.
+//! buffers of the `uffd` method), `x-parent` (`file:PATH` of the image the
+//! next snapshots are incremental to; `""` for full snapshots) and
+//! `x-precopy` (bool: a live migration sends RAM once before its cut).
+//! Returns `{}`.
 
 use super::{Command, CommandSpec};
 use crate::args::{Param, ParamType};
@@ -28,6 +30,11 @@ pub(crate) const SPEC: CommandSpec = CommandSpec {
         Param {
             name: "x-parent",
             ty: ParamType::Str,
+            optional: true,
+        },
+        Param {
+            name: "x-precopy",
+            ty: ParamType::Bool,
             optional: true,
         },
     ],

@@ -13,7 +13,10 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use std::os::fd::OwnedFd;
+
 use livesnap::postcopy::{PostcopySender, SourceEvent, TargetEvent};
+use livesnap::precopy::{Precopy, PrecopyEvent, WriteLog};
 use qmp::{CommandError, RunState};
 
 use super::event::AppEvent;
@@ -21,6 +24,18 @@ use super::Controller;
 use crate::snapshot::cut::{cut, Capture, Outcome};
 use crate::snapshot::migrate::{self as migration, Status};
 use crate::snapshot::transport::{self, Uri};
+
+/// A pre-copy pass gives up once the chunks it sent and the guest wrote
+/// again reach RAM / PRECOPY_BUDGET: bytes sent stay below RAM × 17/16.
+const PRECOPY_BUDGET: u64 = 16;
+
+/// The connection a live migration's cut goes on with.
+enum Conn {
+    /// Nothing sent yet (no pre-copy).
+    Fresh(OwnedFd),
+    /// After a pre-copy pass.
+    Pre(Precopy),
+}
 
 impl Controller {
     /// `migrate URI` without background-snapshot over a socket: a live migration.
@@ -35,7 +50,89 @@ impl Controller {
             Ok(s) => s,
             Err(e) => return Err(self.fail_migration(format!("cannot connect: {e}"))),
         };
-        let setup = t0.elapsed();
+        if let Some(j) = self.migration.job.as_mut() {
+            j.setup_time = t0.elapsed();
+        }
+        if !self.migration.precopy {
+            return self.cut_live(Conn::Fresh(sock));
+        }
+        // The pass needs the write-protect engine's record of written chunks.
+        let engine = match self.wp_registration() {
+            Ok(e) => e,
+            Err(why) => {
+                tracing::info!("live migration without pre-copy: {why}");
+                return self.cut_live(Conn::Fresh(sock));
+            }
+        };
+        if let Err(e) = engine.mark() {
+            tracing::warn!("live migration without pre-copy: {e}");
+            return self.cut_live(Conn::Fresh(sock));
+        }
+        let ranges = migration::ram_ranges(&self.machine);
+        let ram: u64 = ranges.iter().map(|r| r.len()).sum();
+        let tx = std::sync::Mutex::new(self.tx.clone());
+        let events = Box::new(move |e: PrecopyEvent| {
+            let tx = tx.lock().unwrap_or_else(|p| p.into_inner());
+            let _ = tx.send(AppEvent::Precopy(e));
+        });
+        let log: Arc<dyn WriteLog> = engine;
+        // SAFETY: the machine, whose RAM this is, outlives the pass: it is
+        // dropped with the job, before the machine (`end_captures`). The
+        // guest writing meanwhile is what the pass expects.
+        let pass = unsafe { Precopy::start(sock, &ranges, log, ram / PRECOPY_BUDGET, events) };
+        let pass = match pass {
+            Ok(p) => p,
+            Err(e) => return Err(self.fail_migration(e.to_string())),
+        };
+        let job = self.migration.job.as_mut().expect("job just created");
+        job.precopy_figures = Some(migration::PrecopyFigures {
+            counters: pass.counters(),
+            chunks: pass.progress().1,
+            end: None,
+            took: None,
+        });
+        job.precopy = Some(pass);
+        let _ = self.migration.set_status(Status::Active, &self.events);
+        Ok(())
+    }
+
+    /// The pre-copy pass reports: over, so cut; or its connection failed
+    /// (the guest never stopped: the job fails, the VM runs on).
+    pub(super) fn precopy_event(&mut self, e: PrecopyEvent) {
+        let Some(job) = self.migration.job.as_mut() else {
+            return;
+        };
+        // Cancelled or ended meanwhile: nothing to do.
+        let Some(pass) = job.precopy.take() else {
+            return;
+        };
+        let took = job.started_elapsed().saturating_sub(job.setup_time);
+        match e {
+            PrecopyEvent::Ready(end) => {
+                if let Some(f) = job.precopy_figures.as_mut() {
+                    f.end = Some(end);
+                    f.took = Some(took);
+                }
+                tracing::info!(
+                    ended = end.name(),
+                    ms = took.as_millis() as u64,
+                    "live migration: pre-copy pass over"
+                );
+                // A failed cut has failed the job and said why.
+                let _ = self.cut_live(Conn::Pre(pass));
+            }
+            PrecopyEvent::Failed(why) => {
+                drop(pass);
+                job.total_time = Some(job.started_elapsed());
+                tracing::warn!("live migration failed during pre-copy: {why}; the VM runs on here");
+                let _ = self.migration.fail(why, &self.events);
+            }
+        }
+    }
+
+    /// The cut of a live migration: pause for good, save the state, hand
+    /// RAM to the post-copy sender.
+    fn cut_live(&mut self, conn: Conn) -> Result<(), CommandError> {
         let paused_at = Instant::now();
         let c = match cut(&mut self.machine, Capture::Stop, |_| Ok(())) {
             Ok(c) => c,
@@ -59,11 +156,20 @@ impl Controller {
             let _ = tx.send(AppEvent::PostcopySource(e));
         });
         let ranges = migration::ram_ranges(&self.machine);
-        // SAFETY: the guest is paused for good from here (`cont` is refused
-        // while the migration lives, see `Migration::migrated_away`) and the
-        // machine, whose RAM this is, outlives the sender: it is dropped
-        // with the job, before the machine (`end_captures`).
-        let sender = unsafe { PostcopySender::start(sock, &ranges, state, &early, events) };
+        let sender = match conn {
+            // SAFETY: the guest is paused for good from here (`cont` is
+            // refused while the migration lives, see
+            // `Migration::migrated_away`) and the machine, whose RAM this
+            // is, outlives the sender: it is dropped with the job, before
+            // the machine (`end_captures`).
+            Conn::Fresh(sock) => unsafe {
+                PostcopySender::start(sock, &ranges, state, &early, events)
+            },
+            // SAFETY: as above; the pass's record is final, the guest paused.
+            Conn::Pre(pass) => pass.finish().and_then(|done| unsafe {
+                PostcopySender::after_precopy(done, &ranges, state, &early, events)
+            }),
+        };
         let sender = match sender {
             Ok(s) => s,
             Err(e) => {
@@ -76,14 +182,15 @@ impl Controller {
         if c.was_running {
             self.set_status(RunState::FinishMigrate);
         }
-        let job = self.migration.job.as_mut().expect("job just created");
-        job.setup_time = setup;
+        let job = self.migration.job.as_mut().expect("a live migration's job");
         job.vcpu_pause = c.times.vcpu_pause;
         job.state_time = c.times.state;
         job.paused_at = Some(paused_at);
         job.resume_after = c.was_running;
         job.postcopy = Some(sender);
-        let _ = self.migration.set_status(Status::Active, &self.events);
+        if job.status() == Status::Setup {
+            let _ = self.migration.set_status(Status::Active, &self.events);
+        }
         Ok(())
     }
 
@@ -201,6 +308,15 @@ impl Controller {
         if job.method != migration::Method::Postcopy || !active {
             return Ok(false);
         }
+        // During the pre-copy pass the guest never stopped: the connection
+        // closes, and that is all.
+        if let Some(pass) = job.precopy.take() {
+            drop(pass);
+            job.total_time = Some(job.started_elapsed());
+            let _ = self.migration.set_status(Status::Cancelling, &self.events);
+            let _ = self.migration.set_status(Status::Cancelled, &self.events);
+            return Ok(true);
+        }
         // Decided under the sender's lock: the target may have just run the guest.
         let cancelled = job.status() == Status::Active
             && job.postcopy.as_ref().is_some_and(PostcopySender::cancel);
@@ -249,9 +365,14 @@ impl Controller {
         }
     }
 
-    /// `migrate-start-postcopy`: a live migration is post-copy from its start,
-    /// so this only checks one was started (it may even have ended already).
+    /// `migrate-start-postcopy`: ends the pre-copy pass now (the cut and
+    /// the switch to post-copy follow); after it, only checks a live
+    /// migration was started (it may even have ended already).
     pub(super) fn start_postcopy(&self) -> Result<(), CommandError> {
+        if let Some(pass) = self.migration.job.as_ref().and_then(|j| j.precopy.as_ref()) {
+            pass.switch_now();
+            return Ok(());
+        }
         if self.migration.migrated_away() {
             Ok(())
         } else {

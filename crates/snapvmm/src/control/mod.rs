@@ -256,6 +256,7 @@ impl Controller {
             AppEvent::FillDone(r) => self.fill_done(r),
             // Only before the machine exists (wait_incoming) is one expected.
             AppEvent::Incoming(_) => {}
+            AppEvent::Precopy(e) => self.precopy_event(e),
             AppEvent::PostcopySource(e) => self.postcopy_source_event(e),
             AppEvent::PostcopyTarget(e) => self.postcopy_target_event(e),
             AppEvent::CollapseDone(st, took) => {
@@ -520,9 +521,12 @@ impl Controller {
     /// Exit with a capture still running: cancel it, so that no temp file
     /// stays behind and a pending savevm leaves its disks as they were.
     fn end_captures(&mut self) {
-        // A live migration's sender reads guest RAM: it goes first.
-        if let Some(p) = self.migration.job.as_mut().and_then(|j| j.postcopy.take()) {
-            p.stop();
+        // A live migration's senders read guest RAM: they go first.
+        if let Some(j) = self.migration.job.as_mut() {
+            drop(j.precopy.take());
+            if let Some(p) = j.postcopy.take() {
+                p.stop();
+            }
         }
         if let Some(c) = self.migration.job.as_mut().and_then(|j| j.capture.take()) {
             c.cancel();

@@ -101,12 +101,24 @@ pub struct Job {
     pub parent: Option<PathBuf>,
     /// An incoming stream's listening address (`socket-address`).
     pub listening: Option<String>,
+    /// A live migration's pre-copy pass, while it runs (source).
+    pub precopy: Option<livesnap::precopy::Precopy>,
+    /// The pass's figures and how it ended, kept after it.
+    pub precopy_figures: Option<PrecopyFigures>,
     /// A live migration's sending side (source).
     pub postcopy: Option<livesnap::postcopy::PostcopySender>,
     /// When the source paused its guest for a live migration.
     pub paused_at: Option<Instant>,
     /// Why a post-copy migration is paused.
     pub paused_why: Option<String>,
+}
+
+/// What a source's pre-copy pass did.
+pub struct PrecopyFigures {
+    pub counters: std::sync::Arc<livesnap::precopy::PrecopyCounters>,
+    pub chunks: u64,
+    pub end: Option<livesnap::precopy::PrecopyEnd>,
+    pub took: Option<Duration>,
 }
 
 /// Migration settings and the latest job.
@@ -125,6 +137,9 @@ pub struct Migration {
     pub wp_pool: u64,
     /// The image snapshots are incremental to (`x-parent`: `file:PATH`).
     pub parent: Option<PathBuf>,
+    /// A live migration sends RAM once with the guest running before it
+    /// cuts (`x-precopy`).
+    pub precopy: bool,
     pub job: Option<Job>,
     /// The latest huge-page rebuild: pages collapsed and time taken.
     pub last_collapse: Option<(vmm::memory::CollapseStats, Duration)>,
@@ -158,6 +173,7 @@ impl Default for Migration {
             collapse: true,
             wp_pool: 64 << 20,
             parent: None,
+            precopy: true,
             job: None,
             last_collapse: None,
             last_fill: None,
@@ -267,9 +283,11 @@ impl Migration {
     /// This VM was (or is being) live-migrated away: its guest must not run
     /// here again unless the migration failed before the switch.
     pub fn migrated_away(&self) -> bool {
-        self.job
-            .as_ref()
-            .is_some_and(|j| j.method == Method::Postcopy && j.status != Status::Failed)
+        self.job.as_ref().is_some_and(|j| {
+            j.method == Method::Postcopy
+                && j.precopy.is_none()
+                && !matches!(j.status, Status::Failed | Status::Cancelled)
+        })
     }
 
     /// True while a stop-and-copy runs (the guest must stay stopped).
@@ -348,6 +366,8 @@ impl Migration {
             error: None,
             wp: None,
             listening: None,
+            precopy: None,
+            precopy_figures: None,
             postcopy: None,
             paused_at: None,
             paused_why: None,
@@ -473,9 +493,29 @@ impl Migration {
                 "connections": c.connections.load(Relaxed),
             });
         }
+        if let Some(f) = &j.precopy_figures {
+            use std::sync::atomic::Ordering::Relaxed;
+            let c = &f.counters;
+            let bytes = c.bytes_sent.load(Relaxed);
+            v["ram"]["precopy-bytes"] = json!(bytes);
+            v["ram"]["transferred"] = json!(v["ram"]["transferred"].as_u64().unwrap_or(0) + bytes);
+            v["x-precopy"] = json!({
+                "chunks": f.chunks,
+                "chunks-sent": c.chunks_sent.load(Relaxed),
+                "zero-chunks": c.zero_chunks.load(Relaxed),
+                "chunks-rewritten": c.chunks_rewritten.load(Relaxed),
+                "bytes-sent": bytes,
+                "drain-us": c.drain_us.load(Relaxed),
+                "ended": f.end.map(|e| e.name()),
+                "ms": f.took.map(|t| t.as_millis() as u64),
+            });
+        }
         if let Some(p) = &self.postcopy_in {
             let f = p.figures();
             v["x-postcopy-target"] = json!({
+                "precopy-chunks-kept": f.precopy.chunks_kept,
+                "precopy-chunks-dropped": f.precopy.chunks_dropped,
+                "precopy-bytes": f.precopy.bytes,
                 "requests": f.requests,
                 "requests-before-switch": f.requests_before_switch,
                 "chunks-received": f.chunks_received,
@@ -562,6 +602,7 @@ impl Migration {
             "x-collapse-huge-pages": self.collapse,
             "x-wp-pool-size": self.wp_pool,
             "x-parent": self.parent.as_ref().map_or(String::new(), |p| format!("file:{}", p.display())),
+            "x-precopy": self.precopy,
         })
     }
 
@@ -599,6 +640,9 @@ impl Migration {
         self.parent = parent;
         if let Some(c) = p.get("x-collapse-huge-pages").and_then(Value::as_bool) {
             self.collapse = c;
+        }
+        if let Some(c) = p.get("x-precopy").and_then(Value::as_bool) {
+            self.precopy = c;
         }
         Ok(())
     }
