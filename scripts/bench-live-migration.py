@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
-"""Live migration side by side: snapvmm (post-copy) against QEMU (pre-copy and post-copy).
+"""Live migration side by side: snapvmm (pre-copy pass + post-copy, and post-copy alone)
+against QEMU (pre-copy and post-copy).
 
-Usage (root): scripts/bench-live-migration.py [--sizes 1G,4G] [--loads full,idle]
+Usage (root): scripts/bench-live-migration.py [--sizes 1G,4G] [--loads full,little,idle]
+                  [--kinds snapvmm,snapvmm-postcopy,qemu-postcopy,qemu-precopy]
                   [--rate 1gbit] [--delay-ms 1] [--precopy-limit 60] [--dir target/bench]
                   [--bin target/release/snapvmm] [--qemu qemu-system-x86_64] [--json out.json]
 
@@ -10,10 +12,13 @@ Two "hosts": network namespaces A and B joined by a veth pair, each end capped a
 (--delay-ms) is added by a relay in namespace B (a thread per direction holding each
 block for the delay; it is what both VMMs' streams go through, so both pay it alike).
 Both VMMs boot the identical reference guest (`snapvmm export-guest`, 1 vCPU; `full`:
-memwrite over 7/8 of RAM at full speed; `idle`: workload=idle) in A and migrate it to a
-target started in B (`--incoming tcp:` / `-incoming tcp:`), driven over QMP:
+memwrite over 7/8 of RAM at full speed; `little`: memwrite over 32 MiB; `idle`:
+workload=idle) in A and migrate it to a target started in B (`--incoming tcp:` /
+`-incoming tcp:`), driven over QMP:
 
-* snapvmm: `migrate tcp:` without background-snapshot (post-copy from the start);
+* snapvmm: `migrate tcp:` without background-snapshot (the default: one pre-copy pass,
+  then post-copy for what the guest wrote since and what the pass did not reach);
+* snapvmm-postcopy: the same with `x-precopy` false (post-copy from the start);
 * QEMU post-copy: capabilities `postcopy-ram` on both sides, `migrate`, then
   `migrate-start-postcopy` at once (QEMU sends the dirty bitmap and device state, then
   serves faults);
@@ -24,9 +29,11 @@ target started in B (`--incoming tcp:` / `-incoming tcp:`), driven over QMP:
 Per run: downtime (source pause → target running: snapvmm's `downtime` from pause to
 the target's word, QEMU's `downtime`), total time (`total-time`), bytes sent
 (snapvmm `x-postcopy.bytes-sent`, QEMU `ram.transferred`) against RAM, the link's floor
-(RAM / rate) and the guest's page writes/s on the target while post-copy runs (median of
-its per-second reports wholly inside: the speed inside the operation, not averaged
-across it) and after. A CORRUPT line on either side fails the run.
+(RAM / rate), the post-copy phase (the source's MIGRATION postcopy-active → completed:
+while it lasts the target's guest depends on the source) and the guest's page writes/s on
+the target while post-copy runs (median of its per-second reports wholly inside: the
+speed inside the operation, not averaged across it) and after. A CORRUPT line on either
+side fails the run.
 """
 import argparse
 import importlib.util
@@ -62,7 +69,10 @@ def _cmd(self, name, **args):
             if not hasattr(self, "events"):
                 self.events = []
             ts = r["timestamp"]
-            self.events.append((r["event"], ts["seconds"] + ts["microseconds"] / 1e6))
+            name = r["event"]
+            if name == "MIGRATION":
+                name += ":" + r.get("data", {}).get("status", "")
+            self.events.append((name, ts["seconds"] + ts["microseconds"] / 1e6))
         if "return" in r:
             return r["return"]
         if "error" in r:
@@ -158,6 +168,8 @@ def in_ns(ns, cmd):
 def guest_cmdline(size, load, qemu, tsc_khz):
     if load == "idle":
         c = "workload=idle"
+    elif load == "little":
+        c = "workload=memwrite region=32M"
     else:
         c = f"workload=memwrite region={bs.parse_size(size) * 7 // 8 >> 20}M"
     if qemu:
@@ -188,7 +200,7 @@ def run_one(a, elf, tsc, size, load, kind, n):
     d = a.dir
     sa, sb = os.path.join(d, f"lm-a-{n}.sock"), os.path.join(d, f"lm-b-{n}.sock")
     port = 4400 + n % 50
-    qemu = kind != "snapvmm"
+    qemu = kind.startswith("qemu")
     cmdline = guest_cmdline(size, load, qemu, tsc)
     # The target listens on 127.0.0.1 in B; the relay (in B, on B's veth address) delays.
     target_uri = f"tcp:127.0.0.1:{port}"
@@ -205,6 +217,8 @@ def run_one(a, elf, tsc, size, load, kind, n):
         # --mem/--cpus: the target builds its VM ahead (as QEMU's is given -m).
         dst = vq.Guest("snapvmm", in_ns(NS_B, [a.bin, "run", "--qmp", f"unix:{sb}", "--serial", "stdio",
                                                "--mem", size, "--cpus", "1", "--incoming", target_uri]), sb)
+        src.q.cmd("migrate-set-parameters", **{"x-precopy": kind == "snapvmm"})
+    src.q.cmd("migrate-set-capabilities", capabilities=[{"capability": "events", "state": True}])
     relay = start_relay(port + 100, port, a.delay_ms, d)
     try:
         if load == "idle":
@@ -242,18 +256,23 @@ def run_one(a, elf, tsc, size, load, kind, n):
         if src.corrupt or dst.corrupt:
             sys.exit(f"{kind}: CORRUPT: {src.corrupt + dst.corrupt}")
         ram = bs.parse_size(size)
-        if kind == "snapvmm":
-            sent = m["x-postcopy"]["bytes-sent"]
+        if not qemu:
+            sent = m["x-postcopy"]["bytes-sent"] + m.get("x-precopy", {}).get("bytes-sent", 0)
             downtime_ms = m.get("x-downtime-us", 0) / 1000
         else:
             sent = m.get("ram", {}).get("transferred", 0)
             downtime_ms = float(m.get("downtime", "nan")) if converged else None
         switch = t_run - 1.0 if t_run else None
+        mig = {e: t for e, t in getattr(src.q, "events", []) if e.startswith("MIGRATION:")}
+        pc_ms = ((mig["MIGRATION:completed"] - mig["MIGRATION:postcopy-active"]) * 1000
+                 if "MIGRATION:completed" in mig and "MIGRATION:postcopy-active" in mig else None)
         res = {
             "vmm": kind, "size": size, "load": load, "converged": converged,
             "downtime_ms": event_downtime_ms,
             "vmm_downtime_ms": downtime_ms,
             "precopy_bytes": m.get("ram", {}).get("precopy-bytes"),
+            "postcopy_phase_ms": pc_ms,
+            "x_precopy": m.get("x-precopy"),
             "postcopy_bytes": m.get("ram", {}).get("postcopy-bytes"),
             "total_ms": m.get("total-time") if converged else None,
             "bytes_sent": sent, "ram_bytes": ram,
@@ -280,24 +299,25 @@ def table(rs):
         return "–" if v is None else f"{v / 1e6:.2f} M"
 
     print("\n| RAM | guest | VMM | downtime (STOP → RESUME) | VMM's downtime | total | total / (RAM ÷ link) "
-          "| bytes sent / RAM | guest page writes/s: source before → target during post-copy → after |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "| bytes sent / RAM | post-copy phase | guest page writes/s: source before → target during post-copy → after |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rs:
         if not r["converged"]:
             print(f"| {r['size']} | {r['load']} | {r['vmm']} | did not converge in {r['limit_s']:.0f} s | – | – | – "
-                  f"| {r['bytes_sent'] / r['ram_bytes']:.2f} (cancelled) | {mp(r['rate_before'])} → – → – |")
+                  f"| {r['bytes_sent'] / r['ram_bytes']:.2f} (cancelled) | – | {mp(r['rate_before'])} → – → – |")
             continue
         tot = r["total_ms"]
         print(f"| {r['size']} | {r['load']} | {r['vmm']} | {ms(r['downtime_ms'])} | {ms(r['vmm_downtime_ms'])} "
               f"| {tot} ms | {tot / r['floor_ms']:.2f}× | {r['bytes_sent'] / r['ram_bytes']:.2f} "
+              f"| {ms(r['postcopy_phase_ms'])} "
               f"| {mp(r['rate_before'])} → {mp(r['rate_target_inside'])} → {mp(r['rate_target_after'])} |")
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", default="1G,4G")
-    ap.add_argument("--loads", default="full,idle")
-    ap.add_argument("--kinds", default="snapvmm,qemu-postcopy,qemu-precopy")
+    ap.add_argument("--loads", default="full,little,idle")
+    ap.add_argument("--kinds", default="snapvmm,snapvmm-postcopy,qemu-postcopy,qemu-precopy")
     ap.add_argument("--rate", default="1gbit")
     ap.add_argument("--delay-ms", type=float, default=1.0)
     ap.add_argument("--precopy-limit", type=float, default=60)
