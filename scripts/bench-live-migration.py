@@ -12,7 +12,8 @@ Two "hosts": network namespaces A and B joined by a veth pair, each end capped a
 (--delay-ms) is added by a relay in namespace B (a thread per direction holding each
 block for the delay; it is what both VMMs' streams go through, so both pay it alike).
 Both VMMs boot the identical reference guest (`snapvmm export-guest`, 1 vCPU; `full`:
-memwrite over 7/8 of RAM at full speed; `little`: memwrite over 32 MiB; `idle`:
+memwrite over 7/8 of RAM at full speed; `little`: the same region filled once, then
+only 5 % of it rewritten while the rest is read back (`hot=5`); `idle`:
 workload=idle) in A and migrate it to a target started in B (`--incoming tcp:` /
 `-incoming tcp:`), driven over QMP:
 
@@ -169,7 +170,7 @@ def guest_cmdline(size, load, qemu, tsc_khz):
     if load == "idle":
         c = "workload=idle"
     elif load == "little":
-        c = "workload=memwrite region=32M"
+        c = f"workload=memwrite region={bs.parse_size(size) * 7 // 8 >> 20}M hot=5"
     else:
         c = f"workload=memwrite region={bs.parse_size(size) * 7 // 8 >> 20}M"
     if qemu:

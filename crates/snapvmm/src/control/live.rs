@@ -26,8 +26,9 @@ use crate::snapshot::migrate::{self as migration, Status};
 use crate::snapshot::transport::{self, Uri};
 
 /// A pre-copy pass gives up once the chunks it sent and the guest wrote
-/// again reach RAM / PRECOPY_BUDGET: bytes sent stay below RAM × 17/16.
-const PRECOPY_BUDGET: u64 = 16;
+/// again reach RAM / PRECOPY_BUDGET: bytes sent stay below RAM × 9/8, and a
+/// guest whose working set is smaller than that still gets a whole pass.
+const PRECOPY_BUDGET: u64 = 8;
 
 /// The connection a live migration's cut goes on with.
 enum Conn {

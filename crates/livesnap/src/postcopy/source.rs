@@ -1,0 +1,614 @@
+//! The source side of a live migration (see the module above).
+
+use super::*;
+
+/// What happens to a live migration, as the source sees it.
+#[derive(Debug, Clone)]
+pub enum SourceEvent {
+    /// The target runs the guest: from now on it is the VM.
+    Switched,
+    /// The connection broke before the switch: the target never ran the
+    /// guest; the source may run it again.
+    Failed(String),
+    /// The connection broke after the switch: the target waits for RAM;
+    /// [`PostcopySender::resume`] carries on.
+    Paused(String),
+    /// The target has every page.
+    Completed,
+}
+
+/// Figures of the source side.
+#[derive(Debug, Default)]
+pub struct SendCounters {
+    /// Chunks sent in order.
+    pub chunks_pushed: AtomicU64,
+    /// Chunks sent first because the target asked for them.
+    pub chunks_requested: AtomicU64,
+    /// Requests received.
+    pub requests: AtomicU64,
+    /// Bytes written to the connection(s).
+    pub bytes_sent: AtomicU64,
+    /// Chunks that were all zero (sent as a bitmap alone).
+    pub zero_chunks: AtomicU64,
+    /// Connections used (1 + recoveries).
+    pub connections: AtomicU64,
+    /// After a pre-copy pass: chunks it sent that the guest wrote since
+    /// (sent again).
+    pub chunks_rewritten: AtomicU64,
+}
+
+struct SendState {
+    sent: Vec<bool>,
+    next: usize,
+    urgent: VecDeque<usize>,
+    /// The connection in use and its generation.
+    conn: Option<(u64, OwnedFd)>,
+    generation: u64,
+    /// The head (state or resume record) of this generation still has to go.
+    head_pending: bool,
+    end_sent: bool,
+    switched: bool,
+    /// Completed, failed before the switch, or stopped.
+    ended: bool,
+}
+
+struct SendShared {
+    chunks: Vec<(u64, u64)>,
+    layout: Vec<ImageRange>,
+    image_len: u64,
+    id: [u8; 16],
+    state: Vec<u8>,
+    /// Pages sent with the state: image offset and host address.
+    early: Vec<(u64, u64)>,
+    /// After a pre-copy pass (whose chunks went over this connection, after
+    /// its stream header): the chunks the target must drop (a bitmap).
+    stale: Option<Vec<u8>>,
+    st: Mutex<SendState>,
+    cv: Condvar,
+    events: Box<dyn Fn(SourceEvent) + Send + Sync>,
+    counters: Arc<SendCounters>,
+}
+
+/// The source side of a live migration (see the module documentation).
+pub struct PostcopySender {
+    sh: Arc<SendShared>,
+    pusher: Option<std::thread::JoinHandle<()>>,
+}
+
+impl PostcopySender {
+    /// Starts sending `ranges` (guest RAM, which nobody writes from now on:
+    /// the guest is paused for good) and `device_state` over `sock`.
+    /// `events` hears every [`SourceEvent`], from the migration's threads.
+    ///
+    /// # Safety
+    /// The memory of `ranges` must stay mapped and unwritten until this
+    /// sender is dropped.
+    ///
+    /// `early` names guest-physical pages the target touches while it loads
+    /// the state, before its guest runs (KVM maps the kvmclock, steal-time
+    /// and async-PF pages when their MSRs are set): they go with the state,
+    /// 4 KiB each, so the switch does not wait for their 2 MiB chunks.
+    pub unsafe fn start(
+        sock: OwnedFd,
+        ranges: &[RamRange],
+        device_state: Vec<u8>,
+        early: &[u64],
+        events: Box<dyn Fn(SourceEvent) + Send + Sync>,
+    ) -> Result<PostcopySender> {
+        // SAFETY: the caller's promise, passed on.
+        unsafe { Self::begin(sock, ranges, device_state, early, events, None) }
+    }
+
+    /// Like [`PostcopySender::start`], after a pre-copy pass over the same
+    /// `ranges` ([`crate::precopy::Precopy::finish`]): only the chunks the
+    /// pass did not send, and those the guest wrote after it sent them
+    /// (which the target is told to drop), are sent again.
+    ///
+    /// # Safety
+    /// As [`PostcopySender::start`]; the guest is paused for good, so the
+    /// pass's record of written chunks is final.
+    pub unsafe fn after_precopy(
+        pre: PrecopyDone,
+        ranges: &[RamRange],
+        device_state: Vec<u8>,
+        early: &[u64],
+        events: Box<dyn Fn(SourceEvent) + Send + Sync>,
+    ) -> Result<PostcopySender> {
+        let PrecopyDone { sock, sent, log } = pre;
+        // SAFETY: the caller's promise, passed on.
+        unsafe { Self::begin(sock, ranges, device_state, early, events, Some((sent, log))) }
+    }
+
+    /// # Safety
+    /// As [`PostcopySender::start`].
+    unsafe fn begin(
+        sock: OwnedFd,
+        ranges: &[RamRange],
+        device_state: Vec<u8>,
+        early: &[u64],
+        events: Box<dyn Fn(SourceEvent) + Send + Sync>,
+        pre: Option<(Vec<bool>, Arc<dyn WriteLog>)>,
+    ) -> Result<PostcopySender> {
+        if device_state.len() as u64 > MAX_DEVICE_STATE {
+            return Err(SnapError::DeviceStateTooLarge {
+                len: device_state.len() as u64,
+                max: MAX_DEVICE_STATE,
+            });
+        }
+        let (chunks, layout, image_len) = chunks_of(ranges)?;
+        let n = chunks.len();
+        // After a pre-copy: what it sent and the guest did not write since
+        // is at the target; what the guest wrote, the target drops.
+        let (sent, stale) = match &pre {
+            None => (vec![false; n], None),
+            Some((pre_sent, _)) if pre_sent.len() != n => {
+                return Err(SnapError::InvalidInput(
+                    "the pre-copy pass was over other RAM".into(),
+                ))
+            }
+            Some((pre_sent, log)) => {
+                let mut stale = vec![0u8; n.div_ceil(8)];
+                let mut sent = pre_sent.clone();
+                for (k, s) in sent.iter_mut().enumerate() {
+                    if *s && log.written(chunks[k].0) {
+                        *s = false;
+                        stale[k / 8] |= 1 << (k % 8);
+                    }
+                }
+                (sent, Some(stale))
+            }
+        };
+        let mut pages = Vec::new();
+        for &gpa in early.iter().take(MAX_EARLY_PAGES) {
+            let page = gpa & !(PAGE_SIZE - 1);
+            let found = ranges
+                .iter()
+                .zip(&layout)
+                .find(|(r, _)| page >= r.gpa() && page < r.gpa() + r.len());
+            if let Some((r, l)) = found {
+                let at = (
+                    l.file_offset + page - r.gpa(),
+                    r.host() as u64 + page - r.gpa(),
+                );
+                if !pages.contains(&at) {
+                    pages.push(at);
+                }
+            }
+        }
+        let counters = SendCounters::default();
+        if let Some(st) = &stale {
+            let n: u32 = st.iter().map(|b| b.count_ones()).sum();
+            counters
+                .chunks_rewritten
+                .store(u64::from(n), Ordering::Relaxed);
+        }
+        let sh = Arc::new(SendShared {
+            chunks,
+            layout,
+            image_len,
+            id: random_id(),
+            state: device_state,
+            early: pages,
+            stale,
+            st: Mutex::new(SendState {
+                sent,
+                next: 0,
+                urgent: VecDeque::new(),
+                conn: None,
+                generation: 0,
+                head_pending: true,
+                end_sent: false,
+                switched: false,
+                ended: false,
+            }),
+            cv: Condvar::new(),
+            events,
+            counters: Arc::new(counters),
+        });
+        attach(&sh, sock, true)?;
+        let s2 = sh.clone();
+        let pusher = std::thread::Builder::new()
+            .name("postcopy-push".into())
+            .spawn(move || push(&s2));
+        let pusher = match pusher {
+            Ok(t) => t,
+            Err(e) => {
+                let mut st = lock(&sh.st);
+                st.ended = true;
+                if let Some((_, c)) = st.conn.take() {
+                    shutdown(&c);
+                }
+                return Err(SnapError::io("start the post-copy sender", e));
+            }
+        };
+        // The target must run the guest within SWITCH_TIMEOUT, or the source takes it back.
+        let s3 = sh.clone();
+        let _ = std::thread::Builder::new()
+            .name("postcopy-switch".into())
+            .spawn(move || {
+                let st = lock(&s3.st);
+                let (mut st, _) = s3
+                    .cv
+                    .wait_timeout_while(st, SWITCH_TIMEOUT, |st| !st.switched && !st.ended)
+                    .unwrap_or_else(|e| e.into_inner());
+                if !st.switched && !st.ended {
+                    st.ended = true;
+                    if let Some((_, c)) = st.conn.take() {
+                        shutdown(&c);
+                    }
+                    s3.cv.notify_all();
+                    drop(st);
+                    (s3.events)(SourceEvent::Failed(format!(
+                        "the target did not run the guest within {SWITCH_TIMEOUT:?}"
+                    )));
+                }
+            });
+        Ok(PostcopySender {
+            sh,
+            pusher: Some(pusher),
+        })
+    }
+
+    /// The figures so far.
+    pub fn counters(&self) -> Arc<SendCounters> {
+        self.sh.counters.clone()
+    }
+
+    /// Whether every chunk has been sent at least once on some connection.
+    pub fn progress(&self) -> (usize, usize) {
+        let st = lock(&self.sh.st);
+        (st.sent.iter().filter(|s| **s).count(), st.sent.len())
+    }
+
+    /// Carries on over a new connection after [`SourceEvent::Paused`].
+    pub fn resume(&self, sock: OwnedFd) -> Result<()> {
+        {
+            let st = lock(&self.sh.st);
+            if st.ended || !st.switched {
+                return Err(broken("there is no paused post-copy migration to resume"));
+            }
+            if st.conn.is_some() {
+                return Err(broken("the post-copy migration is not paused"));
+            }
+        }
+        attach(&self.sh, sock, false)
+    }
+
+    /// Breaks the connection (QMP `migrate-pause`): after the switch the
+    /// migration pauses ([`SourceEvent::Paused`]) until [`PostcopySender::resume`].
+    pub fn break_connection(&self) -> bool {
+        let st = lock(&self.sh.st);
+        match &st.conn {
+            Some((_, c)) if st.switched && !st.ended => {
+                shutdown(c);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Cancels the migration if the target has not run the guest yet
+    /// (true: the caller may run it again); after the switch, changes
+    /// nothing and returns false.
+    pub fn cancel(&self) -> bool {
+        let mut st = lock(&self.sh.st);
+        if st.switched || st.ended {
+            return false;
+        }
+        st.ended = true;
+        if let Some((_, c)) = st.conn.take() {
+            shutdown(&c);
+        }
+        self.sh.cv.notify_all();
+        true
+    }
+
+    /// Gives up (the caller's VM is going away): both ends close.
+    pub fn stop(&self) {
+        let mut st = lock(&self.sh.st);
+        st.ended = true;
+        if let Some((_, c)) = st.conn.take() {
+            shutdown(&c);
+        }
+        self.sh.cv.notify_all();
+    }
+}
+
+impl Drop for PostcopySender {
+    fn drop(&mut self) {
+        self.stop();
+        if let Some(t) = self.pusher.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Makes `sock` the connection in use and starts its reader.
+fn attach(sh: &Arc<SendShared>, sock: OwnedFd, first: bool) -> Result<()> {
+    let (r, _) = halves(&sock).map_err(|e| SnapError::io("post-copy connection", e))?;
+    let g = {
+        let mut st = lock(&sh.st);
+        st.generation += 1;
+        st.conn = Some((st.generation, sock));
+        st.head_pending = true;
+        st.end_sent = false;
+        sh.cv.notify_all();
+        st.generation
+    };
+    sh.counters.connections.fetch_add(1, Ordering::Relaxed);
+    let sh2 = sh.clone();
+    std::thread::Builder::new()
+        .name("postcopy-read".into())
+        .spawn(move || source_reader(&sh2, r, g, first))
+        .map_err(|e| SnapError::io("start the post-copy reader", e))?;
+    Ok(())
+}
+
+/// The connection of generation `g` broke: pause (or fail before the switch).
+fn lost(sh: &SendShared, g: u64, why: String) {
+    let mut st = lock(&sh.st);
+    if st.ended || !st.conn.as_ref().is_some_and(|(cg, _)| *cg == g) {
+        return;
+    }
+    if let Some((_, c)) = st.conn.take() {
+        shutdown(&c);
+    }
+    let ev = if st.switched {
+        SourceEvent::Paused(why)
+    } else {
+        st.ended = true;
+        SourceEvent::Failed(why)
+    };
+    sh.cv.notify_all();
+    drop(st);
+    (sh.events)(ev);
+}
+
+fn source_reader(sh: &SendShared, r: File, g: u64, first: bool) {
+    let mut r = BufReader::new(r);
+    let mut need_first = !first;
+    let why = loop {
+        let rec = match read_record(&mut r, 1 << 20) {
+            Ok(Some(rec)) => rec,
+            Ok(None) => break "the target closed the connection".to_string(),
+            Err(e) => break format!("{e}"),
+        };
+        let (kind, off, data) = rec;
+        let mut st = lock(&sh.st);
+        if need_first && kind != KIND_NEED {
+            drop(st);
+            break "the target did not say which pages it lacks".into();
+        }
+        match kind {
+            KIND_RUNNING => {
+                if !st.switched && !st.ended {
+                    st.switched = true;
+                    sh.cv.notify_all();
+                    drop(st);
+                    (sh.events)(SourceEvent::Switched);
+                }
+            }
+            KIND_REQ => {
+                let k = off as usize;
+                if k < st.sent.len() && !st.sent[k] {
+                    st.urgent.push_back(k);
+                    sh.cv.notify_all();
+                }
+                sh.counters.requests.fetch_add(1, Ordering::Relaxed);
+            }
+            KIND_NEED => {
+                need_first = false;
+                let n = st.sent.len();
+                if data.len() != n.div_ceil(8) {
+                    drop(st);
+                    break "malformed list of missing pages".into();
+                }
+                for k in 0..n {
+                    if data[k / 8] & (1 << (k % 8)) != 0 {
+                        st.sent[k] = false;
+                    }
+                }
+                st.next = 0;
+                st.end_sent = false;
+                sh.cv.notify_all();
+            }
+            KIND_DONE => {
+                st.ended = true;
+                if let Some((_, c)) = st.conn.take() {
+                    shutdown(&c);
+                }
+                sh.cv.notify_all();
+                drop(st);
+                (sh.events)(SourceEvent::Completed);
+                return;
+            }
+            k => {
+                drop(st);
+                break format!("unexpected record of kind {k} from the target");
+            }
+        }
+    };
+    lost(sh, g, why);
+}
+
+/// What the pusher does next.
+enum Job {
+    Head(u64, File),
+    Chunk(u64, File, usize, bool),
+    End(u64, File),
+}
+
+fn next_job(sh: &SendShared) -> Option<Job> {
+    let mut st = lock(&sh.st);
+    loop {
+        if st.ended {
+            return None;
+        }
+        if let Some((g, c)) = &st.conn {
+            let (g, file) = (*g, c.try_clone().map(File::from));
+            let Ok(file) = file else {
+                drop(st);
+                lost(sh, g, "cannot use the connection".into());
+                st = lock(&sh.st);
+                continue;
+            };
+            if st.head_pending {
+                st.head_pending = false;
+                return Some(Job::Head(g, file));
+            }
+            // A chunk the target waits for goes at once — even before the
+            // switch: restoring the machine may touch guest RAM.
+            while let Some(k) = st.urgent.pop_front() {
+                if !st.sent[k] {
+                    st.sent[k] = true;
+                    // The order follows the guest: what comes after the chunk
+                    // it touched is what it will touch next.
+                    st.next = k + 1;
+                    return Some(Job::Chunk(g, file, k, true));
+                }
+            }
+            // The rest goes once the target runs the guest: before, it would
+            // only compete with the switch for the link and the CPUs.
+            if !st.switched {
+                st = sh.cv.wait(st).unwrap_or_else(|e| e.into_inner());
+                continue;
+            }
+            // In order from `next`, then from the start for what was skipped.
+            let n = st.sent.len();
+            let from = st.next.min(n);
+            let found = (from..n).chain(0..from).find(|&k| !st.sent[k]);
+            if let Some(k) = found {
+                st.sent[k] = true;
+                st.next = k + 1;
+                return Some(Job::Chunk(g, file, k, false));
+            }
+            if !st.end_sent {
+                st.end_sent = true;
+                return Some(Job::End(g, file));
+            }
+        }
+        st = sh.cv.wait(st).unwrap_or_else(|e| e.into_inner());
+    }
+}
+
+fn push(sh: &SendShared) {
+    while let Some(job) = next_job(sh) {
+        let (g, r) = match job {
+            Job::Head(g, f) => (g, send_head(sh, f, g)),
+            Job::Chunk(g, f, k, urgent) => {
+                let r = send_chunk(sh, f, k);
+                let c = if urgent {
+                    &sh.counters.chunks_requested
+                } else {
+                    &sh.counters.chunks_pushed
+                };
+                c.fetch_add(1, Ordering::Relaxed);
+                (g, r)
+            }
+            Job::End(g, mut f) => {
+                let end = [0u8; 16];
+                (g, send(&mut f, KIND_END, 0, &end))
+            }
+        };
+        if let Err(e) = r {
+            lost(sh, g, format!("cannot send to the target: {e}"));
+        }
+    }
+}
+
+fn send_head(sh: &SendShared, f: File, g: u64) -> io::Result<()> {
+    let mut w = BufWriter::with_capacity(1 << 20, f);
+    let first = g == 1;
+    let flags = if first {
+        FLAG_LIVE
+    } else {
+        FLAG_LIVE | FLAG_RESUME
+    };
+    if !first || sh.stale.is_none() {
+        w.write_all(&encode_stream_header(sh.image_len, &sh.layout, flags))?;
+    }
+    if first {
+        for (i, part) in sh.state.chunks(MAX_RECORD).enumerate() {
+            w.write_all(&record_head(KIND_STATE, (i * MAX_RECORD) as u64, part))?;
+            w.write_all(part)?;
+        }
+        for &(off, host) in &sh.early {
+            // SAFETY: the page lies in a RamRange the caller of `start` keeps
+            // mapped and unwritten while this sender lives.
+            let page = unsafe { std::slice::from_raw_parts(host as *const u8, PAGE_SIZE as usize) };
+            w.write_all(&record_head(KIND_PAGE, off, page))?;
+            w.write_all(page)?;
+        }
+        if let Some(stale) = &sh.stale {
+            w.write_all(&record_head(KIND_STALE, 0, stale))?;
+            w.write_all(stale)?;
+        }
+        let mut sw = sh.id.to_vec();
+        sw.extend_from_slice(&(sh.state.len() as u64).to_le_bytes());
+        sw.extend_from_slice(&crc32fast::hash(&sh.state).to_le_bytes());
+        w.write_all(&record_head(KIND_SWITCH, 0, &sw))?;
+        w.write_all(&sw)?;
+    } else {
+        w.write_all(&record_head(KIND_RESUME, 0, &sh.id))?;
+        w.write_all(&sh.id)?;
+    }
+    w.flush()?;
+    sh.counters
+        .bytes_sent
+        .fetch_add(sh.state.len() as u64 + 4096, Ordering::Relaxed);
+    Ok(())
+}
+
+fn is_zero(p: &[u8]) -> bool {
+    let (a, words, b) = {
+        // SAFETY: any byte pattern is a valid u64.
+        unsafe { p.align_to::<u64>() }
+    };
+    a.iter().all(|x| *x == 0) && words.iter().all(|x| *x == 0) && b.iter().all(|x| *x == 0)
+}
+
+fn send_chunk(sh: &SendShared, f: File, k: usize) -> io::Result<()> {
+    let (host, len) = sh.chunks[k];
+    // SAFETY: the chunk lies in a RamRange the caller of `start` keeps
+    // mapped and unwritten while this sender lives.
+    let mem = unsafe { std::slice::from_raw_parts(host as *const u8, len as usize) };
+    let (plen, zero) = write_chunk(f, k, mem)?;
+    if zero {
+        sh.counters.zero_chunks.fetch_add(1, Ordering::Relaxed);
+    }
+    sh.counters
+        .bytes_sent
+        .fetch_add(plen as u64, Ordering::Relaxed);
+    Ok(())
+}
+
+/// Writes chunk `k` (its memory: `mem`, which nobody changes meanwhile) as
+/// a CHUNK record; returns the bytes written and whether it was all zero.
+pub(crate) fn write_chunk(f: impl Write, k: usize, mem: &[u8]) -> io::Result<(usize, bool)> {
+    let mut bitmap = [0u8; BITMAP];
+    let mut n = 0usize;
+    for (i, page) in mem.chunks(PAGE_SIZE as usize).enumerate() {
+        if !is_zero(page) {
+            bitmap[i / 8] |= 1 << (i % 8);
+            n += 1;
+        }
+    }
+    let mut h = crc32fast::Hasher::new();
+    h.update(&bitmap);
+    for (i, page) in mem.chunks(PAGE_SIZE as usize).enumerate() {
+        if bitmap[i / 8] & (1 << (i % 8)) != 0 {
+            h.update(page);
+        }
+    }
+    let plen = BITMAP + n * PAGE_SIZE as usize;
+    let mut w = BufWriter::with_capacity(256 << 10, f);
+    w.write_all(&record_head_crc(KIND_CHUNK, k as u64, plen, h.finalize()))?;
+    w.write_all(&bitmap)?;
+    for (i, page) in mem.chunks(PAGE_SIZE as usize).enumerate() {
+        if bitmap[i / 8] & (1 << (i % 8)) != 0 {
+            w.write_all(page)?;
+        }
+    }
+    w.flush()?;
+    Ok((plen + 24, n == 0))
+}

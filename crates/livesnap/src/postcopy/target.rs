@@ -1,0 +1,628 @@
+//! The target side of a live migration (see the module above).
+
+use super::*;
+
+/// Who hears a target's [`TargetEvent`]s.
+pub type TargetEvents = Box<dyn Fn(TargetEvent) + Send + Sync>;
+
+/// What happens to a live migration, as the target sees it.
+#[derive(Debug, Clone)]
+pub enum TargetEvent {
+    /// The connection broke: threads touching RAM not yet here wait.
+    Paused(String),
+    /// A new connection carries on ([`RemotePages::recover`]).
+    Recovered,
+}
+
+enum Slot {
+    Absent,
+    Requested,
+    Arrived(Vec<u8>),
+    Zero,
+    Taken,
+}
+
+struct RecvState {
+    slots: Vec<Slot>,
+    writer: Option<File>,
+    generation: u64,
+    /// The source gave up, or the migration was stopped: waiting is over.
+    failed: Option<String>,
+    staged: u64,
+    received: u64,
+    /// Every page is here (DONE is owed to the source until `done_sent`).
+    done: bool,
+    done_sent: bool,
+    /// Chunks in the order they arrived, for the prefetch.
+    arrivals: VecDeque<usize>,
+}
+
+struct RecvShared {
+    layout: Vec<ImageRange>,
+    id: [u8; 16],
+    precopy: PrecopyFigures,
+    st: Mutex<RecvState>,
+    cv: Condvar,
+    events: Mutex<Option<TargetEvents>>,
+    requests: AtomicU64,
+    /// Connections used (the first and each recovery).
+    connections: AtomicU64,
+    /// Chunks asked for before the guest ran (they were in the downtime).
+    requests_before_switch: AtomicU64,
+    bytes: AtomicU64,
+}
+
+/// The target side of a live migration: RAM that comes from the source on
+/// demand (see the module documentation).
+pub struct RemotePages {
+    sh: Arc<RecvShared>,
+}
+
+/// What [`receive_switch`] read: the layout, the device state, and the
+/// pages still to come.
+pub struct Switch {
+    pub layout: StreamLayout,
+    pub device_state: Vec<u8>,
+    pub pages: Arc<RemotePages>,
+    /// Pages sent with the state (image offset, 4 KiB): place them before
+    /// loading the state ([`crate::lazy::start_lazy_fill_with`]).
+    pub early: Vec<(u64, Vec<u8>)>,
+}
+
+/// Reads a live stream up to the switch (header, device state) from `sock`.
+/// The caller builds the VM with fresh RAM, starts a fill from the returned
+/// pages, runs the guest and calls [`RemotePages::running`].
+pub fn receive_switch(sock: OwnedFd) -> Result<Switch> {
+    let (r, w) = halves(&sock).map_err(|e| SnapError::io("post-copy connection", e))?;
+    let (reader, layout) = StreamReader::start(r)?;
+    receive_switch_from(reader, layout, w)
+}
+
+/// [`receive_switch`] for a stream whose header was read already.
+pub fn receive_switch_from<R: Read + Send + 'static>(
+    reader: StreamReader<R>,
+    layout: StreamLayout,
+    w: File,
+) -> Result<Switch> {
+    if !layout.live || layout.resume {
+        return Err(broken("it is not the start of a live migration"));
+    }
+    let mut r = reader.into_buffered();
+    let mut state = Vec::new();
+    let mut early: Vec<(u64, Vec<u8>)> = Vec::new();
+    let n = crate::image::chunk_count(&layout.ranges);
+    // Chunks of a pre-copy pass (sent with the guest running, before the state).
+    let mut slots: Vec<Slot> = (0..n).map(|_| Slot::Absent).collect();
+    let (mut pre_bytes, mut dropped) = (0u64, 0u64);
+    let id = loop {
+        let (kind, off, data) = read_record(&mut r, MAX_RECORD)?
+            .ok_or_else(|| broken("it ends before the switch: truncated"))?;
+        match kind {
+            KIND_STATE if off == state.len() as u64 => {
+                if state.len() + data.len() > MAX_DEVICE_STATE as usize {
+                    return Err(broken("its device state is too large"));
+                }
+                state.extend_from_slice(&data);
+            }
+            KIND_PAGE
+                if data.len() == PAGE_SIZE as usize
+                    && early.len() < MAX_EARLY_PAGES
+                    && off % PAGE_SIZE == 0
+                    && chunk_at(&layout.ranges, off).is_some() =>
+            {
+                early.push((off, data));
+            }
+            KIND_CHUNK if state.is_empty() => {
+                let k = off as usize;
+                if k >= n {
+                    return Err(broken(format!("chunk {k} is not in guest RAM")));
+                }
+                check_chunk(&layout.ranges, k, &data).map_err(broken)?;
+                pre_bytes += data.len() as u64 + 24;
+                slots[k] = if data[..BITMAP].iter().all(|b| *b == 0) {
+                    Slot::Zero
+                } else {
+                    Slot::Arrived(data)
+                };
+            }
+            KIND_STALE if data.len() == n.div_ceil(8) => {
+                for (k, s) in slots.iter_mut().enumerate() {
+                    if data[k / 8] & (1 << (k % 8)) != 0 && !matches!(s, Slot::Absent) {
+                        *s = Slot::Absent;
+                        dropped += 1;
+                    }
+                }
+            }
+            KIND_SWITCH if data.len() == 28 => {
+                let len = u64::from_le_bytes(data[16..24].try_into().expect("8 bytes"));
+                let crc = u32::from_le_bytes(data[24..28].try_into().expect("4 bytes"));
+                if len != state.len() as u64 || crc32fast::hash(&state) != crc {
+                    return Err(broken("its device state is incomplete or corrupt"));
+                }
+                let mut id = [0u8; 16];
+                id.copy_from_slice(&data[..16]);
+                break id;
+            }
+            k => {
+                return Err(broken(format!(
+                    "unexpected record of kind {k} before the switch"
+                )))
+            }
+        }
+    };
+    let arrivals: VecDeque<usize> = (0..n)
+        .filter(|&k| !matches!(slots[k], Slot::Absent))
+        .collect();
+    let staged = slots
+        .iter()
+        .map(|s| match s {
+            Slot::Arrived(d) => d.len() as u64,
+            _ => 0,
+        })
+        .sum();
+    let sh = Arc::new(RecvShared {
+        layout: layout.ranges.clone(),
+        id,
+        precopy: PrecopyFigures {
+            chunks_kept: arrivals.len() as u64,
+            chunks_dropped: dropped,
+            bytes: pre_bytes,
+        },
+        st: Mutex::new(RecvState {
+            slots,
+            writer: Some(w),
+            generation: 1,
+            failed: None,
+            staged,
+            received: arrivals.len() as u64,
+            done: false,
+            done_sent: false,
+            arrivals,
+        }),
+        cv: Condvar::new(),
+        events: Mutex::new(None),
+        requests: AtomicU64::new(0),
+        connections: AtomicU64::new(1),
+        requests_before_switch: AtomicU64::new(0),
+        bytes: AtomicU64::new(0),
+    });
+    spawn_receiver(&sh, r, 1)?;
+    Ok(Switch {
+        layout,
+        device_state: state,
+        pages: Arc::new(RemotePages { sh }),
+        early,
+    })
+}
+
+fn spawn_receiver<R: Read + Send + 'static>(
+    sh: &Arc<RecvShared>,
+    r: BufReader<R>,
+    g: u64,
+) -> Result<()> {
+    let sh2 = sh.clone();
+    std::thread::Builder::new()
+        .name("postcopy-recv".into())
+        .spawn(move || target_reader(&sh2, r, g))
+        .map(|_| ())
+        .map_err(|e| SnapError::io("start the post-copy receiver", e))
+}
+
+fn target_reader<R: Read>(sh: &RecvShared, mut r: BufReader<R>, g: u64) {
+    let why = loop {
+        let (kind, off, data) = match read_record(&mut r, BITMAP + CHUNK_PAGES * PAGE_SIZE as usize)
+        {
+            Ok(Some(rec)) => rec,
+            Ok(None) => break "the source closed the connection".to_string(),
+            Err(e) => break format!("{e}"),
+        };
+        sh.bytes
+            .fetch_add(data.len() as u64 + 24, Ordering::Relaxed);
+        match kind {
+            KIND_CHUNK => {
+                let k = off as usize;
+                let mut st = lock(&sh.st);
+                if st.generation != g {
+                    return;
+                }
+                if k >= st.slots.len() {
+                    break format!("chunk {k} is not in guest RAM");
+                }
+                if let Err(e) = check_chunk(&sh.layout, k, &data) {
+                    break e;
+                }
+                // Hold back while too much waits to be placed (never a chunk
+                // a thread waits for).
+                while st.staged > MAX_STAGED
+                    && !matches!(st.slots[k], Slot::Requested)
+                    && st.failed.is_none()
+                    && st.generation == g
+                {
+                    st = sh.cv.wait(st).unwrap_or_else(|e| e.into_inner());
+                }
+                if st.generation != g || st.failed.is_some() {
+                    return;
+                }
+                if matches!(st.slots[k], Slot::Absent | Slot::Requested) {
+                    st.received += 1;
+                    st.arrivals.push_back(k);
+                    if data[..BITMAP].iter().all(|b| *b == 0) {
+                        st.slots[k] = Slot::Zero;
+                    } else {
+                        st.staged += data.len() as u64;
+                        st.slots[k] = Slot::Arrived(data);
+                    }
+                    sh.cv.notify_all();
+                }
+            }
+            KIND_END => {}
+            k => break format!("unexpected record of kind {k} from the source"),
+        }
+    };
+    let mut st = lock(&sh.st);
+    if st.generation != g || st.failed.is_some() {
+        return;
+    }
+    if let Some(w) = st.writer.take() {
+        shutdown(&w);
+    }
+    sh.cv.notify_all();
+    let complete = st
+        .slots
+        .iter()
+        .all(|s| !matches!(s, Slot::Absent | Slot::Requested));
+    drop(st);
+    if !complete {
+        if let Some(ev) = lock(&sh.events).as_ref() {
+            ev(TargetEvent::Paused(why));
+        }
+    }
+}
+
+/// Checks a CHUNK payload: its bitmap names pages of chunk `k`, and the
+/// payload holds exactly those pages.
+fn check_chunk(layout: &[ImageRange], k: usize, data: &[u8]) -> std::result::Result<(), String> {
+    let len = chunk_len(layout, k).ok_or_else(|| format!("chunk {k} is not in guest RAM"))?;
+    if data.len() < BITMAP {
+        return Err(format!("chunk {k} is malformed"));
+    }
+    let pages = (len / PAGE_SIZE) as usize;
+    let bits: usize = data[..BITMAP].iter().map(|b| b.count_ones() as usize).sum();
+    let beyond = (pages..CHUNK_PAGES).any(|i| data[i / 8] & (1 << (i % 8)) != 0);
+    if beyond || data.len() != BITMAP + bits * PAGE_SIZE as usize {
+        return Err(format!("chunk {k} is malformed"));
+    }
+    Ok(())
+}
+
+/// Image offset of chunk `k`.
+fn chunk_offset(layout: &[ImageRange], k: usize) -> Option<u64> {
+    let mut base = 0usize;
+    for r in layout {
+        let n = r.len.div_ceil(INCR_CHUNK) as usize;
+        if k < base + n {
+            return Some(r.file_offset + (k - base) as u64 * INCR_CHUNK);
+        }
+        base += n;
+    }
+    None
+}
+
+fn chunk_len(layout: &[ImageRange], k: usize) -> Option<u64> {
+    let mut base = 0usize;
+    for r in layout {
+        let n = r.len.div_ceil(INCR_CHUNK) as usize;
+        if k < base + n {
+            let start = (k - base) as u64 * INCR_CHUNK;
+            return Some((r.len - start).min(INCR_CHUNK));
+        }
+        base += n;
+    }
+    None
+}
+
+/// What a target received before the switch, from a pre-copy pass.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PrecopyFigures {
+    /// Chunks kept (the guest did not write them after they were sent).
+    pub chunks_kept: u64,
+    /// Chunks dropped at the switch (written after they were sent).
+    pub chunks_dropped: u64,
+    /// Bytes of the pass.
+    pub bytes: u64,
+}
+
+/// Figures of the target side.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RecvFigures {
+    /// What came before the switch, by pre-copy.
+    pub precopy: PrecopyFigures,
+    /// Chunks asked for because a thread touched them.
+    pub requests: u64,
+    /// Of those, asked for before the guest ran (their transfer was part of
+    /// the downtime).
+    pub requests_before_switch: u64,
+    /// Chunks received.
+    pub chunks_received: u64,
+    /// Bytes read from the connection(s) after the switch.
+    pub bytes: u64,
+    /// Connections used.
+    pub connections: u64,
+}
+
+impl RemotePages {
+    /// Who hears a broken connection and a recovery.
+    pub fn on_event(&self, f: TargetEvents) {
+        *lock(&self.sh.events) = Some(f);
+    }
+
+    /// The guest runs here now: the source must not run it again.
+    pub fn running(&self) -> io::Result<()> {
+        let before = self.sh.requests.load(Ordering::Relaxed);
+        self.sh
+            .requests_before_switch
+            .store(before, Ordering::Relaxed);
+        self.say(KIND_RUNNING, 0, &[])
+    }
+
+    /// Every page is here: the source may let go. Returns whether the
+    /// source was told; if not, the connection is down ([`TargetEvent::Paused`]
+    /// follows) and a recovery tells it.
+    pub fn done(&self) -> bool {
+        lock(&self.sh.st).done = true;
+        if self.say(KIND_DONE, 0, &[]).is_err() {
+            return false;
+        }
+        let mut st = lock(&self.sh.st);
+        st.done_sent = true;
+        st.generation += 1;
+        if let Some(w) = st.writer.take() {
+            shutdown(&w);
+        }
+        true
+    }
+
+    /// Whether the source has been told every page is here.
+    pub fn source_told(&self) -> bool {
+        lock(&self.sh.st).done_sent
+    }
+
+    /// Gives up: threads waiting for a page get an error (the VM must end).
+    pub fn fail(&self, why: &str) {
+        let mut st = lock(&self.sh.st);
+        st.failed = Some(why.to_string());
+        if let Some(w) = st.writer.take() {
+            shutdown(&w);
+        }
+        self.sh.cv.notify_all();
+    }
+
+    /// Breaks the connection (QMP `migrate-pause`): threads touching RAM
+    /// not here wait ([`TargetEvent::Paused`]) until [`RemotePages::recover`].
+    pub fn break_connection(&self) -> bool {
+        let st = lock(&self.sh.st);
+        match &st.writer {
+            Some(w) if st.failed.is_none() => {
+                shutdown(w);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Whether the connection is up.
+    pub fn connected(&self) -> bool {
+        lock(&self.sh.st).writer.is_some()
+    }
+
+    /// The figures so far.
+    pub fn figures(&self) -> RecvFigures {
+        let st = lock(&self.sh.st);
+        RecvFigures {
+            precopy: self.sh.precopy,
+            requests: self.sh.requests.load(Ordering::Relaxed),
+            requests_before_switch: self.sh.requests_before_switch.load(Ordering::Relaxed),
+            chunks_received: st.received,
+            bytes: self.sh.bytes.load(Ordering::Relaxed),
+            connections: self.sh.connections.load(Ordering::Relaxed),
+        }
+    }
+
+    fn say(&self, kind: u32, off: u64, data: &[u8]) -> io::Result<()> {
+        let mut st = lock(&self.sh.st);
+        let w = st.writer.as_mut().ok_or_else(|| {
+            io::Error::new(io::ErrorKind::NotConnected, "no connection to the source")
+        })?;
+        let r = send(w, kind, off, data);
+        if r.is_err() {
+            if let Some(w) = st.writer.take() {
+                shutdown(&w);
+            }
+        }
+        r
+    }
+
+    /// Carries on over a new connection from the source (after
+    /// [`TargetEvent::Paused`]): checks it is the same migration, says which
+    /// chunks are still missing, asks again for those threads wait on.
+    pub fn recover(&self, sock: OwnedFd) -> Result<()> {
+        let (r, w) = halves(&sock).map_err(|e| SnapError::io("post-copy connection", e))?;
+        let (reader, layout) = StreamReader::start(r)?;
+        if !layout.live || !layout.resume || layout.ranges != self.sh.layout {
+            return Err(broken("it is not this live migration resuming"));
+        }
+        let mut r = reader.into_buffered();
+        match read_record(&mut r, 64)? {
+            Some((KIND_RESUME, _, id)) if id == self.sh.id => {}
+            Some((KIND_RESUME, _, _)) => return Err(broken("it resumes another migration")),
+            _ => return Err(broken("it is not this live migration resuming")),
+        }
+        let mut st = lock(&self.sh.st);
+        if st.failed.is_some() {
+            return Err(broken("the migration was given up"));
+        }
+        if let Some(old) = st.writer.take() {
+            shutdown(&old);
+        }
+        st.generation += 1;
+        let g = st.generation;
+        let n = st.slots.len();
+        let mut need = vec![0u8; n.div_ceil(8)];
+        let mut waiting = Vec::new();
+        for (k, s) in st.slots.iter().enumerate() {
+            match s {
+                Slot::Absent => need[k / 8] |= 1 << (k % 8),
+                Slot::Requested => {
+                    need[k / 8] |= 1 << (k % 8);
+                    waiting.push(k);
+                }
+                _ => {}
+            }
+        }
+        let mut w = w;
+        send(&mut w, KIND_NEED, 0, &need).map_err(|e| SnapError::io("post-copy recovery", e))?;
+        for k in waiting {
+            send(&mut w, KIND_REQ, k as u64, &[])
+                .map_err(|e| SnapError::io("post-copy recovery", e))?;
+        }
+        st.writer = Some(w);
+        self.sh.connections.fetch_add(1, Ordering::Relaxed);
+        self.sh.cv.notify_all();
+        drop(st);
+        spawn_receiver(&self.sh, r, g)?;
+        if let Some(ev) = lock(&self.sh.events).as_ref() {
+            ev(TargetEvent::Recovered);
+        }
+        Ok(())
+    }
+
+    /// Waits until chunk `k` is here (asking for it once); what it holds.
+    fn wait_for(&self, k: usize) -> io::Result<Option<Vec<u8>>> {
+        let mut st = lock(&self.sh.st);
+        loop {
+            if let Some(why) = &st.failed {
+                return Err(io::Error::other(why.clone()));
+            }
+            match std::mem::replace(&mut st.slots[k], Slot::Taken) {
+                Slot::Arrived(d) => {
+                    st.staged -= d.len() as u64;
+                    self.sh.cv.notify_all();
+                    return Ok(Some(d));
+                }
+                Slot::Zero => {
+                    st.slots[k] = Slot::Zero;
+                    return Ok(None);
+                }
+                Slot::Taken => return Err(io::Error::other(format!("chunk {k} was placed twice"))),
+                // On its way in order, or asked for by `want`.
+                other @ (Slot::Absent | Slot::Requested) => st.slots[k] = other,
+            }
+            st = self.sh.cv.wait(st).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    fn chunk_index(&self, offset: u64, len: u64) -> io::Result<usize> {
+        match chunk_at(&self.sh.layout, offset) {
+            Some((k, start, l)) if start == offset && l == len => Ok(k),
+            _ => Err(io::Error::other(format!(
+                "{len} bytes at {offset:#x} are not one chunk of guest RAM"
+            ))),
+        }
+    }
+}
+
+impl Drop for RemotePages {
+    /// The migration goes away with its pages: the connection closes.
+    fn drop(&mut self) {
+        self.fail("the live migration was stopped");
+    }
+}
+
+impl PageSource for RemotePages {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let k = self.chunk_index(offset, buf.len() as u64)?;
+        match self.wait_for(k)? {
+            None => buf.fill(0),
+            Some(d) => {
+                let mut p = BITMAP;
+                for (i, page) in buf.chunks_mut(PAGE_SIZE as usize).enumerate() {
+                    if d[i / 8] & (1 << (i % 8)) != 0 {
+                        page.copy_from_slice(&d[p..p + PAGE_SIZE as usize]);
+                        p += PAGE_SIZE as usize;
+                    } else {
+                        page.fill(0);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits for the chunk: an all-zero one is a hole (the zero page).
+    fn is_hole(&self, offset: u64, len: u64) -> bool {
+        let Ok(k) = self.chunk_index(offset, len) else {
+            return false;
+        };
+        let mut st = lock(&self.sh.st);
+        loop {
+            match &st.slots[k] {
+                Slot::Zero => return true,
+                Slot::Arrived(_) | Slot::Taken => return false,
+                _ if st.failed.is_some() => return false,
+                Slot::Absent | Slot::Requested => {}
+            }
+            st = self.sh.cv.wait(st).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    fn cancel(&self) {
+        self.fail("the live migration was stopped");
+    }
+
+    fn pushes(&self) -> bool {
+        true
+    }
+
+    fn next_arrived(&self) -> Option<u64> {
+        let mut st = lock(&self.sh.st);
+        loop {
+            if st.failed.is_some() {
+                return None;
+            }
+            while let Some(k) = st.arrivals.pop_front() {
+                if matches!(st.slots[k], Slot::Arrived(_) | Slot::Zero) {
+                    return chunk_offset(&self.sh.layout, k);
+                }
+            }
+            if st.received == st.slots.len() as u64 {
+                return None;
+            }
+            st = self.sh.cv.wait(st).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    /// Asks the source for a chunk a thread waits on, ahead of the order.
+    fn want(&self, offset: u64, len: u64) {
+        let Ok(k) = self.chunk_index(offset, len) else {
+            return;
+        };
+        let mut st = lock(&self.sh.st);
+        if matches!(st.slots[k], Slot::Absent) {
+            tracing::debug!(
+                chunk = k,
+                offset,
+                "post-copy: asking for a chunk a thread waits on"
+            );
+            // Without a connection, `recover` asks again for what is Requested.
+            st.slots[k] = Slot::Requested;
+            self.sh.requests.fetch_add(1, Ordering::Relaxed);
+            if let Some(w) = st.writer.as_mut() {
+                if send(w, KIND_REQ, k as u64, &[]).is_err() {
+                    if let Some(w) = st.writer.take() {
+                        shutdown(&w);
+                    }
+                }
+            }
+        }
+    }
+}
