@@ -30,7 +30,7 @@ struct RecvState {
     failed: Option<String>,
     staged: u64,
     received: u64,
-    /// Every page is here (DONE is owed to the source until `done_sent`).
+    /// Every page is placed (DONE is owed to the source until `done_sent`).
     done: bool,
     done_sent: bool,
     /// Chunks in the order they arrived, for the prefetch.
@@ -41,6 +41,8 @@ struct RecvShared {
     layout: Vec<ImageRange>,
     id: [u8; 16],
     precopy: PrecopyFigures,
+    /// Pre-copied chunks dropped at the switch, freed once RAM is filled.
+    garbage: Mutex<Vec<Slot>>,
     st: Mutex<RecvState>,
     cv: Condvar,
     events: Mutex<Option<TargetEvents>>,
@@ -94,6 +96,10 @@ pub fn receive_switch_from<R: Read + Send + 'static>(
     // Chunks of a pre-copy pass (sent with the guest running, before the state).
     let mut slots: Vec<Slot> = (0..n).map(|_| Slot::Absent).collect();
     let (mut pre_bytes, mut dropped) = (0u64, 0u64);
+    // Dropped chunks are freed once RAM is filled, not now: unmapping them
+    // holds the process's memory map lock for milliseconds, which the
+    // switch (building the VM) and the fill's faults wait on.
+    let mut garbage: Vec<Slot> = Vec::new();
     let id = loop {
         let (kind, off, data) = read_record(&mut r, MAX_RECORD)?
             .ok_or_else(|| broken("it ends before the switch: truncated"))?;
@@ -128,7 +134,7 @@ pub fn receive_switch_from<R: Read + Send + 'static>(
             KIND_STALE if data.len() == n.div_ceil(8) => {
                 for (k, s) in slots.iter_mut().enumerate() {
                     if data[k / 8] & (1 << (k % 8)) != 0 && !matches!(s, Slot::Absent) {
-                        *s = Slot::Absent;
+                        garbage.push(std::mem::replace(s, Slot::Absent));
                         dropped += 1;
                     }
                 }
@@ -163,6 +169,7 @@ pub fn receive_switch_from<R: Read + Send + 'static>(
     let sh = Arc::new(RecvShared {
         layout: layout.ranges.clone(),
         id,
+        garbage: Mutex::new(garbage),
         precopy: PrecopyFigures {
             chunks_kept: arrivals.len() as u64,
             chunks_dropped: dropped,
@@ -253,6 +260,14 @@ fn target_reader<R: Read>(sh: &RecvShared, mut r: BufReader<R>, g: u64) {
                         st.slots[k] = Slot::Arrived(data);
                     }
                     sh.cv.notify_all();
+                    // Every chunk is here (some still to be placed): the
+                    // source may let go now rather than after the placing.
+                    if st.received == st.slots.len() as u64 {
+                        if tell_done(&mut st) {
+                            return;
+                        }
+                        break "cannot tell the source every page is here".into();
+                    }
                 }
             }
             KIND_END => {}
@@ -271,8 +286,11 @@ fn target_reader<R: Read>(sh: &RecvShared, mut r: BufReader<R>, g: u64) {
         .slots
         .iter()
         .all(|s| !matches!(s, Slot::Absent | Slot::Requested));
+    let told = st.done_sent;
     drop(st);
-    if !complete {
+    // Paused until a recovery: for the pages still missing, or to tell
+    // the source it may let go.
+    if !complete || !told {
         if let Some(ev) = lock(&sh.events).as_ref() {
             ev(TargetEvent::Paused(why));
         }
@@ -362,24 +380,24 @@ impl RemotePages {
         self.sh
             .requests_before_switch
             .store(before, Ordering::Relaxed);
-        self.say(KIND_RUNNING, 0, &[])
+        self.say(KIND_RUNNING, 0, &[])?;
+        // A pre-copy pass may have brought everything: the source may let go.
+        let mut st = lock(&self.sh.st);
+        if st.received == st.slots.len() as u64 {
+            tell_done(&mut st);
+        }
+        Ok(())
     }
 
     /// Every page is here: the source may let go. Returns whether the
     /// source was told; if not, the connection is down ([`TargetEvent::Paused`]
     /// follows) and a recovery tells it.
     pub fn done(&self) -> bool {
-        lock(&self.sh.st).done = true;
-        if self.say(KIND_DONE, 0, &[]).is_err() {
-            return false;
-        }
+        let garbage = std::mem::take(&mut *lock(&self.sh.garbage));
+        drop(garbage);
         let mut st = lock(&self.sh.st);
-        st.done_sent = true;
-        st.generation += 1;
-        if let Some(w) = st.writer.take() {
-            shutdown(&w);
-        }
-        true
+        st.done = true;
+        tell_done(&mut st)
     }
 
     /// Whether the source has been told every page is here.
@@ -488,8 +506,15 @@ impl RemotePages {
         st.writer = Some(w);
         self.sh.connections.fetch_add(1, Ordering::Relaxed);
         self.sh.cv.notify_all();
+        // Everything came before the link broke: only DONE was owed.
+        let all_here = st.done || st.received == n as u64;
+        if all_here && !tell_done(&mut st) {
+            return Err(broken("cannot tell the source every page is here"));
+        }
         drop(st);
-        spawn_receiver(&self.sh, r, g)?;
+        if !all_here {
+            spawn_receiver(&self.sh, r, g)?;
+        }
         if let Some(ev) = lock(&self.sh.events).as_ref() {
             ev(TargetEvent::Recovered);
         }
@@ -529,6 +554,27 @@ impl RemotePages {
             ))),
         }
     }
+}
+
+/// Tells the source every page is here (once): it may let go. The
+/// connection then closes. False if it cannot be told now (the connection
+/// is down: a recovery tells it).
+fn tell_done(st: &mut RecvState) -> bool {
+    if st.done_sent {
+        return true;
+    }
+    let Some(w) = st.writer.as_mut() else {
+        return false;
+    };
+    let r = send(w, KIND_DONE, 0, &[]);
+    if r.is_ok() {
+        st.done_sent = true;
+        st.generation += 1;
+    }
+    if let Some(w) = st.writer.take() {
+        shutdown(&w);
+    }
+    r.is_ok()
 }
 
 impl Drop for RemotePages {

@@ -448,6 +448,9 @@ impl Controller {
 
     fn complete_incoming(&mut self) {
         if let Some(j) = self.migration.job.as_mut() {
+            if j.status() == Status::Completed {
+                return;
+            }
             j.total_time = Some(j.started_elapsed());
         }
         let _ = self.migration.set_status(Status::Completed, &self.events);

@@ -390,9 +390,9 @@ fn live(ctx: &Ctx, method: &str, with_defer: bool) {
     late.exit_code(T);
 }
 
-/// A Linux guest rewriting memory live-migrates (post-copy, over a unix
-/// socket) to a target waiting with `--incoming defer`: it goes on there, the
-/// source ends `postmigrate`. Then the target streams a live snapshot through
+/// A Linux guest rewriting memory live-migrates (a pre-copy pass, then
+/// post-copy, over a unix socket) to a target waiting with `--incoming
+/// defer`: it goes on there, the source ends `postmigrate`. Then the target streams a live snapshot through
 /// `gzip` (`exec:`), restored from `gzip -dc` in a third process.
 fn live_migration(ctx: &Ctx) {
     let mut src = ctx.linux("src", "256M", "2", "mem", &[]);
@@ -424,6 +424,25 @@ fn live_migration(ctx: &Ctx) {
     // async-PF pages: they came with the state, nothing was fetched in the pause.
     let m = qd.ok("query-migrate", json!({}));
     assert_eq!(m["x-postcopy-target"]["requests-before-switch"], 0, "{m}");
+    // A pre-copy pass (the default) went first, with the guest running: the
+    // target kept what the guest did not write since, and the source sent
+    // again exactly the rest.
+    let ms = qs.ok("query-migrate", json!({}));
+    let (pre, t) = (&ms["x-precopy"], &m["x-postcopy-target"]);
+    let n = |v: &serde_json::Value| v.as_u64().unwrap_or_else(|| panic!("{ms} {m}"));
+    let (kept, dropped) = (
+        n(&t["precopy-chunks-kept"]),
+        n(&t["precopy-chunks-dropped"]),
+    );
+    assert!(n(&pre["chunks-sent"]) > 0, "{ms}");
+    assert_eq!(kept + dropped, n(&pre["chunks-sent"]), "{ms} {m}");
+    assert_eq!(dropped, n(&pre["chunks-rewritten"]), "{ms} {m}");
+    let pc = &ms["x-postcopy"];
+    assert_eq!(
+        n(&pc["chunks-pushed"]) + n(&pc["chunks-requested"]),
+        n(&pc["chunks"]) - kept,
+        "{ms}"
+    );
     qs.ok("quit", json!({}));
     src.exit_code(T);
 
