@@ -12,23 +12,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
-use common::{fill_dense, Mem};
+use common::{fill_dense, uffd_missing_ok, Mem};
 use livesnap::lazy::{start_lazy_fill, FillStats, PageSource, CHUNK};
 use livesnap::ImageRange;
 
 const LEN: usize = 32 << 20;
 /// Where RAM starts in the source file (as in an image, after its header).
 const OFFSET: u64 = 2 << 20;
-
-fn supported() -> bool {
-    match livesnap::uffd::Uffd::new_missing() {
-        Ok(_) => true,
-        Err(e) => {
-            eprintln!("skipped: no userfaultfd here: {e}");
-            false
-        }
-    }
-}
 
 /// A source that is slow (so that threads touching RAM fault before the
 /// prefetch reaches them) and counts its reads.
@@ -123,7 +113,7 @@ fn image_range(mem: &Ram) -> (livesnap::RamRange, ImageRange) {
 
 #[test]
 fn threads_touching_ram_see_the_source_whoever_fills_it() {
-    if !supported() {
+    if !uffd_missing_ok() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -189,7 +179,7 @@ fn threads_touching_ram_see_the_source_whoever_fills_it() {
 
 #[test]
 fn a_source_that_fails_is_reported() {
-    if !supported() {
+    if !uffd_missing_ok() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -240,7 +230,7 @@ impl PageSource for Generated {
 
 #[test]
 fn any_page_source_serves_a_restore() {
-    if !supported() {
+    if !uffd_missing_ok() {
         return;
     }
     let mem = Ram::new();
@@ -260,7 +250,7 @@ fn any_page_source_serves_a_restore() {
 
 #[test]
 fn memory_touched_before_the_restore_is_an_error_not_a_silent_mix() {
-    if !supported() {
+    if !uffd_missing_ok() {
         return;
     }
     let mut mem = Ram::new();

@@ -6,32 +6,16 @@
 mod common;
 
 use std::os::fd::OwnedFd;
-use std::os::unix::net::UnixStream;
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{fill_dense, fill_sparse, Mem};
+use common::{fill_dense, fill_sparse, socket_pair, uffd_missing_ok, Mem};
 use livesnap::lazy::start_lazy_fill;
 use livesnap::postcopy::{receive_switch, PostcopySender, SourceEvent, TargetEvent};
 
 const MIB: usize = 1 << 20;
 const T: Duration = Duration::from_secs(60);
-
-fn pair() -> (OwnedFd, OwnedFd) {
-    let (a, b) = UnixStream::pair().unwrap();
-    (OwnedFd::from(a), OwnedFd::from(b))
-}
-
-fn uffd_ok() -> bool {
-    match livesnap::uffd::Uffd::new_missing() {
-        Ok(_) => true,
-        Err(e) => {
-            eprintln!("skipped: no userfaultfd here: {e}");
-            false
-        }
-    }
-}
 
 /// Starts filling `ranges` from the switch's pages; the fill and where its
 /// outcome arrives.
@@ -88,14 +72,14 @@ fn sender_of(
 
 #[test]
 fn the_target_gets_every_page_faulted_chunks_first() {
-    if !uffd_ok() {
+    if !uffd_missing_ok() {
         return;
     }
     let len = 64 * MIB;
     let mut src = Mem::new(len);
     fill_sparse(src.bytes_mut(), 3, 5);
     fill_dense(&mut src.words_mut()[(8 * MIB) / 8..(16 * MIB) / 8], 9);
-    let (a, b) = pair();
+    let (a, b) = socket_pair();
     let (s, events) = sender(a, &src, len);
     let sw = receive_switch(b).unwrap();
     assert_eq!(sw.device_state, b"device state");
@@ -136,7 +120,7 @@ fn the_target_gets_every_page_faulted_chunks_first() {
 fn a_break_before_the_switch_gives_the_guest_back() {
     let len = 8 * MIB;
     let src = Mem::new(len);
-    let (a, b) = pair();
+    let (a, b) = socket_pair();
     let (_s, events) = sender(a, &src, len);
     let sw = receive_switch(b).unwrap();
     // The target dies before it runs the guest.
@@ -149,14 +133,14 @@ fn a_break_before_the_switch_gives_the_guest_back() {
 
 #[test]
 fn a_break_after_the_switch_pauses_and_a_new_connection_carries_on() {
-    if !uffd_ok() {
+    if !uffd_missing_ok() {
         return;
     }
     // More than the target stages: the source cannot finish before the break.
     let len = 512 * MIB;
     let mut src = Mem::new(len);
     fill_dense(src.words_mut(), 3);
-    let (a, b) = pair();
+    let (a, b) = socket_pair();
     let (s, events) = sender(a, &src, len);
     let b2 = b.try_clone().unwrap();
     let sw = receive_switch(b).unwrap();
@@ -198,7 +182,7 @@ fn a_break_after_the_switch_pauses_and_a_new_connection_carries_on() {
     );
     fill.go();
     // Recovery on a new connection.
-    let (a2, b2) = pair();
+    let (a2, b2) = socket_pair();
     s.resume(a2).unwrap();
     sw.pages.recover(b2).unwrap();
     assert!(matches!(
@@ -222,7 +206,7 @@ fn a_break_after_the_switch_pauses_and_a_new_connection_carries_on() {
 
 #[test]
 fn a_target_that_is_not_one_is_refused_at_the_switch() {
-    let (a, b) = pair();
+    let (a, b) = socket_pair();
     drop(a);
     assert!(receive_switch(b).is_err());
     let _ = Arc::new(0);
@@ -232,14 +216,14 @@ fn a_target_that_is_not_one_is_refused_at_the_switch() {
 /// mappings need not be in the order of the image's.
 #[test]
 fn two_ranges_in_any_host_order() {
-    if !uffd_ok() {
+    if !uffd_missing_ok() {
         return;
     }
     let (a1, a2) = (Mem::new(6 * MIB), Mem::new(4 * MIB));
     let (mut a1, mut a2) = (a1, a2);
     fill_dense(a1.words_mut(), 1);
     fill_sparse(a2.bytes_mut(), 2, 3);
-    let (x, y) = pair();
+    let (x, y) = socket_pair();
     let (_s, events) = sender_of(
         x,
         &[a1.range(0, 6 * MIB, 0), a2.range(0, 4 * MIB, 4 << 30)],
@@ -285,13 +269,13 @@ fn two_ranges_in_any_host_order() {
 /// even before the switch.
 #[test]
 fn ram_touched_before_the_switch_arrives() {
-    if !uffd_ok() {
+    if !uffd_missing_ok() {
         return;
     }
     let len = 16 * MIB;
     let mut src = Mem::new(len);
     fill_dense(src.words_mut(), 4);
-    let (a, b) = pair();
+    let (a, b) = socket_pair();
     let (_s, events) = sender(a, &src, len);
     let sw = receive_switch(b).unwrap();
     let dst = Mem::new(len);
@@ -322,7 +306,7 @@ fn ram_touched_before_the_switch_arrives() {
 /// chunks are later filled around them.
 #[test]
 fn early_pages_are_there_before_the_switch_and_their_chunks_around_them() {
-    if !uffd_ok() {
+    if !uffd_missing_ok() {
         return;
     }
     let len = 8 * MIB;
@@ -337,7 +321,7 @@ fn early_pages_are_there_before_the_switch_and_their_chunks_around_them() {
         (5 * MIB + 8192) as u64,
         (7 * MIB + 4096) as u64,
     ];
-    let (a, b) = pair();
+    let (a, b) = socket_pair();
     let (_s, events) = sender_of(a, &[src.range(0, len, 0)], b"s", &early);
     let sw = receive_switch(b).unwrap();
     assert_eq!(sw.early.len(), 3);

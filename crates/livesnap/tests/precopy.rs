@@ -7,12 +7,11 @@
 mod common;
 
 use std::os::fd::OwnedFd;
-use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
-use common::{fill_sparse, Mem};
+use common::{fill_sparse, socket_pair, uffd_missing_ok, Mem};
 use livesnap::lazy::start_lazy_fill;
 use livesnap::postcopy::{receive_switch, PostcopySender, SourceEvent, Switch};
 use livesnap::precopy::{Precopy, PrecopyEnd, PrecopyEvent, WriteLog};
@@ -20,21 +19,6 @@ use livesnap::precopy::{Precopy, PrecopyEnd, PrecopyEvent, WriteLog};
 const MIB: usize = 1 << 20;
 const CHUNK: usize = 2 * MIB;
 const T: Duration = Duration::from_secs(60);
-
-fn pair() -> (OwnedFd, OwnedFd) {
-    let (a, b) = UnixStream::pair().unwrap();
-    (OwnedFd::from(a), OwnedFd::from(b))
-}
-
-fn uffd_ok() -> bool {
-    match livesnap::uffd::Uffd::new_missing() {
-        Ok(_) => true,
-        Err(e) => {
-            eprintln!("skipped: no userfaultfd here: {e}");
-            false
-        }
-    }
-}
 
 /// The record a write-protect engine keeps: a chunk is marked before the
 /// write to it lands.
@@ -184,7 +168,7 @@ fn finish_migration(
 
 #[test]
 fn chunks_written_after_they_were_sent_are_sent_again_and_nothing_else() {
-    if !uffd_ok() {
+    if !uffd_missing_ok() {
         return;
     }
     let len = 64 * MIB;
@@ -194,7 +178,7 @@ fn chunks_written_after_they_were_sent_are_sent_again_and_nothing_else() {
     let stop = Arc::new(AtomicBool::new(false));
     let written = vec![3, 10, 31];
     let g = guest(&src, &log, written.clone(), &stop);
-    let (a, b) = pair();
+    let (a, b) = socket_pair();
     let target = std::thread::spawn(move || receive_switch(b));
     let (pass, events) = start_pass(a, &src, &log, len as u64);
     match events.recv_timeout(T).unwrap() {
@@ -231,14 +215,14 @@ fn chunks_written_after_they_were_sent_are_sent_again_and_nothing_else() {
 
 #[test]
 fn a_guest_that_rewrites_what_was_sent_ends_the_pass_early() {
-    if !uffd_ok() {
+    if !uffd_missing_ok() {
         return;
     }
     let len = 64 * MIB;
     let mut src = Mem::new(len);
     fill_sparse(src.bytes_mut(), 2, 9);
     let log = Log::new(&src, true);
-    let (a, b) = pair();
+    let (a, b) = socket_pair();
     let target = std::thread::spawn(move || receive_switch(b));
     let (pass, events) = start_pass(a, &src, &log, 4 * MIB as u64);
     match events.recv_timeout(T).unwrap() {
@@ -258,14 +242,14 @@ fn a_guest_that_rewrites_what_was_sent_ends_the_pass_early() {
 
 #[test]
 fn switch_now_ends_the_pass_and_a_lost_target_fails_it() {
-    if !uffd_ok() {
+    if !uffd_missing_ok() {
         return;
     }
     let len = 64 * MIB;
     let mut src = Mem::new(len);
     fill_sparse(src.bytes_mut(), 1, 3);
     let log = Log::new(&src, false);
-    let (a, b) = pair();
+    let (a, b) = socket_pair();
     // Nobody reads yet: the pass blocks on a full socket, then is told to end.
     let (pass, events) = start_pass(a, &src, &log, len as u64);
     std::thread::sleep(Duration::from_millis(100));
@@ -282,7 +266,7 @@ fn switch_now_ends_the_pass_and_a_lost_target_fails_it() {
     assert_eq!(sw.pages.figures().precopy.chunks_kept, sent);
 
     // A target that goes away mid-pass: the pass reports it failed.
-    let (a, b) = pair();
+    let (a, b) = socket_pair();
     let (pass, events) = start_pass(a, &src, &log, len as u64);
     drop(b);
     match events.recv_timeout(T).unwrap() {
@@ -291,7 +275,7 @@ fn switch_now_ends_the_pass_and_a_lost_target_fails_it() {
     }
     drop(pass);
     // Dropped (cancelled) mid-pass: it ends without a word.
-    let (a, _b) = pair();
+    let (a, _b) = socket_pair();
     let (pass, events) = start_pass(a, &src, &log, len as u64);
     drop(pass);
     assert!(events.recv_timeout(Duration::from_millis(500)).is_err());

@@ -137,3 +137,21 @@ pub fn same_bytes_but_identity(a: &[u8], b: &[u8]) -> bool {
     }
     x == y
 }
+
+/// A connected unix socket pair, as two owned descriptors.
+pub fn socket_pair() -> (std::os::fd::OwnedFd, std::os::fd::OwnedFd) {
+    let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+    (a.into(), b.into())
+}
+
+/// Whether this kernel gives userfaultfd in missing mode (a test that needs
+/// it says it is skipped when not).
+pub fn uffd_missing_ok() -> bool {
+    match livesnap::uffd::Uffd::new_missing() {
+        Ok(_) => true,
+        Err(e) => {
+            eprintln!("skipped: no userfaultfd here: {e}");
+            false
+        }
+    }
+}
