@@ -12,7 +12,8 @@
 //!
 //! A pass that the guest overtakes only costs link time: once the chunks it
 //! sent and the guest wrote again pass a budget, it stops and the rest goes
-//! by post-copy. So bytes sent stay below RAM plus the budget.
+//! by post-copy. So what is sent twice is about the budget, plus what the
+//! guest rewrites while the link drains the pass.
 //!
 //! Before it reports, the pass waits (guest still running, at most
 //! [`DRAIN_WAIT`]) until the connection has delivered what was written:
@@ -28,7 +29,7 @@ use std::time::{Duration, Instant};
 use crate::capture::lock;
 use crate::error::{Result, SnapError};
 use crate::postcopy::{chunks_of, write_chunk};
-use crate::stream::{encode_stream_header, FLAG_LIVE};
+use crate::stream::{encode_stream_header, FLAG_LIVE, FLAG_PRECOPY};
 use crate::RamRange;
 
 /// Which chunks of guest RAM were written since a mark.
@@ -129,7 +130,7 @@ impl Precopy {
         events: Box<dyn Fn(PrecopyEvent) + Send + Sync>,
     ) -> Result<Precopy> {
         let (chunks, layout, image_len) = chunks_of(ranges)?;
-        let header = encode_stream_header(image_len, &layout, FLAG_LIVE);
+        let header = encode_stream_header(image_len, &layout, FLAG_LIVE | FLAG_PRECOPY);
         let n = chunks.len();
         let sh = Arc::new(Shared {
             sock,
@@ -180,6 +181,8 @@ impl Precopy {
     /// After [`PrecopyEvent::Ready`], with the guest paused for good: the
     /// connection and what the pass sent, for the post-copy phase.
     pub fn finish(mut self) -> Result<PrecopyDone> {
+        // Called early by mistake, the pass still ends promptly.
+        self.sh.switch_now.store(true, Ordering::Release);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -215,17 +218,15 @@ fn run(sh: &Shared, header: &[u8]) -> io::Result<PrecopyEnd> {
     let c = &sh.counters;
     let mut buf = vec![0u8; crate::image::INCR_CHUNK as usize];
     let mut end = PrecopyEnd::AllSent;
+    // How often the budget is checked (each check reads the whole log).
+    let every = (sh.chunks.len() / 128).max(8);
     for (k, &(host, len)) in sh.chunks.iter().enumerate() {
         if sh.switch_now.load(Ordering::Acquire) {
             end = PrecopyEnd::Asked;
             break;
         }
         let b = &mut buf[..len as usize];
-        // SAFETY: the chunk lies in a RamRange the caller of `start` keeps
-        // mapped. The guest may be writing it: the copy may be torn, which
-        // is harmless — the write is in the log, so the target drops this
-        // copy. The record is built from `buf`, which nothing else changes.
-        unsafe { std::ptr::copy_nonoverlapping(host as *const u8, b.as_mut_ptr(), b.len()) };
+        copy_live(host, b);
         let (bytes, zero) = write_chunk(&mut f, k, b)?;
         lock(&sh.sent)[k] = true;
         c.chunks_sent.fetch_add(1, Ordering::Relaxed);
@@ -233,7 +234,7 @@ fn run(sh: &Shared, header: &[u8]) -> io::Result<PrecopyEnd> {
         if zero {
             c.zero_chunks.fetch_add(1, Ordering::Relaxed);
         }
-        if k % 8 == 7 && rewritten(sh, k + 1) >= sh.budget {
+        if k % every == every - 1 && rewritten(sh, k + 1) >= sh.budget {
             end = PrecopyEnd::Overtaken;
             break;
         }
@@ -244,6 +245,21 @@ fn run(sh: &Shared, header: &[u8]) -> io::Result<PrecopyEnd> {
         .store(t.elapsed().as_micros() as u64, Ordering::Relaxed);
     rewritten(sh, sh.chunks.len());
     Ok(end)
+}
+
+/// Copies guest memory at `host` that the guest may be writing meanwhile
+/// into `buf` (volatile reads, 8 bytes at a time: the copy may be torn,
+/// which is harmless — such a write is in the log, so the target drops this
+/// copy; the record is then built from `buf`, which nothing else changes).
+fn copy_live(host: u64, buf: &mut [u8]) {
+    let src = host as *const u64;
+    for (i, out) in buf.chunks_exact_mut(8).enumerate() {
+        // SAFETY: `host..host + buf.len()` is a chunk of a RamRange the
+        // caller of `Precopy::start` keeps mapped; chunks start page-aligned
+        // and are whole pages long, so every 8-byte read is aligned and in it.
+        let v = unsafe { src.add(i).read_volatile() };
+        out.copy_from_slice(&v.to_ne_bytes());
+    }
 }
 
 /// Chunks among the first `upto` that were sent and written since.

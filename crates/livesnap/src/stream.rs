@@ -34,6 +34,9 @@ pub(crate) const RECORD_HEAD: usize = 24;
 pub(crate) const FLAG_LIVE: u32 = 1;
 /// Stream flag: a live migration resumed on a new connection.
 pub(crate) const FLAG_RESUME: u32 = 2;
+/// Stream flag: a live migration whose RAM starts coming before the state
+/// (a pre-copy pass: `crate::precopy`); readers without it refuse the header.
+pub(crate) const FLAG_PRECOPY: u32 = 4;
 const FIXED_HEAD: usize = 32;
 const RANGE_ENTRY: usize = 24;
 /// Longest abort reason carried.
@@ -181,6 +184,8 @@ pub struct StreamLayout {
     pub live: bool,
     /// A live migration continuing on a new connection.
     pub resume: bool,
+    /// A live migration that starts with a pre-copy pass.
+    pub precopy: bool,
 }
 
 impl StreamLayout {
@@ -253,7 +258,9 @@ impl<R: Read> StreamReader<R> {
         }
         fill(&mut input, &mut fixed[12..], "the stream header")?;
         let flags = get32(&fixed, 12);
-        if flags & !(FLAG_LIVE | FLAG_RESUME) != 0 || flags == FLAG_RESUME {
+        if flags & !(FLAG_LIVE | FLAG_RESUME | FLAG_PRECOPY) != 0
+            || (flags & FLAG_LIVE == 0 && flags != 0)
+        {
             return Err(corrupt(format!("unknown stream flags {flags:#x}")));
         }
         let image_len = get64(&fixed, 16);
@@ -298,6 +305,7 @@ impl<R: Read> StreamReader<R> {
             image_len,
             live: flags & FLAG_LIVE != 0,
             resume: flags & FLAG_RESUME != 0,
+            precopy: flags & FLAG_PRECOPY != 0,
         };
         Ok((
             StreamReader {

@@ -167,6 +167,16 @@ impl WpEngine {
     /// ([`crate::precopy::WriteLog`]).
     pub fn mark(&self) -> Result<()> {
         let e = &self.shared;
+        if !e.uffd.protects_unpopulated() {
+            // The protection skips never-touched pages, whose first write
+            // would then go unrecorded: map them (for reading: the zero
+            // page) first. Pages do not become untouched again.
+            for r in &e.ranges {
+                // SAFETY: the range is mapped (RamRange's contract).
+                unsafe { crate::uffd::populate(r.host as u64, r.len) }
+                    .map_err(|err| SnapError::io("populate guest RAM", err))?;
+            }
+        }
         let _g = lock(&e.cut_lock);
         for m in &e.marked {
             m.store(false, Ordering::Relaxed);

@@ -284,7 +284,8 @@ fn switch_now_ends_the_pass_and_a_lost_target_fails_it() {
 #[test]
 fn the_write_protect_engine_records_writes_since_its_mark() {
     let mut mem = Mem::new(16 * MIB);
-    fill_sparse(mem.bytes_mut(), 1, 7);
+    // Chunks 0-3 hold data; 4-7 were never touched (no pages behind them).
+    fill_sparse(&mut mem.bytes_mut()[..8 * MIB], 1, 7);
     let engine = match livesnap::wp_capture::WpEngine::new(&[mem.range(0, 16 * MIB, 0)]) {
         Ok(e) => e,
         Err(e) => {
@@ -297,19 +298,23 @@ fn the_write_protect_engine_records_writes_since_its_mark() {
     assert!(engine.written(base));
     engine.mark().unwrap();
     assert!((0..8).all(|k| !engine.written(base + (k * CHUNK) as u64)));
-    // Two writes, each the first to its chunk since the mark: recorded
-    // before they land (the fault handler lets them through).
-    mem.bytes_mut()[5 * CHUNK + 17] ^= 0xff;
-    mem.bytes_mut()[7 * CHUNK + CHUNK - 1] ^= 0xff;
+    // First writes since the mark, recorded before they land (the fault
+    // handler lets them through): to data, to a never-touched page, and to
+    // a never-touched page read first (the zero page mapped).
+    mem.bytes_mut()[CHUNK + 17] ^= 0xff;
+    mem.bytes_mut()[5 * CHUNK + 4096 * 3] = 1;
+    assert_eq!(mem.bytes()[7 * CHUNK + 64], 0);
+    mem.bytes_mut()[7 * CHUNK + 64] = 2;
     for k in 0..8 {
         let w = engine.written(base + (k * CHUNK + 4096) as u64);
-        assert_eq!(w, k == 5 || k == 7, "chunk {k}");
+        assert_eq!(w, [1, 5, 7].contains(&k), "chunk {k}");
     }
     // Outside guest RAM errs towards written.
     assert!(engine.written(base + 64 * MIB as u64));
     // A new mark starts over.
     engine.mark().unwrap();
     assert!(!engine.written(base + (5 * CHUNK) as u64));
-    mem.bytes_mut()[2 * CHUNK] ^= 1;
-    assert!(engine.written(base + (2 * CHUNK) as u64));
+    mem.bytes_mut()[6 * CHUNK + 9] = 3;
+    assert!(engine.written(base + (6 * CHUNK) as u64));
+    assert!(!engine.written(base + (2 * CHUNK) as u64));
 }

@@ -50,6 +50,9 @@ struct SendState {
     switched: bool,
     /// Completed, failed before the switch, or stopped.
     ended: bool,
+    /// A write on this connection failed: it is shut down, and its reader
+    /// (which may still hold the target's DONE) decides what happened.
+    broken: Option<String>,
 }
 
 struct SendShared {
@@ -200,6 +203,7 @@ impl PostcopySender {
                 end_sent: false,
                 switched: false,
                 ended: false,
+                broken: None,
             }),
             cv: Condvar::new(),
             events,
@@ -332,6 +336,7 @@ fn attach(sh: &Arc<SendShared>, sock: OwnedFd, first: bool) -> Result<()> {
         st.conn = Some((st.generation, sock));
         st.head_pending = true;
         st.end_sent = false;
+        st.broken = None;
         sh.cv.notify_all();
         st.generation
     };
@@ -353,6 +358,7 @@ fn lost(sh: &SendShared, g: u64, why: String) {
     if let Some((_, c)) = st.conn.take() {
         shutdown(&c);
     }
+    let why = st.broken.take().unwrap_or(why);
     let ev = if st.switched {
         SourceEvent::Paused(why)
     } else {
@@ -412,6 +418,10 @@ fn source_reader(sh: &SendShared, r: File, g: u64, first: bool) {
                 st.end_sent = false;
                 sh.cv.notify_all();
             }
+            KIND_DONE if !st.switched => {
+                drop(st);
+                break "the target said it had every page before it ran the guest".into();
+            }
             KIND_DONE => {
                 st.ended = true;
                 if let Some((_, c)) = st.conn.take() {
@@ -444,7 +454,8 @@ fn next_job(sh: &SendShared) -> Option<Job> {
         if st.ended {
             return None;
         }
-        if let Some((g, c)) = &st.conn {
+        // After a failed write, nothing more on that connection.
+        if let Some((g, c)) = st.conn.as_ref().filter(|_| st.broken.is_none()) {
             let (g, file) = (*g, c.try_clone().map(File::from));
             let Ok(file) = file else {
                 drop(st);
@@ -511,8 +522,22 @@ fn push(sh: &SendShared) {
             }
         };
         if let Err(e) = r {
-            lost(sh, g, format!("cannot send to the target: {e}"));
+            write_failed(sh, g, format!("cannot send to the target: {e}"));
         }
+    }
+}
+
+/// A write on connection `g` failed. The target may have said DONE and
+/// closed just before (its DONE then waits in our receive buffer): the
+/// reader, woken by the shutdown, reads what is there and decides.
+fn write_failed(sh: &SendShared, g: u64, why: String) {
+    let mut st = lock(&sh.st);
+    match &st.conn {
+        Some((cg, c)) if *cg == g && !st.ended => {
+            shutdown(c);
+            st.broken = Some(why);
+        }
+        _ => {}
     }
 }
 

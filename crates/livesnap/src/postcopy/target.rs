@@ -28,7 +28,12 @@ struct RecvState {
     generation: u64,
     /// The source gave up, or the migration was stopped: waiting is over.
     failed: Option<String>,
+    /// Bytes received after the switch and not yet placed.
     staged: u64,
+    /// Chunks that came by pre-copy (not counted in `staged`).
+    precopied: Vec<bool>,
+    /// RUNNING was sent: the source may be told DONE.
+    running: bool,
     received: u64,
     /// Every page is placed (DONE is owed to the source until `done_sent`).
     done: bool,
@@ -118,7 +123,7 @@ pub fn receive_switch_from<R: Read + Send + 'static>(
             {
                 early.push((off, data));
             }
-            KIND_CHUNK if state.is_empty() => {
+            KIND_CHUNK if layout.precopy && state.is_empty() => {
                 let k = off as usize;
                 if k >= n {
                     return Err(broken(format!("chunk {k} is not in guest RAM")));
@@ -159,13 +164,13 @@ pub fn receive_switch_from<R: Read + Send + 'static>(
     let arrivals: VecDeque<usize> = (0..n)
         .filter(|&k| !matches!(slots[k], Slot::Absent))
         .collect();
-    let staged = slots
+    // Pre-copied chunks wait to be placed too, but do not hold back what
+    // comes after the switch (a thread may wait for it): they are not
+    // `staged`. They take up to the guest's RAM until placed.
+    let precopied: Vec<bool> = slots
         .iter()
-        .map(|s| match s {
-            Slot::Arrived(d) => d.len() as u64,
-            _ => 0,
-        })
-        .sum();
+        .map(|s| matches!(s, Slot::Arrived(_)))
+        .collect();
     let sh = Arc::new(RecvShared {
         layout: layout.ranges.clone(),
         id,
@@ -180,7 +185,9 @@ pub fn receive_switch_from<R: Read + Send + 'static>(
             writer: Some(w),
             generation: 1,
             failed: None,
-            staged,
+            staged: 0,
+            precopied,
+            running: false,
             received: arrivals.len() as u64,
             done: false,
             done_sent: false,
@@ -261,8 +268,9 @@ fn target_reader<R: Read>(sh: &RecvShared, mut r: BufReader<R>, g: u64) {
                     }
                     sh.cv.notify_all();
                     // Every chunk is here (some still to be placed): the
-                    // source may let go now rather than after the placing.
-                    if st.received == st.slots.len() as u64 {
+                    // source may let go now rather than after the placing —
+                    // once it knows the guest runs here.
+                    if st.received == st.slots.len() as u64 && st.running {
                         if tell_done(&mut st) {
                             return;
                         }
@@ -381,8 +389,10 @@ impl RemotePages {
             .requests_before_switch
             .store(before, Ordering::Relaxed);
         self.say(KIND_RUNNING, 0, &[])?;
-        // A pre-copy pass may have brought everything: the source may let go.
         let mut st = lock(&self.sh.st);
+        st.running = true;
+        // Everything may be here already (a pre-copy pass, chunks asked for
+        // while the state loaded): the source may let go.
         if st.received == st.slots.len() as u64 {
             tell_done(&mut st);
         }
@@ -507,7 +517,7 @@ impl RemotePages {
         self.sh.connections.fetch_add(1, Ordering::Relaxed);
         self.sh.cv.notify_all();
         // Everything came before the link broke: only DONE was owed.
-        let all_here = st.done || st.received == n as u64;
+        let all_here = st.running && (st.done || st.received == n as u64);
         if all_here && !tell_done(&mut st) {
             return Err(broken("cannot tell the source every page is here"));
         }
@@ -530,7 +540,9 @@ impl RemotePages {
             }
             match std::mem::replace(&mut st.slots[k], Slot::Taken) {
                 Slot::Arrived(d) => {
-                    st.staged -= d.len() as u64;
+                    if !std::mem::take(&mut st.precopied[k]) {
+                        st.staged -= d.len() as u64;
+                    }
                     self.sh.cv.notify_all();
                     return Ok(Some(d));
                 }

@@ -24,8 +24,8 @@ pub enum AppEvent {
     FillDone(Result<livesnap::lazy::FillStats, String>),
     /// An incoming stream was read to its end (or failed).
     Incoming(Result<Box<super::incoming::Received>, String>),
-    /// A live migration's pre-copy pass reports (source).
-    Precopy(livesnap::precopy::PrecopyEvent),
+    /// A live migration's pre-copy pass (source; which one) reports.
+    Precopy(u64, livesnap::precopy::PrecopyEvent),
     /// A live migration's source side reports.
     PostcopySource(livesnap::postcopy::SourceEvent),
     /// A live migration's target side reports.

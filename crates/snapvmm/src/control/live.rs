@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use livesnap::postcopy::{PostcopySender, SourceEvent, TargetEvent};
 use livesnap::precopy::{Precopy, PrecopyEvent, WriteLog};
@@ -26,7 +27,7 @@ use crate::snapshot::migrate::{self as migration, Status};
 use crate::snapshot::transport::{self, Uri};
 
 /// A pre-copy pass gives up once the chunks it sent and the guest wrote
-/// again reach RAM / PRECOPY_BUDGET: bytes sent stay below RAM × 9/8, and a
+/// again reach RAM / PRECOPY_BUDGET: about 1/8 of RAM is sent twice, and a
 /// guest whose working set is smaller than that still gets a whole pass.
 const PRECOPY_BUDGET: u64 = 8;
 
@@ -71,10 +72,12 @@ impl Controller {
         }
         let ranges = migration::ram_ranges(&self.machine);
         let ram: u64 = ranges.iter().map(|r| r.len()).sum();
+        static PASSES: AtomicU64 = AtomicU64::new(1);
+        let id = PASSES.fetch_add(1, Ordering::Relaxed);
         let tx = std::sync::Mutex::new(self.tx.clone());
         let events = Box::new(move |e: PrecopyEvent| {
             let tx = tx.lock().unwrap_or_else(|p| p.into_inner());
-            let _ = tx.send(AppEvent::Precopy(e));
+            let _ = tx.send(AppEvent::Precopy(id, e));
         });
         let log: Arc<dyn WriteLog> = engine;
         // SAFETY: the machine, whose RAM this is, outlives the pass: it is
@@ -93,17 +96,22 @@ impl Controller {
             took: None,
         });
         job.precopy = Some(pass);
+        job.precopy_id = id;
         let _ = self.migration.set_status(Status::Active, &self.events);
         Ok(())
     }
 
     /// The pre-copy pass reports: over, so cut; or its connection failed
     /// (the guest never stopped: the job fails, the VM runs on).
-    pub(super) fn precopy_event(&mut self, e: PrecopyEvent) {
+    pub(super) fn precopy_event(&mut self, id: u64, e: PrecopyEvent) {
         let Some(job) = self.migration.job.as_mut() else {
             return;
         };
-        // Cancelled or ended meanwhile: nothing to do.
+        // Cancelled or ended meanwhile (perhaps another pass runs now):
+        // nothing to do.
+        if job.precopy_id != id {
+            return;
+        }
         let Some(pass) = job.precopy.take() else {
             return;
         };

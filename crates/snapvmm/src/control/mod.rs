@@ -256,7 +256,7 @@ impl Controller {
             AppEvent::FillDone(r) => self.fill_done(r),
             // Only before the machine exists (wait_incoming) is one expected.
             AppEvent::Incoming(_) => {}
-            AppEvent::Precopy(e) => self.precopy_event(e),
+            AppEvent::Precopy(id, e) => self.precopy_event(id, e),
             AppEvent::PostcopySource(e) => self.postcopy_source_event(e),
             AppEvent::PostcopyTarget(e) => self.postcopy_target_event(e),
             AppEvent::CollapseDone(st, took) => {

@@ -101,8 +101,10 @@ pub struct Job {
     pub parent: Option<PathBuf>,
     /// An incoming stream's listening address (`socket-address`).
     pub listening: Option<String>,
-    /// A live migration's pre-copy pass, while it runs (source).
+    /// A live migration's pre-copy pass, while it runs (source), and its
+    /// number (its events carry it: a late one of an earlier pass is ignored).
     pub precopy: Option<livesnap::precopy::Precopy>,
+    pub precopy_id: u64,
     /// The pass's figures and how it ended, kept after it.
     pub precopy_figures: Option<PrecopyFigures>,
     /// A live migration's sending side (source).
@@ -367,6 +369,7 @@ impl Migration {
             wp: None,
             listening: None,
             precopy: None,
+            precopy_id: 0,
             precopy_figures: None,
             postcopy: None,
             paused_at: None,

@@ -76,10 +76,13 @@ fn qmp(vm: &Vm) -> Qmp {
     Qmp::connect(&vm.qmp_path)
 }
 
+/// The first `KEY=NUMBER` word of a console line. A load can cut a line:
+/// the guest had printed "FILES n=" when `snapshot-load` took it back to the
+/// snapshot instant, and the line reads "FILES n=FILES n=5 entries=5 ok".
 fn field(line: &str, key: &str) -> u64 {
     line.split_whitespace()
-        .find_map(|w| w.strip_prefix(key))
-        .and_then(|v| v.parse().ok())
+        .filter_map(|w| w.strip_prefix(key))
+        .find_map(|v| v.parse().ok())
         .unwrap_or_else(|| panic!("no {key} in {line:?}"))
 }
 
