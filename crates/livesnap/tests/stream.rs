@@ -108,6 +108,31 @@ fn a_foreign_stream_or_an_image_file_is_refused_by_its_first_bytes() {
 }
 
 #[test]
+fn stream_flags_are_checked_at_the_header() {
+    let (mem, parts) = guest();
+    let stream = stream_of(&mem, &parts, b"dev");
+    // The same header with other flags (its checksum made right again).
+    let with_flags = |flags: u32| {
+        let mut b = stream.clone();
+        b[12..16].copy_from_slice(&flags.to_le_bytes());
+        let count = u32::from_le_bytes(b[24..28].try_into().unwrap()) as usize;
+        let end = 32 + count * 24;
+        let crc = crc32fast::hash(&b[..end]);
+        b[end..end + 4].copy_from_slice(&crc.to_le_bytes());
+        b
+    };
+    // Resume or pre-copy without live, or a bit nobody knows: refused at once.
+    for f in [2, 4, 6, 8, 1 | 16] {
+        let e = StreamReader::start(&with_flags(f)[..]).err().unwrap();
+        assert!(e.to_string().contains("unknown stream flags"), "{f}: {e}");
+    }
+    let (_, l) = StreamReader::start(&with_flags(1 | 4)[..]).unwrap();
+    assert!(l.live && l.precopy && !l.resume);
+    let (_, l) = StreamReader::start(&with_flags(0)[..]).unwrap();
+    assert!(!l.live && !l.precopy);
+}
+
+#[test]
 fn an_abandoned_capture_says_so() {
     let (mem, parts) = guest();
     let pairs: Vec<_> = parts.iter().map(|&(_, l, g)| (g, l as u64)).collect();
