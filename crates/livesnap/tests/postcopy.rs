@@ -10,34 +10,11 @@ use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{fill_dense, fill_sparse, socket_pair, uffd_missing_ok, Mem};
-use livesnap::lazy::start_lazy_fill;
+use common::{fill_dense, fill_from, fill_sparse, socket_pair, uffd_missing_ok, Mem};
 use livesnap::postcopy::{receive_switch, PostcopySender, SourceEvent, TargetEvent};
 
 const MIB: usize = 1 << 20;
 const T: Duration = Duration::from_secs(60);
-
-/// Starts filling `ranges` from the switch's pages; the fill and where its
-/// outcome arrives.
-fn fill_from(
-    sw: &livesnap::postcopy::Switch,
-    ranges: &[livesnap::RamRange],
-) -> (
-    livesnap::lazy::LazyFill,
-    mpsc::Receiver<Result<livesnap::lazy::FillStats, String>>,
-) {
-    let (done_tx, done_rx) = mpsc::channel();
-    let fill = start_lazy_fill(
-        ranges,
-        &sw.layout.ranges,
-        sw.pages.clone(),
-        Some(Box::new(move |r| {
-            let _ = done_tx.send(r);
-        })),
-    )
-    .unwrap();
-    (fill, done_rx)
-}
 
 fn sender(sock: OwnedFd, src: &Mem, len: usize) -> (PostcopySender, mpsc::Receiver<SourceEvent>) {
     sender_of(sock, &[src.range(0, len, 0)], b"device state", &[])

@@ -11,8 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
-use common::{fill_sparse, socket_pair, uffd_missing_ok, Mem};
-use livesnap::lazy::start_lazy_fill;
+use common::{fill_from, fill_sparse, socket_pair, uffd_missing_ok, Mem};
 use livesnap::postcopy::{receive_switch, PostcopySender, SourceEvent, Switch};
 use livesnap::precopy::{Precopy, PrecopyEnd, PrecopyEvent, WriteLog};
 
@@ -135,16 +134,7 @@ fn finish_migration(
     let sw = target.join().unwrap().unwrap();
     assert_eq!(sw.device_state, b"state");
     let dst = Mem::new(len);
-    let (done_tx, done_rx) = mpsc::channel();
-    let mut fill = start_lazy_fill(
-        &[dst.range(0, len, 0)],
-        &sw.layout.ranges,
-        sw.pages.clone(),
-        Some(Box::new(move |r| {
-            let _ = done_tx.send(r);
-        })),
-    )
-    .unwrap();
+    let (mut fill, done_rx) = fill_from(&sw, &[dst.range(0, len, 0)]);
     sw.pages.running().unwrap();
     assert!(matches!(rx.recv_timeout(T).unwrap(), SourceEvent::Switched));
     if early {

@@ -155,3 +155,25 @@ pub fn uffd_missing_ok() -> bool {
         }
     }
 }
+
+/// Starts filling `ranges` from a live migration's pages (at its switch);
+/// the fill, and where its outcome arrives.
+pub fn fill_from(
+    sw: &livesnap::postcopy::Switch,
+    ranges: &[RamRange],
+) -> (
+    livesnap::lazy::LazyFill,
+    std::sync::mpsc::Receiver<Result<livesnap::lazy::FillStats, String>>,
+) {
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    let fill = livesnap::lazy::start_lazy_fill(
+        ranges,
+        &sw.layout.ranges,
+        sw.pages.clone(),
+        Some(Box::new(move |r| {
+            let _ = done_tx.send(r);
+        })),
+    )
+    .unwrap();
+    (fill, done_rx)
+}
