@@ -235,6 +235,19 @@ impl TempImage {
         })
     }
 
+    /// A second descriptor of the temp file for direct I/O (`O_DIRECT`):
+    /// writes then cost their device time and nothing more — no page cache
+    /// to fill, no dirty-page throttling to sleep in. `None` where the file
+    /// system refuses it (tmpfs).
+    pub(crate) fn open_direct(&self) -> Option<File> {
+        OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_DIRECT | libc::O_CLOEXEC)
+            .open(&self.tmp)
+            .map_err(|e| tracing::debug!("no direct I/O to {}: {e}", self.tmp.display()))
+            .ok()
+    }
+
     /// Sizes the file to `len` (sparse).
     pub(crate) fn size(&self, len: u64) -> Result<()> {
         self.file
@@ -461,6 +474,9 @@ pub(crate) struct Shared {
     /// write-protect capture has none).
     pub(crate) child: Mutex<Option<libc::pid_t>>,
     pub(crate) status: Mutex<CaptureStatus>,
+    /// Makes a write blocked on the destination return (a sink's
+    /// [`crate::Sink::interrupter`]); called by [`Capture::cancel`].
+    pub(crate) interrupt: Mutex<Option<crate::Interrupter>>,
 }
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -478,11 +494,20 @@ impl Shared {
             cancelled: AtomicBool::new(false),
             child: Mutex::new(None),
             status: Mutex::new(CaptureStatus::Active),
+            interrupt: Mutex::new(None),
         }
     }
 
     pub(crate) fn cancelled(&self) -> bool {
         self.cancelled.load(Ordering::SeqCst)
+    }
+
+    /// Makes a write blocked on the destination return with an error (no
+    /// effect for a local file).
+    pub(crate) fn interrupt(&self) {
+        if let Some(f) = lock(&self.interrupt).as_ref() {
+            f();
+        }
     }
 
     /// Reaps the child if not yet reaped (optionally SIGKILLing it first).
@@ -568,6 +593,10 @@ impl Capture {
         self.shared.cancelled.store(true, Ordering::SeqCst);
         if let Some(pid) = *lock(&self.shared.child) {
             fork::kill(pid);
+        }
+        // A destination that stopped reading must not hold the cancel up.
+        if !self.is_finished() {
+            self.shared.interrupt();
         }
     }
 
@@ -726,6 +755,9 @@ impl PreparedCapture {
         let shared = Arc::new(Shared::new(header.ram_bytes()));
         let start = shared.start;
         let (scan, dest, pipe_r, pipe_w) = (self.scan, self.dest, self.pipe_r, self.pipe_w);
+        if let Dest::Sink { sink, .. } = &dest {
+            *lock(&shared.interrupt) = sink.interrupter();
+        }
         let t_fork = Instant::now();
         // SAFETY: prepare() validated every range (page-aligned host address,
         // page-multiple length) and the layout is the same with any device
@@ -819,6 +851,8 @@ fn writer_thread(
         ))
     });
     drop(pipe);
+    // The sink is settled: nothing to interrupt any more.
+    lock(&sh.interrupt).take();
     let dest = label;
     let res = match res {
         Ok(s) => Ok(s),

@@ -24,6 +24,11 @@ pub enum SnapError {
         #[source]
         source: io::Error,
     },
+    /// A write-protect capture's destination took no data for so long that
+    /// the guest, waiting for a copy buffer, would have stalled longer than
+    /// allowed: the capture is abandoned and the guest runs on.
+    #[error("the destination took no data for {} ms while the guest waited to write (copy buffers full): snapshot abandoned, the guest runs on", .0.as_millis())]
+    DestinationStalled(std::time::Duration),
     /// The caller passed unusable RAM ranges or paths.
     #[error("invalid capture input: {0}")]
     InvalidInput(String),

@@ -23,6 +23,7 @@
 
 mod capture;
 pub mod chain;
+pub mod chunkbuf;
 mod error;
 mod fork;
 mod image;
@@ -34,6 +35,7 @@ mod sink;
 mod source;
 pub mod stream;
 pub mod uffd;
+pub mod waits;
 pub mod wp_capture;
 mod wp_engine;
 
@@ -46,7 +48,7 @@ pub use image::{
     Image, ImageId, ImageRange, SourceImage, FORMAT_VERSION, HEADER_SIZE, HUGE_ALIGN, INCR_CHUNK,
     MAGIC, MAX_DEVICE_STATE, MAX_RANGES, PAGE_SIZE,
 };
-pub use sink::{capture_stopped_to, ImageSummary, Sink};
+pub use sink::{capture_stopped_to, ImageSummary, Interrupter, Sink};
 pub use source::{ImageBacking, Source};
 
 /// A range of guest RAM as the engine sees it: host memory plus its

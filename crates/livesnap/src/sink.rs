@@ -60,7 +60,18 @@ pub trait Sink: Send + 'static {
 
     /// The capture failed or was cancelled: release what was written.
     fn abort(&mut self);
+
+    /// A way to make a write blocked in this sink return (with an error)
+    /// from another thread — shutting a socket down, killing a command —,
+    /// used when the capture is cancelled or its destination stopped taking
+    /// data. `None` (the default): writes end by themselves (a local file).
+    fn interrupter(&self) -> Option<Interrupter> {
+        None
+    }
 }
+
+/// Makes a sink's blocked write return; see [`Sink::interrupter`].
+pub type Interrupter = Box<dyn Fn() + Send + Sync>;
 
 /// What a [`Sink`] learns when the image is complete: the facts behind
 /// [`CaptureStats`] that are final at that point.
@@ -132,6 +143,10 @@ where
             sink,
             settled: false,
         }
+    }
+
+    pub(crate) fn interrupter(&self) -> Option<Interrupter> {
+        self.sink.interrupter()
     }
 
     pub(crate) fn begin(&mut self, image_len: u64) -> Result<()> {

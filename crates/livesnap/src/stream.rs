@@ -59,6 +59,11 @@ pub trait StreamWrite: Write + Send + 'static {
     }
     /// The capture failed or was cancelled: release the far end.
     fn abandon(&mut self) {}
+    /// Makes a write blocked on the far end return, from another thread
+    /// ([`crate::Sink::interrupter`]); `None` where writes end by themselves.
+    fn interrupter(&self) -> Option<crate::Interrupter> {
+        None
+    }
 }
 
 impl StreamWrite for std::fs::File {
@@ -170,6 +175,10 @@ impl<W: StreamWrite> Sink for StreamSink<W> {
             let _ = self.out.flush();
         }
         self.out.get_mut().abandon();
+    }
+
+    fn interrupter(&self) -> Option<crate::Interrupter> {
+        self.out.get_ref().interrupter()
     }
 }
 

@@ -5,13 +5,17 @@
 //! - a **fault handler** thread takes each write-protect fault, copies the
 //!   whole 2 MiB chunk around it into a buffer from a bounded pool and lifts
 //!   the protection of the chunk: one fault per 2 MiB, not per 4 KiB page.
-//!   With the pool empty it writes the chunk to the image itself before
-//!   lifting the protection (slower for that writer, never a deadlock: it
-//!   waits on nothing a vCPU holds — only, for a sink, on the device state,
-//!   which the VMM sends right after the pause, so that the sink can begin);
-//! - a **writer** thread walks RAM in order, copies and unprotects every
-//!   chunk nobody faulted on yet, writes the handler's buffers, and finishes
-//!   the image (same format as the fork capture; zero pages stay holes).
+//!   It never writes to the destination itself: with the pool empty it
+//!   waits for the writer to free a buffer (one chunk's write), lets the
+//!   pool grow toward its cap when that takes longer than [`GROW_AFTER`],
+//!   and, when the destination takes nothing for the stall limit, abandons
+//!   the capture so that the guest runs on ([`SnapError::DestinationStalled`]);
+//! - a **writer** thread writes the handler's buffers first, walks RAM in
+//!   order writing every chunk nobody faulted on yet straight from guest
+//!   RAM, and finishes the image (same format as the fork capture; zero
+//!   pages stay holes). A file is written with direct I/O where the file
+//!   system allows it, so a write costs its device time and never sleeps in
+//!   the kernel's dirty-page throttling while a guest waits on it.
 //!
 //! Which thread takes a chunk is decided by one compare-and-swap per chunk,
 //! so each is copied exactly once, while it is still protected: the image
@@ -37,9 +41,11 @@ use crate::capture::{
     call_on_done, lock, stats, Capture, DevSource, Shared, StateSender, TempImage, STATE_WAIT,
 };
 use crate::chain::IncrPlan;
+use crate::chunkbuf::{AlignedBuf, BUF_ALIGN};
 use crate::error::{Result, SnapError};
 use crate::image::{Header, ImageId, ImageRange, PAGE_SIZE};
 use crate::sink::{Sink, SinkGuard};
+use crate::waits::{WaitHistogram, WaitSummary};
 use crate::wp_engine::Engine;
 pub use crate::wp_engine::WpEngine;
 use crate::{CaptureStats, CaptureStatus, DoneCallback};
@@ -57,6 +63,10 @@ pub(crate) const FREE: u8 = 0;
 pub(crate) const TAKEN: u8 = 1;
 pub(crate) const COPIED: u8 = 2;
 
+/// A fault that waited this long for a pool buffer may grow the pool (up to
+/// [`WpOptions::pool_max_bytes`]): about one chunk's write on a slow disk.
+pub const GROW_AFTER: Duration = Duration::from_millis(2);
+
 /// Options of a write-protect capture.
 pub struct WpOptions {
     /// Write only the chunks changed since this image, which must be the
@@ -66,6 +76,14 @@ pub struct WpOptions {
     /// Bytes of buffers the fault handler may hold (rounded down to whole
     /// chunks, at least one).
     pub pool_bytes: u64,
+    /// The pool may grow up to this many bytes when a fault waited
+    /// [`GROW_AFTER`] for a buffer (a destination slower than the guest's
+    /// writes for a moment); never less than `pool_bytes` (the default, 0:
+    /// no growth). Extra buffers are freed with the capture.
+    pub pool_max_bytes: u64,
+    /// A fault that waits this long for a buffer (the destination took no
+    /// data meanwhile) abandons the capture and lets the guest run on.
+    pub stall_limit: Duration,
     /// Called once when the capture ends, whatever the outcome.
     pub on_done: Option<DoneCallback>,
     /// Populate RAM before protecting it even with a userfaultfd that
@@ -78,6 +96,8 @@ impl Default for WpOptions {
         WpOptions {
             parent: None,
             pool_bytes: 64 << 20,
+            pool_max_bytes: 0,
+            stall_limit: Duration::from_millis(500),
             on_done: None,
             always_populate: false,
         }
@@ -91,14 +111,68 @@ pub struct WpCounters {
     pub faults: AtomicU64,
     /// Chunks copied by the fault handler into a pool buffer.
     pub chunks_by_fault: AtomicU64,
-    /// Chunks the handler wrote out itself because the pool was empty.
-    pub chunks_written_in_fault: AtomicU64,
     /// Chunks copied by the writer.
     pub chunks_by_writer: AtomicU64,
     /// Most pool buffers in use at once, in bytes.
     pub pool_high_water: AtomicU64,
     /// Chunks not written because they did not change since the parent.
     pub chunks_unchanged: AtomicU64,
+    /// Buffers added to the pool beyond `pool_bytes` (see `pool_max_bytes`).
+    pub pool_grown: AtomicU64,
+    /// RAM was written to the file with direct I/O.
+    pub direct_io: std::sync::atomic::AtomicBool,
+    /// How long each fault of the capture held its writer, by cause.
+    pub waits: FaultWaits,
+}
+
+/// How long the guest's writes waited in the fault handler during a
+/// capture (from the handler reading the fault to lifting the protection),
+/// in all and by cause.
+#[derive(Debug, Default)]
+pub struct FaultWaits {
+    /// Every fault of the capture.
+    pub all: WaitHistogram,
+    /// Copied the chunk into a free buffer at once.
+    pub copy: WaitHistogram,
+    /// Waited for the writer to free a pool buffer (or for the pool to grow).
+    pub buffer: WaitHistogram,
+    /// Waited for the writer, which was saving that very chunk.
+    pub writer: WaitHistogram,
+    /// Let through without a copy (not in this image, or already copied).
+    pub through: WaitHistogram,
+}
+
+/// Why a fault waited (see [`FaultWaits`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum WaitCause {
+    Copy,
+    Buffer,
+    Writer,
+    Through,
+}
+
+impl FaultWaits {
+    pub(crate) fn record(&self, cause: WaitCause, d: Duration) {
+        self.all.record(d);
+        match cause {
+            WaitCause::Copy => &self.copy,
+            WaitCause::Buffer => &self.buffer,
+            WaitCause::Writer => &self.writer,
+            WaitCause::Through => &self.through,
+        }
+        .record(d);
+    }
+
+    /// (all, copy, buffer, writer, through), summed up.
+    pub fn summaries(&self) -> [(&'static str, WaitSummary); 5] {
+        [
+            ("all", self.all.summary()),
+            ("copy", self.copy.summary()),
+            ("buffer", self.buffer.summary()),
+            ("writer", self.writer.summary()),
+            ("through", self.through.summary()),
+        ]
+    }
 }
 
 /// A capture ready to start (everything done that can be with the guest running).
@@ -130,10 +204,15 @@ enum WpDest {
     Sink(SinkGuard<Box<dyn Sink>>),
 }
 
-/// The image being written, shared by the handler and the writer.
+/// The image being written by the writer.
 enum Out {
-    File(std::fs::File),
-    /// `None` once committed; writes wait for `begin` (`ready`).
+    /// The temp file, and a direct-I/O descriptor of it where allowed (RAM
+    /// goes through it while `direct_ok`).
+    File {
+        file: std::fs::File,
+        direct: Option<std::fs::File>,
+    },
+    /// `None` once committed; the writer writes only after `begin`.
     Sink(Mutex<Option<SinkGuard<Box<dyn Sink>>>>),
 }
 
@@ -184,16 +263,21 @@ pub(crate) struct Wp {
     /// The image's identity once its header is made.
     pub(crate) id: Mutex<Option<ImageId>>,
     out: Out,
-    /// The image may be written (a sink has had its `begin`), or the
-    /// capture ended: set once, under the mutex, with `ready_cv` notified.
-    pub(crate) ready: Mutex<bool>,
-    pub(crate) ready_cv: std::sync::Condvar,
     pub(crate) counters: Arc<WpCounters>,
-    pub(crate) pool: Mutex<Vec<Vec<u8>>>,
+    pub(crate) pool: Mutex<Vec<AlignedBuf>>,
+    /// Notified whenever a buffer returns to the pool.
+    pub(crate) pool_cv: std::sync::Condvar,
     pub(crate) pool_total: usize,
+    pub(crate) pool_max: usize,
+    pub(crate) stall_limit: Duration,
     /// Pool buffers allocated so far.
     pub(crate) allocated: std::sync::atomic::AtomicUsize,
     pub(crate) first_error: Mutex<Option<SnapError>>,
+    /// The capture failed (or was abandoned): faults copy nothing more.
+    pub(crate) gave_up: std::sync::atomic::AtomicBool,
+    /// Direct I/O still works for this file (cleared at its first refusal).
+    direct_ok: std::sync::atomic::AtomicBool,
+    pub(crate) shared: Arc<Shared>,
 }
 
 impl Wp {
@@ -247,29 +331,98 @@ impl Wp {
 
     pub(crate) fn fail(&self, e: SnapError) {
         lock(&self.first_error).get_or_insert(e);
+        self.give_up();
+    }
+
+    /// From now on faults copy nothing (the image will not be kept), and
+    /// none waits for a buffer.
+    fn give_up(&self) {
+        self.gave_up.store(true, Ordering::Release);
+        let _g = lock(&self.pool);
+        self.pool_cv.notify_all();
+    }
+
+    /// Whether faults should copy nothing more: the capture failed or was
+    /// cancelled (its image will not be kept).
+    pub(crate) fn given_up(&self) -> bool {
+        self.gave_up.load(Ordering::Acquire) || self.shared.cancelled()
+    }
+
+    /// A free pool buffer for the fault handler, and whether it had to wait
+    /// for one. Waits for the writer to free one; after [`GROW_AFTER`] the
+    /// pool grows if it may. `Err` when the capture ended meanwhile, or the
+    /// wait reached the stall limit (the destination takes nothing).
+    pub(crate) fn buffer(&self) -> Result<(AlignedBuf, bool)> {
+        let start = Instant::now();
+        let mut waited = false;
+        let mut pool = lock(&self.pool);
+        loop {
+            if let Some(b) = pool.pop() {
+                return Ok((b, waited));
+            }
+            let n = self.allocated.load(Ordering::Relaxed);
+            let grow = n < self.pool_max && start.elapsed() >= GROW_AFTER;
+            if n < self.pool_total || grow {
+                if let Some(b) = AlignedBuf::new(CHUNK as usize) {
+                    self.allocated.store(n + 1, Ordering::Relaxed);
+                    if n >= self.pool_total {
+                        self.counters.pool_grown.fetch_add(1, Ordering::Relaxed);
+                    }
+                    return Ok((b, waited));
+                }
+            }
+            if self.given_up() {
+                return Err(SnapError::Cancelled);
+            }
+            let waiting = start.elapsed();
+            if waiting >= self.stall_limit {
+                return Err(SnapError::DestinationStalled(waiting));
+            }
+            waited = true;
+            let slice = (self.stall_limit - waiting).min(Duration::from_millis(1));
+            pool = self
+                .pool_cv
+                .wait_timeout(pool, slice)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    /// Gives a buffer back to the pool and wakes a fault waiting for one.
+    fn give_back(&self, b: AlignedBuf) {
+        lock(&self.pool).push(b);
+        self.pool_cv.notify_one();
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         match &self.out {
-            Out::File(f) => f
-                .write_all_at(buf, offset)
-                .map_err(|e| SnapError::io("write snapshot RAM", e)),
+            Out::File { file, direct } => {
+                let aligned = |x: usize| x % BUF_ALIGN == 0;
+                if let Some(d) = direct.as_ref().filter(|_| {
+                    self.direct_ok.load(Ordering::Relaxed)
+                        && aligned(buf.as_ptr() as usize)
+                        && aligned(buf.len())
+                        && aligned(offset as usize)
+                }) {
+                    match d.write_all_at(buf, offset) {
+                        Ok(()) => return Ok(()),
+                        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                            // Refused after all (an odd block size): the
+                            // page cache it is, for the rest of the image.
+                            tracing::warn!("direct I/O refused for the snapshot image ({e}): writing through the page cache");
+                            self.direct_ok.store(false, Ordering::Relaxed);
+                            self.counters.direct_io.store(false, Ordering::Relaxed);
+                        }
+                        Err(e) => return Err(SnapError::io("write snapshot RAM", e)),
+                    }
+                }
+                file.write_all_at(buf, offset)
+                    .map_err(|e| SnapError::io("write snapshot RAM", e))
+            }
             Out::Sink(m) => match lock(m).as_mut() {
                 Some(g) => g.write(buf, offset, "snapshot RAM"),
                 None => Err(SnapError::Cancelled),
             },
-        }
-    }
-
-    pub(crate) fn set_ready(&self) {
-        *lock(&self.ready) = true;
-        self.ready_cv.notify_all();
-    }
-
-    pub(crate) fn wait_ready(&self) {
-        let mut r = lock(&self.ready);
-        while !*r {
-            r = self.ready_cv.wait(r).unwrap_or_else(|e| e.into_inner());
         }
     }
 }
@@ -283,13 +436,9 @@ fn is_zero(b: &[u8]) -> bool {
     pre.iter().all(|&x| x == 0) && words.iter().all(|&w| w == 0) && post.iter().all(|&x| x == 0)
 }
 
-/// What the handler hands the writer for one chunk.
-pub(crate) enum Taken {
-    /// Copied into a pool buffer: the writer writes it and returns the buffer.
-    Copied(usize, Vec<u8>),
-    /// Written by the handler itself (pool empty): bytes written, zero pages.
-    Written(Result<(u64, u64)>),
-}
+/// What the handler hands the writer: chunk `.0`, copied into pool buffer
+/// `.1` (the writer writes it and gives the buffer back).
+pub(crate) struct Taken(pub(crate) usize, pub(crate) AlignedBuf);
 
 /// Builds the capture's shared state and starts its writer with the guest
 /// still running; the writer waits for [`PreparedWpCapture::start_deferred`].
@@ -321,17 +470,31 @@ fn launch(
             .protect_open()
             .map_err(|e| SnapError::io("write-protect guest RAM", e))?;
     }
+    let shared = Arc::new(Shared::new(header.ram_bytes()));
     let (out, tmp) = match dest {
         WpDest::File(tmp) => {
-            let f = tmp
+            let file = tmp
                 .file
                 .try_clone()
                 .map_err(|e| SnapError::io("dup snapshot file", e))?;
-            (Out::File(f), Some(tmp))
+            let direct = tmp.open_direct();
+            (Out::File { file, direct }, Some(tmp))
         }
-        WpDest::Sink(g) => (Out::Sink(Mutex::new(Some(g))), None),
+        WpDest::Sink(g) => {
+            *lock(&shared.interrupt) = g.interrupter();
+            (Out::Sink(Mutex::new(Some(g))), None)
+        }
     };
     let counters = Arc::new(WpCounters::default());
+    let direct = matches!(
+        &out,
+        Out::File {
+            direct: Some(_),
+            ..
+        }
+    );
+    counters.direct_io.store(direct, Ordering::Relaxed);
+    let pool_total = (opts.pool_bytes / CHUNK).max(1) as usize;
     let wp = Arc::new(Wp {
         engine: engine.clone(),
         state: engine.chunks.iter().map(|_| AtomicU8::new(FREE)).collect(),
@@ -339,15 +502,18 @@ fn launch(
         incr,
         id: Mutex::new(None),
         out,
-        ready: Mutex::new(tmp.is_some()),
-        ready_cv: std::sync::Condvar::new(),
         counters: counters.clone(),
         pool: Mutex::new(Vec::new()),
-        pool_total: (opts.pool_bytes / CHUNK).max(1) as usize,
+        pool_cv: std::sync::Condvar::new(),
+        pool_total,
+        pool_max: ((opts.pool_max_bytes / CHUNK) as usize).max(pool_total),
+        stall_limit: opts.stall_limit,
         allocated: std::sync::atomic::AtomicUsize::new(0),
         first_error: Mutex::new(None),
+        gave_up: std::sync::atomic::AtomicBool::new(false),
+        direct_ok: std::sync::atomic::AtomicBool::new(direct),
+        shared: shared.clone(),
     });
-    let shared = Arc::new(Shared::new(header.ram_bytes()));
     let (tx, rx) = mpsc::channel::<Taken>();
     {
         let mut cur = lock(&engine.current);
@@ -513,16 +679,18 @@ fn writer(
             std::io::Error::other("writer thread panicked"),
         ))
     });
-    if res.is_err() {
-        // A sink that never began: the handler must not wait for it.
-        if let Out::Sink(m) = &wp.out {
-            lock(m).take();
-        }
-        wp.set_ready();
+    if let Err(e) = &res {
+        tracing::debug!("write-protect capture writer ends: {e}");
+        wp.give_up();
     }
+    // The sink is settled: nothing to interrupt any more.
+    lock(&sh.interrupt).take();
     drop(rx);
     match res {
         Err(_) if sh.cancelled() => Err(SnapError::Cancelled),
+        // The handler's reason (a stalled destination) comes before what it
+        // caused here (an interrupted write).
+        Err(e) => Err(lock(&wp.first_error).take().unwrap_or(e)),
         r => r,
     }
 }
@@ -549,7 +717,6 @@ fn write_all(
             None => return Err(SnapError::Cancelled),
         }
         early_dev = Some(dev);
-        wp.set_ready();
     }
     let n = e.chunks.len();
     let mut done = 0usize;
@@ -567,23 +734,27 @@ fn write_all(
         }
         Ok(())
     };
-    let take = |t: Taken, done: &mut usize| -> Result<()> {
-        match t {
-            Taken::Copied(i, b) => {
-                let (w, z) = wp.write_out(i, &b[..e.chunks[i].len as usize])?;
-                account(w, z);
-                lock(&wp.pool).push(b);
-            }
-            Taken::Written(r) => {
-                let (w, z) = r?;
-                account(w, z);
-            }
-        }
+    let take = |Taken(i, b): Taken, done: &mut usize| -> Result<()> {
+        let r = wp.write_out(i, &b[..e.chunks[i].len as usize]);
+        wp.give_back(b);
+        let (w, z) = r?;
+        account(w, z);
         *done += 1;
         Ok(())
     };
+    // The writer's own buffer, for a sink (see below).
+    let mut own = match &wp.out {
+        Out::Sink(_) => Some(AlignedBuf::new(CHUNK as usize).ok_or_else(|| {
+            SnapError::io(
+                "allocate a copy buffer",
+                std::io::Error::from(std::io::ErrorKind::OutOfMemory),
+            )
+        })?),
+        Out::File { .. } => None,
+    };
     for i in 0..n {
         check()?;
+        // The handler's buffers first: a fault may be waiting for one.
         while let Ok(c) = rx.try_recv() {
             take(c, &mut done)?;
         }
@@ -597,11 +768,21 @@ fn write_all(
         }
         if wp.claim(i) {
             let c = e.chunks[i];
-            // Written straight from guest RAM (one copy, into the page
-            // cache): the chunk is protected and claimed, so a writer waits
-            // in the handler until it is marked copied, below — whatever the
-            // outcome. It stays protected (the handler lifts the protection
-            // at the guest's first write, and records it).
+            if let Some(b) = own.as_mut() {
+                // A stream may stall: copy first, so that a guest writing
+                // this chunk waits for a copy, never for the destination.
+                wp.copy(i, b);
+                wp.counters.chunks_by_writer.fetch_add(1, Ordering::Relaxed);
+                let (w, z) = wp.write_out(i, &b[..c.len as usize])?;
+                account(w, z);
+                done += 1;
+                continue;
+            }
+            // A file is written straight from guest RAM (with direct I/O:
+            // one chunk's device time): the chunk is protected and claimed,
+            // so a writer waits in the handler until it is marked copied,
+            // below — whatever the outcome. It stays protected (the handler
+            // lifts the protection at the guest's first write, and records it).
             // SAFETY: the chunk lies in a RamRange (mapped for the capture's
             // life by its contract) and nobody writes it while it is
             // borrowed: it is write-protected, and the handler lets no write
@@ -690,7 +871,7 @@ fn write_all(
             let summary = crate::sink::summary(&header, written, zero, times);
             g.commit(&header, &dev, &summary, || sh.cancelled())?
         }
-        (None, Out::File(_)) => unreachable!("a file capture has its temp file"),
+        (None, Out::File { .. }) => unreachable!("a file capture has its temp file"),
     }
     Ok(stats(cut_at, &header, written, zero, times))
 }

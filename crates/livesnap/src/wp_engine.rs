@@ -8,14 +8,14 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::capture::lock;
 use crate::chain::IncrPlan;
 use crate::error::{Result, SnapError};
 use crate::image::ImageId;
 use crate::uffd::Uffd;
-use crate::wp_capture::{Taken, Wp, CHUNK, TAKEN};
+use crate::wp_capture::{Taken, WaitCause, Wp, CHUNK, TAKEN};
 use crate::RamRange;
 
 /// One chunk of guest RAM and where it goes in the image.
@@ -392,6 +392,7 @@ fn fault_handler(e: &Engine) {
         let Some(i) = e.chunk_of(fault.addr) else {
             continue;
         };
+        let t0 = Instant::now();
         let g = lock(&e.cut_lock);
         e.dirty[i].store(true, Ordering::Relaxed);
         e.marked[i].store(true, Ordering::Release);
@@ -406,14 +407,15 @@ fn fault_handler(e: &Engine) {
                             "write-protect fault handler",
                             std::io::Error::other("the capture's chunk copy panicked"),
                         ));
-                        None
+                        (None, WaitCause::Through)
                     })
             }
             _ => {
                 e.tracked.fetch_add(1, Ordering::Relaxed);
-                None
+                (None, WaitCause::Through)
             }
         };
+        let (taken, cause) = taken;
         if let Err(err) = e.unprotect(i).or_else(|_| e.unprotect(i)) {
             // The faulting thread must not wait for ever: wake it (it faults
             // again, and is served again).
@@ -425,6 +427,9 @@ fn fault_handler(e: &Engine) {
             }
         }
         drop(g);
+        if let Some((wp, _)) = cur.as_ref().filter(|(wp, _)| wp.want.get().is_some()) {
+            wp.counters.waits.record(cause, t0.elapsed());
+        }
         if let (Some(t), Some((_, tx))) = (taken, &cur) {
             // The writer is gone (failed or cancelled): nothing to hand over.
             let _ = tx.send(t);
@@ -434,53 +439,64 @@ fn fault_handler(e: &Engine) {
 
 /// The capture `wp` is cut and a writer waits on chunk `i`: copy it first
 /// if the capture needs it and nobody has, or wait for the writer's copy.
-fn take_for_capture(wp: &Wp, i: usize) -> Option<Taken> {
-    if !wp.wants(i) {
-        return None;
+/// Never writes to the destination: a full pool means waiting for the
+/// writer to free a buffer, bounded by the capture's stall limit.
+fn take_for_capture(wp: &Wp, i: usize) -> (Option<Taken>, WaitCause) {
+    if !wp.wants(i) || wp.given_up() {
+        return (None, WaitCause::Through);
     }
     if !wp.claim(i) {
+        if wp.state[i].load(Ordering::Acquire) != TAKEN {
+            return (None, WaitCause::Through);
+        }
         // The writer is saving it (it is still protected): wait for that
-        // (one 2 MiB write) before letting the write in.
+        // (one 2 MiB write or copy) before letting the write in — unless
+        // the destination stalls that long: then the capture is abandoned
+        // (its image is not kept, so the write may go in).
+        let start = Instant::now();
         let mut spins = 0u32;
-        while wp.state[i].load(Ordering::Acquire) == TAKEN {
+        while wp.state[i].load(Ordering::Acquire) == TAKEN && !wp.given_up() {
             if spins < 100 {
                 spins += 1;
                 std::hint::spin_loop();
+            } else if start.elapsed() >= wp.stall_limit {
+                abandon(wp, SnapError::DestinationStalled(start.elapsed()));
             } else {
                 std::thread::sleep(Duration::from_micros(20));
             }
         }
-        return None;
+        return (None, WaitCause::Writer);
     }
-    let buf = lock(&wp.pool).pop().or_else(|| {
-        let n = wp.allocated.load(Ordering::Relaxed);
-        (n < wp.pool_total).then(|| {
-            wp.allocated.store(n + 1, Ordering::Relaxed);
-            vec![0u8; CHUNK as usize]
-        })
-    });
-    Some(match buf {
-        Some(mut b) => {
-            wp.copy(i, &mut b);
-            let free = lock(&wp.pool).len();
-            let in_flight = (wp.allocated.load(Ordering::Relaxed) - free) as u64 * CHUNK;
-            wp.counters
-                .pool_high_water
-                .fetch_max(in_flight, Ordering::Relaxed);
-            wp.counters.chunks_by_fault.fetch_add(1, Ordering::Relaxed);
-            Taken::Copied(i, b)
+    let (mut b, waited) = match wp.buffer() {
+        Ok(b) => b,
+        Err(err) => {
+            // Stalled or ended: nothing is copied, the guest goes on.
+            if matches!(err, SnapError::DestinationStalled(_)) {
+                abandon(wp, err);
+            }
+            return (None, WaitCause::Buffer);
         }
-        None => {
-            // Pool empty: write this chunk out before letting the guest in
-            // (waits on the disk only, never on a vCPU).
-            let mut b = vec![0u8; CHUNK as usize];
-            wp.copy(i, &mut b);
-            wp.wait_ready();
-            let r = wp.write_out(i, &b[..wp.engine.chunks[i].len as usize]);
-            wp.counters
-                .chunks_written_in_fault
-                .fetch_add(1, Ordering::Relaxed);
-            Taken::Written(r)
-        }
-    })
+    };
+    wp.copy(i, &mut b);
+    let free = lock(&wp.pool).len();
+    let in_flight = (wp.allocated.load(Ordering::Relaxed) - free) as u64 * CHUNK;
+    wp.counters
+        .pool_high_water
+        .fetch_max(in_flight, Ordering::Relaxed);
+    wp.counters.chunks_by_fault.fetch_add(1, Ordering::Relaxed);
+    let cause = if waited {
+        WaitCause::Buffer
+    } else {
+        WaitCause::Copy
+    };
+    (Some(Taken(i, b)), cause)
+}
+
+/// The destination stopped taking data while the guest waits: fail the
+/// capture (the guest runs on, its writes no longer copied) and make a
+/// write blocked on the destination return.
+fn abandon(wp: &Wp, err: SnapError) {
+    tracing::warn!("{err}");
+    wp.fail(err);
+    wp.shared.interrupt();
 }

@@ -325,10 +325,10 @@ impl Controller {
                 let done = move || {
                     let _ = tx.send(AppEvent::CaptureDone);
                 };
-                let pool = self.migration.wp_pool;
+                let opts = self.migration.wp_options();
                 let parent = self.migration.parent.clone();
                 let d = dest.take().expect("opened");
-                match migration::prepare_wp(&engine, d, parent.as_deref(), pool, done) {
+                match migration::prepare_wp(&engine, d, parent.as_deref(), opts, done) {
                     Ok(p) => Capture::Wp(p),
                     Err(e) => return Err(self.fail_migration(e.to_string())),
                 }

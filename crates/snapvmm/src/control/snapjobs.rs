@@ -180,9 +180,8 @@ impl Controller {
                 .wp_registration()
                 .map_err(SnapshotError::MethodUnavailable)?;
             let opts = livesnap::wp_capture::WpOptions {
-                pool_bytes: self.migration.wp_pool,
                 on_done: Some(on_done),
-                ..Default::default()
+                ..self.migration.wp_options()
             };
             Capture::Wp(livesnap::wp_capture::prepare_wp_capture_to(
                 &engine,

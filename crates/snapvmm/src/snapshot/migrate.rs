@@ -137,6 +137,11 @@ pub struct Migration {
     pub collapse: bool,
     /// Copy buffers of the write-protect capture, bytes (`x-wp-pool-size`).
     pub wp_pool: u64,
+    /// What they may grow to when the destination lags (`x-wp-pool-max-size`).
+    pub wp_pool_max: u64,
+    /// A guest write waiting this long for a buffer abandons the snapshot
+    /// (`x-wp-stall-limit-ms`).
+    pub wp_stall_limit: Duration,
     /// The image snapshots are incremental to (`x-parent`: `file:PATH`).
     pub parent: Option<PathBuf>,
     /// A live migration sends RAM once with the guest running before it
@@ -174,6 +179,8 @@ impl Default for Migration {
             method_set: false,
             collapse: true,
             wp_pool: 64 << 20,
+            wp_pool_max: 256 << 20,
+            wp_stall_limit: Duration::from_millis(500),
             parent: None,
             precopy: true,
             job: None,
@@ -531,11 +538,19 @@ impl Migration {
             v["x-write-protect"] = json!({
                 "faults": c.faults.load(Relaxed),
                 "chunks-by-fault": c.chunks_by_fault.load(Relaxed),
-                "chunks-written-in-fault": c.chunks_written_in_fault.load(Relaxed),
                 "chunks-by-writer": c.chunks_by_writer.load(Relaxed),
                 "pool-high-water": c.pool_high_water.load(Relaxed),
                 "pool-size": self.wp_pool,
+                "pool-grown": c.pool_grown.load(Relaxed) * livesnap::wp_capture::CHUNK,
                 "chunks-unchanged": c.chunks_unchanged.load(Relaxed),
+                "direct-io": c.direct_io.load(Relaxed),
+                "fault-waits": c.waits.summaries().iter().map(|(k, w)| (k.to_string(), json!({
+                    "count": w.count,
+                    "total-us": w.total_us,
+                    "p50-us": w.p50_us,
+                    "p99-us": w.p99_us,
+                    "max-us": w.max_us,
+                }))).collect::<serde_json::Map<_, _>>(),
             });
             if let Some(p) = &j.parent {
                 v["x-incremental"] = json!({
@@ -599,11 +614,23 @@ impl Migration {
         Ok(())
     }
 
+    /// The write-protect capture's options from these parameters.
+    pub fn wp_options(&self) -> livesnap::wp_capture::WpOptions {
+        livesnap::wp_capture::WpOptions {
+            pool_bytes: self.wp_pool,
+            pool_max_bytes: self.wp_pool_max.max(self.wp_pool),
+            stall_limit: self.wp_stall_limit,
+            ..Default::default()
+        }
+    }
+
     pub fn query_parameters(&self) -> Value {
         json!({
             "x-snapshot-method": self.method.name(),
             "x-collapse-huge-pages": self.collapse,
             "x-wp-pool-size": self.wp_pool,
+            "x-wp-pool-max-size": self.wp_pool_max.max(self.wp_pool),
+            "x-wp-stall-limit-ms": self.wp_stall_limit.as_millis() as u64,
             "x-parent": self.parent.as_ref().map_or(String::new(), |p| format!("file:{}", p.display())),
             "x-precopy": self.precopy,
         })
@@ -629,6 +656,24 @@ impl Migration {
             Some(n) => n as u64,
             None => self.wp_pool,
         };
+        let pool_max = match p.get("x-wp-pool-max-size").and_then(Value::as_i64) {
+            Some(n) if n < 0 => {
+                return Err(CommandError::generic(
+                    "Parameter 'x-wp-pool-max-size' must not be negative",
+                ))
+            }
+            Some(n) => n as u64,
+            None => self.wp_pool_max,
+        };
+        let stall = match p.get("x-wp-stall-limit-ms").and_then(Value::as_i64) {
+            Some(n) if !(1..=3_600_000).contains(&n) => {
+                return Err(CommandError::generic(
+                    "Parameter 'x-wp-stall-limit-ms' must be between 1 and 3600000",
+                ))
+            }
+            Some(n) => Duration::from_millis(n as u64),
+            None => self.wp_stall_limit,
+        };
         let parent =
             match p.get("x-parent").and_then(Value::as_str) {
                 Some("") => None,
@@ -640,6 +685,8 @@ impl Migration {
         self.method_set |= p.contains_key("x-snapshot-method");
         self.method = method;
         self.wp_pool = pool;
+        self.wp_pool_max = pool_max;
+        self.wp_stall_limit = stall;
         self.parent = parent;
         if let Some(c) = p.get("x-collapse-huge-pages").and_then(Value::as_bool) {
             self.collapse = c;
@@ -755,14 +802,13 @@ pub(crate) fn prepare_wp(
     engine: &livesnap::wp_capture::WpEngine,
     dest: Dest,
     parent: Option<&Path>,
-    pool_bytes: u64,
+    opts: livesnap::wp_capture::WpOptions,
     done: impl FnOnce() + Send + 'static,
 ) -> Result<livesnap::wp_capture::PreparedWpCapture, livesnap::SnapError> {
     let opts = livesnap::wp_capture::WpOptions {
         parent: parent.map(Path::to_path_buf),
-        pool_bytes,
         on_done: Some(Box::new(move |_| done())),
-        ..Default::default()
+        ..opts
     };
     match dest {
         Dest::File(p) => livesnap::wp_capture::prepare_wp_capture(engine, &p, opts),

@@ -10,7 +10,7 @@
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream, ToSocketAddrs};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::os::unix::process::CommandExt;
@@ -369,6 +369,34 @@ impl StreamWrite for Outgoing {
                 Ok(())
             }
         }
+    }
+
+    /// Shuts a socket down (a duplicate of its descriptor) or kills a
+    /// command's process group, so that a write blocked on a receiver that
+    /// stopped reading returns at once.
+    fn interrupter(&self) -> Option<livesnap::Interrupter> {
+        let fd = match &self.out {
+            Out::Unix(s) => s.as_fd().try_clone_to_owned().ok()?,
+            Out::Tcp(s) => s.as_fd().try_clone_to_owned().ok()?,
+            // A pipe's writes cannot be interrupted (and a duplicate of it
+            // would hold its reader's end-of-file back).
+            Out::Fd(f) if is_socket(f.as_raw_fd()) => f.as_fd().try_clone_to_owned().ok()?,
+            Out::Fd(_) => return None,
+            Out::Exec { child, .. } => {
+                let pgid = child.id() as libc::pid_t;
+                return Some(Box::new(move || {
+                    // SAFETY: kill(2) on the process group this module made
+                    // for the command; it is reaped only after the capture
+                    // (and so every call of this) ended.
+                    unsafe { libc::kill(-pgid, libc::SIGKILL) };
+                }));
+            }
+        };
+        Some(Box::new(move || {
+            // SAFETY: shutdown on a descriptor this closure owns (a pipe
+            // is never given one).
+            unsafe { libc::shutdown(fd.as_raw_fd(), libc::SHUT_RDWR) };
+        }))
     }
 
     fn abandon(&mut self) {
