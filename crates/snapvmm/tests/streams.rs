@@ -8,6 +8,7 @@ mod common;
 
 use common::*;
 use serde_json::json;
+use std::time::Duration;
 
 const GUEST: &[&str] = &["--mem", "256M", "--cmdline", "workload=memwrite region=64M"];
 
@@ -266,4 +267,91 @@ fn quitting_while_listening_leaves_no_socket_file() {
     qb.ok("quit", json!({}));
     assert!(b.wait(T).success());
     assert!(!sock.exists(), "the listening socket is removed at exit");
+}
+
+/// The longest stall the guest reported (`maxgap_us`, per report) among the
+/// lines it prints within `dur`.
+fn longest_gap_within(a: &Running, dur: Duration) -> u64 {
+    let end = std::time::Instant::now() + dur;
+    let mut longest = 0;
+    while let Ok(l) = a
+        .lines
+        .recv_timeout(end.saturating_duration_since(std::time::Instant::now()))
+    {
+        if let Some(v) = l
+            .split_whitespace()
+            .find_map(|kv| kv.strip_prefix("maxgap_us="))
+            .and_then(|v| v.parse::<u64>().ok())
+        {
+            longest = longest.max(v);
+        }
+    }
+    longest
+}
+
+#[test]
+fn a_destination_that_never_reads_never_stops_the_guest() {
+    let d = TempDir::new("deaf");
+    let (mut a, mut qa) = source(&d);
+    // A unix listener that never accepts nor reads, and a command that
+    // never reads its input.
+    let deaf = d.path("deaf.sock");
+    let _listener = std::os::unix::net::UnixListener::bind(&deaf).unwrap();
+    let deaf = format!("unix:{}", deaf.display());
+    // 1. A pool too small for the guest's writes: once it is full the
+    // guest's write waits at most the stall limit, then the snapshot is
+    // abandoned and the guest runs on.
+    qa.ok(
+        "migrate-set-parameters",
+        json!({"x-snapshot-method": "uffd", "x-wp-pool-size": 2 << 20,
+               "x-wp-pool-max-size": 2 << 20, "x-wp-stall-limit-ms": 300}),
+    );
+    for uri in [deaf.as_str(), "exec:sleep 30"] {
+        while a.lines.try_recv().is_ok() {}
+        let t = std::time::Instant::now();
+        let m = failed_snapshot(&mut qa, uri);
+        let e = m["error-desc"].as_str().unwrap();
+        assert!(e.contains("took no data"), "{uri}: {m}");
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "{uri}: {:?}",
+            t.elapsed()
+        );
+        let gap = longest_gap_within(&a, Duration::from_millis(1500));
+        assert!(gap < 1_000_000, "{uri}: the guest stalled {gap} us");
+        still_running(&a, &mut qa);
+    }
+    // 2. The default pool holds the guest's hot set: the snapshot waits for
+    // the destination with the guest running; migrate_cancel ends it at once.
+    qa.ok(
+        "migrate-set-parameters",
+        json!({"x-wp-pool-size": 64 << 20, "x-wp-pool-max-size": 256 << 20,
+               "x-wp-stall-limit-ms": 500}),
+    );
+    for uri in [deaf.as_str(), "exec:sleep 30"] {
+        qa.ok("migrate", json!({ "uri": uri }));
+        let gap = longest_gap_within(&a, Duration::from_millis(1500));
+        assert!(gap < 1_000_000, "{uri}: the guest stalled {gap} us");
+        assert_eq!(qa.ok("query-migrate", json!({}))["status"], "active");
+        let t = std::time::Instant::now();
+        qa.ok("migrate_cancel", json!({}));
+        let m = qa.wait_migration(T);
+        assert_eq!(m["status"], "cancelled", "{uri}: {m}");
+        assert!(
+            t.elapsed() < Duration::from_secs(1),
+            "{uri}: cancel took {:?}",
+            t.elapsed()
+        );
+        still_running(&a, &mut qa);
+    }
+    // Nothing was lost: the next snapshot works and restores.
+    let f = d.path("after.snap");
+    completed(&live_snapshot(&mut qa, &f));
+    restores_from(&d, "b", &format!("file:{}", f.display()));
+    // 3. quit exits even while a snapshot waits on a deaf destination.
+    qa.ok("migrate", json!({ "uri": deaf }));
+    std::thread::sleep(Duration::from_millis(300));
+    qa.send("quit", json!({}));
+    let st = a.wait(Duration::from_secs(10));
+    assert!(st.success(), "{st:?}");
 }
