@@ -202,7 +202,11 @@ def snapshot(g, method, image, settled_at, after):
     else:
         pause_ms = float(m["downtime"])
     st = os.stat(image)
+    waits = m.get("x-write-protect", {}).get("fault-waits", {}).get("all", {})
     return {
+        "fault_p99_ms": waits["p99-us"] / 1000 if waits else None,
+        "fault_max_ms": waits["max-us"] / 1000 if waits else None,
+        "faults": waits.get("count"),
         "pause_ms": pause_ms,
         "guest_maxgap_ms": max((r[2] for r in during), default=0) / 1000,
         "maxgap_before_ms": statistics.median([r[2] for r in steady] or [0]) / 1000,
@@ -279,9 +283,9 @@ def med(xs):
 def tables(a, snaps, restores, disks):
     print(f"Reference guest, 1 vCPU, memwrite over 7/8 of RAM{'' if a.hot == 100 else f', hot={a.hot}'}; "
           f"{a.snapshots} interleaved rounds; medians (min–max)\n")
-    print("| RAM | VMM | pause (VMM) | guest felt (usual) | total (plain write) | extra host mem | image "
-          "| guest page writes/s: before → inside → after |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| RAM | VMM | pause (VMM) | guest felt: median, max (usual) | fault waits p99 / max (VMM) "
+          "| total (plain write) | extra host mem | image | guest page writes/s: before → inside → after |")
+    print("|---|---|---|---|---|---|---|---|---|")
     def mm(xs, key, digits):
         v = med([r[key] for r in xs])
         return "–" if v is None else f"{v / 1e6:.{digits}f}M"
@@ -292,15 +296,22 @@ def tables(a, snaps, restores, disks):
             if not xs:
                 continue
             p = [r["pause_ms"] for r in xs]
+            felt = [r["guest_maxgap_ms"] for r in xs]
+            p99 = [r.get("fault_p99_ms") for r in xs if r.get("fault_p99_ms") is not None]
+            fmax = [r.get("fault_max_ms") for r in xs if r.get("fault_max_ms") is not None]
+            waits = f"{med(p99):.2f} / {max(fmax):.2f} ms" if p99 else "–"
             print(f"| {size} | {label(vmm, method)} | {med(p):.2f} ms ({min(p):.2f}–{max(p):.2f}) "
-                  f"| {med([r['guest_maxgap_ms'] for r in xs]):.1f} ms ({med([r['maxgap_before_ms'] for r in xs]):.1f}) "
+                  f"| {med(felt):.1f}, {max(felt):.1f} ms ({med([r['maxgap_before_ms'] for r in xs]):.1f}) "
+                  f"| {waits} "
                   f"| {med([r['total_ms'] for r in xs]):.0f} ms ({med([r['plain_ms'] for r in xs]):.0f}) "
                   f"| {med([r['extra_mib'] for r in xs]):.0f} MiB ({max(r['extra_mib'] for r in xs):.0f} max) "
                   f"| {med([r['image_mib'] for r in xs]):.0f} MiB "
                   f"| {mm(xs, 'rate_before', 1)} → {mm(xs, 'rate_inside', 2)} "
                   f"(covering: {mm(xs, 'rate_during', 2)}) → {mm(xs, 'rate_after', 1)} |")
     print("\npause: snapvmm x-downtime-us, QEMU `downtime` (whole ms); guest felt: longest gap between two page "
-          "writes in the reports covering the capture (usual: median before); total: query-migrate total-time + "
+          "writes in the reports covering the capture, median and max over the rounds (usual: median before); "
+          "fault waits: the write-protect engine's per-fault wait (x-write-protect fault-waits, all causes), "
+          "median of the rounds' p99 and the longest; total: query-migrate total-time + "
           "fsync of the image (plain: the image's bytes at this round's plain-write speed); inside: median of "
           "per-second reports wholly inside the capture, covering: the reports that overlap it.")
     if restores:
