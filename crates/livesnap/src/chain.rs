@@ -133,7 +133,23 @@ impl Chain {
     /// Writes the chain's RAM and the newest device state as one full image
     /// at `dest` (atomically: a temp file renamed into place). Returns the
     /// bytes of RAM written (zero pages stay holes).
+    ///
+    /// Refused when `dest` is an image of this chain (the same file, through
+    /// any symlink or hard link): replacing it would lose the images that
+    /// depend on it.
     pub fn squash(&self, dest: &Path) -> Result<u64> {
+        if let Ok(d) = std::fs::metadata(dest) {
+            use std::os::unix::fs::MetadataExt;
+            for p in self.paths() {
+                if std::fs::metadata(p).is_ok_and(|m| (m.dev(), m.ino()) == (d.dev(), d.ino())) {
+                    return Err(SnapError::InvalidInput(format!(
+                        "{} is {}, an image of the chain being squashed: write the squashed image elsewhere",
+                        dest.display(),
+                        p.display()
+                    )));
+                }
+            }
+        }
         let top = self.top();
         let ranges: Vec<(u64, u64)> = top.ranges().iter().map(|r| (r.gpa, r.len)).collect();
         let dev = top.device_state()?;

@@ -120,6 +120,23 @@ fn a_chain_reads_as_memory_at_the_last_cut_and_holds_only_what_changed() {
     assert!(v == at_inc2);
     assert_eq!(img.device_state().unwrap(), b"dev");
 
+    // Squashing over an image of its own chain is refused (by name, through
+    // a symlink, through a hard link), and nothing of the chain is lost.
+    let link = dir.path().join("link-to-full.snap");
+    std::os::unix::fs::symlink(&full, &link).unwrap();
+    let hard = dir.path().join("hard-inc1.snap");
+    std::fs::hard_link(&inc1, &hard).unwrap();
+    for dest in [&full, &inc1, &inc2, &link, &hard] {
+        let r = chain.squash(dest);
+        assert!(
+            matches!(&r, Err(SnapError::InvalidInput(m)) if m.contains("an image of the chain")),
+            "{}: {r:?}",
+            dest.display()
+        );
+    }
+    assert!(chain_ram(&inc2) == at_inc2, "the chain is intact");
+    assert!(chain_ram(&inc1) == at_inc1, "the chain is intact");
+
     // The chain as a page source (what a lazy restore reads).
     let mut b = vec![0u8; CHUNK as usize];
     let off = img.ranges()[0].file_offset + 11 * CHUNK;

@@ -285,6 +285,13 @@ fn story(args: &DemoArgs, mem: u64, dir: &Path) -> Result<u8> {
         done["x-vcpu-pause-us"], done["x-state-save-us"], done["x-fork-us"]
     );
     println!("   longest stall the guest itself felt around the snapshot: {felt} us");
+    let w = &done["x-write-protect"]["fault-waits"];
+    if w.is_object() {
+        println!(
+            "   the guest's writes that faulted during the copy: {} held for {} us median, {} us p99, {} us at most ({} waited for a copy buffer)",
+            w["all"]["count"], w["all"]["p50-us"], w["all"]["p99-us"], w["all"]["max-us"], w["buffer"]["count"]
+        );
+    }
     println!(
         "   {} MiB of RAM written at {:.0} MB/s; image {} MiB on disk ({} MiB of {} MiB RAM were zero: holes)",
         bytes >> 20,

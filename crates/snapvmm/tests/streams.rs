@@ -355,3 +355,34 @@ fn a_destination_that_never_reads_never_stops_the_guest() {
     let st = a.wait(Duration::from_secs(10));
     assert!(st.success(), "{st:?}");
 }
+
+#[test]
+fn a_failed_stop_and_copy_resumes_a_guest_that_ran() {
+    let d = TempDir::new("scfail");
+    let (a, mut qa) = source(&d);
+    qa.ok(
+        "migrate-set-capabilities",
+        json!({"capabilities": [{"capability": "events", "state": true}]}),
+    );
+    // Without background-snapshot: the guest stops for the copy, which fails.
+    let r = qa.cmd("migrate", json!({"uri": "exec:exit 1"}));
+    let m = qa.wait_migration(T);
+    assert_eq!(m["status"], "failed", "{r} {m}");
+    assert_eq!(wait_settled(&mut qa), "running", "{m}");
+    let names = qa.event_names();
+    let stop = names.iter().position(|n| n == "STOP");
+    let resume = names.iter().rposition(|n| n == "RESUME");
+    assert!(
+        matches!((stop, resume), (Some(s), Some(r)) if s < r),
+        "{names:?}"
+    );
+    still_running(&a, &mut qa);
+    // A paused guest stays paused when its copy fails.
+    qa.ok("stop", json!({}));
+    qa.cmd("migrate", json!({"uri": "exec:exit 1"}));
+    assert_eq!(qa.wait_migration(T)["status"], "failed");
+    assert_eq!(qa.ok("query-status", json!({}))["status"], "paused");
+    qa.ok("cont", json!({}));
+    still_running(&a, &mut qa);
+    qa.ok("quit", json!({}));
+}

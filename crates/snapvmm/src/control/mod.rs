@@ -360,6 +360,7 @@ impl Controller {
                 let state = state.to_bytes();
                 job.state_time += t.elapsed();
                 job.resume_after = job.resume_after && c.was_running;
+                job.was_running = c.was_running;
                 if c.was_running {
                     self.set_status(RunState::Paused);
                 }
@@ -565,7 +566,6 @@ impl Controller {
         }
         let total = job.started_elapsed();
         job.total_time = Some(total);
-        let resume = job.resume_after;
         let end = match r {
             Ok(stats) => {
                 job.stats = Some(stats);
@@ -576,6 +576,8 @@ impl Controller {
                 Status::Failed
             }
         };
+        // A failed one resumes a guest that ran, as QEMU resumes the source.
+        let resume = job.resume_after || (end == Status::Failed && job.was_running);
         if resume {
             job.downtime = total;
             self.machine.resume();
@@ -584,7 +586,7 @@ impl Controller {
             job.downtime = total;
             self.set_status(RunState::Postmigrate);
         } else {
-            // A failed stop-and-copy leaves the VM as it was before: paused.
+            // A failed stop-and-copy of a paused VM leaves it paused.
             job.downtime = total;
         }
         let _ = self.migration.set_status(end, &self.events);

@@ -78,6 +78,9 @@ pub struct Job {
     pub method: Method,
     /// The VM resumes after a stop-and-copy (background-snapshot with method stop).
     pub resume_after: bool,
+    /// The guest ran when the stop-and-copy cut it: a failed one resumes it
+    /// (as QEMU resumes the source of a failed migration).
+    pub was_running: bool,
     started: Instant,
     pub setup_time: Duration,
     /// The guest pause caused by the snapshot (vCPUs paused → resumed).
@@ -360,6 +363,7 @@ impl Migration {
             status: Status::Setup,
             method,
             resume_after: self.background_snapshot,
+            was_running: false,
             started: Instant::now(),
             setup_time: Duration::ZERO,
             downtime: Duration::ZERO,
@@ -1008,6 +1012,24 @@ mod tests {
         assert_eq!(m.effective_method(), Method::Uffd);
         assert_eq!(m.query_parameters()["x-wp-pool-size"], 16 << 20);
         assert_eq!(m.query_parameters()["x-snapshot-method"], "uffd");
+        // What the pool may grow to (never below the pool) and the stall limit.
+        assert_eq!(m.query_parameters()["x-wp-pool-max-size"], 256 << 20);
+        assert_eq!(m.query_parameters()["x-wp-stall-limit-ms"], 500);
+        let mut p = serde_json::Map::new();
+        p.insert("x-wp-pool-max-size".into(), json!(4 << 20));
+        p.insert("x-wp-stall-limit-ms".into(), json!(0));
+        assert!(m.set_parameters(&p).is_err(), "a zero stall limit");
+        assert_eq!(
+            m.query_parameters()["x-wp-pool-max-size"],
+            256 << 20,
+            "all or nothing"
+        );
+        p.insert("x-wp-stall-limit-ms".into(), json!(250));
+        m.set_parameters(&p).unwrap();
+        let o = m.wp_options();
+        assert_eq!((o.pool_bytes, o.pool_max_bytes), (16 << 20, 16 << 20));
+        assert_eq!(o.stall_limit, Duration::from_millis(250));
+        assert_eq!(m.query_parameters()["x-wp-pool-max-size"], 16 << 20);
         assert_eq!(parse_uri("file:/x").unwrap(), PathBuf::from("/x"));
         assert!(parse_uri("tcp:1.2.3.4:5").is_err());
         assert!(parse_uri("file:/x,offset=4").is_err());
