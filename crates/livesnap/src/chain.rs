@@ -51,6 +51,9 @@ impl Chain {
                 path: p.clone(),
                 source: Box::new(e),
             })?;
+            if layers.iter().any(|(_, i)| i.id() == parent.id()) {
+                return Err(SnapError::ChainLoop(p));
+            }
             if parent.id() != want {
                 return Err(SnapError::ParentChanged {
                     path: p,

@@ -67,7 +67,11 @@ pub enum SnapError {
         /// Identity of the file found.
         found: String,
     },
-    /// A chain of incremental images longer than the format allows (a loop?).
+    /// A chain of incremental images that comes back to an image already in
+    /// it (crafted, or files swapped): it would never reach a full image.
+    #[error("incremental snapshot chain loops: {} is an image already in the chain", .0.display())]
+    ChainLoop(PathBuf),
+    /// A chain of incremental images longer than the format allows.
     #[error("incremental snapshot chain longer than {0} images")]
     ChainTooLong(usize),
     /// The file does not start with the snapvmm magic: not a snapshot image.

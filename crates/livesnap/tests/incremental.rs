@@ -231,3 +231,29 @@ fn a_failed_capture_keeps_the_record_of_changes() {
     assert_eq!(unchanged, (LEN as u64 / CHUNK) - 3);
     assert!(chain_ram(&inc) == mem.bytes());
 }
+
+#[test]
+fn a_chain_that_loops_is_reported_as_a_loop() {
+    let mut mem = Mem::new(LEN);
+    fill_dense(mem.words_mut(), 4);
+    let Some(engine) = engine(&mem) else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let (full, inc) = (dir.path().join("full.snap"), dir.path().join("inc.snap"));
+    capture(&engine, &full, None).unwrap();
+    touch(&mut mem, &[1], 0x11);
+    capture(&engine, &inc, Some(&full)).unwrap();
+    // The incremental image made its own parent (valid checksums), and put
+    // where its parent was: it now names itself as its parent.
+    let mut b = std::fs::read(&inc).unwrap();
+    b.copy_within(3200..3216, 3216); // parent_id = image_id
+    b.copy_within(48..52, 3232); // parent_dev_crc32 = dev_crc32
+    let crc = crc32fast::hash(&b[..4092]);
+    b[4092..4096].copy_from_slice(&crc.to_le_bytes());
+    std::fs::write(&full, &b).unwrap();
+    let e = Chain::open(&full).err().unwrap();
+    assert!(
+        matches!(&e, SnapError::ChainLoop(p) if p == &full),
+        "{e}"
+    );
+    assert!(e.to_string().contains("loop"), "{e}");
+}

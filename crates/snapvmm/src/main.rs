@@ -21,7 +21,7 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
-            eprintln!("snapvmm: error: {e:#}");
+            eprintln!("snapvmm: error: {}", snapvmm::describe(&e));
             ExitCode::from(1)
         }
     }

@@ -109,7 +109,7 @@ pub(super) fn wait_incoming(
                         return Ok(Some(built));
                     }
                     Err(e) => {
-                        let why = format!("{e:#}");
+                        let why = crate::describe(&e);
                         migration.postcopy_in = None;
                         let _ = migration.fail(why.clone(), &ev);
                         if from_cli {
@@ -127,7 +127,7 @@ pub(super) fn wait_incoming(
                 "an incoming migration is already under way",
             )),
             MigrateIncoming(uri) => match crate::cli::parse_incoming(&uri) {
-                Err(e) => Err(CommandError::generic(format!("{e:#}"))),
+                Err(e) => Err(CommandError::generic(crate::describe(&e))),
                 Ok(crate::snapshot::transport::Uri::File(path)) => {
                     cfg.incoming = Some(path);
                     let t0 = Instant::now();
@@ -148,7 +148,7 @@ pub(super) fn wait_incoming(
                         Ok((m, d)) => return Ok(Some((m, d, Some(reply)))),
                         Err(e) => {
                             cfg.incoming = None;
-                            Err(CommandError::generic(format!("{e:#}")))
+                            Err(CommandError::generic(crate::describe(&e)))
                         }
                     }
                 }

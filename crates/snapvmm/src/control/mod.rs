@@ -682,7 +682,7 @@ impl Controller {
             SystemReset => {
                 self.check(Cmd::SystemReset)?;
                 self.reset(false, "host-qmp-system-reset")
-                    .map_err(|e| CommandError::generic(format!("{e:#}")))?
+                    .map_err(|e| CommandError::generic(crate::describe(&e)))?
             }
             SystemPowerdown => {
                 // The ACPI power button: a guest with ACPI shuts down (S5 through the
@@ -796,7 +796,7 @@ impl Controller {
             }
             Err(e) => {
                 // The old machine is gone: end the VM rather than pretend it runs.
-                self.fail_fatally(format!("reset failed: {e:#}"));
+                self.fail_fatally(format!("reset failed: {}", crate::describe(&e)));
                 return Err(e);
             }
         };

@@ -462,7 +462,7 @@ impl Controller {
         });
         let built = applied.and_then(|disks| {
             super::build_from_state(&self.cfg, &self.tx, super::StartRam::Ram(ram), state, disks)
-                .map_err(|e| SnapshotError::Rebuild(format!("{e:#}")))
+                .map_err(|e| SnapshotError::Rebuild(crate::describe(&e)))
         });
         // A new machine has new RAM: register it again for write-protect captures.
         self.uffd = None;
