@@ -45,8 +45,8 @@ pub use capture::{
 };
 pub use error::{Result, SnapError};
 pub use image::{
-    Image, ImageId, ImageRange, SourceImage, FORMAT_VERSION, HEADER_SIZE, HUGE_ALIGN, INCR_CHUNK,
-    MAGIC, MAX_DEVICE_STATE, MAX_RANGES, PAGE_SIZE,
+    open_regular, Image, ImageId, ImageRange, SourceImage, FORMAT_VERSION, HEADER_SIZE, HUGE_ALIGN,
+    INCR_CHUNK, MAGIC, MAX_DEVICE_STATE, MAX_RANGES, PAGE_SIZE,
 };
 pub use sink::{capture_stopped_to, ImageSummary, Interrupter, Sink};
 pub use source::{ImageBacking, Source};

@@ -251,9 +251,6 @@ fn a_chain_that_loops_is_reported_as_a_loop() {
     b[4092..4096].copy_from_slice(&crc.to_le_bytes());
     std::fs::write(&full, &b).unwrap();
     let e = Chain::open(&full).err().unwrap();
-    assert!(
-        matches!(&e, SnapError::ChainLoop(p) if p == &full),
-        "{e}"
-    );
+    assert!(matches!(&e, SnapError::ChainLoop(p) if p == &full), "{e}");
     assert!(e.to_string().contains("loop"), "{e}");
 }

@@ -44,7 +44,10 @@ mod tests {
         let e = anyhow::Error::new(lib).context("cannot restore from /x");
         let text = super::describe(&e);
         assert_eq!(text.matches("entity not found").count(), 1, "{text}");
-        assert!(text.starts_with("cannot restore from /x: open /x: "), "{text}");
+        assert!(
+            text.starts_with("cannot restore from /x: open /x: "),
+            "{text}"
+        );
         let e = anyhow::anyhow!("inner").context("outer");
         assert_eq!(super::describe(&e), "outer: inner");
     }

@@ -162,3 +162,66 @@ fn incremental_snapshots_hold_what_changed_and_restore_as_a_chain() {
     qg.ok("quit", json!({}));
     assert!(g.wait(T).success());
 }
+
+#[test]
+fn a_fifo_is_refused_wherever_an_image_is_read() {
+    let d = TempDir::new("fifo");
+    let fifo = d.path("image.fifo");
+    let st = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let f = fifo.to_str().unwrap();
+    // The command line: squash-image and --incoming end at once, saying why.
+    let out = d.path("out.snap");
+    let o = run_with_timeout(snapvmm(&["squash-image", f, out.to_str().unwrap()]), T);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("not a regular file (a FIFO)"),
+        "{}",
+        stderr(&o)
+    );
+    let o = run_with_timeout(snapvmm(&["run", "--incoming", &uri(&fifo)]), T);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("not a regular file (a FIFO)"),
+        "{}",
+        stderr(&o)
+    );
+    // QMP: a FIFO as the parent of an incremental snapshot, or as the image
+    // of migrate-incoming, gets an answer; a second client is answered too.
+    let (_a, mut qa) = start_vm(
+        &d,
+        "a",
+        "1",
+        &["--mem", "64M", "--cmdline", "workload=memwrite region=8M"],
+    );
+    qa.ok(
+        "migrate-set-parameters",
+        json!({"x-snapshot-method": "uffd", "x-parent": uri(&fifo)}),
+    );
+    qa.ok(
+        "migrate-set-capabilities",
+        json!({"capabilities": [{"capability": "background-snapshot", "state": true}]}),
+    );
+    let r = qa.cmd("migrate", json!({"uri": uri(&d.path("inc.snap"))}));
+    let m = qa.wait_migration(T);
+    let why = r["error"]["desc"]
+        .as_str()
+        .or(m["error-desc"].as_str())
+        .unwrap_or_default()
+        .to_string();
+    assert!(why.contains("not a regular file (a FIFO)"), "{r} {m}");
+    let mut second = Qmp::connect(&d.path("a.sock"));
+    assert_eq!(second.ok("query-status", json!({}))["status"], "running");
+    let (_b, mut qb) = start_vm(&d, "b", "1", &["--incoming", "defer"]);
+    let r = qb.cmd("migrate-incoming", json!({"uri": uri(&fifo)}));
+    assert!(
+        r["error"]["desc"]
+            .as_str()
+            .is_some_and(|e| e.contains("not a regular file (a FIFO)")),
+        "{r}"
+    );
+    qa.ok("quit", json!({}));
+}

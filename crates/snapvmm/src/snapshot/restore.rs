@@ -120,7 +120,7 @@ pub fn from_file(
     let t0 = Instant::now();
     if is_stream_file(path) {
         // Written front to back (`migrate exec:cat > FILE`): read like a stream.
-        let f = std::fs::File::open(path).map_err(|e| {
+        let f = livesnap::open_regular(path).map_err(|e| {
             RestoreError::Image(SnapError::Io {
                 context: format!("open {}", path.display()),
                 source: e,
@@ -180,7 +180,7 @@ pub fn from_file(
 pub fn is_stream_file(path: &Path) -> bool {
     use std::io::Read;
     let mut magic = [0u8; 8];
-    std::fs::File::open(path)
+    livesnap::open_regular(path)
         .and_then(|mut f| f.read_exact(&mut magic))
         .is_ok_and(|()| livesnap::stream::is_stream(&magic))
 }

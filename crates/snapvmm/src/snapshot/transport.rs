@@ -435,7 +435,7 @@ impl Listening {
     pub fn bind(uri: &Uri) -> io::Result<Listening> {
         Ok(match uri {
             Uri::File(p) => Listening::Ready(Some(Incoming {
-                r: Box::new(File::open(p).map_err(|e| {
+                r: Box::new(livesnap::open_regular(p).map_err(|e| {
                     io::Error::new(e.kind(), format!("cannot open {}: {e}", p.display()))
                 })?),
                 sock: None,
