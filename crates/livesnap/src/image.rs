@@ -802,6 +802,37 @@ impl<B: ImageBacking> Image<B> {
     }
 }
 
+/// Opens `path` for reading if it is a regular file; anything else (a FIFO,
+/// a device, a socket, a directory) is refused at once — a FIFO without a
+/// writer would otherwise block the open, and its reader, for ever.
+pub fn open_regular(path: &Path) -> io::Result<File> {
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)?;
+    let t = f.metadata()?.file_type();
+    if !t.is_file() {
+        let what = if t.is_fifo() {
+            "a FIFO"
+        } else if t.is_dir() {
+            "a directory"
+        } else if t.is_socket() {
+            "a socket"
+        } else {
+            "a device"
+        };
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("not a regular file ({what}): images are read from regular files only"),
+        ));
+    }
+    // Back to blocking reads (a regular file ignores the flag anyway).
+    // SAFETY: fcntl on a descriptor this function owns; no memory is involved.
+    unsafe { libc::fcntl(f.as_raw_fd(), libc::F_SETFL, 0) };
+    Ok(f)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -832,35 +863,4 @@ mod tests {
         assert!(Header::layout(&[(0, 4096)], MAX_DEVICE_STATE + 1).is_err());
         assert!(Header::layout(&[(u64::MAX - 4095, 8192)], 0).is_err());
     }
-}
-
-/// Opens `path` for reading if it is a regular file; anything else (a FIFO,
-/// a device, a socket, a directory) is refused at once — a FIFO without a
-/// writer would otherwise block the open, and its reader, for ever.
-pub fn open_regular(path: &Path) -> io::Result<File> {
-    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
-        .open(path)?;
-    let t = f.metadata()?.file_type();
-    if !t.is_file() {
-        let what = if t.is_fifo() {
-            "a FIFO"
-        } else if t.is_dir() {
-            "a directory"
-        } else if t.is_socket() {
-            "a socket"
-        } else {
-            "a device"
-        };
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!("not a regular file ({what}): images are read from regular files only"),
-        ));
-    }
-    // Back to blocking reads (a regular file ignores the flag anyway).
-    // SAFETY: fcntl on a descriptor this function owns; no memory is involved.
-    unsafe { libc::fcntl(f.as_raw_fd(), libc::F_SETFL, 0) };
-    Ok(f)
 }
