@@ -189,6 +189,7 @@ def snapshot(vm, image, after):
         "rate_after_1s": rate(vm.reports, t_done + 1.0, t_done + 2.0),
         "rate_after": rate(vm.reports, t_done + 1.0, t_done + 1.0 + after),
         "huge_pages": m.get("x-huge-pages-rebuilt"),
+        "write_protect": m.get("x-write-protect"),
     }
 
 
