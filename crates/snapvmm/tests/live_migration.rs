@@ -344,8 +344,10 @@ fn killing_either_side_after_the_switch_never_makes_two_guests() {
             assert_ne!(qa.ok("query-status", json!({}))["status"], "running", "{m}");
             let r = qa.cmd("cont", json!({}));
             assert!(r.get("error").is_some(), "{r}");
-            a.signal("TERM");
-            a.wait(T);
+            // quit ends it even so, saying what is given up.
+            qa.send("quit", json!({}));
+            let st = a.wait(Duration::from_secs(10));
+            assert!(st.success(), "{st:?}");
         } else {
             a.signal("KILL");
             a.wait(T);

@@ -19,6 +19,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use livesnap::postcopy::{PostcopySender, SourceEvent, TargetEvent};
 use livesnap::precopy::{Precopy, PrecopyEvent, WriteLog};
 use qmp::{CommandError, RunState};
+use serde_json::json;
 
 use super::event::AppEvent;
 use super::Controller;
@@ -255,12 +256,33 @@ impl Controller {
         if self.quit_after_migration && !self.migration.active() {
             tracing::info!("the live migration ended: quitting as asked");
             self.exit = Some(0);
+        } else if self.quit_after_migration && self.postcopy_paused() {
+            self.quit_giving_up();
         }
     }
 
+    /// `quit` of a source whose live migration is paused: nothing ends it
+    /// by itself, so the process ends now, saying what is lost.
+    fn quit_giving_up(&mut self) {
+        tracing::warn!(
+            "quit: the live migration is paused (the target is gone or cut off); the guest RAM the target still lacks is given up with this process: the guest there cannot go on, and it does not run here"
+        );
+        self.emit(
+            "SHUTDOWN",
+            Some(json!({"guest": false, "reason": "host-qmp-quit"})),
+        );
+        self.exit = Some(0);
+    }
+
     /// `quit` while the target still needs this VM's RAM: the process ends
-    /// once the migration does (SIGTERM still ends it at once).
+    /// once the migration does (SIGTERM still ends it at once), or at once
+    /// when the migration is paused (see [`Self::quit_giving_up`]).
     pub(super) fn quit_needs_to_wait(&mut self) -> bool {
+        if self.migration.migrated_away() && self.postcopy_paused() {
+            self.quit_after_migration = true;
+            self.quit_giving_up();
+            return true;
+        }
         let needed = self.migration.active() && self.migration.migrated_away();
         if needed {
             tracing::warn!(
