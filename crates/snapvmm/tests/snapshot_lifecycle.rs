@@ -757,3 +757,56 @@ fn snapshot_of_small_vm(d: &TempDir, image: &Path) {
     assert_eq!(live_snapshot(&mut qa, image)["status"], "completed");
     qa.ok("quit", json!({}));
 }
+
+#[test]
+fn an_image_whose_guest_cannot_run_is_a_failed_restore() {
+    let d = TempDir::new("crafted");
+    let (_a, mut qa) = start_vm(
+        &d,
+        "a",
+        "1",
+        &["--mem", "64M", "--cmdline", "workload=memwrite region=8M"],
+    );
+    let image = d.path("vm.snap");
+    let m = live_snapshot(&mut qa, &image);
+    assert_eq!(m["status"], "completed", "{m}");
+    qa.ok("quit", json!({}));
+    // Guest RAM zeroed: the header and device state keep valid checksums
+    // (RAM has none), but nothing the vCPU runs is there any more.
+    let ranges = livesnap::Image::open(&image).unwrap().ranges().to_vec();
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&image)
+            .unwrap();
+        for r in ranges {
+            let zeros = vec![0u8; 1 << 20];
+            let mut at = 0;
+            while at < r.len {
+                let n = (r.len - at).min(zeros.len() as u64) as usize;
+                f.write_all_at(&zeros[..n], r.file_offset + at).unwrap();
+                at += n as u64;
+            }
+        }
+    }
+    let uri = format!("file:{}", image.display());
+    // From the command line, in every restore mode: exit 1, saying why.
+    for mode in ["lazy", "copy", "uffd"] {
+        let o = run_with_timeout(
+            snapvmm(&["run", "--incoming", &uri, "--restore-mode", mode]),
+            T,
+        );
+        assert_eq!(o.status.code(), Some(1), "{mode}: {}", stderr(&o));
+        assert!(
+            stderr(&o).contains("the restore failed") && stderr(&o).contains("triple-faulted"),
+            "{mode}: {}",
+            stderr(&o)
+        );
+    }
+    // Through migrate-incoming into a waiting VM: the same.
+    let (mut b, mut qb) = start_vm(&d, "b", "1", &["--incoming", "defer"]);
+    qb.ok("migrate-incoming", json!({ "uri": uri }));
+    let st = b.wait(T);
+    assert_eq!(st.code(), Some(1), "{st:?}");
+}

@@ -143,6 +143,7 @@ pub(super) fn wait_incoming(
                         mode: cfg.restore_mode,
                         warm,
                         load: t0.elapsed(),
+                        at: Instant::now(),
                     });
                     match built {
                         Ok((m, d)) => return Ok(Some((m, d, Some(reply)))),
@@ -211,6 +212,7 @@ fn build_received(
                 mode: restore::RamMode::Copy,
                 warm: false,
                 load: t0.elapsed(),
+                at: Instant::now(),
             });
             Ok(((m, None), disks, None))
         }
@@ -280,6 +282,7 @@ fn build_received(
                 mode: restore::RamMode::Uffd,
                 warm: is_warm,
                 load: t0.elapsed(),
+                at: Instant::now(),
             });
             Ok(((m, Some(fill)), disks, None))
         }

@@ -112,6 +112,7 @@ pub fn run(mut cfg: RunConfig) -> Result<u8> {
         vm_clock_base,
         fatal: None,
         quit_after_migration: false,
+        restored_at: restored.then(Instant::now),
     };
     c.publish_cpus();
     // The guest is here now: a live migration's target tells the source
@@ -189,7 +190,14 @@ pub(crate) struct Controller {
     fatal: Option<String>,
     /// `quit` came while a live migration still needed this VM's RAM.
     quit_after_migration: bool,
+    /// When this VM was restored (from an image, a stream, a live migration
+    /// or `--loadvm`), if it was.
+    restored_at: Option<Instant>,
 }
+
+/// A guest that triple-faults this soon after its restore makes the restore
+/// a failure (see `handle`).
+const RESTORE_GRACE: Duration = Duration::from_secs(2);
 
 impl Controller {
     fn handle(&mut self, ev: AppEvent) -> Result<()> {
@@ -205,6 +213,19 @@ impl Controller {
                     self.machine.flush_serial();
                     self.fail_fatally(format!("vCPU {id} stopped: {why}"));
                     return Ok(());
+                }
+                // Right after a restore, a triple fault means the image did
+                // not hold a machine that runs: a failed restore, not a reset.
+                let at = self.migration.last_restore.as_ref().map(|r| r.at);
+                if let Some(since) = at.or(self.restored_at).map(|t| t.elapsed()) {
+                    if since < RESTORE_GRACE {
+                        self.machine.flush_serial();
+                        self.fail_fatally(format!(
+                            "the restore failed: vCPU {id} triple-faulted {} ms after it (the image does not hold a machine that can run: damaged or crafted?)",
+                            since.as_millis()
+                        ));
+                        return Ok(());
+                    }
                 }
                 // A triple fault: the guest crashed rather than asked; say so.
                 tracing::warn!("vCPU {id} triple-faulted (KVM shutdown exit): the guest is reset");

@@ -169,6 +169,9 @@ pub struct RestoreInfo {
     pub warm: bool,
     /// The command's start to the machine built (state loaded, RAM mapped or being filled).
     pub load: Duration,
+    /// When the machine was built: a guest that triple-faults soon after
+    /// was not restored to anything that runs.
+    pub at: Instant,
 }
 
 impl Default for Migration {
