@@ -386,3 +386,58 @@ fn a_failed_stop_and_copy_resumes_a_guest_that_ran() {
     still_running(&a, &mut qa);
     qa.ok("quit", json!({}));
 }
+
+#[test]
+fn peers_that_stall_or_close_after_the_header_do_not_end_a_waiting_target() {
+    let d = TempDir::new("badpeer");
+    let (_a, mut qa) = source(&d);
+    let f = d.path("vm.stream");
+    completed(&live_snapshot_to(
+        &mut qa,
+        &format!("exec:cat > '{}'", f.display()),
+    ));
+    qa.ok("quit", json!({}));
+    let bytes = std::fs::read(&f).unwrap();
+    // The stream header of one RAM range: 60 bytes.
+    let header = &bytes[..60];
+    // A target waiting on the command line.
+    let sock = d.path("in.sock");
+    let (b, mut qb) = start_vm(
+        &d,
+        "b",
+        "1",
+        &["--incoming", &format!("unix:{}", sock.display())],
+    );
+    let connect = || {
+        let end = std::time::Instant::now() + T;
+        loop {
+            match std::os::unix::net::UnixStream::connect(&sock) {
+                Ok(s) => return s,
+                Err(e) => {
+                    assert!(std::time::Instant::now() < end, "{e}");
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+        }
+    };
+    use std::io::Write;
+    // 1. The header, then the connection closes.
+    connect().write_all(header).unwrap();
+    // 2. The header, then nothing: dropped after a short deadline.
+    let mut stalled = connect();
+    stalled.write_all(header).unwrap();
+    // 3. A real sender, queued behind them: it restores.
+    let mut sender = connect();
+    let t = std::time::Instant::now();
+    sender.write_all(&bytes).unwrap();
+    drop(sender);
+    assert_eq!(wait_settled(&mut qb), "running");
+    assert!(
+        t.elapsed() < Duration::from_secs(30),
+        "the stalled peer held the target for {:?}",
+        t.elapsed()
+    );
+    goes_on_without_corruption(&b, 1);
+    drop(stalled);
+    qb.ok("quit", json!({}));
+}

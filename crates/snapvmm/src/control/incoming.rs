@@ -5,11 +5,15 @@
 //! it delivers ([`AppEvent::Incoming`]). QMP keeps answering meanwhile.
 //!
 //! A connection that does not start with the stream magic (a port scanner,
-//! a stray client) is closed at once and the listener waits for the next
-//! one; anything else that goes wrong fails the incoming migration.
+//! a stray client), or that sends nothing past its stream header within
+//! [`FIRST_WAIT`] (it stalled or closed), is closed and the listener waits
+//! for the next one; a stream that began, then failed, fails the incoming
+//! migration.
 
+use std::io::Read;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
 use super::event::AppEvent;
@@ -70,19 +74,68 @@ fn receive(l: &mut Listening) -> Result<Received, String> {
         match receive_one(inc, &peer) {
             Ok(r) => return Ok(r),
             // A connection that never became a snapvmm stream (a scanner, a
-            // stray client, one that says nothing): closed, the next one may be.
+            // stray client, one that says nothing, or stops or closes right
+            // after its header): closed, the next one may be.
             Err((true, e)) if socket => {
-                tracing::warn!("{peer}: not a snapvmm stream ({e}): connection closed");
+                tracing::warn!(
+                    "{peer}: dropped, no stream began ({e}); waiting for the next sender"
+                );
             }
             Err((_, e)) => return Err(format!("incoming stream from {peer}: {e}")),
         }
     }
 }
 
-/// How long a connection may take to say what it is (the stream header and,
-/// for a live migration, the device state), and an image stream to go on.
-const HEADER_WAIT: Duration = Duration::from_secs(30);
+/// How long a new connection may take to send its stream header and the
+/// first bytes after it: a peer slower than that is dropped, and the
+/// listener serves the next one.
+const FIRST_WAIT: Duration = Duration::from_secs(5);
+/// How long a stream that began may then be silent: the rest of a live
+/// migration's device state, an image stream's records.
 const STREAM_WAIT: Duration = Duration::from_secs(60);
+
+/// The read half of an incoming connection: counts what it read, gives the
+/// connection `then` as its timeout once a byte past `header` bytes came,
+/// and says "timed out" when a read times out.
+struct Watched {
+    file: std::fs::File,
+    sock: OwnedFd,
+    read: Arc<AtomicU64>,
+    header: Arc<AtomicU64>,
+    then: Duration,
+    limit: Duration,
+}
+
+impl Read for Watched {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self.file.read(buf) {
+            Ok(n) => {
+                let before = self.read.fetch_add(n as u64, Ordering::Relaxed);
+                let h = self.header.load(Ordering::Relaxed);
+                if h > 0 && before <= h && before + n as u64 > h {
+                    set_timeout(&self.sock, Some(self.then));
+                    self.limit = self.then;
+                }
+                Ok(n)
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!(
+                        "timed out: the peer sent nothing for {} s",
+                        self.limit.as_secs()
+                    ),
+                ))
+            }
+            Err(e) => Err(e),
+        }
+    }
+}
 
 fn set_timeout(sock: &OwnedFd, t: Option<Duration>) {
     let tv = t.map_or(
@@ -137,16 +190,30 @@ fn receive_one(
             peer: peer.to_string(),
         });
     };
-    let body = |e: RestoreError| (false, e);
-    set_timeout(&sock, Some(HEADER_WAIT));
-    let read_half = sock.try_clone().map_err(|e| {
-        (
-            true,
-            RestoreError::Transport(format!("incoming connection: {e}")),
-        )
-    })?;
-    let (reader, layout) =
-        StreamReader::start(std::fs::File::from(read_half)).map_err(|e| (true, e.into()))?;
+    set_timeout(&sock, Some(FIRST_WAIT));
+    let dup = |s: &OwnedFd| {
+        s.try_clone().map_err(|e| {
+            (
+                true,
+                RestoreError::Transport(format!("incoming connection: {e}")),
+            )
+        })
+    };
+    let (read, header) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let watched = Watched {
+        file: std::fs::File::from(dup(&sock)?),
+        sock: dup(&sock)?,
+        read: read.clone(),
+        header: header.clone(),
+        then: STREAM_WAIT,
+        limit: FIRST_WAIT,
+    };
+    let (reader, layout) = StreamReader::start(watched).map_err(|e| (true, e.into()))?;
+    // Nothing past the header yet: a failure now is a bad peer, not a
+    // stream that began (the listener goes on).
+    let at_header = read.load(Ordering::Relaxed);
+    header.store(at_header, Ordering::Relaxed);
+    let body = |e: RestoreError| (read.load(Ordering::Relaxed) <= at_header, e);
     if layout.live {
         let t0 = std::time::Instant::now();
         let mem = restore::check_stream_layout(&layout).map_err(body)?;
@@ -175,7 +242,8 @@ fn receive_one(
             peer: peer.to_string(),
         });
     }
-    set_timeout(&sock, Some(STREAM_WAIT));
+    // The connection's timeout becomes STREAM_WAIT with the first bytes
+    // past the header (Watched).
     let (restored, got) = restore::from_started_stream(reader, &layout).map_err(body)?;
     Ok(Received::Image {
         restored,
