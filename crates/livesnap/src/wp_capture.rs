@@ -495,22 +495,6 @@ fn launch(
     );
     counters.direct_io.store(direct, Ordering::Relaxed);
     let pool_total = (opts.pool_bytes / CHUNK).max(1) as usize;
-    // The pool is made now, with the guest running, and every page of it
-    // touched: a fault in the capture then never waits for memory to be
-    // mapped (nor for the address-space lock that mapping takes).
-    let mut pool = Vec::with_capacity(pool_total);
-    for _ in 0..pool_total {
-        let mut b = AlignedBuf::new(CHUNK as usize).ok_or_else(|| {
-            SnapError::io(
-                "allocate the copy buffers",
-                std::io::Error::from(std::io::ErrorKind::OutOfMemory),
-            )
-        })?;
-        for p in b.chunks_mut(PAGE_SIZE as usize) {
-            p[0] = 0;
-        }
-        pool.push(b);
-    }
     let wp = Arc::new(Wp {
         engine: engine.clone(),
         state: engine.chunks.iter().map(|_| AtomicU8::new(FREE)).collect(),
@@ -519,12 +503,12 @@ fn launch(
         id: Mutex::new(None),
         out,
         counters: counters.clone(),
-        pool: Mutex::new(pool),
+        pool: Mutex::new(Vec::new()),
         pool_cv: std::sync::Condvar::new(),
         pool_total,
         pool_max: ((opts.pool_max_bytes / CHUNK) as usize).max(pool_total),
         stall_limit: opts.stall_limit,
-        allocated: std::sync::atomic::AtomicUsize::new(pool_total),
+        allocated: std::sync::atomic::AtomicUsize::new(0),
         first_error: Mutex::new(None),
         gave_up: std::sync::atomic::AtomicBool::new(false),
         direct_ok: std::sync::atomic::AtomicBool::new(direct),
