@@ -460,9 +460,13 @@ def main():
     mode = ap.add_mutually_exclusive_group()
     mode.add_argument("--fresh", action="store_true", help="boot a new VM for every snapshot")
     mode.add_argument("--keep", action="store_true", help="keep both VMs booted (the idle one stopped)")
+    ap.add_argument("--kinds", default="fork,uffd,qemu",
+                    help="which of snapvmm fork, snapvmm uffd and QEMU to run (for quick comparisons)")
     ap.add_argument("--json")
     ap.add_argument("--chart")
     a = ap.parse_args()
+    want = a.kinds.split(",")
+    kinds = [k for k in KINDS if (k[1] if k[0] == "snapvmm" else k[0]) in want]
     if not 1 <= a.hot <= 100:
         sys.exit("--hot must be 1..100")
     if not shutil.which(a.qemu):
@@ -484,7 +488,7 @@ def main():
         for rnd in range(a.snapshots):
             disk_s = plain_write_s(os.path.join(a.dir, "vsq-plain.bin"), region)
             disks.append({"size": size, "round": rnd + 1, "mbps": region / disk_s / 1e6})
-            for vmm, method in KINDS:
+            for vmm, method in kinds:
                 if fresh or vmm not in vms:
                     for other in list(vms):
                         if fresh:
