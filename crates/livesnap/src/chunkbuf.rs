@@ -1,14 +1,14 @@
-//! A page-aligned, zero-initialised buffer of fixed length: what direct
-//! I/O (`O_DIRECT`) may write from.
+//! A page-aligned, zero-initialised buffer of fixed length whose memory is
+//! mapped at once: what direct I/O (`O_DIRECT`) may write from, and what a
+//! fault handler may copy into without taking a page fault per 4 KiB.
 
-use std::alloc::{alloc_zeroed, dealloc, Layout};
 use std::ops::{Deref, DerefMut};
 use std::ptr::NonNull;
 
 /// Alignment of every buffer: a page, enough for any logical block size.
 pub const BUF_ALIGN: usize = 4096;
 
-/// An owned, page-aligned byte buffer.
+/// An owned, page-aligned byte buffer, populated when made.
 pub struct AlignedBuf {
     ptr: NonNull<u8>,
     len: usize,
@@ -20,20 +20,36 @@ unsafe impl Send for AlignedBuf {}
 unsafe impl Sync for AlignedBuf {}
 
 impl AlignedBuf {
-    /// `len` zero bytes (`len` > 0), page-aligned; `None` when memory is short.
+    /// `len` zero bytes (`len` > 0), page-aligned and already backed by
+    /// memory (`MAP_POPULATE`: one call instead of a fault per page — on
+    /// these hosts a first touch costs 6–13 µs a page, 7 ms for 2 MiB);
+    /// `None` when memory is short.
     pub fn new(len: usize) -> Option<AlignedBuf> {
-        let layout = Layout::from_size_align(len.max(1), BUF_ALIGN).ok()?;
-        // SAFETY: the layout has a non-zero size.
-        let p = unsafe { alloc_zeroed(layout) };
-        NonNull::new(p).map(|ptr| AlignedBuf { ptr, len })
+        let len = len.max(1);
+        // SAFETY: an anonymous private mapping with no address hint; the
+        // result is checked against MAP_FAILED.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_POPULATE,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return None;
+        }
+        NonNull::new(p.cast()).map(|ptr| AlignedBuf { ptr, len })
     }
 }
 
 impl Deref for AlignedBuf {
     type Target = [u8];
     fn deref(&self) -> &[u8] {
-        // SAFETY: `ptr` holds `len` initialised (zeroed, then written) bytes
-        // owned by self.
+        // SAFETY: `ptr` maps `len` bytes owned by self, zeroed by the kernel
+        // and written only through &mut self.
         unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
     }
 }
@@ -47,9 +63,8 @@ impl DerefMut for AlignedBuf {
 
 impl Drop for AlignedBuf {
     fn drop(&mut self) {
-        let layout = Layout::from_size_align(self.len.max(1), BUF_ALIGN).expect("checked at new");
-        // SAFETY: allocated in `new` with this very layout, freed once.
-        unsafe { dealloc(self.ptr.as_ptr(), layout) };
+        // SAFETY: unmaps exactly the mapping made in `new`, once.
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
     }
 }
 

@@ -10,9 +10,11 @@
 //!   pool grow toward its cap when that takes longer than [`GROW_AFTER`],
 //!   and, when the destination takes nothing for the stall limit, abandons
 //!   the capture so that the guest runs on ([`SnapError::DestinationStalled`]);
-//! - a **writer** thread writes the handler's buffers first, walks RAM in
-//!   order writing every chunk nobody faulted on yet straight from guest
-//!   RAM, and finishes the image (same format as the fork capture; zero
+//! - a **writer** thread (two for a file with direct I/O) writes the
+//!   handler's buffers first, walks RAM in order copying every chunk nobody
+//!   faulted on yet into its own buffer and writing that (a guest writing
+//!   the chunk meanwhile waits for the copy, never for the destination),
+//!   and finishes the image (same format as the fork capture; zero
 //!   pages stay holes). A file is written with direct I/O where the file
 //!   system allows it, so a write costs its device time and never sleeps in
 //!   the kernel's dirty-page throttling while a guest waits on it.
@@ -495,6 +497,18 @@ fn launch(
     );
     counters.direct_io.store(direct, Ordering::Relaxed);
     let pool_total = (opts.pool_bytes / CHUNK).max(1) as usize;
+    // The pool is made now, with the guest running, its memory populated:
+    // a fault in the capture then never waits for memory to be mapped and
+    // touched (7 ms for a fresh 2 MiB buffer on these hosts).
+    let pool = (0..pool_total)
+        .map(|_| AlignedBuf::new(CHUNK as usize))
+        .collect::<Option<Vec<_>>>()
+        .ok_or_else(|| {
+            SnapError::io(
+                "allocate the copy buffers",
+                std::io::Error::from(std::io::ErrorKind::OutOfMemory),
+            )
+        })?;
     let wp = Arc::new(Wp {
         engine: engine.clone(),
         state: engine.chunks.iter().map(|_| AtomicU8::new(FREE)).collect(),
@@ -503,12 +517,12 @@ fn launch(
         id: Mutex::new(None),
         out,
         counters: counters.clone(),
-        pool: Mutex::new(Vec::new()),
+        pool: Mutex::new(pool),
         pool_cv: std::sync::Condvar::new(),
         pool_total,
         pool_max: ((opts.pool_max_bytes / CHUNK) as usize).max(pool_total),
         stall_limit: opts.stall_limit,
-        allocated: std::sync::atomic::AtomicUsize::new(0),
+        allocated: std::sync::atomic::AtomicUsize::new(pool_total),
         first_error: Mutex::new(None),
         gave_up: std::sync::atomic::AtomicBool::new(false),
         direct_ok: std::sync::atomic::AtomicBool::new(direct),
@@ -650,15 +664,6 @@ fn finish_status(sh: &Shared, res: &Result<CaptureStats>) {
     };
 }
 
-/// Marks a claimed chunk copied when dropped (a writer of it may go on).
-struct MarkCopied<'a>(&'a AtomicU8);
-
-impl Drop for MarkCopied<'_> {
-    fn drop(&mut self) {
-        self.0.store(COPIED, Ordering::Release);
-    }
-}
-
 /// Copies every chunk not yet taken, writes everything, finishes the image;
 /// whatever happens (a panicking sink included), the handler goes on
 /// serving faults, so nobody stays blocked.
@@ -792,7 +797,7 @@ fn write_all(
 const DIRECT_WRITERS: usize = 2;
 
 /// Writes every chunk of the capture — the handler's buffers first, then the
-/// rest in order straight from guest RAM —, with [`DIRECT_WRITERS`] threads
+/// rest in order, each copied into the writer's own buffer —, with [`DIRECT_WRITERS`] threads
 /// for a file with direct I/O, this one alone otherwise. Returns the bytes
 /// left out as unchanged since the parent.
 fn write_ram(sh: &Shared, wp: &Wp, rx: mpsc::Receiver<Taken>) -> Result<u64> {
@@ -894,16 +899,13 @@ impl RamWriter<'_> {
     fn work(&self) -> Result<()> {
         let (wp, e) = (self.wp, &self.wp.engine);
         let n = e.chunks.len();
-        // This writer's own buffer, for a sink (see below).
-        let mut own = match &wp.out {
-            Out::Sink(_) => Some(AlignedBuf::new(CHUNK as usize).ok_or_else(|| {
-                SnapError::io(
-                    "allocate a copy buffer",
-                    std::io::Error::from(std::io::ErrorKind::OutOfMemory),
-                )
-            })?),
-            Out::File { .. } => None,
-        };
+        // This writer's own buffer (see below).
+        let mut own = AlignedBuf::new(CHUNK as usize).ok_or_else(|| {
+            SnapError::io(
+                "allocate a copy buffer",
+                std::io::Error::from(std::io::ErrorKind::OutOfMemory),
+            )
+        })?;
         loop {
             self.check()?;
             // The handler's buffers first: a fault may be waiting for one.
@@ -927,31 +929,13 @@ impl RamWriter<'_> {
             if !wp.claim(i) {
                 continue; // the handler copied it: it comes through `rx`
             }
+            // Copied first (a memcpy: what a guest writing this chunk waits
+            // for), then written: a destination that is slow for a moment —
+            // a disk's hiccup, a stream that stalls — never holds a guest.
             let c = e.chunks[i];
-            if let Some(b) = own.as_mut() {
-                // A stream may stall: copy first, so that a guest writing
-                // this chunk waits for a copy, never for the destination.
-                wp.copy(i, b);
-                wp.counters.chunks_by_writer.fetch_add(1, Ordering::Relaxed);
-                self.account(wp.write_out(i, &b[..c.len as usize])?);
-                continue;
-            }
-            // A file is written straight from guest RAM (with direct I/O:
-            // one chunk's device time): the chunk is protected and claimed,
-            // so a writer waits in the handler until it is marked copied,
-            // below — whatever the outcome. It stays protected (the handler
-            // lifts the protection at the guest's first write, and records it).
-            // SAFETY: the chunk lies in a RamRange (mapped for the capture's
-            // life by its contract) and nobody writes it while it is
-            // borrowed: it is write-protected, and the handler lets no write
-            // in before the state below says COPIED.
-            let src = unsafe { std::slice::from_raw_parts(c.host as *const u8, c.len as usize) };
-            // Marked copied whatever happens, a panicking sink included.
-            let copied = MarkCopied(&wp.state[i]);
-            let r = wp.write_out(i, src);
-            drop(copied);
+            wp.copy(i, &mut own);
             wp.counters.chunks_by_writer.fetch_add(1, Ordering::Relaxed);
-            self.account(r?);
+            self.account(wp.write_out(i, &own[..c.len as usize])?);
         }
         // Every chunk is taken: write what the handler still hands over.
         while self.done.load(Ordering::Acquire) < n {
