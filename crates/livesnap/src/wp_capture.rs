@@ -463,6 +463,7 @@ fn launch(
                 .map_err(|e| SnapError::io("populate guest RAM", e))?;
         }
     }
+    let pool_total = (opts.pool_bytes / CHUNK).max(1) as usize;
     // Protect ahead, with the guest running: the cut then only protects
     // again the chunks written from now on (a few), so the pause does not
     // grow with RAM. Writes meanwhile are recorded by the handler as usual.
@@ -496,19 +497,6 @@ fn launch(
         }
     );
     counters.direct_io.store(direct, Ordering::Relaxed);
-    let pool_total = (opts.pool_bytes / CHUNK).max(1) as usize;
-    // The pool is made now, with the guest running, its memory populated:
-    // a fault in the capture then never waits for memory to be mapped and
-    // touched (7 ms for a fresh 2 MiB buffer on these hosts).
-    let pool = (0..pool_total)
-        .map(|_| AlignedBuf::new(CHUNK as usize))
-        .collect::<Option<Vec<_>>>()
-        .ok_or_else(|| {
-            SnapError::io(
-                "allocate the copy buffers",
-                std::io::Error::from(std::io::ErrorKind::OutOfMemory),
-            )
-        })?;
     let wp = Arc::new(Wp {
         engine: engine.clone(),
         state: engine.chunks.iter().map(|_| AtomicU8::new(FREE)).collect(),
@@ -517,12 +505,15 @@ fn launch(
         id: Mutex::new(None),
         out,
         counters: counters.clone(),
-        pool: Mutex::new(pool),
+        // Made as faults need it (buffers come mapped and populated: see
+        // AlignedBuf): making the pool here, just before the cut, made the
+        // pause longer.
+        pool: Mutex::new(Vec::new()),
         pool_cv: std::sync::Condvar::new(),
         pool_total,
         pool_max: ((opts.pool_max_bytes / CHUNK) as usize).max(pool_total),
         stall_limit: opts.stall_limit,
-        allocated: std::sync::atomic::AtomicUsize::new(pool_total),
+        allocated: std::sync::atomic::AtomicUsize::new(0),
         first_error: Mutex::new(None),
         gave_up: std::sync::atomic::AtomicBool::new(false),
         direct_ok: std::sync::atomic::AtomicBool::new(direct),
