@@ -365,11 +365,19 @@ impl Wp {
             let n = self.allocated.load(Ordering::Relaxed);
             let grow = n < self.pool_max && start.elapsed() >= GROW_AFTER;
             if n < self.pool_total || grow {
+                // Made without the pool's lock (mapping it takes milliseconds
+                // here): the writers give buffers back meanwhile. Only this
+                // thread (the fault handler) makes buffers.
+                drop(pool);
                 if let Some(b) = AlignedBuf::new(CHUNK as usize) {
                     self.allocated.store(n + 1, Ordering::Relaxed);
                     if n >= self.pool_total {
                         self.counters.pool_grown.fetch_add(1, Ordering::Relaxed);
                     }
+                    return Ok((b, waited));
+                }
+                pool = lock(&self.pool);
+                if let Some(b) = pool.pop() {
                     return Ok((b, waited));
                 }
             }
