@@ -183,7 +183,7 @@ impl TempImage {
                 return Err(SnapError::InvalidInput(format!(
                     "destination {} is not a regular file ({}): snapshot images are written to regular files only",
                     dest.display(),
-                    file_kind(&m)
+                    crate::image::file_kind(&m)
                 )))
             }
             Ok(m) => Some(m),
@@ -343,22 +343,6 @@ fn resolve_destination(dest: &Path) -> Result<PathBuf> {
         "destination {}: too many levels of symbolic links",
         dest.display()
     )))
-}
-
-fn file_kind(m: &std::fs::Metadata) -> &'static str {
-    use std::os::unix::fs::FileTypeExt;
-    let t = m.file_type();
-    if t.is_char_device() {
-        "a character device"
-    } else if t.is_block_device() {
-        "a block device"
-    } else if t.is_fifo() {
-        "a FIFO"
-    } else if t.is_socket() {
-        "a socket"
-    } else {
-        "not a regular file"
-    }
 }
 
 impl Drop for TempImage {

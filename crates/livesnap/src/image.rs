@@ -802,29 +802,43 @@ impl<B: ImageBacking> Image<B> {
     }
 }
 
+/// What kind of file `m` describes, in words (for errors about files that
+/// are not regular).
+pub(crate) fn file_kind(m: &std::fs::Metadata) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    let t = m.file_type();
+    if t.is_dir() {
+        "a directory"
+    } else if t.is_char_device() {
+        "a character device"
+    } else if t.is_block_device() {
+        "a block device"
+    } else if t.is_fifo() {
+        "a FIFO"
+    } else if t.is_socket() {
+        "a socket"
+    } else {
+        "not a regular file"
+    }
+}
+
 /// Opens `path` for reading if it is a regular file; anything else (a FIFO,
 /// a device, a socket, a directory) is refused at once — a FIFO without a
 /// writer would otherwise block the open, and its reader, for ever.
 pub fn open_regular(path: &Path) -> io::Result<File> {
-    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    use std::os::unix::fs::OpenOptionsExt;
     let f = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
         .open(path)?;
-    let t = f.metadata()?.file_type();
-    if !t.is_file() {
-        let what = if t.is_fifo() {
-            "a FIFO"
-        } else if t.is_dir() {
-            "a directory"
-        } else if t.is_socket() {
-            "a socket"
-        } else {
-            "a device"
-        };
+    let m = f.metadata()?;
+    if !m.is_file() {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
-            format!("not a regular file ({what}): images are read from regular files only"),
+            format!(
+                "not a regular file ({}): images are read from regular files only",
+                file_kind(&m)
+            ),
         ));
     }
     // Back to blocking reads (a regular file ignores the flag anyway).

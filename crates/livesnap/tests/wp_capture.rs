@@ -8,22 +8,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{fill_dense, Mem};
+use common::{fill_dense, uffd_wp, Mem};
 use livesnap::uffd::Uffd;
 use livesnap::wp_capture::{prepare_wp_capture, WpEngine, WpOptions, CHUNK};
 use livesnap::{Image, SnapError};
 
 const LEN: usize = 32 << 20;
-
-fn uffd() -> Option<Arc<Uffd>> {
-    match Uffd::new_wp() {
-        Ok(u) => Some(Arc::new(u)),
-        Err(e) => {
-            eprintln!("skipped: no userfaultfd write-protect here: {e}");
-            None
-        }
-    }
-}
 
 /// A thread that rewrites every word of `mem` (a different value each pass)
 /// until told to stop; returns the passes it made.
@@ -49,7 +39,7 @@ fn mutator(mem: &Mem, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<u64> {
 }
 
 fn run(pool_bytes: u64) {
-    let Some(uffd) = uffd() else { return };
+    let Some(uffd) = uffd_wp() else { return };
     let dir = tempfile::tempdir().unwrap();
     let dest = dir.path().join("wp.snap");
     let mut mem = Mem::new(LEN);
@@ -114,7 +104,7 @@ fn a_one_chunk_pool_still_makes_progress() {
 
 #[test]
 fn cancel_removes_the_file_and_blocks_nobody() {
-    let Some(uffd) = uffd() else { return };
+    let Some(uffd) = uffd_wp() else { return };
     let dir = tempfile::tempdir().unwrap();
     let dest = dir.path().join("wp.snap");
     let mut mem = Mem::new(LEN);
@@ -164,7 +154,7 @@ impl livesnap::Sink for VecSink {
 
 #[test]
 fn into_a_sink_with_a_small_pool_while_memory_changes() {
-    let Some(uffd) = uffd() else { return };
+    let Some(uffd) = uffd_wp() else { return };
     let mut mem = Mem::new(LEN);
     fill_dense(mem.words_mut(), 9);
     let expected = mem.bytes().to_vec();
@@ -204,7 +194,7 @@ fn into_a_sink_with_a_small_pool_while_memory_changes() {
 
 #[test]
 fn a_prepared_capture_dropped_before_the_cut_leaves_nothing() {
-    let Some(uffd) = uffd() else { return };
+    let Some(uffd) = uffd_wp() else { return };
     let dir = tempfile::tempdir().unwrap();
     let dest = dir.path().join("wp.snap");
     let mem = Mem::new(4 * CHUNK as usize);
@@ -248,7 +238,7 @@ fn untouched_memory(kernel_protects_them: bool, always_populate: bool) {
             }
         }
     } else {
-        let Some(u) = uffd() else { return };
+        let Some(u) = uffd_wp() else { return };
         u
     };
     let dir = tempfile::tempdir().unwrap();

@@ -11,21 +11,60 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{fill_dense, Mem};
-use livesnap::uffd::Uffd;
+use common::{fill_dense, uffd_wp, Mem};
 use livesnap::wp_capture::{prepare_wp_capture, prepare_wp_capture_to, WpEngine, WpOptions, CHUNK};
 use livesnap::{Image, SnapError};
 
 const LEN: usize = 32 << 20;
 
-fn uffd() -> Option<Arc<Uffd>> {
-    match Uffd::new_wp() {
-        Ok(u) => Some(Arc::new(u)),
-        Err(e) => {
-            eprintln!("skipped: no userfaultfd write-protect here: {e}");
-            None
-        }
-    }
+/// A write-protect capture of 32 MiB of test memory into a [`GatedSink`],
+/// cut and under way (the device state not sent yet).
+struct Run {
+    capture: livesnap::Capture,
+    sender: livesnap::StateSender,
+    counters: Arc<livesnap::wp_capture::WpCounters>,
+    gate: Arc<Gate>,
+    bytes: Arc<Mutex<Vec<u8>>>,
+    finished: Arc<AtomicBool>,
+    /// Memory as of the cut.
+    expected: Vec<u8>,
+    // Dropped after the capture, before the memory it registers.
+    engine: WpEngine,
+    mem: Mem,
+}
+
+/// Starts a [`Run`] over memory filled from `seed`, into a sink that is
+/// `open` or not and takes `delay` per write; `None` without userfaultfd.
+fn start(seed: u64, open: bool, delay: Duration, opts: WpOptions) -> Option<Run> {
+    let uffd = uffd_wp()?;
+    let mut mem = Mem::new(LEN);
+    fill_dense(mem.words_mut(), seed);
+    let expected = mem.bytes().to_vec();
+    let engine = WpEngine::with_uffd(uffd, &[mem.range(0, LEN, 0)]).unwrap();
+    let (sink, gate, bytes) = GatedSink::new(open, delay);
+    let finished = sink.finished.clone();
+    let prepared = prepare_wp_capture_to(&engine, Box::new(sink), opts).unwrap();
+    let (capture, sender, counters) = prepared.start_deferred().unwrap();
+    Some(Run {
+        capture,
+        sender,
+        counters,
+        gate,
+        bytes,
+        finished,
+        expected,
+        engine,
+        mem,
+    })
+}
+
+/// The image a [`GatedSink`] received holds memory as of the cut.
+fn holds_memory_at_the_cut(bytes: &Mutex<Vec<u8>>, expected: &[u8]) {
+    let image = Image::from_source(Box::new(bytes.lock().unwrap().clone())).unwrap();
+    assert_eq!(image.device_state().unwrap(), b"state");
+    let mut back = vec![0u8; expected.len()];
+    image.read_ram_into(0, &mut back).unwrap();
+    assert!(back == expected, "the image holds memory as of the cut");
 }
 
 /// A thread standing in for the guest: rewrites one word per page of the
@@ -175,21 +214,18 @@ impl livesnap::Sink for GatedSink {
 
 #[test]
 fn a_destination_that_stops_reading_never_stops_the_guest() {
-    let Some(uffd) = uffd() else { return };
-    let mut mem = Mem::new(LEN);
-    fill_dense(mem.words_mut(), 3);
-    let engine = WpEngine::with_uffd(uffd, &[mem.range(0, LEN, 0)]).unwrap();
-    let (sink, gate, _) = GatedSink::new(false, Duration::ZERO);
     let opts = WpOptions {
         pool_bytes: 2 * CHUNK,
         pool_max_bytes: 4 * CHUNK,
         stall_limit: Duration::from_millis(300),
         ..WpOptions::default()
     };
-    let prepared = prepare_wp_capture_to(&engine, Box::new(sink), opts).unwrap();
-    let (capture, sender, counters) = prepared.start_deferred().unwrap();
-    let guest = Guest::start(&mem, LEN / CHUNK as usize);
-    sender.send(b"state".to_vec());
+    let Some(run) = start(3, false, Duration::ZERO, opts) else {
+        return;
+    };
+    let (capture, counters, gate) = (run.capture, run.counters, run.gate);
+    let guest = Guest::start(&run.mem, LEN / CHUNK as usize);
+    run.sender.send(b"state".to_vec());
     let t = Instant::now();
     let r = capture.wait();
     assert!(
@@ -216,7 +252,11 @@ fn a_destination_that_stops_reading_never_stops_the_guest() {
     assert_eq!(counters.pool_grown.load(Ordering::Relaxed), 2);
     // The record of changes is intact: the next capture is a full one, and works.
     let dir = tempfile::tempdir().unwrap();
-    let prepared = prepare_wp_capture(&engine, &dir.path().join("next.snap"), WpOptions::default());
+    let prepared = prepare_wp_capture(
+        &run.engine,
+        &dir.path().join("next.snap"),
+        WpOptions::default(),
+    );
     let (capture, sender, _) = prepared.unwrap().start_deferred().unwrap();
     sender.send(b"state".to_vec());
     capture.wait().unwrap();
@@ -224,20 +264,17 @@ fn a_destination_that_stops_reading_never_stops_the_guest() {
 
 #[test]
 fn cancel_ends_a_capture_whose_destination_stopped_reading() {
-    let Some(uffd) = uffd() else { return };
-    let mut mem = Mem::new(LEN);
-    fill_dense(mem.words_mut(), 4);
-    let engine = WpEngine::with_uffd(uffd, &[mem.range(0, LEN, 0)]).unwrap();
-    let (sink, gate, _) = GatedSink::new(false, Duration::ZERO);
     let opts = WpOptions {
         pool_bytes: 2 * CHUNK,
         stall_limit: Duration::from_secs(600),
         ..WpOptions::default()
     };
-    let prepared = prepare_wp_capture_to(&engine, Box::new(sink), opts).unwrap();
-    let (capture, sender, counters) = prepared.start_deferred().unwrap();
-    let guest = Guest::start(&mem, LEN / CHUNK as usize);
-    sender.send(b"state".to_vec());
+    let Some(run) = start(4, false, Duration::ZERO, opts) else {
+        return;
+    };
+    let (capture, counters, gate) = (run.capture, run.counters, run.gate);
+    let guest = Guest::start(&run.mem, LEN / CHUNK as usize);
+    run.sender.send(b"state".to_vec());
     // Wait until the guest waits for a buffer: the pool is full.
     let t = Instant::now();
     while counters.chunks_by_fault.load(Ordering::Relaxed) < 2 {
@@ -263,23 +300,18 @@ fn cancel_ends_a_capture_whose_destination_stopped_reading() {
 
 #[test]
 fn a_destination_that_resumes_in_time_gets_a_consistent_image() {
-    let Some(uffd) = uffd() else { return };
-    let mut mem = Mem::new(LEN);
-    fill_dense(mem.words_mut(), 5);
-    let expected = mem.bytes().to_vec();
-    let engine = WpEngine::with_uffd(uffd, &[mem.range(0, LEN, 0)]).unwrap();
-    let (sink, gate, bytes) = GatedSink::new(false, Duration::ZERO);
-    let finished = sink.finished.clone();
     let opts = WpOptions {
         pool_bytes: 4 * CHUNK,
         stall_limit: Duration::from_secs(30),
         ..WpOptions::default()
     };
-    let prepared = prepare_wp_capture_to(&engine, Box::new(sink), opts).unwrap();
-    let (capture, sender, counters) = prepared.start_deferred().unwrap();
+    let Some(run) = start(5, false, Duration::ZERO, opts) else {
+        return;
+    };
+    let (capture, counters, gate) = (run.capture, run.counters, run.gate);
     // A hot set of two chunks: it fits in the pool, so the guest never waits.
-    let guest = Guest::start(&mem, 2);
-    sender.send(b"state".to_vec());
+    let guest = Guest::start(&run.mem, 2);
+    run.sender.send(b"state".to_vec());
     std::thread::sleep(Duration::from_millis(300));
     let during = guest.passes();
     std::thread::sleep(Duration::from_millis(300));
@@ -290,34 +322,26 @@ fn a_destination_that_resumes_in_time_gets_a_consistent_image() {
     gate.open();
     capture.wait().unwrap();
     guest.stop();
-    assert!(finished.load(Ordering::SeqCst));
+    assert!(run.finished.load(Ordering::SeqCst));
     assert_eq!(counters.chunks_by_fault.load(Ordering::Relaxed), 2);
-    let image = Image::from_source(Box::new(bytes.lock().unwrap().clone())).unwrap();
-    assert_eq!(image.device_state().unwrap(), b"state");
-    let mut back = vec![0u8; LEN];
-    image.read_ram_into(0, &mut back).unwrap();
-    assert!(back == expected, "the image holds memory as of the cut");
+    holds_memory_at_the_cut(&run.bytes, &run.expected);
 }
 
 #[test]
 fn a_fault_waits_for_a_buffer_and_the_pool_grows_toward_its_cap() {
-    let Some(uffd) = uffd() else { return };
-    let mut mem = Mem::new(LEN);
-    fill_dense(mem.words_mut(), 6);
-    let expected = mem.bytes().to_vec();
-    let engine = WpEngine::with_uffd(uffd, &[mem.range(0, LEN, 0)]).unwrap();
-    // A destination slower than the guest: 5 ms a write.
-    let (sink, _, bytes) = GatedSink::new(true, Duration::from_millis(5));
     let opts = WpOptions {
         pool_bytes: CHUNK,
         pool_max_bytes: 3 * CHUNK,
         stall_limit: Duration::from_secs(30),
         ..WpOptions::default()
     };
-    let prepared = prepare_wp_capture_to(&engine, Box::new(sink), opts).unwrap();
-    let (capture, sender, counters) = prepared.start_deferred().unwrap();
-    let guest = Guest::start(&mem, LEN / CHUNK as usize);
-    sender.send(b"state".to_vec());
+    // A destination slower than the guest: 5 ms a write.
+    let Some(run) = start(6, true, Duration::from_millis(5), opts) else {
+        return;
+    };
+    let (capture, counters) = (run.capture, run.counters);
+    let guest = Guest::start(&run.mem, LEN / CHUNK as usize);
+    run.sender.send(b"state".to_vec());
     capture.wait().unwrap();
     guest.stop();
     let buffer = counters.waits.buffer.summary();
@@ -335,10 +359,7 @@ fn a_fault_waits_for_a_buffer_and_the_pool_grows_toward_its_cap() {
         "grown to its cap, not beyond"
     );
     assert!(counters.pool_high_water.load(Ordering::Relaxed) <= 3 * CHUNK);
-    let image = Image::from_source(Box::new(bytes.lock().unwrap().clone())).unwrap();
-    let mut back = vec![0u8; LEN];
-    image.read_ram_into(0, &mut back).unwrap();
-    assert!(back == expected, "the image holds memory as of the cut");
+    holds_memory_at_the_cut(&run.bytes, &run.expected);
 }
 
 /// Whether files in `dir` can be opened for direct I/O.
@@ -356,7 +377,7 @@ fn direct_io_in(dir: &std::path::Path) -> bool {
 
 #[test]
 fn direct_io_to_a_file_up_to_a_short_last_chunk() {
-    let Some(uffd) = uffd() else { return };
+    let Some(uffd) = uffd_wp() else { return };
     // Three whole chunks and three pages: the last chunk is short, and the
     // device state after it has an odd length.
     let len = 3 * CHUNK as usize + 3 * 4096;
@@ -390,7 +411,7 @@ fn direct_io_to_a_file_up_to_a_short_last_chunk() {
 
 #[test]
 fn a_failing_destination_fails_the_capture_and_blocks_nobody() {
-    let Some(uffd) = uffd() else { return };
+    let Some(uffd) = uffd_wp() else { return };
     let mut mem = Mem::new(LEN);
     fill_dense(mem.words_mut(), 10);
     let engine = WpEngine::with_uffd(uffd, &[mem.range(0, LEN, 0)]).unwrap();

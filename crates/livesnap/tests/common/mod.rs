@@ -146,6 +146,18 @@ pub fn socket_pair() -> (std::os::fd::OwnedFd, std::os::fd::OwnedFd) {
 
 /// Whether this kernel gives userfaultfd in missing mode (a test that needs
 /// it says it is skipped when not).
+/// A userfaultfd in write-protect mode, or `None` (and a note) where the
+/// kernel has none: the test is then skipped.
+pub fn uffd_wp() -> Option<std::sync::Arc<livesnap::uffd::Uffd>> {
+    match livesnap::uffd::Uffd::new_wp() {
+        Ok(u) => Some(std::sync::Arc::new(u)),
+        Err(e) => {
+            eprintln!("skipped: no userfaultfd write-protect here: {e}");
+            None
+        }
+    }
+}
+
 pub fn uffd_missing_ok() -> bool {
     match livesnap::uffd::Uffd::new_missing() {
         Ok(_) => true,
