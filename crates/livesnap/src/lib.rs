@@ -19,7 +19,13 @@
 //! * [`stream`]: the stream form of an image (front to back, for pipes
 //!   and sockets): a [`Sink`] that writes it and a reader.
 //! * [`Image`]: validating reader of the image format (see `FORMAT.md`),
-//!   from a file ([`Image::open`]) or any [`Source`] ([`Image::from_source`]).
+//!   from a file ([`Image::open`], regular files only: [`open_regular`]) or
+//!   any [`Source`] ([`Image::from_source`]).
+//! * [`wp_capture`]: the default, write-protect capture (no fork): RAM
+//!   write-protected through a userfaultfd, 2 MiB chunks copied by a fault
+//!   handler into a bounded pool of [`chunkbuf::AlignedBuf`]s while writers
+//!   save the rest; every fault's wait measured ([`waits`]); a destination
+//!   that stops reading abandons the capture, never stops the guest.
 
 mod capture;
 pub mod chain;
