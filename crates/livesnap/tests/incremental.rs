@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use common::{fill_dense, Mem};
@@ -51,6 +51,24 @@ fn capture(
             .chunks_unchanged
             .load(std::sync::atomic::Ordering::Relaxed),
     ))
+}
+
+/// Memory filled from `seed`, a full capture of it (`full.snap`), chunk 1
+/// set to `v`, and a capture incremental to the first (`inc.snap`).
+#[allow(clippy::type_complexity)]
+fn full_then_incremental(
+    seed: u64,
+    v: u8,
+) -> Option<(Mem, WpEngine, tempfile::TempDir, PathBuf, PathBuf)> {
+    let mut mem = Mem::new(LEN);
+    fill_dense(mem.words_mut(), seed);
+    let engine = engine(&mem)?;
+    let dir = tempfile::tempdir().unwrap();
+    let (full, inc) = (dir.path().join("full.snap"), dir.path().join("inc.snap"));
+    capture(&engine, &full, None).unwrap();
+    touch(&mut mem, &[1], v);
+    capture(&engine, &inc, Some(&full)).unwrap();
+    Some((mem, engine, dir, full, inc))
 }
 
 /// The RAM a chain reads as.
@@ -146,14 +164,9 @@ fn a_chain_reads_as_memory_at_the_last_cut_and_holds_only_what_changed() {
 
 #[test]
 fn a_broken_chain_is_refused() {
-    let mut mem = Mem::new(LEN);
-    fill_dense(mem.words_mut(), 2);
-    let Some(engine) = engine(&mem) else { return };
-    let dir = tempfile::tempdir().unwrap();
-    let (full, inc) = (dir.path().join("full.snap"), dir.path().join("inc.snap"));
-    capture(&engine, &full, None).unwrap();
-    touch(&mut mem, &[1], 9);
-    capture(&engine, &inc, Some(&full)).unwrap();
+    let Some((_mem, engine, dir, full, inc)) = full_then_incremental(2, 9) else {
+        return;
+    };
     // Moved together: found next to the child.
     let moved = dir.path().join("moved");
     std::fs::create_dir(&moved).unwrap();
@@ -234,14 +247,9 @@ fn a_failed_capture_keeps_the_record_of_changes() {
 
 #[test]
 fn a_chain_that_loops_is_reported_as_a_loop() {
-    let mut mem = Mem::new(LEN);
-    fill_dense(mem.words_mut(), 4);
-    let Some(engine) = engine(&mem) else { return };
-    let dir = tempfile::tempdir().unwrap();
-    let (full, inc) = (dir.path().join("full.snap"), dir.path().join("inc.snap"));
-    capture(&engine, &full, None).unwrap();
-    touch(&mut mem, &[1], 0x11);
-    capture(&engine, &inc, Some(&full)).unwrap();
+    let Some((_mem, _engine, _dir, full, inc)) = full_then_incremental(4, 0x11) else {
+        return;
+    };
     // The incremental image made its own parent (valid checksums), and put
     // where its parent was: it now names itself as its parent.
     let mut b = std::fs::read(&inc).unwrap();
