@@ -407,7 +407,7 @@ fn fault_handler(e: &Engine) {
         e.dirty[i].store(true, Ordering::Relaxed);
         e.marked[i].store(true, Ordering::Release);
         let cur = lock(&e.current).clone();
-        let taken = match &cur {
+        let (taken, cause) = match &cur {
             Some((wp, _)) if wp.want.get().is_some() => {
                 wp.counters.faults.fetch_add(1, Ordering::Relaxed);
                 // A panic (a sink's) fails the capture; faults are still served.
@@ -425,7 +425,6 @@ fn fault_handler(e: &Engine) {
                 (None, WaitCause::Through)
             }
         };
-        let (taken, cause) = taken;
         if let Err(err) = e.unprotect(i).or_else(|_| e.unprotect(i)) {
             // The faulting thread must not wait for ever: wake it (it faults
             // again, and is served again).
