@@ -761,12 +761,14 @@ fn snapshot_of_small_vm(d: &TempDir, image: &Path) {
 #[test]
 fn an_image_whose_guest_cannot_run_is_a_failed_restore() {
     let d = TempDir::new("crafted");
-    let (_a, mut qa) = start_vm(
+    let (a, mut qa) = start_vm(
         &d,
         "a",
         "1",
         &["--mem", "64M", "--cmdline", "workload=memwrite region=8M"],
     );
+    // The guest runs its workload: the image holds a machine mid-run.
+    a.wait_line("refguest: cpu=0 t=", T);
     let image = d.path("vm.snap");
     let m = live_snapshot(&mut qa, &image);
     assert_eq!(m["status"], "completed", "{m}");
