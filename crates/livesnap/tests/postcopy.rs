@@ -209,17 +209,21 @@ fn two_ranges_in_any_host_order() {
     );
     let sw = receive_switch(y).unwrap();
     // The high range mapped below the low one: host order opposite to the image's.
-    let d1 = Mem::new(6 * MIB);
-    let d2 = Mem::new(4 * MIB);
-    let (d1, d2) = if d2.bytes().as_ptr() < d1.bytes().as_ptr() {
-        (d1, d2)
-    } else {
-        // mmap went upwards here: swap the sizes' roles by mapping again.
-        drop((d1, d2));
-        let d2 = Mem::new(4 * MIB);
-        let d1 = Mem::new(6 * MIB);
-        (d1, d2)
-    };
+    // Other tests of this binary map and unmap memory meanwhile: map again
+    // (in either order) until the layout is the one wanted.
+    let (d1, d2) = (0..20)
+        .map(|k| {
+            if k % 2 == 0 {
+                let d1 = Mem::new(6 * MIB);
+                (d1, Mem::new(4 * MIB))
+            } else {
+                // mmap went upwards here: swap the sizes' roles.
+                let d2 = Mem::new(4 * MIB);
+                (Mem::new(6 * MIB), d2)
+            }
+        })
+        .find(|(d1, d2)| d2.bytes().as_ptr() < d1.bytes().as_ptr())
+        .expect("a layout with the high range mapped below the low one");
     assert!(d2.bytes().as_ptr() < d1.bytes().as_ptr());
     let (mut fill, done_rx) = fill_from(
         &sw,
