@@ -91,6 +91,11 @@ pub struct WpOptions {
     /// Populate RAM before protecting it even with a userfaultfd that
     /// protects never-touched pages itself (for tests).
     pub always_populate: bool,
+    /// Keep up to `pool_bytes` of buffers in the engine when the capture
+    /// ends, for the next capture's faults (a fresh buffer costs 1–8 ms to
+    /// map on a busy host: a wait the guest feels). `false` frees them,
+    /// and any kept before.
+    pub keep_pool: bool,
 }
 
 impl Default for WpOptions {
@@ -102,6 +107,7 @@ impl Default for WpOptions {
             stall_limit: Duration::from_millis(500),
             on_done: None,
             always_populate: false,
+            keep_pool: true,
         }
     }
 }
@@ -121,6 +127,9 @@ pub struct WpCounters {
     pub chunks_unchanged: AtomicU64,
     /// Buffers added to the pool beyond `pool_bytes` (see `pool_max_bytes`).
     pub pool_grown: AtomicU64,
+    /// Buffers the capture began with, kept from the previous capture (see
+    /// [`WpOptions::keep_pool`]).
+    pub pool_kept: AtomicU64,
     /// RAM was written to the file with direct I/O.
     pub direct_io: std::sync::atomic::AtomicBool,
     /// How long each fault of the capture held its writer, by cause.
@@ -272,6 +281,8 @@ pub(crate) struct Wp {
     pub(crate) pool_total: usize,
     pub(crate) pool_max: usize,
     pub(crate) stall_limit: Duration,
+    /// Give the pool back to the engine at the end ([`WpOptions::keep_pool`]).
+    keep_pool: bool,
     /// Pool buffers allocated so far.
     pub(crate) allocated: std::sync::atomic::AtomicUsize,
     pub(crate) first_error: Mutex<Option<SnapError>>,
@@ -280,6 +291,22 @@ pub(crate) struct Wp {
     /// Direct I/O still works for this file (cleared at its first refusal).
     direct_ok: std::sync::atomic::AtomicBool,
     pub(crate) shared: Arc<Shared>,
+}
+
+impl Drop for Wp {
+    /// Keeps up to the pool's initial size of buffers for the next capture
+    /// (grown ones are freed), or frees them all.
+    fn drop(&mut self) {
+        let mut spare = lock(&self.engine.spare);
+        if !self.keep_pool {
+            spare.clear();
+            return;
+        }
+        let pool = std::mem::take(self.pool.get_mut().unwrap_or_else(|e| e.into_inner()));
+        // The writers' own buffers come back with the pool.
+        let room = (self.pool_total + DIRECT_WRITERS).saturating_sub(spare.len());
+        spare.extend(pool.into_iter().take(room));
+    }
 }
 
 impl Wp {
@@ -505,6 +532,16 @@ fn launch(
         }
     );
     counters.direct_io.store(direct, Ordering::Relaxed);
+    let kept: Vec<AlignedBuf> = {
+        let mut spare = lock(&engine.spare);
+        if !opts.keep_pool {
+            spare.clear();
+        }
+        let n = spare.len().min(pool_total);
+        spare.drain(..n).collect()
+    };
+    let n_kept = kept.len();
+    counters.pool_kept.store(n_kept as u64, Ordering::Relaxed);
     let wp = Arc::new(Wp {
         engine: engine.clone(),
         state: engine.chunks.iter().map(|_| AtomicU8::new(FREE)).collect(),
@@ -513,15 +550,16 @@ fn launch(
         id: Mutex::new(None),
         out,
         counters: counters.clone(),
-        // Made as faults need it (buffers come mapped and populated: see
-        // AlignedBuf): making the pool here, just before the cut, made the
-        // pause longer.
-        pool: Mutex::new(Vec::new()),
+        // Kept from the last capture, else made as faults need them
+        // (buffers come mapped and populated: see AlignedBuf): making the
+        // pool here, just before the cut, made the pause longer.
+        pool: Mutex::new(kept),
         pool_cv: std::sync::Condvar::new(),
         pool_total,
         pool_max: ((opts.pool_max_bytes / CHUNK) as usize).max(pool_total),
         stall_limit: opts.stall_limit,
-        allocated: std::sync::atomic::AtomicUsize::new(0),
+        keep_pool: opts.keep_pool,
+        allocated: std::sync::atomic::AtomicUsize::new(n_kept),
         first_error: Mutex::new(None),
         gave_up: std::sync::atomic::AtomicBool::new(false),
         direct_ok: std::sync::atomic::AtomicBool::new(direct),
@@ -898,13 +936,18 @@ impl RamWriter<'_> {
     fn work(&self) -> Result<()> {
         let (wp, e) = (self.wp, &self.wp.engine);
         let n = e.chunks.len();
-        // This writer's own buffer (see below).
-        let mut own = AlignedBuf::new(CHUNK as usize).ok_or_else(|| {
-            SnapError::io(
-                "allocate a copy buffer",
-                std::io::Error::from(std::io::ErrorKind::OutOfMemory),
-            )
-        })?;
+        // This writer's own buffer (see below), kept from the last capture
+        // where there is one.
+        let kept = lock(&e.spare).pop();
+        let mut own = match kept {
+            Some(b) => b,
+            None => AlignedBuf::new(CHUNK as usize).ok_or_else(|| {
+                SnapError::io(
+                    "allocate a copy buffer",
+                    std::io::Error::from(std::io::ErrorKind::OutOfMemory),
+                )
+            })?,
+        };
         loop {
             self.check()?;
             // The handler's buffers first: a fault may be waiting for one.
@@ -952,6 +995,8 @@ impl RamWriter<'_> {
                 }
             }
         }
+        // Kept with the pool for the next capture.
+        wp.give_back(own);
         Ok(())
     }
 }

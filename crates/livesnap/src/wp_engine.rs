@@ -95,6 +95,10 @@ pub(crate) struct Engine {
     pub(crate) dead: AtomicBool,
     /// Faults taken between captures (chunks let through and recorded).
     pub(crate) tracked: AtomicU64,
+    /// Pool buffers kept from the last capture for the next one (see
+    /// [`crate::wp_capture::WpOptions::keep_pool`]): a fresh buffer costs
+    /// milliseconds to map while the guest runs, a kept one nothing.
+    pub(crate) spare: Mutex<Vec<crate::chunkbuf::AlignedBuf>>,
 }
 
 impl WpEngine {
@@ -125,6 +129,7 @@ impl WpEngine {
             stop: AtomicBool::new(false),
             dead: AtomicBool::new(false),
             tracked: AtomicU64::new(0),
+            spare: Mutex::new(Vec::new()),
         });
         let e = shared.clone();
         let thread = std::thread::Builder::new()
@@ -148,6 +153,17 @@ impl WpEngine {
     /// incremental capture.
     pub fn base(&self) -> Option<ImageId> {
         *lock(&self.shared.base)
+    }
+
+    /// Bytes of pool buffers kept between captures (see
+    /// [`crate::wp_capture::WpOptions::keep_pool`]).
+    pub fn kept_pool_bytes(&self) -> u64 {
+        lock(&self.shared.spare).len() as u64 * crate::wp_capture::CHUNK
+    }
+
+    /// Frees the pool buffers kept between captures.
+    pub fn release_pool(&self) {
+        lock(&self.shared.spare).clear();
     }
 
     /// Bytes of RAM changed since the last cut (whole chunks).

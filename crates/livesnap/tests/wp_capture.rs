@@ -283,3 +283,61 @@ fn the_kernel_protecting_untouched_pages_gives_the_same_image() {
     untouched_memory(true, false);
     untouched_memory(true, true);
 }
+
+/// The pool's buffers outlive a capture: the next one starts with them (no
+/// buffer to map while the guest waits), bounded by the pool's size, and the
+/// images stay exact; `keep_pool: false` frees them.
+#[test]
+fn the_next_capture_starts_with_the_pool_kept_from_the_last() {
+    let Some(uffd) = uffd_wp() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let mut mem = Mem::new(LEN);
+    fill_dense(mem.words_mut(), 7);
+    let range = mem.range(0, LEN, 0);
+    let engine = WpEngine::with_uffd(uffd.clone(), &[range]).unwrap();
+    assert_eq!(engine.kept_pool_bytes(), 0);
+    let pool_bytes = 8 << 20;
+    let mut kept_at_start = Vec::new();
+    for (round, keep) in [(0, true), (1, true), (2, false)] {
+        let dest = dir.path().join(format!("wp{round}.snap"));
+        let expected = mem.bytes().to_vec();
+        let opts = WpOptions {
+            pool_bytes,
+            keep_pool: keep,
+            ..WpOptions::default()
+        };
+        let prepared = prepare_wp_capture(&engine, &dest, opts).unwrap();
+        let (capture, sender, counters) = prepared.start_deferred().unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let m = mutator(&mem, stop.clone());
+        sender.send(b"dev".to_vec());
+        capture.wait().unwrap();
+        stop.store(true, Ordering::Relaxed);
+        m.join().unwrap();
+        kept_at_start.push(counters.pool_kept.load(Ordering::Relaxed));
+        let mut back = vec![0u8; LEN];
+        Image::open(&dest)
+            .unwrap()
+            .read_ram_into(0, &mut back)
+            .unwrap();
+        assert!(back == expected, "round {round}: the image is exact");
+        let kept = engine.kept_pool_bytes();
+        if keep {
+            assert!(kept > 0, "round {round}: buffers kept");
+            assert!(
+                kept <= pool_bytes + 2 * CHUNK,
+                "round {round}: {kept} bytes kept, more than the pool and the writers' own"
+            );
+        } else {
+            assert_eq!(kept, 0, "round {round}: keep_pool false frees them");
+        }
+    }
+    assert_eq!(kept_at_start[0], 0, "nothing kept before the first capture");
+    assert!(
+        kept_at_start[1] > 0,
+        "the second capture began with kept buffers"
+    );
+    assert!(kept_at_start[1] <= pool_bytes / CHUNK);
+    engine.release_pool();
+    assert_eq!(engine.kept_pool_bytes(), 0);
+}

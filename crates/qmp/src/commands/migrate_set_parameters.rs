@@ -2,7 +2,8 @@
 //! `stop`), `x-collapse-huge-pages` (bool), `x-wp-pool-size` and
 //! `x-wp-pool-max-size` (bytes of copy buffers of the `uffd` method, and what
 //! they may grow to), `x-wp-stall-limit-ms` (how long a guest write may wait
-//! for a buffer before the snapshot is abandoned), `x-parent` (`file:PATH` of the image the
+//! for a buffer before the snapshot is abandoned), `x-wp-keep-pool` (bool:
+//! keep the buffers between snapshots), `x-parent` (`file:PATH` of the image the
 //! next snapshots are incremental to; `""` for full snapshots) and
 //! `x-precopy` (bool: a live migration sends RAM once before its cut).
 //! Returns `{}`.
@@ -37,6 +38,11 @@ pub(crate) const SPEC: CommandSpec = CommandSpec {
         Param {
             name: "x-wp-stall-limit-ms",
             ty: ParamType::Int,
+            optional: true,
+        },
+        Param {
+            name: "x-wp-keep-pool",
+            ty: ParamType::Bool,
             optional: true,
         },
         Param {

@@ -756,7 +756,12 @@ impl Controller {
             QueryMigrateCapabilities => return Ok(self.migration.query_capabilities()),
             MigrateSetParameters(p) => {
                 self.check(Cmd::MigrateSetParameters)?;
-                self.migration.set_parameters(&p)?
+                self.migration.set_parameters(&p)?;
+                if !self.migration.wp_keep_pool {
+                    if let Some((_, engine)) = &self.uffd {
+                        engine.release_pool();
+                    }
+                }
             }
             QueryMigrateParameters => return Ok(self.migration.query_parameters()),
             r @ JobFinalize(_) => return Err(r.unsupported()),

@@ -145,6 +145,8 @@ pub struct Migration {
     /// A guest write waiting this long for a buffer abandons the snapshot
     /// (`x-wp-stall-limit-ms`).
     pub wp_stall_limit: Duration,
+    /// Keep the pool's buffers between snapshots (`x-wp-keep-pool`).
+    pub wp_keep_pool: bool,
     /// The image snapshots are incremental to (`x-parent`: `file:PATH`).
     pub parent: Option<PathBuf>,
     /// A live migration sends RAM once with the guest running before it
@@ -187,6 +189,7 @@ impl Default for Migration {
             wp_pool: 64 << 20,
             wp_pool_max: 256 << 20,
             wp_stall_limit: Duration::from_millis(500),
+            wp_keep_pool: true,
             parent: None,
             precopy: true,
             job: None,
@@ -549,6 +552,7 @@ impl Migration {
                 "pool-high-water": c.pool_high_water.load(Relaxed),
                 "pool-size": self.wp_pool,
                 "pool-grown": c.pool_grown.load(Relaxed) * livesnap::wp_capture::CHUNK,
+                "pool-kept": c.pool_kept.load(Relaxed) * livesnap::wp_capture::CHUNK,
                 "chunks-unchanged": c.chunks_unchanged.load(Relaxed),
                 "direct-io": c.direct_io.load(Relaxed),
                 "fault-waits": c.waits.summaries().iter().map(|(k, w)| (k.to_string(), json!({
@@ -627,6 +631,7 @@ impl Migration {
             pool_bytes: self.wp_pool,
             pool_max_bytes: self.wp_pool_max.max(self.wp_pool),
             stall_limit: self.wp_stall_limit,
+            keep_pool: self.wp_keep_pool,
             ..Default::default()
         }
     }
@@ -638,6 +643,7 @@ impl Migration {
             "x-wp-pool-size": self.wp_pool,
             "x-wp-pool-max-size": self.wp_pool_max.max(self.wp_pool),
             "x-wp-stall-limit-ms": self.wp_stall_limit.as_millis() as u64,
+            "x-wp-keep-pool": self.wp_keep_pool,
             "x-parent": self.parent.as_ref().map_or(String::new(), |p| format!("file:{}", p.display())),
             "x-precopy": self.precopy,
         })
@@ -700,6 +706,9 @@ impl Migration {
         }
         if let Some(c) = p.get("x-precopy").and_then(Value::as_bool) {
             self.precopy = c;
+        }
+        if let Some(c) = p.get("x-wp-keep-pool").and_then(Value::as_bool) {
+            self.wp_keep_pool = c;
         }
         Ok(())
     }
