@@ -23,8 +23,13 @@ fn linux_boots_with_2_vcpus_and_obeys_system_powerdown() {
 }
 
 #[test]
-fn linux_reboot_ends_the_vm() {
-    linux::check("reboot");
+fn linux_boots_with_the_kernel_arguments_of_other_vmms_guides_noapic_included() {
+    linux::check("boot-args-of-other-vmms");
+}
+
+#[test]
+fn linux_reboots_in_place_twice_then_snapshots_and_restores() {
+    linux::check("reboot-in-place-twice-then-snapshot");
 }
 
 #[test]

@@ -1,7 +1,7 @@
 #!/bin/busybox sh
 # /init of the Linux guest in tests/linux_guests.rs (busybox, Debian's stock
 # kernel and modules). The scenario comes from the kernel command line:
-# snaptest=boot|reboot|powerdown|disk|mem|files.
+# snaptest=boot|args|reboot|powerdown|disk|mem|files.
 /bin/busybox --install -s /bin
 mkdir -p /proc /sys /dev /mnt
 mount -t proc proc /proc
@@ -20,9 +20,34 @@ boot)
     echo "GUEST-SHELL"
     setsid cttyhack sh
     off ;;
+args)
+    # Booted with another VMM's guide's arguments: what takes the serial
+    # interrupt (XT-PIC under noapic, IO-APIC otherwise), whether a virtio
+    # disk reads (its interrupts arrive), then the console.
+    echo "GUEST-SERIAL-IRQ $(grep ttyS0 /proc/interrupts | tr -s ' ')"
+    if grep -q LNRO0005 /sys/bus/acpi/devices/*/hid 2>/dev/null; then
+        load virtio virtio_ring virtio_mmio virtio_blk
+        for i in 1 2 3 4 5 6 7 8 9 10; do [ -b /dev/vda ] && break; sleep 0.2; done
+        if dd if=/dev/vda of=/dev/null bs=64k count=64 2>/dev/null; then
+            echo "GUEST-VDA read ok"
+        else
+            echo "GUEST-ERROR cannot read /dev/vda"
+        fi
+    fi
+    echo "GUEST-SHELL"
+    setsid cttyhack sh
+    off ;;
 reboot)
-    echo "GUEST-REBOOT"
-    reboot -f ;;
+    # The host says whether to reboot again (the count cannot live in RAM).
+    echo "GUEST-REBOOT-READY"
+    read -r what
+    if [ "$what" = again ]; then
+        echo "GUEST-REBOOT"
+        reboot -f
+    fi
+    /stress mem 64 &
+    echo "GUEST-SHELL"
+    setsid cttyhack sh ;;
 powerdown)
     load evdev button
     /stress powerkey && off

@@ -20,7 +20,8 @@ const T: Duration = Duration::from_secs(240);
 pub const ALL: &[&str] = &[
     "boot-1cpu-console-poweroff",
     "boot-2cpu-powerdown",
-    "reboot",
+    "boot-args-of-other-vmms",
+    "reboot-in-place-twice-then-snapshot",
     "virtio-blk-raw-qcow2",
     "live-snapshot-restore",
     "write-protect-snapshot-restore",
@@ -47,6 +48,17 @@ pub struct Ctx {
 impl Ctx {
     fn linux(&self, name: &str, mem: &str, cpus: &str, mode: &str, extra: &[&str]) -> Vm {
         let cmdline = format!("console=ttyS0 panic=-1 quiet snaptest={mode}");
+        self.linux_cmdline(name, mem, cpus, &cmdline, extra)
+    }
+
+    fn linux_cmdline(
+        &self,
+        name: &str,
+        mem: &str,
+        cpus: &str,
+        cmdline: &str,
+        extra: &[&str],
+    ) -> Vm {
         let (k, i) = (
             self.kernel.display().to_string(),
             self.initrd.display().to_string(),
@@ -61,7 +73,7 @@ impl Ctx {
             "--initrd",
             &i,
             "--cmdline",
-            &cmdline,
+            cmdline,
         ];
         args.extend_from_slice(extra);
         Vm::start(name, &self.dir, &self.console, &args)
@@ -91,7 +103,8 @@ pub fn run(name: &str, ctx: &Ctx) -> Result<(), String> {
     let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match name {
         "boot-1cpu-console-poweroff" => boot_console_poweroff(ctx),
         "boot-2cpu-powerdown" => boot_powerdown(ctx),
-        "reboot" => reboot(ctx),
+        "boot-args-of-other-vmms" => boot_args(ctx),
+        "reboot-in-place-twice-then-snapshot" => reboot(ctx),
         "virtio-blk-raw-qcow2" => disks(ctx),
         "live-snapshot-restore" => live_snapshot(ctx),
         "write-protect-snapshot-restore" => write_protect_snapshot(ctx),
@@ -157,13 +170,120 @@ fn boot_powerdown(ctx: &Ctx) {
     assert!(q.event_names().contains(&"POWERDOWN".to_string()));
 }
 
-/// `reboot` in the guest: an ACPI reset. snapvmm ends the VM (as QEMU's -no-reboot)
-/// with status 0, after Linux said it restarts.
+/// `reboot` in the guest (an ACPI reset) reboots it in place, twice, each
+/// time with a `RESET` event; then the rebooted guest's live snapshot
+/// restores in a new process.
 fn reboot(ctx: &Ctx) {
     let mut vm = ctx.linux("vm", "256M", "1", "reboot", &[]);
-    vm.wait("GUEST-REBOOT", T);
-    vm.wait("reboot: Restarting system", T);
+    let mut q = qmp(&vm);
+    for _ in 0..2 {
+        vm.wait("GUEST-REBOOT-READY", T);
+        vm.type_line("again");
+        vm.wait("GUEST-REBOOT", T);
+        vm.wait("reboot: Restarting system", T);
+        let up = vm.wait("GUEST-UP", T);
+        assert!(
+            up.contains("mode=reboot"),
+            "the same kernel boots again: {up}"
+        );
+    }
+    vm.wait("GUEST-REBOOT-READY", T);
+    vm.type_line("stay");
+    let before = stress_lines(&mut vm, 2).pop().unwrap();
+    let _ = q.ok("query-status", json!({}));
+    let resets: Vec<_> = q.events.iter().filter(|e| e["event"] == "RESET").collect();
+    assert_eq!(resets.len(), 2, "a RESET per reboot: {:?}", q.events);
+    assert!(resets
+        .iter()
+        .all(|e| e["data"] == json!({"guest": true, "reason": "guest-reset"})));
+    assert!(!q.event_names().contains(&"SHUTDOWN".to_string()));
+    // Snapshots work after the reboots (the machine and its RAM are new).
+    q.ok(
+        "migrate-set-capabilities",
+        json!({"capabilities": [{"capability": "background-snapshot", "state": true}]}),
+    );
+    let snap = ctx.dir.join("linux-rebooted.snap");
+    snapshot_to(&mut q, &snap);
+    q.ok("quit", json!({}));
     assert_eq!(vm.exit_code(T), Some(0));
+    let mut dst = ctx.vm(
+        "restored",
+        &["--incoming", &format!("file:{}", snap.display())],
+    );
+    check_restored(&mut dst, &before);
+    let mut q = qmp(&dst);
+    q.ok("quit", json!({}));
+    dst.exit_code(T);
+}
+
+/// The kernel arguments of other VMMs' guides each boot to userspace, the
+/// serial console takes typed input (its interrupt arrives), and a disk
+/// reads where the guest can see it. `noapic` (firecracker-containerd's)
+/// runs the ISA interrupts through the 8259s; `acpi=off` finds the vCPUs and
+/// COM1 through the MP table but no virtio disk (Debian's kernel has no
+/// `virtio_mmio.device=` support). `--no-reboot`: a panic (`panic=1`
+/// reboots) ends the VM and fails here at once.
+fn boot_args(ctx: &Ctx) {
+    let disk = ctx.dir.join("args.raw");
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(16 << 20)
+        .unwrap();
+    let d = format!("{},format=raw", disk.display());
+    // (name, arguments, a disk attached, what takes COM1's interrupt, the VM powers off)
+    let sets = [
+        (
+            "firecracker",
+            "console=ttyS0 reboot=k panic=1 pci=off",
+            false,
+            "IO-APIC",
+            true,
+        ),
+        (
+            "firecracker-containerd",
+            "console=ttyS0 noapic reboot=k panic=1 pci=off nomodules",
+            true,
+            "XT-PIC",
+            true,
+        ),
+        ("qemu", "console=ttyS0 root=/dev/vda", true, "IO-APIC", true),
+        (
+            "acpi-off",
+            "console=ttyS0 acpi=off",
+            false,
+            "IO-APIC",
+            false,
+        ),
+    ];
+    for (name, args, with_disk, irq_chip, powers_off) in sets {
+        let cmdline = format!("{args} quiet snaptest=args");
+        let mut extra = vec!["--no-reboot"];
+        if with_disk {
+            extra.extend(["--disk", &d]);
+        }
+        let mut vm = ctx.linux_cmdline(name, "256M", "1", &cmdline, &extra);
+        let irq = vm.wait("GUEST-SERIAL-IRQ", T);
+        assert!(
+            irq.contains(irq_chip) && irq.contains("ttyS0"),
+            "{name}: the serial interrupt on {irq_chip}: {irq}"
+        );
+        if with_disk {
+            let l = vm.wait_any(&["GUEST-VDA", "GUEST-ERROR"], T);
+            assert!(l.contains("read ok"), "{name}: {l}");
+        }
+        vm.wait("GUEST-SHELL", T);
+        type_until_echoed(&mut vm);
+        if powers_off {
+            vm.type_line("exit");
+            vm.wait("GUEST-POWEROFF", T);
+            assert_eq!(vm.exit_code(T), Some(0), "{name}: powered off");
+        } else {
+            // No ACPI: nothing to power off with; the host ends it.
+            let mut q = qmp(&vm);
+            q.ok("quit", json!({}));
+            assert_eq!(vm.exit_code(T), Some(0), "{name}");
+        }
+    }
 }
 
 fn create_disks(dir: &Path) -> (PathBuf, PathBuf) {

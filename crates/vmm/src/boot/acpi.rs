@@ -4,12 +4,18 @@
 //! virtio-mmio disk).
 //!
 //! ```text
-//! RSDP (0xe0000, where Linux also scans for it) -> XSDT -> FADT -> DSDT
+//! RSDP (0xe0000, where Linux also scans for it) -> XSDT -> FADT -> DSDT, FACS
 //!                                                       -> MADT
 //! ```
-//! - FADT: hardware-reduced, no legacy PM blocks; sleep control/status and the
-//!   reset register are ports of [`crate::devices::acpi`] (S5 and reset).
-//! - MADT: one local APIC per vCPU, the IOAPIC at GSI 0.
+//! - FADT: a full one (PM1 event and control blocks, the SCI on
+//!   [`pm::SCI_IRQ`], a FACS), not hardware-reduced: Linux takes a
+//!   hardware-reduced machine to have no 8259 PICs, and a kernel booted with
+//!   `noapic` (firecracker-containerd's arguments) then has nothing to take
+//!   the ISA interrupts and crashes on the first one. The PM1 blocks, the
+//!   sleep control/status and the reset register are ports of
+//!   [`crate::devices::acpi`] (S5 and reset).
+//! - MADT: one local APIC per vCPU, the IOAPIC at GSI 0, PC-AT compatible
+//!   (8259s present), the SCI level-triggered active high.
 //! - DSDT: COM1, each virtio-mmio device (`LNRO0005`, its window and
 //!   interrupt), a Generic Event Device whose `_EVT` notifies the power
 //!   button (`system_powerdown`), and `_S5_`.
@@ -19,9 +25,7 @@
 
 use acpi_tables::fadt::{FADTBuilder, Flags};
 use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
-use acpi_tables::madt::{
-    EnabledStatus, IoApic, LocalInterruptController, ProcessorLocalApic, MADT,
-};
+use acpi_tables::madt::{EnabledStatus, IoApic, ProcessorLocalApic};
 use acpi_tables::rsdp::Rsdp;
 use acpi_tables::sdt::Sdt;
 use acpi_tables::xsdt::XSDT;
@@ -192,6 +196,74 @@ fn align(addr: u64) -> u64 {
     (addr + 15) & !15
 }
 
+/// MADT flag: the machine also has dual 8259 PICs (an OS that does not use
+/// the IOAPIC, e.g. Linux with `noapic`, programs and uses them).
+const MADT_PCAT_COMPAT: u32 = 1;
+/// MADT interrupt source override flags: active high, level-triggered.
+const MPS_LEVEL_HIGH: u16 = 0b1101;
+
+/// The MADT: the local APICs, the IOAPIC at GSI 0 and the SCI's override.
+fn madt(cpus: u8) -> Vec<u8> {
+    let mut body = Vec::new();
+    body.extend_from_slice(&(layout::LAPIC_ADDR as u32).to_le_bytes());
+    body.extend_from_slice(&MADT_PCAT_COMPAT.to_le_bytes());
+    for id in 0..cpus {
+        body.extend(bytes(&ProcessorLocalApic::new(
+            id,
+            id,
+            EnabledStatus::Enabled,
+        )));
+    }
+    body.extend(bytes(&IoApic::new(cpus, layout::IOAPIC_ADDR as u32, 0)));
+    // Interrupt source override (type 2, 10 bytes): ISA bus, the SCI's line
+    // to the same GSI, level-triggered active high (ACPI's default for the
+    // SCI is active low, which would read an idle line as raised).
+    let sci = pm::SCI_IRQ;
+    body.extend_from_slice(&[2, 10, 0, sci as u8]);
+    body.extend_from_slice(&sci.to_le_bytes());
+    body.extend_from_slice(&MPS_LEVEL_HIGH.to_le_bytes());
+    sdt(b"APIC", 4, &body)
+}
+
+/// The FADT: a full (not hardware-reduced) one, so that the 8259s exist
+/// for the OS (Linux treats a hardware-reduced machine as one without them,
+/// and a kernel booted with `noapic` is then left with no interrupt
+/// controller for the ISA lines). No SMI command port: always in ACPI mode.
+fn fadt(dsdt_addr: u64, facs_addr: u64) -> Vec<u8> {
+    let mut fadt = FADTBuilder::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION)
+        .dsdt_64(dsdt_addr)
+        .firmware_ctrl_64(facs_addr)
+        .flag(Flags::ResetRegSup)
+        .flag(Flags::PwrButton) // no fixed power button: it is the GED's device
+        .flag(Flags::SlpButton);
+    fadt.sci_int = (pm::SCI_IRQ as u16).into();
+    fadt.pm1a_evt_blk = u32::from(pm::PM1A_EVT).into();
+    fadt.pm1_evt_len = pm::PM1_EVT_LEN;
+    fadt.x_pm1a_evt_blk = io_block(pm::PM1A_EVT, pm::PM1_EVT_LEN);
+    fadt.pm1a_cnt_blk = u32::from(pm::PM1A_CNT).into();
+    fadt.pm1_cnt_len = pm::PM1_CNT_LEN;
+    fadt.x_pm1a_cnt_blk = io_block(pm::PM1A_CNT, pm::PM1_CNT_LEN);
+    fadt.reset_reg = io_gas(pm::RESET);
+    fadt.reset_value = pm::RESET_VALUE;
+    fadt.sleep_control_reg = io_gas(pm::SLEEP_CONTROL);
+    fadt.sleep_status_reg = io_gas(pm::SLEEP_STATUS);
+    // "VGA not present", "CMOS RTC not present": nothing for the guest to
+    // probe; no 8042 either (its reset command still works).
+    fadt.iapc_boot_arch = (1u16 << 2 | 1 << 5).into();
+    fadt.hypervisor_vendor_identity = u64::from_le_bytes(*b"SNAPVMM\0").into();
+    bytes(&fadt.finalize())
+}
+
+fn io_block(port: u16, len: u8) -> GAS {
+    GAS::new(
+        AddressSpace::SystemIo,
+        len * 8,
+        0,
+        AccessSize::Undefined,
+        u64::from(port),
+    )
+}
+
 /// Builds the tables for `cpus` vCPUs and the given virtio-mmio devices, laid
 /// out from [`layout::ACPI_START`].
 pub fn build(cpus: u8, virtio: &[MmioDevice]) -> Result<Tables, BootError> {
@@ -199,37 +271,14 @@ pub fn build(cpus: u8, virtio: &[MmioDevice]) -> Result<Tables, BootError> {
     let xsdt_addr = align(rsdp_addr + Rsdp::len() as u64);
     // The XSDT has two entries (FADT, MADT).
     let fadt_addr = align(xsdt_addr + 36 + 2 * 8);
-
     let dsdt_addr = align(fadt_addr + acpi_tables::fadt::FADT::len() as u64);
     let dsdt = sdt(b"DSDT", 2, &dsdt_body(virtio));
-
-    let mut fadt = FADTBuilder::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION)
-        .dsdt_64(dsdt_addr)
-        .flag(Flags::HwReducedAcpi)
-        .flag(Flags::ResetRegSup)
-        .flag(Flags::PwrButton) // no fixed power button: it is the GED's device
-        .flag(Flags::SlpButton);
-    fadt.reset_reg = io_gas(pm::RESET);
-    fadt.reset_value = pm::RESET_VALUE;
-    fadt.sleep_control_reg = io_gas(pm::SLEEP_CONTROL);
-    fadt.sleep_status_reg = io_gas(pm::SLEEP_STATUS);
-    // "VGA not present", "CMOS RTC not present": nothing for the guest to probe.
-    fadt.iapc_boot_arch = (1u16 << 2 | 1 << 5).into();
-    fadt.hypervisor_vendor_identity = u64::from_le_bytes(*b"SNAPVMM\0").into();
-    let fadt = bytes(&fadt.finalize());
-
     let madt_addr = align(dsdt_addr + dsdt.len() as u64);
-    let mut madt = MADT::new(
-        OEM_ID,
-        OEM_TABLE_ID,
-        OEM_REVISION,
-        LocalInterruptController::Address(layout::LAPIC_ADDR as u32),
-    );
-    for id in 0..cpus {
-        madt.add_structure(ProcessorLocalApic::new(id, id, EnabledStatus::Enabled));
-    }
-    madt.add_structure(IoApic::new(cpus, layout::IOAPIC_ADDR as u32, 0));
-    let madt = bytes(&madt);
+    let madt = madt(cpus);
+    // The FACS must be 64-byte aligned.
+    let facs_addr = (madt_addr + madt.len() as u64 + 63) & !63;
+    let facs = bytes(&acpi_tables::facs::FACS::new());
+    let fadt = fadt(dsdt_addr, facs_addr);
 
     let mut xsdt = XSDT::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
     xsdt.add_entry(fadt_addr);
@@ -237,7 +286,7 @@ pub fn build(cpus: u8, virtio: &[MmioDevice]) -> Result<Tables, BootError> {
     let xsdt = bytes(&xsdt);
     let rsdp = bytes(&Rsdp::new(OEM_ID, xsdt_addr));
 
-    let end = madt_addr + madt.len() as u64;
+    let end = facs_addr + facs.len() as u64;
     if end > layout::ACPI_END {
         return Err(BootError::Acpi(format!(
             "tables need {} bytes, {} reserved",
@@ -253,6 +302,7 @@ pub fn build(cpus: u8, virtio: &[MmioDevice]) -> Result<Tables, BootError> {
             (fadt_addr, fadt),
             (dsdt_addr, dsdt),
             (madt_addr, madt),
+            (facs_addr, facs),
         ],
     })
 }
@@ -319,8 +369,31 @@ mod tests {
         assert_eq!(u32_at(fadt, 4) as usize, fadt.len());
         assert_eq!(sum(fadt), 0);
         let flags = u32_at(fadt, 112);
-        assert_ne!(flags & Flags::HwReducedAcpi as u32, 0);
+        assert_eq!(
+            flags & Flags::HwReducedAcpi as u32,
+            0,
+            "a full ACPI machine: the 8259s exist for a noapic kernel"
+        );
         assert_ne!(flags & Flags::ResetRegSup as u32, 0);
+        // SCI_INT (46), SMI_CMD (48: none), PM1a_EVT_BLK (56), PM1a_CNT_BLK
+        // (64), PM1_EVT_LEN (88), PM1_CNT_LEN (89).
+        assert_eq!(u16::from_le_bytes([fadt[46], fadt[47]]) as u32, pm::SCI_IRQ);
+        // Its own line: no device shares it.
+        for i in 0..crate::devices::virtio::MAX_DEVICES {
+            assert_ne!(crate::devices::virtio::irq(i), pm::SCI_IRQ);
+        }
+        assert_ne!(crate::devices::serial::IRQ, pm::SCI_IRQ);
+        assert_ne!(pm::GED_IRQ, pm::SCI_IRQ);
+        assert_eq!(u32_at(fadt, 48), 0);
+        assert_eq!(u32_at(fadt, 56), u32::from(pm::PM1A_EVT));
+        assert_eq!(u32_at(fadt, 64), u32::from(pm::PM1A_CNT));
+        assert_eq!((fadt[88], fadt[89]), (4, 2));
+        // X_FIRMWARE_CTRL (132): the FACS, 64-byte aligned.
+        let facs_addr = u64_at(fadt, 132);
+        assert_eq!(facs_addr % 64, 0);
+        let facs = table(&t, facs_addr);
+        assert_eq!(&facs[..4], b"FACS");
+        assert_eq!(u32_at(facs, 4) as usize, facs.len());
         // X_DSDT at offset 140.
         let dsdt = table(&t, u64_at(fadt, 140));
         assert_eq!(&dsdt[..4], b"DSDT");
@@ -331,8 +404,10 @@ mod tests {
         assert_eq!(u32_at(madt, 4) as usize, madt.len());
         assert_eq!(sum(madt), 0);
         assert_eq!(u32_at(madt, 36) as u64, layout::LAPIC_ADDR);
-        // Structures: 4 local APICs (type 0) then the IOAPIC (type 1).
-        let (mut off, mut lapics, mut ioapics) = (44, Vec::new(), 0);
+        assert_eq!(u32_at(madt, 40), 1, "PCAT_COMPAT");
+        // Structures: 4 local APICs (type 0), the IOAPIC (type 1), the SCI's
+        // override (type 2).
+        let (mut off, mut lapics, mut ioapics, mut isos) = (44, Vec::new(), 0, Vec::new());
         while off < madt.len() {
             match madt[off] {
                 0 => lapics.push(madt[off + 3]),
@@ -340,12 +415,24 @@ mod tests {
                     ioapics += 1;
                     assert_eq!(u32_at(madt, off + 4) as u64, layout::IOAPIC_ADDR);
                 }
+                2 => isos.push((
+                    madt[off + 3],
+                    u32_at(madt, off + 4),
+                    u16::from_le_bytes([madt[off + 8], madt[off + 9]]),
+                )),
                 other => panic!("unexpected MADT structure {other}"),
             }
             off += madt[off + 1] as usize;
         }
+        assert_eq!(off, madt.len());
         assert_eq!(lapics, vec![0, 1, 2, 3]);
         assert_eq!(ioapics, 1);
+        let sci = pm::SCI_IRQ;
+        assert_eq!(
+            isos,
+            vec![(sci as u8, sci, 0b1101)],
+            "SCI level, active high"
+        );
         let end = t
             .blobs
             .iter()

@@ -67,7 +67,7 @@ impl PioBus {
                 data[0] = lock(&self.serial).read((port - serial::BASE) as u8);
             }
             i8042::DATA | i8042::COMMAND => data[0] = lock(&self.i8042).read(port),
-            acpi::BASE..=acpi::LAST => data[0] = self.acpi.read(port),
+            acpi::BASE..=acpi::LAST => self.acpi.read(port, data),
             _ => {}
         }
     }
@@ -80,7 +80,7 @@ impl PioBus {
             }
             i8042::DATA | i8042::COMMAND => lock(&self.i8042).write(port, data[0]),
             debug_exit::BASE..=debug_exit::LAST => self.debug_exit.write(data),
-            acpi::BASE..=acpi::LAST => self.acpi.write(port, data[0]),
+            acpi::BASE..=acpi::LAST => self.acpi.write(port, data),
             _ => {}
         }
     }

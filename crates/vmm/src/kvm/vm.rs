@@ -46,6 +46,7 @@ impl KvmVm {
             ..Default::default()
         };
         fd.create_pit2(pit).map_err(ioctl("KVM_CREATE_PIT2"))?;
+        init_pics(&fd)?;
         Ok(KvmVm { kvm, fd })
     }
 
@@ -112,4 +113,31 @@ fn open(path: &Path) -> Result<Kvm, KvmError> {
         });
     }
     Ok(kvm)
+}
+
+/// Sets the 8259 PICs as PC firmware leaves them: vectors 0x08 / 0x70, every
+/// line masked but the cascade. KVM creates them zeroed — vector base 0,
+/// nothing masked — so a guest that enables interrupts before programming
+/// them would take IRQ 4 as exception vector 4. An OS that uses them
+/// programs them itself (Linux: vectors 0x30 / 0x38).
+fn init_pics(fd: &VmFd) -> Result<(), KvmError> {
+    use kvm_bindings::{kvm_irqchip, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE};
+    for (chip, base, imr) in [
+        (KVM_IRQCHIP_PIC_MASTER, 0x08u8, 0xfbu8),
+        (KVM_IRQCHIP_PIC_SLAVE, 0x70, 0xff),
+    ] {
+        let mut c = kvm_irqchip {
+            chip_id: chip,
+            ..Default::default()
+        };
+        fd.get_irqchip(&mut c).map_err(ioctl("KVM_GET_IRQCHIP"))?;
+        // SAFETY: chip_id selects the PIC member of the union, which
+        // KVM_GET_IRQCHIP just filled.
+        let pic = unsafe { &mut c.chip.pic };
+        pic.irq_base = base;
+        pic.imr = imr;
+        pic.init4 = 1;
+        fd.set_irqchip(&c).map_err(ioctl("KVM_SET_IRQCHIP"))?;
+    }
+    Ok(())
 }
