@@ -66,6 +66,10 @@ pub struct RunArgs {
     /// When the guest powers off, keep the VM in the shutdown state instead of exiting.
     #[arg(long)]
     pub no_shutdown: bool,
+    /// When the guest resets (reboots or triple-faults), end the VM (`SHUTDOWN` with reason
+    /// `guest-reset`) instead of rebooting it in place (`RESET`), like QEMU's -no-reboot.
+    #[arg(long)]
+    pub no_reboot: bool,
     /// Restore from a snapshot (RAM size and vCPUs come from it): file:PATH (an image, or a
     /// stream written to a file), a stream from unix:PATH or tcp:HOST:PORT (listens there,
     /// only there), exec:COMMAND (reads its output) or fd:NAME; or defer: wait for QMP
@@ -113,6 +117,8 @@ pub struct RunConfig {
     pub name: Option<String>,
     pub start_paused: bool,
     pub no_shutdown: bool,
+    /// A guest reset ends the VM instead of rebooting it in place.
+    pub no_reboot: bool,
     pub incoming: Option<PathBuf>,
     /// `--incoming` with a stream URI (unix, tcp, exec, fd): received while QMP answers.
     pub incoming_stream: Option<crate::snapshot::transport::Uri>,
@@ -242,6 +248,7 @@ impl RunArgs {
             name: self.name.clone(),
             start_paused: self.paused,
             no_shutdown: self.no_shutdown,
+            no_reboot: self.no_reboot,
             incoming: match incoming.clone() {
                 Some(Uri::File(p)) => Some(p),
                 _ => None,

@@ -75,13 +75,53 @@ fn guest_exit_code_becomes_the_process_status() {
 }
 
 #[test]
-fn i8042_reset_ends_the_vm() {
+fn i8042_reset_ends_the_vm_with_no_reboot() {
     let o = run_with_timeout(
-        snapvmm(&["run", "--mem", "64M", "--cmdline", "workload=reset"]),
+        snapvmm(&[
+            "run",
+            "--mem",
+            "64M",
+            "--no-reboot",
+            "--cmdline",
+            "workload=reset",
+        ]),
         T,
     );
     assert_eq!(o.status.code(), Some(0), "stderr: {}", stderr(&o));
     assert!(stdout(&o).contains("workload=reset"));
+}
+
+/// Without `--no-reboot` a guest reset reboots it in place, as QEMU: the
+/// guest boots again (and again: this one resets as soon as it is up), each
+/// time with a `RESET` event, and the VM runs until asked to quit.
+#[test]
+fn a_guest_reset_reboots_in_place() {
+    let dir = TempDir::new("reboot");
+    let (mut vm, mut q) = start_vm(
+        &dir,
+        "vm",
+        "1",
+        &["--mem", "64M", "--cmdline", "workload=reset"],
+    );
+    for _ in 0..3 {
+        vm.wait_line("refguest: ready", T);
+    }
+    let _ = q.ok("query-status", serde_json::json!({}));
+    let resets: Vec<_> = q.events.iter().filter(|e| e["event"] == "RESET").collect();
+    assert!(
+        resets.len() >= 2,
+        "a RESET event per reboot: {:?}",
+        q.events
+    );
+    assert_eq!(resets[0]["data"]["guest"], true);
+    assert_eq!(resets[0]["data"]["reason"], "guest-reset");
+    assert!(
+        !q.event_names().contains(&"SHUTDOWN".to_string()),
+        "a reboot is not a shutdown: {:?}",
+        q.events
+    );
+    q.ok("quit", serde_json::json!({}));
+    assert!(vm.wait(T).success());
 }
 
 fn memwrite(cpus: &str) {

@@ -113,6 +113,7 @@ pub fn run(mut cfg: RunConfig) -> Result<u8> {
         fatal: None,
         quit_after_migration: false,
         restored_at: restored.then(Instant::now),
+        reset_pending: false,
     };
     c.publish_cpus();
     // The guest is here now: a live migration's target tells the source
@@ -141,6 +142,7 @@ pub fn run(mut cfg: RunConfig) -> Result<u8> {
     while c.exit.is_none() {
         let Ok(ev) = rx.recv() else { break };
         c.handle(ev)?;
+        c.reset_when_idle();
     }
     tracing::debug!("ending the VM");
     c.migration.remove_listening_socket();
@@ -193,6 +195,9 @@ pub(crate) struct Controller {
     /// When this VM was restored (from an image, a stream, a live migration
     /// or `--loadvm`), if it was.
     restored_at: Option<Instant>,
+    /// The guest reset itself while a snapshot ran: its vCPUs wait, and it
+    /// reboots when the snapshot ends (see `reset_when_idle`).
+    reset_pending: bool,
 }
 
 /// A guest that triple-faults this soon after its restore makes the restore
@@ -205,7 +210,7 @@ impl Controller {
             AppEvent::Machine(MachineEvent::PowerOff(code)) => {
                 self.guest_shutdown(code as u8, "guest-shutdown")
             }
-            AppEvent::Machine(MachineEvent::GuestReset) => self.guest_shutdown(0, "guest-reset"),
+            AppEvent::Machine(MachineEvent::GuestReset) => self.guest_reset(),
             AppEvent::Machine(MachineEvent::GuestShutdown(id)) => {
                 // A lazily restored guest whose image was truncated under it crashes
                 // this way on PVM hosts: that is snapvmm's failure, not the guest's.
@@ -229,7 +234,7 @@ impl Controller {
                 }
                 // A triple fault: the guest crashed rather than asked; say so.
                 tracing::warn!("vCPU {id} triple-faulted (KVM shutdown exit): the guest is reset");
-                self.guest_shutdown(0, "guest-reset")
+                self.guest_reset()
             }
             AppEvent::Machine(MachineEvent::VcpuFailed(id, why)) => {
                 // End through the normal exit path, which also ends captures.
@@ -798,6 +803,39 @@ impl Controller {
         } else if self.events.is_some() {
             self.emit("STOP", None);
         }
+    }
+
+    /// The guest reset itself (ACPI reset, i8042, triple fault): it reboots in
+    /// place (`RESET`), or ends the VM with `--no-reboot` (`SHUTDOWN`), as
+    /// QEMU. During a snapshot the reboot waits for it to end, the vCPUs
+    /// paused: the snapshot holds the guest as of its cut, and the old RAM
+    /// stays until the capture has read it.
+    fn guest_reset(&mut self) {
+        if self.cfg.no_reboot {
+            return self.guest_shutdown(0, "guest-reset");
+        }
+        if self.op() != crate::snapshot::Op::Idle {
+            tracing::info!(
+                "the guest reset itself during a snapshot: it reboots when the snapshot ends"
+            );
+            let _ = self.machine.pause();
+            self.reset_pending = true;
+            return;
+        }
+        let _ = self.reset(true, "guest-reset");
+    }
+
+    /// A reboot that waited for a snapshot, once none runs. A live migration
+    /// that completed took the guest (and its reset) to the target.
+    fn reset_when_idle(&mut self) {
+        if !self.reset_pending || self.op() != crate::snapshot::Op::Idle {
+            return;
+        }
+        self.reset_pending = false;
+        if self.status() == RunState::Postmigrate {
+            return;
+        }
+        let _ = self.reset(true, "guest-reset");
     }
 
     /// A reset rebuilds the machine from its configuration: fresh RAM, the kernel
