@@ -171,13 +171,14 @@ fn receive_one(
         // A command's output, a file: an image stream only.
         let (restored, got) = match restore::from_stream(&mut inc) {
             Ok(r) => r,
-            // Say how a command that produced it ended, too.
+            // Say how a command that produced it ended, too (one still
+            // running, e.g. silent past the limit, is stopped).
             Err(e) => {
                 return Err((
                     false,
-                    match inc.finish() {
-                        Err(why) => RestoreError::Transport(format!("{e} ({why})")),
-                        Ok(()) => e,
+                    match inc.fail() {
+                        Some(why) => RestoreError::Transport(format!("{e} ({why})")),
+                        None => e,
                     },
                 ))
             }

@@ -465,7 +465,11 @@ impl Listening {
                     .map_err(|e| io::Error::new(e.kind(), format!("cannot run /bin/sh: {e}")))?;
                 let out: ChildStdout = child.stdout.take().expect("piped");
                 Listening::Ready(Some(Incoming {
-                    r: Box::new(out),
+                    r: Box::new(TimedPipe {
+                        out,
+                        limit: EXEC_SILENCE_LIMIT,
+                        what: format!("`{cmd}`"),
+                    }),
                     sock: None,
                     child: Some((child, cmd.clone())),
                     peer: format!("`{cmd}`"),
@@ -582,6 +586,22 @@ impl Incoming {
         Ok(())
     }
 
+    /// The stream failed: how its command ended, if it did within a moment
+    /// (a failing command often is why); one still running is stopped.
+    pub fn fail(mut self) -> Option<String> {
+        let (mut child, cmd) = self.child.take()?;
+        drop(std::mem::replace(&mut self.r, Box::new(io::empty())));
+        let end = std::time::Instant::now() + Duration::from_secs(1);
+        while std::time::Instant::now() < end {
+            if let Ok(Some(st)) = child.try_wait() {
+                return (!st.success()).then(|| format!("`{cmd}` {}", describe(st)));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        kill_group(&mut child);
+        Some(format!("`{cmd}` was still running: killed"))
+    }
+
     /// The stream is refused: stop a command that produces it.
     pub fn close(mut self) {
         if let Some((mut child, _)) = self.child.take() {
@@ -594,6 +614,53 @@ impl Drop for Incoming {
     fn drop(&mut self) {
         if let Some((child, _)) = &mut self.child {
             kill_group(child);
+        }
+    }
+}
+
+/// How long an `exec:` command producing an incoming stream may write
+/// nothing (before its first byte too) before the stream fails as timed
+/// out: a socket's peer has the same limit once its stream began.
+pub const EXEC_SILENCE_LIMIT: Duration = Duration::from_secs(60);
+
+/// A command's output, read with a limit on its silence.
+struct TimedPipe {
+    out: ChildStdout,
+    limit: Duration,
+    /// The command, for the message.
+    what: String,
+}
+
+impl Read for TimedPipe {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let mut p = libc::pollfd {
+            fd: self.out.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ms = self.limit.as_millis().min(i32::MAX as u128) as i32;
+        loop {
+            // SAFETY: poll on one live descriptor, with a valid pollfd.
+            let r = unsafe { libc::poll(&mut p, 1, ms) };
+            match r {
+                0 => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!(
+                            "timed out: {} wrote nothing for {} s",
+                            self.what,
+                            self.limit.as_secs_f64()
+                        ),
+                    ))
+                }
+                r if r < 0 => {
+                    let e = io::Error::last_os_error();
+                    if e.kind() != io::ErrorKind::Interrupted {
+                        return Err(e);
+                    }
+                }
+                _ => return self.out.read(buf),
+            }
         }
     }
 }
@@ -634,6 +701,41 @@ fn kill_group(child: &mut Child) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An `exec:` source that writes nothing fails the read as timed out
+    /// (after the limit, not never), and its command is stopped.
+    #[test]
+    fn a_silent_command_times_out() {
+        let mut child = Command::new("/bin/sh")
+            .args(["-c", "sleep 30"])
+            .stdout(Stdio::piped())
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        let out = child.stdout.take().unwrap();
+        let mut inc = Incoming {
+            r: Box::new(TimedPipe {
+                out,
+                limit: Duration::from_millis(200),
+                what: "`sleep 30`".into(),
+            }),
+            sock: None,
+            child: Some((child, "sleep 30".into())),
+            peer: "test".into(),
+        };
+        let t = std::time::Instant::now();
+        let e = inc.read(&mut [0u8; 16]).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut);
+        assert!(
+            e.to_string()
+                .contains("timed out: `sleep 30` wrote nothing"),
+            "{e}"
+        );
+        assert!(t.elapsed() >= Duration::from_millis(200));
+        assert!(t.elapsed() < Duration::from_secs(10));
+        let why = inc.fail().unwrap();
+        assert!(why.contains("killed"), "{why}");
+    }
 
     #[test]
     fn uris() {
