@@ -812,3 +812,64 @@ fn an_image_whose_guest_cannot_run_is_a_failed_restore() {
     let st = b.wait(T);
     assert_eq!(st.code(), Some(1), "{st:?}");
 }
+
+/// A guest that resets itself while a live snapshot is written reboots only
+/// once the snapshot is done: the snapshot completes, then `RESET` comes and
+/// the guest boots again; the image restores.
+#[test]
+fn a_guest_reset_during_a_snapshot_reboots_when_it_ends() {
+    let d = TempDir::new("reset-during");
+    let (vm, mut q) = start_vm(
+        &d,
+        "vm",
+        "1",
+        &["--mem", "64M", "-S", "--cmdline", "workload=reset"],
+    );
+    enable_background(&mut q);
+    q.ok(
+        "migrate-set-parameters",
+        json!({"x-wp-stall-limit-ms": 10000}),
+    );
+    let img = d.path("reset.snap");
+    // The destination reads nothing for a second: the capture outlasts the
+    // guest's boot, which ends in a reset at once.
+    q.ok(
+        "migrate",
+        json!({"uri": format!("exec:sleep 1; cat > {}", img.display())}),
+    );
+    q.ok("cont", json!({}));
+    vm.wait_line("refguest: ready", T);
+    let m = q.wait_migration(T);
+    assert_eq!(m["status"], "completed", "{m}");
+    // The reboot follows: the guest boots a second time.
+    vm.wait_line("refguest: ready", T);
+    let _ = q.ok("query-status", json!({}));
+    let done = q
+        .events
+        .iter()
+        .position(|e| e["event"] == "MIGRATION" && e["data"]["status"] == "completed")
+        .expect("a MIGRATION completed event");
+    let reset = q
+        .events
+        .iter()
+        .position(|e| e["event"] == "RESET")
+        .expect("a RESET event");
+    assert!(
+        done < reset,
+        "the reboot waited for the snapshot: {:?}",
+        q.event_names()
+    );
+    q.ok("quit", json!({}));
+    let o = run_with_timeout(
+        snapvmm(&[
+            "run",
+            "--incoming",
+            &format!("file:{}", img.display()),
+            "--no-reboot",
+        ]),
+        T,
+    );
+    // The image holds the guest before its reset: restored, it resets (and
+    // with --no-reboot that ends the VM with 0).
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+}
