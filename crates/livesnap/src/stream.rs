@@ -37,6 +37,10 @@ pub(crate) const FLAG_RESUME: u32 = 2;
 /// Stream flag: a live migration whose RAM starts coming before the state
 /// (a pre-copy pass: `crate::precopy`); readers without it refuse the header.
 pub(crate) const FLAG_PRECOPY: u32 = 4;
+/// Stream flag: a live migration's source that answers the target's RUNNING
+/// with GO, the handover; the target runs the guest only after GO
+/// (`crate::postcopy`). Readers without it refuse the header.
+pub(crate) const FLAG_HANDOVER: u32 = 8;
 const FIXED_HEAD: usize = 32;
 const RANGE_ENTRY: usize = 24;
 /// Longest abort reason carried.
@@ -195,6 +199,8 @@ pub struct StreamLayout {
     pub resume: bool,
     /// A live migration that starts with a pre-copy pass.
     pub precopy: bool,
+    /// A live migration whose source hands the guest over explicitly (GO).
+    pub handover: bool,
 }
 
 impl StreamLayout {
@@ -267,7 +273,7 @@ impl<R: Read> StreamReader<R> {
         }
         fill(&mut input, &mut fixed[12..], "the stream header")?;
         let flags = get32(&fixed, 12);
-        if flags & !(FLAG_LIVE | FLAG_RESUME | FLAG_PRECOPY) != 0
+        if flags & !(FLAG_LIVE | FLAG_RESUME | FLAG_PRECOPY | FLAG_HANDOVER) != 0
             || (flags & FLAG_LIVE == 0 && flags != 0)
         {
             return Err(corrupt(format!("unknown stream flags {flags:#x}")));
@@ -315,6 +321,7 @@ impl<R: Read> StreamReader<R> {
             live: flags & FLAG_LIVE != 0,
             resume: flags & FLAG_RESUME != 0,
             precopy: flags & FLAG_PRECOPY != 0,
+            handover: flags & FLAG_HANDOVER != 0,
         };
         Ok((
             StreamReader {

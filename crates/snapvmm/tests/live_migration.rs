@@ -309,6 +309,59 @@ fn a_source_cut_off_before_the_switch_runs_on_and_the_target_runs_nothing() {
     qb.ok("quit", json!({}));
 }
 
+/// The target's RUNNING never reaches the source (the link drops what the
+/// target says, then breaks): the source fails the job and runs its guest
+/// on, so the target must not run it too — it waits for the source's GO,
+/// which never comes, and ends without running anything.
+#[test]
+fn a_lost_switch_message_never_runs_the_guest_on_both_sides() {
+    let d = TempDir::new("live-lost-running");
+    let (a, mut qa) = start_vm(&d, "a", "1", GUEST);
+    a.wait_line("refguest: cpu=0 t=", T);
+    let (mut b, mut qb) = start_vm(&d, "b", "1", &["--incoming", "defer"]);
+    let sock = d.path("mig.sock");
+    qb.ok(
+        "migrate-incoming",
+        json!({"uri": format!("unix:{}", sock.display())}),
+    );
+    // Source to target passes; target to source is dropped, and the link
+    // breaks a moment after the target first says something.
+    let relay_sock = d.path("relay.sock");
+    let l = std::os::unix::net::UnixListener::bind(&relay_sock).unwrap();
+    let to = sock.clone();
+    std::thread::spawn(move || {
+        use std::io::Read;
+        let Ok((s, _)) = l.accept() else { return };
+        let Ok(t) = std::os::unix::net::UnixStream::connect(&to) else {
+            return;
+        };
+        let (mut s2, mut t2) = (s.try_clone().unwrap(), t.try_clone().unwrap());
+        std::thread::spawn(move || {
+            let _ = std::io::copy(&mut s2, &mut t2);
+        });
+        let mut buf = [0u8; 4096];
+        let mut r = t.try_clone().unwrap();
+        if matches!(r.read(&mut buf), Ok(n) if n > 0) {
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        let _ = s.shutdown(std::net::Shutdown::Both);
+        let _ = t.shutdown(std::net::Shutdown::Both);
+    });
+    qa.ok(
+        "migrate",
+        json!({"uri": format!("unix:{}", relay_sock.display())}),
+    );
+    let m = wait_status(&mut qa, "failed", |s| s == "failed");
+    assert!(m["error-desc"].is_string(), "{m}");
+    assert_eq!(qa.ok("query-status", json!({}))["status"], "running");
+    runs_on(&a);
+    // The target ends, having run nothing.
+    let st = b.wait(T);
+    assert!(!st.success(), "the target must fail, not run: {st:?}");
+    assert!(b.lines.try_iter().all(|l| !l.contains("refguest")));
+    qa.ok("quit", json!({}));
+}
+
 /// After the switch either side may die: the other never runs a second copy
 /// of the guest and never shows it corrupt.
 #[test]

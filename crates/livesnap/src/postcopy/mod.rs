@@ -10,7 +10,10 @@
 //! its VM with fresh anonymous RAM, lets [`crate::lazy`] fill it from
 //! [`RemotePages`] (a [`PageSource`]: a faulting chunk is asked for at once,
 //! the rest arrives in order), runs the guest and tells the source
-//! ([`RemotePages::running`]). Once filled it says done ([`RemotePages::done`]).
+//! ([`RemotePages::running`]), and runs it only once the source answers GO:
+//! a RUNNING lost on the way (the source then gives its guest back) never
+//! leaves a guest running on both sides. Once filled it says done
+//! ([`RemotePages::done`]).
 //!
 //! A broken connection pauses both sides: the target's faulting threads
 //! wait, the source keeps its RAM. A new connection ([`PostcopySender::resume`],
@@ -21,7 +24,8 @@
 //! `live` (plus `resume` on a new connection), then records as in the
 //! stream form: source → target STATE (device state, in pieces), SWITCH,
 //! CHUNK (offset = chunk number; payload = 64-byte page bitmap and the
-//! non-zero pages), END, RESUME; target → source RUNNING, REQ (offset =
+//! non-zero pages), END, RESUME, GO (with header flag `handover`); target →
+//! source RUNNING, REQ (offset =
 //! chunk number), NEED (payload = chunk bitmap), DONE.
 
 use std::collections::VecDeque;
@@ -39,7 +43,7 @@ use crate::lazy::PageSource;
 use crate::precopy::{PrecopyDone, WriteLog};
 use crate::stream::{
     encode_stream_header, read_record, record_head, record_head_crc, StreamLayout, StreamReader,
-    FLAG_LIVE, FLAG_RESUME, KIND_END, MAX_RECORD,
+    FLAG_HANDOVER, FLAG_LIVE, FLAG_RESUME, KIND_END, MAX_RECORD,
 };
 use crate::RamRange;
 
@@ -53,6 +57,8 @@ const KIND_NEED: u32 = 10;
 const KIND_RESUME: u32 = 11;
 const KIND_PAGE: u32 = 12;
 const KIND_STALE: u32 = 13;
+/// Source → target, the answer to RUNNING: the guest is the target's now.
+const KIND_GO: u32 = 14;
 /// Most pages sent with the device state.
 pub const MAX_EARLY_PAGES: usize = 256;
 

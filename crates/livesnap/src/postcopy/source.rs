@@ -48,6 +48,8 @@ struct SendState {
     head_pending: bool,
     end_sent: bool,
     switched: bool,
+    /// RUNNING came: GO is owed to the target.
+    go_due: bool,
     /// Completed, failed before the switch, or stopped.
     ended: bool,
     /// A write on this connection failed: it is shut down, and its reader
@@ -197,6 +199,7 @@ impl PostcopySender {
                 sent,
                 next: 0,
                 urgent: VecDeque::new(),
+                go_due: false,
                 conn: None,
                 generation: 0,
                 head_pending: true,
@@ -388,7 +391,9 @@ fn source_reader(sh: &SendShared, r: File, g: u64, first: bool) {
         match kind {
             KIND_RUNNING => {
                 if !st.switched && !st.ended {
+                    // From here the guest is the target's: GO tells it so.
                     st.switched = true;
+                    st.go_due = true;
                     sh.cv.notify_all();
                     drop(st);
                     (sh.events)(SourceEvent::Switched);
@@ -444,6 +449,7 @@ fn source_reader(sh: &SendShared, r: File, g: u64, first: bool) {
 /// What the pusher does next.
 enum Job {
     Head(u64, File),
+    Go(u64, File),
     Chunk(u64, File, usize, bool),
     End(u64, File),
 }
@@ -466,6 +472,11 @@ fn next_job(sh: &SendShared) -> Option<Job> {
             if st.head_pending {
                 st.head_pending = false;
                 return Some(Job::Head(g, file));
+            }
+            // The target waits for it to run the guest.
+            if st.go_due {
+                st.go_due = false;
+                return Some(Job::Go(g, file));
             }
             // A chunk the target waits for goes at once — even before the
             // switch: restoring the machine may touch guest RAM.
@@ -506,6 +517,7 @@ fn push(sh: &SendShared) {
     while let Some(job) = next_job(sh) {
         let (g, r) = match job {
             Job::Head(g, f) => (g, send_head(sh, f, g)),
+            Job::Go(g, mut f) => (g, send(&mut f, KIND_GO, 0, &[])),
             Job::Chunk(g, f, k, urgent) => {
                 let r = send_chunk(sh, f, k);
                 let c = if urgent {
@@ -545,9 +557,9 @@ fn send_head(sh: &SendShared, f: File, g: u64) -> io::Result<()> {
     let mut w = BufWriter::with_capacity(1 << 20, f);
     let first = g == 1;
     let flags = if first {
-        FLAG_LIVE
+        FLAG_LIVE | FLAG_HANDOVER
     } else {
-        FLAG_LIVE | FLAG_RESUME
+        FLAG_LIVE | FLAG_RESUME | FLAG_HANDOVER
     };
     if !first || sh.stale.is_none() {
         w.write_all(&encode_stream_header(sh.image_len, &sh.layout, flags))?;

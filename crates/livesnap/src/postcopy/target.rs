@@ -34,6 +34,8 @@ struct RecvState {
     precopied: Vec<bool>,
     /// RUNNING was sent: the source may be told DONE.
     running: bool,
+    /// The source answered RUNNING with GO: the guest is ours.
+    go: bool,
     received: u64,
     /// Every page is placed (DONE is owed to the source until `done_sent`).
     done: bool,
@@ -44,6 +46,8 @@ struct RecvState {
 
 struct RecvShared {
     layout: Vec<ImageRange>,
+    /// The source answers RUNNING with GO (header flag `handover`).
+    handover: bool,
     id: [u8; 16],
     precopy: PrecopyFigures,
     /// Pre-copied chunks dropped at the switch, freed once RAM is filled.
@@ -173,6 +177,7 @@ pub fn receive_switch_from<R: Read + Send + 'static>(
         .collect();
     let sh = Arc::new(RecvShared {
         layout: layout.ranges.clone(),
+        handover: layout.handover,
         id,
         garbage: Mutex::new(garbage),
         precopy: PrecopyFigures {
@@ -188,6 +193,7 @@ pub fn receive_switch_from<R: Read + Send + 'static>(
             staged: 0,
             precopied,
             running: false,
+            go: false,
             received: arrivals.len() as u64,
             done: false,
             done_sent: false,
@@ -279,6 +285,14 @@ fn target_reader<R: Read>(sh: &RecvShared, mut r: BufReader<R>, g: u64) {
                 }
             }
             KIND_END => {}
+            KIND_GO => {
+                let mut st = lock(&sh.st);
+                if st.generation != g {
+                    return;
+                }
+                st.go = true;
+                sh.cv.notify_all();
+            }
             k => break format!("unexpected record of kind {k} from the source"),
         }
     };
@@ -382,7 +396,10 @@ impl RemotePages {
         *lock(&self.sh.events) = Some(f);
     }
 
-    /// The guest runs here now: the source must not run it again.
+    /// The guest is about to run here: tells the source, which must not run
+    /// it again, and (with a source that hands over) waits for its GO. An
+    /// error means the guest must not run here: the source did not let go
+    /// (a RUNNING lost on the way makes it run its guest on).
     pub fn running(&self) -> io::Result<()> {
         let before = self.sh.requests.load(Ordering::Relaxed);
         self.sh
@@ -390,6 +407,33 @@ impl RemotePages {
             .store(before, Ordering::Relaxed);
         self.say(KIND_RUNNING, 0, &[])?;
         let mut st = lock(&self.sh.st);
+        if self.sh.handover {
+            let end = Instant::now() + SWITCH_TIMEOUT;
+            while !st.go {
+                if let Some(why) = &st.failed {
+                    return Err(io::Error::other(why.clone()));
+                }
+                if st.writer.is_none() {
+                    return Err(io::Error::new(
+                        io::ErrorKind::ConnectionAborted,
+                        "the connection broke before the source handed the guest over",
+                    ));
+                }
+                let left = end.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "timed out: the source did not hand the guest over",
+                    ));
+                }
+                st = self
+                    .sh
+                    .cv
+                    .wait_timeout(st, left)
+                    .unwrap_or_else(|e| e.into_inner())
+                    .0;
+            }
+        }
         st.running = true;
         // Everything may be here already (a pre-copy pass, chunks asked for
         // while the state loaded): the source may let go.
