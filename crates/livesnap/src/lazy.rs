@@ -11,11 +11,21 @@
 //! - a **prefetch** thread walks RAM in order and fills every chunk that has
 //!   data and that nobody has faulted on yet; holes are left alone.
 //!
+//! Chunks are copied from one staging buffer that stays mapped
+//! (`UFFDIO_COPY`), not moved into place (`UFFDIO_MOVE`, which would keep a
+//! staging huge page huge): moving empties the staging chunk, and mapping it
+//! again with fresh memory cost 5–11 ms per 2 MiB on these hosts whenever
+//! huge pages were slow to come, which made a 1 GiB fill take 2.3–2.5 s in
+//! most runs (the guest crawling meanwhile) against a steady 0.36 s copying.
+//! The filled RAM is 4 KiB-mapped; the default (write-protect) capture
+//! snapshots it with the same pause.
+//!
 //! One compare-and-swap per chunk decides which thread fills it. When every
 //! chunk with data is filled the ranges are unregistered: what is left
 //! (holes) is ordinary never-touched anonymous memory, zero when read —
 //! exactly the image's content. From then on RAM is plain anonymous memory:
-//! snapshots of it pause like a booted VM's, and huge pages can be rebuilt.
+//! snapshots of it pause like a booted VM's, and huge pages can be rebuilt
+//! (`MADV_COLLAPSE`) where the fork capture needs them.
 //!
 //! The page source is an interface ([`PageSource`]): a file now; any other
 //! source (a socket to a migration peer) implements the same two calls.
@@ -103,11 +113,15 @@ pub struct FillStats {
     pub zero_chunks: u64,
     /// Bytes read from the page source.
     pub bytes_read: u64,
-    /// Chunks whose pages were moved into place rather than copied
-    /// (`UFFDIO_MOVE`; a staging huge page stays huge in guest RAM).
-    pub chunks_moved: u64,
     /// Start to the last chunk filled.
     pub elapsed: Duration,
+    /// How long the fault handler took over each chunk it filled for a
+    /// faulting thread (what that thread waited, less the queueing before
+    /// the handler read its fault).
+    pub fault_fills: crate::waits::WaitSummary,
+    /// The part of those waits spent on the source (a chunk still on its
+    /// way from a migration source, a read from the image).
+    pub fault_source_waits: crate::waits::WaitSummary,
 }
 
 /// Called once when the fill ends (not when it is dropped before): its
@@ -143,7 +157,8 @@ struct Fill {
     by_prefetch: AtomicU64,
     zero: AtomicU64,
     read: AtomicU64,
-    moved: AtomicU64,
+    fault_fills: crate::waits::WaitHistogram,
+    fault_source_waits: crate::waits::WaitHistogram,
     /// `None` while filling; then the outcome.
     outcome: Mutex<Option<std::result::Result<FillStats, String>>>,
     outcome_cv: Condvar,
@@ -270,7 +285,8 @@ pub fn start_lazy_fill_with(
         by_prefetch: AtomicU64::new(0),
         zero: AtomicU64::new(0),
         read: AtomicU64::new(0),
-        moved: AtomicU64::new(0),
+        fault_fills: Default::default(),
+        fault_source_waits: Default::default(),
         outcome: Mutex::new(None),
         outcome_cv: Condvar::new(),
     });
@@ -390,8 +406,10 @@ impl Fill {
         i: usize,
         placed: &[u64],
         staging: &mut Staging,
+        timed: Option<&crate::waits::WaitHistogram>,
     ) -> std::result::Result<(), String> {
         let c = self.chunks[i];
+        let t = Instant::now();
         let hole = self.source.is_hole(c.offset, c.len);
         let buf = staging.bytes(c.len as usize);
         if hole {
@@ -401,6 +419,9 @@ impl Fill {
                 .read_at(buf, c.offset)
                 .map_err(|e| format!("cannot read guest RAM from the snapshot: {e}"))?;
             self.read.fetch_add(c.len, Ordering::Relaxed);
+        }
+        if let Some(h) = timed {
+            h.record(t.elapsed());
         }
         let mut at = 0u64;
         let ends = placed.iter().copied().chain(std::iter::once(c.len));
@@ -436,7 +457,7 @@ impl Fill {
             return Ok(());
         }
         if self.claim(i) {
-            self.fill(i, buf)?;
+            self.fill(i, buf, None)?;
             self.by_prefetch.fetch_add(1, Ordering::Relaxed);
         }
         Ok(())
@@ -469,18 +490,29 @@ impl Fill {
             chunks_by_prefetch: self.by_prefetch.load(Ordering::Relaxed),
             zero_chunks: self.zero.load(Ordering::Relaxed),
             bytes_read: self.read.load(Ordering::Relaxed),
-            chunks_moved: self.moved.load(Ordering::Relaxed),
             elapsed,
+            fault_fills: self.fault_fills.summary(),
+            fault_source_waits: self.fault_source_waits.summary(),
         }
     }
 
-    /// Fills chunk `i` (claimed by the caller) and marks it done.
-    fn fill(&self, i: usize, staging: &mut Staging) -> std::result::Result<(), String> {
+    /// Fills chunk `i` (claimed by the caller) and marks it done; `timed`
+    /// records how long the source took.
+    fn fill(
+        &self,
+        i: usize,
+        staging: &mut Staging,
+        timed: Option<&crate::waits::WaitHistogram>,
+    ) -> std::result::Result<(), String> {
         let c = self.chunks[i];
         if let Some(placed) = self.placed.get(&i) {
-            return self.fill_around(i, placed, staging);
+            return self.fill_around(i, placed, staging, timed);
         }
+        let t = Instant::now();
         let r = if self.source.is_hole(c.offset, c.len) {
+            if let Some(h) = timed {
+                h.record(t.elapsed());
+            }
             self.zero.fetch_add(1, Ordering::Relaxed);
             self.uffd.zeropage(c.host, c.len)
         } else {
@@ -488,25 +520,11 @@ impl Fill {
             self.source
                 .read_at(buf, c.offset)
                 .map_err(|e| format!("cannot read guest RAM from the snapshot: {e}"))?;
-            self.read.fetch_add(c.len, Ordering::Relaxed);
-            if self.uffd.can_move() && c.len == CHUNK && c.host % CHUNK == 0 {
-                // The staging chunk is a huge page where the kernel gave one:
-                // moving it makes guest RAM huge right away, with no copy.
-                // SAFETY: `buf` is this thread's staging memory, used by
-                // nothing else; it is refilled (fresh pages) on its next use.
-                match unsafe { self.uffd.move_pages(c.host, buf.as_ptr() as u64, c.len) } {
-                    Ok(f) => {
-                        self.moved.fetch_add(1, Ordering::Relaxed);
-                        Ok(f)
-                    }
-                    Err((moved, e)) => {
-                        tracing::debug!("UFFDIO_MOVE moved {moved} bytes: {e}; copying the rest");
-                        self.uffd.copy(c.host + moved, &buf[moved as usize..])
-                    }
-                }
-            } else {
-                self.uffd.copy(c.host, buf)
+            if let Some(h) = timed {
+                h.record(t.elapsed());
             }
+            self.read.fetch_add(c.len, Ordering::Relaxed);
+            self.uffd.copy(c.host, buf)
         };
         match r {
             // Exists: a page of the chunk was there already (the kernel
@@ -548,9 +566,11 @@ fn fault_handler(f: &Fill) {
         };
         if f.claim(i) {
             let c = f.chunks[i];
+            let t = Instant::now();
             f.source.want(c.offset, c.len);
-            match f.fill(i, &mut buf) {
+            match f.fill(i, &mut buf, Some(&f.fault_source_waits)) {
                 Ok(()) => {
+                    f.fault_fills.record(t.elapsed());
                     f.by_fault.fetch_add(1, Ordering::Relaxed);
                 }
                 Err(e) => return f.handler_failed(e),

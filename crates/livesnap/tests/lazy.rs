@@ -170,9 +170,6 @@ fn threads_touching_ram_see_the_source_whoever_fills_it() {
     assert_eq!(stats.zero_chunks, 2, "{stats:?}");
     assert_eq!(stats.bytes_read, (LEN - 2 * c) as u64, "{stats:?}");
     assert_eq!(source.reads.load(Ordering::Relaxed), (LEN / c - 2) as u64);
-    if livesnap::uffd::Uffd::new_missing().unwrap().can_move() {
-        assert_eq!(stats.chunks_moved, (LEN / c - 2) as u64, "{stats:?}");
-    }
     // RAM is ordinary memory now: touching it faults nowhere.
     assert!(fill.is_finished());
 }

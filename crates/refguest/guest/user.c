@@ -36,6 +36,7 @@ static struct {
     u64 tsc_khz;
     u64 disk_region; /* bytes; 0 = default */
     u64 hot;        /* percent of each slice rewritten from pass 2 on, 1..100 */
+    u64 report_ms;  /* memwrite reports every this many ms (default 1000) */
 } cfg;
 
 u64 tsc_khz;
@@ -221,6 +222,10 @@ static void parse_cmdline(const char *s)
             cfg.tsc_khz = parse_size(v, vn);
         } else if (word_is(k, kn, "disk_region")) {
             cfg.disk_region = parse_size(v, vn);
+        } else if (word_is(k, kn, "report_ms")) {
+            cfg.report_ms = parse_size(v, vn);
+            if (cfg.report_ms < 1)
+                cfg.report_ms = 1;
         } else if (word_is(k, kn, "hot")) {
             cfg.hot = parse_size(v, vn);
             if (cfg.hot < 1)
@@ -334,7 +339,7 @@ static void mw_init(struct memwrite *m, u32 cpu, u32 slice, u32 nslices)
     m->pass = 1;
     m->t0 = rdtsc();
     m->last = m->t0;
-    m->next_report = m->t0 + tsc_khz * 1000;
+    m->next_report = m->t0 + tsc_khz * cfg.report_ms;
 }
 
 static void mw_report(struct memwrite *m, u64 now, u64 passes)
@@ -342,7 +347,7 @@ static void mw_report(struct memwrite *m, u64 now, u64 passes)
     report(m->cpu, now, m->t0, m->written, m->maxgap, passes);
     m->written = 0;
     m->maxgap = 0;
-    m->next_report = now + tsc_khz * 1000;
+    m->next_report = now + tsc_khz * cfg.report_ms;
     m->reports++;
     m->last = rdtsc();
 }
@@ -420,8 +425,12 @@ static int mw_step(struct memwrite *m, u64 budget, int may_wait)
         if (now - m->last > m->maxgap)
             m->maxgap = now - m->last;
         m->last = now;
-        if (now >= m->next_report || (cfg.rate && m->written >= cfg.rate)) {
-            if (cfg.rate && m->written >= cfg.rate) {
+        /* rate= is per second: per report, its share of a second. */
+        u64 cap = cfg.rate * cfg.report_ms / 1000;
+        if (cfg.rate && cap < 1)
+            cap = 1;
+        if (now >= m->next_report || (cfg.rate && m->written >= cap)) {
+            if (cfg.rate && m->written >= cap) {
                 if (!may_wait && rdtsc() < m->next_report) {
                     m->rate_hold = 1;
                     m->hold_passes = passes_done;
@@ -531,6 +540,7 @@ static void bsp_main(void)
     }
     const char *cmdline = (const char *)si->cmdline_paddr;
     cfg.hot = 100;
+    cfg.report_ms = 1000;
     if (cmdline)
         parse_cmdline(cmdline);
     u64 khz = detect_tsc_khz();

@@ -416,7 +416,8 @@ impl Migration {
                 "chunks-by-prefetch": f.chunks_by_prefetch,
                 "zero-chunks": f.zero_chunks,
                 "bytes-read": f.bytes_read,
-                "chunks-moved": f.chunks_moved,
+                "fault-fills": waits_json(&f.fault_fills),
+                "fault-source-waits": waits_json(&f.fault_source_waits),
             });
         }
         v
@@ -555,13 +556,7 @@ impl Migration {
                 "pool-kept": c.pool_kept.load(Relaxed) * livesnap::wp_capture::CHUNK,
                 "chunks-unchanged": c.chunks_unchanged.load(Relaxed),
                 "direct-io": c.direct_io.load(Relaxed),
-                "fault-waits": c.waits.summaries().iter().map(|(k, w)| (k.to_string(), json!({
-                    "count": w.count,
-                    "total-us": w.total_us,
-                    "p50-us": w.p50_us,
-                    "p99-us": w.p99_us,
-                    "max-us": w.max_us,
-                }))).collect::<serde_json::Map<_, _>>(),
+                "fault-waits": c.waits.summaries().iter().map(|(k, w)| (k.to_string(), waits_json(w))).collect::<serde_json::Map<_, _>>(),
             });
             if let Some(p) = &j.parent {
                 v["x-incremental"] = json!({
@@ -849,6 +844,17 @@ pub(crate) fn start_stop_copy(
     })
 }
 
+/// A wait summary as `query-migrate` shows it.
+fn waits_json(w: &livesnap::waits::WaitSummary) -> Value {
+    json!({
+        "count": w.count,
+        "total-us": w.total_us,
+        "p50-us": w.p50_us,
+        "p99-us": w.p99_us,
+        "max-us": w.max_us,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use std::cell::RefCell;
@@ -1048,3 +1054,4 @@ mod tests {
         assert!(parse_uri("file:").is_err());
     }
 }
+
