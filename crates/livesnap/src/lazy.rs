@@ -50,6 +50,9 @@ pub const CHUNK: u64 = 2 << 20;
 const FREE: u8 = 0;
 const TAKEN: u8 = 1;
 const DONE: u8 = 2;
+/// Some pages placed ahead of the rest ([`PageSource::page_first`]); whoever
+/// claims it next fills the rest around them.
+const PARTIAL: u8 = 3;
 
 /// Why a fill ended when its [`LazyFill`] was dropped.
 const STOPPED: &str = "the lazy restore was stopped";
@@ -67,6 +70,19 @@ pub trait PageSource: Send + Sync + 'static {
     /// source that fetches from afar asks for them first. Called by the
     /// fault handler before it fills that chunk.
     fn want(&self, _offset: u64, _len: u64) {}
+    /// The one 4 KiB page at `offset` a thread waits on, from a source that
+    /// fetches from afar and can send a page ahead of its chunk (the rest of
+    /// the chunk follows and is placed around it). `None`: fill the whole
+    /// chunk now (the default; a remote source whose chunk is already here).
+    fn page_first(&self, _offset: u64) -> Option<io::Result<Vec<u8>>> {
+        None
+    }
+    /// Whether the chunk at `offset` is here (reading it waits for nothing).
+    /// After a page came ahead, the fault handler fills the rest of a chunk
+    /// that is here at once; one still on its way is left to the prefetch.
+    fn arrived(&self, _offset: u64, _len: u64) -> bool {
+        true
+    }
     /// The fill is being dropped: calls waiting in this source must return
     /// (with an error) now; none come after.
     fn cancel(&self) {}
@@ -111,6 +127,9 @@ pub struct FillStats {
     pub chunks_by_prefetch: u64,
     /// Chunks that were holes of the image when a thread touched them (zero page).
     pub zero_chunks: u64,
+    /// Pages placed for a faulting thread ahead of their chunk (a migration
+    /// source that sends the page asked for first).
+    pub pages_first: u64,
     /// Bytes read from the page source.
     pub bytes_read: u64,
     /// Start to the last chunk filled.
@@ -145,6 +164,9 @@ struct Fill {
     by_offset: Vec<usize>,
     /// Pages in place before the fill began (offsets in their chunk, sorted).
     placed: std::collections::HashMap<usize, Vec<u64>>,
+    /// Pages placed ahead of their chunk since (offsets in their chunk).
+    ahead: Mutex<std::collections::HashMap<usize, Vec<u64>>>,
+    pages_first: AtomicU64,
     state: Vec<AtomicU8>,
     ranges: Vec<(u64, u64)>,
     stop: AtomicBool,
@@ -271,6 +293,8 @@ pub fn start_lazy_fill_with(
     }
     let fill = Arc::new(Fill {
         placed,
+        ahead: Mutex::new(Default::default()),
+        pages_first: AtomicU64::new(0),
         uffd,
         source,
         state: chunks.iter().map(|_| AtomicU8::new(FREE)).collect(),
@@ -453,6 +477,11 @@ impl Fill {
     /// is a hole (left alone: never-touched memory reads as zeros).
     fn prefetch_one(&self, i: usize, buf: &mut Staging) -> std::result::Result<(), String> {
         let c = self.chunks[i];
+        if self.state[i].load(Ordering::Acquire) == PARTIAL && self.claim_from(i, PARTIAL) {
+            self.fill(i, buf, None)?;
+            self.by_prefetch.fetch_add(1, Ordering::Relaxed);
+            return Ok(());
+        }
         if self.state[i].load(Ordering::Acquire) != FREE || self.source.is_hole(c.offset, c.len) {
             return Ok(());
         }
@@ -478,9 +507,40 @@ impl Fill {
     }
 
     fn claim(&self, i: usize) -> bool {
+        self.claim_from(i, FREE)
+    }
+
+    /// Takes chunk `i` if it is in state `from` (FREE or PARTIAL).
+    fn claim_from(&self, i: usize, from: u8) -> bool {
         self.state[i]
-            .compare_exchange(FREE, TAKEN, Ordering::AcqRel, Ordering::Acquire)
+            .compare_exchange(from, TAKEN, Ordering::AcqRel, Ordering::Acquire)
             .is_ok()
+    }
+
+    /// The faulting page of chunk `i` (claimed by the caller) alone, ahead
+    /// of the rest, when the source sends it that way; leaves the chunk
+    /// PARTIAL. False: the whole chunk is to be filled now.
+    fn place_ahead(&self, i: usize, addr: u64) -> std::result::Result<bool, String> {
+        let c = self.chunks[i];
+        let at = (addr - c.host) & !(crate::PAGE_SIZE - 1);
+        let Some(page) = self.source.page_first(c.offset + at) else {
+            return Ok(false);
+        };
+        let page = page.map_err(|e| format!("cannot read guest RAM from the snapshot: {e}"))?;
+        match self.uffd.copy(c.host + at, &page) {
+            Ok(Filled::All) => {}
+            Ok(Filled::Exists) => {
+                return Err(format!(
+                    "guest RAM at {:#x} was touched before it was restored",
+                    c.host + at
+                ))
+            }
+            Err(e) => return Err(format!("cannot fill guest RAM: {e}")),
+        }
+        lock(&self.ahead).entry(i).or_default().push(at);
+        self.pages_first.fetch_add(1, Ordering::Relaxed);
+        self.state[i].store(PARTIAL, Ordering::Release);
+        Ok(true)
     }
 
     fn stats(&self, elapsed: Duration) -> FillStats {
@@ -489,6 +549,7 @@ impl Fill {
             chunks_by_fault: self.by_fault.load(Ordering::Relaxed),
             chunks_by_prefetch: self.by_prefetch.load(Ordering::Relaxed),
             zero_chunks: self.zero.load(Ordering::Relaxed),
+            pages_first: self.pages_first.load(Ordering::Relaxed),
             bytes_read: self.read.load(Ordering::Relaxed),
             elapsed,
             fault_fills: self.fault_fills.summary(),
@@ -505,8 +566,13 @@ impl Fill {
         timed: Option<&crate::waits::WaitHistogram>,
     ) -> std::result::Result<(), String> {
         let c = self.chunks[i];
-        if let Some(placed) = self.placed.get(&i) {
-            return self.fill_around(i, placed, staging, timed);
+        let ahead = lock(&self.ahead).remove(&i);
+        if ahead.is_some() || self.placed.contains_key(&i) {
+            let mut placed = self.placed.get(&i).cloned().unwrap_or_default();
+            placed.extend(ahead.unwrap_or_default());
+            placed.sort_unstable();
+            placed.dedup();
+            return self.fill_around(i, &placed, staging, timed);
         }
         let t = Instant::now();
         let r = if self.source.is_hole(c.offset, c.len) {
@@ -564,9 +630,36 @@ fn fault_handler(f: &Fill) {
         let Some(i) = f.chunk_of(fault.addr) else {
             continue;
         };
-        if f.claim(i) {
+        if f.claim(i) || f.claim_from(i, PARTIAL) {
             let c = f.chunks[i];
             let t = Instant::now();
+            // A page placed ahead already (a fault that came in between):
+            // the copy woke it; wake again in case (a spare wake is harmless).
+            let at = (fault.addr - c.host) & !(crate::PAGE_SIZE - 1);
+            if lock(&f.ahead).get(&i).is_some_and(|v| v.contains(&at)) {
+                f.state[i].store(PARTIAL, Ordering::Release);
+                let _ = f.uffd.wake(c.host + at, crate::PAGE_SIZE);
+                continue;
+            }
+            // The page alone first where the source sends it so; the rest
+            // of the chunk follows (the prefetch places it on arrival).
+            match f.place_ahead(i, fault.addr) {
+                Ok(true) => {
+                    f.fault_fills.record(t.elapsed());
+                    f.fault_source_waits.record(t.elapsed());
+                    // The rest now if it is here (the faulting thread runs on
+                    // meanwhile), else when it arrives.
+                    if f.source.arrived(c.offset, c.len) && f.claim_from(i, PARTIAL) {
+                        if let Err(e) = f.fill(i, &mut buf, None) {
+                            return f.handler_failed(e);
+                        }
+                        f.by_fault.fetch_add(1, Ordering::Relaxed);
+                    }
+                    continue;
+                }
+                Ok(false) => {}
+                Err(e) => return f.handler_failed(e),
+            }
             f.source.want(c.offset, c.len);
             match f.fill(i, &mut buf, Some(&f.fault_source_waits)) {
                 Ok(()) => {
@@ -620,9 +713,15 @@ fn prefetch(
             }
             f.prefetch_one(i, &mut buf)?;
         }
-        // Chunks the handler took: wait until it filled them.
+        // Chunks the handler took: wait until it filled them (or left them
+        // partly placed: then fill the rest here).
         for i in 0..f.chunks.len() {
-            while f.state[i].load(Ordering::Acquire) == TAKEN {
+            loop {
+                match f.state[i].load(Ordering::Acquire) {
+                    TAKEN => {}
+                    PARTIAL => f.prefetch_one(i, &mut buf)?,
+                    _ => break,
+                }
                 if f.stop.load(Ordering::Acquire) {
                     return Err(f.stopped());
                 }

@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 use crate::capture::lock;
 use crate::error::{Result, SnapError};
 use crate::postcopy::{chunks_of, write_chunk};
-use crate::stream::{encode_stream_header, FLAG_HANDOVER, FLAG_LIVE, FLAG_PRECOPY};
+use crate::stream::{encode_stream_header, FLAG_HANDOVER, FLAG_LIVE, FLAG_PAGES, FLAG_PRECOPY};
 use crate::RamRange;
 
 /// Which chunks of guest RAM were written since a mark.
@@ -130,8 +130,11 @@ impl Precopy {
         events: Box<dyn Fn(PrecopyEvent) + Send + Sync>,
     ) -> Result<Precopy> {
         let (chunks, layout, image_len) = chunks_of(ranges)?;
-        let header =
-            encode_stream_header(image_len, &layout, FLAG_LIVE | FLAG_PRECOPY | FLAG_HANDOVER);
+        let header = encode_stream_header(
+            image_len,
+            &layout,
+            FLAG_LIVE | FLAG_PRECOPY | FLAG_HANDOVER | FLAG_PAGES,
+        );
         let n = chunks.len();
         let sh = Arc::new(Shared {
             sock,

@@ -41,6 +41,9 @@ pub(crate) const FLAG_PRECOPY: u32 = 4;
 /// with GO, the handover; the target runs the guest only after GO
 /// (`crate::postcopy`). Readers without it refuse the header.
 pub(crate) const FLAG_HANDOVER: u32 = 8;
+/// Stream flag: a live migration's source that answers a page request
+/// (REQ_PAGE) with that page at once, ahead of its chunk.
+pub(crate) const FLAG_PAGES: u32 = 16;
 const FIXED_HEAD: usize = 32;
 const RANGE_ENTRY: usize = 24;
 /// Longest abort reason carried.
@@ -201,6 +204,8 @@ pub struct StreamLayout {
     pub precopy: bool,
     /// A live migration whose source hands the guest over explicitly (GO).
     pub handover: bool,
+    /// A live migration whose source sends a requested page ahead of its chunk.
+    pub pages: bool,
 }
 
 impl StreamLayout {
@@ -273,7 +278,7 @@ impl<R: Read> StreamReader<R> {
         }
         fill(&mut input, &mut fixed[12..], "the stream header")?;
         let flags = get32(&fixed, 12);
-        if flags & !(FLAG_LIVE | FLAG_RESUME | FLAG_PRECOPY | FLAG_HANDOVER) != 0
+        if flags & !(FLAG_LIVE | FLAG_RESUME | FLAG_PRECOPY | FLAG_HANDOVER | FLAG_PAGES) != 0
             || (flags & FLAG_LIVE == 0 && flags != 0)
         {
             return Err(corrupt(format!("unknown stream flags {flags:#x}")));
@@ -322,6 +327,7 @@ impl<R: Read> StreamReader<R> {
             resume: flags & FLAG_RESUME != 0,
             precopy: flags & FLAG_PRECOPY != 0,
             handover: flags & FLAG_HANDOVER != 0,
+            pages: flags & FLAG_PAGES != 0,
         };
         Ok((
             StreamReader {
@@ -480,6 +486,12 @@ impl<R: Read> StreamReader<R> {
     }
 
     /// The buffered input, positioned after the stream header.
+    /// Bytes of the stream header (what [`StreamReader::start`] parsed;
+    /// its input may have been read further ahead).
+    pub fn header_len(&self) -> u64 {
+        self.read
+    }
+
     pub(crate) fn into_buffered(self) -> BufReader<R> {
         self.input
     }

@@ -68,13 +68,14 @@ fn the_target_gets_every_page_faulted_chunks_first() {
         events.recv_timeout(T).unwrap(),
         SourceEvent::Switched
     ));
-    // Touch a chunk near the end before the background fill starts: it is
-    // asked for and arrives ahead of the order.
+    // Touch a chunk near the end before the background fill starts: its
+    // page is asked for and placed alone, ahead of the order; the rest of
+    // its chunk follows and is placed around it.
     let far = 60 * MIB + 123;
     assert_eq!(dst.bytes()[far], src.bytes()[far]);
     fill.go();
     let st = done_rx.recv_timeout(T).unwrap().unwrap();
-    assert!(st.chunks_by_fault >= 1, "{st:?}");
+    assert!(st.pages_first >= 1, "the page came ahead: {st:?}");
     assert!(sw.pages.done());
     assert!(matches!(
         events.recv_timeout(T).unwrap(),
@@ -89,6 +90,44 @@ fn the_target_gets_every_page_faulted_chunks_first() {
         c.chunks_requested
             .load(std::sync::atomic::Ordering::Relaxed)
             >= 1
+    );
+    assert!(c.pages_requested.load(std::sync::atomic::Ordering::Relaxed) >= 1);
+    drop(fill);
+}
+
+/// Several pages of one chunk touched one after another, before the rest
+/// arrives: each comes alone, the chunk is then completed around them, and
+/// RAM ends up the source's.
+#[test]
+fn pages_of_one_chunk_come_ahead_and_the_chunk_around_them() {
+    if !uffd_missing_ok() {
+        return;
+    }
+    let len = 32 * MIB;
+    let mut src = Mem::new(len);
+    fill_dense(src.words_mut(), 21);
+    let (a, b) = socket_pair();
+    let (_s, events) = sender(a, &src, len);
+    let sw = receive_switch(b).unwrap();
+    let dst = Mem::new(len);
+    let (mut fill, done_rx) = fill_from(&sw, &[dst.range(0, len, 0)]);
+    sw.pages.running().unwrap();
+    assert!(matches!(
+        events.recv_timeout(T).unwrap(),
+        SourceEvent::Switched
+    ));
+    let base = 20 * MIB;
+    for page in [7usize, 300, 1, 511] {
+        let at = base + page * 4096 + 40;
+        assert_eq!(dst.bytes()[at], src.bytes()[at], "page {page}");
+    }
+    fill.go();
+    let st = done_rx.recv_timeout(T).unwrap().unwrap();
+    assert!(st.pages_first >= 1, "{st:?}");
+    assert!(sw.pages.done());
+    assert!(
+        dst.bytes() == src.bytes(),
+        "the target's RAM is the source's"
     );
     drop(fill);
 }

@@ -24,8 +24,9 @@
 //! `live` (plus `resume` on a new connection), then records as in the
 //! stream form: source → target STATE (device state, in pieces), SWITCH,
 //! CHUNK (offset = chunk number; payload = 64-byte page bitmap and the
-//! non-zero pages), END, RESUME, GO (with header flag `handover`); target →
-//! source RUNNING, REQ (offset =
+//! non-zero pages), END, RESUME, GO (with header flag `handover`), PAGE
+//! (after the switch, with header flag `pages`: the page a REQ_PAGE asked
+//! for); target → source RUNNING, REQ_PAGE (image offset of a page), REQ (offset =
 //! chunk number), NEED (payload = chunk bitmap), DONE.
 
 use std::collections::VecDeque;
@@ -43,7 +44,7 @@ use crate::lazy::PageSource;
 use crate::precopy::{PrecopyDone, WriteLog};
 use crate::stream::{
     encode_stream_header, read_record, record_head, record_head_crc, StreamLayout, StreamReader,
-    FLAG_HANDOVER, FLAG_LIVE, FLAG_RESUME, KIND_END, MAX_RECORD,
+    FLAG_HANDOVER, FLAG_LIVE, FLAG_PAGES, FLAG_RESUME, KIND_END, MAX_RECORD,
 };
 use crate::RamRange;
 
@@ -59,6 +60,9 @@ const KIND_PAGE: u32 = 12;
 const KIND_STALE: u32 = 13;
 /// Source → target, the answer to RUNNING: the guest is the target's now.
 const KIND_GO: u32 = 14;
+/// Target → source (header flag `pages`): one 4 KiB page a thread waits on,
+/// by image offset; the source sends it as PAGE at once, then its chunk.
+const KIND_REQ_PAGE: u32 = 15;
 /// Most pages sent with the device state.
 pub const MAX_EARLY_PAGES: usize = 256;
 

@@ -26,6 +26,8 @@ pub struct SendCounters {
     pub chunks_requested: AtomicU64,
     /// Requests received.
     pub requests: AtomicU64,
+    /// Pages sent ahead of their chunk because the target asked for them.
+    pub pages_requested: AtomicU64,
     /// Bytes written to the connection(s).
     pub bytes_sent: AtomicU64,
     /// Chunks that were all zero (sent as a bitmap alone).
@@ -41,6 +43,8 @@ struct SendState {
     sent: Vec<bool>,
     next: usize,
     urgent: VecDeque<usize>,
+    /// Pages (image offsets) the target waits on: each goes before anything else.
+    urgent_pages: VecDeque<u64>,
     /// The connection in use and its generation.
     conn: Option<(u64, OwnedFd)>,
     generation: u64,
@@ -199,6 +203,7 @@ impl PostcopySender {
                 sent,
                 next: 0,
                 urgent: VecDeque::new(),
+                urgent_pages: VecDeque::new(),
                 go_due: false,
                 conn: None,
                 generation: 0,
@@ -407,6 +412,21 @@ fn source_reader(sh: &SendShared, r: File, g: u64, first: bool) {
                 }
                 sh.counters.requests.fetch_add(1, Ordering::Relaxed);
             }
+            KIND_REQ_PAGE => {
+                let Some((k, _, _)) = chunk_at(&sh.layout, off).filter(|_| off % PAGE_SIZE == 0)
+                else {
+                    drop(st);
+                    break format!(
+                        "the target asked for a page at {off:#x}, which is none of RAM's"
+                    );
+                };
+                st.urgent_pages.push_back(off);
+                if !st.sent[k] {
+                    st.urgent.push_back(k);
+                }
+                sh.cv.notify_all();
+                sh.counters.requests.fetch_add(1, Ordering::Relaxed);
+            }
             KIND_NEED => {
                 need_first = false;
                 let n = st.sent.len();
@@ -450,6 +470,7 @@ fn source_reader(sh: &SendShared, r: File, g: u64, first: bool) {
 enum Job {
     Head(u64, File),
     Go(u64, File),
+    Page(u64, File, u64),
     Chunk(u64, File, usize, bool),
     End(u64, File),
 }
@@ -477,6 +498,11 @@ fn next_job(sh: &SendShared) -> Option<Job> {
             if st.go_due {
                 st.go_due = false;
                 return Some(Job::Go(g, file));
+            }
+            // A page a thread waits on goes before anything else, then its
+            // chunk.
+            if let Some(off) = st.urgent_pages.pop_front() {
+                return Some(Job::Page(g, file, off));
             }
             // A chunk the target waits for goes at once — even before the
             // switch: restoring the machine may touch guest RAM.
@@ -518,6 +544,10 @@ fn push(sh: &SendShared) {
         let (g, r) = match job {
             Job::Head(g, f) => (g, send_head(sh, f, g)),
             Job::Go(g, mut f) => (g, send(&mut f, KIND_GO, 0, &[])),
+            Job::Page(g, f, off) => {
+                sh.counters.pages_requested.fetch_add(1, Ordering::Relaxed);
+                (g, send_page(sh, f, off))
+            }
             Job::Chunk(g, f, k, urgent) => {
                 let r = send_chunk(sh, f, k);
                 let c = if urgent {
@@ -557,9 +587,9 @@ fn send_head(sh: &SendShared, f: File, g: u64) -> io::Result<()> {
     let mut w = BufWriter::with_capacity(1 << 20, f);
     let first = g == 1;
     let flags = if first {
-        FLAG_LIVE | FLAG_HANDOVER
+        FLAG_LIVE | FLAG_HANDOVER | FLAG_PAGES
     } else {
-        FLAG_LIVE | FLAG_RESUME | FLAG_HANDOVER
+        FLAG_LIVE | FLAG_RESUME | FLAG_HANDOVER | FLAG_PAGES
     };
     if !first || sh.stale.is_none() {
         w.write_all(&encode_stream_header(sh.image_len, &sh.layout, flags))?;
@@ -593,6 +623,22 @@ fn send_head(sh: &SendShared, f: File, g: u64) -> io::Result<()> {
     sh.counters
         .bytes_sent
         .fetch_add(sh.state.len() as u64 + 4096, Ordering::Relaxed);
+    Ok(())
+}
+
+/// One page of RAM (image offset `off`, checked by the reader) as a PAGE record.
+fn send_page(sh: &SendShared, mut f: File, off: u64) -> io::Result<()> {
+    let Some((k, start, _)) = chunk_at(&sh.layout, off) else {
+        return Ok(());
+    };
+    let host = sh.chunks[k].0 + (off - start);
+    // SAFETY: the page lies in a RamRange the caller of `start` keeps mapped
+    // and unwritten while this sender lives.
+    let page = unsafe { std::slice::from_raw_parts(host as *const u8, PAGE_SIZE as usize) };
+    send(&mut f, KIND_PAGE, off, page)?;
+    sh.counters
+        .bytes_sent
+        .fetch_add(PAGE_SIZE + 24, Ordering::Relaxed);
     Ok(())
 }
 

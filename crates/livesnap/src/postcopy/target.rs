@@ -36,6 +36,8 @@ struct RecvState {
     running: bool,
     /// The source answered RUNNING with GO: the guest is ours.
     go: bool,
+    /// Pages sent ahead of their chunk (image offset → 4 KiB), until taken.
+    pages: std::collections::HashMap<u64, Vec<u8>>,
     received: u64,
     /// Every page is placed (DONE is owed to the source until `done_sent`).
     done: bool,
@@ -48,6 +50,8 @@ struct RecvShared {
     layout: Vec<ImageRange>,
     /// The source answers RUNNING with GO (header flag `handover`).
     handover: bool,
+    /// The source sends a requested page ahead of its chunk (flag `pages`).
+    pages_first: bool,
     id: [u8; 16],
     precopy: PrecopyFigures,
     /// Pre-copied chunks dropped at the switch, freed once RAM is filled.
@@ -178,6 +182,7 @@ pub fn receive_switch_from<R: Read + Send + 'static>(
     let sh = Arc::new(RecvShared {
         layout: layout.ranges.clone(),
         handover: layout.handover,
+        pages_first: layout.pages,
         id,
         garbage: Mutex::new(garbage),
         precopy: PrecopyFigures {
@@ -194,6 +199,7 @@ pub fn receive_switch_from<R: Read + Send + 'static>(
             precopied,
             running: false,
             go: false,
+            pages: Default::default(),
             received: arrivals.len() as u64,
             done: false,
             done_sent: false,
@@ -285,6 +291,21 @@ fn target_reader<R: Read>(sh: &RecvShared, mut r: BufReader<R>, g: u64) {
                 }
             }
             KIND_END => {}
+            KIND_PAGE => {
+                let ok = data.len() == PAGE_SIZE as usize && off % PAGE_SIZE == 0;
+                let Some((k, _, _)) = chunk_at(&sh.layout, off).filter(|_| ok) else {
+                    break format!("a page at {off:#x} that is none of RAM's");
+                };
+                let mut st = lock(&sh.st);
+                if st.generation != g {
+                    return;
+                }
+                // Kept only while its chunk is still on its way.
+                if matches!(st.slots[k], Slot::Absent | Slot::Requested) {
+                    st.pages.insert(off, data);
+                    sh.cv.notify_all();
+                }
+            }
             KIND_GO => {
                 let mut st = lock(&sh.st);
                 if st.generation != g {
@@ -317,6 +338,16 @@ fn target_reader<R: Read>(sh: &RecvShared, mut r: BufReader<R>, g: u64) {
             ev(TargetEvent::Paused(why));
         }
     }
+}
+
+/// Page `i` of a CHUNK payload (bitmap, then the non-zero pages).
+fn page_of_chunk(d: &[u8], i: usize) -> Vec<u8> {
+    if d[i / 8] & (1 << (i % 8)) == 0 {
+        return vec![0; PAGE_SIZE as usize];
+    }
+    let before: usize = (0..i).filter(|&j| d[j / 8] & (1 << (j % 8)) != 0).count();
+    let p = BITMAP + before * PAGE_SIZE as usize;
+    d[p..p + PAGE_SIZE as usize].to_vec()
 }
 
 /// Checks a CHUNK payload: its bitmap names pages of chunk `k`, and the
@@ -701,6 +732,62 @@ impl PageSource for RemotePages {
             }
             st = self.sh.cv.wait(st).unwrap_or_else(|e| e.into_inner());
         }
+    }
+
+    /// The page at `offset` alone, asked for ahead of its chunk: `None`
+    /// once the chunk is here (fill it whole), or from a source that does
+    /// not send pages ahead.
+    fn page_first(&self, offset: u64) -> Option<io::Result<Vec<u8>>> {
+        if !self.sh.pages_first {
+            return None;
+        }
+        let (k, _, _) = chunk_at(&self.sh.layout, offset)?;
+        let mut st = lock(&self.sh.st);
+        let mut asked = false;
+        loop {
+            if let Some(why) = &st.failed {
+                return Some(Err(io::Error::other(why.clone())));
+            }
+            match &st.slots[k] {
+                // Here but not placed yet: the page alone, from it.
+                Slot::Arrived(d) => {
+                    let start = chunk_offset(&self.sh.layout, k)?;
+                    let page = page_of_chunk(d, ((offset - start) / PAGE_SIZE) as usize);
+                    st.pages.remove(&offset);
+                    return Some(Ok(page));
+                }
+                Slot::Zero | Slot::Taken => {
+                    st.pages.remove(&offset);
+                    return None;
+                }
+                Slot::Absent | Slot::Requested => {}
+            }
+            if let Some(p) = st.pages.remove(&offset) {
+                return Some(Ok(p));
+            }
+            if !asked {
+                asked = true;
+                // Without a connection, `recover` asks again for the chunk
+                // (Requested): the page then comes with it.
+                st.slots[k] = Slot::Requested;
+                self.sh.requests.fetch_add(1, Ordering::Relaxed);
+                if let Some(w) = st.writer.as_mut() {
+                    if send(w, KIND_REQ_PAGE, offset, &[]).is_err() {
+                        if let Some(w) = st.writer.take() {
+                            shutdown(&w);
+                        }
+                    }
+                }
+            }
+            st = self.sh.cv.wait(st).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    fn arrived(&self, offset: u64, len: u64) -> bool {
+        let Ok(k) = self.chunk_index(offset, len) else {
+            return false;
+        };
+        !matches!(lock(&self.sh.st).slots[k], Slot::Absent | Slot::Requested)
     }
 
     /// Asks the source for a chunk a thread waits on, ahead of the order.

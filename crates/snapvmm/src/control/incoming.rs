@@ -108,14 +108,12 @@ struct Watched {
 
 impl Read for Watched {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        // Past the header already (read ahead with it): the stream began.
+        self.began();
         match self.file.read(buf) {
             Ok(n) => {
-                let before = self.read.fetch_add(n as u64, Ordering::Relaxed);
-                let h = self.header.load(Ordering::Relaxed);
-                if h > 0 && before <= h && before + n as u64 > h {
-                    set_timeout(&self.sock, Some(self.then));
-                    self.limit = self.then;
-                }
+                self.read.fetch_add(n as u64, Ordering::Relaxed);
+                self.began();
                 Ok(n)
             }
             Err(e)
@@ -133,6 +131,18 @@ impl Read for Watched {
                 ))
             }
             Err(e) => Err(e),
+        }
+    }
+}
+
+impl Watched {
+    /// Once a byte past the header came (the header's length is known once
+    /// parsed), the connection's timeout becomes `then`.
+    fn began(&mut self) {
+        let h = self.header.load(Ordering::Relaxed);
+        if h > 0 && self.limit != self.then && self.read.load(Ordering::Relaxed) > h {
+            set_timeout(&self.sock, Some(self.then));
+            self.limit = self.then;
         }
     }
 }
@@ -211,9 +221,13 @@ fn receive_one(
     };
     let (reader, layout) = StreamReader::start(watched).map_err(|e| (true, e.into()))?;
     // Nothing past the header yet: a failure now is a bad peer, not a
-    // stream that began (the listener goes on).
-    let at_header = read.load(Ordering::Relaxed);
+    // stream that began (the listener goes on). The header's own length,
+    // not what was read with it: the reader reads ahead.
+    let at_header = reader.header_len();
     header.store(at_header, Ordering::Relaxed);
+    if read.load(Ordering::Relaxed) > at_header {
+        set_timeout(&sock, Some(STREAM_WAIT));
+    }
     let body = |e: RestoreError| (read.load(Ordering::Relaxed) <= at_header, e);
     if layout.live {
         let t0 = std::time::Instant::now();

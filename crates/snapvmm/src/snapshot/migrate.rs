@@ -415,6 +415,7 @@ impl Migration {
                 "chunks-by-fault": f.chunks_by_fault,
                 "chunks-by-prefetch": f.chunks_by_prefetch,
                 "zero-chunks": f.zero_chunks,
+                "pages-first": f.pages_first,
                 "bytes-read": f.bytes_read,
                 "fault-fills": waits_json(&f.fault_fills),
                 "fault-source-waits": waits_json(&f.fault_source_waits),
@@ -509,6 +510,7 @@ impl Migration {
                 "chunks-sent": sent,
                 "chunks-pushed": c.chunks_pushed.load(Relaxed),
                 "chunks-requested": c.chunks_requested.load(Relaxed),
+                "pages-requested": c.pages_requested.load(Relaxed),
                 "zero-chunks": c.zero_chunks.load(Relaxed),
                 "bytes-sent": bytes,
                 "connections": c.connections.load(Relaxed),
@@ -1054,4 +1056,3 @@ mod tests {
         assert!(parse_uri("file:").is_err());
     }
 }
-
