@@ -33,8 +33,10 @@ the target's word, QEMU's `downtime`), total time (`total-time`), bytes sent
 (RAM / rate), the post-copy phase (the source's MIGRATION postcopy-active → completed:
 while it lasts the target's guest depends on the source) and the guest's page writes/s on
 the target while post-copy runs (median of its per-second reports wholly inside: the
-speed inside the operation, not averaged across it) and after. A CORRUPT line on either
-side fails the run.
+speed inside the operation, not averaged across it) and after, and what the guest felt:
+the longest gap between two of its page writes in the target's first three reports
+(the one that covers the switch, and two seconds after it), beside its usual longest
+gap on the source before. A CORRUPT line on either side fails the run.
 """
 import argparse
 import importlib.util
@@ -279,6 +281,12 @@ def run_one(a, elf, tsc, size, load, kind, n):
             "bytes_sent": sent, "ram_bytes": ram,
             "floor_ms": ram * 8 / a.rate_bits * 1000,
             "rate_before": before,
+            # What the guest felt: the longest gap between two page writes in the
+            # target's first three reports (the one covering the switch and the
+            # two seconds after it), and the usual one on the source before.
+            "felt_target_ms": max((r[2] for r in dst.reports[:3]), default=0) / 1000 if dst.reports else None,
+            "felt_usual_ms": (statistics.median([r[2] for r in src.reports if r[0] < t0][-4:]) / 1000
+                              if any(r[0] < t0 for r in src.reports) else None),
             "rate_target_inside": bs.rate_inside(dst.reports, switch, t_done) if switch else None,
             "rate_target_after": bs.rate(dst.reports, t_done, t_done + 3),
             "status": m.get("status"),
@@ -299,16 +307,19 @@ def table(rs):
     def mp(v):
         return "–" if v is None else f"{v / 1e6:.2f} M"
 
-    print("\n| RAM | guest | VMM | downtime (STOP → RESUME) | VMM's downtime | total | total / (RAM ÷ link) "
+    print("\n| RAM | guest | VMM | downtime (STOP → RESUME) | VMM's downtime | guest felt on the target (usual) | total | total / (RAM ÷ link) "
           "| bytes sent / RAM | post-copy phase | guest page writes/s: source before → target during post-copy → after |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rs:
         if not r["converged"]:
-            print(f"| {r['size']} | {r['load']} | {r['vmm']} | did not converge in {r['limit_s']:.0f} s | – | – | – "
+            print(f"| {r['size']} | {r['load']} | {r['vmm']} | did not converge in {r['limit_s']:.0f} s | – | – | – | – "
                   f"| {r['bytes_sent'] / r['ram_bytes']:.2f} (cancelled) | – | {mp(r['rate_before'])} → – → – |")
             continue
         tot = r["total_ms"]
-        print(f"| {r['size']} | {r['load']} | {r['vmm']} | {ms(r['downtime_ms'])} | {ms(r['vmm_downtime_ms'])} "
+        felt = r.get("felt_target_ms")
+        usual = r.get("felt_usual_ms")
+        felt_s = "–" if felt is None else f"{felt:.1f} ms ({usual:.1f})" if usual is not None else f"{felt:.1f} ms"
+        print(f"| {r['size']} | {r['load']} | {r['vmm']} | {ms(r['downtime_ms'])} | {ms(r['vmm_downtime_ms'])} | {felt_s} "
               f"| {tot} ms | {tot / r['floor_ms']:.2f}× | {r['bytes_sent'] / r['ram_bytes']:.2f} "
               f"| {ms(r['postcopy_phase_ms'])} "
               f"| {mp(r['rate_before'])} → {mp(r['rate_target_inside'])} → {mp(r['rate_target_after'])} |")
