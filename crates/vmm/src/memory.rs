@@ -248,6 +248,23 @@ impl GuestRam {
     pub fn size(&self) -> u64 {
         self.regions.iter().map(|r| r.len).sum()
     }
+
+    /// Gives every page of RAM back to the host (`MADV_DONTNEED`): the
+    /// guest's memory is gone (anonymous RAM reads as zeros, RAM mapped from
+    /// a file as the file). For a machine about to be replaced, so that its
+    /// RAM and the new machine's are never both resident. The vCPUs must
+    /// not run.
+    pub fn discard(&self) -> std::io::Result<()> {
+        for r in &self.regions {
+            // SAFETY: the region is a mapping owned by self; dropping its pages
+            // invalidates no Rust reference (guest memory is only reached
+            // through raw host addresses, and the caller keeps vCPUs stopped).
+            if unsafe { libc::madvise(r.host.cast(), r.len as usize, libc::MADV_DONTNEED) } != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Huge pages rebuilt by [`collapse_huge_pages`].

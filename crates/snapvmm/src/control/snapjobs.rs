@@ -398,7 +398,7 @@ impl Controller {
         // Everything that can fail is checked before the running VM is touched.
         let image = self.disks.get(vm).and_then(|d| d.qcow2.as_ref());
         let source = savevm::vmstate_source(image.expect("checked qcow2"), &job.tag)?;
-        let (ram, state) = crate::snapshot::restore::from_source(source)?;
+        let (vmstate, state) = crate::snapshot::restore::open_source(source)?;
         let loaded_clock = self
             .disks
             .with_qcow2(vm, |q| {
@@ -440,6 +440,11 @@ impl Controller {
                 });
             }
         }
+        // Its RAM is read once now, with the guest running, so that nothing
+        // the load reads fails after the point of no return below; then
+        // the old RAM is given back before the new is read in (RAM + a
+        // constant, not twice RAM).
+        crate::snapshot::restore::verify_ram(&vmstate)?;
         let was_running = self.runstate.is_running();
         self.stop_collapse();
         let _ = self.machine.pause();
@@ -460,13 +465,19 @@ impl Controller {
             })?;
             Ok(disks)
         });
+        // The old machine's RAM goes first: its fill and write-protect
+        // registrations, then its pages.
+        self.uffd = None;
+        self.fill = None;
         let built = applied.and_then(|disks| {
+            if let Err(e) = self.machine.ram().discard() {
+                tracing::warn!("cannot give the old RAM back before the load: {e}");
+            }
+            let ram = crate::snapshot::restore::copy_ram_sparse(&vmstate, &state)
+                .map_err(|e| SnapshotError::Rebuild(e.to_string()))?;
             super::build_from_state(&self.cfg, &self.tx, super::StartRam::Ram(ram), state, disks)
                 .map_err(|e| SnapshotError::Rebuild(crate::describe(&e)))
         });
-        // A new machine has new RAM: register it again for write-protect captures.
-        self.uffd = None;
-        self.fill = None;
         self.machine = match built {
             Ok(m) => m,
             Err(why) => {

@@ -315,10 +315,78 @@ fn lock_shared(file: &std::fs::File) -> Result<(), RestoreError> {
 pub fn from_source(
     source: Box<dyn livesnap::Source>,
 ) -> Result<(GuestRam, MachineState), RestoreError> {
-    let image = Image::from_source(source)?;
-    let state = decode(&image)?;
+    let (image, state) = open_source(source)?;
     let ram = copy_ram(&image, &state)?;
     Ok((ram, state))
+}
+
+/// Like [`copy_ram`] for a source that cannot tell its holes (the VM state
+/// of a qcow2 disk): read 2 MiB at a time through a buffer, and only the
+/// pages that are not all zeros written to RAM, so that the new RAM holds
+/// what the guest had written and no more.
+pub fn copy_ram_sparse<B: ImageBacking>(
+    image: &Image<B>,
+    state: &MachineState,
+) -> Result<GuestRam, RestoreError> {
+    let mut ram =
+        GuestRam::anonymous(state.mem_bytes).map_err(|e| RestoreError::Ram(e.to_string()))?;
+    let mut buf = vec![0u8; 2 << 20];
+    let page = livesnap::PAGE_SIZE as usize;
+    for (i, r) in image.ranges().to_vec().into_iter().enumerate() {
+        let dst = ram.region_bytes_mut(i);
+        let mut off = 0usize;
+        while off < dst.len() {
+            let n = (dst.len() - off).min(buf.len());
+            image
+                .read_at(&mut buf[..n], r.file_offset + off as u64)
+                .map_err(|source| {
+                    RestoreError::ReadRam(livesnap::SnapError::Io {
+                        context: format!("read RAM range {i}"),
+                        source,
+                    })
+                })?;
+            for (p, src) in buf[..n].chunks(page).enumerate() {
+                if src.iter().any(|b| *b != 0) {
+                    let at = off + p * page;
+                    dst[at..at + src.len()].copy_from_slice(src);
+                }
+            }
+            off += n;
+        }
+    }
+    Ok(ram)
+}
+
+/// The image a source holds and its machine state, checked; RAM not read.
+pub fn open_source(
+    source: Box<dyn livesnap::Source>,
+) -> Result<(livesnap::SourceImage, MachineState), RestoreError> {
+    let image = Image::from_source(source)?;
+    let state = decode(&image)?;
+    Ok((image, state))
+}
+
+/// Reads all of an image's RAM once, 2 MiB at a time, keeping nothing:
+/// what a restore from it would read can be read (no I/O error, no damaged
+/// metadata in the way) — before anything that cannot be undone.
+pub fn verify_ram<B: ImageBacking>(image: &Image<B>) -> Result<(), RestoreError> {
+    let mut buf = vec![0u8; 2 << 20];
+    for (i, r) in image.ranges().iter().enumerate() {
+        let mut off = 0;
+        while off < r.len {
+            let n = (r.len - off).min(buf.len() as u64) as usize;
+            image
+                .read_at(&mut buf[..n], r.file_offset + off)
+                .map_err(|source| {
+                    RestoreError::ReadRam(livesnap::SnapError::Io {
+                        context: format!("read RAM range {i}"),
+                        source,
+                    })
+                })?;
+            off += n as u64;
+        }
+    }
+    Ok(())
 }
 
 fn map_ram(image: &Image, state: &MachineState, path: &Path) -> Result<GuestRam, RestoreError> {
