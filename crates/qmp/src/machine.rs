@@ -187,6 +187,8 @@ pub enum Request {
     SystemReset,
     /// `system_powerdown`: press the ACPI power button.
     SystemPowerdown,
+    /// `query-vm-generation-id`: returns `{"guid": ...}`.
+    QueryVmGenerationId,
     /// `quit`: terminate the VMM. Sent after the `{"return": {}}` reply
     /// has been written to the client (or a short timeout expired).
     Quit,
@@ -250,6 +252,7 @@ impl Request {
             Request::Cont => "cont",
             Request::SystemReset => "system_reset",
             Request::SystemPowerdown => "system_powerdown",
+            Request::QueryVmGenerationId => "query-vm-generation-id",
             Request::Quit => "quit",
             Request::Migrate(_) => "migrate",
             Request::MigrateResume(_) => "migrate",

@@ -70,6 +70,11 @@ pub struct RunArgs {
     /// `guest-reset`) instead of rebooting it in place (`RESET`), like QEMU's -no-reboot.
     #[arg(long)]
     pub no_reboot: bool,
+    /// The ACPI VM generation ID device (Linux's vmgenid driver): a new 128-bit ID at every
+    /// boot and every restore of an image or stream (not a live migration), announced to the
+    /// guest so it reseeds its random number generator. `off`: no device.
+    #[arg(long, default_value = "on", value_parser = ["on", "off"])]
+    pub vmgenid: String,
     /// Restore from a snapshot (RAM size and vCPUs come from it): file:PATH (an image, or a
     /// stream written to a file), a stream from unix:PATH or tcp:HOST:PORT (listens there,
     /// only there), exec:COMMAND (reads its output) or fd:NAME; or defer: wait for QMP
@@ -119,6 +124,8 @@ pub struct RunConfig {
     pub no_shutdown: bool,
     /// A guest reset ends the VM instead of rebooting it in place.
     pub no_reboot: bool,
+    /// A VM generation ID device, with a new ID at boot and every restore.
+    pub vmgenid: bool,
     pub incoming: Option<PathBuf>,
     /// `--incoming` with a stream URI (unix, tcp, exec, fd): received while QMP answers.
     pub incoming_stream: Option<crate::snapshot::transport::Uri>,
@@ -249,6 +256,7 @@ impl RunArgs {
             start_paused: self.paused,
             no_shutdown: self.no_shutdown,
             no_reboot: self.no_reboot,
+            vmgenid: self.vmgenid == "on",
             incoming: match incoming.clone() {
                 Some(Uri::File(p)) => Some(p),
                 _ => None,

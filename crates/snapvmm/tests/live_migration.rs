@@ -58,9 +58,12 @@ fn a_busy_guest_moves_and_goes_on_on_the_target() {
     events_on(&mut qa);
     events_on(&mut qb);
     let sock = d.path("mig.sock");
+    let id = qa.ok("query-vm-generation-id", json!({}));
     migrate_over(&mut qa, &mut qb, &sock);
     assert_eq!(wait_settled(&mut qb), "running");
     runs_on(&b);
+    // The one VM moved: its generation ID came along unchanged.
+    assert_eq!(qb.ok("query-vm-generation-id", json!({})), id);
     let m = wait_status(&mut qa, "completed", |s| s == "completed");
     assert_eq!(m["x-snapshot-method"], "postcopy", "{m}");
     let pc = &m["x-postcopy"];

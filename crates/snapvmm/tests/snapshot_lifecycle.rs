@@ -873,3 +873,57 @@ fn a_guest_reset_during_a_snapshot_reboots_when_it_ends() {
     // with --no-reboot that ends the VM with 0).
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
 }
+
+/// The VM generation ID: one at boot, a new one for every restore of an
+/// image (two clones of one image differ), as the guest reads it at its
+/// fixed address; `--vmgenid off` has none.
+#[test]
+fn every_restore_gets_a_new_vm_generation_id() {
+    let d = TempDir::new("vmgenid");
+    let (a, mut q) = big_vm(&d, "a");
+    let booted = q.ok("query-vm-generation-id", json!({}))["guid"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(booted.len(), 36, "{booted}");
+    assert_eq!(&booted[14..15], "4", "a version-4 UUID: {booted}");
+    let img = d.path("g.snap");
+    enable_background(&mut q);
+    let m = live_snapshot(&mut q, &img);
+    assert_eq!(m["status"], "completed", "{m}");
+    assert_eq!(
+        q.ok("query-vm-generation-id", json!({}))["guid"],
+        booted.as_str(),
+        "a snapshot does not change the running VM's ID"
+    );
+    q.ok("quit", json!({}));
+    drop(a);
+    let mut ids = vec![booted];
+    for name in ["c1", "c2"] {
+        let (c, mut qc) = start_vm(
+            &d,
+            name,
+            "1",
+            &["--incoming", &format!("file:{}", img.display())],
+        );
+        assert_eq!(wait_settled(&mut qc), "running");
+        assert_guest_runs(&c);
+        let id = qc.ok("query-vm-generation-id", json!({}))["guid"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        assert!(!ids.contains(&id), "{id} seen before: {ids:?}");
+        ids.push(id);
+        qc.ok("quit", json!({}));
+    }
+    let (_o, mut qo) = start_vm(&d, "off", "1", &["--vmgenid", "off", "--mem", "64M"]);
+    let r = qo.cmd("query-vm-generation-id", json!({}));
+    assert!(
+        r["error"]["desc"]
+            .as_str()
+            .unwrap_or("")
+            .contains("--vmgenid off"),
+        "{r}"
+    );
+    qo.ok("quit", json!({}));
+}

@@ -8,6 +8,7 @@
 //! 0x0002_0000  kernel command line (up to CMDLINE_MAX bytes)
 //! 0x0009_fc00  MP table (end of base memory, reserved in e820)
 //! 0x000e_0000  ACPI tables from the RSDP (reserved in e820, with the BIOS area)
+//! 0x000e_f000  VM generation ID (16 bytes)
 //! 0x000f_fff0  reset vector: a stub that resets the machine through the i8042
 //! 0x0010_0000  kernel load address (1 MiB)
 //! RAM up to MMIO_GAP_START, then the MMIO gap (LAPIC, IOAPIC, virtio-mmio), then RAM above 4 GiB.
@@ -34,8 +35,11 @@ pub const BIOS_START: u64 = 0xe0000;
 /// The RSDP, then the other ACPI tables, up to [`ACPI_END`]; Linux also scans
 /// 0xe0000-0xfffff for the RSDP.
 pub const ACPI_START: u64 = 0xe0000;
-/// End of the ACPI tables' area.
-pub const ACPI_END: u64 = 0xf0000;
+/// End of the ACPI tables' area (the VM generation ID's page follows).
+pub const ACPI_END: u64 = 0xef000;
+/// The VM generation ID: 16 bytes the guest reads at this address (named by
+/// the DSDT's `VGEN` device), in the reserved BIOS area.
+pub const VMGENID_ADDR: u64 = 0xef000;
 /// Where a CPU jumps after reset in real mode (`f000:fff0`), and where Linux
 /// jumps for a "BIOS" reboot: a tiny stub there resets through the i8042.
 pub const RESET_VECTOR: u64 = 0xffff0;

@@ -168,6 +168,12 @@ pub struct MachineConfig {
     pub kvm_path: PathBuf,
     /// virtio-blk disks, in device order (a snapshot restores onto the same list).
     pub disks: Vec<DiskConfig>,
+    /// The VM generation ID to give the guest ([`layout::VMGENID_ADDR`]):
+    /// a booted guest finds its device in the DSDT; a restored one is told
+    /// of the new ID (ACPI notification through the GED). `None`: no device
+    /// at boot, and a restore leaves the ID in RAM as it is (a live
+    /// migration moves the one VM).
+    pub vmgenid: Option<[u8; 16]>,
 }
 
 /// A booted machine whose vCPUs start paused; call [`Machine::resume`] to run.
@@ -244,6 +250,7 @@ impl Machine {
                     cmdline: &cmdline,
                     cpus: cfg.cpus,
                     virtio: &mmio,
+                    vmgenid: cfg.vmgenid.is_some(),
                 };
                 let entry = boot::load_kernel(ram.memory(), cfg.mem_bytes, &spec)?;
                 (ram, Some(entry), None)
@@ -316,6 +323,15 @@ impl Machine {
             ),
         });
 
+        if let Some(id) = cfg.vmgenid {
+            vm_memory::Bytes::write_slice(
+                ram.memory(),
+                &id,
+                vm_memory::GuestAddress(crate::layout::VMGENID_ADDR),
+            )
+            .map_err(|e| VmmError::Config(format!("cannot write the VM generation ID: {e}")))?;
+        }
+
         let ahead = match ahead {
             Some(a) if a.vcpus.len() == usize::from(cfg.cpus) => a,
             Some(a) => {
@@ -369,6 +385,12 @@ impl Machine {
                     v.restore(s)?;
                 }
                 st.vm.restore(&vm)?;
+                // Restored with a new generation ID: the guest learns of it
+                // when it runs. Raised only now: restoring the interrupt
+                // controllers above would have dropped an earlier one.
+                if cfg.vmgenid.is_some() {
+                    bus.acpi.notify_vmgenid().map_err(VmmError::Io)?;
+                }
             }
         }
 
@@ -486,6 +508,18 @@ impl Machine {
     /// up to the guest (one without ACPI ignores it).
     pub fn press_power_button(&self) -> Result<(), VmmError> {
         self.bus.acpi.press_power_button().map_err(VmmError::Io)
+    }
+
+    /// The VM generation ID as the guest reads it now.
+    pub fn vmgenid(&self) -> Result<[u8; 16], VmmError> {
+        let mut id = [0u8; 16];
+        vm_memory::Bytes::read_slice(
+            self.ram.memory(),
+            &mut id,
+            vm_memory::GuestAddress(crate::layout::VMGENID_ADDR),
+        )
+        .map_err(|e| VmmError::Config(format!("cannot read the VM generation ID: {e}")))?;
+        Ok(id)
     }
 
     /// Console input for the guest's serial port; returns how many bytes it took.

@@ -39,6 +39,7 @@ pub(crate) mod query_migrate_parameters;
 pub(crate) mod query_name;
 pub(crate) mod query_status;
 pub(crate) mod query_version;
+pub(crate) mod query_vm_generation_id;
 pub(crate) mod quit;
 pub(crate) mod snapshot_delete;
 pub(crate) mod snapshot_load;
@@ -66,6 +67,7 @@ pub(crate) const COMMANDS: &[CommandSpec] = &[
     query_name::SPEC,
     query_kvm::SPEC,
     query_cpus_fast::SPEC,
+    query_vm_generation_id::SPEC,
     stop::SPEC,
     cont::SPEC,
     system_reset::SPEC,

@@ -207,6 +207,7 @@ fn build_received(
                 StartRam::Ram(restored.ram),
                 restored.state,
                 configs,
+                GenId::New,
             )?;
             migration.last_restore = Some(migration::RestoreInfo {
                 mode: restore::RamMode::Copy,
@@ -264,7 +265,7 @@ fn build_received(
                 (None, Some(r)) => StartRam::Ram(r),
                 (None, None) => unreachable!("one of the two"),
             };
-            let m = match build_from_state(cfg, tx, start, state, configs) {
+            let m = match build_from_state(cfg, tx, start, state, configs, GenId::Kept) {
                 Ok(m) => m,
                 Err(e) => {
                     // The failed build unmapped RAM: stop the fill at once.
@@ -326,14 +327,14 @@ pub(super) fn build_machine(
         let r = restore::from_file(path, cfg.restore_mode, Some(done))
             .with_context(|| format!("cannot restore from {}", path.display()))?;
         // The fill goes on while the machine is built (it touches no RAM).
-        let m = build_from_state(cfg, tx, StartRam::Ram(r.ram), r.state, configs)?;
+        let m = build_from_state(cfg, tx, StartRam::Ram(r.ram), r.state, configs, GenId::New)?;
         return Ok((m, r.fill));
     }
     if let Some(tag) = &cfg.loadvm {
         let (ram, state) = crate::snapshot::savevm::load_from_disks(disks, tag)
             .map_err(|e| anyhow::anyhow!("cannot load snapshot '{tag}': {e}"))?;
         return Ok((
-            build_from_state(cfg, tx, StartRam::Ram(ram), state, configs)?,
+            build_from_state(cfg, tx, StartRam::Ram(ram), state, configs, GenId::New)?,
             None,
         ));
     }
@@ -343,7 +344,7 @@ pub(super) fn build_machine(
         cmdline: cfg.cmdline.clone(),
     };
     Ok((
-        create(cfg, tx, start, cfg.mem_bytes, cfg.cpus, configs)?,
+        create(cfg, tx, start, cfg.mem_bytes, cfg.cpus, configs, GenId::New)?,
         None,
     ))
 }
@@ -383,7 +384,14 @@ pub(super) fn build_warm(
     });
     let fill =
         restore::fill_ram(Arc::new(chain), prepared.ram(), Some(done)).with_context(cannot)?;
-    let m = build_from_state(cfg, tx, StartRam::Prepared(prepared), state, configs)?;
+    let m = build_from_state(
+        cfg,
+        tx,
+        StartRam::Prepared(prepared),
+        state,
+        configs,
+        GenId::New,
+    )?;
     *warm = true;
     tracing::info!(
         ms = t0.elapsed().as_secs_f64() * 1e3,
@@ -407,6 +415,7 @@ pub(crate) fn build_from_state(
     ram: StartRam,
     state: vmm::MachineState,
     disks: Vec<vmm::DiskConfig>,
+    genid: GenId,
 ) -> Result<Machine> {
     let (mem, cpus) = (state.mem_bytes, state.cpus);
     // A restore takes the image's machine; options that say otherwise are refused,
@@ -429,7 +438,36 @@ pub(crate) fn build_from_state(
         StartRam::Ram(ram) => vmm::Start::Snapshot { ram, state },
         StartRam::Prepared(vm) => vmm::Start::Prepared { vm, state },
     };
-    create(cfg, tx, start, mem, cpus, disks)
+    create(cfg, tx, start, mem, cpus, disks, genid)
+}
+
+/// What a machine's VM generation ID becomes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum GenId {
+    /// A new one (a boot, a restore of an image or stream), unless
+    /// `--vmgenid off`.
+    New,
+    /// Whatever RAM holds (a live migration moves the one VM).
+    Kept,
+}
+
+/// 16 random bytes as a version-4 UUID.
+fn new_generation_id() -> [u8; 16] {
+    let mut id = [0u8; 16];
+    // SAFETY: getrandom writes at most id.len() bytes into `id`.
+    let n = unsafe { libc::getrandom(id.as_mut_ptr().cast(), id.len(), 0) };
+    if n != id.len() as isize {
+        // Never twice the same: the clock and the process, if getrandom fails.
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos()
+            ^ (u128::from(std::process::id()) << 64);
+        id = t.to_le_bytes();
+    }
+    id[6] = (id[6] & 0x0f) | 0x40;
+    id[8] = (id[8] & 0x3f) | 0x80;
+    id
 }
 
 pub(super) fn create(
@@ -439,6 +477,7 @@ pub(super) fn create(
     mem_bytes: u64,
     cpus: u8,
     disks: Vec<vmm::DiskConfig>,
+    genid: GenId,
 ) -> Result<Machine> {
     let serial: Box<dyn Write + Send> = match &cfg.serial {
         SerialTarget::Stdio => Box::new(LineWriter::new(std::io::stdout())),
@@ -463,6 +502,7 @@ pub(super) fn create(
         serial,
         kvm_path,
         disks,
+        vmgenid: (cfg.vmgenid && genid == GenId::New).then(new_generation_id),
     };
     Ok(Machine::create(mc, sink)?)
 }

@@ -30,7 +30,7 @@ use crate::snapshot::cut::{cut, Capture, Outcome};
 use crate::snapshot::migrate::{self as migration, Migration, Status};
 use crate::snapshot::{Busy, Cmd, Op};
 use bridge::Bridge;
-pub(crate) use build::{build_from_state, StartRam};
+pub(crate) use build::{build_from_state, GenId, StartRam};
 use build::{build_machine, wait_incoming};
 use livesnap::lazy::LazyFill;
 use livesnap::wp_capture::WpEngine;
@@ -714,6 +714,18 @@ impl Controller {
                 self.reset(false, "host-qmp-system-reset")
                     .map_err(|e| CommandError::generic(crate::describe(&e)))?
             }
+            QueryVmGenerationId => {
+                if !self.cfg.vmgenid {
+                    return Err(CommandError::generic(
+                        "this VM has no generation ID device (--vmgenid off)",
+                    ));
+                }
+                let id = self
+                    .machine
+                    .vmgenid()
+                    .map_err(|e| CommandError::generic(e.to_string()))?;
+                return Ok(json!({ "guid": guid_string(&id) }));
+            }
             SystemPowerdown => {
                 // The ACPI power button: a guest with ACPI shuts down (S5 through the
                 // sleep control register ends the VM); one without ignores it, as in QEMU.
@@ -958,4 +970,18 @@ fn spawn_signal_thread(tx: mpsc::Sender<AppEvent>) -> Result<()> {
             }
         })?;
     Ok(())
+}
+
+/// A generation ID's 16 bytes (as the guest reads them, in order) in the
+/// usual GUID text form.
+fn guid_string(id: &[u8; 16]) -> String {
+    let h: Vec<String> = id.iter().map(|b| format!("{b:02x}")).collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        h[0..4].concat(),
+        h[4..6].concat(),
+        h[6..8].concat(),
+        h[8..10].concat(),
+        h[10..16].concat()
+    )
 }

@@ -475,8 +475,15 @@ impl Controller {
             }
             let ram = crate::snapshot::restore::copy_ram_sparse(&vmstate, &state)
                 .map_err(|e| SnapshotError::Rebuild(e.to_string()))?;
-            super::build_from_state(&self.cfg, &self.tx, super::StartRam::Ram(ram), state, disks)
-                .map_err(|e| SnapshotError::Rebuild(crate::describe(&e)))
+            super::build_from_state(
+                &self.cfg,
+                &self.tx,
+                super::StartRam::Ram(ram),
+                state,
+                disks,
+                super::GenId::New,
+            )
+            .map_err(|e| SnapshotError::Rebuild(crate::describe(&e)))
         });
         self.machine = match built {
             Ok(m) => m,

@@ -379,6 +379,31 @@ fn type_until_echoed(vm: &mut Vm) {
     }
 }
 
+/// How many of the guest kernel's messages contain `text`, asked on its
+/// console (the marker is computed by the shell, so the echo of the typed
+/// line does not match it).
+fn kernel_messages(vm: &mut Vm, text: &str) -> u64 {
+    let end = Instant::now() + T;
+    loop {
+        vm.type_line(&format!("echo KMSG$((2+2))=$(dmesg | grep -c '{text}')"));
+        match vm.poll(&["KMSG4="], Duration::from_secs(10)) {
+            Ok(l) => return field(&l, "KMSG4="),
+            Err(e) if e.contains("exited") => panic!("{e}"),
+            Err(_) => {}
+        }
+        assert!(Instant::now() < end, "the console never answered");
+    }
+}
+
+/// What Linux logs when the VM generation ID changes (vmgenid driver →
+/// add_vmfork_randomness).
+const VMFORK: &str = "crng reseeded due to virtual machine fork";
+
+fn generation_id(q: &mut Qmp) -> String {
+    let g = q.ok("query-vm-generation-id", json!({}));
+    g["guid"].as_str().expect("a guid").to_string()
+}
+
 fn snapshot_to(q: &mut Qmp, path: &Path) {
     let r = q.ok(
         "migrate",
@@ -480,6 +505,7 @@ fn live(ctx: &Ctx, method: &str, with_defer: bool) {
         json!({"x-snapshot-method": method}),
     );
     let before = stress_lines(&mut src, 2).pop().unwrap();
+    let src_id = generation_id(&mut q);
     snapshot_to(&mut q, &snap);
     let m = q.ok("query-migrate", json!({}));
     assert_eq!(m["x-snapshot-method"], method, "{m}");
@@ -496,7 +522,15 @@ fn live(ctx: &Ctx, method: &str, with_defer: bool) {
     );
     // The console still works after a restore (the serial device's state came along).
     check_restored(&mut dst, &before);
+    // A restored guest is a new generation: a new ID, and Linux's vmgenid
+    // driver reseeded its random number generator (the booted one had not).
     let mut q = qmp(&dst);
+    let dst_id = generation_id(&mut q);
+    assert_ne!(dst_id, src_id, "a restore gets a new VM generation ID");
+    assert!(
+        kernel_messages(&mut dst, VMFORK) >= 1,
+        "the restored guest reseeded its RNG"
+    );
     q.ok("quit", json!({}));
     dst.exit_code(T);
     if !with_defer {
@@ -509,6 +543,11 @@ fn live(ctx: &Ctx, method: &str, with_defer: bool) {
     let mut q = qmp(&late);
     q.ok("migrate-incoming", json!({"uri": incoming}));
     check_restored(&mut late, &before);
+    let late_id = generation_id(&mut q);
+    assert!(
+        late_id != src_id && late_id != dst_id,
+        "two clones, two IDs"
+    );
     q.ok("quit", json!({}));
     late.exit_code(T);
 }
@@ -526,8 +565,13 @@ fn live_migration(ctx: &Ctx) {
     let uri = format!("unix:{}", sock.display());
     qd.ok("migrate-incoming", json!({ "uri": uri }));
     let before = stress_lines(&mut src, 2).pop().unwrap();
+    assert_eq!(kernel_messages(&mut src, VMFORK), 0, "a booted guest");
+    let src_id = generation_id(&mut qs);
     qs.ok("migrate", json!({ "uri": uri }));
     check_restored(&mut dst, &before);
+    // A live migration moves the one VM: same generation, no reseed.
+    assert_eq!(generation_id(&mut qd), src_id);
+    assert_eq!(kernel_messages(&mut dst, VMFORK), 0, "a migrated guest");
     let end = Instant::now() + T;
     for q in [&mut qs, &mut qd] {
         loop {

@@ -79,7 +79,7 @@ fn io_gas(port: u16) -> GAS {
 
 /// The DSDT's AML body (without the table header). Each object is built and
 /// serialized in one statement: the AML builders borrow their parts.
-fn dsdt_body(virtio: &[MmioDevice]) -> Vec<u8> {
+fn dsdt_body(virtio: &[MmioDevice], vmgenid: bool) -> Vec<u8> {
     let mut body = Vec::new();
     // COM1: the 8250 PNP driver finds the console here.
     aml::Device::new(
@@ -117,9 +117,55 @@ fn dsdt_body(virtio: &[MmioDevice]) -> Vec<u8> {
         .to_aml_bytes(&mut body);
     }
 
+    // The VM generation ID (Linux's vmgenid driver binds to VMGENCTR): ADDR
+    // is where its 16 bytes are; the GED's _EVT notifies it when they change.
+    if vmgenid {
+        let addr = layout::VMGENID_ADDR;
+        aml::Device::new(
+            "_SB_.VGEN".into(),
+            vec![
+                &aml::Name::new("_HID".into(), &"VMGENCTR"),
+                &aml::Name::new("_CID".into(), &"VM_Gen_Counter"),
+                &aml::Name::new("_DDN".into(), &"VM_Gen_Counter"),
+                &aml::Name::new(
+                    "ADDR".into(),
+                    &aml::Package::new(vec![&(addr as u32), &((addr >> 32) as u32)]),
+                ),
+            ],
+        )
+        .to_aml_bytes(&mut body);
+    }
+
     // Power button: the Generic Event Device's interrupt runs _EVT, which reads
-    // (and so clears) the pending events and notifies the button.
+    // (and so clears) the pending events and notifies the button (and the
+    // generation ID's device).
     let button = u32::from(pm::EVENT_POWER_BUTTON);
+    let genid = u32::from(pm::EVENT_VMGENID);
+    let local0 = aml::Local(0);
+    let (pwrb, vgen, gdat) = (
+        aml::Path::new("\\_SB_.PWRB"),
+        aml::Path::new("\\_SB_.VGEN"),
+        aml::Path::new("GDAT"),
+    );
+    let (button_bit, genid_bit) = (
+        aml::And::new(&aml::ZERO, &local0, &button),
+        aml::And::new(&aml::ZERO, &local0, &genid),
+    );
+    let (button_set, genid_set) = (
+        aml::Equal::new(&button_bit, &button),
+        aml::Equal::new(&genid_bit, &genid),
+    );
+    let (notify_pwrb, notify_vgen) = (
+        aml::Notify::new(&pwrb, &0x80u8),
+        aml::Notify::new(&vgen, &0x80u8),
+    );
+    let notify_button = aml::If::new(&button_set, vec![&notify_pwrb]);
+    let notify_genid = aml::If::new(&genid_set, vec![&notify_vgen]);
+    let store = aml::Store::new(&local0, &gdat);
+    let mut evt: Vec<&dyn Aml> = vec![&store, &notify_button];
+    if vmgenid {
+        evt.push(&notify_genid);
+    }
     aml::Device::new(
         "_SB_.GED_".into(),
         vec![
@@ -148,21 +194,7 @@ fn dsdt_body(virtio: &[MmioDevice]) -> Vec<u8> {
                 aml::FieldUpdateRule::Preserve,
                 vec![aml::FieldEntry::Named(*b"GDAT", 8)],
             ),
-            &aml::Method::new(
-                "_EVT".into(),
-                1,
-                true,
-                vec![
-                    &aml::Store::new(&aml::Local(0), &aml::Path::new("GDAT")),
-                    &aml::If::new(
-                        &aml::Equal::new(
-                            &aml::And::new(&aml::ZERO, &aml::Local(0), &button),
-                            &button,
-                        ),
-                        vec![&aml::Notify::new(&aml::Path::new("\\_SB_.PWRB"), &0x80u8)],
-                    ),
-                ],
-            ),
+            &aml::Method::new("_EVT".into(), 1, true, evt),
         ],
     )
     .to_aml_bytes(&mut body);
@@ -266,13 +298,13 @@ fn io_block(port: u16, len: u8) -> GAS {
 
 /// Builds the tables for `cpus` vCPUs and the given virtio-mmio devices, laid
 /// out from [`layout::ACPI_START`].
-pub fn build(cpus: u8, virtio: &[MmioDevice]) -> Result<Tables, BootError> {
+pub fn build(cpus: u8, virtio: &[MmioDevice], vmgenid: bool) -> Result<Tables, BootError> {
     let rsdp_addr = layout::ACPI_START;
     let xsdt_addr = align(rsdp_addr + Rsdp::len() as u64);
     // The XSDT has two entries (FADT, MADT).
     let fadt_addr = align(xsdt_addr + 36 + 2 * 8);
     let dsdt_addr = align(fadt_addr + acpi_tables::fadt::FADT::len() as u64);
-    let dsdt = sdt(b"DSDT", 2, &dsdt_body(virtio));
+    let dsdt = sdt(b"DSDT", 2, &dsdt_body(virtio, vmgenid));
     let madt_addr = align(dsdt_addr + dsdt.len() as u64);
     let madt = madt(cpus);
     // The FACS must be 64-byte aligned.
@@ -308,8 +340,13 @@ pub fn build(cpus: u8, virtio: &[MmioDevice]) -> Result<Tables, BootError> {
 }
 
 /// Builds the tables and writes them into guest memory; returns the RSDP address.
-pub fn write(mem: &GuestMemoryMmap, cpus: u8, virtio: &[MmioDevice]) -> Result<u64, BootError> {
-    let t = build(cpus, virtio)?;
+pub fn write(
+    mem: &GuestMemoryMmap,
+    cpus: u8,
+    virtio: &[MmioDevice],
+    vmgenid: bool,
+) -> Result<u64, BootError> {
+    let t = build(cpus, virtio, vmgenid)?;
     for (addr, blob) in &t.blobs {
         mem.write_slice(blob, GuestAddress(*addr))
             .map_err(|e| BootError::GuestMemory(e.to_string()))?;
@@ -349,7 +386,7 @@ mod tests {
     /// checking each signature, length and checksum on the way.
     #[test]
     fn a_guest_can_walk_the_tables() {
-        let t = build(4, &[dev(0), dev(1)]).unwrap();
+        let t = build(4, &[dev(0), dev(1)], true).unwrap();
         let rsdp = table(&t, t.rsdp());
         assert_eq!(&rsdp[..8], b"RSD PTR ");
         assert_eq!(sum(&rsdp[..20]), 0, "RSDP checksum");
@@ -445,7 +482,7 @@ mod tests {
     #[test]
     fn dsdt_describes_every_virtio_device_and_power_control() {
         let devs: Vec<_> = (0..8).map(dev).collect();
-        let body = dsdt_body(&devs);
+        let body = dsdt_body(&devs, true);
         let count = |pat: &[u8]| body.windows(pat.len()).filter(|w| *w == pat).count();
         assert_eq!(count(b"LNRO0005"), 8);
         for (i, d) in devs.iter().enumerate() {
@@ -460,6 +497,10 @@ mod tests {
         assert_eq!(count(b"_EVT"), 1);
         assert_eq!(count(b"_S5_"), 1);
         assert_eq!(count(b"PWRB"), 2, "the button and the notify target");
-        assert!(build(1, &devs).is_ok());
+        assert_eq!(count(b"VMGENCTR"), 1, "the generation ID's device");
+        assert_eq!(count(b"VGEN"), 2, "the device and the notify target");
+        let without = dsdt_body(&devs, false);
+        assert!(!without.windows(4).any(|w| w == b"VGEN"), "--vmgenid off");
+        assert!(build(1, &devs, true).is_ok());
     }
 }

@@ -64,6 +64,8 @@ pub struct BootSpec<'a> {
     pub cpus: u8,
     /// virtio-mmio devices, described to the guest in the ACPI DSDT.
     pub virtio: &'a [acpi::MmioDevice],
+    /// Describe the VM generation ID device (`VGEN`) in the DSDT.
+    pub vmgenid: bool,
 }
 
 /// Loads the kernel (and initrd) into guest memory and writes the boot
@@ -80,7 +82,7 @@ pub fn load_kernel(
         mem.write_slice(&RESET_STUB, GuestAddress(layout::RESET_VECTOR))
             .map_err(|e| BootError::GuestMemory(e.to_string()))?;
     }
-    let rsdp = acpi::write(mem, spec.cpus, spec.virtio)?;
+    let rsdp = acpi::write(mem, spec.cpus, spec.virtio, spec.vmgenid)?;
     let e820 = e820::map(ram_size);
     let mut image = Cursor::new(spec.kernel);
     if spec.kernel.starts_with(b"\x7fELF") {
@@ -210,6 +212,7 @@ mod tests {
             cmdline: "",
             cpus: 1,
             virtio: &[],
+            vmgenid: false,
         };
         assert!(matches!(
             load_kernel(ram.memory(), 64 << 20, &spec),

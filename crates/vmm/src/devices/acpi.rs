@@ -61,6 +61,8 @@ pub const SCI_IRQ: u32 = 12;
 const _: () = assert!(SCI_IRQ < 16);
 /// GED event bit: the power button was pressed.
 pub const EVENT_POWER_BUTTON: u8 = 1;
+/// GED event bit: the VM generation ID changed (the guest was restored).
+pub const EVENT_VMGENID: u8 = 2;
 
 const SLP_EN: u8 = 1 << 5;
 const SLP_TYP_SHIFT: u8 = 2;
@@ -114,7 +116,16 @@ impl AcpiPm {
 
     /// `system_powerdown`: raises the power-button event.
     pub fn press_power_button(&self) -> std::io::Result<()> {
-        self.pending.fetch_or(EVENT_POWER_BUTTON, Ordering::SeqCst);
+        self.raise(EVENT_POWER_BUTTON)
+    }
+
+    /// Tells the guest its VM generation ID changed.
+    pub fn notify_vmgenid(&self) -> std::io::Result<()> {
+        self.raise(EVENT_VMGENID)
+    }
+
+    fn raise(&self, event: u8) -> std::io::Result<()> {
+        self.pending.fetch_or(event, Ordering::SeqCst);
         self.irq.write(1)
     }
 
