@@ -82,8 +82,24 @@ pub fn selected() -> Vec<&'static str> {
     scenarios::ALL
         .iter()
         .copied()
-        .filter(|n| only.is_empty() || only.split(',').any(|o| o == *n))
+        .filter(|n| {
+            if only.is_empty() {
+                !scenarios::BY_NAME_ONLY.contains(n)
+            } else {
+                only.split(',').any(|o| o == *n)
+            }
+        })
         .collect()
+}
+
+/// Checks `scenario` if it was selected; one run only by name
+/// ([`scenarios::BY_NAME_ONLY`]) says how to run it otherwise.
+pub fn check_if_selected(scenario: &str) {
+    if selected().contains(&scenario) {
+        check(scenario);
+    } else {
+        eprintln!("not run: {scenario} runs only when named (SNAPVMM_LINUX_SCENARIOS={scenario})");
+    }
 }
 
 fn run_all() -> Report {

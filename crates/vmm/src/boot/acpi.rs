@@ -7,15 +7,12 @@
 //! RSDP (0xe0000, where Linux also scans for it) -> XSDT -> FADT -> DSDT, FACS
 //!                                                       -> MADT
 //! ```
-//! - FADT: a full one (PM1 event and control blocks, the SCI on
-//!   [`pm::SCI_IRQ`], a FACS), not hardware-reduced: Linux takes a
-//!   hardware-reduced machine to have no 8259 PICs, and a kernel booted with
-//!   `noapic` (firecracker-containerd's arguments) then has nothing to take
-//!   the ISA interrupts and crashes on the first one. The PM1 blocks, the
-//!   sleep control/status and the reset register are ports of
-//!   [`crate::devices::acpi`] (S5 and reset).
-//! - MADT: one local APIC per vCPU, the IOAPIC at GSI 0, PC-AT compatible
-//!   (8259s present), the SCI level-triggered active high.
+//! - FADT: hardware-reduced, or for a `noapic` command line a full one (PM1
+//!   event and control blocks, the SCI on [`pm::SCI_IRQ`], a FACS; see
+//!   [`Platform`]). The PM1 blocks, the sleep control/status and the reset
+//!   register are ports of [`crate::devices::acpi`] (S5 and reset).
+//! - MADT: one local APIC per vCPU, the IOAPIC at GSI 0; for `noapic` also
+//!   PC-AT compatible (8259s present) and the SCI level-triggered active high.
 //! - DSDT: COM1, each virtio-mmio device (`LNRO0005`, its window and
 //!   interrupt), a Generic Event Device whose `_EVT` notifies the power
 //!   button (`system_powerdown`), and `_S5_`.
@@ -234,11 +231,14 @@ const MADT_PCAT_COMPAT: u32 = 1;
 /// MADT interrupt source override flags: active high, level-triggered.
 const MPS_LEVEL_HIGH: u16 = 0b1101;
 
-/// The MADT: the local APICs, the IOAPIC at GSI 0 and the SCI's override.
-fn madt(cpus: u8) -> Vec<u8> {
+/// The MADT: the local APICs, the IOAPIC at GSI 0; for a full-ACPI
+/// machine ([`Platform::PcCompatible`]) also the 8259s and the SCI's override.
+fn madt(cpus: u8, platform: Platform) -> Vec<u8> {
+    let full = platform == Platform::PcCompatible;
     let mut body = Vec::new();
     body.extend_from_slice(&(layout::LAPIC_ADDR as u32).to_le_bytes());
-    body.extend_from_slice(&MADT_PCAT_COMPAT.to_le_bytes());
+    let flags = if full { MADT_PCAT_COMPAT } else { 0 };
+    body.extend_from_slice(&flags.to_le_bytes());
     for id in 0..cpus {
         body.extend(bytes(&ProcessorLocalApic::new(
             id,
@@ -247,6 +247,9 @@ fn madt(cpus: u8) -> Vec<u8> {
         )));
     }
     body.extend(bytes(&IoApic::new(cpus, layout::IOAPIC_ADDR as u32, 0)));
+    if !full {
+        return sdt(b"APIC", 4, &body);
+    }
     // Interrupt source override (type 2, 10 bytes): ISA bus, the SCI's line
     // to the same GSI, level-triggered active high (ACPI's default for the
     // SCI is active low, which would read an idle line as raised).
@@ -257,24 +260,52 @@ fn madt(cpus: u8) -> Vec<u8> {
     sdt(b"APIC", 4, &body)
 }
 
-/// The FADT: a full (not hardware-reduced) one, so that the 8259s exist
-/// for the OS (Linux treats a hardware-reduced machine as one without them,
-/// and a kernel booted with `noapic` is then left with no interrupt
-/// controller for the ISA lines). No SMI command port: always in ACPI mode.
-fn fadt(dsdt_addr: u64, facs_addr: u64) -> Vec<u8> {
+/// Which ACPI machine the tables describe.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Platform {
+    /// Hardware-reduced (as Firecracker's and Cloud Hypervisor's): no 8259s
+    /// for the OS, no fixed PM blocks. What every boot gets unless the
+    /// kernel is told not to use the IOAPIC.
+    Reduced,
+    /// A full FADT (PM1 event and control blocks, the SCI, a FACS) and a
+    /// PC-AT compatible MADT: Linux takes a hardware-reduced machine to have
+    /// no 8259 PICs, so a kernel booted with `noapic` (firecracker-containerd's
+    /// arguments) would have nothing to take the ISA interrupts and crash on
+    /// the first one. Given to command lines with `noapic`.
+    PcCompatible,
+}
+
+impl Platform {
+    /// The platform for a kernel command line.
+    pub fn for_cmdline(cmdline: &str) -> Platform {
+        if cmdline.split_whitespace().any(|w| w == "noapic") {
+            Platform::PcCompatible
+        } else {
+            Platform::Reduced
+        }
+    }
+}
+
+/// The FADT (no SMI command port: always in ACPI mode).
+fn fadt(dsdt_addr: u64, facs_addr: Option<u64>) -> Vec<u8> {
     let mut fadt = FADTBuilder::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION)
         .dsdt_64(dsdt_addr)
-        .firmware_ctrl_64(facs_addr)
         .flag(Flags::ResetRegSup)
         .flag(Flags::PwrButton) // no fixed power button: it is the GED's device
         .flag(Flags::SlpButton);
-    fadt.sci_int = (pm::SCI_IRQ as u16).into();
-    fadt.pm1a_evt_blk = u32::from(pm::PM1A_EVT).into();
-    fadt.pm1_evt_len = pm::PM1_EVT_LEN;
-    fadt.x_pm1a_evt_blk = io_block(pm::PM1A_EVT, pm::PM1_EVT_LEN);
-    fadt.pm1a_cnt_blk = u32::from(pm::PM1A_CNT).into();
-    fadt.pm1_cnt_len = pm::PM1_CNT_LEN;
-    fadt.x_pm1a_cnt_blk = io_block(pm::PM1A_CNT, pm::PM1_CNT_LEN);
+    match facs_addr {
+        Some(facs) => {
+            fadt = fadt.firmware_ctrl_64(facs);
+            fadt.sci_int = (pm::SCI_IRQ as u16).into();
+            fadt.pm1a_evt_blk = u32::from(pm::PM1A_EVT).into();
+            fadt.pm1_evt_len = pm::PM1_EVT_LEN;
+            fadt.x_pm1a_evt_blk = io_block(pm::PM1A_EVT, pm::PM1_EVT_LEN);
+            fadt.pm1a_cnt_blk = u32::from(pm::PM1A_CNT).into();
+            fadt.pm1_cnt_len = pm::PM1_CNT_LEN;
+            fadt.x_pm1a_cnt_blk = io_block(pm::PM1A_CNT, pm::PM1_CNT_LEN);
+        }
+        None => fadt = fadt.flag(Flags::HwReducedAcpi),
+    }
     fadt.reset_reg = io_gas(pm::RESET);
     fadt.reset_value = pm::RESET_VALUE;
     fadt.sleep_control_reg = io_gas(pm::SLEEP_CONTROL);
@@ -298,7 +329,12 @@ fn io_block(port: u16, len: u8) -> GAS {
 
 /// Builds the tables for `cpus` vCPUs and the given virtio-mmio devices, laid
 /// out from [`layout::ACPI_START`].
-pub fn build(cpus: u8, virtio: &[MmioDevice], vmgenid: bool) -> Result<Tables, BootError> {
+pub fn build(
+    cpus: u8,
+    virtio: &[MmioDevice],
+    vmgenid: bool,
+    platform: Platform,
+) -> Result<Tables, BootError> {
     let rsdp_addr = layout::ACPI_START;
     let xsdt_addr = align(rsdp_addr + Rsdp::len() as u64);
     // The XSDT has two entries (FADT, MADT).
@@ -306,11 +342,14 @@ pub fn build(cpus: u8, virtio: &[MmioDevice], vmgenid: bool) -> Result<Tables, B
     let dsdt_addr = align(fadt_addr + acpi_tables::fadt::FADT::len() as u64);
     let dsdt = sdt(b"DSDT", 2, &dsdt_body(virtio, vmgenid));
     let madt_addr = align(dsdt_addr + dsdt.len() as u64);
-    let madt = madt(cpus);
-    // The FACS must be 64-byte aligned.
+    let madt = madt(cpus, platform);
+    // The FACS (full ACPI only) must be 64-byte aligned.
     let facs_addr = (madt_addr + madt.len() as u64 + 63) & !63;
-    let facs = bytes(&acpi_tables::facs::FACS::new());
-    let fadt = fadt(dsdt_addr, facs_addr);
+    let facs = match platform {
+        Platform::PcCompatible => bytes(&acpi_tables::facs::FACS::new()),
+        Platform::Reduced => Vec::new(),
+    };
+    let fadt = fadt(dsdt_addr, (!facs.is_empty()).then_some(facs_addr));
 
     let mut xsdt = XSDT::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
     xsdt.add_entry(fadt_addr);
@@ -334,8 +373,10 @@ pub fn build(cpus: u8, virtio: &[MmioDevice], vmgenid: bool) -> Result<Tables, B
             (fadt_addr, fadt),
             (dsdt_addr, dsdt),
             (madt_addr, madt),
-            (facs_addr, facs),
-        ],
+        ]
+        .into_iter()
+        .chain((!facs.is_empty()).then_some((facs_addr, facs)))
+        .collect(),
     })
 }
 
@@ -345,8 +386,9 @@ pub fn write(
     cpus: u8,
     virtio: &[MmioDevice],
     vmgenid: bool,
+    platform: Platform,
 ) -> Result<u64, BootError> {
-    let t = build(cpus, virtio, vmgenid)?;
+    let t = build(cpus, virtio, vmgenid, platform)?;
     for (addr, blob) in &t.blobs {
         mem.write_slice(blob, GuestAddress(*addr))
             .map_err(|e| BootError::GuestMemory(e.to_string()))?;
@@ -386,7 +428,7 @@ mod tests {
     /// checking each signature, length and checksum on the way.
     #[test]
     fn a_guest_can_walk_the_tables() {
-        let t = build(4, &[dev(0), dev(1)], true).unwrap();
+        let t = build(4, &[dev(0), dev(1)], true, Platform::PcCompatible).unwrap();
         let rsdp = table(&t, t.rsdp());
         assert_eq!(&rsdp[..8], b"RSD PTR ");
         assert_eq!(sum(&rsdp[..20]), 0, "RSDP checksum");
@@ -479,6 +521,30 @@ mod tests {
         assert!(end <= layout::ACPI_END);
     }
 
+    /// Without `noapic` the machine is hardware-reduced, as before: no PM1
+    /// blocks, no FACS, no 8259s in the MADT.
+    #[test]
+    fn reduced_unless_the_kernel_is_told_noapic() {
+        assert_eq!(
+            Platform::for_cmdline("console=ttyS0 noapic panic=1"),
+            Platform::PcCompatible
+        );
+        assert_eq!(
+            Platform::for_cmdline("console=ttyS0 xnoapic"),
+            Platform::Reduced
+        );
+        let t = build(2, &[dev(0)], true, Platform::Reduced).unwrap();
+        let rsdp = table(&t, t.rsdp());
+        let xsdt = table(&t, u64_at(rsdp, 24));
+        let fadt = table(&t, u64_at(xsdt, 36));
+        assert_ne!(u32_at(fadt, 112) & Flags::HwReducedAcpi as u32, 0);
+        assert_eq!(u64_at(fadt, 132), 0, "no FACS");
+        assert_eq!(u32_at(fadt, 56), 0, "no PM1 blocks");
+        let madt = table(&t, u64_at(xsdt, 44));
+        assert_eq!(u32_at(madt, 40), 0, "no 8259s");
+        assert_eq!(t.blobs.len(), 5);
+    }
+
     #[test]
     fn dsdt_describes_every_virtio_device_and_power_control() {
         let devs: Vec<_> = (0..8).map(dev).collect();
@@ -501,6 +567,6 @@ mod tests {
         assert_eq!(count(b"VGEN"), 2, "the device and the notify target");
         let without = dsdt_body(&devs, false);
         assert!(!without.windows(4).any(|w| w == b"VGEN"), "--vmgenid off");
-        assert!(build(1, &devs, true).is_ok());
+        assert!(build(1, &devs, true, Platform::Reduced).is_ok());
     }
 }

@@ -82,7 +82,8 @@ pub fn load_kernel(
         mem.write_slice(&RESET_STUB, GuestAddress(layout::RESET_VECTOR))
             .map_err(|e| BootError::GuestMemory(e.to_string()))?;
     }
-    let rsdp = acpi::write(mem, spec.cpus, spec.virtio, spec.vmgenid)?;
+    let platform = acpi::Platform::for_cmdline(spec.cmdline);
+    let rsdp = acpi::write(mem, spec.cpus, spec.virtio, spec.vmgenid, platform)?;
     let e820 = e820::map(ram_size);
     let mut image = Cursor::new(spec.kernel);
     if spec.kernel.starts_with(b"\x7fELF") {

@@ -11,11 +11,11 @@
 //! | 0x606–0x607 | PM1a enable | kept as written |
 //! | 0x608–0x609 | PM1a control | SCI_EN always set (no SMI: always in ACPI mode); SLP_EN with SLP_TYP = S5 powers off |
 //!
-//! The FADT is a full (not hardware-reduced) one, so that a kernel booted
-//! with `noapic` still has an interrupt controller for the ISA lines: Linux
-//! ignores the 8259 on a hardware-reduced machine. Its PM1 blocks are the
-//! registers above; the sleep control and status registers stay for guests
-//! restored from images that booted with the hardware-reduced tables.
+//! A kernel booted with `noapic` gets a full (not hardware-reduced) FADT, so
+//! that it still has an interrupt controller for the ISA lines (Linux
+//! ignores the 8259 on a hardware-reduced machine): its PM1 blocks are the
+//! registers above. Every other boot gets the hardware-reduced FADT, whose
+//! sleep control and status registers are the first two.
 //!
 //! [`AcpiPm::press_power_button`] is `system_powerdown`: it sets the event bit
 //! and raises the Generic Event Device's interrupt; a guest with ACPI then
