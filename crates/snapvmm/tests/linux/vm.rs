@@ -166,8 +166,21 @@ impl Vm {
 }
 
 impl Drop for Vm {
+    /// Kills the process and reaps it, but never waits for it more than
+    /// 10 s: a process that does not die (stuck in the kernel) must not
+    /// block the scenarios after this one.
     fn drop(&mut self) {
         let _ = self.child.kill();
-        let _ = self.child.wait();
+        let end = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < end {
+            if !matches!(self.child.try_wait(), Ok(None)) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        eprintln!(
+            "{}: the process did not die within 10 s of SIGKILL; left behind",
+            self.name
+        );
     }
 }
