@@ -456,16 +456,7 @@ impl Fill {
                 } else {
                     self.uffd.copy(c.host + at, &buf[at as usize..p as usize])
                 };
-                match r {
-                    Ok(Filled::All) => {}
-                    Ok(Filled::Exists) => {
-                        return Err(format!(
-                            "guest RAM at {:#x} was touched before it was restored",
-                            c.host + at
-                        ))
-                    }
-                    Err(e) => return Err(format!("cannot fill guest RAM: {e}")),
-                }
+                outcome_at(r, c.host + at)?;
             }
             at = p + crate::PAGE_SIZE;
         }
@@ -527,16 +518,7 @@ impl Fill {
             return Ok(false);
         };
         let page = page.map_err(|e| format!("cannot read guest RAM from the snapshot: {e}"))?;
-        match self.uffd.copy(c.host + at, &page) {
-            Ok(Filled::All) => {}
-            Ok(Filled::Exists) => {
-                return Err(format!(
-                    "guest RAM at {:#x} was touched before it was restored",
-                    c.host + at
-                ))
-            }
-            Err(e) => return Err(format!("cannot fill guest RAM: {e}")),
-        }
+        outcome_at(self.uffd.copy(c.host + at, &page), c.host + at)?;
         lock(&self.ahead).entry(i).or_default().push(at);
         self.pages_first.fetch_add(1, Ordering::Relaxed);
         self.state[i].store(PARTIAL, Ordering::Release);
@@ -592,21 +574,22 @@ impl Fill {
             self.read.fetch_add(c.len, Ordering::Relaxed);
             self.uffd.copy(c.host, buf)
         };
-        match r {
-            // Exists: a page of the chunk was there already (the kernel
-            // filled nothing past it). It cannot happen to memory that was
-            // never touched; say so rather than leave a hole.
-            Ok(Filled::Exists) => {
-                return Err(format!(
-                    "guest RAM at {:#x} was touched before it was restored",
-                    c.host
-                ))
-            }
-            Ok(Filled::All) => {}
-            Err(e) => return Err(format!("cannot fill guest RAM: {e}")),
-        }
+        outcome_at(r, c.host)?;
         self.state[i].store(DONE, Ordering::Release);
         Ok(())
+    }
+}
+
+/// The outcome of placing memory at `addr`. Exists: a page there was
+/// present already (the kernel filled nothing past it); that cannot happen
+/// to memory never touched, so say so rather than leave a hole.
+fn outcome_at(r: io::Result<Filled>, addr: u64) -> std::result::Result<(), String> {
+    match r {
+        Ok(Filled::All) => Ok(()),
+        Ok(Filled::Exists) => Err(format!(
+            "guest RAM at {addr:#x} was touched before it was restored"
+        )),
+        Err(e) => Err(format!("cannot fill guest RAM: {e}")),
     }
 }
 

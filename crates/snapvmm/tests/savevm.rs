@@ -414,15 +414,20 @@ fn killed_in_the_middle_of_a_save_the_image_stays_usable() {
     assert_eq!(check(&disk), 0, "leaks reclaimed by the next open");
 }
 
-/// Peak resident memory (VmHWM) of a process, in bytes.
-fn peak_rss(pid: u32) -> u64 {
+/// A memory figure of a process from /proc/PID/status (`VmHWM:`, the peak
+/// resident memory; `VmRSS:`, the current one), in bytes.
+fn status_bytes(pid: u32, field: &str) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     let kb: u64 = status
         .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap();
     kb << 10
+}
+
+fn peak_rss(pid: u32) -> u64 {
+    status_bytes(pid, "VmHWM:")
 }
 
 #[test]
@@ -659,17 +664,6 @@ fn a_load_that_cannot_apply_is_refused_and_the_vm_keeps_running() {
     qb.ok("quit", json!({}));
 }
 
-/// Resident memory (VmRSS) of a process, in bytes.
-fn rss(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let kb: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap();
-    kb << 10
-}
-
 /// `snapshot-load` never holds the old RAM and the loaded RAM at once: the
 /// process's peak resident memory during the load stays within a small
 /// constant of what it held before (a second copy of the guest's ~200 MiB
@@ -701,7 +695,7 @@ fn snapshot_load_holds_one_copy_of_guest_ram() {
     let pid = a.child.id();
     // Peak resident memory from now on ("5": reset VmHWM to VmRSS).
     std::fs::write(format!("/proc/{pid}/clear_refs"), "5").unwrap();
-    let before = rss(pid);
+    let before = status_bytes(pid, "VmRSS:");
     let j = run_job(
         &mut q,
         "snapshot-load",

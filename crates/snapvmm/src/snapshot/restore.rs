@@ -337,14 +337,7 @@ pub fn copy_ram_sparse<B: ImageBacking>(
         let mut off = 0usize;
         while off < dst.len() {
             let n = (dst.len() - off).min(buf.len());
-            image
-                .read_at(&mut buf[..n], r.file_offset + off as u64)
-                .map_err(|source| {
-                    RestoreError::ReadRam(livesnap::SnapError::Io {
-                        context: format!("read RAM range {i}"),
-                        source,
-                    })
-                })?;
+            read_range(image, &mut buf[..n], r.file_offset + off as u64, i)?;
             for (p, src) in buf[..n].chunks(page).enumerate() {
                 if src.iter().any(|b| *b != 0) {
                     let at = off + p * page;
@@ -355,6 +348,21 @@ pub fn copy_ram_sparse<B: ImageBacking>(
         }
     }
     Ok(ram)
+}
+
+/// Reads `buf.len()` bytes of RAM range `i` at image offset `offset`.
+fn read_range<B: ImageBacking>(
+    image: &Image<B>,
+    buf: &mut [u8],
+    offset: u64,
+    i: usize,
+) -> Result<(), RestoreError> {
+    image.read_at(buf, offset).map_err(|source| {
+        RestoreError::ReadRam(livesnap::SnapError::Io {
+            context: format!("read RAM range {i}"),
+            source,
+        })
+    })
 }
 
 /// The image a source holds and its machine state, checked; RAM not read.
@@ -375,14 +383,7 @@ pub fn verify_ram<B: ImageBacking>(image: &Image<B>) -> Result<(), RestoreError>
         let mut off = 0;
         while off < r.len {
             let n = (r.len - off).min(buf.len() as u64) as usize;
-            image
-                .read_at(&mut buf[..n], r.file_offset + off)
-                .map_err(|source| {
-                    RestoreError::ReadRam(livesnap::SnapError::Io {
-                        context: format!("read RAM range {i}"),
-                        source,
-                    })
-                })?;
+            read_range(image, &mut buf[..n], r.file_offset + off, i)?;
             off += n as u64;
         }
     }
