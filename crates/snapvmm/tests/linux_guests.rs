@@ -5,7 +5,7 @@
 //! Where `/proc/cpuinfo` shows vmx or svm the scenarios run directly on this
 //! host's KVM. Elsewhere (PVM hosts, whose KVM cannot run Linux) they run inside
 //! a QEMU TCG VM with nested SVM, which this test boots with this very binary
-//! inside (`tests/linux/outer.rs`): about 3 minutes on 2 cores. Inputs (kernel
+//! inside (`tests/linux/outer.rs`): about 10 minutes on 2 cores. Inputs (kernel
 //! and busybox packages from the Debian archive, a static test program) are
 //! cached under the target directory. `docs/LINUX.md` says how to run it by hand.
 
