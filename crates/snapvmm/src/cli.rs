@@ -85,6 +85,12 @@ pub struct RunArgs {
     /// ids default to disk0, disk1, ...; the format is probed when not given).
     #[arg(long = "disk", value_name = "PATH[,OPTS]")]
     pub disks: Vec<String>,
+    /// A virtio-net NIC: tap=NAME (opened, or created as root) or fd=N (an inherited tap
+    /// descriptor), then [,mac=MAC][,id=NAME] (repeatable; ids default to net0, net1, ...;
+    /// the MAC defaults to one derived from the id). On a restore, mac= replaces the
+    /// image's MAC and the image must have as many NICs.
+    #[arg(long = "net", value_name = "tap=NAME|fd=N[,OPTS]")]
+    pub nets: Vec<String>,
     /// Start from the internal snapshot TAG of the qcow2 disks (disks reverted, RAM and
     /// devices loaded from the first disk's VM state), like QEMU's -loadvm.
     #[arg(long, value_name = "TAG")]
@@ -133,6 +139,10 @@ pub struct RunConfig {
     pub defer_incoming: bool,
     pub restore_mode: crate::snapshot::restore::RamMode,
     pub disks: Vec<crate::disk::DiskSpec>,
+    pub net_specs: Vec<crate::net::NetSpec>,
+    /// The NICs' open backends ([`crate::net::open_all`] of `net_specs`,
+    /// when the VM starts): every machine this process builds uses them.
+    pub nets: Vec<vmm::NetConfig>,
     pub loadvm: Option<String>,
 }
 
@@ -211,17 +221,27 @@ impl RunArgs {
             })
             .transpose()?;
         let disks = crate::disk::parse_disks(&self.disks)?;
-        // The disks' virtio_mmio.device= entries are appended to the command
+        let net_specs = crate::net::parse_nets(&self.nets)?;
+        let devices = disks.len() + net_specs.len();
+        if devices > vmm::devices::virtio::MAX_DEVICES {
+            bail!(
+                "at most {} virtio devices: {} --disk and {} --net given",
+                vmm::devices::virtio::MAX_DEVICES,
+                disks.len(),
+                net_specs.len()
+            );
+        }
+        // The devices' virtio_mmio.device= entries are appended to the command
         // line; check the total now (a restored VM only boots its kernel on reset).
         let total = cmdline.len()
-            + (0..disks.len())
+            + (0..devices)
                 .map(|i| vmm::devices::virtio::cmdline_entry(i).len() + 1)
                 .sum::<usize>();
         if total >= vmm::layout::CMDLINE_MAX {
-            let with = if disks.is_empty() {
+            let with = if devices == 0 {
                 ""
             } else {
-                " (with the disks' virtio_mmio.device= entries)"
+                " (with the devices' virtio_mmio.device= entries)"
             };
             bail!(
                 "the kernel command line is too long{with}: {total} bytes, at most {}",
@@ -269,6 +289,8 @@ impl RunArgs {
                 _ => crate::snapshot::restore::RamMode::Lazy,
             },
             disks,
+            net_specs,
+            nets: Vec::new(),
             loadvm: self.loadvm.clone(),
         })
     }

@@ -11,6 +11,7 @@ pub mod control;
 pub mod demo;
 pub mod disk;
 pub mod jobs;
+pub mod net;
 pub mod qmp_client;
 pub mod sigbus;
 pub mod snapshot;

@@ -11,7 +11,9 @@ pub mod memory;
 pub mod snapshot;
 pub mod vcpu_thread;
 
-pub use machine::{DiskConfig, EventSink, Machine, MachineConfig, MachineEvent, PreparedVm, Start};
+pub use machine::{
+    DiskConfig, EventSink, Machine, MachineConfig, MachineEvent, NetConfig, PreparedVm, Start,
+};
 pub use snapshot::{MachineState, PendingState};
 
 /// Errors from building or operating the machine.

@@ -10,6 +10,8 @@ use std::time::Duration;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::boot::{self, BootSpec};
+use crate::devices::io_thread::{IoGate, IoThread};
+use crate::devices::virtio::net::{NetBackend, VirtioNet};
 use crate::devices::virtio::{self, BlockBackend, VirtioBlk};
 use crate::devices::{
     acpi::AcpiPm, debug_exit::DebugExit, i8042::I8042, serial, DeviceRequest, PioBus,
@@ -159,6 +161,27 @@ pub struct DiskConfig {
     pub readonly: bool,
 }
 
+/// A NIC: a virtio-net device on a backend (a tap).
+#[derive(Clone)]
+pub struct NetConfig {
+    /// Name (QMP id; the default MAC derives from it).
+    pub id: String,
+    /// The MAC: at boot the default is [`virtio::net::default_mac`] of the
+    /// id; on a restore, given replaces the image's, absent keeps it.
+    pub mac: Option<[u8; 6]>,
+    pub backend: Arc<dyn NetBackend>,
+}
+
+impl std::fmt::Debug for NetConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NetConfig")
+            .field("id", &self.id)
+            .field("mac", &self.mac)
+            .field("backend", &self.backend.name())
+            .finish()
+    }
+}
+
 /// What to build. For [`Start::Snapshot`], `mem_bytes` and `cpus` must match the state.
 pub struct MachineConfig {
     pub mem_bytes: u64,
@@ -168,6 +191,9 @@ pub struct MachineConfig {
     pub kvm_path: PathBuf,
     /// virtio-blk disks, in device order (a snapshot restores onto the same list).
     pub disks: Vec<DiskConfig>,
+    /// virtio-net NICs, in device order after the disks (a snapshot restores
+    /// onto as many).
+    pub nets: Vec<NetConfig>,
     /// The VM generation ID to give the guest ([`layout::VMGENID_ADDR`]):
     /// a booted guest finds its device in the DSDT; a restored one is told
     /// of the new ID (ACPI notification through the GED). `None`: no device
@@ -178,8 +204,12 @@ pub struct MachineConfig {
 
 /// A booted machine whose vCPUs start paused; call [`Machine::resume`] to run.
 pub struct Machine {
-    // Field order is drop order: vCPU threads stop before the VM and RAM go away.
+    // Field order is drop order: vCPU threads and the I/O thread stop before
+    // the VM and RAM go away.
     vcpus: Vec<VcpuHandle>,
+    _io: Option<IoThread>,
+    /// Open while the vCPUs run: device I/O happens only then.
+    gate: Arc<IoGate>,
     acks: Receiver<(u8, u64)>,
     bus: Arc<PioBus>,
     vm: KvmVm,
@@ -217,9 +247,10 @@ impl Machine {
                 vm.max_vcpus()
             )));
         }
-        if cfg.disks.len() > virtio::MAX_DEVICES {
+        let devices = cfg.disks.len() + cfg.nets.len();
+        if devices > virtio::MAX_DEVICES {
             return Err(VmmError::Config(format!(
-                "at most {} disks",
+                "at most {} virtio devices (disks and NICs together), {devices} given",
                 virtio::MAX_DEVICES
             )));
         }
@@ -232,7 +263,7 @@ impl Machine {
                 let ram = GuestRam::anonymous(cfg.mem_bytes)?;
                 // Guests find the virtio-mmio devices in the ACPI DSDT (stock kernels)
                 // or on the command line (the reference guest, kernels without ACPI).
-                let mmio: Vec<_> = (0..cfg.disks.len())
+                let mmio: Vec<_> = (0..devices)
                     .map(|i| boot::acpi::MmioDevice {
                         base: virtio::mmio_base(i),
                         size: virtio::MMIO_SIZE,
@@ -240,7 +271,7 @@ impl Machine {
                     })
                     .collect();
                 let mut cmdline = cmdline;
-                for i in 0..cfg.disks.len() {
+                for i in 0..devices {
                     cmdline.push(' ');
                     cmdline.push_str(&virtio::cmdline_entry(i));
                 }
@@ -272,6 +303,13 @@ impl Machine {
                         "the snapshot has {} disk(s), {} given",
                         state.virtio.len(),
                         cfg.disks.len()
+                    )));
+                }
+                if state.nets.len() != cfg.nets.len() {
+                    return Err(VmmError::Config(format!(
+                        "the snapshot has {} NIC(s), {} given (--net)",
+                        state.nets.len(),
+                        cfg.nets.len()
                     )));
                 }
                 (ram, None, Some(state))
@@ -306,8 +344,42 @@ impl Machine {
             };
             virtio_devs.push(Mutex::new(dev));
         }
+        let mut nets = Vec::new();
+        for (j, n) in cfg.nets.into_iter().enumerate() {
+            let i = virtio_devs.len() + j;
+            let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmmError::Io)?;
+            vm.irqfd(&irq, virtio::irq(i))?;
+            let dev = match &state {
+                Some(st) => VirtioNet::restore(n.id, n.mac, n.backend, irq, &st.nets[j])
+                    .map_err(VmmError::Config)?,
+                None => {
+                    let mac = n.mac.unwrap_or_else(|| virtio::net::default_mac(&n.id));
+                    VirtioNet::new(n.id, mac, n.backend, irq).map_err(VmmError::Io)?
+                }
+            };
+            // Queue notifications go straight to the I/O thread; without an
+            // ioeventfd the MMIO handler signals the same eventfd.
+            for q in 0..virtio::net::QUEUES {
+                if let Err(e) = vm.ioeventfd(dev.kick(q), virtio::mmio_base(i) + 0x50, q as u32) {
+                    tracing::debug!("no ioeventfd for NIC {}: {e}", dev.id());
+                }
+            }
+            nets.push(Arc::new(Mutex::new(dev)));
+        }
+        let gate = Arc::new(IoGate::default());
+        // Closed until the vCPUs first run.
+        gate.close();
+        let io = if nets.is_empty() {
+            None
+        } else {
+            Some(
+                IoThread::spawn(nets.clone(), ram.memory().clone(), gate.clone())
+                    .map_err(VmmError::Io)?,
+            )
+        };
         let bus = Arc::new(PioBus {
             virtio: virtio_devs,
+            nets,
             mem: ram.memory().clone(),
             serial: Mutex::new(match &state {
                 Some(st) => serial::Serial::restore(serial_irq, cfg.serial, &st.serial)
@@ -391,6 +463,10 @@ impl Machine {
                 if cfg.vmgenid.is_some() {
                     bus.acpi.notify_vmgenid().map_err(VmmError::Io)?;
                 }
+                // The NICs may sit on another port of the network now.
+                for n in &bus.nets {
+                    crate::devices::lock(n).announce();
+                }
             }
         }
 
@@ -420,6 +496,8 @@ impl Machine {
         }
         Ok(Machine {
             vcpus,
+            _io: io,
+            gate,
             acks,
             bus,
             vm,
@@ -431,6 +509,7 @@ impl Machine {
 
     /// Lets every vCPU run.
     pub fn resume(&mut self) {
+        self.gate.open();
         vcpu_thread::resume_all(&self.vcpus);
         self.running = true;
     }
@@ -438,6 +517,8 @@ impl Machine {
     /// Stops every vCPU outside `KVM_RUN`; returns how long that took.
     pub fn pause(&mut self) -> Result<Duration, VmmError> {
         let took = vcpu_thread::pause_all(&self.vcpus, &self.acks).ok_or(VmmError::PauseTimeout)?;
+        // Device I/O stops too: nothing writes guest RAM while paused.
+        self.gate.close();
         self.running = false;
         Ok(took)
     }
@@ -465,6 +546,18 @@ impl Machine {
     /// The KVM VM.
     pub fn vm(&self) -> &KvmVm {
         &self.vm
+    }
+
+    /// The NICs' counters, in device order (id, counters).
+    pub fn net_stats(&self) -> Vec<(String, virtio::net::NetStats)> {
+        self.bus
+            .nets
+            .iter()
+            .map(|n| {
+                let d = crate::devices::lock(n);
+                (d.id().to_string(), d.stats)
+            })
+            .collect()
     }
 
     /// Port-I/O devices.

@@ -25,8 +25,8 @@ use crate::VmmError;
 /// Version of [`MachineState`]'s layout; bumped on any incompatible change.
 pub const STATE_VERSION: u32 = 1;
 /// Minor version, bumped when fields are added compatibly (older readers ignore
-/// them; newer readers default them): 1 added `acpi`.
-pub const STATE_MINOR: u32 = 1;
+/// them; newer readers default them): 1 added `acpi`, 2 added `nets`.
+pub const STATE_MINOR: u32 = 2;
 
 /// KVM's VM-wide state: PIC, IOAPIC, PIT, kvmclock.
 #[derive(Serialize, Deserialize)]
@@ -59,6 +59,9 @@ pub struct MachineState {
     /// virtio-blk devices, in device order (absent in images without disks).
     #[serde(default)]
     pub virtio: Vec<crate::devices::virtio::VirtioBlkState>,
+    /// virtio-net devices, in device order (absent in images without NICs).
+    #[serde(default)]
+    pub nets: Vec<crate::devices::virtio::net::VirtioNetState>,
 }
 
 /// Errors decoding saved state.
@@ -235,6 +238,7 @@ impl Machine {
             i8042: lock(&self.bus().i8042).save(),
             acpi: self.bus().acpi.save(),
             virtio: self.bus().virtio.iter().map(|d| lock(d).save()).collect(),
+            nets: self.bus().nets.iter().map(|n| lock(n).save()).collect(),
         })
     }
 }

@@ -502,6 +502,7 @@ pub(super) fn create(
         serial,
         kvm_path,
         disks,
+        nets: cfg.nets.clone(),
         vmgenid: (cfg.vmgenid && genid == GenId::New).then(new_generation_id),
     };
     Ok(Machine::create(mc, sink)?)

@@ -7,10 +7,11 @@
 pub mod acpi;
 pub mod debug_exit;
 pub mod i8042;
+pub mod io_thread;
 pub mod serial;
 pub mod virtio;
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 /// Something a device asks of the machine.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -26,36 +27,54 @@ pub type RequestSink = Box<dyn Fn(DeviceRequest) + Send + Sync>;
 
 /// The device buses: port I/O — serial (0x3f8–0x3ff), i8042 (0x60, 0x64),
 /// debug-exit (0xf4–0xf7), ACPI power management (0x600–0x603) — and MMIO — virtio devices from
-/// [`virtio::MMIO_BASE`], one 4 KiB window each.
+/// [`virtio::MMIO_BASE`], one 4 KiB window each: the disks first, then the NICs.
 pub struct PioBus {
     pub serial: Mutex<serial::Serial>,
     pub i8042: Mutex<i8042::I8042>,
     pub debug_exit: debug_exit::DebugExit,
     pub acpi: acpi::AcpiPm,
     pub virtio: Vec<Mutex<virtio::VirtioBlk>>,
+    /// NICs, shared with the I/O thread that moves their frames.
+    pub nets: Vec<Arc<Mutex<virtio::net::VirtioNet>>>,
     /// Guest memory, for devices that read their rings and buffers.
     pub mem: vm_memory::GuestMemoryMmap,
 }
 
+/// The virtio device behind an MMIO window.
+enum Slot<'a> {
+    Disk(&'a Mutex<virtio::VirtioBlk>),
+    Nic(&'a Mutex<virtio::net::VirtioNet>),
+}
+
 impl PioBus {
-    fn virtio_at(&self, addr: u64) -> Option<(&Mutex<virtio::VirtioBlk>, u64)> {
+    fn virtio_at(&self, addr: u64) -> Option<(Slot<'_>, u64)> {
         let off = addr.checked_sub(virtio::MMIO_BASE)?;
         let i = (off / virtio::MMIO_SIZE) as usize;
-        self.virtio.get(i).map(|d| (d, off % virtio::MMIO_SIZE))
+        let at = off % virtio::MMIO_SIZE;
+        match self.virtio.get(i) {
+            Some(d) => Some((Slot::Disk(d), at)),
+            None => self
+                .nets
+                .get(i - self.virtio.len())
+                .map(|n| (Slot::Nic(n), at)),
+        }
     }
 
     /// Handles a guest MMIO read; unclaimed addresses read as all ones.
     pub fn mmio_read(&self, addr: u64, data: &mut [u8]) {
         match self.virtio_at(addr) {
-            Some((d, off)) => lock(d).read(off, data),
+            Some((Slot::Disk(d), off)) => lock(d).read(off, data),
+            Some((Slot::Nic(n), off)) => lock(n).read(off, data),
             None => data.fill(0xff),
         }
     }
 
     /// Handles a guest MMIO write; writes to unclaimed addresses are ignored.
     pub fn mmio_write(&self, addr: u64, data: &[u8]) {
-        if let Some((d, off)) = self.virtio_at(addr) {
-            lock(d).write(off, data, &self.mem);
+        match self.virtio_at(addr) {
+            Some((Slot::Disk(d), off)) => lock(d).write(off, data, &self.mem),
+            Some((Slot::Nic(n), off)) => lock(n).write(off, data),
+            None => {}
         }
     }
 

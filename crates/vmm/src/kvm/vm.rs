@@ -74,6 +74,14 @@ impl KvmVm {
     }
 
     /// Largest number of vCPUs this KVM supports.
+    /// Has KVM signal `evt` on a guest write of `value` (4 bytes) to MMIO
+    /// address `addr`, without leaving `KVM_RUN`.
+    pub fn ioeventfd(&self, evt: &EventFd, addr: u64, value: u32) -> Result<(), KvmError> {
+        self.fd
+            .register_ioevent(evt, &kvm_ioctls::IoEventAddress::Mmio(addr), value)
+            .map_err(ioctl("KVM_IOEVENTFD"))
+    }
+
     pub fn max_vcpus(&self) -> usize {
         self.kvm.get_max_vcpus()
     }

@@ -1,10 +1,12 @@
-//! virtio devices on the virtio-mmio transport: a block device for now.
+//! virtio devices on the virtio-mmio transport: block ([`block`]) and
+//! network ([`net`]) devices.
 //!
 //! Each device gets a 4 KiB register window at [`mmio_base`]`(i)` and an
 //! IOAPIC line [`irq`]`(i)`; guests find them through the Linux command-line
 //! syntax `virtio_mmio.device=4K@BASE:IRQ` ([`cmdline_entry`]).
 
 pub mod block;
+pub mod net;
 pub mod queue;
 
 use std::fs::File;
@@ -18,9 +20,11 @@ pub const MMIO_BASE: u64 = 0xd000_0000;
 /// Size of each device's window.
 pub const MMIO_SIZE: u64 = 0x1000;
 /// Most virtio-mmio devices a machine gets.
-pub const MAX_DEVICES: usize = 8;
-/// IOAPIC lines for the devices (free ISA lines; 0, 1, 4, 8 and 12 are taken or reserved).
-const IRQS: [u32; MAX_DEVICES] = [5, 6, 7, 9, 10, 11, 14, 15];
+pub const MAX_DEVICES: usize = 16;
+/// IOAPIC lines for the devices: the free ISA lines first (0, 1, 4, 8 and 12
+/// are taken or reserved), then the IOAPIC's upper eight (which a guest booted
+/// with `noapic` cannot use).
+const IRQS: [u32; MAX_DEVICES] = [5, 6, 7, 9, 10, 11, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23];
 
 /// Register window of device `i`.
 pub fn mmio_base(i: usize) -> u64 {

@@ -110,6 +110,25 @@ impl VirtQueue {
         }
     }
 
+    /// Next avail ring slot the device will read.
+    pub fn next_avail(&self) -> u16 {
+        self.q.next_avail()
+    }
+
+    /// How many chains the driver has made available that the device has not taken.
+    pub fn waiting(&self, mem: &GuestMemoryMmap) -> Result<u16, QueueError> {
+        let idx = self
+            .q
+            .avail_idx(mem, std::sync::atomic::Ordering::Acquire)
+            .map_err(|e| QueueError::Ring(e.to_string()))?;
+        Ok(idx.0.wrapping_sub(self.q.next_avail()))
+    }
+
+    /// Goes back to an earlier avail slot (requests popped but not taken).
+    pub fn set_next_avail(&mut self, at: u16) {
+        self.q.set_next_avail(at);
+    }
+
     pub fn ready(&self) -> bool {
         self.q.ready()
     }
