@@ -58,6 +58,11 @@ fn linux_savevm_loadvm_gives_back_the_files_of_the_snapshot_instant() {
 }
 
 #[test]
+fn linux_talks_over_virtio_net_on_a_tap_across_a_snapshot_and_a_restore() {
+    linux::check("network-tap-snapshot-restore");
+}
+
+#[test]
 fn linux_live_migrates_post_copy_and_streams_through_gzip() {
     linux::check("live-migration-and-streams");
 }

@@ -1,7 +1,7 @@
 #!/bin/busybox sh
 # /init of the Linux guest in tests/linux_guests.rs (busybox, Debian's stock
 # kernel and modules). The scenario comes from the kernel command line:
-# snaptest=boot|args|reboot|powerdown|disk|mem|files.
+# snaptest=boot|args|reboot|powerdown|disk|mem|files|net.
 /bin/busybox --install -s /bin
 mkdir -p /proc /sys /dev /mnt
 mount -t proc proc /proc
@@ -69,6 +69,15 @@ disk|files)
         mount -t ext2 /dev/vda /mnt && /stress files /mnt 30 && umount /mnt && echo "GUEST-UMOUNTED"
     fi
     off ;;
+net)
+    # The NIC with Linux's own driver; the host side is 10.0.2.1 on its tap.
+    load failover net_failover virtio virtio_ring virtio_mmio virtio_net
+    for i in $(seq 1 50); do [ -e /sys/class/net/eth0 ] && break; sleep 0.2; done
+    ip addr add 10.0.2.15/24 dev eth0 && ip link set eth0 up || echo "GUEST-ERROR no eth0"
+    ip link set lo up
+    echo "GUEST-NET mac=$(cat /sys/class/net/eth0/address) features=$(cat /sys/class/net/eth0/device/features)"
+    echo "GUEST-SHELL"
+    setsid cttyhack sh ;;
 mem)
     /stress mem 64 &
     # A shell on the console too: a restored guest must still take typed input.

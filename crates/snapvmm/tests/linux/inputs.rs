@@ -25,6 +25,9 @@ const GUEST_MODULES: &[&str] = &[
     "ext4",
     "evdev",
     "button",
+    "failover",
+    "net_failover",
+    "virtio_net",
 ];
 
 /// Prepared inputs.

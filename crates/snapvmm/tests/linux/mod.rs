@@ -2,6 +2,7 @@
 //! `tests/linux_guests.rs` for what runs and `docs/LINUX.md` for how to run it by hand.
 
 pub mod inputs;
+pub mod network;
 pub mod outer;
 pub mod scenarios;
 pub mod vm;
@@ -25,6 +26,11 @@ pub struct Report {
 const TCG_BUDGET: std::time::Duration = std::time::Duration::from_secs(20 * 60);
 /// Most TCG VMs one test run boots.
 const TCG_ATTEMPTS: usize = 4;
+
+/// Every scenario, in the order they run.
+pub fn all() -> Vec<&'static str> {
+    scenarios::ALL.iter().chain(network::ALL).copied().collect()
+}
 
 /// True where `/dev/kvm` can run Linux: the CPU has hardware virtualization.
 pub fn kvm_runs_linux() -> bool {
@@ -58,7 +64,11 @@ fn run_here(kernel: PathBuf, initrd: PathBuf) -> Report {
             console: vm::Console::default(),
         };
         let t0 = std::time::Instant::now();
-        let mut r = scenarios::run(name, &ctx);
+        let mut r = if network::ALL.contains(&name) {
+            network::run(name, &ctx)
+        } else {
+            scenarios::run(name, &ctx)
+        };
         if r.is_ok() && deferred.is_none() && scenarios::has_host_check(name) {
             r = scenarios::host_check(name, &export);
         }
@@ -84,7 +94,7 @@ fn run_here(kernel: PathBuf, initrd: PathBuf) -> Report {
 /// tests of the others then fail as "reported nothing".
 pub fn selected() -> Vec<&'static str> {
     let only = std::env::var("SNAPVMM_LINUX_SCENARIOS").unwrap_or_default();
-    scenarios::ALL
+    all()
         .iter()
         .copied()
         .filter(|n| {
@@ -109,7 +119,7 @@ pub fn check_if_selected(scenario: &str) {
 
 fn run_all() -> Report {
     let failed = |why: String| Report {
-        results: scenarios::ALL
+        results: all()
             .iter()
             .map(|n| (n.to_string(), Err(why.clone())))
             .collect(),

@@ -23,6 +23,7 @@ const OUTER_MODULES: &[&str] = &[
     "virtio_ring",
     "virtio_pci",
     "virtio_blk",
+    "tun",
 ];
 
 /// How often the outer VM's init says it is alive (`OUTER-ALIVE`).

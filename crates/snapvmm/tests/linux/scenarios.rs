@@ -14,7 +14,7 @@ use super::vm::{Console, Vm};
 use crate::common::Qmp;
 
 /// Generous: nested under TCG, Linux takes ~10 s to boot and everything is ~30x slower.
-const T: Duration = Duration::from_secs(240);
+pub const T: Duration = Duration::from_secs(240);
 
 /// Names of the scenarios, in the order they run.
 pub const ALL: &[&str] = &[
@@ -52,7 +52,7 @@ pub struct Ctx {
 }
 
 impl Ctx {
-    fn linux(&self, name: &str, mem: &str, cpus: &str, mode: &str, extra: &[&str]) -> Vm {
+    pub fn linux(&self, name: &str, mem: &str, cpus: &str, mode: &str, extra: &[&str]) -> Vm {
         let cmdline = format!("console=ttyS0 panic=-1 quiet snaptest={mode}");
         self.linux_cmdline(name, mem, cpus, &cmdline, extra)
     }
@@ -85,12 +85,12 @@ impl Ctx {
         Vm::start(name, &self.dir, &self.console, &args)
     }
 
-    fn vm(&self, name: &str, args: &[&str]) -> Vm {
+    pub fn vm(&self, name: &str, args: &[&str]) -> Vm {
         Vm::start(name, &self.dir, &self.console, args)
     }
 }
 
-fn qmp(vm: &Vm) -> Qmp {
+pub fn qmp(vm: &Vm) -> Qmp {
     Qmp::connect(&vm.qmp_path)
 }
 
@@ -104,9 +104,28 @@ fn field(line: &str, key: &str) -> u64 {
         .unwrap_or_else(|| panic!("no {key} in {line:?}"))
 }
 
+/// The word after `key` (up to the next space) in `line`.
+pub fn field_text(line: &str, key: &str) -> String {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(key))
+        .unwrap_or_else(|| panic!("no {key} in {line:?}"))
+        .to_string()
+}
+
+/// Runs `f`; a panic becomes Err with its message.
+pub fn catch(f: impl FnOnce()) -> Result<(), String> {
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    r.map_err(|e| {
+        e.downcast_ref::<String>()
+            .cloned()
+            .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_else(|| "panic".into())
+    })
+}
+
 /// Runs one scenario; returns Err with the reason when it fails.
 pub fn run(name: &str, ctx: &Ctx) -> Result<(), String> {
-    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match name {
+    catch(|| match name {
         "boot-1cpu-console-poweroff" => boot_console_poweroff(ctx),
         "boot-2cpu-powerdown" => boot_powerdown(ctx),
         "boot-args-of-other-vmms" => boot_args(ctx),
@@ -118,12 +137,6 @@ pub fn run(name: &str, ctx: &Ctx) -> Result<(), String> {
         "savevm-loadvm-qcow2" => savevm(ctx),
         "live-migration-and-streams" => live_migration(ctx),
         other => panic!("unknown scenario {other}"),
-    }));
-    r.map_err(|e| {
-        e.downcast_ref::<String>()
-            .cloned()
-            .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
-            .unwrap_or_else(|| "panic".into())
     })
 }
 

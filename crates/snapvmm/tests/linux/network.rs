@@ -1,0 +1,238 @@
+//! The network scenarios: Linux's own virtio-net driver on a tap that
+//! snapvmm creates, the tap's host side configured where the scenarios run
+//! (the TCG VM on PVM hosts), with busybox's `ip`, `ping` and `nc`.
+
+use std::io::{BufRead, BufReader, Read};
+use std::net::{TcpListener, TcpStream};
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use super::scenarios::{catch, field_text, qmp, Ctx, T};
+use super::vm::Vm;
+
+/// Names of these scenarios.
+pub const ALL: &[&str] = &["network-tap-snapshot-restore"];
+
+pub fn run(name: &str, ctx: &Ctx) -> Result<(), String> {
+    catch(|| match name {
+        "network-tap-snapshot-restore" => tap_snapshot_restore(ctx),
+        other => panic!("unknown scenario {other}"),
+    })
+}
+
+const HOST: &str = "10.0.2.1";
+const GUEST: &str = "10.0.2.15";
+/// What the guest sends the host, checked by hash.
+const BLOB_MIB: usize = 64;
+
+/// Waits for the tap snapvmm creates, then gives the host side its address.
+fn host_side(tap: &str) {
+    let end = Instant::now() + T;
+    while !Path::new("/sys/class/net").join(tap).exists() {
+        assert!(Instant::now() < end, "snapvmm never created tap {tap}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let st = Command::new("ip")
+        .args(["addr", "add", &format!("{HOST}/24"), "dev", tap])
+        .status()
+        .expect("ip");
+    assert!(st.success(), "ip addr add on {tap}: {st}");
+}
+
+/// Types `cmd` until the guest prints `marker` (the shell may not be reading yet).
+fn run_in_guest(vm: &mut Vm, cmd: &str, marker: &str, limit: Duration) -> String {
+    let end = Instant::now() + limit;
+    loop {
+        vm.type_line(cmd);
+        match vm.poll(&[marker], Duration::from_secs(20)) {
+            Ok(l) => return l,
+            Err(e) if e.contains("exited") => panic!("{e}"),
+            Err(_) => assert!(Instant::now() < end, "the guest never printed {marker}"),
+        }
+    }
+}
+
+fn host_pings_guest() {
+    let end = Instant::now() + T;
+    loop {
+        let st = Command::new("ping")
+            .args(["-c", "2", "-W", "5", GUEST])
+            .status()
+            .expect("ping");
+        if st.success() {
+            return;
+        }
+        assert!(Instant::now() < end, "the host cannot ping the guest");
+    }
+}
+
+fn accept(l: &TcpListener) -> TcpStream {
+    l.set_nonblocking(true).unwrap();
+    let end = Instant::now() + T;
+    loop {
+        match l.accept() {
+            Ok((s, _)) => {
+                s.set_nonblocking(false).unwrap();
+                s.set_read_timeout(Some(T)).unwrap();
+                return s;
+            }
+            Err(_) => {
+                assert!(Instant::now() < end, "the guest never connected");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+}
+
+/// Receives `bytes` from the guest on `port`, into `to`; returns its sha256.
+fn receive(port: u16, bytes: usize, to: &Path, guest: &mut Vm, cmd: &str) -> String {
+    let l = TcpListener::bind((HOST, port)).expect("listen on the tap's address");
+    guest.type_line(cmd);
+    let mut s = accept(&l);
+    let mut data = vec![0u8; bytes];
+    s.read_exact(&mut data)
+        .unwrap_or_else(|e| panic!("reading {bytes} bytes from the guest: {e}"));
+    std::fs::write(to, &data).unwrap();
+    let out = Command::new("sha256sum")
+        .arg(to)
+        .output()
+        .expect("sha256sum");
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// A guest with a NIC: ping both ways, 64 MiB guest → host checked by hash,
+/// a TCP connection that stays up across a live snapshot of the running
+/// guest, then the image restored in a new process on a new tap: ping and
+/// TCP work again (the guest's data from the snapshot instant included).
+fn tap_snapshot_restore(ctx: &Ctx) {
+    let snap = ctx.dir.join("linux-net.snap");
+    let mut src = ctx.linux("net", "512M", "1", "net", &["--net", "tap=snt0"]);
+    host_side("snt0");
+    let up = src.wait("GUEST-NET", T);
+    let mac =
+        vmm::devices::virtio::net::format_mac(&vmm::devices::virtio::net::default_mac("net0"));
+    assert!(
+        up.contains(&format!("mac={mac}")),
+        "the MAC from the id: {up}"
+    );
+    // Linux's driver took merged receive buffers, EVENT_IDX and the offloads.
+    let features = field_text(&up, "features=");
+    for (bit, what) in [
+        (15, "MRG_RXBUF"),
+        (29, "EVENT_IDX"),
+        (0, "CSUM"),
+        (7, "GUEST_TSO4"),
+    ] {
+        assert_eq!(
+            features.as_bytes().get(bit),
+            Some(&b'1'),
+            "{what} negotiated: {up}"
+        );
+    }
+    src.wait("GUEST-SHELL", T);
+    run_in_guest(
+        &mut src,
+        &format!("ping -c 2 -W 5 {HOST} >/dev/null && echo GUEST-PING-$((1+1))"),
+        "GUEST-PING-2",
+        T,
+    );
+    host_pings_guest();
+
+    let t0 = Instant::now();
+    let want = receive(
+        5000,
+        BLOB_MIB << 20,
+        &ctx.dir.join("blob"),
+        &mut src,
+        &format!(
+            "mkdir -p /tmp; dd if=/dev/urandom of=/tmp/blob bs=1M count={BLOB_MIB} 2>/dev/null; \
+             echo GUEST-SHA$((1+1)) $(sha256sum /tmp/blob); nc {HOST} 5000 < /tmp/blob"
+        ),
+    );
+    let said = src.wait("GUEST-SHA2 ", T);
+    assert!(said.contains(&want), "guest {said}, host {want}");
+    println!(
+        "{BLOB_MIB} MiB guest -> host in {:.1} s (nested, emulated)",
+        t0.elapsed().as_secs_f64()
+    );
+
+    // A connection that stays up across a live snapshot.
+    let l = TcpListener::bind((HOST, 5001)).unwrap();
+    src.type_line(&format!(
+        "(while :; do echo tick; sleep 0.2; done | nc {HOST} 5001) &"
+    ));
+    let mut ticks = BufReader::new(accept(&l));
+    let mut line = String::new();
+    for _ in 0..3 {
+        line.clear();
+        ticks
+            .read_line(&mut line)
+            .expect("ticks before the snapshot");
+        assert_eq!(line.trim(), "tick");
+    }
+    let mut q = qmp(&src);
+    q.ok(
+        "migrate-set-capabilities",
+        json!({"capabilities": [{"capability": "background-snapshot", "state": true}]}),
+    );
+    q.ok(
+        "migrate",
+        json!({"uri": format!("file:{}", snap.display())}),
+    );
+    let m = q.wait_migration(T);
+    assert_eq!(m["status"], "completed", "{m}");
+    for _ in 0..5 {
+        line.clear();
+        let n = ticks
+            .read_line(&mut line)
+            .expect("the connection survives the snapshot");
+        assert!(
+            n > 0 && line.trim() == "tick",
+            "after the snapshot: {line:?}"
+        );
+    }
+    q.ok("quit", json!({}));
+    src.exit_code(T);
+    drop(ticks);
+
+    // Restored in a new process on a new tap.
+    let mut dst = ctx.vm(
+        "net-restored",
+        &[
+            "--incoming",
+            &format!("file:{}", snap.display()),
+            "--net",
+            "tap=snt1",
+        ],
+    );
+    host_side("snt1");
+    host_pings_guest();
+    const AGAIN: usize = 8 << 20;
+    let again = receive(
+        5002,
+        AGAIN,
+        &ctx.dir.join("blob-again"),
+        &mut dst,
+        &format!("head -c {AGAIN} /tmp/blob | nc {HOST} 5002"),
+    );
+    let first = std::fs::read(ctx.dir.join("blob")).unwrap();
+    std::fs::write(ctx.dir.join("blob-head"), &first[..AGAIN]).unwrap();
+    let out = Command::new("sha256sum")
+        .arg(ctx.dir.join("blob-head"))
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stdout).starts_with(&again),
+        "the restored guest sent what it held at the snapshot"
+    );
+    let mut q = qmp(&dst);
+    q.ok("quit", json!({}));
+    dst.exit_code(T);
+}
