@@ -23,6 +23,7 @@ fn main() {
         serial,
         kvm_path: "/dev/kvm".into(),
         disks: Vec::new(),
+        nets: Vec::new(),
         vmgenid: None,
     };
     let mut m = vmm::Machine::create(cfg, Arc::new(|e| eprintln!("machine event: {e:?}"))).unwrap();

@@ -375,7 +375,7 @@ impl VirtioNet {
             0x070 => self.set_status(v),
             0x080..=0x0a4 if setup => {
                 let which = ((offset - 0x080) / 0x10) as u8;
-                let (low, high) = if offset % 0x10 == 0 {
+                let (low, high) = if offset.is_multiple_of(0x10) {
                     (Some(v), None)
                 } else {
                     (None, Some(v))

@@ -1,0 +1,120 @@
+//! NICs on the reference guest (which has no network driver: these tests are
+//! about the tap, the options and the saved state; Linux's driver is tested
+//! in `linux_guests.rs`). They create taps, so they need root and
+//! /dev/net/tun, as snapvmm itself does for `--net tap=`.
+
+mod common;
+
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::json;
+
+/// A tap name unique to this test process (at most 15 characters).
+fn tap(tag: &str) -> String {
+    format!("snt{tag}{}", std::process::id() % 100_000)
+}
+
+fn exists(tap: &str) -> bool {
+    std::path::Path::new("/sys/class/net").join(tap).exists()
+}
+
+#[test]
+fn a_tap_snapvmm_creates_is_up_goes_with_the_process_and_a_restore_needs_as_many_nics() {
+    let dir = TempDir::new("net-restore");
+    let (t0, t1) = (tap("a"), tap("b"));
+    let (mut vm, mut q) = start_vm(&dir, "src", "1", &["--net", &format!("tap={t0}")]);
+    assert_eq!(wait_settled(&mut q), "running");
+    let flags = std::fs::read_to_string(format!("/sys/class/net/{t0}/flags")).unwrap();
+    let flags = u32::from_str_radix(flags.trim().trim_start_matches("0x"), 16).unwrap();
+    assert_eq!(flags & 1, 1, "the tap snapvmm created is up");
+    let snap = dir.path("net.snap");
+    let m = live_snapshot(&mut q, &snap);
+    assert_eq!(m["status"], "completed", "{m}");
+    q.ok("quit", json!({}));
+    vm.wait(T);
+    assert!(!exists(&t0), "a tap snapvmm created goes away with it");
+
+    // The image has one NIC: a restore without one is refused, naming both.
+    let o = run_with_timeout(
+        snapvmm(&["run", "--incoming", &format!("file:{}", snap.display())]),
+        T,
+    );
+    assert!(!o.status.success());
+    let e = stderr(&o);
+    assert!(e.contains("the snapshot has 1 NIC(s), 0 given"), "{e}");
+    assert!(!e.contains("panicked"), "{e}");
+
+    // With a NIC on another tap and another MAC, it runs on.
+    let (b, mut q) = start_vm(
+        &dir,
+        "dst",
+        "1",
+        &[
+            "--incoming",
+            &format!("file:{}", snap.display()),
+            "--net",
+            &format!("tap={t1},mac=52:54:00:00:00:07"),
+        ],
+    );
+    assert_eq!(wait_settled(&mut q), "running");
+    assert!(exists(&t1));
+    goes_on_without_corruption(&b, 1);
+}
+
+#[test]
+fn a_tap_that_vanishes_under_a_running_vm_is_reported_and_the_vm_runs_on() {
+    let dir = TempDir::new("net-vanish");
+    let t = tap("v");
+    let sock = dir.path("vm.sock");
+    let err = dir.path("stderr.txt");
+    let mut cmd = snapvmm(&[
+        "run",
+        "--qmp",
+        &format!("unix:{}", sock.display()),
+        "--net",
+        &format!("tap={t}"),
+    ]);
+    cmd.stdout(Stdio::null())
+        .stderr(std::fs::File::create(&err).unwrap());
+    let mut child = cmd.spawn().unwrap();
+    let mut q = Qmp::connect(&sock);
+    assert_eq!(wait_settled(&mut q), "running");
+    let st = std::process::Command::new("ip")
+        .args(["link", "del", &t])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let end = Instant::now() + T;
+    let said = loop {
+        let s = std::fs::read_to_string(&err).unwrap_or_default();
+        if s.contains(&format!("tap '{t}' failed")) {
+            break s;
+        }
+        assert!(Instant::now() < end, "nothing said about the tap: {s}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(said.contains("the VM keeps running"), "{said}");
+    assert_eq!(q.ok("query-status", json!({}))["status"], "running");
+    // And it still takes a snapshot.
+    let m = live_snapshot(&mut q, &dir.path("after.snap"));
+    assert_eq!(m["status"], "completed", "{m}");
+    q.ok("quit", json!({}));
+    let _ = child.wait();
+}
+
+#[test]
+fn a_bad_net_option_is_a_usage_error_naming_it() {
+    for (arg, says) in [
+        ("tap=x,mac=nope", "mac=nope"),
+        ("vhost=on", "vhost=on"),
+        ("fd=99", "fd=99 is not an open descriptor"),
+    ] {
+        let o = run_with_timeout(snapvmm(&["run", "--net", arg]), T);
+        assert!(!o.status.success(), "{arg}");
+        let e = stderr(&o);
+        assert!(e.contains(says), "{arg}: {e}");
+        assert!(!e.contains("panicked"), "{arg}: {e}");
+    }
+}
