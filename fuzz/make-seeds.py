@@ -181,6 +181,30 @@ def virtio_seeds():
     put("virtio_blk", "flush-readonly", seed(4, 4))
 
 
+# --- virtio-net: flags, log2 size, 3 x desc/avail/used, rounds, frame length, memory
+def virtio_net_seeds():
+    def desc(addr, n, flags, nxt):
+        return struct.pack("<QIHH", addr, n, flags, nxt)
+
+    def seed(flags):
+        mem = bytearray(0xc000)
+        # rx: two 2 KiB buffers; tx: header + 60-byte frame; ctrl: announce ack.
+        mem[0x1000:0x1020] = desc(0x8000, 2048, 2, 0) + desc(0x8800, 2048, 2, 0)
+        struct.pack_into("<HHHH", mem, 0x2000, 0, 2, 0, 1)
+        mem[0x4000:0x4020] = desc(0xa000, 12, 1, 1) + desc(0xa00c, 60, 0, 0)
+        struct.pack_into("<HHH", mem, 0x5000, 0, 1, 0)
+        mem[0xa00c:0xa048] = bytes(range(60))
+        mem[0x7000:0x7020] = desc(0xb000, 2, 1, 1) + desc(0xb100, 1, 2, 0)
+        struct.pack_into("<HHH", mem, 0x7800, 0, 1, 0)
+        mem[0xb000:0xb002] = bytes([3, 0])
+        geometry = struct.pack("<9H", 0x1000, 0x2000, 0x3000, 0x4000, 0x5000, 0x6000, 0x7000, 0x7800, 0x7c00)
+        return bytes([flags, 3]) + geometry + b"\x00" + struct.pack("<H", 100) + bytes(mem)
+
+    put("virtio_net", "plain", seed(0))
+    put("virtio_net", "merged-csum-ctrl-announce", seed(0x4F))
+    put("virtio_net", "indirect-event-idx", seed(0x34))
+
+
 # --- qcow2: images made by QEMU's tools ---------------------------------------
 def qcow2_seeds():
     tmp = tempfile.mkdtemp()
@@ -217,6 +241,7 @@ if __name__ == "__main__":
     qmp_seeds()
     image_seeds()
     virtio_seeds()
+    virtio_net_seeds()
     qcow2_seeds()
     if "--no-vm" not in sys.argv:
         machine_state_seeds()

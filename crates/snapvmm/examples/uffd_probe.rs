@@ -24,6 +24,7 @@ fn main() {
         kvm_path: "/dev/kvm".into(),
         disks: Vec::new(),
         nets: Vec::new(),
+        vsock: None,
         vmgenid: None,
     };
     let mut m = vmm::Machine::create(cfg, Arc::new(|e| eprintln!("machine event: {e:?}"))).unwrap();

@@ -91,6 +91,12 @@ pub struct RunArgs {
     /// image's MAC and the image must have as many NICs.
     #[arg(long = "net", value_name = "tap=NAME|fd=N[,OPTS]")]
     pub nets: Vec<String>,
+    /// A virtio-vsock device for guest CID N (3 or more), its host side on the unix socket
+    /// PATH in Firecracker's convention: a host process connects to PATH and writes
+    /// "CONNECT <port>\n"; a guest connection to host port P goes to PATH_P. On a restore,
+    /// the CID and PATH are this process's.
+    #[arg(long, value_name = "cid=N,path=PATH")]
+    pub vsock: Option<String>,
     /// Start from the internal snapshot TAG of the qcow2 disks (disks reverted, RAM and
     /// devices loaded from the first disk's VM state), like QEMU's -loadvm.
     #[arg(long, value_name = "TAG")]
@@ -143,6 +149,7 @@ pub struct RunConfig {
     /// The NICs' open backends ([`crate::net::open_all`] of `net_specs`,
     /// when the VM starts): every machine this process builds uses them.
     pub nets: Vec<vmm::NetConfig>,
+    pub vsock: Option<vmm::VsockConfig>,
     pub loadvm: Option<String>,
 }
 
@@ -222,13 +229,19 @@ impl RunArgs {
             .transpose()?;
         let disks = crate::disk::parse_disks(&self.disks)?;
         let net_specs = crate::net::parse_nets(&self.nets)?;
-        let devices = disks.len() + net_specs.len();
+        let vsock = self
+            .vsock
+            .as_deref()
+            .map(crate::net::parse_vsock)
+            .transpose()?;
+        let devices = disks.len() + net_specs.len() + usize::from(vsock.is_some());
         if devices > vmm::devices::virtio::MAX_DEVICES {
             bail!(
-                "at most {} virtio devices: {} --disk and {} --net given",
+                "at most {} virtio devices: {} --disk, {} --net and {} --vsock given",
                 vmm::devices::virtio::MAX_DEVICES,
                 disks.len(),
-                net_specs.len()
+                net_specs.len(),
+                usize::from(vsock.is_some())
             );
         }
         // The devices' virtio_mmio.device= entries are appended to the command
@@ -291,6 +304,7 @@ impl RunArgs {
             disks,
             net_specs,
             nets: Vec::new(),
+            vsock,
             loadvm: self.loadvm.clone(),
         })
     }

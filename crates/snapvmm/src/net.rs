@@ -1,4 +1,5 @@
-//! NICs: `--net` parsing and opening their taps.
+//! NICs and the vsock device: `--net` parsing and opening their taps,
+//! `--vsock` parsing.
 //!
 //! `--net tap=NAME[,mac=MAC][,id=ID]` opens (or, as root, creates) the tap
 //! NAME; `--net fd=N[,mac=MAC][,id=ID]` takes an inherited tap descriptor,
@@ -82,6 +83,26 @@ fn valid_id(id: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
 }
 
+/// Parses `--vsock cid=N,path=PATH`.
+pub fn parse_vsock(v: &str) -> Result<vmm::VsockConfig> {
+    let usage = "expected cid=N,path=PATH (N from 3 to 4294967294)";
+    let (mut cid, mut path) = (None, None);
+    for opt in v.split(',') {
+        match opt.split_once('=') {
+            Some(("cid", n)) => match n.parse::<u64>() {
+                Ok(c) if (3..u64::from(u32::MAX)).contains(&c) => cid = Some(c),
+                _ => bail!("invalid --vsock '{v}': cid={n} is not a guest CID ({usage})"),
+            },
+            Some(("path", p)) if !p.is_empty() => path = Some(std::path::PathBuf::from(p)),
+            _ => bail!("invalid --vsock option '{opt}' in '{v}': {usage}"),
+        }
+    }
+    match (cid, path) {
+        (Some(cid), Some(path)) => Ok(vmm::VsockConfig { cid, path }),
+        _ => bail!("invalid --vsock '{v}': {usage}"),
+    }
+}
+
 /// `aa:bb:cc:dd:ee:ff` (or with `-`), unicast.
 pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
     let parts: Vec<&str> = s.split([':', '-']).collect();
@@ -163,6 +184,22 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("used twice"), "{e}");
+    }
+
+    #[test]
+    fn vsock_options_are_parsed_and_bad_ones_named() {
+        let v = parse_vsock("cid=3,path=/tmp/v.sock").unwrap();
+        assert_eq!(v.cid, 3);
+        assert_eq!(v.path, std::path::PathBuf::from("/tmp/v.sock"));
+        for (arg, says) in [
+            ("cid=2,path=/x", "cid=2"),
+            ("cid=x,path=/x", "cid=x"),
+            ("cid=5", "expected cid=N,path=PATH"),
+            ("cid=5,path=/x,port=1", "port=1"),
+        ] {
+            let e = parse_vsock(arg).unwrap_err().to_string();
+            assert!(e.contains(says), "{arg}: {e}");
+        }
     }
 
     #[test]

@@ -63,6 +63,11 @@ fn linux_talks_over_virtio_net_on_a_tap_across_a_snapshot_and_a_restore() {
 }
 
 #[test]
+fn linux_talks_over_vsock_both_ways_and_a_restore_resets_its_connections() {
+    linux::check("vsock-host-guest-restore");
+}
+
+#[test]
 fn linux_live_migrates_post_copy_and_streams_through_gzip() {
     linux::check("live-migration-and-streams");
 }

@@ -13,6 +13,7 @@ pub mod vcpu_thread;
 
 pub use machine::{
     DiskConfig, EventSink, Machine, MachineConfig, MachineEvent, NetConfig, PreparedVm, Start,
+    VsockConfig,
 };
 pub use snapshot::{MachineState, PendingState};
 

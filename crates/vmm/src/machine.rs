@@ -10,8 +10,9 @@ use std::time::Duration;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::boot::{self, BootSpec};
-use crate::devices::io_thread::{IoGate, IoThread};
+use crate::devices::io_thread::{IoDevice, IoGate, IoThread};
 use crate::devices::virtio::net::{NetBackend, VirtioNet};
+use crate::devices::virtio::vsock::VirtioVsock;
 use crate::devices::virtio::{self, BlockBackend, VirtioBlk};
 use crate::devices::{
     acpi::AcpiPm, debug_exit::DebugExit, i8042::I8042, serial, DeviceRequest, PioBus,
@@ -182,6 +183,13 @@ impl std::fmt::Debug for NetConfig {
     }
 }
 
+/// A vsock device: the guest's CID and the host side's unix socket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VsockConfig {
+    pub cid: u64,
+    pub path: PathBuf,
+}
+
 /// What to build. For [`Start::Snapshot`], `mem_bytes` and `cpus` must match the state.
 pub struct MachineConfig {
     pub mem_bytes: u64,
@@ -194,6 +202,9 @@ pub struct MachineConfig {
     /// virtio-net NICs, in device order after the disks (a snapshot restores
     /// onto as many).
     pub nets: Vec<NetConfig>,
+    /// A vsock device (after the NICs); a restore needs one exactly when the
+    /// image has one, and gives it this CID and socket.
+    pub vsock: Option<VsockConfig>,
     /// The VM generation ID to give the guest ([`layout::VMGENID_ADDR`]):
     /// a booted guest finds its device in the DSDT; a restored one is told
     /// of the new ID (ACPI notification through the GED). `None`: no device
@@ -247,7 +258,7 @@ impl Machine {
                 vm.max_vcpus()
             )));
         }
-        let devices = cfg.disks.len() + cfg.nets.len();
+        let devices = cfg.disks.len() + cfg.nets.len() + usize::from(cfg.vsock.is_some());
         if devices > virtio::MAX_DEVICES {
             return Err(VmmError::Config(format!(
                 "at most {} virtio devices (disks and NICs together), {devices} given",
@@ -312,6 +323,20 @@ impl Machine {
                         cfg.nets.len()
                     )));
                 }
+                let has = |b: bool| {
+                    if b {
+                        "a vsock device"
+                    } else {
+                        "no vsock device"
+                    }
+                };
+                if state.vsock.is_some() != cfg.vsock.is_some() {
+                    return Err(VmmError::Config(format!(
+                        "the snapshot has {}, {} given (--vsock)",
+                        has(state.vsock.is_some()),
+                        has(cfg.vsock.is_some()).trim_start_matches("a ")
+                    )));
+                }
                 (ram, None, Some(state))
             }
             Start::Prepared { .. } => unreachable!("turned into Start::Snapshot above"),
@@ -360,26 +385,60 @@ impl Machine {
             // Queue notifications go straight to the I/O thread; without an
             // ioeventfd the MMIO handler signals the same eventfd.
             for q in 0..virtio::net::QUEUES {
-                if let Err(e) = vm.ioeventfd(dev.kick(q), virtio::mmio_base(i) + 0x50, q as u32) {
+                if let Err(e) = vm.ioeventfd(
+                    dev.kick(q),
+                    virtio::mmio_base(i) + virtio::transport::QUEUE_NOTIFY,
+                    q as u32,
+                ) {
                     tracing::debug!("no ioeventfd for NIC {}: {e}", dev.id());
                 }
             }
             nets.push(Arc::new(Mutex::new(dev)));
         }
+        let vsock = match &cfg.vsock {
+            Some(v) => {
+                let i = virtio_devs.len() + nets.len();
+                let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmmError::Io)?;
+                vm.irqfd(&irq, virtio::irq(i))?;
+                let saved = state.as_ref().and_then(|s| s.vsock.as_ref());
+                let dev = match saved {
+                    Some(st) => {
+                        VirtioVsock::restore(v.cid, &v.path, irq, st).map_err(VmmError::Config)?
+                    }
+                    None => VirtioVsock::new(v.cid, &v.path, irq).map_err(VmmError::Io)?,
+                };
+                for q in 0..virtio::vsock::QUEUES {
+                    let at = virtio::mmio_base(i) + virtio::transport::QUEUE_NOTIFY;
+                    if let Err(e) = vm.ioeventfd(dev.kick(q), at, q as u32) {
+                        tracing::debug!("no ioeventfd for the vsock device: {e}");
+                    }
+                }
+                Some(Arc::new(Mutex::new(dev)))
+            }
+            None => None,
+        };
         let gate = Arc::new(IoGate::default());
         // Closed until the vCPUs first run.
         gate.close();
-        let io = if nets.is_empty() {
+        let mut devices: Vec<Arc<Mutex<dyn IoDevice>>> = nets
+            .iter()
+            .map(|n| n.clone() as Arc<Mutex<dyn IoDevice>>)
+            .collect();
+        if let Some(v) = &vsock {
+            devices.push(v.clone());
+        }
+        let io = if devices.is_empty() {
             None
         } else {
             Some(
-                IoThread::spawn(nets.clone(), ram.memory().clone(), gate.clone())
+                IoThread::spawn(devices, ram.memory().clone(), gate.clone())
                     .map_err(VmmError::Io)?,
             )
         };
         let bus = Arc::new(PioBus {
             virtio: virtio_devs,
             nets,
+            vsock,
             mem: ram.memory().clone(),
             serial: Mutex::new(match &state {
                 Some(st) => serial::Serial::restore(serial_irq, cfg.serial, &st.serial)
@@ -466,6 +525,10 @@ impl Machine {
                 // The NICs may sit on another port of the network now.
                 for n in &bus.nets {
                     crate::devices::lock(n).announce();
+                }
+                // Its connections did not come along: the guest hears they were reset.
+                if let Some(v) = &bus.vsock {
+                    crate::devices::lock(v).transport_reset(ram.memory());
                 }
             }
         }

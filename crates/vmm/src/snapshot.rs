@@ -25,7 +25,7 @@ use crate::VmmError;
 /// Version of [`MachineState`]'s layout; bumped on any incompatible change.
 pub const STATE_VERSION: u32 = 1;
 /// Minor version, bumped when fields are added compatibly (older readers ignore
-/// them; newer readers default them): 1 added `acpi`, 2 added `nets`.
+/// them; newer readers default them): 1 added `acpi`, 2 added `nets` and `vsock`.
 pub const STATE_MINOR: u32 = 2;
 
 /// KVM's VM-wide state: PIC, IOAPIC, PIT, kvmclock.
@@ -62,6 +62,9 @@ pub struct MachineState {
     /// virtio-net devices, in device order (absent in images without NICs).
     #[serde(default)]
     pub nets: Vec<crate::devices::virtio::net::VirtioNetState>,
+    /// The vsock device (absent in images without one).
+    #[serde(default)]
+    pub vsock: Option<crate::devices::virtio::vsock::VsockState>,
 }
 
 /// Errors decoding saved state.
@@ -239,6 +242,7 @@ impl Machine {
             acpi: self.bus().acpi.save(),
             virtio: self.bus().virtio.iter().map(|d| lock(d).save()).collect(),
             nets: self.bus().nets.iter().map(|n| lock(n).save()).collect(),
+            vsock: self.bus().vsock.as_ref().map(|v| lock(v).save()),
         })
     }
 }

@@ -503,6 +503,7 @@ pub(super) fn create(
         kvm_path,
         disks,
         nets: cfg.nets.clone(),
+        vsock: cfg.vsock.clone(),
         vmgenid: (cfg.vmgenid && genid == GenId::New).then(new_generation_id),
     };
     Ok(Machine::create(mc, sink)?)

@@ -1,7 +1,7 @@
 #!/bin/busybox sh
 # /init of the Linux guest in tests/linux_guests.rs (busybox, Debian's stock
 # kernel and modules). The scenario comes from the kernel command line:
-# snaptest=boot|args|reboot|powerdown|disk|mem|files|net.
+# snaptest=boot|args|reboot|powerdown|disk|mem|files|net|vsock.
 /bin/busybox --install -s /bin
 mkdir -p /proc /sys /dev /mnt
 mount -t proc proc /proc
@@ -76,6 +76,12 @@ net)
     ip addr add 10.0.2.15/24 dev eth0 && ip link set eth0 up || echo "GUEST-ERROR no eth0"
     ip link set lo up
     echo "GUEST-NET mac=$(cat /sys/class/net/eth0/address) features=$(cat /sys/class/net/eth0/device/features)"
+    echo "GUEST-SHELL"
+    setsid cttyhack sh ;;
+vsock)
+    # The vsock device with Linux's own driver; an echo listener on port 5000.
+    load vsock vmw_vsock_virtio_transport_common virtio virtio_ring virtio_mmio vmw_vsock_virtio_transport
+    /stress vsock-echo 5000 &
     echo "GUEST-SHELL"
     setsid cttyhack sh ;;
 mem)

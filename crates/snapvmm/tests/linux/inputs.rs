@@ -28,6 +28,9 @@ const GUEST_MODULES: &[&str] = &[
     "failover",
     "net_failover",
     "virtio_net",
+    "vsock",
+    "vmw_vsock_virtio_transport_common",
+    "vmw_vsock_virtio_transport",
 ];
 
 /// Prepared inputs.

@@ -1,9 +1,11 @@
 //! The network scenarios: Linux's own virtio-net driver on a tap that
 //! snapvmm creates, the tap's host side configured where the scenarios run
-//! (the TCG VM on PVM hosts), with busybox's `ip`, `ping` and `nc`.
+//! (the TCG VM on PVM hosts), with busybox's `ip`, `ping` and `nc`; and
+//! Linux's vsock driver against snapvmm's unix-socket host side.
 
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -14,11 +16,12 @@ use super::scenarios::{catch, field_text, qmp, Ctx, T};
 use super::vm::Vm;
 
 /// Names of these scenarios.
-pub const ALL: &[&str] = &["network-tap-snapshot-restore"];
+pub const ALL: &[&str] = &["network-tap-snapshot-restore", "vsock-host-guest-restore"];
 
 pub fn run(name: &str, ctx: &Ctx) -> Result<(), String> {
     catch(|| match name {
         "network-tap-snapshot-restore" => tap_snapshot_restore(ctx),
+        "vsock-host-guest-restore" => vsock(ctx),
         other => panic!("unknown scenario {other}"),
     })
 }
@@ -232,6 +235,109 @@ fn tap_snapshot_restore(ctx: &Ctx) {
         String::from_utf8_lossy(&out.stdout).starts_with(&again),
         "the restored guest sent what it held at the snapshot"
     );
+    let mut q = qmp(&dst);
+    q.ok("quit", json!({}));
+    dst.exit_code(T);
+}
+
+/// A host process connects through the device's socket (`CONNECT <port>`)
+/// to a guest listener; returns the stream after `OK <hostport>`.
+fn vsock_connect(path: &Path, port: u32) -> BufReader<UnixStream> {
+    let end = Instant::now() + T;
+    loop {
+        if let Ok(mut s) = UnixStream::connect(path) {
+            s.set_read_timeout(Some(T)).unwrap();
+            writeln!(s, "CONNECT {port}").unwrap();
+            let mut r = BufReader::new(s);
+            let mut line = String::new();
+            if r.read_line(&mut line).is_ok() && line.starts_with("OK ") {
+                return r;
+            }
+        }
+        assert!(
+            Instant::now() < end,
+            "CONNECT {port} through {} never answered OK",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+fn echoes(r: &mut BufReader<UnixStream>, text: &str) {
+    writeln!(r.get_mut(), "{text}").unwrap();
+    let mut line = String::new();
+    r.read_line(&mut line).expect("the echo");
+    assert_eq!(line.trim_end(), text);
+}
+
+/// vsock with Linux's own driver, in Firecracker's hybrid convention: a host
+/// process reaches the guest's listener through `CONNECT`, a guest
+/// connection to host port 6000 reaches the unix socket `PATH_6000`; after a
+/// live snapshot restored in a new process with another CID and socket, the
+/// guest's listener still accepts and the connection that was open at the
+/// snapshot was reset in the guest.
+fn vsock(ctx: &Ctx) {
+    let path = ctx.dir.join("v.sock");
+    let snap = ctx.dir.join("linux-vsock.snap");
+    let arg = format!("cid=3,path={}", path.display());
+    let mut src = ctx.linux("vsock", "256M", "1", "vsock", &["--vsock", &arg]);
+    src.wait("VSOCK-LISTENING port=5000", T);
+    let mut held = vsock_connect(&path, 5000);
+    echoes(&mut held, "hello");
+    src.wait("VSOCK-ACCEPTED", T);
+
+    // Guest -> host port 6000: the unix socket PATH_6000.
+    let l = UnixListener::bind(ctx.dir.join("v.sock_6000")).unwrap();
+    let server = std::thread::spawn(move || {
+        let (s, _) = l.accept().unwrap();
+        s.set_read_timeout(Some(T)).unwrap();
+        let mut r = BufReader::new(s);
+        let mut line = String::new();
+        r.read_line(&mut line).unwrap();
+        writeln!(r.get_mut(), "pong:{}", line.trim_end()).unwrap();
+    });
+    src.wait("GUEST-SHELL", T);
+    run_in_guest(
+        &mut src,
+        "/stress vsock-send 6000 ping",
+        "VSOCK-REPLY pong:ping",
+        T,
+    );
+    server.join().unwrap();
+
+    let mut q = qmp(&src);
+    q.ok(
+        "migrate-set-capabilities",
+        json!({"capabilities": [{"capability": "background-snapshot", "state": true}]}),
+    );
+    q.ok(
+        "migrate",
+        json!({"uri": format!("file:{}", snap.display())}),
+    );
+    let m = q.wait_migration(T);
+    assert_eq!(m["status"], "completed", "{m}");
+    // The source goes on talking after its snapshot.
+    echoes(&mut held, "still-here");
+    q.ok("quit", json!({}));
+    src.exit_code(T);
+    drop(held);
+
+    let path2 = ctx.dir.join("v2.sock");
+    let arg2 = format!("cid=4,path={}", path2.display());
+    let mut dst = ctx.vm(
+        "vsock-restored",
+        &[
+            "--incoming",
+            &format!("file:{}", snap.display()),
+            "--vsock",
+            &arg2,
+        ],
+    );
+    // The connection open at the snapshot instant was reset in the guest...
+    dst.wait("VSOCK-CONN-RESET", T);
+    // ... and its listener still accepts, through the restoring process's socket.
+    let mut again = vsock_connect(&path2, 5000);
+    echoes(&mut again, "after-restore");
     let mut q = qmp(&dst);
     q.ok("quit", json!({}));
     dst.exit_code(T);

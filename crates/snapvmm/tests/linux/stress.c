@@ -12,6 +12,11 @@
  *                        what this process remembers). "FILES n=N ok" or CORRUPT.
  *   stress powerkey      wait for KEY_POWER on /dev/input/event*, then exit 0.
  *   stress content F I   print the content of file number I (the host compares).
+ *   stress vsock-echo P  listen on vsock port P ("VSOCK-LISTENING port=P"); echo
+ *                        each connection's lines back, and say how it ended:
+ *                        "VSOCK-CONN-EOF" or "VSOCK-CONN-RESET errno=E".
+ *   stress vsock-send P M  connect to the host (CID 2) port P, send the line M,
+ *                        print "VSOCK-REPLY <the line that came back>".
  */
 #define _GNU_SOURCE
 #include <dirent.h>
@@ -24,7 +29,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <linux/vm_sockets.h>
 #include <sys/mman.h>
+#include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -202,6 +209,77 @@ static int powerkey(void)
     }
 }
 
+static void echo(int c)
+{
+    char buf[4096];
+    for (;;) {
+        ssize_t n = read(c, buf, sizeof buf);
+        if (n == 0) {
+            printf("VSOCK-CONN-EOF\n");
+            break;
+        }
+        if (n < 0) {
+            printf("VSOCK-CONN-RESET errno=%d\n", errno);
+            break;
+        }
+        if (write(c, buf, n) != n) {
+            printf("VSOCK-CONN-RESET errno=%d\n", errno);
+            break;
+        }
+    }
+    close(c);
+}
+
+static int vsock_echo(unsigned port)
+{
+    int l = socket(AF_VSOCK, SOCK_STREAM, 0);
+    struct sockaddr_vm a = {.svm_family = AF_VSOCK, .svm_cid = VMADDR_CID_ANY, .svm_port = port};
+    if (l < 0 || bind(l, (struct sockaddr *)&a, sizeof a) || listen(l, 8)) {
+        printf("VSOCK-ERROR listen errno=%d\n", errno);
+        return 1;
+    }
+    printf("VSOCK-LISTENING port=%u\n", port);
+    for (;;) {
+        int c = accept(l, NULL, NULL);
+        if (c < 0)
+            continue;
+        printf("VSOCK-ACCEPTED\n");
+        if (fork() == 0) {
+            close(l);
+            echo(c);
+            _exit(0);
+        }
+        close(c);
+    }
+}
+
+static int vsock_send(unsigned port, const char *msg)
+{
+    int s = socket(AF_VSOCK, SOCK_STREAM, 0);
+    struct sockaddr_vm a = {.svm_family = AF_VSOCK, .svm_cid = VMADDR_CID_HOST, .svm_port = port};
+    if (s < 0 || connect(s, (struct sockaddr *)&a, sizeof a)) {
+        printf("VSOCK-ERROR connect errno=%d\n", errno);
+        return 1;
+    }
+    char line[512];
+    snprintf(line, sizeof line, "%s\n", msg);
+    if (write(s, line, strlen(line)) < 0) {
+        printf("VSOCK-ERROR write errno=%d\n", errno);
+        return 1;
+    }
+    size_t got = 0;
+    while (got < sizeof line - 1) {
+        ssize_t n = read(s, line + got, 1);
+        if (n <= 0 || line[got] == '\n')
+            break;
+        got++;
+    }
+    line[got] = 0;
+    printf("VSOCK-REPLY %s\n", line);
+    close(s);
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
     setvbuf(stdout, NULL, _IOLBF, 0);
@@ -215,6 +293,10 @@ int main(int argc, char **argv)
         content(stdout, atol(argv[2]));
         return 0;
     }
-    fprintf(stderr, "usage: stress mem MIB | files DIR N | powerkey | content I\n");
+    if (argc == 3 && !strcmp(argv[1], "vsock-echo"))
+        return vsock_echo(atoi(argv[2]));
+    if (argc == 4 && !strcmp(argv[1], "vsock-send"))
+        return vsock_send(atoi(argv[2]), argv[3]);
+    fprintf(stderr, "usage: stress mem MIB | files DIR N | powerkey | content I | vsock-echo P | vsock-send P M\n");
     return 2;
 }

@@ -1,7 +1,7 @@
-//! The device I/O thread: moves network frames between the virtqueues and
-//! their backends, woken by the backends' descriptors and by queue
-//! notifications (eventfds KVM signals on the guest's MMIO write), never on
-//! a vCPU thread.
+//! The device I/O thread: moves data between the virtqueues of the devices
+//! that implement [`IoDevice`] (network, vsock) and their backends, woken by
+//! the backends' descriptors and by queue notifications (eventfds KVM signals
+//! on the guest's MMIO write), never on a vCPU thread.
 //!
 //! It works only while the machine's [`IoGate`] is open: the machine closes
 //! the gate when it pauses (after the vCPUs stopped) and reopens it when they
@@ -9,7 +9,7 @@
 //! device writes guest memory or its rings: what a snapshot saves is
 //! consistent, device registers and RAM alike.
 
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
@@ -19,7 +19,6 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::lock;
-use super::virtio::net::{RxState, VirtioNet, CTRL, RX, TX};
 
 #[derive(Default)]
 struct GateState {
@@ -72,8 +71,42 @@ impl IoGate {
     }
 }
 
-/// What an epoll token names: NIC `i`'s backend or one of its queues.
-const PER_NIC: u64 = 4;
+/// A change to what the I/O thread polls for a device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Watch {
+    /// Poll `fd` for `events`, reporting them as the device's `sub`.
+    Add {
+        fd: RawFd,
+        sub: u32,
+        events: EventSet,
+    },
+    /// Poll `fd` (added before) for other `events`.
+    Modify {
+        fd: RawFd,
+        sub: u32,
+        events: EventSet,
+    },
+    /// Stop polling `fd`.
+    Remove { fd: RawFd },
+}
+
+/// A device whose data moves on the I/O thread. Every call is made with the
+/// machine's gate entered and the device's lock held.
+pub trait IoDevice: Send {
+    /// What to poll from the start.
+    fn watches(&self) -> Vec<Watch>;
+    /// `events` happened on the device's `sub`; `changes` collects what to
+    /// poll differently from now on.
+    fn event(
+        &mut self,
+        sub: u32,
+        events: EventSet,
+        mem: &GuestMemoryMmap,
+        changes: &mut Vec<Watch>,
+    );
+}
+
+/// An epoll token: the device's index in the high half, its `sub` in the low.
 const TOKEN_STOP: u64 = u64::MAX;
 
 /// The running I/O thread; dropping it stops the thread.
@@ -84,10 +117,26 @@ pub struct IoThread {
     thread: Option<JoinHandle<()>>,
 }
 
+fn apply(epoll: &Epoll, dev: u64, w: Watch) -> std::io::Result<()> {
+    match w {
+        Watch::Add { fd, sub, events } => epoll.ctl(
+            ControlOperation::Add,
+            fd,
+            EpollEvent::new(events, (dev << 32) | u64::from(sub)),
+        ),
+        Watch::Modify { fd, sub, events } => epoll.ctl(
+            ControlOperation::Modify,
+            fd,
+            EpollEvent::new(events, (dev << 32) | u64::from(sub)),
+        ),
+        Watch::Remove { fd } => epoll.ctl(ControlOperation::Delete, fd, EpollEvent::default()),
+    }
+}
+
 impl IoThread {
-    /// Starts the thread for `nets`, working only while `gate` is open.
+    /// Starts the thread for `devices`, working only while `gate` is open.
     pub fn spawn(
-        nets: Vec<Arc<Mutex<VirtioNet>>>,
+        devices: Vec<Arc<Mutex<dyn IoDevice>>>,
         mem: GuestMemoryMmap,
         gate: Arc<IoGate>,
     ) -> std::io::Result<IoThread> {
@@ -98,26 +147,15 @@ impl IoThread {
             stop.as_raw_fd(),
             EpollEvent::new(EventSet::IN, TOKEN_STOP),
         )?;
-        for (i, n) in nets.iter().enumerate() {
-            let d = lock(n);
-            let base = i as u64 * PER_NIC;
-            epoll.ctl(
-                ControlOperation::Add,
-                d.backend().fd(),
-                EpollEvent::new(EventSet::IN, base),
-            )?;
-            for (q, tok) in [(RX, 1), (TX, 2), (CTRL, 3)] {
-                epoll.ctl(
-                    ControlOperation::Add,
-                    d.kick(q).as_raw_fd(),
-                    EpollEvent::new(EventSet::IN, base + tok),
-                )?;
+        for (i, d) in devices.iter().enumerate() {
+            for w in lock(d).watches() {
+                apply(&epoll, i as u64, w)?;
             }
         }
         let stopping = Arc::new(AtomicBool::new(false));
         let worker = Worker {
             epoll,
-            nets,
+            devices,
             mem,
             gate: gate.clone(),
             stopping: stopping.clone(),
@@ -148,7 +186,7 @@ impl Drop for IoThread {
 
 struct Worker {
     epoll: Epoll,
-    nets: Vec<Arc<Mutex<VirtioNet>>>,
+    devices: Vec<Arc<Mutex<dyn IoDevice>>>,
     mem: GuestMemoryMmap,
     gate: Arc<IoGate>,
     stopping: Arc<AtomicBool>,
@@ -156,11 +194,8 @@ struct Worker {
 
 impl Worker {
     fn run(self) {
-        let mut events = vec![EpollEvent::default(); 32];
-        // Whether each NIC's backend is being polled (not while the guest
-        // has no receive buffers, nor after the backend went away).
-        let mut polled = vec![true; self.nets.len()];
-        let mut gone = vec![false; self.nets.len()];
+        let mut events = vec![EpollEvent::default(); 64];
+        let mut changes = Vec::new();
         loop {
             let n = match self.epoll.wait(-1, &mut events) {
                 Ok(n) => n,
@@ -179,55 +214,15 @@ impl Worker {
                 if self.stopping.load(Ordering::SeqCst) {
                     return;
                 }
-                let i = (tok / PER_NIC) as usize;
-                let Some(nic) = self.nets.get(i) else {
+                let i = tok >> 32;
+                let Some(dev) = self.devices.get(i as usize) else {
                     continue;
                 };
-                let mut d = lock(nic);
-                let rx = match tok % PER_NIC {
-                    0 => Some(d.receive(&self.mem)),
-                    1 => {
-                        let _ = d.kick(RX).read();
-                        Some(d.receive(&self.mem))
-                    }
-                    2 => {
-                        let _ = d.kick(TX).read();
-                        d.transmit(&self.mem);
-                        None
-                    }
-                    _ => {
-                        let _ = d.kick(CTRL).read();
-                        d.control(&self.mem);
-                        None
-                    }
-                };
-                let fd = d.backend().fd();
-                let tap_tok = i as u64 * PER_NIC;
-                let change = match rx {
-                    // Gone for good: never polled again (a dead tap may report
-                    // hang-ups whatever it is asked for).
-                    Some(RxState::BackendGone) if !gone[i] => {
-                        gone[i] = true;
-                        Some(ControlOperation::Delete)
-                    }
-                    Some(RxState::Drained) if !polled[i] && !gone[i] => {
-                        polled[i] = true;
-                        Some(ControlOperation::Modify)
-                    }
-                    Some(RxState::NeedBuffers) if polled[i] => {
-                        polled[i] = false;
-                        Some(ControlOperation::Modify)
-                    }
-                    _ => None,
-                };
-                if let Some(op) = change {
-                    let events = if polled[i] {
-                        EventSet::IN
-                    } else {
-                        EventSet::empty()
-                    };
-                    if let Err(e) = self.epoll.ctl(op, fd, EpollEvent::new(events, tap_tok)) {
-                        tracing::warn!(nic = %d.id(), "cannot change how its tap is polled: {e}");
+                changes.clear();
+                lock(dev).event(tok as u32, ev.event_set(), &self.mem, &mut changes);
+                for w in changes.drain(..) {
+                    if let Err(e) = apply(&self.epoll, i, w) {
+                        tracing::warn!("the I/O thread cannot change what it polls ({w:?}): {e}");
                     }
                 }
             }

@@ -36,6 +36,8 @@ pub struct PioBus {
     pub virtio: Vec<Mutex<virtio::VirtioBlk>>,
     /// NICs, shared with the I/O thread that moves their frames.
     pub nets: Vec<Arc<Mutex<virtio::net::VirtioNet>>>,
+    /// The vsock device (after the NICs), shared with the I/O thread.
+    pub vsock: Option<Arc<Mutex<virtio::vsock::VirtioVsock>>>,
     /// Guest memory, for devices that read their rings and buffers.
     pub mem: vm_memory::GuestMemoryMmap,
 }
@@ -44,6 +46,7 @@ pub struct PioBus {
 enum Slot<'a> {
     Disk(&'a Mutex<virtio::VirtioBlk>),
     Nic(&'a Mutex<virtio::net::VirtioNet>),
+    Vsock(&'a Mutex<virtio::vsock::VirtioVsock>),
 }
 
 impl PioBus {
@@ -51,12 +54,15 @@ impl PioBus {
         let off = addr.checked_sub(virtio::MMIO_BASE)?;
         let i = (off / virtio::MMIO_SIZE) as usize;
         let at = off % virtio::MMIO_SIZE;
-        match self.virtio.get(i) {
-            Some(d) => Some((Slot::Disk(d), at)),
-            None => self
-                .nets
-                .get(i - self.virtio.len())
-                .map(|n| (Slot::Nic(n), at)),
+        let nics = self.virtio.len() + self.nets.len();
+        if let Some(d) = self.virtio.get(i) {
+            Some((Slot::Disk(d), at))
+        } else if let Some(n) = self.nets.get(i - self.virtio.len()) {
+            Some((Slot::Nic(n), at))
+        } else if i == nics {
+            self.vsock.as_deref().map(|v| (Slot::Vsock(v), at))
+        } else {
+            None
         }
     }
 
@@ -65,6 +71,7 @@ impl PioBus {
         match self.virtio_at(addr) {
             Some((Slot::Disk(d), off)) => lock(d).read(off, data),
             Some((Slot::Nic(n), off)) => lock(n).read(off, data),
+            Some((Slot::Vsock(v), off)) => lock(v).read(off, data),
             None => data.fill(0xff),
         }
     }
@@ -74,6 +81,7 @@ impl PioBus {
         match self.virtio_at(addr) {
             Some((Slot::Disk(d), off)) => lock(d).write(off, data, &self.mem),
             Some((Slot::Nic(n), off)) => lock(n).write(off, data),
+            Some((Slot::Vsock(v), off)) => lock(v).write(off, data),
             None => {}
         }
     }
@@ -107,6 +115,6 @@ impl PioBus {
 
 /// Locks a device; a poisoned lock (a panic while holding it) still yields the device,
 /// whose register state is always consistent between two accesses.
-pub fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+pub fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }

@@ -8,6 +8,8 @@
 pub mod block;
 pub mod net;
 pub mod queue;
+pub mod transport;
+pub mod vsock;
 
 use std::fs::File;
 use std::io;

@@ -2,7 +2,7 @@
 //! receive, a transmit and a control queue.
 //!
 //! The vCPU thread only touches registers: a queue notification wakes the
-//! network I/O thread ([`super::super::io_thread`]), which moves frames
+//! device I/O thread ([`crate::devices::io_thread`], hookup in `event_handler.rs`), which moves frames
 //! between the rings and the backend (a TAP device, [`tap::Tap`]). Frames
 //! carry the 12-byte `virtio_net_hdr_v1` both ways, so checksum and
 //! segmentation offloads pass between the guest and the host kernel as they
@@ -11,6 +11,7 @@
 //! a frame read from the backend but not yet delivered is dropped at a
 //! snapshot, as a network may drop any frame.
 
+mod event_handler;
 pub mod tap;
 
 use std::io;
@@ -24,16 +25,10 @@ use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRE
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::queue::{Desc, QueueError, QueueRegs, VirtQueue, QUEUE_MAX};
+use super::queue::{Desc, QueueError};
+use super::transport::{bit, Effect, Transport, TransportState};
 
-const MAGIC: u32 = 0x7472_6976; // "virt"
-const VERSION: u32 = 2;
 const DEVICE_ID_NET: u32 = 1;
-const VENDOR_ID: u32 = 0x534e_4150; // "SNAP"
-
-const STATUS_DRIVER_OK: u32 = 4;
-const STATUS_FEATURES_OK: u32 = 8;
-const STATUS_NEEDS_RESET: u32 = 64;
 
 /// The queues: receive, transmit, control.
 pub const RX: usize = 0;
@@ -52,10 +47,6 @@ pub const MAX_FRAME: usize = HDR_LEN + 65_535 + 14 + 4;
 const TUN_F_CSUM: u32 = 1;
 const TUN_F_TSO4: u32 = 2;
 const TUN_F_TSO6: u32 = 4;
-
-const fn bit(b: u32) -> u64 {
-    1 << b
-}
 
 /// Features the device offers.
 const FEATURES: u64 = bit(VIRTIO_F_VERSION_1)
@@ -111,16 +102,8 @@ pub fn format_mac(m: &[u8; 6]) -> String {
 /// The device's registers: everything a snapshot needs.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VirtioNetState {
+    pub transport: TransportState,
     pub mac: [u8; 6],
-    pub status: u32,
-    pub device_features_sel: u32,
-    pub driver_features_sel: u32,
-    pub driver_features: u64,
-    pub queue_sel: u32,
-    /// Receive, transmit and control queue, as saved (live in [`VirtioNet`]).
-    pub queues: Vec<QueueRegs>,
-    pub interrupt_status: u32,
-    pub config_generation: u32,
     /// The config space's `status` (link up, announce).
     pub net_status: u16,
 }
@@ -152,17 +135,17 @@ pub enum RxState {
 pub struct VirtioNet {
     id: String,
     backend: Arc<dyn NetBackend>,
-    irq: EventFd,
-    /// Queue notifications: written by KVM (ioeventfd) or the MMIO handler,
-    /// read by the I/O thread.
-    kicks: [EventFd; QUEUES],
-    /// Registers; `st.queues` is stale while running (the live ones are `queues`).
-    st: VirtioNetState,
-    queues: [VirtQueue; QUEUES],
+    t: Transport,
+    mac: [u8; 6],
+    net_status: u16,
     /// A received frame waiting for guest buffers, and its length.
     pending: Option<usize>,
     buf: Vec<u8>,
     gone: bool,
+    /// Whether the I/O thread polls the tap (not while the guest has no
+    /// receive buffers), and whether it stopped for good.
+    tap_polled: bool,
+    unpolled_for_good: bool,
     pub stats: NetStats,
 }
 
@@ -171,17 +154,9 @@ impl std::fmt::Debug for VirtioNet {
         f.debug_struct("VirtioNet")
             .field("id", &self.id)
             .field("backend", &self.backend.name())
-            .field("state", &self.st)
+            .field("mac", &format_mac(&self.mac))
             .finish_non_exhaustive()
     }
-}
-
-fn new_kicks() -> io::Result<[EventFd; QUEUES]> {
-    Ok([
-        EventFd::new(libc::EFD_NONBLOCK)?,
-        EventFd::new(libc::EFD_NONBLOCK)?,
-        EventFd::new(libc::EFD_NONBLOCK)?,
-    ])
 }
 
 impl VirtioNet {
@@ -194,17 +169,14 @@ impl VirtioNet {
         Ok(VirtioNet {
             id,
             backend,
-            irq,
-            kicks: new_kicks()?,
-            st: VirtioNetState {
-                mac,
-                net_status: vn::VIRTIO_NET_S_LINK_UP as u16,
-                ..VirtioNetState::default()
-            },
-            queues: Default::default(),
+            t: Transport::new(DEVICE_ID_NET, FEATURES, QUEUES, irq)?,
+            mac,
+            net_status: vn::VIRTIO_NET_S_LINK_UP as u16,
             pending: None,
             buf: vec![0; MAX_FRAME],
             gone: false,
+            tap_polled: true,
+            unpolled_for_good: false,
             stats: NetStats::default(),
         })
     }
@@ -218,21 +190,12 @@ impl VirtioNet {
         irq: EventFd,
         st: &VirtioNetState,
     ) -> Result<Self, String> {
-        if st.queues.len() != QUEUES {
-            return Err(format!(
-                "NIC '{id}': the saved state has {} queues, expected {QUEUES}",
-                st.queues.len()
-            ));
-        }
-        let mut d =
-            VirtioNet::new(id, mac.unwrap_or(st.mac), backend, irq).map_err(|e| e.to_string())?;
-        d.st = st.clone();
-        d.st.mac = mac.unwrap_or(st.mac);
-        d.st.net_status |= vn::VIRTIO_NET_S_LINK_UP as u16;
-        for (q, r) in d.queues.iter_mut().zip(&st.queues) {
-            *q = VirtQueue::restore(r);
-        }
-        if d.st.status & STATUS_DRIVER_OK != 0 {
+        let mac = mac.unwrap_or(st.mac);
+        let mut d = VirtioNet::new(id, mac, backend, irq).map_err(|e| e.to_string())?;
+        d.t.restore(&st.transport)
+            .map_err(|e| format!("NIC '{}': {e}", d.id))?;
+        d.net_status = st.net_status | vn::VIRTIO_NET_S_LINK_UP as u16;
+        if d.t.driver_ok() {
             d.apply_offloads();
         }
         Ok(d)
@@ -240,8 +203,9 @@ impl VirtioNet {
 
     pub fn save(&self) -> VirtioNetState {
         VirtioNetState {
-            queues: self.queues.iter().map(VirtQueue::save).collect(),
-            ..self.st.clone()
+            transport: self.t.save(),
+            mac: self.mac,
+            net_status: self.net_status,
         }
     }
 
@@ -250,7 +214,7 @@ impl VirtioNet {
     }
 
     pub fn mac(&self) -> [u8; 6] {
-        self.st.mac
+        self.mac
     }
 
     pub fn backend(&self) -> &Arc<dyn NetBackend> {
@@ -259,15 +223,15 @@ impl VirtioNet {
 
     /// The notification eventfd of queue `q`.
     pub fn kick(&self, q: usize) -> &EventFd {
-        &self.kicks[q]
+        self.t.kick(q)
     }
 
     fn negotiated(&self, b: u32) -> bool {
-        self.st.driver_features & bit(b) != 0
+        self.t.negotiated(b)
     }
 
     fn driver_ok(&self) -> bool {
-        self.st.status & STATUS_DRIVER_OK != 0 && self.st.status & STATUS_NEEDS_RESET == 0
+        self.t.driver_ok()
     }
 
     /// Tells the backend which offloads received frames may use.
@@ -287,153 +251,38 @@ impl VirtioNet {
         }
     }
 
-    fn reset(&mut self) {
-        self.st = VirtioNetState {
-            mac: self.st.mac,
-            net_status: self.st.net_status & vn::VIRTIO_NET_S_LINK_UP as u16,
-            config_generation: self.st.config_generation,
-            ..VirtioNetState::default()
-        };
-        self.queues = Default::default();
-        self.pending = None;
-        let _ = self.backend.set_offloads(0);
-    }
-
     /// A guest read of the register window.
     pub fn read(&self, offset: u64, data: &mut [u8]) {
-        if offset >= 0x100 {
-            // virtio_net_config: mac[6], status.
-            let mut cfg = [0u8; 8];
-            cfg[..6].copy_from_slice(&self.st.mac);
-            cfg[6..].copy_from_slice(&self.st.net_status.to_le_bytes());
-            for (i, b) in data.iter_mut().enumerate() {
-                *b = cfg.get((offset - 0x100) as usize + i).copied().unwrap_or(0);
-            }
-            return;
-        }
-        let q = self.queues.get(self.st.queue_sel as usize);
-        let v: u32 = match offset {
-            0x000 => MAGIC,
-            0x004 => VERSION,
-            0x008 => DEVICE_ID_NET,
-            0x00c => VENDOR_ID,
-            0x010 => match self.st.device_features_sel {
-                0 => FEATURES as u32,
-                1 => (FEATURES >> 32) as u32,
-                _ => 0,
-            },
-            0x034 if q.is_some() => u32::from(QUEUE_MAX),
-            0x044 => q.map(|q| u32::from(q.ready())).unwrap_or(0),
-            0x060 => self.st.interrupt_status,
-            0x070 => self.st.status,
-            0x0fc => self.st.config_generation,
-            _ => 0,
-        };
-        let bytes = v.to_le_bytes();
-        let n = data.len().min(4);
-        data[..n].copy_from_slice(&bytes[..n]);
+        // virtio_net_config: mac[6], status.
+        let mut cfg = [0u8; 8];
+        cfg[..6].copy_from_slice(&self.mac);
+        cfg[6..].copy_from_slice(&self.net_status.to_le_bytes());
+        self.t.read(offset, data, &cfg);
     }
 
     /// A guest write to the register window.
     pub fn write(&mut self, offset: u64, data: &[u8]) {
-        if data.len() != 4 {
-            return; // registers are 32-bit; the config space is read-only
-        }
-        let v = u32::from_le_bytes([data[0], data[1], data[2], data[3]]);
-        let lo = |old: u64| (old & !0xffff_ffff) | u64::from(v);
-        let hi = |old: u64| (old & 0xffff_ffff) | (u64::from(v) << 32);
-        let sel = self.st.queue_sel as usize;
-        let setup = self.st.status & STATUS_FEATURES_OK != 0
-            && self.queues.get(sel).is_some_and(|q| !q.ready());
-        match offset {
-            0x014 => self.st.device_features_sel = v,
-            0x020 => match self.st.driver_features_sel {
-                0 => self.st.driver_features = lo(self.st.driver_features),
-                1 => self.st.driver_features = hi(self.st.driver_features),
-                _ => {}
-            },
-            0x024 => self.st.driver_features_sel = v,
-            0x030 => self.st.queue_sel = v,
-            0x038 => {
-                if let Some(q) = self.queues.get_mut(sel) {
-                    q.set_size(v);
-                }
+        match self.t.write(offset, data) {
+            Effect::None => {}
+            Effect::Reset => {
+                self.net_status &= vn::VIRTIO_NET_S_LINK_UP as u16;
+                self.pending = None;
+                let _ = self.backend.set_offloads(0);
             }
-            0x044 => {
-                if let Some(q) = self.queues.get_mut(sel) {
-                    q.set_ready(v == 1);
-                }
+            Effect::DriverOk => {
+                self.apply_offloads();
+                // Frames may have waited for the driver: look at once.
+                let _ = self.t.kick(RX).write(1);
             }
-            0x050 => {
-                // Normally KVM signals the eventfd itself (ioeventfd); this
-                // is the path where it could not be registered.
-                if let Some(k) = self.kicks.get(v as usize) {
-                    let _ = k.write(1);
-                }
-            }
-            0x064 => self.st.interrupt_status &= !v,
-            0x070 => self.set_status(v),
-            0x080..=0x0a4 if setup => {
-                let which = ((offset - 0x080) / 0x10) as u8;
-                let (low, high) = if offset.is_multiple_of(0x10) {
-                    (Some(v), None)
-                } else {
-                    (None, Some(v))
-                };
-                if let Some(q) = self.queues.get_mut(sel) {
-                    q.set_addr(which, low, high);
-                }
-            }
-            _ => {}
         }
-    }
-
-    fn set_status(&mut self, v: u32) {
-        if v == 0 {
-            self.reset();
-            return;
-        }
-        let mut v = v;
-        // FEATURES_OK sticks only for a feature set we offered, with VERSION_1.
-        if v & STATUS_FEATURES_OK != 0
-            && (self.st.driver_features & !FEATURES != 0
-                || self.st.driver_features & bit(VIRTIO_F_VERSION_1) == 0)
-        {
-            v &= !STATUS_FEATURES_OK;
-        }
-        let now_ok = v & STATUS_DRIVER_OK != 0 && self.st.status & STATUS_DRIVER_OK == 0;
-        self.st.status = v;
-        let event_idx = self.negotiated(VIRTIO_RING_F_EVENT_IDX);
-        for q in &mut self.queues {
-            q.set_event_idx(event_idx);
-        }
-        if now_ok {
-            self.apply_offloads();
-            // Frames may have waited for the driver: look at once.
-            let _ = self.kicks[RX].write(1);
-        }
-    }
-
-    /// Raises the used-buffer interrupt.
-    fn interrupt(&mut self) {
-        self.st.interrupt_status |= 1;
-        let _ = self.irq.write(1);
-    }
-
-    /// Raises the configuration-change interrupt.
-    fn config_changed(&mut self) {
-        self.st.config_generation = self.st.config_generation.wrapping_add(1);
-        self.st.interrupt_status |= 2;
-        let _ = self.irq.write(1);
     }
 
     /// The rings themselves are unusable: the device needs a reset (virtio 2.1.2).
     fn broken(&mut self, e: QueueError) {
         tracing::warn!(nic = %self.id, "virtqueue unusable: {e}");
         self.stats.errors += 1;
-        self.st.status |= STATUS_NEEDS_RESET;
         self.pending = None;
-        self.config_changed();
+        self.t.needs_reset();
     }
 
     /// Sends every frame the driver queued for transmission.
@@ -449,7 +298,7 @@ impl VirtioNet {
     fn drain_tx(&mut self, mem: &GuestMemoryMmap) -> Result<(), QueueError> {
         let mut used = false;
         loop {
-            while let Some((head, chain)) = self.queues[TX].pop(mem)? {
+            while let Some((head, chain)) = self.t.queues[TX].pop(mem)? {
                 match chain {
                     Ok(chain) => self.send_one(mem, &chain),
                     Err(e) => {
@@ -457,15 +306,15 @@ impl VirtioNet {
                         self.stats.errors += 1;
                     }
                 }
-                self.queues[TX].push_used(mem, head, 0)?;
+                self.t.queues[TX].push_used(mem, head, 0)?;
                 used = true;
             }
-            if !self.queues[TX].rearm(mem)? {
+            if !self.t.queues[TX].rearm(mem)? {
                 break;
             }
         }
-        if used && self.queues[TX].needs_interrupt(mem)? {
-            self.interrupt();
+        if used && self.t.queues[TX].needs_interrupt(mem)? {
+            self.t.interrupt();
         }
         Ok(())
     }
@@ -520,9 +369,9 @@ impl VirtioNet {
             "tap '{}' failed ({e}): the NIC's link is down, the VM keeps running",
             self.backend.name()
         );
-        self.st.net_status &= !(vn::VIRTIO_NET_S_LINK_UP as u16);
+        self.net_status &= !(vn::VIRTIO_NET_S_LINK_UP as u16);
         if self.driver_ok() {
-            self.config_changed();
+            self.t.config_changed();
         }
     }
 
@@ -552,7 +401,7 @@ impl VirtioNet {
                 },
             };
             self.pending = None;
-            if len < HDR_LEN || !self.driver_ok() || !self.queues[RX].ready() {
+            if len < HDR_LEN || !self.driver_ok() || !self.t.queues[RX].ready() {
                 // Nobody to take it (the driver is not up yet): a network drops.
                 self.stats.dropped += 1;
                 continue;
@@ -563,9 +412,9 @@ impl VirtioNet {
                     // Wait for buffers: rearm so the driver kicks when it adds
                     // some, and look again only if it added some meanwhile.
                     self.pending = Some(len);
-                    let more = self.queues[RX].waiting(mem).and_then(|had| {
-                        self.queues[RX].rearm(mem)?;
-                        Ok(self.queues[RX].waiting(mem)? > had)
+                    let more = self.t.queues[RX].waiting(mem).and_then(|had| {
+                        self.t.queues[RX].rearm(mem)?;
+                        Ok(self.t.queues[RX].waiting(mem)? > had)
                     });
                     match more {
                         Ok(true) => continue,
@@ -583,8 +432,8 @@ impl VirtioNet {
             }
         };
         if used && self.driver_ok() {
-            match self.queues[RX].needs_interrupt(mem) {
-                Ok(true) => self.interrupt(),
+            match self.t.queues[RX].needs_interrupt(mem) {
+                Ok(true) => self.t.interrupt(),
                 Ok(false) => {}
                 Err(e) => self.broken(e),
             }
@@ -596,12 +445,12 @@ impl VirtioNet {
     /// there are not enough (nothing taken from the ring then).
     fn deliver(&mut self, mem: &GuestMemoryMmap, len: usize) -> Result<bool, QueueError> {
         let merge = self.negotiated(vn::VIRTIO_NET_F_MRG_RXBUF);
-        let start = self.queues[RX].next_avail();
+        let start = self.t.queues[RX].next_avail();
         let mut chains: Vec<(u16, Vec<Desc>)> = Vec::new();
         let mut room = 0usize;
         while room < len {
-            let Some((head, chain)) = self.queues[RX].pop(mem)? else {
-                self.queues[RX].set_next_avail(start);
+            let Some((head, chain)) = self.t.queues[RX].pop(mem)? else {
+                self.t.queues[RX].set_next_avail(start);
                 return Ok(false);
             };
             let chain = chain?;
@@ -617,7 +466,7 @@ impl VirtioNet {
         if room < len {
             // Without merged buffers one buffer must hold the frame.
             let (head, _) = chains[0];
-            self.queues[RX].push_used(mem, head, 0)?;
+            self.t.queues[RX].push_used(mem, head, 0)?;
             self.stats.dropped += 1;
             return Ok(true);
         }
@@ -637,7 +486,7 @@ impl VirtioNet {
                 off += k;
                 wrote += k;
             }
-            self.queues[RX].push_used(mem, *head, wrote as u32)?;
+            self.t.queues[RX].push_used(mem, *head, wrote as u32)?;
         }
         self.stats.rx_frames += 1;
         self.stats.rx_bytes += (len - HDR_LEN) as u64;
@@ -658,7 +507,7 @@ impl VirtioNet {
     fn drain_ctrl(&mut self, mem: &GuestMemoryMmap) -> Result<(), QueueError> {
         let mut used = false;
         loop {
-            while let Some((head, chain)) = self.queues[CTRL].pop(mem)? {
+            while let Some((head, chain)) = self.t.queues[CTRL].pop(mem)? {
                 let written = match chain {
                     Ok(chain) => self.command(mem, &chain),
                     Err(e) => {
@@ -667,15 +516,15 @@ impl VirtioNet {
                         0
                     }
                 };
-                self.queues[CTRL].push_used(mem, head, written)?;
+                self.t.queues[CTRL].push_used(mem, head, written)?;
                 used = true;
             }
-            if !self.queues[CTRL].rearm(mem)? {
+            if !self.t.queues[CTRL].rearm(mem)? {
                 break;
             }
         }
-        if used && self.queues[CTRL].needs_interrupt(mem)? {
-            self.interrupt();
+        if used && self.t.queues[CTRL].needs_interrupt(mem)? {
+            self.t.interrupt();
         }
         Ok(())
     }
@@ -695,7 +544,7 @@ impl VirtioNet {
         let ok = if u32::from(hdr[0]) == vn::VIRTIO_NET_CTRL_ANNOUNCE
             && u32::from(hdr[1]) == vn::VIRTIO_NET_CTRL_ANNOUNCE_ACK
         {
-            self.st.net_status &= !(vn::VIRTIO_NET_S_ANNOUNCE as u16);
+            self.net_status &= !(vn::VIRTIO_NET_S_ANNOUNCE as u16);
             vn::VIRTIO_NET_OK
         } else {
             vn::VIRTIO_NET_ERR
@@ -711,10 +560,10 @@ impl VirtioNet {
     /// from the host side, so that a bridge learns the new port at once.
     pub fn announce(&mut self) {
         if self.driver_ok() && self.negotiated(vn::VIRTIO_NET_F_GUEST_ANNOUNCE) {
-            self.st.net_status |= vn::VIRTIO_NET_S_ANNOUNCE as u16;
-            self.config_changed();
+            self.net_status |= vn::VIRTIO_NET_S_ANNOUNCE as u16;
+            self.t.config_changed();
         }
-        let frame = rarp(&self.st.mac);
+        let frame = rarp(&self.mac);
         if let Err(e) = self.backend.send(&frame) {
             tracing::warn!(nic = %self.id, "cannot send the RARP announcement: {e}");
         }

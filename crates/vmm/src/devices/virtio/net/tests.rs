@@ -4,6 +4,8 @@
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixDatagram;
 
+use super::super::queue::QUEUE_MAX;
+use super::super::transport::STATUS_NEEDS_RESET;
 use super::*;
 
 struct Pair(UnixDatagram, std::sync::Mutex<Vec<u32>>);
@@ -339,12 +341,12 @@ fn save_and_restore_keep_the_rings_and_a_new_mac_replaces_the_old() {
     r.host.send(&r.frame(100, 0)).unwrap();
     r.dev.receive(&r.mem);
     let st = r.dev.save();
-    assert_eq!(st.queues[RX].next_avail, 1);
+    assert_eq!(st.transport.queues[RX].next_avail, 1);
     let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
     let new_mac = [0x52, 0x54, 0, 9, 9, 9];
     let mut d =
         VirtioNet::restore("net0".into(), Some(new_mac), r.backend.clone(), irq, &st).unwrap();
-    assert_eq!(d.save().queues, st.queues);
+    assert_eq!(d.save().transport, st.transport);
     assert_eq!(d.mac(), new_mac);
     // It goes on where it stopped: the next frame takes the second buffer.
     r.host.send(&r.frame(50, 1)).unwrap();
@@ -356,7 +358,7 @@ fn save_and_restore_keep_the_rings_and_a_new_mac_replaces_the_old() {
     assert_eq!(d.mac(), default_mac("net0"));
     // Saved state with the wrong number of queues is refused.
     let mut bad = st.clone();
-    bad.queues.pop();
+    bad.transport.queues.pop();
     let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
     assert!(VirtioNet::restore("net0".into(), None, r.backend.clone(), irq, &bad).is_err());
 }
