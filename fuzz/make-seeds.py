@@ -205,6 +205,40 @@ def virtio_net_seeds():
     put("virtio_net", "indirect-event-idx", seed(0x34))
 
 
+# --- virtio-vsock: flags, log2 size, 3 x desc/avail/used, rounds, memory ------
+def virtio_vsock_seeds():
+    def desc(addr, n, flags, nxt):
+        return struct.pack("<QIHH", addr, n, flags, nxt)
+
+    def hdr(src_port, dst_port, op, length=0):
+        # src_cid 3 (the device's guest), dst_cid 2 (the host), stream.
+        return struct.pack("<QQIIIHHIII", 3, 2, src_port, dst_port, length, 1, op, 0, 65536, 0)
+
+    def seed(flags, packets):
+        mem = bytearray(0xc000)
+        mem[0x1000:0x1020] = desc(0x8000, 4140, 2, 0) + desc(0x9100, 4140, 2, 0)
+        struct.pack_into("<HHHH", mem, 0x2000, 0, 2, 0, 1)
+        tx = b""
+        at = 0xa000
+        for i, (h, payload) in enumerate(packets):
+            mem[at:at + 44] = h
+            mem[at + 44:at + 44 + len(payload)] = payload
+            tx += desc(at, 44 + len(payload), 0, 0)
+            at += 0x100
+        mem[0x4000:0x4000 + len(tx)] = tx
+        struct.pack_into("<HH", mem, 0x5000, 0, len(packets))
+        for i in range(len(packets)):
+            struct.pack_into("<H", mem, 0x5004 + 2 * i, i)
+        mem[0x7000:0x7010] = desc(0xb000, 8, 2, 0)
+        struct.pack_into("<HHH", mem, 0x7800, 0, 1, 0)
+        geometry = struct.pack("<9H", 0x1000, 0x2000, 0x3000, 0x4000, 0x5000, 0x6000, 0x7000, 0x7800, 0x7c00)
+        return bytes([flags, 3]) + geometry + b"\x00" + bytes(mem)
+
+    put("virtio_vsock", "request-to-host", seed(0, [(hdr(1234, 6000, 1), b"")]))
+    put("virtio_vsock", "response-then-rw", seed(3, [(hdr(5, 1 << 30, 2), b""), (hdr(5, 1 << 30, 5, 5), b"hello")]))
+    put("virtio_vsock", "shutdown-rst-reset", seed(4, [(hdr(5, 1 << 30, 4), b""), (hdr(5, 1 << 30, 3), b"")]))
+
+
 # --- qcow2: images made by QEMU's tools ---------------------------------------
 def qcow2_seeds():
     tmp = tempfile.mkdtemp()
@@ -242,6 +276,7 @@ if __name__ == "__main__":
     image_seeds()
     virtio_seeds()
     virtio_net_seeds()
+    virtio_vsock_seeds()
     qcow2_seeds()
     if "--no-vm" not in sys.argv:
         machine_state_seeds()
