@@ -323,19 +323,18 @@ impl Machine {
                         cfg.nets.len()
                     )));
                 }
-                let has = |b: bool| {
-                    if b {
-                        "a vsock device"
-                    } else {
-                        "no vsock device"
+                match (state.vsock.is_some(), cfg.vsock.is_some()) {
+                    (true, false) => {
+                        return Err(VmmError::Config(
+                            "the snapshot has a vsock device, none given (--vsock)".into(),
+                        ))
                     }
-                };
-                if state.vsock.is_some() != cfg.vsock.is_some() {
-                    return Err(VmmError::Config(format!(
-                        "the snapshot has {}, {} given (--vsock)",
-                        has(state.vsock.is_some()),
-                        has(cfg.vsock.is_some()).trim_start_matches("a ")
-                    )));
+                    (false, true) => {
+                        return Err(VmmError::Config(
+                            "the snapshot has no vsock device, one given (--vsock)".into(),
+                        ))
+                    }
+                    _ => {}
                 }
                 (ram, None, Some(state))
             }
