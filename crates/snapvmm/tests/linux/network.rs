@@ -113,7 +113,8 @@ fn receive(port: u16, bytes: usize, to: &Path, guest: &mut Vm, cmd: &str) -> Str
 /// A guest with a NIC: ping both ways, 64 MiB guest → host checked by hash,
 /// a TCP connection that stays up across a live snapshot of the running
 /// guest, then the image restored in a new process on a new tap: ping and
-/// TCP work again (the guest's data from the snapshot instant included).
+/// TCP work again (the guest's data from the snapshot instant included);
+/// then that VM live-migrates to a target on a third tap, reachable there.
 fn tap_snapshot_restore(ctx: &Ctx) {
     let snap = ctx.dir.join("linux-net.snap");
     let mut src = ctx.linux("net", "512M", "1", "net", &["--net", "tap=snt0"]);
@@ -235,9 +236,33 @@ fn tap_snapshot_restore(ctx: &Ctx) {
         String::from_utf8_lossy(&out.stdout).starts_with(&again),
         "the restored guest sent what it held at the snapshot"
     );
+
+    // Live-migrated to a target with its own tap: reachable there.
+    let mut target = ctx.vm("net-target", &["--incoming", "defer", "--net", "tap=snt2"]);
+    let mut qt = qmp(&target);
+    let uri = format!("unix:{}", ctx.dir.join("mig.sock").display());
+    qt.ok("migrate-incoming", json!({ "uri": uri }));
     let mut q = qmp(&dst);
+    q.ok("migrate", json!({ "uri": uri }));
+    let end = Instant::now() + T;
+    for q in [&mut q, &mut qt] {
+        loop {
+            let m = q.ok("query-migrate", json!({}));
+            if m["status"] == "completed" {
+                break;
+            }
+            assert!(Instant::now() < end, "the migration did not complete: {m}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    assert_eq!(qt.ok("query-status", json!({}))["status"], "running");
+    // The source's tap (and its address) goes with it; the target's gets one.
     q.ok("quit", json!({}));
     dst.exit_code(T);
+    host_side("snt2");
+    host_pings_guest();
+    qt.ok("quit", json!({}));
+    target.exit_code(T);
 }
 
 /// A host process connects through the device's socket (`CONNECT <port>`)

@@ -408,6 +408,24 @@ fn kernel_messages(vm: &mut Vm, text: &str) -> u64 {
     }
 }
 
+/// 16 bytes from the guest's RNG (`/dev/urandom`), as hex.
+fn guest_random(vm: &mut Vm) -> String {
+    let end = Instant::now() + T;
+    loop {
+        vm.type_line("echo RND$((1+1))=$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n')");
+        match vm.poll(&["RND2="], Duration::from_secs(10)) {
+            Ok(l) => {
+                let hex = field_text(&l, "RND2=");
+                assert_eq!(hex.len(), 32, "16 random bytes: {l}");
+                return hex;
+            }
+            Err(e) if e.contains("exited") => panic!("{e}"),
+            Err(_) => {}
+        }
+        assert!(Instant::now() < end, "the console never answered");
+    }
+}
+
 /// What Linux logs when the VM generation ID changes (vmgenid driver →
 /// add_vmfork_randomness).
 const VMFORK: &str = "crng reseeded due to virtual machine fork";
@@ -544,6 +562,7 @@ fn live(ctx: &Ctx, method: &str, with_defer: bool) {
         kernel_messages(&mut dst, VMFORK) >= 1,
         "the restored guest reseeded its RNG"
     );
+    let dst_random = guest_random(&mut dst);
     q.ok("quit", json!({}));
     dst.exit_code(T);
     if !with_defer {
@@ -560,6 +579,13 @@ fn live(ctx: &Ctx, method: &str, with_defer: bool) {
     assert!(
         late_id != src_id && late_id != dst_id,
         "two clones, two IDs"
+    );
+    // The same commands after the same restore: with one RNG state the two
+    // clones would draw the same bytes.
+    let late_random = guest_random(&mut late);
+    assert_ne!(
+        dst_random, late_random,
+        "two clones of one image drew the same random bytes"
     );
     q.ok("quit", json!({}));
     late.exit_code(T);
