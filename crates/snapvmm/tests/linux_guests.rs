@@ -27,6 +27,12 @@ fn linux_boots_with_the_kernel_arguments_of_other_vmms_guides_noapic_included() 
     linux::check_if_selected("boot-args-of-other-vmms");
 }
 
+/// A benchmark (issue 23's disk table), run only when named.
+#[test]
+fn linux_disk_throughput_figures() {
+    linux::check_if_selected("disk-throughput");
+}
+
 #[test]
 fn linux_reboots_in_place_twice_then_snapshots_and_restores() {
     linux::check("reboot-in-place-twice-then-snapshot");

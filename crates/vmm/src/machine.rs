@@ -221,6 +221,8 @@ pub struct Machine {
     _io: Option<IoThread>,
     /// Open while the vCPUs run: device I/O happens only then.
     gate: Arc<IoGate>,
+    /// How long the last pause waited for device I/O in progress.
+    io_drain: Duration,
     acks: Receiver<(u8, u64)>,
     bus: Arc<PioBus>,
     vm: KvmVm,
@@ -366,7 +368,11 @@ impl Machine {
                     .map_err(VmmError::Config)?,
                 None => VirtioBlk::new(d.id, d.backend, d.readonly, irq),
             };
-            virtio_devs.push(Mutex::new(dev));
+            let at = virtio::mmio_base(i) + virtio::transport::QUEUE_NOTIFY;
+            if let Err(e) = vm.ioeventfd(dev.kick(), at, 0) {
+                tracing::debug!("no ioeventfd for disk {}: {e}", dev.id());
+            }
+            virtio_devs.push(Arc::new(Mutex::new(dev)));
         }
         let mut nets = Vec::new();
         for (j, n) in cfg.nets.into_iter().enumerate() {
@@ -419,9 +425,10 @@ impl Machine {
         let gate = Arc::new(IoGate::default());
         // Closed until the vCPUs first run.
         gate.close();
-        let mut devices: Vec<Arc<Mutex<dyn IoDevice>>> = nets
+        let mut devices: Vec<Arc<Mutex<dyn IoDevice>>> = virtio_devs
             .iter()
-            .map(|n| n.clone() as Arc<Mutex<dyn IoDevice>>)
+            .map(|d| d.clone() as Arc<Mutex<dyn IoDevice>>)
+            .chain(nets.iter().map(|n| n.clone() as Arc<Mutex<dyn IoDevice>>))
             .collect();
         if let Some(v) = &vsock {
             devices.push(v.clone());
@@ -529,6 +536,17 @@ impl Machine {
                 if let Some(v) = &bus.vsock {
                     crate::devices::lock(v).transport_reset(ram.memory());
                 }
+                // Requests the driver made available before the snapshot and
+                // the device had not taken yet run once the guest does.
+                for d in &bus.virtio {
+                    let _ = crate::devices::lock(d).kick().write(1);
+                }
+                for n in &bus.nets {
+                    let d = crate::devices::lock(n);
+                    for q in 0..virtio::net::QUEUES {
+                        let _ = d.kick(q).write(1);
+                    }
+                }
             }
         }
 
@@ -560,6 +578,7 @@ impl Machine {
             vcpus,
             _io: io,
             gate,
+            io_drain: Duration::ZERO,
             acks,
             bus,
             vm,
@@ -579,10 +598,19 @@ impl Machine {
     /// Stops every vCPU outside `KVM_RUN`; returns how long that took.
     pub fn pause(&mut self) -> Result<Duration, VmmError> {
         let took = vcpu_thread::pause_all(&self.vcpus, &self.acks).ok_or(VmmError::PauseTimeout)?;
-        // Device I/O stops too: nothing writes guest RAM while paused.
+        // Device I/O stops too: nothing writes guest RAM or a disk while
+        // paused. A request in progress ends first (how long: `io_drain`).
+        let t = std::time::Instant::now();
         self.gate.close();
+        self.io_drain = t.elapsed();
         self.running = false;
         Ok(took)
+    }
+
+    /// How long the last [`Machine::pause`] waited, after the vCPUs stopped,
+    /// for device I/O in progress (a disk request, a batch of frames) to end.
+    pub fn io_drain(&self) -> Duration {
+        self.io_drain
     }
 
     /// True while the vCPUs run.
@@ -638,12 +666,19 @@ impl Machine {
     /// the device buses ([`Machine::bus_arc`]).
     pub fn take_disks(&mut self) -> Result<Vec<DiskConfig>, VmmError> {
         let _ = self.pause();
-        // Joining the vCPU threads drops their references to the bus.
+        // Joining the vCPU threads and the I/O thread drops their references
+        // to the bus and the devices.
         self.vcpus.clear();
+        self._io = None;
         let Some(bus) = Arc::get_mut(&mut self.bus) else {
             return Err(VmmError::DisksInUse);
         };
-        Ok(std::mem::take(&mut bus.virtio)
+        let disks = std::mem::take(&mut bus.virtio)
+            .into_iter()
+            .map(Arc::try_unwrap)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|_| VmmError::DisksInUse)?;
+        Ok(disks
             .into_iter()
             .map(|d| {
                 let (id, backend, readonly) = d

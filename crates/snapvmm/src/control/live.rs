@@ -194,6 +194,7 @@ impl Controller {
         }
         let job = self.migration.job.as_mut().expect("a live migration's job");
         job.vcpu_pause = c.times.vcpu_pause;
+        job.io_drain = c.times.io_drain;
         job.state_time = c.times.state;
         job.paused_at = Some(paused_at);
         job.resume_after = c.was_running;

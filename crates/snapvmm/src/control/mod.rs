@@ -377,6 +377,7 @@ impl Controller {
         let job = self.migration.job.as_mut().expect("job just created");
         job.setup_time = setup_time;
         job.vcpu_pause = c.times.vcpu_pause;
+        job.io_drain = c.times.io_drain;
         job.state_time = c.times.state;
         job.downtime = c.times.downtime;
         job.fork_time = c.times.fork;

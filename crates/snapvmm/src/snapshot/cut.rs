@@ -24,8 +24,10 @@ pub trait Pausable {
     /// The saved machine state.
     type State;
     fn is_running(&self) -> bool;
-    /// Pauses every vCPU; the time it took.
+    /// Pauses every vCPU, then device I/O; the time the vCPUs took.
     fn pause(&mut self) -> Result<Duration, String>;
+    /// How long the last pause waited for device I/O in progress.
+    fn io_drain(&self) -> Duration;
     fn resume(&mut self);
     fn begin_save_state(&self) -> Result<Self::Pending, String>;
     fn finish_save_state(&self, p: Self::Pending) -> Result<Self::State, String>;
@@ -39,6 +41,9 @@ impl Pausable for vmm::Machine {
     }
     fn pause(&mut self) -> Result<Duration, String> {
         vmm::Machine::pause(self).map_err(|e| e.to_string())
+    }
+    fn io_drain(&self) -> Duration {
+        vmm::Machine::io_drain(self)
     }
     fn resume(&mut self) {
         vmm::Machine::resume(self)
@@ -80,6 +85,8 @@ pub enum CutError {
 pub struct Times {
     /// Pausing the vCPUs alone.
     pub vcpu_pause: Duration,
+    /// Then waiting for device I/O in progress to end.
+    pub io_drain: Duration,
     /// Saving the non-RAM state (and the freeze hook).
     pub state: Duration,
     /// The `fork()` alone (for a write-protect capture: the protection).
@@ -122,7 +129,10 @@ pub fn cut<M: Pausable>(
     let mut times = Times::default();
     if was_running {
         match m.pause() {
-            Ok(d) => times.vcpu_pause = d,
+            Ok(d) => {
+                times.vcpu_pause = d;
+                times.io_drain = m.io_drain();
+            }
             Err(e) => {
                 // Some vCPU did not stop in time: let the others run again.
                 m.resume();
@@ -230,6 +240,9 @@ mod tests {
             self.running = false;
             Ok(Duration::from_micros(150))
         }
+        fn io_drain(&self) -> Duration {
+            Duration::from_micros(20)
+        }
         fn resume(&mut self) {
             self.log.borrow_mut().push("resume");
             self.running = true;
@@ -270,6 +283,7 @@ mod tests {
         assert!(!m.running, "still paused for the copy");
         assert_eq!(*m.log.borrow(), ["pause", "begin", "freeze", "finish"]);
         assert_eq!(c.times.vcpu_pause, Duration::from_micros(150));
+        assert_eq!(c.times.io_drain, Duration::from_micros(20));
         let Outcome::Stopped { state } = c.outcome else {
             panic!("stop gives a stopped outcome")
         };

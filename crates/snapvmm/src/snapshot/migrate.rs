@@ -89,6 +89,9 @@ pub struct Job {
     pub fork_time: Duration,
     /// Pausing the vCPUs alone.
     pub vcpu_pause: Duration,
+    /// Waiting, once the vCPUs stopped, for the device I/O in progress (a disk
+    /// request, a batch of frames) to end.
+    pub io_drain: Duration,
     /// Saving and serializing the non-RAM state (inside the pause).
     pub state_time: Duration,
     pub total_time: Option<Duration>,
@@ -375,6 +378,7 @@ impl Migration {
             downtime: Duration::ZERO,
             fork_time: Duration::ZERO,
             vcpu_pause: Duration::ZERO,
+            io_drain: Duration::ZERO,
             state_time: Duration::ZERO,
             total_time: None,
             ram_total,
@@ -463,6 +467,7 @@ impl Migration {
             "x-snapshot-method": j.method.name(),
             "x-downtime-us": j.downtime.as_micros() as u64,
             "x-vcpu-pause-us": j.vcpu_pause.as_micros() as u64,
+            "x-io-drain-us": j.io_drain.as_micros() as u64,
             "x-fork-us": j.fork_time.as_micros() as u64,
             "x-state-save-us": j.state_time.as_micros() as u64,
         });

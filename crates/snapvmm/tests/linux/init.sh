@@ -1,7 +1,7 @@
 #!/bin/busybox sh
 # /init of the Linux guest in tests/linux_guests.rs (busybox, Debian's stock
 # kernel and modules). The scenario comes from the kernel command line:
-# snaptest=boot|args|reboot|powerdown|disk|mem|files|net|vsock.
+# snaptest=boot|args|reboot|powerdown|disk|diskbench|mem|files|net|vsock.
 /bin/busybox --install -s /bin
 mkdir -p /proc /sys /dev /mnt
 mount -t proc proc /proc
@@ -78,6 +78,27 @@ net)
     echo "GUEST-NET mac=$(cat /sys/class/net/eth0/address) features=$(cat /sys/class/net/eth0/device/features)"
     echo "GUEST-SHELL"
     setsid cttyhack sh ;;
+diskbench)
+    # Issue 23's table: O_DIRECT dd on /dev/vda (raw) and /dev/vdb (qcow2), timed
+    # by the guest (/proc/uptime, 10 ms), and the request sizes the driver allows.
+    load virtio virtio_ring virtio_mmio virtio_blk
+    for i in 1 2 3 4 5 6 7 8 9 10; do [ -b /dev/vdb ] && break; sleep 0.2; done
+    up() { cut -d' ' -f1 /proc/uptime | tr -d .; }
+    for d in vda vdb; do
+        echo "DISKBENCH-QUEUE dev=$d max_segments=$(cat /sys/block/$d/queue/max_segments) max_sectors_kb=$(cat /sys/block/$d/queue/max_sectors_kb)"
+        for round in 1 2; do
+            for t in "write-1M oflag=direct of=/dev/$d if=/dev/zero bs=1M count=64" \
+                     "read-1M iflag=direct if=/dev/$d of=/dev/null bs=1M count=64" \
+                     "write-4K oflag=direct of=/dev/$d if=/dev/zero bs=4k count=2048" \
+                     "read-4K iflag=direct if=/dev/$d of=/dev/null bs=4k count=2048"; do
+                name=${t%% *}
+                s=$(up); dd ${t#* } 2>/dev/null || echo "GUEST-ERROR dd $t"; e=$(up)
+                echo "DISKBENCH dev=$d test=$name round=$round ms=$(( (e - s) * 10 ))"
+            done
+        done
+    done
+    echo "DISKBENCH-DONE"
+    off ;;
 vsock)
     # The vsock device with Linux's own driver; an echo listener on port 5000.
     load vsock vmw_vsock_virtio_transport_common virtio virtio_ring virtio_mmio vmw_vsock_virtio_transport

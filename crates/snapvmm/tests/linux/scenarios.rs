@@ -28,17 +28,21 @@ pub const ALL: &[&str] = &[
     "ten-snapshots-restore-last",
     "savevm-loadvm-qcow2",
     "live-migration-and-streams",
+    "disk-throughput",
 ];
 
 /// Scenarios run only when named in `SNAPVMM_LINUX_SCENARIOS`: the boot
 /// argument sets hung now and then in the nested TCG harness (a VM that
 /// stops before its first console line, about one run in two with four
 /// boots), which would block the whole suite; see docs/LINUX.md.
-pub const BY_NAME_ONLY: &[&str] = &["boot-args-of-other-vmms"];
+pub const BY_NAME_ONLY: &[&str] = &["boot-args-of-other-vmms", "disk-throughput"];
 
 /// Scenarios whose disk images are checked from the host afterwards.
 pub fn has_host_check(name: &str) -> bool {
-    matches!(name, "virtio-blk-raw-qcow2" | "savevm-loadvm-qcow2")
+    matches!(
+        name,
+        "virtio-blk-raw-qcow2" | "savevm-loadvm-qcow2" | "disk-throughput"
+    )
 }
 
 pub struct Ctx {
@@ -136,6 +140,7 @@ pub fn run(name: &str, ctx: &Ctx) -> Result<(), String> {
         "ten-snapshots-restore-last" => ten_snapshots(ctx),
         "savevm-loadvm-qcow2" => savevm(ctx),
         "live-migration-and-streams" => live_migration(ctx),
+        "disk-throughput" => disk_throughput(ctx),
         other => panic!("unknown scenario {other}"),
     })
 }
@@ -331,6 +336,45 @@ fn disks(ctx: &Ctx) {
     vm.wait("GUEST-POWEROFF", T);
     assert_eq!(vm.exit_code(T), Some(0));
     std::fs::write(out.join("guest-sums.txt"), sums).unwrap();
+}
+
+/// Issue 23's disk table, measured by the guest (a benchmark, run by name:
+/// `SNAPVMM_LINUX_SCENARIOS=disk-throughput`): prints the figures, fails only
+/// if a test did not run.
+fn disk_throughput(ctx: &Ctx) {
+    let dir = ctx.dir.join("diskbench");
+    std::fs::create_dir_all(&dir).unwrap();
+    let raw = dir.join("disk.raw");
+    std::fs::File::create(&raw)
+        .unwrap()
+        .set_len(128 << 20)
+        .unwrap();
+    let q = dir.join("disk.qcow2");
+    qcow2::Qcow2::create(&q, 128 << 20, qcow2::CreateOptions::default()).unwrap();
+    let d0 = format!("{},format=raw", raw.display());
+    let d1 = format!("{},format=qcow2", q.display());
+    let mut vm = ctx.linux(
+        "bench",
+        "256M",
+        "1",
+        "diskbench",
+        &["--disk", &d0, "--disk", &d1],
+    );
+    let mut figures = String::new();
+    loop {
+        let l = vm.wait_any(&["DISKBENCH", "GUEST-ERROR"], T);
+        assert!(!l.contains("GUEST-ERROR"), "{l}");
+        figures.push_str(&l);
+        figures.push('\n');
+        if l.contains("DISKBENCH-DONE") {
+            break;
+        }
+    }
+    vm.wait("GUEST-POWEROFF", T);
+    // The figures come back with the exported images (printed by host_check).
+    let out = ctx.export.join("disk-throughput");
+    std::fs::create_dir_all(&out).unwrap();
+    std::fs::write(out.join("figures.txt"), figures).unwrap();
 }
 
 fn stress_lines(vm: &mut Vm, n: usize) -> Vec<String> {
@@ -868,6 +912,11 @@ fn qcow2_check_and_convert(q: &Path) -> Result<PathBuf, String> {
 /// Host-side checks of a scenario's disk images under `export`.
 pub fn host_check(name: &str, export: &Path) -> Result<(), String> {
     let dir = export.join(name);
+    if name == "disk-throughput" {
+        let f = std::fs::read_to_string(dir.join("figures.txt")).map_err(|e| e.to_string())?;
+        print!("{f}");
+        return Ok(());
+    }
     match name {
         "virtio-blk-raw-qcow2" => {
             let converted = qcow2_check_and_convert(&dir.join("disk.qcow2"))?;

@@ -33,7 +33,8 @@ pub struct PioBus {
     pub i8042: Mutex<i8042::I8042>,
     pub debug_exit: debug_exit::DebugExit,
     pub acpi: acpi::AcpiPm,
-    pub virtio: Vec<Mutex<virtio::VirtioBlk>>,
+    /// Disks, shared with the I/O thread that runs their requests.
+    pub virtio: Vec<Arc<Mutex<virtio::VirtioBlk>>>,
     /// NICs, shared with the I/O thread that moves their frames.
     pub nets: Vec<Arc<Mutex<virtio::net::VirtioNet>>>,
     /// The vsock device (after the NICs), shared with the I/O thread.
@@ -79,7 +80,7 @@ impl PioBus {
     /// Handles a guest MMIO write; writes to unclaimed addresses are ignored.
     pub fn mmio_write(&self, addr: u64, data: &[u8]) {
         match self.virtio_at(addr) {
-            Some((Slot::Disk(d), off)) => lock(d).write(off, data, &self.mem),
+            Some((Slot::Disk(d), off)) => lock(d).write(off, data),
             Some((Slot::Nic(n), off)) => lock(n).write(off, data),
             Some((Slot::Vsock(v), off)) => lock(v).write(off, data),
             None => {}

@@ -1,9 +1,14 @@
 //! virtio-blk over the virtio-mmio transport (version 2, "modern").
 //!
-//! Requests are executed synchronously when the driver notifies the queue,
-//! on the vCPU thread that took the MMIO exit. So when every vCPU is paused
-//! no request is in flight: a snapshot's device state is just the registers
-//! and ring positions below, and the disk is consistent with them.
+//! Requests run on the device I/O thread ([`crate::devices::io_thread`]):
+//! the driver's queue notification signals an eventfd (KVM's ioeventfd, so
+//! the vCPU does not even leave `KVM_RUN`), the thread takes every request
+//! the driver made available, and completes them with an interrupt. The
+//! machine's I/O gate closes when it pauses, after the batch in progress: so
+//! while paused no request is in flight, a snapshot's device state is just
+//! the registers and ring positions below, and the disk is consistent with
+//! them. Requests the driver made available but the device had not taken
+//! stay in the ring (guest RAM) and run after a resume or a restore.
 
 use serde::{Deserialize, Serialize};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
@@ -38,10 +43,13 @@ const S_UNSUPP: u8 = 2;
 
 const SECTOR: u64 = 512;
 /// Largest data transfer of one request (a guest cannot make us allocate more);
-/// advertised as `size_max` × `seg_max`.
-const MAX_REQUEST: u64 = 4 << 20;
-const SIZE_MAX: u32 = 1 << 20;
-const SEG_MAX: u32 = (MAX_REQUEST / SIZE_MAX as u64) as u32;
+/// advertised as `size_max` × `seg_max`. `seg_max` is what bounds a direct
+/// read into scattered user pages (one segment each): 4 cut such a read into
+/// 16 KiB requests; 126 (the queue's size less the header and status, as
+/// QEMU's) lets Linux send its usual 1.25 MiB ones.
+const MAX_REQUEST: u64 = 8 << 20;
+const SEG_MAX: u32 = 126;
+const SIZE_MAX: u32 = (MAX_REQUEST / SEG_MAX as u64) as u32 & !0xfff;
 
 /// The device's registers: everything a snapshot needs besides the disk.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -73,6 +81,12 @@ pub struct VirtioBlk {
     backend: Box<dyn BlockBackend>,
     readonly: bool,
     irq: EventFd,
+    /// Queue notifications: KVM signals it (ioeventfd) or the MMIO handler
+    /// does; the I/O thread takes them.
+    kick: EventFd,
+    /// A request's data on its way (grown to the largest request seen, never
+    /// zeroed again: every byte used is written first).
+    bounce: Vec<u8>,
     /// Registers; `st.queue` is stale while running (the live queue is `queue`).
     st: VirtioBlkState,
     queue: VirtQueue,
@@ -97,6 +111,11 @@ impl VirtioBlk {
             backend,
             readonly,
             irq,
+            // An eventfd is a file descriptor; running out of them here is
+            // a host out of resources, as for the irqfd the caller made.
+            kick: EventFd::new(libc::EFD_NONBLOCK)
+                .unwrap_or_else(|e| panic!("cannot create an eventfd: {e}")),
+            bounce: Vec::new(),
             st: VirtioBlkState {
                 capacity_bytes,
                 ..VirtioBlkState::default()
@@ -209,7 +228,7 @@ impl VirtioBlk {
     }
 
     /// A guest write to the register window.
-    pub fn write(&mut self, offset: u64, data: &[u8], mem: &GuestMemoryMmap) {
+    pub fn write(&mut self, offset: u64, data: &[u8]) {
         if data.len() != 4 {
             return; // registers are 32-bit; config space is read-only
         }
@@ -229,7 +248,10 @@ impl VirtioBlk {
             0x030 => self.st.queue_sel = v,
             0x038 if q0 => self.queue.set_size(v),
             0x044 if q0 => self.queue.set_ready(v == 1),
-            0x050 if v == 0 => self.process(mem),
+            // Normally KVM signals the eventfd itself (ioeventfd).
+            0x050 if v == 0 => {
+                let _ = self.kick.write(1);
+            }
             0x064 => self.st.interrupt_status &= !v,
             0x070 => {
                 if v == 0 {
@@ -258,8 +280,13 @@ impl VirtioBlk {
         }
     }
 
+    /// The queue-notification eventfd.
+    pub fn kick(&self) -> &EventFd {
+        &self.kick
+    }
+
     /// Executes every request the driver made available.
-    fn process(&mut self, mem: &GuestMemoryMmap) {
+    pub fn process(&mut self, mem: &GuestMemoryMmap) {
         if let Err(e) = self.drain(mem) {
             self.broken(e);
         }
@@ -365,7 +392,11 @@ impl VirtioBlk {
                 if end > self.st.capacity_bytes {
                     return Err(S_IOERR);
                 }
-                let mut buf = vec![0u8; total as usize];
+                let total_len = total as usize;
+                if self.bounce.len() < total_len {
+                    self.bounce.resize(total_len, 0);
+                }
+                let buf = &mut self.bounce[..total_len];
                 let mut off = 0usize;
                 if write {
                     for d in &data {
@@ -374,14 +405,14 @@ impl VirtioBlk {
                             .map_err(|_| S_IOERR)?;
                         off += n;
                     }
-                    self.backend.write_at(&buf, start).map_err(|e| {
+                    self.backend.write_at(buf, start).map_err(|e| {
                         tracing::warn!(disk = %self.id, "write at {start}: {e}");
                         S_IOERR
                     })?;
                     self.stats.writes += 1;
                     Ok(0)
                 } else {
-                    self.backend.read_at(&mut buf, start).map_err(|e| {
+                    self.backend.read_at(buf, start).map_err(|e| {
                         tracing::warn!(disk = %self.id, "read at {start}: {e}");
                         S_IOERR
                     })?;
@@ -412,6 +443,28 @@ impl VirtioBlk {
             }
             _ => Err(S_UNSUPP),
         }
+    }
+}
+
+impl crate::devices::io_thread::IoDevice for VirtioBlk {
+    fn watches(&self) -> Vec<crate::devices::io_thread::Watch> {
+        use std::os::fd::AsRawFd;
+        vec![crate::devices::io_thread::Watch::Add {
+            fd: self.kick.as_raw_fd(),
+            sub: 0,
+            events: vmm_sys_util::epoll::EventSet::IN,
+        }]
+    }
+
+    fn event(
+        &mut self,
+        _: u32,
+        _: vmm_sys_util::epoll::EventSet,
+        mem: &GuestMemoryMmap,
+        _: &mut Vec<crate::devices::io_thread::Watch>,
+    ) {
+        let _ = self.kick.read();
+        self.process(mem);
     }
 }
 
@@ -454,8 +507,8 @@ mod tests {
         next_avail: u16,
     }
 
-    fn w32(dev: &mut VirtioBlk, mem: &GuestMemoryMmap, off: u64, v: u32) {
-        dev.write(off, &v.to_le_bytes(), mem);
+    fn w32(dev: &mut VirtioBlk, _: &GuestMemoryMmap, off: u64, v: u32) {
+        dev.write(off, &v.to_le_bytes());
     }
 
     fn r32(dev: &VirtioBlk, off: u64) -> u32 {
@@ -535,6 +588,7 @@ mod tests {
                 .unwrap();
             self.mem.write_obj(0xffu8, GuestAddress(0x9000)).unwrap();
             w32(&mut self.dev, &self.mem, 0x050, 0);
+            self.dev.process(&self.mem);
             let used_idx: u16 = self.mem.read_obj(GuestAddress(USED + 2)).unwrap();
             assert_eq!(used_idx, self.next_avail, "request completed");
             let slot = u64::from((used_idx - 1) % QSIZE);
@@ -593,14 +647,14 @@ mod tests {
         r.desc(1, 0x9000, 1, 2, 0);
         assert_eq!(r.submit(), (1, S_OK));
         assert_eq!(r.dev.stats.flushes, 1);
-        // Capacity in sectors at config offset 0, then size_max × seg_max = 4 MiB.
+        // Capacity in sectors at config offset 0, then size_max × seg_max
+        // within the largest request, with room for a scattered 1 MiB read.
         let mut cap = [0u8; 8];
         r.dev.read(0x100, &mut cap);
         assert_eq!(u64::from_le_bytes(cap), (1 << 20) / 512);
-        assert_eq!(
-            u64::from(r32(&r.dev, 0x108)) * u64::from(r32(&r.dev, 0x10c)),
-            MAX_REQUEST
-        );
+        let (size_max, seg_max) = (r32(&r.dev, 0x108), r32(&r.dev, 0x10c));
+        assert!(u64::from(size_max) * u64::from(seg_max) <= MAX_REQUEST);
+        assert!(seg_max >= 126 && size_max.is_multiple_of(4096));
     }
 
     #[test]
@@ -649,7 +703,7 @@ mod tests {
         let mut r = rig(64 << 10, true);
         r.three(T_OUT, 0, 512, false);
         assert_eq!(r.submit().1, S_IOERR);
-        r.dev.write(0x014, &0u32.to_le_bytes(), &r.mem);
+        r.dev.write(0x014, &0u32.to_le_bytes());
         assert_ne!(r32(&r.dev, 0x010) & (F_RO as u32), 0);
     }
 
@@ -658,6 +712,7 @@ mod tests {
         let mut r = rig(64 << 10, false);
         r.mem.write_obj(QSIZE + 1, GuestAddress(AVAIL + 2)).unwrap();
         w32(&mut r.dev, &r.mem, 0x050, 0);
+        r.dev.process(&r.mem);
         assert_ne!(r32(&r.dev, 0x070) & STATUS_NEEDS_RESET, 0);
         assert_eq!(
             r.dev.stats.reads + r.dev.stats.writes,
@@ -674,6 +729,7 @@ mod tests {
         r.dev.queue = VirtQueue::restore(&st.queue);
         r.mem.write_obj(1u16, GuestAddress(AVAIL + 2)).unwrap();
         w32(&mut r.dev, &r.mem, 0x050, 0);
+        r.dev.process(&r.mem);
         assert_ne!(r32(&r.dev, 0x070) & STATUS_NEEDS_RESET, 0);
         // Reset brings it back to a clean state.
         w32(&mut r.dev, &r.mem, 0x070, 0);
