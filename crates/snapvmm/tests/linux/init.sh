@@ -58,9 +58,25 @@ disk|files)
     ls /dev/vd* 2>/dev/null | sed 's/^/GUEST-DISK /'
     if [ "$mode" = disk ]; then
         for d in vda vdb; do
+            # Write-zeroes and discard with Linux's driver (it enabled both):
+            # the last 4 MiB made random, zeroed (BLKZEROOUT) and read back as
+            # zeroes, then discarded.
+            q=/sys/block/$d/queue
+            [ "$(cat $q/write_zeroes_max_bytes)" -gt 0 ] && [ "$(cat $q/discard_max_bytes)" -gt 0 ] ||
+                echo "GUEST-ERROR $d: write_zeroes_max_bytes=$(cat $q/write_zeroes_max_bytes) discard_max_bytes=$(cat $q/discard_max_bytes)"
+            dd if=/dev/urandom of=/dev/$d bs=1M count=4 seek=60 oflag=direct 2>/dev/null
+            if /stress zeroout /dev/$d 62914560 4194304 &&
+                [ "$(dd if=/dev/$d bs=1M skip=60 count=4 iflag=direct 2>/dev/null | tr -d '\000' | wc -c)" = 0 ]; then
+                echo "GUEST-ZEROED $d"
+            else
+                echo "GUEST-ERROR write-zeroes on $d"
+            fi
+            blkdiscard -o 62914560 -l 4194304 /dev/$d && echo "GUEST-DISCARDED $d" || echo "GUEST-ERROR discard on $d"
             mke2fs -q /dev/$d && mount -t ext2 /dev/$d /mnt || { echo "GUEST-ERROR cannot use /dev/$d"; continue; }
             for i in 0 1 2 3; do /stress content $i > /mnt/f$i; done
-            sync; umount /mnt
+            sync
+            fstrim /mnt && echo "GUEST-TRIMMED $d" || echo "GUEST-ERROR fstrim on $d"
+            umount /mnt
             mount -t ext2 -o ro /dev/$d /mnt && (cd /mnt && sha256sum f0 f1 f2 f3 | sed "s/^/GUEST-SUM $d /") && umount /mnt
         done
     else

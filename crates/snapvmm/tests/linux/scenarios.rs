@@ -335,6 +335,13 @@ fn disks(ctx: &Ctx) {
     }
     vm.wait("GUEST-POWEROFF", T);
     assert_eq!(vm.exit_code(T), Some(0));
+    // Write-zeroes, discard and fstrim went through Linux's driver on both.
+    let text = ctx.console.text();
+    for d in ["vda", "vdb"] {
+        for what in ["GUEST-ZEROED", "GUEST-DISCARDED", "GUEST-TRIMMED"] {
+            assert!(text.contains(&format!("{what} {d}")), "no {what} {d}");
+        }
+    }
     std::fs::write(out.join("guest-sums.txt"), sums).unwrap();
 }
 

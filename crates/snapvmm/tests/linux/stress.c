@@ -12,6 +12,8 @@
  *                        what this process remembers). "FILES n=N ok" or CORRUPT.
  *   stress powerkey      wait for KEY_POWER on /dev/input/event*, then exit 0.
  *   stress content F I   print the content of file number I (the host compares).
+ *   stress zeroout DEV OFS LEN  BLKZEROOUT on the block device DEV (the kernel uses
+ *                        the device's write-zeroes command where it offers one).
  *   stress vsock-echo P  listen on vsock port P ("VSOCK-LISTENING port=P"); echo
  *                        each connection's lines back, and say how it ended:
  *                        "VSOCK-CONN-EOF" or "VSOCK-CONN-RESET errno=E".
@@ -29,7 +31,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <linux/fs.h>
 #include <linux/vm_sockets.h>
+#include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
 #include <time.h>
@@ -209,6 +213,18 @@ static int powerkey(void)
     }
 }
 
+static int zeroout(const char *dev, uint64_t ofs, uint64_t len)
+{
+    int fd = open(dev, O_WRONLY);
+    uint64_t range[2] = {ofs, len};
+    if (fd < 0 || ioctl(fd, BLKZEROOUT, range)) {
+        printf("ZEROOUT-ERROR errno=%d\n", errno);
+        return 1;
+    }
+    close(fd);
+    return 0;
+}
+
 static void echo(int c)
 {
     char buf[4096];
@@ -293,6 +309,8 @@ int main(int argc, char **argv)
         content(stdout, atol(argv[2]));
         return 0;
     }
+    if (argc == 5 && !strcmp(argv[1], "zeroout"))
+        return zeroout(argv[2], strtoull(argv[3], NULL, 0), strtoull(argv[4], NULL, 0));
     if (argc == 3 && !strcmp(argv[1], "vsock-echo"))
         return vsock_echo(atoi(argv[2]));
     if (argc == 4 && !strcmp(argv[1], "vsock-send"))

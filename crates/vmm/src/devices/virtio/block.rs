@@ -26,6 +26,8 @@ const F_SIZE_MAX: u64 = 1 << 1;
 const F_SEG_MAX: u64 = 1 << 2;
 const F_RO: u64 = 1 << 5;
 const F_FLUSH: u64 = 1 << 9;
+const F_DISCARD: u64 = 1 << 13;
+const F_WRITE_ZEROES: u64 = 1 << 14;
 const F_RING_INDIRECT_DESC: u64 = 1 << 28;
 const F_RING_EVENT_IDX: u64 = 1 << 29;
 const F_VERSION_1: u64 = 1 << 32;
@@ -37,6 +39,11 @@ const T_IN: u32 = 0;
 const T_OUT: u32 = 1;
 const T_FLUSH: u32 = 4;
 const T_GET_ID: u32 = 8;
+const T_DISCARD: u32 = 11;
+const T_WRITE_ZEROES: u32 = 13;
+/// Discard and write-zeroes limits: one range per request, at most this many
+/// sectors (32 MiB: the pause never waits long for one).
+const MAX_RANGE_SECTORS: u32 = 32 << 11;
 const S_OK: u8 = 0;
 const S_IOERR: u8 = 1;
 const S_UNSUPP: u8 = 2;
@@ -178,7 +185,11 @@ impl VirtioBlk {
             | F_SEG_MAX
             | F_RING_INDIRECT_DESC
             | F_RING_EVENT_IDX
-            | if self.readonly { F_RO } else { 0 }
+            | if self.readonly {
+                F_RO
+            } else {
+                F_DISCARD | F_WRITE_ZEROES
+            }
     }
 
     fn reset(&mut self) {
@@ -194,11 +205,19 @@ impl VirtioBlk {
     /// A guest read of the register window.
     pub fn read(&self, offset: u64, data: &mut [u8]) {
         if offset >= 0x100 {
-            // virtio_blk_config: capacity (sectors), size_max, seg_max.
-            let mut bytes = [0u8; 16];
+            // virtio_blk_config: capacity (sectors), size_max, seg_max, then
+            // (after geometry, blk_size, topology, writeback, num_queues) the
+            // discard and write-zeroes limits at 36..57.
+            let mut bytes = [0u8; 60];
             bytes[..8].copy_from_slice(&(self.st.capacity_bytes / SECTOR).to_le_bytes());
             bytes[8..12].copy_from_slice(&SIZE_MAX.to_le_bytes());
-            bytes[12..].copy_from_slice(&SEG_MAX.to_le_bytes());
+            bytes[12..16].copy_from_slice(&SEG_MAX.to_le_bytes());
+            bytes[36..40].copy_from_slice(&MAX_RANGE_SECTORS.to_le_bytes());
+            bytes[40..44].copy_from_slice(&1u32.to_le_bytes());
+            bytes[44..48].copy_from_slice(&8u32.to_le_bytes()); // 4 KiB alignment
+            bytes[48..52].copy_from_slice(&MAX_RANGE_SECTORS.to_le_bytes());
+            bytes[52..56].copy_from_slice(&1u32.to_le_bytes());
+            bytes[56] = 1; // write_zeroes_may_unmap
             for (i, b) in data.iter_mut().enumerate() {
                 let at = (offset - 0x100) as usize + i;
                 *b = bytes.get(at).copied().unwrap_or(0);
@@ -425,6 +444,36 @@ impl VirtioBlk {
                     self.stats.reads += 1;
                     Ok(total as u32)
                 }
+            }
+            T_DISCARD | T_WRITE_ZEROES => {
+                // One virtio_blk_discard_write_zeroes: sector, num_sectors, flags.
+                if self.readonly || data.len() != 1 || data[0].write || data[0].len != 16 {
+                    return Err(S_IOERR);
+                }
+                let seg: [u8; 16] = mem
+                    .read_obj(GuestAddress(data[0].addr))
+                    .map_err(|_| S_IOERR)?;
+                let sector = u64::from_le_bytes(seg[..8].try_into().map_err(|_| S_IOERR)?);
+                let count = u32::from_le_bytes(seg[8..12].try_into().map_err(|_| S_IOERR)?);
+                if count > MAX_RANGE_SECTORS {
+                    return Err(S_IOERR);
+                }
+                let start = sector.checked_mul(SECTOR).ok_or(S_IOERR)?;
+                let len = u64::from(count) * SECTOR;
+                if start.checked_add(len).ok_or(S_IOERR)? > self.st.capacity_bytes {
+                    return Err(S_IOERR);
+                }
+                let r = if kind == T_DISCARD {
+                    self.backend.discard(start, len)
+                } else {
+                    self.backend.write_zeroes(start, len)
+                };
+                r.map_err(|e| {
+                    tracing::warn!(disk = %self.id, "discard/write-zeroes at {start}: {e}");
+                    S_IOERR
+                })?;
+                self.stats.writes += 1;
+                Ok(0)
             }
             T_FLUSH => {
                 self.backend.flush().map_err(|_| S_IOERR)?;
@@ -842,5 +891,90 @@ mod tests {
         r.mem.write_obj(0u16, GuestAddress(AVAIL)).unwrap();
         assert_eq!(r.submit().1, S_OK);
         assert_eq!(r.irq.read().unwrap(), 1);
+    }
+
+    #[test]
+    fn write_zeroes_and_discard_take_one_range_within_the_disk() {
+        let mut r = rig(1 << 20, false);
+        w32(&mut r.dev, &r.mem, 0x014, 0);
+        assert_eq!(
+            r32(&r.dev, 0x010) & (F_DISCARD | F_WRITE_ZEROES) as u32,
+            (F_DISCARD | F_WRITE_ZEROES) as u32
+        );
+        let range = |r: &Rig, sector: u64, count: u32| {
+            let mut seg = [0u8; 16];
+            seg[..8].copy_from_slice(&sector.to_le_bytes());
+            seg[8..12].copy_from_slice(&count.to_le_bytes());
+            r.mem.write_obj(seg, GuestAddress(0xa000)).unwrap();
+        };
+        // Sectors 2..4 hold 2 and 3; zeroed, they read back as zeroes.
+        r.header(T_WRITE_ZEROES, 0);
+        range(&r, 2, 2);
+        r.desc(0, 0x8000, 16, 1, 1);
+        r.desc(1, 0xa000, 16, 1, 2);
+        r.desc(2, 0x9000, 1, 2, 0);
+        assert_eq!(r.submit(), (1, S_OK));
+        r.three(T_IN, 1, 2048, true);
+        assert_eq!(r.submit().1, S_OK);
+        let mut got = [0u8; 2048];
+        r.mem.read_slice(&mut got, GuestAddress(0xa000)).unwrap();
+        assert!(got[..512].iter().all(|b| *b == 1), "sector 1 untouched");
+        assert!(got[512..1536].iter().all(|b| *b == 0), "sectors 2-3 zeroed");
+        assert!(got[1536..].iter().all(|b| *b == 4), "sector 4 untouched");
+        // A discard within the disk succeeds; past its end, or too long, fails.
+        for (kind, sector, count, status) in [
+            (T_DISCARD, 0, 8, S_OK),
+            (T_DISCARD, 2047, 2, S_IOERR),
+            (T_WRITE_ZEROES, u64::MAX / 256, 1, S_IOERR),
+            (T_WRITE_ZEROES, 0, MAX_RANGE_SECTORS + 1, S_IOERR),
+        ] {
+            r.header(kind, 0);
+            range(&r, sector, count);
+            r.desc(0, 0x8000, 16, 1, 1);
+            r.desc(1, 0xa000, 16, 1, 2);
+            r.desc(2, 0x9000, 1, 2, 0);
+            assert_eq!(r.submit().1, status, "{kind} {sector}+{count}");
+        }
+        // A read-only disk neither offers nor does them.
+        let mut ro = rig(1 << 20, true);
+        w32(&mut ro.dev, &ro.mem, 0x014, 0);
+        assert_eq!(r32(&ro.dev, 0x010) & (F_DISCARD | F_WRITE_ZEROES) as u32, 0);
+        ro.header(T_DISCARD, 0);
+        range(&ro, 0, 8);
+        ro.desc(0, 0x8000, 16, 1, 1);
+        ro.desc(1, 0xa000, 16, 1, 2);
+        ro.desc(2, 0x9000, 1, 2, 0);
+        assert_eq!(ro.submit().1, S_IOERR);
+    }
+
+    #[test]
+    fn a_raw_file_gives_discarded_space_back_and_zeroes_read_as_zeroes() {
+        let p = std::env::temp_dir().join(format!("snapvmm-discard-{}", std::process::id()));
+        std::fs::write(&p, vec![0x5au8; 4 << 20]).unwrap();
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&p)
+            .unwrap();
+        let mut raw = super::super::RawFile::new(f).unwrap();
+        let blocks = |p: &std::path::Path| {
+            use std::os::unix::fs::MetadataExt;
+            std::fs::metadata(p).unwrap().blocks()
+        };
+        let before = blocks(&p);
+        raw.discard(1 << 20, 1 << 20).unwrap();
+        raw.write_zeroes(2 << 20, 4096).unwrap();
+        let mut b = vec![0u8; 4096];
+        raw.read_at(&mut b, 2 << 20).unwrap();
+        assert!(b.iter().all(|x| *x == 0));
+        raw.read_at(&mut b, (2 << 20) + 4096).unwrap();
+        assert!(b.iter().all(|x| *x == 0x5a), "beyond the range untouched");
+        assert_eq!(raw.size(), 4 << 20, "the size stays");
+        let after = blocks(&p);
+        let _ = std::fs::remove_file(&p);
+        assert!(
+            after < before,
+            "space given back: {before} -> {after} blocks"
+        );
     }
 }

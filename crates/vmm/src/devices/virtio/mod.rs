@@ -50,6 +50,39 @@ pub trait BlockBackend: Send {
     fn read_at(&mut self, buf: &mut [u8], offset: u64) -> io::Result<()>;
     fn write_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()>;
     fn flush(&mut self) -> io::Result<()>;
+    /// The guest no longer needs these bytes (their content is then
+    /// unspecified). By default the request is honoured by doing nothing.
+    fn discard(&mut self, offset: u64, len: u64) -> io::Result<()> {
+        let _ = (offset, len);
+        Ok(())
+    }
+    /// These bytes read as zeroes from now on. By default zeroes are written.
+    fn write_zeroes(&mut self, offset: u64, len: u64) -> io::Result<()> {
+        let zeroes = vec![0u8; len.min(1 << 20) as usize];
+        let mut at = 0;
+        while at < len {
+            let n = (len - at).min(zeroes.len() as u64) as usize;
+            self.write_at(&zeroes[..n], offset + at)?;
+            at += n as u64;
+        }
+        Ok(())
+    }
+}
+
+/// `fallocate(mode)` over a range of `file`; false where the file system
+/// does not support it.
+fn fallocate(file: &File, mode: libc::c_int, offset: u64, len: u64) -> io::Result<bool> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: fallocate on a descriptor this file owns; no memory is involved.
+    let r = unsafe { libc::fallocate(file.as_raw_fd(), mode, offset as i64, len as i64) };
+    if r == 0 {
+        return Ok(true);
+    }
+    let e = io::Error::last_os_error();
+    match e.raw_os_error() {
+        Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) | Some(libc::EINVAL) => Ok(false),
+        _ => Err(e),
+    }
 }
 
 /// A raw image file.
@@ -77,5 +110,35 @@ impl BlockBackend for RawFile {
     }
     fn flush(&mut self) -> io::Result<()> {
         self.file.sync_data()
+    }
+    /// Punches a hole: the file gives the space back.
+    fn discard(&mut self, offset: u64, len: u64) -> io::Result<()> {
+        fallocate(
+            &self.file,
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            offset,
+            len,
+        )
+        .map(|_| ())
+    }
+    /// A hole reads as zeroes; where holes cannot be punched, zeroes are written.
+    fn write_zeroes(&mut self, offset: u64, len: u64) -> io::Result<()> {
+        let punched = fallocate(
+            &self.file,
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            offset,
+            len,
+        )?;
+        if punched {
+            return Ok(());
+        }
+        let zeroes = vec![0u8; len.min(1 << 20) as usize];
+        let mut at = 0;
+        while at < len {
+            let n = (len - at).min(zeroes.len() as u64) as usize;
+            self.file.write_all_at(&zeroes[..n], offset + at)?;
+            at += n as u64;
+        }
+        Ok(())
     }
 }
