@@ -160,7 +160,7 @@ impl Chain {
         header.dev_crc = crc32fast::hash(&dev);
         let tmp = crate::capture::TempImage::create(dest)?;
         tmp.size(header.file_len)?;
-        let mut buf = vec![0u8; crate::image::INCR_CHUNK as usize];
+        let mut buf = vec![0u8; crate::CHUNK as usize];
         let mut written = 0u64;
         for k in 0..top.chunk_count() {
             let Some((_, start, len)) = chunk_start(top, k) else {
@@ -192,9 +192,9 @@ impl Chain {
 fn chunk_start(img: &Image, k: usize) -> Option<(usize, u64, u64)> {
     let mut base = 0usize;
     for r in img.ranges() {
-        let n = r.len.div_ceil(crate::image::INCR_CHUNK) as usize;
+        let n = r.len.div_ceil(crate::CHUNK) as usize;
         if k < base + n {
-            return img.chunk_at(r.file_offset + (k - base) as u64 * crate::image::INCR_CHUNK);
+            return img.chunk_at(r.file_offset + (k - base) as u64 * crate::CHUNK);
         }
         base += n;
     }

@@ -5,6 +5,7 @@
 //! page-aligned (2 MiB-aligned for ranges of 2 MiB or more) file offset,
 //! zero pages left as holes, then the device-state blob.
 
+use crate::CHUNK;
 use std::fmt;
 use std::fs::File;
 use std::io;
@@ -51,9 +52,6 @@ const OFF_INCR_LEN: usize = 3248;
 
 /// Flag: an incremental image (only the chunks written since its parent).
 const FLAG_INCREMENTAL: u32 = 1;
-/// Granularity of an incremental image: RAM ranges are cut into chunks of
-/// this size from their start (the last one may be shorter).
-pub const INCR_CHUNK: u64 = 2 << 20;
 /// Longest parent path an incremental image records.
 const MAX_PARENT_PATH: usize = 4096;
 const OFF_HEADER_CRC: usize = HEADER_SIZE as usize - 4;
@@ -154,12 +152,9 @@ impl IncrSection {
     }
 }
 
-/// Number of incremental chunks of `ranges` (see [`INCR_CHUNK`]).
+/// Number of incremental chunks of `ranges` (see [`CHUNK`]).
 pub(crate) fn chunk_count(ranges: &[ImageRange]) -> usize {
-    ranges
-        .iter()
-        .map(|r| r.len.div_ceil(INCR_CHUNK) as usize)
-        .sum()
+    ranges.iter().map(|r| r.len.div_ceil(CHUNK) as usize).sum()
 }
 
 /// The incremental chunk holding image offset `off` (in a RAM range), with
@@ -168,12 +163,12 @@ pub(crate) fn chunk_at(ranges: &[ImageRange], off: u64) -> Option<(usize, u64, u
     let mut base = 0usize;
     for r in ranges {
         if off >= r.file_offset && off < r.file_offset + r.len {
-            let k = (off - r.file_offset) / INCR_CHUNK;
-            let start = r.file_offset + k * INCR_CHUNK;
-            let len = (r.file_offset + r.len - start).min(INCR_CHUNK);
+            let k = (off - r.file_offset) / CHUNK;
+            let start = r.file_offset + k * CHUNK;
+            let len = (r.file_offset + r.len - start).min(CHUNK);
             return Some((base + k as usize, start, len));
         }
-        base += r.len.div_ceil(INCR_CHUNK) as usize;
+        base += r.len.div_ceil(CHUNK) as usize;
     }
     None
 }
@@ -663,7 +658,7 @@ impl<B: ImageBacking> Image<B> {
         }
     }
 
-    /// Number of incremental chunks of this image's RAM ([`INCR_CHUNK`]).
+    /// Number of incremental chunks of this image's RAM ([`CHUNK`]).
     pub fn chunk_count(&self) -> usize {
         chunk_count(&self.header.ranges)
     }

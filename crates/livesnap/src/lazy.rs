@@ -42,10 +42,7 @@ use crate::capture::lock;
 use crate::error::{Result, SnapError};
 use crate::image::ImageRange;
 use crate::uffd::{Filled, Uffd};
-use crate::RamRange;
-
-/// Chunk size: RAM is filled 2 MiB at a time.
-pub const CHUNK: u64 = 2 << 20;
+use crate::{RamRange, CHUNK};
 
 const FREE: u8 = 0;
 const TAKEN: u8 = 1;

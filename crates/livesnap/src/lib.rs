@@ -52,10 +52,16 @@ pub use capture::{
 pub use error::{Result, SnapError};
 pub use image::{
     open_regular, Image, ImageId, ImageRange, SourceImage, FORMAT_VERSION, HEADER_SIZE, HUGE_ALIGN,
-    INCR_CHUNK, MAGIC, MAX_DEVICE_STATE, MAX_RANGES, PAGE_SIZE,
+    MAGIC, MAX_DEVICE_STATE, MAX_RANGES, PAGE_SIZE,
 };
 pub use sink::{capture_stopped_to, ImageSummary, Interrupter, Sink};
 pub use source::{ImageBacking, Source};
+
+/// The chunk: RAM is captured, protected, filled, compared for an
+/// incremental image and sent in a live migration 2 MiB at a time, each
+/// range cut from its start (its last chunk may be shorter). Part of the
+/// image format (an incremental image's granularity): never change it.
+pub const CHUNK: u64 = 2 << 20;
 
 /// A range of guest RAM as the engine sees it: host memory plus its
 /// guest-physical address.

@@ -140,7 +140,7 @@ impl Precopy {
             sock,
             chunks,
             log,
-            budget: budget.div_ceil(crate::image::INCR_CHUNK).max(1),
+            budget: budget.div_ceil(crate::CHUNK).max(1),
             switch_now: AtomicBool::new(false),
             quiet: AtomicBool::new(false),
             sent: Mutex::new(vec![false; n]),
@@ -220,7 +220,7 @@ fn run(sh: &Shared, header: &[u8]) -> io::Result<PrecopyEnd> {
     let mut f = File::from(sh.sock.try_clone()?);
     f.write_all(header)?;
     let c = &sh.counters;
-    let mut buf = vec![0u8; crate::image::INCR_CHUNK as usize];
+    let mut buf = vec![0u8; crate::CHUNK as usize];
     let mut end = PrecopyEnd::AllSent;
     // How often the budget is checked (each check reads the whole log).
     let every = (sh.chunks.len() / 128).max(8);

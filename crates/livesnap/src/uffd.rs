@@ -448,7 +448,7 @@ mod tests {
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Arc;
 
-    const CHUNK: u64 = 2 << 20;
+    use crate::CHUNK;
 
     /// Anonymous memory for a test (huge pages where the kernel gives them),
     /// left mapped until the test process exits.

@@ -50,15 +50,13 @@ use crate::sink::{Sink, SinkGuard};
 use crate::waits::{WaitHistogram, WaitSummary};
 use crate::wp_engine::Engine;
 pub use crate::wp_engine::WpEngine;
+use crate::CHUNK;
 use crate::{CaptureStats, CaptureStatus, DoneCallback};
 
 /// The image ranges of `(gpa, len)` ranges (as any image of them lays them out).
 fn ranges_of(ranges: &[(u64, u64)]) -> Result<Vec<ImageRange>> {
     Ok(Header::layout(ranges, 0)?.ranges)
 }
-
-/// Chunk size: copies and protection changes happen 2 MiB at a time.
-pub const CHUNK: u64 = 2 << 20;
 
 pub(crate) const FREE: u8 = 0;
 /// Being copied.

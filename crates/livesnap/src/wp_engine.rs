@@ -15,8 +15,9 @@ use crate::chain::IncrPlan;
 use crate::error::{Result, SnapError};
 use crate::image::ImageId;
 use crate::uffd::Uffd;
-use crate::wp_capture::{Taken, WaitCause, Wp, CHUNK, TAKEN};
+use crate::wp_capture::{Taken, WaitCause, Wp, TAKEN};
 use crate::RamRange;
+use crate::CHUNK;
 
 /// One chunk of guest RAM and where it goes in the image.
 #[derive(Debug, Clone, Copy)]
@@ -158,7 +159,7 @@ impl WpEngine {
     /// Bytes of pool buffers kept between captures (see
     /// [`crate::wp_capture::WpOptions::keep_pool`]).
     pub fn kept_pool_bytes(&self) -> u64 {
-        lock(&self.shared.spare).len() as u64 * crate::wp_capture::CHUNK
+        lock(&self.shared.spare).len() as u64 * CHUNK
     }
 
     /// Frees the pool buffers kept between captures.

@@ -12,7 +12,8 @@ use common::{fill_dense, Mem};
 use livesnap::chain::Chain;
 use livesnap::lazy::PageSource;
 use livesnap::uffd::Uffd;
-use livesnap::wp_capture::{prepare_wp_capture, WpEngine, WpOptions, CHUNK};
+use livesnap::wp_capture::{prepare_wp_capture, WpEngine, WpOptions};
+use livesnap::CHUNK;
 use livesnap::{Image, SnapError};
 
 const LEN: usize = 32 << 20;

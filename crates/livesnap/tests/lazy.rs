@@ -13,8 +13,9 @@ use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
 use common::{fill_dense, uffd_missing_ok, Mem};
-use livesnap::lazy::{start_lazy_fill, FillStats, PageSource, CHUNK};
+use livesnap::lazy::{start_lazy_fill, FillStats, PageSource};
 use livesnap::ImageRange;
+use livesnap::CHUNK;
 
 const LEN: usize = 32 << 20;
 /// Where RAM starts in the source file (as in an image, after its header).

@@ -16,7 +16,7 @@ use livesnap::postcopy::{receive_switch, PostcopySender, SourceEvent, Switch};
 use livesnap::precopy::{Precopy, PrecopyEnd, PrecopyEvent, WriteLog};
 
 const MIB: usize = 1 << 20;
-const CHUNK: usize = 2 * MIB;
+const CHUNK: usize = livesnap::CHUNK as usize;
 const T: Duration = Duration::from_secs(60);
 
 /// The record a write-protect engine keeps: a chunk is marked before the

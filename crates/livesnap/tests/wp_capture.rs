@@ -10,7 +10,8 @@ use std::time::Duration;
 
 use common::{fill_dense, uffd_wp, Mem};
 use livesnap::uffd::Uffd;
-use livesnap::wp_capture::{prepare_wp_capture, WpEngine, WpOptions, CHUNK};
+use livesnap::wp_capture::{prepare_wp_capture, WpEngine, WpOptions};
+use livesnap::CHUNK;
 use livesnap::{Image, SnapError};
 
 const LEN: usize = 32 << 20;

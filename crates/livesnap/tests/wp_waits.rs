@@ -12,7 +12,8 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use common::{fill_dense, uffd_wp, Mem};
-use livesnap::wp_capture::{prepare_wp_capture, prepare_wp_capture_to, WpEngine, WpOptions, CHUNK};
+use livesnap::wp_capture::{prepare_wp_capture, prepare_wp_capture_to, WpEngine, WpOptions};
+use livesnap::CHUNK;
 use livesnap::{Image, SnapError};
 
 const LEN: usize = 32 << 20;

@@ -39,7 +39,7 @@ use std::time::{Duration, Instant};
 
 use crate::capture::lock;
 use crate::error::{Result, SnapError};
-use crate::image::{chunk_at, Header, ImageRange, INCR_CHUNK, MAX_DEVICE_STATE, PAGE_SIZE};
+use crate::image::{chunk_at, Header, ImageRange, MAX_DEVICE_STATE, PAGE_SIZE};
 use crate::lazy::PageSource;
 use crate::precopy::{PrecopyDone, WriteLog};
 use crate::stream::{
@@ -47,6 +47,7 @@ use crate::stream::{
     FLAG_HANDOVER, FLAG_LIVE, FLAG_PAGES, FLAG_RESUME, KIND_END, MAX_RECORD,
 };
 use crate::RamRange;
+use crate::CHUNK;
 
 const KIND_STATE: u32 = 4;
 const KIND_CHUNK: u32 = 5;
@@ -67,7 +68,7 @@ const KIND_REQ_PAGE: u32 = 15;
 pub const MAX_EARLY_PAGES: usize = 256;
 
 /// Pages per chunk, and the bitmap that says which are sent.
-const CHUNK_PAGES: usize = (INCR_CHUNK / PAGE_SIZE) as usize;
+const CHUNK_PAGES: usize = (CHUNK / PAGE_SIZE) as usize;
 const BITMAP: usize = CHUNK_PAGES / 8;
 /// Chunks the target holds received but not yet placed, at most.
 const MAX_STAGED: u64 = 256 << 20;
@@ -110,7 +111,7 @@ pub(crate) fn chunks_of(ranges: &[RamRange]) -> Result<Chunks> {
     for r in ranges {
         let mut o = 0;
         while o < r.len() {
-            let len = (r.len() - o).min(INCR_CHUNK);
+            let len = (r.len() - o).min(CHUNK);
             chunks.push((r.host() as u64 + o, len));
             o += len;
         }

@@ -370,9 +370,9 @@ fn check_chunk(layout: &[ImageRange], k: usize, data: &[u8]) -> std::result::Res
 fn chunk_offset(layout: &[ImageRange], k: usize) -> Option<u64> {
     let mut base = 0usize;
     for r in layout {
-        let n = r.len.div_ceil(INCR_CHUNK) as usize;
+        let n = r.len.div_ceil(CHUNK) as usize;
         if k < base + n {
-            return Some(r.file_offset + (k - base) as u64 * INCR_CHUNK);
+            return Some(r.file_offset + (k - base) as u64 * CHUNK);
         }
         base += n;
     }
@@ -382,10 +382,10 @@ fn chunk_offset(layout: &[ImageRange], k: usize) -> Option<u64> {
 fn chunk_len(layout: &[ImageRange], k: usize) -> Option<u64> {
     let mut base = 0usize;
     for r in layout {
-        let n = r.len.div_ceil(INCR_CHUNK) as usize;
+        let n = r.len.div_ceil(CHUNK) as usize;
         if k < base + n {
-            let start = (k - base) as u64 * INCR_CHUNK;
-            return Some((r.len - start).min(INCR_CHUNK));
+            let start = (k - base) as u64 * CHUNK;
+            return Some((r.len - start).min(CHUNK));
         }
         base += n;
     }

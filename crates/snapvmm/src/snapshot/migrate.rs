@@ -509,7 +509,7 @@ impl Migration {
             v["ram"]["transferred"] = json!(bytes);
             v["ram"]["postcopy-bytes"] = json!(bytes);
             v["ram"]["postcopy-requests"] = json!(c.requests.load(Relaxed));
-            v["ram"]["remaining"] = json!((chunks - sent) as u64 * livesnap::INCR_CHUNK);
+            v["ram"]["remaining"] = json!((chunks - sent) as u64 * livesnap::CHUNK);
             v["x-postcopy"] = json!({
                 "chunks": chunks,
                 "chunks-sent": sent,
@@ -559,8 +559,8 @@ impl Migration {
                 "chunks-by-writer": c.chunks_by_writer.load(Relaxed),
                 "pool-high-water": c.pool_high_water.load(Relaxed),
                 "pool-size": self.wp_pool,
-                "pool-grown": c.pool_grown.load(Relaxed) * livesnap::wp_capture::CHUNK,
-                "pool-kept": c.pool_kept.load(Relaxed) * livesnap::wp_capture::CHUNK,
+                "pool-grown": c.pool_grown.load(Relaxed) * livesnap::CHUNK,
+                "pool-kept": c.pool_kept.load(Relaxed) * livesnap::CHUNK,
                 "chunks-unchanged": c.chunks_unchanged.load(Relaxed),
                 "direct-io": c.direct_io.load(Relaxed),
                 "fault-waits": c.waits.summaries().iter().map(|(k, w)| (k.to_string(), waits_json(w))).collect::<serde_json::Map<_, _>>(),
@@ -662,10 +662,10 @@ impl Migration {
             None => self.method,
         };
         let pool = match p.get("x-wp-pool-size").and_then(Value::as_i64) {
-            Some(n) if n < livesnap::wp_capture::CHUNK as i64 => {
+            Some(n) if n < livesnap::CHUNK as i64 => {
                 return Err(CommandError::generic(format!(
                     "Parameter 'x-wp-pool-size' must be at least {} (one 2 MiB chunk)",
-                    livesnap::wp_capture::CHUNK
+                    livesnap::CHUNK
                 )))
             }
             Some(n) => n as u64,
