@@ -173,7 +173,13 @@ pub(crate) fn chunk_at(ranges: &[ImageRange], off: u64) -> Option<(usize, u64, u
     None
 }
 
-fn random_id() -> [u8; 16] {
+/// The image ranges of `(gpa, len)` ranges (as any image of them lays them out).
+pub(crate) fn ranges_of(ranges: &[(u64, u64)]) -> Result<Vec<ImageRange>> {
+    Ok(Header::layout(ranges, 0)?.ranges)
+}
+
+/// A new image's (or stream's) identity: 16 random bytes.
+pub(crate) fn random_id() -> [u8; 16] {
     let mut id = [0u8; 16];
     // SAFETY: getrandom writes at most id.len() bytes into `id`.
     let n = unsafe { libc::getrandom(id.as_mut_ptr().cast(), id.len(), 0) };

@@ -16,6 +16,16 @@ pub(crate) struct ScanRange {
     pub file_offset: u64,
 }
 
+/// Whether every byte of `b` is zero.
+pub(crate) fn is_zero(b: &[u8]) -> bool {
+    let (pre, words, post) = {
+        // SAFETY: u64 has no invalid bit patterns; align_to only reinterprets
+        // the aligned middle of the byte slice.
+        unsafe { b.align_to::<u64>() }
+    };
+    pre.iter().all(|&x| x == 0) && words.iter().all(|&w| w == 0) && post.iter().all(|&x| x == 0)
+}
+
 /// Whether the page at `p` is all zeros.
 ///
 /// # Safety

@@ -45,18 +45,15 @@ use crate::capture::{
 use crate::chain::IncrPlan;
 use crate::chunkbuf::{AlignedBuf, BUF_ALIGN};
 use crate::error::{Result, SnapError};
-use crate::image::{Header, ImageId, ImageRange, PAGE_SIZE};
+use crate::image::ranges_of;
+use crate::image::{Header, ImageId, PAGE_SIZE};
+use crate::pages::is_zero;
 use crate::sink::{Sink, SinkGuard};
 use crate::waits::{WaitHistogram, WaitSummary};
 use crate::wp_engine::Engine;
 pub use crate::wp_engine::WpEngine;
 use crate::CHUNK;
 use crate::{CaptureStats, CaptureStatus, DoneCallback};
-
-/// The image ranges of `(gpa, len)` ranges (as any image of them lays them out).
-fn ranges_of(ranges: &[(u64, u64)]) -> Result<Vec<ImageRange>> {
-    Ok(Header::layout(ranges, 0)?.ranges)
-}
 
 pub(crate) const FREE: u8 = 0;
 /// Being copied.
@@ -460,15 +457,6 @@ impl Wp {
             },
         }
     }
-}
-
-fn is_zero(b: &[u8]) -> bool {
-    let (pre, words, post) = {
-        // SAFETY: u64 has no invalid bit patterns; align_to only reinterprets
-        // the aligned middle of the byte slice.
-        unsafe { b.align_to::<u64>() }
-    };
-    pre.iter().all(|&x| x == 0) && words.iter().all(|&w| w == 0) && post.iter().all(|&x| x == 0)
 }
 
 /// What the handler hands the writer: chunk `.0`, copied into pool buffer

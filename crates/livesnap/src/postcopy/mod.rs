@@ -39,7 +39,7 @@ use std::time::{Duration, Instant};
 
 use crate::capture::lock;
 use crate::error::{Result, SnapError};
-use crate::image::{chunk_at, Header, ImageRange, MAX_DEVICE_STATE, PAGE_SIZE};
+use crate::image::{chunk_at, random_id, ranges_of, ImageRange, MAX_DEVICE_STATE, PAGE_SIZE};
 use crate::lazy::PageSource;
 use crate::precopy::{PrecopyDone, WriteLog};
 use crate::stream::{
@@ -96,17 +96,13 @@ fn send(w: &mut impl Write, kind: u32, offset: u64, data: &[u8]) -> io::Result<(
     w.flush()
 }
 
-fn layout_of(ranges: &[(u64, u64)]) -> Result<Vec<ImageRange>> {
-    Ok(Header::layout(ranges, 0)?.ranges)
-}
-
 /// Chunks (host address, length) in image order, the image layout and length.
 pub(crate) type Chunks = (Vec<(u64, u64)>, Vec<ImageRange>, u64);
 
 /// The chunks of `ranges`, and the image layout and length they make.
 pub(crate) fn chunks_of(ranges: &[RamRange]) -> Result<Chunks> {
     let pairs: Vec<(u64, u64)> = ranges.iter().map(|r| (r.gpa(), r.len())).collect();
-    let layout = layout_of(&pairs)?;
+    let layout = ranges_of(&pairs)?;
     let mut chunks = Vec::new();
     for r in ranges {
         let mut o = 0;
@@ -118,17 +114,6 @@ pub(crate) fn chunks_of(ranges: &[RamRange]) -> Result<Chunks> {
     }
     let image_len = layout.last().map_or(0, |r| r.file_offset + r.len);
     Ok((chunks, layout, image_len))
-}
-
-fn random_id() -> [u8; 16] {
-    let mut id = [0u8; 16];
-    // SAFETY: getrandom writes at most id.len() bytes into `id`.
-    let n = unsafe { libc::getrandom(id.as_mut_ptr().cast(), id.len(), 0) };
-    if n != id.len() as isize {
-        let t = Instant::now().elapsed().as_nanos() ^ u128::from(std::process::id());
-        id.copy_from_slice(&t.to_le_bytes());
-    }
-    id
 }
 
 mod source;

@@ -1,6 +1,7 @@
 //! The source side of a live migration (see the module above).
 
 use super::*;
+use crate::pages::is_zero;
 
 /// What happens to a live migration, as the source sees it.
 #[derive(Debug, Clone)]
@@ -669,14 +670,6 @@ fn send_page(sh: &SendShared, mut f: File, off: u64) -> io::Result<()> {
         .bytes_sent
         .fetch_add(PAGE_SIZE + 24, Ordering::Relaxed);
     Ok(())
-}
-
-fn is_zero(p: &[u8]) -> bool {
-    let (a, words, b) = {
-        // SAFETY: any byte pattern is a valid u64.
-        unsafe { p.align_to::<u64>() }
-    };
-    a.iter().all(|x| *x == 0) && words.iter().all(|x| *x == 0) && b.iter().all(|x| *x == 0)
 }
 
 fn send_chunk(sh: &SendShared, f: File, k: usize) -> io::Result<()> {
