@@ -65,23 +65,7 @@ def make_image(binary, d, mem, fill, hot):
 def private_mib(pid):
     """Memory only this clone holds (Private_Clean + Private_Dirty, its process
     and children): what it wrote, its page tables aside."""
-    total = 0
-    pids = [pid]
-    try:
-        for t in os.listdir(f"/proc/{pid}/task"):
-            with open(f"/proc/{pid}/task/{t}/children") as f:
-                pids += [int(x) for x in f.read().split()]
-    except OSError:
-        pass
-    for p in pids:
-        try:
-            with open(f"/proc/{p}/smaps_rollup") as f:
-                for line in f:
-                    if line.startswith(("Private_Clean:", "Private_Dirty:")):
-                        total += int(line.split()[1])
-        except OSError:
-            pass
-    return total / 1024
+    return bs.rollup_kib(pid, ("Private_Clean", "Private_Dirty")) / 1024
 
 
 def fleet(binary, image, d, mode, n, wait, idle):

@@ -97,8 +97,8 @@ class Vm:
         self.p.wait(timeout=30)
 
 
-def pss_kib(pid):
-    """PSS of pid and its children, in KiB (smaps_rollup)."""
+def rollup_kib(pid, fields):
+    """Sum of the smaps_rollup `fields` of pid and its children, in KiB."""
     total = 0
     pids = [pid]
     try:
@@ -111,11 +111,16 @@ def pss_kib(pid):
         try:
             with open(f"/proc/{p}/smaps_rollup") as f:
                 for line in f:
-                    if line.startswith("Pss:"):
+                    if line.split(":")[0] in fields:
                         total += int(line.split()[1])
         except OSError:
             pass
     return total
+
+
+def pss_kib(pid):
+    """PSS of pid and its children, in KiB (smaps_rollup)."""
+    return rollup_kib(pid, ("Pss",))
 
 
 def plain_write(path, size):

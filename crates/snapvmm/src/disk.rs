@@ -65,7 +65,8 @@ pub fn parse_disks(values: &[String]) -> Result<Vec<DiskSpec>> {
     Ok(out)
 }
 
-fn valid_id(id: &str) -> bool {
+/// A device id (QMP node name): 1 to 32 letters, digits, `-`, `_` or `.`.
+pub(crate) fn valid_id(id: &str) -> bool {
     !id.is_empty()
         && id.len() <= 32
         && id

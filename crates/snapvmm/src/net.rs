@@ -11,6 +11,8 @@ use std::os::fd::{FromRawFd, OwnedFd};
 use std::sync::Arc;
 
 use anyhow::{bail, Result};
+
+use crate::disk::valid_id;
 use vmm::devices::virtio::net::tap::Tap;
 
 /// Where a NIC's frames go.
@@ -68,19 +70,9 @@ pub fn parse_nets(values: &[String]) -> Result<Vec<NetSpec>> {
     Ok(out)
 }
 
+/// An interface name: an id short enough for the kernel (IFNAMSIZ).
 fn valid_ifname(n: &str) -> bool {
-    !n.is_empty()
-        && n.len() < 16
-        && n.chars()
-            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-}
-
-fn valid_id(id: &str) -> bool {
-    !id.is_empty()
-        && id.len() <= 32
-        && id
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+    n.len() < 16 && valid_id(n)
 }
 
 /// Parses `--vsock cid=N,path=PATH`.

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use super::scenarios::{catch, field_text, qmp, Ctx, T};
+use super::scenarios::{catch, field_text, live_snapshot_to, migration_completed, qmp, Ctx, T};
 use super::vm::Vm;
 
 /// Names of these scenarios.
@@ -182,16 +182,7 @@ fn tap_snapshot_restore(ctx: &Ctx) {
         assert_eq!(line.trim(), "tick");
     }
     let mut q = qmp(&src);
-    q.ok(
-        "migrate-set-capabilities",
-        json!({"capabilities": [{"capability": "background-snapshot", "state": true}]}),
-    );
-    q.ok(
-        "migrate",
-        json!({"uri": format!("file:{}", snap.display())}),
-    );
-    let m = q.wait_migration(T);
-    assert_eq!(m["status"], "completed", "{m}");
+    live_snapshot_to(&mut q, &snap);
     for _ in 0..5 {
         line.clear();
         let n = ticks
@@ -244,17 +235,7 @@ fn tap_snapshot_restore(ctx: &Ctx) {
     qt.ok("migrate-incoming", json!({ "uri": uri }));
     let mut q = qmp(&dst);
     q.ok("migrate", json!({ "uri": uri }));
-    let end = Instant::now() + T;
-    for q in [&mut q, &mut qt] {
-        loop {
-            let m = q.ok("query-migrate", json!({}));
-            if m["status"] == "completed" {
-                break;
-            }
-            assert!(Instant::now() < end, "the migration did not complete: {m}");
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
+    migration_completed([&mut q, &mut qt]);
     assert_eq!(qt.ok("query-status", json!({}))["status"], "running");
     // The source's tap (and its address) goes with it; the target's gets one.
     q.ok("quit", json!({}));
@@ -331,16 +312,7 @@ fn vsock(ctx: &Ctx) {
     server.join().unwrap();
 
     let mut q = qmp(&src);
-    q.ok(
-        "migrate-set-capabilities",
-        json!({"capabilities": [{"capability": "background-snapshot", "state": true}]}),
-    );
-    q.ok(
-        "migrate",
-        json!({"uri": format!("file:{}", snap.display())}),
-    );
-    let m = q.wait_migration(T);
-    assert_eq!(m["status"], "completed", "{m}");
+    live_snapshot_to(&mut q, &snap);
     // The source goes on talking after its snapshot.
     echoes(&mut held, "still-here");
     q.ok("quit", json!({}));

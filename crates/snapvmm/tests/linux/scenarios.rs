@@ -486,6 +486,33 @@ fn generation_id(q: &mut Qmp) -> String {
     g["guid"].as_str().expect("a guid").to_string()
 }
 
+/// Waits until a live migration's source and target both say `completed`.
+pub fn migration_completed(sides: [&mut Qmp; 2]) {
+    let end = Instant::now() + T;
+    for q in sides {
+        loop {
+            let m = q.ok("query-migrate", json!({}));
+            if m["status"] == "completed" {
+                break;
+            }
+            assert!(
+                Instant::now() < end,
+                "the live migration did not complete: {m}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+/// A live snapshot (`background-snapshot`) of the running guest to `path`.
+pub fn live_snapshot_to(q: &mut Qmp, path: &Path) {
+    q.ok(
+        "migrate-set-capabilities",
+        json!({"capabilities": [{"capability": "background-snapshot", "state": true}]}),
+    );
+    snapshot_to(q, path);
+}
+
 fn snapshot_to(q: &mut Qmp, path: &Path) {
     let r = q.ok(
         "migrate",
@@ -662,20 +689,7 @@ fn live_migration(ctx: &Ctx) {
     // A live migration moves the one VM: same generation, no reseed.
     assert_eq!(generation_id(&mut qd), src_id);
     assert_eq!(kernel_messages(&mut dst, VMFORK), 0, "a migrated guest");
-    let end = Instant::now() + T;
-    for q in [&mut qs, &mut qd] {
-        loop {
-            let m = q.ok("query-migrate", json!({}));
-            if m["status"] == "completed" {
-                break;
-            }
-            assert!(
-                Instant::now() < end,
-                "the live migration did not complete: {m}"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
+    migration_completed([&mut qs, &mut qd]);
     assert_eq!(qs.ok("query-status", json!({}))["status"], "postmigrate");
     // Loading a Linux guest's state touches its kvmclock, steal-time and
     // async-PF pages: they came with the state, nothing was fetched in the pause.

@@ -9,7 +9,8 @@ use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::queue::{QueueRegs, VirtQueue, QUEUE_MAX};
+use super::queue::{Desc, QueueError, QueueRegs, VirtQueue, QUEUE_MAX};
+use vm_memory::GuestMemoryMmap;
 
 const MAGIC: u32 = 0x7472_6976; // "virt"
 const VERSION: u32 = 2;
@@ -255,4 +256,33 @@ impl Transport {
             Effect::None
         }
     }
+}
+
+/// Serves queue `q` of device `dev` (whose transport `t` returns): hands
+/// every chain the driver made available to `handle` (which returns the
+/// bytes it wrote into the chain), completes each, re-arms notifications
+/// (taking what slipped in meanwhile) and interrupts if the driver wants.
+/// `Err`: the rings themselves are unusable.
+pub fn serve<D>(
+    dev: &mut D,
+    t: fn(&mut D) -> &mut Transport,
+    q: usize,
+    mem: &GuestMemoryMmap,
+    mut handle: impl FnMut(&mut D, Result<Vec<Desc>, QueueError>) -> u32,
+) -> Result<(), QueueError> {
+    let mut used = false;
+    loop {
+        while let Some((head, chain)) = t(dev).queues[q].pop(mem)? {
+            let written = handle(dev, chain);
+            t(dev).queues[q].push_used(mem, head, written)?;
+            used = true;
+        }
+        if !t(dev).queues[q].rearm(mem)? {
+            break;
+        }
+    }
+    if used && t(dev).queues[q].needs_interrupt(mem)? {
+        t(dev).interrupt();
+    }
+    Ok(())
 }

@@ -26,7 +26,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::queue::{Desc, QueueError};
-use super::transport::{bit, Effect, Transport, TransportState};
+use super::transport::{bit, serve, Effect, Transport, TransportState};
 
 const DEVICE_ID_NET: u32 = 1;
 
@@ -296,27 +296,22 @@ impl VirtioNet {
     }
 
     fn drain_tx(&mut self, mem: &GuestMemoryMmap) -> Result<(), QueueError> {
-        let mut used = false;
-        loop {
-            while let Some((head, chain)) = self.t.queues[TX].pop(mem)? {
+        serve(
+            self,
+            |d| &mut d.t,
+            TX,
+            mem,
+            |d, chain| {
                 match chain {
-                    Ok(chain) => self.send_one(mem, &chain),
+                    Ok(chain) => d.send_one(mem, &chain),
                     Err(e) => {
-                        tracing::warn!(nic = %self.id, "malformed transmit request: {e}");
-                        self.stats.errors += 1;
+                        tracing::warn!(nic = %d.id, "malformed transmit request: {e}");
+                        d.stats.errors += 1;
                     }
                 }
-                self.t.queues[TX].push_used(mem, head, 0)?;
-                used = true;
-            }
-            if !self.t.queues[TX].rearm(mem)? {
-                break;
-            }
-        }
-        if used && self.t.queues[TX].needs_interrupt(mem)? {
-            self.t.interrupt();
-        }
-        Ok(())
+                0
+            },
+        )
     }
 
     fn send_one(&mut self, mem: &GuestMemoryMmap, chain: &[Desc]) {
@@ -505,28 +500,20 @@ impl VirtioNet {
     }
 
     fn drain_ctrl(&mut self, mem: &GuestMemoryMmap) -> Result<(), QueueError> {
-        let mut used = false;
-        loop {
-            while let Some((head, chain)) = self.t.queues[CTRL].pop(mem)? {
-                let written = match chain {
-                    Ok(chain) => self.command(mem, &chain),
-                    Err(e) => {
-                        tracing::warn!(nic = %self.id, "malformed control request: {e}");
-                        self.stats.errors += 1;
-                        0
-                    }
-                };
-                self.t.queues[CTRL].push_used(mem, head, written)?;
-                used = true;
-            }
-            if !self.t.queues[CTRL].rearm(mem)? {
-                break;
-            }
-        }
-        if used && self.t.queues[CTRL].needs_interrupt(mem)? {
-            self.t.interrupt();
-        }
-        Ok(())
+        serve(
+            self,
+            |d| &mut d.t,
+            CTRL,
+            mem,
+            |d, chain| match chain {
+                Ok(chain) => d.command(mem, &chain),
+                Err(e) => {
+                    tracing::warn!(nic = %d.id, "malformed control request: {e}");
+                    d.stats.errors += 1;
+                    0
+                }
+            },
+        )
     }
 
     fn command(&mut self, mem: &GuestMemoryMmap, chain: &[Desc]) -> u32 {

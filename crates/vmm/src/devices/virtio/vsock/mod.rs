@@ -29,7 +29,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::queue::{Desc, QueueError};
-use super::transport::{bit, Effect, Transport, TransportState};
+use super::transport::{bit, serve, Effect, Transport, TransportState};
 use conn::{Conn, ConnState};
 use packet::*;
 
@@ -229,33 +229,22 @@ impl VirtioVsock {
     /// Takes every packet the guest queued for transmission.
     fn transmit(&mut self, mem: &GuestMemoryMmap) -> Vec<RawFd> {
         let mut new_fds = Vec::new();
-        let r = (|| -> Result<(), QueueError> {
-            let mut used = false;
-            loop {
-                while let Some((head, chain)) = self.t.queues[TX].pop(mem)? {
-                    match chain {
-                        Ok(chain) => {
-                            if let Some(fd) = self.packet(mem, &chain) {
-                                new_fds.push(fd);
-                            }
-                        }
-                        Err(e) => {
-                            tracing::warn!("vsock: malformed packet: {e}");
-                            self.stats.errors += 1;
-                        }
+        let r = serve(
+            self,
+            |d| &mut d.t,
+            TX,
+            mem,
+            |d, chain| {
+                match chain {
+                    Ok(chain) => new_fds.extend(d.packet(mem, &chain)),
+                    Err(e) => {
+                        tracing::warn!("vsock: malformed packet: {e}");
+                        d.stats.errors += 1;
                     }
-                    self.t.queues[TX].push_used(mem, head, 0)?;
-                    used = true;
                 }
-                if !self.t.queues[TX].rearm(mem)? {
-                    break;
-                }
-            }
-            if used && self.t.queues[TX].needs_interrupt(mem)? {
-                self.t.interrupt();
-            }
-            Ok(())
-        })();
+                0
+            },
+        );
         if let Err(e) = r {
             self.broken(e);
         }
