@@ -29,7 +29,9 @@ use std::time::{Duration, Instant};
 use crate::capture::lock;
 use crate::error::{Result, SnapError};
 use crate::postcopy::{chunks_of, write_chunk};
-use crate::stream::{encode_stream_header, FLAG_HANDOVER, FLAG_LIVE, FLAG_PAGES, FLAG_PRECOPY};
+use crate::stream::{
+    encode_stream_header, FLAG_HANDOVER, FLAG_LIVE, FLAG_PAGES, FLAG_PIECES, FLAG_PRECOPY,
+};
 use crate::RamRange;
 
 /// Which chunks of guest RAM were written since a mark.
@@ -133,7 +135,7 @@ impl Precopy {
         let header = encode_stream_header(
             image_len,
             &layout,
-            FLAG_LIVE | FLAG_PRECOPY | FLAG_HANDOVER | FLAG_PAGES,
+            FLAG_LIVE | FLAG_PRECOPY | FLAG_HANDOVER | FLAG_PAGES | FLAG_PIECES,
         );
         let n = chunks.len();
         let sh = Arc::new(Shared {

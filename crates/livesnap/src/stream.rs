@@ -44,6 +44,10 @@ pub(crate) const FLAG_HANDOVER: u32 = 8;
 /// Stream flag: a live migration's source that answers a page request
 /// (REQ_PAGE) with that page at once, ahead of its chunk.
 pub(crate) const FLAG_PAGES: u32 = 16;
+/// Stream flag: a live migration's source that sends chunks after the
+/// switch as PIECE records (a few pages each), so a page asked for never
+/// waits behind a whole chunk on the link. Readers without it refuse it.
+pub(crate) const FLAG_PIECES: u32 = 32;
 const FIXED_HEAD: usize = 32;
 const RANGE_ENTRY: usize = 24;
 /// Longest abort reason carried.
@@ -278,9 +282,9 @@ impl<R: Read> StreamReader<R> {
         }
         fill(&mut input, &mut fixed[12..], "the stream header")?;
         let flags = get32(&fixed, 12);
-        if flags & !(FLAG_LIVE | FLAG_RESUME | FLAG_PRECOPY | FLAG_HANDOVER | FLAG_PAGES) != 0
-            || (flags & FLAG_LIVE == 0 && flags != 0)
-        {
+        let known =
+            FLAG_LIVE | FLAG_RESUME | FLAG_PRECOPY | FLAG_HANDOVER | FLAG_PAGES | FLAG_PIECES;
+        if flags & !known != 0 || (flags & FLAG_LIVE == 0 && flags != 0) {
             return Err(corrupt(format!("unknown stream flags {flags:#x}")));
         }
         let image_len = get64(&fixed, 16);

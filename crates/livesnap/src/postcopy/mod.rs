@@ -24,7 +24,9 @@
 //! `live` (plus `resume` on a new connection), then records as in the
 //! stream form: source → target STATE (device state, in pieces), SWITCH,
 //! CHUNK (offset = chunk number; payload = 64-byte page bitmap and the
-//! non-zero pages), END, RESUME, GO (with header flag `handover`), PAGE
+//! non-zero pages), PIECE (with header flag `pieces`: after the switch every
+//! chunk goes as pieces of 128 KiB, so a PAGE waits behind one piece, not a
+//! chunk), END, RESUME, GO (with header flag `handover`), PAGE
 //! (after the switch, with header flag `pages`: the page a REQ_PAGE asked
 //! for); target → source RUNNING, REQ_PAGE (image offset of a page), REQ (offset =
 //! chunk number), NEED (payload = chunk bitmap), DONE.
@@ -44,7 +46,7 @@ use crate::lazy::PageSource;
 use crate::precopy::{PrecopyDone, WriteLog};
 use crate::stream::{
     encode_stream_header, read_record, record_head, record_head_crc, StreamLayout, StreamReader,
-    FLAG_HANDOVER, FLAG_LIVE, FLAG_PAGES, FLAG_RESUME, KIND_END, MAX_RECORD,
+    FLAG_HANDOVER, FLAG_LIVE, FLAG_PAGES, FLAG_PIECES, FLAG_RESUME, KIND_END, MAX_RECORD,
 };
 use crate::RamRange;
 use crate::CHUNK;
@@ -64,6 +66,14 @@ const KIND_GO: u32 = 14;
 /// Target → source (header flag `pages`): one 4 KiB page a thread waits on,
 /// by image offset; the source sends it as PAGE at once, then its chunk.
 const KIND_REQ_PAGE: u32 = 15;
+/// Source → target (header flag `pieces`): part of a chunk, offset = chunk
+/// number; payload = first page (u32), page count (u32), a bitmap of which
+/// of those pages follow (the others are zero), the non-zero pages. A
+/// chunk's pieces come in order and together cover it; nothing else of
+/// that chunk comes in between.
+const KIND_PIECE: u32 = 16;
+/// Pages per piece (128 KiB: a millisecond of a 1 Gbit/s link).
+const PIECE_PAGES: usize = 32;
 /// Most pages sent with the device state.
 pub const MAX_EARLY_PAGES: usize = 256;
 
@@ -120,8 +130,169 @@ mod source;
 mod target;
 
 pub(crate) use source::write_chunk;
+#[cfg(test)]
+use source::PUSH_AHEAD as PUSH_AHEAD_FOR_TESTS;
 pub use source::{PostcopySender, SendCounters, SourceEvent};
 pub use target::{
     receive_switch, receive_switch_from, PrecopyFigures, RecvFigures, RemotePages, Switch,
     TargetEvent, TargetEvents,
 };
+
+#[cfg(test)]
+mod tests {
+    use super::source::write_pages;
+    use super::target::Partial;
+    use super::*;
+    use crate::stream::read_record;
+
+    /// A record as it comes off the wire: (kind, offset, payload).
+    fn wire(rec: Vec<u8>) -> (u32, u64, Vec<u8>) {
+        read_record(&mut &rec[..], 4 << 20).unwrap().unwrap()
+    }
+
+    fn piece(k: usize, mem: &[u8], first: usize, count: usize) -> Vec<u8> {
+        let mut prefix = (first as u32).to_le_bytes().to_vec();
+        prefix.extend_from_slice(&(count as u32).to_le_bytes());
+        let p = PAGE_SIZE as usize;
+        let mut out = Vec::new();
+        write_pages(
+            &mut out,
+            KIND_PIECE,
+            k,
+            &prefix,
+            count.div_ceil(8),
+            &mem[first * p..(first + count) * p],
+        )
+        .unwrap();
+        let (kind, off, data) = wire(out);
+        assert_eq!((kind, off), (KIND_PIECE, k as u64));
+        data
+    }
+
+    /// Two chunks of RAM, the second with every third page non-zero.
+    fn ram() -> (Vec<ImageRange>, Vec<u8>) {
+        let layout = vec![ImageRange {
+            gpa: 0,
+            len: 2 * CHUNK,
+            file_offset: 4096,
+        }];
+        let mut mem = vec![0u8; CHUNK as usize];
+        for (i, page) in mem.chunks_mut(PAGE_SIZE as usize).enumerate() {
+            if i % 3 == 0 {
+                page.fill((i % 250) as u8 + 1);
+            }
+        }
+        (layout, mem)
+    }
+
+    #[test]
+    fn pieces_in_order_make_the_chunk_record_of_the_same_memory() {
+        let (layout, mem) = ram();
+        let mut whole = Vec::new();
+        write_chunk(&mut whole, 1, &mem).unwrap();
+        let (_, _, want) = wire(whole);
+        let mut p = Partial::default();
+        let mut got = None;
+        for first in (0..CHUNK_PAGES).step_by(PIECE_PAGES) {
+            assert!(got.is_none(), "complete before its last piece");
+            got = p
+                .add(&layout, 1, &piece(1, &mem, first, PIECE_PAGES))
+                .unwrap();
+        }
+        assert_eq!(got, Some((1, want)));
+        // The next chunk starts afresh.
+        let zero = vec![0u8; CHUNK as usize];
+        assert_eq!(p.add(&layout, 0, &piece(0, &zero, 0, 8)).unwrap(), None);
+    }
+
+    /// The source as a test target sees it: after the switch, a page asked
+    /// for while chunks are being pushed comes after at most the push
+    /// allowance and the piece being written — never behind a whole chunk —
+    /// and every chunk comes as pieces.
+    #[test]
+    fn a_page_asked_for_waits_behind_one_piece_not_a_chunk() {
+        use std::os::unix::net::UnixStream;
+        let len = 32 << 20;
+        let mem: Vec<u8> = (0..len).map(|i| (i / 4096 % 251) as u8 + 1).collect();
+        let (a, b) = UnixStream::pair().unwrap();
+        // SAFETY: `mem` outlives the sender (dropped first, below) and is
+        // not written meanwhile.
+        let sender = unsafe {
+            PostcopySender::start(
+                a.into(),
+                &[RamRange::new(0, mem.as_ptr(), len as u64)],
+                b"state".to_vec(),
+                &[],
+                Box::new(|_| {}),
+            )
+        }
+        .unwrap();
+        let mut w = b.try_clone().unwrap();
+        let (reader, layout) = crate::stream::StreamReader::start(b).unwrap();
+        assert!(layout.live);
+        let mut r = reader.into_buffered();
+        let mut next = || read_record(&mut r, 4 << 20).unwrap().unwrap();
+        while next().0 != KIND_SWITCH {}
+        send(&mut w, KIND_RUNNING, 0, &[]).unwrap();
+        assert_eq!(next().0, KIND_GO);
+        // The push is under way: ask for a page of the last chunk.
+        let (kind, k, _) = next();
+        assert_eq!((kind, k), (KIND_PIECE, 0));
+        let page = layout.ranges[0].file_offset + 15 * CHUNK + 7 * PAGE_SIZE;
+        send(&mut w, KIND_REQ_PAGE, page, &[]).unwrap();
+        let mut behind = 0usize;
+        loop {
+            let (kind, off, data) = next();
+            assert_ne!(kind, KIND_CHUNK, "chunks go as pieces after the switch");
+            if kind == KIND_PAGE && off == page {
+                assert_eq!(data, mem[(15 * CHUNK + 7 * PAGE_SIZE) as usize..][..4096]);
+                break;
+            }
+            behind += data.len() + 24;
+        }
+        // A piece of 32 pages (128 KiB) on the wire.
+        let piece = 8 + 4 + 32 * 4096 + 24;
+        assert!(
+            behind <= PUSH_AHEAD_FOR_TESTS + 2 * piece,
+            "the page came after {behind} bytes of pushed pieces"
+        );
+        drop(sender);
+    }
+
+    #[test]
+    fn pieces_out_of_order_or_malformed_are_refused() {
+        let (layout, mem) = ram();
+        let refused = |p: &mut Partial, k: usize, d: &[u8]| {
+            let e = p.add(&layout, k, d).unwrap_err();
+            assert!(
+                e.contains("malformed or out of order") || e.contains("not in guest RAM"),
+                "{e}"
+            );
+        };
+        // Not from the first page; past the chunk; a chunk that is not RAM.
+        refused(&mut Partial::default(), 1, &piece(1, &mem, 32, 32));
+        let mut past = piece(1, &mem, 0, 32);
+        past[..4].copy_from_slice(&500u32.to_le_bytes());
+        refused(&mut Partial::default(), 1, &past);
+        refused(&mut Partial::default(), 2, &piece(1, &mem, 0, 32));
+        // Another chunk, or the same page again, before this one is whole.
+        let mut p = Partial::default();
+        assert_eq!(p.add(&layout, 1, &piece(1, &mem, 0, 32)).unwrap(), None);
+        refused(&mut p, 0, &piece(0, &mem, 0, 32));
+        let mut p = Partial::default();
+        p.add(&layout, 1, &piece(1, &mem, 0, 32)).unwrap();
+        refused(&mut p, 1, &piece(1, &mem, 0, 32));
+        // A bitmap that names more (or fewer) pages than follow, a bit past
+        // the count, a piece shorter than its own header.
+        let good = piece(1, &mem, 0, 32);
+        let mut more = good.clone();
+        more[9] |= 0x04; // page 10, a zero page
+        refused(&mut Partial::default(), 1, &more);
+        refused(&mut Partial::default(), 1, &good[..good.len() - 1]);
+        let odd = piece(1, &mem, 0, 5);
+        let mut beyond = odd.clone();
+        beyond[8] |= 0x80;
+        refused(&mut Partial::default(), 1, &beyond);
+        refused(&mut Partial::default(), 1, &good[..6]);
+    }
+}

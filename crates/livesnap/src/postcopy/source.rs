@@ -46,6 +46,9 @@ struct SendState {
     urgent: VecDeque<usize>,
     /// Pages (image offsets) the target waits on: each goes before anything else.
     urgent_pages: VecDeque<u64>,
+    /// The chunk going out piece by piece: its number, its next page, and
+    /// whether the target asked for it. Its pieces go before any other chunk.
+    piece: Option<(usize, usize, bool)>,
     /// The connection in use and its generation.
     conn: Option<(u64, OwnedFd)>,
     generation: u64,
@@ -205,6 +208,7 @@ impl PostcopySender {
                 next: 0,
                 urgent: VecDeque::new(),
                 urgent_pages: VecDeque::new(),
+                piece: None,
                 go_due: false,
                 conn: None,
                 generation: 0,
@@ -346,6 +350,9 @@ fn attach(sh: &Arc<SendShared>, sock: OwnedFd, first: bool) -> Result<()> {
         st.head_pending = true;
         st.end_sent = false;
         st.broken = None;
+        // A chunk cut short on the old connection is among what the
+        // target says it lacks: it goes again, whole.
+        st.piece = None;
         sh.cv.notify_all();
         st.generation
     };
@@ -469,7 +476,7 @@ fn source_reader(sh: &SendShared, r: File, g: u64, first: bool) {
 
 /// How much a connection may hold unsent before the next pushed chunk
 /// (about 4 ms of a 1 Gbit/s link).
-const PUSH_AHEAD: usize = 512 << 10;
+pub(super) const PUSH_AHEAD: usize = 512 << 10;
 
 /// Bytes written to the socket `fd` and not yet sent (TCP: not yet
 /// acknowledged); 0 where the kernel does not say.
@@ -489,7 +496,8 @@ enum Job {
     Head(u64, File),
     Go(u64, File),
     Page(u64, File, u64),
-    Chunk(u64, File, usize, bool),
+    /// Pages of a chunk (whether the target asked for it).
+    Piece(u64, File, usize, std::ops::Range<usize>, bool),
     End(u64, File),
 }
 
@@ -522,16 +530,33 @@ fn next_job(sh: &SendShared) -> Option<Job> {
             if let Some(off) = st.urgent_pages.pop_front() {
                 return Some(Job::Page(g, file, off));
             }
+            // The chunk on its way goes on, piece by piece; pushed pieces
+            // are paced like pushed chunks (below).
+            if let Some((k, p, urgent)) = st.piece {
+                if !urgent && unsent(&file) > PUSH_AHEAD {
+                    st = sh
+                        .cv
+                        .wait_timeout(st, Duration::from_micros(500))
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0;
+                    continue;
+                }
+                let pages = (sh.chunks[k].1 / PAGE_SIZE) as usize;
+                let next = (p + PIECE_PAGES).min(pages);
+                st.piece = (next < pages).then_some((k, next, urgent));
+                return Some(Job::Piece(g, file, k, p..next, urgent));
+            }
             // A chunk the target waits for goes at once — even before the
             // switch: restoring the machine may touch guest RAM.
-            while let Some(k) = st.urgent.pop_front() {
+            if let Some(k) = st.urgent.pop_front() {
                 if !st.sent[k] {
                     st.sent[k] = true;
                     // The order follows the guest: what comes after the chunk
                     // it touched is what it will touch next.
                     st.next = k + 1;
-                    return Some(Job::Chunk(g, file, k, true));
+                    st.piece = Some((k, 0, true));
                 }
+                continue;
             }
             // The rest goes once the target runs the guest: before, it would
             // only compete with the switch for the link and the CPUs.
@@ -558,7 +583,8 @@ fn next_job(sh: &SendShared) -> Option<Job> {
             if let Some(k) = found {
                 st.sent[k] = true;
                 st.next = k + 1;
-                return Some(Job::Chunk(g, file, k, false));
+                st.piece = Some((k, 0, false));
+                continue;
             }
             if !st.end_sent {
                 st.end_sent = true;
@@ -578,15 +604,16 @@ fn push(sh: &SendShared) {
                 sh.counters.pages_requested.fetch_add(1, Ordering::Relaxed);
                 (g, send_page(sh, f, off))
             }
-            Job::Chunk(g, f, k, urgent) => {
-                let r = send_chunk(sh, f, k);
-                let c = if urgent {
-                    &sh.counters.chunks_requested
-                } else {
-                    &sh.counters.chunks_pushed
-                };
-                c.fetch_add(1, Ordering::Relaxed);
-                (g, r)
+            Job::Piece(g, f, k, pages, urgent) => {
+                if pages.start == 0 {
+                    let c = if urgent {
+                        &sh.counters.chunks_requested
+                    } else {
+                        &sh.counters.chunks_pushed
+                    };
+                    c.fetch_add(1, Ordering::Relaxed);
+                }
+                (g, send_piece(sh, f, k, pages))
             }
             Job::End(g, mut f) => {
                 let end = [0u8; 16];
@@ -617,9 +644,9 @@ fn send_head(sh: &SendShared, f: File, g: u64) -> io::Result<()> {
     let mut w = BufWriter::with_capacity(1 << 20, f);
     let first = g == 1;
     let flags = if first {
-        FLAG_LIVE | FLAG_HANDOVER | FLAG_PAGES
+        FLAG_LIVE | FLAG_HANDOVER | FLAG_PAGES | FLAG_PIECES
     } else {
-        FLAG_LIVE | FLAG_RESUME | FLAG_HANDOVER | FLAG_PAGES
+        FLAG_LIVE | FLAG_RESUME | FLAG_HANDOVER | FLAG_PAGES | FLAG_PIECES
     };
     if !first || sh.stale.is_none() {
         w.write_all(&encode_stream_header(sh.image_len, &sh.layout, flags))?;
@@ -672,13 +699,23 @@ fn send_page(sh: &SendShared, mut f: File, off: u64) -> io::Result<()> {
     Ok(())
 }
 
-fn send_chunk(sh: &SendShared, f: File, k: usize) -> io::Result<()> {
+/// Pages `pages` of chunk `k` as a PIECE record.
+fn send_piece(sh: &SendShared, f: File, k: usize, pages: std::ops::Range<usize>) -> io::Result<()> {
     let (host, len) = sh.chunks[k];
-    // SAFETY: the chunk lies in a RamRange the caller of `start` keeps
-    // mapped and unwritten while this sender lives.
-    let mem = unsafe { std::slice::from_raw_parts(host as *const u8, len as usize) };
-    let (plen, zero) = write_chunk(f, k, mem)?;
-    if zero {
+    let page = PAGE_SIZE as usize;
+    let end = (pages.end * page).min(len as usize);
+    // SAFETY: the pages lie in a chunk of a RamRange the caller of `start`
+    // keeps mapped and unwritten while this sender lives.
+    let mem = unsafe {
+        std::slice::from_raw_parts(
+            (host as usize + pages.start * page) as *const u8,
+            end - pages.start * page,
+        )
+    };
+    let mut prefix = (pages.start as u32).to_le_bytes().to_vec();
+    prefix.extend_from_slice(&(pages.len() as u32).to_le_bytes());
+    let (plen, zero) = write_pages(f, KIND_PIECE, k, &prefix, pages.len().div_ceil(8), mem)?;
+    if zero && pages.start == 0 && end == len as usize {
         sh.counters.zero_chunks.fetch_add(1, Ordering::Relaxed);
     }
     sh.counters
@@ -690,7 +727,21 @@ fn send_chunk(sh: &SendShared, f: File, k: usize) -> io::Result<()> {
 /// Writes chunk `k` (its memory: `mem`, which nobody changes meanwhile) as
 /// a CHUNK record; returns the bytes written and whether it was all zero.
 pub(crate) fn write_chunk(f: impl Write, k: usize, mem: &[u8]) -> io::Result<(usize, bool)> {
-    let mut bitmap = [0u8; BITMAP];
+    write_pages(f, KIND_CHUNK, k, &[], BITMAP, mem)
+}
+
+/// Writes a record of `kind` at `k`: `prefix`, a bitmap (`bitmap_len`
+/// bytes) of `mem`'s non-zero pages, those pages. Returns the bytes
+/// written and whether every page was zero.
+pub(super) fn write_pages(
+    f: impl Write,
+    kind: u32,
+    k: usize,
+    prefix: &[u8],
+    bitmap_len: usize,
+    mem: &[u8],
+) -> io::Result<(usize, bool)> {
+    let mut bitmap = vec![0u8; bitmap_len];
     let mut n = 0usize;
     for (i, page) in mem.chunks(PAGE_SIZE as usize).enumerate() {
         if !is_zero(page) {
@@ -698,19 +749,22 @@ pub(crate) fn write_chunk(f: impl Write, k: usize, mem: &[u8]) -> io::Result<(us
             n += 1;
         }
     }
+    let nonzero = |i: usize| bitmap[i / 8] & (1 << (i % 8)) != 0;
     let mut h = crc32fast::Hasher::new();
+    h.update(prefix);
     h.update(&bitmap);
     for (i, page) in mem.chunks(PAGE_SIZE as usize).enumerate() {
-        if bitmap[i / 8] & (1 << (i % 8)) != 0 {
+        if nonzero(i) {
             h.update(page);
         }
     }
-    let plen = BITMAP + n * PAGE_SIZE as usize;
+    let plen = prefix.len() + bitmap_len + n * PAGE_SIZE as usize;
     let mut w = BufWriter::with_capacity(256 << 10, f);
-    w.write_all(&record_head_crc(KIND_CHUNK, k as u64, plen, h.finalize()))?;
+    w.write_all(&record_head_crc(kind, k as u64, plen, h.finalize()))?;
+    w.write_all(prefix)?;
     w.write_all(&bitmap)?;
     for (i, page) in mem.chunks(PAGE_SIZE as usize).enumerate() {
-        if bitmap[i / 8] & (1 << (i % 8)) != 0 {
+        if nonzero(i) {
             w.write_all(page)?;
         }
     }

@@ -235,6 +235,8 @@ fn spawn_receiver<R: Read + Send + 'static>(
 }
 
 fn target_reader<R: Read>(sh: &RecvShared, mut r: BufReader<R>, g: u64) {
+    // A chunk coming in pieces on this connection (lost with it).
+    let mut partial = Partial::default();
     let why = loop {
         let (kind, off, data) = match read_record(&mut r, BITMAP + CHUNK_PAGES * PAGE_SIZE as usize)
         {
@@ -245,51 +247,20 @@ fn target_reader<R: Read>(sh: &RecvShared, mut r: BufReader<R>, g: u64) {
         sh.bytes
             .fetch_add(data.len() as u64 + 24, Ordering::Relaxed);
         match kind {
-            KIND_CHUNK => {
-                let k = off as usize;
-                let mut st = lock(&sh.st);
-                if st.generation != g {
-                    return;
-                }
-                if k >= st.slots.len() {
-                    break format!("chunk {k} is not in guest RAM");
-                }
-                if let Err(e) = check_chunk(&sh.layout, k, &data) {
-                    break e;
-                }
-                // Hold back while too much waits to be placed (never a chunk
-                // a thread waits for).
-                while st.staged > MAX_STAGED
-                    && !matches!(st.slots[k], Slot::Requested)
-                    && st.failed.is_none()
-                    && st.generation == g
-                {
-                    st = sh.cv.wait(st).unwrap_or_else(|e| e.into_inner());
-                }
-                if st.generation != g || st.failed.is_some() {
-                    return;
-                }
-                if matches!(st.slots[k], Slot::Absent | Slot::Requested) {
-                    st.received += 1;
-                    st.arrivals.push_back(k);
-                    if data[..BITMAP].iter().all(|b| *b == 0) {
-                        st.slots[k] = Slot::Zero;
-                    } else {
-                        st.staged += data.len() as u64;
-                        st.slots[k] = Slot::Arrived(data);
-                    }
-                    sh.cv.notify_all();
-                    // Every chunk is here (some still to be placed): the
-                    // source may let go now rather than after the placing —
-                    // once it knows the guest runs here.
-                    if st.received == st.slots.len() as u64 && st.running {
-                        if tell_done(&mut st) {
-                            return;
-                        }
-                        break "cannot tell the source every page is here".into();
-                    }
-                }
-            }
+            KIND_CHUNK => match chunk_arrived(sh, g, off as usize, data) {
+                Flow::Go => {}
+                Flow::Stop => return,
+                Flow::Break(why) => break why,
+            },
+            KIND_PIECE => match partial.add(&sh.layout, off as usize, &data) {
+                Err(why) => break why,
+                Ok(None) => {}
+                Ok(Some((k, whole))) => match chunk_arrived(sh, g, k, whole) {
+                    Flow::Go => {}
+                    Flow::Stop => return,
+                    Flow::Break(why) => break why,
+                },
+            },
             KIND_END => {}
             KIND_PAGE => {
                 let ok = data.len() == PAGE_SIZE as usize && off % PAGE_SIZE == 0;
@@ -337,6 +308,120 @@ fn target_reader<R: Read>(sh: &RecvShared, mut r: BufReader<R>, g: u64) {
         if let Some(ev) = lock(&sh.events).as_ref() {
             ev(TargetEvent::Paused(why));
         }
+    }
+}
+
+/// What the reader does after a record.
+enum Flow {
+    Go,
+    /// This connection's generation is over: leave quietly.
+    Stop,
+    Break(String),
+}
+
+/// Chunk `k` arrived whole (`data`: a CHUNK payload) on connection `g`.
+fn chunk_arrived(sh: &RecvShared, g: u64, k: usize, data: Vec<u8>) -> Flow {
+    let mut st = lock(&sh.st);
+    if st.generation != g {
+        return Flow::Stop;
+    }
+    if k >= st.slots.len() {
+        return Flow::Break(format!("chunk {k} is not in guest RAM"));
+    }
+    if let Err(e) = check_chunk(&sh.layout, k, &data) {
+        return Flow::Break(e);
+    }
+    // Hold back while too much waits to be placed (never a chunk
+    // a thread waits for).
+    while st.staged > MAX_STAGED
+        && !matches!(st.slots[k], Slot::Requested)
+        && st.failed.is_none()
+        && st.generation == g
+    {
+        st = sh.cv.wait(st).unwrap_or_else(|e| e.into_inner());
+    }
+    if st.generation != g || st.failed.is_some() {
+        return Flow::Stop;
+    }
+    if matches!(st.slots[k], Slot::Absent | Slot::Requested) {
+        st.received += 1;
+        st.arrivals.push_back(k);
+        if data[..BITMAP].iter().all(|b| *b == 0) {
+            st.slots[k] = Slot::Zero;
+        } else {
+            st.staged += data.len() as u64;
+            st.slots[k] = Slot::Arrived(data);
+        }
+        sh.cv.notify_all();
+        // Every chunk is here (some still to be placed): the
+        // source may let go now rather than after the placing —
+        // once it knows the guest runs here.
+        if st.received == st.slots.len() as u64 && st.running {
+            if tell_done(&mut st) {
+                return Flow::Stop;
+            }
+            return Flow::Break("cannot tell the source every page is here".into());
+        }
+    }
+    Flow::Go
+}
+
+/// A chunk being put together from PIECE records: its number, the next page
+/// expected, and the CHUNK payload so far (bitmap, non-zero pages).
+#[derive(Default)]
+pub(super) struct Partial(Option<(usize, usize, Vec<u8>)>);
+
+impl Partial {
+    /// Adds a PIECE of chunk `k`; returns the chunk's CHUNK payload once its
+    /// last piece is in. Pieces out of order, overlapping, past the chunk,
+    /// or with a payload that does not match their bitmap are refused.
+    pub(super) fn add(
+        &mut self,
+        layout: &[ImageRange],
+        k: usize,
+        d: &[u8],
+    ) -> std::result::Result<Option<(usize, Vec<u8>)>, String> {
+        let bad = || format!("a piece of chunk {k} is malformed or out of order");
+        let len = chunk_len(layout, k).ok_or_else(|| format!("chunk {k} is not in guest RAM"))?;
+        let pages = (len / PAGE_SIZE) as usize;
+        if d.len() < 8 {
+            return Err(bad());
+        }
+        let first = u32::from_le_bytes([d[0], d[1], d[2], d[3]]) as usize;
+        let count = u32::from_le_bytes([d[4], d[5], d[6], d[7]]) as usize;
+        let bm_len = count.div_ceil(8);
+        if count == 0
+            || !first.checked_add(count).is_some_and(|e| e <= pages)
+            || d.len() < 8 + bm_len
+        {
+            return Err(bad());
+        }
+        let bm = &d[8..8 + bm_len];
+        let bit = |i: usize| bm[i / 8] & (1 << (i % 8)) != 0;
+        let set = (0..count).filter(|&i| bit(i)).count();
+        let beyond = (count..bm_len * 8).any(bit);
+        if beyond || d.len() != 8 + bm_len + set * PAGE_SIZE as usize {
+            return Err(bad());
+        }
+        let expected = match &self.0 {
+            None => 0,
+            Some((pk, next, _)) if *pk == k => *next,
+            Some(_) => usize::MAX,
+        };
+        if first != expected {
+            return Err(bad());
+        }
+        let (_, next, whole) = self.0.get_or_insert_with(|| (k, 0, vec![0u8; BITMAP]));
+        for i in (0..count).filter(|&i| bit(i)) {
+            whole[(first + i) / 8] |= 1 << ((first + i) % 8);
+        }
+        whole.extend_from_slice(&d[8 + bm_len..]);
+        *next = first + count;
+        if *next < pages {
+            return Ok(None);
+        }
+        let (k, _, whole) = self.0.take().expect("a chunk in progress");
+        Ok(Some((k, whole)))
     }
 }
 
