@@ -9,6 +9,7 @@ pub mod block;
 pub mod net;
 pub mod queue;
 pub mod transport;
+mod vectored;
 pub mod vsock;
 
 use std::fs::File;
@@ -50,6 +51,12 @@ pub trait BlockBackend: Send {
     fn read_at(&mut self, buf: &mut [u8], offset: u64) -> io::Result<()>;
     fn write_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()>;
     fn flush(&mut self) -> io::Result<()>;
+    /// The file that holds the disk's bytes at their own offsets (a raw
+    /// image), for reads and writes straight between it and guest memory;
+    /// other backends go through a buffer and `read_at`/`write_at`.
+    fn plain_file(&self) -> Option<&File> {
+        None
+    }
     /// The guest no longer needs these bytes (their content is then
     /// unspecified). By default the request is honoured by doing nothing.
     fn discard(&mut self, offset: u64, len: u64) -> io::Result<()> {
@@ -110,6 +117,9 @@ impl BlockBackend for RawFile {
     }
     fn flush(&mut self) -> io::Result<()> {
         self.file.sync_data()
+    }
+    fn plain_file(&self) -> Option<&File> {
+        Some(&self.file)
     }
     /// Punches a hole: the file gives the space back.
     fn discard(&mut self, offset: u64, len: u64) -> io::Result<()> {

@@ -1,0 +1,175 @@
+//! A disk request's data moved between a file and guest memory with one
+//! `preadv`/`pwritev`: the kernel copies straight between the page cache
+//! (or the disk) and guest RAM, with no buffer in between. Only raw pointers
+//! into guest memory are made (from vm-memory's bounds-checked slices), never
+//! Rust references: the guest may touch the same bytes meanwhile.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::AsRawFd;
+
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+
+use super::queue::Desc;
+
+/// Why a transfer did not happen.
+#[derive(Debug)]
+pub enum Error {
+    /// A segment lies (partly) outside guest memory.
+    Guest,
+    Io(io::Error),
+}
+
+/// Most segments one call takes (Linux's `UIO_MAXIOV`).
+const IOV_MAX: usize = 1024;
+
+/// Reads `file` from `offset` into the segments (or, with `write`, writes them
+/// there), all of their bytes in order; a short transfer is continued, and
+/// the end of the file before the last byte is an error.
+pub fn transfer(
+    file: &File,
+    mem: &GuestMemoryMmap,
+    segs: &[Desc],
+    offset: u64,
+    write: bool,
+) -> Result<(), Error> {
+    let mut iov = Vec::with_capacity(segs.len());
+    let mut guards = Vec::with_capacity(segs.len());
+    for d in segs {
+        for s in GuestMemoryBackend::get_slices(mem, GuestAddress(d.addr), d.len as usize) {
+            let s = s.map_err(|_| Error::Guest)?;
+            let g = s.ptr_guard_mut();
+            iov.push(libc::iovec {
+                iov_base: g.as_ptr().cast(),
+                iov_len: s.len(),
+            });
+            guards.push(g);
+        }
+    }
+    let total: usize = iov.iter().map(|v| v.iov_len).sum();
+    let (mut done, mut first) = (0usize, 0usize);
+    while done < total {
+        let end = (first + IOV_MAX).min(iov.len());
+        let pos = offset + done as u64;
+        // SAFETY: every iovec points into guest memory that vm-memory
+        // checked and keeps mapped (`guards` live until the end), with its
+        // length; the kernel reads or writes only those bytes.
+        let n = unsafe {
+            if write {
+                libc::pwritev(
+                    file.as_raw_fd(),
+                    iov[first..end].as_ptr(),
+                    (end - first) as libc::c_int,
+                    pos as libc::off_t,
+                )
+            } else {
+                libc::preadv(
+                    file.as_raw_fd(),
+                    iov[first..end].as_ptr(),
+                    (end - first) as libc::c_int,
+                    pos as libc::off_t,
+                )
+            }
+        };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(Error::Io(e));
+        }
+        if n == 0 {
+            return Err(Error::Io(io::ErrorKind::UnexpectedEof.into()));
+        }
+        // Skip what was transferred: whole segments, then part of one.
+        let mut n = n as usize;
+        done += n;
+        while n > 0 {
+            let v = &mut iov[first];
+            if n >= v.iov_len {
+                n -= v.iov_len;
+                first += 1;
+            } else {
+                // SAFETY: advancing within the same segment, by less than its length.
+                v.iov_base = unsafe { v.iov_base.cast::<u8>().add(n) }.cast();
+                v.iov_len -= n;
+                n = 0;
+            }
+        }
+    }
+    drop(guards);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::FileExt;
+    use vm_memory::Bytes;
+
+    fn mem() -> GuestMemoryMmap {
+        GuestMemoryMmap::from_ranges(&[
+            (GuestAddress(0), 0x10000),
+            (GuestAddress(0x10000), 0x10000),
+        ])
+        .unwrap()
+    }
+
+    /// An unnamed file in the temporary directory.
+    fn scratch(tag: &str) -> File {
+        let p = std::env::temp_dir().join(format!("snapvmm-vec-{tag}-{}", std::process::id()));
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&p)
+            .unwrap();
+        std::fs::remove_file(&p).unwrap();
+        f
+    }
+
+    fn seg(addr: u64, len: u32) -> Desc {
+        Desc {
+            addr,
+            len,
+            write: true,
+        }
+    }
+
+    #[test]
+    fn scattered_segments_across_regions_read_and_write_in_order() {
+        let m = mem();
+        let f = scratch("order");
+        let data: Vec<u8> = (0..12288u32).map(|i| (i * 7 % 251) as u8).collect();
+        f.write_all_at(&data, 4096).unwrap();
+        // The last segment straddles the two regions.
+        let segs = [seg(0x3000, 4096), seg(0x100, 4096), seg(0xf800, 4096)];
+        transfer(&f, &m, &segs, 4096, false).unwrap();
+        let mut got = vec![0u8; 4096];
+        for (i, s) in segs.iter().enumerate() {
+            m.read_slice(&mut got, GuestAddress(s.addr)).unwrap();
+            assert_eq!(got, data[i * 4096..(i + 1) * 4096], "segment {i}");
+        }
+        // And back: written to another place in the file, equal bytes.
+        transfer(&f, &m, &segs, 65536, true).unwrap();
+        let mut back = vec![0u8; 12288];
+        f.read_exact_at(&mut back, 65536).unwrap();
+        assert_eq!(back, data);
+    }
+
+    #[test]
+    fn outside_guest_memory_and_past_the_file_are_errors() {
+        let m = mem();
+        let f = scratch("errors");
+        f.set_len(8192).unwrap();
+        assert!(matches!(
+            transfer(&f, &m, &[seg(0x1f000, 8192)], 0, false),
+            Err(Error::Guest)
+        ));
+        match transfer(&f, &m, &[seg(0, 8192)], 4096, false) {
+            Err(Error::Io(e)) => assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof),
+            other => panic!("{other:?}"),
+        }
+    }
+}
