@@ -269,8 +269,19 @@ def run_one(a, elf, tsc, size, load, kind, n):
         mig = {e: t for e, t in getattr(src.q, "events", []) if e.startswith("MIGRATION:")}
         pc_ms = ((mig["MIGRATION:completed"] - mig["MIGRATION:postcopy-active"]) * 1000
                  if "MIGRATION:completed" in mig and "MIGRATION:postcopy-active" in mig else None)
+        # The target's own account of its faults (snapvmm): how long faulting
+        # threads waited for a page from the source, and for its placing.
+        fill = None
+        if not qemu and converged:
+            for _ in range(50):
+                fill = dst.q.cmd("query-migrate").get("x-restore-fill")
+                if fill:
+                    break
+                time.sleep(0.1)
         res = {
             "vmm": kind, "size": size, "load": load, "converged": converged,
+            "target_fault_source_waits": (fill or {}).get("fault-source-waits"),
+            "target_fault_fills": (fill or {}).get("fault-fills"),
             "downtime_ms": event_downtime_ms,
             "vmm_downtime_ms": downtime_ms,
             "precopy_bytes": m.get("ram", {}).get("precopy-bytes"),

@@ -29,7 +29,8 @@
 //! chunk), END, RESUME, GO (with header flag `handover`), PAGE
 //! (after the switch, with header flag `pages`: the page a REQ_PAGE asked
 //! for); target → source RUNNING, REQ_PAGE (image offset of a page), REQ (offset =
-//! chunk number), NEED (payload = chunk bitmap), DONE.
+//! chunk number), NEED (payload = chunk bitmap), CONSUMED (with `pieces`: how
+//! much of the pieces the target took in), DONE.
 
 use std::collections::VecDeque;
 use std::fs::File;
@@ -74,6 +75,11 @@ const KIND_REQ_PAGE: u32 = 15;
 const KIND_PIECE: u32 = 16;
 /// Pages per piece (128 KiB: a millisecond of a 1 Gbit/s link).
 const PIECE_PAGES: usize = 32;
+/// Target → source (header flag `pieces`): offset = bytes of PIECE records
+/// (heads included) the target has taken in on this connection so far. The
+/// source pushes only so far ahead of it: what waits in front of a page
+/// asked for — in socket buffers, relays, anywhere on the way — stays small.
+const KIND_CONSUMED: u32 = 17;
 /// Most pages sent with the device state.
 pub const MAX_EARLY_PAGES: usize = 256;
 
@@ -144,6 +150,7 @@ mod tests {
     use super::target::Partial;
     use super::*;
     use crate::stream::read_record;
+    use std::time::Duration;
 
     /// A record as it comes off the wire: (kind, offset, payload).
     fn wire(rec: Vec<u8>) -> (u32, u64, Vec<u8>) {
@@ -205,10 +212,11 @@ mod tests {
         assert_eq!(p.add(&layout, 0, &piece(0, &zero, 0, 8)).unwrap(), None);
     }
 
-    /// The source as a test target sees it: after the switch, a page asked
-    /// for while chunks are being pushed comes after at most the push
-    /// allowance and the piece being written — never behind a whole chunk —
-    /// and every chunk comes as pieces.
+    /// The source as a test target sees it: after the switch every chunk
+    /// comes as pieces, pushed no further ahead of what the target says it
+    /// took in than PUSH_AHEAD; a page asked for while chunks are being
+    /// pushed comes after at most that and the piece being written — never
+    /// behind a whole chunk.
     #[test]
     fn a_page_asked_for_waits_behind_one_piece_not_a_chunk() {
         use std::os::unix::net::UnixStream;
@@ -231,18 +239,35 @@ mod tests {
         let (reader, layout) = crate::stream::StreamReader::start(b).unwrap();
         assert!(layout.live);
         let mut r = reader.into_buffered();
-        let mut next = || read_record(&mut r, 4 << 20).unwrap().unwrap();
-        while next().0 != KIND_SWITCH {}
+        let mut next = || read_record(&mut r, 4 << 20).ok().flatten();
+        while next().unwrap().0 != KIND_SWITCH {}
         send(&mut w, KIND_RUNNING, 0, &[]).unwrap();
-        assert_eq!(next().0, KIND_GO);
-        // The push is under way: ask for a page of the last chunk.
-        let (kind, k, _) = next();
-        assert_eq!((kind, k), (KIND_PIECE, 0));
+        assert_eq!(next().unwrap().0, KIND_GO);
+        // A piece on the wire: 32 pages (128 KiB) and their heads.
+        let piece = 8 + 4 + 32 * 4096 + 24;
+        // Until the target says it took some in, the source pushes no
+        // further than PUSH_AHEAD (and the piece under way).
+        w.set_read_timeout(Some(Duration::from_millis(500)))
+            .unwrap();
+        let mut pushed = 0usize;
+        while let Some((kind, _, data)) = next() {
+            assert_eq!(kind, KIND_PIECE);
+            pushed += data.len() + 24;
+        }
+        assert!(
+            pushed > 0 && pushed <= PUSH_AHEAD_FOR_TESTS + piece,
+            "{pushed} bytes pushed without a word from the target"
+        );
+        w.set_read_timeout(None).unwrap();
+        // Taken in: the push goes on. Ask for a page of the last chunk.
+        send(&mut w, KIND_CONSUMED, pushed as u64, &[]).unwrap();
+        let (kind, _, _) = next().unwrap();
+        assert_eq!(kind, KIND_PIECE);
         let page = layout.ranges[0].file_offset + 15 * CHUNK + 7 * PAGE_SIZE;
         send(&mut w, KIND_REQ_PAGE, page, &[]).unwrap();
         let mut behind = 0usize;
         loop {
-            let (kind, off, data) = next();
+            let (kind, off, data) = next().unwrap();
             assert_ne!(kind, KIND_CHUNK, "chunks go as pieces after the switch");
             if kind == KIND_PAGE && off == page {
                 assert_eq!(data, mem[(15 * CHUNK + 7 * PAGE_SIZE) as usize..][..4096]);
@@ -250,8 +275,6 @@ mod tests {
             }
             behind += data.len() + 24;
         }
-        // A piece of 32 pages (128 KiB) on the wire.
-        let piece = 8 + 4 + 32 * 4096 + 24;
         assert!(
             behind <= PUSH_AHEAD_FOR_TESTS + 2 * piece,
             "the page came after {behind} bytes of pushed pieces"

@@ -49,6 +49,10 @@ struct SendState {
     /// The chunk going out piece by piece: its number, its next page, and
     /// whether the target asked for it. Its pieces go before any other chunk.
     piece: Option<(usize, usize, bool)>,
+    /// Bytes of PIECE records written on this connection, and how many of
+    /// them the target says it took in (CONSUMED).
+    piece_bytes: u64,
+    consumed: u64,
     /// The connection in use and its generation.
     conn: Option<(u64, OwnedFd)>,
     generation: u64,
@@ -209,6 +213,8 @@ impl PostcopySender {
                 urgent: VecDeque::new(),
                 urgent_pages: VecDeque::new(),
                 piece: None,
+                piece_bytes: 0,
+                consumed: 0,
                 go_due: false,
                 conn: None,
                 generation: 0,
@@ -353,6 +359,8 @@ fn attach(sh: &Arc<SendShared>, sock: OwnedFd, first: bool) -> Result<()> {
         // A chunk cut short on the old connection is among what the
         // target says it lacks: it goes again, whole.
         st.piece = None;
+        st.piece_bytes = 0;
+        st.consumed = 0;
         sh.cv.notify_all();
         st.generation
     };
@@ -435,6 +443,12 @@ fn source_reader(sh: &SendShared, r: File, g: u64, first: bool) {
                 sh.cv.notify_all();
                 sh.counters.requests.fetch_add(1, Ordering::Relaxed);
             }
+            KIND_CONSUMED => {
+                if st.generation == g && off > st.consumed {
+                    st.consumed = off;
+                    sh.cv.notify_all();
+                }
+            }
             KIND_NEED => {
                 need_first = false;
                 let n = st.sent.len();
@@ -474,21 +488,14 @@ fn source_reader(sh: &SendShared, r: File, g: u64, first: bool) {
     lost(sh, g, why);
 }
 
-/// How much a connection may hold unsent before the next pushed chunk
-/// (about 4 ms of a 1 Gbit/s link).
+/// How far pushed pieces may run ahead of what the target took in (about
+/// 4 ms of a 1 Gbit/s link: enough to keep a link with a few milliseconds
+/// of delay busy).
 pub(super) const PUSH_AHEAD: usize = 512 << 10;
 
-/// Bytes written to the socket `fd` and not yet sent (TCP: not yet
-/// acknowledged); 0 where the kernel does not say.
-fn unsent(fd: &impl AsRawFd) -> usize {
-    let mut n: libc::c_int = 0;
-    // SAFETY: TIOCOUTQ (SIOCOUTQ) writes one int through the pointer given.
-    let r = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCOUTQ, &mut n) };
-    if r < 0 {
-        0
-    } else {
-        n.max(0) as usize
-    }
+/// Whether pushing must wait for the target to take in more.
+fn ahead(st: &SendState) -> bool {
+    st.piece_bytes.saturating_sub(st.consumed) > PUSH_AHEAD as u64
 }
 
 /// What the pusher does next.
@@ -530,15 +537,13 @@ fn next_job(sh: &SendShared) -> Option<Job> {
             if let Some(off) = st.urgent_pages.pop_front() {
                 return Some(Job::Page(g, file, off));
             }
-            // The chunk on its way goes on, piece by piece; pushed pieces
-            // are paced like pushed chunks (below).
+            // The chunk on its way goes on, piece by piece, paced (below)
+            // even when the target asked for it: the page its thread waits
+            // on went first, and a whole chunk sent at once would hold up
+            // the next page asked for by 2 MiB.
             if let Some((k, p, urgent)) = st.piece {
-                if !urgent && unsent(&file) > PUSH_AHEAD {
-                    st = sh
-                        .cv
-                        .wait_timeout(st, Duration::from_micros(500))
-                        .unwrap_or_else(|e| e.into_inner())
-                        .0;
+                if ahead(&st) {
+                    st = sh.cv.wait(st).unwrap_or_else(|e| e.into_inner());
                     continue;
                 }
                 let pages = (sh.chunks[k].1 / PAGE_SIZE) as usize;
@@ -564,16 +569,12 @@ fn next_job(sh: &SendShared) -> Option<Job> {
                 st = sh.cv.wait(st).unwrap_or_else(|e| e.into_inner());
                 continue;
             }
-            // Pushed chunks wait while the connection already holds more
-            // than PUSH_AHEAD unsent: a page or chunk a thread waits on then
-            // goes out after at most that much (and the chunk being
-            // written), not behind everything queued on a slow link.
-            if unsent(&file) > PUSH_AHEAD {
-                st = sh
-                    .cv
-                    .wait_timeout(st, Duration::from_micros(500))
-                    .unwrap_or_else(|e| e.into_inner())
-                    .0;
+            // Pushed chunks wait while the target has not yet taken in all
+            // but PUSH_AHEAD of what was pushed: a page or chunk a thread
+            // waits on then goes out behind at most that much (and the
+            // piece being written), not behind everything queued on the way.
+            if ahead(&st) {
+                st = sh.cv.wait(st).unwrap_or_else(|e| e.into_inner());
                 continue;
             }
             // In order from `next`, then from the start for what was skipped.
@@ -613,7 +614,14 @@ fn push(sh: &SendShared) {
                     };
                     c.fetch_add(1, Ordering::Relaxed);
                 }
-                (g, send_piece(sh, f, k, pages))
+                let r = send_piece(sh, f, k, pages);
+                if let Ok(n) = r {
+                    let mut st = lock(&sh.st);
+                    if st.generation == g {
+                        st.piece_bytes += n as u64;
+                    }
+                }
+                (g, r.map(|_| ()))
             }
             Job::End(g, mut f) => {
                 let end = [0u8; 16];
@@ -700,7 +708,12 @@ fn send_page(sh: &SendShared, mut f: File, off: u64) -> io::Result<()> {
 }
 
 /// Pages `pages` of chunk `k` as a PIECE record.
-fn send_piece(sh: &SendShared, f: File, k: usize, pages: std::ops::Range<usize>) -> io::Result<()> {
+fn send_piece(
+    sh: &SendShared,
+    f: File,
+    k: usize,
+    pages: std::ops::Range<usize>,
+) -> io::Result<usize> {
     let (host, len) = sh.chunks[k];
     let page = PAGE_SIZE as usize;
     let end = (pages.end * page).min(len as usize);
@@ -721,7 +734,7 @@ fn send_piece(sh: &SendShared, f: File, k: usize, pages: std::ops::Range<usize>)
     sh.counters
         .bytes_sent
         .fetch_add(plen as u64, Ordering::Relaxed);
-    Ok(())
+    Ok(plen)
 }
 
 /// Writes chunk `k` (its memory: `mem`, which nobody changes meanwhile) as

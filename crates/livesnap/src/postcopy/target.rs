@@ -235,8 +235,10 @@ fn spawn_receiver<R: Read + Send + 'static>(
 }
 
 fn target_reader<R: Read>(sh: &RecvShared, mut r: BufReader<R>, g: u64) {
-    // A chunk coming in pieces on this connection (lost with it).
+    // A chunk coming in pieces on this connection (lost with it), and the
+    // bytes of pieces taken in so far (told to the source).
     let mut partial = Partial::default();
+    let mut consumed = 0u64;
     let why = loop {
         let (kind, off, data) = match read_record(&mut r, BITMAP + CHUNK_PAGES * PAGE_SIZE as usize)
         {
@@ -252,15 +254,31 @@ fn target_reader<R: Read>(sh: &RecvShared, mut r: BufReader<R>, g: u64) {
                 Flow::Stop => return,
                 Flow::Break(why) => break why,
             },
-            KIND_PIECE => match partial.add(&sh.layout, off as usize, &data) {
-                Err(why) => break why,
-                Ok(None) => {}
-                Ok(Some((k, whole))) => match chunk_arrived(sh, g, k, whole) {
-                    Flow::Go => {}
-                    Flow::Stop => return,
-                    Flow::Break(why) => break why,
-                },
-            },
+            KIND_PIECE => {
+                let n = data.len() as u64 + crate::stream::RECORD_HEAD as u64;
+                match partial.add(&sh.layout, off as usize, &data) {
+                    Err(why) => break why,
+                    Ok(None) => {}
+                    Ok(Some((k, whole))) => match chunk_arrived(sh, g, k, whole) {
+                        Flow::Go => {}
+                        Flow::Stop => return,
+                        Flow::Break(why) => break why,
+                    },
+                }
+                // Taken in: the source may push that much more.
+                consumed += n;
+                let mut st = lock(&sh.st);
+                if st.generation != g {
+                    return;
+                }
+                if let Some(w) = st.writer.as_mut() {
+                    if send(w, KIND_CONSUMED, consumed, &[]).is_err() {
+                        if let Some(w) = st.writer.take() {
+                            shutdown(&w);
+                        }
+                    }
+                }
+            }
             KIND_END => {}
             KIND_PAGE => {
                 let ok = data.len() == PAGE_SIZE as usize && off % PAGE_SIZE == 0;
