@@ -42,6 +42,7 @@ mod source;
 pub mod stream;
 pub mod uffd;
 pub mod waits;
+mod wire;
 pub mod wp_capture;
 mod wp_engine;
 

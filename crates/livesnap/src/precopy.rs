@@ -28,19 +28,12 @@ use std::time::{Duration, Instant};
 
 use crate::capture::lock;
 use crate::error::{Result, SnapError};
-use crate::postcopy::{chunks_of, write_chunk};
 use crate::stream::{
     encode_stream_header, FLAG_HANDOVER, FLAG_LIVE, FLAG_PAGES, FLAG_PIECES, FLAG_PRECOPY,
 };
+use crate::wire::{chunks_of, write_chunk};
+pub use crate::wire::{PrecopyDone, WriteLog};
 use crate::RamRange;
-
-/// Which chunks of guest RAM were written since a mark.
-pub trait WriteLog: Send + Sync {
-    /// Whether the 2 MiB chunk holding host address `host` was written
-    /// since the mark (must err towards true: a false answer for a written
-    /// chunk leaves stale memory at the target).
-    fn written(&self, host: u64) -> bool;
-}
 
 /// How long a finished pass waits for the connection to deliver what it
 /// wrote before it reports anyway.
@@ -105,13 +98,6 @@ struct Shared {
 pub struct Precopy {
     sh: Arc<Shared>,
     thread: Option<std::thread::JoinHandle<()>>,
-}
-
-/// A finished pass, for [`crate::postcopy::PostcopySender::after_precopy`].
-pub struct PrecopyDone {
-    pub(crate) sock: OwnedFd,
-    pub(crate) sent: Vec<bool>,
-    pub(crate) log: Arc<dyn WriteLog>,
 }
 
 impl Precopy {

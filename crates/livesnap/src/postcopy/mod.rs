@@ -42,50 +42,16 @@ use std::time::{Duration, Instant};
 
 use crate::capture::lock;
 use crate::error::{Result, SnapError};
-use crate::image::{chunk_at, random_id, ranges_of, ImageRange, MAX_DEVICE_STATE, PAGE_SIZE};
+use crate::image::{chunk_at, random_id, ImageRange, MAX_DEVICE_STATE, PAGE_SIZE};
 use crate::lazy::PageSource;
-use crate::precopy::{PrecopyDone, WriteLog};
 use crate::stream::{
-    encode_stream_header, read_record, record_head, record_head_crc, StreamLayout, StreamReader,
-    FLAG_HANDOVER, FLAG_LIVE, FLAG_PAGES, FLAG_PIECES, FLAG_RESUME, KIND_END, MAX_RECORD,
+    encode_stream_header, read_record, record_head, StreamLayout, StreamReader, FLAG_HANDOVER,
+    FLAG_LIVE, FLAG_PAGES, FLAG_PIECES, FLAG_RESUME, KIND_END, MAX_RECORD,
 };
+use crate::wire::*;
 use crate::RamRange;
 use crate::CHUNK;
 
-const KIND_STATE: u32 = 4;
-const KIND_CHUNK: u32 = 5;
-const KIND_REQ: u32 = 6;
-const KIND_DONE: u32 = 7;
-const KIND_RUNNING: u32 = 8;
-const KIND_SWITCH: u32 = 9;
-const KIND_NEED: u32 = 10;
-const KIND_RESUME: u32 = 11;
-const KIND_PAGE: u32 = 12;
-const KIND_STALE: u32 = 13;
-/// Source → target, the answer to RUNNING: the guest is the target's now.
-const KIND_GO: u32 = 14;
-/// Target → source (header flag `pages`): one 4 KiB page a thread waits on,
-/// by image offset; the source sends it as PAGE at once, then its chunk.
-const KIND_REQ_PAGE: u32 = 15;
-/// Source → target (header flag `pieces`): part of a chunk, offset = chunk
-/// number; payload = first page (u32), page count (u32), a bitmap of which
-/// of those pages follow (the others are zero), the non-zero pages. A
-/// chunk's pieces come in order and together cover it; nothing else of
-/// that chunk comes in between.
-const KIND_PIECE: u32 = 16;
-/// Pages per piece (128 KiB: a millisecond of a 1 Gbit/s link).
-const PIECE_PAGES: usize = 32;
-/// Target → source (header flag `pieces`): offset = bytes of PIECE records
-/// (heads included) the target has taken in on this connection so far. The
-/// source pushes only so far ahead of it: what waits in front of a page
-/// asked for — in socket buffers, relays, anywhere on the way — stays small.
-const KIND_CONSUMED: u32 = 17;
-/// Most pages sent with the device state.
-pub const MAX_EARLY_PAGES: usize = 256;
-
-/// Pages per chunk, and the bitmap that says which are sent.
-const CHUNK_PAGES: usize = (CHUNK / PAGE_SIZE) as usize;
-const BITMAP: usize = CHUNK_PAGES / 8;
 /// Chunks the target holds received but not yet placed, at most.
 const MAX_STAGED: u64 = 256 << 20;
 /// How long the source waits for the target to run the guest.
@@ -112,30 +78,9 @@ fn send(w: &mut impl Write, kind: u32, offset: u64, data: &[u8]) -> io::Result<(
     w.flush()
 }
 
-/// Chunks (host address, length) in image order, the image layout and length.
-pub(crate) type Chunks = (Vec<(u64, u64)>, Vec<ImageRange>, u64);
-
-/// The chunks of `ranges`, and the image layout and length they make.
-pub(crate) fn chunks_of(ranges: &[RamRange]) -> Result<Chunks> {
-    let pairs: Vec<(u64, u64)> = ranges.iter().map(|r| (r.gpa(), r.len())).collect();
-    let layout = ranges_of(&pairs)?;
-    let mut chunks = Vec::new();
-    for r in ranges {
-        let mut o = 0;
-        while o < r.len() {
-            let len = (r.len() - o).min(CHUNK);
-            chunks.push((r.host() as u64 + o, len));
-            o += len;
-        }
-    }
-    let image_len = layout.last().map_or(0, |r| r.file_offset + r.len);
-    Ok((chunks, layout, image_len))
-}
-
 mod source;
 mod target;
 
-pub(crate) use source::write_chunk;
 #[cfg(test)]
 use source::PUSH_AHEAD as PUSH_AHEAD_FOR_TESTS;
 pub use source::{PostcopySender, SendCounters, SourceEvent};
@@ -146,7 +91,6 @@ pub use target::{
 
 #[cfg(test)]
 mod tests {
-    use super::source::write_pages;
     use super::target::Partial;
     use super::*;
     use crate::stream::read_record;

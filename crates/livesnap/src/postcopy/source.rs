@@ -1,7 +1,6 @@
 //! The source side of a live migration (see the module above).
 
 use super::*;
-use crate::pages::is_zero;
 
 /// What happens to a live migration, as the source sees it.
 #[derive(Debug, Clone)]
@@ -735,52 +734,4 @@ fn send_piece(
         .bytes_sent
         .fetch_add(plen as u64, Ordering::Relaxed);
     Ok(plen)
-}
-
-/// Writes chunk `k` (its memory: `mem`, which nobody changes meanwhile) as
-/// a CHUNK record; returns the bytes written and whether it was all zero.
-pub(crate) fn write_chunk(f: impl Write, k: usize, mem: &[u8]) -> io::Result<(usize, bool)> {
-    write_pages(f, KIND_CHUNK, k, &[], BITMAP, mem)
-}
-
-/// Writes a record of `kind` at `k`: `prefix`, a bitmap (`bitmap_len`
-/// bytes) of `mem`'s non-zero pages, those pages. Returns the bytes
-/// written and whether every page was zero.
-pub(super) fn write_pages(
-    f: impl Write,
-    kind: u32,
-    k: usize,
-    prefix: &[u8],
-    bitmap_len: usize,
-    mem: &[u8],
-) -> io::Result<(usize, bool)> {
-    let mut bitmap = vec![0u8; bitmap_len];
-    let mut n = 0usize;
-    for (i, page) in mem.chunks(PAGE_SIZE as usize).enumerate() {
-        if !is_zero(page) {
-            bitmap[i / 8] |= 1 << (i % 8);
-            n += 1;
-        }
-    }
-    let nonzero = |i: usize| bitmap[i / 8] & (1 << (i % 8)) != 0;
-    let mut h = crc32fast::Hasher::new();
-    h.update(prefix);
-    h.update(&bitmap);
-    for (i, page) in mem.chunks(PAGE_SIZE as usize).enumerate() {
-        if nonzero(i) {
-            h.update(page);
-        }
-    }
-    let plen = prefix.len() + bitmap_len + n * PAGE_SIZE as usize;
-    let mut w = BufWriter::with_capacity(256 << 10, f);
-    w.write_all(&record_head_crc(kind, k as u64, plen, h.finalize()))?;
-    w.write_all(prefix)?;
-    w.write_all(&bitmap)?;
-    for (i, page) in mem.chunks(PAGE_SIZE as usize).enumerate() {
-        if nonzero(i) {
-            w.write_all(page)?;
-        }
-    }
-    w.flush()?;
-    Ok((plen + 24, n == 0))
 }
