@@ -27,10 +27,16 @@ fn linux_boots_with_the_kernel_arguments_of_other_vmms_guides_noapic_included() 
     linux::check_if_selected("boot-args-of-other-vmms");
 }
 
-/// A benchmark (issue 23's disk table), run only when named.
+/// A benchmark (issue 23's disk table beside QEMU), run only when named.
 #[test]
 fn linux_disk_throughput_figures() {
     linux::check_if_selected("disk-throughput");
+}
+
+/// A benchmark (issue 21's ping and TCP figures beside QEMU), run only when named.
+#[test]
+fn linux_network_throughput_figures() {
+    linux::check_if_selected("network-throughput");
 }
 
 #[test]

@@ -12,11 +12,13 @@ use std::process::Command;
 pub const KERNEL_PACKAGE: &str = "linux-image-6.1.0-50-amd64";
 
 /// Modules the guest loads (with their dependencies, resolved from the modules' own
-/// `depends=` field): virtio-mmio and virtio-blk, ext4 (for ext2), the ACPI button.
+/// `depends=` field): virtio-mmio and virtio-blk, ext4 (for ext2), the ACPI button,
+/// the NIC and vsock; virtio-pci for the same guest under QEMU (benchmarks).
 const GUEST_MODULES: &[&str] = &[
     "virtio",
     "virtio_ring",
     "virtio_mmio",
+    "virtio_pci",
     "virtio_blk",
     "crc16",
     "mbcache",

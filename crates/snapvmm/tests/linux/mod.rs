@@ -20,6 +20,9 @@ pub struct Report {
     pub export: Option<PathBuf>,
     /// What to show when a scenario has no result at all (the end of the console).
     pub missing_hint: String,
+    /// Benchmark figures that came back on the TCG VM's console (`LINUX-FIGURE
+    /// <scenario> <text>` lines, [`scenarios::figure`]), without the prefix.
+    pub figures: Vec<String>,
 }
 
 /// Longest all TCG VMs together may take (CI must finish within 30 minutes).
@@ -52,6 +55,7 @@ fn run_here(kernel: PathBuf, initrd: PathBuf) -> Report {
         logs: BTreeMap::new(),
         export: None,
         missing_hint: String::new(),
+        figures: Vec::new(),
     };
     for name in selected() {
         let dir = scratch.join(name);
@@ -111,6 +115,11 @@ pub fn selected() -> Vec<&'static str> {
 /// ([`scenarios::BY_NAME_ONLY`]) says how to run it otherwise.
 pub fn check_if_selected(scenario: &str) {
     if selected().contains(&scenario) {
+        for f in &report().figures {
+            if let Some(text) = f.strip_prefix(scenario).and_then(|t| t.strip_prefix(' ')) {
+                println!("{scenario}: {text}");
+            }
+        }
         check(scenario);
     } else {
         eprintln!("not run: {scenario} runs only when named (SNAPVMM_LINUX_SCENARIOS={scenario})");
@@ -126,6 +135,7 @@ fn run_all() -> Report {
         logs: BTreeMap::new(),
         export: None,
         missing_hint: String::new(),
+        figures: Vec::new(),
     };
     // Inside the TCG VM: the host prepared everything.
     if let Some(dir) = std::env::var_os("SNAPVMM_LINUX_INPUTS").map(PathBuf::from) {
@@ -170,6 +180,7 @@ fn run_all() -> Report {
         report.results.extend(next.results);
         report.logs.extend(next.logs);
         report.missing_hint = next.missing_hint;
+        report.figures.extend(next.figures);
         // Each scenario's images sit in its own folder: bring the new ones over.
         if let (Some(to), Some(from)) = (&report.export, &next.export) {
             for n in &missing {
@@ -190,7 +201,8 @@ fn run_all() -> Report {
             }
         }
     }
-    if report.results.values().all(Result::is_ok) {
+    let complete = wanted.iter().all(|n| report.results.contains_key(*n));
+    if complete && report.results.values().all(Result::is_ok) {
         let _ = std::fs::remove_dir_all(&dir);
     } else {
         eprintln!(

@@ -12,16 +12,23 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use super::scenarios::{catch, field_text, live_snapshot_to, migration_completed, qmp, Ctx, T};
+use super::scenarios::{
+    catch, field_text, figure, live_snapshot_to, migration_completed, qmp, Ctx, T,
+};
 use super::vm::Vm;
 
 /// Names of these scenarios.
-pub const ALL: &[&str] = &["network-tap-snapshot-restore", "vsock-host-guest-restore"];
+pub const ALL: &[&str] = &[
+    "network-tap-snapshot-restore",
+    "vsock-host-guest-restore",
+    "network-throughput",
+];
 
 pub fn run(name: &str, ctx: &Ctx) -> Result<(), String> {
     catch(|| match name {
         "network-tap-snapshot-restore" => tap_snapshot_restore(ctx),
         "vsock-host-guest-restore" => vsock(ctx),
+        "network-throughput" => throughput(ctx),
         other => panic!("unknown scenario {other}"),
     })
 }
@@ -30,6 +37,9 @@ const HOST: &str = "10.0.2.1";
 const GUEST: &str = "10.0.2.15";
 /// What the guest sends the host, checked by hash.
 const BLOB_MIB: usize = 64;
+/// What the throughput benchmark sends each way (the TCG VM moves about
+/// 1 MiB/s guest → host, whatever the VMM: kept short).
+const BENCH_MIB: usize = 16;
 
 /// Waits for the tap snapvmm creates, then gives the host side its address.
 fn host_side(tap: &str) {
@@ -38,11 +48,13 @@ fn host_side(tap: &str) {
         assert!(Instant::now() < end, "snapvmm never created tap {tap}");
         std::thread::sleep(Duration::from_millis(100));
     }
-    let st = Command::new("ip")
-        .args(["addr", "add", &format!("{HOST}/24"), "dev", tap])
-        .status()
-        .expect("ip");
-    assert!(st.success(), "ip addr add on {tap}: {st}");
+    for args in [
+        vec!["addr", "add", &format!("{HOST}/24"), "dev", tap],
+        vec!["link", "set", tap, "up"],
+    ] {
+        let st = Command::new("ip").args(&args).status().expect("ip");
+        assert!(st.success(), "ip {args:?}: {st}");
+    }
 }
 
 /// Types `cmd` until the guest prints `marker` (the shell may not be reading yet).
@@ -338,4 +350,103 @@ fn vsock(ctx: &Ctx) {
     let mut q = qmp(&dst);
     q.ok("quit", json!({}));
     dst.exit_code(T);
+}
+
+/// Round trips and bytes each way (a benchmark, run by name): the same guest
+/// on a tap under snapvmm and then under QEMU (userspace virtio-net over PCI,
+/// no vhost) in the same TCG VM; host → guest ping, 16 MiB of TCP each way,
+/// two rounds. Figures: [`figure`] lines.
+fn throughput(ctx: &Ctx) {
+    let figures = |text: String| figure("network-throughput", &text);
+    for (vmm, tap) in [("snapvmm", "sbt0"), ("qemu", "qbt0")] {
+        let mut vm = if vmm == "snapvmm" {
+            ctx.linux(vmm, "512M", "1", "net", &["--net", &format!("tap={tap}")])
+        } else {
+            let netdev = format!("tap,id=n0,ifname={tap},script=no,downscript=no,vhost=off");
+            ctx.qemu(
+                vmm,
+                "512M",
+                "1",
+                "net",
+                &[
+                    "-netdev",
+                    &netdev,
+                    "-device",
+                    "virtio-net-pci,netdev=n0,romfile=",
+                ],
+            )
+        };
+        host_side(tap);
+        let up = vm.wait("GUEST-NET", T);
+        figures(format!("vmm={vmm} {up}"));
+        vm.wait("GUEST-SHELL", T);
+        run_in_guest(&mut vm, "echo ready-$((2+3))", "ready-5", T);
+        host_pings_guest();
+        for round in 1..=2 {
+            let o = Command::new("ping")
+                .args(["-c", "20", "-i", "0.2", GUEST])
+                .output()
+                .expect("ping");
+            let text = String::from_utf8_lossy(&o.stdout);
+            let rtt = text
+                .lines()
+                .find(|l| l.contains("min/avg/max"))
+                .unwrap_or_else(|| panic!("no round-trip summary in {text}"));
+            figures(format!("vmm={vmm} round={round} ping {rtt}"));
+
+            let t0 = Instant::now();
+            receive(
+                5000 + round,
+                BENCH_MIB << 20,
+                &ctx.dir.join("netbench-blob"),
+                &mut vm,
+                &format!(
+                    "dd if=/dev/zero bs=1M count={BENCH_MIB} 2>/dev/null | nc {HOST} {}",
+                    5000 + round
+                ),
+            );
+            let ms = t0.elapsed().as_millis();
+            figures(format!(
+                "vmm={vmm} round={round} tcp-guest-to-host MiB={BENCH_MIB} ms={ms}"
+            ));
+
+            let port = 5100 + round;
+            vm.type_line(&format!(
+                "echo NETBENCH-RX$((1+1)) bytes=$(nc -l -p {port} | wc -c)"
+            ));
+            let blob = vec![0x5au8; 1 << 20];
+            let end = Instant::now() + T;
+            let mut s = loop {
+                match TcpStream::connect((GUEST, port)) {
+                    Ok(s) => break s,
+                    Err(e) => {
+                        assert!(Instant::now() < end, "the guest never listened: {e}");
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                }
+            };
+            let t0 = Instant::now();
+            for _ in 0..BENCH_MIB {
+                s.write_all(&blob).expect("sending to the guest");
+            }
+            drop(s);
+            let done = vm.wait("NETBENCH-RX2", T);
+            let ms = t0.elapsed().as_millis();
+            assert!(
+                done.contains(&format!("bytes={}", BENCH_MIB << 20)),
+                "the guest got everything: {done}"
+            );
+            figures(format!(
+                "vmm={vmm} round={round} tcp-host-to-guest MiB={BENCH_MIB} ms={ms}"
+            ));
+        }
+        vm.type_line("poweroff -f");
+        let _ = vm.exit_code(T);
+        // The next VMM's tap takes the same address: wait for this one to go.
+        let end = Instant::now() + T;
+        while Path::new("/sys/class/net").join(tap).exists() {
+            assert!(Instant::now() < end, "tap {tap} outlived its VMM");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
 }

@@ -72,23 +72,54 @@ fn libraries(bin: &Path) -> Result<Vec<PathBuf>, String> {
         .collect())
 }
 
+/// What QEMU needs in the TCG VM to boot a Linux guest with `-kernel` on its
+/// PC machine (`-nodefaults`, no display): the BIOS and the kernel loader.
+const QEMU_FIRMWARE: &[&str] = &[
+    "/usr/share/seabios/bios-256k.bin",
+    "/usr/share/qemu/linuxboot_dma.bin",
+    "/usr/share/qemu/linuxboot.bin",
+    "/usr/share/qemu/kvmvapic.bin",
+];
+
+/// The host's `qemu-system-x86_64`, for scenarios that run QEMU beside snapvmm.
+fn qemu_binary() -> Result<PathBuf, String> {
+    let o = Command::new("sh")
+        .args(["-c", "command -v qemu-system-x86_64"])
+        .output()
+        .map_err(|e| e.to_string())?;
+    let p = String::from_utf8_lossy(&o.stdout).trim().to_string();
+    if p.is_empty() {
+        return Err("qemu-system-x86_64 is not installed".into());
+    }
+    Ok(PathBuf::from(p))
+}
+
 fn outer_initrd(inputs: &Inputs, dir: &Path, scenarios: &[&str]) -> Result<PathBuf, String> {
     let me = std::env::current_exe().map_err(|e| e.to_string())?;
     let snapvmm = super::vm::bin();
+    let qemu = if scenarios.iter().any(|s| super::scenarios::needs_qemu(s)) {
+        Some(qemu_binary()?)
+    } else {
+        None
+    };
     let mut c = Cpio::default();
     let mut dirs = std::collections::BTreeSet::new();
     for d in ["bin", "modules", "inputs", "lib64"] {
         dirs.insert(d.to_string());
     }
+    let firmware: Vec<PathBuf> = match qemu {
+        Some(_) => QEMU_FIRMWARE.iter().map(PathBuf::from).collect(),
+        None => Vec::new(),
+    };
     let mut libs = Vec::new();
-    for b in [&me, &snapvmm] {
+    for b in [&me, &snapvmm].into_iter().chain(qemu.as_ref()) {
         for l in libraries(b)? {
             if !libs.contains(&l) {
                 libs.push(l);
             }
         }
     }
-    for l in &libs {
+    for l in libs.iter().chain(&firmware) {
         let mut p = l.parent();
         while let Some(d) = p {
             let s = d.to_string_lossy().trim_start_matches('/').to_string();
@@ -114,9 +145,13 @@ fn outer_initrd(inputs: &Inputs, dir: &Path, scenarios: &[&str]) -> Result<PathB
     c.file("init", init.as_bytes());
     c.file_from("linux_guests", &me)?;
     c.file_from("bin/snapvmm", &snapvmm)?;
-    for l in &libs {
-        // Follow symlinks: the archive holds the files under the names ldd gave.
+    // Follow symlinks: the archive holds the files under the names ldd gave
+    // (and QEMU's firmware where QEMU looks for it).
+    for l in libs.iter().chain(&firmware) {
         c.file_from(l.to_string_lossy().trim_start_matches('/'), l)?;
+    }
+    if let Some(q) = &qemu {
+        c.file_from("bin/qemu-system-x86_64", q)?;
     }
     let mods = with_dependencies(&inputs.modules, OUTER_MODULES)?;
     let order: Vec<&str> = mods.iter().map(|(n, _)| n.as_str()).collect();
@@ -248,7 +283,12 @@ pub fn run(
 pub fn parse(console: &str, export: PathBuf) -> Report {
     let mut results = BTreeMap::new();
     let mut logs: BTreeMap<String, String> = BTreeMap::new();
+    let mut figures = Vec::new();
     for l in console.lines() {
+        if let Some(rest) = l.strip_prefix("LINUX-FIGURE ") {
+            figures.push(rest.to_string());
+            continue;
+        }
         if let Some(rest) = l.strip_prefix("LINUX-SCENARIO ") {
             let mut it = rest.splitn(3, ' ');
             let (Some(name), Some(verdict)) = (it.next(), it.next()) else {
@@ -277,6 +317,7 @@ pub fn parse(console: &str, export: PathBuf) -> Report {
         logs,
         export: Some(export),
         missing_hint: tail,
+        figures,
     }
 }
 
@@ -286,11 +327,12 @@ mod tests {
 
     #[test]
     fn results_and_logs_are_read_from_the_console() {
-        let console = "noise\nLINUX-SCENARIO a PASS\nLINUX-CONSOLE b [vm] hello\nLINUX-SCENARIO b FAIL it broke | badly\n";
+        let console = "noise\nLINUX-SCENARIO a PASS\nLINUX-CONSOLE b [vm] hello\nLINUX-FIGURE a vmm=x ms=3\nLINUX-SCENARIO b FAIL it broke | badly\n";
         let r = parse(console, PathBuf::from("/x"));
         assert_eq!(r.results["a"], Ok(()));
         assert_eq!(r.results["b"], Err("it broke | badly".into()));
         assert_eq!(r.logs["b"], "[vm] hello\n");
         assert!(!r.results.contains_key("c"));
+        assert_eq!(r.figures, vec!["a vmm=x ms=3".to_string()]);
     }
 }

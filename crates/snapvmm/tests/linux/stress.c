@@ -296,6 +296,32 @@ static int vsock_send(unsigned port, const char *msg)
     return 0;
 }
 
+/* Computes for `ms` milliseconds: how much work got done and the longest
+ * time between two steps (what a vCPU that was held up would show). */
+static int spin(long ms)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    uint64_t start = (uint64_t)t.tv_sec * 1000000 + t.tv_nsec / 1000, last = start, gap = 0;
+    uint64_t steps = 0, end = start + (uint64_t)ms * 1000;
+    volatile uint64_t x = 1;
+    for (;;) {
+        for (int i = 0; i < 1000; i++)
+            x = x * 6364136223846793005ull + 1442695040888963407ull;
+        steps++;
+        clock_gettime(CLOCK_MONOTONIC, &t);
+        uint64_t now = (uint64_t)t.tv_sec * 1000000 + t.tv_nsec / 1000;
+        if (now - last > gap)
+            gap = now - last;
+        last = now;
+        if (now >= end)
+            break;
+    }
+    printf("SPIN ms=%ld steps_per_ms=%llu longest_gap_us=%llu\n", ms,
+           (unsigned long long)(steps * 1000 / (last - start)), (unsigned long long)gap);
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
     setvbuf(stdout, NULL, _IOLBF, 0);
@@ -315,6 +341,8 @@ int main(int argc, char **argv)
         return vsock_echo(atoi(argv[2]));
     if (argc == 4 && !strcmp(argv[1], "vsock-send"))
         return vsock_send(atoi(argv[2]), argv[3]);
-    fprintf(stderr, "usage: stress mem MIB | files DIR N | powerkey | content I | vsock-echo P | vsock-send P M\n");
+    if (argc == 3 && !strcmp(argv[1], "spin"))
+        return spin(atol(argv[2]));
+    fprintf(stderr, "usage: stress mem MIB | files DIR N | powerkey | content I | vsock-echo P | vsock-send P M | spin MS\n");
     return 2;
 }

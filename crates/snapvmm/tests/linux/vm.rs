@@ -53,11 +53,19 @@ impl Vm {
         cmd.arg("run")
             .args(args)
             .arg("--qmp")
-            .arg(format!("unix:{}", qmp_path.display()))
-            .stdin(Stdio::piped())
+            .arg(format!("unix:{}", qmp_path.display()));
+        Vm::spawn(name, cmd, qmp_path, console)
+    }
+
+    /// Starts `cmd` (snapvmm, or QEMU for a side-by-side figure) with its
+    /// console on stdin/stdout.
+    pub fn spawn(name: &str, mut cmd: Command, qmp_path: PathBuf, console: &Console) -> Vm {
+        cmd.stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        let mut child = cmd.spawn().expect("spawn snapvmm");
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {:?}: {e}", cmd.get_program()));
         let stdin = child.stdin.take();
         for (stream, tag) in [
             (
