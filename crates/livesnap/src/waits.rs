@@ -111,6 +111,19 @@ impl WaitHistogram {
     }
 }
 
+/// Why a write-protect fault waited (`crate::wp_capture::FaultWaits`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum WaitCause {
+    /// Its chunk was copied into a free buffer at once.
+    Copy,
+    /// It waited for a free buffer.
+    Buffer,
+    /// It waited for the writer, which was saving that very chunk.
+    Writer,
+    /// Let through without a copy.
+    Through,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -49,9 +49,9 @@ use crate::image::ranges_of;
 use crate::image::{Header, ImageId, PAGE_SIZE};
 use crate::pages::is_zero;
 use crate::sink::{Sink, SinkGuard};
-use crate::waits::{WaitHistogram, WaitSummary};
-use crate::wp_engine::Engine;
+use crate::waits::{WaitCause, WaitHistogram, WaitSummary};
 pub use crate::wp_engine::WpEngine;
+use crate::wp_engine::{Engine, FaultHook};
 use crate::CHUNK;
 use crate::{CaptureStats, CaptureStatus, DoneCallback};
 
@@ -148,15 +148,6 @@ pub struct FaultWaits {
     pub through: WaitHistogram,
 }
 
-/// Why a fault waited (see [`FaultWaits`]).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum WaitCause {
-    Copy,
-    Buffer,
-    Writer,
-    Through,
-}
-
 impl FaultWaits {
     pub(crate) fn record(&self, cause: WaitCause, d: Duration) {
         self.all.record(d);
@@ -199,7 +190,7 @@ impl Drop for PreparedWpCapture {
     /// writer thread cleans up the rest).
     fn drop(&mut self) {
         if self.thread.is_some() {
-            self.engine.end_capture(&self.wp, None);
+            self.engine.end_capture(&*self.wp, None);
         }
     }
 }
@@ -286,6 +277,9 @@ pub(crate) struct Wp {
     /// Direct I/O still works for this file (cleared at its first refusal).
     direct_ok: std::sync::atomic::AtomicBool,
     pub(crate) shared: Arc<Shared>,
+    /// Where the fault handler hands the chunks it copied: the writer's
+    /// channel, dropped when the capture stops being the engine's.
+    handover: Mutex<Option<mpsc::Sender<Taken>>>,
 }
 
 impl Drop for Wp {
@@ -528,6 +522,7 @@ fn launch(
     };
     let n_kept = kept.len();
     counters.pool_kept.store(n_kept as u64, Ordering::Relaxed);
+    let (tx, rx) = mpsc::channel::<Taken>();
     let wp = Arc::new(Wp {
         engine: engine.clone(),
         state: engine.chunks.iter().map(|_| AtomicU8::new(FREE)).collect(),
@@ -550,8 +545,8 @@ fn launch(
         gave_up: std::sync::atomic::AtomicBool::new(false),
         direct_ok: std::sync::atomic::AtomicBool::new(direct),
         shared: shared.clone(),
+        handover: Mutex::new(Some(tx)),
     });
-    let (tx, rx) = mpsc::channel::<Taken>();
     {
         let mut cur = lock(&engine.current);
         if cur.is_some() {
@@ -559,7 +554,7 @@ fn launch(
                 "a write-protect capture of this RAM is already under way".into(),
             ));
         }
-        *cur = Some((wp.clone(), tx));
+        *cur = Some(wp.clone());
     }
     let (go, go_rx) = mpsc::sync_channel::<Option<(Instant, Duration)>>(1);
     let (state_tx, state_rx) = mpsc::sync_channel(1);
@@ -580,7 +575,7 @@ fn launch(
                 // Never started (the prepared capture was dropped): nothing
                 // was cut; the temp file goes (or the sink aborts) with `tmp`
                 // / `w`, and `on_done` is not called, as for a fork capture.
-                w.engine.end_capture(&w, None);
+                w.engine.end_capture(&*w, None);
                 *lock(&sh.status) = CaptureStatus::Cancelled;
                 return Err(SnapError::Cancelled);
             };
@@ -593,7 +588,7 @@ fn launch(
                 (cut_at, pause_time),
             );
             let id = res.as_ref().ok().and_then(|_| *lock(&w.id));
-            w.engine.end_capture(&w, id);
+            w.engine.end_capture(&*w, id);
             finish_status(&sh, &res);
             call_on_done(on_done, &res);
             res
@@ -601,7 +596,7 @@ fn launch(
     let thread = match spawned {
         Ok(t) => t,
         Err(e) => {
-            engine.end_capture(&wp, None);
+            engine.end_capture(&*wp, None);
             return Err(SnapError::io("spawn writer thread", e));
         }
     };
@@ -635,7 +630,7 @@ impl PreparedWpCapture {
                 .is_some_and(|p| *lock(&e.base) != Some(p.parent));
             if base_moved {
                 drop(_g);
-                e.end_capture(&self.wp, None);
+                e.end_capture(&*self.wp, None);
                 return Err(SnapError::InvalidInput(
                     "another snapshot completed since this incremental one was prepared: its parent is no longer the latest".into(),
                 ));
@@ -644,7 +639,7 @@ impl PreparedWpCapture {
                 // What was protected stays so: the handler lets writes
                 // through as usual, and the record of changes is intact.
                 drop(_g);
-                e.end_capture(&self.wp, None);
+                e.end_capture(&*self.wp, None);
                 return Err(SnapError::io("write-protect guest RAM", err));
             }
             let taken: Vec<bool> = e
@@ -993,4 +988,102 @@ fn dev_wait(sh: &Shared, dev: &mut Option<DevSource>) -> Result<Vec<u8>> {
         return Err(SnapError::Cancelled);
     }
     dev.take().ok_or(SnapError::Cancelled)?.wait()
+}
+
+impl FaultHook for Wp {
+    fn is_cut(&self) -> bool {
+        self.want.get().is_some()
+    }
+
+    fn fault(&self, i: usize) -> WaitCause {
+        self.counters.faults.fetch_add(1, Ordering::Relaxed);
+        let (taken, cause) = take_for_fault(self, i);
+        if let (Some(t), Some(tx)) = (taken, lock(&self.handover).as_ref()) {
+            // The writer is gone (failed or cancelled): nothing to hand over.
+            let _ = tx.send(t);
+        }
+        cause
+    }
+
+    fn waited(&self, cause: WaitCause, d: Duration) {
+        self.counters.waits.record(cause, d);
+    }
+
+    fn fail(&self, err: SnapError) {
+        Wp::fail(self, err);
+    }
+
+    fn taken(&self) -> Option<&[bool]> {
+        self.want.get().map(|w| &w.taken[..])
+    }
+
+    fn ended(&self) {
+        // The writer hears it (its receiver disconnects once the copies
+        // handed over are taken).
+        lock(&self.handover).take();
+    }
+}
+
+/// The capture `wp` is cut and a writer waits on chunk `i`: copy it first
+/// if the capture needs it and nobody has, or wait for the writer's copy.
+/// Never writes to the destination: a full pool means waiting for the
+/// writer to free a buffer, bounded by the capture's stall limit.
+fn take_for_fault(wp: &Wp, i: usize) -> (Option<Taken>, WaitCause) {
+    if !wp.wants(i) || wp.given_up() {
+        return (None, WaitCause::Through);
+    }
+    if !wp.claim(i) {
+        if wp.state[i].load(Ordering::Acquire) != TAKEN {
+            return (None, WaitCause::Through);
+        }
+        // The writer is saving it (it is still protected): wait for that
+        // (one 2 MiB write or copy) before letting the write in — unless
+        // the destination stalls that long: then the capture is abandoned
+        // (its image is not kept, so the write may go in).
+        let start = Instant::now();
+        let mut spins = 0u32;
+        while wp.state[i].load(Ordering::Acquire) == TAKEN && !wp.given_up() {
+            if spins < 100 {
+                spins += 1;
+                std::hint::spin_loop();
+            } else if start.elapsed() >= wp.stall_limit {
+                abandon(wp, SnapError::DestinationStalled(start.elapsed()));
+            } else {
+                std::thread::sleep(Duration::from_micros(20));
+            }
+        }
+        return (None, WaitCause::Writer);
+    }
+    let (mut b, waited) = match wp.buffer() {
+        Ok(b) => b,
+        Err(err) => {
+            // Stalled or ended: nothing is copied, the guest goes on.
+            if matches!(err, SnapError::DestinationStalled(_)) {
+                abandon(wp, err);
+            }
+            return (None, WaitCause::Buffer);
+        }
+    };
+    wp.copy(i, &mut b);
+    let free = lock(&wp.pool).len();
+    let in_flight = (wp.allocated.load(Ordering::Relaxed) - free) as u64 * CHUNK;
+    wp.counters
+        .pool_high_water
+        .fetch_max(in_flight, Ordering::Relaxed);
+    wp.counters.chunks_by_fault.fetch_add(1, Ordering::Relaxed);
+    let cause = if waited {
+        WaitCause::Buffer
+    } else {
+        WaitCause::Copy
+    };
+    (Some(Taken(i, b)), cause)
+}
+
+/// The destination stopped taking data while the guest waits: fail the
+/// capture (the guest runs on, its writes no longer copied) and make a
+/// write blocked on the destination return.
+fn abandon(wp: &Wp, err: SnapError) {
+    tracing::warn!("{err}");
+    wp.fail(err);
+    wp.shared.interrupt();
 }

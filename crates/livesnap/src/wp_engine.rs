@@ -6,7 +6,6 @@
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -15,7 +14,7 @@ use crate::chain::IncrPlan;
 use crate::error::{Result, SnapError};
 use crate::image::ImageId;
 use crate::uffd::Uffd;
-use crate::wp_capture::{Taken, WaitCause, Wp, TAKEN};
+use crate::waits::WaitCause;
 use crate::RamRange;
 use crate::CHUNK;
 
@@ -86,8 +85,8 @@ pub(crate) struct Engine {
     /// cut while it protects RAM and takes the dirty set: no write slips
     /// between the two unrecorded.
     pub(crate) cut_lock: Mutex<()>,
-    /// The capture under way, and where its handler hands chunks.
-    pub(crate) current: Mutex<Option<(Arc<Wp>, mpsc::Sender<Taken>)>>,
+    /// The capture under way.
+    pub(crate) current: Mutex<Option<Arc<dyn FaultHook>>>,
     /// The image whose cut the dirty set counts from (`None` before the
     /// first complete capture, or after tracking broke).
     pub(crate) base: Mutex<Option<ImageId>>,
@@ -349,22 +348,26 @@ impl Engine {
         }
     }
 
-    /// The capture `wp` ended (`id`: the image it completed): it is no
+    /// The capture `hook` ended (`id`: the image it completed): it is no
     /// longer current; a failed one's chunks count as changed again.
-    pub(crate) fn end_capture(&self, wp: &Arc<Wp>, id: Option<ImageId>) {
+    pub(crate) fn end_capture(&self, hook: &dyn FaultHook, id: Option<ImageId>) {
         let _g = lock(&self.cut_lock);
         let mut cur = lock(&self.current);
-        if cur.as_ref().is_some_and(|(c, _)| Arc::ptr_eq(c, wp)) {
+        if cur
+            .as_ref()
+            .is_some_and(|c| std::ptr::addr_eq(Arc::as_ptr(c), hook as *const dyn FaultHook))
+        {
             *cur = None;
+            hook.ended();
         }
         drop(cur);
-        let Some(want) = wp.want.get() else {
+        let Some(taken) = hook.taken() else {
             return; // never cut
         };
         match id {
             Some(id) => *lock(&self.base) = Some(id),
             None => {
-                for (d, w) in self.dirty.iter().zip(&want.taken) {
+                for (d, w) in self.dirty.iter().zip(taken) {
                     if *w {
                         d.store(true, Ordering::Relaxed);
                     }
@@ -372,6 +375,28 @@ impl Engine {
             }
         }
     }
+}
+
+/// What the engine's fault handler asks of the capture under way (the
+/// write-protect capture, `crate::wp_capture`, is the one): the engine knows
+/// chunks, their protection and what changed; the capture knows what it
+/// still has to save and where copies go.
+pub(crate) trait FaultHook: Send + Sync {
+    /// Whether the capture is cut: before, its faults are only recorded.
+    fn is_cut(&self) -> bool;
+    /// The guest writes chunk `i`, still protected (the engine holds its
+    /// cut lock): save it first if the capture still needs it, or wait for
+    /// the capture's own copy. Says why the fault waited.
+    fn fault(&self, i: usize) -> WaitCause;
+    /// The fault on a chunk waited `d`, for `cause` (after it was let through).
+    fn waited(&self, cause: WaitCause, d: Duration);
+    /// The capture cannot go on (its faults copy nothing more).
+    fn fail(&self, err: SnapError);
+    /// The chunks the cut took (they count as changed again if the capture
+    /// fails); `None` before the cut.
+    fn taken(&self) -> Option<&[bool]>;
+    /// It is no longer the engine's current capture.
+    fn ended(&self);
 }
 
 /// Takes write-protect faults for as long as the engine lives: records the
@@ -406,8 +431,8 @@ fn fault_handler(e: &Engine) {
                 tracing::error!("cannot read the write-protect userfaultfd: {err}");
                 let _g = lock(&e.cut_lock);
                 e.dead.store(true, Ordering::Release);
-                if let Some((wp, _)) = lock(&e.current).as_ref() {
-                    wp.fail(SnapError::io("read userfaultfd", err));
+                if let Some(hook) = lock(&e.current).as_ref() {
+                    hook.fail(SnapError::io("read userfaultfd", err));
                 }
                 e.unprotect_all();
                 return;
@@ -424,22 +449,22 @@ fn fault_handler(e: &Engine) {
         e.dirty[i].store(true, Ordering::Relaxed);
         e.marked[i].store(true, Ordering::Release);
         let cur = lock(&e.current).clone();
-        let (taken, cause) = match &cur {
-            Some((wp, _)) if wp.want.get().is_some() => {
-                wp.counters.faults.fetch_add(1, Ordering::Relaxed);
+        let cut = cur.as_ref().filter(|h| h.is_cut());
+        let cause = match cut {
+            Some(hook) => {
                 // A panic (a sink's) fails the capture; faults are still served.
-                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| take_for_capture(wp, i)))
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| hook.fault(i)))
                     .unwrap_or_else(|_| {
-                        wp.fail(SnapError::io(
+                        hook.fail(SnapError::io(
                             "write-protect fault handler",
                             std::io::Error::other("the capture's chunk copy panicked"),
                         ));
-                        (None, WaitCause::Through)
+                        WaitCause::Through
                     })
             }
-            _ => {
+            None => {
                 e.tracked.fetch_add(1, Ordering::Relaxed);
-                (None, WaitCause::Through)
+                WaitCause::Through
             }
         };
         if let Err(err) = e.unprotect(i).or_else(|_| e.unprotect(i)) {
@@ -448,81 +473,114 @@ fn fault_handler(e: &Engine) {
             let c = e.chunks[i];
             let _ = e.uffd.wake(c.host, c.len);
             match &cur {
-                Some((wp, _)) => wp.fail(err),
+                Some(hook) => hook.fail(err),
                 None => tracing::error!("{err}"),
             }
         }
         drop(g);
-        if let Some((wp, _)) = cur.as_ref().filter(|(wp, _)| wp.want.get().is_some()) {
-            wp.counters.waits.record(cause, t0.elapsed());
-        }
-        if let (Some(t), Some((_, tx))) = (taken, &cur) {
-            // The writer is gone (failed or cancelled): nothing to hand over.
-            let _ = tx.send(t);
+        if let Some(hook) = cut {
+            hook.waited(cause, t0.elapsed());
         }
     }
 }
 
-/// The capture `wp` is cut and a writer waits on chunk `i`: copy it first
-/// if the capture needs it and nobody has, or wait for the writer's copy.
-/// Never writes to the destination: a full pool means waiting for the
-/// writer to free a buffer, bounded by the capture's stall limit.
-fn take_for_capture(wp: &Wp, i: usize) -> (Option<Taken>, WaitCause) {
-    if !wp.wants(i) || wp.given_up() {
-        return (None, WaitCause::Through);
-    }
-    if !wp.claim(i) {
-        if wp.state[i].load(Ordering::Acquire) != TAKEN {
-            return (None, WaitCause::Through);
-        }
-        // The writer is saving it (it is still protected): wait for that
-        // (one 2 MiB write or copy) before letting the write in — unless
-        // the destination stalls that long: then the capture is abandoned
-        // (its image is not kept, so the write may go in).
-        let start = Instant::now();
-        let mut spins = 0u32;
-        while wp.state[i].load(Ordering::Acquire) == TAKEN && !wp.given_up() {
-            if spins < 100 {
-                spins += 1;
-                std::hint::spin_loop();
-            } else if start.elapsed() >= wp.stall_limit {
-                abandon(wp, SnapError::DestinationStalled(start.elapsed()));
-            } else {
-                std::thread::sleep(Duration::from_micros(20));
-            }
-        }
-        return (None, WaitCause::Writer);
-    }
-    let (mut b, waited) = match wp.buffer() {
-        Ok(b) => b,
-        Err(err) => {
-            // Stalled or ended: nothing is copied, the guest goes on.
-            if matches!(err, SnapError::DestinationStalled(_)) {
-                abandon(wp, err);
-            }
-            return (None, WaitCause::Buffer);
-        }
-    };
-    wp.copy(i, &mut b);
-    let free = lock(&wp.pool).len();
-    let in_flight = (wp.allocated.load(Ordering::Relaxed) - free) as u64 * CHUNK;
-    wp.counters
-        .pool_high_water
-        .fetch_max(in_flight, Ordering::Relaxed);
-    wp.counters.chunks_by_fault.fetch_add(1, Ordering::Relaxed);
-    let cause = if waited {
-        WaitCause::Buffer
-    } else {
-        WaitCause::Copy
-    };
-    (Some(Taken(i, b)), cause)
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
 
-/// The destination stopped taking data while the guest waits: fail the
-/// capture (the guest runs on, its writes no longer copied) and make a
-/// write blocked on the destination return.
-fn abandon(wp: &Wp, err: SnapError) {
-    tracing::warn!("{err}");
-    wp.fail(err);
-    wp.shared.interrupt();
+    /// A capture that only records what the engine asks of it.
+    #[derive(Default)]
+    struct FakeCapture {
+        cut: AtomicBool,
+        faults: Mutex<Vec<usize>>,
+        waits: AtomicUsize,
+        ended: AtomicBool,
+        taken: Vec<bool>,
+    }
+
+    impl FaultHook for FakeCapture {
+        fn is_cut(&self) -> bool {
+            self.cut.load(Ordering::Acquire)
+        }
+        fn fault(&self, i: usize) -> WaitCause {
+            lock(&self.faults).push(i);
+            WaitCause::Copy
+        }
+        fn waited(&self, cause: WaitCause, _: Duration) {
+            assert_eq!(cause, WaitCause::Copy);
+            self.waits.fetch_add(1, Ordering::Relaxed);
+        }
+        fn fail(&self, err: SnapError) {
+            panic!("the fake capture failed: {err}");
+        }
+        fn taken(&self) -> Option<&[bool]> {
+            self.is_cut().then_some(&self.taken[..])
+        }
+        fn ended(&self) {
+            self.ended.store(true, Ordering::Release);
+        }
+    }
+
+    /// Four chunks of anonymous memory, 2 MiB-aligned.
+    fn ram() -> (Vec<u8>, RamRange) {
+        let mut buf = vec![0u8; 5 * CHUNK as usize];
+        let off = buf.as_ptr().align_offset(CHUNK as usize);
+        let host = buf[off..].as_mut_ptr();
+        // SAFETY: four chunks inside `buf`, which the test keeps alive
+        // (and does not move) while the engine lives.
+        let r = unsafe { RamRange::new(0, host, 4 * CHUNK) };
+        (buf, r)
+    }
+
+    fn write(r: &RamRange, chunk: u64) {
+        // SAFETY: inside the range's memory, which lives (see `ram`).
+        unsafe {
+            std::ptr::write_volatile((r.host() as *mut u8).add((chunk * CHUNK) as usize + 8), 1)
+        };
+    }
+
+    /// The engine asks the capture under way about a write only once it is
+    /// cut, once per chunk, and records every chunk as changed; a capture
+    /// that ends leaves, a failed one's taken chunks count as changed again.
+    #[test]
+    fn the_engine_asks_its_capture_only_after_the_cut() {
+        let Ok(uffd) = Uffd::new_wp() else {
+            eprintln!("skipped: no userfaultfd write-protect here");
+            return;
+        };
+        let (_buf, r) = ram();
+        let engine = WpEngine::with_uffd(Arc::new(uffd), &[r]).unwrap();
+        let e = engine.shared.clone();
+        let fake = Arc::new(FakeCapture {
+            taken: vec![true, false, false, true],
+            ..Default::default()
+        });
+        *lock(&e.current) = Some(fake.clone());
+        engine.mark().unwrap();
+        // Not cut: the write is recorded, the capture is not asked.
+        write(&r, 1);
+        assert!(lock(&fake.faults).is_empty());
+        assert_eq!(engine.tracked_faults(), 1);
+        // Cut: protect again (as the cut does); writes reach the capture,
+        // each chunk's first write only.
+        fake.cut.store(true, Ordering::Release);
+        e.protect_open().unwrap();
+        write(&r, 2);
+        write(&r, 2);
+        write(&r, 3);
+        assert_eq!(*lock(&fake.faults), vec![2, 3]);
+        assert_eq!(fake.waits.load(Ordering::Relaxed), 2);
+        for d in &e.dirty {
+            d.store(false, Ordering::Relaxed);
+        }
+        e.end_capture(&*fake, None);
+        assert!(fake.ended.load(Ordering::Acquire));
+        assert!(lock(&e.current).is_none());
+        let dirty: Vec<bool> = e.dirty.iter().map(|d| d.load(Ordering::Relaxed)).collect();
+        assert_eq!(
+            dirty, fake.taken,
+            "a failed capture's chunks are changed again"
+        );
+    }
 }
