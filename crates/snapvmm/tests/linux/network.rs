@@ -440,6 +440,14 @@ fn throughput(ctx: &Ctx) {
                 "vmm={vmm} round={round} tcp-host-to-guest MiB={BENCH_MIB} ms={ms}"
             ));
         }
+        // The guest's TCP counters (retransmitted segments: frames lost on the way).
+        let snmp = run_in_guest(
+            &mut vm,
+            "echo NETBENCH-TCP$((1+1)) $(grep Tcp: /proc/net/snmp | tail -1)",
+            "NETBENCH-TCP2",
+            T,
+        );
+        figures(format!("vmm={vmm} guest {snmp}"));
         vm.type_line("poweroff -f");
         let _ = vm.exit_code(T);
         // The next VMM's tap takes the same address: wait for this one to go.
