@@ -158,7 +158,7 @@ impl Chain {
         let dev = top.device_state()?;
         let mut header = Header::layout(&ranges, dev.len() as u64)?;
         header.dev_crc = crc32fast::hash(&dev);
-        let tmp = crate::capture::TempImage::create(dest)?;
+        let tmp = crate::runtime::TempImage::create(dest)?;
         tmp.size(header.file_len)?;
         let mut buf = vec![0u8; crate::CHUNK as usize];
         let mut written = 0u64;

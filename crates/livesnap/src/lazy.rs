@@ -38,9 +38,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::capture::lock;
 use crate::error::{Result, SnapError};
 use crate::image::ImageRange;
+use crate::runtime::lock;
 use crate::uffd::{Filled, Uffd};
 use crate::{RamRange, CHUNK};
 

@@ -37,6 +37,7 @@ pub mod lazy;
 mod pages;
 pub mod postcopy;
 pub mod precopy;
+mod runtime;
 mod sink;
 mod source;
 pub mod stream;
@@ -47,14 +48,15 @@ pub mod wp_capture;
 mod wp_engine;
 
 pub use capture::{
-    capture_stopped, prepare_fork_capture, prepare_fork_capture_to, start_fork_capture, Capture,
-    CaptureStats, CaptureStatus, DoneCallback, ForkOptions, PreparedCapture, Progress, StateSender,
+    capture_stopped, prepare_fork_capture, prepare_fork_capture_to, start_fork_capture,
+    ForkOptions, PreparedCapture,
 };
 pub use error::{Result, SnapError};
 pub use image::{
     open_regular, Image, ImageId, ImageRange, SourceImage, FORMAT_VERSION, HEADER_SIZE, HUGE_ALIGN,
     MAGIC, MAX_DEVICE_STATE, MAX_RANGES, PAGE_SIZE,
 };
+pub use runtime::{Capture, CaptureStats, CaptureStatus, DoneCallback, Progress, StateSender};
 pub use sink::{capture_stopped_to, ImageSummary, Interrupter, Sink};
 pub use source::{ImageBacking, Source};
 

@@ -26,8 +26,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::capture::lock;
 use crate::error::{Result, SnapError};
+use crate::runtime::lock;
 use crate::stream::{
     encode_stream_header, FLAG_HANDOVER, FLAG_LIVE, FLAG_PAGES, FLAG_PIECES, FLAG_PRECOPY,
 };

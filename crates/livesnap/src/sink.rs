@@ -9,10 +9,11 @@ use std::ops::DerefMut;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::capture::{prepare, stats, CaptureStats};
 use crate::error::{Result, SnapError};
 use crate::image::{Header, PAGE_SIZE};
 use crate::pages::for_each_run;
+pub use crate::runtime::Interrupter;
+use crate::runtime::{prepare, stats, CaptureStats};
 use crate::RamRange;
 
 /// Where a capture writes its image when it is not a plain file.
@@ -69,9 +70,6 @@ pub trait Sink: Send + 'static {
         None
     }
 }
-
-/// Makes a sink's blocked write return; see [`Sink::interrupter`].
-pub type Interrupter = Box<dyn Fn() + Send + Sync>;
 
 /// What a [`Sink`] learns when the image is complete: the facts behind
 /// [`CaptureStats`] that are final at that point.

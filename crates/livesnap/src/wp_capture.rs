@@ -39,15 +39,15 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::capture::{
-    call_on_done, lock, stats, Capture, DevSource, Shared, StateSender, TempImage, STATE_WAIT,
-};
 use crate::chain::IncrPlan;
 use crate::chunkbuf::{AlignedBuf, BUF_ALIGN};
 use crate::error::{Result, SnapError};
 use crate::image::ranges_of;
 use crate::image::{Header, ImageId, PAGE_SIZE};
 use crate::pages::is_zero;
+use crate::runtime::{
+    call_on_done, lock, stats, Capture, DevSource, Shared, StateSender, TempImage, STATE_WAIT,
+};
 use crate::sink::{Sink, SinkGuard};
 use crate::waits::{WaitCause, WaitHistogram, WaitSummary};
 pub use crate::wp_engine::WpEngine;

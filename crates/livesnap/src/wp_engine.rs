@@ -9,10 +9,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::capture::lock;
 use crate::chain::IncrPlan;
 use crate::error::{Result, SnapError};
 use crate::image::ImageId;
+use crate::runtime::lock;
 use crate::uffd::Uffd;
 use crate::waits::WaitCause;
 use crate::RamRange;
@@ -32,7 +32,7 @@ pub(crate) struct Chunk {
 /// and incremental chunk numbers (ranges must start 2 MiB-aligned in host
 /// memory for the two to agree, as guest RAM does).
 pub(crate) fn chunks_of(ranges: &[RamRange]) -> Result<Vec<Chunk>> {
-    let (header, _) = crate::capture::prepare(ranges, 0)?;
+    let (header, _) = crate::runtime::prepare(ranges, 0)?;
     let mut chunks = Vec::new();
     for (r, ir) in ranges.iter().zip(&header.ranges) {
         let (start, end) = (r.host as u64, r.host as u64 + r.len);

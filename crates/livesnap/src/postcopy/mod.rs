@@ -40,10 +40,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::capture::lock;
 use crate::error::{Result, SnapError};
 use crate::image::{chunk_at, random_id, ImageRange, MAX_DEVICE_STATE, PAGE_SIZE};
 use crate::lazy::PageSource;
+use crate::runtime::lock;
 use crate::stream::{
     encode_stream_header, read_record, record_head, StreamLayout, StreamReader, FLAG_HANDOVER,
     FLAG_LIVE, FLAG_PAGES, FLAG_PIECES, FLAG_RESUME, KIND_END, MAX_RECORD,
