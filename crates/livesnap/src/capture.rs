@@ -19,9 +19,9 @@ use crate::image::{Header, HEADER_SIZE, PAGE_SIZE};
 use crate::pages::{for_each_run, ScanRange};
 use crate::runtime::{
     call_on_done, lock, prepare, stats, Capture, CaptureStats, CaptureStatus, DevSource,
-    DoneCallback, Shared, StateSender, TempImage,
+    DoneCallback, Shared, StateSender, TempImage, Times,
 };
-use crate::sink::{Sink, SinkGuard};
+use crate::sink::{Destination, Sink, SinkGuard};
 use crate::RamRange;
 
 /// Options of [`start_fork_capture`].
@@ -110,7 +110,10 @@ pub fn capture_stopped(
         &header,
         written,
         zero,
-        (Duration::ZERO, Duration::ZERO, ram_time, Duration::ZERO),
+        Times {
+            ram: ram_time,
+            ..Times::default()
+        },
     );
     s.pause_time = s.total_time;
     tracing::info!(dest = %dest.display(), ?s, "stop-and-copy capture done");
@@ -140,35 +143,32 @@ impl fmt::Debug for PreparedCapture {
 }
 
 /// Prepares a live capture of `ranges` into `dest`; see [`PreparedCapture`].
+///
+/// Into a [`Sink`] (the same image bytes a file gets; see [`Sink`] for the
+/// calls it receives): the child is the same; the writer thread `read(2)`s
+/// each record (at most 256 KiB) into a buffer allocated here and passes it
+/// to [`Sink::write_at`]. The sink ends with exactly one call:
+/// [`Sink::finish`] when the capture completes, [`Sink::abort`] otherwise —
+/// failure (also of this function), [`Capture::cancel`], death of the child,
+/// or the [`PreparedCapture`] being dropped without being started.
 pub fn prepare_fork_capture(
     ranges: &[RamRange],
-    dest: &Path,
+    dest: Destination,
     opts: ForkOptions,
 ) -> Result<PreparedCapture> {
-    let (_, scan) = prepare(ranges, 0)?;
-    let tmp = TempImage::create(dest)?;
-    prepare_with(ranges, scan, Dest::File(tmp), opts)
-}
-
-/// Prepares a live capture of `ranges` into `sink` (the same image bytes
-/// [`prepare_fork_capture`] would put in a file); see [`PreparedCapture`],
-/// and [`Sink`] for the calls the sink receives.
-///
-/// The child is the same; the writer thread `read(2)`s each record (at most
-/// 256 KiB) into a buffer allocated here and passes it to
-/// [`Sink::write_at`]. The sink ends with exactly one call: [`Sink::finish`]
-/// when the capture completes, [`Sink::abort`] otherwise — failure (also of
-/// this function), [`Capture::cancel`], death of the child, or the
-/// [`PreparedCapture`] being dropped without being started.
-pub fn prepare_fork_capture_to(
-    ranges: &[RamRange],
-    sink: Box<dyn Sink>,
-    opts: ForkOptions,
-) -> Result<PreparedCapture> {
-    let sink = SinkGuard::new(sink);
-    let (_, scan) = prepare(ranges, 0)?;
-    let buf = vec![0u8; MAX_CHILD_RUN as usize];
-    prepare_with(ranges, scan, Dest::Sink { sink, buf }, opts)
+    match dest {
+        Destination::File(path) => {
+            let (_, scan) = prepare(ranges, 0)?;
+            let tmp = TempImage::create(&path)?;
+            prepare_with(ranges, scan, Dest::File(tmp), opts)
+        }
+        Destination::Sink(sink) => {
+            let sink = SinkGuard::new(sink);
+            let (_, scan) = prepare(ranges, 0)?;
+            let buf = vec![0u8; MAX_CHILD_RUN as usize];
+            prepare_with(ranges, scan, Dest::Sink { sink, buf }, opts)
+        }
+    }
 }
 
 fn prepare_with(
@@ -272,7 +272,7 @@ impl PreparedCapture {
 pub fn start_fork_capture(
     ranges: &[RamRange],
     device_state: Vec<u8>,
-    dest: &Path,
+    dest: Destination,
     opts: ForkOptions,
 ) -> Result<Capture> {
     prepare_fork_capture(ranges, dest, opts)?.start(device_state)
@@ -424,7 +424,12 @@ fn stream(
         return Err(SnapError::ChildFailed(exit.describe()));
     }
     header.dev_crc = crc32fast::hash(dev);
-    let times = (pause_time, fork_time, ram_time, exit.cpu_time);
+    let times = Times {
+        pause: pause_time,
+        fork: fork_time,
+        ram: ram_time,
+        child_cpu: exit.cpu_time,
+    };
     match dest {
         Dest::File(tmp) => tmp.finish(header, dev, || sh.cancelled())?,
         Dest::Sink { sink, .. } => {

@@ -11,9 +11,9 @@
 //!   child streams its copy-on-write view of RAM into the pipe with
 //!   `vmsplice(2)`; a background thread `splice(2)`s it into the file.
 //! * [`capture_stopped`]: stop-and-copy baseline, VM paused throughout.
-//! * [`prepare_fork_capture_to`] / [`capture_stopped_to`]: the same two
-//!   captures writing the very same image bytes through a [`Sink`] (e.g. the
-//!   vmstate area of a qcow2 disk) instead of into a file.
+//! * A live capture's [`Destination`] is a file or a [`Sink`] (e.g. the
+//!   vmstate area of a qcow2 disk), which gets the very same image bytes;
+//!   [`capture_stopped_to`] is the stop-and-copy capture into a sink.
 //! * [`lazy::start_lazy_fill`]: restore into fresh anonymous memory, filled
 //!   on demand (userfaultfd missing mode) and in the background.
 //! * [`stream`]: the stream form of an image (front to back, for pipes
@@ -48,8 +48,7 @@ pub mod wp_capture;
 mod wp_engine;
 
 pub use capture::{
-    capture_stopped, prepare_fork_capture, prepare_fork_capture_to, start_fork_capture,
-    ForkOptions, PreparedCapture,
+    capture_stopped, prepare_fork_capture, start_fork_capture, ForkOptions, PreparedCapture,
 };
 pub use error::{Result, SnapError};
 pub use image::{
@@ -57,7 +56,7 @@ pub use image::{
     MAGIC, MAX_DEVICE_STATE, MAX_RANGES, PAGE_SIZE,
 };
 pub use runtime::{Capture, CaptureStats, CaptureStatus, DoneCallback, Progress, StateSender};
-pub use sink::{capture_stopped_to, ImageSummary, Interrupter, Sink};
+pub use sink::{capture_stopped_to, Destination, ImageSummary, Interrupter, Sink};
 pub use source::{ImageBacking, Source};
 
 /// The chunk: RAM is captured, protected, filled, compared for an

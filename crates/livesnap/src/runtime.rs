@@ -329,15 +329,33 @@ impl Drop for TempImage {
     }
 }
 
+/// Where a capture's time went (parts of [`CaptureStats`]).
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Times {
+    /// The guest's pause.
+    pub(crate) pause: Duration,
+    /// Forking the child (the fork capture only).
+    pub(crate) fork: Duration,
+    /// Saving RAM.
+    pub(crate) ram: Duration,
+    /// The child's CPU time (the fork capture only).
+    pub(crate) child_cpu: Duration,
+}
+
 pub(crate) fn stats(
     start: Instant,
     header: &Header,
     written: u64,
     zero_pages: u64,
-    times: (Duration, Duration, Duration, Duration),
+    times: Times,
 ) -> CaptureStats {
     let total_time = start.elapsed();
-    let (pause_time, fork_time, ram_time, child_cpu_time) = times;
+    let Times {
+        pause: pause_time,
+        fork: fork_time,
+        ram: ram_time,
+        child_cpu: child_cpu_time,
+    } = times;
     let secs = total_time.as_secs_f64().max(1e-9);
     CaptureStats {
         total_time,

@@ -6,6 +6,7 @@
 use std::fs::File;
 use std::io::{self, Read};
 use std::ops::DerefMut;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -13,8 +14,22 @@ use crate::error::{Result, SnapError};
 use crate::image::{Header, PAGE_SIZE};
 use crate::pages::for_each_run;
 pub use crate::runtime::Interrupter;
-use crate::runtime::{prepare, stats, CaptureStats};
+use crate::runtime::{prepare, stats, CaptureStats, Times};
 use crate::RamRange;
+
+/// Where a live capture's image goes: a file (written as a temporary file
+/// next to it and renamed over it once complete) or a [`Sink`].
+pub enum Destination {
+    File(PathBuf),
+    Sink(Box<dyn Sink>),
+}
+
+impl Destination {
+    /// The file at `path`.
+    pub fn file(path: impl AsRef<Path>) -> Destination {
+        Destination::File(path.as_ref().to_path_buf())
+    }
+}
 
 /// Where a capture writes its image when it is not a plain file.
 ///
@@ -103,9 +118,14 @@ pub(crate) fn summary(
     header: &Header,
     written: u64,
     zero_pages: u64,
-    times: (Duration, Duration, Duration, Duration),
+    times: Times,
 ) -> ImageSummary {
-    let (pause_time, fork_time, ram_time, child_cpu_time) = times;
+    let Times {
+        pause: pause_time,
+        fork: fork_time,
+        ram: ram_time,
+        child_cpu: child_cpu_time,
+    } = times;
     ImageSummary {
         image_len: header.file_len,
         ram_bytes: header.ram_bytes(),
@@ -273,7 +293,11 @@ pub fn capture_stopped_to(
     }
     let ram_time = start.elapsed();
     header.dev_crc = crc32fast::hash(device_state);
-    let times = (start.elapsed(), Duration::ZERO, ram_time, Duration::ZERO);
+    let times = Times {
+        pause: start.elapsed(),
+        ram: ram_time,
+        ..Times::default()
+    };
     let summary = summary(&header, written, zero, times);
     sink.commit(&header, device_state, &summary, || false)?;
     let mut s = stats(start, &header, written, zero, times);

@@ -34,8 +34,9 @@ pub(crate) const KIND_REQ_PAGE: u32 = 15;
 /// Source → target (header flag `pieces`): part of a chunk, offset = chunk
 /// number; payload = first page (u32), page count (u32), a bitmap of which
 /// of those pages follow (the others are zero), the non-zero pages. A
-/// chunk's pieces come in order and together cover it; nothing else of
-/// that chunk comes in between.
+/// chunk's pieces come in order and together cover it; pieces of at most
+/// two chunks are under way at once (one the target asked for, whose pieces
+/// overtake those of the one being pushed).
 pub(crate) const KIND_PIECE: u32 = 16;
 /// Pages per piece (128 KiB: a millisecond of a 1 Gbit/s link).
 pub(crate) const PIECE_PAGES: usize = 32;

@@ -33,7 +33,7 @@
 //! blocked (the handler serves every fault, capture or not).
 
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
@@ -46,9 +46,10 @@ use crate::image::ranges_of;
 use crate::image::{Header, ImageId, PAGE_SIZE};
 use crate::pages::is_zero;
 use crate::runtime::{
-    call_on_done, lock, stats, Capture, DevSource, Shared, StateSender, TempImage, STATE_WAIT,
+    call_on_done, lock, stats, Capture, DevSource, Shared, StateSender, TempImage, Times,
+    STATE_WAIT,
 };
-use crate::sink::{Sink, SinkGuard};
+use crate::sink::{Destination, Sink, SinkGuard};
 use crate::waits::{WaitCause, WaitHistogram, WaitSummary};
 pub use crate::wp_engine::WpEngine;
 use crate::wp_engine::{Engine, FaultHook};
@@ -214,33 +215,32 @@ enum Out {
 }
 
 /// Prepares a write-protect capture of the engine's RAM into `dest` with
-/// the guest running: creates the temp file next to `dest` (an unusable
-/// destination fails here), checks the parent of an incremental capture.
+/// the guest running. Into a file: creates the temp file next to it (an
+/// unusable destination fails here), checks the parent of an incremental
+/// capture. Into a [`Sink`] (the same image bytes): its `begin` comes once
+/// the device state is known, right after the pause; until then chunks wait
+/// in the pool; always a full image.
 pub fn prepare_wp_capture(
     engine: &WpEngine,
-    dest: &Path,
+    dest: Destination,
     opts: WpOptions,
 ) -> Result<PreparedWpCapture> {
-    let plan = engine.plan(opts.parent.as_deref(), dest)?;
-    let tmp = TempImage::create(dest)?;
-    launch(&engine.shared, WpDest::File(tmp), plan, opts)
-}
-
-/// Like [`prepare_wp_capture`], into `sink` (the same image bytes; see
-/// [`Sink`]). The sink's `begin` comes once the device state is known, right
-/// after the pause; until then chunks wait in the pool. Always a full image.
-pub fn prepare_wp_capture_to(
-    engine: &WpEngine,
-    sink: Box<dyn Sink>,
-    opts: WpOptions,
-) -> Result<PreparedWpCapture> {
-    if opts.parent.is_some() {
-        return Err(SnapError::InvalidInput(
-            "an incremental snapshot can only be written to a file".into(),
-        ));
+    match dest {
+        Destination::File(path) => {
+            let plan = engine.plan(opts.parent.as_deref(), &path)?;
+            let tmp = TempImage::create(&path)?;
+            launch(&engine.shared, WpDest::File(tmp), plan, opts)
+        }
+        Destination::Sink(sink) => {
+            if opts.parent.is_some() {
+                return Err(SnapError::InvalidInput(
+                    "an incremental snapshot can only be written to a file".into(),
+                ));
+            }
+            let sink = SinkGuard::new(sink);
+            launch(&engine.shared, WpDest::Sink(sink), None, opts)
+        }
     }
-    let sink = SinkGuard::new(sink);
-    launch(&engine.shared, WpDest::Sink(sink), None, opts)
 }
 
 /// What a cut decided: the chunks the capture writes and the ones it took
@@ -789,7 +789,11 @@ fn write_all(
             )),
         ));
     }
-    let times = (pause_time, Duration::ZERO, ram_time, Duration::ZERO);
+    let times = Times {
+        pause: pause_time,
+        ram: ram_time,
+        ..Times::default()
+    };
     match (tmp, &wp.out) {
         (Some(tmp), _) => {
             tmp.size(header.file_len)?;

@@ -16,7 +16,13 @@ use livesnap::{
 const MIB: usize = 1 << 20;
 
 fn fork_capture(ranges: &[RamRange], dev: &[u8], dest: &Path) -> Capture {
-    start_fork_capture(ranges, dev.to_vec(), dest, ForkOptions::default()).unwrap()
+    start_fork_capture(
+        ranges,
+        dev.to_vec(),
+        livesnap::Destination::file(dest),
+        ForkOptions::default(),
+    )
+    .unwrap()
 }
 
 /// Waits until the capture has moved at least one record (or ended).
@@ -61,7 +67,13 @@ fn fork_round_trip_with_gaps_and_sparse_file() {
         })),
         ..Default::default()
     };
-    let cap = start_fork_capture(&ranges, dev.clone(), &dest, opts).unwrap();
+    let cap = start_fork_capture(
+        &ranges,
+        dev.clone(),
+        livesnap::Destination::file(&dest),
+        opts,
+    )
+    .unwrap();
     assert!(cap.child_pid() > 0);
     let pid = cap.child_pid();
     let progress_total = cap.progress().total_bytes;
@@ -272,7 +284,13 @@ fn unusable_destination_fails_at_start() {
     let ranges = [mem.range(0, MIB, 0)];
     let dir = tempfile::tempdir().unwrap();
     let missing = dir.path().join("no/such/dir/x.img");
-    let e = start_fork_capture(&ranges, vec![], &missing, ForkOptions::default()).unwrap_err();
+    let e = start_fork_capture(
+        &ranges,
+        vec![],
+        livesnap::Destination::file(&missing),
+        ForkOptions::default(),
+    )
+    .unwrap_err();
     assert!(
         matches!(&e, SnapError::DestDir { source, .. } if source.raw_os_error() == Some(libc::ENOENT)),
         "{e:?}"
@@ -317,8 +335,13 @@ fn destinations_that_are_not_regular_files_are_refused_and_left_alone() {
     let ranges = [mem.range(0, MIB, 0)];
     for dev in ["/dev/null", "/dev/full"] {
         let before = std::fs::metadata(dev).unwrap();
-        let e = start_fork_capture(&ranges, vec![], Path::new(dev), ForkOptions::default())
-            .unwrap_err();
+        let e = start_fork_capture(
+            &ranges,
+            vec![],
+            livesnap::Destination::file(Path::new(dev)),
+            ForkOptions::default(),
+        )
+        .unwrap_err();
         assert!(
             matches!(&e, SnapError::InvalidInput(m) if m.contains("character device")),
             "{e:?}"
@@ -486,7 +509,13 @@ fn invalid_input_is_refused() {
     for c in &cases {
         let e = capture_stopped(c, &[], &dest).unwrap_err();
         assert!(matches!(e, SnapError::InvalidInput(_)), "{e:?}");
-        let e = start_fork_capture(c, vec![], &dest, ForkOptions::default()).unwrap_err();
+        let e = start_fork_capture(
+            c,
+            vec![],
+            livesnap::Destination::file(&dest),
+            ForkOptions::default(),
+        )
+        .unwrap_err();
         assert!(matches!(e, SnapError::InvalidInput(_)), "{e:?}");
     }
     let big = vec![0u8; MAX_DEVICE_STATE as usize + 1];
@@ -506,10 +535,14 @@ fn deferred_device_state_makes_the_same_image() {
     let dir = tempfile::tempdir().unwrap();
     let (a, b) = (dir.path().join("a.img"), dir.path().join("b.img"));
     fork_capture(&ranges, &dev, &a).wait().unwrap();
-    let (cap, state) = livesnap::prepare_fork_capture(&ranges, &b, ForkOptions::default())
-        .unwrap()
-        .start_deferred()
-        .unwrap();
+    let (cap, state) = livesnap::prepare_fork_capture(
+        &ranges,
+        livesnap::Destination::file(&b),
+        ForkOptions::default(),
+    )
+    .unwrap()
+    .start_deferred()
+    .unwrap();
     // Memory changes after the fork do not reach the image.
     let snapshot = mem.bytes_mut().to_vec();
     mem.bytes_mut().fill(0x77);
@@ -531,10 +564,14 @@ fn deferred_device_state_that_never_comes_fails_the_capture() {
     let dir = tempfile::tempdir().unwrap();
     for give_up in [true, false] {
         let dest = dir.path().join("x.img");
-        let (cap, state) = livesnap::prepare_fork_capture(&ranges, &dest, ForkOptions::default())
-            .unwrap()
-            .start_deferred()
-            .unwrap();
+        let (cap, state) = livesnap::prepare_fork_capture(
+            &ranges,
+            livesnap::Destination::file(&dest),
+            ForkOptions::default(),
+        )
+        .unwrap()
+        .start_deferred()
+        .unwrap();
         let pid = cap.child_pid();
         if give_up {
             state.fail("KVM_GET_REGS: EIO".into());

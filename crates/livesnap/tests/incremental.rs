@@ -37,7 +37,7 @@ fn capture(
 ) -> livesnap::Result<(livesnap::CaptureStats, u64)> {
     let prepared = prepare_wp_capture(
         engine,
-        dest,
+        livesnap::Destination::file(dest),
         WpOptions {
             parent: parent.map(Path::to_path_buf),
             ..WpOptions::default()
@@ -228,7 +228,7 @@ fn a_failed_capture_keeps_the_record_of_changes() {
     // Cut, then cancelled: chunks 4 and 9 were taken out of the record.
     let prepared = prepare_wp_capture(
         &engine,
-        &inc,
+        livesnap::Destination::file(&inc),
         WpOptions {
             parent: Some(full.clone()),
             ..WpOptions::default()

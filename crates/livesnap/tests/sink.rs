@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use common::{fill_dense, fill_sparse, same_bytes_but_identity, Mem};
 use livesnap::{
-    capture_stopped, capture_stopped_to, prepare_fork_capture_to, Capture, CaptureStatus,
-    ForkOptions, Image, ImageSummary, RamRange, Sink, SnapError, Source, SourceImage, HEADER_SIZE,
+    capture_stopped, capture_stopped_to, prepare_fork_capture, Capture, CaptureStatus, ForkOptions,
+    Image, ImageSummary, RamRange, Sink, SnapError, Source, SourceImage, HEADER_SIZE,
     MAX_DEVICE_STATE,
 };
 use proptest::prelude::*;
@@ -162,10 +162,14 @@ fn source_ram(img: &SourceImage) -> Vec<Vec<u8>> {
 }
 
 fn start_to(ranges: &[RamRange], dev: &[u8], sink: &VecSink, opts: ForkOptions) -> Capture {
-    prepare_fork_capture_to(ranges, Box::new(sink.clone()), opts)
-        .unwrap()
-        .start(dev.to_vec())
-        .unwrap()
+    prepare_fork_capture(
+        ranges,
+        livesnap::Destination::Sink(Box::new(sink.clone())),
+        opts,
+    )
+    .unwrap()
+    .start(dev.to_vec())
+    .unwrap()
 }
 
 fn wait_finished(cap: &Capture) {
@@ -490,9 +494,9 @@ fn unstarted_or_refused_captures_abort_the_sink() {
     let mem = Mem::new(MIB);
     // Prepared, never started.
     let sink = VecSink::default();
-    let p = prepare_fork_capture_to(
+    let p = prepare_fork_capture(
         &[mem.range(0, MIB, 0)],
-        Box::new(sink.clone()),
+        livesnap::Destination::Sink(Box::new(sink.clone())),
         ForkOptions::default(),
     )
     .unwrap();
@@ -500,9 +504,9 @@ fn unstarted_or_refused_captures_abort_the_sink() {
     assert_eq!(sink.log().calls, vec!["abort"]);
     // Invalid ranges.
     let sink = VecSink::default();
-    let e = prepare_fork_capture_to(
+    let e = prepare_fork_capture(
         &[mem.range(0, 100, 0)],
-        Box::new(sink.clone()),
+        livesnap::Destination::Sink(Box::new(sink.clone())),
         ForkOptions::default(),
     )
     .unwrap_err();
@@ -510,9 +514,9 @@ fn unstarted_or_refused_captures_abort_the_sink() {
     assert_eq!(sink.log().calls, vec!["abort"]);
     // Device state too large: refused by start().
     let sink = VecSink::default();
-    let p = prepare_fork_capture_to(
+    let p = prepare_fork_capture(
         &[mem.range(0, MIB, 0)],
-        Box::new(sink.clone()),
+        livesnap::Destination::Sink(Box::new(sink.clone())),
         ForkOptions::default(),
     )
     .unwrap();

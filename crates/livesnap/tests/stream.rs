@@ -207,7 +207,12 @@ fn a_write_protect_capture_streams_while_memory_changes() {
         pool_bytes: 2 * MIB as u64,
         ..Default::default()
     };
-    let p = livesnap::wp_capture::prepare_wp_capture_to(&engine, Box::new(sink), opts).unwrap();
+    let p = livesnap::wp_capture::prepare_wp_capture(
+        &engine,
+        livesnap::Destination::Sink(Box::new(sink)),
+        opts,
+    )
+    .unwrap();
     let (cap, sender, _) = p.start_deferred().unwrap();
     // The state comes from the VMM's thread (here, before this thread
     // writes: a writer may have to wait for the sink, which waits for it).

@@ -51,7 +51,7 @@ fn run(pool_bytes: u64) {
     let engine = WpEngine::with_uffd(uffd.clone(), &[range]).unwrap();
     let prepared = prepare_wp_capture(
         &engine,
-        &dest,
+        livesnap::Destination::file(&dest),
         WpOptions {
             pool_bytes,
             ..WpOptions::default()
@@ -112,7 +112,12 @@ fn cancel_removes_the_file_and_blocks_nobody() {
     fill_dense(mem.words_mut(), 7);
     let range = mem.range(0, LEN, 0);
     let engine = WpEngine::with_uffd(uffd.clone(), &[range]).unwrap();
-    let prepared = prepare_wp_capture(&engine, &dest, WpOptions::default()).unwrap();
+    let prepared = prepare_wp_capture(
+        &engine,
+        livesnap::Destination::file(&dest),
+        WpOptions::default(),
+    )
+    .unwrap();
     let (capture, sender, _) = prepared.start_deferred().unwrap();
     capture.cancel();
     let stop = Arc::new(AtomicBool::new(false));
@@ -167,8 +172,12 @@ fn into_a_sink_with_a_small_pool_while_memory_changes() {
         pool_bytes: 2 * CHUNK,
         ..WpOptions::default()
     };
-    let prepared =
-        livesnap::wp_capture::prepare_wp_capture_to(&engine, Box::new(sink), opts).unwrap();
+    let prepared = livesnap::wp_capture::prepare_wp_capture(
+        &engine,
+        livesnap::Destination::Sink(Box::new(sink)),
+        opts,
+    )
+    .unwrap();
     let (capture, sender, counters) = prepared.start_deferred().unwrap();
     let stop = Arc::new(AtomicBool::new(false));
     let m = mutator(&mem, stop.clone());
@@ -208,7 +217,7 @@ fn a_prepared_capture_dropped_before_the_cut_leaves_nothing() {
         on_done: Some(Box::new(move |_| c.store(true, Ordering::SeqCst))),
         ..WpOptions::default()
     };
-    let prepared = prepare_wp_capture(&engine, &dest, opts).unwrap();
+    let prepared = prepare_wp_capture(&engine, livesnap::Destination::file(&dest), opts).unwrap();
     assert_eq!(
         std::fs::read_dir(dir.path()).unwrap().count(),
         1,
@@ -252,7 +261,7 @@ fn untouched_memory(kernel_protects_them: bool, always_populate: bool) {
         always_populate,
         ..WpOptions::default()
     };
-    let prepared = prepare_wp_capture(&engine, &dest, opts).unwrap();
+    let prepared = prepare_wp_capture(&engine, livesnap::Destination::file(&dest), opts).unwrap();
     let (capture, sender, _) = prepared.start_deferred().unwrap();
     let stop = Arc::new(AtomicBool::new(false));
     let m = mutator(&mem, stop.clone());
@@ -307,7 +316,8 @@ fn the_next_capture_starts_with_the_pool_kept_from_the_last() {
             keep_pool: keep,
             ..WpOptions::default()
         };
-        let prepared = prepare_wp_capture(&engine, &dest, opts).unwrap();
+        let prepared =
+            prepare_wp_capture(&engine, livesnap::Destination::file(&dest), opts).unwrap();
         let (capture, sender, counters) = prepared.start_deferred().unwrap();
         let stop = Arc::new(AtomicBool::new(false));
         let m = mutator(&mem, stop.clone());

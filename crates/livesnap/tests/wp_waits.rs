@@ -12,7 +12,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use common::{fill_dense, uffd_wp, Mem};
-use livesnap::wp_capture::{prepare_wp_capture, prepare_wp_capture_to, WpEngine, WpOptions};
+use livesnap::wp_capture::{prepare_wp_capture, WpEngine, WpOptions};
 use livesnap::CHUNK;
 use livesnap::{Image, SnapError};
 
@@ -44,7 +44,8 @@ fn start(seed: u64, open: bool, delay: Duration, opts: WpOptions) -> Option<Run>
     let engine = WpEngine::with_uffd(uffd, &[mem.range(0, LEN, 0)]).unwrap();
     let (sink, gate, bytes) = GatedSink::new(open, delay);
     let finished = sink.finished.clone();
-    let prepared = prepare_wp_capture_to(&engine, Box::new(sink), opts).unwrap();
+    let prepared =
+        prepare_wp_capture(&engine, livesnap::Destination::Sink(Box::new(sink)), opts).unwrap();
     let (capture, sender, counters) = prepared.start_deferred().unwrap();
     Some(Run {
         capture,
@@ -255,7 +256,7 @@ fn a_destination_that_stops_reading_never_stops_the_guest() {
     let dir = tempfile::tempdir().unwrap();
     let prepared = prepare_wp_capture(
         &run.engine,
-        &dir.path().join("next.snap"),
+        livesnap::Destination::file(dir.path().join("next.snap")),
         WpOptions::default(),
     );
     let (capture, sender, _) = prepared.unwrap().start_deferred().unwrap();
@@ -391,7 +392,12 @@ fn direct_io_to_a_file_up_to_a_short_last_chunk() {
     let base = std::env::current_exe().unwrap();
     let dir = tempfile::tempdir_in(base.parent().unwrap()).unwrap();
     let dest = dir.path().join("tail.snap");
-    let prepared = prepare_wp_capture(&engine, &dest, WpOptions::default()).unwrap();
+    let prepared = prepare_wp_capture(
+        &engine,
+        livesnap::Destination::file(&dest),
+        WpOptions::default(),
+    )
+    .unwrap();
     let (capture, sender, counters) = prepared.start_deferred().unwrap();
     let guest = Guest::start(&mem, 1);
     sender.send(b"odd-length state".to_vec());
@@ -437,7 +443,12 @@ fn a_failing_destination_fails_the_capture_and_blocks_nobody() {
         pool_bytes: 2 * CHUNK,
         ..WpOptions::default()
     };
-    let prepared = prepare_wp_capture_to(&engine, Box::new(Failing(0)), opts).unwrap();
+    let prepared = prepare_wp_capture(
+        &engine,
+        livesnap::Destination::Sink(Box::new(Failing(0))),
+        opts,
+    )
+    .unwrap();
     let (capture, sender, _) = prepared.start_deferred().unwrap();
     let guest = Guest::start(&mem, LEN / CHUNK as usize);
     sender.send(b"state".to_vec());

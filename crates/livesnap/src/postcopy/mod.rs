@@ -242,10 +242,19 @@ mod tests {
         past[..4].copy_from_slice(&500u32.to_le_bytes());
         refused(&mut Partial::default(), 1, &past);
         refused(&mut Partial::default(), 2, &piece(1, &mem, 0, 32));
-        // Another chunk, or the same page again, before this one is whole.
+        // A second chunk may come between (one asked for), a third not; nor
+        // the same page again before its chunk is whole.
+        let layout3 = vec![ImageRange {
+            gpa: 0,
+            len: 3 * CHUNK,
+            file_offset: 4096,
+        }];
         let mut p = Partial::default();
-        assert_eq!(p.add(&layout, 1, &piece(1, &mem, 0, 32)).unwrap(), None);
-        refused(&mut p, 0, &piece(0, &mem, 0, 32));
+        assert_eq!(p.add(&layout3, 1, &piece(1, &mem, 0, 32)).unwrap(), None);
+        assert_eq!(p.add(&layout3, 0, &piece(0, &mem, 0, 32)).unwrap(), None);
+        let e = p.add(&layout3, 2, &piece(2, &mem, 0, 32)).unwrap_err();
+        assert!(e.contains("out of order"), "{e}");
+        assert_eq!(p.add(&layout3, 1, &piece(1, &mem, 32, 32)).unwrap(), None);
         let mut p = Partial::default();
         p.add(&layout, 1, &piece(1, &mem, 0, 32)).unwrap();
         refused(&mut p, 1, &piece(1, &mem, 0, 32));

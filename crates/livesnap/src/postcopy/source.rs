@@ -45,9 +45,10 @@ struct SendState {
     urgent: VecDeque<usize>,
     /// Pages (image offsets) the target waits on: each goes before anything else.
     urgent_pages: VecDeque<u64>,
-    /// The chunk going out piece by piece: its number, its next page, and
-    /// whether the target asked for it. Its pieces go before any other chunk.
-    piece: Option<(usize, usize, bool)>,
+    /// The chunks going out piece by piece (number, next page): one the
+    /// target asked for, whose pieces go first, and one pushed in order.
+    asked: Option<(usize, usize)>,
+    pushing: Option<(usize, usize)>,
     /// Bytes of PIECE records written on this connection, and how many of
     /// them the target says it took in (CONSUMED).
     piece_bytes: u64,
@@ -211,7 +212,8 @@ impl PostcopySender {
                 next: 0,
                 urgent: VecDeque::new(),
                 urgent_pages: VecDeque::new(),
-                piece: None,
+                asked: None,
+                pushing: None,
                 piece_bytes: 0,
                 consumed: 0,
                 go_due: false,
@@ -357,7 +359,8 @@ fn attach(sh: &Arc<SendShared>, sock: OwnedFd, first: bool) -> Result<()> {
         st.broken = None;
         // A chunk cut short on the old connection is among what the
         // target says it lacks: it goes again, whole.
-        st.piece = None;
+        st.asked = None;
+        st.pushing = None;
         st.piece_bytes = 0;
         st.consumed = 0;
         sh.cv.notify_all();
@@ -536,31 +539,41 @@ fn next_job(sh: &SendShared) -> Option<Job> {
             if let Some(off) = st.urgent_pages.pop_front() {
                 return Some(Job::Page(g, file, off));
             }
-            // The chunk on its way goes on, piece by piece, paced (below)
-            // even when the target asked for it: the page its thread waits
-            // on went first, and a whole chunk sent at once would hold up
-            // the next page asked for by 2 MiB.
-            if let Some((k, p, urgent)) = st.piece {
+            // A chunk the target asked for goes first, piece by piece —
+            // paced like every piece (below): the page its thread waits on
+            // went first, and a whole chunk at once would hold up the next
+            // page asked for by 2 MiB. Its pieces overtake those of the
+            // chunk being pushed.
+            if st.asked.is_none() {
+                if let Some(k) = st.urgent.pop_front() {
+                    if !st.sent[k] {
+                        st.sent[k] = true;
+                        // The order follows the guest: what comes after the
+                        // chunk it touched is what it will touch next.
+                        st.next = k + 1;
+                        st.asked = Some((k, 0));
+                    }
+                    continue;
+                }
+            }
+            let on_way = st
+                .asked
+                .map(|a| (a, true))
+                .or(st.pushing.map(|p| (p, false)));
+            if let Some(((k, p), urgent)) = on_way {
                 if ahead(&st) {
                     st = sh.cv.wait(st).unwrap_or_else(|e| e.into_inner());
                     continue;
                 }
                 let pages = (sh.chunks[k].1 / PAGE_SIZE) as usize;
                 let next = (p + PIECE_PAGES).min(pages);
-                st.piece = (next < pages).then_some((k, next, urgent));
-                return Some(Job::Piece(g, file, k, p..next, urgent));
-            }
-            // A chunk the target waits for goes at once — even before the
-            // switch: restoring the machine may touch guest RAM.
-            if let Some(k) = st.urgent.pop_front() {
-                if !st.sent[k] {
-                    st.sent[k] = true;
-                    // The order follows the guest: what comes after the chunk
-                    // it touched is what it will touch next.
-                    st.next = k + 1;
-                    st.piece = Some((k, 0, true));
+                let left = (next < pages).then_some((k, next));
+                if urgent {
+                    st.asked = left;
+                } else {
+                    st.pushing = left;
                 }
-                continue;
+                return Some(Job::Piece(g, file, k, p..next, urgent));
             }
             // The rest goes once the target runs the guest: before, it would
             // only compete with the switch for the link and the CPUs.
@@ -583,7 +596,7 @@ fn next_job(sh: &SendShared) -> Option<Job> {
             if let Some(k) = found {
                 st.sent[k] = true;
                 st.next = k + 1;
-                st.piece = Some((k, 0, false));
+                st.pushing = Some((k, 0));
                 continue;
             }
             if !st.end_sent {

@@ -60,6 +60,7 @@ struct RecvShared {
     cv: Condvar,
     events: Mutex<Option<TargetEvents>>,
     requests: AtomicU64,
+    chunks_requested: AtomicU64,
     /// Connections used (the first and each recovery).
     connections: AtomicU64,
     /// Chunks asked for before the guest ran (they were in the downtime).
@@ -208,6 +209,7 @@ pub fn receive_switch_from<R: Read + Send + 'static>(
         cv: Condvar::new(),
         events: Mutex::new(None),
         requests: AtomicU64::new(0),
+        chunks_requested: AtomicU64::new(0),
         connections: AtomicU64::new(1),
         requests_before_switch: AtomicU64::new(0),
         bytes: AtomicU64::new(0),
@@ -384,15 +386,21 @@ fn chunk_arrived(sh: &RecvShared, g: u64, k: usize, data: Vec<u8>) -> Flow {
     Flow::Go
 }
 
-/// A chunk being put together from PIECE records: its number, the next page
-/// expected, and the CHUNK payload so far (bitmap, non-zero pages).
+/// Chunks being put together from PIECE records: each one's number, the
+/// next page expected, and the CHUNK payload so far (bitmap, non-zero
+/// pages). At most two at a time: one the target asked for, whose pieces
+/// may overtake those of the one being pushed.
 #[derive(Default)]
-pub(super) struct Partial(Option<(usize, usize, Vec<u8>)>);
+pub(super) struct Partial(Vec<(usize, usize, Vec<u8>)>);
+
+/// Chunks a source may have on their way in pieces at once.
+const MAX_PARTIAL: usize = 2;
 
 impl Partial {
     /// Adds a PIECE of chunk `k`; returns the chunk's CHUNK payload once its
     /// last piece is in. Pieces out of order, overlapping, past the chunk,
-    /// or with a payload that does not match their bitmap are refused.
+    /// of a third chunk at once, or with a payload that does not match their
+    /// bitmap are refused.
     pub(super) fn add(
         &mut self,
         layout: &[ImageRange],
@@ -421,15 +429,21 @@ impl Partial {
         if beyond || d.len() != 8 + bm_len + set * PAGE_SIZE as usize {
             return Err(bad());
         }
-        let expected = match &self.0 {
-            None => 0,
-            Some((pk, next, _)) if *pk == k => *next,
-            Some(_) => usize::MAX,
+        let at = match self.0.iter().position(|(pk, _, _)| *pk == k) {
+            Some(at) => at,
+            None if self.0.len() < MAX_PARTIAL => {
+                self.0.push((k, 0, vec![0u8; BITMAP]));
+                self.0.len() - 1
+            }
+            None => return Err(bad()),
         };
-        if first != expected {
+        let (_, next, whole) = &mut self.0[at];
+        if first != *next {
+            if *next == 0 {
+                self.0.remove(at);
+            }
             return Err(bad());
         }
-        let (_, next, whole) = self.0.get_or_insert_with(|| (k, 0, vec![0u8; BITMAP]));
         for i in (0..count).filter(|&i| bit(i)) {
             whole[(first + i) / 8] |= 1 << ((first + i) % 8);
         }
@@ -438,7 +452,7 @@ impl Partial {
         if *next < pages {
             return Ok(None);
         }
-        let (k, _, whole) = self.0.take().expect("a chunk in progress");
+        let (k, _, whole) = self.0.remove(at);
         Ok(Some((k, whole)))
     }
 }
@@ -511,8 +525,12 @@ pub struct PrecopyFigures {
 pub struct RecvFigures {
     /// What came before the switch, by pre-copy.
     pub precopy: PrecopyFigures,
-    /// Chunks asked for because a thread touched them.
+    /// Requests sent because a thread touched RAM not here yet (a page, or
+    /// a chunk where the source does not send pages first).
     pub requests: u64,
+    /// Chunks a thread touched before they were here (each asked for one
+    /// or more times).
+    pub chunks_requested: u64,
     /// Of those, asked for before the guest ran (their transfer was part of
     /// the downtime).
     pub requests_before_switch: u64,
@@ -627,6 +645,7 @@ impl RemotePages {
         RecvFigures {
             precopy: self.sh.precopy,
             requests: self.sh.requests.load(Ordering::Relaxed),
+            chunks_requested: self.sh.chunks_requested.load(Ordering::Relaxed),
             requests_before_switch: self.sh.requests_before_switch.load(Ordering::Relaxed),
             chunks_received: st.received,
             bytes: self.sh.bytes.load(Ordering::Relaxed),
@@ -872,6 +891,9 @@ impl PageSource for RemotePages {
                 asked = true;
                 // Without a connection, `recover` asks again for the chunk
                 // (Requested): the page then comes with it.
+                if matches!(st.slots[k], Slot::Absent) {
+                    self.sh.chunks_requested.fetch_add(1, Ordering::Relaxed);
+                }
                 st.slots[k] = Slot::Requested;
                 self.sh.requests.fetch_add(1, Ordering::Relaxed);
                 if let Some(w) = st.writer.as_mut() {
@@ -908,6 +930,7 @@ impl PageSource for RemotePages {
             // Without a connection, `recover` asks again for what is Requested.
             st.slots[k] = Slot::Requested;
             self.sh.requests.fetch_add(1, Ordering::Relaxed);
+            self.sh.chunks_requested.fetch_add(1, Ordering::Relaxed);
             if let Some(w) = st.writer.as_mut() {
                 if send(w, KIND_REQ, k as u64, &[]).is_err() {
                     if let Some(w) = st.writer.take() {

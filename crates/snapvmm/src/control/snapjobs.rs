@@ -170,9 +170,9 @@ impl Controller {
                 on_done: Some(on_done),
                 ..livesnap::ForkOptions::default()
             };
-            Capture::Fork(livesnap::prepare_fork_capture_to(
+            Capture::Fork(livesnap::prepare_fork_capture(
                 &ranges,
-                Box::new(sink),
+                livesnap::Destination::Sink(Box::new(sink)),
                 opts,
             )?)
         } else {
@@ -183,9 +183,9 @@ impl Controller {
                 on_done: Some(on_done),
                 ..self.migration.wp_options()
             };
-            Capture::Wp(livesnap::wp_capture::prepare_wp_capture_to(
+            Capture::Wp(livesnap::wp_capture::prepare_wp_capture(
                 &engine,
-                Box::new(sink),
+                livesnap::Destination::Sink(Box::new(sink)),
                 opts,
             )?)
         };

@@ -382,9 +382,9 @@ mod tests {
             fn abort(&mut self) {}
         }
         let out = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let prepared = livesnap::prepare_fork_capture_to(
+        let prepared = livesnap::prepare_fork_capture(
             &[range],
-            Box::new(Mem(out.clone())),
+            livesnap::Destination::Sink(Box::new(Mem(out.clone()))),
             livesnap::ForkOptions::default(),
         )
         .unwrap();

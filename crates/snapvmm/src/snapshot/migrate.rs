@@ -545,6 +545,7 @@ impl Migration {
                 "precopy-chunks-dropped": f.precopy.chunks_dropped,
                 "precopy-bytes": f.precopy.bytes,
                 "requests": f.requests,
+                "chunks-requested": f.chunks_requested,
                 "requests-before-switch": f.requests_before_switch,
                 "chunks-received": f.chunks_received,
                 "bytes-received": f.bytes,
@@ -777,6 +778,14 @@ pub enum Dest {
 }
 
 impl Dest {
+    /// Where a live capture writes.
+    fn into_capture(self) -> livesnap::Destination {
+        match self {
+            Dest::File(p) => livesnap::Destination::File(p),
+            Dest::Stream(s) => livesnap::Destination::Sink(s),
+        }
+    }
+
     /// Opens the destination named by `uri` for the RAM of `m`: a stream
     /// connects (or starts its command) now, with the guest running.
     pub fn open(uri: &super::transport::Uri, m: &vmm::Machine) -> Result<Dest, String> {
@@ -807,10 +816,7 @@ pub(crate) fn prepare_fork(
         on_done: Some(Box::new(move |_| done())),
         ..ForkOptions::default()
     };
-    match dest {
-        Dest::File(p) => livesnap::prepare_fork_capture(&ram_ranges(m), &p, opts),
-        Dest::Stream(s) => livesnap::prepare_fork_capture_to(&ram_ranges(m), s, opts),
-    }
+    livesnap::prepare_fork_capture(&ram_ranges(m), dest.into_capture(), opts)
 }
 
 /// Prepares a write-protect capture (before the pause) of the RAM of
@@ -828,10 +834,7 @@ pub(crate) fn prepare_wp(
         on_done: Some(Box::new(move |_| done())),
         ..opts
     };
-    match dest {
-        Dest::File(p) => livesnap::wp_capture::prepare_wp_capture(engine, &p, opts),
-        Dest::Stream(s) => livesnap::wp_capture::prepare_wp_capture_to(engine, s, opts),
-    }
+    livesnap::wp_capture::prepare_wp_capture(engine, dest.into_capture(), opts)
 }
 
 /// Runs a stop-and-copy capture on a worker thread; `done` gets its result.
