@@ -226,6 +226,84 @@ mod tests {
         drop(sender);
     }
 
+    /// On a resumed connection the push may have begun a chunk before the
+    /// target's NEED (which lists it: it is not whole there) and REQ for it
+    /// came: the chunk goes on where it is, it does not start again in the
+    /// middle of itself (the target would refuse that piece and close).
+    #[test]
+    fn a_chunk_under_way_when_need_comes_goes_on_where_it_is() {
+        use std::os::unix::net::UnixStream;
+        let len = 8 << 20;
+        let mem: Vec<u8> = (0..len).map(|i| (i / 4096 % 251) as u8 + 1).collect();
+        let (a, b) = UnixStream::pair().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let tx = Mutex::new(tx);
+        // SAFETY: `mem` outlives the sender (dropped first, below) and is
+        // not written meanwhile.
+        let sender = unsafe {
+            PostcopySender::start(
+                a.into(),
+                &[RamRange::new(0, mem.as_ptr(), len as u64)],
+                b"state".to_vec(),
+                &[],
+                Box::new(move |e| {
+                    let _ = lock(&tx).send(e);
+                }),
+            )
+        }
+        .unwrap();
+        // First connection: the switch, then cut.
+        let mut w = b.try_clone().unwrap();
+        let (reader, _) = crate::stream::StreamReader::start(b).unwrap();
+        let mut r = reader.into_buffered();
+        while read_record(&mut r, 4 << 20).unwrap().unwrap().0 != KIND_SWITCH {}
+        send(&mut w, KIND_RUNNING, 0, &[]).unwrap();
+        assert!(matches!(rx.recv().unwrap(), SourceEvent::Switched));
+        assert!(sender.break_connection());
+        assert!(matches!(rx.recv().unwrap(), SourceEvent::Paused(_)));
+        drop((r, w));
+        // Second connection: take the first piece of the push, then say
+        // every chunk is lacking and ask for that very one.
+        let (a, b) = UnixStream::pair().unwrap();
+        sender.resume(a.into()).unwrap();
+        let mut w = b.try_clone().unwrap();
+        let (reader, _) = crate::stream::StreamReader::start(b).unwrap();
+        let mut r = reader.into_buffered();
+        let mut next = || read_record(&mut r, 4 << 20).unwrap().unwrap();
+        assert_eq!(next().0, KIND_RESUME);
+        let (kind, k, d) = next();
+        assert_eq!(kind, KIND_PIECE);
+        assert_eq!(u32::from_le_bytes(d[..4].try_into().unwrap()), 0);
+        let chunks = (len as u64 / CHUNK) as usize;
+        send(&mut w, KIND_NEED, 0, &vec![0xff; chunks.div_ceil(8)]).unwrap();
+        send(&mut w, KIND_REQ, k, &[]).unwrap();
+        // Whatever else comes, chunk k's pieces go on in order to its end,
+        // and the target can put it together.
+        let mut partial = Partial::default();
+        let layout = vec![ImageRange {
+            gpa: 0,
+            len: len as u64,
+            file_offset: 4096,
+        }];
+        partial.add(&layout, k as usize, &d).unwrap();
+        let mut consumed = (d.len() + 24) as u64;
+        loop {
+            let (kind, off, d) = next();
+            if kind != KIND_PIECE {
+                continue;
+            }
+            consumed += (d.len() + 24) as u64;
+            send(&mut w, KIND_CONSUMED, consumed, &[]).unwrap();
+            let done = partial
+                .add(&layout, off as usize, &d)
+                .unwrap_or_else(|e| panic!("chunk {off}: {e}"));
+            if done.is_some_and(|(c, _)| c == k as usize) {
+                break;
+            }
+        }
+        drop(sender);
+    }
+
     #[test]
     fn pieces_out_of_order_or_malformed_are_refused() {
         let (layout, mem) = ram();

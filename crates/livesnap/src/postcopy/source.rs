@@ -458,8 +458,12 @@ fn source_reader(sh: &SendShared, r: File, g: u64, first: bool) {
                     drop(st);
                     break "malformed list of missing pages".into();
                 }
+                // A chunk already going out in pieces on this connection
+                // (the push went on before NEED came) is lacking, but on its
+                // way whole: it is not sent again.
+                let on_way = [st.asked, st.pushing].map(|c| c.map(|(k, _)| k));
                 for k in 0..n {
-                    if data[k / 8] & (1 << (k % 8)) != 0 {
+                    if data[k / 8] & (1 << (k % 8)) != 0 && !on_way.contains(&Some(k)) {
                         st.sent[k] = false;
                     }
                 }
@@ -546,7 +550,10 @@ fn next_job(sh: &SendShared) -> Option<Job> {
             // chunk being pushed.
             if st.asked.is_none() {
                 if let Some(k) = st.urgent.pop_front() {
-                    if !st.sent[k] {
+                    if st.pushing.is_some_and(|(pk, _)| pk == k) {
+                        // Being pushed already: it goes on, first.
+                        st.asked = st.pushing.take();
+                    } else if !st.sent[k] {
                         st.sent[k] = true;
                         // The order follows the guest: what comes after the
                         // chunk it touched is what it will touch next.
