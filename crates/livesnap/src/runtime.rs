@@ -350,19 +350,13 @@ pub(crate) fn stats(
     times: Times,
 ) -> CaptureStats {
     let total_time = start.elapsed();
-    let Times {
-        pause: pause_time,
-        fork: fork_time,
-        ram: ram_time,
-        child_cpu: child_cpu_time,
-    } = times;
     let secs = total_time.as_secs_f64().max(1e-9);
     CaptureStats {
         total_time,
-        pause_time,
-        fork_time,
-        ram_time,
-        child_cpu_time,
+        pause_time: times.pause,
+        fork_time: times.fork,
+        ram_time: times.ram,
+        child_cpu_time: times.child_cpu,
         ram_bytes: header.ram_bytes(),
         bytes_written: written,
         zero_pages,

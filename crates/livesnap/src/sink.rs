@@ -120,12 +120,6 @@ pub(crate) fn summary(
     zero_pages: u64,
     times: Times,
 ) -> ImageSummary {
-    let Times {
-        pause: pause_time,
-        fork: fork_time,
-        ram: ram_time,
-        child_cpu: child_cpu_time,
-    } = times;
     ImageSummary {
         image_len: header.file_len,
         ram_bytes: header.ram_bytes(),
@@ -133,10 +127,10 @@ pub(crate) fn summary(
         zero_pages,
         normal_pages: written / PAGE_SIZE,
         device_state_bytes: header.dev_len,
-        pause_time,
-        fork_time,
-        ram_time,
-        child_cpu_time,
+        pause_time: times.pause,
+        fork_time: times.fork,
+        ram_time: times.ram,
+        child_cpu_time: times.child_cpu,
     }
 }
 
