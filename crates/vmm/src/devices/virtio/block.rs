@@ -52,10 +52,11 @@ const SECTOR: u64 = 512;
 /// Largest data transfer of one request (a guest cannot make us allocate more);
 /// advertised as `size_max` × `seg_max`. `seg_max` is what bounds a direct
 /// read into scattered user pages (one segment each): 4 cut such a read into
-/// 16 KiB requests; 126 (the queue's size less the header and status, as
-/// QEMU's) lets Linux send its usual 1.25 MiB ones.
+/// 16 KiB requests; 126 cut a 1 MiB one (256 pages) into three; 254 (the
+/// queue's size less the header and status, as QEMU's: a request goes in one
+/// indirect table) into two, as under QEMU.
 const MAX_REQUEST: u64 = 8 << 20;
-const SEG_MAX: u32 = 126;
+const SEG_MAX: u32 = QUEUE_MAX as u32 - 2;
 const SIZE_MAX: u32 = (MAX_REQUEST / SEG_MAX as u64) as u32 & !0xfff;
 
 /// The device's registers: everything a snapshot needs besides the disk.
@@ -720,7 +721,7 @@ mod tests {
         assert_eq!(u64::from_le_bytes(cap), (1 << 20) / 512);
         let (size_max, seg_max) = (r32(&r.dev, 0x108), r32(&r.dev, 0x10c));
         assert!(u64::from(size_max) * u64::from(seg_max) <= MAX_REQUEST);
-        assert!(seg_max >= 126 && size_max.is_multiple_of(4096));
+        assert!(seg_max >= 254 && size_max.is_multiple_of(4096));
     }
 
     #[test]
@@ -830,6 +831,35 @@ mod tests {
         )
         .is_err());
     }
+    /// A request with as many data segments as the device offers
+    /// (`seg_max`), in one indirect table, on a queue of 8: Linux's direct
+    /// 1 MiB read into 256 scattered pages goes as two such requests.
+    #[test]
+    fn a_request_of_seg_max_segments_in_one_indirect_table() {
+        let mut r = rig_with(1 << 20, false, F_RING_INDIRECT_DESC as u32);
+        let n = SEG_MAX as u16;
+        // The table at 0x40000: header, n segments of 512 bytes from
+        // 0x50000 on (every other 512 bytes: scattered), status.
+        let table = 0x40000;
+        r.header(T_IN, 0);
+        r.desc_at(table, 0, 0x8000, 16, 1, 1);
+        for i in 0..n {
+            let at = 0x50000 + u64::from(i) * 1024;
+            r.desc_at(table, i + 1, at, 512, 1 | 2, i + 2);
+        }
+        r.desc_at(table, n + 1, 0x9000, 1, 2, 0);
+        r.desc(0, table, 16 * u32::from(n + 2), 4, 0);
+        assert_eq!(r.submit(), (512 * u32::from(n) + 1, S_OK));
+        // Sector i landed in segment i (the disk's bytes are their sector number).
+        for i in 0..u64::from(n) {
+            let b: u8 = r
+                .mem
+                .read_obj(GuestAddress(0x50000 + i * 1024 + 100))
+                .unwrap();
+            assert_eq!(b, i as u8, "segment {i}");
+        }
+    }
+
     #[test]
     fn indirect_descriptors_work_and_a_bad_table_is_an_error() {
         let mut r = rig_with(64 << 10, false, F_RING_INDIRECT_DESC as u32);
