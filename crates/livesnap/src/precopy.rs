@@ -30,6 +30,7 @@ use crate::error::{Result, SnapError};
 use crate::runtime::lock;
 use crate::stream::{
     encode_stream_header, FLAG_HANDOVER, FLAG_LIVE, FLAG_PAGES, FLAG_PIECES, FLAG_PRECOPY,
+    FLAG_ROTATED,
 };
 use crate::wire::{chunks_of, write_chunk};
 pub use crate::wire::{PrecopyDone, WriteLog};
@@ -121,7 +122,7 @@ impl Precopy {
         let header = encode_stream_header(
             image_len,
             &layout,
-            FLAG_LIVE | FLAG_PRECOPY | FLAG_HANDOVER | FLAG_PAGES | FLAG_PIECES,
+            FLAG_LIVE | FLAG_PRECOPY | FLAG_HANDOVER | FLAG_PAGES | FLAG_PIECES | FLAG_ROTATED,
         );
         let n = chunks.len();
         let sh = Arc::new(Shared {

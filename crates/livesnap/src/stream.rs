@@ -48,6 +48,10 @@ pub(crate) const FLAG_PAGES: u32 = 16;
 /// switch as PIECE records (a few pages each), so a page asked for never
 /// waits behind a whole chunk on the link. Readers without it refuse it.
 pub(crate) const FLAG_PIECES: u32 = 32;
+/// Stream flag (with `pieces`): a chunk's pieces may begin at any piece —
+/// the one of the page a thread waits on — and wrap around the chunk's end
+/// back to it. Readers without it refuse it.
+pub(crate) const FLAG_ROTATED: u32 = 64;
 const FIXED_HEAD: usize = 32;
 const RANGE_ENTRY: usize = 24;
 /// Longest abort reason carried.
@@ -210,6 +214,8 @@ pub struct StreamLayout {
     pub handover: bool,
     /// A live migration whose source sends a requested page ahead of its chunk.
     pub pages: bool,
+    /// A live migration whose chunks' pieces may begin mid-chunk and wrap.
+    pub rotated: bool,
 }
 
 impl StreamLayout {
@@ -282,8 +288,13 @@ impl<R: Read> StreamReader<R> {
         }
         fill(&mut input, &mut fixed[12..], "the stream header")?;
         let flags = get32(&fixed, 12);
-        let known =
-            FLAG_LIVE | FLAG_RESUME | FLAG_PRECOPY | FLAG_HANDOVER | FLAG_PAGES | FLAG_PIECES;
+        let known = FLAG_LIVE
+            | FLAG_RESUME
+            | FLAG_PRECOPY
+            | FLAG_HANDOVER
+            | FLAG_PAGES
+            | FLAG_PIECES
+            | FLAG_ROTATED;
         if flags & !known != 0 || (flags & FLAG_LIVE == 0 && flags != 0) {
             return Err(corrupt(format!("unknown stream flags {flags:#x}")));
         }
@@ -332,6 +343,7 @@ impl<R: Read> StreamReader<R> {
             precopy: flags & FLAG_PRECOPY != 0,
             handover: flags & FLAG_HANDOVER != 0,
             pages: flags & FLAG_PAGES != 0,
+            rotated: flags & FLAG_ROTATED != 0,
         };
         Ok((
             StreamReader {

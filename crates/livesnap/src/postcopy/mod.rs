@@ -46,7 +46,7 @@ use crate::lazy::PageSource;
 use crate::runtime::lock;
 use crate::stream::{
     encode_stream_header, read_record, record_head, StreamLayout, StreamReader, FLAG_HANDOVER,
-    FLAG_LIVE, FLAG_PAGES, FLAG_PIECES, FLAG_RESUME, KIND_END, MAX_RECORD,
+    FLAG_LIVE, FLAG_PAGES, FLAG_PIECES, FLAG_RESUME, FLAG_ROTATED, KIND_END, MAX_RECORD,
 };
 use crate::wire::*;
 use crate::RamRange;
@@ -94,6 +94,7 @@ mod tests {
     use super::target::Partial;
     use super::*;
     use crate::stream::read_record;
+    use std::io::Write;
     use std::time::Duration;
 
     /// A record as it comes off the wire: (kind, offset, payload).
@@ -319,6 +320,142 @@ mod tests {
             }
         }
         drop(sender);
+    }
+
+    /// With stream flag `rotated` a chunk's pieces may begin at the piece of
+    /// the page a thread waits on and wrap around: put together, they are
+    /// the CHUNK record of the same memory. A piece that runs back past
+    /// where the chunk began is refused.
+    #[test]
+    fn rotated_pieces_make_the_chunk_record_of_the_same_memory() {
+        let (layout, mem) = ram();
+        let mut whole = Vec::new();
+        write_chunk(&mut whole, 1, &mem).unwrap();
+        let (_, _, want) = wire(whole);
+        let mut p = Partial::new(true);
+        let order = (288..CHUNK_PAGES).chain(0..288).step_by(PIECE_PAGES);
+        let mut got = None;
+        for first in order {
+            assert!(got.is_none(), "complete before its last piece");
+            got = p
+                .add(&layout, 1, &piece(1, &mem, first, PIECE_PAGES))
+                .unwrap();
+        }
+        assert_eq!(got, Some((1, want)));
+        // Wrapped, pages 256..288 may come, 256..320 not (288 is in).
+        let mut p = Partial::new(true);
+        for first in (288..CHUNK_PAGES).step_by(PIECE_PAGES) {
+            assert_eq!(
+                p.add(&layout, 1, &piece(1, &mem, first, PIECE_PAGES))
+                    .unwrap(),
+                None
+            );
+        }
+        for first in (0..256).step_by(PIECE_PAGES) {
+            assert_eq!(
+                p.add(&layout, 1, &piece(1, &mem, first, PIECE_PAGES))
+                    .unwrap(),
+                None
+            );
+        }
+        let e = p.add(&layout, 1, &piece(1, &mem, 256, 64)).unwrap_err();
+        assert!(e.contains("out of order"), "{e}");
+    }
+
+    /// A page asked for mid-chunk: the source begins that chunk's pieces
+    /// with the piece of the page, then wraps around to the pieces before.
+    #[test]
+    fn a_chunks_pieces_begin_with_the_page_asked_for() {
+        let mem = dense(8 << 20);
+        // SAFETY: `mem` outlives the sender (dropped first, below) and is
+        // not written meanwhile.
+        let (sender, b, _events) = unsafe { sender_over(&mem) };
+        let mut w = b.try_clone().unwrap();
+        let (reader, layout) = crate::stream::StreamReader::start(b).unwrap();
+        assert!(layout.rotated);
+        let mut r = reader.into_buffered();
+        let mut next = || read_record(&mut r, 4 << 20).unwrap().unwrap();
+        while next().0 != KIND_SWITCH {}
+        // Chunk 3, page 300: before the guest runs, nothing is pushed.
+        let page = layout.ranges[0].file_offset + 3 * CHUNK + 300 * PAGE_SIZE;
+        send(&mut w, KIND_REQ_PAGE, page, &[]).unwrap();
+        let (kind, off, _) = next();
+        assert_eq!((kind, off), (KIND_PAGE, page));
+        let mut firsts = Vec::new();
+        let mut consumed = 0;
+        while firsts.len() < CHUNK_PAGES / PIECE_PAGES {
+            let (kind, k, d) = next();
+            assert_eq!((kind, k), (KIND_PIECE, 3));
+            consumed += d.len() as u64 + 24;
+            send(&mut w, KIND_CONSUMED, consumed, &[]).unwrap();
+            firsts.push(u32::from_le_bytes(d[..4].try_into().unwrap()) as usize);
+        }
+        let want: Vec<usize> = (288..CHUNK_PAGES)
+            .chain(0..288)
+            .step_by(PIECE_PAGES)
+            .collect();
+        assert_eq!(firsts, want);
+        drop(sender);
+    }
+
+    /// The target side, from a source played by the test: the pieces of a
+    /// chunk a thread asked a page of serve that thread's next pages
+    /// before the rest of the chunk is here, without asking again; once the
+    /// chunk is whole it reads as the source's memory.
+    #[test]
+    fn pieces_of_a_chunk_asked_for_serve_pages_before_it_is_whole() {
+        let len = 4 * CHUNK as usize;
+        let mem = dense(len);
+        let layout = crate::image::ranges_of(&[(0, len as u64)]).unwrap();
+        let image_len = layout[0].file_offset + layout[0].len;
+        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let mut src = a.try_clone().unwrap();
+        let flags = FLAG_LIVE | FLAG_HANDOVER | FLAG_PAGES | FLAG_PIECES | FLAG_ROTATED;
+        src.write_all(&encode_stream_header(image_len, &layout, flags))
+            .unwrap();
+        let state = b"state".to_vec();
+        send(&mut src, KIND_STATE, 0, &state).unwrap();
+        let mut sw = [7u8; 16].to_vec();
+        sw.extend_from_slice(&(state.len() as u64).to_le_bytes());
+        sw.extend_from_slice(&crc32fast::hash(&state).to_le_bytes());
+        send(&mut src, KIND_SWITCH, 0, &sw).unwrap();
+        let switch = receive_switch(b.into()).unwrap();
+        let pages = switch.pages.clone();
+        let base = layout[0].file_offset + 2 * CHUNK;
+        let at = |i: usize| base + (i as u64) * PAGE_SIZE;
+        let mem_of = |i: usize| &mem[2 * CHUNK as usize + i * 4096..][..4096];
+        // A thread waits on page 300 of chunk 2, then on the pages after it.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let p2 = pages.clone();
+        std::thread::spawn(move || {
+            for i in 300..320u64 {
+                let _ = tx.send(p2.page_first(base + i * PAGE_SIZE));
+            }
+        });
+        // The target asks for page 300; the source answers with the piece
+        // of that page, no PAGE.
+        let mut r = std::io::BufReader::new(a);
+        let (kind, off, _) = read_record(&mut r, 1 << 20).unwrap().unwrap();
+        assert_eq!((kind, off), (KIND_REQ_PAGE, at(300)));
+        let two = &mem[2 * CHUNK as usize..][..CHUNK as usize];
+        send(&mut src, KIND_PIECE, 2, &piece(2, two, 288, PIECE_PAGES)).unwrap();
+        // Page 300 and the next ones come from the piece: no other request
+        // goes out (the source played here would never answer one).
+        for i in 300..320 {
+            let got = rx.recv_timeout(Duration::from_secs(5));
+            let got = got.unwrap_or_else(|_| panic!("page {i} was not served from its piece"));
+            assert_eq!(got.unwrap().unwrap(), mem_of(i), "page {i}");
+        }
+        assert_eq!(pages.figures().requests, 1);
+        // The rest of the chunk, wrapping around: then it reads whole.
+        for first in (320..CHUNK_PAGES).chain(0..288).step_by(PIECE_PAGES) {
+            send(&mut src, KIND_PIECE, 2, &piece(2, two, first, PIECE_PAGES)).unwrap();
+        }
+        let mut whole = vec![0u8; CHUNK as usize];
+        pages.read_at(&mut whole, base).unwrap();
+        assert_eq!(whole, two);
+        assert_eq!(pages.figures().requests, 1);
+        drop(switch);
     }
 
     #[test]

@@ -42,13 +42,14 @@ pub struct SendCounters {
 struct SendState {
     sent: Vec<bool>,
     next: usize,
-    urgent: VecDeque<usize>,
+    /// Chunks the target asked for, each with the page its pieces begin at.
+    urgent: VecDeque<(usize, usize)>,
     /// Pages (image offsets) the target waits on: each goes before anything else.
     urgent_pages: VecDeque<u64>,
-    /// The chunks going out piece by piece (number, next page): one the
-    /// target asked for, whose pieces go first, and one pushed in order.
-    asked: Option<(usize, usize)>,
-    pushing: Option<(usize, usize)>,
+    /// The chunks going out piece by piece: one the target asked for, whose
+    /// pieces go first, and one pushed in order.
+    asked: Option<OnWay>,
+    pushing: Option<OnWay>,
     /// Bytes of PIECE records written on this connection, and how many of
     /// them the target says it took in (CONSUMED).
     piece_bytes: u64,
@@ -67,6 +68,46 @@ struct SendState {
     /// A write on this connection failed: it is shut down, and its reader
     /// (which may still hold the target's DONE) decides what happened.
     broken: Option<String>,
+}
+
+/// A chunk going out piece by piece. Its pieces begin at `start` (a piece
+/// boundary: the piece of the page a thread waits on, or the first) and
+/// wrap around the chunk's end back to `start`: the pages next to the one
+/// asked for, which the guest touches next, come first (stream flag
+/// `rotated`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct OnWay {
+    k: usize,
+    start: usize,
+    next: usize,
+    /// Pages still to go.
+    left: usize,
+}
+
+impl OnWay {
+    fn new(k: usize, start: usize, pages: usize) -> OnWay {
+        OnWay {
+            k,
+            start,
+            next: start,
+            left: pages,
+        }
+    }
+
+    /// The pages of the next piece (at most `PIECE_PAGES`, never across
+    /// the chunk's end or back past `start`), and what is left after it.
+    fn take(self, pages: usize) -> (std::ops::Range<usize>, Option<OnWay>) {
+        let end = if self.next < self.start {
+            self.start
+        } else {
+            pages
+        };
+        let to = (self.next + PIECE_PAGES).min(end);
+        let left = self.left - (to - self.next);
+        let next = if to == pages { 0 } else { to };
+        let rest = (left > 0).then_some(OnWay { next, left, ..self });
+        (self.next..to, rest)
+    }
 }
 
 struct SendShared {
@@ -425,13 +466,14 @@ fn source_reader(sh: &SendShared, r: File, g: u64, first: bool) {
             KIND_REQ => {
                 let k = off as usize;
                 if k < st.sent.len() && !st.sent[k] {
-                    st.urgent.push_back(k);
+                    st.urgent.push_back((k, 0));
                     sh.cv.notify_all();
                 }
                 sh.counters.requests.fetch_add(1, Ordering::Relaxed);
             }
             KIND_REQ_PAGE => {
-                let Some((k, _, _)) = chunk_at(&sh.layout, off).filter(|_| off % PAGE_SIZE == 0)
+                let Some((k, start, _)) =
+                    chunk_at(&sh.layout, off).filter(|_| off % PAGE_SIZE == 0)
                 else {
                     drop(st);
                     break format!(
@@ -440,7 +482,9 @@ fn source_reader(sh: &SendShared, r: File, g: u64, first: bool) {
                 };
                 st.urgent_pages.push_back(off);
                 if !st.sent[k] {
-                    st.urgent.push_back(k);
+                    // Its pieces begin with the one of that page.
+                    let page = ((off - start) / PAGE_SIZE) as usize;
+                    st.urgent.push_back((k, page - page % PIECE_PAGES));
                 }
                 sh.cv.notify_all();
                 sh.counters.requests.fetch_add(1, Ordering::Relaxed);
@@ -461,7 +505,7 @@ fn source_reader(sh: &SendShared, r: File, g: u64, first: bool) {
                 // A chunk already going out in pieces on this connection
                 // (the push went on before NEED came) is lacking, but on its
                 // way whole: it is not sent again.
-                let on_way = [st.asked, st.pushing].map(|c| c.map(|(k, _)| k));
+                let on_way = [st.asked, st.pushing].map(|c| c.map(|w| w.k));
                 for k in 0..n {
                     if data[k / 8] & (1 << (k % 8)) != 0 && !on_way.contains(&Some(k)) {
                         st.sent[k] = false;
@@ -509,8 +553,9 @@ enum Job {
     Head(u64, File),
     Go(u64, File),
     Page(u64, File, u64),
-    /// Pages of a chunk (whether the target asked for it).
-    Piece(u64, File, usize, std::ops::Range<usize>, bool),
+    /// Pages of a chunk (whether the target asked for it, whether this is
+    /// the chunk's first piece).
+    Piece(u64, File, usize, std::ops::Range<usize>, bool, bool),
     End(u64, File),
 }
 
@@ -549,8 +594,8 @@ fn next_job(sh: &SendShared) -> Option<Job> {
             // page asked for by 2 MiB. Its pieces overtake those of the
             // chunk being pushed.
             if st.asked.is_none() {
-                if let Some(k) = st.urgent.pop_front() {
-                    if st.pushing.is_some_and(|(pk, _)| pk == k) {
+                if let Some((k, start)) = st.urgent.pop_front() {
+                    if st.pushing.is_some_and(|w| w.k == k) {
                         // Being pushed already: it goes on, first.
                         st.asked = st.pushing.take();
                     } else if !st.sent[k] {
@@ -558,7 +603,8 @@ fn next_job(sh: &SendShared) -> Option<Job> {
                         // The order follows the guest: what comes after the
                         // chunk it touched is what it will touch next.
                         st.next = k + 1;
-                        st.asked = Some((k, 0));
+                        let pages = (sh.chunks[k].1 / PAGE_SIZE) as usize;
+                        st.asked = Some(OnWay::new(k, start.min(pages - 1), pages));
                     }
                     continue;
                 }
@@ -567,20 +613,18 @@ fn next_job(sh: &SendShared) -> Option<Job> {
                 .asked
                 .map(|a| (a, true))
                 .or(st.pushing.map(|p| (p, false)));
-            if let Some(((k, p), urgent)) = on_way {
+            if let Some((w, urgent)) = on_way {
                 if ahead(&st) {
                     st = sh.cv.wait(st).unwrap_or_else(|e| e.into_inner());
                     continue;
                 }
-                let pages = (sh.chunks[k].1 / PAGE_SIZE) as usize;
-                let next = (p + PIECE_PAGES).min(pages);
-                let left = (next < pages).then_some((k, next));
+                let (piece, left) = w.take((sh.chunks[w.k].1 / PAGE_SIZE) as usize);
                 if urgent {
                     st.asked = left;
                 } else {
                     st.pushing = left;
                 }
-                return Some(Job::Piece(g, file, k, p..next, urgent));
+                return Some(Job::Piece(g, file, w.k, piece, urgent, w.next == w.start));
             }
             // The rest goes once the target runs the guest: before, it would
             // only compete with the switch for the link and the CPUs.
@@ -603,7 +647,7 @@ fn next_job(sh: &SendShared) -> Option<Job> {
             if let Some(k) = found {
                 st.sent[k] = true;
                 st.next = k + 1;
-                st.pushing = Some((k, 0));
+                st.pushing = Some(OnWay::new(k, 0, (sh.chunks[k].1 / PAGE_SIZE) as usize));
                 continue;
             }
             if !st.end_sent {
@@ -624,8 +668,8 @@ fn push(sh: &SendShared) {
                 sh.counters.pages_requested.fetch_add(1, Ordering::Relaxed);
                 (g, send_page(sh, f, off))
             }
-            Job::Piece(g, f, k, pages, urgent) => {
-                if pages.start == 0 {
+            Job::Piece(g, f, k, pages, urgent, first) => {
+                if first {
                     let c = if urgent {
                         &sh.counters.chunks_requested
                     } else {
@@ -671,9 +715,9 @@ fn send_head(sh: &SendShared, f: File, g: u64) -> io::Result<()> {
     let mut w = BufWriter::with_capacity(1 << 20, f);
     let first = g == 1;
     let flags = if first {
-        FLAG_LIVE | FLAG_HANDOVER | FLAG_PAGES | FLAG_PIECES
+        FLAG_LIVE | FLAG_HANDOVER | FLAG_PAGES | FLAG_PIECES | FLAG_ROTATED
     } else {
-        FLAG_LIVE | FLAG_RESUME | FLAG_HANDOVER | FLAG_PAGES | FLAG_PIECES
+        FLAG_LIVE | FLAG_RESUME | FLAG_HANDOVER | FLAG_PAGES | FLAG_PIECES | FLAG_ROTATED
     };
     if !first || sh.stale.is_none() {
         w.write_all(&encode_stream_header(sh.image_len, &sh.layout, flags))?;

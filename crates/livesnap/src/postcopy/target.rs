@@ -52,6 +52,8 @@ struct RecvShared {
     handover: bool,
     /// The source sends a requested page ahead of its chunk (flag `pages`).
     pages_first: bool,
+    /// A chunk's pieces may begin mid-chunk (flag `rotated`).
+    rotated: bool,
     id: [u8; 16],
     precopy: PrecopyFigures,
     /// Pre-copied chunks dropped at the switch, freed once RAM is filled.
@@ -184,6 +186,7 @@ pub fn receive_switch_from<R: Read + Send + 'static>(
         layout: layout.ranges.clone(),
         handover: layout.handover,
         pages_first: layout.pages,
+        rotated: layout.rotated,
         id,
         garbage: Mutex::new(garbage),
         precopy: PrecopyFigures {
@@ -239,7 +242,7 @@ fn spawn_receiver<R: Read + Send + 'static>(
 fn target_reader<R: Read>(sh: &RecvShared, mut r: BufReader<R>, g: u64) {
     // A chunk coming in pieces on this connection (lost with it), and the
     // bytes of pieces taken in so far (told to the source).
-    let mut partial = Partial::default();
+    let mut partial = Partial::new(sh.rotated);
     let mut consumed = 0u64;
     let why = loop {
         let (kind, off, data) = match read_record(&mut r, BITMAP + CHUNK_PAGES * PAGE_SIZE as usize)
@@ -260,7 +263,21 @@ fn target_reader<R: Read>(sh: &RecvShared, mut r: BufReader<R>, g: u64) {
                 let n = data.len() as u64 + crate::stream::RECORD_HEAD as u64;
                 match partial.add(&sh.layout, off as usize, &data) {
                     Err(why) => break why,
-                    Ok(None) => {}
+                    Ok(None) => {
+                        // A chunk a thread waits on: its pages serve the
+                        // faults that come before the rest of it.
+                        let k = off as usize;
+                        let mut st = lock(&sh.st);
+                        if st.generation != g {
+                            return;
+                        }
+                        if matches!(st.slots[k], Slot::Requested) {
+                            for (o, page) in pieces_pages(&sh.layout, k, &data) {
+                                st.pages.entry(o).or_insert(page);
+                            }
+                            sh.cv.notify_all();
+                        }
+                    }
                     Ok(Some((k, whole))) => match chunk_arrived(sh, g, k, whole) {
                         Flow::Go => {}
                         Flow::Stop => return,
@@ -364,6 +381,16 @@ fn chunk_arrived(sh: &RecvShared, g: u64, k: usize, data: Vec<u8>) -> Flow {
         return Flow::Stop;
     }
     if matches!(st.slots[k], Slot::Absent | Slot::Requested) {
+        // Pages that came ahead of it are served from the chunk now.
+        if !st.pages.is_empty() {
+            if let (Some(start), Some(len)) =
+                (chunk_offset(&sh.layout, k), chunk_len(&sh.layout, k))
+            {
+                for o in (start..start + len).step_by(PAGE_SIZE as usize) {
+                    st.pages.remove(&o);
+                }
+            }
+        }
         st.received += 1;
         st.arrivals.push_back(k);
         if data[..BITMAP].iter().all(|b| *b == 0) {
@@ -386,21 +413,106 @@ fn chunk_arrived(sh: &RecvShared, g: u64, k: usize, data: Vec<u8>) -> Flow {
     Flow::Go
 }
 
-/// Chunks being put together from PIECE records: each one's number, the
-/// next page expected, and the CHUNK payload so far (bitmap, non-zero
-/// pages). At most two at a time: one the target asked for, whose pieces
-/// may overtake those of the one being pushed.
+/// Chunks being put together from PIECE records. At most two at a time:
+/// one the target asked for, whose pieces may overtake those of the one
+/// being pushed.
 #[derive(Default)]
-pub(super) struct Partial(Vec<(usize, usize, Vec<u8>)>);
+pub(super) struct Partial {
+    /// Pieces may begin mid-chunk and wrap around (stream flag `rotated`);
+    /// without it a chunk's first piece begins at its first page.
+    rotated: bool,
+    building: Vec<Building>,
+}
+
+/// A chunk coming in pieces.
+struct Building {
+    k: usize,
+    /// The page its first piece began at, the next page expected, and how
+    /// many pages are in.
+    start: usize,
+    next: usize,
+    got: usize,
+    /// The CHUNK payload so far: the bitmap, then the non-zero pages from
+    /// `start` to the chunk's end.
+    whole: Vec<u8>,
+    /// The non-zero pages before `start` (after the pieces wrapped).
+    head: Vec<u8>,
+}
 
 /// Chunks a source may have on their way in pieces at once.
 const MAX_PARTIAL: usize = 2;
 
+/// A PIECE payload checked against its chunk of `pages` pages: the first
+/// page, the page count, the bitmap of the pages that follow, and those
+/// pages.
+struct Piece<'a> {
+    first: usize,
+    count: usize,
+    bitmap: &'a [u8],
+    data: &'a [u8],
+}
+
+impl<'a> Piece<'a> {
+    fn parse(d: &'a [u8], pages: usize) -> Option<Piece<'a>> {
+        if d.len() < 8 {
+            return None;
+        }
+        let first = u32::from_le_bytes([d[0], d[1], d[2], d[3]]) as usize;
+        let count = u32::from_le_bytes([d[4], d[5], d[6], d[7]]) as usize;
+        let bm_len = count.div_ceil(8);
+        if count == 0
+            || !first.checked_add(count).is_some_and(|e| e <= pages)
+            || d.len() < 8 + bm_len
+        {
+            return None;
+        }
+        let bitmap = &d[8..8 + bm_len];
+        let p = Piece {
+            first,
+            count,
+            bitmap,
+            data: &d[8 + bm_len..],
+        };
+        let set = (0..count).filter(|&i| p.sent(i)).count();
+        let beyond = (count..bm_len * 8).any(|i| p.sent(i));
+        (!beyond && p.data.len() == set * PAGE_SIZE as usize).then_some(p)
+    }
+
+    /// Whether page `i` of the piece follows (else it is zero).
+    fn sent(&self, i: usize) -> bool {
+        self.bitmap[i / 8] & (1 << (i % 8)) != 0
+    }
+
+    /// Each page of the piece: its page number in the chunk and its bytes
+    /// (`None`: zero).
+    fn pages(&self) -> impl Iterator<Item = (usize, Option<&'a [u8]>)> + '_ {
+        let mut at = 0;
+        (0..self.count).map(move |i| {
+            if !self.sent(i) {
+                return (self.first + i, None);
+            }
+            at += PAGE_SIZE as usize;
+            (
+                self.first + i,
+                Some(&self.data[at - PAGE_SIZE as usize..at]),
+            )
+        })
+    }
+}
+
 impl Partial {
+    pub(super) fn new(rotated: bool) -> Partial {
+        Partial {
+            rotated,
+            building: Vec::new(),
+        }
+    }
+
     /// Adds a PIECE of chunk `k`; returns the chunk's CHUNK payload once its
     /// last piece is in. Pieces out of order, overlapping, past the chunk,
     /// of a third chunk at once, or with a payload that does not match their
-    /// bitmap are refused.
+    /// bitmap are refused; so is a chunk's first piece past its first page
+    /// unless pieces are `rotated`.
     pub(super) fn add(
         &mut self,
         layout: &[ImageRange],
@@ -410,51 +522,73 @@ impl Partial {
         let bad = || format!("a piece of chunk {k} is malformed or out of order");
         let len = chunk_len(layout, k).ok_or_else(|| format!("chunk {k} is not in guest RAM"))?;
         let pages = (len / PAGE_SIZE) as usize;
-        if d.len() < 8 {
-            return Err(bad());
-        }
-        let first = u32::from_le_bytes([d[0], d[1], d[2], d[3]]) as usize;
-        let count = u32::from_le_bytes([d[4], d[5], d[6], d[7]]) as usize;
-        let bm_len = count.div_ceil(8);
-        if count == 0
-            || !first.checked_add(count).is_some_and(|e| e <= pages)
-            || d.len() < 8 + bm_len
-        {
-            return Err(bad());
-        }
-        let bm = &d[8..8 + bm_len];
-        let bit = |i: usize| bm[i / 8] & (1 << (i % 8)) != 0;
-        let set = (0..count).filter(|&i| bit(i)).count();
-        let beyond = (count..bm_len * 8).any(bit);
-        if beyond || d.len() != 8 + bm_len + set * PAGE_SIZE as usize {
-            return Err(bad());
-        }
-        let at = match self.0.iter().position(|(pk, _, _)| *pk == k) {
+        let p = Piece::parse(d, pages).ok_or_else(bad)?;
+        let at = match self.building.iter().position(|b| b.k == k) {
             Some(at) => at,
-            None if self.0.len() < MAX_PARTIAL => {
-                self.0.push((k, 0, vec![0u8; BITMAP]));
-                self.0.len() - 1
+            None if self.building.len() < MAX_PARTIAL && (p.first == 0 || self.rotated) => {
+                self.building.push(Building {
+                    k,
+                    start: p.first,
+                    next: p.first,
+                    got: 0,
+                    whole: vec![0u8; BITMAP],
+                    head: Vec::new(),
+                });
+                self.building.len() - 1
             }
             None => return Err(bad()),
         };
-        let (_, next, whole) = &mut self.0[at];
-        if first != *next {
-            if *next == 0 {
-                self.0.remove(at);
-            }
+        let b = &mut self.building[at];
+        // In order from `start` to the chunk's end, then from its first
+        // page back to `start`.
+        let wrapped = p.first < b.start;
+        if p.first != b.next || (wrapped && p.first + p.count > b.start) {
             return Err(bad());
         }
-        for i in (0..count).filter(|&i| bit(i)) {
-            whole[(first + i) / 8] |= 1 << ((first + i) % 8);
+        for i in (0..p.count).filter(|&i| p.sent(i)) {
+            b.whole[(p.first + i) / 8] |= 1 << ((p.first + i) % 8);
         }
-        whole.extend_from_slice(&d[8 + bm_len..]);
-        *next = first + count;
-        if *next < pages {
+        if wrapped {
+            b.head.extend_from_slice(p.data);
+        } else {
+            b.whole.extend_from_slice(p.data);
+        }
+        b.got += p.count;
+        b.next = if p.first + p.count == pages {
+            0
+        } else {
+            p.first + p.count
+        };
+        if b.got < pages {
             return Ok(None);
         }
-        let (k, _, whole) = self.0.remove(at);
-        Ok(Some((k, whole)))
+        let b = self.building.remove(at);
+        if b.head.is_empty() {
+            return Ok(Some((b.k, b.whole)));
+        }
+        let mut whole = Vec::with_capacity(b.whole.len() + b.head.len());
+        whole.extend_from_slice(&b.whole[..BITMAP]);
+        whole.extend_from_slice(&b.head);
+        whole.extend_from_slice(&b.whole[BITMAP..]);
+        Ok(Some((b.k, whole)))
     }
+}
+
+/// The pages of a PIECE of chunk `k` (checked by [`Partial::add`]), by image
+/// offset: they serve faults while the chunk is still coming.
+fn pieces_pages(layout: &[ImageRange], k: usize, d: &[u8]) -> Vec<(u64, Vec<u8>)> {
+    let (Some(start), Some(len)) = (chunk_offset(layout, k), chunk_len(layout, k)) else {
+        return Vec::new();
+    };
+    let Some(p) = Piece::parse(d, (len / PAGE_SIZE) as usize) else {
+        return Vec::new();
+    };
+    p.pages()
+        .map(|(i, page)| {
+            let bytes = page.map_or_else(|| vec![0; PAGE_SIZE as usize], <[u8]>::to_vec);
+            (start + i as u64 * PAGE_SIZE, bytes)
+        })
+        .collect()
 }
 
 /// Page `i` of a CHUNK payload (bitmap, then the non-zero pages).
