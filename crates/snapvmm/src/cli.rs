@@ -229,6 +229,14 @@ impl RunArgs {
             .transpose()?;
         let disks = crate::disk::parse_disks(&self.disks)?;
         let net_specs = crate::net::parse_nets(&self.nets)?;
+        if crate::net::any_named(&net_specs)
+            && (self.incoming.as_deref() != Some("defer") || self.qmp.is_none())
+        {
+            bail!(
+                "--net fd=NAME takes a tap passed with QMP getfd: it needs --qmp and \
+                 --incoming defer (the NICs are opened at migrate-incoming)"
+            );
+        }
         let vsock = self
             .vsock
             .as_deref()

@@ -3,9 +3,11 @@
 //!
 //! `--net tap=NAME[,mac=MAC][,id=ID]` opens (or, as root, creates) the tap
 //! NAME; `--net fd=N[,mac=MAC][,id=ID]` takes an inherited tap descriptor,
-//! for callers that create taps themselves and run snapvmm without
-//! privileges. The backends come from each process's own options: a restored
-//! or migrated VM gets the taps its own command line names.
+//! and `--net fd=NAME` one passed later with QMP `getfd` (with `--incoming
+//! defer`: the NICs are then opened at `migrate-incoming`), for callers that
+//! create taps themselves and run snapvmm without privileges. The backends
+//! come from each process's own options: a restored or migrated VM gets the
+//! taps its own command line names.
 
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::sync::Arc;
@@ -20,6 +22,8 @@ use vmm::devices::virtio::net::tap::Tap;
 pub enum NetBackendSpec {
     Tap(String),
     Fd(i32),
+    /// A descriptor QMP `getfd` names so.
+    Named(String),
 }
 
 /// One `--net`.
@@ -31,7 +35,8 @@ pub struct NetSpec {
 }
 
 const USAGE: &str =
-    "expected tap=NAME or fd=N, then optionally ,mac=52:54:00:12:34:56 and ,id=NAME";
+    "expected tap=NAME or fd=N (a number, or a name given with getfd), then optionally \
+     ,mac=52:54:00:12:34:56 and ,id=NAME";
 
 /// Parses `--net` values; ids default to net0, net1, ... and must be unique.
 pub fn parse_nets(values: &[String]) -> Result<Vec<NetSpec>> {
@@ -47,7 +52,13 @@ pub fn parse_nets(values: &[String]) -> Result<Vec<NetSpec>> {
                 }
                 Some(("fd", n)) if backend.is_none() => match n.parse::<i32>() {
                     Ok(fd) if fd > 2 => backend = Some(NetBackendSpec::Fd(fd)),
-                    _ => bail!("invalid --net '{v}': fd={n} is not a descriptor number above 2"),
+                    Err(_) if valid_id(n) && !n.starts_with(|c: char| c.is_ascii_digit()) => {
+                        backend = Some(NetBackendSpec::Named(n.to_string()))
+                    }
+                    _ => bail!(
+                        "invalid --net '{v}': fd={n} is neither a descriptor number above 2 \
+                         nor a name given with getfd"
+                    ),
                 },
                 Some(("mac", m)) => match parse_mac(m) {
                     Some(m) => mac = Some(m),
@@ -111,8 +122,28 @@ pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
     (m[0] & 1 == 0).then_some(m)
 }
 
-/// Opens every NIC's backend.
+/// Whether a NIC's tap is to come through QMP `getfd` (`fd=NAME`).
+pub fn any_named(specs: &[NetSpec]) -> bool {
+    specs
+        .iter()
+        .any(|s| matches!(s.backend, NetBackendSpec::Named(_)))
+}
+
+/// Opens every NIC's backend. A descriptor named with `getfd` is taken (it
+/// is no longer named) only once every one the NICs need is there: a
+/// missing one leaves them all named, for a second try.
 pub fn open_all(specs: &[NetSpec]) -> Result<Vec<vmm::NetConfig>> {
+    for s in specs {
+        if let NetBackendSpec::Named(name) = &s.backend {
+            if qmp::peek_fd(name, |_| ()).is_none() {
+                bail!(
+                    "--net {}: no descriptor named '{name}' (pass the tap with QMP getfd \
+                     before migrate-incoming)",
+                    s.id
+                );
+            }
+        }
+    }
     let mut out = Vec::new();
     for s in specs {
         let tap = match &s.backend {
@@ -128,6 +159,12 @@ pub fn open_all(specs: &[NetSpec]) -> Result<Vec<vmm::NetConfig>> {
                 // nothing else in the process uses it.
                 let owned = unsafe { OwnedFd::from_raw_fd(*fd) };
                 Tap::from_fd(owned).map_err(|e| anyhow::anyhow!("--net {}: fd={fd}: {e}", s.id))?
+            }
+            NetBackendSpec::Named(name) => {
+                let Some(fd) = qmp::take_fd(name) else {
+                    bail!("--net {}: the descriptor named '{name}' went away", s.id);
+                };
+                Tap::from_fd(fd).map_err(|e| anyhow::anyhow!("--net {}: fd={name}: {e}", s.id))?
             }
         };
         out.push(vmm::NetConfig {
@@ -156,6 +193,22 @@ mod tests {
         assert_eq!(n[1].backend, NetBackendSpec::Fd(5));
         assert_eq!(n[1].id, "uplink");
         assert_eq!(n[1].mac, Some([0x52, 0x54, 0, 0xaa, 0xbb, 0xcc]));
+    }
+
+    /// `fd=NAME`: a descriptor to come with `getfd`; the NICs open only
+    /// once it is there (then it is taken), and a missing one is named.
+    #[test]
+    fn a_named_descriptor_is_waited_for_and_named_when_missing() {
+        let n = parse_nets(&v(&["fd=uplink0", "fd=7"])).unwrap();
+        assert_eq!(n[0].backend, NetBackendSpec::Named("uplink0".into()));
+        assert!(any_named(&n));
+        assert!(!any_named(&n[1..]));
+        let e = open_all(&n[..1]).unwrap_err().to_string();
+        assert!(
+            e.contains("no descriptor named 'uplink0'") && e.contains("getfd"),
+            "{e}"
+        );
+        assert!(parse_nets(&v(&["fd=9lives"])).is_err());
     }
 
     #[test]

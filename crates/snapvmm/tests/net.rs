@@ -110,11 +110,93 @@ fn a_bad_net_option_is_a_usage_error_naming_it() {
         ("tap=x,mac=nope", "mac=nope"),
         ("vhost=on", "vhost=on"),
         ("fd=99", "fd=99 is not an open descriptor"),
+        ("fd=uplink", "needs --qmp and --incoming defer"),
     ] {
         let o = run_with_timeout(snapvmm(&["run", "--net", arg]), T);
         assert!(!o.status.success(), "{arg}");
         let e = stderr(&o);
         assert!(e.contains(says), "{arg}: {e}");
         assert!(!e.contains("panicked"), "{arg}: {e}");
+    }
+}
+
+/// Opens (creating it) the tap `name` as a caller that runs snapvmm without
+/// privileges would: no packet information, a virtio-net header.
+fn open_tap(name: &str) -> std::os::fd::OwnedFd {
+    use std::os::fd::FromRawFd;
+    // SAFETY: open(2) of a path literal; the result is checked.
+    let fd = unsafe { libc::open(c"/dev/net/tun".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };
+    assert!(fd >= 0, "/dev/net/tun: {}", std::io::Error::last_os_error());
+    // SAFETY: `fd` was just opened and is owned here alone.
+    let owned = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+    // struct ifreq: the name (16 bytes), then the flags (a short).
+    let mut ifr = [0u8; 40];
+    ifr[..name.len()].copy_from_slice(name.as_bytes());
+    let flags: u16 = 0x0002 | 0x1000 | 0x4000; // IFF_TAP | IFF_NO_PI | IFF_VNET_HDR
+    ifr[16..18].copy_from_slice(&flags.to_ne_bytes());
+    // SAFETY: TUNSETIFF reads and writes an ifreq, which `ifr` is large
+    // enough for; `fd` is open.
+    let r = unsafe { libc::ioctl(fd, 0x4004_54ca, ifr.as_mut_ptr()) };
+    assert_eq!(
+        r,
+        0,
+        "TUNSETIFF {name}: {}",
+        std::io::Error::last_os_error()
+    );
+    owned
+}
+
+/// `--net fd=NAME` with `--incoming defer`: the NIC's tap comes with QMP
+/// `getfd`, as from a caller without privileges. `migrate-incoming` before
+/// it names the missing descriptor and the VM still waits; after it the
+/// image restores onto that tap, which snapvmm then holds alone.
+#[test]
+fn a_tap_passed_with_getfd_backs_the_nic_of_a_restore() {
+    let dir = TempDir::new("net-getfd");
+    let (t0, t1) = (tap("g"), tap("h"));
+    let (mut vm, mut q) = start_vm(&dir, "src", "1", &["--net", &format!("tap={t0}")]);
+    assert_eq!(wait_settled(&mut q), "running");
+    let snap = dir.path("net.snap");
+    let m = live_snapshot(&mut q, &snap);
+    assert_eq!(m["status"], "completed", "{m}");
+    q.ok("quit", json!({}));
+    vm.wait(T);
+
+    let (b, mut q) = start_vm(
+        &dir,
+        "dst",
+        "1",
+        &[
+            "--incoming",
+            "defer",
+            "--net",
+            "fd=uplink,mac=52:54:00:00:00:09",
+        ],
+    );
+    let uri = format!("file:{}", snap.display());
+    let r = q.cmd("migrate-incoming", json!({ "uri": uri }));
+    let e = r["error"]["desc"].as_str().unwrap_or_default().to_string();
+    assert!(e.contains("no descriptor named 'uplink'"), "{r}");
+    assert_eq!(q.ok("query-status", json!({}))["status"], "inmigrate");
+
+    let fd = open_tap(&t1);
+    let r = q.cmd_with_fd("getfd", json!({"fdname": "uplink"}), {
+        use std::os::fd::AsRawFd;
+        fd.as_raw_fd()
+    });
+    assert!(r.get("return").is_some(), "{r}");
+    drop(fd);
+    q.ok("migrate-incoming", json!({ "uri": uri }));
+    assert_eq!(wait_settled(&mut q), "running");
+    goes_on_without_corruption(&b, 1);
+    // The tap lives on only through the descriptor snapvmm took.
+    assert!(exists(&t1));
+    q.ok("quit", json!({}));
+    let mut b = b;
+    b.wait(T);
+    let end = Instant::now() + T;
+    while exists(&t1) {
+        assert!(Instant::now() < end, "the tap outlived the VM that held it");
+        std::thread::sleep(Duration::from_millis(20));
     }
 }

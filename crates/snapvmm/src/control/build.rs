@@ -126,41 +126,43 @@ pub(super) fn wait_incoming(
             MigrateIncoming(_) if receiving => Err(CommandError::generic(
                 "an incoming migration is already under way",
             )),
-            MigrateIncoming(uri) => match crate::cli::parse_incoming(&uri) {
-                Err(e) => Err(CommandError::generic(crate::describe(&e))),
-                Ok(crate::snapshot::transport::Uri::File(path)) => {
-                    cfg.incoming = Some(path);
-                    let t0 = Instant::now();
-                    let mut warm = false;
-                    let built = crate::disk::open_all(&cfg.disks).and_then(|(c, d)| {
-                        match prepared.take() {
-                            Some(p) => build_warm(cfg, tx, c, &d, p, &mut warm),
-                            None => build_machine(cfg, tx, c, &d),
-                        }
-                        .map(|m| (m, d))
-                    });
-                    migration.last_restore = Some(migration::RestoreInfo {
-                        mode: cfg.restore_mode,
-                        warm,
-                        load: t0.elapsed(),
-                        at: Instant::now(),
-                    });
-                    match built {
-                        Ok((m, d)) => return Ok(Some((m, d, Some(reply)))),
-                        Err(e) => {
-                            cfg.incoming = None;
-                            Err(CommandError::generic(crate::describe(&e)))
+            MigrateIncoming(uri) => {
+                match crate::cli::parse_incoming(&uri).and_then(|u| open_nets(cfg).map(|()| u)) {
+                    Err(e) => Err(CommandError::generic(crate::describe(&e))),
+                    Ok(crate::snapshot::transport::Uri::File(path)) => {
+                        cfg.incoming = Some(path);
+                        let t0 = Instant::now();
+                        let mut warm = false;
+                        let built = crate::disk::open_all(&cfg.disks).and_then(|(c, d)| {
+                            match prepared.take() {
+                                Some(p) => build_warm(cfg, tx, c, &d, p, &mut warm),
+                                None => build_machine(cfg, tx, c, &d),
+                            }
+                            .map(|m| (m, d))
+                        });
+                        migration.last_restore = Some(migration::RestoreInfo {
+                            mode: cfg.restore_mode,
+                            warm,
+                            load: t0.elapsed(),
+                            at: Instant::now(),
+                        });
+                        match built {
+                            Ok((m, d)) => return Ok(Some((m, d, Some(reply)))),
+                            Err(e) => {
+                                cfg.incoming = None;
+                                Err(CommandError::generic(crate::describe(&e)))
+                            }
                         }
                     }
+                    Ok(uri) => match start_stream(&uri, tx, migration, &ev) {
+                        Ok(()) => {
+                            receiving = true;
+                            Ok(json!({}))
+                        }
+                        Err(e) => Err(CommandError::generic(e)),
+                    },
                 }
-                Ok(uri) => match start_stream(&uri, tx, migration, &ev) {
-                    Ok(()) => {
-                        receiving = true;
-                        Ok(json!({}))
-                    }
-                    Err(e) => Err(CommandError::generic(e)),
-                },
-            },
+            }
             Quit | SystemPowerdown => {
                 let _ = reply.send(Ok(json!({})));
                 quit("host-qmp-quit");
@@ -179,6 +181,16 @@ pub(super) fn wait_incoming(
         };
         let _ = reply.send(r);
     }
+}
+
+/// Opens the NICs' taps if they wait for descriptors passed with `getfd`
+/// (`--net fd=NAME`): at `migrate-incoming`, once. A missing descriptor
+/// fails that command and leaves the VM waiting for another.
+fn open_nets(cfg: &mut RunConfig) -> Result<()> {
+    if cfg.nets.is_empty() && !cfg.net_specs.is_empty() {
+        cfg.nets = crate::net::open_all(&cfg.net_specs)?;
+    }
+    Ok(())
 }
 
 /// Builds the machine from what an incoming stream delivered: an image's

@@ -37,7 +37,10 @@ use livesnap::wp_capture::WpEngine;
 
 /// Boots the machine and runs it until it powers off; returns the exit status.
 pub fn run(mut cfg: RunConfig) -> Result<u8> {
-    cfg.nets = crate::net::open_all(&cfg.net_specs)?;
+    // A tap passed with getfd comes later: the NICs open at migrate-incoming.
+    if !crate::net::any_named(&cfg.net_specs) {
+        cfg.nets = crate::net::open_all(&cfg.net_specs)?;
+    }
     let (tx, rx) = mpsc::channel::<AppEvent>();
     let status = if cfg.incoming.is_some() || cfg.incoming_stream.is_some() || cfg.defer_incoming {
         RunState::Inmigrate
