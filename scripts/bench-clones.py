@@ -13,7 +13,8 @@ A reference guest with --mem RAM fills --fill of it (memwrite) and then rewrites
 each with its own vsock CID and socket (`--vsock cid=3+i,path=...`) and its own VM
 generation ID (new at every restore). Reported per (mode, N):
 - time from the first process start until every clone is restored (`paused`: the
-  restore's own cost), and until every one answers `running` after `cont` (the
+  restore's own cost), and until every one answers `running` after `cont` (one
+  client thread per clone, as a fleet manager talks to its clones at once; the
   reference guest never idles: N running clones share the host's cores, so on a
   small host the later ones start slowly);
 - each clone's memory (PSS: its process and children, smaps_rollup; pages shared
@@ -27,6 +28,7 @@ would pass --uffd-max-gib are skipped for it (and said so). A guest that prints
 CORRUPT fails the run.
 """
 import argparse
+import concurrent.futures
 import importlib.util
 import json
 import os
@@ -80,27 +82,25 @@ def fleet(binary, image, d, mode, n, wait, idle):
              "--qmp", f"unix:{sock}", "--serial", "none", "--paused",
              "--vsock", f"cid={3 + i},path={vs}"],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL))
-    qs = [bs.Qmp(s, timeout=120) for s in socks]
+    # A fleet manager talks to its clones at once, not one after the other:
+    # one client thread per clone (a clone's answer then waits for that
+    # clone alone, not for every clone before it).
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=n)
+    qs = list(pool.map(lambda s: bs.Qmp(s, timeout=120), socks))
 
-    def until(status):
-        pending = set(range(n))
-        while pending:
-            for i in list(pending):
-                if qs[i].cmd("query-status")["status"] == status:
-                    pending.discard(i)
-            if pending:
-                time.sleep(0.001)
+    def until(q, status):
+        while q.cmd("query-status")["status"] != status:
             if time.perf_counter() - t0 > 300:
-                sys.exit(f"{len(pending)} clones never got to {status}")
+                sys.exit(f"a clone never got to {status}")
+            time.sleep(0.001)
 
     # Restored and paused (-S): what the restore itself costs, before N busy
     # reference guests compete for the host's CPUs.
-    until("paused")
+    list(pool.map(lambda q: until(q, "paused"), qs))
     all_restored_s = time.perf_counter() - t0
-    for q in qs:
-        q.cmd("cont")
-    until("running")
+    list(pool.map(lambda q: (q.cmd("cont"), until(q, "running")), qs))
     all_running_s = time.perf_counter() - t0
+    pool.shutdown()
     if idle:
         for q in qs:
             q.cmd("stop")

@@ -121,16 +121,18 @@ fn stream_flags_are_checked_at_the_header() {
         b[end..end + 4].copy_from_slice(&crc.to_le_bytes());
         b
     };
-    // Resume, pre-copy, handover, pages or pieces without live, or a bit
-    // nobody knows: refused at once.
-    for f in [2, 4, 6, 8, 16, 32, 1 | 64] {
+    // Resume, pre-copy, handover, pages, pieces or rotated pieces without
+    // live, or a bit nobody knows: refused at once.
+    for f in [2, 4, 6, 8, 16, 32, 64, 1 | 128] {
         let e = StreamReader::start(&with_flags(f)[..]).err().unwrap();
         assert!(e.to_string().contains("unknown stream flags"), "{f}: {e}");
     }
     let (_, l) = StreamReader::start(&with_flags(1 | 4)[..]).unwrap();
     assert!(l.live && l.precopy && !l.resume && !l.handover && !l.pages);
     let (_, l) = StreamReader::start(&with_flags(1 | 8 | 16 | 32)[..]).unwrap();
-    assert!(l.live && l.handover && l.pages && !l.precopy);
+    assert!(l.live && l.handover && l.pages && !l.precopy && !l.rotated);
+    let (_, l) = StreamReader::start(&with_flags(1 | 32 | 64)[..]).unwrap();
+    assert!(l.live && l.rotated);
     let (_, l) = StreamReader::start(&with_flags(0)[..]).unwrap();
     assert!(!l.live && !l.precopy);
 }
