@@ -8,32 +8,11 @@
 
 use libfuzzer_sys::fuzz_target;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
-use vmm::devices::virtio::{BlockBackend, VirtioBlk};
+use vmm::devices::virtio::{MemDisk, VirtioBlk};
 use vmm_sys_util::eventfd::EventFd;
 
 const MEM: usize = 64 << 10;
 const DISK: usize = 32 << 10;
-
-struct MemDisk(Vec<u8>);
-
-impl BlockBackend for MemDisk {
-    fn size(&self) -> u64 {
-        self.0.len() as u64
-    }
-    fn read_at(&mut self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-        let o = offset as usize;
-        buf.copy_from_slice(&self.0[o..o + buf.len()]);
-        Ok(())
-    }
-    fn write_at(&mut self, buf: &[u8], offset: u64) -> std::io::Result<()> {
-        let o = offset as usize;
-        self.0[o..o + buf.len()].copy_from_slice(buf);
-        Ok(())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
 
 fn w32(d: &mut VirtioBlk, mem: &GuestMemoryMmap, off: u64, v: u32) {
     d.write(off, &v.to_le_bytes());

@@ -46,6 +46,7 @@ pub mod waits;
 mod wire;
 pub mod wp_capture;
 mod wp_engine;
+mod wp_options;
 
 pub use capture::{
     capture_stopped, prepare_fork_capture, start_fork_capture, ForkOptions, PreparedCapture,

@@ -124,6 +124,47 @@ pub(crate) enum WaitCause {
     Through,
 }
 
+/// How long the guest's writes waited in the fault handler during a
+/// capture (from the handler reading the fault to lifting the protection),
+/// in all and by cause.
+#[derive(Debug, Default)]
+pub struct FaultWaits {
+    /// Every fault of the capture.
+    pub all: WaitHistogram,
+    /// Copied the chunk into a free buffer at once.
+    pub copy: WaitHistogram,
+    /// Waited for the writer to free a pool buffer (or for the pool to grow).
+    pub buffer: WaitHistogram,
+    /// Waited for the writer, which was saving that very chunk.
+    pub writer: WaitHistogram,
+    /// Let through without a copy (not in this image, or already copied).
+    pub through: WaitHistogram,
+}
+
+impl FaultWaits {
+    pub(crate) fn record(&self, cause: WaitCause, d: Duration) {
+        self.all.record(d);
+        match cause {
+            WaitCause::Copy => &self.copy,
+            WaitCause::Buffer => &self.buffer,
+            WaitCause::Writer => &self.writer,
+            WaitCause::Through => &self.through,
+        }
+        .record(d);
+    }
+
+    /// (all, copy, buffer, writer, through), summed up.
+    pub fn summaries(&self) -> [(&'static str, WaitSummary); 5] {
+        [
+            ("all", self.all.summary()),
+            ("copy", self.copy.summary()),
+            ("buffer", self.buffer.summary()),
+            ("writer", self.writer.summary()),
+            ("through", self.through.summary()),
+        ]
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -33,7 +33,6 @@
 //! blocked (the handler serves every fault, capture or not).
 
 use std::os::unix::fs::FileExt;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
@@ -50,128 +49,18 @@ use crate::runtime::{
     STATE_WAIT,
 };
 use crate::sink::{Destination, Sink, SinkGuard};
-use crate::waits::{WaitCause, WaitHistogram, WaitSummary};
+pub use crate::waits::FaultWaits;
+use crate::waits::WaitCause;
 pub use crate::wp_engine::WpEngine;
 use crate::wp_engine::{Engine, FaultHook};
+pub use crate::wp_options::{WpCounters, WpOptions, GROW_AFTER};
 use crate::CHUNK;
-use crate::{CaptureStats, CaptureStatus, DoneCallback};
+use crate::{CaptureStats, CaptureStatus};
 
 pub(crate) const FREE: u8 = 0;
 /// Being copied.
 pub(crate) const TAKEN: u8 = 1;
 pub(crate) const COPIED: u8 = 2;
-
-/// A fault that waited this long for a pool buffer may grow the pool (up to
-/// [`WpOptions::pool_max_bytes`]): about one chunk's write on a slow disk.
-pub const GROW_AFTER: Duration = Duration::from_millis(2);
-
-/// Options of a write-protect capture.
-pub struct WpOptions {
-    /// Write only the chunks changed since this image, which must be the
-    /// latest image this engine captured ([`WpEngine::base`]); the image
-    /// records it as its parent (by path and identity).
-    pub parent: Option<PathBuf>,
-    /// Bytes of buffers the fault handler may hold (rounded down to whole
-    /// chunks, at least one).
-    pub pool_bytes: u64,
-    /// The pool may grow up to this many bytes when a fault waited
-    /// [`GROW_AFTER`] for a buffer (a destination slower than the guest's
-    /// writes for a moment); never less than `pool_bytes` (the default, 0:
-    /// no growth). Extra buffers are freed with the capture.
-    pub pool_max_bytes: u64,
-    /// A fault that waits this long for a buffer (the destination took no
-    /// data meanwhile) abandons the capture and lets the guest run on.
-    pub stall_limit: Duration,
-    /// Called once when the capture ends, whatever the outcome.
-    pub on_done: Option<DoneCallback>,
-    /// Populate RAM before protecting it even with a userfaultfd that
-    /// protects never-touched pages itself (for tests).
-    pub always_populate: bool,
-    /// Keep up to `pool_bytes` of buffers in the engine when the capture
-    /// ends, for the next capture's faults (a fresh buffer costs 1–8 ms to
-    /// map on a busy host: a wait the guest feels). `false` frees them,
-    /// and any kept before.
-    pub keep_pool: bool,
-}
-
-impl Default for WpOptions {
-    fn default() -> Self {
-        WpOptions {
-            parent: None,
-            pool_bytes: 64 << 20,
-            pool_max_bytes: 0,
-            stall_limit: Duration::from_millis(500),
-            on_done: None,
-            always_populate: false,
-            keep_pool: true,
-        }
-    }
-}
-
-/// What the write-protect capture did (for `query-migrate`).
-#[derive(Debug, Default)]
-pub struct WpCounters {
-    /// Write-protect faults taken.
-    pub faults: AtomicU64,
-    /// Chunks copied by the fault handler into a pool buffer.
-    pub chunks_by_fault: AtomicU64,
-    /// Chunks copied by the writer.
-    pub chunks_by_writer: AtomicU64,
-    /// Most pool buffers in use at once, in bytes.
-    pub pool_high_water: AtomicU64,
-    /// Chunks not written because they did not change since the parent.
-    pub chunks_unchanged: AtomicU64,
-    /// Buffers added to the pool beyond `pool_bytes` (see `pool_max_bytes`).
-    pub pool_grown: AtomicU64,
-    /// Buffers the capture began with, kept from the previous capture (see
-    /// [`WpOptions::keep_pool`]).
-    pub pool_kept: AtomicU64,
-    /// RAM was written to the file with direct I/O.
-    pub direct_io: std::sync::atomic::AtomicBool,
-    /// How long each fault of the capture held its writer, by cause.
-    pub waits: FaultWaits,
-}
-
-/// How long the guest's writes waited in the fault handler during a
-/// capture (from the handler reading the fault to lifting the protection),
-/// in all and by cause.
-#[derive(Debug, Default)]
-pub struct FaultWaits {
-    /// Every fault of the capture.
-    pub all: WaitHistogram,
-    /// Copied the chunk into a free buffer at once.
-    pub copy: WaitHistogram,
-    /// Waited for the writer to free a pool buffer (or for the pool to grow).
-    pub buffer: WaitHistogram,
-    /// Waited for the writer, which was saving that very chunk.
-    pub writer: WaitHistogram,
-    /// Let through without a copy (not in this image, or already copied).
-    pub through: WaitHistogram,
-}
-
-impl FaultWaits {
-    pub(crate) fn record(&self, cause: WaitCause, d: Duration) {
-        self.all.record(d);
-        match cause {
-            WaitCause::Copy => &self.copy,
-            WaitCause::Buffer => &self.buffer,
-            WaitCause::Writer => &self.writer,
-            WaitCause::Through => &self.through,
-        }
-        .record(d);
-    }
-
-    /// (all, copy, buffer, writer, through), summed up.
-    pub fn summaries(&self) -> [(&'static str, WaitSummary); 5] {
-        [
-            ("all", self.all.summary()),
-            ("copy", self.copy.summary()),
-            ("buffer", self.buffer.summary()),
-            ("writer", self.writer.summary()),
-            ("through", self.through.summary()),
-        ]
-    }
-}
 
 /// A capture ready to start (everything done that can be with the guest running).
 pub struct PreparedWpCapture {

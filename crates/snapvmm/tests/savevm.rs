@@ -13,6 +13,16 @@ use std::time::{Duration, Instant};
 use common::*;
 use serde_json::{json, Value};
 
+/// Ends the test (as skipped, saying so) on a host without qemu-img.
+macro_rules! needs_qemu_img {
+    () => {
+        if !have_qemu_img() {
+            eprintln!("skipped: qemu-img not found");
+            return;
+        }
+    };
+}
+
 fn have_qemu_img() -> bool {
     Command::new("qemu-img")
         .arg("--version")
@@ -173,10 +183,7 @@ fn save(q: &mut Qmp, id: &str, tag: &str) -> Value {
 
 #[test]
 fn snapshot_save_is_live_and_load_brings_back_ram_and_disk_together() {
-    if !have_qemu_img() {
-        eprintln!("skipped: qemu-img not found");
-        return;
-    }
+    needs_qemu_img!();
     let d = TempDir::new("savevm");
     let disk = qcow2(&d, "disk.qcow2", "64M");
     let (mut a, mut q) = start(&d, "a", &disk, &[]);
@@ -256,10 +263,7 @@ fn snapshot_save_is_live_and_load_brings_back_ram_and_disk_together() {
 
 #[test]
 fn write_protect_savevm_is_live_and_loads_back() {
-    if !have_qemu_img() {
-        eprintln!("skipped: qemu-img not found");
-        return;
-    }
+    needs_qemu_img!();
     let d = TempDir::new("savevm-wp");
     let disk = qcow2(&d, "disk.qcow2", "64M");
     let (mut a, mut q) = start(&d, "a", &disk, &[]);
@@ -299,10 +303,7 @@ fn write_protect_savevm_is_live_and_loads_back() {
 
 #[test]
 fn bad_snapshot_requests_fail_the_job_and_change_nothing() {
-    if !have_qemu_img() {
-        eprintln!("skipped: qemu-img not found");
-        return;
-    }
+    needs_qemu_img!();
     let d = TempDir::new("savevm-bad");
     let disk = qcow2(&d, "disk.qcow2", "32M");
     let raw = d.path("raw.img");
@@ -374,10 +375,7 @@ fn bad_snapshot_requests_fail_the_job_and_change_nothing() {
 
 #[test]
 fn killed_in_the_middle_of_a_save_the_image_stays_usable() {
-    if !have_qemu_img() {
-        eprintln!("skipped: qemu-img not found");
-        return;
-    }
+    needs_qemu_img!();
     let d = TempDir::new("savevm-kill");
     let disk = qcow2(&d, "disk.qcow2", "64M");
     let (a, mut q) = big_vm(&d, &disk);
@@ -432,10 +430,7 @@ fn peak_rss(pid: u32) -> u64 {
 
 #[test]
 fn loadvm_streams_the_vm_state_instead_of_buffering_it() {
-    if !have_qemu_img() {
-        eprintln!("skipped: qemu-img not found");
-        return;
-    }
+    needs_qemu_img!();
     let d = TempDir::new("savevm-peak");
     let disk = qcow2(&d, "disk.qcow2", "64M");
     let disk_arg = disk.display().to_string();
@@ -472,10 +467,7 @@ fn loadvm_streams_the_vm_state_instead_of_buffering_it() {
 
 #[test]
 fn no_space_for_the_vm_state_fails_the_job_and_keeps_everything() {
-    if !have_qemu_img() {
-        eprintln!("skipped: qemu-img not found");
-        return;
-    }
+    needs_qemu_img!();
     let d = TempDir::new("savevm-full");
     let mnt = d.path("small");
     std::fs::create_dir_all(&mnt).unwrap();
@@ -541,10 +533,7 @@ fn no_space_for_the_vm_state_fails_the_job_and_keeps_everything() {
 
 #[test]
 fn quit_during_a_save_leaves_the_disk_as_it_was() {
-    if !have_qemu_img() {
-        eprintln!("skipped: qemu-img not found");
-        return;
-    }
+    needs_qemu_img!();
     let d = TempDir::new("savevm-quit");
     let disk = qcow2(&d, "disk.qcow2", "64M");
     let (mut a, mut q) = big_vm(&d, &disk);
@@ -567,10 +556,7 @@ fn quit_during_a_save_leaves_the_disk_as_it_was() {
 
 #[test]
 fn job_cancel_stops_a_save_and_nothing_becomes_visible() {
-    if !have_qemu_img() {
-        eprintln!("skipped: qemu-img not found");
-        return;
-    }
+    needs_qemu_img!();
     let d = TempDir::new("savevm-cancel");
     let disk = qcow2(&d, "disk.qcow2", "64M");
     let (mut a, mut q) = big_vm(&d, &disk);
@@ -613,10 +599,7 @@ fn job_cancel_stops_a_save_and_nothing_becomes_visible() {
 
 #[test]
 fn a_load_that_cannot_apply_is_refused_and_the_vm_keeps_running() {
-    if !have_qemu_img() {
-        eprintln!("skipped: qemu-img not found");
-        return;
-    }
+    needs_qemu_img!();
     let d = TempDir::new("savevm-ro");
     let disk = qcow2(&d, "disk.qcow2", "32M");
     let (mut a, mut q) = start(&d, "a", &disk, &[]);
@@ -670,10 +653,7 @@ fn a_load_that_cannot_apply_is_refused_and_the_vm_keeps_running() {
 /// would show), and the loaded guest runs on consistently.
 #[test]
 fn snapshot_load_holds_one_copy_of_guest_ram() {
-    if !have_qemu_img() {
-        eprintln!("skipped: qemu-img not found");
-        return;
-    }
+    needs_qemu_img!();
     let d = TempDir::new("load-peak");
     let disk = qcow2(&d, "disk.qcow2", "64M");
     let (a, mut q) = start_vm(

@@ -78,6 +78,7 @@ fn send(w: &mut impl Write, kind: u32, offset: u64, data: &[u8]) -> io::Result<(
     w.flush()
 }
 
+mod pieces;
 mod source;
 mod target;
 
@@ -91,7 +92,7 @@ pub use target::{
 
 #[cfg(test)]
 mod tests {
-    use super::target::Partial;
+    use super::pieces::Partial;
     use super::*;
     use crate::stream::read_record;
     use std::io::Write;

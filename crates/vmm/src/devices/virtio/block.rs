@@ -539,29 +539,8 @@ impl crate::devices::io_thread::IoDevice for VirtioBlk {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::devices::virtio::MemDisk;
     use vm_memory::GuestMemoryMmap;
-
-    /// A disk in memory.
-    struct MemDisk(Vec<u8>);
-
-    impl BlockBackend for MemDisk {
-        fn size(&self) -> u64 {
-            self.0.len() as u64
-        }
-        fn read_at(&mut self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-            let o = offset as usize;
-            buf.copy_from_slice(&self.0[o..o + buf.len()]);
-            Ok(())
-        }
-        fn write_at(&mut self, buf: &[u8], offset: u64) -> std::io::Result<()> {
-            let o = offset as usize;
-            self.0[o..o + buf.len()].copy_from_slice(buf);
-            Ok(())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
 
     const DESC: u64 = 0x1000;
     const AVAIL: u64 = 0x2000;

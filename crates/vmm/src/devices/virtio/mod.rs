@@ -76,6 +76,36 @@ pub trait BlockBackend: Send {
     }
 }
 
+/// A disk held in memory (a RAM disk): for tests and fuzz targets, which
+/// drive the block device without files. Reads and writes past its end
+/// fail (the device checks requests against [`BlockBackend::size`] first).
+pub struct MemDisk(pub Vec<u8>);
+
+impl BlockBackend for MemDisk {
+    fn size(&self) -> u64 {
+        self.0.len() as u64
+    }
+    fn read_at(&mut self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let src = usize::try_from(offset)
+            .ok()
+            .and_then(|o| self.0.get(o..o.checked_add(buf.len())?))
+            .ok_or_else(|| io::Error::from(io::ErrorKind::UnexpectedEof))?;
+        buf.copy_from_slice(src);
+        Ok(())
+    }
+    fn write_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()> {
+        let dst = usize::try_from(offset)
+            .ok()
+            .and_then(|o| self.0.get_mut(o..o.checked_add(buf.len())?))
+            .ok_or_else(|| io::Error::from(io::ErrorKind::WriteZero))?;
+        dst.copy_from_slice(buf);
+        Ok(())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
 /// `fallocate(mode)` over a range of `file`; false where the file system
 /// does not support it.
 fn fallocate(file: &File, mode: libc::c_int, offset: u64, len: u64) -> io::Result<bool> {
