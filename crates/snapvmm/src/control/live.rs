@@ -24,13 +24,9 @@ use serde_json::json;
 use super::event::AppEvent;
 use super::Controller;
 use crate::snapshot::cut::{cut, Capture, Outcome};
+use crate::snapshot::live;
 use crate::snapshot::migrate::{self as migration, Status};
 use crate::snapshot::transport::{self, Uri};
-
-/// A pre-copy pass gives up once the chunks it sent and the guest wrote
-/// again reach RAM / PRECOPY_BUDGET: about 1/8 of RAM is sent twice, and a
-/// guest whose working set is smaller than that still gets a whole pass.
-const PRECOPY_BUDGET: u64 = 8;
 
 /// The connection a live migration's cut goes on with.
 enum Conn {
@@ -40,7 +36,204 @@ enum Conn {
     Pre(Precopy),
 }
 
+/// The controller as [`live::LiveSource`]: its VM and migration job, and
+/// the connection (or pass) a call of the policy goes on with.
+struct Source<'a> {
+    c: &'a mut Controller,
+    conn: Option<Conn>,
+    /// The write-protect engine that marked RAM for a pass.
+    engine: Option<Arc<livesnap::wp_capture::WpEngine>>,
+}
+
+impl Source<'_> {
+    fn job(&mut self) -> &mut migration::Job {
+        self.c
+            .migration
+            .job
+            .as_mut()
+            .expect("a live migration's job")
+    }
+}
+
+impl live::LiveSource for Source<'_> {
+    fn status(&self) -> Option<Status> {
+        self.c.migration.job.as_ref().map(|j| j.status())
+    }
+
+    fn set_status(&mut self, to: Status) {
+        let _ = self.c.migration.set_status(to, &self.c.events);
+    }
+
+    fn fail(&mut self, why: String) -> CommandError {
+        self.c.fail_migration(why)
+    }
+
+    fn ram_bytes(&self) -> u64 {
+        migration::ram_ranges(&self.c.machine)
+            .iter()
+            .map(|r| r.len())
+            .sum()
+    }
+
+    fn mark_for_pass(&mut self) -> Result<(), String> {
+        let engine = self.c.wp_registration()?;
+        engine.mark().map_err(|e| e.to_string())?;
+        self.engine = Some(engine);
+        Ok(())
+    }
+
+    fn start_pass(&mut self, budget: u64) -> Result<(), String> {
+        let Some(Conn::Fresh(sock)) = self.conn.take() else {
+            return Err("no connection for the pre-copy pass".into());
+        };
+        let log: Arc<dyn WriteLog> = self
+            .engine
+            .take()
+            .ok_or("the pass has no record of writes")?;
+        let ranges = migration::ram_ranges(&self.c.machine);
+        static PASSES: AtomicU64 = AtomicU64::new(1);
+        let id = PASSES.fetch_add(1, Ordering::Relaxed);
+        let tx = std::sync::Mutex::new(self.c.tx.clone());
+        let events = Box::new(move |e: PrecopyEvent| {
+            let tx = tx.lock().unwrap_or_else(|p| p.into_inner());
+            let _ = tx.send(AppEvent::Precopy(id, e));
+        });
+        // SAFETY: the machine, whose RAM this is, outlives the pass: it is
+        // dropped with the job, before the machine (`end_captures`). The
+        // guest writing meanwhile is what the pass expects.
+        let pass = unsafe { Precopy::start(sock, &ranges, log, budget, events) }
+            .map_err(|e| e.to_string())?;
+        let job = self.job();
+        job.precopy_figures = Some(migration::PrecopyFigures {
+            counters: pass.counters(),
+            chunks: pass.progress().1,
+            end: None,
+            took: None,
+        });
+        job.precopy = Some(pass);
+        job.precopy_id = id;
+        Ok(())
+    }
+
+    fn pass_running(&self) -> bool {
+        self.c
+            .migration
+            .job
+            .as_ref()
+            .is_some_and(|j| j.precopy.is_some())
+    }
+
+    fn end_pass(&mut self) {
+        drop(self.job().precopy.take());
+    }
+
+    fn cut_and_send(&mut self) -> Result<bool, (String, bool)> {
+        let conn = self
+            .conn
+            .take()
+            .ok_or(("no connection to the target".to_string(), false))?;
+        let paused_at = Instant::now();
+        let c = cut(&mut self.c.machine, Capture::Stop, |_| Ok(()))
+            .map_err(|e| (e.to_string(), false))?;
+        let Outcome::Stopped { state } = c.outcome else {
+            unreachable!("a stop cut keeps the guest paused");
+        };
+        // The pages KVM touches when the target loads the state go with it.
+        let early = state.pv_area_addresses();
+        let state = state.to_bytes();
+        tracing::debug!(
+            us = paused_at.elapsed().as_micros() as u64,
+            bytes = state.len(),
+            "live migration: state serialized"
+        );
+        let tx = std::sync::Mutex::new(self.c.tx.clone());
+        let events = Box::new(move |e: SourceEvent| {
+            let tx = tx.lock().unwrap_or_else(|p| p.into_inner());
+            let _ = tx.send(AppEvent::PostcopySource(e));
+        });
+        let ranges = migration::ram_ranges(&self.c.machine);
+        let sender = match conn {
+            // SAFETY: the guest is paused for good from here (`cont` is
+            // refused while the migration lives, see
+            // `Migration::migrated_away`) and the machine, whose RAM this
+            // is, outlives the sender: it is dropped with the job, before
+            // the machine (`end_captures`).
+            Conn::Fresh(sock) => unsafe {
+                PostcopySender::start(sock, &ranges, state, &early, events)
+            },
+            // SAFETY: as above; the pass's record is final, the guest paused.
+            Conn::Pre(pass) => pass.finish().and_then(|done| unsafe {
+                PostcopySender::after_precopy(done, &ranges, state, &early, events)
+            }),
+        }
+        .map_err(|e| (e.to_string(), c.was_running))?;
+        let job = self.job();
+        job.vcpu_pause = c.times.vcpu_pause;
+        job.io_drain = c.times.io_drain;
+        job.state_time = c.times.state;
+        job.paused_at = Some(paused_at);
+        job.resume_after = c.was_running;
+        job.postcopy = Some(sender);
+        Ok(c.was_running)
+    }
+
+    fn cancel_sender(&mut self) -> bool {
+        // Decided under the sender's lock: the target may have just run the guest.
+        self.job()
+            .postcopy
+            .as_ref()
+            .is_some_and(PostcopySender::cancel)
+    }
+
+    fn drop_sender(&mut self) {
+        self.job().postcopy = None;
+    }
+
+    fn guest_ran(&self) -> bool {
+        self.c
+            .migration
+            .job
+            .as_ref()
+            .is_some_and(|j| j.resume_after)
+    }
+
+    fn resume_guest(&mut self) {
+        self.c.machine.resume();
+        self.c.set_status(RunState::Running);
+    }
+
+    fn set_run_state(&mut self, s: RunState) {
+        self.c.set_status(s);
+    }
+
+    fn note_switch(&mut self) {
+        let job = self.job();
+        job.downtime = job.paused_at.map(|t| t.elapsed()).unwrap_or_default();
+        tracing::info!(
+            downtime_us = job.downtime.as_micros() as u64,
+            "live migration: the guest runs on the target"
+        );
+    }
+
+    fn note_end(&mut self) {
+        let job = self.job();
+        job.total_time = Some(job.started_elapsed());
+    }
+
+    fn note_paused(&mut self, why: Option<String>) {
+        self.job().paused_why = why;
+    }
+}
+
 impl Controller {
+    fn source(&mut self, conn: Option<Conn>) -> Source<'_> {
+        Source {
+            c: self,
+            conn,
+            engine: None,
+        }
+    }
+
     /// `migrate URI` without background-snapshot over a socket: a live migration.
     pub(super) fn migrate_live(&mut self, uri: &Uri) -> Result<(), CommandError> {
         let t0 = self.begin_job(&[RunState::Running, RunState::Paused], "migrate")?;
@@ -56,50 +249,8 @@ impl Controller {
         if let Some(j) = self.migration.job.as_mut() {
             j.setup_time = t0.elapsed();
         }
-        if !self.migration.precopy {
-            return self.cut_live(Conn::Fresh(sock));
-        }
-        // The pass needs the write-protect engine's record of written chunks.
-        let engine = match self.wp_registration() {
-            Ok(e) => e,
-            Err(why) => {
-                tracing::info!("live migration without pre-copy: {why}");
-                return self.cut_live(Conn::Fresh(sock));
-            }
-        };
-        if let Err(e) = engine.mark() {
-            tracing::warn!("live migration without pre-copy: {e}");
-            return self.cut_live(Conn::Fresh(sock));
-        }
-        let ranges = migration::ram_ranges(&self.machine);
-        let ram: u64 = ranges.iter().map(|r| r.len()).sum();
-        static PASSES: AtomicU64 = AtomicU64::new(1);
-        let id = PASSES.fetch_add(1, Ordering::Relaxed);
-        let tx = std::sync::Mutex::new(self.tx.clone());
-        let events = Box::new(move |e: PrecopyEvent| {
-            let tx = tx.lock().unwrap_or_else(|p| p.into_inner());
-            let _ = tx.send(AppEvent::Precopy(id, e));
-        });
-        let log: Arc<dyn WriteLog> = engine;
-        // SAFETY: the machine, whose RAM this is, outlives the pass: it is
-        // dropped with the job, before the machine (`end_captures`). The
-        // guest writing meanwhile is what the pass expects.
-        let pass = unsafe { Precopy::start(sock, &ranges, log, ram / PRECOPY_BUDGET, events) };
-        let pass = match pass {
-            Ok(p) => p,
-            Err(e) => return Err(self.fail_migration(e.to_string())),
-        };
-        let job = self.migration.job.as_mut().expect("job just created");
-        job.precopy_figures = Some(migration::PrecopyFigures {
-            counters: pass.counters(),
-            chunks: pass.progress().1,
-            end: None,
-            took: None,
-        });
-        job.precopy = Some(pass);
-        job.precopy_id = id;
-        let _ = self.migration.set_status(Status::Active, &self.events);
-        Ok(())
+        let precopy = self.migration.precopy;
+        live::start(&mut self.source(Some(Conn::Fresh(sock))), precopy)
     }
 
     /// The pre-copy pass reports: over, so cut; or its connection failed
@@ -128,132 +279,21 @@ impl Controller {
                     ms = took.as_millis() as u64,
                     "live migration: pre-copy pass over"
                 );
-                // A failed cut has failed the job and said why.
-                let _ = self.cut_live(Conn::Pre(pass));
+                live::pass_over(&mut self.source(Some(Conn::Pre(pass))));
             }
             PrecopyEvent::Failed(why) => {
                 drop(pass);
-                job.total_time = Some(job.started_elapsed());
-                tracing::warn!("live migration failed during pre-copy: {why}; the VM runs on here");
-                let _ = self.migration.fail(why, &self.events);
+                live::pass_failed(&mut self.source(None), why);
             }
         }
-    }
-
-    /// The cut of a live migration: pause for good, save the state, hand
-    /// RAM to the post-copy sender.
-    fn cut_live(&mut self, conn: Conn) -> Result<(), CommandError> {
-        let paused_at = Instant::now();
-        let c = match cut(&mut self.machine, Capture::Stop, |_| Ok(())) {
-            Ok(c) => c,
-            Err(e) => return Err(self.fail_migration(e.to_string())),
-        };
-        let Outcome::Stopped { state } = c.outcome else {
-            unreachable!("a stop cut keeps the guest paused");
-        };
-        // The pages KVM touches when the target loads the state go with it.
-        let early = state.pv_area_addresses();
-        let state = state.to_bytes();
-        tracing::debug!(
-            us = paused_at.elapsed().as_micros() as u64,
-            bytes = state.len(),
-            "live migration: state serialized"
-        );
-        let tx = self.tx.clone();
-        let tx = std::sync::Mutex::new(tx);
-        let events = Box::new(move |e: SourceEvent| {
-            let tx = tx.lock().unwrap_or_else(|p| p.into_inner());
-            let _ = tx.send(AppEvent::PostcopySource(e));
-        });
-        let ranges = migration::ram_ranges(&self.machine);
-        let sender = match conn {
-            // SAFETY: the guest is paused for good from here (`cont` is
-            // refused while the migration lives, see
-            // `Migration::migrated_away`) and the machine, whose RAM this
-            // is, outlives the sender: it is dropped with the job, before
-            // the machine (`end_captures`).
-            Conn::Fresh(sock) => unsafe {
-                PostcopySender::start(sock, &ranges, state, &early, events)
-            },
-            // SAFETY: as above; the pass's record is final, the guest paused.
-            Conn::Pre(pass) => pass.finish().and_then(|done| unsafe {
-                PostcopySender::after_precopy(done, &ranges, state, &early, events)
-            }),
-        };
-        let sender = match sender {
-            Ok(s) => s,
-            Err(e) => {
-                if c.was_running {
-                    self.machine.resume();
-                }
-                return Err(self.fail_migration(e.to_string()));
-            }
-        };
-        if c.was_running {
-            self.set_status(RunState::FinishMigrate);
-        }
-        let job = self.migration.job.as_mut().expect("a live migration's job");
-        job.vcpu_pause = c.times.vcpu_pause;
-        job.io_drain = c.times.io_drain;
-        job.state_time = c.times.state;
-        job.paused_at = Some(paused_at);
-        job.resume_after = c.was_running;
-        job.postcopy = Some(sender);
-        if job.status() == Status::Setup {
-            let _ = self.migration.set_status(Status::Active, &self.events);
-        }
-        Ok(())
     }
 
     /// What the source's migration threads report.
     pub(super) fn postcopy_source_event(&mut self, e: SourceEvent) {
-        let Some(job) = self.migration.job.as_mut() else {
+        if self.migration.job.is_none() {
             return;
-        };
-        match e {
-            SourceEvent::Switched => {
-                // The guest runs on the target from now on.
-                job.downtime = job.paused_at.map(|t| t.elapsed()).unwrap_or_default();
-                tracing::info!(
-                    downtime_us = job.downtime.as_micros() as u64,
-                    "live migration: the guest runs on the target"
-                );
-                let _ = self
-                    .migration
-                    .set_status(Status::PostcopyActive, &self.events);
-            }
-            SourceEvent::Failed(why) => {
-                // Before the switch: the target never ran the guest; it runs here again.
-                let resume = job.resume_after;
-                job.postcopy = None;
-                job.total_time = Some(job.started_elapsed());
-                tracing::warn!(
-                    "live migration failed before the switch: {why}; the VM runs on here"
-                );
-                let _ = self.migration.fail(why, &self.events);
-                if resume {
-                    self.machine.resume();
-                    self.set_status(RunState::Running);
-                }
-            }
-            SourceEvent::Paused(why) => {
-                tracing::warn!(
-                    "live migration paused: {why}; waiting for migrate with resume=true"
-                );
-                job.paused_why = Some(why);
-                let _ = self
-                    .migration
-                    .set_status(Status::PostcopyPaused, &self.events);
-            }
-            SourceEvent::Completed => {
-                job.total_time = Some(job.started_elapsed());
-                job.paused_why = None;
-                // The run state first: a client that sees `completed` and
-                // asks query-status at once must read `postmigrate`.
-                self.set_status(RunState::Postmigrate);
-                let _ = self.migration.set_status(Status::Completed, &self.events);
-            }
         }
+        live::sender_event(&mut self.source(None), e);
         if self.quit_after_migration && !self.migration.active() {
             tracing::info!("the live migration ended: quitting as asked");
             self.exit = Some(0);
@@ -304,69 +344,31 @@ impl Controller {
     /// `migrate {"uri", "resume": true}`: a paused live migration carries on.
     pub(super) fn migrate_resume(&mut self, uri: &str) -> Result<(), CommandError> {
         let uri = Uri::parse(uri).map_err(CommandError::generic)?;
-        if !self.postcopy_paused() {
-            return Err(CommandError::generic(
-                "migrate with resume=true needs a paused post-copy migration",
-            ));
-        }
-        let sock = transport::connect_socket(&uri)
-            .map_err(|e| CommandError::generic(format!("cannot connect: {e}")))?;
-        let job = self.migration.job.as_mut().expect("checked above");
-        let sender = job
-            .postcopy
-            .as_ref()
-            .expect("a paused migration has its sender");
-        sender
-            .resume(sock)
-            .map_err(|e| CommandError::generic(e.to_string()))?;
-        job.paused_why = None;
-        let _ = self
-            .migration
-            .set_status(Status::PostcopyRecover, &self.events);
-        let _ = self
-            .migration
-            .set_status(Status::PostcopyActive, &self.events);
-        Ok(())
+        live::resume(&mut self.source(None), |s| {
+            let sock =
+                transport::connect_socket(&uri).map_err(|e| format!("cannot connect: {e}"))?;
+            let sender = s
+                .job()
+                .postcopy
+                .as_ref()
+                .ok_or("the migration has no sender")?;
+            sender.resume(sock).map_err(|e| e.to_string())
+        })
     }
 
-    /// `migrate_cancel` of a live migration: before the switch the guest
-    /// runs here again; after it, the target runs it and needs this RAM.
-    /// Returns false when the job is not a live migration.
+    /// `migrate_cancel` of a live migration (`live::cancel`). Returns false
+    /// when the job is not an active live migration.
     pub(super) fn cancel_live(&mut self) -> Result<bool, CommandError> {
         let active = self.migration.active();
-        let Some(job) = self.migration.job.as_mut() else {
+        let live = self
+            .migration
+            .job
+            .as_ref()
+            .is_some_and(|j| j.method == migration::Method::Postcopy);
+        if !live || !active {
             return Ok(false);
-        };
-        if job.method != migration::Method::Postcopy || !active {
-            return Ok(false);
         }
-        // During the pre-copy pass the guest never stopped: the connection
-        // closes, and that is all.
-        if let Some(pass) = job.precopy.take() {
-            drop(pass);
-            job.total_time = Some(job.started_elapsed());
-            let _ = self.migration.set_status(Status::Cancelling, &self.events);
-            let _ = self.migration.set_status(Status::Cancelled, &self.events);
-            return Ok(true);
-        }
-        // Decided under the sender's lock: the target may have just run the guest.
-        let cancelled = job.status() == Status::Active
-            && job.postcopy.as_ref().is_some_and(PostcopySender::cancel);
-        if !cancelled {
-            return Err(CommandError::generic(
-                "the guest runs on the target now: a post-copy migration cannot be cancelled",
-            ));
-        }
-        job.postcopy = None;
-        let resume = job.resume_after;
-        job.total_time = Some(job.started_elapsed());
-        let _ = self.migration.set_status(Status::Cancelling, &self.events);
-        let _ = self.migration.set_status(Status::Cancelled, &self.events);
-        if resume {
-            self.machine.resume();
-            self.set_status(RunState::Running);
-        }
-        Ok(true)
+        live::cancel(&mut self.source(None)).map(|()| true)
     }
 
     /// `migrate-pause`: break a post-copy migration's connection (either side).

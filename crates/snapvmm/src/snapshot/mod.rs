@@ -1,6 +1,7 @@
 //! Snapshot orchestration without the controller: what may run while a
 //! snapshot operation is under way ([`Op`], [`check`]), the migration state
-//! machine ([`migrate`]), the pause window ([`cut`]), internal snapshots in
+//! machine ([`migrate`]), the pause window ([`cut`]), a live migration's policy on the source
+//! ([`live`]), internal snapshots in
 //! qcow2 disks ([`savevm`]), restore ([`restore`]) and the huge-page rebuild
 //! after a capture ([`collapse`]). Nothing here knows the controller's event
 //! type: completions are callbacks, QMP events go through [`Events`].
@@ -8,6 +9,7 @@
 pub mod collapse;
 pub mod cut;
 mod error;
+pub mod live;
 pub mod migrate;
 pub mod restore;
 pub mod savevm;
