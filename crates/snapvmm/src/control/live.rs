@@ -418,102 +418,110 @@ impl Controller {
 
     /// Target: the guest runs here; tell the source (before the vCPUs run).
     pub(super) fn postcopy_switch(&mut self) -> Result<(), String> {
-        let Some(p) = self.migration.postcopy_in.clone() else {
+        let Some(pages) = self.migration.postcopy_in.clone() else {
             return Ok(());
         };
-        let tx = std::sync::Mutex::new(self.tx.clone());
-        p.on_event(Box::new(move |e| {
-            let tx = tx.lock().unwrap_or_else(|p| p.into_inner());
-            let _ = tx.send(AppEvent::PostcopyTarget(e));
-        }));
-        p.running()
-            .map_err(|e| format!("the source went away before the guest could run here: {e}"))?;
-        let _ = self
-            .migration
-            .set_status(Status::PostcopyActive, &self.events);
-        Ok(())
+        live::target_switch(&mut Target::new(self, pages))
     }
 
     /// What the target's migration threads report.
     pub(super) fn postcopy_target_event(&mut self, e: TargetEvent) {
-        match e {
-            TargetEvent::Paused(why) => {
-                tracing::warn!(
-                    "live migration paused: {why}; the guest waits for its RAM (migrate-recover)"
-                );
-                if let Some(j) = self.migration.job.as_mut() {
-                    j.paused_why = Some(why);
-                }
-                let _ = self
-                    .migration
-                    .set_status(Status::PostcopyPaused, &self.events);
-            }
-            TargetEvent::Recovered => {
-                if let Some(j) = self.migration.job.as_mut() {
-                    j.paused_why = None;
-                }
-                let _ = self
-                    .migration
-                    .set_status(Status::PostcopyActive, &self.events);
-                // RAM was all here; the recovery only told the source.
-                if self
-                    .migration
-                    .postcopy_in
-                    .as_ref()
-                    .is_some_and(|p| p.source_told())
-                {
-                    self.complete_incoming();
-                }
-            }
+        if let Some(pages) = self.migration.postcopy_in.clone() {
+            live::target_event(&mut Target::new(self, pages), e);
         }
     }
 
-    /// Target: every page is here. Completed once the source knows (if the
-    /// link is down, after a recovery).
+    /// Target: every page may be here.
     pub(super) fn postcopy_target_done(&mut self) {
         // Kept (for its figures) once done.
-        if let Some(p) = self.migration.postcopy_in.clone() {
-            if p.done() {
-                self.complete_incoming();
-            }
+        if let Some(pages) = self.migration.postcopy_in.clone() {
+            live::target_done(&mut Target::new(self, pages));
         }
-    }
-
-    fn complete_incoming(&mut self) {
-        if let Some(j) = self.migration.job.as_mut() {
-            if j.status() == Status::Completed {
-                return;
-            }
-            j.total_time = Some(j.started_elapsed());
-        }
-        let _ = self.migration.set_status(Status::Completed, &self.events);
     }
 
     /// `migrate-recover URI` (target): listen for the source's resume.
     pub(super) fn migrate_recover(&mut self, uri: &str) -> Result<(), CommandError> {
         let uri = Uri::parse(uri).map_err(CommandError::generic)?;
-        let pages = match self.migration.postcopy_in.clone() {
-            Some(p) if self.postcopy_paused() => p,
-            _ => {
-                return Err(CommandError::generic(
-                    "migrate-recover needs a paused incoming post-copy migration",
-                ))
-            }
+        let Some(pages) = self.migration.postcopy_in.clone() else {
+            return Err(CommandError::generic(
+                "migrate-recover needs a paused incoming post-copy migration",
+            ));
         };
-        let mut l =
-            transport::Listening::bind(&uri).map_err(|e| CommandError::generic(e.to_string()))?;
-        if let Some(j) = self.migration.job.as_mut() {
+        let mut t = Target::new(self, pages);
+        t.recover_at = Some(uri);
+        live::target_recover(&mut t)
+    }
+}
+
+/// The controller as [`live::LiveTarget`]: its job and the pages coming
+/// from the source.
+struct Target<'a> {
+    c: &'a mut Controller,
+    pages: Arc<livesnap::postcopy::RemotePages>,
+    /// Where `migrate-recover` listens.
+    recover_at: Option<Uri>,
+}
+
+impl<'a> Target<'a> {
+    fn new(c: &'a mut Controller, pages: Arc<livesnap::postcopy::RemotePages>) -> Target<'a> {
+        Target {
+            c,
+            pages,
+            recover_at: None,
+        }
+    }
+}
+
+impl live::LiveTarget for Target<'_> {
+    fn status(&self) -> Option<Status> {
+        self.c.migration.job.as_ref().map(|j| j.status())
+    }
+
+    fn set_status(&mut self, to: Status) {
+        let _ = self.c.migration.set_status(to, &self.c.events);
+    }
+
+    fn tell_running(&mut self) -> Result<(), String> {
+        let tx = std::sync::Mutex::new(self.c.tx.clone());
+        self.pages.on_event(Box::new(move |e| {
+            let tx = tx.lock().unwrap_or_else(|p| p.into_inner());
+            let _ = tx.send(AppEvent::PostcopyTarget(e));
+        }));
+        self.pages.running().map_err(|e| e.to_string())
+    }
+
+    fn note_paused(&mut self, why: Option<String>) {
+        if let Some(j) = self.c.migration.job.as_mut() {
+            j.paused_why = why;
+        }
+    }
+
+    fn note_end(&mut self) {
+        if let Some(j) = self.c.migration.job.as_mut() {
+            j.total_time = Some(j.started_elapsed());
+        }
+    }
+
+    fn all_here(&self) -> bool {
+        self.pages.done()
+    }
+
+    fn source_told(&self) -> bool {
+        self.pages.source_told()
+    }
+
+    fn listen_for_recovery(&mut self) -> Result<(), String> {
+        let uri = self.recover_at.take().ok_or("no address to listen on")?;
+        let mut l = transport::Listening::bind(&uri).map_err(|e| e.to_string())?;
+        if let Some(j) = self.c.migration.job.as_mut() {
             j.listening = l.local_addr();
         }
-        let _ = self
-            .migration
-            .set_status(Status::PostcopyRecover, &self.events);
-        let tx = self.tx.clone();
+        let (pages, tx) = (self.pages.clone(), self.c.tx.clone());
         std::thread::Builder::new()
             .name("postcopy-recover".into())
             .spawn(move || recover(&mut l, &pages, &tx))
-            .map_err(|e| CommandError::generic(e.to_string()))?;
-        Ok(())
+            .map(|_| ())
+            .map_err(|e| e.to_string())
     }
 }
 

@@ -18,8 +18,13 @@
 //!   closes; after the cut and before the switch the guest runs here again;
 //!   after the switch, refused.
 //!
-//! Every status change goes through [`LiveSource::set_status`] (the job's
-//! one checked transition); nothing here knows the controller.
+//! On the target ([`LiveTarget`]): the guest runs once the source heard it
+//! does; a broken connection pauses the job until `migrate-recover` and the
+//! source's resume; the job completes once, when every page is here and the
+//! source knows it.
+//!
+//! Every status change goes through `set_status` (the job's one checked
+//! transition); nothing here knows the controller.
 
 use livesnap::postcopy::SourceEvent;
 use qmp::{CommandError, RunState};
@@ -201,6 +206,86 @@ pub fn resume<C: LiveSource>(
     c.note_paused(None);
     c.set_status(Status::PostcopyRecover);
     c.set_status(Status::PostcopyActive);
+    Ok(())
+}
+
+/// What the policy needs of a live migration's target: the job's status
+/// and the pages coming from the source.
+pub trait LiveTarget {
+    fn status(&self) -> Option<Status>;
+    /// Changes the job's status (the transition is checked there).
+    fn set_status(&mut self, to: Status);
+    /// Tells the source the guest runs here (before the vCPUs run).
+    fn tell_running(&mut self) -> Result<(), String>;
+    /// Why the migration is paused (`None`: it is not).
+    fn note_paused(&mut self, why: Option<String>);
+    /// Records the job's total time (it ended).
+    fn note_end(&mut self);
+    /// Every page is here and placed.
+    fn all_here(&self) -> bool;
+    /// The source was told it may let go (perhaps over a recovered
+    /// connection).
+    fn source_told(&self) -> bool;
+    /// Listens for the source's new connection (`migrate-recover`).
+    fn listen_for_recovery(&mut self) -> Result<(), String>;
+}
+
+/// The target runs the guest: the source hears it first.
+pub fn target_switch(t: &mut impl LiveTarget) -> Result<(), String> {
+    t.tell_running()
+        .map_err(|e| format!("the source went away before the guest could run here: {e}"))?;
+    t.set_status(Status::PostcopyActive);
+    Ok(())
+}
+
+/// What the target's migration threads report.
+pub fn target_event(t: &mut impl LiveTarget, e: livesnap::postcopy::TargetEvent) {
+    use livesnap::postcopy::TargetEvent;
+    match e {
+        TargetEvent::Paused(why) => {
+            tracing::warn!(
+                "live migration paused: {why}; the guest waits for its RAM (migrate-recover)"
+            );
+            t.note_paused(Some(why));
+            t.set_status(Status::PostcopyPaused);
+        }
+        TargetEvent::Recovered => {
+            t.note_paused(None);
+            t.set_status(Status::PostcopyActive);
+            // RAM was all here; the recovery only told the source.
+            if t.source_told() {
+                target_complete(t);
+            }
+        }
+    }
+}
+
+/// Every page may be here: completed once the source knows (if the link is
+/// down, after a recovery).
+pub fn target_done(t: &mut impl LiveTarget) {
+    if t.all_here() {
+        target_complete(t);
+    }
+}
+
+fn target_complete(t: &mut impl LiveTarget) {
+    if t.status() == Some(Status::Completed) {
+        return;
+    }
+    t.note_end();
+    t.set_status(Status::Completed);
+}
+
+/// `migrate-recover` (target): only a paused migration listens for the
+/// source's resume.
+pub fn target_recover(t: &mut impl LiveTarget) -> Result<(), CommandError> {
+    if t.status() != Some(Status::PostcopyPaused) {
+        return Err(CommandError::generic(
+            "migrate-recover needs a paused incoming post-copy migration",
+        ));
+    }
+    t.listen_for_recovery().map_err(CommandError::generic)?;
+    t.set_status(Status::PostcopyRecover);
     Ok(())
 }
 
@@ -486,5 +571,129 @@ mod tests {
         assert!(e.to_string().contains("refused"), "{e}");
         assert_eq!(c.status, Some(Status::PostcopyPaused), "still paused");
         assert_eq!(c.paused_why.as_deref(), Some("link down"));
+    }
+
+    /// A target that records what the policy did to it.
+    #[derive(Default)]
+    struct FakeTarget {
+        status: Option<Status>,
+        statuses: Vec<Status>,
+        source_gone: bool,
+        paused_why: Option<String>,
+        all_here: bool,
+        told: bool,
+        ended: u32,
+        listening: bool,
+        bind_fails: bool,
+    }
+
+    impl LiveTarget for FakeTarget {
+        fn status(&self) -> Option<Status> {
+            self.status
+        }
+        fn set_status(&mut self, to: Status) {
+            assert!(legal(self.status, to), "{:?} -> {to:?}", self.status);
+            self.status = Some(to);
+            self.statuses.push(to);
+        }
+        fn tell_running(&mut self) -> Result<(), String> {
+            match self.source_gone {
+                true => Err("connection reset".into()),
+                false => Ok(()),
+            }
+        }
+        fn note_paused(&mut self, why: Option<String>) {
+            self.paused_why = why;
+        }
+        fn note_end(&mut self) {
+            self.ended += 1;
+        }
+        fn all_here(&self) -> bool {
+            self.all_here
+        }
+        fn source_told(&self) -> bool {
+            self.told
+        }
+        fn listen_for_recovery(&mut self) -> Result<(), String> {
+            if self.bind_fails {
+                return Err("address in use".into());
+            }
+            self.listening = true;
+            Ok(())
+        }
+    }
+
+    /// An incoming live migration at its switch (`active`).
+    fn incoming() -> FakeTarget {
+        FakeTarget {
+            status: Some(Status::Active),
+            statuses: vec![Status::Active],
+            ..FakeTarget::default()
+        }
+    }
+
+    #[test]
+    fn a_target_runs_the_guest_only_once_the_source_heard_it() {
+        let mut t = incoming();
+        target_switch(&mut t).unwrap();
+        assert_eq!(t.status, Some(Status::PostcopyActive));
+        let mut t = FakeTarget {
+            source_gone: true,
+            ..incoming()
+        };
+        let e = target_switch(&mut t).unwrap_err();
+        assert!(
+            e.contains("the source went away") && e.contains("connection reset"),
+            "{e}"
+        );
+        assert_eq!(
+            t.status,
+            Some(Status::Active),
+            "not post-copy without the source"
+        );
+    }
+
+    #[test]
+    fn a_target_pauses_recovers_and_completes_once() {
+        use livesnap::postcopy::TargetEvent;
+        use Status::*;
+        let mut t = incoming();
+        target_switch(&mut t).unwrap();
+        // Not every page here yet: not completed.
+        target_done(&mut t);
+        assert_eq!(t.status, Some(PostcopyActive));
+        target_event(&mut t, TargetEvent::Paused("link down".into()));
+        assert_eq!(t.paused_why.as_deref(), Some("link down"));
+        let e = target_recover(&mut FakeTarget {
+            bind_fails: true,
+            ..incoming()
+        })
+        .unwrap_err();
+        assert!(e.to_string().contains("needs a paused"), "{e}");
+        t.bind_fails = true;
+        let e = target_recover(&mut t).unwrap_err();
+        assert!(e.to_string().contains("address in use"), "{e}");
+        assert_eq!(t.status, Some(PostcopyPaused));
+        t.bind_fails = false;
+        target_recover(&mut t).unwrap();
+        assert!(t.listening);
+        // Every page came before the link broke; the recovery told the source.
+        t.all_here = true;
+        t.told = true;
+        target_event(&mut t, TargetEvent::Recovered);
+        assert_eq!(t.paused_why, None);
+        target_done(&mut t);
+        assert_eq!(
+            t.statuses,
+            [
+                Active,
+                PostcopyActive,
+                PostcopyPaused,
+                PostcopyRecover,
+                PostcopyActive,
+                Completed
+            ]
+        );
+        assert_eq!(t.ended, 1, "completed once");
     }
 }
