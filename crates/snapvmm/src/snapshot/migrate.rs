@@ -204,19 +204,15 @@ impl Default for Migration {
     }
 }
 
-/// Parses `file:PATH` (the only transport snapvmm speaks).
+/// A `file:PATH` URI (what `x-parent` takes), parsed by the one URI parser
+/// ([`super::transport::Uri`]); any other transport is refused.
 pub fn parse_uri(uri: &str) -> Result<PathBuf, CommandError> {
-    match uri.strip_prefix("file:") {
-        // QEMU's `file:PATH,offset=N`: refused rather than silently dropped.
-        Some(p) if !p.is_empty() => match p.split_once(',') {
-            Some((_, opts)) => Err(CommandError::generic(format!(
-                "Invalid migration URI '{uri}': file: options ('{opts}') are not supported"
-            ))),
-            None => Ok(PathBuf::from(p)),
-        },
-        _ => Err(CommandError::generic(format!(
-            "Invalid migration URI '{uri}': snapvmm supports only 'file:PATH'"
+    match super::transport::Uri::parse(uri) {
+        Ok(super::transport::Uri::File(p)) => Ok(p),
+        Ok(_) => Err(CommandError::generic(format!(
+            "Invalid migration URI '{uri}': only 'file:PATH' is possible here"
         ))),
+        Err(e) => Err(CommandError::generic(e)),
     }
 }
 
