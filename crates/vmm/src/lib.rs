@@ -8,6 +8,7 @@ pub mod kvm;
 pub mod layout;
 pub mod machine;
 pub mod memory;
+pub mod paging;
 pub mod snapshot;
 pub mod vcpu_thread;
 

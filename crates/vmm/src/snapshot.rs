@@ -112,6 +112,40 @@ impl MachineState {
         out
     }
 
+    /// Guest-physical pages each vCPU goes through first when it runs
+    /// again: the page tables its MMU walks for the instruction pointer, the
+    /// stack pointer, the interrupt table, its handlers and the kernel stack
+    /// an interrupt switches to, and those pages themselves
+    /// ([`crate::paging`]), read from `mem` while the guest is paused. A
+    /// live migration sends them with the state, so that the guest's first
+    /// instructions on the target do not each wait for a round trip.
+    pub fn pages_touched_first(&self, mem: &impl vm_memory::GuestMemory) -> Vec<u64> {
+        use crate::paging::{idt_handlers, walk, Paging};
+        let mut out = Vec::new();
+        for v in &self.vcpus {
+            let s = &v.sregs;
+            let paging = Paging::of(s.cr0, s.cr4, s.efer);
+            let mut at = vec![v.regs.rip, v.regs.rsp, s.idt.base];
+            // An interrupt taken first goes to its handler, on the kernel
+            // stack the TSS names (RSP0) when the vCPU was in user mode.
+            at.extend(idt_handlers(mem, paging, s.cr3, s.idt.base, s.idt.limit));
+            let mut scratch = Vec::new();
+            if let Some(pa) = walk(mem, paging, s.cr3, s.tr.base + 4, &mut scratch) {
+                if let Ok(rsp0) =
+                    vm_memory::Bytes::read_obj::<u64>(mem, vm_memory::GuestAddress(pa))
+                {
+                    at.push(rsp0.wrapping_sub(8));
+                }
+            }
+            for va in at {
+                walk(mem, paging, s.cr3, va, &mut out);
+            }
+        }
+        out.sort_unstable();
+        out.dedup();
+        out
+    }
+
     /// Serializes to bytes (JSON: self-describing, easy to inspect with `jq`).
     pub fn to_bytes(&self) -> Vec<u8> {
         serde_json::to_vec(self).expect("machine state is always serializable")

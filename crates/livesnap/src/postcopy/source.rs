@@ -144,8 +144,10 @@ impl PostcopySender {
     ///
     /// `early` names guest-physical pages the target touches while it loads
     /// the state, before its guest runs (KVM maps the kvmclock, steal-time
-    /// and async-PF pages when their MSRs are set): they go with the state,
-    /// 4 KiB each, so the switch does not wait for their 2 MiB chunks.
+    /// and async-PF pages when their MSRs are set), or first once it runs
+    /// (the vCPUs' page tables, code and stacks): they go with the state,
+    /// 4 KiB each, so the switch does not wait for their 2 MiB chunks —
+    /// except those a pre-copy pass already gave the target.
     pub unsafe fn start(
         sock: OwnedFd,
         ranges: &[RamRange],
@@ -228,7 +230,11 @@ impl PostcopySender {
                     l.file_offset + page - r.gpa(),
                     r.host() as u64 + page - r.gpa(),
                 );
-                if !pages.contains(&at) {
+                // A page a pre-copy pass already gave the target (its chunk
+                // not written since) is there: it would only lengthen the
+                // switch.
+                let there = chunk_at(&layout, at.0).is_some_and(|(k, _, _)| sent[k]);
+                if !there && !pages.contains(&at) {
                     pages.push(at);
                 }
             }

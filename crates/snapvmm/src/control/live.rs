@@ -138,8 +138,12 @@ impl live::LiveSource for Source<'_> {
         let Outcome::Stopped { state } = c.outcome else {
             unreachable!("a stop cut keeps the guest paused");
         };
-        // The pages KVM touches when the target loads the state go with it.
-        let early = state.pv_area_addresses();
+        // The pages KVM touches when the target loads the state go with it,
+        // and those the vCPUs go through first when they run there.
+        let mut early = state.pv_area_addresses();
+        early.extend(state.pages_touched_first(self.c.machine.ram().memory()));
+        early.sort_unstable();
+        early.dedup();
         let state = state.to_bytes();
         tracing::debug!(
             us = paused_at.elapsed().as_micros() as u64,
