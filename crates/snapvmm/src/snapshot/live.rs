@@ -294,6 +294,13 @@ mod tests {
     use super::*;
     use crate::snapshot::migrate::legal;
 
+    /// A status change of a fake job: checked legal, and kept in order.
+    fn record(status: &mut Option<Status>, statuses: &mut Vec<Status>, to: Status) {
+        assert!(legal(*status, to), "{status:?} -> {to:?}");
+        *status = Some(to);
+        statuses.push(to);
+    }
+
     /// A source that records what the policy did to it.
     #[derive(Default)]
     struct Fake {
@@ -334,9 +341,7 @@ mod tests {
             self.status
         }
         fn set_status(&mut self, to: Status) {
-            assert!(legal(self.status, to), "{:?} -> {to:?}", self.status);
-            self.status = Some(to);
-            self.statuses.push(to);
+            record(&mut self.status, &mut self.statuses, to);
         }
         fn fail(&mut self, why: String) -> CommandError {
             self.error = Some(why.clone());
@@ -592,9 +597,7 @@ mod tests {
             self.status
         }
         fn set_status(&mut self, to: Status) {
-            assert!(legal(self.status, to), "{:?} -> {to:?}", self.status);
-            self.status = Some(to);
-            self.statuses.push(to);
+            record(&mut self.status, &mut self.statuses, to);
         }
         fn tell_running(&mut self) -> Result<(), String> {
             match self.source_gone {
