@@ -298,12 +298,26 @@ impl Controller {
             return;
         }
         live::sender_event(&mut self.source(None), e);
-        if self.quit_after_migration && !self.migration.active() {
-            tracing::info!("the live migration ended: quitting as asked");
-            self.exit = Some(0);
-        } else if self.quit_after_migration && self.postcopy_paused() {
-            self.quit_giving_up();
+        if !self.quit_after_migration {
+            return;
         }
+        match self.on_quit() {
+            live::OnQuit::Now => {
+                tracing::info!("the live migration ended: quitting as asked");
+                self.exit = Some(0);
+            }
+            live::OnQuit::GiveUp => self.quit_giving_up(),
+            live::OnQuit::Wait => {}
+        }
+    }
+
+    fn on_quit(&self) -> live::OnQuit {
+        let status = self.migration.job.as_ref().map(|j| j.status());
+        live::on_quit(
+            status,
+            self.migration.migrated_away(),
+            self.migration.active(),
+        )
     }
 
     /// `quit` of a source whose live migration is paused: nothing ends it
@@ -323,26 +337,21 @@ impl Controller {
     /// once the migration does (SIGTERM still ends it at once), or at once
     /// when the migration is paused (see [`Self::quit_giving_up`]).
     pub(super) fn quit_needs_to_wait(&mut self) -> bool {
-        if self.migration.migrated_away() && self.postcopy_paused() {
-            self.quit_after_migration = true;
-            self.quit_giving_up();
-            return true;
+        match self.on_quit() {
+            live::OnQuit::Now => false,
+            live::OnQuit::GiveUp => {
+                self.quit_after_migration = true;
+                self.quit_giving_up();
+                true
+            }
+            live::OnQuit::Wait => {
+                tracing::warn!(
+                    "quit: the target still needs this VM's RAM; snapvmm exits when the live migration ends"
+                );
+                self.quit_after_migration = true;
+                true
+            }
         }
-        let needed = self.migration.active() && self.migration.migrated_away();
-        if needed {
-            tracing::warn!(
-                "quit: the target still needs this VM's RAM; snapvmm exits when the live migration ends"
-            );
-            self.quit_after_migration = true;
-        }
-        needed
-    }
-
-    fn postcopy_paused(&self) -> bool {
-        self.migration
-            .job
-            .as_ref()
-            .is_some_and(|j| j.status() == Status::PostcopyPaused)
     }
 
     /// `migrate {"uri", "resume": true}`: a paused live migration carries on.

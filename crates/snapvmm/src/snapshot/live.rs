@@ -209,6 +209,30 @@ pub fn resume<C: LiveSource>(
     Ok(())
 }
 
+/// What `quit` does on a source, by where its live migration is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnQuit {
+    /// Nothing needs this VM any more (or never did): quit.
+    Now,
+    /// The target still needs this VM's RAM: the process ends when the
+    /// migration does.
+    Wait,
+    /// The migration is paused (the target is gone or cut off) and nothing
+    /// would end it: quit now, giving up the RAM the target still lacks.
+    GiveUp,
+}
+
+/// `quit` on a source whose guest went (`migrated_away`: the target may run
+/// it) in a job at `status`, `active` or not; asked again after each of the
+/// sender's events while a `quit` waits.
+pub fn on_quit(status: Option<Status>, migrated_away: bool, active: bool) -> OnQuit {
+    match (migrated_away, status) {
+        (true, Some(Status::PostcopyPaused)) => OnQuit::GiveUp,
+        (true, _) if active => OnQuit::Wait,
+        _ => OnQuit::Now,
+    }
+}
+
 /// What the policy needs of a live migration's target: the job's status
 /// and the pages coming from the source.
 pub trait LiveTarget {
@@ -698,5 +722,21 @@ mod tests {
             ]
         );
         assert_eq!(t.ended, 1, "completed once");
+    }
+
+    #[test]
+    fn quit_waits_for_a_target_that_needs_this_ram_and_gives_up_a_paused_one() {
+        use Status::*;
+        // Nothing migrated away (no migration, a pass, a failed or cancelled one).
+        assert_eq!(on_quit(None, false, false), OnQuit::Now);
+        assert_eq!(on_quit(Some(Active), false, true), OnQuit::Now);
+        // The target runs the guest (or may): wait for the end.
+        assert_eq!(on_quit(Some(Active), true, true), OnQuit::Wait);
+        assert_eq!(on_quit(Some(PostcopyActive), true, true), OnQuit::Wait);
+        assert_eq!(on_quit(Some(PostcopyRecover), true, true), OnQuit::Wait);
+        // Paused: nothing would end it.
+        assert_eq!(on_quit(Some(PostcopyPaused), true, true), OnQuit::GiveUp);
+        // Ended while a quit waited.
+        assert_eq!(on_quit(Some(Completed), true, false), OnQuit::Now);
     }
 }
