@@ -16,7 +16,10 @@
 //!   `migrate` with `resume`), the end (this VM is `postmigrate`);
 //! - **cancel**: during the pass the guest never stopped: the connection
 //!   closes; after the cut and before the switch the guest runs here again;
-//!   after the switch, refused.
+//!   after the switch, refused;
+//! - **quit** ([`on_quit`]): at once when no target needs this VM's RAM; once
+//!   the migration ends when one does; at once, giving up what the target
+//!   still lacks, when the migration is paused and nothing would end it.
 //!
 //! On the target ([`LiveTarget`]): the guest runs once the source heard it
 //! does; a broken connection pauses the job until `migrate-recover` and the
