@@ -85,11 +85,12 @@ pub struct RunArgs {
     /// ids default to disk0, disk1, ...; the format is probed when not given).
     #[arg(long = "disk", value_name = "PATH[,OPTS]")]
     pub disks: Vec<String>,
-    /// A virtio-net NIC: tap=NAME (opened, or created as root) or fd=N (an inherited tap
-    /// descriptor), then [,mac=MAC][,id=NAME] (repeatable; ids default to net0, net1, ...;
-    /// the MAC defaults to one derived from the id). On a restore, mac= replaces the
-    /// image's MAC and the image must have as many NICs.
-    #[arg(long = "net", value_name = "tap=NAME|fd=N[,OPTS]")]
+    /// A virtio-net NIC: tap=NAME (opened, or created as root), fd=N (an inherited tap
+    /// descriptor) or fd=NAME (a tap passed with QMP getfd; needs --incoming defer: the
+    /// NICs open at migrate-incoming), then [,mac=MAC][,id=NAME] (repeatable; ids default
+    /// to net0, net1, ...; the MAC defaults to one derived from the id). On a restore,
+    /// mac= replaces the image's MAC and the image must have as many NICs.
+    #[arg(long = "net", value_name = "tap=NAME|fd=N|fd=NAME[,OPTS]")]
     pub nets: Vec<String>,
     /// A virtio-vsock device for guest CID N (3 or more), its host side on the unix socket
     /// PATH in Firecracker's convention: a host process connects to PATH and writes
