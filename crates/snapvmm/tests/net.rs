@@ -26,6 +26,9 @@ fn a_tap_snapvmm_creates_is_up_goes_with_the_process_and_a_restore_needs_as_many
     let (t0, t1) = (tap("a"), tap("b"));
     let (mut vm, mut q) = start_vm(&dir, "src", "1", &["--net", &format!("tap={t0}")]);
     assert_eq!(wait_settled(&mut q), "running");
+    // Booted and working (a snapshot before its ready line would restore a
+    // guest that still has to print it).
+    vm.wait_line("refguest: cpu=0 t=", T);
     let flags = std::fs::read_to_string(format!("/sys/class/net/{t0}/flags")).unwrap();
     let flags = u32::from_str_radix(flags.trim().trim_start_matches("0x"), 16).unwrap();
     assert_eq!(flags & 1, 1, "the tap snapvmm created is up");
@@ -156,6 +159,9 @@ fn a_tap_passed_with_getfd_backs_the_nic_of_a_restore() {
     let (t0, t1) = (tap("g"), tap("h"));
     let (mut vm, mut q) = start_vm(&dir, "src", "1", &["--net", &format!("tap={t0}")]);
     assert_eq!(wait_settled(&mut q), "running");
+    // Booted and working (a snapshot before its ready line would restore a
+    // guest that still has to print it).
+    vm.wait_line("refguest: cpu=0 t=", T);
     let snap = dir.path("net.snap");
     let m = live_snapshot(&mut q, &snap);
     assert_eq!(m["status"], "completed", "{m}");
