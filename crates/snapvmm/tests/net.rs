@@ -20,23 +20,34 @@ fn exists(tap: &str) -> bool {
     std::path::Path::new("/sys/class/net").join(tap).exists()
 }
 
+/// A source VM with a NIC on `tap`, booted and working (a snapshot before
+/// its ready line would restore a guest that still has to print it).
+fn working_vm_on_tap(dir: &TempDir, tap: &str) -> (Running, Qmp) {
+    let (vm, mut q) = start_vm(dir, "src", "1", &["--net", &format!("tap={tap}")]);
+    assert_eq!(wait_settled(&mut q), "running");
+    vm.wait_line("refguest: cpu=0 t=", T);
+    (vm, q)
+}
+
+/// A live snapshot of `vm` to `net.snap` in `dir`, then the VM quits.
+fn snapshot_then_quit(dir: &TempDir, vm: &mut Running, q: &mut Qmp) -> std::path::PathBuf {
+    let snap = dir.path("net.snap");
+    let m = live_snapshot(q, &snap);
+    assert_eq!(m["status"], "completed", "{m}");
+    q.ok("quit", json!({}));
+    vm.wait(T);
+    snap
+}
+
 #[test]
 fn a_tap_snapvmm_creates_is_up_goes_with_the_process_and_a_restore_needs_as_many_nics() {
     let dir = TempDir::new("net-restore");
     let (t0, t1) = (tap("a"), tap("b"));
-    let (mut vm, mut q) = start_vm(&dir, "src", "1", &["--net", &format!("tap={t0}")]);
-    assert_eq!(wait_settled(&mut q), "running");
-    // Booted and working (a snapshot before its ready line would restore a
-    // guest that still has to print it).
-    vm.wait_line("refguest: cpu=0 t=", T);
+    let (mut vm, mut q) = working_vm_on_tap(&dir, &t0);
     let flags = std::fs::read_to_string(format!("/sys/class/net/{t0}/flags")).unwrap();
     let flags = u32::from_str_radix(flags.trim().trim_start_matches("0x"), 16).unwrap();
     assert_eq!(flags & 1, 1, "the tap snapvmm created is up");
-    let snap = dir.path("net.snap");
-    let m = live_snapshot(&mut q, &snap);
-    assert_eq!(m["status"], "completed", "{m}");
-    q.ok("quit", json!({}));
-    vm.wait(T);
+    let snap = snapshot_then_quit(&dir, &mut vm, &mut q);
     assert!(!exists(&t0), "a tap snapvmm created goes away with it");
 
     // The image has one NIC: a restore without one is refused, naming both.
@@ -157,16 +168,8 @@ fn open_tap(name: &str) -> std::os::fd::OwnedFd {
 fn a_tap_passed_with_getfd_backs_the_nic_of_a_restore() {
     let dir = TempDir::new("net-getfd");
     let (t0, t1) = (tap("g"), tap("h"));
-    let (mut vm, mut q) = start_vm(&dir, "src", "1", &["--net", &format!("tap={t0}")]);
-    assert_eq!(wait_settled(&mut q), "running");
-    // Booted and working (a snapshot before its ready line would restore a
-    // guest that still has to print it).
-    vm.wait_line("refguest: cpu=0 t=", T);
-    let snap = dir.path("net.snap");
-    let m = live_snapshot(&mut q, &snap);
-    assert_eq!(m["status"], "completed", "{m}");
-    q.ok("quit", json!({}));
-    vm.wait(T);
+    let (mut vm, mut q) = working_vm_on_tap(&dir, &t0);
+    let snap = snapshot_then_quit(&dir, &mut vm, &mut q);
 
     let (b, mut q) = start_vm(
         &dir,
