@@ -129,7 +129,7 @@ pub enum SnapError {
     #[error("not a snapvmm snapshot stream (bad magic)")]
     NotAStream,
     /// A snapshot stream is corrupt, ends early or was
-    /// abandoned by its sender ([`crate::stream`]).
+    /// abandoned by its sender ([`crate::format::stream`]).
     #[error("snapshot stream: {0}")]
     Stream(String),
 }

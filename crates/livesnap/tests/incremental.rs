@@ -10,9 +10,9 @@ use std::sync::Arc;
 
 use common::{fill_dense, Mem};
 use livesnap::chain::Chain;
-use livesnap::lazy::PageSource;
 use livesnap::uffd::Uffd;
-use livesnap::wp_capture::{prepare_wp_capture, WpEngine, WpOptions};
+use livesnap::wp::{prepare_wp_capture, WpEngine, WpOptions};
+use livesnap::PageSource;
 use livesnap::CHUNK;
 use livesnap::{Image, SnapError};
 

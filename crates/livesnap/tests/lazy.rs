@@ -13,8 +13,9 @@ use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
 use common::{fill_dense, uffd_missing_ok, Mem};
-use livesnap::lazy::{start_lazy_fill, FillStats, PageSource};
+use livesnap::fill::{start_fill, FillStats};
 use livesnap::ImageRange;
+use livesnap::PageSource;
 use livesnap::CHUNK;
 
 const LEN: usize = 32 << 20;
@@ -127,7 +128,7 @@ fn threads_touching_ram_see_the_source_whoever_fills_it() {
     let mem = Ram::new();
     let (range, ir) = image_range(&mem);
     let (tx, rx) = mpsc::channel();
-    let mut fill = start_lazy_fill(
+    let mut fill = start_fill(
         &[range],
         &[ir],
         source.clone(),
@@ -190,7 +191,7 @@ fn a_source_that_fails_is_reported() {
     let mem = Ram::new();
     let (range, ir) = image_range(&mem);
     let (tx, rx) = mpsc::channel();
-    let mut fill = start_lazy_fill(
+    let mut fill = start_fill(
         &[range],
         &[ir],
         source,
@@ -233,7 +234,7 @@ fn any_page_source_serves_a_restore() {
     }
     let mem = Ram::new();
     let (range, ir) = image_range(&mem);
-    let mut fill = start_lazy_fill(&[range], &[ir], Arc::new(Generated), None).unwrap();
+    let mut fill = start_fill(&[range], &[ir], Arc::new(Generated), None).unwrap();
     // Read in the middle before the prefetch can get there.
     let probe = 12 * CHUNK as usize + 4096;
     let v = u64::from_ne_bytes(mem.bytes()[probe..probe + 8].try_into().unwrap());
@@ -254,7 +255,7 @@ fn memory_touched_before_the_restore_is_an_error_not_a_silent_mix() {
     let mut mem = Ram::new();
     mem.bytes_mut()[4 * CHUNK as usize] = 1;
     let (range, ir) = image_range(&mem);
-    let mut fill = start_lazy_fill(&[range], &[ir], Arc::new(Generated), None).unwrap();
+    let mut fill = start_fill(&[range], &[ir], Arc::new(Generated), None).unwrap();
     let e = fill.wait().unwrap_err();
     assert!(e.contains("touched before it was restored"), "{e}");
 }

@@ -335,7 +335,7 @@ fn early_pages_are_there_before_the_switch_and_their_chunks_around_them() {
     assert_eq!(sw.early.len(), 3);
     let dst = Mem::new(len);
     let (done_tx, done_rx) = mpsc::channel();
-    let mut fill = livesnap::lazy::start_lazy_fill_with(
+    let mut fill = livesnap::fill::start_fill_with(
         &[dst.range(0, len, 0)],
         &sw.layout.ranges,
         sw.pages.clone(),

@@ -276,7 +276,7 @@ fn the_write_protect_engine_records_writes_since_its_mark() {
     let mut mem = Mem::new(16 * MIB);
     // Chunks 0-3 hold data; 4-7 were never touched (no pages behind them).
     fill_sparse(&mut mem.bytes_mut()[..8 * MIB], 1, 7);
-    let engine = match livesnap::wp_capture::WpEngine::new(&[mem.range(0, 16 * MIB, 0)]) {
+    let engine = match livesnap::wp::WpEngine::new(&[mem.range(0, 16 * MIB, 0)]) {
         Ok(e) => e,
         Err(e) => {
             eprintln!("skipped: no userfaultfd write-protect here: {e}");

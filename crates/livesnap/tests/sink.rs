@@ -10,9 +10,8 @@ use std::time::{Duration, Instant};
 
 use common::{fill_dense, fill_sparse, same_bytes_but_identity, Mem};
 use livesnap::{
-    capture_stopped, capture_stopped_to, prepare_fork_capture, Capture, CaptureStatus, ForkOptions,
-    Image, ImageSummary, RamRange, Sink, SnapError, Source, SourceImage, HEADER_SIZE,
-    MAX_DEVICE_STATE,
+    capture_stopped, prepare_fork_capture, Capture, CaptureStatus, ForkOptions, Image,
+    ImageSummary, RamRange, Sink, SnapError, Source, SourceImage, HEADER_SIZE, MAX_DEVICE_STATE,
 };
 use proptest::prelude::*;
 
@@ -306,7 +305,7 @@ fn stopped_into_sink_matches_the_file() {
     let sf = capture_stopped(&ranges, &dev, &file).unwrap();
 
     let mut sink = VecSink::default();
-    let ss = capture_stopped_to(&ranges, &dev, &mut sink).unwrap();
+    let ss = capture_stopped(&ranges, &dev, &mut sink).unwrap();
     assert_eq!(
         (ss.bytes_written, ss.zero_pages, ss.file_len, ss.ram_bytes),
         (sf.bytes_written, sf.zero_pages, sf.file_len, sf.ram_bytes)
@@ -389,7 +388,7 @@ fn failing_write_fails_stop_and_copy_and_aborts_once() {
         fail_after: Some(MIB as u64),
         ..Default::default()
     };
-    let err = capture_stopped_to(&[mem.range(0, 8 * MIB, 0)], b"d", &mut sink).unwrap_err();
+    let err = capture_stopped(&[mem.range(0, 8 * MIB, 0)], b"d", &mut sink).unwrap_err();
     assert!(err.to_string().contains("injected sink failure"), "{err}");
     let log = sink.log();
     assert_eq!((log.count("abort"), log.count("finish")), (1, 0));
@@ -416,7 +415,7 @@ fn failing_finish_fails_the_capture_then_aborts() {
         fail_finish: true,
         ..Default::default()
     };
-    let err = capture_stopped_to(&ranges, b"dev", &mut sink).unwrap_err();
+    let err = capture_stopped(&ranges, b"dev", &mut sink).unwrap_err();
     assert!(err.to_string().contains("injected finish failure"), "{err}");
     let log = sink.log();
     assert_eq!((log.count("finish"), log.count("abort")), (1, 1));
@@ -525,7 +524,7 @@ fn unstarted_or_refused_captures_abort_the_sink() {
     assert_eq!(sink.log().calls, vec!["abort"]);
     // Stop-and-copy with invalid ranges.
     let mut sink = VecSink::default();
-    let e = capture_stopped_to(&[], b"", &mut sink).unwrap_err();
+    let e = capture_stopped(&[], b"", &mut sink).unwrap_err();
     assert!(matches!(e, SnapError::InvalidInput(_)), "{e:?}");
     assert_eq!(sink.log().calls, vec!["abort"]);
 }
@@ -547,7 +546,7 @@ fn valid_image() -> Vec<u8> {
     ];
     let dev: Vec<u8> = (0..5000u32).map(|i| i as u8).collect();
     let mut sink = VecSink::default();
-    capture_stopped_to(&ranges, &dev, &mut sink).unwrap();
+    capture_stopped(&ranges, &dev, &mut sink).unwrap();
     let bytes = sink.log().bytes.clone();
     assert_eq!(from_bytes(&bytes).unwrap().device_state().unwrap(), dev);
     bytes

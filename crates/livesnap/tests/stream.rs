@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 
 use common::{fill_dense, fill_sparse, Mem};
 use livesnap::stream::{is_stream, StreamReader, StreamSink, StreamWrite, STREAM_MAGIC};
-use livesnap::{capture_stopped, capture_stopped_to, Image, Sink, SnapError};
+use livesnap::{capture_stopped, Image, Sink, SnapError};
 use proptest::prelude::*;
 
 const MIB: usize = 1 << 20;
@@ -28,7 +28,7 @@ fn stream_of(mem: &Mem, parts: &[(usize, usize, u64)], dev: &[u8]) -> Vec<u8> {
     let ranges: Vec<_> = parts.iter().map(|&(o, l, g)| mem.range(o, l, g)).collect();
     let pairs: Vec<_> = parts.iter().map(|&(_, l, g)| (g, l as u64)).collect();
     let mut sink = StreamSink::new(Vec::new(), &pairs).unwrap();
-    capture_stopped_to(&ranges, dev, &mut sink).unwrap();
+    capture_stopped(&ranges, dev, &mut sink).unwrap();
     sink.into_inner()
 }
 
@@ -171,7 +171,7 @@ fn a_failing_stream_fails_the_capture() {
     let ranges: Vec<_> = parts.iter().map(|&(o, l, g)| mem.range(o, l, g)).collect();
     let pairs: Vec<_> = parts.iter().map(|&(_, l, g)| (g, l as u64)).collect();
     let mut sink = StreamSink::new(Breaks(3 * MIB), &pairs).unwrap();
-    let e = capture_stopped_to(&ranges, b"dev", &mut sink).unwrap_err();
+    let e = capture_stopped(&ranges, b"dev", &mut sink).unwrap_err();
     assert!(e.to_string().to_lowercase().contains("broken pipe"), "{e}");
 }
 
@@ -196,7 +196,7 @@ fn a_write_protect_capture_streams_while_memory_changes() {
     mem.bytes_mut()[4 * MIB..8 * MIB].fill(0);
     let before = mem.bytes().to_vec();
     let range = mem.range(0, 16 * MIB, 0);
-    let engine = match livesnap::wp_capture::WpEngine::new(&[range]) {
+    let engine = match livesnap::wp::WpEngine::new(&[range]) {
         Ok(e) => e,
         Err(e) => {
             eprintln!("skipped: no userfaultfd write-protect here: {e}");
@@ -205,11 +205,11 @@ fn a_write_protect_capture_streams_while_memory_changes() {
     };
     let out = Shared::default();
     let sink = StreamSink::new(out.clone(), &[(0, 16 * MIB as u64)]).unwrap();
-    let opts = livesnap::wp_capture::WpOptions {
+    let opts = livesnap::wp::WpOptions {
         pool_bytes: 2 * MIB as u64,
         ..Default::default()
     };
-    let p = livesnap::wp_capture::prepare_wp_capture(
+    let p = livesnap::wp::prepare_wp_capture(
         &engine,
         livesnap::Destination::Sink(Box::new(sink)),
         opts,

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use common::{fill_dense, uffd_wp, Mem};
 use livesnap::uffd::Uffd;
-use livesnap::wp_capture::{prepare_wp_capture, WpEngine, WpOptions};
+use livesnap::wp::{prepare_wp_capture, WpEngine, WpOptions};
 use livesnap::CHUNK;
 use livesnap::{Image, SnapError};
 
@@ -172,7 +172,7 @@ fn into_a_sink_with_a_small_pool_while_memory_changes() {
         pool_bytes: 2 * CHUNK,
         ..WpOptions::default()
     };
-    let prepared = livesnap::wp_capture::prepare_wp_capture(
+    let prepared = livesnap::wp::prepare_wp_capture(
         &engine,
         livesnap::Destination::Sink(Box::new(sink)),
         opts,

@@ -12,7 +12,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use common::{fill_dense, uffd_wp, Mem};
-use livesnap::wp_capture::{prepare_wp_capture, WpEngine, WpOptions};
+use livesnap::wp::{prepare_wp_capture, WpEngine, WpOptions};
 use livesnap::CHUNK;
 use livesnap::{Image, SnapError};
 
@@ -23,7 +23,7 @@ const LEN: usize = 32 << 20;
 struct Run {
     capture: livesnap::Capture,
     sender: livesnap::StateSender,
-    counters: Arc<livesnap::wp_capture::WpCounters>,
+    counters: Arc<livesnap::wp::WpCounters>,
     gate: Arc<Gate>,
     bytes: Arc<Mutex<Vec<u8>>>,
     finished: Arc<AtomicBool>,

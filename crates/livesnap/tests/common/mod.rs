@@ -174,11 +174,11 @@ pub fn fill_from(
     sw: &livesnap::postcopy::Switch,
     ranges: &[RamRange],
 ) -> (
-    livesnap::lazy::LazyFill,
-    std::sync::mpsc::Receiver<Result<livesnap::lazy::FillStats, String>>,
+    livesnap::fill::Fill,
+    std::sync::mpsc::Receiver<Result<livesnap::fill::FillStats, String>>,
 ) {
     let (done_tx, done_rx) = std::sync::mpsc::channel();
-    let fill = livesnap::lazy::start_lazy_fill(
+    let fill = livesnap::fill::start_fill(
         ranges,
         &sw.layout.ranges,
         sw.pages.clone(),

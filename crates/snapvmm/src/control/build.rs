@@ -8,7 +8,7 @@ use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use livesnap::lazy::LazyFill;
+use livesnap::fill::Fill;
 use qmp::{CommandError, EventBus};
 use serde_json::{json, Value};
 use vmm::{Machine, MachineConfig};
@@ -31,7 +31,7 @@ pub(super) fn kvm_path() -> PathBuf {
 }
 
 /// A machine, and the fill of its RAM when that is still under way.
-pub(super) type Built = (Machine, Option<LazyFill>);
+pub(super) type Built = (Machine, Option<Fill>);
 
 /// `--incoming defer`, or `--incoming` with a stream URI: answers QMP until
 /// `migrate-incoming` names an image that loads, or the stream being
@@ -251,7 +251,7 @@ fn build_received(
                 (None, None) => unreachable!("one of the two"),
             };
             let done_tx = tx.clone();
-            let done: livesnap::lazy::FillDone = Box::new(move |r| {
+            let done: livesnap::fill::FillDone = Box::new(move |r| {
                 let _ = done_tx.send(AppEvent::FillDone(r));
             });
             let ranges: Vec<livesnap::RamRange> = regions
@@ -263,7 +263,7 @@ fn build_received(
                 // below fails (its prefetch has not been let go by then).
                 .map(|r| unsafe { livesnap::RamRange::new(r.gpa, r.host, r.len) })
                 .collect();
-            let fill = livesnap::lazy::start_lazy_fill_with(
+            let fill = livesnap::fill::start_fill_with(
                 &ranges,
                 &switch.layout.ranges,
                 switch.pages.clone(),
@@ -333,7 +333,7 @@ pub(super) fn build_machine(
 ) -> Result<Built> {
     if let Some(path) = &cfg.incoming {
         let done_tx = tx.clone();
-        let done: livesnap::lazy::FillDone = Box::new(move |r| {
+        let done: livesnap::fill::FillDone = Box::new(move |r| {
             let _ = done_tx.send(AppEvent::FillDone(r));
         });
         let r = restore::from_file(path, cfg.restore_mode, Some(done))
@@ -391,7 +391,7 @@ pub(super) fn build_warm(
         return build_machine(cfg, tx, configs, disks);
     }
     let done_tx = tx.clone();
-    let done: livesnap::lazy::FillDone = Box::new(move |r| {
+    let done: livesnap::fill::FillDone = Box::new(move |r| {
         let _ = done_tx.send(AppEvent::FillDone(r));
     });
     let fill =

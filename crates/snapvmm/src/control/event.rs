@@ -21,7 +21,7 @@ pub enum AppEvent {
     /// A live savevm's capture ended (any outcome).
     SaveVmDone,
     /// A restore's RAM fill (`--restore-mode uffd`) ended.
-    FillDone(Result<livesnap::lazy::FillStats, String>),
+    FillDone(Result<livesnap::fill::FillStats, String>),
     /// An incoming stream was read to its end (or failed).
     Incoming(Result<Box<super::incoming::Received>, String>),
     /// A live migration's pre-copy pass (source; which one) reports.

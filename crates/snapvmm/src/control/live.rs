@@ -42,7 +42,7 @@ struct Source<'a> {
     c: &'a mut Controller,
     conn: Option<Conn>,
     /// The write-protect engine that marked RAM for a pass.
-    engine: Option<Arc<livesnap::wp_capture::WpEngine>>,
+    engine: Option<Arc<livesnap::wp::WpEngine>>,
 }
 
 impl Source<'_> {

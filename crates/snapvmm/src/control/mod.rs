@@ -32,8 +32,8 @@ use crate::snapshot::{Busy, Cmd, Op};
 use bridge::Bridge;
 pub(crate) use build::{build_from_state, GenId, StartRam};
 use build::{build_machine, wait_incoming};
-use livesnap::lazy::LazyFill;
-use livesnap::wp_capture::WpEngine;
+use livesnap::fill::Fill;
+use livesnap::wp::WpEngine;
 
 /// Boots the machine and runs it until it powers off; returns the exit status.
 pub fn run(mut cfg: RunConfig) -> Result<u8> {
@@ -182,7 +182,7 @@ pub(crate) struct Controller {
     pub(crate) uffd: Option<(usize, Arc<WpEngine>)>,
     /// A restore's RAM fill still under way (after `machine`: dropped once
     /// the vCPUs are gone).
-    pub(crate) fill: Option<LazyFill>,
+    pub(crate) fill: Option<Fill>,
     collapse: Option<Collapse>,
     exit: Option<u8>,
     /// Internal-snapshot jobs (snapjobs.rs).
@@ -485,7 +485,7 @@ impl Controller {
     /// A restore's RAM fill ended: RAM is ordinary memory now (rebuild its
     /// huge pages), or it can never be complete (end the VM: a vCPU touching
     /// what is missing would wait for ever).
-    fn fill_done(&mut self, r: Result<livesnap::lazy::FillStats, String>) {
+    fn fill_done(&mut self, r: Result<livesnap::fill::FillStats, String>) {
         if self.fill.is_none() {
             // Its machine was replaced (reset, load) before this arrived.
             return;

@@ -179,11 +179,11 @@ impl Controller {
             let engine = self
                 .wp_registration()
                 .map_err(SnapshotError::MethodUnavailable)?;
-            let opts = livesnap::wp_capture::WpOptions {
+            let opts = livesnap::wp::WpOptions {
                 on_done: Some(on_done),
                 ..self.migration.wp_options()
             };
-            Capture::Wp(livesnap::wp_capture::prepare_wp_capture(
+            Capture::Wp(livesnap::wp::prepare_wp_capture(
                 &engine,
                 livesnap::Destination::Sink(Box::new(sink)),
                 opts,

@@ -62,7 +62,7 @@ pub enum Capture {
     Fork(livesnap::PreparedCapture),
     /// A prepared write-protect capture: RAM is write-protected inside the
     /// pause (one call per range) and copied 2 MiB at a time afterwards.
-    Wp(livesnap::wp_capture::PreparedWpCapture),
+    Wp(livesnap::wp::PreparedWpCapture),
     /// Stop-and-copy: the guest stays paused while RAM is written.
     Stop,
 }
@@ -105,7 +105,7 @@ pub enum Outcome<S> {
         capture: livesnap::Capture,
         sender: livesnap::StateSender,
         state: Result<S, String>,
-        wp: Option<std::sync::Arc<livesnap::wp_capture::WpCounters>>,
+        wp: Option<std::sync::Arc<livesnap::wp::WpCounters>>,
     },
     /// The guest stays paused (if it ran); copy RAM, then resume or not.
     Stopped { state: S },

@@ -102,7 +102,7 @@ pub struct Job {
     pub stats: Option<CaptureStats>,
     pub error: Option<String>,
     /// The write-protect capture's counters (method `uffd`).
-    pub wp: Option<std::sync::Arc<livesnap::wp_capture::WpCounters>>,
+    pub wp: Option<std::sync::Arc<livesnap::wp::WpCounters>>,
     /// The parent of an incremental snapshot.
     pub parent: Option<PathBuf>,
     /// An incoming stream's listening address (`socket-address`).
@@ -159,7 +159,7 @@ pub struct Migration {
     /// The latest huge-page rebuild: pages collapsed and time taken.
     pub last_collapse: Option<(vmm::memory::CollapseStats, Duration)>,
     /// How the restore of this VM's RAM went (`--restore-mode uffd`).
-    pub last_fill: Option<livesnap::lazy::FillStats>,
+    pub last_fill: Option<livesnap::fill::FillStats>,
     /// The latest `migrate-incoming`.
     pub last_restore: Option<RestoreInfo>,
     /// An incoming live migration's pages (target), until RAM is all here.
@@ -625,8 +625,8 @@ impl Migration {
     }
 
     /// The write-protect capture's options from these parameters.
-    pub fn wp_options(&self) -> livesnap::wp_capture::WpOptions {
-        livesnap::wp_capture::WpOptions {
+    pub fn wp_options(&self) -> livesnap::wp::WpOptions {
+        livesnap::wp::WpOptions {
             pool_bytes: self.wp_pool,
             pool_max_bytes: self.wp_pool_max.max(self.wp_pool),
             stall_limit: self.wp_stall_limit,
@@ -819,18 +819,18 @@ pub(crate) fn prepare_fork(
 /// `engine` (incremental to `parent`); once started, `done` is called when
 /// it ends, whatever the outcome.
 pub(crate) fn prepare_wp(
-    engine: &livesnap::wp_capture::WpEngine,
+    engine: &livesnap::wp::WpEngine,
     dest: Dest,
     parent: Option<&Path>,
-    opts: livesnap::wp_capture::WpOptions,
+    opts: livesnap::wp::WpOptions,
     done: impl FnOnce() + Send + 'static,
-) -> Result<livesnap::wp_capture::PreparedWpCapture, livesnap::SnapError> {
-    let opts = livesnap::wp_capture::WpOptions {
+) -> Result<livesnap::wp::PreparedWpCapture, livesnap::SnapError> {
+    let opts = livesnap::wp::WpOptions {
         parent: parent.map(Path::to_path_buf),
         on_done: Some(Box::new(move |_| done())),
         ..opts
     };
-    livesnap::wp_capture::prepare_wp_capture(engine, dest.into_capture(), opts)
+    livesnap::wp::prepare_wp_capture(engine, dest.into_capture(), opts)
 }
 
 /// Runs a stop-and-copy capture on a worker thread; `done` gets its result.
@@ -845,7 +845,7 @@ pub(crate) fn start_stop_copy(
     std::thread::spawn(move || {
         done(match dest {
             Dest::File(p) => livesnap::capture_stopped(&ranges, &state, &p),
-            Dest::Stream(mut s) => livesnap::capture_stopped_to(&ranges, &state, &mut *s),
+            Dest::Stream(mut s) => livesnap::capture_stopped(&ranges, &state, &mut *s),
         });
     })
 }

@@ -10,7 +10,7 @@ use std::time::Instant;
 use std::sync::Arc;
 
 use livesnap::chain::Chain;
-use livesnap::lazy::{FillDone, LazyFill};
+use livesnap::fill::{Fill, FillDone};
 use livesnap::{Image, ImageBacking, RamRange, SnapError};
 use vmm::memory::GuestRam;
 use vmm::snapshot::StateError;
@@ -70,7 +70,7 @@ impl RamMode {
 pub struct Restored {
     pub ram: GuestRam,
     pub state: MachineState,
-    pub fill: Option<LazyFill>,
+    pub fill: Option<Fill>,
 }
 
 /// Checks an opened image and decodes its machine state.
@@ -283,7 +283,7 @@ pub fn fill_ram(
     chain: Arc<Chain>,
     ram: &GuestRam,
     done: Option<FillDone>,
-) -> Result<LazyFill, RestoreError> {
+) -> Result<Fill, RestoreError> {
     for image in chain.images() {
         lock_shared(image.file())?;
     }
@@ -296,7 +296,7 @@ pub fn fill_ram(
         .map(|r| unsafe { RamRange::new(r.gpa, r.host, r.len) })
         .collect();
     let image_ranges = chain.top().ranges().to_vec();
-    livesnap::lazy::start_lazy_fill(&ranges, &image_ranges, chain, done)
+    livesnap::fill::start_fill(&ranges, &image_ranges, chain, done)
         .map_err(|e| RestoreError::Ram(e.to_string()))
 }
 
@@ -455,7 +455,7 @@ mod tests {
             })
             .collect();
         let mut sink = Sink(Vec::new());
-        livesnap::capture_stopped_to(&rr, state, &mut sink).unwrap();
+        livesnap::capture_stopped(&rr, state, &mut sink).unwrap();
         Image::from_source(Box::new(sink.0)).unwrap()
     }
 

@@ -13,7 +13,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use crate::pages::{for_each_run, ScanRange};
+use crate::kernel::scan::{for_each_run, ScanRange};
 
 /// Size of a record header on the pipe.
 pub(crate) const RECORD_LEN: usize = 24;

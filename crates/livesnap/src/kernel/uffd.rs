@@ -6,7 +6,7 @@
 //!   capture);
 //! - missing (any Linux with userfaultfd): register never-touched anonymous
 //!   memory, receive the faults of its first readers and writers, and fill
-//!   the memory with `UFFDIO_COPY` / `UFFDIO_ZEROPAGE` (the lazy restore).
+//!   the memory with `UFFDIO_COPY` / `UFFDIO_ZEROPAGE` (the fill of a restore).
 //!
 //! Only what the engine needs; raw ioctls through libc (the `userfaultfd`
 //! crate needs libclang at build time).
@@ -448,7 +448,9 @@ mod tests {
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Arc;
 
-    use crate::CHUNK;
+    /// A huge page: the tests align their memory to it and work a huge page
+    /// at a time, as the engine does.
+    const CHUNK: u64 = 2 << 20;
 
     /// Anonymous memory for a test (huge pages where the kernel gives them),
     /// left mapped until the test process exits.

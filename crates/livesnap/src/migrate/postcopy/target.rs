@@ -84,7 +84,7 @@ pub struct Switch {
     pub device_state: Vec<u8>,
     pub pages: Arc<RemotePages>,
     /// Pages sent with the state (image offset, 4 KiB): place them before
-    /// loading the state ([`crate::lazy::start_lazy_fill_with`]).
+    /// loading the state ([`crate::fill::start_fill_with`]).
     pub early: Vec<(u64, Vec<u8>)>,
 }
 
@@ -109,7 +109,7 @@ pub fn receive_switch_from<R: Read + Send + 'static>(
     let mut r = reader.into_buffered();
     let mut state = Vec::new();
     let mut early: Vec<(u64, Vec<u8>)> = Vec::new();
-    let n = crate::image::chunk_count(&layout.ranges);
+    let n = crate::format::image::chunk_count(&layout.ranges);
     // Chunks of a pre-copy pass (sent with the guest running, before the state).
     let mut slots: Vec<Slot> = (0..n).map(|_| Slot::Absent).collect();
     let (mut pre_bytes, mut dropped) = (0u64, 0u64);
@@ -261,7 +261,7 @@ fn target_reader<R: Read>(sh: &RecvShared, mut r: BufReader<R>, g: u64) {
                 Flow::Break(why) => break why,
             },
             KIND_PIECE => {
-                let n = data.len() as u64 + crate::stream::RECORD_HEAD as u64;
+                let n = data.len() as u64 + RECORD_HEAD as u64;
                 match partial.add(&sh.layout, off as usize, &data) {
                     Err(why) => break why,
                     Ok(None) => {

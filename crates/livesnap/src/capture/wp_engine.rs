@@ -1,4 +1,4 @@
-//! The write-protect engine of one VM's RAM (see [`crate::wp_capture`]):
+//! The write-protect engine of one VM's RAM (see [`crate::capture::wp`]):
 //! the userfaultfd registration, the record of which 2 MiB chunks the guest
 //! wrote since the last cut, and the fault handler thread that serves every
 //! write-protect fault for as long as the engine lives — recording the
@@ -9,12 +9,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::chain::IncrPlan;
+use crate::capture::plan::IncrPlan;
 use crate::error::{Result, SnapError};
-use crate::image::ImageId;
-use crate::runtime::lock;
-use crate::uffd::Uffd;
-use crate::waits::WaitCause;
+use crate::format::image::ImageId;
+use crate::kernel::lock;
+use crate::kernel::uffd::Uffd;
+use crate::ram::waits::WaitCause;
 use crate::RamRange;
 use crate::CHUNK;
 
@@ -32,7 +32,7 @@ pub(crate) struct Chunk {
 /// and incremental chunk numbers (ranges must start 2 MiB-aligned in host
 /// memory for the two to agree, as guest RAM does).
 pub(crate) fn chunks_of(ranges: &[RamRange]) -> Result<Vec<Chunk>> {
-    let (header, _) = crate::runtime::prepare(ranges, 0)?;
+    let (header, _) = crate::capture::runtime::prepare(ranges, 0)?;
     let mut chunks = Vec::new();
     for (r, ir) in ranges.iter().zip(&header.ranges) {
         let (start, end) = (r.host as u64, r.host as u64 + r.len);
@@ -47,8 +47,8 @@ pub(crate) fn chunks_of(ranges: &[RamRange]) -> Result<Vec<Chunk>> {
             let next = ((at / CHUNK) + 1) * CHUNK;
             let len = next.min(end) - at;
             let file_offset = ir.file_offset + (at - start);
-            let (index, _, _) =
-                crate::image::chunk_at(&header.ranges, file_offset).expect("inside the range");
+            let (index, _, _) = crate::format::image::chunk_at(&header.ranges, file_offset)
+                .expect("inside the range");
             chunks.push(Chunk {
                 host: at,
                 len,
@@ -96,9 +96,9 @@ pub(crate) struct Engine {
     /// Faults taken between captures (chunks let through and recorded).
     pub(crate) tracked: AtomicU64,
     /// Pool buffers kept from the last capture for the next one (see
-    /// [`crate::wp_capture::WpOptions::keep_pool`]): a fresh buffer costs
+    /// [`crate::capture::wp::WpOptions::keep_pool`]): a fresh buffer costs
     /// milliseconds to map while the guest runs, a kept one nothing.
-    pub(crate) spare: Mutex<Vec<crate::chunkbuf::AlignedBuf>>,
+    pub(crate) spare: Mutex<Vec<crate::kernel::buf::AlignedBuf>>,
 }
 
 impl WpEngine {
@@ -156,7 +156,7 @@ impl WpEngine {
     }
 
     /// Bytes of pool buffers kept between captures (see
-    /// [`crate::wp_capture::WpOptions::keep_pool`]).
+    /// [`crate::capture::wp::WpOptions::keep_pool`]).
     pub fn kept_pool_bytes(&self) -> u64 {
         lock(&self.shared.spare).len() as u64 * CHUNK
     }
@@ -180,7 +180,7 @@ impl WpEngine {
     /// Starts a second record of written chunks, apart from the one
     /// incremental captures use: clears it and write-protects every chunk,
     /// so that from now on the first write to each is recorded
-    /// ([`crate::precopy::WriteLog`]).
+    /// ([`crate::format::wire::WriteLog`]).
     pub fn mark(&self) -> Result<()> {
         let e = &self.shared;
         if !e.uffd.protects_unpopulated() {
@@ -189,7 +189,7 @@ impl WpEngine {
             // page) first. Pages do not become untouched again.
             for r in &e.ranges {
                 // SAFETY: the range is mapped (RamRange's contract).
-                unsafe { crate::uffd::populate(r.host as u64, r.len) }
+                unsafe { crate::kernel::uffd::populate(r.host as u64, r.len) }
                     .map_err(|err| SnapError::io("populate guest RAM", err))?;
             }
         }
@@ -235,7 +235,7 @@ impl WpEngine {
         let abs = std::fs::canonicalize(parent)
             .map_err(|e| SnapError::io(format!("resolve {}", parent.display()), e))?;
         if let Ok(dest) = std::fs::canonicalize(dest) {
-            let chain = crate::chain::Chain::open(&abs)?;
+            let chain = crate::format::chain::Chain::open(&abs)?;
             if chain
                 .paths()
                 .any(|p| std::fs::canonicalize(p).ok().as_ref() == Some(&dest))
@@ -257,7 +257,7 @@ impl WpEngine {
     }
 }
 
-impl crate::precopy::WriteLog for WpEngine {
+impl crate::format::wire::WriteLog for WpEngine {
     /// Whether the chunk at `host` was written since [`WpEngine::mark`]
     /// (an address outside guest RAM counts as written).
     fn written(&self, host: u64) -> bool {
@@ -378,7 +378,7 @@ impl Engine {
 }
 
 /// What the engine's fault handler asks of the capture under way (the
-/// write-protect capture, `crate::wp_capture`, is the one): the engine knows
+/// write-protect capture, `crate::capture::wp`, is the one): the engine knows
 /// chunks, their protection and what changed; the capture knows what it
 /// still has to save and where copies go.
 pub(crate) trait FaultHook: Send + Sync {

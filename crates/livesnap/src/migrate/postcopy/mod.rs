@@ -7,7 +7,7 @@
 //! until the target says it has everything.
 //!
 //! The **target** reads the header and state ([`receive_switch`]), builds
-//! its VM with fresh anonymous RAM, lets [`crate::lazy`] fill it from
+//! its VM with fresh anonymous RAM, lets [`crate::restore::fill`] fill it from
 //! [`RemotePages`] (a [`PageSource`]: a faulting chunk is asked for at once,
 //! the rest arrives in order), runs the guest and tells the source
 //! ([`RemotePages::running`]), and runs it only once the source answers GO:
@@ -41,14 +41,15 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::error::{Result, SnapError};
-use crate::image::{chunk_at, random_id, ImageRange, MAX_DEVICE_STATE, PAGE_SIZE};
-use crate::lazy::PageSource;
-use crate::runtime::lock;
-use crate::stream::{
-    encode_stream_header, read_record, record_head, StreamLayout, StreamReader, FLAG_HANDOVER,
-    FLAG_LIVE, FLAG_PAGES, FLAG_PIECES, FLAG_RESUME, FLAG_ROTATED, KIND_END, MAX_RECORD,
+use crate::format::image::{chunk_at, random_id, ImageRange, MAX_DEVICE_STATE, PAGE_SIZE};
+use crate::format::record::*;
+use crate::format::source::PageSource;
+use crate::format::stream::{
+    encode_stream_header, StreamLayout, StreamReader, FLAG_HANDOVER, FLAG_LIVE, FLAG_PAGES,
+    FLAG_PIECES, FLAG_RESUME, FLAG_ROTATED, MAX_RECORD,
 };
-use crate::wire::*;
+use crate::format::wire::*;
+use crate::kernel::lock;
 use crate::RamRange;
 use crate::CHUNK;
 
@@ -94,7 +95,6 @@ pub use target::{
 mod tests {
     use super::pieces::Partial;
     use super::*;
-    use crate::stream::read_record;
     use std::io::Write;
     use std::time::Duration;
 
@@ -208,7 +208,7 @@ mod tests {
         // not written meanwhile.
         let (sender, b, _events) = unsafe { sender_over(&mem) };
         let mut w = b.try_clone().unwrap();
-        let (reader, layout) = crate::stream::StreamReader::start(b).unwrap();
+        let (reader, layout) = crate::format::stream::StreamReader::start(b).unwrap();
         assert!(layout.live);
         let mut r = reader.into_buffered();
         let mut next = || read_record(&mut r, 4 << 20).ok().flatten();
@@ -267,7 +267,7 @@ mod tests {
         let (sender, b, rx) = unsafe { sender_over(&mem) };
         // First connection: the switch, then cut.
         let mut w = b.try_clone().unwrap();
-        let (reader, _) = crate::stream::StreamReader::start(b).unwrap();
+        let (reader, _) = crate::format::stream::StreamReader::start(b).unwrap();
         let mut r = reader.into_buffered();
         while read_record(&mut r, 4 << 20).unwrap().unwrap().0 != KIND_SWITCH {}
         send(&mut w, KIND_RUNNING, 0, &[]).unwrap();
@@ -280,7 +280,7 @@ mod tests {
         let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
         sender.resume(a.into()).unwrap();
         let mut w = b.try_clone().unwrap();
-        let (reader, _) = crate::stream::StreamReader::start(b).unwrap();
+        let (reader, _) = crate::format::stream::StreamReader::start(b).unwrap();
         let mut r = reader.into_buffered();
         let mut next = || read_record(&mut r, 4 << 20).unwrap().unwrap();
         assert_eq!(next().0, KIND_RESUME);
@@ -372,7 +372,7 @@ mod tests {
         // not written meanwhile.
         let (sender, b, _events) = unsafe { sender_over(&mem) };
         let mut w = b.try_clone().unwrap();
-        let (reader, layout) = crate::stream::StreamReader::start(b).unwrap();
+        let (reader, layout) = crate::format::stream::StreamReader::start(b).unwrap();
         assert!(layout.rotated);
         let mut r = reader.into_buffered();
         let mut next = || read_record(&mut r, 4 << 20).unwrap().unwrap();
@@ -407,7 +407,7 @@ mod tests {
     fn pieces_of_a_chunk_asked_for_serve_pages_before_it_is_whole() {
         let len = 4 * CHUNK as usize;
         let mem = dense(len);
-        let layout = crate::image::ranges_of(&[(0, len as u64)]).unwrap();
+        let layout = crate::format::image::ranges_of(&[(0, len as u64)]).unwrap();
         let image_len = layout[0].file_offset + layout[0].len;
         let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
         let mut src = a.try_clone().unwrap();

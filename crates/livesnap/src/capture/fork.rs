@@ -5,23 +5,23 @@
 
 use std::fmt;
 use std::fs::File;
-use std::io;
+use std::io::{self, Read};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::FileExt;
-use std::path::Path;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::error::{Result, SnapError};
-use crate::fork::{self, END_MARK, MAX_CHILD_RUN};
-use crate::image::{Header, HEADER_SIZE, PAGE_SIZE};
-use crate::pages::{for_each_run, ScanRange};
-use crate::runtime::{
-    call_on_done, lock, prepare, stats, Capture, CaptureStats, CaptureStatus, DevSource,
-    DoneCallback, Shared, StateSender, TempImage, Times,
+use crate::capture::runtime::{
+    call_on_done, prepare, stats, Capture, CaptureStats, CaptureStatus, DevSource, DoneCallback,
+    Shared, StateSender, Times,
 };
-use crate::sink::{Destination, Sink, SinkGuard};
+use crate::error::{Result, SnapError};
+use crate::format::image::{Header, HEADER_SIZE, PAGE_SIZE};
+use crate::format::sink::{Destination, Sink, SinkGuard};
+use crate::format::temp::TempImage;
+use crate::kernel::fork::{self, END_MARK, MAX_CHILD_RUN};
+use crate::kernel::lock;
+use crate::kernel::scan::ScanRange;
 use crate::RamRange;
 
 /// Options of [`start_fork_capture`].
@@ -69,55 +69,6 @@ impl fmt::Debug for Dest {
             Dest::Sink { .. } => f.write_str("<sink>"),
         }
     }
-}
-
-/// Stop-and-copy capture: the caller keeps the VM paused throughout. Writes
-/// the non-zero pages with `pwrite` (runs of up to 1 MiB), then the device
-/// state and header, `fdatasync`s and renames the temp file over `dest`.
-///
-/// The memory named by `ranges` must not be written during the call.
-pub fn capture_stopped(
-    ranges: &[RamRange],
-    device_state: &[u8],
-    dest: &Path,
-) -> Result<CaptureStats> {
-    let start = Instant::now();
-    let (mut header, scan) = prepare(ranges, device_state.len())?;
-    let tmp = TempImage::create(dest)?;
-    tmp.size(header.file_len)?;
-    let (mut zero, mut written) = (0u64, 0u64);
-    for r in &scan {
-        let write_run = |fo: u64, p: *const u8, len: u64, _z: u64| -> Result<()> {
-            // SAFETY: p..p+len lies inside a validated range (for_each_run's
-            // guarantee), mapped for the process lifetime and not written
-            // while the VM is paused (caller contract).
-            let s = unsafe { std::slice::from_raw_parts(p, len as usize) };
-            tmp.file
-                .write_all_at(s, fo)
-                .map_err(|e| SnapError::io("write snapshot RAM", e))?;
-            written += len;
-            Ok(())
-        };
-        // SAFETY: prepare() checked page alignment and lengths; the memory is
-        // mapped for the process lifetime and, the VM being paused, unchanging.
-        unsafe { for_each_run(r, 1 << 20, &mut zero, write_run) }?;
-    }
-    let ram_time = start.elapsed();
-    header.dev_crc = crc32fast::hash(device_state);
-    tmp.finish(&header, device_state, || false)?;
-    let mut s = stats(
-        start,
-        &header,
-        written,
-        zero,
-        Times {
-            ram: ram_time,
-            ..Times::default()
-        },
-    );
-    s.pause_time = s.total_time;
-    tracing::info!(dest = %dest.display(), ?s, "stop-and-copy capture done");
-    Ok(s)
 }
 
 /// A live capture made ready before the pause: ranges validated, the temp
@@ -397,11 +348,12 @@ fn stream(
                 )?
             }
             Dest::Sink { sink, buf } => {
-                crate::sink::copy_record(pipe, buf, sink, rec.file_offset, rec.len, &sh.written)
-                    .map_err(|e| match e {
-                        crate::sink::CopyError::PipeEof => sh.child_died(),
-                        crate::sink::CopyError::Snap(e) => e,
-                    })?
+                copy_record(pipe, buf, sink, rec.file_offset, rec.len, &sh.written).map_err(
+                    |e| match e {
+                        CopyError::PipeEof => sh.child_died(),
+                        CopyError::Snap(e) => e,
+                    },
+                )?
             }
         }
         sh.zero_pages.store(rec.zero_pages, Ordering::Relaxed);
@@ -433,9 +385,47 @@ fn stream(
     match dest {
         Dest::File(tmp) => tmp.finish(header, dev, || sh.cancelled())?,
         Dest::Sink { sink, .. } => {
-            let summary = crate::sink::summary(header, written, zero_total, times);
+            let summary = crate::capture::runtime::summary(header, written, zero_total, times);
             sink.commit(header, dev, &summary, || sh.cancelled())?
         }
     }
     Ok(stats(sh.start, header, written, zero_total, times))
+}
+
+/// Why [`copy_record`] failed.
+pub(crate) enum CopyError {
+    /// The pipe ended inside the record: the child is gone.
+    PipeEof,
+    /// Any other error (pipe read, sink write).
+    Snap(SnapError),
+}
+
+/// Writer-thread side of a sink capture: reads the `len` bytes of one record
+/// from `pipe` into `buf` (at least `MAX_CHILD_RUN` bytes; `len` was
+/// checked against it) and writes them to the sink at `offset`.
+pub(crate) fn copy_record(
+    pipe: &mut File,
+    buf: &mut [u8],
+    sink: &mut SinkGuard<Box<dyn Sink>>,
+    offset: u64,
+    len: u64,
+    counter: &AtomicU64,
+) -> Result<(), CopyError> {
+    let chunk = usize::try_from(len)
+        .ok()
+        .and_then(|n| buf.get_mut(..n))
+        .ok_or_else(|| {
+            CopyError::Snap(SnapError::ChildFailed(format!(
+                "record of {len} bytes exceeds the receive buffer"
+            )))
+        })?;
+    match pipe.read_exact(chunk) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Err(CopyError::PipeEof),
+        Err(e) => return Err(CopyError::Snap(SnapError::io("read capture pipe", e))),
+    }
+    sink.write(chunk, offset, "snapshot RAM")
+        .map_err(CopyError::Snap)?;
+    counter.fetch_add(len, Ordering::Relaxed);
+    Ok(())
 }

@@ -1,6 +1,6 @@
-//! The live-migration wire shared by the pre-copy pass ([`crate::precopy`])
-//! and post-copy ([`crate::postcopy`]): the record kinds after the stream's
-//! own (`crate::stream`: DATA, END, ABORT), how guest RAM is cut into the
+//! The live-migration wire shared by the pre-copy pass ([`crate::migrate::precopy`])
+//! and post-copy ([`crate::migrate::postcopy`]): the record kinds after the stream's
+//! own (`crate::format::stream`: DATA, END, ABORT), how guest RAM is cut into the
 //! chunks they carry, how a chunk or a piece of one is encoded, and what a
 //! finished pass hands post-copy. Both import it; neither imports the other.
 //! `FORMAT.md`, "Live migration", describes every record.
@@ -10,41 +10,14 @@ use std::os::fd::OwnedFd;
 use std::sync::Arc;
 
 use crate::error::Result;
-use crate::image::{ranges_of, ImageRange, PAGE_SIZE};
-use crate::pages::is_zero;
-use crate::stream::record_head_crc;
+use crate::format::image::{ranges_of, ImageRange, PAGE_SIZE};
+use crate::format::record::*;
+use crate::kernel::scan::is_zero;
 use crate::RamRange;
 use crate::CHUNK;
 
-pub(crate) const KIND_STATE: u32 = 4;
-pub(crate) const KIND_CHUNK: u32 = 5;
-pub(crate) const KIND_REQ: u32 = 6;
-pub(crate) const KIND_DONE: u32 = 7;
-pub(crate) const KIND_RUNNING: u32 = 8;
-pub(crate) const KIND_SWITCH: u32 = 9;
-pub(crate) const KIND_NEED: u32 = 10;
-pub(crate) const KIND_RESUME: u32 = 11;
-pub(crate) const KIND_PAGE: u32 = 12;
-pub(crate) const KIND_STALE: u32 = 13;
-/// Source → target, the answer to RUNNING: the guest is the target's now.
-pub(crate) const KIND_GO: u32 = 14;
-/// Target → source (header flag `pages`): one 4 KiB page a thread waits on,
-/// by image offset; the source sends it as PAGE at once, then its chunk.
-pub(crate) const KIND_REQ_PAGE: u32 = 15;
-/// Source → target (header flag `pieces`): part of a chunk, offset = chunk
-/// number; payload = first page (u32), page count (u32), a bitmap of which
-/// of those pages follow (the others are zero), the non-zero pages. A
-/// chunk's pieces come in order and together cover it; pieces of at most
-/// two chunks are under way at once (one the target asked for, whose pieces
-/// overtake those of the one being pushed).
-pub(crate) const KIND_PIECE: u32 = 16;
 /// Pages per piece (128 KiB: a millisecond of a 1 Gbit/s link).
 pub(crate) const PIECE_PAGES: usize = 32;
-/// Target → source (header flag `pieces`): offset = bytes of PIECE records
-/// (heads included) the target has taken in on this connection so far. The
-/// source pushes only so far ahead of it: what waits in front of a page
-/// asked for — in socket buffers, relays, anywhere on the way — stays small.
-pub(crate) const KIND_CONSUMED: u32 = 17;
 /// Most pages sent with the device state.
 pub const MAX_EARLY_PAGES: usize = 256;
 
@@ -59,7 +32,7 @@ pub trait WriteLog: Send + Sync {
     fn written(&self, host: u64) -> bool;
 }
 
-/// A finished pass, for [`crate::postcopy::PostcopySender::after_precopy`].
+/// A finished pass, for [`crate::migrate::postcopy::PostcopySender::after_precopy`].
 pub struct PrecopyDone {
     pub(crate) sock: OwnedFd,
     pub(crate) sent: Vec<bool>,

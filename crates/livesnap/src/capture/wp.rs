@@ -33,34 +33,31 @@
 //! blocked (the handler serves every fault, capture or not).
 
 use std::os::unix::fs::FileExt;
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::chain::IncrPlan;
-use crate::chunkbuf::{AlignedBuf, BUF_ALIGN};
-use crate::error::{Result, SnapError};
-use crate::image::ranges_of;
-use crate::image::{Header, ImageId, PAGE_SIZE};
-use crate::pages::is_zero;
-use crate::runtime::{
-    call_on_done, lock, stats, Capture, DevSource, Shared, StateSender, TempImage, Times,
-    STATE_WAIT,
+use crate::capture::plan::IncrPlan;
+use crate::capture::runtime::{
+    call_on_done, stats, Capture, DevSource, Shared, StateSender, Times, STATE_WAIT,
 };
-use crate::sink::{Destination, Sink, SinkGuard};
-pub use crate::waits::FaultWaits;
-use crate::waits::WaitCause;
-pub use crate::wp_engine::WpEngine;
-use crate::wp_engine::{Engine, FaultHook};
-pub use crate::wp_options::{WpCounters, WpOptions, GROW_AFTER};
+pub use crate::capture::wp_engine::WpEngine;
+use crate::capture::wp_engine::{Engine, FaultHook};
+pub use crate::capture::wp_options::{WpCounters, WpOptions, GROW_AFTER};
+use crate::error::{Result, SnapError};
+use crate::format::image::ranges_of;
+use crate::format::image::{Header, ImageId, PAGE_SIZE};
+use crate::format::sink::{Destination, Sink, SinkGuard};
+use crate::format::temp::TempImage;
+use crate::kernel::buf::{AlignedBuf, BUF_ALIGN};
+use crate::kernel::lock;
+use crate::kernel::scan::is_zero;
+use crate::ram::claims::{ChunkState, Claims};
+pub use crate::ram::waits::FaultWaits;
+use crate::ram::waits::WaitCause;
 use crate::CHUNK;
 use crate::{CaptureStats, CaptureStatus};
-
-pub(crate) const FREE: u8 = 0;
-/// Being copied.
-pub(crate) const TAKEN: u8 = 1;
-pub(crate) const COPIED: u8 = 2;
 
 /// A capture ready to start (everything done that can be with the guest running).
 pub struct PreparedWpCapture {
@@ -142,7 +139,7 @@ pub(crate) struct Want {
 /// The threads' shared state of one capture.
 pub(crate) struct Wp {
     pub(crate) engine: Arc<Engine>,
-    pub(crate) state: Vec<AtomicU8>,
+    pub(crate) claims: Claims,
     /// Set at the cut.
     pub(crate) want: std::sync::OnceLock<Want>,
     pub(crate) incr: Option<IncrPlan>,
@@ -188,10 +185,9 @@ impl Drop for Wp {
 }
 
 impl Wp {
+    /// Takes chunk `i` to copy it (Taken: being copied; Done: copied).
     pub(crate) fn claim(&self, i: usize) -> bool {
-        self.state[i]
-            .compare_exchange(FREE, TAKEN, Ordering::AcqRel, Ordering::Acquire)
-            .is_ok()
+        self.claims.claim(i)
     }
 
     pub(crate) fn wants(&self, i: usize) -> bool {
@@ -209,7 +205,7 @@ impl Wp {
         unsafe {
             std::ptr::copy_nonoverlapping(c.host as *const u8, buf.as_mut_ptr(), c.len as usize)
         };
-        self.state[i].store(COPIED, Ordering::Release);
+        self.claims.done(i);
     }
 
     /// Writes the non-zero pages of chunk `i` (copied into `buf`); returns
@@ -363,7 +359,7 @@ fn launch(
         // untouched again (guest RAM is never discarded).
         for r in ranges {
             // SAFETY: the range is mapped (RamRange's contract).
-            unsafe { crate::uffd::populate(r.host as u64, r.len) }
+            unsafe { crate::kernel::uffd::populate(r.host as u64, r.len) }
                 .map_err(|e| SnapError::io("populate guest RAM", e))?;
         }
     }
@@ -414,7 +410,7 @@ fn launch(
     let (tx, rx) = mpsc::channel::<Taken>();
     let wp = Arc::new(Wp {
         engine: engine.clone(),
-        state: engine.chunks.iter().map(|_| AtomicU8::new(FREE)).collect(),
+        claims: Claims::new(engine.chunks.len()),
         want: std::sync::OnceLock::new(),
         incr,
         id: Mutex::new(None),
@@ -637,7 +633,8 @@ fn write_all(
     };
     let (header, section) = match &wp.incr {
         Some(plan) => {
-            let mut map = vec![0u8; crate::image::chunk_count(&ranges_of(&ranges)?).div_ceil(8)];
+            let mut map =
+                vec![0u8; crate::format::image::chunk_count(&ranges_of(&ranges)?).div_ceil(8)];
             for (c, w) in e.chunks.iter().zip(&wp.want.get().expect("cut").write) {
                 if *w {
                     map[c.index / 8] |= 1 << (c.index % 8);
@@ -695,7 +692,7 @@ fn write_all(
         }
         (None, Out::Sink(m)) => {
             let g = lock(m).take().ok_or(SnapError::Cancelled)?;
-            let summary = crate::sink::summary(&header, written, zero, times);
+            let summary = crate::capture::runtime::summary(&header, written, zero, times);
             g.commit(&header, &dev, &summary, || sh.cancelled())?
         }
         (None, Out::File { .. }) => unreachable!("a file capture has its temp file"),
@@ -926,7 +923,7 @@ fn take_for_fault(wp: &Wp, i: usize) -> (Option<Taken>, WaitCause) {
         return (None, WaitCause::Through);
     }
     if !wp.claim(i) {
-        if wp.state[i].load(Ordering::Acquire) != TAKEN {
+        if wp.claims.state(i) != ChunkState::Taken {
             return (None, WaitCause::Through);
         }
         // The writer is saving it (it is still protected): wait for that
@@ -935,7 +932,7 @@ fn take_for_fault(wp: &Wp, i: usize) -> (Option<Taken>, WaitCause) {
         // (its image is not kept, so the write may go in).
         let start = Instant::now();
         let mut spins = 0u32;
-        while wp.state[i].load(Ordering::Acquire) == TAKEN && !wp.given_up() {
+        while wp.claims.state(i) == ChunkState::Taken && !wp.given_up() {
             if spins < 100 {
                 spins += 1;
                 std::hint::spin_loop();

@@ -111,7 +111,7 @@ impl WaitHistogram {
     }
 }
 
-/// Why a write-protect fault waited (`crate::wp_capture::FaultWaits`).
+/// Why a write-protect fault waited (`crate::capture::wp::FaultWaits`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum WaitCause {
     /// Its chunk was copied into a free buffer at once.

@@ -1,4 +1,5 @@
-//! Lazy restore into anonymous memory (userfaultfd missing mode).
+//! The fill: a restore into fresh anonymous memory, filled on demand
+//! (userfaultfd missing mode) and in the background.
 //!
 //! Guest RAM is fresh anonymous memory, never touched, registered with a
 //! userfaultfd in missing mode; the guest runs at once. Then:
@@ -30,90 +31,23 @@
 //! The page source is an interface ([`PageSource`]): a file now; any other
 //! source (a socket to a migration peer) implements the same two calls.
 
-use std::fs::File;
 use std::io;
-use std::os::fd::AsRawFd;
-use std::os::unix::fs::FileExt;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::error::{Result, SnapError};
-use crate::image::ImageRange;
-use crate::runtime::lock;
-use crate::uffd::{Filled, Uffd};
+use crate::format::image::ImageRange;
+use crate::format::source::PageSource;
+use crate::kernel::lock;
+use crate::kernel::uffd::{Filled, Uffd};
+use crate::ram::claims::{ChunkState, Claims};
 use crate::{RamRange, CHUNK};
 
-const FREE: u8 = 0;
-const TAKEN: u8 = 1;
-const DONE: u8 = 2;
-/// Some pages placed ahead of the rest ([`PageSource::page_first`]); whoever
-/// claims it next fills the rest around them.
-const PARTIAL: u8 = 3;
+/// Why a fill ended when its [`Fill`] was dropped.
+const STOPPED: &str = "the restore's fill was stopped";
 
-/// Why a fill ended when its [`LazyFill`] was dropped.
-const STOPPED: &str = "the lazy restore was stopped";
-
-/// Where the pages of a lazily restored VM come from.
-pub trait PageSource: Send + Sync + 'static {
-    /// Reads `buf.len()` bytes of the image at `offset` (holes read as zeros).
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
-    /// Whether the `len` bytes at `offset` are known to be zero without
-    /// reading them (a hole of a sparse file). `false` when unknown.
-    fn is_hole(&self, _offset: u64, _len: u64) -> bool {
-        false
-    }
-    /// A thread touched the `len` bytes at `offset` and waits for them: a
-    /// source that fetches from afar asks for them first. Called by the
-    /// fault handler before it fills that chunk.
-    fn want(&self, _offset: u64, _len: u64) {}
-    /// The one 4 KiB page at `offset` a thread waits on, from a source that
-    /// fetches from afar and can send a page ahead of its chunk (the rest of
-    /// the chunk follows and is placed around it). `None`: fill the whole
-    /// chunk now (the default; a remote source whose chunk is already here).
-    fn page_first(&self, _offset: u64) -> Option<io::Result<Vec<u8>>> {
-        None
-    }
-    /// Whether the chunk at `offset` is here (reading it waits for nothing).
-    /// After a page came ahead, the fault handler fills the rest of a chunk
-    /// that is here at once; one still on its way is left to the prefetch.
-    fn arrived(&self, _offset: u64, _len: u64) -> bool {
-        true
-    }
-    /// The fill is being dropped: calls waiting in this source must return
-    /// (with an error) now; none come after.
-    fn cancel(&self) {}
-    /// Whether this source sends its chunks in an order of its own (a
-    /// migration source pushing them): the prefetch then places them as
-    /// they arrive ([`PageSource::next_arrived`]) instead of in RAM order.
-    fn pushes(&self) -> bool {
-        false
-    }
-    /// For a source that [`pushes`](PageSource::pushes): blocks until a chunk
-    /// not handed out before is here and returns its offset; `None` once every
-    /// chunk has been (or the source gave up).
-    fn next_arrived(&self) -> Option<u64> {
-        None
-    }
-}
-
-impl PageSource for File {
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        self.read_exact_at(buf, offset)
-    }
-
-    fn is_hole(&self, offset: u64, len: u64) -> bool {
-        // SAFETY: lseek on a descriptor this File owns; no memory involved.
-        let data = unsafe { libc::lseek(self.as_raw_fd(), offset as i64, libc::SEEK_DATA) };
-        // ENXIO: no data at or after `offset`.
-        if data < 0 {
-            return io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO);
-        }
-        data as u64 >= offset + len
-    }
-}
-
-/// What a lazy restore did.
+/// What a fill did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct FillStats {
     /// Missing-page faults taken.
@@ -134,10 +68,10 @@ pub struct FillStats {
     /// How long the fault handler took over each chunk it filled for a
     /// faulting thread (what that thread waited, less the queueing before
     /// the handler read its fault).
-    pub fault_fills: crate::waits::WaitSummary,
+    pub fault_fills: crate::ram::waits::WaitSummary,
     /// The part of those waits spent on the source (a chunk still on its
     /// way from a migration source, a read from the image).
-    pub fault_source_waits: crate::waits::WaitSummary,
+    pub fault_source_waits: crate::ram::waits::WaitSummary,
 }
 
 /// Called once when the fill ends (not when it is dropped before): its
@@ -153,7 +87,7 @@ struct Chunk {
     offset: u64,
 }
 
-struct Fill {
+struct FillState {
     uffd: Uffd,
     source: Arc<dyn PageSource>,
     chunks: Vec<Chunk>,
@@ -164,10 +98,12 @@ struct Fill {
     /// Pages placed ahead of their chunk since (offsets in their chunk).
     ahead: Mutex<std::collections::HashMap<usize, Vec<u64>>>,
     pages_first: AtomicU64,
-    state: Vec<AtomicU8>,
+    /// A chunk left Partial has some pages placed ahead of the rest
+    /// ([`PageSource::page_first`]); whoever claims it next fills the rest.
+    claims: Claims,
     ranges: Vec<(u64, u64)>,
     stop: AtomicBool,
-    /// The [`LazyFill`] was dropped: nobody is told the outcome.
+    /// The [`Fill`] was dropped: nobody is told the outcome.
     dropped: AtomicBool,
     /// Why the handler gave up (it then sets `stop`).
     handler_error: Mutex<Option<String>>,
@@ -176,19 +112,19 @@ struct Fill {
     by_prefetch: AtomicU64,
     zero: AtomicU64,
     read: AtomicU64,
-    fault_fills: crate::waits::WaitHistogram,
-    fault_source_waits: crate::waits::WaitHistogram,
+    fault_fills: crate::ram::waits::WaitHistogram,
+    fault_source_waits: crate::ram::waits::WaitHistogram,
     /// `None` while filling; then the outcome.
     outcome: Mutex<Option<std::result::Result<FillStats, String>>>,
     outcome_cv: Condvar,
 }
 
-/// A lazy restore under way (or finished). Dropping it stops both threads
+/// A fill under way (or finished). Dropping it stops both threads
 /// and closes the userfaultfd: RAM not filled by then reads as zeros, so
 /// drop it only with the VM gone (or paused for good) or after
-/// [`LazyFill::wait`].
-pub struct LazyFill {
-    fill: Arc<Fill>,
+/// [`Fill::wait`].
+pub struct Fill {
+    fill: Arc<FillState>,
     threads: Vec<std::thread::JoinHandle<()>>,
     go: Option<std::sync::mpsc::SyncSender<()>>,
 }
@@ -196,28 +132,28 @@ pub struct LazyFill {
 /// Starts filling `ranges` (guest RAM: never-touched anonymous memory) from
 /// `source`, where `image[i]` says where range `i` lies in it. Returns once
 /// the ranges are registered: the guest may run at once. Faults are served
-/// from now on; the background prefetch waits for [`LazyFill::go`], so that
+/// from now on; the background prefetch waits for [`Fill::go`], so that
 /// it does not compete with the rest of the restore (its fills take the
 /// process's memory-map lock, which creating threads and vCPUs needs too).
-pub fn start_lazy_fill(
+pub fn start_fill(
     ranges: &[RamRange],
     image: &[ImageRange],
     source: Arc<dyn PageSource>,
     on_done: Option<FillDone>,
-) -> Result<LazyFill> {
-    start_lazy_fill_with(ranges, image, source, on_done, &[])
+) -> Result<Fill> {
+    start_fill_with(ranges, image, source, on_done, &[])
 }
 
-/// [`start_lazy_fill`] with some pages known already (image offset, 4 KiB
+/// [`start_fill`] with some pages known already (image offset, 4 KiB
 /// each; e.g. those a live migration sends with the device state): they are
 /// in place when this returns, and their chunks are later filled around them.
-pub fn start_lazy_fill_with(
+pub fn start_fill_with(
     ranges: &[RamRange],
     image: &[ImageRange],
     source: Arc<dyn PageSource>,
     on_done: Option<FillDone>,
     early: &[(u64, Vec<u8>)],
-) -> Result<LazyFill> {
+) -> Result<Fill> {
     if ranges.len() != image.len()
         || ranges
             .iter()
@@ -288,13 +224,13 @@ pub fn start_lazy_fill_with(
     for v in placed.values_mut() {
         v.sort_unstable();
     }
-    let fill = Arc::new(Fill {
+    let fill = Arc::new(FillState {
         placed,
         ahead: Mutex::new(Default::default()),
         pages_first: AtomicU64::new(0),
         uffd,
         source,
-        state: chunks.iter().map(|_| AtomicU8::new(FREE)).collect(),
+        claims: Claims::new(chunks.len()),
         by_offset,
         chunks,
         ranges: pairs,
@@ -329,11 +265,11 @@ pub fn start_lazy_fill_with(
             }))
             .unwrap_or_else(|_| Err("the prefetch thread panicked".to_string()));
             match &res {
-                Ok(s) => tracing::info!(?s, "lazy restore complete"),
+                Ok(s) => tracing::info!(?s, "fill complete"),
                 Err(e) if f.dropped.load(Ordering::Acquire) => {
-                    tracing::debug!("lazy restore stopped: {e}")
+                    tracing::debug!("fill stopped: {e}")
                 }
-                Err(e) => tracing::error!("lazy restore failed: {e}"),
+                Err(e) => tracing::error!("fill failed: {e}"),
             }
             *lock(&f.outcome) = Some(res.clone());
             f.outcome_cv.notify_all();
@@ -348,14 +284,14 @@ pub fn start_lazy_fill_with(
             return Err(SnapError::io("spawn prefetch thread", e));
         }
     };
-    Ok(LazyFill {
+    Ok(Fill {
         fill,
         threads: vec![prefetch],
         go: Some(go),
     })
 }
 
-impl LazyFill {
+impl Fill {
     /// Lets the background prefetch begin (once the VM runs). Until then only
     /// the chunks threads touch are filled.
     pub fn go(&mut self) {
@@ -392,7 +328,7 @@ impl LazyFill {
     }
 }
 
-impl Drop for LazyFill {
+impl Drop for Fill {
     fn drop(&mut self) {
         self.fill.dropped.store(true, Ordering::Release);
         self.fill.stop.store(true, Ordering::Release);
@@ -405,7 +341,7 @@ impl Drop for LazyFill {
     }
 }
 
-impl Fill {
+impl FillState {
     fn handler_failed(&self, why: String) {
         lock(&self.handler_error).get_or_insert(why);
         self.stop.store(true, Ordering::Release);
@@ -427,7 +363,7 @@ impl Fill {
         i: usize,
         placed: &[u64],
         staging: &mut Staging,
-        timed: Option<&crate::waits::WaitHistogram>,
+        timed: Option<&crate::ram::waits::WaitHistogram>,
     ) -> std::result::Result<(), String> {
         let c = self.chunks[i];
         let t = Instant::now();
@@ -457,7 +393,7 @@ impl Fill {
             }
             at = p + crate::PAGE_SIZE;
         }
-        self.state[i].store(DONE, Ordering::Release);
+        self.claims.done(i);
         Ok(())
     }
 
@@ -465,15 +401,15 @@ impl Fill {
     /// is a hole (left alone: never-touched memory reads as zeros).
     fn prefetch_one(&self, i: usize, buf: &mut Staging) -> std::result::Result<(), String> {
         let c = self.chunks[i];
-        if self.state[i].load(Ordering::Acquire) == PARTIAL && self.claim_from(i, PARTIAL) {
+        if self.claims.state(i) == ChunkState::Partial && self.claims.claim_partial(i) {
             self.fill(i, buf, None)?;
             self.by_prefetch.fetch_add(1, Ordering::Relaxed);
             return Ok(());
         }
-        if self.state[i].load(Ordering::Acquire) != FREE || self.source.is_hole(c.offset, c.len) {
+        if self.claims.state(i) != ChunkState::Free || self.source.is_hole(c.offset, c.len) {
             return Ok(());
         }
-        if self.claim(i) {
+        if self.claims.claim(i) {
             self.fill(i, buf, None)?;
             self.by_prefetch.fetch_add(1, Ordering::Relaxed);
         }
@@ -494,17 +430,6 @@ impl Fill {
         (i < self.chunks.len() && self.chunks[i].host <= addr).then_some(i)
     }
 
-    fn claim(&self, i: usize) -> bool {
-        self.claim_from(i, FREE)
-    }
-
-    /// Takes chunk `i` if it is in state `from` (FREE or PARTIAL).
-    fn claim_from(&self, i: usize, from: u8) -> bool {
-        self.state[i]
-            .compare_exchange(from, TAKEN, Ordering::AcqRel, Ordering::Acquire)
-            .is_ok()
-    }
-
     /// The faulting page of chunk `i` (claimed by the caller) alone, ahead
     /// of the rest, when the source sends it that way; leaves the chunk
     /// PARTIAL. False: the whole chunk is to be filled now.
@@ -518,7 +443,7 @@ impl Fill {
         outcome_at(self.uffd.copy(c.host + at, &page), c.host + at)?;
         lock(&self.ahead).entry(i).or_default().push(at);
         self.pages_first.fetch_add(1, Ordering::Relaxed);
-        self.state[i].store(PARTIAL, Ordering::Release);
+        self.claims.leave_partial(i);
         Ok(true)
     }
 
@@ -542,7 +467,7 @@ impl Fill {
         &self,
         i: usize,
         staging: &mut Staging,
-        timed: Option<&crate::waits::WaitHistogram>,
+        timed: Option<&crate::ram::waits::WaitHistogram>,
     ) -> std::result::Result<(), String> {
         let c = self.chunks[i];
         let ahead = lock(&self.ahead).remove(&i);
@@ -572,7 +497,7 @@ impl Fill {
             self.uffd.copy(c.host, buf)
         };
         outcome_at(r, c.host)?;
-        self.state[i].store(DONE, Ordering::Release);
+        self.claims.done(i);
         Ok(())
     }
 }
@@ -591,7 +516,7 @@ fn outcome_at(r: io::Result<Filled>, addr: u64) -> std::result::Result<(), Strin
 }
 
 /// Takes missing-page faults until told to stop.
-fn fault_handler(f: &Fill) {
+fn fault_handler(f: &FillState) {
     // A faulting vCPU waits for this thread: let it run first when CPUs are
     // scarce (needs CAP_SYS_NICE; without it the thread keeps its priority).
     // SAFETY: setpriority on this thread's own id; no memory is involved.
@@ -610,14 +535,14 @@ fn fault_handler(f: &Fill) {
         let Some(i) = f.chunk_of(fault.addr) else {
             continue;
         };
-        if f.claim(i) || f.claim_from(i, PARTIAL) {
+        if f.claims.claim(i) || f.claims.claim_partial(i) {
             let c = f.chunks[i];
             let t = Instant::now();
             // A page placed ahead already (a fault that came in between):
             // the copy woke it; wake again in case (a spare wake is harmless).
             let at = (fault.addr - c.host) & !(crate::PAGE_SIZE - 1);
             if lock(&f.ahead).get(&i).is_some_and(|v| v.contains(&at)) {
-                f.state[i].store(PARTIAL, Ordering::Release);
+                f.claims.leave_partial(i);
                 let _ = f.uffd.wake(c.host + at, crate::PAGE_SIZE);
                 continue;
             }
@@ -629,7 +554,7 @@ fn fault_handler(f: &Fill) {
                     f.fault_source_waits.record(t.elapsed());
                     // The rest now if it is here (the faulting thread runs on
                     // meanwhile), else when it arrives.
-                    if f.source.arrived(c.offset, c.len) && f.claim_from(i, PARTIAL) {
+                    if f.source.arrived(c.offset, c.len) && f.claims.claim_partial(i) {
                         if let Err(e) = f.fill(i, &mut buf, None) {
                             return f.handler_failed(e);
                         }
@@ -648,20 +573,20 @@ fn fault_handler(f: &Fill) {
                 }
                 Err(e) => return f.handler_failed(e),
             }
-        } else if f.state[i].load(Ordering::Acquire) == DONE {
+        } else if f.claims.state(i) == ChunkState::Done {
             // Filled meanwhile: the fill woke the range already; wake again in
             // case the fault came in between (a spare wake is harmless).
             let c = f.chunks[i];
             let _ = f.uffd.wake(c.host, c.len);
         }
-        // TAKEN: the prefetch thread's fill wakes the faulting thread.
+        // Taken: the prefetch thread's fill wakes the faulting thread.
     }
 }
 
 /// Fills every chunk with data in order, waits for the handler's, then
 /// unregisters RAM and stops the handler.
 fn prefetch(
-    f: &Fill,
+    f: &FillState,
     handler: std::thread::JoinHandle<()>,
     t0: Instant,
 ) -> std::result::Result<FillStats, String> {
@@ -697,9 +622,9 @@ fn prefetch(
         // partly placed: then fill the rest here).
         for i in 0..f.chunks.len() {
             loop {
-                match f.state[i].load(Ordering::Acquire) {
-                    TAKEN => {}
-                    PARTIAL => f.prefetch_one(i, &mut buf)?,
+                match f.claims.state(i) {
+                    ChunkState::Taken => {}
+                    ChunkState::Partial => f.prefetch_one(i, &mut buf)?,
                     _ => break,
                 }
                 if f.stop.load(Ordering::Acquire) {

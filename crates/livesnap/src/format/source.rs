@@ -88,7 +88,7 @@ impl sealed::Backing for File {
     fn fetch_prefix(&self, buf: &mut [u8], off: u64) -> io::Result<usize> {
         let mut n = 0;
         while n < buf.len() {
-            match self.read_at(&mut buf[n..], off + n as u64) {
+            match FileExt::read_at(self, &mut buf[n..], off + n as u64) {
                 Ok(0) => break,
                 Ok(k) => n += k,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -162,4 +162,65 @@ fn seek(file: &File, off: u64, whence: libc::c_int) -> Option<u64> {
         return None;
     }
     Some(r as u64)
+}
+
+/// Where the pages of a restore filled on demand come from
+/// ([`crate::fill`]): an image file, a chain of images, or a live migration's
+/// source.
+pub trait PageSource: Send + Sync + 'static {
+    /// Reads `buf.len()` bytes of the image at `offset` (holes read as zeros).
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+    /// Whether the `len` bytes at `offset` are known to be zero without
+    /// reading them (a hole of a sparse file). `false` when unknown.
+    fn is_hole(&self, _offset: u64, _len: u64) -> bool {
+        false
+    }
+    /// A thread touched the `len` bytes at `offset` and waits for them: a
+    /// source that fetches from afar asks for them first. Called by the
+    /// fault handler before it fills that chunk.
+    fn want(&self, _offset: u64, _len: u64) {}
+    /// The one 4 KiB page at `offset` a thread waits on, from a source that
+    /// fetches from afar and can send a page ahead of its chunk (the rest of
+    /// the chunk follows and is placed around it). `None`: fill the whole
+    /// chunk now (the default; a remote source whose chunk is already here).
+    fn page_first(&self, _offset: u64) -> Option<io::Result<Vec<u8>>> {
+        None
+    }
+    /// Whether the chunk at `offset` is here (reading it waits for nothing).
+    /// After a page came ahead, the fault handler fills the rest of a chunk
+    /// that is here at once; one still on its way is left to the prefetch.
+    fn arrived(&self, _offset: u64, _len: u64) -> bool {
+        true
+    }
+    /// The fill is being dropped: calls waiting in this source must return
+    /// (with an error) now; none come after.
+    fn cancel(&self) {}
+    /// Whether this source sends its chunks in an order of its own (a
+    /// migration source pushing them): the prefetch then places them as
+    /// they arrive ([`PageSource::next_arrived`]) instead of in RAM order.
+    fn pushes(&self) -> bool {
+        false
+    }
+    /// For a source that [`pushes`](PageSource::pushes): blocks until a chunk
+    /// not handed out before is here and returns its offset; `None` once every
+    /// chunk has been (or the source gave up).
+    fn next_arrived(&self) -> Option<u64> {
+        None
+    }
+}
+
+impl PageSource for File {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.read_exact_at(buf, offset)
+    }
+
+    fn is_hole(&self, offset: u64, len: u64) -> bool {
+        // SAFETY: lseek on a descriptor this File owns; no memory involved.
+        let data = unsafe { libc::lseek(self.as_raw_fd(), offset as i64, libc::SEEK_DATA) };
+        // ENXIO: no data at or after `offset`.
+        if data < 0 {
+            return io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO);
+        }
+        data as u64 >= offset + len
+    }
 }

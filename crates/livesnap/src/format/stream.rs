@@ -16,8 +16,13 @@
 use std::io::{self, BufReader, BufWriter, Read, Write};
 
 use crate::error::{Result, SnapError};
-use crate::image::{Header, ImageId, ImageRange, HEADER_SIZE, MAX_DEVICE_STATE, MAX_RANGES};
-use crate::sink::{ImageSummary, Sink};
+use crate::format::image::{
+    Header, ImageId, ImageRange, HEADER_SIZE, MAX_DEVICE_STATE, MAX_RANGES,
+};
+use crate::format::record::{
+    corrupt, fill, get32, get64, record_head, KIND_ABORT, KIND_DATA, KIND_END, RECORD_HEAD,
+};
+use crate::format::sink::{ImageSummary, Sink};
 
 /// First bytes of every snapshot stream (an image file starts `SNAPVMM\0`).
 pub const STREAM_MAGIC: [u8; 8] = *b"SNAPVMMS";
@@ -26,20 +31,16 @@ pub const STREAM_VERSION: u32 = 1;
 /// Largest payload of one record; longer writes are split.
 pub const MAX_RECORD: usize = 4 << 20;
 
-const KIND_DATA: u32 = 1;
-pub(crate) const KIND_END: u32 = 2;
-const KIND_ABORT: u32 = 3;
-pub(crate) const RECORD_HEAD: usize = 24;
-/// Stream flag: a live migration (post-copy: `crate::postcopy`), not an image.
+/// Stream flag: a live migration (post-copy: `crate::migrate::postcopy`), not an image.
 pub(crate) const FLAG_LIVE: u32 = 1;
 /// Stream flag: a live migration resumed on a new connection.
 pub(crate) const FLAG_RESUME: u32 = 2;
 /// Stream flag: a live migration whose RAM starts coming before the state
-/// (a pre-copy pass: `crate::precopy`); readers without it refuse the header.
+/// (a pre-copy pass: `crate::migrate::precopy`); readers without it refuse the header.
 pub(crate) const FLAG_PRECOPY: u32 = 4;
 /// Stream flag: a live migration's source that answers the target's RUNNING
 /// with GO, the handover; the target runs the guest only after GO
-/// (`crate::postcopy`). Readers without it refuse the header.
+/// (`crate::migrate::postcopy`). Readers without it refuse the header.
 pub(crate) const FLAG_HANDOVER: u32 = 8;
 /// Stream flag: a live migration's source that answers a page request
 /// (REQ_PAGE) with that page at once, ahead of its chunk.
@@ -121,22 +122,6 @@ impl<W: StreamWrite> StreamSink<W> {
     }
 }
 
-pub(crate) fn record_head(kind: u32, offset: u64, data: &[u8]) -> [u8; RECORD_HEAD] {
-    record_head_crc(kind, offset, data.len(), crc32fast::hash(data))
-}
-
-/// A record header for a payload of `len` bytes whose CRC-32 is `crc`.
-pub(crate) fn record_head_crc(kind: u32, offset: u64, len: usize, crc: u32) -> [u8; RECORD_HEAD] {
-    let mut h = [0u8; RECORD_HEAD];
-    h[0..4].copy_from_slice(&kind.to_le_bytes());
-    h[4..8].copy_from_slice(&(len as u32).to_le_bytes());
-    h[8..16].copy_from_slice(&offset.to_le_bytes());
-    h[16..20].copy_from_slice(&crc.to_le_bytes());
-    let c = crc32fast::hash(&h[..20]);
-    h[20..24].copy_from_slice(&c.to_le_bytes());
-    h
-}
-
 /// The stream header: magic, version, flags, image length, RAM layout.
 pub(crate) fn encode_stream_header(image_len: u64, layout: &[ImageRange], flags: u32) -> Vec<u8> {
     let mut b = Vec::with_capacity(FIXED_HEAD + layout.len() * RANGE_ENTRY + 4);
@@ -204,7 +189,7 @@ pub struct StreamLayout {
     pub ranges: Vec<ImageRange>,
     /// Length of the image the stream carries.
     pub image_len: u64,
-    /// A live migration: its RAM comes on demand ([`crate::postcopy`]).
+    /// A live migration: its RAM comes on demand ([`crate::migrate::postcopy`]).
     pub live: bool,
     /// A live migration continuing on a new connection.
     pub resume: bool,
@@ -243,29 +228,6 @@ pub struct StreamReader<R: Read> {
     input: BufReader<R>,
     layout: StreamLayout,
     read: u64,
-}
-
-fn corrupt(why: impl Into<String>) -> SnapError {
-    SnapError::Stream(why.into())
-}
-
-/// `read_exact` that names what was cut short.
-fn fill(r: &mut impl Read, buf: &mut [u8], what: &str) -> Result<()> {
-    r.read_exact(buf).map_err(|e| {
-        if e.kind() == io::ErrorKind::UnexpectedEof {
-            corrupt(format!("it ends early (in {what}): truncated"))
-        } else {
-            SnapError::io(format!("read snapshot stream ({what})"), e)
-        }
-    })
-}
-
-fn get32(b: &[u8], o: usize) -> u32 {
-    u32::from_le_bytes(b[o..o + 4].try_into().expect("4 bytes"))
-}
-
-fn get64(b: &[u8], o: usize) -> u64 {
-    u64::from_le_bytes(b[o..o + 8].try_into().expect("8 bytes"))
 }
 
 impl<R: Read> StreamReader<R> {
@@ -511,42 +473,4 @@ impl<R: Read> StreamReader<R> {
     pub(crate) fn into_buffered(self) -> BufReader<R> {
         self.input
     }
-}
-
-/// Reads one record: kind, offset and payload (at most `max` bytes),
-/// checksums checked. `Ok(None)` at a clean end of input before a record.
-pub(crate) fn read_record(r: &mut impl Read, max: usize) -> Result<Option<(u32, u64, Vec<u8>)>> {
-    let mut head = [0u8; RECORD_HEAD];
-    let mut got = 0;
-    while got < RECORD_HEAD {
-        match r.read(&mut head[got..]) {
-            Ok(0) if got == 0 => return Ok(None),
-            Ok(0) => return Err(corrupt("it ends early (in a record header): truncated")),
-            Ok(n) => got += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(SnapError::io("read stream", e)),
-        }
-    }
-    if crc32fast::hash(&head[..20]) != get32(&head, 20) {
-        return Err(corrupt("a record header is corrupt (checksum mismatch)"));
-    }
-    let (kind, len, off, crc) = (
-        get32(&head, 0),
-        get32(&head, 4) as usize,
-        get64(&head, 8),
-        get32(&head, 16),
-    );
-    if len > max {
-        return Err(corrupt(format!(
-            "a record of kind {kind} is {len} bytes long"
-        )));
-    }
-    let mut data = vec![0u8; len];
-    fill(r, &mut data, "a record")?;
-    if crc32fast::hash(&data) != crc {
-        return Err(corrupt(format!(
-            "a record of kind {kind} is corrupt (checksum mismatch)"
-        )));
-    }
-    Ok(Some((kind, off, data)))
 }

@@ -8,8 +8,8 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use crate::error::{Result, SnapError};
-use crate::image::{Header, Image, IncrHeader, IncrSection, HEADER_SIZE, PAGE_SIZE};
-use crate::lazy::PageSource;
+use crate::format::image::{Header, Image, HEADER_SIZE, PAGE_SIZE};
+use crate::format::source::PageSource;
 
 /// Most images in one chain.
 pub const MAX_CHAIN: usize = 64;
@@ -158,7 +158,7 @@ impl Chain {
         let dev = top.device_state()?;
         let mut header = Header::layout(&ranges, dev.len() as u64)?;
         header.dev_crc = crc32fast::hash(&dev);
-        let tmp = crate::runtime::TempImage::create(dest)?;
+        let tmp = crate::format::temp::TempImage::create(dest)?;
         tmp.size(header.file_len)?;
         let mut buf = vec![0u8; crate::CHUNK as usize];
         let mut written = 0u64;
@@ -231,37 +231,5 @@ impl PageSource for Chain {
             off = end;
         }
         true
-    }
-}
-
-/// What an incremental capture records: its parent and the chunks it holds.
-pub(crate) struct IncrPlan {
-    pub parent: crate::image::ImageId,
-    pub parent_path: String,
-    pub map: Vec<u8>,
-}
-
-impl IncrPlan {
-    pub(crate) fn section(&self) -> IncrSection {
-        IncrSection {
-            map: self.map.clone(),
-            parent_path: self.parent_path.clone(),
-        }
-    }
-
-    /// The header of the image, its incremental section encoded, and the
-    /// section's checksum filled in.
-    pub(crate) fn header(&self, ranges: &[(u64, u64)], dev: &[u8]) -> Result<(Header, Vec<u8>)> {
-        let section = self.section().encode();
-        let mut header = Header::layout_with(
-            ranges,
-            dev.len() as u64,
-            Some((self.parent, section.len() as u64)),
-        )?;
-        header.dev_crc = crc32fast::hash(dev);
-        if let Some(IncrHeader { crc, .. }) = header.incr.as_mut() {
-            *crc = crc32fast::hash(&section);
-        }
-        Ok((header, section))
     }
 }

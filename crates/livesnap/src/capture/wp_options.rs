@@ -1,11 +1,11 @@
 //! What a write-protect capture is given and what it counts
-//! ([`crate::wp_capture`]).
+//! ([`crate::capture::wp`]).
 
 use std::path::PathBuf;
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
-use crate::waits::FaultWaits;
+use crate::ram::waits::FaultWaits;
 use crate::DoneCallback;
 
 /// A fault that waited this long for a pool buffer may grow the pool (up to
@@ -15,7 +15,7 @@ pub const GROW_AFTER: Duration = Duration::from_millis(2);
 /// Options of a write-protect capture.
 pub struct WpOptions {
     /// Write only the chunks changed since this image, which must be the
-    /// latest image this engine captured ([`crate::wp_engine::WpEngine::base`]); the image
+    /// latest image this engine captured ([`crate::capture::wp_engine::WpEngine::base`]); the image
     /// records it as its parent (by path and identity).
     pub parent: Option<PathBuf>,
     /// Bytes of buffers the fault handler may hold (rounded down to whole

@@ -3,7 +3,7 @@
 //! Everything here is allocation-free and panic-free so that it can run in
 //! the forked capture child, where only async-signal-safe work is allowed.
 
-use crate::image::PAGE_SIZE;
+use super::PAGE_SIZE;
 
 /// One RAM range prepared for scanning: host memory and its place in the file.
 #[derive(Clone, Copy, Debug)]

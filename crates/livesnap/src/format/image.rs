@@ -13,14 +13,14 @@ use std::os::fd::AsRawFd;
 use std::path::Path;
 
 use crate::error::{Result, SnapError};
-use crate::source::{ImageBacking, Source};
+use crate::format::source::{ImageBacking, Source};
 
 /// Magic bytes at offset 0 of every image.
 pub const MAGIC: [u8; 8] = *b"SNAPVMM\x00";
 /// The format version this build writes and reads.
 pub const FORMAT_VERSION: u32 = 1;
 /// Page size of the format (zero-page granularity and alignment unit).
-pub const PAGE_SIZE: u64 = 4096;
+pub use crate::kernel::PAGE_SIZE;
 /// Size of the header at offset 0.
 pub const HEADER_SIZE: u64 = 4096;
 /// Alignment of the file offset of ranges of at least this size (huge pages).

@@ -160,7 +160,7 @@ impl PostcopySender {
     }
 
     /// Like [`PostcopySender::start`], after a pre-copy pass over the same
-    /// `ranges` ([`crate::precopy::Precopy::finish`]): only the chunks the
+    /// `ranges` ([`crate::migrate::precopy::Precopy::finish`]): only the chunks the
     /// pass did not send, and those the guest wrote after it sent them
     /// (which the target is told to drop), are sent again.
     ///

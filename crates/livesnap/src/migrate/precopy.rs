@@ -3,9 +3,9 @@
 //! [`Precopy`] sends a live stream header, then each 2 MiB chunk of guest
 //! RAM once, in order, while the guest goes on writing. A [`WriteLog`] —
 //! the write-protect engine's second record, started by
-//! [`crate::wp_capture::WpEngine::mark`] before the pass — says which chunks
+//! [`crate::capture::wp::WpEngine::mark`] before the pass — says which chunks
 //! the guest wrote since. After the cut, the post-copy phase
-//! ([`crate::postcopy::PostcopySender::after_precopy`]) tells the target to
+//! ([`crate::migrate::postcopy::PostcopySender::after_precopy`]) tells the target to
 //! drop those and sends only them and what the pass never reached, so the
 //! target's guest waits on far fewer chunks, and on none when the pass
 //! completed over a guest that did not write.
@@ -27,13 +27,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::error::{Result, SnapError};
-use crate::runtime::lock;
-use crate::stream::{
+use crate::format::stream::{
     encode_stream_header, FLAG_HANDOVER, FLAG_LIVE, FLAG_PAGES, FLAG_PIECES, FLAG_PRECOPY,
     FLAG_ROTATED,
 };
-use crate::wire::{chunks_of, write_chunk};
-pub use crate::wire::{PrecopyDone, WriteLog};
+use crate::format::wire::{chunks_of, write_chunk};
+pub use crate::format::wire::{PrecopyDone, WriteLog};
+use crate::kernel::lock;
 use crate::RamRange;
 
 /// How long a finished pass waits for the connection to deliver what it
