@@ -307,8 +307,8 @@ impl RunArgs {
             defer_incoming: self.incoming.as_deref() == Some("defer"),
             restore_mode: match self.restore_mode.as_str() {
                 "copy" => crate::snapshot::restore::RamMode::Copy,
-                "uffd" => crate::snapshot::restore::RamMode::Uffd,
-                _ => crate::snapshot::restore::RamMode::Lazy,
+                "uffd" => crate::snapshot::restore::RamMode::Fill,
+                _ => crate::snapshot::restore::RamMode::Mapped,
             },
             disks,
             net_specs,

@@ -68,7 +68,7 @@ pub(super) fn wait_incoming(
     // only loads state: the downtime does not include building a VM).
     let mut prepared = None;
     let ahead = cfg.defer_incoming || (from_cli && cfg.mem_given);
-    if ahead && cfg.restore_mode == restore::RamMode::Uffd && restore::fill_available() {
+    if ahead && cfg.restore_mode == restore::RamMode::Fill && restore::fill_available() {
         match vmm::PreparedVm::new(&kvm_path(), cfg.mem_bytes, cfg.cpus) {
             Ok(p) => prepared = Some(p),
             Err(e) => tracing::warn!("cannot build the VM ahead of migrate-incoming: {e}"),
@@ -292,7 +292,7 @@ fn build_received(
             );
             migration.postcopy_in = Some(switch.pages);
             migration.last_restore = Some(migration::RestoreInfo {
-                mode: restore::RamMode::Uffd,
+                mode: restore::RamMode::Fill,
                 warm: is_warm,
                 load: t0.elapsed(),
                 at: Instant::now(),
@@ -310,11 +310,13 @@ fn start_stream(
     migration: &mut Migration,
     ev: &Option<EventBus>,
 ) -> Result<(), String> {
-    migration.new_job(0, ev).map_err(|e| e.to_string())?;
+    migration
+        .new_job(0, migration::Engine::incoming(), ev)
+        .map_err(|e| e.to_string())?;
     match super::incoming::start(uri, tx) {
         Ok(addr) => {
             if let Some(j) = migration.job.as_mut() {
-                j.listening = addr;
+                j.engine.set_listening(addr);
             }
             let _ = migration.set_status(migration::Status::Active, ev);
             Ok(())

@@ -46,6 +46,14 @@ struct Source<'a> {
 }
 
 impl Source<'_> {
+    /// The live migration's own parts of the job.
+    fn live(&mut self) -> &mut migration::LiveSource {
+        self.job()
+            .engine
+            .live_mut()
+            .expect("a live migration's job runs the live engine")
+    }
+
     fn job(&mut self) -> &mut migration::Job {
         self.c
             .migration
@@ -103,15 +111,15 @@ impl live::LiveSource for Source<'_> {
         // guest writing meanwhile is what the pass expects.
         let pass = unsafe { Precopy::start(sock, &ranges, log, budget, events) }
             .map_err(|e| e.to_string())?;
-        let job = self.job();
-        job.precopy_figures = Some(migration::PrecopyFigures {
+        let live = self.live();
+        live.precopy_figures = Some(migration::PrecopyFigures {
             counters: pass.counters(),
             chunks: pass.progress().1,
             end: None,
             took: None,
         });
-        job.precopy = Some(pass);
-        job.precopy_id = id;
+        live.precopy = Some(pass);
+        live.precopy_id = id;
         Ok(())
     }
 
@@ -120,11 +128,12 @@ impl live::LiveSource for Source<'_> {
             .migration
             .job
             .as_ref()
-            .is_some_and(|j| j.precopy.is_some())
+            .and_then(|j| j.engine.live())
+            .is_some_and(|l| l.precopy.is_some())
     }
 
     fn end_pass(&mut self) {
-        drop(self.job().precopy.take());
+        drop(self.live().precopy.take());
     }
 
     fn cut_and_send(&mut self) -> Result<bool, (String, bool)> {
@@ -175,22 +184,23 @@ impl live::LiveSource for Source<'_> {
         job.vcpu_pause = c.times.vcpu_pause;
         job.io_drain = c.times.io_drain;
         job.state_time = c.times.state;
-        job.paused_at = Some(paused_at);
         job.resume_after = c.was_running;
-        job.postcopy = Some(sender);
+        let live = self.live();
+        live.paused_at = Some(paused_at);
+        live.sender = Some(sender);
         Ok(c.was_running)
     }
 
     fn cancel_sender(&mut self) -> bool {
         // Decided under the sender's lock: the target may have just run the guest.
-        self.job()
-            .postcopy
+        self.live()
+            .sender
             .as_ref()
             .is_some_and(PostcopySender::cancel)
     }
 
     fn drop_sender(&mut self) {
-        self.job().postcopy = None;
+        self.live().sender = None;
     }
 
     fn guest_ran(&self) -> bool {
@@ -212,7 +222,9 @@ impl live::LiveSource for Source<'_> {
 
     fn note_switch(&mut self) {
         let job = self.job();
-        job.downtime = job.paused_at.map(|t| t.elapsed()).unwrap_or_default();
+        job.downtime = (job.engine.live().and_then(|l| l.paused_at))
+            .map(|t| t.elapsed())
+            .unwrap_or_default();
         tracing::info!(
             downtime_us = job.downtime.as_micros() as u64,
             "live migration: the guest runs on the target"
@@ -225,7 +237,7 @@ impl live::LiveSource for Source<'_> {
     }
 
     fn note_paused(&mut self, why: Option<String>) {
-        self.job().paused_why = why;
+        self.job().engine.set_paused_why(why);
     }
 }
 
@@ -240,10 +252,11 @@ impl Controller {
 
     /// `migrate URI` without background-snapshot over a socket: a live migration.
     pub(super) fn migrate_live(&mut self, uri: &Uri) -> Result<(), CommandError> {
-        let t0 = self.begin_job(&[RunState::Running, RunState::Paused], "migrate")?;
-        if let Some(j) = self.migration.job.as_mut() {
-            j.method = migration::Method::Postcopy;
-        }
+        let t0 = self.begin_job(
+            &[RunState::Running, RunState::Paused],
+            "migrate",
+            migration::Method::Live,
+        )?;
         // Connected with the guest running: a target that is not there
         // fails the job before any pause.
         let sock = match transport::connect_socket(uri) {
@@ -265,16 +278,19 @@ impl Controller {
         };
         // Cancelled or ended meanwhile (perhaps another pass runs now):
         // nothing to do.
-        if job.precopy_id != id {
-            return;
-        }
-        let Some(pass) = job.precopy.take() else {
+        let took = job.started_elapsed().saturating_sub(job.setup_time);
+        let Some(live) = job.engine.live_mut() else {
             return;
         };
-        let took = job.started_elapsed().saturating_sub(job.setup_time);
+        if live.precopy_id != id {
+            return;
+        }
+        let Some(pass) = live.precopy.take() else {
+            return;
+        };
         match e {
             PrecopyEvent::Ready(end) => {
-                if let Some(f) = job.precopy_figures.as_mut() {
+                if let Some(f) = live.precopy_figures.as_mut() {
                     f.end = Some(end);
                     f.took = Some(took);
                 }
@@ -294,7 +310,11 @@ impl Controller {
 
     /// What the source's migration threads report.
     pub(super) fn postcopy_source_event(&mut self, e: SourceEvent) {
-        if self.migration.job.is_none() {
+        // A late event of a sender whose job ended (another may run now).
+        if (self.migration.job.as_ref())
+            .and_then(|j| j.engine.live())
+            .is_none()
+        {
             return;
         }
         live::sender_event(&mut self.source(None), e);
@@ -360,10 +380,8 @@ impl Controller {
         live::resume(&mut self.source(None), |s| {
             let sock =
                 transport::connect_socket(&uri).map_err(|e| format!("cannot connect: {e}"))?;
-            let sender = s
-                .job()
-                .postcopy
-                .as_ref()
+            let sender = (s.job().engine.live())
+                .and_then(|l| l.sender.as_ref())
                 .ok_or("the migration has no sender")?;
             sender.resume(sock).map_err(|e| e.to_string())
         })
@@ -377,7 +395,7 @@ impl Controller {
             .migration
             .job
             .as_ref()
-            .is_some_and(|j| j.method == migration::Method::Postcopy);
+            .is_some_and(|j| j.engine.method() == Some(migration::Method::Live));
         if !live || !active {
             return Ok(false);
         }
@@ -396,7 +414,7 @@ impl Controller {
                 self.migration
                     .job
                     .as_ref()
-                    .and_then(|j| j.postcopy.as_ref()),
+                    .and_then(|j| j.engine.live()?.sender.as_ref()),
                 &self.migration.postcopy_in,
             ) {
                 (Some(s), _) => s.break_connection(),
@@ -416,7 +434,12 @@ impl Controller {
     /// the switch to post-copy follow); after it, only checks a live
     /// migration was started (it may even have ended already).
     pub(super) fn start_postcopy(&self) -> Result<(), CommandError> {
-        if let Some(pass) = self.migration.job.as_ref().and_then(|j| j.precopy.as_ref()) {
+        if let Some(pass) = self
+            .migration
+            .job
+            .as_ref()
+            .and_then(|j| j.engine.live()?.precopy.as_ref())
+        {
             pass.switch_now();
             return Ok(());
         }
@@ -505,7 +528,7 @@ impl live::LiveTarget for Target<'_> {
 
     fn note_paused(&mut self, why: Option<String>) {
         if let Some(j) = self.c.migration.job.as_mut() {
-            j.paused_why = why;
+            j.engine.set_paused_why(why);
         }
     }
 
@@ -527,7 +550,7 @@ impl live::LiveTarget for Target<'_> {
         let uri = self.recover_at.take().ok_or("no address to listen on")?;
         let mut l = transport::Listening::bind(&uri).map_err(|e| e.to_string())?;
         if let Some(j) = self.c.migration.job.as_mut() {
-            j.listening = l.local_addr();
+            j.engine.set_listening(l.local_addr());
         }
         let (pages, tx) = (self.pages.clone(), self.c.tx.clone());
         std::thread::Builder::new()

@@ -19,6 +19,7 @@ mod incoming;
 mod live;
 mod runstate;
 mod snapjobs;
+mod snapshot;
 
 pub use event::AppEvent;
 use runstate::RunStates;
@@ -26,7 +27,6 @@ use runstate::RunStates;
 use crate::cli::{RunConfig, SerialTarget};
 use crate::disk::Disks;
 use crate::snapshot::collapse::Collapse;
-use crate::snapshot::cut::{cut, Capture, Outcome};
 use crate::snapshot::migrate::{self as migration, Migration, Status};
 use crate::snapshot::{Busy, Cmd, Op};
 use bridge::Bridge;
@@ -106,7 +106,7 @@ pub fn run(mut cfg: RunConfig) -> Result<u8> {
         events,
         migration,
         disks,
-        uffd: None,
+        wp_engine: None,
         fill,
         collapse: None,
         exit: None,
@@ -179,7 +179,7 @@ pub(crate) struct Controller {
     pub(crate) disks: Disks,
     /// Guest RAM's userfaultfd for write-protect captures, keyed by the RAM's
     /// first host address (a rebuilt machine registers again).
-    pub(crate) uffd: Option<(usize, Arc<WpEngine>)>,
+    pub(crate) wp_engine: Option<(usize, Arc<WpEngine>)>,
     /// A restore's RAM fill still under way (after `machine`: dropped once
     /// the vCPUs are gone).
     pub(crate) fill: Option<Fill>,
@@ -306,133 +306,15 @@ impl Controller {
         Ok(())
     }
 
-    /// `migrate URI`: see migration.rs for the methods, transport.rs for the
-    /// URIs, live.rs for live migration.
-    fn migrate(&mut self, uri: &str) -> Result<(), CommandError> {
-        self.check(Cmd::Migrate)?;
-        let uri = crate::snapshot::transport::Uri::parse(uri).map_err(CommandError::generic)?;
-        if !self.migration.background_snapshot && crate::snapshot::transport::is_connection(&uri) {
-            return self.migrate_live(&uri);
-        }
-        if uri.is_stream() && self.migration.parent.is_some() {
-            return Err(CommandError::generic(
-                "an incremental snapshot can only be written to a file: set x-parent to \"\" to stream a full one",
-            ));
-        }
-        let t0 = self.begin_job(
-            &[RunState::Running, RunState::Paused, RunState::Postmigrate],
-            "snapshot",
-        )?;
-        // Everything that can be done with the guest running is done here:
-        // an unusable destination fails now, without pausing the guest.
-        let method = self.capture_method();
-        if let Some(j) = self.migration.job.as_mut() {
-            j.method = method;
-        }
-        // A stream connects (or starts its command) now: a peer that is not
-        // there fails the job before the guest is paused.
-        let mut dest = match migration::Dest::open(&uri, &self.machine) {
-            Ok(d) => Some(d),
-            Err(e) => return Err(self.fail_migration(e)),
-        };
-        let capture = match method {
-            migration::Method::Fork => {
-                let tx = self.tx.clone();
-                let done = move || {
-                    let _ = tx.send(AppEvent::CaptureDone);
-                };
-                match migration::prepare_fork(&self.machine, dest.take().expect("opened"), done) {
-                    Ok(p) => Capture::Fork(p),
-                    Err(e) => return Err(self.fail_migration(e.to_string())),
-                }
-            }
-            migration::Method::Uffd => {
-                let engine = match self.wp_registration() {
-                    Ok(u) => u,
-                    Err(e) => return Err(self.fail_migration(e)),
-                };
-                let tx = self.tx.clone();
-                let done = move || {
-                    let _ = tx.send(AppEvent::CaptureDone);
-                };
-                let opts = self.migration.wp_options();
-                let parent = self.migration.parent.clone();
-                let d = dest.take().expect("opened");
-                match migration::prepare_wp(&engine, d, parent.as_deref(), opts, done) {
-                    Ok(p) => Capture::Wp(p),
-                    Err(e) => return Err(self.fail_migration(e.to_string())),
-                }
-            }
-            migration::Method::Stop => Capture::Stop,
-            migration::Method::Postcopy => unreachable!("a live migration is migrate_live's"),
-        };
-        if self.migration.parent.is_some() {
-            let parent = self.migration.parent.clone();
-            if let Some(j) = self.migration.job.as_mut() {
-                j.parent = parent;
-            }
-        }
-        let setup_time = t0.elapsed();
-        let c = match cut(&mut self.machine, capture, |_| Ok(())) {
-            Ok(c) => c,
-            Err(e) => return Err(self.fail_migration(e.to_string())),
-        };
-        let job = self.migration.job.as_mut().expect("job just created");
-        job.setup_time = setup_time;
-        job.vcpu_pause = c.times.vcpu_pause;
-        job.io_drain = c.times.io_drain;
-        job.state_time = c.times.state;
-        job.downtime = c.times.downtime;
-        job.fork_time = c.times.fork;
-        match c.outcome {
-            Outcome::Stopped { state } => {
-                // Stop-and-copy: the guest stays stopped; no hurry.
-                let t = Instant::now();
-                let state = state.to_bytes();
-                job.state_time += t.elapsed();
-                job.resume_after = job.resume_after && c.was_running;
-                job.was_running = c.was_running;
-                if c.was_running {
-                    self.set_status(RunState::Paused);
-                }
-                let _ = self.migration.set_status(Status::Active, &self.events);
-                let tx = self.tx.clone();
-                let done = move |r| {
-                    let _ = tx.send(AppEvent::StopCopyDone(r));
-                };
-                let dest = dest.take().expect("a stop-and-copy keeps its destination");
-                let t = migration::start_stop_copy(&self.machine, state, dest, done);
-                if let Some(j) = self.migration.job.as_mut() {
-                    j.stop_thread = Some(t);
-                }
-            }
-            Outcome::Forked {
-                capture,
-                sender,
-                state,
-                wp,
-            } => {
-                job.capture = Some(capture);
-                job.wp = wp;
-                // Serialized with the guest running again.
-                match state {
-                    Ok(s) => sender.send(s.to_bytes()),
-                    Err(e) => sender.fail(format!("cannot save machine state: {e}")),
-                }
-                tracing::debug!(
-                    downtime_us = c.times.downtime.as_micros() as u64,
-                    "live snapshot started"
-                );
-                let _ = self.migration.set_status(Status::Active, &self.events);
-            }
-        }
-        Ok(())
-    }
-
     /// A new migration job, once the VM is in one of `states` (else "cannot
     /// `verb` a VM in state ..."), its RAM complete and no huge-page rebuild
     /// competes; when it started.
-    fn begin_job(&mut self, states: &[RunState], verb: &str) -> Result<Instant, CommandError> {
+    fn begin_job(
+        &mut self,
+        states: &[RunState],
+        verb: &str,
+        method: migration::Method,
+    ) -> Result<Instant, CommandError> {
         if !states.contains(&self.status()) {
             return Err(CommandError::generic(format!(
                 "cannot {verb} a VM in state '{}'",
@@ -444,7 +326,11 @@ impl Controller {
         self.stop_collapse();
         let t0 = Instant::now();
         self.migration
-            .new_job(self.machine.ram().size(), &self.events)
+            .new_job(
+                self.machine.ram().size(),
+                migration::Engine::new(method),
+                &self.events,
+            )
             .map_err(|e| CommandError::generic(e.to_string()))?;
         Ok(t0)
     }
@@ -453,38 +339,6 @@ impl Controller {
         self.migration.fail(why, &self.events)
     }
 
-    fn capture_done(&mut self) {
-        let Some(job) = self.migration.job.as_mut() else {
-            return;
-        };
-        let Some(capture) = job.capture.take() else {
-            return;
-        };
-        let status = capture.status();
-        let result = capture.wait();
-        job.total_time = Some(job.started_elapsed());
-        let end = match (status, result) {
-            (_, Ok(stats)) => {
-                job.stats = Some(stats);
-                Status::Completed
-            }
-            (livesnap::CaptureStatus::Cancelled, _) => Status::Cancelled,
-            (_, Err(e)) => {
-                job.error = Some(e.to_string());
-                Status::Failed
-            }
-        };
-        let forked = job.method == migration::Method::Fork;
-        let _ = self.migration.set_status(end, &self.events);
-        // Only a fork splits huge pages (its copy-on-write faults).
-        if self.migration.collapse && forked {
-            self.start_collapse();
-        }
-    }
-
-    /// A restore's RAM fill ended: RAM is ordinary memory now (rebuild its
-    /// huge pages), or it can never be complete (end the VM: a vCPU touching
-    /// what is missing would wait for ever).
     fn fill_done(&mut self, r: Result<livesnap::fill::FillStats, String>) {
         if self.fill.is_none() {
             // Its machine was replaced (reset, load) before this arrived.
@@ -558,23 +412,28 @@ impl Controller {
     /// stays behind and a pending savevm leaves its disks as they were.
     fn end_captures(&mut self) {
         // A live migration's senders read guest RAM: they go first.
-        if let Some(j) = self.migration.job.as_mut() {
-            drop(j.precopy.take());
-            if let Some(p) = j.postcopy.take() {
+        if let Some(l) = self
+            .migration
+            .job
+            .as_mut()
+            .and_then(|j| j.engine.live_mut())
+        {
+            drop(l.precopy.take());
+            if let Some(p) = l.sender.take() {
                 p.stop();
             }
         }
-        if let Some(c) = self.migration.job.as_mut().and_then(|j| j.capture.take()) {
+        let captured = (self.migration.job.as_mut()).and_then(|j| j.engine.captured_mut());
+        if let Some(c) = captured.and_then(|c| c.capture.take()) {
             c.cancel();
             let _ = c.wait();
         }
         // A stop-and-copy reads guest RAM directly: let it finish first.
-        if let Some(t) = self
-            .migration
-            .job
-            .as_mut()
-            .and_then(|j| j.stop_thread.take())
-        {
+        let stop = (self.migration.job.as_mut()).and_then(|j| match &mut j.engine {
+            migration::Engine::Stop { thread, .. } => thread.take(),
+            _ => None,
+        });
+        if let Some(t) = stop {
             let _ = t.join();
         }
         if let Some(p) = self.pending_save.as_mut() {
@@ -590,83 +449,6 @@ impl Controller {
         if let Some(c) = self.collapse.take() {
             c.stop();
         }
-    }
-
-    fn stop_copy_done(&mut self, r: Result<livesnap::CaptureStats, livesnap::SnapError>) {
-        let Some(job) = self.migration.job.as_mut() else {
-            return;
-        };
-        if let Some(t) = job.stop_thread.take() {
-            let _ = t.join();
-        }
-        let total = job.started_elapsed();
-        job.total_time = Some(total);
-        let end = match r {
-            Ok(stats) => {
-                job.stats = Some(stats);
-                Status::Completed
-            }
-            Err(e) => {
-                job.error = Some(e.to_string());
-                Status::Failed
-            }
-        };
-        // A failed one resumes a guest that ran, as QEMU resumes the source.
-        let resume = job.resume_after || (end == Status::Failed && job.was_running);
-        if resume {
-            job.downtime = total;
-            self.machine.resume();
-            self.set_status(RunState::Running);
-        } else if end == Status::Completed {
-            job.downtime = total;
-            self.set_status(RunState::Postmigrate);
-        } else {
-            // A failed stop-and-copy of a paused VM leaves it paused.
-            job.downtime = total;
-        }
-        let _ = self.migration.set_status(end, &self.events);
-    }
-
-    /// The capture method of the next snapshot: the one set, except that
-    /// the default (`uffd`) falls back to `fork` where it cannot work (RAM
-    /// mapped from an image, a kernel without userfaultfd write-protect).
-    pub(crate) fn capture_method(&mut self) -> migration::Method {
-        let m = self.migration.effective_method();
-        if m != migration::Method::Uffd || self.migration.method_set {
-            return m;
-        }
-        match self.wp_registration() {
-            Ok(_) => m,
-            Err(why) => {
-                tracing::info!("snapshots use the fork capture here: {why}");
-                migration::Method::Fork
-            }
-        }
-    }
-
-    /// The write-protect engine of this machine's RAM (built on first use,
-    /// again after the machine was rebuilt): it lives as long as the
-    /// machine, recording changed chunks between captures.
-    pub(crate) fn wp_registration(&mut self) -> Result<Arc<WpEngine>, String> {
-        let ram = self.machine.ram();
-        let key = ram.regions().first().map_or(0, |r| r.host as usize);
-        if let Some((k, u)) = &self.uffd {
-            if *k == key && u.is_alive() {
-                return Ok(u.clone());
-            }
-        }
-        // Another machine's, or one whose fault handler stopped: its
-        // registration must go before RAM is registered again.
-        self.uffd = None;
-        if ram.file_backed() {
-            return Err("x-snapshot-method 'uffd' needs anonymous guest RAM: this VM's RAM is mapped from its snapshot image (restore with --restore-mode uffd or copy)".into());
-        }
-        let ranges = crate::snapshot::migrate::ram_ranges(&self.machine);
-        let engine = WpEngine::new(&ranges)
-            .map_err(|e| format!("x-snapshot-method 'uffd' is not available here: {e}"))?;
-        let engine = Arc::new(engine);
-        self.uffd = Some((key, engine.clone()));
-        Ok(engine)
     }
 
     /// The snapshot operation under way.
@@ -766,7 +548,7 @@ impl Controller {
                     return Ok(json!({}));
                 }
                 let job = self.migration.job.as_ref();
-                if let Some(c) = job.and_then(|j| j.capture.as_ref()) {
+                if let Some(c) = job.and_then(|j| j.engine.capture()) {
                     c.cancel();
                     // A second cancel while cancelling changes nothing.
                     if job.is_some_and(|j| j.status() != Status::Cancelling) {
@@ -784,7 +566,7 @@ impl Controller {
                 self.check(Cmd::MigrateSetParameters)?;
                 self.migration.set_parameters(&p)?;
                 if !self.migration.wp_keep_pool {
-                    if let Some((_, engine)) = &self.uffd {
+                    if let Some((_, engine)) = &self.wp_engine {
                         engine.release_pool();
                     }
                 }
@@ -873,7 +655,7 @@ impl Controller {
             .map_err(anyhow::Error::from)
             .and_then(|configs| build_machine(&self.cfg, &self.tx, configs, &self.disks));
         // A new machine has new RAM: register it again for write-protect captures.
-        self.uffd = None;
+        self.wp_engine = None;
         self.machine = match built {
             Ok((m, fill)) => {
                 self.fill = fill;

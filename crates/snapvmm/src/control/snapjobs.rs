@@ -163,7 +163,7 @@ impl Controller {
             } else {
                 self.migration.method
             };
-            m != Method::Uffd || self.capture_method() != Method::Uffd
+            m != Method::Wp || self.capture_method() != Method::Wp
         };
         let capture = if forked {
             let opts = livesnap::ForkOptions {
@@ -214,7 +214,7 @@ impl Controller {
         let capture = match c {
             Ok(Cut {
                 outcome:
-                    Outcome::Forked {
+                    Outcome::Running {
                         capture,
                         sender,
                         state,
@@ -467,7 +467,7 @@ impl Controller {
         });
         // The old machine's RAM goes first: its fill and write-protect
         // registrations, then its pages.
-        self.uffd = None;
+        self.wp_engine = None;
         self.fill = None;
         let built = applied.and_then(|disks| {
             if let Err(e) = self.machine.ram().discard() {

@@ -89,8 +89,9 @@ pub struct Times {
     pub io_drain: Duration,
     /// Saving the non-RAM state (and the freeze hook).
     pub state: Duration,
-    /// The `fork()` alone (for a write-protect capture: the protection).
-    pub fork: Duration,
+    /// Starting the capture alone: the `fork()` of a fork capture, the
+    /// protection of a write-protect one (QMP's `x-fork-us`).
+    pub start: Duration,
     /// The guest's pause: vCPUs paused → resumed (fork); zero for stop, whose
     /// pause lasts until the copy ends.
     pub downtime: Duration,
@@ -101,7 +102,7 @@ pub enum Outcome<S> {
     /// The guest runs again; the capture streams RAM. The state goes to
     /// `sender` (or its failure, which fails the capture). `wp` has the
     /// write-protect capture's counters.
-    Forked {
+    Running {
         capture: livesnap::Capture,
         sender: livesnap::StateSender,
         state: Result<S, String>,
@@ -177,9 +178,9 @@ pub fn cut<M: Pausable>(
             resume(m);
             times.downtime = t0.elapsed();
             let (capture, sender) = started.map_err(CutError::Fork)?;
-            times.fork = capture.pause_time();
+            times.start = capture.pause_time();
             Ok(Cut {
-                outcome: Outcome::Forked {
+                outcome: Outcome::Running {
                     capture,
                     sender,
                     state,
@@ -192,12 +193,12 @@ pub fn cut<M: Pausable>(
         Capture::Wp(prepared) => {
             let t = Instant::now();
             let started = prepared.start_deferred();
-            times.fork = t.elapsed();
+            times.start = t.elapsed();
             resume(m);
             times.downtime = t0.elapsed();
             let (capture, sender, wp) = started.map_err(CutError::Fork)?;
             Ok(Cut {
-                outcome: Outcome::Forked {
+                outcome: Outcome::Running {
                     capture,
                     sender,
                     state,
@@ -396,10 +397,10 @@ mod tests {
             ["pause", "begin", "freeze", "finish", "resume"]
         );
         assert!(
-            c.times.downtime >= c.times.fork,
+            c.times.downtime >= c.times.start,
             "the fork is inside the pause"
         );
-        let Outcome::Forked {
+        let Outcome::Running {
             capture,
             sender,
             state,

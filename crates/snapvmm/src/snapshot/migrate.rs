@@ -12,34 +12,13 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use livesnap::{Capture, CaptureStats, ForkOptions, RamRange};
+use livesnap::{CaptureStats, ForkOptions, RamRange};
 use qmp::CommandError;
 use serde_json::{json, Value};
 
 use super::Events;
 
-/// How RAM is captured.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Method {
-    Fork,
-    /// Write-protect guest RAM through a userfaultfd; no fork.
-    Uffd,
-    Stop,
-    /// Live migration: the guest moves to the target, which fetches RAM
-    /// from here on demand.
-    Postcopy,
-}
-
-impl Method {
-    pub fn name(self) -> &'static str {
-        match self {
-            Method::Fork => "fork",
-            Method::Uffd => "uffd",
-            Method::Stop => "stop",
-            Method::Postcopy => "postcopy",
-        }
-    }
-}
+pub use super::job::{Captured, Engine, LiveSource, Method, PrecopyFigures};
 
 /// QEMU's MigrationStatus values we use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -71,12 +50,15 @@ impl Status {
     }
 }
 
-/// One outgoing snapshot, active or finished.
+/// One migration job (a snapshot, a live migration, or an incoming stream),
+/// active or finished.
 pub struct Job {
     /// Changed only by [`Migration::set_status`].
     status: Status,
-    pub method: Method,
-    /// The VM resumes after a stop-and-copy (background-snapshot with method stop).
+    /// What runs, with what only that engine keeps.
+    pub engine: Engine,
+    /// The VM resumes after the job (a stop-and-copy of background-snapshot;
+    /// a live migration's source whose guest ran, if it fails).
     pub resume_after: bool,
     /// The guest ran when the stop-and-copy cut it: a failed one resumes it
     /// (as QEMU resumes the source of a failed migration).
@@ -85,8 +67,8 @@ pub struct Job {
     pub setup_time: Duration,
     /// The guest pause caused by the snapshot (vCPUs paused → resumed).
     pub downtime: Duration,
-    /// The `fork()` alone.
-    pub fork_time: Duration,
+    /// Starting the capture alone (the `fork()`, or the protection).
+    pub capture_start: Duration,
     /// Pausing the vCPUs alone.
     pub vcpu_pause: Duration,
     /// Waiting, once the vCPUs stopped, for the device I/O in progress (a disk
@@ -96,37 +78,7 @@ pub struct Job {
     pub state_time: Duration,
     pub total_time: Option<Duration>,
     pub ram_total: u64,
-    pub capture: Option<Capture>,
-    /// A stop-and-copy's thread (it reads guest RAM: joined before RAM goes away).
-    pub stop_thread: Option<std::thread::JoinHandle<()>>,
-    pub stats: Option<CaptureStats>,
     pub error: Option<String>,
-    /// The write-protect capture's counters (method `uffd`).
-    pub wp: Option<std::sync::Arc<livesnap::wp::WpCounters>>,
-    /// The parent of an incremental snapshot.
-    pub parent: Option<PathBuf>,
-    /// An incoming stream's listening address (`socket-address`).
-    pub listening: Option<String>,
-    /// A live migration's pre-copy pass, while it runs (source), and its
-    /// number (its events carry it: a late one of an earlier pass is ignored).
-    pub precopy: Option<livesnap::precopy::Precopy>,
-    pub precopy_id: u64,
-    /// The pass's figures and how it ended, kept after it.
-    pub precopy_figures: Option<PrecopyFigures>,
-    /// A live migration's sending side (source).
-    pub postcopy: Option<livesnap::postcopy::PostcopySender>,
-    /// When the source paused its guest for a live migration.
-    pub paused_at: Option<Instant>,
-    /// Why a post-copy migration is paused.
-    pub paused_why: Option<String>,
-}
-
-/// What a source's pre-copy pass did.
-pub struct PrecopyFigures {
-    pub counters: std::sync::Arc<livesnap::precopy::PrecopyCounters>,
-    pub chunks: u64,
-    pub end: Option<livesnap::precopy::PrecopyEnd>,
-    pub took: Option<Duration>,
 }
 
 /// Migration settings and the latest job.
@@ -186,7 +138,7 @@ impl Default for Migration {
             events: false,
             postcopy_ram: false,
             return_path: false,
-            method: Method::Uffd,
+            method: Method::Wp,
             method_set: false,
             collapse: true,
             wp_pool: 64 << 20,
@@ -287,7 +239,7 @@ impl Migration {
             .job
             .as_ref()
             .filter(|j| matches!(j.status, Status::Active | Status::PostcopyRecover))
-            .and_then(|j| j.listening.as_deref())
+            .and_then(|j| j.engine.listening())
             .and_then(|a| a.strip_prefix("unix:"));
         if let Some(p) = path {
             use std::os::unix::fs::FileTypeExt;
@@ -301,15 +253,18 @@ impl Migration {
     /// here again unless the migration failed before the switch.
     pub fn migrated_away(&self) -> bool {
         self.job.as_ref().is_some_and(|j| {
-            j.method == Method::Postcopy
-                && j.precopy.is_none()
+            j.engine.live().is_some_and(|l| l.precopy.is_none())
                 && !matches!(j.status, Status::Failed | Status::Cancelled)
         })
     }
 
     /// True while a stop-and-copy runs (the guest must stay stopped).
     pub fn active_stop_copy(&self) -> bool {
-        self.active() && self.job.as_ref().is_some_and(|j| j.method == Method::Stop)
+        self.active()
+            && self
+                .job
+                .as_ref()
+                .is_some_and(|j| j.engine.method() == Some(Method::Stop))
     }
 
     /// The method a new `migrate` uses.
@@ -354,6 +309,7 @@ impl Migration {
     pub fn new_job(
         &mut self,
         ram_total: u64,
+        engine: Engine,
         ev: &dyn Events,
     ) -> Result<&mut Job, IllegalTransition> {
         let from = self.job.as_ref().map(|j| j.status);
@@ -363,34 +319,21 @@ impl Migration {
                 to: Status::Setup,
             });
         }
-        let method = self.effective_method();
         self.job = Some(Job {
             status: Status::Setup,
-            method,
+            engine,
             resume_after: self.background_snapshot,
             was_running: false,
             started: Instant::now(),
             setup_time: Duration::ZERO,
             downtime: Duration::ZERO,
-            fork_time: Duration::ZERO,
+            capture_start: Duration::ZERO,
             vcpu_pause: Duration::ZERO,
             io_drain: Duration::ZERO,
             state_time: Duration::ZERO,
             total_time: None,
             ram_total,
-            parent: None,
-            capture: None,
-            stop_thread: None,
-            stats: None,
             error: None,
-            wp: None,
-            listening: None,
-            precopy: None,
-            precopy_id: 0,
-            precopy_figures: None,
-            postcopy: None,
-            paused_at: None,
-            paused_why: None,
         });
         if self.events {
             ev.emit("MIGRATION", Some(json!({"status": Status::Setup.name()})));
@@ -427,7 +370,7 @@ impl Migration {
     fn query_job(&self) -> Value {
         let Some(j) = &self.job else { return json!({}) };
         let page = livesnap::PAGE_SIZE;
-        let (transferred, normal, zero, elapsed) = match (&j.stats, &j.capture) {
+        let (transferred, normal, zero, elapsed) = match (j.engine.stats(), j.engine.capture()) {
             (Some(s), _) => (s.ram_bytes, s.normal_pages, s.zero_pages, s.total_time),
             (None, Some(c)) => {
                 let p = c.progress();
@@ -460,11 +403,11 @@ impl Migration {
                 "postcopy-bytes": 0,
                 "dirty-pages-rate": 0
             },
-            "x-snapshot-method": j.method.name(),
+            "x-snapshot-method": j.engine.method().unwrap_or(self.effective_method()).name(),
             "x-downtime-us": j.downtime.as_micros() as u64,
             "x-vcpu-pause-us": j.vcpu_pause.as_micros() as u64,
             "x-io-drain-us": j.io_drain.as_micros() as u64,
-            "x-fork-us": j.fork_time.as_micros() as u64,
+            "x-fork-us": j.capture_start.as_micros() as u64,
             "x-state-save-us": j.state_time.as_micros() as u64,
         });
         if let Some((st, took)) = &self.last_collapse {
@@ -474,7 +417,7 @@ impl Migration {
                 "ms": took.as_millis() as u64,
             });
         }
-        if matches!(j.status, Status::Completed) || j.method == Method::Stop {
+        if matches!(j.status, Status::Completed) || j.engine.method() == Some(Method::Stop) {
             v["downtime"] = json!(j.downtime.as_millis() as u64);
         } else {
             v["expected-downtime"] = json!(0);
@@ -483,7 +426,7 @@ impl Migration {
         if let Some(e) = &j.error {
             v["error-desc"] = json!(e);
         }
-        if let Some(a) = &j.listening {
+        if let Some(a) = j.engine.listening() {
             // QEMU's SocketAddress list of an incoming migration.
             v["socket-address"] = match a.split_once(':') {
                 Some(("unix", p)) => json!([{"type": "unix", "path": p}]),
@@ -494,10 +437,10 @@ impl Migration {
                 _ => json!([]),
             };
         }
-        if let Some(why) = &j.paused_why {
+        if let Some(why) = j.engine.paused_why() {
             v["x-paused-reason"] = json!(why);
         }
-        if let Some(p) = &j.postcopy {
+        if let Some(p) = j.engine.live().and_then(|l| l.sender.as_ref()) {
             use std::sync::atomic::Ordering::Relaxed;
             let c = p.counters();
             let (sent, chunks) = p.progress();
@@ -517,7 +460,7 @@ impl Migration {
                 "connections": c.connections.load(Relaxed),
             });
         }
-        if let Some(f) = &j.precopy_figures {
+        if let Some(f) = j.engine.live().and_then(|l| l.precopy_figures.as_ref()) {
             use std::sync::atomic::Ordering::Relaxed;
             let c = &f.counters;
             let bytes = c.bytes_sent.load(Relaxed);
@@ -548,7 +491,12 @@ impl Migration {
                 "connections": f.connections,
             });
         }
-        if let Some(c) = &j.wp {
+        if let Engine::Wp {
+            counters: Some(c),
+            parent,
+            ..
+        } = &j.engine
+        {
             use std::sync::atomic::Ordering::Relaxed;
             v["x-write-protect"] = json!({
                 "faults": c.faults.load(Relaxed),
@@ -562,7 +510,7 @@ impl Migration {
                 "direct-io": c.direct_io.load(Relaxed),
                 "fault-waits": c.waits.summaries().iter().map(|(k, w)| (k.to_string(), waits_json(w))).collect::<serde_json::Map<_, _>>(),
             });
-            if let Some(p) = &j.parent {
+            if let Some(p) = parent {
                 v["x-incremental"] = json!({
                     "parent": format!("file:{}", p.display()),
                     "chunks-unchanged": c.chunks_unchanged.load(Relaxed),
@@ -715,7 +663,7 @@ impl Migration {
     fn parse_method(m: &str) -> Result<Method, CommandError> {
         Ok(match m {
             "fork" => Method::Fork,
-            "uffd" => Method::Uffd,
+            "uffd" => Method::Wp,
             "stop" => Method::Stop,
             other => {
                 return Err(CommandError::generic(format!(
@@ -898,7 +846,7 @@ mod tests {
         let ev = Recorder::default();
         let mut m = with_events();
         assert!(!m.active());
-        m.new_job(1 << 20, &ev).unwrap();
+        m.new_job(1 << 20, Engine::new(Method::Fork), &ev).unwrap();
         assert!(m.active());
         m.set_status(Status::Active, &ev).unwrap();
         m.set_status(Status::Completed, &ev).unwrap();
@@ -909,7 +857,7 @@ mod tests {
         );
         assert_eq!(m.query()["status"], "completed");
         // The next job may start.
-        m.new_job(1 << 20, &ev).unwrap();
+        m.new_job(1 << 20, Engine::new(Method::Fork), &ev).unwrap();
         assert_eq!(ev.take(), ["MIGRATION setup"]);
     }
 
@@ -932,7 +880,7 @@ mod tests {
         for from in all {
             for to in all {
                 let mut m = with_events();
-                m.new_job(4096, &ev).unwrap();
+                m.new_job(4096, Engine::new(Method::Fork), &ev).unwrap();
                 // Reach `from` by a legal path.
                 let path: &[Status] = match from {
                     Setup => &[],
@@ -972,10 +920,10 @@ mod tests {
         // A second job while one runs is refused; a status without a job too.
         let mut m = with_events();
         assert!(m.set_status(Active, &ev).is_err());
-        m.new_job(4096, &ev).unwrap();
-        assert!(m.new_job(4096, &ev).is_err());
+        m.new_job(4096, Engine::new(Method::Fork), &ev).unwrap();
+        assert!(m.new_job(4096, Engine::new(Method::Fork), &ev).is_err());
         m.set_status(Active, &ev).unwrap();
-        assert!(m.new_job(4096, &ev).is_err());
+        assert!(m.new_job(4096, Engine::new(Method::Fork), &ev).is_err());
         assert!(legal(Some(Completed), Setup) && legal(Some(Failed), Setup));
         assert!(!legal(Some(Completed), Active) && !legal(Some(Setup), Completed));
         // A live migration cannot be cancelled once the target runs the guest.
@@ -988,7 +936,7 @@ mod tests {
     fn without_the_events_capability_nothing_is_emitted() {
         let ev = Recorder::default();
         let mut m = Migration::default();
-        m.new_job(4096, &ev).unwrap();
+        m.new_job(4096, Engine::new(Method::Fork), &ev).unwrap();
         let e = m.fail("disk full".into(), &ev);
         assert_eq!(e.desc, "disk full");
         assert!(ev.take().is_empty());
@@ -1006,7 +954,7 @@ mod tests {
         );
         m.set_capabilities(&[("background-snapshot".into(), true)])
             .unwrap();
-        assert_eq!(m.effective_method(), Method::Uffd);
+        assert_eq!(m.effective_method(), Method::Wp);
         // postcopy-ram is accepted (live migration is always post-copy) and shown.
         m.set_capabilities(&[("postcopy-ram".into(), true)])
             .unwrap();
@@ -1033,7 +981,7 @@ mod tests {
         assert_eq!(m.effective_method(), Method::Stop, "all or nothing");
         p.insert("x-wp-pool-size".into(), json!(16 << 20));
         m.set_parameters(&p).unwrap();
-        assert_eq!(m.effective_method(), Method::Uffd);
+        assert_eq!(m.effective_method(), Method::Wp);
         assert_eq!(m.query_parameters()["x-wp-pool-size"], 16 << 20);
         assert_eq!(m.query_parameters()["x-snapshot-method"], "uffd");
         // What the pool may grow to (never below the pool) and the stall limit.

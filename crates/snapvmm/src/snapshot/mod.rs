@@ -9,6 +9,7 @@
 pub mod collapse;
 pub mod cut;
 mod error;
+pub mod job;
 pub mod live;
 pub mod migrate;
 pub mod restore;

@@ -45,27 +45,29 @@ pub enum RestoreError {
 /// How guest RAM comes from a snapshot image file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RamMode {
-    /// Mapped from the image: pages are read when the guest touches them.
-    Lazy,
+    /// Mapped from the image: pages are read when the guest touches them
+    /// (`lazy` on the command line).
+    Mapped,
     /// Read into fresh anonymous memory before the guest starts.
     Copy,
     /// Fresh anonymous memory filled while the guest runs (userfaultfd
-    /// missing mode): a touched chunk first, the rest in the background.
-    Uffd,
+    /// missing mode): a touched chunk first, the rest in the background
+    /// (`uffd` on the command line).
+    Fill,
 }
 
 impl RamMode {
     /// The `--restore-mode` value.
     pub fn name(self) -> &'static str {
         match self {
-            RamMode::Lazy => "lazy",
+            RamMode::Mapped => "lazy",
             RamMode::Copy => "copy",
-            RamMode::Uffd => "uffd",
+            RamMode::Fill => "uffd",
         }
     }
 }
 
-/// Guest RAM and machine state from an image, and for [`RamMode::Uffd`] the
+/// Guest RAM and machine state from an image, and for [`RamMode::Fill`] the
 /// fill still under way (it must outlive the machine's vCPUs).
 pub struct Restored {
     pub ram: GuestRam,
@@ -130,12 +132,12 @@ pub fn from_file(
     }
     let (chain, state) = open(path)?;
     let mode = match mode {
-        RamMode::Uffd if !fill_available() => {
+        RamMode::Fill if !fill_available() => {
             // E.g. vm.unprivileged_userfaultfd=0 without CAP_SYS_PTRACE.
             let m = if chain.len() > 1 {
                 RamMode::Copy
             } else {
-                RamMode::Lazy
+                RamMode::Mapped
             };
             tracing::warn!(
                 "userfaultfd is not available here: restoring with --restore-mode {}",
@@ -143,9 +145,9 @@ pub fn from_file(
             );
             m
         }
-        RamMode::Lazy if chain.len() > 1 => {
+        RamMode::Mapped if chain.len() > 1 => {
             let m = if fill_available() {
-                RamMode::Uffd
+                RamMode::Fill
             } else {
                 RamMode::Copy
             };
@@ -160,8 +162,8 @@ pub fn from_file(
     };
     let (ram, fill) = match mode {
         RamMode::Copy => (copy_chain(&chain, &state)?, None),
-        RamMode::Lazy => (map_ram(chain.top(), &state, path)?, None),
-        RamMode::Uffd => {
+        RamMode::Mapped => (map_ram(chain.top(), &state, path)?, None),
+        RamMode::Fill => {
             let ram = GuestRam::anonymous(state.mem_bytes)
                 .map_err(|e| RestoreError::Ram(e.to_string()))?;
             let fill = fill_ram(Arc::new(chain), &ram, done)?;
