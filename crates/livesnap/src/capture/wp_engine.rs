@@ -15,49 +15,24 @@ use crate::format::image::ImageId;
 use crate::kernel::lock;
 use crate::kernel::uffd::Uffd;
 use crate::ram::waits::WaitCause;
+use crate::ram::RamChunk;
 use crate::RamRange;
 use crate::CHUNK;
-
-/// One chunk of guest RAM and where it goes in the image.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Chunk {
-    pub(crate) host: u64,
-    pub(crate) len: u64,
-    pub(crate) file_offset: u64,
-    /// Its number in an incremental image's chunk map.
-    pub(crate) index: usize,
-}
 
 /// Validates the ranges and cuts them into chunks with their image offsets
 /// and incremental chunk numbers (ranges must start 2 MiB-aligned in host
 /// memory for the two to agree, as guest RAM does).
-pub(crate) fn chunks_of(ranges: &[RamRange]) -> Result<Vec<Chunk>> {
+pub(crate) fn chunks_of(ranges: &[RamRange]) -> Result<Vec<RamChunk>> {
     let (header, _) = crate::capture::runtime::prepare(ranges, 0)?;
-    let mut chunks = Vec::new();
-    for (r, ir) in ranges.iter().zip(&header.ranges) {
-        let (start, end) = (r.host as u64, r.host as u64 + r.len);
-        if start % CHUNK != 0 {
+    for r in ranges {
+        if r.host as u64 % CHUNK != 0 {
             return Err(SnapError::InvalidInput(format!(
                 "RAM range at {:#x}: its host memory must start 2 MiB-aligned",
                 r.gpa
             )));
         }
-        let mut at = start;
-        while at < end {
-            let next = ((at / CHUNK) + 1) * CHUNK;
-            let len = next.min(end) - at;
-            let file_offset = ir.file_offset + (at - start);
-            let (index, _, _) = crate::format::image::chunk_at(&header.ranges, file_offset)
-                .expect("inside the range");
-            chunks.push(Chunk {
-                host: at,
-                len,
-                file_offset,
-                index,
-            });
-            at += len;
-        }
     }
+    let mut chunks = crate::ram::chunks(ranges, header.ranges.iter().map(|r| r.file_offset));
     chunks.sort_by_key(|c| c.host);
     Ok(chunks)
 }
@@ -73,7 +48,7 @@ pub struct WpEngine {
 pub(crate) struct Engine {
     pub(crate) uffd: Arc<Uffd>,
     pub(crate) ranges: Vec<RamRange>,
-    pub(crate) chunks: Vec<Chunk>,
+    pub(crate) chunks: Vec<RamChunk>,
     /// Chunks written since the last cut (by index into `chunks`).
     pub(crate) dirty: Vec<AtomicBool>,
     /// Chunks written since the last [`WpEngine::mark`] (a live migration's

@@ -46,15 +46,10 @@ pub(crate) type Chunks = (Vec<(u64, u64)>, Vec<ImageRange>, u64);
 pub(crate) fn chunks_of(ranges: &[RamRange]) -> Result<Chunks> {
     let pairs: Vec<(u64, u64)> = ranges.iter().map(|r| (r.gpa(), r.len())).collect();
     let layout = ranges_of(&pairs)?;
-    let mut chunks = Vec::new();
-    for r in ranges {
-        let mut o = 0;
-        while o < r.len() {
-            let len = (r.len() - o).min(CHUNK);
-            chunks.push((r.host() as u64 + o, len));
-            o += len;
-        }
-    }
+    let chunks = crate::ram::chunks(ranges, layout.iter().map(|r| r.file_offset))
+        .into_iter()
+        .map(|c| (c.host, c.len))
+        .collect();
     let image_len = layout.last().map_or(0, |r| r.file_offset + r.len);
     Ok((chunks, layout, image_len))
 }

@@ -42,6 +42,7 @@ use crate::format::source::PageSource;
 use crate::kernel::lock;
 use crate::kernel::uffd::{Filled, Uffd};
 use crate::ram::claims::{ChunkState, Claims};
+use crate::ram::RamChunk;
 use crate::{RamRange, CHUNK};
 
 /// Why a fill ended when its [`Fill`] was dropped.
@@ -80,17 +81,10 @@ pub struct FillStats {
 /// wait for ever, so the caller must end the VM.
 pub type FillDone = Box<dyn FnOnce(std::result::Result<FillStats, String>) + Send>;
 
-#[derive(Debug, Clone, Copy)]
-struct Chunk {
-    host: u64,
-    len: u64,
-    offset: u64,
-}
-
 struct FillState {
     uffd: Uffd,
     source: Arc<dyn PageSource>,
-    chunks: Vec<Chunk>,
+    chunks: Vec<RamChunk>,
     /// Chunk indexes in image-offset order.
     by_offset: Vec<usize>,
     /// Pages in place before the fill began (offsets in their chunk, sorted).
@@ -164,26 +158,15 @@ pub fn start_fill_with(
             "the image's RAM ranges are not the machine's".into(),
         ));
     }
-    let mut chunks = Vec::new();
-    for (r, ir) in ranges.iter().zip(image) {
-        let start = r.host as u64;
-        if start % crate::PAGE_SIZE != 0 || r.len % crate::PAGE_SIZE != 0 {
-            return Err(SnapError::InvalidInput(
-                "guest RAM ranges must be page-aligned".into(),
-            ));
-        }
-        let mut at = start;
-        while at < start + r.len {
-            let next = ((at / CHUNK) + 1) * CHUNK;
-            let len = next.min(start + r.len) - at;
-            chunks.push(Chunk {
-                host: at,
-                len,
-                offset: ir.file_offset + (at - start),
-            });
-            at += len;
-        }
+    if ranges
+        .iter()
+        .any(|r| r.host as u64 % crate::PAGE_SIZE != 0 || r.len % crate::PAGE_SIZE != 0)
+    {
+        return Err(SnapError::InvalidInput(
+            "guest RAM ranges must be page-aligned".into(),
+        ));
     }
+    let mut chunks = crate::ram::chunks(ranges, image.iter().map(|r| r.file_offset));
     chunks.sort_by_key(|c| c.host);
     let uffd = Uffd::new_missing().map_err(|e| SnapError::io("open userfaultfd", e))?;
     let pairs: Vec<(u64, u64)> = ranges.iter().map(|r| (r.host as u64, r.len)).collect();
@@ -192,22 +175,22 @@ pub fn start_fill_with(
             .map_err(|e| SnapError::io("register guest RAM for missing-page faults", e))?;
     }
     let mut by_offset: Vec<usize> = (0..chunks.len()).collect();
-    by_offset.sort_by_key(|&i| chunks[i].offset);
+    by_offset.sort_by_key(|&i| chunks[i].file_offset);
     let mut placed: std::collections::HashMap<usize, Vec<u64>> = Default::default();
     for (off, page) in early {
-        let j = by_offset.partition_point(|&i| chunks[i].offset + chunks[i].len <= *off);
-        let Some(&i) = by_offset.get(j).filter(|&&i| chunks[i].offset <= *off) else {
+        let j = by_offset.partition_point(|&i| chunks[i].file_offset + chunks[i].len <= *off);
+        let Some(&i) = by_offset.get(j).filter(|&&i| chunks[i].file_offset <= *off) else {
             return Err(SnapError::InvalidInput(format!(
                 "an early page at {off:#x} is not in guest RAM"
             )));
         };
         let c = chunks[i];
-        if page.len() as u64 != crate::PAGE_SIZE || (off - c.offset) % crate::PAGE_SIZE != 0 {
+        if page.len() as u64 != crate::PAGE_SIZE || (off - c.file_offset) % crate::PAGE_SIZE != 0 {
             return Err(SnapError::InvalidInput(
                 "an early page is not one aligned page".into(),
             ));
         }
-        let at = off - c.offset;
+        let at = off - c.file_offset;
         if placed.get(&i).is_some_and(|v| v.contains(&at)) {
             continue;
         }
@@ -367,13 +350,13 @@ impl FillState {
     ) -> std::result::Result<(), String> {
         let c = self.chunks[i];
         let t = Instant::now();
-        let hole = self.source.is_hole(c.offset, c.len);
+        let hole = self.source.is_hole(c.file_offset, c.len);
         let buf = staging.bytes(c.len as usize);
         if hole {
             self.zero.fetch_add(1, Ordering::Relaxed);
         } else {
             self.source
-                .read_at(buf, c.offset)
+                .read_at(buf, c.file_offset)
                 .map_err(|e| format!("cannot read guest RAM from the snapshot: {e}"))?;
             self.read.fetch_add(c.len, Ordering::Relaxed);
         }
@@ -406,7 +389,7 @@ impl FillState {
             self.by_prefetch.fetch_add(1, Ordering::Relaxed);
             return Ok(());
         }
-        if self.claims.state(i) != ChunkState::Free || self.source.is_hole(c.offset, c.len) {
+        if self.claims.state(i) != ChunkState::Free || self.source.is_hole(c.file_offset, c.len) {
             return Ok(());
         }
         if self.claims.claim(i) {
@@ -420,9 +403,9 @@ impl FillState {
     fn chunk_at_offset(&self, off: u64) -> Option<usize> {
         let j = self
             .by_offset
-            .partition_point(|&i| self.chunks[i].offset < off);
+            .partition_point(|&i| self.chunks[i].file_offset < off);
         let i = *self.by_offset.get(j)?;
-        (self.chunks[i].offset == off).then_some(i)
+        (self.chunks[i].file_offset == off).then_some(i)
     }
 
     fn chunk_of(&self, addr: u64) -> Option<usize> {
@@ -436,7 +419,7 @@ impl FillState {
     fn place_ahead(&self, i: usize, addr: u64) -> std::result::Result<bool, String> {
         let c = self.chunks[i];
         let at = (addr - c.host) & !(crate::PAGE_SIZE - 1);
-        let Some(page) = self.source.page_first(c.offset + at) else {
+        let Some(page) = self.source.page_first(c.file_offset + at) else {
             return Ok(false);
         };
         let page = page.map_err(|e| format!("cannot read guest RAM from the snapshot: {e}"))?;
@@ -479,7 +462,7 @@ impl FillState {
             return self.fill_around(i, &placed, staging, timed);
         }
         let t = Instant::now();
-        let r = if self.source.is_hole(c.offset, c.len) {
+        let r = if self.source.is_hole(c.file_offset, c.len) {
             if let Some(h) = timed {
                 h.record(t.elapsed());
             }
@@ -488,7 +471,7 @@ impl FillState {
         } else {
             let buf = staging.bytes(c.len as usize);
             self.source
-                .read_at(buf, c.offset)
+                .read_at(buf, c.file_offset)
                 .map_err(|e| format!("cannot read guest RAM from the snapshot: {e}"))?;
             if let Some(h) = timed {
                 h.record(t.elapsed());
@@ -554,7 +537,7 @@ fn fault_handler(f: &FillState) {
                     f.fault_source_waits.record(t.elapsed());
                     // The rest now if it is here (the faulting thread runs on
                     // meanwhile), else when it arrives.
-                    if f.source.arrived(c.offset, c.len) && f.claims.claim_partial(i) {
+                    if f.source.arrived(c.file_offset, c.len) && f.claims.claim_partial(i) {
                         if let Err(e) = f.fill(i, &mut buf, None) {
                             return f.handler_failed(e);
                         }
@@ -565,7 +548,7 @@ fn fault_handler(f: &FillState) {
                 Ok(false) => {}
                 Err(e) => return f.handler_failed(e),
             }
-            f.source.want(c.offset, c.len);
+            f.source.want(c.file_offset, c.len);
             match f.fill(i, &mut buf, Some(&f.fault_source_waits)) {
                 Ok(()) => {
                     f.fault_fills.record(t.elapsed());
