@@ -289,6 +289,7 @@ def run_one(a, elf, tsc, size, load, kind, n):
             "precopy_bytes": m.get("ram", {}).get("precopy-bytes"),
             "postcopy_phase_ms": pc_ms,
             "x_precopy": m.get("x-precopy"),
+            "x_postcopy": m.get("x-postcopy"),
             "postcopy_bytes": m.get("ram", {}).get("postcopy-bytes"),
             "total_ms": m.get("total-time") if converged else None,
             "bytes_sent": sent, "ram_bytes": ram,

@@ -34,6 +34,13 @@ pub struct SendCounters {
     pub zero_chunks: AtomicU64,
     /// Connections used (1 + recoveries).
     pub connections: AtomicU64,
+    /// How far the push may run ahead of what the target took in, bytes,
+    /// as last measured (see `Pacer`).
+    pub push_limit: AtomicU64,
+    /// The shortest round trip of a piece seen on this connection, µs.
+    pub min_rtt_us: AtomicU64,
+    /// The highest delivery rate seen on this connection, bytes per second.
+    pub delivery_rate: AtomicU64,
     /// After a pre-copy pass: chunks it sent that the guest wrote since
     /// (sent again).
     pub chunks_rewritten: AtomicU64,
@@ -54,6 +61,8 @@ struct SendState {
     /// them the target says it took in (CONSUMED).
     piece_bytes: u64,
     consumed: u64,
+    /// How far pieces may run ahead of `consumed` on this connection.
+    pacer: Pacer,
     /// The connection in use and its generation.
     conn: Option<(u64, OwnedFd)>,
     generation: u64,
@@ -262,6 +271,7 @@ impl PostcopySender {
                 asked: None,
                 pushing: None,
                 piece_bytes: 0,
+                pacer: Pacer::default(),
                 consumed: 0,
                 go_due: false,
                 conn: None,
@@ -410,6 +420,7 @@ fn attach(sh: &Arc<SendShared>, sock: OwnedFd, first: bool) -> Result<()> {
         st.pushing = None;
         st.piece_bytes = 0;
         st.consumed = 0;
+        st.pacer = Pacer::default();
         sh.cv.notify_all();
         st.generation
     };
@@ -498,6 +509,13 @@ fn source_reader(sh: &SendShared, r: File, g: u64, first: bool) {
             KIND_CONSUMED => {
                 if st.generation == g && off > st.consumed {
                     st.consumed = off;
+                    st.pacer.consumed(off, Instant::now());
+                    let c = &sh.counters;
+                    c.push_limit.store(st.pacer.limit(), Ordering::Relaxed);
+                    let rtt = st.pacer.min_rtt.unwrap_or_default().as_micros() as u64;
+                    c.min_rtt_us.store(rtt, Ordering::Relaxed);
+                    c.delivery_rate
+                        .store(st.pacer.max_rate as u64, Ordering::Relaxed);
                     sh.cv.notify_all();
                 }
             }
@@ -544,14 +562,89 @@ fn source_reader(sh: &SendShared, r: File, g: u64, first: bool) {
     lost(sh, g, why);
 }
 
-/// How far pushed pieces may run ahead of what the target took in (about
-/// 4 ms of a 1 Gbit/s link: enough to keep a link with a few milliseconds
-/// of delay busy).
+/// How far pushed pieces may run ahead of what the target took in until
+/// the path is measured (about 4 ms of a 1 Gbit/s link: enough to keep a
+/// link with a few milliseconds of delay busy).
 pub(super) const PUSH_AHEAD: usize = 512 << 10;
+/// The least that may be ahead once measured: two pieces, one being taken
+/// in while the next travels.
+const MIN_AHEAD: u64 = 2 * (PIECE_PAGES as u64 * PAGE_SIZE);
+/// The most (a fast link with a long delay).
+const MAX_AHEAD: u64 = 4 << 20;
+/// What may wait in queues on the way beyond what the path itself holds:
+/// a page asked for waits behind about this much pushed data.
+const QUEUE_TARGET: Duration = Duration::from_millis(1);
+/// Shortest span a delivery rate is measured over: long enough that a
+/// burst (a relay or a rate limiter letting a few hundred KiB through at
+/// once) does not pass for the link's rate.
+const RATE_SPAN: Duration = Duration::from_millis(10);
+
+/// Paces the push to the path: as much data ahead of what the target took
+/// in as the path holds (its delivery rate times its shortest round trip)
+/// plus [`QUEUE_TARGET`], so that a page the target asks for waits behind
+/// about a millisecond of pushed data, on a fast local link as on a slow
+/// distant one. Measured from the target's CONSUMED reports: a piece's
+/// round trip is from its write to the report that covers it.
+#[derive(Default)]
+struct Pacer {
+    /// Piece ends (bytes written on the connection) and when they were
+    /// written, oldest first, not yet covered by a report.
+    written: VecDeque<(u64, Instant)>,
+    min_rtt: Option<Duration>,
+    /// Highest delivery rate seen, bytes per second.
+    max_rate: f64,
+    /// Where the current rate span began: bytes taken in, and when.
+    span: Option<(u64, Instant)>,
+}
+
+impl Pacer {
+    /// A piece ending at `bytes` was written at `at`.
+    fn wrote(&mut self, bytes: u64, at: Instant) {
+        // Bounded: reports cover pieces in order; a target that never
+        // reports keeps the push at the limit anyway.
+        if self.written.len() < 4096 {
+            self.written.push_back((bytes, at));
+        }
+    }
+
+    /// The target says it took in `bytes` in all, at `at`.
+    fn consumed(&mut self, bytes: u64, at: Instant) {
+        while let Some(&(end, t)) = self.written.front() {
+            if end > bytes {
+                break;
+            }
+            self.written.pop_front();
+            let rtt = at.saturating_duration_since(t);
+            self.min_rtt = Some(self.min_rtt.map_or(rtt, |m| m.min(rtt)));
+        }
+        match self.span {
+            Some((b0, t0)) => {
+                let dt = at.saturating_duration_since(t0);
+                if dt >= RATE_SPAN {
+                    let rate = bytes.saturating_sub(b0) as f64 / dt.as_secs_f64();
+                    self.max_rate = self.max_rate.max(rate);
+                    self.span = Some((bytes, at));
+                }
+            }
+            None => self.span = Some((bytes, at)),
+        }
+    }
+
+    /// How many bytes may be ahead of what the target took in.
+    fn limit(&self) -> u64 {
+        match self.min_rtt {
+            Some(rtt) if self.max_rate > 0.0 => {
+                let held = self.max_rate * (rtt + QUEUE_TARGET).as_secs_f64();
+                (held as u64).clamp(MIN_AHEAD, MAX_AHEAD)
+            }
+            _ => PUSH_AHEAD as u64,
+        }
+    }
+}
 
 /// Whether pushing must wait for the target to take in more.
 fn ahead(st: &SendState) -> bool {
-    st.piece_bytes.saturating_sub(st.consumed) > PUSH_AHEAD as u64
+    st.piece_bytes.saturating_sub(st.consumed) > st.pacer.limit()
 }
 
 /// What the pusher does next.
@@ -639,7 +732,7 @@ fn next_job(sh: &SendShared) -> Option<Job> {
                 continue;
             }
             // Pushed chunks wait while the target has not yet taken in all
-            // but PUSH_AHEAD of what was pushed: a page or chunk a thread
+            // but the pacer's limit of what was pushed: a page or chunk a thread
             // waits on then goes out behind at most that much (and the
             // piece being written), not behind everything queued on the way.
             if ahead(&st) {
@@ -688,6 +781,8 @@ fn push(sh: &SendShared) {
                     let mut st = lock(&sh.st);
                     if st.generation == g {
                         st.piece_bytes += n as u64;
+                        let end = st.piece_bytes;
+                        st.pacer.wrote(end, Instant::now());
                     }
                 }
                 (g, r.map(|_| ()))
@@ -804,4 +899,70 @@ fn send_piece(
         .bytes_sent
         .fetch_add(plen as u64, Ordering::Relaxed);
     Ok(plen)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PIECE: u64 = PIECE_PAGES as u64 * PAGE_SIZE;
+
+    /// A piece written every `every`, each reported taken in `lag` after
+    /// its write; returns the limit after `n` pieces.
+    fn paced(n: u64, every: Duration, lag: Duration) -> u64 {
+        let t0 = Instant::now();
+        let mut p = Pacer::default();
+        let mut reports = Vec::new();
+        for i in 1..=n {
+            let at = t0 + every * i as u32;
+            p.wrote(i * PIECE, at);
+            reports.push((i * PIECE, at + lag));
+        }
+        for (bytes, at) in reports {
+            p.consumed(bytes, at);
+        }
+        p.limit()
+    }
+
+    #[test]
+    fn before_any_report_the_push_may_run_the_default_ahead() {
+        assert_eq!(Pacer::default().limit(), PUSH_AHEAD as u64);
+        // One report gives a round trip but no rate yet.
+        let mut p = Pacer::default();
+        let t0 = Instant::now();
+        p.wrote(PIECE, t0);
+        p.consumed(PIECE, t0 + Duration::from_millis(1));
+        assert_eq!(p.limit(), PUSH_AHEAD as u64);
+    }
+
+    #[test]
+    fn the_limit_is_what_the_path_holds_plus_a_millisecond() {
+        // 128 KiB a millisecond (about 1 Gbit/s).
+        let ms = Duration::from_millis(1);
+        // A local link: a piece is taken in a millisecond after its write.
+        let near = paced(64, ms, ms);
+        // 131 KB/ms over 1 ms of path and 1 ms of queue: 262 KB.
+        assert!((250_000..280_000).contains(&near), "{near}");
+        // Three milliseconds away: 131 KB/ms over 4 ms.
+        let far = paced(64, ms, 3 * ms);
+        assert!((500_000..560_000).contains(&far), "{far}");
+        // Never less than two pieces, never more than MAX_AHEAD.
+        assert_eq!(paced(64, 10 * ms, Duration::ZERO), MIN_AHEAD);
+        assert_eq!(paced(400, Duration::from_micros(50), 100 * ms), MAX_AHEAD);
+    }
+
+    #[test]
+    fn the_shortest_round_trip_is_kept_when_queues_grow() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis(1);
+        let mut p = Pacer::default();
+        for i in 1..=32u32 {
+            p.wrote(i as u64 * PIECE, t0 + ms * i);
+        }
+        // The first piece came back in 1 ms, later ones queued longer.
+        for i in 1..=32u32 {
+            p.consumed(i as u64 * PIECE, t0 + ms * i + ms * i.min(8));
+        }
+        assert_eq!(p.min_rtt, Some(ms));
+    }
 }
