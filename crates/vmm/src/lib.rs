@@ -9,6 +9,7 @@ pub mod layout;
 pub mod machine;
 pub mod memory;
 pub mod paging;
+pub mod sched;
 pub mod snapshot;
 pub mod vcpu_thread;
 

@@ -229,6 +229,8 @@ pub struct Machine {
     ram: GuestRam,
     cpus: u8,
     running: bool,
+    /// The vCPU threads raised for a pause ([`crate::sched`]), until resume.
+    boost: Option<crate::sched::Boost>,
 }
 
 impl Machine {
@@ -585,11 +587,14 @@ impl Machine {
             ram,
             cpus: cfg.cpus,
             running: false,
+            boost: None,
         })
     }
 
     /// Lets every vCPU run.
     pub fn resume(&mut self) {
+        // Back to their own policy before they run the guest again.
+        drop(self.boost.take());
         self.gate.open();
         vcpu_thread::resume_all(&self.vcpus);
         self.running = true;
@@ -597,6 +602,12 @@ impl Machine {
 
     /// Stops every vCPU outside `KVM_RUN`; returns how long that took.
     pub fn pause(&mut self) -> Result<Duration, VmmError> {
+        // Raised before the kick, so that each runs to acknowledge it at once
+        // even where every CPU is busy; a paused vCPU thread only waits.
+        if self.boost.is_none() {
+            let tids: Vec<i32> = self.vcpus.iter().map(|v| v.tid).collect();
+            self.boost = Some(crate::sched::boost(&tids));
+        }
         let took = vcpu_thread::pause_all(&self.vcpus, &self.acks).ok_or(VmmError::PauseTimeout)?;
         // Device I/O stops too: nothing writes guest RAM or a disk while
         // paused. A request in progress ends first (how long: `io_drain`).

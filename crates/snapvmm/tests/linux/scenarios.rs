@@ -33,10 +33,7 @@ pub const ALL: &[&str] = &[
 
 /// Scenarios run only when named in `SNAPVMM_LINUX_SCENARIOS`: the
 /// benchmarks (long, and they carry QEMU into the TCG VM).
-pub const BY_NAME_ONLY: &[&str] = &[
-    "disk-throughput",
-    "network-throughput",
-];
+pub const BY_NAME_ONLY: &[&str] = &["disk-throughput", "network-throughput"];
 
 /// Benchmark scenarios that run the same guest under QEMU (`-accel kvm`,
 /// its own userspace virtio devices) in the same TCG VM, for a side-by-side
