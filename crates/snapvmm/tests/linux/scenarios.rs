@@ -301,6 +301,13 @@ fn boot_args(ctx: &Ctx) {
             true,
         ),
         ("qemu", "console=ttyS0 root=/dev/vda", true, "IO-APIC", true),
+        (
+            "acpi-off",
+            "console=ttyS0 acpi=off",
+            false,
+            "IO-APIC",
+            false,
+        ),
     ];
     for (name, args, with_disk, irq_chip, powers_off) in sets {
         // Quiet: each console character is an exit from the guest, and the
