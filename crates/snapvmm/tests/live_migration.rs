@@ -125,6 +125,12 @@ fn a_broken_link_pauses_both_sides_and_recovery_carries_on() {
     );
     let m = wait_status(&mut qa, "postcopy-active", |s| s == "postcopy-active");
     assert!(m.get("x-precopy").is_none(), "{m}");
+    // The source is post-copy once it heard the target's RUNNING; the
+    // target runs the guest only once the source's GO came back. Cut before
+    // that and the target rightly ends without running it (see
+    // a_lost_switch_message_never_runs_the_guest_on_both_sides): this test
+    // cuts a migration whose guest runs on the target.
+    wait_status(&mut qb, "postcopy-active", |s| s == "postcopy-active");
     relay.cut();
     let m = wait_status(&mut qa, "paused", |s| s == "postcopy-paused");
     assert!(m["x-paused-reason"].is_string(), "{m}");

@@ -193,6 +193,8 @@ fn a_link_down_mid_post_copy_pauses_and_recovers() {
     );
     qa.ok("migrate", json!({ "uri": uri }));
     wait_status(&mut qa, "postcopy-active", T);
+    // The target runs the guest once the source's GO came back: cut after.
+    wait_status(&mut qb, "postcopy-active", T);
     net.link(false);
     // Both sides notice (unacknowledged data, keepalives) and wait.
     wait_status(&mut qa, "postcopy-paused", Duration::from_secs(60));

@@ -1,6 +1,7 @@
 //! Linux guests (Debian's stock kernel, its own drivers) under snapvmm: see
 //! `tests/linux_guests.rs` for what runs and `docs/LINUX.md` for how to run it by hand.
 
+pub mod host_check;
 pub mod inputs;
 pub mod network;
 pub mod outer;
@@ -73,8 +74,8 @@ fn run_here(kernel: PathBuf, initrd: PathBuf) -> Report {
         } else {
             scenarios::run(name, &ctx)
         };
-        if r.is_ok() && deferred.is_none() && scenarios::has_host_check(name) {
-            r = scenarios::host_check(name, &export);
+        if r.is_ok() && deferred.is_none() && host_check::applies(name) {
+            r = host_check::run(name, &export);
         }
         let _ = std::fs::remove_dir_all(&dir);
         println!(
@@ -196,8 +197,8 @@ fn run_all() -> Report {
     }
     if let Some(export) = report.export.clone() {
         for (name, r) in report.results.iter_mut() {
-            if r.is_ok() && scenarios::has_host_check(name) {
-                *r = scenarios::host_check(name, &export);
+            if r.is_ok() && host_check::applies(name) {
+                *r = host_check::run(name, &export);
             }
         }
     }

@@ -274,7 +274,7 @@ pub fn run(
         // A scenario whose images never came back has not finished: it runs again.
         report
             .results
-            .retain(|name, r| r.is_err() || !super::scenarios::has_host_check(name));
+            .retain(|name, r| r.is_err() || !super::host_check::applies(name));
     }
     Ok(report)
 }
