@@ -168,6 +168,10 @@ pub fn cut<M: Pausable>(
     let frozen = freeze(m);
     let state = m.finish_save_state(pending);
     times.state = t_state.elapsed();
+    // Back to normal priority before the capture starts: a thread it spawns
+    // or a process it forks would inherit real-time priority for its whole
+    // life, and a writer at SCHED_FIFO starves everything else on one CPU.
+    drop(_hurry);
     if let Err(e) = frozen {
         resume(m);
         return Err(CutError::Freeze(e));
