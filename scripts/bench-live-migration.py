@@ -10,7 +10,8 @@ Usage (root): scripts/bench-live-migration.py [--sizes 1G,4G] [--loads full,litt
 Two "hosts": network namespaces A and B joined by a veth pair, each end capped at
 --rate by `tc tbf`. This host's kernel has no `sch_netem`, so the one-way delay
 (--delay-ms) is added by a relay in namespace B (a thread per direction holding each
-block for the delay; it is what both VMMs' streams go through, so both pay it alike).
+block for the delay; it is what both VMMs' streams go through, so both pay it alike);
+with --delay-ms 0 there is no relay and the source connects to the target directly.
 Both VMMs boot the identical reference guest (`snapvmm export-guest`, 1 vCPU; `full`:
 memwrite over 7/8 of RAM at full speed; `little`: the same region filled once, then
 only 5 % of it rewritten while the rest is read back (`hot=5`); `idle`:
@@ -37,6 +38,12 @@ speed inside the operation, not averaged across it) and after, and what the gues
 the longest gap between two of its page writes in the target's first three reports
 (the one that covers the switch, and two seconds after it), beside its usual longest
 gap on the source before. A CORRUPT line on either side fails the run.
+
+Each run's JSON also has `timeline`: the switch on one clock, in ms from the source's
+STOP — the guest's longest gap in the target's first report (placed by the guest's own
+`gap_ago_us`), the target's RESUME and, when the VMMs run with
+SNAPVMM_LOG=livesnap::timeline=debug (snapvmm), RUNNING and GO on both sides and every
+fault the target's handler read in the first 100 ms (when it read it, when it was done).
 """
 import argparse
 import importlib.util
@@ -208,7 +215,10 @@ def run_one(a, elf, tsc, size, load, kind, n):
     qemu = kind.startswith("qemu")
     cmdline = guest_cmdline(size, load, qemu, tsc)
     # The target listens on 127.0.0.1 in B; the relay (in B, on B's veth address) delays.
-    target_uri = f"tcp:127.0.0.1:{port}"
+    # Without a delay there is no relay: the target listens on B's veth address and the
+    # source connects to it (a relay, at real-time priority, takes CPU the VMMs need).
+    relayed = a.delay_ms > 0
+    target_uri = f"tcp:127.0.0.1:{port}" if relayed else f"tcp:{IP_B}:{port}"
     if qemu:
         src = vq.Guest("qemu", in_ns(NS_A, qemu_cmd(a, elf, size, sa, cmdline)), sa)
         dst = vq.Guest("qemu", in_ns(NS_B, qemu_cmd(a, elf, size, sb, cmdline, target_uri)), sb)
@@ -224,7 +234,7 @@ def run_one(a, elf, tsc, size, load, kind, n):
                                                "--mem", size, "--cpus", "1", "--incoming", target_uri]), sb)
         src.q.cmd("migrate-set-parameters", **{"x-precopy": kind == "snapvmm"})
     src.q.cmd("migrate-set-capabilities", capabilities=[{"capability": "events", "state": True}])
-    relay = start_relay(port + 100, port, a.delay_ms, d)
+    relay = start_relay(port + 100, port, a.delay_ms, d) if relayed else None
     try:
         if load == "idle":
             src.wait_for(lambda: src.ready is not None or len(src.reports) > 0 or True, "boot")
@@ -233,7 +243,7 @@ def run_one(a, elf, tsc, size, load, kind, n):
             t1 = src.settle(0, 2)
         before = bs.rate(src.reports, time.monotonic() - 3, time.monotonic())
         t0 = time.monotonic()
-        src.q.cmd("migrate", uri=f"tcp:{IP_B}:{port + 100}")
+        src.q.cmd("migrate", uri=f"tcp:{IP_B}:{port + 100 if relayed else port}")
         if kind == "qemu-postcopy":
             wait_status(src, lambda s: s in ("active", "failed", "completed"), 30)
             src.q.cmd("migrate-start-postcopy")
@@ -280,8 +290,32 @@ def run_one(a, elf, tsc, size, load, kind, n):
                 if fill:
                     break
                 time.sleep(0.1)
+        # The switch on one clock: the guest's longest gap in the target's
+        # first report, the source's STOP, the target's RESUME (QMP events,
+        # as they arrived), and with SNAPVMM_LOG=livesnap::timeline=debug the
+        # VMMs' own switch records and the target's faults.
+        timeline = []
+        if stop and dst.gaps:
+            # QMP events carry wall-clock times; the rest is monotonic.
+            base = stop[0] - (time.time() - time.monotonic())
+            timeline.append(("guest gap", round((dst.gaps[0][0] - base) * 1000, 2),
+                             round((dst.gaps[0][1] - base) * 1000, 2)))
+            if resume:
+                timeline.append(("RESUME event", round((resume[0] - stop[0]) * 1000, 2)))
+            for who, g in (("source", src), ("target", dst)):
+                for line in g.stderr.decode(errors="replace").splitlines():
+                    if "livesnap::timeline" not in line or "at_us=" not in line:
+                        continue
+                    kv = dict(x.split("=", 1) for x in line.split() if "=" in x)
+                    at = int(kv["at_us"]) / 1e6 - base
+                    if -0.01 < at < 0.1:
+                        what = line.split("livesnap::timeline:")[-1].split(" at_us")[0].strip()
+                        done = int(kv["done_us"]) / 1e6 - base if "done_us" in kv else None
+                        timeline.append((f"{who}: {what} {kv.get('addr', '')}".strip(), round(at * 1000, 2),
+                                         round(done * 1000, 2) if done is not None else None))
         res = {
             "vmm": kind, "size": size, "load": load, "converged": converged,
+            "timeline": timeline,
             "target_fault_source_waits": (fill or {}).get("fault-source-waits"),
             "target_fault_fills": (fill or {}).get("fault-fills"),
             "downtime_ms": event_downtime_ms,
@@ -310,7 +344,8 @@ def run_one(a, elf, tsc, size, load, kind, n):
         print(json.dumps(res), flush=True)
         return res
     finally:
-        relay.kill()
+        if relay:
+            relay.kill()
         for g in (src, dst):
             g.quit() if g.p.poll() is None else None
 

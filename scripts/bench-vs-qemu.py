@@ -73,6 +73,7 @@ class Guest:
             os.unlink(sock)
         self.p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
         self.reports = []  # (host time, pages, maxgap_us, passes)
+        self.gaps = []  # per report, its longest gap: (start, end) in host time
         self.corrupt = []
         self.ready = None
         self.stderr = b""
@@ -88,6 +89,10 @@ class Guest:
                 kv = dict(x.split("=", 1) for x in line.split()[1:] if "=" in x)
                 try:
                     self.reports.append((t, int(kv["pages"]), int(kv["maxgap_us"]), int(kv["passes"])))
+                    # Where the longest gap lay on this host's clock (end, start).
+                    if "gap_ago_us" in kv:
+                        end = t - int(kv["gap_ago_us"]) / 1e6
+                        self.gaps.append((end - int(kv["maxgap_us"]) / 1e6, end))
                 except (KeyError, ValueError):
                     pass  # a line cut short when the VM quit
             elif line.startswith("refguest: ready"):
@@ -96,7 +101,9 @@ class Guest:
                 self.corrupt.append(line)
 
     def _read_err(self):
-        self.stderr = self.p.stderr.read()
+        # Line by line, so what a running VMM said is there before it ends.
+        for line in self.p.stderr:
+            self.stderr += line
 
     def wait_for(self, pred, what, timeout=300):
         end = time.time() + timeout

@@ -289,7 +289,7 @@ static struct cursor cursor_at(u64 page)
     return c;
 }
 
-static void report(u32 cpu, u64 now, u64 t0, u64 pages, u64 maxgap, u64 passes)
+static void report(u32 cpu, u64 now, u64 t0, u64 pages, u64 maxgap, u64 gapend, u64 passes)
 {
     struct buf b = { .n = 0 };
     put_kv(&b, "refguest: cpu=", cpu);
@@ -297,6 +297,9 @@ static void report(u32 cpu, u64 now, u64 t0, u64 pages, u64 maxgap, u64 passes)
     put_kv(&b, " pages=", pages);
     put_kv(&b, " maxgap_us=", maxgap * 1000 / tsc_khz);
     put_kv(&b, " passes=", passes);
+    /* When the longest gap ended, as time before this line: lets a host that
+     * notes when each line arrives place the gap on its own clock. */
+    put_kv(&b, " gap_ago_us=", gapend && now > gapend ? (now - gapend) * 1000 / tsc_khz : 0);
     emit(&b);
 }
 
@@ -320,7 +323,7 @@ struct memwrite {
     struct cursor c;
     u64 cj;                 /* next cold page to check, in [hot, n) */
     struct cursor cc;
-    u64 t0, last, next_report, maxgap, written, corrupt;
+    u64 t0, last, next_report, maxgap, gapend, written, corrupt;
     u64 reports;            /* report lines printed */
     int rate_hold;          /* rate reached: report due at next_report */
     u64 hold_passes;
@@ -344,9 +347,10 @@ static void mw_init(struct memwrite *m, u32 cpu, u32 slice, u32 nslices)
 
 static void mw_report(struct memwrite *m, u64 now, u64 passes)
 {
-    report(m->cpu, now, m->t0, m->written, m->maxgap, passes);
+    report(m->cpu, now, m->t0, m->written, m->maxgap, m->gapend, passes);
     m->written = 0;
     m->maxgap = 0;
+    m->gapend = 0;
     m->next_report = now + tsc_khz * cfg.report_ms;
     m->reports++;
     m->last = rdtsc();
@@ -422,8 +426,10 @@ static int mw_step(struct memwrite *m, u64 budget, int may_wait)
         }
 
         u64 now = rdtsc();
-        if (now - m->last > m->maxgap)
+        if (now - m->last > m->maxgap) {
             m->maxgap = now - m->last;
+            m->gapend = now;
+        }
         m->last = now;
         /* rate= is per second: per report, its share of a second. */
         u64 cap = cfg.rate * cfg.report_ms / 1000;

@@ -205,6 +205,14 @@ fn memwrite_reports_once_a_second_until_ctrl_c() {
     for key in ["pages=", "maxgap_us=", "passes="] {
         assert!(line.contains(key), "{line}");
     }
+    // When the longest gap ended, as time before the line: inside the
+    // second the line covers.
+    let ago: u64 = line
+        .split_whitespace()
+        .find_map(|kv| kv.strip_prefix("gap_ago_us="))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no gap_ago_us in {line}"));
+    assert!(ago <= 1_000_000, "{line}");
     r.signal("INT");
     let st = r.wait(Duration::from_secs(10));
     assert_eq!(st.code(), Some(0));

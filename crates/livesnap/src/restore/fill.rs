@@ -498,6 +498,22 @@ fn outcome_at(r: io::Result<Filled>, addr: u64) -> std::result::Result<(), Strin
     }
 }
 
+/// A fault on the debug timeline (`SNAPVMM_LOG=livesnap::timeline=debug`):
+/// when the handler read it and, as it is dropped, when it was done with it.
+struct Timeline(u64, u64);
+
+impl Drop for Timeline {
+    fn drop(&mut self) {
+        tracing::debug!(
+            target: "livesnap::timeline",
+            at_us = self.0,
+            done_us = crate::kernel::monotonic_us(),
+            addr = format_args!("{:#x}", self.1),
+            "fault"
+        );
+    }
+}
+
 /// Takes missing-page faults until told to stop.
 fn fault_handler(f: &FillState) {
     // A faulting vCPU waits for this thread: let it run first when CPUs are
@@ -515,6 +531,7 @@ fn fault_handler(f: &FillState) {
             Err(e) => return f.handler_failed(format!("cannot read userfaultfd: {e}")),
         };
         f.faults.fetch_add(1, Ordering::Relaxed);
+        let _timeline = Timeline(crate::kernel::monotonic_us(), fault.addr);
         let Some(i) = f.chunk_of(fault.addr) else {
             continue;
         };

@@ -473,6 +473,7 @@ fn source_reader(sh: &SendShared, r: File, g: u64, first: bool) {
             KIND_RUNNING => {
                 if !st.switched && !st.ended {
                     // From here the guest is the target's: GO tells it so.
+                    tracing::debug!(target: "livesnap::timeline", at_us = crate::kernel::monotonic_us(), "RUNNING came");
                     st.switched = true;
                     st.go_due = true;
                     sh.cv.notify_all();
@@ -762,7 +763,11 @@ fn push(sh: &SendShared) {
     while let Some(job) = next_job(sh) {
         let (g, r) = match job {
             Job::Head(g, f) => (g, send_head(sh, f, g)),
-            Job::Go(g, mut f) => (g, send(&mut f, KIND_GO, 0, &[])),
+            Job::Go(g, mut f) => {
+                let r = send(&mut f, KIND_GO, 0, &[]);
+                tracing::debug!(target: "livesnap::timeline", at_us = crate::kernel::monotonic_us(), "GO sent");
+                (g, r)
+            }
             Job::Page(g, f, off) => {
                 sh.counters.pages_requested.fetch_add(1, Ordering::Relaxed);
                 (g, send_page(sh, f, off))
