@@ -564,12 +564,17 @@ fn source_reader(sh: &SendShared, r: File, g: u64, first: bool) {
 }
 
 /// How far pushed pieces may run ahead of what the target took in until
-/// the path is measured (about 4 ms of a 1 Gbit/s link: enough to keep a
-/// link with a few milliseconds of delay busy).
-pub(super) const PUSH_AHEAD: usize = 512 << 10;
+/// the path is measured: the least there is ([`MIN_AHEAD`], about 2 ms of a
+/// 1 Gbit/s link). The path is measured within the first ten milliseconds
+/// after the switch — just when the guest touches its working set for the
+/// first time on the target, and each page it asks for waits behind what
+/// is ahead (with 512 KiB here the first faults after the switch waited
+/// 4–6 ms on a link without delay). A distant link is slower to fill for
+/// those milliseconds and no more.
+pub(super) const PUSH_AHEAD: usize = 2 * PIECE_PAGES * PAGE_SIZE as usize;
 /// The least that may be ahead once measured: two pieces, one being taken
 /// in while the next travels.
-const MIN_AHEAD: u64 = 2 * (PIECE_PAGES as u64 * PAGE_SIZE);
+const MIN_AHEAD: u64 = PUSH_AHEAD as u64;
 /// The most (a fast link with a long delay).
 const MAX_AHEAD: u64 = 4 << 20;
 /// What may wait in queues on the way beyond what the path itself holds:
@@ -932,6 +937,9 @@ mod tests {
     #[test]
     fn before_any_report_the_push_may_run_the_default_ahead() {
         assert_eq!(Pacer::default().limit(), PUSH_AHEAD as u64);
+        // The least a measured path allows: the guest's first faults after
+        // the switch come before any measurement.
+        assert_eq!(Pacer::default().limit(), MIN_AHEAD);
         // One report gives a round trip but no rate yet.
         let mut p = Pacer::default();
         let t0 = Instant::now();
