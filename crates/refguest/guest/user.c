@@ -296,10 +296,11 @@ static void report(u32 cpu, u64 now, u64 t0, u64 pages, u64 maxgap, u64 gapend, 
     put_time(&b, now - t0);
     put_kv(&b, " pages=", pages);
     put_kv(&b, " maxgap_us=", maxgap * 1000 / tsc_khz);
-    put_kv(&b, " passes=", passes);
     /* When the longest gap ended, as time before this line: lets a host that
-     * notes when each line arrives place the gap on its own clock. */
+     * notes when each line arrives place the gap on its own clock. (Before
+     * passes=, which readers take as the line's last field.) */
     put_kv(&b, " gap_ago_us=", gapend && now > gapend ? (now - gapend) * 1000 / tsc_khz : 0);
+    put_kv(&b, " passes=", passes);
     emit(&b);
 }
 
