@@ -378,26 +378,9 @@ pub(crate) trait FaultHook: Send + Sync {
 /// chunk as changed, copies it first if the capture under way still needs
 /// it, and lifts its protection.
 fn fault_handler(e: &Engine) {
-    // A faulting vCPU waits for this thread: let it run before the writer
-    // and the other threads when CPUs are scarce — real-time (SCHED_FIFO,
-    // the lowest priority) where allowed, so that a fault is served the
-    // moment it comes instead of after a time slice of whatever runs; else
-    // a higher share (nice -10); else as it is. The thread only ever runs a
-    // 2 MiB copy or short waits (it sleeps on the userfaultfd and the pool).
-    let param = libc::sched_param { sched_priority: 1 };
-    // SAFETY: sched_setscheduler on this thread's own id with a valid,
-    // initialised parameter; no memory is shared with the kernel after it.
-    let rt = unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) } == 0;
-    let nice = || {
-        // SAFETY: setpriority on this thread's own id; no memory is involved.
-        unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, -10) }
-    };
-    if !rt && nice() != 0 {
-        tracing::debug!(
-            "fault handler keeps its priority: {}",
-            std::io::Error::last_os_error()
-        );
-    }
+    // A faulting vCPU waits for this thread, which only ever runs a 2 MiB
+    // copy or short waits (it sleeps on the userfaultfd and the pool).
+    crate::kernel::serve_faults_first("the write-protect fault handler", true);
     while !e.stop.load(Ordering::Acquire) {
         let fault = match e.uffd.next_fault(Duration::from_millis(20)) {
             Ok(Some(f)) => f,

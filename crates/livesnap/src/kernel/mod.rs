@@ -33,6 +33,54 @@ pub(crate) fn monotonic_us() -> u64 {
     ts.tv_sec as u64 * 1_000_000 + ts.tv_nsec as u64 / 1000
 }
 
+/// The debug timeline of a live migration's switch
+/// (`SNAPVMM_LOG=livesnap::timeline=debug`): events with their
+/// [`monotonic_us`] time, which `scripts/bench-live-migration.py` lines up.
+pub(crate) mod timeline {
+    /// Whether the timeline is logged (when not, nothing reads the clock).
+    pub(crate) fn on() -> bool {
+        tracing::enabled!(target: "livesnap::timeline", tracing::Level::DEBUG)
+    }
+
+    /// `what` happened now.
+    pub(crate) fn event(what: &str) {
+        tracing::debug!(target: "livesnap::timeline", at_us = super::monotonic_us(), "{what}");
+    }
+
+    /// A fault at `addr` read at `at_us`, done with now.
+    pub(crate) fn fault(at_us: u64, addr: u64) {
+        tracing::debug!(
+            target: "livesnap::timeline",
+            at_us,
+            done_us = super::monotonic_us(),
+            addr = format_args!("{addr:#x}"),
+            "fault"
+        );
+    }
+}
+
+/// Raises the calling thread, one that serves page faults a vCPU waits on,
+/// above the VMM's other threads where CPUs are scarce, where allowed:
+/// real-time (`SCHED_FIFO`, the lowest priority) if `realtime` (a fault is
+/// then served the moment it comes, not after a time slice of whatever
+/// runs; only for a thread that runs short bursts between sleeps), else or
+/// failing that a higher share (nice -10); else it stays as it is.
+pub(crate) fn serve_faults_first(who: &str, realtime: bool) {
+    let param = libc::sched_param { sched_priority: 1 };
+    // SAFETY: sched_setscheduler on this thread's own id with a valid,
+    // initialised parameter; no memory is shared with the kernel after it.
+    if realtime && unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) } == 0 {
+        return;
+    }
+    // SAFETY: setpriority on this thread's own id; no memory is involved.
+    if unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, -10) } != 0 {
+        tracing::debug!(
+            "{who} keeps its priority: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
 /// Lowers the calling thread, one doing background work (filling RAM ahead
 /// of the guest), below the vCPU threads: to nice 10 at least, so a vCPU
 /// that wakes on the same CPU runs at once instead of after this thread's

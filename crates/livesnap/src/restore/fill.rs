@@ -498,28 +498,27 @@ fn outcome_at(r: io::Result<Filled>, addr: u64) -> std::result::Result<(), Strin
     }
 }
 
-/// A fault on the debug timeline (`SNAPVMM_LOG=livesnap::timeline=debug`):
-/// when the handler read it and, as it is dropped, when it was done with it.
+/// A fault on the debug timeline ([`crate::kernel::timeline`]), logged when
+/// the handler is done with it.
 struct Timeline(u64, u64);
+
+impl Timeline {
+    fn start(addr: u64) -> Option<Timeline> {
+        crate::kernel::timeline::on().then(|| Timeline(crate::kernel::monotonic_us(), addr))
+    }
+}
 
 impl Drop for Timeline {
     fn drop(&mut self) {
-        tracing::debug!(
-            target: "livesnap::timeline",
-            at_us = self.0,
-            done_us = crate::kernel::monotonic_us(),
-            addr = format_args!("{:#x}", self.1),
-            "fault"
-        );
+        crate::kernel::timeline::fault(self.0, self.1);
     }
 }
 
 /// Takes missing-page faults until told to stop.
 fn fault_handler(f: &FillState) {
-    // A faulting vCPU waits for this thread: let it run first when CPUs are
-    // scarce (needs CAP_SYS_NICE; without it the thread keeps its priority).
-    // SAFETY: setpriority on this thread's own id; no memory is involved.
-    let _ = unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, -10) };
+    // A faulting vCPU waits for this thread. Not real-time: it may place a
+    // whole chunk, or wait for one, with the vCPUs' CPUs in use.
+    crate::kernel::serve_faults_first("the fill's fault handler", false);
     let mut buf = match Staging::new() {
         Ok(b) => b,
         Err(e) => return f.handler_failed(format!("cannot map a staging buffer: {e}")),
@@ -531,7 +530,7 @@ fn fault_handler(f: &FillState) {
             Err(e) => return f.handler_failed(format!("cannot read userfaultfd: {e}")),
         };
         f.faults.fetch_add(1, Ordering::Relaxed);
-        let _timeline = Timeline(crate::kernel::monotonic_us(), fault.addr);
+        let _timeline = Timeline::start(fault.addr);
         let Some(i) = f.chunk_of(fault.addr) else {
             continue;
         };

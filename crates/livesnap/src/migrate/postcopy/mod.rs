@@ -84,7 +84,7 @@ mod source;
 mod target;
 
 #[cfg(test)]
-use source::PUSH_AHEAD as PUSH_AHEAD_FOR_TESTS;
+use source::MIN_AHEAD;
 pub use source::{PostcopySender, SendCounters, SourceEvent};
 pub use target::{
     receive_switch, receive_switch_from, PrecopyFigures, RecvFigures, RemotePages, Switch,
@@ -198,7 +198,7 @@ mod tests {
 
     /// The source as a test target sees it: after the switch every chunk
     /// comes as pieces, pushed no further ahead of what the target says it
-    /// took in than PUSH_AHEAD; a page asked for while chunks are being
+    /// took in than MIN_AHEAD (the limit before the path is measured); a page asked for while chunks are being
     /// pushed comes after at most that and the piece being written — never
     /// behind a whole chunk.
     #[test]
@@ -218,7 +218,7 @@ mod tests {
         // A piece on the wire: 32 pages (128 KiB) and their heads.
         let piece = 8 + 4 + 32 * 4096 + 24;
         // Until the target says it took some in, the source pushes no
-        // further than PUSH_AHEAD (and the piece under way).
+        // further than MIN_AHEAD (and the piece under way).
         w.set_read_timeout(Some(Duration::from_millis(500)))
             .unwrap();
         let mut pushed = 0usize;
@@ -227,7 +227,7 @@ mod tests {
             pushed += data.len() + 24;
         }
         assert!(
-            pushed > 0 && pushed <= PUSH_AHEAD_FOR_TESTS + piece,
+            pushed > 0 && pushed <= MIN_AHEAD as usize + piece,
             "{pushed} bytes pushed without a word from the target"
         );
         w.set_read_timeout(None).unwrap();
@@ -248,7 +248,7 @@ mod tests {
             behind += data.len() + 24;
         }
         assert!(
-            behind <= PUSH_AHEAD_FOR_TESTS + 2 * piece,
+            behind <= MIN_AHEAD as usize + 2 * piece,
             "the page came after {behind} bytes of pushed pieces"
         );
         drop(sender);

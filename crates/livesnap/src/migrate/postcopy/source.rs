@@ -473,7 +473,7 @@ fn source_reader(sh: &SendShared, r: File, g: u64, first: bool) {
             KIND_RUNNING => {
                 if !st.switched && !st.ended {
                     // From here the guest is the target's: GO tells it so.
-                    tracing::debug!(target: "livesnap::timeline", at_us = crate::kernel::monotonic_us(), "RUNNING came");
+                    crate::kernel::timeline::event("RUNNING came");
                     st.switched = true;
                     st.go_due = true;
                     sh.cv.notify_all();
@@ -563,18 +563,14 @@ fn source_reader(sh: &SendShared, r: File, g: u64, first: bool) {
     lost(sh, g, why);
 }
 
-/// How far pushed pieces may run ahead of what the target took in until
-/// the path is measured: the least there is ([`MIN_AHEAD`], about 2 ms of a
-/// 1 Gbit/s link). The path is measured within the first ten milliseconds
-/// after the switch — just when the guest touches its working set for the
-/// first time on the target, and each page it asks for waits behind what
-/// is ahead (with 512 KiB here the first faults after the switch waited
-/// 4–6 ms on a link without delay). A distant link is slower to fill for
-/// those milliseconds and no more.
-pub(super) const PUSH_AHEAD: usize = 2 * PIECE_PAGES * PAGE_SIZE as usize;
-/// The least that may be ahead once measured: two pieces, one being taken
-/// in while the next travels.
-const MIN_AHEAD: u64 = PUSH_AHEAD as u64;
+/// The least that may be ahead: two pieces, one being taken in while the
+/// next travels. Also the limit until the path is measured: the path is
+/// measured within the first ten milliseconds after the switch — just when
+/// the guest touches its working set for the first time on the target, and
+/// each page it asks for waits behind what is ahead (with 512 KiB there the
+/// first faults after the switch waited 4–6 ms on a link without delay). A
+/// distant link is slower to fill for those milliseconds and no more.
+pub(super) const MIN_AHEAD: u64 = 2 * (PIECE_PAGES as u64 * PAGE_SIZE);
 /// The most (a fast link with a long delay).
 const MAX_AHEAD: u64 = 4 << 20;
 /// What may wait in queues on the way beyond what the path itself holds:
@@ -643,7 +639,7 @@ impl Pacer {
                 let held = self.max_rate * (rtt + QUEUE_TARGET).as_secs_f64();
                 (held as u64).clamp(MIN_AHEAD, MAX_AHEAD)
             }
-            _ => PUSH_AHEAD as u64,
+            _ => MIN_AHEAD,
         }
     }
 }
@@ -770,7 +766,7 @@ fn push(sh: &SendShared) {
             Job::Head(g, f) => (g, send_head(sh, f, g)),
             Job::Go(g, mut f) => {
                 let r = send(&mut f, KIND_GO, 0, &[]);
-                tracing::debug!(target: "livesnap::timeline", at_us = crate::kernel::monotonic_us(), "GO sent");
+                crate::kernel::timeline::event("GO sent");
                 (g, r)
             }
             Job::Page(g, f, off) => {
@@ -936,7 +932,6 @@ mod tests {
 
     #[test]
     fn before_any_report_the_push_may_run_the_default_ahead() {
-        assert_eq!(Pacer::default().limit(), PUSH_AHEAD as u64);
         // The least a measured path allows: the guest's first faults after
         // the switch come before any measurement.
         assert_eq!(Pacer::default().limit(), MIN_AHEAD);
@@ -945,7 +940,7 @@ mod tests {
         let t0 = Instant::now();
         p.wrote(PIECE, t0);
         p.consumed(PIECE, t0 + Duration::from_millis(1));
-        assert_eq!(p.limit(), PUSH_AHEAD as u64);
+        assert_eq!(p.limit(), MIN_AHEAD);
     }
 
     #[test]

@@ -321,7 +321,7 @@ fn target_reader<R: Read>(sh: &RecvShared, mut r: BufReader<R>, g: u64) {
                     return;
                 }
                 st.go = true;
-                tracing::debug!(target: "livesnap::timeline", at_us = crate::kernel::monotonic_us(), "GO came");
+                crate::kernel::timeline::event("GO came");
                 sh.cv.notify_all();
             }
             k => break format!("unexpected record of kind {k} from the source"),
@@ -463,7 +463,7 @@ impl RemotePages {
         self.sh
             .requests_before_switch
             .store(before, Ordering::Relaxed);
-        tracing::debug!(target: "livesnap::timeline", at_us = crate::kernel::monotonic_us(), "RUNNING sent");
+        crate::kernel::timeline::event("RUNNING sent");
         self.say(KIND_RUNNING, 0, &[])?;
         let mut st = lock(&self.sh.st);
         if self.sh.handover {
