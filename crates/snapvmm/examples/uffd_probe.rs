@@ -26,6 +26,7 @@ fn main() {
         nets: Vec::new(),
         vsock: None,
         vmgenid: None,
+        virtio_pci: None,
     };
     let mut m = vmm::Machine::create(cfg, Arc::new(|e| eprintln!("machine event: {e:?}"))).unwrap();
     let uffd = Uffd::new_wp().unwrap();

@@ -109,6 +109,12 @@ pub struct RunArgs {
     /// guest runs).
     #[arg(long, default_value = "uffd", value_parser = ["uffd", "lazy", "copy"])]
     pub restore_mode: String,
+    /// How the guest finds the virtio devices: mmio (virtio-mmio windows, in the ACPI DSDT and
+    /// on the kernel command line; one interrupt line each; works with `pci=off`) or pci
+    /// (virtio-pci on a PCI bus, with MSI-X: an interrupt vector per queue, and a disk queue per
+    /// vCPU, as QEMU's virtio-*-pci devices) [default: mmio; a restore takes the image's].
+    #[arg(long, value_parser = ["mmio", "pci"])]
+    pub virtio_transport: Option<String>,
 }
 
 /// Where serial output goes.
@@ -152,6 +158,8 @@ pub struct RunConfig {
     pub nets: Vec<vmm::NetConfig>,
     pub vsock: Option<vmm::VsockConfig>,
     pub loadvm: Option<String>,
+    /// `--virtio-transport`: `Some(true)` virtio-pci, `Some(false)` virtio-mmio.
+    pub virtio_pci: Option<bool>,
 }
 
 /// Guest RAM when `--mem` is not given.
@@ -315,6 +323,7 @@ impl RunArgs {
             nets: Vec::new(),
             vsock,
             loadvm: self.loadvm.clone(),
+            virtio_pci: self.virtio_transport.as_deref().map(|t| t == "pci"),
         })
     }
 }

@@ -11,7 +11,7 @@
 //! 0x000e_f000  VM generation ID (16 bytes)
 //! 0x000f_fff0  reset vector: a stub that resets the machine through the i8042
 //! 0x0010_0000  kernel load address (1 MiB)
-//! RAM up to MMIO_GAP_START, then the MMIO gap (LAPIC, IOAPIC, virtio-mmio), then RAM above 4 GiB.
+//! RAM up to MMIO_GAP_START, then the MMIO gap (virtio-pci BARs, virtio-mmio, IOAPIC, LAPIC), then RAM above 4 GiB.
 //! ```
 
 /// Address of the GDT used for the 64-bit Linux boot protocol.
@@ -49,6 +49,10 @@ pub const HIMEM_START: u64 = 0x10_0000;
 pub const MMIO_GAP_START: u64 = 0xc000_0000;
 /// End of the MMIO gap (RAM resumes here).
 pub const MMIO_GAP_END: u64 = 0x1_0000_0000;
+/// The PCI host bridge's memory window (the virtio-pci BARs), at the start
+/// of the MMIO gap, up to the virtio-mmio windows.
+pub const PCI_MMIO_START: u64 = MMIO_GAP_START;
+pub const PCI_MMIO_END: u64 = 0xd000_0000;
 /// IOAPIC base address.
 pub const IOAPIC_ADDR: u64 = 0xfec0_0000;
 /// Local APIC base address.

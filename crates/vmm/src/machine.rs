@@ -18,12 +18,20 @@ use crate::devices::{
     acpi::AcpiPm, debug_exit::DebugExit, i8042::I8042, serial, DeviceRequest, PioBus,
 };
 use crate::kvm::vcpu::{self, Vcpu};
-use crate::kvm::vm::KvmVm;
+use crate::kvm::vm::{GsiRoutes, KvmVm};
 use crate::kvm::{cpuid, ioctl};
 use crate::memory::GuestRam;
 use crate::snapshot::MachineState;
 use crate::vcpu_thread::{self, VcpuHandle};
 use crate::VmmError;
+
+fn transport_name(pci: bool) -> &'static str {
+    if pci {
+        "virtio-pci"
+    } else {
+        "virtio-mmio"
+    }
+}
 
 /// Smallest RAM snapvmm boots (the reference guest needs room above 4 MiB).
 pub const MIN_MEM: u64 = 32 << 20;
@@ -211,6 +219,66 @@ pub struct MachineConfig {
     /// at boot, and a restore leaves the ID in RAM as it is (a live
     /// migration moves the one VM).
     pub vmgenid: Option<[u8; 16]>,
+    /// The virtio devices' transport: `Some(true)` virtio-pci (a PCI bus
+    /// with a host bridge in the DSDT, MSI-X, a queue per vCPU for disks),
+    /// `Some(false)` virtio-mmio; `None`: the image's on a restore,
+    /// virtio-mmio at boot. A restore refuses the other one.
+    pub virtio_pci: Option<bool>,
+}
+
+/// The interrupt line of virtio device `i` on virtio-mmio (connected to
+/// its IOAPIC pin); on virtio-pci an unconnected eventfd (the device's
+/// MSI-X vectors replace it).
+fn line(vm: &KvmVm, pci: bool, i: usize) -> Result<EventFd, VmmError> {
+    let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmmError::Io)?;
+    if !pci {
+        vm.irqfd(&irq, virtio::irq(i))?;
+    }
+    Ok(irq)
+}
+
+/// Puts virtio device `i` on its transport: on virtio-pci its MSI-X
+/// vectors (an irqfd each, on GSIs from `next_gsi`) and BAR; then a queue
+/// notification of each queue straight to the I/O thread (ioeventfd;
+/// without one, the MMIO handler signals the same eventfd).
+fn wire(
+    vm: &KvmVm,
+    routes: Option<&Arc<GsiRoutes>>,
+    next_gsi: &mut u32,
+    i: usize,
+    t: &mut virtio::transport::Transport,
+) -> Result<(), VmmError> {
+    if let Some(routes) = routes {
+        let n = t.queues.len() + 1;
+        let mut vectors = Vec::with_capacity(n);
+        for v in 0..n {
+            let fd = EventFd::new(libc::EFD_NONBLOCK).map_err(VmmError::Io)?;
+            vm.irqfd(&fd, *next_gsi + v as u32)?;
+            vectors.push(fd);
+        }
+        let bar0 = crate::layout::PCI_MMIO_START + virtio::pci::BAR_SIZE * i as u64;
+        t.attach_pci(bar0 as u32, vectors, *next_gsi, routes.clone())
+            .map_err(VmmError::Config)?;
+        *next_gsi += n as u32;
+    }
+    for q in 0..t.queues.len() {
+        let r = match t.pci_bar() {
+            Some(bar) => vm.ioeventfd_any(
+                t.kick(q),
+                bar + virtio::pci::NOTIFY + virtio::pci::NOTIFY_MULTIPLIER * q as u64,
+            ),
+            None if routes.is_some() => continue,
+            None => vm.ioeventfd(
+                t.kick(q),
+                virtio::mmio_base(i) + virtio::transport::QUEUE_NOTIFY,
+                q as u32,
+            ),
+        };
+        if let Err(e) = r {
+            tracing::debug!("no ioeventfd for virtio device {i}, queue {q}: {e}");
+        }
+    }
+    Ok(())
 }
 
 /// A booted machine whose vCPUs start paused; call [`Machine::resume`] to run.
@@ -262,10 +330,10 @@ impl Machine {
                 vm.max_vcpus()
             )));
         }
-        let devices = cfg.disks.len() + cfg.nets.len() + usize::from(cfg.vsock.is_some());
-        if devices > virtio::MAX_DEVICES {
+        let n_devices = cfg.disks.len() + cfg.nets.len() + usize::from(cfg.vsock.is_some());
+        if n_devices > virtio::MAX_DEVICES {
             return Err(VmmError::Config(format!(
-                "at most {} virtio devices (disks and NICs together), {devices} given",
+                "at most {} virtio devices (disks and NICs together), {n_devices} given",
                 virtio::MAX_DEVICES
             )));
         }
@@ -276,9 +344,12 @@ impl Machine {
                 cmdline,
             } => {
                 let ram = GuestRam::anonymous(cfg.mem_bytes)?;
-                // Guests find the virtio-mmio devices in the ACPI DSDT (stock kernels)
-                // or on the command line (the reference guest, kernels without ACPI).
-                let mmio: Vec<_> = (0..devices)
+                // Guests find virtio-mmio devices in the ACPI DSDT (stock kernels)
+                // or on the command line (the reference guest, kernels without
+                // ACPI); virtio-pci devices on the PCI bus the DSDT describes.
+                let pci = cfg.virtio_pci.unwrap_or(false);
+                let mmio: Vec<_> = (0..n_devices)
+                    .filter(|_| !pci)
                     .map(|i| boot::acpi::MmioDevice {
                         base: virtio::mmio_base(i),
                         size: virtio::MMIO_SIZE,
@@ -286,7 +357,7 @@ impl Machine {
                     })
                     .collect();
                 let mut cmdline = cmdline;
-                for i in 0..devices {
+                for i in 0..mmio.len() {
                     cmdline.push(' ');
                     cmdline.push_str(&virtio::cmdline_entry(i));
                 }
@@ -296,6 +367,7 @@ impl Machine {
                     cmdline: &cmdline,
                     cpus: cfg.cpus,
                     virtio: &mmio,
+                    pci,
                     vmgenid: cfg.vmgenid.is_some(),
                 };
                 let entry = boot::load_kernel(ram.memory(), cfg.mem_bytes, &spec)?;
@@ -347,6 +419,19 @@ impl Machine {
         if !premapped {
             vm.map_ram(&ram)?;
         }
+        let pci = match (&state, cfg.virtio_pci) {
+            (Some(st), Some(want)) if st.pci != want => {
+                return Err(VmmError::Config(format!(
+                    "the snapshot's devices are on {}, {} was asked for",
+                    transport_name(st.pci),
+                    transport_name(want)
+                )))
+            }
+            (Some(st), _) => st.pci,
+            (None, want) => want.unwrap_or(false),
+        };
+        let routes = pci.then(|| Arc::new(GsiRoutes::new(vm.fd.clone())));
+        let mut next_gsi = crate::kvm::vm::FIRST_MSI_GSI;
 
         let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmmError::Io)?;
         vm.irqfd(&serial_irq, serial::IRQ)?;
@@ -363,25 +448,24 @@ impl Machine {
         };
         let mut virtio_devs = Vec::new();
         for (i, d) in cfg.disks.into_iter().enumerate() {
-            let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmmError::Io)?;
-            vm.irqfd(&irq, virtio::irq(i))?;
-            let dev = match &state {
+            let irq = line(&vm, pci, i)?;
+            let mut dev = match &state {
                 Some(st) => VirtioBlk::restore(d.id, d.backend, d.readonly, irq, &st.virtio[i])
                     .map_err(VmmError::Config)?,
+                // On virtio-pci a queue per vCPU, each with its own vector.
+                None if pci => {
+                    VirtioBlk::with_queues(d.id, d.backend, d.readonly, irq, usize::from(cfg.cpus))
+                }
                 None => VirtioBlk::new(d.id, d.backend, d.readonly, irq),
             };
-            let at = virtio::mmio_base(i) + virtio::transport::QUEUE_NOTIFY;
-            if let Err(e) = vm.ioeventfd(dev.kick(), at, 0) {
-                tracing::debug!("no ioeventfd for disk {}: {e}", dev.id());
-            }
+            wire(&vm, routes.as_ref(), &mut next_gsi, i, dev.transport_mut())?;
             virtio_devs.push(Arc::new(Mutex::new(dev)));
         }
         let mut nets = Vec::new();
         for (j, n) in cfg.nets.into_iter().enumerate() {
             let i = virtio_devs.len() + j;
-            let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmmError::Io)?;
-            vm.irqfd(&irq, virtio::irq(i))?;
-            let dev = match &state {
+            let irq = line(&vm, pci, i)?;
+            let mut dev = match &state {
                 Some(st) => VirtioNet::restore(n.id, n.mac, n.backend, irq, &st.nets[j])
                     .map_err(VmmError::Config)?,
                 None => {
@@ -389,37 +473,21 @@ impl Machine {
                     VirtioNet::new(n.id, mac, n.backend, irq).map_err(VmmError::Io)?
                 }
             };
-            // Queue notifications go straight to the I/O thread; without an
-            // ioeventfd the MMIO handler signals the same eventfd.
-            for q in 0..virtio::net::QUEUES {
-                if let Err(e) = vm.ioeventfd(
-                    dev.kick(q),
-                    virtio::mmio_base(i) + virtio::transport::QUEUE_NOTIFY,
-                    q as u32,
-                ) {
-                    tracing::debug!("no ioeventfd for NIC {}: {e}", dev.id());
-                }
-            }
+            wire(&vm, routes.as_ref(), &mut next_gsi, i, dev.transport_mut())?;
             nets.push(Arc::new(Mutex::new(dev)));
         }
         let vsock = match &cfg.vsock {
             Some(v) => {
                 let i = virtio_devs.len() + nets.len();
-                let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmmError::Io)?;
-                vm.irqfd(&irq, virtio::irq(i))?;
+                let irq = line(&vm, pci, i)?;
                 let saved = state.as_ref().and_then(|s| s.vsock.as_ref());
-                let dev = match saved {
+                let mut dev = match saved {
                     Some(st) => {
                         VirtioVsock::restore(v.cid, &v.path, irq, st).map_err(VmmError::Config)?
                     }
                     None => VirtioVsock::new(v.cid, &v.path, irq).map_err(VmmError::Io)?,
                 };
-                for q in 0..virtio::vsock::QUEUES {
-                    let at = virtio::mmio_base(i) + virtio::transport::QUEUE_NOTIFY;
-                    if let Err(e) = vm.ioeventfd(dev.kick(q), at, q as u32) {
-                        tracing::debug!("no ioeventfd for the vsock device: {e}");
-                    }
-                }
+                wire(&vm, routes.as_ref(), &mut next_gsi, i, dev.transport_mut())?;
                 Some(Arc::new(Mutex::new(dev)))
             }
             None => None,
@@ -448,6 +516,7 @@ impl Machine {
             nets,
             vsock,
             mem: ram.memory().clone(),
+            pci: pci.then(|| crate::devices::PciHost::new(n_devices)),
             serial: Mutex::new(match &state {
                 Some(st) => serial::Serial::restore(serial_irq, cfg.serial, &st.serial)
                     .map_err(VmmError::Io)?,
@@ -461,6 +530,7 @@ impl Machine {
                 &state.as_ref().map(|s| s.acpi.clone()).unwrap_or_default(),
             ),
         });
+        bus.pci_refresh();
 
         if let Some(id) = cfg.vmgenid {
             vm_memory::Bytes::write_slice(
@@ -541,7 +611,10 @@ impl Machine {
                 // Requests the driver made available before the snapshot and
                 // the device had not taken yet run once the guest does.
                 for d in &bus.virtio {
-                    let _ = crate::devices::lock(d).kick().write(1);
+                    let d = crate::devices::lock(d);
+                    for q in 0..d.queues() {
+                        let _ = d.kick(q).write(1);
+                    }
                 }
                 for n in &bus.nets {
                     let d = crate::devices::lock(n);

@@ -25,8 +25,9 @@ use crate::VmmError;
 /// Version of [`MachineState`]'s layout; bumped on any incompatible change.
 pub const STATE_VERSION: u32 = 1;
 /// Minor version, bumped when fields are added compatibly (older readers ignore
-/// them; newer readers default them): 1 added `acpi`, 2 added `nets` and `vsock`.
-pub const STATE_MINOR: u32 = 2;
+/// them; newer readers default them): 1 added `acpi`, 2 added `nets` and `vsock`,
+/// 3 added `pci` (and the devices' PCI registers and extra disk queues).
+pub const STATE_MINOR: u32 = 3;
 
 /// KVM's VM-wide state: PIC, IOAPIC, PIT, kvmclock.
 #[derive(Serialize, Deserialize)]
@@ -65,6 +66,10 @@ pub struct MachineState {
     /// The vsock device (absent in images without one).
     #[serde(default)]
     pub vsock: Option<crate::devices::virtio::vsock::VsockState>,
+    /// The virtio devices are on virtio-pci (false: virtio-mmio, as in
+    /// images from before virtio-pci).
+    #[serde(default)]
+    pub pci: bool,
 }
 
 /// Errors decoding saved state.
@@ -276,6 +281,7 @@ impl Machine {
             acpi: self.bus().acpi.save(),
             virtio: self.bus().virtio.iter().map(|d| lock(d).save()).collect(),
             nets: self.bus().nets.iter().map(|n| lock(n).save()).collect(),
+            pci: self.bus().pci.is_some(),
             vsock: self.bus().vsock.as_ref().map(|v| lock(v).save()),
         })
     }

@@ -519,6 +519,7 @@ pub(super) fn create(
         nets: cfg.nets.clone(),
         vsock: cfg.vsock.clone(),
         vmgenid: (cfg.vmgenid && genid == GenId::New).then(new_generation_id),
+        virtio_pci: cfg.virtio_pci,
     };
     Ok(Machine::create(mc, sink)?)
 }

@@ -76,8 +76,37 @@ fn io_gas(port: u16) -> GAS {
 
 /// The DSDT's AML body (without the table header). Each object is built and
 /// serialized in one statement: the AML builders borrow their parts.
-fn dsdt_body(virtio: &[MmioDevice], vmgenid: bool) -> Vec<u8> {
+fn dsdt_body(virtio: &[MmioDevice], pci: bool, vmgenid: bool) -> Vec<u8> {
     let mut body = Vec::new();
+    if pci {
+        // The PCI host bridge: bus 0, configuration mechanism #1 at 0xcf8,
+        // and the memory window the virtio-pci BARs are placed in.
+        aml::Device::new(
+            "_SB_.PCI0".into(),
+            vec![
+                &aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0A03")),
+                &aml::Name::new("_ADR".into(), &aml::ZERO),
+                &aml::Name::new("_SEG".into(), &aml::ZERO),
+                &aml::Name::new("_UID".into(), &aml::ZERO),
+                &aml::Name::new("_BBN".into(), &aml::ZERO),
+                &aml::Name::new(
+                    "_CRS".into(),
+                    &aml::ResourceTemplate::new(vec![
+                        &aml::AddressSpace::new_bus_number(0u16, 0u16),
+                        &aml::IO::new(0xcf8, 0xcf8, 1, 8),
+                        &aml::AddressSpace::new_memory(
+                            aml::AddressSpaceCacheable::NotCacheable,
+                            true,
+                            layout::PCI_MMIO_START as u32,
+                            (layout::PCI_MMIO_END - 1) as u32,
+                            None,
+                        ),
+                    ]),
+                ),
+            ],
+        )
+        .to_aml_bytes(&mut body);
+    }
     // COM1: the 8250 PNP driver finds the console here.
     aml::Device::new(
         "_SB_.COM1".into(),
@@ -332,6 +361,7 @@ fn io_block(port: u16, len: u8) -> GAS {
 pub fn build(
     cpus: u8,
     virtio: &[MmioDevice],
+    pci: bool,
     vmgenid: bool,
     platform: Platform,
 ) -> Result<Tables, BootError> {
@@ -340,7 +370,7 @@ pub fn build(
     // The XSDT has two entries (FADT, MADT).
     let fadt_addr = align(xsdt_addr + 36 + 2 * 8);
     let dsdt_addr = align(fadt_addr + acpi_tables::fadt::FADT::len() as u64);
-    let dsdt = sdt(b"DSDT", 2, &dsdt_body(virtio, vmgenid));
+    let dsdt = sdt(b"DSDT", 2, &dsdt_body(virtio, pci, vmgenid));
     let madt_addr = align(dsdt_addr + dsdt.len() as u64);
     let madt = madt(cpus, platform);
     // The FACS (full ACPI only) must be 64-byte aligned.
@@ -385,10 +415,11 @@ pub fn write(
     mem: &GuestMemoryMmap,
     cpus: u8,
     virtio: &[MmioDevice],
+    pci: bool,
     vmgenid: bool,
     platform: Platform,
 ) -> Result<u64, BootError> {
-    let t = build(cpus, virtio, vmgenid, platform)?;
+    let t = build(cpus, virtio, pci, vmgenid, platform)?;
     for (addr, blob) in &t.blobs {
         mem.write_slice(blob, GuestAddress(*addr))
             .map_err(|e| BootError::GuestMemory(e.to_string()))?;
@@ -428,7 +459,7 @@ mod tests {
     /// checking each signature, length and checksum on the way.
     #[test]
     fn a_guest_can_walk_the_tables() {
-        let t = build(4, &[dev(0), dev(1)], true, Platform::PcCompatible).unwrap();
+        let t = build(4, &[dev(0), dev(1)], false, true, Platform::PcCompatible).unwrap();
         let rsdp = table(&t, t.rsdp());
         assert_eq!(&rsdp[..8], b"RSD PTR ");
         assert_eq!(sum(&rsdp[..20]), 0, "RSDP checksum");
@@ -533,7 +564,7 @@ mod tests {
             Platform::for_cmdline("console=ttyS0 xnoapic"),
             Platform::Reduced
         );
-        let t = build(2, &[dev(0)], true, Platform::Reduced).unwrap();
+        let t = build(2, &[dev(0)], false, true, Platform::Reduced).unwrap();
         let rsdp = table(&t, t.rsdp());
         let xsdt = table(&t, u64_at(rsdp, 24));
         let fadt = table(&t, u64_at(xsdt, 36));
@@ -548,7 +579,7 @@ mod tests {
     #[test]
     fn dsdt_describes_every_virtio_device_and_power_control() {
         let devs: Vec<_> = (0..8).map(dev).collect();
-        let body = dsdt_body(&devs, true);
+        let body = dsdt_body(&devs, false, true);
         let count = |pat: &[u8]| body.windows(pat.len()).filter(|w| *w == pat).count();
         assert_eq!(count(b"LNRO0005"), 8);
         for (i, d) in devs.iter().enumerate() {
@@ -565,8 +596,8 @@ mod tests {
         assert_eq!(count(b"PWRB"), 2, "the button and the notify target");
         assert_eq!(count(b"VMGENCTR"), 1, "the generation ID's device");
         assert_eq!(count(b"VGEN"), 2, "the device and the notify target");
-        let without = dsdt_body(&devs, false);
+        let without = dsdt_body(&devs, false, false);
         assert!(!without.windows(4).any(|w| w == b"VGEN"), "--vmgenid off");
-        assert!(build(1, &devs, true, Platform::Reduced).is_ok());
+        assert!(build(1, &devs, false, true, Platform::Reduced).is_ok());
     }
 }

@@ -166,6 +166,7 @@ mod tests {
             cmdline: "console=ttyS0",
             cpus: 2,
             virtio: &[],
+            pci: false,
             vmgenid: true,
         };
         let entry = crate::boot::load_kernel(ram.memory(), 256 << 20, &spec).unwrap();

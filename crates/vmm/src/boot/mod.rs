@@ -64,6 +64,8 @@ pub struct BootSpec<'a> {
     pub cpus: u8,
     /// virtio-mmio devices, described to the guest in the ACPI DSDT.
     pub virtio: &'a [acpi::MmioDevice],
+    /// Describe a PCI host bridge (the virtio-pci devices are found on its bus).
+    pub pci: bool,
     /// Describe the VM generation ID device (`VGEN`) in the DSDT.
     pub vmgenid: bool,
 }
@@ -83,7 +85,7 @@ pub fn load_kernel(
             .map_err(|e| BootError::GuestMemory(e.to_string()))?;
     }
     let platform = acpi::Platform::for_cmdline(spec.cmdline);
-    let rsdp = acpi::write(mem, spec.cpus, spec.virtio, spec.vmgenid, platform)?;
+    let rsdp = acpi::write(mem, spec.cpus, spec.virtio, spec.pci, spec.vmgenid, platform)?;
     let e820 = e820::map(ram_size);
     let mut image = Cursor::new(spec.kernel);
     if spec.kernel.starts_with(b"\x7fELF") {
@@ -213,6 +215,7 @@ mod tests {
             cmdline: "",
             cpus: 1,
             virtio: &[],
+            pci: false,
             vmgenid: false,
         };
         assert!(matches!(

@@ -11,6 +11,7 @@ pub mod io_thread;
 pub mod serial;
 pub mod virtio;
 
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// Something a device asks of the machine.
@@ -25,9 +26,46 @@ pub enum DeviceRequest {
 /// Where devices send their requests.
 pub type RequestSink = Box<dyn Fn(DeviceRequest) + Send + Sync>;
 
+/// PCI configuration mechanism #1: the address port, then the data ports.
+pub const PCI_CONFIG_ADDRESS: u16 = 0xcf8;
+const PCI_CONFIG_DATA: u16 = 0xcfc;
+const PCI_CONFIG_DATA_LAST: u16 = 0xcff;
+
+/// PCI bus 0 when the virtio devices are on virtio-pci: a host bridge at
+/// device 0, then virtio device `i` at device `i + 1`.
+pub struct PciHost {
+    /// The configuration address the guest last wrote (0xcf8).
+    address: AtomicU32,
+    /// Each device's BAR 0 while decoded (0: not), kept here so that MMIO
+    /// finds its device without locking every device.
+    bars: Vec<AtomicU64>,
+}
+
+impl PciHost {
+    pub fn new(devices: usize) -> PciHost {
+        PciHost {
+            address: AtomicU32::new(0),
+            bars: (0..devices).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+
+    /// The host bridge's configuration space (QEMU's generic host bridge IDs).
+    fn bridge_read(reg: usize, data: &mut [u8]) {
+        let mut c = [0u8; 64];
+        c[0..2].copy_from_slice(&0x1b36u16.to_le_bytes());
+        c[2..4].copy_from_slice(&0x0008u16.to_le_bytes());
+        c[0x0b] = 0x06; // class: bridge, host
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = c.get(reg + i).copied().unwrap_or(0);
+        }
+    }
+}
+
 /// The device buses: port I/O — serial (0x3f8–0x3ff), i8042 (0x60, 0x64),
-/// debug-exit (0xf4–0xf7), ACPI power management (0x600–0x603) — and MMIO — virtio devices from
-/// [`virtio::MMIO_BASE`], one 4 KiB window each: the disks first, then the NICs.
+/// debug-exit (0xf4–0xf7), ACPI power management (0x600–0x603), PCI
+/// configuration (0xcf8–0xcff) — and MMIO — virtio devices from
+/// [`virtio::MMIO_BASE`], one 4 KiB window each, or at their BARs on
+/// virtio-pci: the disks first, then the NICs, then vsock.
 pub struct PioBus {
     pub serial: Mutex<serial::Serial>,
     pub i8042: Mutex<i8042::I8042>,
@@ -41,6 +79,8 @@ pub struct PioBus {
     pub vsock: Option<Arc<Mutex<virtio::vsock::VirtioVsock>>>,
     /// Guest memory, for devices that read their rings and buffers.
     pub mem: vm_memory::GuestMemoryMmap,
+    /// Bus 0, when the virtio devices are on virtio-pci.
+    pub pci: Option<PciHost>,
 }
 
 /// The virtio device behind an MMIO window.
@@ -51,19 +91,100 @@ enum Slot<'a> {
 }
 
 impl PioBus {
-    fn virtio_at(&self, addr: u64) -> Option<(Slot<'_>, u64)> {
-        let off = addr.checked_sub(virtio::MMIO_BASE)?;
-        let i = (off / virtio::MMIO_SIZE) as usize;
-        let at = off % virtio::MMIO_SIZE;
+    /// Virtio device `i` (disks, then NICs, then vsock).
+    fn slot(&self, i: usize) -> Option<Slot<'_>> {
         let nics = self.virtio.len() + self.nets.len();
         if let Some(d) = self.virtio.get(i) {
-            Some((Slot::Disk(d), at))
+            Some(Slot::Disk(d))
         } else if let Some(n) = self.nets.get(i - self.virtio.len()) {
-            Some((Slot::Nic(n), at))
+            Some(Slot::Nic(n))
         } else if i == nics {
-            self.vsock.as_deref().map(|v| (Slot::Vsock(v), at))
+            self.vsock.as_deref().map(Slot::Vsock)
         } else {
             None
+        }
+    }
+
+    fn virtio_at(&self, addr: u64) -> Option<(Slot<'_>, u64)> {
+        if let Some(pci) = &self.pci {
+            return pci.bars.iter().enumerate().find_map(|(i, b)| {
+                let bar = b.load(Ordering::Acquire);
+                let at = addr.checked_sub(bar)?;
+                (bar != 0 && at < virtio::pci::BAR_SIZE).then(|| Some((self.slot(i)?, at)))?
+            });
+        }
+        let off = addr.checked_sub(virtio::MMIO_BASE)?;
+        let i = (off / virtio::MMIO_SIZE) as usize;
+        Some((self.slot(i)?, off % virtio::MMIO_SIZE))
+    }
+
+    /// The transport of virtio device `i`, locked, for `f`.
+    fn with_transport<R>(
+        &self,
+        i: usize,
+        f: impl FnOnce(&mut virtio::transport::Transport) -> R,
+    ) -> Option<R> {
+        Some(match self.slot(i)? {
+            Slot::Disk(d) => f(lock(d).transport_mut()),
+            Slot::Nic(n) => f(lock(n).transport_mut()),
+            Slot::Vsock(v) => f(lock(v).transport_mut()),
+        })
+    }
+
+    /// A read of the PCI configuration data ports: (device, register).
+    fn pci_config(&self, pci: &PciHost, port: u16) -> Option<(usize, usize)> {
+        let a = pci.address.load(Ordering::Acquire);
+        let (bus, dev, func) = ((a >> 16) & 0xff, (a >> 11) & 0x1f, (a >> 8) & 7);
+        if a & (1 << 31) == 0 || bus != 0 || func != 0 {
+            return None;
+        }
+        Some((dev as usize, (a & 0xfc) as usize + usize::from(port - PCI_CONFIG_DATA)))
+    }
+
+    fn pci_read(&self, pci: &PciHost, port: u16, data: &mut [u8]) {
+        if port == PCI_CONFIG_ADDRESS && data.len() == 4 {
+            data.copy_from_slice(&pci.address.load(Ordering::Acquire).to_le_bytes());
+            return;
+        }
+        if port < PCI_CONFIG_DATA {
+            return;
+        }
+        match self.pci_config(pci, port) {
+            Some((0, reg)) => PciHost::bridge_read(reg, data),
+            Some((dev, reg)) => {
+                self.with_transport(dev - 1, |t| t.pci_config_read(reg, data));
+            }
+            None => {}
+        }
+    }
+
+    fn pci_write(&self, pci: &PciHost, port: u16, data: &[u8]) {
+        if port == PCI_CONFIG_ADDRESS && data.len() == 4 {
+            let a = u32::from_le_bytes([data[0], data[1], data[2], data[3]]);
+            pci.address.store(a, Ordering::Release);
+            return;
+        }
+        if port < PCI_CONFIG_DATA {
+            return;
+        }
+        if let Some((dev, reg)) = self.pci_config(pci, port).filter(|(d, _)| *d > 0) {
+            let bar = self.with_transport(dev - 1, |t| {
+                t.pci_config_write(reg, data);
+                t.pci_bar().unwrap_or(0)
+            });
+            if let (Some(bar), Some(slot)) = (bar, pci.bars.get(dev - 1)) {
+                slot.store(bar, Ordering::Release);
+            }
+        }
+    }
+
+    /// Publishes every device's BAR (after the devices were built or restored).
+    pub fn pci_refresh(&self) {
+        if let Some(pci) = &self.pci {
+            for (i, slot) in pci.bars.iter().enumerate() {
+                let bar = self.with_transport(i, |t| t.pci_bar().unwrap_or(0));
+                slot.store(bar.unwrap_or(0), Ordering::Release);
+            }
         }
     }
 
@@ -96,6 +217,11 @@ impl PioBus {
             }
             i8042::DATA | i8042::COMMAND => data[0] = lock(&self.i8042).read(port),
             acpi::BASE..=acpi::LAST => self.acpi.read(port, data),
+            PCI_CONFIG_ADDRESS..=PCI_CONFIG_DATA_LAST => {
+                if let Some(pci) = &self.pci {
+                    self.pci_read(pci, port, data);
+                }
+            }
             _ => {}
         }
     }
@@ -109,6 +235,11 @@ impl PioBus {
             i8042::DATA | i8042::COMMAND => lock(&self.i8042).write(port, data[0]),
             debug_exit::BASE..=debug_exit::LAST => self.debug_exit.write(data),
             acpi::BASE..=acpi::LAST => self.acpi.write(port, data),
+            PCI_CONFIG_ADDRESS..=PCI_CONFIG_DATA_LAST => {
+                if let Some(pci) = &self.pci {
+                    self.pci_write(pci, port, data);
+                }
+            }
             _ => {}
         }
     }

@@ -1,12 +1,21 @@
-//! The KVM VM: memory slots, in-kernel irqchip and PIT, irqfds.
+//! The KVM VM: memory slots, in-kernel irqchip and PIT, irqfds, and the GSI
+//! routes of MSI-X vectors.
 
+use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 
-use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
+use kvm_bindings::{
+    kvm_irq_routing_entry, kvm_irq_routing_entry__bindgen_ty_1, kvm_irq_routing_irqchip,
+    kvm_irq_routing_msi, kvm_pit_config, kvm_userspace_memory_region, KvmIrqRouting,
+    KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_IRQ_ROUTING_IRQCHIP,
+    KVM_IRQ_ROUTING_MSI, KVM_PIT_SPEAKER_DUMMY,
+};
 use kvm_ioctls::{Cap, Kvm, VmFd};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{ioctl, KvmError};
+use crate::devices::virtio::pci::{MsiMessage, MsiRoutes};
 use crate::memory::GuestRam;
 
 /// Default KVM device.
@@ -17,7 +26,8 @@ const IDENTITY_MAP_ADDR: u64 = 0xfffb_c000;
 /// An open KVM system handle and one VM.
 pub struct KvmVm {
     pub kvm: Kvm,
-    pub fd: VmFd,
+    /// Shared with [`GsiRoutes`], which changes the VM's interrupt routing.
+    pub fd: Arc<VmFd>,
 }
 
 impl KvmVm {
@@ -47,7 +57,10 @@ impl KvmVm {
         };
         fd.create_pit2(pit).map_err(ioctl("KVM_CREATE_PIT2"))?;
         init_pics(&fd)?;
-        Ok(KvmVm { kvm, fd })
+        Ok(KvmVm {
+            kvm,
+            fd: Arc::new(fd),
+        })
     }
 
     /// Registers every RAM region as a memory slot.
@@ -82,8 +95,100 @@ impl KvmVm {
             .map_err(ioctl("KVM_IOEVENTFD"))
     }
 
+    /// Has KVM signal `evt` on a guest write of any size and value to MMIO
+    /// address `addr` (a virtio-pci queue notification).
+    pub fn ioeventfd_any(&self, evt: &EventFd, addr: u64) -> Result<(), KvmError> {
+        self.fd
+            .register_ioevent(
+                evt,
+                &kvm_ioctls::IoEventAddress::Mmio(addr),
+                kvm_ioctls::NoDatamatch,
+            )
+            .map_err(ioctl("KVM_IOEVENTFD"))
+    }
+
     pub fn max_vcpus(&self) -> usize {
         self.kvm.get_max_vcpus()
+    }
+}
+
+/// GSIs below this are the irqchip pins; MSI routes are numbered from here.
+pub const FIRST_MSI_GSI: u32 = 24;
+
+/// The VM's interrupt routing: the irqchip pins as KVM sets them up by
+/// default (GSI 0-15 to both 8259s and the IOAPIC, 16-23 to the IOAPIC),
+/// plus a route per MSI-X vector the guest programmed. KVM replaces the
+/// whole table on every change, so the table is kept here.
+pub struct GsiRoutes {
+    fd: Arc<VmFd>,
+    msi: Mutex<BTreeMap<u32, MsiMessage>>,
+}
+
+impl GsiRoutes {
+    pub fn new(fd: Arc<VmFd>) -> GsiRoutes {
+        GsiRoutes {
+            fd,
+            msi: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    fn table(msi: &BTreeMap<u32, MsiMessage>) -> Vec<kvm_irq_routing_entry> {
+        let chip = |gsi: u32, irqchip: u32, pin: u32| kvm_irq_routing_entry {
+            gsi,
+            type_: KVM_IRQ_ROUTING_IRQCHIP,
+            u: kvm_irq_routing_entry__bindgen_ty_1 {
+                irqchip: kvm_irq_routing_irqchip { irqchip, pin },
+            },
+            ..Default::default()
+        };
+        let mut t = Vec::new();
+        for gsi in 0..FIRST_MSI_GSI {
+            if gsi < 16 {
+                let pic = if gsi < 8 {
+                    KVM_IRQCHIP_PIC_MASTER
+                } else {
+                    KVM_IRQCHIP_PIC_SLAVE
+                };
+                t.push(chip(gsi, pic, gsi % 8));
+            }
+            t.push(chip(gsi, KVM_IRQCHIP_IOAPIC, gsi));
+        }
+        for (gsi, m) in msi {
+            t.push(kvm_irq_routing_entry {
+                gsi: *gsi,
+                type_: KVM_IRQ_ROUTING_MSI,
+                u: kvm_irq_routing_entry__bindgen_ty_1 {
+                    msi: kvm_irq_routing_msi {
+                        address_lo: m.addr as u32,
+                        address_hi: (m.addr >> 32) as u32,
+                        data: m.data,
+                        ..Default::default()
+                    },
+                },
+                ..Default::default()
+            });
+        }
+        t
+    }
+}
+
+impl MsiRoutes for GsiRoutes {
+    fn route(&self, gsi: u32, msg: Option<MsiMessage>) -> std::io::Result<()> {
+        let mut msi = crate::devices::lock(&self.msi);
+        let changed = match msg {
+            Some(m) => msi.insert(gsi, m) != Some(m),
+            None => msi.remove(&gsi).is_some(),
+        };
+        if !changed {
+            return Ok(());
+        }
+        let entries = GsiRoutes::table(&msi);
+        let mut r = KvmIrqRouting::new(entries.len())
+            .map_err(|e| std::io::Error::other(format!("{e:?}")))?;
+        r.as_mut_slice().copy_from_slice(&entries);
+        self.fd
+            .set_gsi_routing(&r)
+            .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
     }
 }
 

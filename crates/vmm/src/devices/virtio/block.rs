@@ -1,4 +1,5 @@
-//! virtio-blk over the virtio-mmio transport (version 2, "modern").
+//! virtio-blk over the virtio transport (virtio-mmio, or virtio-pci with a
+//! request queue and an MSI-X vector per vCPU).
 //!
 //! Requests run on the device I/O thread ([`crate::devices::io_thread`]):
 //! the driver's queue notification signals an eventfd (KVM's ioeventfd, so
@@ -14,26 +15,25 @@ use serde::{Deserialize, Serialize};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::queue::{Desc, QueueError, QueueRegs, VirtQueue, QUEUE_MAX};
+use super::pci::PciState;
+use super::queue::{Desc, QueueError, QueueRegs, QUEUE_MAX};
+use super::transport::{serve, Transport, TransportState};
 use super::BlockBackend;
 
+#[cfg(test)]
 const MAGIC: u32 = 0x7472_6976; // "virt"
-const VERSION: u32 = 2;
 const DEVICE_ID_BLOCK: u32 = 2;
-const VENDOR_ID: u32 = 0x534e_4150; // "SNAP"
 
 const F_SIZE_MAX: u64 = 1 << 1;
 const F_SEG_MAX: u64 = 1 << 2;
 const F_RO: u64 = 1 << 5;
 const F_FLUSH: u64 = 1 << 9;
+const F_MQ: u64 = 1 << 12;
 const F_DISCARD: u64 = 1 << 13;
 const F_WRITE_ZEROES: u64 = 1 << 14;
 const F_RING_INDIRECT_DESC: u64 = 1 << 28;
 const F_RING_EVENT_IDX: u64 = 1 << 29;
 const F_VERSION_1: u64 = 1 << 32;
-
-const STATUS_FEATURES_OK: u32 = 8;
-const STATUS_NEEDS_RESET: u32 = 64;
 
 const T_IN: u32 = 0;
 const T_OUT: u32 = 1;
@@ -58,6 +58,9 @@ const SECTOR: u64 = 512;
 const MAX_REQUEST: u64 = 8 << 20;
 const SEG_MAX: u32 = QUEUE_MAX as u32 - 2;
 const SIZE_MAX: u32 = (MAX_REQUEST / SEG_MAX as u64) as u32 & !0xfff;
+/// Most request queues a disk has (`VIRTIO_BLK_F_MQ`: one per vCPU, on
+/// virtio-pci, where each has its own interrupt vector).
+pub const MAX_QUEUES: usize = 32;
 
 /// The device's registers: everything a snapshot needs besides the disk.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -67,12 +70,53 @@ pub struct VirtioBlkState {
     pub driver_features_sel: u32,
     pub driver_features: u64,
     pub queue_sel: u32,
-    /// The queue as saved; while the device runs, [`VirtioBlk`] holds it live.
+    /// The first queue as saved; while the device runs, [`VirtioBlk`] holds it live.
     pub queue: QueueRegs,
     pub interrupt_status: u32,
     pub config_generation: u32,
     /// The disk's size when saved (a restore with a different disk is refused).
     pub capacity_bytes: u64,
+    /// The queues after the first (a disk with several; absent in older images).
+    #[serde(default)]
+    pub more_queues: Vec<QueueRegs>,
+    /// PCI registers, on virtio-pci (absent on virtio-mmio and in older images).
+    #[serde(default)]
+    pub pci: Option<PciState>,
+}
+
+impl VirtioBlkState {
+    fn transport(&self) -> TransportState {
+        TransportState {
+            status: self.status,
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            driver_features: self.driver_features,
+            queue_sel: self.queue_sel,
+            queues: std::iter::once(self.queue.clone())
+                .chain(self.more_queues.iter().cloned())
+                .collect(),
+            interrupt_status: self.interrupt_status,
+            config_generation: self.config_generation,
+            pci: self.pci.clone(),
+        }
+    }
+
+    fn of(t: TransportState, capacity_bytes: u64) -> VirtioBlkState {
+        let mut queues = t.queues.into_iter();
+        VirtioBlkState {
+            status: t.status,
+            device_features_sel: t.device_features_sel,
+            driver_features_sel: t.driver_features_sel,
+            driver_features: t.driver_features,
+            queue_sel: t.queue_sel,
+            queue: queues.next().unwrap_or_default(),
+            interrupt_status: t.interrupt_status,
+            config_generation: t.config_generation,
+            capacity_bytes,
+            more_queues: queues.collect(),
+            pci: t.pci,
+        }
+    }
 }
 
 /// Counters for tests and figures.
@@ -88,16 +132,13 @@ pub struct VirtioBlk {
     id: String,
     backend: Box<dyn BlockBackend>,
     readonly: bool,
-    irq: EventFd,
-    /// Queue notifications: KVM signals it (ioeventfd) or the MMIO handler
-    /// does; the I/O thread takes them.
-    kick: EventFd,
+    capacity_bytes: u64,
     /// A request's data on its way (grown to the largest request seen, never
     /// zeroed again: every byte used is written first).
     bounce: Vec<u8>,
-    /// Registers; `st.queue` is stale while running (the live queue is `queue`).
-    st: VirtioBlkState,
-    queue: VirtQueue,
+    /// Registers, queues (each notified through its eventfd: KVM signals it,
+    /// or the MMIO handler does) and interrupts.
+    t: Transport,
     pub stats: BlockStats,
 }
 
@@ -106,34 +147,55 @@ impl std::fmt::Debug for VirtioBlk {
         f.debug_struct("VirtioBlk")
             .field("id", &self.id)
             .field("readonly", &self.readonly)
-            .field("state", &self.st)
+            .field("state", &self.t.st)
             .finish_non_exhaustive()
     }
 }
 
 impl VirtioBlk {
+    /// A disk with one request queue.
     pub fn new(id: String, backend: Box<dyn BlockBackend>, readonly: bool, irq: EventFd) -> Self {
+        VirtioBlk::with_queues(id, backend, readonly, irq, 1)
+    }
+
+    /// A disk with `queues` request queues (1 to [`MAX_QUEUES`]).
+    pub fn with_queues(
+        id: String,
+        backend: Box<dyn BlockBackend>,
+        readonly: bool,
+        irq: EventFd,
+        queues: usize,
+    ) -> Self {
+        let queues = queues.clamp(1, MAX_QUEUES);
         let capacity_bytes = backend.size();
+        let features = F_VERSION_1
+            | F_FLUSH
+            | F_SIZE_MAX
+            | F_SEG_MAX
+            | F_RING_INDIRECT_DESC
+            | F_RING_EVENT_IDX
+            | if readonly {
+                F_RO
+            } else {
+                F_DISCARD | F_WRITE_ZEROES
+            }
+            | if queues > 1 { F_MQ } else { 0 };
         VirtioBlk {
             id,
             backend,
             readonly,
-            irq,
-            // An eventfd is a file descriptor; running out of them here is
-            // a host out of resources, as for the irqfd the caller made.
-            kick: EventFd::new(libc::EFD_NONBLOCK)
-                .unwrap_or_else(|e| panic!("cannot create an eventfd: {e}")),
+            capacity_bytes,
             bounce: Vec::new(),
-            st: VirtioBlkState {
-                capacity_bytes,
-                ..VirtioBlkState::default()
-            },
-            queue: VirtQueue::new(),
+            // Eventfds are file descriptors; running out of them here is
+            // a host out of resources, as for the irqfd the caller made.
+            t: Transport::new(DEVICE_ID_BLOCK, features, queues, irq)
+                .unwrap_or_else(|e| panic!("cannot create an eventfd: {e}")),
             stats: BlockStats::default(),
         }
     }
 
-    /// Rebuilds the device from saved state over the same disk.
+    /// Rebuilds the device from saved state over the same disk (with as
+    /// many queues as it had).
     pub fn restore(
         id: String,
         backend: Box<dyn BlockBackend>,
@@ -148,17 +210,17 @@ impl VirtioBlk {
                 st.capacity_bytes
             ));
         }
-        let mut d = VirtioBlk::new(id, backend, readonly, irq);
-        d.st = st.clone();
-        d.queue = VirtQueue::restore(&st.queue);
+        let queues = 1 + st.more_queues.len();
+        if queues > MAX_QUEUES {
+            return Err(format!("disk '{id}': the snapshot has {queues} queues"));
+        }
+        let mut d = VirtioBlk::with_queues(id, backend, readonly, irq, queues);
+        d.t.restore(&st.transport())?;
         Ok(d)
     }
 
     pub fn save(&self) -> VirtioBlkState {
-        VirtioBlkState {
-            queue: self.queue.save(),
-            ..self.st.clone()
-        }
+        VirtioBlkState::of(self.t.save(), self.capacity_bytes)
     }
 
     /// Gives the disk back.
@@ -179,174 +241,77 @@ impl VirtioBlk {
         self.backend.as_mut()
     }
 
-    fn device_features(&self) -> u64 {
-        F_VERSION_1
-            | F_FLUSH
-            | F_SIZE_MAX
-            | F_SEG_MAX
-            | F_RING_INDIRECT_DESC
-            | F_RING_EVENT_IDX
-            | if self.readonly {
-                F_RO
-            } else {
-                F_DISCARD | F_WRITE_ZEROES
-            }
+    /// The transport (e.g. to move the device onto virtio-pci).
+    pub fn transport_mut(&mut self) -> &mut Transport {
+        &mut self.t
     }
 
-    fn reset(&mut self) {
-        let capacity_bytes = self.backend.size();
-        self.st = VirtioBlkState {
-            capacity_bytes,
-            config_generation: self.st.config_generation,
-            ..VirtioBlkState::default()
-        };
-        self.queue = VirtQueue::new();
+    /// How many request queues the disk has.
+    pub fn queues(&self) -> usize {
+        self.t.queues.len()
+    }
+
+    /// virtio_blk_config: capacity (sectors), size_max, seg_max, then (after
+    /// geometry, blk_size and topology) num_queues at 34, the discard and
+    /// write-zeroes limits at 36..57.
+    fn config(&self) -> [u8; 60] {
+        let mut bytes = [0u8; 60];
+        bytes[..8].copy_from_slice(&(self.capacity_bytes / SECTOR).to_le_bytes());
+        bytes[8..12].copy_from_slice(&SIZE_MAX.to_le_bytes());
+        bytes[12..16].copy_from_slice(&SEG_MAX.to_le_bytes());
+        bytes[34..36].copy_from_slice(&(self.t.queues.len() as u16).to_le_bytes());
+        bytes[36..40].copy_from_slice(&MAX_RANGE_SECTORS.to_le_bytes());
+        bytes[40..44].copy_from_slice(&1u32.to_le_bytes());
+        bytes[44..48].copy_from_slice(&8u32.to_le_bytes()); // 4 KiB alignment
+        bytes[48..52].copy_from_slice(&MAX_RANGE_SECTORS.to_le_bytes());
+        bytes[52..56].copy_from_slice(&1u32.to_le_bytes());
+        bytes[56] = 1; // write_zeroes_may_unmap
+        bytes
     }
 
     /// A guest read of the register window.
-    pub fn read(&self, offset: u64, data: &mut [u8]) {
-        if offset >= 0x100 {
-            // virtio_blk_config: capacity (sectors), size_max, seg_max, then
-            // (after geometry, blk_size, topology, writeback, num_queues) the
-            // discard and write-zeroes limits at 36..57.
-            let mut bytes = [0u8; 60];
-            bytes[..8].copy_from_slice(&(self.st.capacity_bytes / SECTOR).to_le_bytes());
-            bytes[8..12].copy_from_slice(&SIZE_MAX.to_le_bytes());
-            bytes[12..16].copy_from_slice(&SEG_MAX.to_le_bytes());
-            bytes[36..40].copy_from_slice(&MAX_RANGE_SECTORS.to_le_bytes());
-            bytes[40..44].copy_from_slice(&1u32.to_le_bytes());
-            bytes[44..48].copy_from_slice(&8u32.to_le_bytes()); // 4 KiB alignment
-            bytes[48..52].copy_from_slice(&MAX_RANGE_SECTORS.to_le_bytes());
-            bytes[52..56].copy_from_slice(&1u32.to_le_bytes());
-            bytes[56] = 1; // write_zeroes_may_unmap
-            for (i, b) in data.iter_mut().enumerate() {
-                let at = (offset - 0x100) as usize + i;
-                *b = bytes.get(at).copied().unwrap_or(0);
-            }
-            return;
-        }
-        let v: u32 = match offset {
-            0x000 => MAGIC,
-            0x004 => VERSION,
-            0x008 => DEVICE_ID_BLOCK,
-            0x00c => VENDOR_ID,
-            0x010 => match self.st.device_features_sel {
-                0 => self.device_features() as u32,
-                1 => (self.device_features() >> 32) as u32,
-                _ => 0,
-            },
-            0x034 if self.st.queue_sel == 0 => u32::from(QUEUE_MAX),
-            0x044 if self.st.queue_sel == 0 => u32::from(self.queue.ready()),
-            0x060 => self.st.interrupt_status,
-            0x070 => self.st.status,
-            0x0fc => self.st.config_generation,
-            _ => 0,
-        };
-        let bytes = v.to_le_bytes();
-        let n = data.len().min(4);
-        data[..n].copy_from_slice(&bytes[..n]);
+    pub fn read(&mut self, offset: u64, data: &mut [u8]) {
+        let config = self.config();
+        self.t.read(offset, data, &config);
     }
 
     /// A guest write to the register window.
     pub fn write(&mut self, offset: u64, data: &[u8]) {
-        if data.len() != 4 {
-            return; // registers are 32-bit; config space is read-only
-        }
-        let v = u32::from_le_bytes([data[0], data[1], data[2], data[3]]);
-        let lo = |old: u64| (old & !0xffff_ffff) | u64::from(v);
-        let hi = |old: u64| (old & 0xffff_ffff) | (u64::from(v) << 32);
-        let q0 = self.st.queue_sel == 0;
-        let live = self.st.status & STATUS_FEATURES_OK != 0 && !self.queue.ready();
-        match offset {
-            0x014 => self.st.device_features_sel = v,
-            0x020 => match self.st.driver_features_sel {
-                0 => self.st.driver_features = lo(self.st.driver_features),
-                1 => self.st.driver_features = hi(self.st.driver_features),
-                _ => {}
-            },
-            0x024 => self.st.driver_features_sel = v,
-            0x030 => self.st.queue_sel = v,
-            0x038 if q0 => self.queue.set_size(v),
-            0x044 if q0 => self.queue.set_ready(v == 1),
-            // Normally KVM signals the eventfd itself (ioeventfd).
-            0x050 if v == 0 => {
-                let _ = self.kick.write(1);
-            }
-            0x064 => self.st.interrupt_status &= !v,
-            0x070 => {
-                if v == 0 {
-                    self.reset();
-                } else {
-                    let mut v = v;
-                    // FEATURES_OK sticks only for a feature set we offered, with VERSION_1.
-                    if v & STATUS_FEATURES_OK != 0
-                        && (self.st.driver_features & !self.device_features() != 0
-                            || self.st.driver_features & F_VERSION_1 == 0)
-                    {
-                        v &= !STATUS_FEATURES_OK;
-                    }
-                    self.st.status = v;
-                    self.queue
-                        .set_event_idx(self.st.driver_features & F_RING_EVENT_IDX != 0);
-                }
-            }
-            0x080 if q0 && live => self.queue.set_addr(0, Some(v), None),
-            0x084 if q0 && live => self.queue.set_addr(0, None, Some(v)),
-            0x090 if q0 && live => self.queue.set_addr(1, Some(v), None),
-            0x094 if q0 && live => self.queue.set_addr(1, None, Some(v)),
-            0x0a0 if q0 && live => self.queue.set_addr(2, Some(v), None),
-            0x0a4 if q0 && live => self.queue.set_addr(2, None, Some(v)),
-            _ => {}
-        }
+        self.t.write(offset, data);
     }
 
-    /// The queue-notification eventfd.
-    pub fn kick(&self) -> &EventFd {
-        &self.kick
+    /// Queue `q`'s notification eventfd.
+    pub fn kick(&self, q: usize) -> &EventFd {
+        self.t.kick(q)
     }
 
-    /// Executes every request the driver made available.
+    /// Executes every request the driver made available on every queue.
     pub fn process(&mut self, mem: &GuestMemoryMmap) {
-        if let Err(e) = self.drain(mem) {
+        for q in 0..self.t.queues.len() {
+            self.process_queue(q, mem);
+        }
+    }
+
+    /// Executes every request the driver made available on queue `q`.
+    fn process_queue(&mut self, q: usize, mem: &GuestMemoryMmap) {
+        let r = serve(self, |d| &mut d.t, q, mem, |d, chain| match chain {
+            Ok(chain) => d.request(mem, &chain),
+            Err(e) => {
+                tracing::warn!(disk = %d.id, "malformed request: {e}");
+                d.stats.errors += 1;
+                0
+            }
+        });
+        if let Err(e) = r {
             self.broken(e);
         }
-    }
-
-    fn drain(&mut self, mem: &GuestMemoryMmap) -> Result<(), QueueError> {
-        let mut used = false;
-        loop {
-            while let Some((head, chain)) = self.queue.pop(mem)? {
-                let written = match chain {
-                    Ok(chain) => self.request(mem, &chain),
-                    Err(e) => {
-                        tracing::warn!(disk = %self.id, "malformed request: {e}");
-                        self.stats.errors += 1;
-                        0
-                    }
-                };
-                self.queue.push_used(mem, head, written)?;
-                used = true;
-            }
-            // With EVENT_IDX this tells the driver where to kick next; a
-            // request that slipped in meanwhile is taken now.
-            if !self.queue.rearm(mem)? {
-                break;
-            }
-        }
-        if used && self.queue.needs_interrupt(mem)? {
-            self.st.interrupt_status |= 1;
-            let _ = self.irq.write(1);
-        }
-        Ok(())
     }
 
     /// The rings themselves are unusable: the device needs a reset (virtio 2.1.2).
     fn broken(&mut self, e: QueueError) {
         tracing::warn!(disk = %self.id, "virtqueue unusable: {e}");
         self.stats.errors += 1;
-        self.st.status |= STATUS_NEEDS_RESET;
-        self.st.interrupt_status |= 2;
-        let _ = self.irq.write(1);
+        self.t.needs_reset();
     }
 
     /// Executes one request; returns the bytes written into guest memory.
@@ -409,7 +374,7 @@ impl VirtioBlk {
                 }
                 let start = sector.checked_mul(SECTOR).ok_or(S_IOERR)?;
                 let end = start.checked_add(total).ok_or(S_IOERR)?;
-                if end > self.st.capacity_bytes {
+                if end > self.capacity_bytes {
                     return Err(S_IOERR);
                 }
                 if let Some(file) = self.backend.plain_file() {
@@ -479,7 +444,7 @@ impl VirtioBlk {
                 }
                 let start = sector.checked_mul(SECTOR).ok_or(S_IOERR)?;
                 let len = u64::from(count) * SECTOR;
-                if start.checked_add(len).ok_or(S_IOERR)? > self.st.capacity_bytes {
+                if start.checked_add(len).ok_or(S_IOERR)? > self.capacity_bytes {
                     return Err(S_IOERR);
                 }
                 let r = if kind == T_DISCARD {
@@ -517,28 +482,35 @@ impl VirtioBlk {
 impl crate::devices::io_thread::IoDevice for VirtioBlk {
     fn watches(&self) -> Vec<crate::devices::io_thread::Watch> {
         use std::os::fd::AsRawFd;
-        vec![crate::devices::io_thread::Watch::Add {
-            fd: self.kick.as_raw_fd(),
-            sub: 0,
-            events: vmm_sys_util::epoll::EventSet::IN,
-        }]
+        (0..self.t.queues.len())
+            .map(|q| crate::devices::io_thread::Watch::Add {
+                fd: self.t.kick(q).as_raw_fd(),
+                sub: q as u32,
+                events: vmm_sys_util::epoll::EventSet::IN,
+            })
+            .collect()
     }
 
     fn event(
         &mut self,
-        _: u32,
+        sub: u32,
         _: vmm_sys_util::epoll::EventSet,
         mem: &GuestMemoryMmap,
         _: &mut Vec<crate::devices::io_thread::Watch>,
     ) {
-        let _ = self.kick.read();
-        self.process(mem);
+        let q = sub as usize;
+        if q < self.t.queues.len() {
+            let _ = self.t.kick(q).read();
+            self.process_queue(q, mem);
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::devices::virtio::queue::VirtQueue;
+    use crate::devices::virtio::transport::STATUS_NEEDS_RESET;
     use crate::devices::virtio::MemDisk;
     use vm_memory::GuestMemoryMmap;
 
@@ -558,7 +530,7 @@ mod tests {
         dev.write(off, &v.to_le_bytes());
     }
 
-    fn r32(dev: &VirtioBlk, off: u64) -> u32 {
+    fn r32(dev: &mut VirtioBlk, off: u64) -> u32 {
         let mut b = [0u8; 4];
         dev.read(off, &mut b);
         u32::from_le_bytes(b)
@@ -578,20 +550,20 @@ mod tests {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
         let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         let mut dev = VirtioBlk::new("disk0".into(), disk, readonly, irq.try_clone().unwrap());
-        assert_eq!(r32(&dev, 0x000), MAGIC);
-        assert_eq!(r32(&dev, 0x004), 2);
-        assert_eq!(r32(&dev, 0x008), 2);
+        assert_eq!(r32(&mut dev, 0x000), MAGIC);
+        assert_eq!(r32(&mut dev, 0x004), 2);
+        assert_eq!(r32(&mut dev, 0x008), 2);
         w32(&mut dev, &mem, 0x070, 1 | 2);
         w32(&mut dev, &mem, 0x014, 1);
-        assert_eq!(r32(&dev, 0x010) & 1, 1, "VERSION_1 offered");
+        assert_eq!(r32(&mut dev, 0x010) & 1, 1, "VERSION_1 offered");
         w32(&mut dev, &mem, 0x024, 1);
         w32(&mut dev, &mem, 0x020, 1);
         w32(&mut dev, &mem, 0x024, 0);
         w32(&mut dev, &mem, 0x020, features_lo);
         w32(&mut dev, &mem, 0x070, 1 | 2 | 8);
-        assert_eq!(r32(&dev, 0x070) & 8, 8, "FEATURES_OK accepted");
+        assert_eq!(r32(&mut dev, 0x070) & 8, 8, "FEATURES_OK accepted");
         w32(&mut dev, &mem, 0x030, 0);
-        assert_eq!(r32(&dev, 0x034), u32::from(QUEUE_MAX));
+        assert_eq!(r32(&mut dev, 0x034), u32::from(QUEUE_MAX));
         w32(&mut dev, &mem, 0x038, u32::from(QSIZE));
         w32(&mut dev, &mem, 0x080, DESC as u32);
         w32(&mut dev, &mem, 0x090, AVAIL as u32);
@@ -670,9 +642,9 @@ mod tests {
         r.mem.read_slice(&mut got, GuestAddress(0xa000)).unwrap();
         assert!(got[..512].iter().all(|b| *b == 3) && got[512..].iter().all(|b| *b == 4));
         assert_eq!(r.irq.read().unwrap(), 1, "interrupt raised");
-        assert_eq!(r32(&r.dev, 0x060), 1);
+        assert_eq!(r32(&mut r.dev, 0x060), 1);
         w32(&mut r.dev, &r.mem, 0x064, 1);
-        assert_eq!(r32(&r.dev, 0x060), 0, "acknowledged");
+        assert_eq!(r32(&mut r.dev, 0x060), 0, "acknowledged");
 
         r.mem
             .write_slice(&[0xabu8; 512], GuestAddress(0xa000))
@@ -698,7 +670,7 @@ mod tests {
         let mut cap = [0u8; 8];
         r.dev.read(0x100, &mut cap);
         assert_eq!(u64::from_le_bytes(cap), (1 << 20) / 512);
-        let (size_max, seg_max) = (r32(&r.dev, 0x108), r32(&r.dev, 0x10c));
+        let (size_max, seg_max) = (r32(&mut r.dev, 0x108), r32(&mut r.dev, 0x10c));
         assert!(u64::from(size_max) * u64::from(seg_max) <= MAX_REQUEST);
         assert!(seg_max >= 254 && size_max.is_multiple_of(4096));
     }
@@ -750,7 +722,7 @@ mod tests {
         r.three(T_OUT, 0, 512, false);
         assert_eq!(r.submit().1, S_IOERR);
         r.dev.write(0x014, &0u32.to_le_bytes());
-        assert_ne!(r32(&r.dev, 0x010) & (F_RO as u32), 0);
+        assert_ne!(r32(&mut r.dev, 0x010) & (F_RO as u32), 0);
     }
 
     #[test]
@@ -759,7 +731,7 @@ mod tests {
         r.mem.write_obj(QSIZE + 1, GuestAddress(AVAIL + 2)).unwrap();
         w32(&mut r.dev, &r.mem, 0x050, 0);
         r.dev.process(&r.mem);
-        assert_ne!(r32(&r.dev, 0x070) & STATUS_NEEDS_RESET, 0);
+        assert_ne!(r32(&mut r.dev, 0x070) & STATUS_NEEDS_RESET, 0);
         assert_eq!(
             r.dev.stats.reads + r.dev.stats.writes,
             0,
@@ -772,14 +744,14 @@ mod tests {
         let mut r = rig(64 << 10, false);
         let mut st = r.dev.save();
         st.queue.used = 1 << 40;
-        r.dev.queue = VirtQueue::restore(&st.queue);
+        r.dev.t.queues[0] = VirtQueue::restore(&st.queue);
         r.mem.write_obj(1u16, GuestAddress(AVAIL + 2)).unwrap();
         w32(&mut r.dev, &r.mem, 0x050, 0);
         r.dev.process(&r.mem);
-        assert_ne!(r32(&r.dev, 0x070) & STATUS_NEEDS_RESET, 0);
+        assert_ne!(r32(&mut r.dev, 0x070) & STATUS_NEEDS_RESET, 0);
         // Reset brings it back to a clean state.
         w32(&mut r.dev, &r.mem, 0x070, 0);
-        assert_eq!(r32(&r.dev, 0x070), 0);
+        assert_eq!(r32(&mut r.dev, 0x070), 0);
     }
 
     #[test]
@@ -924,7 +896,7 @@ mod tests {
         let mut r = rig(1 << 20, false);
         w32(&mut r.dev, &r.mem, 0x014, 0);
         assert_eq!(
-            r32(&r.dev, 0x010) & (F_DISCARD | F_WRITE_ZEROES) as u32,
+            r32(&mut r.dev, 0x010) & (F_DISCARD | F_WRITE_ZEROES) as u32,
             (F_DISCARD | F_WRITE_ZEROES) as u32
         );
         let range = |r: &Rig, sector: u64, count: u32| {
@@ -964,7 +936,7 @@ mod tests {
         // A read-only disk neither offers nor does them.
         let mut ro = rig(1 << 20, true);
         w32(&mut ro.dev, &ro.mem, 0x014, 0);
-        assert_eq!(r32(&ro.dev, 0x010) & (F_DISCARD | F_WRITE_ZEROES) as u32, 0);
+        assert_eq!(r32(&mut ro.dev, 0x010) & (F_DISCARD | F_WRITE_ZEROES) as u32, 0);
         ro.header(T_DISCARD, 0);
         range(&ro, 0, 8);
         ro.desc(0, 0x8000, 16, 1, 1);

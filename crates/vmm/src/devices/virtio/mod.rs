@@ -7,6 +7,7 @@
 
 pub mod block;
 pub mod net;
+pub mod pci;
 pub mod queue;
 pub mod transport;
 mod vectored;

@@ -129,6 +129,11 @@ impl VirtQueue {
         self.q.set_next_avail(at);
     }
 
+    /// QueueNum as set (or the largest, [`QUEUE_MAX`], before the driver sets it).
+    pub fn size(&self) -> u16 {
+        self.q.size()
+    }
+
     pub fn ready(&self) -> bool {
         self.q.ready()
     }

@@ -221,6 +221,11 @@ impl VirtioNet {
         &self.backend
     }
 
+    /// The transport (e.g. to move the device onto virtio-pci).
+    pub fn transport_mut(&mut self) -> &mut Transport {
+        &mut self.t
+    }
+
     /// The notification eventfd of queue `q`.
     pub fn kick(&self, q: usize) -> &EventFd {
         self.t.kick(q)
@@ -252,7 +257,7 @@ impl VirtioNet {
     }
 
     /// A guest read of the register window.
-    pub fn read(&self, offset: u64, data: &mut [u8]) {
+    pub fn read(&mut self, offset: u64, data: &mut [u8]) {
         // virtio_net_config: mac[6], status.
         let mut cfg = [0u8; 8];
         cfg[..6].copy_from_slice(&self.mac);
@@ -428,7 +433,7 @@ impl VirtioNet {
         };
         if used && self.driver_ok() {
             match self.t.queues[RX].needs_interrupt(mem) {
-                Ok(true) => self.t.interrupt(),
+                Ok(true) => self.t.interrupt(RX),
                 Ok(false) => {}
                 Err(e) => self.broken(e),
             }

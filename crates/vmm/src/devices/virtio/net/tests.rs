@@ -52,7 +52,7 @@ fn w32(dev: &mut VirtioNet, off: u64, v: u32) {
     dev.write(off, &v.to_le_bytes());
 }
 
-fn r32(dev: &VirtioNet, off: u64) -> u32 {
+fn r32(dev: &mut VirtioNet, off: u64) -> u32 {
     let mut b = [0u8; 4];
     dev.read(off, &mut b);
     u32::from_le_bytes(b)
@@ -72,18 +72,18 @@ fn rig(features: u64) -> Rig {
         irq.try_clone().unwrap(),
     )
     .unwrap();
-    assert_eq!(r32(&dev, 0x008), 1, "a network device");
+    assert_eq!(r32(&mut dev, 0x008), 1, "a network device");
     w32(&mut dev, 0x070, 1 | 2);
     w32(&mut dev, 0x024, 0);
     w32(&mut dev, 0x020, features as u32);
     w32(&mut dev, 0x024, 1);
     w32(&mut dev, 0x020, (features >> 32) as u32);
     w32(&mut dev, 0x070, 1 | 2 | 8);
-    assert_eq!(r32(&dev, 0x070) & 8, 8, "FEATURES_OK accepted");
+    assert_eq!(r32(&mut dev, 0x070) & 8, 8, "FEATURES_OK accepted");
     for q in 0..QUEUES {
         let (d, av, u) = rings(q);
         w32(&mut dev, 0x030, q as u32);
-        assert_eq!(r32(&dev, 0x034), u32::from(QUEUE_MAX));
+        assert_eq!(r32(&mut dev, 0x034), u32::from(QUEUE_MAX));
         w32(&mut dev, 0x038, u32::from(QSIZE));
         w32(&mut dev, 0x080, d as u32);
         w32(&mut dev, 0x090, av as u32);
@@ -282,11 +282,11 @@ fn a_receive_buffer_the_device_may_not_write_needs_a_reset() {
     r.publish(RX, 0);
     r.host.send(&r.frame(100, 0)).unwrap();
     r.dev.receive(&r.mem);
-    assert_ne!(r32(&r.dev, 0x070) & STATUS_NEEDS_RESET, 0);
-    assert_ne!(r32(&r.dev, 0x060) & 2, 0, "config interrupt");
+    assert_ne!(r32(&mut r.dev, 0x070) & STATUS_NEEDS_RESET, 0);
+    assert_ne!(r32(&mut r.dev, 0x060) & 2, 0, "config interrupt");
     // A reset brings it back.
     w32(&mut r.dev, 0x070, 0);
-    assert_eq!(r32(&r.dev, 0x070), 0);
+    assert_eq!(r32(&mut r.dev, 0x070), 0);
 }
 
 #[test]
@@ -299,7 +299,7 @@ fn features_not_offered_are_refused() {
     w32(&mut r.dev, 0x024, 1);
     w32(&mut r.dev, 0x020, 1);
     w32(&mut r.dev, 0x070, 1 | 2 | 8);
-    assert_eq!(r32(&r.dev, 0x070) & 8, 0);
+    assert_eq!(r32(&mut r.dev, 0x070) & 8, 0);
 }
 
 #[test]
@@ -318,7 +318,7 @@ fn offloads_follow_what_the_driver_accepted() {
 
 #[test]
 fn config_space_holds_the_mac_and_link_status() {
-    let r = rig(BASE);
+    let mut r = rig(BASE);
     let mut cfg = [0u8; 8];
     r.dev.read(0x100, &mut cfg);
     assert_eq!(&cfg[..6], &default_mac("net0"));
@@ -378,7 +378,7 @@ fn after_a_restore_the_guest_is_asked_to_announce_itself_until_it_acknowledges()
         u16::from_le_bytes(cfg) & vn::VIRTIO_NET_S_ANNOUNCE as u16,
         0
     );
-    assert_ne!(r32(&r.dev, 0x060) & 2, 0, "config interrupt");
+    assert_ne!(r32(&mut r.dev, 0x060) & 2, 0, "config interrupt");
     // The driver acknowledges on the control queue.
     r.mem
         .write_slice(

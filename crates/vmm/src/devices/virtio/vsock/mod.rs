@@ -166,7 +166,12 @@ impl VirtioVsock {
         self.t.kick(q)
     }
 
-    pub fn read(&self, offset: u64, data: &mut [u8]) {
+    /// The transport (e.g. to move the device onto virtio-pci).
+    pub fn transport_mut(&mut self) -> &mut Transport {
+        &mut self.t
+    }
+
+    pub fn read(&mut self, offset: u64, data: &mut [u8]) {
         self.t.read(offset, data, &self.cid.to_le_bytes());
     }
 
@@ -205,7 +210,7 @@ impl VirtioVsock {
             Ok(true)
         })();
         match r {
-            Ok(true) => self.t.interrupt(),
+            Ok(true) => self.t.interrupt(EVENT),
             Ok(false) => {
                 tracing::warn!("vsock: the guest has no event buffer for the transport reset")
             }
@@ -557,7 +562,7 @@ impl VirtioVsock {
         }
         if used {
             match self.t.queues[RX].needs_interrupt(mem) {
-                Ok(true) => self.t.interrupt(),
+                Ok(true) => self.t.interrupt(RX),
                 Ok(false) => {}
                 Err(e) => self.broken(e),
             }
