@@ -271,7 +271,35 @@ def qcow2_seeds():
         shutil.rmtree(tmp)
 
 
+# --- virtio-pci: 12-byte accesses (kind, offset, size-1, value) ----------------
+def virtio_pci_seeds():
+    def op(kind, off, size, value):
+        return struct.pack("<BHBQ", kind, off, size - 1, value)
+
+    cfg_w, bar_w, mem_w = 0, 2, 4
+    setup = [op(cfg_w, 0x84, 4, 0x8000 << 16)]  # MSI-X on
+    for v in range(3):
+        e = 0x4000 + 16 * v
+        setup += [op(bar_w, e, 4, 0xFEE00000), op(bar_w, e + 8, 4, 0x40 + v), op(bar_w, e + 12, 4, 0)]
+    setup += [op(bar_w, 0x14, 1, 3), op(bar_w, 0x08, 4, 1), op(bar_w, 0x0C, 4, 1),
+              op(bar_w, 0x08, 4, 0), op(bar_w, 0x0C, 4, 1 << 12), op(bar_w, 0x14, 1, 11)]
+    for q in range(2):
+        b = 0x1000 + 0x3000 * q
+        setup += [op(bar_w, 0x16, 2, q), op(bar_w, 0x18, 2, 8), op(bar_w, 0x1A, 2, q + 1),
+                  op(bar_w, 0x20, 8, b), op(bar_w, 0x28, 8, b + 0x1000), op(bar_w, 0x30, 8, b + 0x2000),
+                  op(bar_w, 0x1C, 2, 1)]
+    setup += [op(bar_w, 0x14, 1, 15)]
+    # A read request on queue 0: header, data, status descriptors, avail idx 1.
+    body = [op(mem_w, 0x1000 // 8, 8, 0x8000), op(mem_w, 0x1008 // 8, 8, 16 | (1 << 32) | (1 << 48)),
+            op(mem_w, 0x2002 // 8, 8, 1 << 16), op(bar_w, 0x3000, 2, 0), op(5, 0, 1, 0),
+            op(bar_w, 0x3004, 2, 1), op(3, 0x1000, 1, 0), op(bar_w, 0x14, 1, 0)]
+    put("virtio_pci", "setup-two-queues", b"".join(setup + body))
+    put("virtio_pci", "bar-sizing", b"".join([op(cfg_w, 0x10, 4, 0xFFFFFFFF), op(1, 0x10, 4, 0),
+                                              op(cfg_w, 0x10, 4, 0xC0010000), op(cfg_w, 0x04, 2, 0)]))
+
+
 if __name__ == "__main__":
+    virtio_pci_seeds()
     qmp_seeds()
     image_seeds()
     virtio_seeds()

@@ -22,7 +22,7 @@ fn w32(d: &mut VirtioBlk, mem: &GuestMemoryMmap, off: u64, v: u32) {
     }
 }
 
-fn r32(d: &VirtioBlk, off: u64) -> u32 {
+fn r32(d: &mut VirtioBlk, off: u64) -> u32 {
     let mut b = [0u8; 4];
     d.read(off, &mut b);
     u32::from_le_bytes(b)
@@ -72,7 +72,7 @@ fuzz_target!(|data: &[u8]| {
             .unwrap();
         at += n;
         w32(&mut dev, &mem, 0x050, 0);
-        let _ = r32(&dev, 0x060);
+        let _ = r32(&mut dev, 0x060);
         let _ = irq.read();
         // Saved and restored mid-stream, the device is the same device.
         let st = dev.save();
@@ -82,6 +82,6 @@ fuzz_target!(|data: &[u8]| {
     }
     // A reset always brings the device back.
     w32(&mut dev, &mem, 0x070, 0);
-    assert_eq!(r32(&dev, 0x070), 0);
+    assert_eq!(r32(&mut dev, 0x070), 0);
     let _ = dev.stats;
 });

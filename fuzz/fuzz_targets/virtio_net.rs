@@ -45,7 +45,7 @@ fn w32(d: &mut VirtioNet, off: u64, v: u32) {
     d.write(off, &v.to_le_bytes());
 }
 
-fn r32(d: &VirtioNet, off: u64) -> u32 {
+fn r32(d: &mut VirtioNet, off: u64) -> u32 {
     let mut b = [0u8; 4];
     d.read(off, &mut b);
     u32::from_le_bytes(b)
@@ -118,7 +118,7 @@ fuzz_target!(|data: &[u8]| {
         while let Ok(k) = net.recv(&mut buf) {
             assert!(k <= MAX_FRAME);
         }
-        let _ = r32(&dev, 0x060);
+        let _ = r32(&mut dev, 0x060);
         let _ = irq.read();
         let st = dev.save();
         dev = VirtioNet::restore(
@@ -132,5 +132,5 @@ fuzz_target!(|data: &[u8]| {
         assert_eq!(dev.save(), st);
     }
     w32(&mut dev, 0x070, 0);
-    assert_eq!(r32(&dev, 0x070), 0);
+    assert_eq!(r32(&mut dev, 0x070), 0);
 });

@@ -29,7 +29,7 @@ fn w32(d: &mut VirtioVsock, off: u64, v: u32) {
     d.write(off, &v.to_le_bytes());
 }
 
-fn r32(d: &VirtioVsock, off: u64) -> u32 {
+fn r32(d: &mut VirtioVsock, off: u64) -> u32 {
     let mut b = [0u8; 4];
     d.read(off, &mut b);
     u32::from_le_bytes(b)
@@ -92,7 +92,7 @@ fuzz_target!(|data: &[u8]| {
                 dev.event(sub, EventSet::IN | EventSet::OUT, &mem, &mut Vec::new());
             }
         }
-        let _ = r32(&dev, 0x060);
+        let _ = r32(&mut dev, 0x060);
         let _ = irq.read();
         let st = dev.save();
         let other = dir.join("v2.sock");
@@ -103,7 +103,7 @@ fuzz_target!(|data: &[u8]| {
         dev.transport_reset(&mem);
     }
     w32(&mut dev, 0x070, 0);
-    assert_eq!(r32(&dev, 0x070), 0);
+    assert_eq!(r32(&mut dev, 0x070), 0);
     drop(dev);
     let _ = std::fs::remove_dir_all(&dir);
 });

@@ -50,6 +50,11 @@ fn linux_virtio_blk_on_raw_and_qcow2_with_its_own_drivers() {
 }
 
 #[test]
+fn linux_virtio_pci_disks_with_msix_and_a_queue_per_vcpu_survive_a_snapshot_restore() {
+    linux::check("virtio-pci-disks-snapshot-restore");
+}
+
+#[test]
 fn linux_live_snapshot_restores_in_a_new_process_and_with_defer() {
     linux::check("live-snapshot-restore");
 }

@@ -1,7 +1,7 @@
 #!/bin/busybox sh
 # /init of the Linux guest in tests/linux_guests.rs (busybox, Debian's stock
 # kernel and modules). The scenario comes from the kernel command line:
-# snaptest=boot|args|reboot|powerdown|disk|diskbench|mem|files|net|vsock.
+# snaptest=boot|args|reboot|powerdown|disk|diskbench|pci|mem|files|net|vsock.
 /bin/busybox --install -s /bin
 mkdir -p /proc /sys /dev /mnt
 mount -t proc proc /proc
@@ -140,6 +140,22 @@ diskbench)
     fi
     echo "DISKBENCH-DONE"
     off ;;
+pci)
+    # The disks on virtio-pci (--virtio-transport pci): PCI functions, a
+    # request queue per vCPU, MSI-X vectors; a file system made, written and
+    # read back on each; then memory stress and the console.
+    transports; load virtio_blk crc16 mbcache jbd2 crc32c_generic ext4
+    for i in $(seq 1 50); do [ -b /dev/vdb ] && break; sleep 0.2; done
+    echo "GUEST-PCI functions=$(ls /sys/bus/pci/devices | wc -l) vda_queues=$(ls /sys/block/vda/mq | wc -l) msi_vectors=$(grep -i msi /proc/interrupts | grep -c virtio) mmio=$(cat /sys/bus/acpi/devices/*/hid | grep -c LNRO0005)"
+    for d in vda vdb; do
+        mke2fs -q /dev/$d && mount -t ext2 /dev/$d /mnt || { echo "GUEST-ERROR cannot use /dev/$d"; continue; }
+        for i in 0 1; do /stress content $i > /mnt/f$i; done
+        umount /mnt
+        mount -t ext2 -o ro /dev/$d /mnt && (cd /mnt && sha256sum f0 f1 | sed "s/^/GUEST-SUM $d /") && umount /mnt
+    done
+    /stress mem 64 &
+    echo "GUEST-SHELL"
+    setsid cttyhack sh ;;
 vsock)
     # The vsock device with Linux's own driver; an echo listener on port 5000.
     load vsock vmw_vsock_virtio_transport_common virtio virtio_ring virtio_mmio vmw_vsock_virtio_transport

@@ -138,7 +138,13 @@ fn outer_initrd(inputs: &Inputs, dir: &Path, scenarios: &[&str]) -> Result<PathB
         "bin/busybox",
         &std::fs::read(&inputs.busybox).map_err(|e| e.to_string())?,
     );
-    let select = format!("export SNAPVMM_LINUX_SCENARIOS={}\n", scenarios.join(","));
+    let mut select = format!("export SNAPVMM_LINUX_SCENARIOS={}\n", scenarios.join(","));
+    // Which VMMs the disk benchmark runs (all when unset).
+    if let Ok(v) = std::env::var("SNAPVMM_DISKBENCH") {
+        if v.chars().all(|c| c.is_ascii_alphanumeric() || c == ',' || c == '-') {
+            select.push_str(&format!("export SNAPVMM_DISKBENCH={v}\n"));
+        }
+    }
     let init = OUTER_INIT
         .replace("#SELECT\n", &select)
         .replace("#HEARTBEAT", &HEARTBEAT_S.to_string());

@@ -511,6 +511,7 @@ mod tests {
     use super::*;
     use crate::devices::virtio::queue::VirtQueue;
     use crate::devices::virtio::transport::STATUS_NEEDS_RESET;
+    use std::sync::Arc;
     use crate::devices::virtio::MemDisk;
     use vm_memory::GuestMemoryMmap;
 
@@ -631,6 +632,144 @@ mod tests {
             self.desc(1, 0xa000, data_len, 1 | if data_write { 2 } else { 0 }, 2);
             self.desc(2, 0x9000, 1, 2, 0);
         }
+    }
+
+    #[derive(Default)]
+    struct Routes(std::sync::Mutex<Vec<(u32, Option<crate::devices::virtio::pci::MsiMessage>)>>);
+    impl crate::devices::virtio::pci::MsiRoutes for Routes {
+        fn route(
+            &self,
+            gsi: u32,
+            msg: Option<crate::devices::virtio::pci::MsiMessage>,
+        ) -> std::io::Result<()> {
+            self.0.lock().unwrap().push((gsi, msg));
+            Ok(())
+        }
+    }
+
+    /// Driven as Linux's virtio_pci_modern does, through BAR 0: two queues,
+    /// each with its own MSI-X vector; a request on queue 1 completes with
+    /// queue 1's vector only, and the state (PCI registers included)
+    /// survives a save and restore.
+    #[test]
+    fn on_virtio_pci_each_queue_completes_with_its_own_vector() {
+        use crate::devices::virtio::pci::{self, MsiMessage, PciState};
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let disk = MemDisk((0..64 << 10).map(|i| (i / 512) as u8).collect());
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mut dev = VirtioBlk::with_queues("disk0".into(), Box::new(disk), false, irq, 2);
+        let vectors: Vec<EventFd> = (0..3).map(|_| EventFd::new(libc::EFD_NONBLOCK).unwrap()).collect();
+        let routes = Arc::new(Routes::default());
+        dev.transport_mut()
+            .attach_pci(
+                0xc000_0000,
+                vectors.iter().map(|v| v.try_clone().unwrap()).collect(),
+                30,
+                routes.clone(),
+            )
+            .unwrap();
+        let w = |dev: &mut VirtioBlk, off: u64, v: u64, len: usize| {
+            dev.write(off, &v.to_le_bytes()[..len]);
+        };
+        let r = |dev: &mut VirtioBlk, off: u64, len: usize| {
+            let mut b = [0u8; 8];
+            dev.read(off, &mut b[..len]);
+            u64::from_le_bytes(b)
+        };
+        // MSI-X on, every vector programmed and unmasked.
+        dev.transport_mut()
+            .pci_config_write(0x86, &0x8000u16.to_le_bytes());
+        for v in 0..3u64 {
+            let e = pci::MSIX_TABLE + 16 * v;
+            w(&mut dev, e, 0xfee0_0000, 4);
+            w(&mut dev, e + 8, 0x40 + v, 4);
+            w(&mut dev, e + 12, 0, 4);
+        }
+        assert_eq!(
+            routes.0.lock().unwrap().last().copied(),
+            Some((32, Some(MsiMessage { addr: 0xfee0_0000, data: 0x42 })))
+        );
+        w(&mut dev, 0x14, 1 | 2, 1);
+        w(&mut dev, 0x00, 1, 4);
+        assert_eq!(r(&mut dev, 0x04, 4) & 1, 1, "VERSION_1 offered");
+        w(&mut dev, 0x08, 1, 4);
+        w(&mut dev, 0x0c, 1, 4);
+        w(&mut dev, 0x08, 0, 4);
+        w(&mut dev, 0x00, 0, 4);
+        assert_ne!(r(&mut dev, 0x04, 4) as u32 & F_MQ as u32, 0, "MQ offered");
+        w(&mut dev, 0x0c, F_MQ, 4);
+        w(&mut dev, 0x14, 1 | 2 | 8, 1);
+        assert_eq!(r(&mut dev, 0x14, 1) & 8, 8, "FEATURES_OK accepted");
+        assert_eq!(r(&mut dev, 0x12, 2), 2, "num_queues");
+        w(&mut dev, 0x10, 0, 2);
+        assert_eq!(r(&mut dev, 0x10, 2), 0, "config vector taken");
+        for q in 0..2u64 {
+            w(&mut dev, 0x16, q, 2);
+            assert_eq!(r(&mut dev, 0x18, 2), u64::from(QUEUE_MAX));
+            assert_eq!(r(&mut dev, 0x1e, 2), q, "notify offset");
+            w(&mut dev, 0x18, u64::from(QSIZE), 2);
+            w(&mut dev, 0x1a, 7, 2);
+            assert_eq!(r(&mut dev, 0x1a, 2), u64::from(pci::NO_VECTOR), "no such vector");
+            w(&mut dev, 0x1a, q + 1, 2);
+            let base = 0x10000 * (q + 1);
+            w(&mut dev, 0x20, DESC + base, 4);
+            w(&mut dev, 0x24, 0, 4);
+            w(&mut dev, 0x28, AVAIL + base, 8);
+            w(&mut dev, 0x30, USED + base, 4);
+            w(&mut dev, 0x34, 0, 4);
+            w(&mut dev, 0x1c, 1, 2);
+            assert_eq!(r(&mut dev, 0x1c, 2), 1);
+        }
+        w(&mut dev, 0x14, 1 | 2 | 8 | 4, 1);
+        // A read of sector 3 on queue 1 (its rings at +0x20000).
+        let b = 0x20000;
+        let mut h = [0u8; 16];
+        h[8..].copy_from_slice(&3u64.to_le_bytes());
+        mem.write_obj(h, GuestAddress(0x8000)).unwrap();
+        for (i, (addr, len, flags, next)) in
+            [(0x8000u64, 16u32, 1u16, 1u16), (0xa000, 512, 3, 2), (0x9000, 1, 2, 0)]
+                .into_iter()
+                .enumerate()
+        {
+            let mut d = [0u8; 16];
+            d[..8].copy_from_slice(&addr.to_le_bytes());
+            d[8..12].copy_from_slice(&len.to_le_bytes());
+            d[12..14].copy_from_slice(&flags.to_le_bytes());
+            d[14..].copy_from_slice(&next.to_le_bytes());
+            mem.write_obj(d, GuestAddress(DESC + b + 16 * i as u64)).unwrap();
+        }
+        mem.write_obj(0u16, GuestAddress(AVAIL + b + 4)).unwrap();
+        mem.write_obj(1u16, GuestAddress(AVAIL + b + 2)).unwrap();
+        // The notification for queue 1 lands on queue 1's eventfd.
+        w(&mut dev, pci::NOTIFY + pci::NOTIFY_MULTIPLIER, 1, 2);
+        assert!(dev.kick(0).read().is_err());
+        assert_eq!(dev.kick(1).read().unwrap(), 1);
+        dev.process(&mem);
+        let used: u16 = mem.read_obj(GuestAddress(USED + b + 2)).unwrap();
+        assert_eq!(used, 1, "completed on queue 1");
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(0x9000)).unwrap(), S_OK);
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(0xa000)).unwrap(), 3);
+        assert_eq!(vectors[2].read().unwrap(), 1, "queue 1's vector");
+        assert!(vectors[1].read().is_err(), "not queue 0's");
+        assert_eq!(r(&mut dev, pci::ISR, 1), 1, "the ISR says a queue");
+        assert_eq!(r(&mut dev, pci::ISR, 1), 0, "and reading cleared it");
+        // The device configuration in its own block: num_queues at 34.
+        assert_eq!(r(&mut dev, pci::DEVICE + 34, 2), 2);
+        // Saved and restored: the PCI registers and both queues come back.
+        let st = dev.save();
+        assert_eq!(st.more_queues.len(), 1);
+        let pst: &PciState = st.pci.as_ref().unwrap();
+        assert_eq!(pst.queue_vectors, vec![1, 2]);
+        let (id, backend, ro) = dev.into_parts();
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mut back = VirtioBlk::restore(id, backend, ro, irq, &st).unwrap();
+        let routes = Arc::new(Routes::default());
+        back.transport_mut()
+            .attach_pci(0, (0..3).map(|_| EventFd::new(0).unwrap()).collect(), 60, routes.clone())
+            .unwrap();
+        assert_eq!(back.save(), st);
+        assert_eq!(back.transport_mut().pci_bar(), Some(0xc000_0000));
+        assert_eq!(routes.0.lock().unwrap().len(), 3, "every vector routed again");
     }
 
     #[test]
