@@ -516,7 +516,7 @@ impl Machine {
             nets,
             vsock,
             mem: ram.memory().clone(),
-            pci: pci.then(|| crate::devices::PciHost::new(n_devices)),
+            pci: pci.then(|| crate::devices::PciHost::new(n_devices, vm.fd.clone())),
             serial: Mutex::new(match &state {
                 Some(st) => serial::Serial::restore(serial_irq, cfg.serial, &st.serial)
                     .map_err(VmmError::Io)?,

@@ -7,7 +7,10 @@ use std::process::Command;
 
 /// Scenarios whose disk images are checked from the host afterwards.
 pub fn applies(name: &str) -> bool {
-    matches!(name, "virtio-blk-raw-qcow2" | "savevm-loadvm-qcow2")
+    matches!(
+        name,
+        "virtio-blk-raw-qcow2" | "savevm-loadvm-qcow2" | "virtio-pci-disks-snapshot-restore"
+    )
 }
 
 fn tool(cmd: &mut Command) -> Result<String, String> {
@@ -110,6 +113,11 @@ pub fn run(name: &str, export: &Path) -> Result<(), String> {
                 }
             }
             Ok(())
+        }
+        "virtio-pci-disks-snapshot-restore" => {
+            let converted = qcow2_check_and_convert(&dir.join("disk.qcow2"))?;
+            check_filesystem(&dir.join("disk.raw"), 2)?;
+            check_filesystem(&converted, 2)
         }
         "savevm-loadvm-qcow2" => {
             let q = dir.join("disk.qcow2");

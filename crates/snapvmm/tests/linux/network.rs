@@ -353,14 +353,19 @@ fn vsock(ctx: &Ctx) {
 }
 
 /// Round trips and bytes each way (a benchmark, run by name): the same guest
-/// on a tap under snapvmm and then under QEMU (userspace virtio-net over PCI,
+/// on a tap under snapvmm (virtio-mmio, then virtio-pci) and then under QEMU (userspace virtio-net over PCI,
 /// no vhost) in the same TCG VM; host → guest ping, 16 MiB of TCP each way,
 /// two rounds. Figures: [`figure`] lines.
 fn throughput(ctx: &Ctx) {
     let figures = |text: String| figure("network-throughput", &text);
-    for (vmm, tap) in [("snapvmm", "sbt0"), ("qemu", "qbt0")] {
-        let mut vm = if vmm == "snapvmm" {
-            ctx.linux(vmm, "512M", "1", "net", &["--net", &format!("tap={tap}")])
+    for (vmm, tap) in [("snapvmm", "sbt0"), ("snapvmm-pci", "spt0"), ("qemu", "qbt0")] {
+        let mut vm = if vmm.starts_with("snapvmm") {
+            let net = format!("tap={tap}");
+            let mut args = vec!["--net", &net];
+            if vmm == "snapvmm-pci" {
+                args.extend(["--virtio-transport", "pci"]);
+            }
+            ctx.linux(vmm, "512M", "1", "net", &args)
         } else {
             let netdev = format!("tap,id=n0,ifname={tap},script=no,downscript=no,vhost=off");
             ctx.qemu(

@@ -39,13 +39,42 @@ pub struct PciHost {
     /// Each device's BAR 0 while decoded (0: not), kept here so that MMIO
     /// finds its device without locking every device.
     bars: Vec<AtomicU64>,
+    /// The VM, to move a device's queue notifications (ioeventfds) with
+    /// its BAR.
+    vm: Arc<kvm_ioctls::VmFd>,
 }
 
 impl PciHost {
-    pub fn new(devices: usize) -> PciHost {
+    /// Bus 0 for `devices` virtio devices, whose queue notifications were
+    /// registered (ioeventfds) at their BARs' addresses.
+    pub fn new(devices: usize, vm: Arc<kvm_ioctls::VmFd>) -> PciHost {
         PciHost {
             address: AtomicU32::new(0),
             bars: (0..devices).map(|_| AtomicU64::new(0)).collect(),
+            vm,
+        }
+    }
+
+    /// The guest moved a device's BAR (or turned decoding off or on): its
+    /// notifications follow, so that KVM signals them at the new address
+    /// and nothing at the old one swallows another device's writes. Where
+    /// one cannot be registered, the MMIO handler signals it instead.
+    fn move_notifications(&self, t: &virtio::transport::Transport, from: u64, to: u64) {
+        use kvm_ioctls::{IoEventAddress, NoDatamatch};
+        let at = |bar: u64, q: usize| {
+            IoEventAddress::Mmio(
+                bar + virtio::pci::NOTIFY + virtio::pci::NOTIFY_MULTIPLIER * q as u64,
+            )
+        };
+        for q in 0..t.queues.len() {
+            if from != 0 {
+                let _ = self.vm.unregister_ioevent(t.kick(q), &at(from, q), NoDatamatch);
+            }
+            if to != 0 {
+                if let Err(e) = self.vm.register_ioevent(t.kick(q), &at(to, q), NoDatamatch) {
+                    tracing::debug!("no ioeventfd for queue {q} at BAR {to:#x}: {e}");
+                }
+            }
         }
     }
 
@@ -168,13 +197,17 @@ impl PioBus {
             return;
         }
         if let Some((dev, reg)) = self.pci_config(pci, port).filter(|(d, _)| *d > 0) {
-            let bar = self.with_transport(dev - 1, |t| {
+            let Some(slot) = pci.bars.get(dev - 1) else {
+                return;
+            };
+            self.with_transport(dev - 1, |t| {
                 t.pci_config_write(reg, data);
-                t.pci_bar().unwrap_or(0)
+                let bar = t.pci_bar().unwrap_or(0);
+                let was = slot.swap(bar, Ordering::AcqRel);
+                if was != bar {
+                    pci.move_notifications(t, was, bar);
+                }
             });
-            if let (Some(bar), Some(slot)) = (bar, pci.bars.get(dev - 1)) {
-                slot.store(bar, Ordering::Release);
-            }
         }
     }
 
