@@ -359,6 +359,9 @@ fn vsock(ctx: &Ctx) {
 fn throughput(ctx: &Ctx) {
     let figures = |text: String| figure("network-throughput", &text);
     for (vmm, tap) in [("snapvmm", "sbt0"), ("snapvmm-pci", "spt0"), ("qemu", "qbt0")] {
+        if !super::scenarios::bench_runs(vmm) {
+            continue;
+        }
         let mut vm = if vmm.starts_with("snapvmm") {
             let net = format!("tap={tap}");
             let mut args = vec!["--net", &net];

@@ -139,10 +139,10 @@ fn outer_initrd(inputs: &Inputs, dir: &Path, scenarios: &[&str]) -> Result<PathB
         &std::fs::read(&inputs.busybox).map_err(|e| e.to_string())?,
     );
     let mut select = format!("export SNAPVMM_LINUX_SCENARIOS={}\n", scenarios.join(","));
-    // Which VMMs the disk benchmark runs (all when unset).
-    if let Ok(v) = std::env::var("SNAPVMM_DISKBENCH") {
+    // Which VMMs the benchmarks run (all when unset).
+    if let Ok(v) = std::env::var("SNAPVMM_BENCH_VMMS") {
         if v.chars().all(|c| c.is_ascii_alphanumeric() || c == ',' || c == '-') {
-            select.push_str(&format!("export SNAPVMM_DISKBENCH={v}\n"));
+            select.push_str(&format!("export SNAPVMM_BENCH_VMMS={v}\n"));
         }
     }
     let init = OUTER_INIT

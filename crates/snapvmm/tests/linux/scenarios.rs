@@ -136,6 +136,13 @@ pub fn field_text(line: &str, key: &str) -> String {
         .to_string()
 }
 
+/// Whether a benchmark runs `vmm` (`snapvmm`, `snapvmm-pci`, `qemu`):
+/// `SNAPVMM_BENCH_VMMS=snapvmm-pci,qemu` runs only those; unset, all.
+pub fn bench_runs(vmm: &str) -> bool {
+    let only = std::env::var("SNAPVMM_BENCH_VMMS").unwrap_or_default();
+    only.is_empty() || only.split(',').any(|o| o == vmm)
+}
+
 /// A benchmark figure of `scenario`: printed where the scenario runs, and
 /// from the TCG VM's console brought back to the host's test output.
 pub fn figure(scenario: &str, text: &str) {
@@ -452,8 +459,6 @@ fn disk_throughput(ctx: &Ctx) {
             .unwrap();
         qcow2::Qcow2::create(&q, 128 << 20, qcow2::CreateOptions::default()).unwrap();
     };
-    // `SNAPVMM_DISKBENCH=snapvmm-pci,qemu` runs only those VMMs.
-    let only = std::env::var("SNAPVMM_DISKBENCH").unwrap_or_default();
     for (vmm, cpus) in [
         ("snapvmm", "1"),
         ("snapvmm-pci", "1"),
@@ -462,7 +467,7 @@ fn disk_throughput(ctx: &Ctx) {
         ("snapvmm-pci", "2"),
         ("qemu", "2"),
     ] {
-        if !only.is_empty() && !only.split(',').any(|o| o == vmm) {
+        if !bench_runs(vmm) {
             continue;
         }
         fresh();
