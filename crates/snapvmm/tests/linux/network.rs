@@ -358,7 +358,11 @@ fn vsock(ctx: &Ctx) {
 /// two rounds. Figures: [`figure`] lines.
 fn throughput(ctx: &Ctx) {
     let figures = |text: String| figure("network-throughput", &text);
-    for (vmm, tap) in [("snapvmm", "sbt0"), ("snapvmm-pci", "spt0"), ("qemu", "qbt0")] {
+    for (vmm, tap) in [
+        ("snapvmm", "sbt0"),
+        ("snapvmm-pci", "spt0"),
+        ("qemu", "qbt0"),
+    ] {
         if !super::scenarios::bench_runs(vmm) {
             continue;
         }

@@ -141,7 +141,9 @@ fn outer_initrd(inputs: &Inputs, dir: &Path, scenarios: &[&str]) -> Result<PathB
     let mut select = format!("export SNAPVMM_LINUX_SCENARIOS={}\n", scenarios.join(","));
     // Which VMMs the benchmarks run (all when unset).
     if let Ok(v) = std::env::var("SNAPVMM_BENCH_VMMS") {
-        if v.chars().all(|c| c.is_ascii_alphanumeric() || c == ',' || c == '-') {
+        if v.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == ',' || c == '-')
+        {
             select.push_str(&format!("export SNAPVMM_BENCH_VMMS={v}\n"));
         }
     }

@@ -85,7 +85,14 @@ pub fn load_kernel(
             .map_err(|e| BootError::GuestMemory(e.to_string()))?;
     }
     let platform = acpi::Platform::for_cmdline(spec.cmdline);
-    let rsdp = acpi::write(mem, spec.cpus, spec.virtio, spec.pci, spec.vmgenid, platform)?;
+    let rsdp = acpi::write(
+        mem,
+        spec.cpus,
+        spec.virtio,
+        spec.pci,
+        spec.vmgenid,
+        platform,
+    )?;
     let e820 = e820::map(ram_size);
     let mut image = Cursor::new(spec.kernel);
     if spec.kernel.starts_with(b"\x7fELF") {

@@ -68,7 +68,9 @@ impl PciHost {
         };
         for q in 0..t.queues.len() {
             if from != 0 {
-                let _ = self.vm.unregister_ioevent(t.kick(q), &at(from, q), NoDatamatch);
+                let _ = self
+                    .vm
+                    .unregister_ioevent(t.kick(q), &at(from, q), NoDatamatch);
             }
             if to != 0 {
                 if let Err(e) = self.vm.register_ioevent(t.kick(q), &at(to, q), NoDatamatch) {
@@ -167,7 +169,10 @@ impl PioBus {
         if a & (1 << 31) == 0 || bus != 0 || func != 0 {
             return None;
         }
-        Some((dev as usize, (a & 0xfc) as usize + usize::from(port - PCI_CONFIG_DATA)))
+        Some((
+            dev as usize,
+            (a & 0xfc) as usize + usize::from(port - PCI_CONFIG_DATA),
+        ))
     }
 
     fn pci_read(&self, pci: &PciHost, port: u16, data: &mut [u8]) {

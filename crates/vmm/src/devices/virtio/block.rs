@@ -294,14 +294,20 @@ impl VirtioBlk {
 
     /// Executes every request the driver made available on queue `q`.
     fn process_queue(&mut self, q: usize, mem: &GuestMemoryMmap) {
-        let r = serve(self, |d| &mut d.t, q, mem, |d, chain| match chain {
-            Ok(chain) => d.request(mem, &chain),
-            Err(e) => {
-                tracing::warn!(disk = %d.id, "malformed request: {e}");
-                d.stats.errors += 1;
-                0
-            }
-        });
+        let r = serve(
+            self,
+            |d| &mut d.t,
+            q,
+            mem,
+            |d, chain| match chain {
+                Ok(chain) => d.request(mem, &chain),
+                Err(e) => {
+                    tracing::warn!(disk = %d.id, "malformed request: {e}");
+                    d.stats.errors += 1;
+                    0
+                }
+            },
+        );
         if let Err(e) = r {
             self.broken(e);
         }
@@ -511,8 +517,8 @@ mod tests {
     use super::*;
     use crate::devices::virtio::queue::VirtQueue;
     use crate::devices::virtio::transport::STATUS_NEEDS_RESET;
-    use std::sync::Arc;
     use crate::devices::virtio::MemDisk;
+    use std::sync::Arc;
     use vm_memory::GuestMemoryMmap;
 
     const DESC: u64 = 0x1000;
@@ -658,7 +664,9 @@ mod tests {
         let disk = MemDisk((0..64 << 10).map(|i| (i / 512) as u8).collect());
         let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         let mut dev = VirtioBlk::with_queues("disk0".into(), Box::new(disk), false, irq, 2);
-        let vectors: Vec<EventFd> = (0..3).map(|_| EventFd::new(libc::EFD_NONBLOCK).unwrap()).collect();
+        let vectors: Vec<EventFd> = (0..3)
+            .map(|_| EventFd::new(libc::EFD_NONBLOCK).unwrap())
+            .collect();
         let routes = Arc::new(Routes::default());
         dev.transport_mut()
             .attach_pci(
@@ -687,7 +695,13 @@ mod tests {
         }
         assert_eq!(
             routes.0.lock().unwrap().last().copied(),
-            Some((32, Some(MsiMessage { addr: 0xfee0_0000, data: 0x42 })))
+            Some((
+                32,
+                Some(MsiMessage {
+                    addr: 0xfee0_0000,
+                    data: 0x42
+                })
+            ))
         );
         w(&mut dev, 0x14, 1 | 2, 1);
         w(&mut dev, 0x00, 1, 4);
@@ -709,7 +723,11 @@ mod tests {
             assert_eq!(r(&mut dev, 0x1e, 2), q, "notify offset");
             w(&mut dev, 0x18, u64::from(QSIZE), 2);
             w(&mut dev, 0x1a, 7, 2);
-            assert_eq!(r(&mut dev, 0x1a, 2), u64::from(pci::NO_VECTOR), "no such vector");
+            assert_eq!(
+                r(&mut dev, 0x1a, 2),
+                u64::from(pci::NO_VECTOR),
+                "no such vector"
+            );
             w(&mut dev, 0x1a, q + 1, 2);
             let base = 0x10000 * (q + 1);
             w(&mut dev, 0x20, DESC + base, 4);
@@ -726,17 +744,21 @@ mod tests {
         let mut h = [0u8; 16];
         h[8..].copy_from_slice(&3u64.to_le_bytes());
         mem.write_obj(h, GuestAddress(0x8000)).unwrap();
-        for (i, (addr, len, flags, next)) in
-            [(0x8000u64, 16u32, 1u16, 1u16), (0xa000, 512, 3, 2), (0x9000, 1, 2, 0)]
-                .into_iter()
-                .enumerate()
+        for (i, (addr, len, flags, next)) in [
+            (0x8000u64, 16u32, 1u16, 1u16),
+            (0xa000, 512, 3, 2),
+            (0x9000, 1, 2, 0),
+        ]
+        .into_iter()
+        .enumerate()
         {
             let mut d = [0u8; 16];
             d[..8].copy_from_slice(&addr.to_le_bytes());
             d[8..12].copy_from_slice(&len.to_le_bytes());
             d[12..14].copy_from_slice(&flags.to_le_bytes());
             d[14..].copy_from_slice(&next.to_le_bytes());
-            mem.write_obj(d, GuestAddress(DESC + b + 16 * i as u64)).unwrap();
+            mem.write_obj(d, GuestAddress(DESC + b + 16 * i as u64))
+                .unwrap();
         }
         mem.write_obj(0u16, GuestAddress(AVAIL + b + 4)).unwrap();
         mem.write_obj(1u16, GuestAddress(AVAIL + b + 2)).unwrap();
@@ -765,11 +787,20 @@ mod tests {
         let mut back = VirtioBlk::restore(id, backend, ro, irq, &st).unwrap();
         let routes = Arc::new(Routes::default());
         back.transport_mut()
-            .attach_pci(0, (0..3).map(|_| EventFd::new(0).unwrap()).collect(), 60, routes.clone())
+            .attach_pci(
+                0,
+                (0..3).map(|_| EventFd::new(0).unwrap()).collect(),
+                60,
+                routes.clone(),
+            )
             .unwrap();
         assert_eq!(back.save(), st);
         assert_eq!(back.transport_mut().pci_bar(), Some(0xc000_0000));
-        assert_eq!(routes.0.lock().unwrap().len(), 3, "every vector routed again");
+        assert_eq!(
+            routes.0.lock().unwrap().len(),
+            3,
+            "every vector routed again"
+        );
     }
 
     #[test]
@@ -1075,7 +1106,10 @@ mod tests {
         // A read-only disk neither offers nor does them.
         let mut ro = rig(1 << 20, true);
         w32(&mut ro.dev, &ro.mem, 0x014, 0);
-        assert_eq!(r32(&mut ro.dev, 0x010) & (F_DISCARD | F_WRITE_ZEROES) as u32, 0);
+        assert_eq!(
+            r32(&mut ro.dev, 0x010) & (F_DISCARD | F_WRITE_ZEROES) as u32,
+            0
+        );
         ro.header(T_DISCARD, 0);
         range(&ro, 0, 8);
         ro.desc(0, 0x8000, 16, 1, 1);

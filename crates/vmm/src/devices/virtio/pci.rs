@@ -196,28 +196,36 @@ impl Pci {
 
     /// BAR 0's address while memory decoding is on.
     pub fn bar(&self) -> Option<u64> {
-        (self.st.command & COMMAND_MEMORY != 0 && self.st.bar0 != 0).then_some(u64::from(self.st.bar0))
+        (self.st.command & COMMAND_MEMORY != 0 && self.st.bar0 != 0)
+            .then_some(u64::from(self.st.bar0))
     }
 
     /// The configuration space as the guest reads it.
     fn config_space(&self) -> [u8; 256] {
         let mut c = [0u8; 256];
-        let put16 = |c: &mut [u8; 256], at: usize, v: u16| c[at..at + 2].copy_from_slice(&v.to_le_bytes());
-        let put32 = |c: &mut [u8; 256], at: usize, v: u32| c[at..at + 4].copy_from_slice(&v.to_le_bytes());
+        let put16 =
+            |c: &mut [u8; 256], at: usize, v: u16| c[at..at + 2].copy_from_slice(&v.to_le_bytes());
+        let put32 =
+            |c: &mut [u8; 256], at: usize, v: u32| c[at..at + 4].copy_from_slice(&v.to_le_bytes());
         put16(&mut c, 0x00, VENDOR);
         put16(&mut c, 0x02, 0x1040 + self.virtio_id as u16);
         put16(&mut c, 0x04, self.st.command);
         put16(&mut c, 0x06, 0x0010); // a capability list
-        // Revision 1 (a modern-only device), then the class code.
+                                     // Revision 1 (a modern-only device), then the class code.
         put32(&mut c, 0x08, class_of(self.virtio_id) << 8 | 1);
         put32(&mut c, 0x10, self.st.bar0); // 32-bit memory BAR
         put16(&mut c, 0x2c, VENDOR);
         put16(&mut c, 0x2e, 0x40 + self.virtio_id as u16);
         c[0x34] = CAPS as u8;
         c[0x3c] = 0xff; // no INTx line
-        // virtio_pci_cap: vendor-specific capabilities naming where each
-        // register block is in BAR 0.
-        let caps: [(u8, u64, u8); 4] = [(1, COMMON, 16), (2, NOTIFY, 20), (3, ISR, 16), (4, DEVICE, 16)];
+                        // virtio_pci_cap: vendor-specific capabilities naming where each
+                        // register block is in BAR 0.
+        let caps: [(u8, u64, u8); 4] = [
+            (1, COMMON, 16),
+            (2, NOTIFY, 20),
+            (3, ISR, 16),
+            (4, DEVICE, 16),
+        ];
         let mut at = CAPS;
         for (i, (kind, offset, len)) in caps.iter().enumerate() {
             let next = if i + 1 < caps.len() {
@@ -239,7 +247,11 @@ impl Pci {
         }
         c[MSIX_CAP] = 0x11;
         c[MSIX_CAP + 1] = 0;
-        put16(&mut c, MSIX_CAP + 2, self.st.msix_control | (self.st.table.len() as u16 - 1));
+        put16(
+            &mut c,
+            MSIX_CAP + 2,
+            self.st.msix_control | (self.st.table.len() as u16 - 1),
+        );
         put32(&mut c, MSIX_CAP + 4, MSIX_TABLE as u32);
         put32(&mut c, MSIX_CAP + 8, MSIX_PBA as u32);
         c
@@ -339,7 +351,8 @@ impl Pci {
     }
 
     fn masked(&self, v: usize) -> bool {
-        self.st.msix_control & MSIX_FUNCTION_MASK != 0 || self.st.table[v].control & ENTRY_MASKED != 0
+        self.st.msix_control & MSIX_FUNCTION_MASK != 0
+            || self.st.table[v].control & ENTRY_MASKED != 0
     }
 
     /// Sends vector `v`'s message (or marks it pending while masked). Without
@@ -407,7 +420,14 @@ mod tests {
             .collect();
         let theirs = fds.iter().map(|f| f.try_clone().unwrap()).collect();
         let routes = Arc::new(Routes::default());
-        let p = Pci::new(2, PciState::new(0xc000_0000, queues), theirs, 40, routes.clone()).unwrap();
+        let p = Pci::new(
+            2,
+            PciState::new(0xc000_0000, queues),
+            theirs,
+            40,
+            routes.clone(),
+        )
+        .unwrap();
         (p, fds, routes)
     }
 
@@ -465,7 +485,16 @@ mod tests {
         p.msix_write(MSIX_TABLE + 16 + 4, &0u32.to_le_bytes());
         p.msix_write(MSIX_TABLE + 16 + 8, &0x41u32.to_le_bytes());
         let last = *routes.0.lock().unwrap().last().unwrap();
-        assert_eq!(last, (41, Some(MsiMessage { addr: 0xfee0_0000, data: 0x41 })));
+        assert_eq!(
+            last,
+            (
+                41,
+                Some(MsiMessage {
+                    addr: 0xfee0_0000,
+                    data: 0x41
+                })
+            )
+        );
         p.st.queue_vectors[0] = p.valid_vector(1);
         assert_eq!(p.valid_vector(2), NO_VECTOR, "only the table's vectors");
         p.signal(1);
@@ -500,7 +529,19 @@ mod tests {
         let fds = (0..2).map(|_| EventFd::new(0).unwrap()).collect();
         Pci::new(2, st.clone(), fds, 50, routes.clone()).unwrap();
         let r = routes.0.lock().unwrap().clone();
-        assert_eq!(r, vec![(50, Some(MsiMessage { addr: 0xfee0_1000, data: 0x30 })), (51, None)]);
+        assert_eq!(
+            r,
+            vec![
+                (
+                    50,
+                    Some(MsiMessage {
+                        addr: 0xfee0_1000,
+                        data: 0x30
+                    })
+                ),
+                (51, None)
+            ]
+        );
         let fds = (0..3).map(|_| EventFd::new(0).unwrap()).collect();
         assert!(Pci::new(2, st, fds, 50, routes).is_err());
     }
