@@ -92,8 +92,8 @@ impl VirtioBlkState {
             driver_features_sel: self.driver_features_sel,
             driver_features: self.driver_features,
             queue_sel: self.queue_sel,
-            queues: std::iter::once(self.queue.clone())
-                .chain(self.more_queues.iter().cloned())
+            queues: std::iter::once(self.queue)
+                .chain(self.more_queues.iter().copied())
                 .collect(),
             interrupt_status: self.interrupt_status,
             config_generation: self.config_generation,
