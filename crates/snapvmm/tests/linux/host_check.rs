@@ -126,7 +126,7 @@ pub fn run(name: &str, export: &Path) -> Result<(), String> {
                 return Err(format!("qemu-img snapshot -l does not list t1: {list}"));
             }
             let converted = qcow2_check_and_convert(&q)?;
-            check_filesystem(&converted, 30)
+            check_filesystem(&converted, 60)
         }
         _ => Ok(()),
     }

@@ -88,7 +88,7 @@ disk|files)
     else
         # Formatted only once: a restored guest finds the filesystem it made.
         [ -e /formatted ] || { mke2fs -q /dev/vda && touch /formatted; }
-        mount -t ext2 /dev/vda /mnt && /stress files /mnt 30 && umount /mnt && echo "GUEST-UMOUNTED"
+        mount -t ext2 /dev/vda /mnt && /stress files /mnt 60 && umount /mnt && echo "GUEST-UMOUNTED"
     fi
     off ;;
 net)

@@ -26,7 +26,8 @@ pub struct Report {
     pub figures: Vec<String>,
 }
 
-/// Longest all TCG VMs together may take (CI must finish within 30 minutes).
+/// Longest the TCG VMs of one lane together may take (CI must finish within
+/// 30 minutes; the lanes run side by side).
 const TCG_BUDGET: std::time::Duration = std::time::Duration::from_secs(20 * 60);
 /// Most TCG VMs one test run boots.
 const TCG_ATTEMPTS: usize = 4;
@@ -127,8 +128,9 @@ pub fn check_if_selected(scenario: &str) {
     }
 }
 
-fn run_all() -> Report {
-    let failed = |why: String| Report {
+/// Every scenario failed for `why`.
+fn failed(why: String) -> Report {
+    Report {
         results: all()
             .iter()
             .map(|n| (n.to_string(), Err(why.clone())))
@@ -137,7 +139,10 @@ fn run_all() -> Report {
         export: None,
         missing_hint: String::new(),
         figures: Vec::new(),
-    };
+    }
+}
+
+fn run_all() -> Report {
     // Inside the TCG VM: the host prepared everything.
     if let Some(dir) = std::env::var_os("SNAPVMM_LINUX_INPUTS").map(PathBuf::from) {
         return run_here(dir.join("vmlinuz"), dir.join("guest-initrd.cpio"));
@@ -151,9 +156,80 @@ fn run_all() -> Report {
     }
     let dir = inputs::cache_dir().join(format!("run-{}", std::process::id()));
     let _ = std::fs::create_dir_all(&dir);
-    let wanted = selected();
+    let lanes = lanes(&selected());
+    // Each lane in its own TCG VM, side by side: one TCG VM keeps one host
+    // CPU busy, and the test process waits.
+    let reports: Vec<Report> = std::thread::scope(|s| {
+        let running: Vec<_> = lanes
+            .iter()
+            .enumerate()
+            .map(|(i, lane)| {
+                let (inputs, dir) = (&inputs, dir.join(format!("lane-{i}")));
+                s.spawn(move || run_lane(inputs, &dir, lane))
+            })
+            .collect();
+        running
+            .into_iter()
+            .map(|t| {
+                t.join()
+                    .unwrap_or_else(|_| failed("a TCG VM's runner panicked".into()))
+            })
+            .collect()
+    });
+    let mut report = Report {
+        results: BTreeMap::new(),
+        logs: BTreeMap::new(),
+        export: None,
+        missing_hint: String::new(),
+        figures: Vec::new(),
+    };
+    for r in reports {
+        report.results.extend(r.results);
+        report.logs.extend(r.logs);
+        report.figures.extend(r.figures);
+        if !r.missing_hint.is_empty() {
+            report.missing_hint = r.missing_hint;
+        }
+    }
+    if report.results.values().all(Result::is_ok) {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    report
+}
+
+/// How the scenarios split between TCG VMs running side by side: two lanes of
+/// about equal length (longest scenario first into the shorter lane), or one
+/// when a benchmark is among them (its figures need the host to itself) or
+/// `SNAPVMM_LINUX_LANES=1`.
+fn lanes(wanted: &[&'static str]) -> Vec<Vec<&'static str>> {
+    let one = std::env::var("SNAPVMM_LINUX_LANES").as_deref() == Ok("1")
+        || wanted.iter().any(|n| scenarios::needs_qemu(n))
+        || wanted.len() < 2;
+    if one {
+        return vec![wanted.to_vec()];
+    }
+    let mut by_cost = wanted.to_vec();
+    by_cost.sort_by_key(|n| std::cmp::Reverse(scenarios::cost(n)));
+    let mut lanes: [(u32, Vec<&'static str>); 2] = Default::default();
+    for n in by_cost {
+        let lane = if lanes[0].0 <= lanes[1].0 { 0 } else { 1 };
+        lanes[lane].0 += scenarios::cost(n);
+        lanes[lane].1.push(n);
+    }
+    // Each lane runs its scenarios in the usual order.
+    lanes
+        .into_iter()
+        .map(|(_, l)| wanted.iter().copied().filter(|n| l.contains(n)).collect())
+        .collect()
+}
+
+/// Runs `wanted` in a TCG VM under `dir`, within [`TCG_BUDGET`]; the
+/// scenarios a VM did not finish run again in a fresh one; then the
+/// host-side checks of their images.
+fn run_lane(inputs: &inputs::Inputs, dir: &Path, wanted: &[&str]) -> Report {
+    let _ = std::fs::create_dir_all(dir);
     let t0 = std::time::Instant::now();
-    let mut report = match outer::run(&inputs, &dir, &wanted, TCG_BUDGET) {
+    let mut report = match outer::run(inputs, dir, wanted, TCG_BUDGET) {
         Ok(r) => r,
         Err(e) => return failed(e),
     };
@@ -174,7 +250,7 @@ fn run_all() -> Report {
         eprintln!("the TCG VM reported nothing for {missing:?}; running them in a fresh one");
         let again = dir.join(format!("attempt-{attempt}"));
         let _ = std::fs::create_dir_all(&again);
-        let Ok(next) = outer::run(&inputs, &again, &missing, left) else {
+        let Ok(next) = outer::run(inputs, &again, &missing, left) else {
             break;
         };
         let progressed = missing.iter().any(|n| next.results.contains_key(*n));
@@ -203,9 +279,7 @@ fn run_all() -> Report {
         }
     }
     let complete = wanted.iter().all(|n| report.results.contains_key(*n));
-    if complete && report.results.values().all(Result::is_ok) {
-        let _ = std::fs::remove_dir_all(&dir);
-    } else {
+    if !(complete && report.results.values().all(Result::is_ok)) {
         eprintln!(
             "kept for inspection: {} (the TCG VM's console and the exported images)",
             dir.display()

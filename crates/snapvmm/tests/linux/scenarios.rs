@@ -36,6 +36,24 @@ pub const ALL: &[&str] = &[
 /// benchmarks (long, and they carry QEMU into the TCG VM).
 pub const BY_NAME_ONLY: &[&str] = &["disk-throughput", "network-throughput"];
 
+/// About how long a scenario takes in the TCG VM, in seconds (a slow day's
+/// run), to split the scenarios between TCG VMs running side by side.
+pub fn cost(name: &str) -> u32 {
+    match name {
+        "live-migration-and-streams" => 280,
+        "ten-snapshots-restore-last" => 155,
+        "write-protect-snapshot-restore" => 125,
+        "boot-args-of-other-vmms" => 105,
+        "network-tap-snapshot-restore" => 250,
+        "vsock-host-guest-restore" => 100,
+        "savevm-loadvm-qcow2" => 130,
+        "reboot-in-place-twice-then-snapshot" => 85,
+        "virtio-pci-disks-snapshot-restore" | "live-snapshot-restore" => 80,
+        "virtio-blk-raw-qcow2" => 30,
+        _ => 20,
+    }
+}
+
 /// Benchmark scenarios that run the same guest under QEMU (`-accel kvm`,
 /// its own userspace virtio devices) in the same TCG VM, for a side-by-side
 /// figure: the TCG VM then carries QEMU, its libraries and its firmware.
@@ -952,7 +970,7 @@ fn savevm(ctx: &Ctx) {
     wait_job(&mut q, "load");
     let k = files_after_load(&mut vm, at_end, skip_from);
     assert!(k >= 4, "loaded n={k}, the save began at n=4");
-    vm.wait("FILES done n=30", T);
+    vm.wait("FILES done n=60", T);
     vm.wait("GUEST-UMOUNTED", T);
     vm.wait("GUEST-POWEROFF", T);
     assert_eq!(vm.exit_code(T), Some(0));
@@ -965,7 +983,7 @@ fn savevm(ctx: &Ctx) {
         ],
     );
     assert_eq!(files_after_load(&mut again, at_end, u64::MAX), k);
-    again.wait("FILES done n=30", T);
+    again.wait("FILES done n=60", T);
     again.wait("GUEST-UMOUNTED", T);
     again.wait("GUEST-POWEROFF", T);
     assert_eq!(again.exit_code(T), Some(0));
