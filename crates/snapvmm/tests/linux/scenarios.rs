@@ -44,7 +44,7 @@ pub fn cost(name: &str) -> u32 {
         "ten-snapshots-restore-last" => 155,
         "write-protect-snapshot-restore" => 125,
         "boot-args-of-other-vmms" => 105,
-        "network-tap-snapshot-restore" => 250,
+        "network-tap-snapshot-restore" => 360,
         "vsock-host-guest-restore" => 100,
         "savevm-loadvm-qcow2" => 130,
         "reboot-in-place-twice-then-snapshot" => 85,
