@@ -437,9 +437,13 @@ fn throughput(ctx: &Ctx) {
                     }
                 }
             };
+            // A guest that stops receiving fails the round instead of
+            // holding the run until the TCG VM's budget ends.
+            s.set_write_timeout(Some(T)).unwrap();
             let t0 = Instant::now();
             for _ in 0..BENCH_MIB {
-                s.write_all(&blob).expect("sending to the guest");
+                s.write_all(&blob)
+                    .unwrap_or_else(|e| panic!("{vmm}: sending to the guest: {e}"));
             }
             drop(s);
             let done = vm.wait("NETBENCH-RX2", T);
