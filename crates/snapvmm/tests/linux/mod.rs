@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 /// The scenarios' results, wherever they ran.
+#[derive(Default)]
 pub struct Report {
     pub results: BTreeMap<String, Result<(), String>>,
     /// Console output of failed scenarios.
@@ -52,13 +53,7 @@ fn run_here(kernel: PathBuf, initrd: PathBuf) -> Report {
     let deferred = std::env::var_os("SNAPVMM_LINUX_EXPORT").map(PathBuf::from);
     let scratch = std::env::temp_dir().join(format!("snapvmm-linux-{}", std::process::id()));
     let export = deferred.clone().unwrap_or_else(|| scratch.join("export"));
-    let mut report = Report {
-        results: BTreeMap::new(),
-        logs: BTreeMap::new(),
-        export: None,
-        missing_hint: String::new(),
-        figures: Vec::new(),
-    };
+    let mut report = Report::default();
     for name in selected() {
         let dir = scratch.join(name);
         std::fs::create_dir_all(&dir).unwrap();
@@ -135,10 +130,20 @@ fn failed(why: String) -> Report {
             .iter()
             .map(|n| (n.to_string(), Err(why.clone())))
             .collect(),
-        logs: BTreeMap::new(),
-        export: None,
-        missing_hint: String::new(),
-        figures: Vec::new(),
+        ..Report::default()
+    }
+}
+
+impl Report {
+    /// Takes in the results, logs and figures of another run (its images stay
+    /// where they are).
+    fn merge(&mut self, other: Report) {
+        self.results.extend(other.results);
+        self.logs.extend(other.logs);
+        self.figures.extend(other.figures);
+        if !other.missing_hint.is_empty() {
+            self.missing_hint = other.missing_hint;
+        }
     }
 }
 
@@ -176,20 +181,9 @@ fn run_all() -> Report {
             })
             .collect()
     });
-    let mut report = Report {
-        results: BTreeMap::new(),
-        logs: BTreeMap::new(),
-        export: None,
-        missing_hint: String::new(),
-        figures: Vec::new(),
-    };
+    let mut report = Report::default();
     for r in reports {
-        report.results.extend(r.results);
-        report.logs.extend(r.logs);
-        report.figures.extend(r.figures);
-        if !r.missing_hint.is_empty() {
-            report.missing_hint = r.missing_hint;
-        }
+        report.merge(r);
     }
     if report.results.values().all(Result::is_ok) {
         let _ = std::fs::remove_dir_all(&dir);
@@ -254,12 +248,10 @@ fn run_lane(inputs: &inputs::Inputs, dir: &Path, wanted: &[&str]) -> Report {
             break;
         };
         let progressed = missing.iter().any(|n| next.results.contains_key(*n));
-        report.results.extend(next.results);
-        report.logs.extend(next.logs);
-        report.missing_hint = next.missing_hint;
-        report.figures.extend(next.figures);
+        let next_export = next.export.clone();
+        report.merge(next);
         // Each scenario's images sit in its own folder: bring the new ones over.
-        if let (Some(to), Some(from)) = (&report.export, &next.export) {
+        if let (Some(to), Some(from)) = (&report.export, &next_export) {
             for n in &missing {
                 if from.join(n).exists() {
                     let _ = std::fs::remove_dir_all(to.join(n));

@@ -296,7 +296,13 @@ impl Pci {
     /// A guest read of the MSI-X table or pending bits (`off` in BAR 0).
     pub fn msix_read(&self, off: u64, data: &mut [u8]) {
         let v: u64 = if off >= MSIX_PBA {
-            self.st.pending >> ((off - MSIX_PBA) * 8).min(63)
+            // One 64-bit word of pending bits (at most 64 vectors); past it, zeroes.
+            let at = off - MSIX_PBA;
+            if at < 8 {
+                self.st.pending >> (at * 8)
+            } else {
+                0
+            }
         } else {
             let i = ((off - MSIX_TABLE) / 16) as usize;
             let Some(e) = self.st.table.get(i) else {
@@ -517,6 +523,8 @@ mod tests {
         let mut pba = [0u8; 8];
         p.msix_read(MSIX_PBA, &mut pba);
         assert_eq!(u64::from_le_bytes(pba), 2, "the guest sees it pending");
+        p.msix_read(MSIX_PBA + 8, &mut pba);
+        assert_eq!(u64::from_le_bytes(pba), 0, "nothing past the pending word");
     }
 
     #[test]
