@@ -80,6 +80,11 @@ fn linux_talks_over_virtio_net_on_a_tap_across_a_snapshot_and_a_restore() {
 }
 
 #[test]
+fn linux_clones_of_one_image_each_take_their_own_mac_on_virtio_pci() {
+    linux::check("network-pci-clones-own-macs");
+}
+
+#[test]
 fn linux_talks_over_vsock_both_ways_and_a_restore_resets_its_connections() {
     linux::check("vsock-host-guest-restore");
 }

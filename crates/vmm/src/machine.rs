@@ -25,6 +25,34 @@ use crate::snapshot::MachineState;
 use crate::vcpu_thread::{self, VcpuHandle};
 use crate::VmmError;
 
+/// Asks the guest to re-plug NIC `j` so that its driver reads its new MAC
+/// (virtio-pci, images that describe the NICs' slots); elsewhere says what
+/// the guest will go on using.
+fn replug_nic(
+    bus: &PioBus,
+    j: usize,
+    image_minor: u32,
+    old: &[u8; 6],
+    new: &[u8; 6],
+) -> Result<(), VmmError> {
+    use virtio::net::format_mac;
+    let (old, new) = (format_mac(old), format_mac(new));
+    let id = crate::devices::lock(&bus.nets[j]).id().to_string();
+    // Images before state minor 4 were booted without re-pluggable slots.
+    if bus.pci.is_some() && image_minor >= 4 {
+        bus.replug(bus.virtio.len() + j).map_err(VmmError::Io)?;
+        tracing::info!(nic = %id, "MAC {old} -> {new}: the guest is asked to re-plug the NIC");
+    } else {
+        tracing::warn!(
+            nic = %id,
+            "the device now has MAC {new}, but the guest's driver keeps {old} until it probes \
+             the device again: only a VM booted with --virtio-transport pci (by this version) \
+             can re-plug its NICs"
+        );
+    }
+    Ok(())
+}
+
 fn transport_name(pci: bool) -> &'static str {
     if pci {
         "virtio-pci"
@@ -361,13 +389,17 @@ impl Machine {
                     cmdline.push(' ');
                     cmdline.push_str(&virtio::cmdline_entry(i));
                 }
+                // The NICs can be re-plugged (a clone restored with its own MAC).
+                let replug: Vec<u8> = (0..cfg.nets.len())
+                    .map(|j| (cfg.disks.len() + j + 1) as u8)
+                    .collect();
                 let spec = BootSpec {
                     kernel: &kernel,
                     initrd: initrd.as_deref(),
                     cmdline: &cmdline,
                     cpus: cfg.cpus,
                     virtio: &mmio,
-                    pci,
+                    pci: pci.then_some(boot::acpi::PciSpec { replug: &replug }),
                     vmgenid: cfg.vmgenid.is_some(),
                 };
                 let entry = boot::load_kernel(ram.memory(), cfg.mem_bytes, &spec)?;
@@ -516,7 +548,10 @@ impl Machine {
             nets,
             vsock,
             mem: ram.memory().clone(),
-            pci: pci.then(|| crate::devices::PciHost::new(n_devices, vm.fd.clone())),
+            pci: pci.then(|| {
+                let hotplug = state.as_ref().map(|s| s.pci_hotplug).unwrap_or_default();
+                crate::devices::PciHost::new(n_devices, vm.fd.clone(), &hotplug)
+            }),
             serial: Mutex::new(match &state {
                 Some(st) => serial::Serial::restore(serial_irq, cfg.serial, &st.serial)
                     .map_err(VmmError::Io)?,
@@ -603,6 +638,14 @@ impl Machine {
                 // The NICs may sit on another port of the network now.
                 for n in &bus.nets {
                     crate::devices::lock(n).announce();
+                }
+                // A NIC given a MAC other than the image's: its driver read
+                // the MAC when it probed, so it must probe again.
+                for (j, saved) in st.nets.iter().enumerate() {
+                    let mac = crate::devices::lock(&bus.nets[j]).mac();
+                    if mac != saved.mac {
+                        replug_nic(&bus, j, st.minor, &saved.mac, &mac)?;
+                    }
                 }
                 // Its connections did not come along: the guest hears they were reset.
                 if let Some(v) = &bus.vsock {

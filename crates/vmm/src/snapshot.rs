@@ -26,8 +26,9 @@ use crate::VmmError;
 pub const STATE_VERSION: u32 = 1;
 /// Minor version, bumped when fields are added compatibly (older readers ignore
 /// them; newer readers default them): 1 added `acpi`, 2 added `nets` and `vsock`,
-/// 3 added `pci` (and the devices' PCI registers and extra disk queues).
-pub const STATE_MINOR: u32 = 3;
+/// 3 added `pci` (and the devices' PCI registers and extra disk queues), 4
+/// added `pci_hotplug`.
+pub const STATE_MINOR: u32 = 4;
 
 /// KVM's VM-wide state: PIC, IOAPIC, PIT, kvmclock.
 #[derive(Serialize, Deserialize)]
@@ -70,6 +71,9 @@ pub struct MachineState {
     /// images from before virtio-pci).
     #[serde(default)]
     pub pci: bool,
+    /// A re-plug the guest had not finished (absent: none).
+    #[serde(default)]
+    pub pci_hotplug: crate::devices::hotplug::PciHotplugState,
 }
 
 /// Errors decoding saved state.
@@ -282,6 +286,12 @@ impl Machine {
             virtio: self.bus().virtio.iter().map(|d| lock(d).save()).collect(),
             nets: self.bus().nets.iter().map(|n| lock(n).save()).collect(),
             pci: self.bus().pci.is_some(),
+            pci_hotplug: self
+                .bus()
+                .pci
+                .as_ref()
+                .map(|p| p.hotplug.save())
+                .unwrap_or_default(),
             vsock: self.bus().vsock.as_ref().map(|v| lock(v).save()),
         })
     }

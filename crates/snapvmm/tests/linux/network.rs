@@ -20,6 +20,7 @@ use super::vm::Vm;
 /// Names of these scenarios.
 pub const ALL: &[&str] = &[
     "network-tap-snapshot-restore",
+    "network-pci-clones-own-macs",
     "vsock-host-guest-restore",
     "network-throughput",
 ];
@@ -27,6 +28,7 @@ pub const ALL: &[&str] = &[
 pub fn run(name: &str, ctx: &Ctx) -> Result<(), String> {
     catch(|| match name {
         "network-tap-snapshot-restore" => tap_snapshot_restore(ctx),
+        "network-pci-clones-own-macs" => clones_own_macs(ctx),
         "vsock-host-guest-restore" => vsock(ctx),
         "network-throughput" => throughput(ctx),
         other => panic!("unknown scenario {other}"),
@@ -256,6 +258,79 @@ fn tap_snapshot_restore(ctx: &Ctx) {
     host_pings_guest();
     qt.ok("quit", json!({}));
     target.exit_code(T);
+}
+
+/// Clones that are distinct on the network: a guest with a NIC on
+/// virtio-pci, live-snapshotted, then restored twice, one clone after the
+/// other, each on its own tap with its own MAC. snapvmm re-plugs the NIC
+/// (ACPI PCI hotplug), Linux's driver probes it again and takes the new
+/// MAC: the guest's interface has it, and the host's neighbour table learns
+/// it from the guest's replies.
+fn clones_own_macs(ctx: &Ctx) {
+    let snap = ctx.dir.join("linux-pci-net.snap");
+    let mut src = ctx.linux(
+        "pcinet",
+        "256M",
+        "1",
+        "net",
+        &["--net", "tap=spc0", "--virtio-transport", "pci"],
+    );
+    host_side("spc0");
+    let up = src.wait("GUEST-NET", T);
+    let image_mac =
+        vmm::devices::virtio::net::format_mac(&vmm::devices::virtio::net::default_mac("net0"));
+    assert!(up.contains(&format!("mac={image_mac}")), "{up}");
+    src.wait("GUEST-SHELL", T);
+    host_pings_guest();
+    let mut q = qmp(&src);
+    live_snapshot_to(&mut q, &snap);
+    q.ok("quit", json!({}));
+    src.exit_code(T);
+
+    for (name, tap, mac) in [
+        ("clone-a", "spc1", "52:54:00:c1:00:0a"),
+        ("clone-b", "spc2", "52:54:00:c1:00:0b"),
+    ] {
+        let mut clone = ctx.vm(
+            name,
+            &[
+                "--incoming",
+                &format!("file:{}", snap.display()),
+                "--net",
+                &format!("tap={tap},mac={mac}"),
+            ],
+        );
+        host_side(tap);
+        // The interface comes back (as a new eth0) with the clone's MAC; the
+        // guest configures it as a hotplug-aware network setup would.
+        let said = run_in_guest(
+            &mut clone,
+            &format!(
+                "for i in $(seq 1 150); do [ \"$(cat /sys/class/net/eth0/address 2>/dev/null)\" = {mac} ] && break; \
+                 sleep 0.2; done; ip addr add {GUEST}/24 dev eth0; ip link set eth0 up; \
+                 echo GUEST-MAC-$((6*7)) $(cat /sys/class/net/eth0/address)"
+            ),
+            "GUEST-MAC-42",
+            T,
+        );
+        assert!(
+            said.ends_with(mac),
+            "{name}: the guest's interface has the clone's MAC: {said}"
+        );
+        host_pings_guest();
+        let neigh = Command::new("ip")
+            .args(["neigh", "show", GUEST, "dev", tap])
+            .output()
+            .expect("ip neigh");
+        let neigh = String::from_utf8_lossy(&neigh.stdout);
+        assert!(
+            neigh.contains(mac),
+            "{name}: the host learnt the clone's MAC from its replies: {neigh:?}"
+        );
+        let mut q = qmp(&clone);
+        q.ok("quit", json!({}));
+        assert_eq!(clone.exit_code(T), Some(0), "{name}");
+    }
 }
 
 /// A host process connects through the device's socket (`CONNECT <port>`)

@@ -46,6 +46,7 @@ pub fn cost(name: &str) -> u32 {
         "boot-args-of-other-vmms" => 105,
         "network-tap-snapshot-restore" => 360,
         "vsock-host-guest-restore" => 100,
+        "network-pci-clones-own-macs" => 90,
         "savevm-loadvm-qcow2" => 130,
         "reboot-in-place-twice-then-snapshot" => 85,
         "virtio-pci-disks-snapshot-restore" | "live-snapshot-restore" => 80,

@@ -76,36 +76,134 @@ fn io_gas(port: u16) -> GAS {
 
 /// The DSDT's AML body (without the table header). Each object is built and
 /// serialized in one statement: the AML builders borrow their parts.
-fn dsdt_body(virtio: &[MmioDevice], pci: bool, vmgenid: bool) -> Vec<u8> {
+/// What the DSDT says about bus 0 when the virtio devices are on
+/// virtio-pci.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PciSpec<'a> {
+    /// PCI device numbers (on bus 0) of the devices that can be re-plugged
+    /// ([`crate::devices::hotplug`]): each gets a slot with `_EJ0`.
+    pub replug: &'a [u8],
+}
+
+/// The host bridge and, under it, a slot for each device that can be
+/// re-plugged, with `PCNT` (run by the GED) notifying the slots the
+/// hotplug registers name.
+fn pci_host_bridge(spec: &PciSpec<'_>, body: &mut Vec<u8>) {
+    use crate::devices::hotplug;
+    let crs = aml::Name::new(
+        "_CRS".into(),
+        &aml::ResourceTemplate::new(vec![
+            &aml::AddressSpace::new_bus_number(0u16, 0u16),
+            &aml::IO::new(0xcf8, 0xcf8, 1, 8),
+            &aml::AddressSpace::new_memory(
+                aml::AddressSpaceCacheable::NotCacheable,
+                true,
+                layout::PCI_MMIO_START as u32,
+                (layout::PCI_MMIO_END - 1) as u32,
+                None,
+            ),
+        ]),
+    );
+    let (hid, adr, seg, uid, bbn) = (
+        aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0A03")),
+        aml::Name::new("_ADR".into(), &aml::ZERO),
+        aml::Name::new("_SEG".into(), &aml::ZERO),
+        aml::Name::new("_UID".into(), &aml::ZERO),
+        aml::Name::new("_BBN".into(), &aml::ZERO),
+    );
+    let base = u32::from(hotplug::BASE);
+    let region = aml::OpRegion::new("PCHP".into(), aml::OpRegionSpace::SystemIO, &base, &12u32);
+    let fields = aml::Field::new(
+        "PCHP".into(),
+        aml::FieldAccessType::DWord,
+        aml::FieldLockRule::NoLock,
+        aml::FieldUpdateRule::WriteAsZeroes,
+        vec![
+            aml::FieldEntry::Named(*b"PCIU", 32),
+            aml::FieldEntry::Named(*b"PCID", 32),
+            aml::FieldEntry::Named(*b"PCEJ", 32),
+        ],
+    );
+    // Each slot: its address, its number, and _EJ0 writing its bit.
+    let bits: Vec<u32> = spec.replug.iter().map(|d| 1u32 << d).collect();
+    let addrs: Vec<u32> = spec.replug.iter().map(|d| u32::from(*d) << 16).collect();
+    let suns: Vec<u32> = spec.replug.iter().map(|d| u32::from(*d)).collect();
+    let names: Vec<String> = spec.replug.iter().map(|d| format!("SL{d:02X}")).collect();
+    let pcej = aml::Path::new("\\_SB_.PCI0.PCEJ");
+    let stores: Vec<aml::Store> = bits.iter().map(|b| aml::Store::new(&pcej, b)).collect();
+    let ej0: Vec<aml::Method> = stores
+        .iter()
+        .map(|s| aml::Method::new("_EJ0".into(), 1, false, vec![s]))
+        .collect();
+    let adr_names: Vec<aml::Name> = addrs
+        .iter()
+        .map(|a| aml::Name::new("_ADR".into(), a))
+        .collect();
+    let sun_names: Vec<aml::Name> = suns
+        .iter()
+        .map(|n| aml::Name::new("_SUN".into(), n))
+        .collect();
+    let slots: Vec<aml::Device> = (0..bits.len())
+        .map(|k| {
+            aml::Device::new(
+                names[k].as_str().into(),
+                vec![&adr_names[k], &sun_names[k], &ej0[k]],
+            )
+        })
+        .collect();
+    // PCNT: Local0 = PCIU (scan), Local1 = PCID (eject request); for each
+    // slot, Notify(slot, 1) (device check) or Notify(slot, 3) (eject request).
+    let (up, down) = (aml::Local(0), aml::Local(1));
+    let (pciu, pcid) = (aml::Path::new("PCIU"), aml::Path::new("PCID"));
+    let (read_up, read_down) = (aml::Store::new(&up, &pciu), aml::Store::new(&down, &pcid));
+    let slot_paths: Vec<aml::Path> = names.iter().map(|n| aml::Path::new(n)).collect();
+    let up_and: Vec<aml::And> = bits
+        .iter()
+        .map(|b| aml::And::new(&aml::ZERO, &up, b))
+        .collect();
+    let down_and: Vec<aml::And> = bits
+        .iter()
+        .map(|b| aml::And::new(&aml::ZERO, &down, b))
+        .collect();
+    let up_set: Vec<aml::Equal> = up_and
+        .iter()
+        .zip(&bits)
+        .map(|(a, b)| aml::Equal::new(a, b))
+        .collect();
+    let down_set: Vec<aml::Equal> = down_and
+        .iter()
+        .zip(&bits)
+        .map(|(a, b)| aml::Equal::new(a, b))
+        .collect();
+    let check: Vec<aml::Notify> = slot_paths
+        .iter()
+        .map(|p| aml::Notify::new(p, &1u8))
+        .collect();
+    let eject: Vec<aml::Notify> = slot_paths
+        .iter()
+        .map(|p| aml::Notify::new(p, &3u8))
+        .collect();
+    let ifs: Vec<aml::If> = (0..bits.len())
+        .flat_map(|k| {
+            [
+                aml::If::new(&up_set[k], vec![&check[k]]),
+                aml::If::new(&down_set[k], vec![&eject[k]]),
+            ]
+        })
+        .collect();
+    let mut pcnt_body: Vec<&dyn Aml> = vec![&read_up, &read_down];
+    pcnt_body.extend(ifs.iter().map(|i| i as &dyn Aml));
+    let pcnt = aml::Method::new("PCNT".into(), 0, true, pcnt_body);
+    let mut children: Vec<&dyn Aml> = vec![&hid, &adr, &seg, &uid, &bbn, &crs, &region, &fields];
+    children.extend(slots.iter().map(|d| d as &dyn Aml));
+    children.push(&pcnt);
+    aml::Device::new("_SB_.PCI0".into(), children).to_aml_bytes(body);
+}
+
+fn dsdt_body(virtio: &[MmioDevice], pci: Option<&PciSpec<'_>>, vmgenid: bool) -> Vec<u8> {
     let mut body = Vec::new();
-    if pci {
-        // The PCI host bridge: bus 0, configuration mechanism #1 at 0xcf8,
-        // and the memory window the virtio-pci BARs are placed in.
-        aml::Device::new(
-            "_SB_.PCI0".into(),
-            vec![
-                &aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0A03")),
-                &aml::Name::new("_ADR".into(), &aml::ZERO),
-                &aml::Name::new("_SEG".into(), &aml::ZERO),
-                &aml::Name::new("_UID".into(), &aml::ZERO),
-                &aml::Name::new("_BBN".into(), &aml::ZERO),
-                &aml::Name::new(
-                    "_CRS".into(),
-                    &aml::ResourceTemplate::new(vec![
-                        &aml::AddressSpace::new_bus_number(0u16, 0u16),
-                        &aml::IO::new(0xcf8, 0xcf8, 1, 8),
-                        &aml::AddressSpace::new_memory(
-                            aml::AddressSpaceCacheable::NotCacheable,
-                            true,
-                            layout::PCI_MMIO_START as u32,
-                            (layout::PCI_MMIO_END - 1) as u32,
-                            None,
-                        ),
-                    ]),
-                ),
-            ],
-        )
-        .to_aml_bytes(&mut body);
+    if let Some(spec) = pci {
+        pci_host_bridge(spec, &mut body);
     }
     // COM1: the 8250 PNP driver finds the console here.
     aml::Device::new(
@@ -188,9 +286,17 @@ fn dsdt_body(virtio: &[MmioDevice], pci: bool, vmgenid: bool) -> Vec<u8> {
     let notify_button = aml::If::new(&button_set, vec![&notify_pwrb]);
     let notify_genid = aml::If::new(&genid_set, vec![&notify_vgen]);
     let store = aml::Store::new(&local0, &gdat);
+    let hotplug = u32::from(pm::EVENT_PCI_HOTPLUG);
+    let hotplug_bit = aml::And::new(&aml::ZERO, &local0, &hotplug);
+    let hotplug_set = aml::Equal::new(&hotplug_bit, &hotplug);
+    let pcnt = aml::MethodCall::new("\\_SB_.PCI0.PCNT".into(), vec![]);
+    let run_pcnt = aml::If::new(&hotplug_set, vec![&pcnt]);
     let mut evt: Vec<&dyn Aml> = vec![&store, &notify_button];
     if vmgenid {
         evt.push(&notify_genid);
+    }
+    if pci.is_some() {
+        evt.push(&run_pcnt);
     }
     aml::Device::new(
         "_SB_.GED_".into(),
@@ -361,7 +467,7 @@ fn io_block(port: u16, len: u8) -> GAS {
 pub fn build(
     cpus: u8,
     virtio: &[MmioDevice],
-    pci: bool,
+    pci: Option<&PciSpec<'_>>,
     vmgenid: bool,
     platform: Platform,
 ) -> Result<Tables, BootError> {
@@ -415,7 +521,7 @@ pub fn write(
     mem: &GuestMemoryMmap,
     cpus: u8,
     virtio: &[MmioDevice],
-    pci: bool,
+    pci: Option<&PciSpec<'_>>,
     vmgenid: bool,
     platform: Platform,
 ) -> Result<u64, BootError> {
@@ -459,7 +565,7 @@ mod tests {
     /// checking each signature, length and checksum on the way.
     #[test]
     fn a_guest_can_walk_the_tables() {
-        let t = build(4, &[dev(0), dev(1)], false, true, Platform::PcCompatible).unwrap();
+        let t = build(4, &[dev(0), dev(1)], None, true, Platform::PcCompatible).unwrap();
         let rsdp = table(&t, t.rsdp());
         assert_eq!(&rsdp[..8], b"RSD PTR ");
         assert_eq!(sum(&rsdp[..20]), 0, "RSDP checksum");
@@ -564,7 +670,7 @@ mod tests {
             Platform::for_cmdline("console=ttyS0 xnoapic"),
             Platform::Reduced
         );
-        let t = build(2, &[dev(0)], false, true, Platform::Reduced).unwrap();
+        let t = build(2, &[dev(0)], None, true, Platform::Reduced).unwrap();
         let rsdp = table(&t, t.rsdp());
         let xsdt = table(&t, u64_at(rsdp, 24));
         let fadt = table(&t, u64_at(xsdt, 36));
@@ -579,7 +685,7 @@ mod tests {
     #[test]
     fn dsdt_describes_every_virtio_device_and_power_control() {
         let devs: Vec<_> = (0..8).map(dev).collect();
-        let body = dsdt_body(&devs, false, true);
+        let body = dsdt_body(&devs, None, true);
         let count = |pat: &[u8]| body.windows(pat.len()).filter(|w| *w == pat).count();
         assert_eq!(count(b"LNRO0005"), 8);
         for (i, d) in devs.iter().enumerate() {
@@ -596,8 +702,39 @@ mod tests {
         assert_eq!(count(b"PWRB"), 2, "the button and the notify target");
         assert_eq!(count(b"VMGENCTR"), 1, "the generation ID's device");
         assert_eq!(count(b"VGEN"), 2, "the device and the notify target");
-        let without = dsdt_body(&devs, false, false);
+        let without = dsdt_body(&devs, None, false);
         assert!(!without.windows(4).any(|w| w == b"VGEN"), "--vmgenid off");
-        assert!(build(1, &devs, false, true, Platform::Reduced).is_ok());
+        assert!(build(1, &devs, None, true, Platform::Reduced).is_ok());
+    }
+
+    /// On virtio-pci: the host bridge, a slot with `_EJ0` for each device
+    /// that re-plugs (and none for the others), `PCNT` over the hotplug
+    /// registers, and the GED running it.
+    #[test]
+    fn dsdt_describes_the_slots_that_re_plug() {
+        let spec = PciSpec { replug: &[3, 4] };
+        let body = dsdt_body(&[], Some(&spec), true);
+        if let Ok(out) = std::env::var("SNAPVMM_DUMP_DSDT") {
+            std::fs::write(out, sdt(b"DSDT", 2, &body)).unwrap();
+        }
+        let count = |pat: &[u8]| body.windows(pat.len()).filter(|w| *w == pat).count();
+        assert_eq!(count(b"PNP0A03"), 0, "an EISA id is packed, not text");
+        assert_eq!(
+            count(b"PCI0"),
+            4,
+            "the bridge, two _EJ0s' PCEJ and the GED's PCNT call"
+        );
+        assert_eq!(count(b"SL03"), 3, "the device and its two notifies");
+        assert_eq!(count(b"SL04"), 3);
+        assert_eq!(count(b"SL02"), 0);
+        assert_eq!(count(b"_EJ0"), 2);
+        assert_eq!(count(b"PCNT"), 2, "the method and its call");
+        assert_eq!(count(b"PCHP"), 2, "the region and its fields");
+        // The region: OperationRegion(PCHP, SystemIO, 0xae00, 12).
+        let mut region = b"PCHP".to_vec();
+        region.extend([0x01, 0x0b, 0x00, 0xae, 0x0a, 12]);
+        assert_eq!(count(&region), 1);
+        let mmio_only = dsdt_body(&[], None, true);
+        assert!(!mmio_only.windows(4).any(|w| w == b"PCNT"));
     }
 }

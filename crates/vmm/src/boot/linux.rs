@@ -166,7 +166,7 @@ mod tests {
             cmdline: "console=ttyS0",
             cpus: 2,
             virtio: &[],
-            pci: false,
+            pci: None,
             vmgenid: true,
         };
         let entry = crate::boot::load_kernel(ram.memory(), 256 << 20, &spec).unwrap();

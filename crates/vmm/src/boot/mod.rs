@@ -64,8 +64,9 @@ pub struct BootSpec<'a> {
     pub cpus: u8,
     /// virtio-mmio devices, described to the guest in the ACPI DSDT.
     pub virtio: &'a [acpi::MmioDevice],
-    /// Describe a PCI host bridge (the virtio-pci devices are found on its bus).
-    pub pci: bool,
+    /// Describe a PCI host bridge (the virtio-pci devices are found on its
+    /// bus), and the slots that can be re-plugged.
+    pub pci: Option<acpi::PciSpec<'a>>,
     /// Describe the VM generation ID device (`VGEN`) in the DSDT.
     pub vmgenid: bool,
 }
@@ -89,7 +90,7 @@ pub fn load_kernel(
         mem,
         spec.cpus,
         spec.virtio,
-        spec.pci,
+        spec.pci.as_ref(),
         spec.vmgenid,
         platform,
     )?;
@@ -222,7 +223,7 @@ mod tests {
             cmdline: "",
             cpus: 1,
             virtio: &[],
-            pci: false,
+            pci: None,
             vmgenid: false,
         };
         assert!(matches!(

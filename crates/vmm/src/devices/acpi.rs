@@ -63,6 +63,9 @@ const _: () = assert!(SCI_IRQ < 16);
 pub const EVENT_POWER_BUTTON: u8 = 1;
 /// GED event bit: the VM generation ID changed (the guest was restored).
 pub const EVENT_VMGENID: u8 = 2;
+/// GED event bit: a PCI slot's hotplug registers changed
+/// ([`super::hotplug`]).
+pub const EVENT_PCI_HOTPLUG: u8 = 4;
 
 const SLP_EN: u8 = 1 << 5;
 const SLP_TYP_SHIFT: u8 = 2;
@@ -122,6 +125,11 @@ impl AcpiPm {
     /// Tells the guest its VM generation ID changed.
     pub fn notify_vmgenid(&self) -> std::io::Result<()> {
         self.raise(EVENT_VMGENID)
+    }
+
+    /// Tells the guest to look at the PCI hotplug registers.
+    pub fn notify_pci_hotplug(&self) -> std::io::Result<()> {
+        self.raise(EVENT_PCI_HOTPLUG)
     }
 
     fn raise(&self, event: u8) -> std::io::Result<()> {

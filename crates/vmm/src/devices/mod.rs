@@ -6,6 +6,7 @@
 
 pub mod acpi;
 pub mod debug_exit;
+pub mod hotplug;
 pub mod i8042;
 pub mod io_thread;
 pub mod serial;
@@ -42,16 +43,37 @@ pub struct PciHost {
     /// The VM, to move a device's queue notifications (ioeventfds) with
     /// its BAR.
     vm: Arc<kvm_ioctls::VmFd>,
+    /// The re-plug registers (ACPI PCI hotplug).
+    pub hotplug: hotplug::PciHotplug,
 }
 
 impl PciHost {
     /// Bus 0 for `devices` virtio devices, whose queue notifications were
-    /// registered (ioeventfds) at their BARs' addresses.
-    pub fn new(devices: usize, vm: Arc<kvm_ioctls::VmFd>) -> PciHost {
+    /// registered (ioeventfds) at their BARs' addresses; `hotplug`: a
+    /// re-plug in progress when the machine was saved.
+    pub fn new(
+        devices: usize,
+        vm: Arc<kvm_ioctls::VmFd>,
+        hotplug: &hotplug::PciHotplugState,
+    ) -> PciHost {
         PciHost {
             address: AtomicU32::new(0),
             bars: (0..devices).map(|_| AtomicU64::new(0)).collect(),
             vm,
+            hotplug: hotplug::PciHotplug::new(hotplug),
+        }
+    }
+
+    /// Device `i`'s BAR after its registers changed: published for MMIO,
+    /// and its notifications moved with it.
+    fn bar_changed(&self, i: usize, t: &virtio::transport::Transport) {
+        let Some(slot) = self.bars.get(i) else {
+            return;
+        };
+        let bar = t.pci_bar().unwrap_or(0);
+        let was = slot.swap(bar, Ordering::AcqRel);
+        if was != bar {
+            self.move_notifications(t, was, bar);
         }
     }
 
@@ -93,8 +115,8 @@ impl PciHost {
 }
 
 /// The device buses: port I/O — serial (0x3f8–0x3ff), i8042 (0x60, 0x64),
-/// debug-exit (0xf4–0xf7), ACPI power management (0x600–0x603), PCI
-/// configuration (0xcf8–0xcff) — and MMIO — virtio devices from
+/// debug-exit (0xf4–0xf7), ACPI power management (0x600–0x609), PCI
+/// configuration (0xcf8–0xcff), PCI re-plug (0xae00–0xae0b) — and MMIO — virtio devices from
 /// [`virtio::MMIO_BASE`], one 4 KiB window each, or at their BARs on
 /// virtio-pci: the disks first, then the NICs, then vsock.
 pub struct PioBus {
@@ -202,17 +224,54 @@ impl PioBus {
             return;
         }
         if let Some((dev, reg)) = self.pci_config(pci, port).filter(|(d, _)| *d > 0) {
-            let Some(slot) = pci.bars.get(dev - 1) else {
-                return;
-            };
             self.with_transport(dev - 1, |t| {
                 t.pci_config_write(reg, data);
-                let bar = t.pci_bar().unwrap_or(0);
-                let was = slot.swap(bar, Ordering::AcqRel);
-                if was != bar {
-                    pci.move_notifications(t, was, bar);
-                }
+                pci.bar_changed(dev - 1, t);
             });
+        }
+    }
+
+    /// Asks the guest to re-plug virtio device `i` (on virtio-pci), so that
+    /// its driver probes it again ([`hotplug`]): a NIC given a new MAC at a
+    /// restore. `Ok(false)`: not on virtio-pci, nothing asked.
+    pub fn replug(&self, i: usize) -> std::io::Result<bool> {
+        let Some(pci) = &self.pci else {
+            return Ok(false);
+        };
+        if i + 1 >= 32 || self.slot(i).is_none() {
+            return Ok(false);
+        }
+        pci.hotplug.request(i as u8 + 1);
+        self.acpi.notify_pci_hotplug()?;
+        Ok(true)
+    }
+
+    /// The guest ejected what it was asked to: each such device is put in
+    /// its power-on state and the guest told to scan its slot again.
+    fn hotplug_write(&self, pci: &PciHost, port: u16, data: &[u8]) {
+        let slots = pci.hotplug.eject(port, data);
+        if slots == 0 {
+            return;
+        }
+        for dev in (1..32).filter(|d| slots & (1 << d) != 0) {
+            let i = dev - 1;
+            match self.slot(i) {
+                Some(Slot::Nic(n)) => {
+                    let mut n = lock(n);
+                    n.power_on();
+                    tracing::info!(
+                        nic = n.id(),
+                        "the guest let the NIC go: plugged in again with MAC {}",
+                        virtio::net::format_mac(&n.mac())
+                    );
+                    pci.bar_changed(i, n.transport_mut());
+                }
+                _ => tracing::warn!("PCI device {dev} ejected: not a device that re-plugs"),
+            }
+        }
+        pci.hotplug.inserted(slots);
+        if let Err(e) = self.acpi.notify_pci_hotplug() {
+            tracing::warn!("cannot tell the guest to scan its PCI slots: {e}");
         }
     }
 
@@ -260,6 +319,11 @@ impl PioBus {
                     self.pci_read(pci, port, data);
                 }
             }
+            hotplug::BASE..=hotplug::LAST => {
+                if let Some(pci) = &self.pci {
+                    pci.hotplug.read(port, data);
+                }
+            }
             _ => {}
         }
     }
@@ -276,6 +340,11 @@ impl PioBus {
             PCI_CONFIG_ADDRESS..=PCI_CONFIG_DATA_LAST => {
                 if let Some(pci) = &self.pci {
                     self.pci_write(pci, port, data);
+                }
+            }
+            hotplug::BASE..=hotplug::LAST => {
+                if let Some(pci) = &self.pci {
+                    self.hotplug_write(pci, port, data);
                 }
             }
             _ => {}

@@ -397,6 +397,18 @@ impl Pci {
         }
     }
 
+    /// The device was re-plugged ([`crate::devices::hotplug`]): its
+    /// registers are at power-on again (BAR 0 where it was, every vector
+    /// unassigned and unrouted).
+    pub fn power_on(&mut self) {
+        self.st = PciState::new(self.st.bar0, self.st.queue_vectors.len());
+        for v in 0..self.st.table.len() {
+            if let Err(e) = self.route(v) {
+                tracing::warn!("{e}");
+            }
+        }
+    }
+
     /// The driver reset the device: no vector is assigned any more.
     pub fn reset(&mut self) {
         self.st.config_vector = NO_VECTOR;
@@ -552,5 +564,22 @@ mod tests {
         );
         let fds = (0..3).map(|_| EventFd::new(0).unwrap()).collect();
         assert!(Pci::new(2, st, fds, 50, routes).is_err());
+    }
+
+    /// A re-plugged device: power-on registers (vectors unassigned, MSI-X
+    /// off, the table empty), BAR 0 where it was, and every vector's route
+    /// taken away, so a stale message is never delivered.
+    #[test]
+    fn power_on_clears_the_table_and_unroutes_every_vector() {
+        let (mut p, _, routes) = pci(1);
+        p.config_write(0x10, &0xc000_8000u32.to_le_bytes());
+        p.config_write(MSIX_CAP, &(u32::from(MSIX_ENABLE) << 16).to_le_bytes());
+        p.msix_write(MSIX_TABLE, &0xfee0_1000u32.to_le_bytes());
+        p.st.queue_vectors[0] = 0;
+        routes.0.lock().unwrap().clear();
+        p.power_on();
+        assert_eq!(p.st, PciState::new(0xc000_8000, 1));
+        assert_eq!(p.bar(), Some(0xc000_8000));
+        assert_eq!(*routes.0.lock().unwrap(), vec![(40, None), (41, None)]);
     }
 }

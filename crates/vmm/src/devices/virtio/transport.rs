@@ -213,6 +213,16 @@ impl Transport {
         }
     }
 
+    /// The device was re-plugged: the transport and its PCI registers are
+    /// as at power-on (the device resets its own state, as for
+    /// [`Effect::Reset`]).
+    pub fn power_on(&mut self) {
+        self.set_status(0);
+        if let Some(p) = &mut self.pci {
+            p.power_on();
+        }
+    }
+
     /// The device cannot go on until the driver resets it (virtio 2.1.2).
     pub fn needs_reset(&mut self) {
         self.st.status |= STATUS_NEEDS_RESET;

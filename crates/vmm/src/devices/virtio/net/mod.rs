@@ -269,17 +269,28 @@ impl VirtioNet {
     pub fn write(&mut self, offset: u64, data: &[u8]) {
         match self.t.write(offset, data) {
             Effect::None => {}
-            Effect::Reset => {
-                self.net_status &= vn::VIRTIO_NET_S_LINK_UP as u16;
-                self.pending = None;
-                let _ = self.backend.set_offloads(0);
-            }
+            Effect::Reset => self.reset(),
             Effect::DriverOk => {
                 self.apply_offloads();
                 // Frames may have waited for the driver: look at once.
                 let _ = self.t.kick(RX).write(1);
             }
         }
+    }
+
+    /// What a reset by the driver clears.
+    fn reset(&mut self) {
+        self.net_status &= vn::VIRTIO_NET_S_LINK_UP as u16;
+        self.pending = None;
+        let _ = self.backend.set_offloads(0);
+    }
+
+    /// The device was re-plugged ([`crate::devices::hotplug`]): as at
+    /// power-on, with its MAC, so that the driver that probes it next reads
+    /// that MAC.
+    pub fn power_on(&mut self) {
+        self.t.power_on();
+        self.reset();
     }
 
     /// The rings themselves are unusable: the device needs a reset (virtio 2.1.2).

@@ -363,6 +363,33 @@ fn save_and_restore_keep_the_rings_and_a_new_mac_replaces_the_old() {
     assert!(VirtioNet::restore("net0".into(), None, r.backend.clone(), irq, &bad).is_err());
 }
 
+/// A re-plugged NIC (a clone's new MAC): as at power-on, so that the driver
+/// probing it next sets it up from scratch and reads the new MAC.
+#[test]
+fn a_re_plugged_nic_is_at_power_on_with_its_new_mac() {
+    let mut r = rig(BASE | bit(vn::VIRTIO_NET_F_MRG_RXBUF));
+    r.rx_buffers(2, 1536);
+    let st = r.dev.save();
+    let new_mac = [0x52, 0x54, 0, 7, 7, 7];
+    let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+    let mut d =
+        VirtioNet::restore("net0".into(), Some(new_mac), r.backend.clone(), irq, &st).unwrap();
+    assert_ne!(r32(&mut d, 0x070), 0, "the image's driver had set it up");
+    r.backend.1.lock().unwrap().clear();
+    d.power_on();
+    assert_eq!(r32(&mut d, 0x070), 0, "status: reset");
+    w32(&mut d, 0x030, RX as u32);
+    assert_eq!(r32(&mut d, 0x044), 0, "the receive queue is not ready");
+    let mut mac = [0u8; 6];
+    d.read(0x100, &mut mac);
+    assert_eq!(mac, new_mac);
+    assert_eq!(*r.backend.1.lock().unwrap(), vec![0], "offloads off");
+    // A frame that arrives now is not written into the old rings.
+    r.host.send(&r.frame(60, 0)).unwrap();
+    d.receive(&r.mem);
+    assert!(r.used(RX).is_empty());
+}
+
 #[test]
 fn after_a_restore_the_guest_is_asked_to_announce_itself_until_it_acknowledges() {
     let mut r = rig(BASE | bit(vn::VIRTIO_NET_F_CTRL_VQ) | bit(vn::VIRTIO_NET_F_GUEST_ANNOUNCE));
