@@ -927,3 +927,48 @@ fn every_restore_gets_a_new_vm_generation_id() {
     );
     qo.ok("quit", json!({}));
 }
+
+/// A VM restored from a virtio-pci image reboots on virtio-pci (the image's
+/// transport, not the default), whatever its own command line said: a
+/// snapshot taken after the reboot is a virtio-pci image again, which a
+/// restore asking for virtio-mmio refuses, naming both.
+#[test]
+fn a_restored_virtio_pci_vm_reboots_on_virtio_pci() {
+    let d = TempDir::new("pci-reboot");
+    let (vm, mut q) = start_vm(
+        &d,
+        "vm",
+        "1",
+        &["--mem", "64M", "--virtio-transport", "pci"],
+    );
+    vm.wait_line("refguest: ready", T);
+    let first = d.path("first.snap");
+    assert_eq!(live_snapshot(&mut q, &first)["status"], "completed");
+    q.ok("quit", json!({}));
+    drop(vm);
+    let incoming = format!("file:{}", first.display());
+    let (vm, mut q) = start_vm(&d, "restored", "1", &["--incoming", &incoming]);
+    assert_eq!(wait_settled(&mut q), "running");
+    q.ok("system_reset", json!({}));
+    vm.wait_line("refguest: ready", T);
+    let second = d.path("second.snap");
+    assert_eq!(live_snapshot(&mut q, &second)["status"], "completed");
+    q.ok("quit", json!({}));
+    drop(vm);
+    let o = run_with_timeout(
+        snapvmm(&[
+            "run",
+            "--incoming",
+            &format!("file:{}", second.display()),
+            "--virtio-transport",
+            "mmio",
+        ]),
+        T,
+    );
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("the snapshot's devices are on virtio-pci, virtio-mmio was asked for"),
+        "{}",
+        stderr(&o)
+    );
+}

@@ -97,6 +97,8 @@ pub fn run(mut cfg: RunConfig) -> Result<u8> {
     if restored {
         cfg.mem_bytes = machine.ram().size();
         cfg.cpus = machine.cpus();
+        // The transport too: the guest's drivers and the image's DSDT expect it.
+        cfg.virtio_pci = Some(machine.bus().pci.is_some());
     }
     let mut c = Controller {
         cfg,
