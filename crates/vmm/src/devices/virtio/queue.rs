@@ -232,6 +232,31 @@ impl VirtQueue {
             .map_err(|e| QueueError::Ring(e.to_string()))
     }
 
+    /// Re-arms driver notifications for a device that found the buffers
+    /// waiting too few for what it holds (a frame larger than they are): with
+    /// EVENT_IDX, asks to be told when the driver makes one *more* available.
+    /// [`VirtQueue::rearm`] asks from `next_avail`, which the driver has
+    /// already passed when buffers are waiting, so it would never notify.
+    pub fn rearm_for_more(&mut self, mem: &GuestMemoryMmap) -> Result<(), QueueError> {
+        self.rearm(mem)?;
+        if !self.q.event_idx_enabled() {
+            return Ok(());
+        }
+        let ring = |e: virtio_queue::Error| QueueError::Ring(e.to_string());
+        let published = self
+            .q
+            .avail_idx(mem, std::sync::atomic::Ordering::Acquire)
+            .map_err(ring)?;
+        // avail_event sits after the used ring's entries (virtio 2.7.8).
+        let at = self.q.used_ring() + 4 + 8 * u64::from(self.q.size());
+        mem.write_obj(u16::to_le(published.0), GuestAddress(at))
+            .map_err(|_| QueueError::BadAddress(at, 2))?;
+        // The driver reads avail_event after publishing: order our store
+        // before our next look at its index.
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        Ok(())
+    }
+
     /// Whether the driver wants an interrupt for what was just used
     /// (`used_event` with EVENT_IDX, else the avail ring's NO_INTERRUPT flag).
     pub fn needs_interrupt(&mut self, mem: &GuestMemoryMmap) -> Result<bool, QueueError> {

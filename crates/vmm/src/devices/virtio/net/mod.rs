@@ -421,10 +421,10 @@ impl VirtioNet {
                 Ok(true) => used = true,
                 Ok(false) => {
                     // Wait for buffers: rearm so the driver kicks when it adds
-                    // some, and look again only if it added some meanwhile.
+                    // one more, and look again only if it added some meanwhile.
                     self.pending = Some(len);
                     let more = self.t.queues[RX].waiting(mem).and_then(|had| {
-                        self.t.queues[RX].rearm(mem)?;
+                        self.t.queues[RX].rearm_for_more(mem)?;
                         Ok(self.t.queues[RX].waiting(mem)? > had)
                     });
                     match more {
