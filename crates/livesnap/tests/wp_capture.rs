@@ -352,3 +352,46 @@ fn the_next_capture_starts_with_the_pool_kept_from_the_last() {
     engine.release_pool();
     assert_eq!(engine.kept_pool_bytes(), 0);
 }
+
+/// The pool made ahead of the first capture: that capture starts with the
+/// whole pool kept (its faults never wait for a buffer to be mapped), the
+/// writers' own buffers are made too, a second call makes nothing more, and
+/// the image is exact.
+#[test]
+fn a_pool_prepared_ahead_serves_the_first_capture() {
+    let Some(uffd) = uffd_wp() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let mut mem = Mem::new(LEN);
+    fill_dense(mem.words_mut(), 11);
+    let engine = WpEngine::with_uffd(uffd.clone(), &[mem.range(0, LEN, 0)]).unwrap();
+    let pool_bytes = 4 << 20;
+    let kept = livesnap::wp::prepare_pool(&engine, pool_bytes);
+    assert_eq!(kept, pool_bytes + 2 * CHUNK, "the pool and the writers' own");
+    assert_eq!(livesnap::wp::prepare_pool(&engine, pool_bytes), kept);
+    assert_eq!(engine.kept_pool_bytes(), kept);
+    let dest = dir.path().join("first.snap");
+    let expected = mem.bytes().to_vec();
+    let opts = WpOptions {
+        pool_bytes,
+        ..WpOptions::default()
+    };
+    let prepared = prepare_wp_capture(&engine, livesnap::Destination::file(&dest), opts).unwrap();
+    let (capture, sender, counters) = prepared.start_deferred().unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let m = mutator(&mem, stop.clone());
+    sender.send(b"dev".to_vec());
+    capture.wait().unwrap();
+    stop.store(true, Ordering::Relaxed);
+    m.join().unwrap();
+    assert_eq!(
+        counters.pool_kept.load(Ordering::Relaxed),
+        pool_bytes / CHUNK,
+        "the first capture began with the whole pool"
+    );
+    let mut back = vec![0u8; LEN];
+    Image::open(&dest)
+        .unwrap()
+        .read_ram_into(0, &mut back)
+        .unwrap();
+    assert!(back == expected, "the image is exact");
+}

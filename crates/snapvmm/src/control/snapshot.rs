@@ -261,6 +261,17 @@ impl Controller {
         let engine = WpEngine::new(&ranges)
             .map_err(|e| format!("x-snapshot-method 'uffd' is not available here: {e}"))?;
         let engine = Arc::new(engine);
+        // The first capture's pool, made now (the guest runs) rather than
+        // while its faults wait; later captures reuse it (x-wp-keep-pool).
+        if self.migration.wp_keep_pool {
+            let t0 = std::time::Instant::now();
+            let kept = livesnap::wp::prepare_pool(&engine, self.migration.wp_pool);
+            tracing::debug!(
+                mib = kept >> 20,
+                ms = t0.elapsed().as_secs_f64() * 1e3,
+                "write-protect pool made ahead of the first capture"
+            );
+        }
         self.wp_engine = Some((key, engine.clone()));
         Ok(engine)
     }
