@@ -39,6 +39,25 @@ fn mutator(mem: &Mem, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<u64> {
     })
 }
 
+/// A capture of `engine`'s RAM into `dest` while a mutator rewrites `mem`;
+/// what it counted.
+fn capture_while_mutating(
+    engine: &WpEngine,
+    mem: &Mem,
+    dest: &std::path::Path,
+    opts: WpOptions,
+) -> Arc<livesnap::wp::WpCounters> {
+    let prepared = prepare_wp_capture(engine, livesnap::Destination::file(dest), opts).unwrap();
+    let (capture, sender, counters) = prepared.start_deferred().unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let m = mutator(mem, stop.clone());
+    sender.send(b"dev".to_vec());
+    capture.wait().unwrap();
+    stop.store(true, Ordering::Relaxed);
+    m.join().unwrap();
+    counters
+}
+
 fn run(pool_bytes: u64) {
     let Some(uffd) = uffd_wp() else { return };
     let dir = tempfile::tempdir().unwrap();
@@ -316,15 +335,7 @@ fn the_next_capture_starts_with_the_pool_kept_from_the_last() {
             keep_pool: keep,
             ..WpOptions::default()
         };
-        let prepared =
-            prepare_wp_capture(&engine, livesnap::Destination::file(&dest), opts).unwrap();
-        let (capture, sender, counters) = prepared.start_deferred().unwrap();
-        let stop = Arc::new(AtomicBool::new(false));
-        let m = mutator(&mem, stop.clone());
-        sender.send(b"dev".to_vec());
-        capture.wait().unwrap();
-        stop.store(true, Ordering::Relaxed);
-        m.join().unwrap();
+        let counters = capture_while_mutating(&engine, &mem, &dest, opts);
         kept_at_start.push(counters.pool_kept.load(Ordering::Relaxed));
         let mut back = vec![0u8; LEN];
         Image::open(&dest)
@@ -366,7 +377,11 @@ fn a_pool_prepared_ahead_serves_the_first_capture() {
     let engine = WpEngine::with_uffd(uffd.clone(), &[mem.range(0, LEN, 0)]).unwrap();
     let pool_bytes = 4 << 20;
     let kept = livesnap::wp::prepare_pool(&engine, pool_bytes);
-    assert_eq!(kept, pool_bytes + 2 * CHUNK, "the pool and the writers' own");
+    assert_eq!(
+        kept,
+        pool_bytes + 2 * CHUNK,
+        "the pool and the writers' own"
+    );
     assert_eq!(livesnap::wp::prepare_pool(&engine, pool_bytes), kept);
     assert_eq!(engine.kept_pool_bytes(), kept);
     let dest = dir.path().join("first.snap");
@@ -375,14 +390,7 @@ fn a_pool_prepared_ahead_serves_the_first_capture() {
         pool_bytes,
         ..WpOptions::default()
     };
-    let prepared = prepare_wp_capture(&engine, livesnap::Destination::file(&dest), opts).unwrap();
-    let (capture, sender, counters) = prepared.start_deferred().unwrap();
-    let stop = Arc::new(AtomicBool::new(false));
-    let m = mutator(&mem, stop.clone());
-    sender.send(b"dev".to_vec());
-    capture.wait().unwrap();
-    stop.store(true, Ordering::Relaxed);
-    m.join().unwrap();
+    let counters = capture_while_mutating(&engine, &mem, &dest, opts);
     assert_eq!(
         counters.pool_kept.load(Ordering::Relaxed),
         pool_bytes / CHUNK,
