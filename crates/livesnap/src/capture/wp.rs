@@ -790,9 +790,10 @@ struct RamWriter<'a> {
 
 impl RamWriter<'_> {
     fn run(&self) -> Result<()> {
-        // Below the vCPUs: where every CPU runs a vCPU, a vCPU woken from a
-        // fault otherwise waited a time slice (4–12 ms) behind a writer.
-        crate::kernel::background();
+        // Not lowered below the vCPUs (nice 10): that halved what a 2-vCPU
+        // guest on 2 CPUs felt, but where the guest takes every CPU the
+        // writers starved (ten snapshots of a Linux guest in a 1-CPU VM
+        // took 2.4× as long). docs/BENCHMARKS.md has the figures.
         let r = self.work();
         if r.is_err() {
             self.stop.store(true, Ordering::Release);

@@ -82,10 +82,9 @@ pub(crate) fn serve_faults_first(who: &str, realtime: bool) {
 }
 
 /// Lowers the calling thread, one doing background work (filling RAM ahead
-/// of the guest, writing a capture's chunks), below the vCPU threads: to
-/// nice 10 at least, so a vCPU that wakes on the same CPU runs at once
-/// instead of after this thread's time slice. It costs the thread nothing
-/// where a CPU is free. Needs no privilege; left as it is if refused.
+/// of the guest), below the vCPU threads: to nice 10 at least, so a vCPU
+/// that wakes on the same CPU runs at once instead of after this thread's
+/// time slice. Needs no privilege; left as it is if refused.
 pub(crate) fn background() {
     // SAFETY: gettid, getpriority and setpriority on this thread's own id;
     // no memory is involved (a nice value of -1 is below 10 whether or not
