@@ -177,7 +177,7 @@ impl Controller {
             )?)
         } else {
             let engine = self
-                .wp_registration()
+                .wp_engine_for_capture()
                 .map_err(SnapshotError::MethodUnavailable)?;
             let opts = livesnap::wp::WpOptions {
                 on_done: Some(on_done),

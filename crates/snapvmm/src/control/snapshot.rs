@@ -63,7 +63,7 @@ impl Controller {
                 }
             }
             migration::Method::Wp => {
-                let engine = match self.wp_registration() {
+                let engine = match self.wp_engine_for_capture() {
                     Ok(u) => u,
                     Err(e) => return Err(self.fail_migration(e)),
                 };
@@ -261,18 +261,26 @@ impl Controller {
         let engine = WpEngine::new(&ranges)
             .map_err(|e| format!("x-snapshot-method 'uffd' is not available here: {e}"))?;
         let engine = Arc::new(engine);
-        // The first capture's pool, made now (the guest runs) rather than
-        // while its faults wait; later captures reuse it (x-wp-keep-pool).
+        self.wp_engine = Some((key, engine.clone()));
+        Ok(engine)
+    }
+
+    /// The engine for a write-protect capture about to be prepared (the
+    /// guest runs): with its pool made now rather than while the capture's
+    /// faults wait (the first capture's; later ones find it kept, see
+    /// x-wp-keep-pool). A live migration's pre-copy pass, which only marks
+    /// written chunks, takes [`Controller::wp_registration`] and no pool.
+    pub(crate) fn wp_engine_for_capture(&mut self) -> Result<Arc<WpEngine>, String> {
+        let engine = self.wp_registration()?;
         if self.migration.wp_keep_pool {
             let t0 = std::time::Instant::now();
             let kept = livesnap::wp::prepare_pool(&engine, self.migration.wp_pool);
             tracing::debug!(
                 mib = kept >> 20,
                 ms = t0.elapsed().as_secs_f64() * 1e3,
-                "write-protect pool made ahead of the first capture"
+                "write-protect pool ready before the capture"
             );
         }
-        self.wp_engine = Some((key, engine.clone()));
         Ok(engine)
     }
 }
