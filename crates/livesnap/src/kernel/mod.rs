@@ -81,6 +81,13 @@ pub(crate) fn serve_faults_first(who: &str, realtime: bool) {
     }
 }
 
+/// Lets another runnable thread on this CPU go first (a vCPU the writer
+/// preempted), without lowering this thread's share of the CPU.
+pub(crate) fn let_others_run() {
+    // SAFETY: sched_yield takes no arguments and touches no memory.
+    unsafe { libc::sched_yield() };
+}
+
 /// Lowers the calling thread, one doing background work (filling RAM ahead
 /// of the guest), below the vCPU threads: to nice 10 at least, so a vCPU
 /// that wakes on the same CPU runs at once instead of after this thread's
