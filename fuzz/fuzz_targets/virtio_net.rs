@@ -16,6 +16,7 @@ use std::sync::Arc;
 use libfuzzer_sys::fuzz_target;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm::devices::virtio::net::{NetBackend, VirtioNet, MAX_FRAME};
+use vmm::devices::virtio::vectored::{self, GuestIov};
 use vmm_sys_util::eventfd::EventFd;
 
 const MEM: usize = 64 << 10;
@@ -32,9 +33,16 @@ impl NetBackend for Pair {
     fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
         self.0.recv(buf)
     }
+    fn recv_into(&self, dst: &GuestIov) -> io::Result<usize> {
+        vectored::read_into(self.0.as_raw_fd(), dst)
+    }
     fn send(&self, frame: &[u8]) -> io::Result<usize> {
         assert!(frame.len() <= MAX_FRAME, "a frame larger than any");
         self.0.send(frame)
+    }
+    fn send_from(&self, src: &GuestIov) -> io::Result<usize> {
+        assert!(src.len() <= MAX_FRAME, "a frame larger than any");
+        vectored::write_from(self.0.as_raw_fd(), src)
     }
     fn set_offloads(&self, _: u32) -> io::Result<()> {
         Ok(())

@@ -10,7 +10,7 @@ pub mod net;
 pub mod pci;
 pub mod queue;
 pub mod transport;
-mod vectored;
+pub mod vectored;
 pub mod vsock;
 
 use std::fs::File;

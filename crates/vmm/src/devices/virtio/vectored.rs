@@ -1,13 +1,16 @@
-//! A disk request's data moved between a file and guest memory with one
-//! `preadv`/`pwritev`: the kernel copies straight between the page cache
-//! (or the disk) and guest RAM, with no buffer in between. Only raw pointers
-//! into guest memory are made (from vm-memory's bounds-checked slices), never
-//! Rust references: the guest may touch the same bytes meanwhile.
+//! Moving a request's data between a descriptor (a file, a tap) and guest
+//! memory with one vectored call: the kernel copies straight between the
+//! page cache, the disk or the network stack and guest RAM, with no buffer
+//! in between. Only raw pointers into guest memory are made (from
+//! vm-memory's bounds-checked slices), never Rust references: the guest may
+//! touch the same bytes meanwhile.
 
 use std::fs::File;
 use std::io;
-use std::os::fd::AsRawFd;
+use std::marker::PhantomData;
+use std::os::fd::{AsRawFd, RawFd};
 
+use vm_memory::volatile_memory::PtrGuardMut;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use super::queue::Desc;
@@ -21,7 +24,80 @@ pub enum Error {
 }
 
 /// Most segments one call takes (Linux's `UIO_MAXIOV`).
-const IOV_MAX: usize = 1024;
+pub const IOV_MAX: usize = 1024;
+
+/// The bytes of some descriptors, in order, as one scatter/gather list.
+/// Every entry points into guest memory, which stays mapped while the list
+/// (a borrow of that memory) lives.
+pub struct GuestIov<'m> {
+    iov: Vec<libc::iovec>,
+    _guards: Vec<PtrGuardMut>,
+    _mem: PhantomData<&'m GuestMemoryMmap>,
+}
+
+impl<'m> GuestIov<'m> {
+    /// The list for `segs`; `Err(Error::Guest)` if any byte is outside guest
+    /// memory. A segment across two memory regions takes two entries.
+    pub fn new(mem: &'m GuestMemoryMmap, segs: &[Desc]) -> Result<Self, Error> {
+        let mut iov = Vec::with_capacity(segs.len());
+        let mut guards = Vec::with_capacity(segs.len());
+        for d in segs {
+            for s in GuestMemoryBackend::get_slices(mem, GuestAddress(d.addr), d.len as usize) {
+                let s = s.map_err(|_| Error::Guest)?;
+                let g = s.ptr_guard_mut();
+                iov.push(libc::iovec {
+                    iov_base: g.as_ptr().cast(),
+                    iov_len: s.len(),
+                });
+                guards.push(g);
+            }
+        }
+        Ok(GuestIov {
+            iov,
+            _guards: guards,
+            _mem: PhantomData,
+        })
+    }
+
+    /// The entries, for `readv`/`writev` and their kin: each is valid guest
+    /// memory for as long as `self` lives, and may be read and written.
+    pub fn iovecs(&self) -> &[libc::iovec] {
+        &self.iov
+    }
+
+    /// All the bytes the list covers.
+    pub fn len(&self) -> usize {
+        self.iov.iter().map(|v| v.iov_len).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// One `readv` from `fd` (a tap, a datagram socket: one frame) into `dst`.
+pub fn read_into(fd: RawFd, dst: &GuestIov) -> io::Result<usize> {
+    let v = dst.iovecs();
+    // SAFETY: every entry is mapped guest memory the kernel may write,
+    // valid while `dst` lives (GuestIov's contract); `v.len()` entries.
+    let n = unsafe { libc::readv(fd, v.as_ptr(), v.len() as libc::c_int) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(n as usize)
+}
+
+/// One `writev` of `src` to `fd` (a tap, a datagram socket: one frame).
+pub fn write_from(fd: RawFd, src: &GuestIov) -> io::Result<usize> {
+    let v = src.iovecs();
+    // SAFETY: every entry is mapped guest memory the kernel may read,
+    // valid while `src` lives (GuestIov's contract); `v.len()` entries.
+    let n = unsafe { libc::writev(fd, v.as_ptr(), v.len() as libc::c_int) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(n as usize)
+}
 
 /// Reads `file` from `offset` into the segments (or, with `write`, writes them
 /// there), all of their bytes in order; a short transfer is continued, and
@@ -33,26 +109,16 @@ pub fn transfer(
     offset: u64,
     write: bool,
 ) -> Result<(), Error> {
-    let mut iov = Vec::with_capacity(segs.len());
-    let mut guards = Vec::with_capacity(segs.len());
-    for d in segs {
-        for s in GuestMemoryBackend::get_slices(mem, GuestAddress(d.addr), d.len as usize) {
-            let s = s.map_err(|_| Error::Guest)?;
-            let g = s.ptr_guard_mut();
-            iov.push(libc::iovec {
-                iov_base: g.as_ptr().cast(),
-                iov_len: s.len(),
-            });
-            guards.push(g);
-        }
-    }
-    let total: usize = iov.iter().map(|v| v.iov_len).sum();
+    let list = GuestIov::new(mem, segs)?;
+    let total = list.len();
+    // A copy of the entries, advanced as the transfer goes on.
+    let mut iov = list.iovecs().to_vec();
     let (mut done, mut first) = (0usize, 0usize);
     while done < total {
         let end = (first + IOV_MAX).min(iov.len());
         let pos = offset + done as u64;
         // SAFETY: every iovec points into guest memory that vm-memory
-        // checked and keeps mapped (`guards` live until the end), with its
+        // checked and keeps mapped (`list` lives until the end), with its
         // length; the kernel reads or writes only those bytes.
         let n = unsafe {
             if write {
@@ -97,7 +163,7 @@ pub fn transfer(
             }
         }
     }
-    drop(guards);
+    drop(list);
     Ok(())
 }
 

@@ -27,6 +27,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::queue::{Desc, QueueError};
 use super::transport::{bit, serve, Effect, Transport, TransportState};
+use super::vectored::{GuestIov, IOV_MAX};
 
 const DEVICE_ID_NET: u32 = 1;
 
@@ -72,8 +73,13 @@ pub trait NetBackend: Send + Sync {
     fn name(&self) -> &str;
     /// One frame, or `WouldBlock` when none is waiting.
     fn recv(&self, buf: &mut [u8]) -> io::Result<usize>;
+    /// One frame straight into guest buffers (as `recv`); a frame longer
+    /// than they are is cut.
+    fn recv_into(&self, dst: &GuestIov) -> io::Result<usize>;
     /// Sends one frame.
     fn send(&self, frame: &[u8]) -> io::Result<usize>;
+    /// Sends the frame held in guest buffers, in order.
+    fn send_from(&self, src: &GuestIov) -> io::Result<usize>;
     /// Which offloads the guest can take in received frames (`TUN_F_*`).
     fn set_offloads(&self, flags: u32) -> io::Result<()>;
 }
@@ -113,6 +119,8 @@ pub struct VirtioNetState {
 pub struct NetStats {
     pub rx_frames: u64,
     pub rx_bytes: u64,
+    /// Frames received straight into guest buffers (no copy in between).
+    pub rx_direct: u64,
     pub tx_frames: u64,
     pub tx_bytes: u64,
     /// Frames dropped: no driver, a buffer too small, a backend that could not take one.
@@ -130,6 +138,18 @@ pub enum RxState {
     NeedBuffers,
     /// The backend failed for good (the interface went away).
     BackendGone,
+}
+
+/// What receiving straight into guest buffers came to.
+enum Direct {
+    /// A frame is in the guest's buffers.
+    Delivered,
+    /// A frame too short to hold its header was dropped.
+    Dropped,
+    /// The backend had nothing (`WouldBlock`) or failed.
+    Failed(io::Error),
+    /// The buffers available cannot hold every frame: go through `buf`.
+    Unfit,
 }
 
 pub struct VirtioNet {
@@ -336,23 +356,36 @@ impl VirtioNet {
             self.stats.errors += 1;
             return;
         }
-        let mut off = 0;
-        for d in chain {
-            let n = d.len as usize;
-            if mem
-                .read_slice(&mut self.buf[off..off + n], GuestAddress(d.addr))
-                .is_err()
-            {
-                self.stats.errors += 1;
-                return;
-            }
-            off += n;
-        }
         if self.gone {
             self.stats.dropped += 1;
             return;
         }
-        match self.backend.send(&self.buf[..total]) {
+        // Straight from the guest's buffers where one call takes them all,
+        // else through `buf`.
+        let sent = if chain.len() <= IOV_MAX {
+            match GuestIov::new(mem, chain) {
+                Ok(src) => self.backend.send_from(&src),
+                Err(_) => {
+                    self.stats.errors += 1;
+                    return;
+                }
+            }
+        } else {
+            let mut off = 0;
+            for d in chain {
+                let n = d.len as usize;
+                if mem
+                    .read_slice(&mut self.buf[off..off + n], GuestAddress(d.addr))
+                    .is_err()
+                {
+                    self.stats.errors += 1;
+                    return;
+                }
+                off += n;
+            }
+            self.backend.send(&self.buf[..total])
+        };
+        match sent {
             Ok(_) => {
                 self.stats.tx_frames += 1;
                 self.stats.tx_bytes += (total - HDR_LEN) as u64;
@@ -398,6 +431,29 @@ impl VirtioNet {
         let state = loop {
             if self.gone {
                 break RxState::BackendGone;
+            }
+            if self.pending.is_none() && self.driver_ok() && self.t.queues[RX].ready() {
+                match self.receive_direct(mem) {
+                    Ok(Direct::Delivered) => {
+                        used = true;
+                        continue;
+                    }
+                    Ok(Direct::Dropped) => continue,
+                    Ok(Direct::Failed(e)) if e.kind() == io::ErrorKind::WouldBlock => {
+                        break RxState::Drained
+                    }
+                    Ok(Direct::Failed(e)) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Ok(Direct::Failed(e)) => {
+                        self.backend_gone(&e);
+                        break RxState::BackendGone;
+                    }
+                    // Through `buf` below.
+                    Ok(Direct::Unfit) => {}
+                    Err(e) => {
+                        self.broken(e);
+                        break RxState::NeedBuffers;
+                    }
+                }
             }
             let len = match self.pending {
                 Some(n) => n,
@@ -450,6 +506,83 @@ impl VirtioNet {
             }
         }
         state
+    }
+
+    /// Receives one frame straight into the guest's receive buffers, when
+    /// those the driver made available can hold the largest frame (else
+    /// `Unfit`, with nothing taken from the ring: the caller goes through
+    /// `buf`). Buffers the frame did not need go back to the ring.
+    fn receive_direct(&mut self, mem: &GuestMemoryMmap) -> Result<Direct, QueueError> {
+        let merge = self.negotiated(vn::VIRTIO_NET_F_MRG_RXBUF);
+        let q = &mut self.t.queues[RX];
+        let start = q.next_avail();
+        let mut chains: Vec<(u16, Vec<Desc>)> = Vec::new();
+        let mut room = 0usize;
+        while room < MAX_FRAME {
+            let Some((head, chain)) = q.pop(mem)? else {
+                break;
+            };
+            let chain = chain?;
+            if chain.iter().any(|d| !d.write) {
+                return Err(QueueError::BrokenChain(head));
+            }
+            room += chain.iter().map(|d| d.len as usize).sum::<usize>();
+            chains.push((head, chain));
+            if !merge {
+                break;
+            }
+        }
+        let segs: Vec<Desc> = chains.iter().flat_map(|(_, c)| c.iter().copied()).collect();
+        // The header (where `num_buffers` goes) must lie in the first buffer's first descriptor.
+        let fits = room >= MAX_FRAME
+            && segs.len() <= IOV_MAX
+            && segs.first().is_some_and(|d| d.len as usize >= HDR_LEN);
+        let dst = match fits.then(|| GuestIov::new(mem, &segs)) {
+            Some(Ok(dst)) if dst.iovecs().len() <= IOV_MAX => dst,
+            _ => {
+                q.set_next_avail(start);
+                return Ok(Direct::Unfit);
+            }
+        };
+        let n = match self.backend.recv_into(&dst) {
+            Ok(n) => n,
+            Err(e) => {
+                q.set_next_avail(start);
+                return Ok(Direct::Failed(e));
+            }
+        };
+        drop(dst);
+        if n < HDR_LEN {
+            q.set_next_avail(start);
+            self.stats.dropped += 1;
+            return Ok(Direct::Dropped);
+        }
+        // The buffers the frame filled, in order; the rest go back.
+        let mut left = n;
+        let mut filled: Vec<(u16, u32)> = Vec::new();
+        for (head, chain) in &chains {
+            if left == 0 {
+                break;
+            }
+            let k = chain
+                .iter()
+                .map(|d| d.len as usize)
+                .sum::<usize>()
+                .min(left);
+            filled.push((*head, k as u32));
+            left -= k;
+        }
+        q.set_next_avail(start.wrapping_add(filled.len() as u16));
+        let count = filled.len() as u16;
+        mem.write_slice(&count.to_le_bytes(), GuestAddress(segs[0].addr + 10))
+            .map_err(|_| QueueError::BadAddress(segs[0].addr, HDR_LEN as u64))?;
+        for (head, k) in filled {
+            q.push_used(mem, head, k)?;
+        }
+        self.stats.rx_frames += 1;
+        self.stats.rx_bytes += (n - HDR_LEN) as u64;
+        self.stats.rx_direct += 1;
+        Ok(Direct::Delivered)
     }
 
     /// Puts the frame in `buf[..len]` into receive buffers: `Ok(false)` when

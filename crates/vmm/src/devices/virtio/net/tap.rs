@@ -7,6 +7,7 @@ use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 
+use super::super::vectored::{read_into, write_from, GuestIov};
 use super::{NetBackend, HDR_LEN};
 
 // From <linux/if_tun.h>.
@@ -170,8 +171,16 @@ impl NetBackend for Tap {
         (&self.file).read(buf)
     }
 
+    fn recv_into(&self, dst: &GuestIov) -> io::Result<usize> {
+        read_into(self.file.as_raw_fd(), dst)
+    }
+
     fn send(&self, frame: &[u8]) -> io::Result<usize> {
         (&self.file).write(frame)
+    }
+
+    fn send_from(&self, src: &GuestIov) -> io::Result<usize> {
+        write_from(self.file.as_raw_fd(), src)
     }
 
     fn set_offloads(&self, flags: u32) -> io::Result<()> {
