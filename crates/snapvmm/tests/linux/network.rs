@@ -436,6 +436,7 @@ fn throughput(ctx: &Ctx) {
     for (vmm, tap) in [
         ("snapvmm", "sbt0"),
         ("snapvmm-pci", "spt0"),
+        ("snapvmm-pci-base", "sbp0"),
         ("qemu", "qbt0"),
     ] {
         if !super::scenarios::bench_runs(vmm) {
@@ -444,7 +445,7 @@ fn throughput(ctx: &Ctx) {
         let mut vm = if vmm.starts_with("snapvmm") {
             let net = format!("tap={tap}");
             let mut args = vec!["--net", &net];
-            if vmm == "snapvmm-pci" {
+            if vmm.starts_with("snapvmm-pci") {
                 args.extend(["--virtio-transport", "pci"]);
             }
             ctx.linux(vmm, "512M", "1", "net", &args)

@@ -147,6 +147,12 @@ fn outer_initrd(inputs: &Inputs, dir: &Path, scenarios: &[&str]) -> Result<PathB
             select.push_str(&format!("export SNAPVMM_BENCH_VMMS={v}\n"));
         }
     }
+    // A second build for a benchmark to run beside this one in the same
+    // TCG VM (`SNAPVMM_BENCH_BASELINE=PATH`: the benchmark's `-base` VMMs).
+    if let Some(base) = std::env::var_os("SNAPVMM_BENCH_BASELINE") {
+        c.file_from("bin/snapvmm-base", Path::new(&base))?;
+        select.push_str("export SNAPVMM_BASE_BIN=/bin/snapvmm-base\n");
+    }
     let init = OUTER_INIT
         .replace("#SELECT\n", &select)
         .replace("#HEARTBEAT", &HEARTBEAT_S.to_string());

@@ -103,7 +103,14 @@ impl Ctx {
             cmdline,
         ];
         args.extend_from_slice(extra);
-        Vm::start(name, &self.dir, &self.console, &args)
+        // A `-base` VMM of a benchmark runs the baseline build.
+        match (
+            name.ends_with("-base"),
+            std::env::var_os("SNAPVMM_BASE_BIN"),
+        ) {
+            (true, Some(b)) => Vm::start_bin(Path::new(&b), name, &self.dir, &self.console, &args),
+            _ => Vm::start(name, &self.dir, &self.console, &args),
+        }
     }
 
     /// The same guest under QEMU with KVM (PC machine, SeaBIOS, virtio over
@@ -157,7 +164,12 @@ pub fn field_text(line: &str, key: &str) -> String {
 
 /// Whether a benchmark runs `vmm` (`snapvmm`, `snapvmm-pci`, `qemu`):
 /// `SNAPVMM_BENCH_VMMS=snapvmm-pci,qemu` runs only those; unset, all.
+/// A `-base` VMM (the same with the baseline build) runs only where a
+/// baseline was given (`SNAPVMM_BENCH_BASELINE`) and named or all run.
 pub fn bench_runs(vmm: &str) -> bool {
+    if vmm.ends_with("-base") && std::env::var_os("SNAPVMM_BASE_BIN").is_none() {
+        return false;
+    }
     let only = std::env::var("SNAPVMM_BENCH_VMMS").unwrap_or_default();
     only.is_empty() || only.split(',').any(|o| o == vmm)
 }

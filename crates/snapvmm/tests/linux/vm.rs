@@ -48,8 +48,19 @@ pub fn bin() -> PathBuf {
 impl Vm {
     /// Starts `snapvmm run ARGS --qmp unix:DIR/NAME.sock`.
     pub fn start(name: &str, dir: &Path, console: &Console, args: &[&str]) -> Vm {
+        Vm::start_bin(&bin(), name, dir, console, args)
+    }
+
+    /// As [`Vm::start`], with the snapvmm build at `snapvmm`.
+    pub fn start_bin(
+        snapvmm: &Path,
+        name: &str,
+        dir: &Path,
+        console: &Console,
+        args: &[&str],
+    ) -> Vm {
         let qmp_path = dir.join(format!("{name}.sock"));
-        let mut cmd = Command::new(bin());
+        let mut cmd = Command::new(snapvmm);
         cmd.arg("run")
             .args(args)
             .arg("--qmp")

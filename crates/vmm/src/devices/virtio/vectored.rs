@@ -73,6 +73,21 @@ impl<'m> GuestIov<'m> {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// The same list followed by `host` (a host buffer, for what does not
+    /// fit in guest memory), for one call.
+    pub fn then<'b>(&'b self, host: &'b mut [u8]) -> GuestIov<'b> {
+        let mut iov = self.iov.clone();
+        iov.push(libc::iovec {
+            iov_base: host.as_mut_ptr().cast(),
+            iov_len: host.len(),
+        });
+        GuestIov {
+            iov,
+            _guards: Vec::new(),
+            _mem: PhantomData,
+        }
+    }
 }
 
 /// One `readv` from `fd` (a tap, a datagram socket: one frame) into `dst`.

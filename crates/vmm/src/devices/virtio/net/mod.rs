@@ -148,7 +148,9 @@ enum Direct {
     Dropped,
     /// The backend had nothing (`WouldBlock`) or failed.
     Failed(io::Error),
-    /// The buffers available cannot hold every frame: go through `buf`.
+    /// A frame larger than the buffers taken is in `buf`, pending.
+    Spilled,
+    /// No usable buffer: go through `buf`.
     Unfit,
 }
 
@@ -160,6 +162,9 @@ pub struct VirtioNet {
     net_status: u16,
     /// A received frame waiting for guest buffers, and its length.
     pending: Option<usize>,
+    /// The last frame's length: how much room the next receive takes from
+    /// the ring before it reads (see `receive_direct`).
+    rx_hint: usize,
     buf: Vec<u8>,
     gone: bool,
     /// Whether the I/O thread polls the tap (not while the guest has no
@@ -193,6 +198,7 @@ impl VirtioNet {
             mac,
             net_status: vn::VIRTIO_NET_S_LINK_UP as u16,
             pending: None,
+            rx_hint: 0,
             buf: vec![0; MAX_FRAME],
             gone: false,
             tap_polled: true,
@@ -438,7 +444,7 @@ impl VirtioNet {
                         used = true;
                         continue;
                     }
-                    Ok(Direct::Dropped) => continue,
+                    Ok(Direct::Dropped | Direct::Spilled) => continue,
                     Ok(Direct::Failed(e)) if e.kind() == io::ErrorKind::WouldBlock => {
                         break RxState::Drained
                     }
@@ -508,17 +514,22 @@ impl VirtioNet {
         state
     }
 
-    /// Receives one frame straight into the guest's receive buffers, when
-    /// those the driver made available can hold the largest frame (else
-    /// `Unfit`, with nothing taken from the ring: the caller goes through
-    /// `buf`). Buffers the frame did not need go back to the ring.
+    /// Receives one frame straight into the guest's receive buffers: as
+    /// many as the last frame needed (at least one), followed by `buf` for
+    /// whatever does not fit. A frame that fits is delivered where it is and
+    /// the buffers it did not need go back to the ring; one that does not
+    /// is completed in `buf` (its head copied over) and left `pending`, for
+    /// [`Self::deliver`] to spread over as many buffers as it takes. `Unfit`
+    /// when the driver has no buffer or an odd one: nothing is taken from
+    /// the ring and nothing read.
     fn receive_direct(&mut self, mem: &GuestMemoryMmap) -> Result<Direct, QueueError> {
         let merge = self.negotiated(vn::VIRTIO_NET_F_MRG_RXBUF);
         let q = &mut self.t.queues[RX];
         let start = q.next_avail();
+        let want = self.rx_hint.clamp(1, MAX_FRAME);
         let mut chains: Vec<(u16, Vec<Desc>)> = Vec::new();
         let mut room = 0usize;
-        while room < MAX_FRAME {
+        while room < want {
             let Some((head, chain)) = q.pop(mem)? else {
                 break;
             };
@@ -533,29 +544,46 @@ impl VirtioNet {
             }
         }
         let segs: Vec<Desc> = chains.iter().flat_map(|(_, c)| c.iter().copied()).collect();
-        // The header (where `num_buffers` goes) must lie in the first buffer's first descriptor.
-        let fits = room >= MAX_FRAME
-            && segs.len() <= IOV_MAX
-            && segs.first().is_some_and(|d| d.len as usize >= HDR_LEN);
-        let dst = match fits.then(|| GuestIov::new(mem, &segs)) {
-            Some(Ok(dst)) if dst.iovecs().len() <= IOV_MAX => dst,
+        // The header (where `num_buffers` goes) must lie in the first
+        // buffer's first descriptor; one entry is left for `buf`.
+        let usable = segs.first().is_some_and(|d| d.len as usize >= HDR_LEN);
+        let dst = match usable.then(|| GuestIov::new(mem, &segs)) {
+            Some(Ok(dst)) if dst.iovecs().len() < IOV_MAX => dst,
             _ => {
                 q.set_next_avail(start);
                 return Ok(Direct::Unfit);
             }
         };
-        let n = match self.backend.recv_into(&dst) {
+        let tail = room.min(MAX_FRAME);
+        let got = self
+            .backend
+            .recv_into(&dst.then(&mut self.buf[tail..MAX_FRAME]));
+        let n = match got {
             Ok(n) => n,
             Err(e) => {
                 q.set_next_avail(start);
                 return Ok(Direct::Failed(e));
             }
         };
-        drop(dst);
         if n < HDR_LEN {
             q.set_next_avail(start);
             self.stats.dropped += 1;
             return Ok(Direct::Dropped);
+        }
+        self.rx_hint = n;
+        if n > room {
+            // Larger than the buffers taken: bring its head over to `buf`,
+            // where the rest already is, and deliver it from there.
+            q.set_next_avail(start);
+            let mut off = 0;
+            for d in &segs {
+                let k = d.len as usize;
+                mem.read_slice(&mut self.buf[off..off + k], GuestAddress(d.addr))
+                    .map_err(|_| QueueError::BadAddress(d.addr, k as u64))?;
+                off += k;
+            }
+            self.pending = Some(n);
+            return Ok(Direct::Spilled);
         }
         // The buffers the frame filled, in order; the rest go back.
         let mut left = n;

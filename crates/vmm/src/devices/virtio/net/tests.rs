@@ -256,38 +256,70 @@ fn guest_bytes(r: &Rig, addr: u64, len: u32) -> Vec<u8> {
 }
 
 #[test]
-fn with_room_for_the_largest_frame_frames_land_straight_in_guest_buffers_and_unneeded_ones_go_back()
-{
+fn frames_land_straight_in_guest_buffers_and_one_larger_than_the_last_spills_over_whole() {
     let mut r = rig(BASE | bit(vn::VIRTIO_NET_F_MRG_RXBUF));
-    // 8 × 16000 bytes: room for the largest frame before and after the first.
     r.rx_buffers(QSIZE, 16000);
-    let big = r.frame(20000, 5);
-    let small = r.frame(100, 6);
-    r.host.send(&big).unwrap();
-    r.host.send(&small).unwrap();
-    // A runt (shorter than its header) in between is dropped.
+    let big1 = r.frame(20000, 5);
+    let big2 = r.frame(20000, 6);
+    let small = r.frame(100, 7);
+    // The first frame is larger than the one buffer taken for it (nothing
+    // came before): it is completed through the device's buffer. The second
+    // finds room for a frame as large as the first, and so does the third.
+    for f in [&big1, &big2, &small] {
+        r.host.send(f).unwrap();
+    }
+    // A runt (shorter than its header) is dropped.
     r.host.send(&[1, 2, 3]).unwrap();
     assert_eq!(r.dev.receive(&r.mem), RxState::Drained);
+    let rest = (big1.len() - 16000) as u32;
     let used = r.used(RX);
     assert_eq!(
         used,
         vec![
             (0, 16000),
-            (1, (big.len() - 16000) as u32),
-            (2, small.len() as u32)
+            (1, rest),
+            (2, 16000),
+            (3, rest),
+            (4, small.len() as u32)
         ],
-        "each frame takes the buffers it needs, in order"
+        "each frame takes the buffers it needs, in order; those it did not need go back"
     );
-    let mut back = guest_bytes(&r, BUF, 16000);
-    back.extend(guest_bytes(&r, BUF + 0x10000, used[1].1));
-    assert_eq!(u16::from_le_bytes([back[10], back[11]]), 2, "num_buffers");
-    assert_eq!(&back[HDR_LEN..], &big[HDR_LEN..]);
-    let b = guest_bytes(&r, BUF + 2 * 0x10000, used[2].1);
+    for (first, f) in [(0u64, &big1), (2, &big2)] {
+        let mut back = guest_bytes(&r, BUF + first * 0x10000, 16000);
+        back.extend(guest_bytes(&r, BUF + (first + 1) * 0x10000, rest));
+        assert_eq!(u16::from_le_bytes([back[10], back[11]]), 2, "num_buffers");
+        assert_eq!(&back[HDR_LEN..], &f[HDR_LEN..]);
+    }
+    let b = guest_bytes(&r, BUF + 4 * 0x10000, used[4].1);
     assert_eq!(u16::from_le_bytes([b[10], b[11]]), 1, "num_buffers");
     assert_eq!(&b[HDR_LEN..], &small[HDR_LEN..]);
-    assert_eq!(r.dev.stats.rx_direct, 2, "both without a copy in between");
-    assert_eq!((r.dev.stats.rx_frames, r.dev.stats.dropped), (2, 1));
+    assert_eq!(
+        r.dev.stats.rx_direct, 2,
+        "the last two without a copy in between"
+    );
+    assert_eq!((r.dev.stats.rx_frames, r.dev.stats.dropped), (3, 1));
     assert!(r.interrupted());
+}
+
+#[test]
+fn a_frame_that_spills_over_with_too_few_buffers_waits_whole() {
+    let mut r = rig(BASE | bit(vn::VIRTIO_NET_F_MRG_RXBUF));
+    r.rx_buffers(1, 1536);
+    let f = r.frame(2000, 8);
+    r.host.send(&f).unwrap();
+    assert_eq!(r.dev.receive(&r.mem), RxState::NeedBuffers);
+    assert!(r.used(RX).is_empty(), "nothing taken while it does not fit");
+    r.desc(RX, 1, BUF + 0x10000, 1536, 2, 0);
+    r.publish(RX, 1);
+    assert_eq!(r.dev.receive(&r.mem), RxState::Drained);
+    assert_eq!(r.used(RX), vec![(0, 1536), (1, (f.len() - 1536) as u32)]);
+    let mut back = guest_bytes(&r, BUF, 1536);
+    back.extend(guest_bytes(&r, BUF + 0x10000, (f.len() - 1536) as u32));
+    assert_eq!(
+        &back[HDR_LEN..],
+        &f[HDR_LEN..],
+        "the head read into the guest's buffer kept"
+    );
 }
 
 #[test]
