@@ -3,7 +3,8 @@
 //!
 //! The vCPU thread only touches registers: a queue notification wakes the
 //! device I/O thread ([`crate::devices::io_thread`], hookup in `event_handler.rs`), which moves frames
-//! between the rings and the backend (a TAP device, [`tap::Tap`]). Frames
+//! between the rings and the backend (a TAP device, [`tap::Tap`]), each with
+//! one vectored read or write straight from or into the guest's buffers. Frames
 //! carry the 12-byte `virtio_net_hdr_v1` both ways, so checksum and
 //! segmentation offloads pass between the guest and the host kernel as they
 //! are. While the machine is paused the I/O thread holds off (the machine's
