@@ -24,6 +24,12 @@ pub trait Backend: Send {
     }
     /// Truncate or extend to `len` bytes.
     fn set_len(&mut self, len: u64) -> io::Result<()>;
+    /// The file that holds the image, for a caller that reads the runs
+    /// [`crate::Qcow2::extents`] names straight from it; `None` where there
+    /// is no file (the caller then reads through [`crate::Qcow2::read_at`]).
+    fn file(&self) -> Option<&File> {
+        None
+    }
     /// The bytes `offset..offset + len` are no longer needed: storage may
     /// release them (they then read as zeros). Default: keep them.
     fn discard(&mut self, offset: u64, len: u64) -> io::Result<()> {
@@ -99,6 +105,10 @@ impl Backend for FileBackend {
 
     fn set_len(&mut self, len: u64) -> io::Result<()> {
         self.file.set_len(len)
+    }
+
+    fn file(&self) -> Option<&File> {
+        Some(&self.file)
     }
 }
 

@@ -46,6 +46,6 @@ pub use backing::BackingFormat;
 pub use check::CheckReport;
 pub use error::{Error, Result};
 pub use frozen::Frozen;
-pub use image::{CreateOptions, Qcow2};
+pub use image::{CreateOptions, Extent, Qcow2};
 pub use snapops::VmStateWriter;
 pub use snapshot::SnapshotInfo;

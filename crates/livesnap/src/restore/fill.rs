@@ -384,17 +384,19 @@ impl FillState {
     /// is a hole (left alone: never-touched memory reads as zeros).
     fn prefetch_one(&self, i: usize, buf: &mut Staging) -> std::result::Result<(), String> {
         let c = self.chunks[i];
-        if self.claims.state(i) == ChunkState::Partial && self.claims.claim_partial(i) {
+        let claimed = if self.claims.state(i) == ChunkState::Partial {
+            self.claims.claim_partial(i)
+        } else {
+            self.claims.state(i) == ChunkState::Free
+                && !self.source.is_hole(c.file_offset, c.len)
+                && self.claims.claim(i)
+        };
+        if claimed {
             self.fill(i, buf, None)?;
             self.by_prefetch.fetch_add(1, Ordering::Relaxed);
-            return Ok(());
-        }
-        if self.claims.state(i) != ChunkState::Free || self.source.is_hole(c.file_offset, c.len) {
-            return Ok(());
-        }
-        if self.claims.claim(i) {
-            self.fill(i, buf, None)?;
-            self.by_prefetch.fetch_add(1, Ordering::Relaxed);
+            // A vCPU this thread kept off its CPU (one a fault woke) goes
+            // first: after one chunk, not after a time slice.
+            crate::kernel::let_others_run();
         }
         Ok(())
     }
@@ -552,7 +554,9 @@ fn fault_handler(f: &FillState) {
                     f.fault_fills.record(t.elapsed());
                     f.fault_source_waits.record(t.elapsed());
                     // The rest now if it is here (the faulting thread runs on
-                    // meanwhile), else when it arrives.
+                    // meanwhile: it goes first if it waits for this CPU),
+                    // else when it arrives.
+                    crate::kernel::let_others_run();
                     if f.source.arrived(c.file_offset, c.len) && f.claims.claim_partial(i) {
                         if let Err(e) = f.fill(i, &mut buf, None) {
                             return f.handler_failed(e);

@@ -383,16 +383,22 @@ impl VirtioBlk {
                 if end > self.capacity_bytes {
                     return Err(S_IOERR);
                 }
-                if let Some(file) = self.backend.plain_file() {
-                    super::vectored::transfer(file, mem, &data, start, write).map_err(|e| {
-                        match e {
-                            super::vectored::Error::Guest => {}
-                            super::vectored::Error::Io(e) => {
-                                tracing::warn!(disk = %self.id, "{} at {start}: {e}", if write { "write" } else { "read" })
-                            }
-                        }
-                        S_IOERR
-                    })?;
+                let failed = |e: super::vectored::Error| {
+                    if let super::vectored::Error::Io(e) = e {
+                        let what = if write { "write" } else { "read" };
+                        tracing::warn!(disk = %self.id, "{what} at {start}: {e}");
+                    }
+                    S_IOERR
+                };
+                // Straight between the image and guest memory where the
+                // backend allows it: a raw file, or a read of a qcow2 image.
+                let direct = match self.backend.plain_file() {
+                    Some(file) => Some(super::vectored::transfer(file, mem, &data, start, write)),
+                    None if !write => self.backend.read_into(mem, &data, start),
+                    None => None,
+                };
+                if let Some(r) = direct {
+                    r.map_err(failed)?;
                     return Ok(if write {
                         self.stats.writes += 1;
                         0

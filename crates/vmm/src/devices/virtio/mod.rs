@@ -17,6 +17,8 @@ use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 
+use vm_memory::GuestMemoryMmap;
+
 pub use block::{BlockStats, VirtioBlk, VirtioBlkState};
 
 /// First virtio-mmio window, inside the MMIO gap below 4 GiB.
@@ -56,6 +58,19 @@ pub trait BlockBackend: Send {
     /// image), for reads and writes straight between it and guest memory;
     /// other backends go through a buffer and `read_at`/`write_at`.
     fn plain_file(&self) -> Option<&File> {
+        None
+    }
+    /// Reads the guest segments `segs` (in order) from `offset` with no
+    /// buffer in between, where the backend knows where its bytes lie (a
+    /// qcow2 image in a file); `None` where it does not: the device then
+    /// reads through a buffer and `read_at`.
+    fn read_into(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        segs: &[queue::Desc],
+        offset: u64,
+    ) -> Option<Result<(), vectored::Error>> {
+        let _ = (mem, segs, offset);
         None
     }
     /// The guest no longer needs these bytes (their content is then

@@ -11,7 +11,7 @@ use std::marker::PhantomData;
 use std::os::fd::{AsRawFd, RawFd};
 
 use vm_memory::volatile_memory::PtrGuardMut;
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use super::queue::Desc;
 
@@ -88,6 +88,56 @@ impl<'m> GuestIov<'m> {
             _mem: PhantomData,
         }
     }
+}
+
+/// Bytes `skip..skip + len` of what the segments cover, in order, as
+/// segments (shorter than asked where the segments end first).
+pub fn sub_segs(segs: &[Desc], skip: u64, len: u64) -> Vec<Desc> {
+    let mut out = Vec::new();
+    let (mut pos, end) = (0u64, skip.saturating_add(len));
+    for d in segs {
+        let (a, b) = (pos, pos + u64::from(d.len));
+        pos = b;
+        let (from, to) = (a.max(skip), b.min(end));
+        if from < to {
+            out.push(Desc {
+                addr: d.addr + (from - a),
+                len: (to - from) as u32,
+                write: d.write,
+            });
+        }
+        if pos >= end {
+            break;
+        }
+    }
+    out
+}
+
+/// Writes zeroes over the segments.
+pub fn zero(mem: &GuestMemoryMmap, segs: &[Desc]) -> Result<(), Error> {
+    const ZEROES: [u8; 4096] = [0; 4096];
+    for d in segs {
+        let mut at = 0u64;
+        while at < u64::from(d.len) {
+            let n = (u64::from(d.len) - at).min(ZEROES.len() as u64) as usize;
+            mem.write_slice(&ZEROES[..n], GuestAddress(d.addr + at))
+                .map_err(|_| Error::Guest)?;
+            at += n as u64;
+        }
+    }
+    Ok(())
+}
+
+/// Copies `data` over the segments, in order, as far as both go.
+pub fn copy_in(mem: &GuestMemoryMmap, segs: &[Desc], data: &[u8]) -> Result<(), Error> {
+    let mut off = 0usize;
+    for d in segs {
+        let n = (d.len as usize).min(data.len() - off);
+        mem.write_slice(&data[off..off + n], GuestAddress(d.addr))
+            .map_err(|_| Error::Guest)?;
+        off += n;
+    }
+    Ok(())
 }
 
 /// One `readv` from `fd` (a tap, a datagram socket: one frame) into `dst`.
@@ -237,6 +287,30 @@ mod tests {
         let mut back = vec![0u8; 12288];
         f.read_exact_at(&mut back, 65536).unwrap();
         assert_eq!(back, data);
+    }
+
+    #[test]
+    fn a_part_of_the_segments_is_cut_at_both_ends() {
+        let segs = [seg(0x100, 100), seg(0x1000, 50), seg(0x2000, 200)];
+        assert_eq!(
+            sub_segs(&segs, 90, 70),
+            vec![seg(0x100 + 90, 10), seg(0x1000, 50), seg(0x2000, 10)]
+        );
+        assert_eq!(sub_segs(&segs, 100, 50), vec![seg(0x1000, 50)]);
+        assert_eq!(sub_segs(&segs, 340, 500), vec![seg(0x2000 + 190, 10)]);
+        assert!(sub_segs(&segs, 350, 10).is_empty());
+        let m = mem();
+        m.write_slice(&[7u8; 300], GuestAddress(0x100)).unwrap();
+        zero(&m, &sub_segs(&[seg(0x100, 300)], 10, 20)).unwrap();
+        copy_in(&m, &[seg(0x200, 4)], &[1, 2, 3, 4, 5]).unwrap();
+        let mut got = [0u8; 40];
+        m.read_slice(&mut got, GuestAddress(0x100 + 5)).unwrap();
+        assert_eq!(&got[..5], &[7; 5]);
+        assert_eq!(&got[5..25], &[0; 20]);
+        assert_eq!(&got[25..], &[7; 15]);
+        let mut b = [0u8; 5];
+        m.read_slice(&mut b, GuestAddress(0x200)).unwrap();
+        assert_eq!(b, [1, 2, 3, 4, 7], "as far as the segments go");
     }
 
     #[test]
