@@ -493,6 +493,7 @@ fn disk_throughput(ctx: &Ctx) {
     for (vmm, cpus) in [
         ("snapvmm", "1"),
         ("snapvmm-pci", "1"),
+        ("snapvmm-pci-base", "1"),
         ("qemu", "1"),
         ("snapvmm", "2"),
         ("snapvmm-pci", "2"),
@@ -506,7 +507,7 @@ fn disk_throughput(ctx: &Ctx) {
             let d0 = format!("{},format=raw", raw.display());
             let d1 = format!("{},format=qcow2", q.display());
             let mut args = vec!["--disk", &d0, "--disk", &d1];
-            if vmm == "snapvmm-pci" {
+            if vmm.starts_with("snapvmm-pci") {
                 args.extend(["--virtio-transport", "pci"]);
             }
             ctx.linux(vmm, "256M", cpus, "diskbench", &args)
