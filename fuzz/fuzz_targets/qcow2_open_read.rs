@@ -14,7 +14,10 @@ fuzz_target!(|data: &[u8]| {
     // Where the same bytes are, as a device reading the file itself sees
     // them: every piece must hold what `read_at` read.
     if let (Ok(()), Ok(pieces)) = (read, img.extents(0, buf.len() as u64)) {
-        assert_eq!(pieces.iter().map(Extent::len).sum::<u64>(), buf.len() as u64);
+        assert_eq!(
+            pieces.iter().map(Extent::len).sum::<u64>(),
+            buf.len() as u64
+        );
         let mut at = 0usize;
         for p in pieces {
             let got = &buf[at..at + p.len() as usize];
