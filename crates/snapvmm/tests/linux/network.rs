@@ -59,6 +59,21 @@ fn host_side(tap: &str) {
     }
 }
 
+/// The host's count of retransmitted TCP segments (`/proc/net/snmp`).
+fn host_retransmits() -> i64 {
+    let snmp = std::fs::read_to_string("/proc/net/snmp").unwrap_or_default();
+    let mut tcp = snmp.lines().filter(|l| l.starts_with("Tcp:"));
+    let (Some(names), Some(values)) = (tcp.next(), tcp.next()) else {
+        return 0;
+    };
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .find(|(n, _)| *n == "RetransSegs")
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(0)
+}
+
 /// Types `cmd` until the guest prints `marker` (the shell may not be reading yet).
 fn run_in_guest(vm: &mut Vm, cmd: &str, marker: &str, limit: Duration) -> String {
     let end = Instant::now() + limit;
@@ -516,6 +531,7 @@ fn throughput(ctx: &Ctx) {
             // A guest that stops receiving fails the round instead of
             // holding the run until the TCG VM's budget ends.
             s.set_write_timeout(Some(T)).unwrap();
+            let resent = host_retransmits();
             let t0 = Instant::now();
             for _ in 0..BENCH_MIB {
                 s.write_all(&blob)
@@ -528,10 +544,21 @@ fn throughput(ctx: &Ctx) {
                 done.contains(&format!("bytes={}", BENCH_MIB << 20)),
                 "the guest got everything: {done}"
             );
+            // Segments the host sent again: frames lost on the way in (a tap
+            // queue that overflowed while the device did not read it).
+            let resent = host_retransmits() - resent;
             figures(format!(
-                "vmm={vmm} round={round} tcp-host-to-guest MiB={BENCH_MIB} ms={ms}"
+                "vmm={vmm} round={round} tcp-host-to-guest MiB={BENCH_MIB} ms={ms} host-retransmits={resent}"
             ));
         }
+        // The guest's interrupts per device (how often each queue woke it).
+        let irqs = run_in_guest(
+            &mut vm,
+            "echo NETBENCH-IRQS$((1+1)) $(grep -E 'virtio|LNRO' /proc/interrupts | tr -s ' ' | tr '\\n' ';')",
+            "NETBENCH-IRQS2",
+            T,
+        );
+        figures(format!("vmm={vmm} guest {irqs}"));
         // The guest's TCP counters (retransmitted segments: frames lost on the way).
         let snmp = run_in_guest(
             &mut vm,
