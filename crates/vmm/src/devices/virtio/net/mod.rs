@@ -141,6 +141,35 @@ pub enum RxState {
     BackendGone,
 }
 
+/// Takes receive buffers from the ring until they hold `want` bytes or the
+/// ring has no more (one buffer only without merged buffers): the buffers
+/// and their room. A buffer the device may not write breaks the queue.
+#[allow(clippy::type_complexity)]
+fn take_buffers(
+    q: &mut super::queue::VirtQueue,
+    mem: &GuestMemoryMmap,
+    want: usize,
+    merge: bool,
+) -> Result<(Vec<(u16, Vec<Desc>)>, usize), QueueError> {
+    let mut chains = Vec::new();
+    let mut room = 0usize;
+    while room < want {
+        let Some((head, chain)) = q.pop(mem)? else {
+            break;
+        };
+        let chain = chain?;
+        if chain.iter().any(|d| !d.write) {
+            return Err(QueueError::BrokenChain(head));
+        }
+        room += chain.iter().map(|d| d.len as usize).sum::<usize>();
+        chains.push((head, chain));
+        if !merge {
+            break;
+        }
+    }
+    Ok((chains, room))
+}
+
 /// What receiving straight into guest buffers came to.
 enum Direct {
     /// A frame is in the guest's buffers.
@@ -527,23 +556,7 @@ impl VirtioNet {
         let merge = self.negotiated(vn::VIRTIO_NET_F_MRG_RXBUF);
         let q = &mut self.t.queues[RX];
         let start = q.next_avail();
-        let want = self.rx_hint.clamp(1, MAX_FRAME);
-        let mut chains: Vec<(u16, Vec<Desc>)> = Vec::new();
-        let mut room = 0usize;
-        while room < want {
-            let Some((head, chain)) = q.pop(mem)? else {
-                break;
-            };
-            let chain = chain?;
-            if chain.iter().any(|d| !d.write) {
-                return Err(QueueError::BrokenChain(head));
-            }
-            room += chain.iter().map(|d| d.len as usize).sum::<usize>();
-            chains.push((head, chain));
-            if !merge {
-                break;
-            }
-        }
+        let (chains, room) = take_buffers(q, mem, self.rx_hint.clamp(1, MAX_FRAME), merge)?;
         let segs: Vec<Desc> = chains.iter().flat_map(|(_, c)| c.iter().copied()).collect();
         // The header (where `num_buffers` goes) must lie in the first
         // buffer's first descriptor; one entry is left for `buf`.
@@ -619,22 +632,10 @@ impl VirtioNet {
     fn deliver(&mut self, mem: &GuestMemoryMmap, len: usize) -> Result<bool, QueueError> {
         let merge = self.negotiated(vn::VIRTIO_NET_F_MRG_RXBUF);
         let start = self.t.queues[RX].next_avail();
-        let mut chains: Vec<(u16, Vec<Desc>)> = Vec::new();
-        let mut room = 0usize;
-        while room < len {
-            let Some((head, chain)) = self.t.queues[RX].pop(mem)? else {
-                self.t.queues[RX].set_next_avail(start);
-                return Ok(false);
-            };
-            let chain = chain?;
-            if chain.iter().any(|d| !d.write) {
-                return Err(QueueError::BrokenChain(head));
-            }
-            room += chain.iter().map(|d| d.len as usize).sum::<usize>();
-            chains.push((head, chain));
-            if !merge {
-                break;
-            }
+        let (chains, room) = take_buffers(&mut self.t.queues[RX], mem, len, merge)?;
+        if chains.is_empty() || (merge && room < len) {
+            self.t.queues[RX].set_next_avail(start);
+            return Ok(false);
         }
         if room < len {
             // Without merged buffers one buffer must hold the frame.
