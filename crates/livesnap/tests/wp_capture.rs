@@ -41,6 +41,16 @@ fn mutator(mem: &Mem, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<u64> {
 
 /// A capture of `engine`'s RAM into `dest` while a mutator rewrites `mem`;
 /// what it counted.
+/// The RAM an image at `path` holds.
+fn ram_of(path: &std::path::Path) -> Vec<u8> {
+    let mut back = vec![0u8; LEN];
+    Image::open(path)
+        .unwrap()
+        .read_ram_into(0, &mut back)
+        .unwrap();
+    back
+}
+
 fn capture_while_mutating(
     engine: &WpEngine,
     mem: &Mem,
@@ -337,12 +347,10 @@ fn the_next_capture_starts_with_the_pool_kept_from_the_last() {
         };
         let counters = capture_while_mutating(&engine, &mem, &dest, opts);
         kept_at_start.push(counters.pool_kept.load(Ordering::Relaxed));
-        let mut back = vec![0u8; LEN];
-        Image::open(&dest)
-            .unwrap()
-            .read_ram_into(0, &mut back)
-            .unwrap();
-        assert!(back == expected, "round {round}: the image is exact");
+        assert!(
+            ram_of(&dest) == expected,
+            "round {round}: the image is exact"
+        );
         let kept = engine.kept_pool_bytes();
         if keep {
             assert!(kept > 0, "round {round}: buffers kept");
@@ -396,10 +404,5 @@ fn a_pool_prepared_ahead_serves_the_first_capture() {
         pool_bytes / CHUNK,
         "the first capture began with the whole pool"
     );
-    let mut back = vec![0u8; LEN];
-    Image::open(&dest)
-        .unwrap()
-        .read_ram_into(0, &mut back)
-        .unwrap();
-    assert!(back == expected, "the image is exact");
+    assert!(ram_of(&dest) == expected, "the image is exact");
 }

@@ -431,12 +431,7 @@ impl VirtioBlk {
                         tracing::warn!(disk = %self.id, "read at {start}: {e}");
                         S_IOERR
                     })?;
-                    for d in &data {
-                        let n = d.len as usize;
-                        mem.write_slice(&buf[off..off + n], GuestAddress(d.addr))
-                            .map_err(|_| S_IOERR)?;
-                        off += n;
-                    }
+                    super::vectored::copy_in(mem, &data, buf).map_err(|_| S_IOERR)?;
                     self.stats.reads += 1;
                     Ok(total as u32)
                 }

@@ -142,22 +142,25 @@ pub fn copy_in(mem: &GuestMemoryMmap, segs: &[Desc], data: &[u8]) -> Result<(), 
 
 /// One `readv` from `fd` (a tap, a datagram socket: one frame) into `dst`.
 pub fn read_into(fd: RawFd, dst: &GuestIov) -> io::Result<usize> {
-    let v = dst.iovecs();
-    // SAFETY: every entry is mapped guest memory the kernel may write,
-    // valid while `dst` lives (GuestIov's contract); `v.len()` entries.
-    let n = unsafe { libc::readv(fd, v.as_ptr(), v.len() as libc::c_int) };
-    if n < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(n as usize)
+    one_call(fd, dst, false)
 }
 
 /// One `writev` of `src` to `fd` (a tap, a datagram socket: one frame).
 pub fn write_from(fd: RawFd, src: &GuestIov) -> io::Result<usize> {
-    let v = src.iovecs();
-    // SAFETY: every entry is mapped guest memory the kernel may read,
-    // valid while `src` lives (GuestIov's contract); `v.len()` entries.
-    let n = unsafe { libc::writev(fd, v.as_ptr(), v.len() as libc::c_int) };
+    one_call(fd, src, true)
+}
+
+fn one_call(fd: RawFd, list: &GuestIov, write: bool) -> io::Result<usize> {
+    let v = list.iovecs();
+    // SAFETY: every entry is mapped guest memory the kernel may read and
+    // write, valid while `list` lives (GuestIov's contract); `v.len()` entries.
+    let n = unsafe {
+        if write {
+            libc::writev(fd, v.as_ptr(), v.len() as libc::c_int)
+        } else {
+            libc::readv(fd, v.as_ptr(), v.len() as libc::c_int)
+        }
+    };
     if n < 0 {
         return Err(io::Error::last_os_error());
     }
