@@ -34,8 +34,20 @@ impl Bridge {
         if sent.is_err() {
             return Err(CommandError::generic("the VM is shutting down"));
         }
-        rx.recv_timeout(limit)
-            .unwrap_or_else(|_| Err(CommandError::generic("the VM is shutting down")))
+        match rx.recv_timeout(limit) {
+            Ok(reply) => reply,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                let msg = format!(
+                    "the VM's controller did not answer within {} s (busy with an earlier request or stuck); the command may still take effect",
+                    limit.as_secs()
+                );
+                tracing::error!("{msg}");
+                Err(CommandError::generic(msg))
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                Err(CommandError::generic("the VM is shutting down"))
+            }
+        }
     }
 }
 
@@ -57,5 +69,37 @@ impl qmp::Machine for Bridge {
             _ => Duration::from_secs(120),
         };
         self.call_for(req, limit)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bridge() -> (Bridge, mpsc::Receiver<AppEvent>) {
+        let (tx, rx) = mpsc::channel();
+        let b = Bridge {
+            tx: Mutex::new(tx),
+            runstate: RunStates::new(RunState::Running),
+            name: None,
+        };
+        (b, rx)
+    }
+
+    /// A controller that takes the request but never answers is reported as
+    /// such, not as a VM shutting down; a controller that is gone is.
+    #[test]
+    fn a_controller_that_does_not_answer_is_not_called_a_shutdown() {
+        let (b, rx) = bridge();
+        let e = b
+            .call_for(Request::Stop, Duration::from_millis(50))
+            .unwrap_err();
+        assert!(e.to_string().contains("did not answer within"), "{e}");
+        assert!(rx.try_recv().is_ok(), "the request reached the controller");
+        drop(rx);
+        let e = b
+            .call_for(Request::Stop, Duration::from_millis(50))
+            .unwrap_err();
+        assert!(e.to_string().contains("shutting down"), "{e}");
     }
 }
