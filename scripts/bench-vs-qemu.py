@@ -174,10 +174,13 @@ class Setup:
         return g
 
 
-def snapshot(g, method, image, settled_at, after):
+def snapshot(g, method, image, settled_at, after, wp_pool_mib=None):
     """One live snapshot of a settled guest; returns its figures."""
     if g.vmm == "snapvmm":
         g.q.cmd("migrate-set-parameters", **{"x-snapshot-method": method})
+        if method == "uffd" and wp_pool_mib:
+            size = wp_pool_mib << 20
+            g.q.cmd("migrate-set-parameters", **{"x-wp-pool-size": size, "x-wp-pool-max-size": size})
     if os.path.exists(image):
         os.unlink(image)
     base = bs.pss_kib(g.p.pid)
@@ -469,6 +472,8 @@ def main():
     mode.add_argument("--keep", action="store_true", help="keep both VMs booted (the idle one stopped)")
     ap.add_argument("--kinds", default="fork,uffd,qemu",
                     help="which of snapvmm fork, snapvmm uffd and QEMU to run (for quick comparisons)")
+    ap.add_argument("--wp-pool", type=int, metavar="MIB",
+                    help="the write-protect capture's pool (x-wp-pool-size and -max-size), MiB")
     ap.add_argument("--json")
     ap.add_argument("--chart")
     a = ap.parse_args()
@@ -518,7 +523,7 @@ def main():
                 g = vms[vmm]
                 settled_at = g.settle(since, a.settle)
                 image = os.path.join(a.dir, f"vsq-{vmm}-{method}-{size}.img")
-                r = snapshot(g, method, image, settled_at, a.after)
+                r = snapshot(g, method, image, settled_at, a.after, a.wp_pool)
                 r.update(size=size, vmm=vmm, method=method, round=rnd + 1,
                          plain_ms=r["image_bytes"] / (region / disk_s) * 1000)
                 snaps.append(r)
