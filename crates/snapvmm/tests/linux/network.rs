@@ -448,15 +448,13 @@ fn vsock(ctx: &Ctx) {
 /// two rounds. Figures: [`figure`] lines.
 fn throughput(ctx: &Ctx) {
     let figures = |text: String| figure("network-throughput", &text);
-    for (vmm, tap) in [
+    let runs = [
         ("snapvmm", "sbt0"),
         ("snapvmm-pci", "spt0"),
         ("snapvmm-pci-base", "sbp0"),
         ("qemu", "qbt0"),
-    ] {
-        if !super::scenarios::bench_runs(vmm) {
-            continue;
-        }
+    ];
+    for (pass, (vmm, tap)) in super::scenarios::bench_order(&runs, |r| r.0) {
         let mut vm = if vmm.starts_with("snapvmm") {
             let net = format!("tap={tap}");
             let mut args = vec!["--net", &net];
@@ -481,7 +479,7 @@ fn throughput(ctx: &Ctx) {
         };
         host_side(tap);
         let up = vm.wait("GUEST-NET", T);
-        figures(format!("vmm={vmm} {up}"));
+        figures(format!("vmm={vmm} pass={pass} {up}"));
         vm.wait("GUEST-SHELL", T);
         run_in_guest(&mut vm, "echo ready-$((2+3))", "ready-5", T);
         host_pings_guest();
@@ -495,7 +493,7 @@ fn throughput(ctx: &Ctx) {
                 .lines()
                 .find(|l| l.contains("min/avg/max"))
                 .unwrap_or_else(|| panic!("no round-trip summary in {text}"));
-            figures(format!("vmm={vmm} round={round} ping {rtt}"));
+            figures(format!("vmm={vmm} pass={pass} round={round} ping {rtt}"));
 
             let t0 = Instant::now();
             receive(
@@ -510,7 +508,7 @@ fn throughput(ctx: &Ctx) {
             );
             let ms = t0.elapsed().as_millis();
             figures(format!(
-                "vmm={vmm} round={round} tcp-guest-to-host MiB={BENCH_MIB} ms={ms}"
+                "vmm={vmm} pass={pass} round={round} tcp-guest-to-host MiB={BENCH_MIB} ms={ms}"
             ));
 
             let port = 5100 + round;
@@ -548,7 +546,7 @@ fn throughput(ctx: &Ctx) {
             // queue that overflowed while the device did not read it).
             let resent = host_retransmits() - resent;
             figures(format!(
-                "vmm={vmm} round={round} tcp-host-to-guest MiB={BENCH_MIB} ms={ms} host-retransmits={resent}"
+                "vmm={vmm} pass={pass} round={round} tcp-host-to-guest MiB={BENCH_MIB} ms={ms} host-retransmits={resent}"
             ));
         }
         // The guest's interrupts per device (how often each queue woke it).
@@ -558,7 +556,7 @@ fn throughput(ctx: &Ctx) {
             "NETBENCH-IRQS2",
             T,
         );
-        figures(format!("vmm={vmm} guest {irqs}"));
+        figures(format!("vmm={vmm} pass={pass} guest {irqs}"));
         // The guest's TCP counters (retransmitted segments: frames lost on the way).
         let snmp = run_in_guest(
             &mut vm,
@@ -566,7 +564,7 @@ fn throughput(ctx: &Ctx) {
             "NETBENCH-TCP2",
             T,
         );
-        figures(format!("vmm={vmm} guest {snmp}"));
+        figures(format!("vmm={vmm} pass={pass} guest {snmp}"));
         vm.type_line("poweroff -f");
         let _ = vm.exit_code(T);
         // The next VMM's tap takes the same address: wait for this one to go.

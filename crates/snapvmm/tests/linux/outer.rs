@@ -147,6 +147,12 @@ fn outer_initrd(inputs: &Inputs, dir: &Path, scenarios: &[&str]) -> Result<PathB
             select.push_str(&format!("export SNAPVMM_BENCH_VMMS={v}\n"));
         }
     }
+    // How many times the benchmarks go through their VMMs.
+    if let Ok(v) = std::env::var("SNAPVMM_BENCH_PASSES") {
+        if let Ok(n) = v.parse::<u32>() {
+            select.push_str(&format!("export SNAPVMM_BENCH_PASSES={n}\n"));
+        }
+    }
     // A second build for a benchmark to run beside this one in the same
     // TCG VM (`SNAPVMM_BENCH_BASELINE=PATH`: the benchmark's `-base` VMMs).
     if let Some(base) = std::env::var_os("SNAPVMM_BENCH_BASELINE") {

@@ -174,6 +174,32 @@ pub fn bench_runs(vmm: &str) -> bool {
     only.is_empty() || only.split(',').any(|o| o == vmm)
 }
 
+/// The benchmark's runs in order: `list`'s entries whose VMM runs
+/// ([`bench_runs`]), each with its pass number; `SNAPVMM_BENCH_PASSES=N`
+/// (default 1) goes through them N times, every other pass backwards, so
+/// that the TCG VM's drift in speed falls on each VMM alike.
+pub fn bench_order<T: Copy>(list: &[T], vmm: impl Fn(&T) -> &str) -> Vec<(usize, T)> {
+    let passes = std::env::var("SNAPVMM_BENCH_PASSES")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .unwrap_or(1)
+        .max(1);
+    let runs: Vec<T> = list
+        .iter()
+        .copied()
+        .filter(|t| bench_runs(vmm(t)))
+        .collect();
+    (1..=passes)
+        .flat_map(|p| {
+            let mut r: Vec<(usize, T)> = runs.iter().map(|&t| (p, t)).collect();
+            if p % 2 == 0 {
+                r.reverse();
+            }
+            r
+        })
+        .collect()
+}
+
 /// A benchmark figure of `scenario`: printed where the scenario runs, and
 /// from the TCG VM's console brought back to the host's test output.
 pub fn figure(scenario: &str, text: &str) {
@@ -490,7 +516,7 @@ fn disk_throughput(ctx: &Ctx) {
         std::fs::write(&raw, vec![0u8; 128 << 20]).unwrap();
         qcow2::Qcow2::create(&q, 128 << 20, qcow2::CreateOptions::default()).unwrap();
     };
-    for (vmm, cpus) in [
+    let runs = [
         ("snapvmm", "1"),
         ("snapvmm-pci", "1"),
         ("snapvmm-pci-base", "1"),
@@ -498,10 +524,8 @@ fn disk_throughput(ctx: &Ctx) {
         ("snapvmm", "2"),
         ("snapvmm-pci", "2"),
         ("qemu", "2"),
-    ] {
-        if !bench_runs(vmm) {
-            continue;
-        }
+    ];
+    for (pass, (vmm, cpus)) in bench_order(&runs, |r| r.0) {
         fresh();
         let mut vm = if vmm.starts_with("snapvmm") {
             let d0 = format!("{},format=raw", raw.display());
@@ -525,7 +549,10 @@ fn disk_throughput(ctx: &Ctx) {
         loop {
             let l = vm.wait_any(&["DISKBENCH", "GUEST-ERROR"], T);
             assert!(!l.contains("GUEST-ERROR"), "{vmm}: {l}");
-            figure("disk-throughput", &format!("vmm={vmm} vcpus={cpus} {l}"));
+            figure(
+                "disk-throughput",
+                &format!("vmm={vmm} vcpus={cpus} pass={pass} {l}"),
+            );
             if l.contains("DISKBENCH-DONE") {
                 break;
             }
