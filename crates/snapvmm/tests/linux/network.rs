@@ -565,6 +565,15 @@ fn throughput(ctx: &Ctx) {
             T,
         );
         figures(format!("vmm={vmm} pass={pass} guest {snmp}"));
+        // The NIC's frames and bytes each way as the guest counts them (the
+        // average frame: how much segmentation the offloads took over).
+        let dev = run_in_guest(
+            &mut vm,
+            "echo NETBENCH-DEV$((1+1)) $(cd /sys/class/net/eth0/statistics && echo rx_packets=$(cat rx_packets) rx_bytes=$(cat rx_bytes) tx_packets=$(cat tx_packets) tx_bytes=$(cat tx_bytes))",
+            "NETBENCH-DEV2",
+            T,
+        );
+        figures(format!("vmm={vmm} pass={pass} guest {dev}"));
         vm.type_line("poweroff -f");
         let _ = vm.exit_code(T);
         // The next VMM's tap takes the same address: wait for this one to go.
