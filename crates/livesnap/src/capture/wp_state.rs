@@ -33,8 +33,9 @@ pub(crate) enum Out {
     Sink(Mutex<Option<SinkGuard<Box<dyn Sink>>>>),
 }
 
-/// Writers of a file with direct I/O: two writes in flight keep the disk
-/// busier (and free the handler's buffers twice as often) than one.
+/// Writers of a file with direct I/O: 8–24 % faster than one here, though
+/// on ext4 their direct writes into the fresh file's holes take turns on
+/// its inode lock; three or four were no faster (docs/BENCHMARKS.md).
 pub(crate) const DIRECT_WRITERS: usize = 2;
 
 /// What a cut decided: the chunks the capture writes and the ones it took

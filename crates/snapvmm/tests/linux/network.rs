@@ -447,7 +447,6 @@ fn vsock(ctx: &Ctx) {
 /// no vhost) in the same TCG VM; host → guest ping, 16 MiB of TCP each way,
 /// two rounds. Figures: [`figure`] lines.
 fn throughput(ctx: &Ctx) {
-    let figures = |text: String| figure("network-throughput", &text);
     let runs = [
         ("snapvmm", "sbt0"),
         ("snapvmm-pci", "spt0"),
@@ -455,6 +454,12 @@ fn throughput(ctx: &Ctx) {
         ("qemu", "qbt0"),
     ];
     for (pass, (vmm, tap)) in super::scenarios::bench_order(&runs, |r| r.0) {
+        let figures = |text: String| {
+            figure(
+                "network-throughput",
+                &format!("vmm={vmm} pass={pass} {text}"),
+            )
+        };
         let mut vm = if vmm.starts_with("snapvmm") {
             let net = format!("tap={tap}");
             let mut args = vec!["--net", &net];
@@ -479,7 +484,7 @@ fn throughput(ctx: &Ctx) {
         };
         host_side(tap);
         let up = vm.wait("GUEST-NET", T);
-        figures(format!("vmm={vmm} pass={pass} {up}"));
+        figures(up);
         vm.wait("GUEST-SHELL", T);
         run_in_guest(&mut vm, "echo ready-$((2+3))", "ready-5", T);
         host_pings_guest();
@@ -493,7 +498,7 @@ fn throughput(ctx: &Ctx) {
                 .lines()
                 .find(|l| l.contains("min/avg/max"))
                 .unwrap_or_else(|| panic!("no round-trip summary in {text}"));
-            figures(format!("vmm={vmm} pass={pass} round={round} ping {rtt}"));
+            figures(format!("round={round} ping {rtt}"));
 
             let t0 = Instant::now();
             receive(
@@ -508,7 +513,7 @@ fn throughput(ctx: &Ctx) {
             );
             let ms = t0.elapsed().as_millis();
             figures(format!(
-                "vmm={vmm} pass={pass} round={round} tcp-guest-to-host MiB={BENCH_MIB} ms={ms}"
+                "round={round} tcp-guest-to-host MiB={BENCH_MIB} ms={ms}"
             ));
 
             let port = 5100 + round;
@@ -546,7 +551,7 @@ fn throughput(ctx: &Ctx) {
             // queue that overflowed while the device did not read it).
             let resent = host_retransmits() - resent;
             figures(format!(
-                "vmm={vmm} pass={pass} round={round} tcp-host-to-guest MiB={BENCH_MIB} ms={ms} host-retransmits={resent}"
+                "round={round} tcp-host-to-guest MiB={BENCH_MIB} ms={ms} host-retransmits={resent}"
             ));
         }
         // The guest's interrupts per device (how often each queue woke it).
@@ -556,7 +561,7 @@ fn throughput(ctx: &Ctx) {
             "NETBENCH-IRQS2",
             T,
         );
-        figures(format!("vmm={vmm} pass={pass} guest {irqs}"));
+        figures(format!("guest {irqs}"));
         // The guest's TCP counters (retransmitted segments: frames lost on the way).
         let snmp = run_in_guest(
             &mut vm,
@@ -564,7 +569,7 @@ fn throughput(ctx: &Ctx) {
             "NETBENCH-TCP2",
             T,
         );
-        figures(format!("vmm={vmm} pass={pass} guest {snmp}"));
+        figures(format!("guest {snmp}"));
         // The NIC's frames and bytes each way as the guest counts them (the
         // average frame: how much segmentation the offloads took over).
         let dev = run_in_guest(
@@ -573,7 +578,7 @@ fn throughput(ctx: &Ctx) {
             "NETBENCH-DEV2",
             T,
         );
-        figures(format!("vmm={vmm} pass={pass} guest {dev}"));
+        figures(format!("guest {dev}"));
         vm.type_line("poweroff -f");
         let _ = vm.exit_code(T);
         // The next VMM's tap takes the same address: wait for this one to go.
