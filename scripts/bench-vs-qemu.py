@@ -174,13 +174,15 @@ class Setup:
         return g
 
 
-def snapshot(g, method, image, settled_at, after, wp_pool_mib=None):
+def snapshot(g, method, image, settled_at, after, wp_pool_mib=None, wp_pool_max_mib=None):
     """One live snapshot of a settled guest; returns its figures."""
     if g.vmm == "snapvmm":
         g.q.cmd("migrate-set-parameters", **{"x-snapshot-method": method})
         if method == "uffd" and wp_pool_mib:
             size = wp_pool_mib << 20
             g.q.cmd("migrate-set-parameters", **{"x-wp-pool-size": size, "x-wp-pool-max-size": size})
+        if method == "uffd" and wp_pool_max_mib is not None:
+            g.q.cmd("migrate-set-parameters", **{"x-wp-pool-max-size": wp_pool_max_mib << 20})
     if os.path.exists(image):
         os.unlink(image)
     base = bs.pss_kib(g.p.pid)
@@ -474,6 +476,8 @@ def main():
                     help="which of snapvmm fork, snapvmm uffd and QEMU to run (for quick comparisons)")
     ap.add_argument("--wp-pool", type=int, metavar="MIB",
                     help="the write-protect capture's pool (x-wp-pool-size and -max-size), MiB")
+    ap.add_argument("--wp-pool-max", type=int, metavar="MIB",
+                    help="what the write-protect capture's pool may grow to (x-wp-pool-max-size), MiB")
     ap.add_argument("--json")
     ap.add_argument("--chart")
     a = ap.parse_args()
@@ -523,7 +527,7 @@ def main():
                 g = vms[vmm]
                 settled_at = g.settle(since, a.settle)
                 image = os.path.join(a.dir, f"vsq-{vmm}-{method}-{size}.img")
-                r = snapshot(g, method, image, settled_at, a.after, a.wp_pool)
+                r = snapshot(g, method, image, settled_at, a.after, a.wp_pool, a.wp_pool_max)
                 r.update(size=size, vmm=vmm, method=method, round=rnd + 1,
                          plain_ms=r["image_bytes"] / (region / disk_s) * 1000)
                 snaps.append(r)

@@ -462,3 +462,41 @@ fn a_failing_destination_fails_the_capture_and_blocks_nobody() {
     assert!(guest.passes() > before, "the guest makes progress after");
     guest.stop();
 }
+
+#[test]
+fn the_pool_grows_ahead_of_a_guest_faster_than_its_destination_while_memory_allows() {
+    // keep_free_percent 100: the host has no memory to spare, no growth;
+    // 0: the pool grows toward the cap (the whole RAM) as the guest writes.
+    for keep_free in [100u8, 0] {
+        let opts = WpOptions {
+            pool_bytes: CHUNK,
+            pool_max_bytes: LEN as u64,
+            pool_keep_free_percent: keep_free,
+            stall_limit: Duration::from_secs(30),
+            ..WpOptions::default()
+        };
+        // A destination far slower than the guest: 20 ms a write.
+        let Some(run) = start(7, true, Duration::from_millis(20), opts) else {
+            return;
+        };
+        let (capture, counters) = (run.capture, run.counters);
+        let guest = Guest::start(&run.mem, LEN / CHUNK as usize);
+        run.sender.send(b"state".to_vec());
+        capture.wait().unwrap();
+        guest.stop();
+        let grown = counters.pool_grown.load(Ordering::Relaxed);
+        let high = counters.pool_high_water.load(Ordering::Relaxed);
+        if keep_free == 100 {
+            assert_eq!(grown, 0, "no memory to spare");
+            assert!(high <= CHUNK, "{high}");
+        } else {
+            assert!(grown >= 1, "grown ahead of the faults");
+            assert!(high > CHUNK, "the faults took grown buffers: {high}");
+            assert!(
+                grown < (LEN as u64 / CHUNK),
+                "never beyond the cap: {grown}"
+            );
+        }
+        holds_memory_at_the_cut(&run.bytes, &run.expected);
+    }
+}

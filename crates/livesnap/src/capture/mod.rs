@@ -9,4 +9,5 @@ pub(crate) mod stopped;
 pub mod wp;
 pub(crate) mod wp_engine;
 pub(crate) mod wp_options;
+pub(crate) mod wp_pool;
 pub(crate) mod wp_state;

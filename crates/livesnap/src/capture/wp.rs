@@ -6,8 +6,9 @@
 //!   whole 2 MiB chunk around it into a buffer from a bounded pool and lifts
 //!   the protection of the chunk: one fault per 2 MiB, not per 4 KiB page.
 //!   It never writes to the destination itself: with the pool empty it
-//!   waits for the writer to free a buffer (one chunk's write), lets the
-//!   pool grow toward its cap when that takes longer than [`GROW_AFTER`],
+//!   waits for the writer to free a buffer (one chunk's write) or for the
+//!   pool's grower to make one (the pool grows ahead of the faults toward
+//!   its cap while the host has memory to spare: see `wp_pool`),
 //!   and, when the destination takes nothing for the stall limit, abandons
 //!   the capture so that the guest runs on ([`SnapError::DestinationStalled`]);
 //! - a **writer** thread (two for a file with direct I/O) writes the
@@ -44,7 +45,8 @@ use crate::capture::runtime::{
 };
 use crate::capture::wp_engine::Engine;
 pub use crate::capture::wp_engine::WpEngine;
-pub use crate::capture::wp_options::{WpCounters, WpOptions, GROW_AFTER};
+pub use crate::capture::wp_options::{WpCounters, WpOptions};
+use crate::capture::wp_pool::Pool;
 use crate::capture::wp_state::{Out, Taken, Want, Wp, DIRECT_WRITERS};
 use crate::error::{Result, SnapError};
 use crate::format::image::ranges_of;
@@ -212,13 +214,16 @@ fn launch(
         // Kept from the last capture, else made as faults need them
         // (buffers come mapped and populated: see AlignedBuf): making the
         // pool here, just before the cut, made the pause longer.
-        pool: Mutex::new(kept),
-        pool_cv: std::sync::Condvar::new(),
-        pool_total,
-        pool_max: ((opts.pool_max_bytes / CHUNK) as usize).max(pool_total),
+        pool: Pool::new(
+            kept,
+            pool_total,
+            // Never more than the RAM captured.
+            ((opts.pool_max_bytes / CHUNK) as usize).min(engine.chunks.len()),
+            crate::kernel::mem_total().unwrap_or(0) / 100 * u64::from(opts.pool_keep_free_percent),
+            counters.clone(),
+        ),
         stall_limit: opts.stall_limit,
         keep_pool: opts.keep_pool,
-        allocated: std::sync::atomic::AtomicUsize::new(n_kept),
         first_error: Mutex::new(None),
         gave_up: std::sync::atomic::AtomicBool::new(false),
         direct_ok: std::sync::atomic::AtomicBool::new(direct),
@@ -514,6 +519,17 @@ fn write_ram(sh: &Shared, wp: &Wp, rx: mpsc::Receiver<Taken>) -> Result<u64> {
         _ => 1,
     };
     let res = std::thread::scope(|s| {
+        // Buffers made ahead of the faults while the writers write, on CPU
+        // time nothing else wants: run beside the vCPUs (even at nice 10)
+        // it delayed them by 2–5 ms at times (docs/BENCHMARKS.md).
+        let grower = wp.pool.grows().then(|| {
+            std::thread::Builder::new()
+                .name("livesnap-wp-grow".into())
+                .spawn_scoped(s, || {
+                    crate::kernel::idle_only();
+                    wp.pool.grow()
+                })
+        });
         let helpers: Vec<_> = (1..writers)
             .map(|_| {
                 std::thread::Builder::new()
@@ -537,6 +553,10 @@ fn write_ram(sh: &Shared, wp: &Wp, rx: mpsc::Receiver<Taken>) -> Result<u64> {
             if matches!(res, Ok(()) | Err(SnapError::Cancelled)) && r.is_err() {
                 res = r;
             }
+        }
+        wp.pool.stop_growing();
+        if let Some(Ok(g)) = grower {
+            let _ = g.join();
         }
         res
     });

@@ -8,10 +8,6 @@ use std::time::Duration;
 use crate::ram::waits::FaultWaits;
 use crate::DoneCallback;
 
-/// A fault that waited this long for a pool buffer may grow the pool (up to
-/// [`WpOptions::pool_max_bytes`]): about one chunk's write on a slow disk.
-pub const GROW_AFTER: Duration = Duration::from_millis(2);
-
 /// Options of a write-protect capture.
 pub struct WpOptions {
     /// Write only the chunks changed since this image, which must be the
@@ -21,11 +17,15 @@ pub struct WpOptions {
     /// Bytes of buffers the fault handler may hold (rounded down to whole
     /// chunks, at least one).
     pub pool_bytes: u64,
-    /// The pool may grow up to this many bytes when a fault waited
-    /// [`GROW_AFTER`] for a buffer (a destination slower than the guest's
-    /// writes for a moment); never less than `pool_bytes` (the default, 0:
-    /// no growth). Extra buffers are freed with the capture.
+    /// The pool may grow up to this many bytes (never less than
+    /// `pool_bytes`; the default, 0: no growth): during the capture a
+    /// grower makes buffers ahead of the faults, so that a guest writing
+    /// faster than the destination takes data runs at memory speed. Extra
+    /// buffers are freed with the capture.
     pub pool_max_bytes: u64,
+    /// The growth stops where it would leave the host less than this share
+    /// of its memory available (`MemAvailable`), percent.
+    pub pool_keep_free_percent: u8,
     /// A fault that waits this long for a buffer (the destination took no
     /// data meanwhile) abandons the capture and lets the guest run on.
     pub stall_limit: Duration,
@@ -47,6 +47,7 @@ impl Default for WpOptions {
             parent: None,
             pool_bytes: 64 << 20,
             pool_max_bytes: 0,
+            pool_keep_free_percent: 25,
             stall_limit: Duration::from_millis(500),
             on_done: None,
             always_populate: false,

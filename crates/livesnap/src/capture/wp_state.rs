@@ -3,14 +3,15 @@
 //! engine's faults ([`FaultHook`]).
 
 use std::os::unix::fs::FileExt;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{mpsc, Arc, Condvar, Mutex, OnceLock};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use crate::capture::plan::IncrPlan;
 use crate::capture::runtime::Shared;
 use crate::capture::wp_engine::{Engine, FaultHook};
-use crate::capture::wp_options::{WpCounters, GROW_AFTER};
+use crate::capture::wp_options::WpCounters;
+use crate::capture::wp_pool::Pool;
 use crate::error::{Result, SnapError};
 use crate::format::image::{ImageId, PAGE_SIZE};
 use crate::format::sink::{Sink, SinkGuard};
@@ -19,7 +20,6 @@ use crate::kernel::lock;
 use crate::kernel::scan::is_zero;
 use crate::ram::claims::{ChunkState, Claims};
 use crate::ram::waits::WaitCause;
-use crate::CHUNK;
 
 /// The image being written by the writer.
 pub(crate) enum Out {
@@ -56,16 +56,11 @@ pub(crate) struct Wp {
     pub(crate) id: Mutex<Option<ImageId>>,
     pub(crate) out: Out,
     pub(crate) counters: Arc<WpCounters>,
-    pub(crate) pool: Mutex<Vec<AlignedBuf>>,
-    /// Notified whenever a buffer returns to the pool.
-    pub(crate) pool_cv: Condvar,
-    pub(crate) pool_total: usize,
-    pub(crate) pool_max: usize,
+    /// The copy buffers of the fault handler.
+    pub(crate) pool: Pool,
     pub(crate) stall_limit: Duration,
     /// Give the pool back to the engine at the end ([`WpOptions::keep_pool`]).
     pub(crate) keep_pool: bool,
-    /// Pool buffers allocated so far.
-    pub(crate) allocated: AtomicUsize,
     pub(crate) first_error: Mutex<Option<SnapError>>,
     /// The capture failed (or was abandoned): faults copy nothing more.
     pub(crate) gave_up: AtomicBool,
@@ -86,9 +81,9 @@ impl Drop for Wp {
             spare.clear();
             return;
         }
-        let pool = std::mem::take(self.pool.get_mut().unwrap_or_else(|e| e.into_inner()));
+        let pool = self.pool.take_all();
         // The writers' own buffers come back with the pool.
-        let room = (self.pool_total + DIRECT_WRITERS).saturating_sub(spare.len());
+        let room = (self.pool.base() + DIRECT_WRITERS).saturating_sub(spare.len());
         spare.extend(pool.into_iter().take(room));
     }
 }
@@ -150,8 +145,7 @@ impl Wp {
     /// none waits for a buffer.
     pub(crate) fn give_up(&self) {
         self.gave_up.store(true, Ordering::Release);
-        let _g = lock(&self.pool);
-        self.pool_cv.notify_all();
+        self.pool.wake_all();
     }
 
     /// Whether faults should copy nothing more: the capture failed or was
@@ -161,57 +155,14 @@ impl Wp {
     }
 
     /// A free pool buffer for the fault handler, and whether it had to wait
-    /// for one. Waits for the writer to free one; after [`GROW_AFTER`] the
-    /// pool grows if it may. `Err` when the capture ended meanwhile, or the
-    /// wait reached the stall limit (the destination takes nothing).
+    /// for one ([`Pool::take`]).
     pub(crate) fn buffer(&self) -> Result<(AlignedBuf, bool)> {
-        let start = Instant::now();
-        let mut waited = false;
-        let mut pool = lock(&self.pool);
-        loop {
-            if let Some(b) = pool.pop() {
-                return Ok((b, waited));
-            }
-            let n = self.allocated.load(Ordering::Relaxed);
-            let grow = n < self.pool_max && start.elapsed() >= GROW_AFTER;
-            if n < self.pool_total || grow {
-                // Made without the pool's lock (mapping it takes milliseconds
-                // here): the writers give buffers back meanwhile. Only this
-                // thread (the fault handler) makes buffers.
-                drop(pool);
-                if let Some(b) = AlignedBuf::new(CHUNK as usize) {
-                    self.allocated.store(n + 1, Ordering::Relaxed);
-                    if n >= self.pool_total {
-                        self.counters.pool_grown.fetch_add(1, Ordering::Relaxed);
-                    }
-                    return Ok((b, waited));
-                }
-                pool = lock(&self.pool);
-                if let Some(b) = pool.pop() {
-                    return Ok((b, waited));
-                }
-            }
-            if self.given_up() {
-                return Err(SnapError::Cancelled);
-            }
-            let waiting = start.elapsed();
-            if waiting >= self.stall_limit {
-                return Err(SnapError::DestinationStalled(waiting));
-            }
-            waited = true;
-            let slice = (self.stall_limit - waiting).min(Duration::from_millis(1));
-            pool = self
-                .pool_cv
-                .wait_timeout(pool, slice)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
-        }
+        self.pool.take(&|| self.given_up(), self.stall_limit)
     }
 
     /// Gives a buffer back to the pool and wakes a fault waiting for one.
     pub(crate) fn give_back(&self, b: AlignedBuf) {
-        lock(&self.pool).push(b);
-        self.pool_cv.notify_one();
+        self.pool.give_back(b);
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
@@ -326,8 +277,7 @@ fn take_for_fault(wp: &Wp, i: usize) -> (Option<Taken>, WaitCause) {
         }
     };
     wp.copy(i, &mut b);
-    let free = lock(&wp.pool).len();
-    let in_flight = (wp.allocated.load(Ordering::Relaxed) - free) as u64 * CHUNK;
+    let in_flight = wp.pool.in_use_bytes();
     wp.counters
         .pool_high_water
         .fetch_max(in_flight, Ordering::Relaxed);

@@ -88,6 +88,40 @@ pub(crate) fn let_others_run() {
     unsafe { libc::sched_yield() };
 }
 
+/// The host's available memory (`MemAvailable` of `/proc/meminfo`), bytes;
+/// `None` where it cannot be read.
+pub(crate) fn mem_available() -> Option<u64> {
+    meminfo("MemAvailable:")
+}
+
+/// The host's memory (`MemTotal`), bytes.
+pub(crate) fn mem_total() -> Option<u64> {
+    meminfo("MemTotal:")
+}
+
+fn meminfo(key: &str) -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = s.lines().find(|l| l.starts_with(key))?;
+    let kib: u64 = line[key.len()..]
+        .trim()
+        .strip_suffix("kB")?
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kib << 10)
+}
+
+/// Lowers the calling thread to run only on a CPU nothing else wants
+/// (`SCHED_IDLE`); failing that, as [`background`].
+pub(crate) fn idle_only() {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: sched_setscheduler on this thread's own id with a valid,
+    // initialised parameter; no memory is shared with the kernel after it.
+    if unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) } != 0 {
+        background();
+    }
+}
+
 /// Lowers the calling thread, one doing background work (filling RAM ahead
 /// of the guest), below the vCPU threads: to nice 10 at least, so a vCPU
 /// that wakes on the same CPU runs at once instead of after this thread's

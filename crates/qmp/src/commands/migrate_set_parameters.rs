@@ -1,7 +1,8 @@
 //! `migrate-set-parameters`: snapvmm's `x-snapshot-method` (`fork` | `uffd` |
 //! `stop`), `x-collapse-huge-pages` (bool), `x-wp-pool-size` and
 //! `x-wp-pool-max-size` (bytes of copy buffers of the `uffd` method, and what
-//! they may grow to), `x-wp-stall-limit-ms` (how long a guest write may wait
+//! they may grow to), `x-wp-pool-keep-free-percent` (the share of host
+//! memory that growth leaves available), `x-wp-stall-limit-ms` (how long a guest write may wait
 //! for a buffer before the snapshot is abandoned), `x-wp-keep-pool` (bool:
 //! keep the buffers between snapshots), `x-parent` (`file:PATH` of the image the
 //! next snapshots are incremental to; `""` for full snapshots) and
@@ -32,6 +33,11 @@ pub(crate) const SPEC: CommandSpec = CommandSpec {
         },
         Param {
             name: "x-wp-pool-max-size",
+            ty: ParamType::Int,
+            optional: true,
+        },
+        Param {
+            name: "x-wp-pool-keep-free-percent",
             ty: ParamType::Int,
             optional: true,
         },

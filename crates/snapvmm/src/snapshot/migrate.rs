@@ -95,8 +95,12 @@ pub struct Migration {
     pub collapse: bool,
     /// Copy buffers of the write-protect capture, bytes (`x-wp-pool-size`).
     pub wp_pool: u64,
-    /// What they may grow to when the destination lags (`x-wp-pool-max-size`).
+    /// What they may grow to while the destination lags behind the guest's
+    /// writes (`x-wp-pool-max-size`; never more than the RAM captured).
     pub wp_pool_max: u64,
+    /// The share of host memory the growth leaves available, percent
+    /// (`x-wp-pool-keep-free-percent`).
+    pub wp_keep_free_percent: u8,
     /// A guest write waiting this long for a buffer abandons the snapshot
     /// (`x-wp-stall-limit-ms`).
     pub wp_stall_limit: Duration,
@@ -142,7 +146,10 @@ impl Default for Migration {
             method_set: false,
             collapse: true,
             wp_pool: 64 << 20,
-            wp_pool_max: 256 << 20,
+            // In effect: as much as the RAM captured, while the host keeps
+            // a quarter of its memory available.
+            wp_pool_max: 1 << 40,
+            wp_keep_free_percent: 25,
             wp_stall_limit: Duration::from_millis(500),
             wp_keep_pool: true,
             parent: None,
@@ -580,6 +587,7 @@ impl Migration {
         livesnap::wp::WpOptions {
             pool_bytes: self.wp_pool,
             pool_max_bytes: self.wp_pool_max.max(self.wp_pool),
+            pool_keep_free_percent: self.wp_keep_free_percent,
             stall_limit: self.wp_stall_limit,
             keep_pool: self.wp_keep_pool,
             ..Default::default()
@@ -592,6 +600,7 @@ impl Migration {
             "x-collapse-huge-pages": self.collapse,
             "x-wp-pool-size": self.wp_pool,
             "x-wp-pool-max-size": self.wp_pool_max.max(self.wp_pool),
+            "x-wp-pool-keep-free-percent": self.wp_keep_free_percent,
             "x-wp-stall-limit-ms": self.wp_stall_limit.as_millis() as u64,
             "x-wp-keep-pool": self.wp_keep_pool,
             "x-parent": self.parent.as_ref().map_or(String::new(), |p| format!("file:{}", p.display())),
@@ -628,6 +637,15 @@ impl Migration {
             Some(n) => n as u64,
             None => self.wp_pool_max,
         };
+        let keep_free = match p.get("x-wp-pool-keep-free-percent").and_then(Value::as_i64) {
+            Some(n) if !(0..=100).contains(&n) => {
+                return Err(CommandError::generic(
+                    "Parameter 'x-wp-pool-keep-free-percent' must be between 0 and 100",
+                ))
+            }
+            Some(n) => n as u8,
+            None => self.wp_keep_free_percent,
+        };
         let stall = match p.get("x-wp-stall-limit-ms").and_then(Value::as_i64) {
             Some(n) if !(1..=3_600_000).contains(&n) => {
                 return Err(CommandError::generic(
@@ -649,6 +667,7 @@ impl Migration {
         self.method = method;
         self.wp_pool = pool;
         self.wp_pool_max = pool_max;
+        self.wp_keep_free_percent = keep_free;
         self.wp_stall_limit = stall;
         self.parent = parent;
         if let Some(c) = p.get("x-collapse-huge-pages").and_then(Value::as_bool) {
@@ -988,7 +1007,8 @@ mod tests {
         assert_eq!(m.query_parameters()["x-wp-pool-size"], 16 << 20);
         assert_eq!(m.query_parameters()["x-snapshot-method"], "uffd");
         // What the pool may grow to (never below the pool) and the stall limit.
-        assert_eq!(m.query_parameters()["x-wp-pool-max-size"], 256 << 20);
+        assert_eq!(m.query_parameters()["x-wp-pool-max-size"], 1u64 << 40);
+        assert_eq!(m.query_parameters()["x-wp-pool-keep-free-percent"], 25);
         assert_eq!(m.query_parameters()["x-wp-stall-limit-ms"], 500);
         let mut p = serde_json::Map::new();
         p.insert("x-wp-pool-max-size".into(), json!(4 << 20));
@@ -996,14 +1016,18 @@ mod tests {
         assert!(m.set_parameters(&p).is_err(), "a zero stall limit");
         assert_eq!(
             m.query_parameters()["x-wp-pool-max-size"],
-            256 << 20,
+            1u64 << 40,
             "all or nothing"
         );
         p.insert("x-wp-stall-limit-ms".into(), json!(250));
+        p.insert("x-wp-pool-keep-free-percent".into(), json!(101));
+        assert!(m.set_parameters(&p).is_err(), "more than all of memory");
+        p.insert("x-wp-pool-keep-free-percent".into(), json!(40));
         m.set_parameters(&p).unwrap();
         let o = m.wp_options();
         assert_eq!((o.pool_bytes, o.pool_max_bytes), (16 << 20, 16 << 20));
         assert_eq!(o.stall_limit, Duration::from_millis(250));
+        assert_eq!(o.pool_keep_free_percent, 40);
         assert_eq!(m.query_parameters()["x-wp-pool-max-size"], 16 << 20);
         assert_eq!(parse_uri("file:/x").unwrap(), PathBuf::from("/x"));
         assert!(parse_uri("tcp:1.2.3.4:5").is_err());
