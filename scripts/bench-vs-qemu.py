@@ -74,6 +74,7 @@ class Guest:
         self.p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
         self.reports = []  # (host time, pages, maxgap_us, passes)
         self.gaps = []  # per report, its longest gap: (start, end) in host time
+        self.stalls = []  # per report: (host time, its stalls=... counts by length)
         self.corrupt = []
         self.ready = None
         self.stderr = b""
@@ -89,6 +90,8 @@ class Guest:
                 kv = dict(x.split("=", 1) for x in line.split()[1:] if "=" in x)
                 try:
                     self.reports.append((t, int(kv["pages"]), int(kv["maxgap_us"]), int(kv["passes"])))
+                    if "stalls" in kv:
+                        self.stalls.append((t, [int(x) for x in kv["stalls"].split(".")]))
                     # Where the longest gap lay on this host's clock (end, start).
                     if "gap_ago_us" in kv:
                         end = t - int(kv["gap_ago_us"]) / 1e6
@@ -174,6 +177,27 @@ class Setup:
         return g
 
 
+# The reference guest's stall buckets (stalls=...): gaps of at least these
+# microseconds, up to the next bound.
+STALL_US = [50, 100, 200, 500, 1000, 2000, 5000, 10000]
+
+
+def stall_p99_ms(counts, top_ms):
+    """The p99 of the stalls counted (the upper bound of the bucket that
+    holds it; the longest gap seen, `top_ms`, for the open last bucket, or
+    where it is shorter); None without stalls."""
+    total = sum(counts)
+    if not total:
+        return None
+    seen = 0
+    for k, c in enumerate(counts):
+        seen += c
+        if seen >= 0.99 * total:
+            bound = STALL_US[k + 1] / 1000 if k + 1 < len(STALL_US) else top_ms
+            return min(bound, top_ms)
+    return top_ms
+
+
 def snapshot(g, method, image, settled_at, after, wp_pool_mib=None, wp_pool_max_mib=None):
     """One live snapshot of a settled guest; returns its figures."""
     if g.vmm == "snapvmm":
@@ -215,12 +239,19 @@ def snapshot(g, method, image, settled_at, after, wp_pool_mib=None, wp_pool_max_
         pause_ms = float(m["downtime"])
     st = os.stat(image)
     waits = m.get("x-write-protect", {}).get("fault-waits", {}).get("all", {})
+    stalls = [0] * len(STALL_US)
+    for t, c in g.stalls:
+        if t_start < t <= t_done + 1.0:
+            stalls = [a + b for a, b in zip(stalls, c)]
+    maxgap_ms = max((r[2] for r in during), default=0) / 1000
     return {
         "fault_p99_ms": waits["p99-us"] / 1000 if waits else None,
         "fault_max_ms": waits["max-us"] / 1000 if waits else None,
         "faults": waits.get("count"),
         "pause_ms": pause_ms,
-        "guest_maxgap_ms": max((r[2] for r in during), default=0) / 1000,
+        "guest_maxgap_ms": maxgap_ms,
+        "guest_stalls": stalls,
+        "guest_stall_p99_ms": stall_p99_ms(stalls, maxgap_ms),
         "maxgap_before_ms": statistics.median([r[2] for r in steady] or [0]) / 1000,
         "total_ms": m["total-time"] + fsync_ms,
         "vmm_total_ms": m["total-time"],
@@ -295,9 +326,9 @@ def med(xs):
 def tables(a, snaps, restores, disks):
     print(f"Reference guest, 1 vCPU, memwrite over 7/8 of RAM{'' if a.hot == 100 else f', hot={a.hot}'}; "
           f"{a.snapshots} interleaved rounds; medians (min–max)\n")
-    print("| RAM | VMM | pause (VMM) | guest felt: median, max (usual) | fault waits p99 / max (VMM) "
-          "| total (plain write) | extra host mem | image | guest page writes/s: before → inside → after |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| RAM | VMM | pause (VMM) | guest felt: median, max (usual) | guest stall p99 "
+          "| fault waits p99 / max (VMM) | total (plain write) | extra host mem | image | guest page writes/s: before → inside → after |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     def mm(xs, key, digits):
         v = med([r[key] for r in xs])
         return "–" if v is None else f"{v / 1e6:.{digits}f}M"
@@ -312,9 +343,12 @@ def tables(a, snaps, restores, disks):
             p99 = [r.get("fault_p99_ms") for r in xs if r.get("fault_p99_ms") is not None]
             fmax = [r.get("fault_max_ms") for r in xs if r.get("fault_max_ms") is not None]
             waits = f"{med(p99):.2f} / {max(fmax):.2f} ms" if p99 else "–"
+            sp = [r.get("guest_stall_p99_ms") for r in xs]
+            sp = [x for x in sp if x is not None]
+            stall = f"≤ {max(sp):g} ms ({sum(sum(r.get('guest_stalls') or []) for r in xs)})" if sp else "–"
             print(f"| {size} | {label(vmm, method)} | {med(p):.2f} ms ({min(p):.2f}–{max(p):.2f}) "
                   f"| {med(felt):.1f}, {max(felt):.1f} ms ({med([r['maxgap_before_ms'] for r in xs]):.1f}) "
-                  f"| {waits} "
+                  f"| {stall} | {waits} "
                   f"| {med([r['total_ms'] for r in xs]):.0f} ms ({med([r['plain_ms'] for r in xs]):.0f}) "
                   f"| {med([r['extra_mib'] for r in xs]):.0f} MiB ({max(r['extra_mib'] for r in xs):.0f} max) "
                   f"| {med([r['image_mib'] for r in xs]):.0f} MiB "
@@ -322,6 +356,9 @@ def tables(a, snaps, restores, disks):
                   f"(covering: {mm(xs, 'rate_during', 2)}) → {mm(xs, 'rate_after', 1)} |")
     print("\npause: snapvmm x-downtime-us, QEMU `downtime` (whole ms); guest felt: longest gap between two page "
           "writes in the reports covering the capture, median and max over the rounds (usual: median before); "
+          "guest stall p99: of the guest's stalls (gaps of 50 us or more) in those reports, the length 99 % stay "
+          "under (the guest counts them in buckets 50/100/200/500 us, 1/2/5/10 ms: the bucket's upper bound, "
+          "the largest over the rounds; in brackets how many stalls, all rounds); "
           "fault waits: the write-protect engine's per-fault wait (x-write-protect fault-waits, all causes), "
           "median of the rounds' p99 and the longest; total: query-migrate total-time + "
           "fsync of the image (plain: the image's bytes at this round's plain-write speed); inside: median of "

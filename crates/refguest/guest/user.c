@@ -289,7 +289,24 @@ static struct cursor cursor_at(u64 page)
     return c;
 }
 
-static void report(u32 cpu, u64 now, u64 t0, u64 pages, u64 maxgap, u64 gapend, u64 passes)
+/* The stalls a CPU felt: gaps between two page writes of at least
+ * stall_us[0] microseconds, counted by length in NSTALL buckets
+ * [stall_us[k], stall_us[k + 1]) (the last open-ended) and reported as
+ * stalls=a.b.c.d.e.f.g.h: what a host turns into the guest's p99 stall. */
+#define NSTALL 8
+static const u32 stall_us[NSTALL] = { 50, 100, 200, 500, 1000, 2000, 5000, 10000 };
+
+static void count_stall(u32 *stalls, u64 gap)
+{
+    u64 us = gap * 1000 / tsc_khz;
+    int k = NSTALL - 1;
+    while (k > 0 && us < stall_us[k])
+        k--;
+    stalls[k]++;
+}
+
+static void report(u32 cpu, u64 now, u64 t0, u64 pages, u64 maxgap, u64 gapend,
+                   const u32 *stalls, u64 passes)
 {
     struct buf b = { .n = 0 };
     put_kv(&b, "refguest: cpu=", cpu);
@@ -300,6 +317,12 @@ static void report(u32 cpu, u64 now, u64 t0, u64 pages, u64 maxgap, u64 gapend, 
      * notes when each line arrives place the gap on its own clock. (Before
      * passes=, which readers take as the line's last field.) */
     put_kv(&b, " gap_ago_us=", gapend && now > gapend ? (now - gapend) * 1000 / tsc_khz : 0);
+    put_str(&b, " stalls=");
+    for (int k = 0; k < NSTALL; k++) {
+        if (k)
+            put_str(&b, ".");
+        put_u64(&b, stalls[k]);
+    }
     put_kv(&b, " passes=", passes);
     emit(&b);
 }
@@ -325,6 +348,8 @@ struct memwrite {
     u64 cj;                 /* next cold page to check, in [hot, n) */
     struct cursor cc;
     u64 t0, last, next_report, maxgap, gapend, written, corrupt;
+    u64 stall_min;          /* stall_us[0] in TSC ticks */
+    u32 stalls[NSTALL];     /* since the last report (see count_stall) */
     u64 reports;            /* report lines printed */
     int rate_hold;          /* rate reached: report due at next_report */
     u64 hold_passes;
@@ -343,13 +368,15 @@ static void mw_init(struct memwrite *m, u32 cpu, u32 slice, u32 nslices)
     m->pass = 1;
     m->t0 = rdtsc();
     m->last = m->t0;
+    m->stall_min = tsc_khz * stall_us[0] / 1000;
     m->next_report = m->t0 + tsc_khz * cfg.report_ms;
 }
 
 static void mw_report(struct memwrite *m, u64 now, u64 passes)
 {
-    report(m->cpu, now, m->t0, m->written, m->maxgap, m->gapend, passes);
+    report(m->cpu, now, m->t0, m->written, m->maxgap, m->gapend, m->stalls, passes);
     m->written = 0;
+    memset(m->stalls, 0, sizeof(m->stalls));
     m->maxgap = 0;
     m->gapend = 0;
     m->next_report = now + tsc_khz * cfg.report_ms;
@@ -431,6 +458,8 @@ static int mw_step(struct memwrite *m, u64 budget, int may_wait)
             m->maxgap = now - m->last;
             m->gapend = now;
         }
+        if (now - m->last >= m->stall_min)
+            count_stall(m->stalls, now - m->last);
         m->last = now;
         /* rate= is per second: per report, its share of a second. */
         u64 cap = cfg.rate * cfg.report_ms / 1000;

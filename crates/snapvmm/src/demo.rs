@@ -36,7 +36,7 @@ pub struct DemoArgs {
     pub keep: bool,
 }
 
-/// One `refguest: cpu=I t=S pages=N maxgap_us=G gap_ago_us=A passes=P` line.
+/// One `refguest: cpu=I t=S pages=N maxgap_us=G gap_ago_us=A stalls=… passes=P` line.
 #[derive(Debug, Clone, Copy)]
 struct Report {
     at: Instant,

@@ -12,6 +12,9 @@ pub const BUF_ALIGN: usize = 4096;
 pub struct AlignedBuf {
     ptr: NonNull<u8>,
     len: usize,
+    /// The whole mapping `ptr` lies in (`ptr`, `len` but for a huge-page
+    /// buffer, whose unaligned head and tail stay mapped, never touched).
+    map: (*mut libc::c_void, usize),
 }
 
 // SAFETY: the buffer is plain owned memory, like a Vec<u8>.
@@ -52,7 +55,11 @@ impl AlignedBuf {
         if p == libc::MAP_FAILED {
             return None;
         }
-        NonNull::new(p.cast()).map(|ptr| AlignedBuf { ptr, len })
+        NonNull::new(p.cast()).map(|ptr| AlignedBuf {
+            ptr,
+            len,
+            map: (p, len),
+        })
     }
 
     /// `len` bytes aligned to [`HUGE`], in huge pages where the kernel
@@ -75,32 +82,28 @@ impl AlignedBuf {
         if p == libc::MAP_FAILED {
             return None;
         }
-        let start = p as usize;
-        let aligned = start.next_multiple_of(HUGE);
-        let (head, tail) = (aligned - start, start + span - (aligned + len));
-        // SAFETY: the head and tail lie inside the mapping just made and
-        // are not used; what stays is [aligned, aligned + len).
-        unsafe {
-            if head > 0 {
-                libc::munmap(p, head);
-            }
-            if tail > 0 {
-                libc::munmap((aligned + len) as *mut libc::c_void, tail);
-            }
-        }
-        let ptr = aligned as *mut libc::c_void;
-        // SAFETY: advice and population of the mapping this function owns;
+        // The head and tail around the aligned part stay mapped until the
+        // buffer goes (never touched, they cost no memory): unmapping them
+        // now would take the process's memory map lock for writing twice
+        // more, which a vCPU's page fault then waits behind.
+        let ptr = (p as usize).next_multiple_of(HUGE) as *mut libc::c_void;
+        // SAFETY: advice on the mapping this function owns (all of it: a
+        // part would split it in three) and population of its aligned part;
         // a refusal of the huge-page advice leaves 4 KiB pages.
         let populated = unsafe {
-            libc::madvise(ptr, len, libc::MADV_HUGEPAGE);
+            libc::madvise(p, span, libc::MADV_HUGEPAGE);
             libc::madvise(ptr, len, libc::MADV_POPULATE_WRITE) == 0
         };
         if !populated {
-            // SAFETY: unmaps exactly what stays of the mapping, once.
-            unsafe { libc::munmap(ptr, len) };
+            // SAFETY: unmaps exactly the mapping made above, once.
+            unsafe { libc::munmap(p, span) };
             return None;
         }
-        NonNull::new(ptr.cast()).map(|ptr| AlignedBuf { ptr, len })
+        NonNull::new(ptr.cast()).map(|ptr| AlignedBuf {
+            ptr,
+            len,
+            map: (p, span),
+        })
     }
 }
 
@@ -123,7 +126,7 @@ impl DerefMut for AlignedBuf {
 impl Drop for AlignedBuf {
     fn drop(&mut self) {
         // SAFETY: unmaps exactly the mapping made in `new`, once.
-        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+        unsafe { libc::munmap(self.map.0, self.map.1) };
     }
 }
 
