@@ -244,6 +244,11 @@ def snapshot(g, method, image, settled_at, after, wp_pool_mib=None, wp_pool_max_
         if t_start < t <= t_done + 1.0:
             stalls = [a + b for a, b in zip(stalls, c)]
     maxgap_ms = max((r[2] for r in during), default=0) / 1000
+    # Where the longest gap lay: its start after `migrate` was sent, ms (the
+    # capture ends at total_ms).
+    inside = [gp for gp in g.gaps if t_start - 0.5 < gp[1] <= t_done + 1.0]
+    longest = max(inside, key=lambda gp: gp[1] - gp[0], default=None)
+    gap_at_ms = (longest[0] - before_t) * 1000 if longest else None
     return {
         "fault_p99_ms": waits["p99-us"] / 1000 if waits else None,
         "fault_max_ms": waits["max-us"] / 1000 if waits else None,
@@ -251,6 +256,7 @@ def snapshot(g, method, image, settled_at, after, wp_pool_mib=None, wp_pool_max_
         "pause_ms": pause_ms,
         "guest_maxgap_ms": maxgap_ms,
         "guest_stalls": stalls,
+        "guest_maxgap_at_ms": gap_at_ms,
         "guest_stall_p99_ms": stall_p99_ms(stalls, maxgap_ms),
         "maxgap_before_ms": statistics.median([r[2] for r in steady] or [0]) / 1000,
         "total_ms": m["total-time"] + fsync_ms,

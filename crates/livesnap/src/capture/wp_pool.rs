@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use crate::capture::wp_options::WpCounters;
 use crate::error::{Result, SnapError};
-use crate::kernel::buf::AlignedBuf;
+use crate::kernel::buf::{AlignedBuf, Arena};
 use crate::kernel::lock;
 use crate::CHUNK;
 
@@ -59,6 +59,9 @@ pub(crate) struct Pool {
     allocated: AtomicUsize,
     /// No more growth: the capture's writing ended.
     stopped: AtomicBool,
+    /// Where grown buffers are carved from, reserved with the pool: making
+    /// one then takes the memory map lock only for reading (see [`Arena`]).
+    arena: Option<Arena>,
     counters: Arc<WpCounters>,
 }
 
@@ -74,13 +77,17 @@ impl Pool {
         counters: Arc<WpCounters>,
     ) -> Pool {
         let base = base.max(1);
+        let max = max.max(base);
         Pool {
+            arena: (max > base)
+                .then(|| Arena::reserve(CHUNK as usize, max - base))
+                .flatten(),
             allocated: AtomicUsize::new(kept.len()),
             free: Mutex::new(kept),
             ready: Condvar::new(),
             low: Condvar::new(),
             base,
-            max: max.max(base),
+            max,
             keep_free,
             stopped: AtomicBool::new(false),
             counters,
@@ -94,7 +101,7 @@ impl Pool {
 
     /// Whether the pool may grow beyond its base size.
     pub(crate) fn grows(&self) -> bool {
-        self.max > self.base
+        self.arena.is_some()
     }
 
     /// Bytes of buffers in use (taken and not yet given back).
@@ -210,7 +217,7 @@ impl Pool {
                 if self.stopped.load(Ordering::Acquire) {
                     break;
                 }
-                let Some(b) = AlignedBuf::new(CHUNK as usize) else {
+                let Some(b) = self.arena.as_ref().and_then(Arena::carve) else {
                     break;
                 };
                 self.allocated.fetch_add(1, Ordering::Relaxed);

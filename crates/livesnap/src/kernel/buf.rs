@@ -130,9 +130,140 @@ impl Drop for AlignedBuf {
     }
 }
 
+/// Address space reserved at once for many huge-page buffers of one size
+/// ([`Arena::carve`]), so that making one later takes the process's memory
+/// map lock only for reading (to populate it): a thread that maps memory
+/// (`mmap`, `madvise`) takes it for writing, and a vCPU's page fault that
+/// comes meanwhile waits until that thread has run — which a thread on
+/// spare CPU time may not do for milliseconds.
+pub struct Arena {
+    base: *mut libc::c_void,
+    span: usize,
+    /// The first slot, aligned to [`HUGE`].
+    start: usize,
+    slot: usize,
+    slots: usize,
+    /// Slots carved so far (each now owned by its buffer).
+    carved: std::sync::atomic::AtomicUsize,
+}
+
+// SAFETY: the arena is plain owned address space; carving is serialised by
+// an atomic counter and each carved slot is owned by one buffer.
+unsafe impl Send for Arena {}
+// SAFETY: as above; `carve` hands each slot out once.
+unsafe impl Sync for Arena {}
+
+impl Arena {
+    /// Room for `slots` buffers of `slot` bytes (a whole number of
+    /// [`HUGE`]), reserved, not backed; `None` if refused.
+    pub fn reserve(slot: usize, slots: usize) -> Option<Arena> {
+        if slot == 0 || slot % HUGE != 0 || slots == 0 {
+            return None;
+        }
+        let span = slot.checked_mul(slots)?.checked_add(HUGE)?;
+        // SAFETY: an anonymous private mapping with no address hint, checked
+        // against MAP_FAILED; nothing is populated.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                span,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return None;
+        }
+        // SAFETY: advice on the whole mapping just made; a refusal leaves
+        // 4 KiB pages.
+        unsafe { libc::madvise(base, span, libc::MADV_HUGEPAGE) };
+        Some(Arena {
+            base,
+            span,
+            start: (base as usize).next_multiple_of(HUGE),
+            slot,
+            slots,
+            carved: std::sync::atomic::AtomicUsize::new(0),
+        })
+    }
+
+    /// The next slot as a populated buffer, or `None` when the arena is used
+    /// up or memory is short (the slot is then given back and stays free).
+    pub fn carve(&self) -> Option<AlignedBuf> {
+        use std::sync::atomic::Ordering;
+        let i = self
+            .carved
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.slots).then_some(n + 1)
+            })
+            .ok()?;
+        let ptr = (self.start + i * self.slot) as *mut libc::c_void;
+        // SAFETY: slot `i` lies inside the reservation and was handed out
+        // once (the counter above); populating it touches nothing else.
+        if unsafe { libc::madvise(ptr, self.slot, libc::MADV_POPULATE_WRITE) } != 0 {
+            // SAFETY: frees what the failed population left in this slot,
+            // which nobody else owns; the slot is lost (it stays reserved
+            // until the arena goes).
+            unsafe { libc::madvise(ptr, self.slot, libc::MADV_DONTNEED) };
+            return None;
+        }
+        NonNull::new(ptr.cast()).map(|p| AlignedBuf {
+            ptr: p,
+            len: self.slot,
+            map: (ptr, self.slot),
+        })
+    }
+}
+
+impl Drop for Arena {
+    /// Unmaps what no buffer owns: the unaligned head and the slots never
+    /// carved (carved ones are unmapped by their buffers, or stay theirs).
+    fn drop(&mut self) {
+        let carved = *self.carved.get_mut();
+        let used_end = self.start + carved * self.slot;
+        let end = self.base as usize + self.span;
+        // SAFETY: both ranges lie inside the reservation and are owned by no
+        // buffer; each is unmapped once.
+        unsafe {
+            if self.start > self.base as usize {
+                libc::munmap(self.base, self.start - self.base as usize);
+            }
+            if end > used_end {
+                libc::munmap(used_end as *mut libc::c_void, end - used_end);
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_arena_hands_each_slot_out_once_and_its_buffers_outlive_it() {
+        let a = Arena::reserve(HUGE, 3).unwrap();
+        let mut bufs: Vec<AlignedBuf> = (0..3).map(|_| a.carve().unwrap()).collect();
+        assert!(a.carve().is_none(), "used up");
+        for (i, b) in bufs.iter_mut().enumerate() {
+            assert_eq!(b.as_ptr() as usize % HUGE, 0);
+            assert!(b.iter().all(|&x| x == 0));
+            b[7] = i as u8 + 1;
+        }
+        assert_ne!(bufs[0].as_ptr(), bufs[1].as_ptr());
+        drop(a);
+        // The buffers are theirs: still mapped, still holding what was written.
+        assert_eq!(bufs.iter().map(|b| b[7]).collect::<Vec<_>>(), vec![1, 2, 3]);
+        assert!(
+            Arena::reserve(4096, 2).is_none(),
+            "slots are whole huge pages"
+        );
+        let half = Arena::reserve(HUGE, 4).unwrap();
+        let one = half.carve().unwrap();
+        drop(half);
+        assert_eq!(one.len(), HUGE);
+    }
 
     #[test]
     fn page_aligned_zeroed_and_writable() {
