@@ -47,7 +47,7 @@ impl Default for WpOptions {
             parent: None,
             pool_bytes: 64 << 20,
             pool_max_bytes: 0,
-            pool_keep_free_percent: 25,
+            pool_keep_free_percent: 15,
             stall_limit: Duration::from_millis(500),
             on_done: None,
             always_populate: false,

@@ -21,6 +21,11 @@ use crate::CHUNK;
 /// every 0.3–0.5 ms.
 pub(crate) const AHEAD: usize = 16;
 
+/// A fault that has waited this long for a buffer makes one itself where the
+/// pool may grow (the grower, on spare CPU time, may not run for a while when
+/// the vCPUs take every CPU): about one chunk's write on a slow disk.
+pub(crate) const MAKE_AFTER: Duration = Duration::from_millis(2);
+
 /// How many buffers the grower makes now: enough to have [`AHEAD`] free,
 /// no more than the cap leaves, and none that would take the host's
 /// available memory (`available`, bytes; `None`: unknown, no growth) below
@@ -112,7 +117,8 @@ impl Pool {
 
     /// A free buffer for the fault handler, and whether it had to wait for
     /// one. Below the base size it is made here; beyond it, the grower and
-    /// the writers supply them. `Err` when `ended()` says the capture ended
+    /// the writers supply them, and after [`MAKE_AFTER`] of waiting it is
+    /// made here too where the pool may grow. `Err` when `ended()` says the capture ended
     /// meanwhile, or the wait reached `stall_limit` (the destination takes
     /// nothing and the pool may grow no more).
     pub(crate) fn take(
@@ -148,6 +154,19 @@ impl Pool {
             if ended() {
                 return Err(SnapError::Cancelled);
             }
+            if waited && self.grows() && start.elapsed() >= MAKE_AFTER {
+                // The grower is behind: make one here (populating it takes
+                // the memory map lock only for reading, see `Arena`).
+                drop(free);
+                let grown = self.memory_allows().then(|| self.make_grown()).flatten();
+                if let Some(b) = grown {
+                    return Ok((b, waited));
+                }
+                free = lock(&self.free);
+                if let Some(b) = free.pop() {
+                    return Ok((b, waited));
+                }
+            }
             let waiting = start.elapsed();
             if waiting >= stall_limit {
                 return Err(SnapError::DestinationStalled(waiting));
@@ -163,6 +182,33 @@ impl Pool {
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
         }
+    }
+
+    /// One grown buffer, counted against the cap (reserved before it is
+    /// made, so that the grower and the fault handler never pass it
+    /// together), or `None` at the cap or when memory is short.
+    fn make_grown(&self) -> Option<AlignedBuf> {
+        let arena = self.arena.as_ref()?;
+        self.allocated
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.max).then_some(n + 1)
+            })
+            .ok()?;
+        match arena.carve() {
+            Some(b) => {
+                self.counters.pool_grown.fetch_add(1, Ordering::Relaxed);
+                Some(b)
+            }
+            None => {
+                self.allocated.fetch_sub(1, Ordering::AcqRel);
+                None
+            }
+        }
+    }
+
+    /// Whether the host has memory to spare for one more buffer.
+    fn memory_allows(&self) -> bool {
+        crate::kernel::mem_available().is_some_and(|a| a.saturating_sub(self.keep_free) >= CHUNK)
     }
 
     /// Gives a buffer back and wakes a fault waiting for one.
@@ -217,11 +263,9 @@ impl Pool {
                 if self.stopped.load(Ordering::Acquire) {
                     break;
                 }
-                let Some(b) = self.arena.as_ref().and_then(Arena::carve) else {
+                let Some(b) = self.make_grown() else {
                     break;
                 };
-                self.allocated.fetch_add(1, Ordering::Relaxed);
-                self.counters.pool_grown.fetch_add(1, Ordering::Relaxed);
                 self.give_back(b);
                 made += 1;
             }

@@ -147,9 +147,9 @@ impl Default for Migration {
             collapse: true,
             wp_pool: 64 << 20,
             // In effect: as much as the RAM captured, while the host keeps
-            // a quarter of its memory available.
+            // 15 % of its memory available.
             wp_pool_max: 1 << 40,
-            wp_keep_free_percent: 25,
+            wp_keep_free_percent: 15,
             wp_stall_limit: Duration::from_millis(500),
             wp_keep_pool: true,
             parent: None,
@@ -1008,7 +1008,7 @@ mod tests {
         assert_eq!(m.query_parameters()["x-snapshot-method"], "uffd");
         // What the pool may grow to (never below the pool) and the stall limit.
         assert_eq!(m.query_parameters()["x-wp-pool-max-size"], 1u64 << 40);
-        assert_eq!(m.query_parameters()["x-wp-pool-keep-free-percent"], 25);
+        assert_eq!(m.query_parameters()["x-wp-pool-keep-free-percent"], 15);
         assert_eq!(m.query_parameters()["x-wp-stall-limit-ms"], 500);
         let mut p = serde_json::Map::new();
         p.insert("x-wp-pool-max-size".into(), json!(4 << 20));
