@@ -329,6 +329,23 @@ fn a_destination_that_resumes_in_time_gets_a_consistent_image() {
     holds_memory_at_the_cut(&run.bytes, &run.expected);
 }
 
+/// What a finished capture leaves: its counters, what the destination holds
+/// and memory as of the cut.
+type Finished = (Arc<livesnap::wp::WpCounters>, Arc<Mutex<Vec<u8>>>, Vec<u8>);
+
+/// A capture with `opts` into a destination that takes `write_ms` a write,
+/// run to its end while a guest writes over all of RAM; its counters, what
+/// the destination holds and memory as of the cut (`None` without
+/// userfaultfd write-protect).
+fn through_a_writing_guest(seed: u64, write_ms: u64, opts: WpOptions) -> Option<Finished> {
+    let run = start(seed, true, Duration::from_millis(write_ms), opts)?;
+    let guest = Guest::start(&run.mem, LEN / CHUNK as usize);
+    run.sender.send(b"state".to_vec());
+    run.capture.wait().unwrap();
+    guest.stop();
+    Some((run.counters, run.bytes, run.expected))
+}
+
 #[test]
 fn a_fault_waits_for_a_buffer_and_the_pool_grows_toward_its_cap() {
     let opts = WpOptions {
@@ -338,14 +355,9 @@ fn a_fault_waits_for_a_buffer_and_the_pool_grows_toward_its_cap() {
         ..WpOptions::default()
     };
     // A destination slower than the guest: 5 ms a write.
-    let Some(run) = start(6, true, Duration::from_millis(5), opts) else {
+    let Some((counters, bytes, expected)) = through_a_writing_guest(6, 5, opts) else {
         return;
     };
-    let (capture, counters) = (run.capture, run.counters);
-    let guest = Guest::start(&run.mem, LEN / CHUNK as usize);
-    run.sender.send(b"state".to_vec());
-    capture.wait().unwrap();
-    guest.stop();
     let buffer = counters.waits.buffer.summary();
     let all = counters.waits.all.summary();
     assert!(buffer.count >= 1, "a fault waited for a buffer: {buffer:?}");
@@ -361,7 +373,7 @@ fn a_fault_waits_for_a_buffer_and_the_pool_grows_toward_its_cap() {
         "grown to its cap, not beyond"
     );
     assert!(counters.pool_high_water.load(Ordering::Relaxed) <= 3 * CHUNK);
-    holds_memory_at_the_cut(&run.bytes, &run.expected);
+    holds_memory_at_the_cut(&bytes, &expected);
 }
 
 /// Whether files in `dir` can be opened for direct I/O.
@@ -476,14 +488,9 @@ fn the_pool_grows_ahead_of_a_guest_faster_than_its_destination_while_memory_allo
             ..WpOptions::default()
         };
         // A destination far slower than the guest: 20 ms a write.
-        let Some(run) = start(7, true, Duration::from_millis(20), opts) else {
+        let Some((counters, bytes, expected)) = through_a_writing_guest(7, 20, opts) else {
             return;
         };
-        let (capture, counters) = (run.capture, run.counters);
-        let guest = Guest::start(&run.mem, LEN / CHUNK as usize);
-        run.sender.send(b"state".to_vec());
-        capture.wait().unwrap();
-        guest.stop();
         let grown = counters.pool_grown.load(Ordering::Relaxed);
         let high = counters.pool_high_water.load(Ordering::Relaxed);
         if keep_free == 100 {
@@ -497,6 +504,6 @@ fn the_pool_grows_ahead_of_a_guest_faster_than_its_destination_while_memory_allo
                 "never beyond the cap: {grown}"
             );
         }
-        holds_memory_at_the_cut(&run.bytes, &run.expected);
+        holds_memory_at_the_cut(&bytes, &expected);
     }
 }

@@ -25,6 +25,24 @@ unsafe impl Sync for AlignedBuf {}
 /// A transparent huge page on x86-64.
 const HUGE: usize = 2 << 20;
 
+/// A fresh anonymous private read-write mapping of `len` bytes with the
+/// extra mmap `flags`, or `None` if refused.
+fn map_anon(len: usize, flags: libc::c_int) -> Option<*mut libc::c_void> {
+    // SAFETY: an anonymous private mapping with no address hint; the result
+    // is checked against MAP_FAILED and owned by the caller.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | flags,
+            -1,
+            0,
+        )
+    };
+    (p != libc::MAP_FAILED).then_some(p)
+}
+
 impl AlignedBuf {
     /// `len` zero bytes (`len` > 0), page-aligned and already backed by
     /// memory (one call instead of a fault per page — on these hosts a first
@@ -40,21 +58,7 @@ impl AlignedBuf {
                 return Some(b);
             }
         }
-        // SAFETY: an anonymous private mapping with no address hint; the
-        // result is checked against MAP_FAILED.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_POPULATE,
-                -1,
-                0,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            return None;
-        }
+        let p = map_anon(len, libc::MAP_POPULATE)?;
         NonNull::new(p.cast()).map(|ptr| AlignedBuf {
             ptr,
             len,
@@ -67,21 +71,7 @@ impl AlignedBuf {
     /// (before Linux 5.14) or memory is short.
     fn huge(len: usize) -> Option<AlignedBuf> {
         let span = len + HUGE;
-        // SAFETY: an anonymous private mapping with no address hint, checked
-        // against MAP_FAILED; nothing is populated yet.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                span,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-                -1,
-                0,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            return None;
-        }
+        let p = map_anon(span, libc::MAP_NORESERVE)?;
         // The head and tail around the aligned part stay mapped until the
         // buffer goes (never touched, they cost no memory): unmapping them
         // now would take the process's memory map lock for writing twice
@@ -161,21 +151,7 @@ impl Arena {
             return None;
         }
         let span = slot.checked_mul(slots)?.checked_add(HUGE)?;
-        // SAFETY: an anonymous private mapping with no address hint, checked
-        // against MAP_FAILED; nothing is populated.
-        let base = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                span,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-                -1,
-                0,
-            )
-        };
-        if base == libc::MAP_FAILED {
-            return None;
-        }
+        let base = map_anon(span, libc::MAP_NORESERVE)?;
         // SAFETY: advice on the whole mapping just made; a refusal leaves
         // 4 KiB pages.
         unsafe { libc::madvise(base, span, libc::MADV_HUGEPAGE) };
