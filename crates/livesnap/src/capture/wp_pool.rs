@@ -37,14 +37,16 @@ pub(crate) fn to_make(
     available: Option<u64>,
     keep_free: u64,
 ) -> usize {
-    let Some(available) = available else {
-        return 0;
-    };
-    let by_memory = (available.saturating_sub(keep_free) / CHUNK) as usize;
     AHEAD
         .saturating_sub(free)
         .min(max.saturating_sub(allocated))
-        .min(by_memory)
+        .min(spare_buffers(available, keep_free))
+}
+
+/// How many buffers the host's available memory (`available`, bytes;
+/// `None`: unknown) allows above `keep_free`.
+fn spare_buffers(available: Option<u64>, keep_free: u64) -> usize {
+    available.map_or(0, |a| (a.saturating_sub(keep_free) / CHUNK) as usize)
 }
 
 /// A capture's copy buffers.
@@ -118,9 +120,9 @@ impl Pool {
     /// A free buffer for the fault handler, and whether it had to wait for
     /// one. Below the base size it is made here; beyond it, the grower and
     /// the writers supply them, and after [`MAKE_AFTER`] of waiting it is
-    /// made here too where the pool may grow. `Err` when `ended()` says the capture ended
-    /// meanwhile, or the wait reached `stall_limit` (the destination takes
-    /// nothing and the pool may grow no more).
+    /// made here too where the pool may grow. `Err` when `ended()` says the
+    /// capture ended meanwhile, or the wait reached `stall_limit` (the
+    /// destination takes nothing and the pool may grow no more).
     pub(crate) fn take(
         &self,
         ended: &dyn Fn() -> bool,
@@ -158,8 +160,7 @@ impl Pool {
                 // The grower is behind: make one here (populating it takes
                 // the memory map lock only for reading, see `Arena`).
                 drop(free);
-                let grown = self.memory_allows().then(|| self.make_grown()).flatten();
-                if let Some(b) = grown {
+                if let Some(b) = self.make_grown(true) {
                     return Ok((b, waited));
                 }
                 free = lock(&self.free);
@@ -187,14 +188,19 @@ impl Pool {
     /// One grown buffer, counted against the cap (reserved before it is
     /// made, so that the grower and the fault handler never pass it
     /// together), or `None` at the cap or when memory is short.
-    fn make_grown(&self) -> Option<AlignedBuf> {
+    /// With `check_memory`, it first reads whether the host has memory to
+    /// spare (the grower has, for the buffers it makes); after the cap, so
+    /// that a pool at its cap reads nothing.
+    fn make_grown(&self, check_memory: bool) -> Option<AlignedBuf> {
         let arena = self.arena.as_ref()?;
         self.allocated
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
                 (n < self.max).then_some(n + 1)
             })
             .ok()?;
-        match arena.carve() {
+        let spare =
+            !check_memory || spare_buffers(crate::kernel::mem_available(), self.keep_free) > 0;
+        match spare.then(|| arena.carve()).flatten() {
             Some(b) => {
                 self.counters.pool_grown.fetch_add(1, Ordering::Relaxed);
                 Some(b)
@@ -204,11 +210,6 @@ impl Pool {
                 None
             }
         }
-    }
-
-    /// Whether the host has memory to spare for one more buffer.
-    fn memory_allows(&self) -> bool {
-        crate::kernel::mem_available().is_some_and(|a| a.saturating_sub(self.keep_free) >= CHUNK)
     }
 
     /// Gives a buffer back and wakes a fault waiting for one.
@@ -263,7 +264,7 @@ impl Pool {
                 if self.stopped.load(Ordering::Acquire) {
                     break;
                 }
-                let Some(b) = self.make_grown() else {
+                let Some(b) = self.make_grown(false) else {
                     break;
                 };
                 self.give_back(b);
