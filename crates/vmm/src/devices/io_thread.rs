@@ -1,5 +1,5 @@
 //! The device I/O thread: moves data between the virtqueues of the devices
-//! that implement [`IoDevice`] (network, vsock) and their backends, woken by
+//! that implement [`IoDevice`] (disks, network, vsock) and their backends, woken by
 //! the backends' descriptors and by queue notifications (eventfds KVM signals
 //! on the guest's MMIO write), never on a vCPU thread.
 //!
@@ -162,7 +162,12 @@ impl IoThread {
         };
         let thread = std::thread::Builder::new()
             .name("snapvmm-io".into())
-            .spawn(move || worker.run())?;
+            .spawn(move || {
+                // A notification from a vCPU sharing this thread's CPU does not
+                // stop the guest at once: it batches up (see the function).
+                crate::sched::yield_on_wakeup();
+                worker.run()
+            })?;
         Ok(IoThread {
             stop,
             stopping,
