@@ -106,6 +106,18 @@ pub trait IoDevice: Send {
     );
 }
 
+/// How an I/O thread's wakeups compete with a vCPU thread for a shared CPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wakeups {
+    /// A notification runs the thread at once (the scheduler's default):
+    /// for requests the guest waits on, like a disk read.
+    Preempt,
+    /// A notification does not stop a running vCPU; the thread runs when
+    /// the vCPU halts or its time slice ends ([`crate::sched::yield_on_wakeup`]):
+    /// for streams, whose frames batch up meanwhile.
+    Yield,
+}
+
 /// An epoll token: the device's index in the high half, its `sub` in the low.
 const TOKEN_STOP: u64 = u64::MAX;
 
@@ -134,11 +146,13 @@ fn apply(epoll: &Epoll, dev: u64, w: Watch) -> std::io::Result<()> {
 }
 
 impl IoThread {
-    /// Starts the thread for `devices`, working only while `gate` is open.
+    /// Starts the thread `name` for `devices`, working only while `gate` is open.
     pub fn spawn(
+        name: &str,
         devices: Vec<Arc<Mutex<dyn IoDevice>>>,
         mem: GuestMemoryMmap,
         gate: Arc<IoGate>,
+        wakeups: Wakeups,
     ) -> std::io::Result<IoThread> {
         let epoll = Epoll::new()?;
         let stop = EventFd::new(libc::EFD_NONBLOCK)?;
@@ -161,11 +175,11 @@ impl IoThread {
             stopping: stopping.clone(),
         };
         let thread = std::thread::Builder::new()
-            .name("snapvmm-io".into())
+            .name(name.into())
             .spawn(move || {
-                // A notification from a vCPU sharing this thread's CPU does not
-                // stop the guest at once: it batches up (see the function).
-                crate::sched::yield_on_wakeup();
+                if wakeups == Wakeups::Yield {
+                    crate::sched::yield_on_wakeup();
+                }
                 worker.run()
             })?;
         Ok(IoThread {
