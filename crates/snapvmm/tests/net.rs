@@ -209,3 +209,58 @@ fn a_tap_passed_with_getfd_backs_the_nic_of_a_restore() {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// The scheduling policy of each thread of `pid`, by name (`/proc`'s `stat`
+/// field 41: 0 normal, 3 batch).
+fn thread_policies(pid: u32) -> Vec<(String, u32)> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let dir = e.unwrap().path();
+        let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+        let stat = std::fs::read_to_string(dir.join("stat")).unwrap_or_default();
+        // Fields after the ")" that closes the name start at field 3.
+        let Some((_, rest)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        let policy = rest
+            .split_whitespace()
+            .nth(41 - 3)
+            .unwrap()
+            .parse()
+            .unwrap();
+        out.push((comm.trim().to_string(), policy));
+    }
+    out
+}
+
+#[test]
+fn disks_and_nics_get_their_own_io_threads_and_only_the_nics_yield_to_vcpus() {
+    let dir = TempDir::new("net-threads");
+    let t0 = tap("t");
+    let disk = dir.path("d.raw");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    let (mut vm, mut q) = start_vm(
+        &dir,
+        "src",
+        "1",
+        &[
+            "--net",
+            &format!("tap={t0}"),
+            "--disk",
+            disk.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(wait_settled(&mut q), "running");
+    let threads = thread_policies(vm.child.id());
+    let policy = |name: &str| {
+        threads
+            .iter()
+            .find(|(n, _)| n == name)
+            .unwrap_or_else(|| panic!("no thread {name} in {threads:?}"))
+            .1
+    };
+    assert_eq!(policy("snapvmm-io-net"), 3, "SCHED_BATCH: {threads:?}");
+    assert_eq!(policy("snapvmm-io-disk"), 0, "SCHED_OTHER: {threads:?}");
+    q.ok("quit", json!({}));
+    vm.wait(T);
+}
