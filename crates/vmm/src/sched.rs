@@ -6,6 +6,9 @@
 //! real-time priority) where the process may (root, `CAP_SYS_NICE` or an
 //! `RLIMIT_RTPRIO`), and go back to their own policy before a vCPU runs the
 //! guest again. Where it may not, nothing changes.
+//!
+//! Also the device I/O thread's policy for streams ([`yield_on_wakeup`]):
+//! `SCHED_BATCH`, whose wakeups do not preempt a vCPU on the same CPU.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 

@@ -1,7 +1,8 @@
-//! The device I/O thread: moves data between the virtqueues of the devices
-//! that implement [`IoDevice`] (disks, network, vsock) and their backends, woken by
-//! the backends' descriptors and by queue notifications (eventfds KVM signals
-//! on the guest's MMIO write), never on a vCPU thread.
+//! The device I/O threads: each moves data between the virtqueues of the
+//! devices that implement [`IoDevice`] (disks on one thread, network and vsock
+//! on another, [`Wakeups`]) and their backends, woken by the backends'
+//! descriptors and by queue notifications (eventfds KVM signals on the
+//! guest's MMIO write), never on a vCPU thread.
 //!
 //! It works only while the machine's [`IoGate`] is open: the machine closes
 //! the gate when it pauses (after the vCPUs stopped) and reopens it when they
