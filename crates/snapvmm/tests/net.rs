@@ -251,14 +251,23 @@ fn disks_and_nics_get_their_own_io_threads_and_only_the_nics_yield_to_vcpus() {
         ],
     );
     assert_eq!(wait_settled(&mut q), "running");
-    let threads = thread_policies(vm.child.id());
-    let policy = |name: &str| {
+    let policy = |threads: &[(String, u32)], name: &str| {
         threads
             .iter()
             .find(|(n, _)| n == name)
             .unwrap_or_else(|| panic!("no thread {name} in {threads:?}"))
             .1
     };
+    // The NIC thread takes its policy as it starts: wait until it has run.
+    let end = Instant::now() + T;
+    let threads = loop {
+        let threads = thread_policies(vm.child.id());
+        if policy(&threads, "snapvmm-io-net") == 3 || Instant::now() > end {
+            break threads;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let policy = |name: &str| policy(&threads, name);
     assert_eq!(policy("snapvmm-io-net"), 3, "SCHED_BATCH: {threads:?}");
     assert_eq!(policy("snapvmm-io-disk"), 0, "SCHED_OTHER: {threads:?}");
     q.ok("quit", json!({}));

@@ -534,13 +534,11 @@ impl Machine {
             .iter()
             .map(|d| d.clone() as Arc<Mutex<dyn IoDevice>>)
             .collect();
-        let mut streams: Vec<Arc<Mutex<dyn IoDevice>>> = nets
+        let streams: Vec<Arc<Mutex<dyn IoDevice>>> = nets
             .iter()
             .map(|n| n.clone() as Arc<Mutex<dyn IoDevice>>)
+            .chain(vsock.iter().map(|v| v.clone() as Arc<Mutex<dyn IoDevice>>))
             .collect();
-        if let Some(v) = &vsock {
-            streams.push(v.clone());
-        }
         let mut io = Vec::new();
         for (name, devices, wakeups) in [
             ("snapvmm-io-disk", disks, Wakeups::Preempt),
